@@ -1,0 +1,27 @@
+"""statscope: record, analyse and view how normalization statistics fluctuate while a network trains.
+
+``import statscope`` stays light: torch, dash and plotly load only when a name that needs them
+is used.
+"""
+
+from statscope.errors import StatscopeError, StatscopeWarning, StoreError
+
+__all__ = ["StatscopeError", "StatscopeWarning", "StoreError", "record", "open_run", "open_runs",
+           "__version__"]
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "record": ("statscope.probes", "record"),
+    "open_run": ("statscope.store", "open_run"),
+    "open_runs": ("statscope.store", "open_runs"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'statscope' has no attribute {name!r}")

@@ -1,0 +1,110 @@
+"""The run-store schema: every dimension, coordinate, variable and attribute name, in one place.
+
+Probes write these names, analyses and the dashboard read them, and no other module spells the
+strings. See ``docs/store-format.md`` for the layout on disk.
+
+The Dataset that :func:`statscope.open_run` returns (format 1)::
+
+    dims    step, neuron
+    coords  step (int64), layer (str, per neuron), unit (int, index in layer),
+            group (int, EN group of the neuron within its layer)
+    vars    bn_mean, bn_std, en_mean, en_std, count   (step, neuron)
+            bn_kurt                                   (step, neuron), when recorded
+            <scalar> e.g. loss, lr                    (step,), when logged
+            running_mean0, running_var0               (neuron,), when the layer tracks them
+
+``bn_std`` and ``en_std`` are population (biased, ddof=0) standard deviations without eps,
+as BatchNorm normalizes. ``count`` is the number of elements each channel's statistics came from
+(N, N*L or N*H*W); 0 means the layer did not run at that step (its statistics are then NaN).
+"""
+
+FORMAT_VERSION = 1
+"""Version of the on-disk layout; readers refuse versions they do not know."""
+
+# Dimensions of the user-facing Dataset.
+STEP = "step"
+NEURON = "neuron"
+RUN = "run"
+RANK = "rank"  # reserved: a later format stacks per-rank stores of one distributed run here
+
+# Dimensions that exist only on disk.
+EN_GROUP = "en_group"  # one column per (probe, EN group); expanded to neuron on read
+PROBE = "probe"  # one column per probe; expanded to neuron on read
+
+# Coordinates along neuron.
+LAYER = "layer"
+UNIT = "unit"
+GROUP = "group"
+
+# Per-step statistics.
+BN_MEAN = "bn_mean"
+BN_STD = "bn_std"
+BN_KURT = "bn_kurt"
+EN_MEAN = "en_mean"
+EN_STD = "en_std"
+COUNT = "count"
+
+PER_NEURON_STATS = (BN_MEAN, BN_STD, BN_KURT)
+"""Statistics stored with one column per neuron."""
+PER_GROUP_STATS = (EN_MEAN, EN_STD)
+"""Statistics stored with one column per EN group and expanded to neurons on read."""
+DEFAULT_STATS = (BN_MEAN, BN_STD, EN_MEAN, EN_STD)
+ALL_STATS = (BN_MEAN, BN_STD, EN_MEAN, EN_STD, BN_KURT)
+
+# Initial running statistics of probed norm layers, per neuron.
+RUNNING_MEAN0 = "running_mean0"
+RUNNING_VAR0 = "running_var0"
+
+# Arrays that exist only on disk.
+NEURON_PROBE = "neuron_probe"  # (neuron,) int32: index into ATTR_PROBES
+NEURON_UNIT = "neuron_unit"  # (neuron,) int32
+NEURON_GROUP = "neuron_group"  # (neuron,) int32: column in the en_group dimension
+
+RESERVED_NAMES = frozenset(
+    {STEP, NEURON, RUN, RANK, EN_GROUP, PROBE, LAYER, UNIT, GROUP, COUNT, RUNNING_MEAN0,
+     RUNNING_VAR0, NEURON_PROBE, NEURON_UNIT, NEURON_GROUP, *ALL_STATS}
+)
+"""Names a logged scalar may not take."""
+
+# Root attributes.
+ATTR_FORMAT = "statscope_format"
+ATTR_STATUS = "status"
+ATTR_N_STEPS = "n_steps"  # rows committed; the commit marker a reader trusts
+ATTR_LAST_STEP = "last_step"
+ATTR_MODEL = "model"
+ATTR_PROBES = "probes"  # list of probe records, see ProbeInfo in statscope.store
+ATTR_LAYERS = "layers"  # probe names in store order (the values of the layer coordinate)
+ATTR_STATS = "stats"
+ATTR_SCALARS = "scalars"
+ATTR_META = "meta"
+ATTR_VERSIONS = "versions"
+ATTR_COMMAND = "command"
+ATTR_STARTED = "started"
+ATTR_ENDED = "ended"
+ATTR_ERROR = "error"
+ATTR_PROBE_OVERHEAD = "probe_overhead"
+ATTR_PROBE_SECONDS = "probe_seconds"
+ATTR_NONFINITE = "nonfinite"
+ATTR_RANK = "rank"
+ATTR_WORLD_SIZE = "world_size"
+ATTR_STD_DEFINITION = "std_definition"
+
+STD_DEFINITION = "population (ddof=0), no eps"
+
+STATUS_RUNNING = "running"
+STATUS_COMPLETED = "completed"
+STATUS_FAILED = "failed"
+STATUSES = (STATUS_RUNNING, STATUS_COMPLETED, STATUS_FAILED)
+
+# Keys of ATTR_META used by the built-in experiments; open_runs turns them into run coordinates.
+META_BATCH_SIZE = "batch_size"
+META_LR = "lr"
+META_EPOCHS = "epochs"
+META_SEED = "seed"
+META_DATASET = "dataset"
+META_NORM = "norm"
+META_KEYS = (META_BATCH_SIZE, META_LR, META_EPOCHS, META_SEED, META_DATASET, META_NORM)
+
+# Suffixes that tell apart the input and the output of one module when both are probed.
+INPUT_SUFFIX = ":in"
+OUTPUT_SUFFIX = ":out"
