@@ -1,0 +1,58 @@
+"""Replace every BatchNorm of a model by a norm of this package, like ``convert_sync_batchnorm``."""
+
+import torch
+from torch import nn
+
+from statscope.nn.factory import make_norm
+
+__all__ = ["convert"]
+
+
+def convert(model, name, **kw):
+    """Replace every ``BatchNorm{1,2,3}d`` and ``SyncBatchNorm`` in ``model`` by ``make_norm(name)``.
+
+    The new layer inherits ``eps``, ``momentum``, ``affine`` and ``track_running_stats`` (``kw``
+    overrides them), γ and β, and the running statistics where they map: a batch set takes the
+    BatchNorm running mean or variance as it is; an extended set takes their group averages, its
+    variance by the law of total variance (see :meth:`HeteroNorm.load_batchnorm_stats`).
+    Per-example sets have no running statistics. The new layers do not synchronise across
+    processes.
+
+    Args:
+        model: any ``nn.Module``; children are replaced in place.
+        name: a name of :data:`statscope.nn.NORM_NAMES`.
+        **kw: passed to :func:`statscope.nn.make_norm` (e.g. ``groups=32``).
+
+    Returns:
+        nn.Module: ``model``, or its replacement if ``model`` itself is a BatchNorm.
+
+    Example:
+        >>> net = convert(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)), "hn")
+        >>> type(net[1]).__name__, net[1].std_set
+        ('HeteroNorm', 'extended')
+    """
+    if isinstance(model, nn.modules.batchnorm._BatchNorm):
+        return _replace(model, name, kw)
+    for child_name, child in model.named_children():
+        replaced = convert(child, name, **kw)
+        if replaced is not child:
+            setattr(model, child_name, replaced)
+    return model
+
+
+def _replace(bn, name, kw):
+    reference = bn.weight if bn.weight is not None else bn.running_mean
+    options = {"eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
+               "track_running_stats": bn.track_running_stats}
+    if reference is not None:
+        options.update(device=reference.device, dtype=reference.dtype)
+    options.update(kw)
+    layer = make_norm(name, bn.num_features, **options)
+    with torch.no_grad():
+        if bn.affine and layer.affine:
+            layer.weight.copy_(bn.weight)
+            layer.bias.copy_(bn.bias)
+        if bn.running_mean is not None and bn.running_var is not None:
+            layer.load_batchnorm_stats(bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    layer.train(bn.training)
+    return layer

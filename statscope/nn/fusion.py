@@ -1,0 +1,88 @@
+"""Fold eval-mode norms with fixed statistics into the preceding Linear or Conv layer."""
+
+import copy
+
+import torch
+from torch import nn
+
+from statscope.nn.layers import is_norm_layer
+
+__all__ = ["fuse"]
+
+_FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def fuse(model):
+    """An eval-mode copy of ``model`` with norms folded into the Linear/Conv layer before them.
+
+    A norm is folded when it directly follows a ``Linear`` or ``Conv{1,2,3}d`` inside an
+    ``nn.Sequential`` (at any depth) and its eval-mode output is a fixed per-channel affine map:
+    BN, EN, HN, HN_G and (BN, BN+EN) with tracked running statistics, and torch's own
+    ``BatchNorm{1,2,3}d``. The folded norm becomes ``nn.Identity``. IN, LN, GN, SN and
+    (BN, BN+IN+LN) compute statistics per example at inference and stay. Layers wired together
+    in a ``forward`` method rather than a Sequential are not seen (no tracing is done).
+
+    Args:
+        model: any ``nn.Module``; it is not modified.
+
+    Returns:
+        nn.Module: a deep copy in eval mode, equal to ``model.eval()`` up to rounding.
+
+    Example:
+        >>> from statscope.nn import make_norm
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), make_norm("hn", 8)).eval()
+        >>> fuse(net)
+        Sequential(
+          (0): Linear(in_features=4, out_features=8, bias=True)
+          (1): Identity()
+        )
+    """
+    fused = copy.deepcopy(model).eval()
+    _fuse_in_place(fused)
+    return fused
+
+
+def _inference_affine(norm):
+    if is_norm_layer(norm):
+        return norm.inference_affine()
+    if (isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.running_mean is not None
+            and norm.running_var is not None):
+        scale = torch.rsqrt(norm.running_var + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight
+        shift = -norm.running_mean * scale
+        if norm.bias is not None:
+            shift = shift + norm.bias
+        return scale.detach(), shift.detach()
+    return None
+
+
+def _fuse_in_place(module):
+    for child in module.children():
+        _fuse_in_place(child)
+    if not isinstance(module, nn.Sequential):
+        return
+    names = list(module._modules)
+    for before, after in zip(names, names[1:]):
+        layer, norm = module._modules[before], module._modules[after]
+        if not isinstance(layer, _FOLDABLE):
+            continue
+        affine = _inference_affine(norm)
+        if affine is None or affine[0].numel() != layer.weight.shape[0]:
+            continue
+        _fold(layer, *affine)
+        module._modules[after] = nn.Identity()
+
+
+@torch.no_grad()
+def _fold(layer, scale, shift):
+    weight = layer.weight
+    scale = scale.to(weight)
+    view = (-1,) + (1,) * (weight.dim() - 1)
+    weight.mul_(scale.reshape(view))
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(scale)
+    new_bias = bias * scale + shift.to(weight)
+    if layer.bias is None:
+        layer.bias = nn.Parameter(new_bias)
+    else:
+        layer.bias.copy_(new_bias)
