@@ -37,8 +37,11 @@ class _PixelSetNorm(nn.Module):
         for argument, sets in (("mean_sets", self.mean_sets), ("std_sets", self.std_sets)):
             if len(set(sets)) != len(sets):
                 raise StatscopeError(f"{argument}={sets!r}: a pixel set is listed twice")
-        self.mean_groups = check_groups(mean_groups, num_features, "mean_groups")
-        self.std_groups = check_groups(std_groups, num_features, "std_groups")
+        # groups only matter (and are only checked) where a grouped set uses them
+        self.mean_groups = (check_groups(mean_groups, num_features, "groups")
+                            if GROUPED_SETS.intersection(self.mean_sets) else mean_groups)
+        self.std_groups = (check_groups(std_groups, num_features, "groups")
+                           if GROUPED_SETS.intersection(self.std_sets) else std_groups)
         if not isinstance(eps, (int, float)) or eps < 0:
             raise StatscopeError(f"eps={eps!r}: expected a non-negative float")
         if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):

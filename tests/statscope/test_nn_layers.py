@@ -1,0 +1,277 @@
+"""statscope.nn layers against a NumPy float64 brute force and against torch's own norms."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from statscope.errors import StatscopeError
+from statscope.nn import NORM_NAMES, PIXEL_SETS, HeteroNorm, SwitchableNorm, make_norm
+
+BATCH = {"batch", "extended"}
+
+
+def np_set_mean(x, pixel_set, groups):
+    """Mean over each pixel set, from the raw pixels; ``x`` is (N, C, P), result broadcast to it."""
+    n, c, p = x.shape
+    if pixel_set == "batch":
+        out = x.mean(axis=(0, 2), keepdims=True)
+    elif pixel_set == "instance":
+        out = x.mean(axis=2, keepdims=True)
+    elif pixel_set == "layer":
+        out = x.mean(axis=(1, 2), keepdims=True)
+    else:
+        grouped = x.reshape(n, groups, c // groups, p)
+        axes = (2, 3) if pixel_set == "group" else (0, 2, 3)
+        out = np.broadcast_to(grouped.mean(axis=axes, keepdims=True), grouped.shape)
+        out = out.reshape(n, c, p)
+    return np.broadcast_to(out, x.shape)
+
+
+def softmax(w):
+    e = np.exp(w - w.max())
+    return e / e.sum()
+
+
+def np_norm(x, mean_sets, std_sets, groups=1, center="own", mean_w=None, var_w=None,
+            gamma=None, beta=None, eps=1e-5):
+    """Brute-force heterologous / switchable normalization in float64 (training statistics)."""
+    shape = x.shape
+    x = np.asarray(x, dtype=np.float64).reshape(shape[0], shape[1], -1)
+    mean_w = softmax(mean_w) if mean_w is not None else np.ones(1)
+    var_w = softmax(var_w) if var_w is not None else np.ones(1)
+    mean = sum(w * np_set_mean(x, s, groups) for w, s in zip(mean_w, mean_sets))
+    var = 0
+    for w, s in zip(var_w, std_sets):
+        centre = np_set_mean(x, s, groups) if center == "own" else mean
+        var = var + w * np_set_mean((x - centre) ** 2, s, groups)
+    y = (x - mean) / np.sqrt(var + eps)
+    if gamma is not None:
+        y = y * gamma[None, :, None] + beta[None, :, None]
+    return y.reshape(shape)
+
+
+def set_pixels(shape, pixel_set, groups):
+    n, c, p = shape[0], shape[1], int(np.prod(shape[2:]))
+    return {"batch": n * p, "instance": p, "layer": c * p, "group": c // groups * p,
+            "extended": n * c // groups * p}[pixel_set]
+
+
+shapes = st.one_of(
+    st.tuples(st.integers(2, 5), st.sampled_from([4, 6, 8])),
+    st.tuples(st.integers(1, 4), st.sampled_from([4, 8]), st.integers(2, 5)),
+    st.tuples(st.integers(1, 3), st.sampled_from([4, 8]), st.integers(2, 4), st.integers(1, 4)),
+    st.tuples(st.integers(1, 2), st.sampled_from([4]), st.integers(1, 3), st.integers(2, 3),
+              st.integers(1, 3)),
+)
+
+
+def build(name, num_features, groups=2, **kw):
+    """``make_norm(name)`` with the groups of a grouped norm brought down to ``groups``."""
+    base = name.split("_g")[0]
+    if base in ("gn", "en", "hn", "bn+en"):
+        kw["groups"] = groups
+    return make_norm(base, num_features, **kw)
+
+
+def feasible(shape, sets, groups, training=True):
+    return all(set_pixels(shape, s, groups) >= 2 for s in sets if training or s not in BATCH)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, mean_set=st.sampled_from(PIXEL_SETS), std_set=st.sampled_from(PIXEL_SETS),
+       groups=st.sampled_from([1, 2, 4]), center=st.sampled_from(["own", "subtracted"]),
+       seed=st.integers(0, 2**16))
+def test_hetero_norm_matches_brute_force(shape, mean_set, std_set, groups, center, seed):
+    gen = np.random.default_rng(seed)
+    x = gen.normal(2.0, 3.0, size=shape)
+    if shape[1] % groups and {"group", "extended"} & {mean_set, std_set}:
+        with pytest.raises(StatscopeError, match=f"groups={groups}: num_features={shape[1]}"):
+            HeteroNorm(shape[1], mean_set, std_set, groups)
+        return
+    layer = HeteroNorm(shape[1], mean_set, std_set, groups, std_center=center,
+                       dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(gen.normal(size=shape[1])))
+        layer.bias.copy_(torch.from_numpy(gen.normal(size=shape[1])))
+    if not feasible(shape, (mean_set, std_set), groups):
+        with pytest.raises(StatscopeError, match=r"input shape"):
+            layer(torch.from_numpy(x))
+        return
+    y = layer(torch.from_numpy(x)).detach().numpy()
+    expected = np_norm(x, (mean_set,), (std_set,), groups, center,
+                       gamma=layer.weight.detach().numpy(), beta=layer.bias.detach().numpy())
+    np.testing.assert_allclose(y, expected, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=shapes, mean_sets=st.sampled_from([("batch", "instance", "layer"), ("batch",),
+                                                 ("layer", "extended")]),
+       std_sets=st.sampled_from([("batch", "instance", "layer"), ("batch", "extended"),
+                                 ("group", "batch")]),
+       center=st.sampled_from(["own", "subtracted"]), seed=st.integers(0, 2**16))
+def test_switchable_norm_matches_brute_force(shape, mean_sets, std_sets, center, seed):
+    gen = np.random.default_rng(seed)
+    x = gen.normal(-1.0, 2.0, size=shape)
+    layer = SwitchableNorm(shape[1], mean_sets, std_sets, groups=2, std_center=center,
+                           affine=False, dtype=torch.float64)
+    with torch.no_grad():
+        for w in (layer.mean_weight, layer.var_weight):
+            if w is not None:
+                w.copy_(torch.from_numpy(gen.normal(size=w.shape)))
+    if not feasible(shape, mean_sets + std_sets, 2):
+        return
+    y = layer(torch.from_numpy(x)).detach().numpy()
+    weights = [None if w is None else w.detach().numpy()
+               for w in (layer.mean_weight, layer.var_weight)]
+    expected = np_norm(x, mean_sets, std_sets, 2, center, *weights)
+    np.testing.assert_allclose(y, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("name,groups", [("hn", 1), ("hn", 4), ("en", 2), ("bn+en", 2)])
+def test_running_statistics_are_tracked_unbiased(name, groups, momentum):
+    layer = make_norm(name, 8, groups=groups, momentum=momentum, dtype=torch.float64)
+    gen = np.random.default_rng(0)
+    batches = [gen.normal(gen.normal(size=(1, 8, 1, 1)), 2.0, size=(3, 8, 4, 5))
+               for _ in range(3)]
+    for x in batches:
+        layer(torch.from_numpy(x))
+    std_extended = {"hn": "running_var", "en": "running_var", "bn+en": "running_var_extended"}
+    rm = np.zeros(8)
+    rv = np.ones(8)
+    for k, x in enumerate(batches, start=1):
+        factor = 1 / k if momentum is None else momentum
+        flat = x.reshape(3, 8, -1)
+        mean_set = "extended" if name == "en" else "batch"
+        n = set_pixels(x.shape, "extended", groups)
+        var = np_set_mean((flat - np_set_mean(flat, "extended", groups)) ** 2, "extended", groups)
+        rm = (1 - factor) * rm + factor * np_set_mean(flat, mean_set, groups)[0, :, 0]
+        rv = (1 - factor) * rv + factor * var[0, :, 0] * n / (n - 1)
+    np.testing.assert_allclose(layer.running_mean.numpy(), rm, rtol=1e-12)
+    np.testing.assert_allclose(getattr(layer, std_extended[name]).numpy(), rv, rtol=1e-12)
+    assert int(layer.num_batches_tracked) == 3
+
+
+def test_eval_mixes_running_and_per_example_statistics():
+    layer = make_norm("bn+in+ln", 4, dtype=torch.float64, affine=False)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64))
+        layer.running_var.copy_(torch.tensor([2.0, 0.5, 1.5, 3.0], dtype=torch.float64))
+        layer.var_weight.copy_(torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64))
+    x = np.random.default_rng(1).normal(size=(3, 4, 5, 5))
+    y = layer.eval()(torch.from_numpy(x)).detach().numpy()
+    flat = x.reshape(3, 4, 25)
+    w = softmax(layer.var_weight.detach().numpy())
+    var_in = np_set_mean((flat - np_set_mean(flat, "instance", 1)) ** 2, "instance", 1)
+    var_ln = np_set_mean((flat - np_set_mean(flat, "layer", 1)) ** 2, "layer", 1)
+    var = w[0] * layer.running_var.numpy()[None, :, None] + w[1] * var_in + w[2] * var_ln
+    expected = (flat - layer.running_mean.numpy()[None, :, None]) / np.sqrt(var + 1e-5)
+    np.testing.assert_allclose(y, expected.reshape(x.shape), rtol=1e-10)
+
+
+@pytest.mark.parametrize("shape,torch_cls", [((16, 6), torch.nn.BatchNorm1d),
+                                             ((8, 6, 7), torch.nn.BatchNorm1d),
+                                             ((4, 6, 5, 5), torch.nn.BatchNorm2d),
+                                             ((2, 6, 3, 4, 2), torch.nn.BatchNorm3d)])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_bn_equals_torch_batchnorm_in_train_and_eval(shape, torch_cls, momentum):
+    torch.manual_seed(0)
+    ours, ref = make_norm("bn", 6, momentum=momentum), torch_cls(6, momentum=momentum)
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+        ours.weight.copy_(ref.weight)
+        ours.bias.copy_(ref.bias)
+    for _ in range(3):
+        x = (torch.randn(shape) * 2 + 1).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        y, y_ref = ours(x), ref(x_ref)
+        grad = torch.randn_like(y)
+        y.backward(grad)
+        y_ref.backward(grad)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 3
+    x = torch.randn(shape)
+    torch.testing.assert_close(ours.eval()(x), ref.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,ref", [
+    ("in", lambda: torch.nn.InstanceNorm2d(8, affine=True)),
+    ("ln", lambda: torch.nn.LayerNorm([8, 5, 6])),
+    ("gn_g4", lambda: torch.nn.GroupNorm(4, 8)),
+])
+def test_per_example_norms_equal_torch(name, ref):
+    torch.manual_seed(1)
+    ours, theirs = make_norm(name, 8), ref()
+    x = (torch.randn(3, 8, 5, 6) * 4 - 2).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    for mode in ("train", "eval"):
+        getattr(ours, mode)()
+        getattr(theirs, mode)()
+        y, y_ref = ours(x), theirs(x_ref)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NORM_NAMES)
+def test_large_offset_loses_no_precision(name):
+    torch.manual_seed(2)
+    x = torch.randn(4, 16, 6, 6) + 1e4
+    layer = build(name, 16, groups=4)
+    y = layer(x).detach().double().numpy()
+    expected = np_norm(x.double().numpy(), layer.mean_sets, layer.std_sets,
+                       layer.std_groups, eps=layer.eps,
+                       mean_w=None if layer.mean_weight is None else np.ones(3),
+                       var_w=None if layer.var_weight is None else np.ones(len(layer.std_sets)))
+    np.testing.assert_allclose(y, expected, atol=5e-3)
+    flat = x.reshape(4, 16, -1)
+    naive = (flat.square().mean((0, 2)) - flat.mean((0, 2)).square()).double()
+    assert (naive - 1.0).abs().max() > 0.5, "the naive formula must fail here, else this test is void"
+
+
+@pytest.mark.parametrize("name", ["bn", "hn_g4", "gn", "sn", "in", "ln", "bn+en"])
+def test_channels_last_gives_same_values_and_keeps_format(name):
+    torch.manual_seed(3)
+    x = torch.randn(4, 8, 5, 5)
+    layer = build(name, 8)
+    y = layer(x)
+    y_cl = layer(x.to(memory_format=torch.channels_last))
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y_cl, y, rtol=1e-5, atol=1e-5)
+
+
+GRADCHECK_NAMES = [(n, c) for n in NORM_NAMES for c in ("own",)] + [
+    ("hn", "subtracted"), ("sn", "subtracted"), ("bn+en", "subtracted")]
+
+
+@pytest.mark.parametrize("name,center", GRADCHECK_NAMES + [("pairs", "own")])
+def test_gradcheck_float64(name, center):
+    torch.manual_seed(4)
+    if name == "pairs":
+        layers = [HeteroNorm(4, m, s, 2, dtype=torch.float64) for m in PIXEL_SETS
+                  for s in PIXEL_SETS]
+    else:
+        layers = [build(name, 4, std_center=center, dtype=torch.float64)]
+    for layer in layers:
+        params = [p for p in layer.parameters()]
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p) * 0.3)
+        x = torch.randn(3, 4, 2, 3, dtype=torch.float64, requires_grad=True)
+
+        def f(x, *ps):
+            with torch.nn.utils.stateless._reparametrize_module(
+                    layer, {n: p for (n, _), p in zip(layer.named_parameters(), ps)}):
+                return layer(x)
+
+        inputs = (x, *[p.detach().clone().requires_grad_() for p in params])
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
