@@ -83,7 +83,9 @@ def download(filename: str, md5: str, mirrors: Sequence[str], dest_dir: str | os
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             if isinstance(exc, StatscopeError):
                 raise
-            unreachable.append(f"{url} ({getattr(exc, 'reason', None) or exc})")
+            reason = (f"HTTP {exc.code}" if isinstance(exc, urllib.error.HTTPError)
+                      else getattr(exc, "reason", None) or exc)
+            unreachable.append(f"{url} ({reason})")
             continue
         if got is None:
             return dest_dir / filename
