@@ -1,0 +1,80 @@
+"""Checks and masks shared by the analyses (private)."""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+
+import numpy as np
+import xarray as xr
+
+from statscope import schema as S
+from statscope.errors import StatscopeError
+
+FLUCT_STATS = (S.BN_MEAN, S.BN_STD, S.EN_MEAN, S.EN_STD)
+
+
+def require(ds: xr.Dataset, names, what: str) -> None:
+    """Raise StatscopeError naming the variables of ``names`` that ``ds`` lacks."""
+    if not isinstance(ds, xr.Dataset):
+        raise StatscopeError(f"{what}: expected an xarray Dataset from statscope.open_run, "
+                             f"got {type(ds).__name__}")
+    missing = [n for n in names if n not in ds.variables]
+    if missing:
+        have = ", ".join(sorted(map(str, ds.data_vars))) or "none"
+        raise StatscopeError(f"{what}: the dataset has no {', '.join(missing)}; "
+                             f"variables present: {have}")
+
+
+def stacked(ds: xr.Dataset) -> bool:
+    """Whether ``ds`` holds several runs stacked along ``run`` (from open_runs)."""
+    return S.RUN in ds.dims
+
+
+def run_name(ds: xr.Dataset, i: int | None = None) -> str:
+    """A printable name for run ``i`` of a stacked dataset, or for a single run."""
+    if i is not None:
+        return str(ds[S.RUN].values[i])
+    if S.RUN in ds.coords and ds[S.RUN].ndim == 0:
+        return str(ds[S.RUN].values)
+    return str(ds.attrs.get("name", ds.attrs.get(S.ATTR_MODEL, "run")))
+
+
+def valid(ds: xr.Dataset, name: str) -> xr.DataArray:
+    """True where statistic ``name`` is usable: the layer ran (count > 0) and the value is finite."""
+    return (ds[S.COUNT] > 0) & np.isfinite(ds[name])
+
+
+def masked(ds: xr.Dataset, name: str) -> xr.DataArray:
+    """Statistic ``name`` as float64 with NaN wherever it is not :func:`valid`."""
+    return ds[name].astype(np.float64).where(valid(ds, name))
+
+
+def layer_order(layer_coord) -> list[str]:
+    """Layer names in the order they first appear along neuron (store order)."""
+    values = np.asarray(layer_coord)
+    _, first = np.unique(values, return_index=True)
+    return [str(values[i]) for i in sorted(first)]
+
+
+def probe_records(ds: xr.Dataset) -> dict[str, dict]:
+    """The probe records of ``ds.attrs['probes']`` keyed by layer name."""
+    return {str(p["name"]): dict(p) for p in ds.attrs.get(S.ATTR_PROBES, []) or []}
+
+
+def batch_sizes(ds: xr.Dataset) -> np.ndarray | None:
+    """Batch size per run (stacked) or a 0-d array (single run); None when unknown."""
+    if S.META_BATCH_SIZE in ds.coords:
+        return np.asarray(ds[S.META_BATCH_SIZE].values, dtype=float)
+    meta = ds.attrs.get(S.ATTR_META) or {}
+    if S.META_BATCH_SIZE in meta and meta[S.META_BATCH_SIZE] is not None:
+        return np.asarray(float(meta[S.META_BATCH_SIZE]))
+    return None
+
+
+@contextmanager
+def quiet():
+    """Silence numpy's all-NaN and ddof warnings: the callers count and report those cases."""
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield

@@ -1,0 +1,126 @@
+"""Fluctuation (the paper's Figure 6): the standard deviation over steps of each statistic.
+
+Per neuron and per statistic (``bn_mean``, ``bn_std``, ``en_mean``, ``en_std``), within a window:
+
+* raw: the sample standard deviation over the window's valid steps (ddof=1);
+* detrended: a least-squares line in the global step is fitted per neuron over the window's valid
+  steps and the standard deviation of the residuals is taken with ddof=2 (two fitted parameters),
+  so slow training drift inside a long window is not counted as noise;
+* scale-free: either of the above divided by the neuron's time-averaged ``bn_std`` over the same
+  window, so mean and std noise (δμ/σ, δσ/σ) compare across layers and runs.
+
+Steps where the layer did not run (count 0) or where a value is NaN/Inf are excluded; how many
+entered each neuron's reduction is returned as ``n_valid`` and the exclusions are noted in attrs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from statscope import schema as S
+
+from ._data import FLUCT_STATS, masked, quiet, require
+from ._names import N_VALID, NOTES
+from .window import select_window
+
+__all__ = ["fluctuation", "series_std"]
+
+
+def series_std(x: xr.DataArray, *, detrend: bool = False) -> xr.DataArray:
+    """Standard deviation along step of a NaN-masked series, optionally after a linear detrend.
+
+    Args:
+        x: DataArray with a ``step`` dim (and its int coordinate); NaN marks excluded steps.
+        detrend: remove a per-series least-squares line in ``step`` first (ddof=2), else ddof=1.
+
+    Returns:
+        DataArray without ``step``, float64; NaN where fewer than ddof + 1 steps are valid.
+
+    Example:
+        >>> x = xr.DataArray([1.0, 2.0, 3.0, 5.0], dims="step", coords={"step": [0, 1, 2, 3]})
+        >>> round(float(series_std(x)), 4), round(float(series_std(x, detrend=True)), 4)
+        (1.7078, 0.3873)
+    """
+    with quiet():
+        if not detrend:
+            return x.std(S.STEP, ddof=1, skipna=True)
+        ok = x.notnull()
+        t = x[S.STEP].astype(np.float64).where(ok)
+        dt = t - t.mean(S.STEP)
+        dx = x - x.mean(S.STEP)
+        slope = (dt * dx).sum(S.STEP) / (dt * dt).sum(S.STEP)
+        resid = dx - slope * dt
+        n = ok.sum(S.STEP)
+        return np.sqrt((resid * resid).sum(S.STEP) / (n - 2)).where(n > 2)
+
+
+def fluctuation(ds: xr.Dataset, window=200, *, scale_free: bool = False,
+                detrend: bool = False) -> xr.Dataset:
+    """Per-neuron fluctuation of the BN and EN statistics within a window (Figure 6).
+
+    Args:
+        ds: a run (dims step, neuron) or stacked runs (run, step, neuron).
+        window: see :func:`statscope.analyses.select_window`; default the paper's last 200 steps.
+        scale_free: divide by the neuron's time-averaged ``bn_std`` (dimensionless δ/σ).
+        detrend: remove a per-neuron linear trend in step within the window first.
+
+    Returns:
+        Dataset, dims (neuron,) or (run, neuron), float64 vars ``bn_mean``, ``bn_std``,
+        ``en_mean``, ``en_std`` (units of the activation, or of σ when scale-free) and int
+        ``n_valid`` (steps used for ``bn_mean``), with coords layer, unit, group (and the run
+        coords). attrs: window, scale_free, detrend, ddof, method, notes.
+
+    Example:
+        >>> from statscope.analyses._demo import demo_run
+        >>> f = fluctuation(demo_run(batch_size=16), window=100)  # unit 0: σ = 1
+        >>> sorted(f.data_vars)
+        ['bn_mean', 'bn_std', 'en_mean', 'en_std', 'n_valid']
+        >>> round(float(f.bn_mean[0]), 2)  # σ/√N = 0.25
+        0.28
+    """
+    require(ds, [*FLUCT_STATS, S.COUNT], "fluctuation")
+    w = select_window(ds, window)
+    series = {s: masked(w, s) for s in FLUCT_STATS}
+    out = {s: series_std(x, detrend=detrend) for s, x in series.items()}
+    sigma = None
+    if scale_free:
+        with quiet():
+            sigma = series[S.BN_STD].mean(S.STEP)
+        out = {s: v / sigma for s, v in out.items()}
+    out[N_VALID] = series[S.BN_MEAN].notnull().sum(S.STEP)
+    excluded = {s: ((w[S.COUNT] > 0) & ~np.isfinite(w[s])).sum() for s in FLUCT_STATS}
+    not_run = (w[S.COUNT] <= 0).sum()
+    result = xr.Dataset(out)
+    result, excluded, not_run = _compute(result, excluded, not_run)
+    notes = _exclusion_notes(excluded, not_run)
+    if scale_free and not np.all(np.isfinite(result[S.BN_MEAN].values)):
+        notes.append("scale-free fluctuation is NaN/Inf where a neuron's time-averaged bn_std is "
+                     "0 or the window has too few valid steps")
+    result.attrs = {
+        "window": w.attrs["window"], "scale_free": bool(scale_free), "detrend": bool(detrend),
+        "ddof": 2 if detrend else 1,
+        "method": ("std of residuals of a per-neuron least-squares line in step"
+                   if detrend else "sample std over steps"),
+        NOTES: notes,
+    }
+    return result
+
+
+def _compute(result, excluded, not_run):
+    import dask
+
+    result, excluded, not_run = dask.compute(result, excluded, not_run)
+    return result, {k: int(v) for k, v in excluded.items()}, int(not_run)
+
+
+def _exclusion_notes(excluded: dict, not_run: int) -> list[str]:
+    notes = []
+    if not_run:
+        notes.append(f"{not_run} (step, neuron) cells in the window had count 0 (layer did not "
+                     f"run) and were excluded")
+    for name, n in excluded.items():
+        if n:
+            notes.append(f"{n} (step, neuron) cells of {name} were NaN/Inf although the layer ran; "
+                         f"excluded")
+    return notes

@@ -1,0 +1,178 @@
+"""Windows: the steps an analysis looks at.
+
+A window is one of
+
+* an int ``W``: the last ``W`` steps with data (count > 0 for some neuron), per run when stacked
+  (the paper's Figure 6 uses ``W = 200``);
+* a tuple ``(start, stop)`` of global steps, start inclusive, stop exclusive;
+* a float ``f`` in (0, 1]: the last ``ceil(f * n)`` rows of each run, ``n`` the rows from its first
+  to its last step with data (a fraction of training as recorded);
+* ``"all"`` or None: every step.
+
+For a stacked dataset whose runs end at different steps, the result spans the union of the
+per-run windows and each run is masked outside its own (statistics NaN, count 0), so later
+reductions along ``step`` see exactly each run's window.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import xarray as xr
+
+from statscope import schema as S
+from statscope.errors import StatscopeError
+
+from ._data import require, run_name, stacked
+
+__all__ = ["select_window", "describe_window"]
+
+_SEARCH_BLOCK = 1024
+
+
+def describe_window(window) -> str:
+    """The window as text for result attrs and reports.
+
+    >>> describe_window(200), describe_window((0, 500)), describe_window(0.1), describe_window(None)
+    ('last 200 steps', 'steps [0, 500)', 'last 10% of training', 'all steps')
+    """
+    if window is None or (isinstance(window, str) and window == "all"):
+        return "all steps"
+    if isinstance(window, tuple):
+        return f"steps [{window[0]}, {window[1]})"
+    if isinstance(window, float):
+        return f"last {window:.0%} of training"
+    return f"last {window} steps"
+
+
+def _has_data(count: xr.DataArray) -> np.ndarray:
+    """(step,) bool for one run: some neuron's layer ran at that step."""
+    return np.asarray((count > 0).any(S.NEURON))
+
+
+def _last_positions(count: xr.DataArray, w: int, name: str) -> np.ndarray:
+    """Positions of the last ``w`` steps with data, reading the store backwards a block at a time."""
+    n = count.sizes[S.STEP]
+    size = min(n, max(2 * w, _SEARCH_BLOCK))
+    while True:
+        idx = np.flatnonzero(_has_data(count.isel({S.STEP: slice(n - size, n)}))) + (n - size)
+        if idx.size >= w or size == n:
+            break
+        size = min(n, size * 4)
+    if idx.size == 0:
+        raise StatscopeError(f"run {name!r} has no steps with data (count is 0 everywhere)")
+    if idx.size < w:
+        raise StatscopeError(f"window={w}: longer than run {name!r}, which has {idx.size} steps "
+                             f"with data; pass a smaller window or window='all'")
+    return idx[-w:]
+
+
+def _extent(count: xr.DataArray, name: str) -> tuple[int, int]:
+    """First and last positions with data of one run."""
+    last = _last_positions(count, 1, name)[0]
+    n = count.sizes[S.STEP]
+    start = 0
+    while start < n:
+        stop = min(n, start + _SEARCH_BLOCK)
+        hits = np.flatnonzero(_has_data(count.isel({S.STEP: slice(start, stop)})))
+        if hits.size:
+            return start + int(hits[0]), int(last)
+        start = stop
+    raise StatscopeError(f"run {name!r} has no steps with data (count is 0 everywhere)")
+
+
+def _positions(count: xr.DataArray, steps: np.ndarray, window, name: str) -> np.ndarray:
+    """Positions along step that one run's window covers."""
+    if isinstance(window, (bool, np.bool_)):
+        raise StatscopeError(f"window={window!r}: expected an int, a (start, stop) tuple, a float "
+                             f"in (0, 1] or 'all'")
+    if isinstance(window, (int, np.integer)):
+        if window < 2:
+            raise StatscopeError(f"window={window}: expected at least 2 steps")
+        return _last_positions(count, int(window), name)
+    first, last = _extent(count, name)
+    if window is None or (isinstance(window, str) and window == "all"):
+        return np.arange(first, last + 1)
+    if isinstance(window, (float, np.floating)):
+        if not 0.0 < window <= 1.0:
+            raise StatscopeError(f"window={window}: a fraction must lie in (0, 1]")
+        k = max(1, math.ceil(window * (last - first + 1)))
+        return np.arange(last - k + 1, last + 1)
+    if isinstance(window, (tuple, list)) and len(window) == 2:
+        start, stop = (int(v) for v in window)
+        if stop <= start:
+            raise StatscopeError(f"window={tuple(window)}: stop must exceed start")
+        if start < steps[first] or stop > steps[last] + 1:
+            raise StatscopeError(f"window={tuple(window)}: outside run {name!r}, which has data "
+                                 f"at steps {steps[first]}..{steps[last]}")
+        pos = np.flatnonzero((steps >= start) & (steps < stop))
+        if pos.size < 2:
+            raise StatscopeError(f"window={tuple(window)}: fewer than 2 steps of run {name!r}")
+        return pos
+    raise StatscopeError(f"window={window!r}: expected an int, a (start, stop) tuple, a float in "
+                         f"(0, 1] or 'all'")
+
+
+def select_window(ds: xr.Dataset, window=200) -> xr.Dataset:
+    """Restrict a run (or stacked runs) to a window of steps.
+
+    Args:
+        ds: a run from ``statscope.open_run`` (dims step, neuron) or runs from ``open_runs``
+            (dims run, step, neuron).
+        window: int ``W`` (last W steps with data, per run), ``(start, stop)`` steps (stop
+            exclusive), float in (0, 1] (last fraction of training) or ``"all"``/None.
+
+    Returns:
+        Dataset with the same variables, lazily sliced along step; ``attrs['window']`` holds
+        the window as text. With stacked runs each run is masked (NaN statistics, count 0)
+        outside its own window.
+
+    Raises:
+        StatscopeError: the window is malformed, longer than a run, or a run has no data.
+
+    Example:
+        >>> import numpy as np, xarray as xr
+        >>> ds = xr.Dataset({"count": (("step", "neuron"), np.full((5, 1), 4))},
+        ...                 coords={"step": np.arange(5)})
+        >>> select_window(ds, 3).step.values.tolist()
+        [2, 3, 4]
+    """
+    require(ds, [S.COUNT], f"select_window(window={window!r})")
+    if S.STEP not in ds.dims or ds.sizes[S.STEP] == 0:
+        raise StatscopeError("select_window: the dataset has no steps (empty run)")
+    steps = np.asarray(ds[S.STEP].values)
+    if not stacked(ds):
+        pos = _positions(ds[S.COUNT], steps, window, run_name(ds))
+        out = ds.isel({S.STEP: slice(int(pos[0]), int(pos[-1]) + 1)})
+        if pos.size != pos[-1] - pos[0] + 1:
+            keep = np.zeros(out.sizes[S.STEP], bool)
+            keep[pos - pos[0]] = True
+            out = _mask_steps(out, xr.DataArray(keep, dims=[S.STEP]))
+        out.attrs["window"] = describe_window(window)
+        return out
+    per_run = [_positions(ds[S.COUNT].isel({S.RUN: i}), steps, window, run_name(ds, i))
+               for i in range(ds.sizes[S.RUN])]
+    lo = min(int(p[0]) for p in per_run)
+    hi = max(int(p[-1]) for p in per_run) + 1
+    keep = np.zeros((ds.sizes[S.RUN], hi - lo), bool)
+    for i, p in enumerate(per_run):
+        keep[i, p - lo] = True
+    out = ds.isel({S.STEP: slice(lo, hi)})
+    if not keep.all():
+        out = _mask_steps(out, xr.DataArray(keep, dims=[S.RUN, S.STEP]))
+    out.attrs["window"] = describe_window(window)
+    return out
+
+
+def _mask_steps(ds: xr.Dataset, keep: xr.DataArray) -> xr.Dataset:
+    """Blank the steps outside ``keep``: statistics to NaN, count to 0."""
+    out = ds.copy()
+    for name, var in ds.data_vars.items():
+        if S.STEP not in var.dims:
+            continue
+        if name == S.COUNT:
+            out[name] = var.where(keep, 0)
+        else:
+            out[name] = var.where(keep)
+    return out

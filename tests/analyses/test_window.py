@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+
+from statscope import schema as S
+from statscope.analyses import select_window
+from statscope.errors import StatscopeError
+
+from analyses_synthetic import make_run, stack
+
+
+def test_int_window_takes_last_steps(run):
+    w = select_window(run, 50)
+    assert w[S.STEP].values.tolist() == list(range(250, 300))
+    assert w.attrs["window"] == "last 50 steps"
+
+
+def test_int_window_skips_steps_without_data(run):
+    run = run.copy()
+    run[S.COUNT] = run[S.COUNT].where(run[S.STEP] % 2 == 0, 0)
+    w = select_window(run, 10)
+    data = (w[S.COUNT] > 0).any(S.NEURON).values
+    assert data.sum() == 10
+    assert w[S.STEP].values[data].tolist() == list(range(280, 300, 2))
+
+
+def test_tuple_and_fraction_and_all(run):
+    assert select_window(run, (100, 110))[S.STEP].values.tolist() == list(range(100, 110))
+    assert select_window(run, 0.1).sizes[S.STEP] == 30
+    assert select_window(run, 1.0).sizes[S.STEP] == 300
+    assert select_window(run, "all").sizes[S.STEP] == 300
+    assert select_window(run, None).sizes[S.STEP] == 300
+
+
+@pytest.mark.parametrize("window, match", [
+    (301, "longer than run"), ((0, 400), "outside run"), (1.5, r"\(0, 1\]"), (True, "expected"),
+    ((10, 5), "stop must exceed"), ("last", "expected"), (1, "at least 2"),
+])
+def test_bad_windows_raise(run, window, match):
+    with pytest.raises(StatscopeError, match=match):
+        select_window(run, window)
+
+
+def test_empty_run_raises(run):
+    with pytest.raises(StatscopeError, match="no steps"):
+        select_window(run.isel(step=slice(0, 0)), 10)
+    dead = run.copy()
+    dead[S.COUNT] = dead[S.COUNT] * 0
+    with pytest.raises(StatscopeError, match="no steps with data"):
+        select_window(dead, 10)
+
+
+def test_stacked_windows_are_per_run():
+    ds = stack({"long": make_run(n_steps=300, seed=1), "short": make_run(n_steps=120, seed=2)})
+    w = select_window(ds, 20)
+    for name, last in (("long", 300), ("short", 120)):
+        one = w.sel(run=name)
+        steps = one[S.STEP].values[(one[S.COUNT] > 0).any(S.NEURON).values]
+        assert steps.tolist() == list(range(last - 20, last))
+        assert np.isnan(one[S.BN_MEAN].where(one[S.COUNT] == 0)).all()
+    with pytest.raises(StatscopeError, match="'short'"):
+        select_window(ds, 200)
