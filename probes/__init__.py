@@ -1,1 +1,13 @@
-"""TODO"""
+"""Capture: forward hooks that record normalization statistics at every training step.
+
+>>> import statscope.probes as probes
+>>> sorted(probes.STATISTICS)[:2]
+['bn_kurt', 'bn_mean']
+"""
+
+from statscope.probes.recorder import Recorder, record
+from statscope.probes.selection import Target, select
+from statscope.probes.statistics import STATISTICS, Moments, Statistic, register_statistic
+
+__all__ = ["record", "Recorder", "select", "Target", "register_statistic", "Statistic", "Moments",
+           "STATISTICS"]

@@ -69,7 +69,7 @@ class Layout:
 
     @property
     def neuron_stats(self) -> tuple[str, ...]:
-        return tuple(s for s in self.stats if s in S.PER_NEURON_STATS)
+        return tuple(s for s in self.stats if s not in S.PER_GROUP_STATS)
 
     @property
     def group_stats(self) -> tuple[str, ...]:

@@ -200,7 +200,7 @@ class RunWriter:
         for s in self.layout.stats:
             a = np.asarray(stats[s], np.float32)
             row[s] = a
-            cols = self._idx["probe"] if s in S.PER_NEURON_STATS else _group_probe(self.layout)
+            cols = _group_probe(self.layout) if s in S.PER_GROUP_STATS else self._idx["probe"]
             n_bad = int(np.count_nonzero(~np.isfinite(a) & ran[:, cols]))
             if n_bad:
                 self.nonfinite[s] = self.nonfinite.get(s, 0) + n_bad

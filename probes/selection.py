@@ -1,0 +1,199 @@
+"""Which tensors of a model to probe, and where their channels are.
+
+By default the probes watch the **input of every normalization layer** (BatchNorm*, GroupNorm,
+LayerNorm, RMSNorm, InstanceNorm*, SyncBatchNorm and statscope.nn layers); a model without any is
+probed at the output of each Linear and Conv layer. The channel dimension follows the layer type:
+dim 1 for the inputs of BatchNorm/GroupNorm/InstanceNorm and the outputs of Conv (channels-first,
+so BatchNorm1d's ``(N, C, L)`` is read right), the last dim for the inputs of LayerNorm/RMSNorm
+and the outputs of Linear (so ``(N, L, C)`` sequences are channels-last).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from statscope import schema as S
+from statscope.errors import StatscopeError
+
+__all__ = ["Target", "select", "unwrap", "NORM_TYPES"]
+
+_BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
+_CHANNEL_FIRST_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+                        nn.modules.instancenorm._InstanceNorm)
+_CHANNEL_LAST_NORMS = (nn.LayerNorm, nn.RMSNorm)
+NORM_TYPES = _CHANNEL_FIRST_NORMS + _CHANNEL_LAST_NORMS
+_CONVS = (nn.modules.conv._ConvNd,)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One tensor to probe.
+
+    Attributes:
+        name: the ``layer`` coordinate value.
+        module_name: qualified name in ``named_modules()`` of the unwrapped model.
+        module: the module itself.
+        where: ``"input"`` or ``"output"``.
+        channel_dim: the dimension of the probed tensor that holds channels.
+        channels: number of channels when the module says so, else None (read at first forward).
+        groups: EN groups for this probe.
+    """
+
+    name: str
+    module_name: str
+    module: nn.Module
+    where: str
+    channel_dim: int
+    channels: int | None
+    groups: int
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP/DataParallel and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_statscope_norm(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("statscope.nn")
+
+
+def is_norm(module: nn.Module) -> bool:
+    """True for torch's normalization layers and statscope's own."""
+    return isinstance(module, NORM_TYPES) or _is_statscope_norm(module)
+
+
+def _default_channel_dim(module: nn.Module, where: str) -> int | None:
+    if where == "input":
+        if isinstance(module, _CHANNEL_FIRST_NORMS) or _is_statscope_norm(module):
+            return 1
+        if isinstance(module, _CHANNEL_LAST_NORMS):
+            return -1
+        if isinstance(module, nn.Linear):
+            return -1
+        if isinstance(module, _CONVS):
+            return 1
+        return None
+    if isinstance(module, _CONVS) or isinstance(module, _CHANNEL_FIRST_NORMS) \
+            or _is_statscope_norm(module):
+        return 1
+    if isinstance(module, (nn.Linear, *_CHANNEL_LAST_NORMS)):
+        return -1
+    return None
+
+
+def _known_channels(module: nn.Module, where: str) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.in_features if where == "input" else module.out_features
+    if isinstance(module, _CONVS):
+        return module.in_channels if where == "input" else module.out_channels
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
+    if isinstance(module, _CHANNEL_LAST_NORMS):
+        shape = module.normalized_shape
+        return int(shape[-1]) if shape else None
+    return getattr(module, "num_features", None)
+
+
+def _match(name: str, module: nn.Module, spec: Any) -> bool:
+    if isinstance(spec, type):
+        return isinstance(module, spec)
+    return name == spec or fnmatch.fnmatchcase(name, spec)
+
+
+def _per_layer(value: Any, name: str, module: nn.Module, default: Any) -> Any:
+    if isinstance(value, Mapping):
+        for spec, v in value.items():
+            if _match(name, module, spec):
+                return v
+        return default
+    return default if value is None else value
+
+
+def select(model: nn.Module, layers: Any = None, *, where: str | Iterable[str] = "input",
+           channel_dim: int | Mapping[Any, int] | None = None,
+           en_groups: int | Mapping[Any, int] = 1) -> list[Target]:
+    """Choose the tensors to probe.
+
+    Args:
+        model: any module (DDP, DataParallel and ``torch.compile`` wrappers are looked through).
+        layers: None for the default; else a qualified name, glob (``"features.*"``) or module
+            type, or a list of them.
+        where: ``"input"``, ``"output"`` or both (``("input", "output")``); with ``layers=None``
+            and no norm layers in the model the default is the output of Linear/Conv layers.
+        channel_dim: the channel dimension, for all probes or per name/glob/type.
+        en_groups: EN groups, for all probes or per name/glob/type (default 1: the whole layer).
+
+    Returns:
+        Targets in ``named_modules()`` order; names get ``:in``/``:out`` when a module is probed
+        at both ends.
+
+    Raises:
+        StatscopeError: a name matches no module (the message lists the available ones), an
+            unknown ``where``, or no channel dimension can be told for a selected module.
+    """
+    root = unwrap(model)
+    wheres = (where,) if isinstance(where, str) else tuple(where)
+    for w in wheres:
+        if w not in ("input", "output"):
+            raise StatscopeError(f"where={where!r}: expected 'input', 'output' or both")
+    named = [(n, m) for n, m in root.named_modules() if n]
+    if layers is None:
+        chosen = [(n, m) for n, m in named if is_norm(m)]
+        if not chosen:
+            chosen = [(n, m) for n, m in named if isinstance(m, (nn.Linear, *_CONVS))]
+            if where == "input":
+                wheres = ("output",)
+    else:
+        specs = [layers] if isinstance(layers, (str, type)) else list(layers)
+        for spec in specs:
+            if not isinstance(spec, (str, type)):
+                raise StatscopeError(f"layers={layers!r}: {spec!r} is neither a module name, a "
+                                     "glob nor a module type")
+            if not any(_match(n, m, spec) for n, m in named):
+                available = ", ".join(n for n, _ in named) or "(none)"
+                raise StatscopeError(f"layers={spec!r}: no such module; available: {available}")
+        chosen = [(n, m) for n, m in named if any(_match(n, m, s) for s in specs)]
+    if not chosen:
+        raise StatscopeError(f"layers={layers!r}: the model has no module to probe")
+    targets = []
+    for name, module in chosen:
+        for w in wheres:
+            default = _default_channel_dim(module, w)
+            cdim = _per_layer(channel_dim, name, module, default)
+            if cdim is None:
+                raise StatscopeError(
+                    f"channel_dim: cannot tell the channel dimension of the {w} of {name!r} "
+                    f"({type(module).__name__}); pass channel_dim={{'{name}': DIM}}")
+            groups = int(_per_layer(en_groups, name, module, 1))
+            suffix = (S.INPUT_SUFFIX if w == "input" else S.OUTPUT_SUFFIX) if len(wheres) > 1 else ""
+            channels = _known_channels(module, w) if cdim == default else None
+            if channels is not None and (groups < 1 or channels % groups):
+                raise StatscopeError(f"en_groups={groups} for {name!r}: its {channels} channels "
+                                     "are not divisible by it")
+            targets.append(Target(name + suffix, name, module, w, int(cdim), channels, groups))
+    return targets
+
+
+def norm_info(module: nn.Module) -> dict | None:
+    """What rebuilding a norm layer's running statistics needs, or None for other modules."""
+    if not (isinstance(module, _BATCH_NORMS) or _is_statscope_norm(module)
+            or isinstance(module, nn.modules.instancenorm._InstanceNorm)):
+        return None
+    nbt = getattr(module, "num_batches_tracked", None)
+    return {
+        "momentum": getattr(module, "momentum", None),
+        "eps": getattr(module, "eps", None),
+        "track_running_stats": bool(getattr(module, "track_running_stats", False)),
+        "num_batches_tracked": int(nbt.item()) if isinstance(nbt, torch.Tensor) else None,
+    }

@@ -1,0 +1,166 @@
+"""The statistics the probes record, as a small registry over per-channel central moments.
+
+Every statistic is finished on the host, in float64, from the per-channel moments of one step's
+probed tensor: mean, variance (population, ddof=0) and, when a statistic asks for them, the third
+and fourth central moments. EN statistics come from the per-channel moments of their group by the
+law of total variance (channels of a group share one count), which is exact, so a probe makes one
+pass over the data for BN and EN alike. Moments are computed shifted by the first sample of each
+channel and summed in float64, so float32 inputs with a large offset lose nothing to cancellation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from statscope import schema as S
+from statscope.errors import StatscopeError
+
+__all__ = ["Moments", "Statistic", "register_statistic", "get_statistic", "STATISTICS",
+           "block_moments", "step_moments", "finish"]
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Per-channel moments of ``k`` steps of one probe, float64 on the host.
+
+    Attributes:
+        mean, var: (k, C) mean and population variance.
+        m3, m4: (k, C) third and fourth central moments, or None when no statistic needs them.
+        groups: EN groups of the probe.
+    """
+
+    mean: np.ndarray
+    var: np.ndarray
+    m3: np.ndarray | None
+    m4: np.ndarray | None
+    groups: int
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A recorded statistic.
+
+    Attributes:
+        name: the variable name in the store.
+        order: the highest central moment it needs (2 or 4).
+        per_group: True for EN statistics (one value per EN group), False for one per channel.
+        compute: ``Moments -> (k, C)`` (or ``(k, groups)`` when per_group) float64.
+    """
+
+    name: str
+    order: int
+    per_group: bool
+    compute: Callable[[Moments], np.ndarray]
+
+
+def _group_moments(m: Moments) -> tuple[np.ndarray, np.ndarray]:
+    k, c = m.mean.shape
+    mean = m.mean.reshape(k, m.groups, c // m.groups)
+    var = m.var.reshape(k, m.groups, c // m.groups)
+    g_mean = mean.mean(-1)
+    g_var = var.mean(-1) + ((mean - g_mean[..., None]) ** 2).mean(-1)
+    return g_mean, g_var
+
+
+def _kurtosis(m: Moments) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return m.m4 / (m.var * m.var)
+
+
+STATISTICS: dict[str, Statistic] = {
+    S.BN_MEAN: Statistic(S.BN_MEAN, 2, False, lambda m: m.mean),
+    S.BN_STD: Statistic(S.BN_STD, 2, False, lambda m: np.sqrt(m.var)),
+    S.EN_MEAN: Statistic(S.EN_MEAN, 2, True, lambda m: _group_moments(m)[0]),
+    S.EN_STD: Statistic(S.EN_STD, 2, True, lambda m: np.sqrt(_group_moments(m)[1])),
+    S.BN_KURT: Statistic(S.BN_KURT, 4, False, _kurtosis),
+}
+"""The registry, by store variable name."""
+
+
+def register_statistic(name: str, compute: Callable[[Moments], np.ndarray], *,
+                       order: int = 2) -> Statistic:
+    """Add a per-channel statistic computed from the moments, e.g. skewness.
+
+    Args:
+        name: its variable name in the store; must be a new identifier.
+        compute: ``Moments -> (k, C)`` float64 array.
+        order: 2 (mean and variance suffice) or 4 (third and fourth moments too).
+
+    Returns:
+        The registered statistic; pass its name in ``record(..., stats=[...])``.
+
+    Example:
+        >>> import numpy as np
+        >>> from statscope.probes import register_statistic
+        >>> skew = register_statistic("bn_skew_demo", lambda m: m.m3 / m.var ** 1.5, order=4)
+        >>> skew.per_group
+        False
+    """
+    if not name.isidentifier() or name in STATISTICS or name in S.RESERVED_NAMES:
+        raise StatscopeError(f"name={name!r}: taken or not an identifier; taken: "
+                             f"{sorted(set(STATISTICS) | S.RESERVED_NAMES)}")
+    if order not in (2, 4):
+        raise StatscopeError(f"order={order!r}: expected 2 or 4")
+    stat = Statistic(name, order, False, compute)
+    STATISTICS[name] = stat
+    return stat
+
+
+def get_statistic(name: str) -> Statistic:
+    """Look a statistic up by name, with a clear error listing the known ones."""
+    try:
+        return STATISTICS[name]
+    except KeyError:
+        raise StatscopeError(f"stats: {name!r} is not a known statistic; known: "
+                             f"{', '.join(STATISTICS)}") from None
+
+
+@torch.no_grad()
+def block_moments(raw: torch.Tensor, order: int) -> tuple[torch.Tensor, ...]:
+    """Moments of a block of steps held raw: (k, M, C) -> tuple of (k, C) float64 tensors.
+
+    Shifted by the first sample of each step and channel, summed in float64; the variance takes
+    the two-pass correction for the rounding of the shift's mean (Chan, Golub & LeVeque).
+    """
+    m = raw.shape[1]
+    shift = raw[:, :1]
+    d = raw - shift
+    mean_d = d.sum(1, dtype=torch.float64) / m
+    e = d - mean_d.to(d.dtype).unsqueeze(1)
+    e_mean = e.sum(1, dtype=torch.float64) / m
+    e2 = e * e
+    var = (e2.sum(1, dtype=torch.float64) / m - e_mean * e_mean).clamp_min_(0)
+    mean = shift.squeeze(1).double() + mean_d
+    if order < 4:
+        return mean, var
+    m3 = (e2 * e).sum(1, dtype=torch.float64) / m
+    m4 = (e2 * e2).sum(1, dtype=torch.float64) / m
+    return mean, var, m3, m4
+
+
+@torch.no_grad()
+def step_moments(x: torch.Tensor, channel_dim: int, order: int) -> tuple[torch.Tensor, ...]:
+    """Moments of one step's tensor reduced over every dim but ``channel_dim``: (C,) each.
+
+    For tensors too large to buffer raw; Welford's algorithm inside ``torch.var_mean`` keeps the
+    variance stable.
+    """
+    dims = tuple(d for d in range(x.ndim) if d != channel_dim % x.ndim)
+    xf = x.float()
+    var, mean = torch.var_mean(xf, dim=dims, correction=0)
+    if order < 4:
+        return mean, var
+    shape = [1] * x.ndim
+    shape[channel_dim % x.ndim] = -1
+    e = xf - mean.view(shape)
+    e2 = e * e
+    return mean, var, (e2 * e).mean(dims), (e2 * e2).mean(dims)
+
+
+def finish(moments: Moments, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Compute the named statistics from one probe's moments: ``{name: (k, C or groups)}``."""
+    return {n: STATISTICS[n].compute(moments) for n in names}
