@@ -1,0 +1,5 @@
+"""``python -m statscope``."""
+
+from statscope.cli import entry
+
+entry()
