@@ -13,9 +13,11 @@
 6. MNIST only: the real 5,000-sample subset shipped in the package, with a
    :class:`~statscope.errors.StatscopeWarning`; the result is named ``"mnist-5k-subset"``.
 
-In each folder of steps 1-2 the files may lie flat, under ``<name>/`` or in torchvision's layout
-(``MNIST/raw``, ``FashionMNIST/raw``, ``cifar-10-batches-py``). IDX files may be plain or ``.gz``;
-CIFAR-10 may be the extracted ``cifar-10-batches-py`` folder or ``cifar-10-python.tar.gz``.
+In the folders of steps 1-2 the files may lie under ``<name>/`` (as in the cache) or in
+torchvision's layout (``MNIST/raw``, ``FashionMNIST/raw``, ``cifar-10-batches-py``); loose in
+the folder itself only for ``data_dir`` and CIFAR-10, whose file names say what they hold. IDX
+files may be plain or ``.gz``; CIFAR-10 may be the extracted ``cifar-10-batches-py`` folder or
+``cifar-10-python.tar.gz``.
 Nothing is ever written outside the cache.
 """
 
@@ -27,7 +29,6 @@ import pickle
 import posixpath
 import tarfile
 import warnings
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,7 +211,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, downlo
         if found is not None:
             return found
     cache = cache_dir() / spec.name
-    for folder, label in [(cache, "cache"), *((Path(d), "system folder") for d in spec.system_dirs)]:
+    for folder, label in [(cache, "cache"), *((Path(d), "system_dir") for d in spec.system_dirs)]:
         searched.append(str(folder))
         found = _load_folder(spec, folder, label, folder)
         if found is not None:
@@ -234,8 +235,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, downlo
 
 
 def _load_root(spec: _Spec, root: Path, arg: str, *, required: bool) -> Dataset | None:
-    """The first complete copy in ``root``, ``root/<name>`` or the torchvision layout."""
-    folders = [root, root / spec.name, root / spec.torchvision_dir]
+    """The first complete copy in ``root/<name>``, the torchvision layout or ``root`` itself."""
+    # Loose IDX files in a shared root could be MNIST or Fashion-MNIST; CIFAR's names are unique.
+    loose = required or spec.name == "cifar10"
+    folders = [root / spec.name, root / spec.torchvision_dir, *([root] if loose else [])]
     for folder in folders:
         found = _load_folder(spec, folder, arg, root)
         if found is not None:
@@ -244,9 +247,10 @@ def _load_root(spec: _Spec, root: Path, arg: str, *, required: bool) -> Dataset 
         return None
     if not root.is_dir():
         raise StatscopeError(f"{arg}={str(root)!r}: no such folder")
-    expected = ("the folder cifar-10-batches-py (" + ", ".join(_CIFAR_BATCHES) + f") or {_CIFAR_ARCHIVE}"
-                if spec.name == "cifar10" else
-                ", ".join(f"{stem}[.gz]" for stem, _ in _IDX_STEMS))
+    if spec.name == "cifar10":
+        expected = f"{', '.join(_CIFAR_BATCHES)} or {_CIFAR_ARCHIVE}"
+    else:
+        expected = ", ".join(f"{stem}[.gz]" for stem, _ in _IDX_STEMS)
     raise StatscopeError(f"{arg}={str(root)!r}: no complete {spec.name} copy; expected "
                          f"{expected} in one of " + ", ".join(str(f) for f in folders))
 
@@ -325,7 +329,9 @@ def _read_cifar(path: Path, arg: str, root: Path) -> Dataset:
             try:
                 with open(path / batch, "rb") as handle:
                     batches[batch] = _parse_cifar_batch(handle)
-            except (OSError, EOFError, pickle.UnpicklingError, StatscopeError, ValueError) as exc:
+            # A damaged pickle may raise "AttributeError, EOFError, ImportError, and IndexError"
+            # and more (pickle docs); each must name the file, not escape as itself.
+            except Exception as exc:
                 raise _bad(arg, root, path / batch, f"is not a CIFAR-10 batch ({exc})") from exc
     else:
         try:
@@ -334,8 +340,7 @@ def _read_cifar(path: Path, arg: str, root: Path) -> Dataset:
                     batch = posixpath.basename(member.name)
                     if batch in _CIFAR_BATCHES and member.isfile():
                         batches[batch] = _parse_cifar_batch(archive.extractfile(member))
-        except (OSError, EOFError, tarfile.TarError, zlib.error, pickle.UnpicklingError,
-                StatscopeError, ValueError) as exc:
+        except Exception as exc:  # as above, plus OSError, TarError or zlib.error from the archive
             raise _bad(arg, root, path, f"is not a readable CIFAR-10 archive ({exc})") from exc
         missing = [b for b in _CIFAR_BATCHES if b not in batches]
         if missing:
@@ -356,11 +361,14 @@ def _parse_cifar_batch(handle) -> tuple[np.ndarray, np.ndarray]:
             or data.shape[1] != 3 * 32 * 32:
         got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise StatscopeError(f"data is {got}, expected uint8 (n, 3072)")
-    labels = np.asarray(labels if labels is not None else [], dtype=np.int64)
-    if labels.shape != (data.shape[0],) or (labels.size and (labels.min() < 0 or labels.max() > 9)):
-        raise StatscopeError(f"labels are {labels.shape[0] if labels.ndim else 0} values in "
-                             f"{labels.min() if labels.size else '-'}..{labels.max() if labels.size else '-'}, "
-                             f"expected {data.shape[0]} in 0..9")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise StatscopeError(f"labels are not integers ({exc})") from exc
+    if labels.shape != (data.shape[0],):
+        raise StatscopeError(f"has {labels.size} labels for {data.shape[0]} images")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise StatscopeError(f"labels span {labels.min()}..{labels.max()}, expected 0..9")
     return data.reshape(-1, 3, 32, 32), labels.astype(np.uint8)
 
 

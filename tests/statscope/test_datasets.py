@@ -1,5 +1,6 @@
 """Local dataset loading: the IDX reader, data folders, the shipped subset, CIFAR-10 batches."""
 
+import dataclasses
 import doctest
 import gzip
 import os
@@ -210,6 +211,21 @@ def test_statscope_data_without_the_dataset_moves_on_to_the_cache(tmp_path, monk
     ds = load_dataset("mnist", download=False)
     assert ds.source == str(tmp_path / "cache" / "mnist")
     np.testing.assert_array_equal(ds.train_x.numpy(), arrays[0])
+
+
+def test_loose_files_in_a_shared_root_are_not_guessed_to_be_a_dataset(tmp_path, monkeypatch):
+    write_mnist(tmp_path / "env", make_mnist_arrays(), gz=True)  # MNIST or Fashion-MNIST?
+    monkeypatch.setenv("STATSCOPE_DATA", str(tmp_path / "env"))
+    no_debian = dataclasses.replace(datasets._SPECS["fashion-mnist"], system_dirs=())
+    monkeypatch.setitem(datasets._SPECS, "fashion-mnist", no_debian)
+    with pytest.raises(StatscopeError, match=r"name='fashion-mnist': not found in .*/env, "):
+        load_dataset("fashion-mnist", download=False)
+    # A data_dir is taken at its word, but a dataset's own subfolder comes first.
+    fashion = make_mnist_arrays(seed=5)
+    write_mnist(tmp_path / "env" / "FashionMNIST" / "raw", fashion, gz=False)
+    ds = load_dataset("fashion-mnist", tmp_path / "env")
+    np.testing.assert_array_equal(ds.train_x.numpy(), fashion[0])
+    assert load_dataset("mnist", tmp_path / "env").source == str(tmp_path / "env")
 
 
 def test_unknown_name_lists_the_datasets():

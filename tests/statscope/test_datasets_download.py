@@ -215,3 +215,18 @@ def test_cifar_archive_with_wrong_md5_is_not_kept(served, isolated_env):
     with pytest.raises(ChecksumError, match="expected md5 c58f30108f718f92721af3b95e74349a"):
         load_dataset("cifar10", mirrors=[server.url], quiet=True)
     assert not list((isolated_env / "cifar10").iterdir())
+
+
+def test_cifar_archive_in_a_data_root_is_read_in_place_and_checked(tmp_path, monkeypatch):
+    data, batches = cifar_archive(seed=1)
+    archive = tmp_path / "env" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    archive.write_bytes(data)
+    monkeypatch.setenv("STATSCOPE_DATA", str(archive.parent))
+    ds = load_dataset("cifar10", download=False)
+    assert ds.source == str(archive) and ds.train_y.tolist()[:4] == batches["data_batch_1"][b"labels"]
+    archive.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StatscopeError, match=r"\$STATSCOPE_DATA='.*/env': cifar-10-python.tar.gz "
+                                             r"is not a readable CIFAR-10 archive"):
+        load_dataset("cifar10", download=False)
+    assert archive.read_bytes() == data[: len(data) // 2]
