@@ -11,7 +11,10 @@ from .bootstrap import BootstrapMoments, block_bootstrap, fluctuation_ci
 from .claims import CLAIMS, ClaimRow, Claims, claims
 from .fluctuation import fluctuation
 from .gaps import bn_en_gap
+from .running import batch_vs_running, running_stats
+from .scaling import batch_size_scaling
 from .summary import layer_summary
+from .variance_tests import compare_runs, compare_statistics, levene
 from .window import describe_window, select_window
 
 __all__ = [
@@ -25,6 +28,12 @@ __all__ = [
     "bn_en_gap",
     "sampling_baseline",
     "excess_fluctuation",
+    "running_stats",
+    "batch_vs_running",
+    "levene",
+    "compare_statistics",
+    "compare_runs",
+    "batch_size_scaling",
     "claims",
     "Claims",
     "ClaimRow",

@@ -77,3 +77,33 @@ class StatscopeAccessor:
         from .claims import claims
 
         return claims(self._ds, window, **kw)
+
+    def running_stats(self, window="all", **kw):
+        """See :func:`statscope.analyses.running_stats`."""
+        from .running import running_stats
+
+        return running_stats(self._ds, window, **kw)
+
+    def batch_vs_running(self, window=200, **kw):
+        """See :func:`statscope.analyses.batch_vs_running`."""
+        from .running import batch_vs_running
+
+        return batch_vs_running(self._ds, window, **kw)
+
+    def compare_statistics(self, a, b, window=200, **kw):
+        """See :func:`statscope.analyses.compare_statistics`."""
+        from .variance_tests import compare_statistics
+
+        return compare_statistics(self._ds, a, b, window, **kw)
+
+    def compare_runs(self, run_a, run_b, statistic, window=200, **kw):
+        """See :func:`statscope.analyses.compare_runs`."""
+        from .variance_tests import compare_runs
+
+        return compare_runs(self._ds, run_a, run_b, statistic, window, **kw)
+
+    def batch_size_scaling(self, window=200, **kw):
+        """See :func:`statscope.analyses.batch_size_scaling`."""
+        from .scaling import batch_size_scaling
+
+        return batch_size_scaling(self._ds, window, **kw)
