@@ -6,6 +6,7 @@ import gzip
 import os
 import pickle
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -287,17 +288,22 @@ def make_cifar_batches(n=6, seed=0):
             for b in datasets._CIFAR_BATCHES}
 
 
-def write_cifar(folder, batches, protocol=2):
+def write_cifar(folder, batches, protocol=2, *, numpy1=False):
     folder.mkdir(parents=True, exist_ok=True)
     for name, record in batches.items():
-        (folder / name).write_bytes(pickle.dumps(record, protocol=protocol))
+        data = pickle.dumps(record, protocol=protocol)
+        if numpy1:  # the original batches name numpy.core, numpy 2's deprecated alias
+            data = data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+        (folder / name).write_bytes(data)
 
 
-@pytest.mark.parametrize("protocol", [2, 5])
-def test_cifar_batches_folder(tmp_path, protocol):
+@pytest.mark.parametrize("protocol, numpy1", [(2, False), (2, True), (5, False)])
+def test_cifar_batches_folder(tmp_path, protocol, numpy1):
     batches = make_cifar_batches()
-    write_cifar(tmp_path / "cifar-10-batches-py", batches, protocol)
-    ds = load_dataset("cifar10", tmp_path)
+    write_cifar(tmp_path / "cifar-10-batches-py", batches, protocol, numpy1=numpy1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        ds = load_dataset("cifar10", tmp_path)
     assert ds.name == "cifar10" and tuple(ds.train_x.shape) == (30, 3, 32, 32)
     train = np.concatenate([batches[b][b"data"] for b in datasets._CIFAR_BATCHES[:5]])
     np.testing.assert_array_equal(ds.train_x.numpy().reshape(30, -1), train)
