@@ -1,0 +1,45 @@
+"""``create_app``: the Dash application over a folder of runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dash import Dash
+
+from .callbacks import register
+from .data import RunCatalog
+from .layout import build_layout
+
+__all__ = ["create_app"]
+
+
+def create_app(root: str | os.PathLike | None = None, *, catalog: RunCatalog | None = None) -> Dash:
+    """Build the dashboard over the runs under ``root``.
+
+    Args:
+        root: a run folder, or a folder of runs; the app reads nothing outside it.
+        catalog: an existing catalog instead of ``root`` (tests, in-memory runs).
+
+    Returns:
+        The ``dash.Dash`` app; ``app.server`` is its Flask server and ``app.catalog`` the
+        :class:`~statscope.dashboards.data.RunCatalog`.
+
+    Raises:
+        StoreError: ``root`` does not exist.
+
+    Example:
+        >>> app = create_app("runs/")  # doctest: +SKIP
+        >>> app.run(host="127.0.0.1", port=8050, debug=False)  # doctest: +SKIP
+    """
+    if catalog is None:
+        if root is None:
+            raise TypeError("create_app: pass root or catalog")
+        catalog = RunCatalog(root)
+    app = Dash(__name__, title="statscope", update_title=None,
+               assets_folder=str(Path(__file__).with_name("assets")),
+               suppress_callback_exceptions=False)
+    app.layout = build_layout(str(catalog.root) if catalog.root is not None else "in memory")
+    register(app, catalog)
+    app.catalog = catalog
+    return app

@@ -1,0 +1,366 @@
+"""Store access for the dashboard: the runs under one root, opened, cached and followed live.
+
+Every read the app makes goes through :class:`RunCatalog`. It knows the runs by name only; a
+name from a URL or a request that is not one of the runs found under the root is refused, so
+no request can make the app read a path outside the root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from statscope import schema as S
+from statscope.errors import StatscopeError, StoreError
+
+__all__ = ["RunInfo", "RunCatalog", "ByteLRU", "neuron_key", "parse_neuron_key", "natural_key"]
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders digits by value, so ``bs4`` comes before ``bs128``.
+
+    Example:
+        >>> sorted(["bs128", "bs4", "bs16"], key=natural_key)
+        ['bs4', 'bs16', 'bs128']
+    """
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t)
+                 for t in re.split(r"(\d+)", name) if t)
+
+
+def neuron_key(layer: str, unit: int) -> str:
+    """Return the URL-safe key of a neuron, ``"<layer>:<unit>"``.
+
+    Example:
+        >>> neuron_key("fc1", 0)
+        'fc1:0'
+    """
+    return f"{layer}:{int(unit)}"
+
+
+def parse_neuron_key(key: str) -> tuple[str, int]:
+    """Split a neuron key into ``(layer, unit)``; the layer may itself contain ``:``.
+
+    Raises:
+        StatscopeError: the key does not end in ``:<int>``.
+
+    Example:
+        >>> parse_neuron_key("block.0:in:3")
+        ('block.0:in', 3)
+    """
+    layer, sep, unit = str(key).rpartition(":")
+    if not sep or not layer or not unit.lstrip("-").isdigit():
+        raise StatscopeError(f"neuron={key!r}: expected '<layer>:<unit>', e.g. 'fc1:0'")
+    return layer, int(unit)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the dashboard shows about a run without reading its statistics.
+
+    Attributes:
+        name: the run's name (its folder name relative to the root).
+        status: ``running``, ``completed`` or ``failed``; ``None`` when the store is unreadable.
+        n_steps: rows committed.
+        last_step: the last training step recorded, or ``None``.
+        error: why the store could not be opened, or ``None``.
+    """
+
+    name: str
+    status: str | None
+    n_steps: int
+    last_step: int | None
+    error: str | None = None
+
+
+class ByteLRU:
+    """A thread-safe least-recently-used cache bounded by the bytes of its numpy values.
+
+    Args:
+        max_bytes: evict the oldest entries once the values held exceed this many bytes.
+    """
+
+    def __init__(self, max_bytes: int = 512 * 2**20):
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._sizes: dict[Hashable, int] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Hashable, default: Any = None) -> Any:
+        """Return the value under ``key`` and mark it recently used, or ``default``."""
+        with self._lock:
+            if key not in self._items:
+                return default
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key: Hashable, value: Any) -> None:
+        """Store ``value``; its size is the sum of ``nbytes`` of the arrays it holds."""
+        size = _nbytes(value)
+        with self._lock:
+            if key in self._items:
+                self._bytes -= self._sizes.pop(key)
+                del self._items[key]
+            self._items[key] = value
+            self._sizes[key] = size
+            self._bytes += size
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                old, _ = self._items.popitem(last=False)
+                self._bytes -= self._sizes.pop(old)
+
+    def drop(self, predicate: Callable[[Hashable], bool]) -> None:
+        """Remove every entry whose key satisfies ``predicate``."""
+        with self._lock:
+            for key in [k for k in self._items if predicate(k)]:
+                del self._items[key]
+                self._bytes -= self._sizes.pop(key)
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    if isinstance(value, xr.Dataset):
+        return int(value.nbytes)
+    return 64
+
+
+@dataclass
+class _Run:
+    path: str | None
+    ds: xr.Dataset | None
+    generation: int
+    error: str | None = None
+    index: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+class RunCatalog:
+    """The runs under a root folder, opened lazily, cached per column, and refreshed when live.
+
+    Args:
+        root: a run folder, or a folder whose sub-folders are runs.
+        cache_bytes: memory the column cache may hold.
+
+    Raises:
+        StoreError: ``root`` does not exist.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, cache_bytes: int = 512 * 2**20):
+        self.root = Path(root).resolve()
+        if not self.root.exists():
+            raise StoreError(f"path={os.fspath(root)!r}: no such file or directory")
+        self.cache = ByteLRU(cache_bytes)
+        self._runs: dict[str, _Run] = {}
+        self._lock = threading.RLock()
+        self._static = False
+        self.refresh()
+
+    @classmethod
+    def from_datasets(cls, datasets: Mapping[str, xr.Dataset], *,
+                      cache_bytes: int = 512 * 2**20) -> "RunCatalog":
+        """Build a catalog over in-memory Datasets (tests, notebooks); it never touches disk.
+
+        Args:
+            datasets: run name to a Dataset in the schema of :mod:`statscope.schema`.
+            cache_bytes: memory the column cache may hold.
+        """
+        self = cls.__new__(cls)
+        self.root = None
+        self.cache = ByteLRU(cache_bytes)
+        self._lock = threading.RLock()
+        self._static = True
+        self._runs = {name: _Run(None, ds, 0, index=_index(ds)) for name, ds in datasets.items()}
+        return self
+
+    # -- discovery -------------------------------------------------------------------------
+
+    def _find(self) -> dict[str, str]:
+        from statscope.store import is_run
+
+        if is_run(self.root):
+            return {self.root.name: str(self.root)}
+        found = {}
+        for child in sorted(self.root.iterdir()):
+            # A symlink may point outside the root: only folders that resolve inside it count.
+            real = child.resolve()
+            if not child.is_dir() or not real.is_relative_to(self.root):
+                continue
+            if (child / "zarr.json").exists():
+                found[child.name] = str(real)
+        return found
+
+    def refresh(self) -> list[str]:
+        """Rescan the root and reopen every run whose committed steps or status changed.
+
+        Returns:
+            The names of runs that appeared, changed or vanished.
+        """
+        if self._static:
+            return []
+        from statscope.store import read_attrs
+
+        changed = []
+        with self._lock:
+            found = self._find()
+            for name in [n for n in self._runs if n not in found]:
+                self._forget(name)
+                changed.append(name)
+            for name, path in found.items():
+                run = self._runs.get(name)
+                if (run is not None and run.ds is not None
+                        and run.ds.attrs.get(S.ATTR_STATUS) != S.STATUS_RUNNING):
+                    continue  # a finished run does not change; skip the attribute read
+                try:
+                    attrs = read_attrs(path)
+                except StatscopeError as exc:
+                    if run is None or run.error != str(exc):
+                        self._forget(name)
+                        self._runs[name] = _Run(path, None, 0, error=str(exc))
+                        changed.append(name)
+                    continue
+                if run is not None and run.ds is not None and _same(run.ds.attrs, attrs):
+                    continue
+                changed.append(name)
+                self._open(name, path, 0 if run is None else run.generation + 1)
+        return changed
+
+    def _open(self, name: str, path: str, generation: int) -> None:
+        from statscope.store import open_run
+
+        self._forget(name)
+        try:
+            ds = open_run(path)
+        except Exception as exc:  # a corrupt store must not take the good runs down
+            self._runs[name] = _Run(path, None, generation, error=f"{type(exc).__name__}: {exc}")
+            return
+        self._runs[name] = _Run(path, ds, generation, index=_index(ds))
+
+    def _forget(self, name: str) -> None:
+        self._runs.pop(name, None)
+        self.cache.drop(lambda key: key[0] == name)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Names of the runs that opened, in sorted order."""
+        return sorted((n for n, r in self._runs.items() if r.ds is not None), key=natural_key)
+
+    def errors(self) -> dict[str, str]:
+        """Runs under the root that could not be opened, with the reason."""
+        return {n: r.error for n, r in sorted(self._runs.items()) if r.error is not None}
+
+    def valid(self, names: Sequence[str] | None) -> list[str]:
+        """Keep the names that are runs of this catalog, in the given order; drop the rest."""
+        known = set(self.names())
+        return [n for n in dict.fromkeys(names or []) if isinstance(n, str) and n in known]
+
+    def dataset(self, name: str) -> xr.Dataset:
+        """The lazy Dataset of run ``name``.
+
+        Raises:
+            StatscopeError: ``name`` is not a run of this catalog.
+        """
+        run = self._runs.get(name)
+        if run is None or run.ds is None:
+            raise StatscopeError(f"run={name!r}: no such run; available: "
+                                 f"{', '.join(self.names()) or 'none'}")
+        return run.ds
+
+    def info(self, name: str) -> RunInfo:
+        """Status and progress of run ``name``, from its attributes only."""
+        run = self._runs[name]
+        if run.ds is None:
+            return RunInfo(name, None, 0, None, run.error)
+        attrs = run.ds.attrs
+        last = attrs.get(S.ATTR_LAST_STEP)
+        if last is None and run.ds.sizes[S.STEP]:
+            last = int(run.ds[S.STEP].values[-1])
+        return RunInfo(name, attrs.get(S.ATTR_STATUS), int(run.ds.sizes[S.STEP]),
+                       None if last is None else int(last))
+
+    def version(self) -> dict[str, int]:
+        """Run name to its generation; changes whenever a run is reopened."""
+        return {n: r.generation for n, r in sorted(self._runs.items())}
+
+    def neuron_index(self, name: str, layer: str, unit: int) -> int | None:
+        """Position along ``neuron`` of ``(layer, unit)`` in run ``name``, or ``None``."""
+        return self._runs[name].index.get((layer, int(unit)))
+
+    def steps(self, name: str) -> np.ndarray:
+        """Steps of run ``name``, (step,) int64."""
+        return self.dataset(name)[S.STEP].values
+
+    def columns(self, name: str, var: str, neurons: Sequence[int]) -> np.ndarray:
+        """Whole-run columns of ``var`` for the given neuron positions, read once and cached.
+
+        Args:
+            name: run name.
+            var: a (step, neuron) variable of the schema.
+            neurons: positions along ``neuron``.
+
+        Returns:
+            (step, len(neurons)) array in the variable's dtype.
+        """
+        run = self._runs[name]
+        ds = self.dataset(name)
+        keys = [(name, run.generation, var, int(i)) for i in neurons]
+        cols = {k: self.cache.get(k) for k in keys}
+        missing = sorted({k[3] for k, v in cols.items() if v is None})
+        if missing:
+            block = np.asarray(ds[var].isel({S.NEURON: missing}).values)
+            for j, i in enumerate(missing):
+                col = np.ascontiguousarray(block[:, j])
+                cols[(name, run.generation, var, i)] = col
+                self.cache.put((name, run.generation, var, i), col)
+        if not keys:
+            return np.empty((ds.sizes[S.STEP], 0), ds[var].dtype)
+        return np.stack([cols[k] for k in keys], axis=1)
+
+    def scalar(self, name: str, var: str) -> np.ndarray | None:
+        """A per-step scalar (``loss``, ``lr``...) of run ``name``, cached, or ``None``."""
+        ds = self.dataset(name)
+        if var not in ds or ds[var].dims != (S.STEP,):
+            return None
+        key = (name, self._runs[name].generation, var, None)
+        col = self.cache.get(key)
+        if col is None:
+            col = np.asarray(ds[var].values)
+            self.cache.put(key, col)
+        return col
+
+    def memo(self, name: str, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """Cache ``compute()`` for run ``name`` until the run changes (derived results)."""
+        full = (name, self._runs[name].generation, "memo", key)
+        value = self.cache.get(full)
+        if value is None:
+            value = compute()
+            self.cache.put(full, value)
+        return value
+
+
+def _same(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    return all(old.get(k) == new.get(k) for k in (S.ATTR_N_STEPS, S.ATTR_STATUS, S.ATTR_LAST_STEP))
+
+
+def _index(ds: xr.Dataset) -> dict[tuple[str, int], int]:
+    layers = ds[S.LAYER].values.tolist()
+    units = ds[S.UNIT].values.tolist()
+    return {(str(l), int(u)): i for i, (l, u) in enumerate(zip(layers, units))}

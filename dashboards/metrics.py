@@ -1,0 +1,59 @@
+"""The analyses the dashboard draws, looked up in :mod:`statscope.analyses` by name.
+
+The dashboard never computes a fluctuation metric itself. A function the installed analyses do
+not provide yet makes its view say so instead of failing the app.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from .state import Window
+
+__all__ = ["analysis", "missing", "to_analyses_window"]
+
+# Public name -> the analyses submodule that defines it (used if the package does not export it).
+_HOMES = {
+    "select_window": "window",
+    "fluctuation": "fluctuation",
+    "layer_summary": "summary",
+    "sampling_baseline": "baseline",
+    "excess_fluctuation": "baseline",
+    "fluctuation_ci": "ci",
+    "claims": "claims",
+}
+
+
+def analysis(name: str) -> Callable | None:
+    """The function ``statscope.analyses.<name>``, or ``None`` when this install lacks it."""
+    pkg = importlib.import_module("statscope.analyses")
+    fn = getattr(pkg, name, None)
+    if fn is None and name in _HOMES:
+        try:
+            fn = getattr(importlib.import_module(f"statscope.analyses.{_HOMES[name]}"), name, None)
+        except ImportError:
+            fn = None
+    return fn
+
+
+def missing(*names: str) -> list[str]:
+    """Which of ``names`` the installed analyses do not provide."""
+    return [n for n in names if analysis(n) is None]
+
+
+def to_analyses_window(window: Window):
+    """Translate a dashboard :class:`Window` into the ``window`` argument of the analyses.
+
+    The dashboard's ranges are inclusive of their last step; the analyses' ``(start, stop)``
+    excludes ``stop``.
+
+    Example:
+        >>> to_analyses_window(Window("range", start=10, stop=20)), to_analyses_window(Window())
+        ((10, 21), 200)
+    """
+    if window.kind == "all":
+        return "all"
+    if window.kind == "last":
+        return window.n
+    return (window.start, window.stop + 1)

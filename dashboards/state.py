@@ -1,0 +1,175 @@
+"""The dashboard's view state and its round trip through the URL query string.
+
+Everything a researcher chooses (tab, runs, layer, neurons, statistic, window, scale) lives in
+:class:`ViewState`, which is written to and read from the page URL so that a view can be shared or
+bookmarked. Parsing is lenient: a value that does not parse falls back to its default, so a stale
+or hand-edited link still opens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from urllib.parse import parse_qs, urlencode
+
+import numpy as np
+
+from statscope import schema as S
+from statscope.errors import StatscopeError
+
+__all__ = ["Window", "ViewState", "TABS", "SCALES", "GROUPINGS", "DEFAULT_WINDOW"]
+
+TABS = ("evolution", "fluctuation", "scatter", "heatmap", "run")
+"""Tab identifiers, in display order."""
+SCALES = ("raw", "scale_free")
+"""Fluctuation scales: the std of a statistic, or the scale-free version from the analyses."""
+GROUPINGS = ("neuron", "layer")
+"""Fluctuation bars per chosen neuron, or summarised per layer."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """A range of training steps.
+
+    Attributes:
+        kind: ``"last"`` (the last ``n`` recorded steps), ``"range"`` (steps ``start..stop``,
+            inclusive) or ``"all"``.
+        n: number of steps for ``"last"``.
+        start: first step for ``"range"``.
+        stop: last step for ``"range"``.
+    """
+
+    kind: str = "last"
+    n: int = 200
+    start: int | None = None
+    stop: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("last", "range", "all"):
+            raise StatscopeError(f"window kind={self.kind!r}: expected 'last', 'range' or 'all'")
+        if self.kind == "last" and self.n < 1:
+            raise StatscopeError(f"window n={self.n!r}: expected a positive number of steps")
+        if self.kind == "range" and (self.start is None or self.stop is None
+                                     or self.stop < self.start):
+            raise StatscopeError(f"window range={self.start!r}..{self.stop!r}: expected "
+                                 "start <= stop")
+
+    @classmethod
+    def parse(cls, spec: str | None) -> "Window":
+        """Read ``"last:200"``, ``"all"`` or ``"100:5000"`` (a step range, inclusive).
+
+        Raises:
+            StatscopeError: ``spec`` is none of these.
+
+        Example:
+            >>> Window.parse("100:5000")
+            Window(kind='range', n=200, start=100, stop=5000)
+        """
+        spec = (spec or "").strip().lower()
+        try:
+            if spec == "all":
+                return cls("all")
+            if spec.startswith("last:"):
+                return cls("last", n=int(spec[5:]))
+            a, b = spec.split(":")
+            return cls("range", start=int(a), stop=int(b))
+        except (ValueError, TypeError):
+            raise StatscopeError(f"window={spec!r}: expected 'last:N', 'all' or 'START:STOP'") \
+                from None
+
+    def spec(self) -> str:
+        """The string :meth:`parse` reads back."""
+        if self.kind == "all":
+            return "all"
+        if self.kind == "last":
+            return f"last:{self.n}"
+        return f"{self.start}:{self.stop}"
+
+    def rows(self, steps: np.ndarray) -> slice:
+        """Row slice of ``steps`` ((step,) sorted int) that falls in the window."""
+        if self.kind == "all":
+            return slice(0, len(steps))
+        if self.kind == "last":
+            return slice(max(0, len(steps) - self.n), len(steps))
+        return slice(int(np.searchsorted(steps, self.start, "left")),
+                     int(np.searchsorted(steps, self.stop, "right")))
+
+    def label(self) -> str:
+        """A short human description, e.g. ``last 200 steps``."""
+        if self.kind == "all":
+            return "all steps"
+        if self.kind == "last":
+            return f"last {self.n:,} steps"
+        return f"steps {self.start:,}–{self.stop:,}"
+
+
+DEFAULT_WINDOW = Window()
+"""The paper's window: the last 200 training steps."""
+
+
+@dataclass(frozen=True)
+class ViewState:
+    """What the researcher has chosen; serialised into the URL.
+
+    Attributes:
+        tab: one of :data:`TABS`.
+        runs: run names, in panel order (empty: the app picks defaults).
+        layer: the layer of the heatmap, or ``None`` for the first.
+        neurons: neuron keys ``"<layer>:<unit>"`` (empty: the first neuron of each layer).
+        stat: the statistic of the heatmap, one of ``schema.ALL_STATS``.
+        window: the steps analysed and shown.
+        scale: one of :data:`SCALES`.
+        by: one of :data:`GROUPINGS`.
+    """
+
+    tab: str = TABS[0]
+    runs: tuple[str, ...] = ()
+    layer: str | None = None
+    neurons: tuple[str, ...] = ()
+    stat: str = S.BN_STD
+    window: Window = DEFAULT_WINDOW
+    scale: str = "scale_free"
+    by: str = "neuron"
+
+    @classmethod
+    def from_query(cls, search: str | None) -> "ViewState":
+        """Parse a URL query string (with or without the leading ``?``); bad values default.
+
+        Example:
+            >>> ViewState.from_query("?tab=scatter&run=bs4&run=bs128").runs
+            ('bs4', 'bs128')
+        """
+        q = parse_qs((search or "").lstrip("?"), keep_blank_values=False)
+        one = {k: v[-1] for k, v in q.items()}
+        base = cls()
+        try:
+            window = Window.parse(one["window"]) if "window" in one else base.window
+        except StatscopeError:
+            window = base.window
+        return cls(
+            tab=one.get("tab") if one.get("tab") in TABS else base.tab,
+            runs=tuple(dict.fromkeys(q.get("run", []))),
+            layer=one.get("layer") or None,
+            neurons=tuple(dict.fromkeys(q.get("neuron", []))),
+            stat=one.get("stat") if one.get("stat") in S.ALL_STATS else base.stat,
+            window=window,
+            scale=one.get("scale") if one.get("scale") in SCALES else base.scale,
+            by=one.get("by") if one.get("by") in GROUPINGS else base.by,
+        )
+
+    def to_query(self) -> str:
+        """The URL query string, with the leading ``?``; defaults are left out."""
+        base = ViewState()
+        pairs = [("tab", self.tab)] if self.tab != base.tab else []
+        pairs += [("run", r) for r in self.runs]
+        pairs += [("layer", self.layer)] if self.layer else []
+        pairs += [("neuron", n) for n in self.neurons]
+        for key in ("stat", "scale", "by"):
+            if getattr(self, key) != getattr(base, key):
+                pairs.append((key, getattr(self, key)))
+        if self.window != base.window:
+            pairs.append(("window", self.window.spec()))
+        return "?" + urlencode(pairs, safe=":") if pairs else ""
+
+    def replace(self, **changes) -> "ViewState":
+        """A copy with ``changes`` applied."""
+        return replace(self, **changes)

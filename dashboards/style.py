@@ -1,0 +1,84 @@
+"""Colours, labels and the plotly template shared by every figure, so that a statistic or a
+layer has the same colour and name in every view and in exported images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import plotly.graph_objects as go
+
+from statscope import schema as S
+
+__all__ = ["STAT_COLORS", "STAT_LABELS", "STAT_UNITS", "LAYER_PALETTE", "layer_colors",
+           "TEMPLATE", "GRAPH_CONFIG", "neuron_label", "empty_figure"]
+
+# Okabe–Ito: distinguishable with the common colour-vision deficiencies and in greyscale print.
+STAT_COLORS = {
+    S.BN_MEAN: "#0072B2",
+    S.BN_STD: "#D55E00",
+    S.EN_MEAN: "#56B4E9",
+    S.EN_STD: "#E69F00",
+    S.BN_KURT: "#CC79A7",
+}
+"""One colour per statistic; BN dark, its EN counterpart light, in the same hue family."""
+
+STAT_DASH = {S.BN_MEAN: "solid", S.BN_STD: "solid", S.EN_MEAN: "dash", S.EN_STD: "dash",
+             S.BN_KURT: "dot"}
+"""Line style per statistic: BN solid, EN dashed, so pairs read apart without colour."""
+
+STAT_LABELS = {S.BN_MEAN: "BN_mean", S.BN_STD: "BN_std", S.EN_MEAN: "EN_mean",
+               S.EN_STD: "EN_std", S.BN_KURT: "BN_kurt"}
+"""Display names, as the paper writes them."""
+
+STAT_UNITS = {S.BN_MEAN: "activation units", S.BN_STD: "activation units",
+              S.EN_MEAN: "activation units", S.EN_STD: "activation units",
+              S.BN_KURT: "excess kurtosis, dimensionless"}
+"""Units of each statistic: those of the normalized layer's input, except kurtosis."""
+
+LAYER_PALETTE = ("#332288", "#117733", "#44AA99", "#88CCEE", "#DDCC77", "#CC6677", "#AA4499",
+                 "#882255", "#999933", "#661100", "#6699CC", "#888888")
+"""Paul Tol's muted qualitative palette, cycled over layers in store order."""
+
+TEMPLATE = go.layout.Template(layout=dict(
+    font=dict(family="Helvetica, Arial, sans-serif", size=13, color="#222"),
+    paper_bgcolor="white",
+    plot_bgcolor="white",
+    colorway=list(LAYER_PALETTE),
+    xaxis=dict(showline=True, linecolor="#444", mirror=True, ticks="outside", gridcolor="#eee",
+               zeroline=False, title=dict(standoff=6)),
+    yaxis=dict(showline=True, linecolor="#444", mirror=True, ticks="outside", gridcolor="#eee",
+               zeroline=False, title=dict(standoff=6)),
+    legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0,
+                bgcolor="rgba(255,255,255,0)"),
+    margin=dict(l=70, r=20, t=70, b=55),
+    hoverlabel=dict(font_size=12),
+))
+"""A light template for publication-grade figures."""
+
+GRAPH_CONFIG = {
+    "displaylogo": False,
+    "toImageButtonOptions": {"format": "svg", "filename": "statscope", "scale": 1},
+    "modeBarButtonsToRemove": ["lasso2d", "select2d"],
+}
+"""``dcc.Graph(config=...)``: image export as SVG (vector, for papers)."""
+
+
+def layer_colors(layers: Sequence[str]) -> dict[str, str]:
+    """One colour per layer, in the order given (store order keeps colours stable across runs)."""
+    return {name: LAYER_PALETTE[i % len(LAYER_PALETTE)]
+            for i, name in enumerate(dict.fromkeys(layers))}
+
+
+def neuron_label(layer: str, unit: int) -> str:
+    """How a neuron is named on screen, e.g. ``fc1[0]``."""
+    return f"{layer}[{int(unit)}]"
+
+
+def empty_figure(message: str, *, height: int = 360) -> go.Figure:
+    """A blank figure that says why there is nothing to draw."""
+    fig = go.Figure(layout=dict(template=TEMPLATE, height=height))
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font=dict(size=15, color="#666"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig
