@@ -13,3 +13,4 @@ N_VALID = "n_valid"  # steps that entered a per-neuron reduction
 NOTES = "notes"  # attrs key: list of sentences about assumptions and exclusions
 WINDOW = "window"  # attrs key: the window as the user gave it, as text
 EN_PREFIX = "en_"
+SIGMA2 = "sigma2"  # bootstrap series: bn_std² · n/(n−1), whose window mean estimates σ²

@@ -23,8 +23,8 @@ import xarray as xr
 from statscope import schema as S
 from statscope.errors import StatscopeError
 
-from ._data import FLUCT_STATS, masked, quiet, require, stacked
-from ._names import BOUND, BOUNDS, NOTES, QUANTITIES, QUANTITY
+from ._data import FLUCT_STATS, masked, quiet, require, sigma2_series, stacked
+from ._names import BOUND, BOUNDS, NOTES, QUANTITIES, QUANTITY, SIGMA2
 from .summary import layer_summary
 from .window import select_window
 
@@ -111,7 +111,8 @@ def block_bootstrap(series: Mapping[str, np.ndarray], *, n_boot: int = 1000,
             with quiet():
                 m = a1 / n
                 m_out[lo:lo + batch] = m + c
-                s_out[lo:lo + batch] = np.sqrt(np.maximum(a2 - n * m * m, 0.0) / (n - 1))
+                s_out[lo:lo + batch] = np.where(
+                    n > 1, np.sqrt(np.maximum(a2 - n * m * m, 0.0) / (n - 1)), np.nan)
         mean_reps[name], std_reps[name] = m_out, s_out
     return BootstrapMoments(mean, std, mean_reps, std_reps, b, t)
 
@@ -150,7 +151,7 @@ def fluctuation_ci(ds: xr.Dataset, window=200, *, scale_free: bool = False,
 
     The statistic is the layer median (over neurons) and the first neuron's value of the
     per-neuron fluctuation (sample std over steps, ddof=1; scale-free: divided by each neuron's
-    time-averaged bn_std, recomputed per replicate).
+    σ̄, recomputed per replicate).
 
     Args:
         ds: a run or stacked runs.
@@ -178,6 +179,7 @@ def fluctuation_ci(ds: xr.Dataset, window=200, *, scale_free: bool = False,
     blocks = set()
     for i, w in run_windows(ds, window):
         series = {s: masked(w, s).transpose(S.STEP, S.NEURON).values for s in FLUCT_STATS}
+        series[SIGMA2] = sigma2_series(w).transpose(S.STEP, S.NEURON).values
         mom = block_bootstrap(series, n_boot=n_boot, block=block, seed=seed)
         blocks.add(mom.block)
         per_run.append(_layer_ci(w, mom, scale_free, confidence))
@@ -197,7 +199,7 @@ def _layer_ci(w: xr.Dataset, mom: BootstrapMoments, scale_free: bool, confidence
     coords = {k: v for k, v in w.coords.items() if v.dims == (S.NEURON,)}
 
     def fluct(std, mean):
-        return {s: std[s] / mean[S.BN_STD] if scale_free else std[s] for s in FLUCT_STATS}
+        return {s: std[s] / np.sqrt(mean[SIGMA2]) if scale_free else std[s] for s in FLUCT_STATS}
 
     est = fluct(mom.std, mom.mean)
     reps = fluct(mom.std_reps, mom.mean_reps)

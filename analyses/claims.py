@@ -9,7 +9,7 @@
     theory predicts log √((κ−1)/4) = log √0.5 ≈ −0.35, i.e. the opposite; heavy tails (κ > 5)
     or extra noise can reverse it.
 (d) The first layer fluctuates most: log of the first layer's median scale-free fluctuation
-    (sd/σ̄) minus the log of the largest median among the other layers, for BN_mean and BN_std.
+    (sd/σ̄, σ̄ as in :func:`statscope.analyses.fluctuation`) minus the log of the largest median among the other layers, for BN_mean and BN_std.
 
 Each effect is a natural-log ratio (0 = no difference, positive = the claim's direction). Its
 interval is the percentile interval of a moving-block bootstrap over steps (see
@@ -27,7 +27,9 @@ import xarray as xr
 
 from statscope import schema as S
 
-from ._data import FLUCT_STATS, batch_sizes, layer_order, masked, quiet, require, run_name, stacked
+from ._data import (FLUCT_STATS, batch_sizes, layer_order, masked, quiet, require, run_name,
+                    sigma2_series, stacked)
+from ._names import SIGMA2
 from .bootstrap import block_bootstrap, percentile_interval, run_windows
 
 __all__ = ["Claims", "ClaimRow", "claims", "HOLDS", "DOES_NOT_HOLD", "INCONCLUSIVE", "CLAIMS"]
@@ -163,10 +165,10 @@ def claims(ds: xr.Dataset, window=200, *, confidence: float = 0.95, n_boot: int 
                 add("d", layers[0], x, np.nan, np.full(1, np.nan),
                     "needs at least two layers")
                 continue
-            est, reps = (_first_vs_rest(_per_layer(sd[x] / m[S.BN_STD], groups))
+            est, reps = (_first_vs_rest(_per_layer(sd[x] / np.sqrt(m[SIGMA2]), groups))
                          for sd, m in ((mom.std, mom.mean), (mom.std_reps, mom.mean_reps)))
             add("d", layers[0], x, est, reps)
-        if (i is None and sizes is not None) or i == small:
+        if (i is None and sizes is not None) or (i is not None and i == small):
             bs = float(sizes[i]) if i is not None else float(sizes)
             est, reps = (_per_layer(np.log(sd[S.BN_STD] / sd[S.BN_MEAN]), groups)
                          for sd in (mom.std, mom.std_reps))
@@ -189,6 +191,7 @@ def _moments(w: xr.Dataset, n_boot, block, seed):
     series = {s: masked(w, s) for s in FLUCT_STATS}
     series[_GAP_MEAN] = abs(series[S.BN_MEAN] - series[S.EN_MEAN])
     series[_GAP_STD] = abs(series[S.BN_STD] - series[S.EN_STD])
+    series[SIGMA2] = sigma2_series(w)
     arrays = {k: v.transpose(S.STEP, S.NEURON).values for k, v in series.items()}
     return block_bootstrap(arrays, n_boot=n_boot, block=block, seed=seed)
 

@@ -6,8 +6,10 @@ Per neuron and per statistic (``bn_mean``, ``bn_std``, ``en_mean``, ``en_std``),
 * detrended: a least-squares line in the global step is fitted per neuron over the window's valid
   steps and the standard deviation of the residuals is taken with ddof=2 (two fitted parameters),
   so slow training drift inside a long window is not counted as noise;
-* scale-free: either of the above divided by the neuron's time-averaged ``bn_std`` over the same
-  window, so mean and std noise (δμ/σ, δσ/σ) compare across layers and runs.
+* scale-free: either of the above divided by the neuron's σ over the same window,
+  σ̄ = sqrt(mean over steps of bn_std² · n/(n−1)) — the time-averaged BN std with its
+  small-batch bias removed — so mean and std noise (δμ/σ, δσ/σ) compare across layers, runs and
+  batch sizes.
 
 Steps where the layer did not run (count 0) or where a value is NaN/Inf are excluded; how many
 entered each neuron's reduction is returned as ``n_valid`` and the exclusions are noted in attrs.
@@ -20,7 +22,7 @@ import xarray as xr
 
 from statscope import schema as S
 
-from ._data import FLUCT_STATS, masked, quiet, require
+from ._data import FLUCT_STATS, masked, quiet, require, sigma_bar
 from ._names import N_VALID, NOTES
 from .window import select_window
 
@@ -62,7 +64,7 @@ def fluctuation(ds: xr.Dataset, window=200, *, scale_free: bool = False,
     Args:
         ds: a run (dims step, neuron) or stacked runs (run, step, neuron).
         window: see :func:`statscope.analyses.select_window`; default the paper's last 200 steps.
-        scale_free: divide by the neuron's time-averaged ``bn_std`` (dimensionless δ/σ).
+        scale_free: divide by the neuron's σ̄ (bias-corrected time-averaged ``bn_std``).
         detrend: remove a per-neuron linear trend in step within the window first.
 
     Returns:
@@ -86,7 +88,7 @@ def fluctuation(ds: xr.Dataset, window=200, *, scale_free: bool = False,
     sigma = None
     if scale_free:
         with quiet():
-            sigma = series[S.BN_STD].mean(S.STEP)
+            sigma = sigma_bar(w)
         out = {s: v / sigma for s, v in out.items()}
     out[N_VALID] = series[S.BN_MEAN].notnull().sum(S.STEP)
     excluded = {s: ((w[S.COUNT] > 0) & ~np.isfinite(w[s])).sum() for s in FLUCT_STATS}

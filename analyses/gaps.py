@@ -7,7 +7,7 @@ import xarray as xr
 
 from statscope import schema as S
 
-from ._data import masked, quiet, require
+from ._data import masked, quiet, require, sigma_bar
 from ._names import N_VALID, NOTES
 from .window import select_window
 
@@ -20,7 +20,7 @@ def bn_en_gap(ds: xr.Dataset, window=200, *, scale_free: bool = False) -> xr.Dat
     Args:
         ds: a run or stacked runs.
         window: see :func:`statscope.analyses.select_window`.
-        scale_free: divide by the neuron's time-averaged bn_std.
+        scale_free: divide by the neuron's σ̄ (see :func:`statscope.analyses.fluctuation`).
 
     Returns:
         Dataset (neuron,) or (run, neuron), float64 ``mean_gap`` and ``std_gap`` (activation
@@ -41,7 +41,7 @@ def bn_en_gap(ds: xr.Dataset, window=200, *, scale_free: bool = False) -> xr.Dat
         out = {"mean_gap": dm.mean(S.STEP), "std_gap": dsd.mean(S.STEP),
                N_VALID: dm.notnull().sum(S.STEP)}
         if scale_free:
-            sigma = masked(w, S.BN_STD).mean(S.STEP)
+            sigma = sigma_bar(w)
             out["mean_gap"] = out["mean_gap"] / sigma
             out["std_gap"] = out["std_gap"] / sigma
         res = xr.Dataset(out).compute()

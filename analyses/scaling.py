@@ -18,8 +18,9 @@ import xarray as xr
 from statscope import schema as S
 from statscope.errors import StatscopeError
 
-from ._data import FLUCT_STATS, batch_sizes, layer_order, masked, quiet, require, stacked
-from ._names import NOTES, STATISTIC
+from ._data import (FLUCT_STATS, batch_sizes, layer_order, masked, quiet, require,
+                    sigma2_series, stacked)
+from ._names import NOTES, SIGMA2, STATISTIC
 from .bootstrap import block_bootstrap, percentile_interval, run_windows
 from .window import describe_window
 
@@ -34,7 +35,7 @@ def batch_size_scaling(ds: xr.Dataset, window=200, *, scale_free: bool = True,
     Args:
         ds: stacked runs (``open_runs``) with a ``batch_size`` coordinate, at least two sizes.
         window: see :func:`statscope.analyses.select_window` (each run's own window).
-        scale_free: use fluctuation / time-averaged bn_std (recommended across runs).
+        scale_free: use fluctuation / σ̄ (bias-corrected; recommended across runs).
         confidence, n_boot, block, seed: bootstrap settings.
 
     Returns:
@@ -56,12 +57,14 @@ def batch_size_scaling(ds: xr.Dataset, window=200, *, scale_free: bool = True,
     groups = [np.flatnonzero(lay == L) for L in layers]
     est, reps = [], []
     for i, w in run_windows(ds, window):
-        mom = block_bootstrap({s: masked(w, s).transpose(S.STEP, S.NEURON).values
-                               for s in FLUCT_STATS}, n_boot=n_boot, block=block, seed=seed + i)
+        series = {s: masked(w, s) for s in FLUCT_STATS}
+        series[SIGMA2] = sigma2_series(w)
+        mom = block_bootstrap({k: v.transpose(S.STEP, S.NEURON).values for k, v in series.items()},
+                              n_boot=n_boot, block=block, seed=seed + i)
         e, r = [], []
         for s in FLUCT_STATS:
             for std, mean, out in ((mom.std, mom.mean, e), (mom.std_reps, mom.mean_reps, r)):
-                v = std[s] / mean[S.BN_STD] if scale_free else std[s]
+                v = std[s] / np.sqrt(mean[SIGMA2]) if scale_free else std[s]
                 with quiet():
                     out.append(np.stack([np.nanmedian(v[..., g], -1) for g in groups], -1))
         est.append(np.stack(e, -1))  # (layer, stat)

@@ -17,7 +17,7 @@ from scipy import stats
 from statscope import schema as S
 from statscope.errors import StatscopeError
 
-from ._data import masked, quiet, require, stacked
+from ._data import masked, quiet, require, sigma_bar, stacked
 from ._names import NOTES
 from .window import select_window
 
@@ -94,7 +94,7 @@ def compare_runs(ds: xr.Dataset, run_a, run_b, statistic: str = S.BN_STD, window
         run_a, run_b: run names (values of the ``run`` coordinate), e.g. "bs4", "bs128".
         statistic: e.g. ``bn_std``.
         window: see :func:`statscope.analyses.select_window` (each run's own window).
-        scale_free: divide each run's series by the neuron's time-averaged bn_std in that run,
+        scale_free: divide each run's series by the neuron's σ̄ in that run,
             so runs at different scales (learning rates) compare.
         center: "median" (Brown–Forsythe) or "mean" (Levene).
 
@@ -115,7 +115,7 @@ def compare_runs(ds: xr.Dataset, run_a, run_b, statistic: str = S.BN_STD, window
         x = masked(w, statistic)
         if scale_free:
             with quiet():
-                x = x / masked(w, S.BN_STD).mean(S.STEP)
+                x = x / sigma_bar(w)
         series.append(x.transpose(S.STEP, S.NEURON).values)
     res = _result(w, *series, center, f"{statistic}: {run_a} vs {run_b}")
     res.attrs["scale_free"] = bool(scale_free)

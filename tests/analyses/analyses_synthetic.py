@@ -22,6 +22,8 @@ class Layer:
     x[t, n, c] = offset[c] + sigma[c] * scale_t * (z[t, n, c] + jitter_t),
     z i.i.d. from ``dist`` with unit variance; scale_t = exp(scale_jitter * g_t), jitter_t =
     mean_jitter * g'_t with g, g' standard normal per step; drift adds drift * t / T to offsets.
+    spread_jitter rescales each batch's deviations from its own mean by exp(spread_jitter * g''_t),
+    which makes bn_std noisier without touching bn_mean.
     """
 
     name: str
@@ -33,6 +35,7 @@ class Layer:
     scale_jitter: float = 0.0
     mean_jitter: float = 0.0
     drift: float = 0.0
+    spread_jitter: float = 0.0
 
 
 def _draw(rng, dist, size):
@@ -46,6 +49,10 @@ def _draw(rng, dist, size):
 
 
 KURTOSIS = {"normal": 3.0, "laplace": 6.0, "t6": 6.0}
+
+
+def spread_jitter_draw(rng, size, n_steps):
+    return size * rng.standard_normal((n_steps, 1, 1)) if size else np.zeros((n_steps, 1, 1))
 
 
 def batch_stats(x: np.ndarray, groups: int) -> dict[str, np.ndarray]:
@@ -74,6 +81,9 @@ def make_run(layers=(Layer("fc1"), Layer("fc2")), *, n_steps=300, batch_size=16,
         jit = spec.mean_jitter * rng.standard_normal((n_steps, 1, 1))
         scale = np.exp(spec.scale_jitter * rng.standard_normal((n_steps, 1, 1)))
         trend = spec.drift * np.arange(n_steps)[:, None, None] / n_steps
+        spread = np.exp(spread_jitter_draw(rng, spec.spread_jitter, n_steps))
+        zbar = z.mean(1, keepdims=True)
+        z = zbar + spread * (z - zbar)
         x = off + trend + sig * scale * (z + jit)
         batches.append(x)
         for k, v in batch_stats(x, spec.groups).items():

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from scipy import stats
+
+from statscope import schema as S
+from statscope.analyses import batch_size_scaling, compare_runs, compare_statistics, levene
+from statscope.errors import StatscopeError
+
+from analyses_synthetic import Layer, make_run, stack
+
+
+@settings(max_examples=30, deadline=None)
+@given(na=st.integers(3, 40), nb=st.integers(3, 40), seed=st.integers(0, 1000),
+       center=st.sampled_from(["median", "mean"]))
+def test_levene_matches_scipy(na, nb, seed, center):
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(na, 3)), 2 * rng.normal(size=(nb, 3))
+    w, p = levene(a, b, center=center)
+    for j in range(3):
+        ref = stats.levene(a[:, j], b[:, j], center=center)
+        assert w[j] == pytest.approx(ref.statistic, rel=1e-8)
+        assert p[j] == pytest.approx(ref.pvalue, rel=1e-6, abs=1e-12)
+
+
+def test_compare_statistics_bn_vs_en(run):
+    r = compare_statistics(run, S.BN_MEAN, S.EN_MEAN, 200)
+    assert (r.ratio > 1).all() and (r.p_value < 0.01).mean() > 0.5
+    assert r.attrs["test"] == "Brown-Forsythe"
+
+
+def test_compare_runs_small_vs_large_batch():
+    ds = stack({"bs4": make_run(batch_size=4, seed=1), "bs128": make_run(batch_size=128, seed=2)})
+    r = compare_runs(ds, "bs4", "bs128", S.BN_STD, 200)
+    assert (r.ratio > 3).all() and (r.p_value < 1e-6).all()
+    with pytest.raises(StatscopeError, match="bs9"):
+        compare_runs(ds, "bs9", "bs128")
+
+
+def test_scaling_slope_recovers_minus_half():
+    sizes = (8, 32, 128, 512)
+    ds = stack({f"bs{b}": make_run((Layer("fc1", channels=4), Layer("fc2", channels=4)),
+                                   batch_size=b, n_steps=400, seed=b) for b in sizes})
+    sc = batch_size_scaling(ds, 400, n_boot=300)
+    bn = sc.slope.sel(statistic=[S.BN_MEAN, S.BN_STD])
+    np.testing.assert_allclose(bn.values, -0.5, atol=0.06)
+    assert ((sc.lower <= sc.slope) & (sc.slope <= sc.upper)).all()
+    inside = (sc.lower.sel(statistic=S.BN_MEAN) <= -0.5) & (-0.5 <= sc.upper.sel(statistic=S.BN_MEAN))
+    assert inside.all()
+
+
+def test_scaling_needs_two_batch_sizes(run):
+    with pytest.raises(StatscopeError, match="one run"):
+        batch_size_scaling(run)
+    ds = stack({"a": make_run(seed=1), "b": make_run(seed=2)})
+    with pytest.raises(StatscopeError, match="one batch size"):
+        batch_size_scaling(ds)
