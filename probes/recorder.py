@@ -27,7 +27,7 @@ from statscope import schema as S
 from statscope.errors import NonFiniteWarning, StatscopeError, StatscopeWarning, StoreError
 from statscope.probes.capture import BufferPool, Capture, Segment, segment_moments
 from statscope.probes.selection import Target, norm_info, select, unwrap
-from statscope.probes.statistics import Moments, finish, get_statistic
+from statscope.probes.statistics import STATISTICS, Moments, finish, get_statistic
 from statscope.store import Layout, ProbeInfo, read_attrs
 from statscope.writer import RunWriter, _exists
 
@@ -115,6 +115,7 @@ class Recorder:
         self._dirty = False
         self._on = False
         self._scalars: dict[str, list[tuple[int, Any]]] = {}
+        self._scalar_names: set[str] = set()
         self._block_start = 0
         self.probe_seconds = 0.0
         self._t_start = None
@@ -133,6 +134,8 @@ class Recorder:
         if self.resume:
             last = read_attrs(self.path).get(S.ATTR_LAST_STEP)
             self._block_start = 0 if last is None else int(last) + 1
+        if all(c.channels is not None for c in self.captures):
+            self._open_writer()  # fail now, not a block later, and show the run while it starts
         for cap in self.captures:
             hook = self._make_hook(cap)
             if cap.target.where == "input":
@@ -247,6 +250,11 @@ class Recorder:
                 writer thread).
         """
         for name, value in scalars.items():
+            if name not in self._scalars and name not in self._scalar_names:
+                if name in S.RESERVED_NAMES or name in STATISTICS or not name.isidentifier():
+                    raise StatscopeError(f"log({name}=...): {name!r} is reserved or not an "
+                                         f"identifier; reserved: {sorted(S.RESERVED_NAMES)}")
+                self._scalar_names.add(name)
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:
                     raise StatscopeError(f"log({name}=...): a tensor of shape "
@@ -358,8 +366,8 @@ class Recorder:
         if t.where != "input" or not isinstance(getattr(m, "running_mean", None), torch.Tensor) \
                 or not isinstance(getattr(m, "running_var", None), torch.Tensor):
             return None
-        return (m.running_mean.detach().float().cpu().numpy().reshape(-1),
-                m.running_var.detach().float().cpu().numpy().reshape(-1))
+        return (m.running_mean.detach().float().cpu().numpy().reshape(-1).copy(),
+                m.running_var.detach().float().cpu().numpy().reshape(-1).copy())
 
 
 def record(model: nn.Module, path, **kwargs: Any) -> Recorder:

@@ -1,0 +1,243 @@
+"""The recorder's behaviour: steps, selection, hooks, scalars, failures and bad input."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import statscope
+from statscope.errors import NonFiniteWarning, StatscopeError, StoreError
+
+
+def fc(c=6):
+    return nn.Sequential(nn.Linear(5, c), nn.BatchNorm1d(c), nn.ReLU(), nn.Linear(c, 3),
+                         nn.BatchNorm1d(3))
+
+
+def batches(n, bs=4, seed=0, dim=5):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(bs, dim, generator=gen) for _ in range(n)]
+
+
+def inputs_of(module):
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double()))
+    return seen, handle
+
+
+def test_default_probes_are_norm_inputs_and_match_recomputation(tmp_path):
+    model = fc()
+    seen, handle = inputs_of(model[1])
+    with statscope.record(model, tmp_path / "r", block_steps=4, meta={"batch_size": 4}) as rec:
+        for i, x in enumerate(batches(11)):
+            model(x).sum().backward()
+            assert rec.current_step == i
+            rec.log(loss=torch.tensor(float(i)), lr=0.5)
+    handle.remove()
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.attrs["layers"] == ["1", "4"] and ds.attrs["status"] == "completed"
+    assert ds.step.values.tolist() == list(range(11))
+    assert ds.attrs["meta"] == {"batch_size": 4}
+    want = np.stack([s.mean(0).numpy() for s in seen])
+    np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "1").values, want, atol=1e-6)
+    np.testing.assert_array_equal(ds.loss.values, np.arange(11.0))
+    probes = ds.attrs["probes"]
+    assert probes[0]["type"] == "BatchNorm1d" and probes[0]["norm"]["momentum"] == 0.1
+    np.testing.assert_array_equal(ds.running_var0.values, np.ones(9, np.float32))
+    assert not model[1]._forward_pre_hooks and not model._forward_pre_hooks
+
+
+def test_model_without_norms_probes_linear_outputs(tmp_path):
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    with statscope.record(model, tmp_path / "r"):
+        model(torch.randn(3, 5))
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.attrs["layers"] == ["0", "2"]
+    assert [p["where"] for p in ds.attrs["probes"]] == ["output", "output"]
+
+
+def test_layer_selection_by_glob_type_and_both_ends(tmp_path):
+    model = fc()
+    targets = statscope.probes.select(model, [nn.Linear], where=("input", "output"))
+    assert [t.name for t in targets] == ["0:in", "0:out", "3:in", "3:out"]
+    assert [t.name for t in statscope.probes.select(model, "[14]")] == ["1", "4"]
+    with pytest.raises(StatscopeError, match=r"layers='fc9': no such module; available: 0, 1, 2"):
+        statscope.record(model, tmp_path / "r", layers=["fc9"])
+    with pytest.raises(StatscopeError, match="where='inside'"):
+        statscope.record(model, tmp_path / "r", where="inside")
+
+
+def test_sequence_inputs_use_the_last_dim_for_layernorm(tmp_path):
+    model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6))
+    x = torch.randn(2, 7, 5)
+    seen, handle = inputs_of(model[1])
+    with statscope.record(model, tmp_path / "r"):
+        model(x)
+    handle.remove()
+    ds = statscope.open_run(tmp_path / "r")
+    np.testing.assert_allclose(ds.bn_std.values[0], seen[0].reshape(-1, 6).std(0, correction=0).numpy(),
+                               rtol=1e-5)
+    assert ds["count"].values[0, 0] == 14
+
+
+def test_eval_forwards_are_skipped_unless_asked(tmp_path):
+    model = fc()
+    with statscope.record(model, tmp_path / "a"):
+        model(torch.randn(4, 5))
+        model.eval()
+        model(torch.randn(4, 5))
+        model.train()
+        model(torch.randn(4, 5))
+    assert statscope.open_run(tmp_path / "a").sizes["step"] == 2
+    with statscope.record(model, tmp_path / "b", record_eval=True):
+        model.eval()
+        model(torch.randn(4, 5))
+    assert statscope.open_run(tmp_path / "b").sizes["step"] == 1
+
+
+def test_manual_steps_take_the_first_forward_of_each_step(tmp_path):
+    model = fc()
+    xs = batches(6)
+    with statscope.record(model, tmp_path / "r", step="manual") as rec:
+        for i in range(3):
+            model(xs[2 * i])
+            model(xs[2 * i + 1])
+            rec.step()
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.sizes["step"] == 3
+    with torch.no_grad():
+        first = model[0](xs[2]).double()
+    np.testing.assert_allclose(ds.bn_mean.values[1, :6], first.mean(0).numpy(), atol=1e-6)
+    with pytest.raises(StatscopeError, match="step='manual'"):
+        with statscope.record(model, tmp_path / "s") as rec:
+            rec.step()
+
+
+def test_checkpoint_recompute_is_not_recorded_twice(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = fc()
+
+        def forward(self, x):
+            return checkpoint(self.body, x, use_reentrant=False)
+
+    model = Net()
+    with statscope.record(model, tmp_path / "r", step="manual") as rec:
+        for x in batches(3):
+            model(x).sum().backward()
+            rec.step()
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.sizes["step"] == 3 and (ds["count"].values == 4).all()
+
+
+def test_compiled_model_records_same_values_as_eager(tmp_path):
+    xs = batches(4)
+    torch.manual_seed(0)
+    eager = fc()
+    torch.manual_seed(0)
+    compiled = fc()
+    with statscope.record(eager, tmp_path / "e"):
+        for x in xs:
+            eager(x)
+    rec = statscope.record(compiled, tmp_path / "c").start()
+    fast = torch.compile(compiled)
+    for x in xs:
+        fast(x)
+    rec.close()
+    a, b = statscope.open_run(tmp_path / "e"), statscope.open_run(tmp_path / "c")
+    np.testing.assert_allclose(a.bn_std.values, b.bn_std.values, rtol=1e-5)
+
+
+def test_smaller_last_batch_and_layers_that_skip_a_step(tmp_path):
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+
+        def forward(self, x, use_b):
+            return self.b(x) if use_b else self.a(x)
+
+    model = Branchy()
+    sizes = [4, 4, 2, 4, 3]
+    with statscope.record(model, tmp_path / "r", block_steps=3):
+        for i, n in enumerate(sizes):
+            model(torch.randn(n, 3), i % 2 == 1)
+    ds = statscope.open_run(tmp_path / "r")
+    count = ds["count"].values
+    assert count[:, 0].tolist() == [4, 0, 2, 0, 3]
+    assert count[:, 3].tolist() == [0, 4, 0, 4, 0]
+    assert np.isnan(ds.bn_mean.values[1, :3]).all() and np.isfinite(ds.bn_mean.values[0, :3]).all()
+    assert ds.attrs["nonfinite"] == {}
+
+
+def test_nonfinite_statistics_are_kept_counted_and_warned_once(tmp_path):
+    model = nn.Sequential(nn.BatchNorm1d(2))
+    with pytest.warns(NonFiniteWarning) as caught:
+        with statscope.record(model, tmp_path / "r", block_steps=1):
+            for _ in range(3):
+                model(torch.tensor([[1.0, float("nan")], [2.0, 3.0]]))
+    assert len([w for w in caught if issubclass(w.category, NonFiniteWarning)]) == 1
+    ds = statscope.open_run(tmp_path / "r")
+    assert np.isnan(ds.bn_mean.values[:, 1]).all() and np.isfinite(ds.bn_mean.values[:, 0]).all()
+    assert ds.attrs["nonfinite"]["bn_mean"] == 3
+
+
+def test_an_error_in_training_marks_the_run_failed_and_removes_hooks(tmp_path):
+    model = fc()
+    with pytest.raises(RuntimeError, match="boom"):
+        with statscope.record(model, tmp_path / "r"):
+            model(torch.randn(4, 5))
+            raise RuntimeError("boom")
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.attrs["status"] == "failed" and "boom" in ds.attrs["error"]
+    assert ds.sizes["step"] == 1
+    assert not model[1]._forward_pre_hooks
+
+
+def test_bad_input(tmp_path):
+    model = fc()
+    with statscope.record(model, tmp_path / "r"):
+        model(torch.randn(4, 5))
+    with pytest.raises(StoreError, match="already exists; pass overwrite=True"):
+        statscope.record(model, tmp_path / "r")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="not a statscope run"):
+        statscope.record(model, tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(StatscopeError, match="model=int"):
+        statscope.record(3, tmp_path / "x")
+    with pytest.raises(StatscopeError, match="en_groups=4 for '1': its 6 channels"):
+        statscope.record(model, tmp_path / "x", en_groups=4)
+    flat = nn.Sequential(nn.Linear(5, 3))
+    with pytest.raises(StatscopeError, match=r"has shape \(3,\), which has no channel dimension"):
+        with statscope.record(flat, tmp_path / "y"):
+            flat(torch.randn(5))
+    with pytest.raises(StatscopeError, match="log\\(loss=...\\): a tensor of shape \\(2,\\)"):
+        with statscope.record(model, tmp_path / "z") as rec:
+            rec.log(loss=torch.ones(2))
+    with pytest.raises(StatscopeError, match="'count' is reserved"):
+        with statscope.record(model, tmp_path / "w", block_steps=1) as rec:
+            model(torch.randn(4, 5))
+            rec.log(count=1.0)
+    assert statscope.open_run(tmp_path / "w").sizes["step"] == 1
+
+
+def test_resume_continues_after_the_last_step(tmp_path):
+    model = fc()
+    with statscope.record(model, tmp_path / "r"):
+        for x in batches(5):
+            model(x)
+    with statscope.record(model, tmp_path / "r", resume=True) as rec:
+        assert rec.current_step == 5
+        for x in batches(3, seed=1):
+            model(x)
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.step.values.tolist() == list(range(8))
+    with pytest.raises(StoreError, match="layers"):
+        statscope.record(nn.Sequential(nn.BatchNorm1d(6)), tmp_path / "r", resume=True).start()
+    assert statscope.open_run(tmp_path / "r").sizes["step"] == 8

@@ -1,0 +1,127 @@
+"""Recorded statistics against a float64 numpy reference, for every layout the probes accept."""
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import statscope
+from statscope.errors import StatscopeError
+from statscope.probes.statistics import block_moments, register_statistic, step_moments
+
+
+def reference(x: np.ndarray, channel_dim: int, groups: int = 1) -> dict[str, np.ndarray]:
+    """Per-channel and per-group statistics of one step, float64 brute force."""
+    c = np.moveaxis(x.astype(np.float64), channel_dim, -1).reshape(-1, x.shape[channel_dim])
+    per = c.shape[1] // groups
+    en = [c[:, g * per:(g + 1) * per].ravel() for g in range(groups)]
+    return {
+        "bn_mean": c.mean(0), "bn_std": c.std(0),
+        "bn_kurt": scipy.stats.kurtosis(c, axis=0, fisher=False),
+        "en_mean": np.repeat([e.mean() for e in en], per), "en_std": np.repeat([e.std() for e in en], per),
+    }
+
+
+def assert_close(got, want, scale, what):
+    # 1e-5 of the channel's std, plus the rounding of the float32 value itself
+    tol = 1e-5 * scale + 2 * np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+    bad = np.abs(got - want) > tol
+    assert not bad.any(), f"{what}: max error {np.max(np.abs(got - want)):.3g}"
+
+
+def record_tensors(tensors, module, tmp_path, **kw):
+    """Feed tensors through an identity-like probe on ``module``'s input and open the run."""
+    model = torch.nn.Sequential(module)
+    model.train()
+    with statscope.record(model, tmp_path / "run", stats=statscope.probes.STATISTICS.keys()
+                          - {"bn_skew_demo"}, block_steps=kw.pop("block_steps", 7), **kw):
+        for x in tensors:
+            model(x)
+    return statscope.open_run(tmp_path / "run").load()
+
+
+LAYOUTS = [
+    # (module factory, shape, channel dim)
+    (lambda c: torch.nn.BatchNorm1d(c), (5, 6), 1),
+    (lambda c: torch.nn.BatchNorm1d(c), (4, 6, 7), 1),
+    (lambda c: torch.nn.LayerNorm(c), (3, 9, 6), -1),
+    (lambda c: torch.nn.BatchNorm2d(c), (2, 6, 3, 5), 1),
+    (lambda c: torch.nn.GroupNorm(2, c), (2, 6, 4, 4), 1),
+    (lambda c: torch.nn.BatchNorm3d(c), (2, 6, 2, 3, 2), 1),
+    (lambda c: torch.nn.RMSNorm(c), (4, 6), -1),
+]
+
+
+@pytest.mark.parametrize("make, shape, cdim", LAYOUTS)
+@pytest.mark.parametrize("raw_bytes", [16 << 20, 0], ids=["raw-block", "per-step"])
+def test_layouts_match_numpy(tmp_path, make, shape, cdim, raw_bytes):
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(shape, generator=gen) * 2 + 3 for _ in range(10)]
+    ds = record_tensors(xs, make(6), tmp_path, en_groups=2, raw_bytes=raw_bytes)
+    assert ds.sizes["step"] == 10
+    for i, x in enumerate(xs):
+        ref = reference(x.numpy(), cdim, groups=2)
+        for name in ("bn_mean", "bn_std", "en_mean", "en_std"):
+            assert_close(ds[name].values[i], ref[name], ref["bn_std"], f"{name} step {i}")
+        np.testing.assert_allclose(ds["bn_kurt"].values[i], ref["bn_kurt"], rtol=1e-4)
+        assert (ds["count"].values[i] == x.numel() // 6).all()
+    assert ds.group.values.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_channels_last_input(tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.randn(2, 5, 4, 3, generator=gen).to(memory_format=torch.channels_last)
+          for _ in range(3)]
+    ds = record_tensors(xs, torch.nn.BatchNorm2d(5), tmp_path)
+    for i, x in enumerate(xs):
+        ref = reference(x.numpy(), 1)
+        assert_close(ds.bn_std.values[i], ref["bn_std"], ref["bn_std"], "bn_std")
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 9), c=st.sampled_from([2, 4, 6, 8]), groups=st.sampled_from([1, 2]),
+       offset=st.sampled_from([0.0, 50.0, -1e3]), scale=st.sampled_from([1e-3, 1.0, 30.0]),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+       seed=st.integers(0, 2**16))
+def test_block_and_step_moments_match_numpy(n, c, groups, offset, scale, dtype, seed):
+    x = (torch.randn(3, n, c, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+         * scale + offset).to(dtype)
+    xs = x.to(torch.float64).numpy()
+    mean, var, m3, m4 = block_moments(x.float() if dtype != torch.float64 else x, 4)
+    for i in range(3):
+        ref = reference(xs[i], -1)
+        sd = ref["bn_std"]
+        assert np.all(np.abs(mean[i].numpy() - ref["bn_mean"]) <= 1e-5 * sd + 1e-12)
+        assert np.all(np.abs(np.sqrt(var[i].numpy()) - sd) <= 1e-5 * sd + 1e-12)
+        step = step_moments(x[i], -1, 2)
+        assert np.all(np.abs(step[0].double().numpy() - ref["bn_mean"])
+                      <= 2e-5 * sd + 2 * np.spacing(np.float32(abs(offset) + 4 * scale)))
+
+
+def test_float32_large_offset_beats_naive_formula():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 4, 16, generator=gen) + 1e4  # N=4: E[x^2]-E[x]^2 fails here in float32
+    mean, var = block_moments(x, 2)
+    ref = x[0].double().var(0, correction=0)
+    naive = (x[0] * x[0]).mean(0) - x[0].mean(0) ** 2
+    assert torch.all((var[0].sqrt() - ref.sqrt()).abs() <= 1e-5 * ref.sqrt())
+    assert torch.any((naive.double().clamp_min(0).sqrt() - ref.sqrt()).abs() > 1e-2 * ref.sqrt())
+
+
+def test_registered_statistic_is_recorded(tmp_path):
+    register_statistic("bn_skew_demo", lambda m: m.m3 / m.var ** 1.5, order=4)
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(7, 3, generator=gen).exp() for _ in range(4)]
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+    with statscope.record(model, tmp_path / "run", stats=["bn_mean", "bn_std", "bn_skew_demo"]):
+        for x in xs:
+            model(x)
+    ds = statscope.open_run(tmp_path / "run")
+    want = np.stack([scipy.stats.skew(x.double().numpy(), axis=0) for x in xs])
+    np.testing.assert_allclose(ds.bn_skew_demo.values, want, rtol=1e-4)
+    with pytest.raises(StatscopeError, match="bn_skew_demo"):
+        register_statistic("bn_skew_demo", lambda m: m.mean)
+    with pytest.raises(StatscopeError, match="stats: 'nope' is not a known statistic"):
+        statscope.record(model, tmp_path / "other", stats=["nope"])
