@@ -9,6 +9,7 @@ from .accessor import StatscopeAccessor
 from .baseline import excess_fluctuation, sampling_baseline
 from .bootstrap import BootstrapMoments, block_bootstrap, fluctuation_ci
 from .claims import CLAIMS, ClaimRow, Claims, claims
+from .report import fluctuation_table, markdown_report
 from .fluctuation import fluctuation
 from .gaps import bn_en_gap
 from .running import batch_vs_running, running_stats
@@ -38,5 +39,7 @@ __all__ = [
     "Claims",
     "ClaimRow",
     "CLAIMS",
+    "fluctuation_table",
+    "markdown_report",
     "StatscopeAccessor",
 ]
