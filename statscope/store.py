@@ -187,32 +187,37 @@ def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None
         >>> ds = open_run("runs/demo")  # doctest: +SKIP
         >>> ds.bn_std.sel(step=slice(0, 10))  # doctest: +SKIP
     """
+    import dask.array as da
     import xarray as xr
+    import zarr
 
     attrs = read_attrs(path)
     layout = Layout.from_attrs(attrs)
     idx = layout.neuron_index()
-    raw = xr.open_zarr(zarr_store(path), consolidated=False, zarr_format=3,
-                       chunks={} if chunks is None else chunks)
-    n = min(int(attrs.get(S.ATTR_N_STEPS, 0)), raw.sizes.get(S.STEP, 0))
-    raw = raw.isel({S.STEP: slice(0, n)})
-    neuron = xr.DataArray(np.arange(layout.n_neurons), dims=S.NEURON)
-    by_group = xr.DataArray(idx["group_column"], dims=S.NEURON)
-    by_probe = xr.DataArray(idx["probe"], dims=S.NEURON)
-    data = {s: raw[s] for s in layout.neuron_stats}
-    data.update({s: raw[s].isel({S.EN_GROUP: by_group}) for s in layout.group_stats})
-    data[S.COUNT] = raw[S.COUNT].isel({S.PROBE: by_probe})
+    group = zarr.open_group(zarr_store(path), mode="r", zarr_format=3)
+    # Arrays are read one by one, each cut at the commit marker: a writer killed between
+    # resizing two arrays leaves them of different lengths, and only the committed rows count.
+    n = min(int(attrs.get(S.ATTR_N_STEPS, 0)), group[S.STEP].shape[0])
+
+    def steps(name):
+        arr = group[name]
+        return da.from_zarr(arr, chunks=_chunks(arr, chunks))[:n]
+
+    per_step = (S.STEP, S.NEURON)
+    data = {s: (per_step, steps(s)) for s in layout.neuron_stats}
+    data.update({s: (per_step, steps(s)[:, idx["group_column"]]) for s in layout.group_stats})
+    data[S.COUNT] = (per_step, steps(S.COUNT)[:, idx["probe"]])
     for name in attrs.get(S.ATTR_SCALARS, []):
-        data[name] = raw[name]
+        data[name] = ((S.STEP,), steps(name))
     for name in (S.RUNNING_MEAN0, S.RUNNING_VAR0):
-        if name in raw:
-            data[name] = raw[name]
+        if name in group:
+            data[name] = ((S.NEURON,), group[name][:])
     names = np.array([p.name for p in layout.probes], dtype=object)
     ds = xr.Dataset(
-        {k: v.drop_vars([c for c in v.coords if c != S.STEP]) for k, v in data.items()},
+        data,
         coords={
-            S.STEP: raw[S.STEP].values.astype(np.int64),
-            S.NEURON: neuron.values,
+            S.STEP: group[S.STEP][:n].astype(np.int64),
+            S.NEURON: np.arange(layout.n_neurons),
             S.LAYER: (S.NEURON, names[idx["probe"]].astype(str)),
             S.UNIT: (S.NEURON, idx["unit"].astype(np.int64)),
             S.GROUP: (S.NEURON, idx["group"].astype(np.int64)),
@@ -220,6 +225,11 @@ def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None
         attrs=attrs,
     )
     return ds
+
+
+def _chunks(arr, chunks: Mapping[str, int] | None) -> tuple[int, ...]:
+    names = arr.metadata.dimension_names
+    return tuple((chunks or {}).get(d, c) for d, c in zip(names, arr.chunks))
 
 
 def open_runs(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike]):
