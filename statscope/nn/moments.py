@@ -119,7 +119,7 @@ class _Moments(torch.autograd.Function):
     @staticmethod
     def forward(x, dims):
         mean = x.mean(dims, keepdim=True)
-        var = (x - mean).square().mean(dims, keepdim=True)
+        var = torch.sub(x, mean).square_().mean(dims, keepdim=True)
         return mean, var
 
     @staticmethod
