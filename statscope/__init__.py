@@ -23,5 +23,7 @@ def __getattr__(name):
         import importlib
 
         module, attr = _LAZY[name]
+        if module == "statscope.store":
+            importlib.import_module("statscope.analyses")  # registers the ds.statscope accessor
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'statscope' has no attribute {name!r}")
