@@ -75,7 +75,7 @@ def _window_from_controls(kind, n, start, stop, fallback: Window) -> Window:
         return fallback
 
 
-def sync_state(catalog: RunCatalog, search: str | None, version, runs, neurons, layer, stat,
+def sync_state(catalog: RunCatalog, trigger: str | None, search: str | None, version, runs, neurons, layer, stat,
                win_kind, win_n, win_start, win_stop, scale, by, tab, click) -> tuple:
     """Keep the URL, the selectors and their choices in step.
 
@@ -83,12 +83,17 @@ def sync_state(catalog: RunCatalog, search: str | None, version, runs, neurons, 
     URL; a click on a scatter point selects that neuron and opens its evolution. The choices are
     sent with the values because a Dash 4 dropdown drops a value that is not among its options.
 
+    Args:
+        catalog: the runs.
+        trigger: id of the component that fired (``None`` on page load).
+        search: the URL query string; the other arguments are the selectors' values and the
+            scatter's ``clickData``.
+
     Returns:
         ``(search, run options, neuron options, layer options, runs, neurons, layer, stat,
         win_kind, win_n, win_start, win_stop, scale, by, tab)``, ``no_update`` where nothing
         changes.
     """
-    trigger = ctx.triggered_id if ctx else None
     current = ViewState.from_query(search)
     if trigger in (None, "url"):
         state = normalize(catalog, current)
@@ -191,8 +196,8 @@ def _view_key(state: ViewState) -> str:
     return repr((state.runs, state.neurons, state.layer, state.stat, state.window.spec()))
 
 
-def _zoom(zoom: dict | None, state: ViewState) -> tuple[float, float] | None:
-    if zoom and zoom.get("range") and zoom.get("view") == _view_key(state):
+def _zoom(zoom: dict | None, search: str | None) -> tuple[float, float] | None:
+    if zoom and zoom.get("range") and zoom.get("view") == _view_key(ViewState.from_query(search)):
         return tuple(zoom["range"])
     return None
 
@@ -209,7 +214,7 @@ def evolution(catalog: RunCatalog, search, version=None, zoom=None) -> go.Figure
     """Figure 7 for the URL's runs, neurons and window (or the remembered zoom)."""
     state = _state(catalog, search)
     runs = {n: catalog.dataset(n) for n in state.runs}
-    return evolution_figure(runs, _neurons(state), state.window, xrange=_zoom(zoom, state),
+    return evolution_figure(runs, _neurons(state), state.window, xrange=_zoom(zoom, search),
                             read=catalog.columns)
 
 
@@ -281,7 +286,7 @@ def heatmap(catalog: RunCatalog, search, version=None, zoom=None) -> go.Figure:
         return empty_figure("Choose a run.")
     run = state.runs[0]
     return heatmap_figure(catalog.dataset(run), state.layer, state.stat, state.window, run=run,
-                          xrange=_zoom(zoom, state), read=catalog.columns)
+                          xrange=_zoom(zoom, search), read=catalog.columns)
 
 
 def runs_tab(catalog: RunCatalog, search, version=None) -> list:
@@ -314,7 +319,7 @@ def register(app: Dash, catalog: RunCatalog) -> None:
                   Input("url", "search"), Input("version", "data"),
                   *[Input(c, "value") for c in controls], Input("scatter-graph", "clickData"))
     def _sync(search, version, *values):
-        return sync_state(catalog, search, version, *values)
+        return sync_state(catalog, ctx.triggered_id, search, version, *values)
 
     @app.callback(Output("version", "data"), Output("run-status", "children"),
                   Output("notice", "children"), Input("poll", "n_intervals"),

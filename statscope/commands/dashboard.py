@@ -1,0 +1,83 @@
+"""``statscope dashboard PATH``: open the Dash app over a run or a folder of runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from statscope.errors import StatscopeError
+
+__all__ = ["register", "run_dashboard", "DEFAULT_HOST", "DEFAULT_PORT"]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8050
+_ANY = ("0.0.0.0", "::", "[::]", "")
+
+
+def register(subparsers) -> None:
+    """Add the ``dashboard`` subcommand to ``subparsers`` (from ``add_subparsers``)."""
+    p = subparsers.add_parser(
+        "dashboard", help="open the dashboard over a run or a folder of runs",
+        description="Serve the statscope dashboard over the runs under PATH. It binds "
+                    f"{DEFAULT_HOST} unless --host says otherwise and reads nothing outside PATH.")
+    p.add_argument("path", metavar="PATH", help="a run folder, or a folder whose sub-folders are runs")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help=f"address to bind (default {DEFAULT_HOST}; 0.0.0.0 exposes the runs to "
+                        "the network)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"port to listen on (default {DEFAULT_PORT})")
+    p.add_argument("--no-browser", action="store_true", help="do not open a web browser")
+    p.set_defaults(func=run_dashboard)
+
+
+def _serve(app, host: str, port: int) -> None:
+    app.run(host=host, port=port, debug=False, dev_tools_hot_reload=False)
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    """Check PATH, report unreadable runs, and serve the app until interrupted.
+
+    Args:
+        args: ``path``, ``host``, ``port`` and ``no_browser`` from the parser.
+
+    Returns:
+        0 once the server stops.
+
+    Raises:
+        StatscopeError: PATH does not exist, holds no readable run, or the port is invalid.
+    """
+    path = Path(args.path)
+    if not path.exists():
+        raise StatscopeError(f"PATH={args.path!r}: no such file or directory; expected a run "
+                             "folder or a folder of runs")
+    if not path.is_dir():
+        raise StatscopeError(f"PATH={args.path!r}: not a folder; expected a run folder or a "
+                             "folder of runs")
+    if not 0 <= args.port <= 65535:
+        raise StatscopeError(f"--port={args.port}: expected 0..65535")
+    from statscope.dashboards.app import create_app
+    from statscope.dashboards.data import RunCatalog
+
+    catalog = RunCatalog(path)
+    errors = catalog.errors()
+    if not catalog.names():
+        detail = "".join(f"\n  {name}: {why}" for name, why in errors.items())
+        raise StatscopeError(f"PATH={args.path!r}: no statscope runs found (a run is a folder "
+                             f"written by statscope.record){detail}")
+    for name, why in errors.items():
+        print(f"statscope: warning: skipping run {name!r}: {why}", file=sys.stderr)
+    if args.host in _ANY:
+        print(f"statscope: warning: --host={args.host!r} serves your runs to every machine that "
+              "can reach this one; the dashboard has no authentication", file=sys.stderr)
+    app = create_app(catalog=catalog)
+    url = f"http://{'127.0.0.1' if args.host in _ANY else args.host}:{args.port}/"
+    print(f"statscope dashboard: {len(catalog.names())} run(s) under {catalog.root} at {url}",
+          file=sys.stderr)
+    if not args.no_browser:
+        import threading
+        import webbrowser
+
+        threading.Timer(1.0, webbrowser.open, args=(url,)).start()
+    _serve(app, args.host, args.port)
+    return 0

@@ -1,0 +1,145 @@
+"""Callbacks called directly, as Dash would call them."""
+
+import numpy as np
+import pytest
+from dash import no_update
+from dash.exceptions import PreventUpdate
+
+from dashboard_fixtures import synthetic_run
+from statscope import analyses as A
+from statscope import schema as S
+from statscope.dashboards import callbacks as cb
+from statscope.dashboards.app import create_app
+from statscope.dashboards.data import RunCatalog
+from statscope.dashboards.state import ViewState
+
+
+@pytest.fixture
+def catalog(two_runs):
+    return RunCatalog.from_datasets(two_runs)
+
+
+CONTROLS = dict(runs=None, neurons=None, layer=None, stat=S.BN_STD, win_kind="last", win_n=200,
+                win_start=None, win_stop=None, scale="scale_free", by="neuron", tab="evolution",
+                click=None)
+
+
+def _sync(catalog, trigger, search, **changes):
+    values = {**CONTROLS, **changes}
+    return cb.sync_state(catalog, trigger, search, None, *values.values())
+
+
+def test_page_load_fills_defaults_and_sets_selectors_with_their_options(catalog):
+    out = _sync(catalog, None, "")
+    search, run_opts, neuron_opts, layer_opts, runs, neurons, layer = out[:7]
+    state = ViewState.from_query(search)
+    assert state.runs == ("bs4", "bs128") and runs == ["bs4", "bs128"]
+    assert neurons == ["fc1:0", "fc2:0"]  # the paper's neuron i-1 of every layer
+    assert layer == "fc1"
+    assert [o["value"] for o in run_opts] == ["bs4", "bs128"]
+    assert {o["value"] for o in neuron_opts} >= set(neurons)
+    assert [o["value"] for o in layer_opts] == ["fc1", "fc2"]
+
+
+def test_a_selector_change_rewrites_the_url_only(catalog):
+    out = _sync(catalog, "win-kind", "?run=bs4", runs=["bs4"], neurons=["fc2:1"], layer="fc2",
+                win_kind="range", win_start=5, win_stop=50, tab="heatmap")
+    state = ViewState.from_query(out[0])
+    assert state.runs == ("bs4",) and state.neurons == ("fc2:1",) and state.tab == "heatmap"
+    assert state.window.spec() == "5:50"
+    assert all(v is no_update for v in out[1:])
+
+
+def test_a_url_with_foreign_paths_shows_only_runs_under_the_root(catalog):
+    out = _sync(catalog, "url", "?run=../../etc&run=/tmp/x&run=bs128&neuron=zz:1")
+    state = ViewState.from_query(out[0])
+    assert state.runs == ("bs128",) and state.neurons == ("fc1:0", "fc2:0")
+
+
+def test_a_click_on_a_scatter_point_opens_that_neurons_evolution(catalog):
+    click = {"points": [{"customdata": "fc2:3", "x": 0.1, "y": 0.2}]}
+    out = _sync(catalog, "scatter-graph", "?tab=scatter&run=bs4", runs=["bs4"], tab="scatter",
+                click=click)
+    state = ViewState.from_query(out[0])
+    assert state.tab == "evolution" and state.neurons == ("fc2:3",)
+    assert out[5] == ["fc2:3"] and out[-1] == "evolution"
+
+
+def test_zoom_events_are_parsed():
+    assert cb.zoom_range({"xaxis3.range[0]": 10.5, "xaxis3.range[1]": 2.0}) == (2.0, 10.5)
+    assert cb.zoom_range({"xaxis.range": [5, 9]}) == (5.0, 9.0)
+    assert cb.zoom_range({"xaxis.autorange": True, "yaxis.autorange": True}) is None
+    assert cb.zoom_range({"autosize": True}) is False
+    assert cb.zoom_range({"yaxis.range[0]": 1, "yaxis.range[1]": 2}) is False
+    with pytest.raises(PreventUpdate):
+        cb.zoom_store({"dragmode": "pan"}, "")
+
+
+def test_evolution_callback_follows_the_url_and_a_zoom_of_the_same_view(catalog, two_runs):
+    search = "?run=bs4&neuron=fc1:2&window=all"
+    fig = cb.evolution(catalog, search)
+    (tr,) = [t for t in fig.data if t.meta["stat"] == S.BN_STD]
+    np.testing.assert_array_equal(tr.y, two_runs["bs4"].bn_std.values[:, 2])
+    zoom = cb.zoom_store({"xaxis.range[0]": 100, "xaxis.range[1]": 120}, search)
+    fig = cb.evolution(catalog, search, None, zoom)
+    (tr,) = [t for t in fig.data if t.meta["stat"] == S.BN_STD]
+    np.testing.assert_array_equal(tr.x, np.arange(100, 121))
+    # a zoom taken on another view does not apply
+    fig = cb.evolution(catalog, "?run=bs4&neuron=fc1:2&window=last:50", None, zoom)
+    (tr,) = [t for t in fig.data if t.meta["stat"] == S.BN_STD]
+    np.testing.assert_array_equal(tr.x, np.arange(350, 400))
+
+
+def test_fluctuation_scatter_heatmap_and_run_callbacks(catalog, two_runs):
+    fig = cb.fluctuation(catalog, "?run=bs128&scale=raw&neuron=fc1:0")
+    (bar,) = [t for t in fig.data if t.type == "bar" and t.meta["stat"] == S.BN_MEAN]
+    assert bar.y[0] == pytest.approx(float(A.fluctuation(two_runs["bs128"], 200).bn_mean[0]))
+    assert any(t.meta.get("baseline") for t in fig.data if t.type == "scatter")
+    fig = cb.fluctuation(catalog, "?run=bs128&by=layer")
+    assert [t.type for t in fig.data] == ["bar"] * 4
+    fig = cb.scatter(catalog, "?run=bs4&run=bs128")
+    assert {t.meta["run"] for t in fig.data if t.meta} == {"bs4", "bs128"}
+    fig = cb.heatmap(catalog, "?run=bs4&layer=fc2&stat=en_mean&window=all")
+    assert fig.data[0].meta == {"run": "bs4", "layer": "fc2", "stat": S.EN_MEAN, "bin_width": 1}
+    cards = cb.runs_tab(catalog, "?run=bs4")
+    text = str(cards)
+    assert "bs4" in text and "holds" in text and "probe overhead" in text
+
+
+def test_window_longer_than_the_run_says_so_instead_of_failing(catalog):
+    fig = cb.fluctuation(catalog, "?run=bs4&window=last:5000")
+    assert "longer than run" in fig.layout.annotations[0].text
+
+
+def test_poll_reports_new_and_grown_runs(tmp_path):
+    from dashboard_fixtures import write_synthetic
+
+    write_synthetic(tmp_path / "a", synthetic_run(n_steps=30))
+    cat = RunCatalog(tmp_path)
+    assert cat.errors() == {}, cat.errors()
+    version, badges, notice = cb.poll(cat, 0, None)
+    assert version == {"a": 0} and "a · completed · step 29" in str(badges)
+    with pytest.raises(PreventUpdate):
+        cb.poll(cat, 1, version)
+    write_synthetic(tmp_path / "b", synthetic_run(n_steps=30), status=S.STATUS_RUNNING)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "zarr.json").write_text("{}")
+    version, badges, notice = cb.poll(cat, 2, version)
+    assert set(version) == {"a", "b", "c"} and "b · running" in str(badges)
+    assert "Could not open c" in str(notice)
+
+
+def test_create_app_builds_a_layout_with_every_view(store_root):
+    app = create_app(store_root)
+    ids = str(app.layout)
+    for graph in ("evolution-graph", "fluctuation-graph", "scatter-graph", "heatmap-graph",
+                  "run-panel", "url", "poll"):
+        assert graph in ids
+    assert app.catalog.names() == ["bs4", "bs128"]
+    client = app.server.test_client()
+    assert client.get("/").status_code == 200
+    # Dash answers every unknown path with its page; no path reads a file outside the package
+    for path in ("/../../etc/passwd", "/assets/../../../../etc/passwd",
+                 "/assets/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "/_dash-component-suites/../x"):
+        body = client.get(path).get_data(as_text=True)
+        assert "root:" not in body

@@ -1,0 +1,103 @@
+import os
+
+import numpy as np
+import pytest
+
+from dashboard_fixtures import synthetic_run, write_synthetic
+from statscope import schema as S
+from statscope.dashboards.data import ByteLRU, RunCatalog, parse_neuron_key
+from statscope.errors import StatscopeError, StoreError
+
+
+def test_catalog_lists_runs_in_natural_order_and_reads_the_store(store_root):
+    cat = RunCatalog(store_root)
+    assert cat.names() == ["bs4", "bs128"]
+    ref = synthetic_run(batch_size=4, seed=1)
+    cols = cat.columns("bs4", S.EN_STD, [0, 3, 5])
+    np.testing.assert_array_equal(cols, ref[S.EN_STD].values[:, [0, 3, 5]])
+    info = cat.info("bs4")
+    assert (info.status, info.n_steps, info.last_step) == (S.STATUS_COMPLETED, 400, 399)
+
+
+def test_a_corrupt_store_is_reported_and_the_good_runs_still_open(store_root):
+    bad = store_root / "broken"
+    bad.mkdir()
+    (bad / "zarr.json").write_text("{not json")
+    cat = RunCatalog(store_root)
+    assert cat.names() == ["bs4", "bs128"]
+    assert list(cat.errors()) == ["broken"]
+    assert "broken" in cat.errors()["broken"]
+
+
+def test_a_single_run_path_is_its_own_catalog(store_root):
+    cat = RunCatalog(store_root / "bs128")
+    assert cat.names() == ["bs128"]
+
+
+def test_missing_root_raises(tmp_path):
+    with pytest.raises(StoreError, match="no such file"):
+        RunCatalog(tmp_path / "nope")
+
+
+def test_names_from_requests_never_escape_the_root(store_root, tmp_path):
+    outside = tmp_path / "outside"
+    write_synthetic(outside, synthetic_run(n_steps=50))
+    os.symlink(outside, store_root / "link")
+    cat = RunCatalog(store_root)
+    assert "link" not in cat.names() and "outside" not in cat.names()
+    assert cat.valid(["../outside", str(outside), "bs4", "/etc/passwd", 3, "link"]) == ["bs4"]
+    with pytest.raises(StatscopeError, match="no such run"):
+        cat.dataset("../outside")
+
+
+def test_cache_holds_columns_and_forgets_a_run_that_grows(tmp_path):
+    from statscope.store import Layout, ProbeInfo
+    try:
+        from statscope.store import RunWriter
+    except ImportError:
+        from statscope.writer import RunWriter
+
+    probes = (ProbeInfo(name="fc1", module="fc1", type="BatchNorm1d", where="input",
+                        channel_dim=1, channels=4, groups=1),)
+    w = RunWriter(tmp_path / "live", Layout(probes=probes), flush_seconds=0)
+    rng = np.random.default_rng(0)
+
+    def rows(k, start):
+        stats = {S.BN_MEAN: rng.normal(size=(k, 4)).astype(np.float32),
+                 S.BN_STD: rng.random((k, 4)).astype(np.float32),
+                 S.EN_MEAN: rng.normal(size=(k, 1)).astype(np.float32),
+                 S.EN_STD: rng.random((k, 1)).astype(np.float32)}
+        w.append(np.arange(start, start + k), np.full((k, 1), 8), stats)
+        return stats
+
+    first = rows(30, 0)
+    w.flush()
+    cat = RunCatalog(tmp_path)
+    assert cat.info("live").status == S.STATUS_RUNNING
+    a = cat.columns("live", S.BN_MEAN, [1])
+    np.testing.assert_array_equal(a[:, 0], first[S.BN_MEAN][:, 1])
+    cat.columns("live", S.BN_MEAN, [1])
+    assert len(cat.cache) == 1  # the second read came from the cache
+    assert cat.refresh() == []
+    second = rows(20, 30)
+    w.flush()
+    assert cat.refresh() == ["live"]
+    b = cat.columns("live", S.BN_MEAN, [1])
+    np.testing.assert_array_equal(b[:, 0], np.concatenate([first[S.BN_MEAN], second[S.BN_MEAN]])[:, 1])
+    w.close()
+    assert cat.refresh() == ["live"] and cat.info("live").status == S.STATUS_COMPLETED
+    assert cat.refresh() == []
+
+
+def test_byte_lru_evicts_oldest_first():
+    lru = ByteLRU(max_bytes=3 * 800)
+    for i in range(5):
+        lru.put(i, np.zeros(100))  # 800 bytes each
+    assert [lru.get(i) is not None for i in range(5)] == [False, False, True, True, True]
+    assert lru.nbytes == 2400
+
+
+def test_parse_neuron_key():
+    assert parse_neuron_key("layer1.0.bn1:in:12") == ("layer1.0.bn1:in", 12)
+    with pytest.raises(StatscopeError, match="neuron="):
+        parse_neuron_key("fc1")

@@ -1,0 +1,143 @@
+"""Figure builders on synthetic runs: traces, axes and values checked against the data."""
+
+import numpy as np
+import pytest
+
+from dashboard_fixtures import synthetic_run
+from statscope import analyses as A
+from statscope import schema as S
+from statscope.dashboards.bars import fluctuation_figure
+from statscope.dashboards.evolution import evolution_figure
+from statscope.dashboards.heatmap import heatmap_figure
+from statscope.dashboards.runinfo import run_summary
+from statscope.dashboards.scatter import scatter_figure
+from statscope.dashboards.state import Window
+from statscope.dashboards.style import STAT_COLORS
+
+
+def _traces(fig, **meta):
+    return [t for t in fig.data if t.meta and all(t.meta.get(k) == v for k, v in meta.items())]
+
+
+def test_evolution_draws_each_statistic_of_each_neuron_over_the_last_200_steps(two_runs):
+    fig = evolution_figure(two_runs, [("fc1", 0), ("fc2", 3)], Window())
+    assert len(fig.data) == 2 * 2 * 4  # runs x neurons x statistics
+    for run, ds in two_runs.items():
+        for layer, unit in [("fc1", 0), ("fc2", 3)]:
+            i = int(np.flatnonzero((ds.layer.values == layer) & (ds.unit.values == unit))[0])
+            for stat in (S.BN_MEAN, S.BN_STD, S.EN_MEAN, S.EN_STD):
+                (tr,) = _traces(fig, run=run, neuron=[layer, unit], stat=stat)
+                np.testing.assert_array_equal(tr.x, ds.step.values[-200:])
+                np.testing.assert_array_equal(tr.y, ds[stat].values[-200:, i])
+                assert tr.line.color == STAT_COLORS[stat]
+    # one legend entry per statistic, columns titled with the batch size
+    assert sorted(t.name for t in fig.data if t.showlegend) == ["BN_mean", "BN_std", "EN_mean",
+                                                                 "EN_std"]
+    titles = [a.text for a in fig.layout.annotations]
+    assert "bs4 (batch size 4)" in titles and "bs128 (batch size 128)" in titles
+    assert fig.layout.xaxis.title.text is None
+    # 4 rows x 2 runs: the bottom row's axes (7, 8) carry the step title
+    assert fig.layout.xaxis7.title.text == fig.layout.xaxis8.title.text == "training step"
+    assert "fc1[0] mean" in fig.layout.yaxis.title.text
+    assert "activation units" in fig.layout.yaxis.title.text
+
+
+def test_evolution_downsamples_long_windows_and_resolves_a_zoom():
+    ds = synthetic_run(n_steps=20_000, layers=(("fc1", 2),))
+    col = ds.bn_std.values[:, 0]
+    fig = evolution_figure({"r": ds}, [("fc1", 0)], Window("all"), n_points=500)
+    (tr,) = _traces(fig, stat=S.BN_STD)
+    assert len(tr.x) <= 500 and tr.meta["downsampled"]
+    assert tr.y.max() == col.max() and tr.y.min() == col.min()
+    assert "envelope" in fig.layout.title.text
+    fig = evolution_figure({"r": ds}, [("fc1", 0)], Window("all"), xrange=(1000, 1300),
+                           n_points=500)
+    (tr,) = _traces(fig, stat=S.BN_STD)
+    np.testing.assert_array_equal(tr.x, np.arange(1000, 1301))
+    np.testing.assert_array_equal(tr.y, col[1000:1301])
+    assert not tr.meta["downsampled"] and list(fig.layout.xaxis.range) == [1000, 1300]
+
+
+def test_evolution_range_window_and_missing_neuron(two_runs):
+    fig = evolution_figure(two_runs, [("fc1", 1), ("fc9", 0)], Window("range", start=10, stop=19))
+    (tr,) = _traces(fig, run="bs4", neuron=["fc1", 1], stat=S.BN_MEAN)
+    np.testing.assert_array_equal(tr.x, np.arange(10, 20))
+    assert not _traces(fig, neuron=["fc9", 0])
+    assert "Choose" in evolution_figure({}, [], Window()).layout.annotations[0].text
+
+
+@pytest.fixture
+def analysed(two_runs):
+    fl = {r: A.fluctuation(ds, 200) for r, ds in two_runs.items()}
+    ci = {r: A.fluctuation_ci(ds, 200, n_boot=100) for r, ds in two_runs.items()}
+    base = {r: A.sampling_baseline(ds, 200) for r, ds in two_runs.items()}
+    return fl, ci, base
+
+
+def test_fluctuation_bars_are_the_analyses_values_with_their_intervals(analysed):
+    fl, ci, base = analysed
+    neurons = [("fc1", 0), ("fc2", 2)]
+    fig = fluctuation_figure(fl, neurons=neurons, ci=ci, baseline=base)
+    for run in fl:
+        for stat in (S.BN_MEAN, S.BN_STD, S.EN_MEAN, S.EN_STD):
+            (bar,) = [t for t in _traces(fig, run=run, stat=stat) if t.type == "bar"]
+            np.testing.assert_allclose(bar.y, fl[run][stat].values[[0, 6]])
+            assert list(bar.customdata) == ["fc1[0]", "fc2[2]"]
+            lo, est, hi = ci[run][stat].sel(layer="fc1", quantity="first").values
+            assert bar.error_y.array[0] == pytest.approx(hi - bar.y[0])
+            assert bar.error_y.arrayminus[0] == pytest.approx(bar.y[0] - lo)
+            assert np.isnan(bar.error_y.array[1])  # fc2[2] is not its layer's first neuron
+        (tick,) = [t for t in _traces(fig, run=run, stat=S.BN_STD) if t.type == "scatter"]
+        np.testing.assert_allclose(tick.y, base[run][S.BN_STD].values[[0, 6]])
+    assert fig.layout.yaxis.title.text.startswith("fluctuation (std over steps")
+
+
+def test_fluctuation_bars_per_layer_are_medians_with_median_intervals(analysed):
+    fl, ci, _ = analysed
+    summary = {r: A.layer_summary(f) for r, f in fl.items()}
+    fig = fluctuation_figure(fl, by="layer", summary=summary, ci=ci, scale_free=True)
+    (bar,) = _traces(fig, run="bs4", stat=S.BN_STD)
+    ref = [np.median(fl["bs4"].bn_std.values[fl["bs4"].layer.values == L]) for L in ("fc1", "fc2")]
+    np.testing.assert_allclose(bar.y, ref)
+    lo = ci["bs4"].bn_std.sel(quantity="median", bound="lower").values
+    np.testing.assert_allclose(bar.y - bar.error_y.arrayminus, lo)
+    assert "δ/σ" in fig.layout.yaxis.title.text
+
+
+def test_scatter_has_one_point_per_neuron_coloured_by_layer(two_runs):
+    fl = {r: A.fluctuation(ds, 200, scale_free=True) for r, ds in two_runs.items()}
+    fig = scatter_figure(fl)
+    for run, f in fl.items():
+        for layer in ("fc1", "fc2"):
+            (tr,) = _traces(fig, run=run, layer=layer)
+            sel = f.layer.values == layer
+            np.testing.assert_allclose(tr.x, f.bn_mean.values[sel])
+            np.testing.assert_allclose(tr.y, f.bn_std.values[sel])
+            assert list(tr.customdata) == [f"{layer}:{u}" for u in range(4)]
+    colors = {t.name: t.marker.color for t in fig.data if t.name in ("fc1", "fc2")}
+    assert colors["fc1"] != colors["fc2"]
+    diag = [t for t in fig.data if t.name == "diagonal"]
+    assert len(diag) == 2 and list(diag[0].x) == list(diag[0].y)
+
+
+def test_heatmap_bins_are_means_of_consecutive_steps():
+    ds = synthetic_run(n_steps=2500, layers=(("fc1", 3), ("fc2", 5)))
+    fig = heatmap_figure(ds, "fc2", S.BN_STD, Window("all"), run="r", n_bins=100)
+    (hm,) = fig.data
+    width = hm.meta["bin_width"]
+    assert width == 25 and np.asarray(hm.z).shape == (5, 100)
+    ref = ds.bn_std.values[:, 3:8].reshape(100, 25, 5).mean(axis=1).T
+    np.testing.assert_allclose(np.asarray(hm.z), ref, rtol=1e-5)
+    np.testing.assert_array_equal(hm.x, np.arange(0, 2500, 25))
+    assert list(hm.y) == [0, 1, 2, 3, 4]
+    assert "BN_std" in hm.colorbar.title.text and fig.layout.xaxis.title.text == "training step"
+    assert "no layer" in heatmap_figure(ds, "fc9", S.BN_STD, Window(), run="r") \
+        .layout.annotations[0].text
+
+
+def test_run_summary_lists_settings_status_and_overhead(two_runs):
+    s = run_summary("bs4", two_runs["bs4"])
+    rows = dict(s.rows)
+    assert (s.status, s.n_steps, s.last_step) == ("completed", 400, 399)
+    assert rows["batch size"] == "4" and rows["probe overhead"] == "3.1% of step time"
+    assert rows["layers"] == "2: fc1, fc2"
