@@ -16,11 +16,12 @@ from .running import batch_vs_running, running_stats
 from .scaling import batch_size_scaling
 from .summary import layer_summary
 from .variance_tests import compare_runs, compare_statistics, levene
-from .window import describe_window, select_window
+from .window import describe_window, load_window, select_window
 
 __all__ = [
     "select_window",
     "describe_window",
+    "load_window",
     "fluctuation",
     "layer_summary",
     "fluctuation_ci",

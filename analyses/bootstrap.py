@@ -26,7 +26,7 @@ from statscope.errors import StatscopeError
 from ._data import FLUCT_STATS, masked, quiet, require, sigma2_series, stacked
 from ._names import BOUND, BOUNDS, NOTES, QUANTITIES, QUANTITY, SIGMA2
 from .summary import layer_summary
-from .window import select_window
+from .window import load_window
 
 __all__ = ["block_bootstrap", "fluctuation_ci", "BootstrapMoments", "default_block"]
 
@@ -136,11 +136,11 @@ def percentile_interval(reps: np.ndarray, confidence: float) -> tuple[np.ndarray
 def run_windows(ds: xr.Dataset, window) -> list[tuple[int | None, xr.Dataset]]:
     """Each run's own window, materialised: [(run index or None, Dataset (step, neuron))]."""
     if not stacked(ds):
-        return [(None, select_window(ds, window))]
+        return [(None, load_window(ds, window))]
     out = []
     for i in range(ds.sizes[S.RUN]):
         one = ds.isel({S.RUN: i})
-        out.append((i, select_window(one, window)))
+        out.append((i, load_window(one, window)))
     return out
 
 

@@ -24,7 +24,7 @@ from statscope import schema as S
 
 from ._data import FLUCT_STATS, masked, quiet, require, sigma_bar
 from ._names import N_VALID, NOTES
-from .window import select_window
+from .window import load_window
 
 __all__ = ["fluctuation", "series_std"]
 
@@ -82,7 +82,7 @@ def fluctuation(ds: xr.Dataset, window=200, *, scale_free: bool = False,
         0.28
     """
     require(ds, [*FLUCT_STATS, S.COUNT], "fluctuation")
-    w = select_window(ds, window)
+    w = load_window(ds, window)
     series = {s: masked(w, s) for s in FLUCT_STATS}
     out = {s: series_std(x, detrend=detrend) for s, x in series.items()}
     sigma = None

@@ -13,6 +13,7 @@ from ._names import NOTES
 from .baseline import excess_fluctuation
 from .fluctuation import fluctuation
 from .summary import layer_summary
+from .window import load_window
 
 __all__ = ["fluctuation_table", "markdown_report", "select_layers"]
 
@@ -45,11 +46,12 @@ def fluctuation_table(ds: xr.Dataset, window=200, *, scale_free: bool = False,
     """
     import pandas as pd
 
-    fl = fluctuation(ds, window, scale_free=scale_free, detrend=detrend)
+    w = load_window(ds, window)
+    fl = fluctuation(w, "all", scale_free=scale_free, detrend=detrend)
     summ = layer_summary(fl)
     notes = list(fl.attrs[NOTES])
     try:
-        ex = layer_summary(excess_fluctuation(ds, window, detrend=detrend))
+        ex = layer_summary(excess_fluctuation(w, "all", detrend=detrend))
         notes += [n for n in ex.attrs[NOTES] if n not in notes]
     except StatscopeError as err:
         ex = None
@@ -70,7 +72,7 @@ def fluctuation_table(ds: xr.Dataset, window=200, *, scale_free: bool = False,
                                                                       "first")},
                              "excess": excess})
     df = pd.DataFrame(rows)
-    df.attrs = {"window": fl.attrs["window"], NOTES: notes, "scale_free": scale_free,
+    df.attrs = {"window": w.attrs["window"], NOTES: notes, "scale_free": scale_free,
                 "detrend": detrend}
     return df
 

@@ -19,7 +19,7 @@ from statscope.errors import StatscopeError
 
 from ._data import masked, quiet, require, sigma_bar, stacked
 from ._names import NOTES
-from .window import select_window
+from .window import load_window
 
 __all__ = ["levene", "compare_statistics", "compare_runs"]
 
@@ -77,7 +77,7 @@ def compare_statistics(ds: xr.Dataset, a: str = S.BN_MEAN, b: str = S.EN_MEAN, w
         ``ratio`` = sd(a)/sd(b) (the direction). attrs: window, test, notes.
     """
     require(ds, [a, b, S.COUNT], "compare_statistics")
-    w = select_window(ds, window)
+    w = load_window(ds, window)
     xa, xb = (masked(w, s) for s in (a, b))
     dims = [*([S.RUN] if stacked(ds) else []), S.STEP, S.NEURON]
     va = np.moveaxis(xa.transpose(*dims).values, -2, 0)
@@ -111,7 +111,7 @@ def compare_runs(ds: xr.Dataset, run_a, run_b, statistic: str = S.BN_STD, window
     require(ds, [statistic, S.BN_STD, S.COUNT], "compare_runs")
     series = []
     for r in (run_a, run_b):
-        w = select_window(ds.sel({S.RUN: r}), window)
+        w = load_window(ds.sel({S.RUN: r}), window)
         x = masked(w, statistic)
         if scale_free:
             with quiet():
