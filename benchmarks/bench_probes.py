@@ -4,7 +4,8 @@
 
 Prints, for the paper's 4-layer FC net (128 neurons, BatchNorm1d + ReLU) on CPU at batch size 4
 and 128, the time of a training step with and without statscope's probes and their ratio (goal
-<= 1.05), and the writer's throughput in steps/s for 512 neurons (goal >= 50,000). Probed and
+<= 1.05), and the writer's throughput in steps/s for 512 neurons (goal >= 50,000). The training thread's CPU time and the writer thread's are shown
+beside the wall time. Probed and
 plain loops alternate, repeat after repeat, and the medians are compared, so drift of the machine
 affects both sides alike.
 """
@@ -33,7 +34,8 @@ def fc_net() -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(128, 10))
 
 
-def time_steps(bs: int, steps: int, probed: bool, tmp: str) -> float:
+def time_steps(bs: int, steps: int, probed: bool, tmp: str) -> tuple[float, float, float]:
+    """Seconds per step: wall, training-thread CPU, writer-thread CPU."""
     torch.manual_seed(0)
     model = fc_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -52,13 +54,21 @@ def time_steps(bs: int, steps: int, probed: bool, tmp: str) -> float:
 
     for i in range(100):
         step(i)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
+    w0 = _thread_cpu(rec)
     for i in range(steps):
         step(100 + i)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
+    worker = _thread_cpu(rec) - w0
     if rec is not None:
         rec.close()
-    return elapsed / steps
+    return elapsed / steps, cpu / steps, worker / steps
+
+
+def _thread_cpu(rec) -> float:
+    if rec is None:
+        return 0.0
+    return time.clock_gettime(time.pthread_getcpuclockid(rec._worker.ident))
 
 
 def writer_throughput(neurons: int, steps: int, tmp: str) -> float:
@@ -96,9 +106,12 @@ def main() -> None:
             for _ in range(args.repeats):
                 plain.append(time_steps(bs, args.steps, False, tmp))
                 probed.append(time_steps(bs, args.steps, True, tmp))
-            p, q = statistics.median(plain), statistics.median(probed)
-            print(f"FC net bs {bs:>3}: plain {p * 1e3:.3f} ms/step, probed {q * 1e3:.3f} ms/step, "
-                  f"ratio {q / p:.3f}x")
+            med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
+            p, q = med(plain, 0), med(probed, 0)
+            pc, qc, wc = med(plain, 1), med(probed, 1), med(probed, 2)
+            print(f"FC net bs {bs:>3}: wall plain {p * 1e3:.3f} ms/step, probed {q * 1e3:.3f}, "
+                  f"ratio {q / p:.3f}x | training-thread CPU plain {pc * 1e3:.3f}, probed "
+                  f"{qc * 1e3:.3f}, ratio {qc / pc:.3f}x | writer thread {wc * 1e3:.3f} ms/step")
         rates = [writer_throughput(512, 200_000, tmp) for _ in range(3)]
         print(f"writer, 512 neurons: {statistics.median(rates):,.0f} steps/s "
               f"(median of 3; goal >= 50,000)")

@@ -121,25 +121,27 @@ def get_statistic(name: str) -> Statistic:
 
 @torch.no_grad()
 def block_moments(raw: torch.Tensor, order: int) -> tuple[torch.Tensor, ...]:
-    """Moments of a block of steps held raw: (k, M, C) -> tuple of (k, C) float64 tensors.
+    """Moments of a block of steps held raw: (k, M, C) -> tuple of (k, C) tensors.
 
-    Shifted by the first sample of each step and channel, summed in float64; the variance takes
-    the two-pass correction for the rounding of the shift's mean (Chan, Golub & LeVeque).
+    The block is transposed once so that every reduction runs along the contiguous dimension,
+    where torch sums pairwise (error ~ eps·log M, not eps·M); values are shifted by the first
+    sample of each step and channel, and the variance takes the two-pass correction for the
+    rounding of the mean (Chan, Golub & LeVeque), so float32 inputs with a large offset lose
+    nothing to cancellation. The mean is returned in float64 (shift + mean of the shifted data).
     """
     m = raw.shape[1]
-    shift = raw[:, :1]
-    d = raw - shift
-    mean_d = d.sum(1, dtype=torch.float64) / m
-    e = d - mean_d.to(d.dtype).unsqueeze(1)
-    e_mean = e.sum(1, dtype=torch.float64) / m
+    x = raw.transpose(1, 2).contiguous()  # (k, C, M), a copy this function may overwrite
+    shift = x[..., :1].clone()
+    d = x.sub_(shift)
+    mean_d = d.sum(-1, keepdim=True) / m
+    e = d.sub_(mean_d)
+    e_mean = e.sum(-1) / m
     e2 = e * e
-    var = (e2.sum(1, dtype=torch.float64) / m - e_mean * e_mean).clamp_min_(0)
-    mean = shift.squeeze(1).double() + mean_d
+    var = (e2.sum(-1) / m - e_mean * e_mean).clamp_min_(0)
+    mean = shift.squeeze(-1).double() + mean_d.squeeze(-1).double() + e_mean.double()
     if order < 4:
         return mean, var
-    m3 = (e2 * e).sum(1, dtype=torch.float64) / m
-    m4 = (e2 * e2).sum(1, dtype=torch.float64) / m
-    return mean, var, m3, m4
+    return mean, var, (e2 * e).sum(-1) / m, e2.square_().sum(-1) / m
 
 
 @torch.no_grad()

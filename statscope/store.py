@@ -205,8 +205,8 @@ def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None
 
     per_step = (S.STEP, S.NEURON)
     data = {s: (per_step, steps(s)) for s in layout.neuron_stats}
-    data.update({s: (per_step, steps(s)[:, idx["group_column"]]) for s in layout.group_stats})
-    data[S.COUNT] = (per_step, steps(S.COUNT)[:, idx["probe"]])
+    data.update({s: (per_step, _expand(steps(s), idx["group_column"])) for s in layout.group_stats})
+    data[S.COUNT] = (per_step, _expand(steps(S.COUNT), idx["probe"]))
     for name in attrs.get(S.ATTR_SCALARS, []):
         data[name] = ((S.STEP,), steps(name))
     for name in (S.RUNNING_MEAN0, S.RUNNING_VAR0):
@@ -225,6 +225,13 @@ def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None
         attrs=attrs,
     )
     return ds
+
+
+def _expand(columns, index: np.ndarray):
+    """``columns[:, index]`` chunk by chunk: one task per step chunk, not one per column."""
+    whole = columns.rechunk({1: -1})
+    return whole.map_blocks(lambda block: block[:, index], dtype=columns.dtype,
+                            chunks=(whole.chunks[0], (len(index),)))
 
 
 def _chunks(arr, chunks: Mapping[str, int] | None) -> tuple[int, ...]:
