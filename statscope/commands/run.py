@@ -1,0 +1,354 @@
+"""``statscope run``, ``sweep``, ``runs`` and ``info``: the built-in experiments and their stores.
+
+Handlers import torch, xarray and the experiments only when they run, so ``statscope --help``
+stays fast. Progress goes to stderr (silent with ``--quiet``); results go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from statscope import schema as S
+from statscope.errors import StatscopeError, StoreError
+
+__all__ = ["register", "run_run", "run_sweep", "run_runs", "run_info"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative integer")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number")
+    return value
+
+
+def _add_training_flags(p: argparse.ArgumentParser, *, sweep: bool) -> None:
+    from statscope.experiments import EXPERIMENTS
+    from statscope.experiments.base import DEVICES
+
+    p.add_argument("experiment", choices=list(EXPERIMENTS), metavar="EXPERIMENT",
+                   help="one of: " + "; ".join(f"{e.name} ({e.summary})"
+                                               for e in EXPERIMENTS.values()))
+    many = {"nargs": "+"} if sweep else {}
+    p.add_argument("--bs", type=_positive_int, required=sweep, default=None if sweep else 128,
+                   metavar="N", help="batch size" + ("s" if sweep else " (default 128)"), **many)
+    if sweep:
+        p.add_argument("--seeds", type=_non_negative_int, nargs="+", default=[0], metavar="S",
+                       help="seeds (default 0)")
+    else:
+        p.add_argument("--seed", type=_non_negative_int, default=0, help="seed (default 0)")
+    p.add_argument("--norm", default=["bn"] if sweep else "bn", metavar="NAME", **many,
+                   help="norm after each hidden layer: bn, in, ln, gn, en, en_g8, sn, hn, hn_g32, "
+                        "bn+en, bn+in+ln (default bn, torch's BatchNorm)")
+    p.add_argument("--epochs", type=_positive_int, help="epochs (default: the experiment's)")
+    p.add_argument("--lr", type=_positive_float,
+                   help="learning rate (default 0.1 * bs / 128, the linear scaling rule)")
+    p.add_argument("--momentum", type=_non_negative_float, help="SGD momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=_non_negative_float,
+                   help="SGD weight decay (default 5e-4)")
+    p.add_argument("--en-groups", type=_positive_int, default=1, metavar="G",
+                   help="EN groups of the recorded en_mean/en_std (default 1: the whole layer)")
+    p.add_argument("--max-steps", type=_positive_int, metavar="N",
+                   help="stop after N steps in all (smoke tests)")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="auto (default: CUDA when available), cpu or cuda")
+    p.add_argument("--threads", type=_non_negative_int, default=1, metavar="N",
+                   help="torch CPU threads per run (default 1, fastest for small batches; "
+                        "0: torch's default)")
+    p.add_argument("--dataset", metavar="NAME",
+                   help="mnist (default of mnist-fc), fashion-mnist, mnist-5k-subset, cifar10")
+    p.add_argument("--data-dir", metavar="DIR", help="read the dataset from this folder only")
+    p.add_argument("--no-download", dest="download", action="store_false",
+                   help="never download the dataset")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+
+def register(subparsers) -> None:
+    """Add ``run``, ``sweep``, ``runs`` and ``info`` to the ``statscope`` parser."""
+    p = subparsers.add_parser(
+        "run", help="train a built-in experiment and record its normalization statistics",
+        description="Train a built-in experiment (the paper's setups) and record the statistics "
+                    "at the input of every norm layer at every step. See docs/experiments.md.")
+    _add_training_flags(p, sweep=False)
+    p.add_argument("--out", metavar="PATH",
+                   help="the run store (default: runs/<name from the settings>, a new folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the store at --out after its last recorded step")
+    p.set_defaults(func=run_run)
+
+    p = subparsers.add_parser(
+        "sweep", help="run a grid of batch sizes x seeds x norms into one folder (restartable)",
+        description="Run every combination of --bs, --seeds and --norm into one folder. Completed "
+                    "runs are skipped; failed or interrupted ones are resumed.")
+    _add_training_flags(p, sweep=True)
+    p.add_argument("--out", default="runs", metavar="DIR", help="the sweep folder (default runs)")
+    p.add_argument("--jobs", "-j", type=_positive_int, default=1, metavar="N",
+                   help="runs in parallel processes (default 1)")
+    p.set_defaults(func=run_sweep)
+
+    p = subparsers.add_parser("runs", help="list the runs in a folder",
+                              description="List the run stores in a folder with their status.")
+    p.add_argument("dir", metavar="DIR", help="a folder of runs (or one run)")
+    p.set_defaults(func=run_runs)
+
+    p = subparsers.add_parser("info", help="show one run's settings and layers",
+                              description="Show one run's attributes, layers and test accuracy.")
+    p.add_argument("run", metavar="RUN", help="a run store")
+    p.set_defaults(func=run_info)
+
+
+def _config(args, **override):
+    from statscope.experiments import RunConfig
+
+    values = dict(experiment=args.experiment, epochs=args.epochs, lr=args.lr,
+                  momentum=args.momentum, weight_decay=args.weight_decay,
+                  en_groups=args.en_groups, max_steps=args.max_steps, device=args.device,
+                  threads=args.threads, dataset=args.dataset, data_dir=args.data_dir,
+                  download=args.download)
+    values.update(override)
+    return RunConfig(**values)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"statscope: warning: {message}", file=sys.stderr)
+
+
+def _free_default_out(config):
+    """``runs/<name>``, or ``runs/<name>-2``... when taken: a default ``--out`` is a new folder."""
+    import dataclasses
+
+    if config.out is not None or config.overwrite or config.resume:
+        return config
+    base = config.resolved().out
+    path, k = base, 1
+    while os.path.exists(path):
+        k += 1
+        path = f"{base}-{k}"
+    return dataclasses.replace(config, out=path)
+
+
+def run_run(args) -> int:
+    """``statscope run EXPERIMENT ...``: train, record, print one summary line."""
+    from statscope.experiments.train import run_experiment
+
+    config = _free_default_out(_config(
+        args, batch_size=args.bs, seed=args.seed, norm=args.norm, out=args.out,
+        overwrite=args.overwrite, resume=args.resume))
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        bar = None if args.quiet else _Bar()
+        try:
+            t0 = time.perf_counter()
+            result = run_experiment(config, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+    total = time.perf_counter() - t0
+    print(_summary(config.experiment, result, total))
+    return 0
+
+
+def _summary(experiment: str, result, total: float) -> str:
+    acc = (f"test accuracy {result.test_accuracy[-1]:.4f} after {len(result.test_accuracy)} "
+           f"epoch{'s' if len(result.test_accuracy) != 1 else ''}"
+           if result.test_accuracy else "no test accuracy")
+    rate = result.steps / result.wall_seconds if result.wall_seconds > 0 else float("nan")
+    overhead = ("n/a" if result.probe_overhead is None
+                else f"{100 * result.probe_overhead:.1f}% of the training thread")
+    return (f"{experiment}: {acc} ({result.dataset}); {result.steps} steps in "
+            f"{result.wall_seconds:.1f} s ({rate:.0f} steps/s; {total:.1f} s in all); "
+            f"probe overhead {overhead}; store {result.path}")
+
+
+class _Bar:
+    """A tqdm bar on stderr fed by :class:`statscope.experiments.train.Progress`."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, p) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=p.total_steps, unit="step", file=sys.stderr, dynamic_ncols=True,
+                            smoothing=0.1)
+        self.bar.set_description(f"{'epoch' if p.recording else 'replay'} {p.epoch}/{p.epochs}",
+                                 refresh=False)
+        post = {"loss": f"{p.loss:.4f}"}
+        if p.test_accuracy is not None:
+            post["test_acc"] = f"{p.test_accuracy:.4f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(p.step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_sweep(args) -> int:
+    """``statscope sweep EXPERIMENT --bs ... --seeds ...``: the grid into one folder."""
+    from statscope.experiments.sweep import plan_sweep, run_sweep as sweep
+
+    base = _config(args)
+    items = plan_sweep(base, args.out, batch_sizes=args.bs, seeds=args.seeds, norms=args.norm)
+    todo = sum(item.action != "skip" for item in items)
+    if not args.quiet:
+        print(f"sweep: {len(items)} runs in {args.out}, {len(items) - todo} completed already, "
+              f"{todo} to run with {args.jobs} job{'s' if args.jobs != 1 else ''}",
+              file=sys.stderr)
+    seen_warnings: set[str] = set()
+    t0 = time.perf_counter()
+
+    def report(outcome) -> None:
+        item = outcome.item
+        for w in outcome.warnings:
+            if w not in seen_warnings:
+                seen_warnings.add(w)
+                print(f"statscope: warning: {w}", file=sys.stderr)
+        if item.action == "skip":
+            line = f"skip  {item.name} (completed)"
+        elif outcome.error is not None:
+            line = f"FAIL  {item.name}: {outcome.error}"
+        else:
+            line = f"done  {item.name}" + (" (resumed)" if item.action == "resume" else "")
+            line += f": {_summary(item.config.experiment, outcome.result, time.perf_counter() - t0)}"
+        print(line, flush=True)
+
+    outcomes = sweep(items, jobs=args.jobs, on_done=report)
+    failed = [o for o in outcomes if o.error is not None]
+    if failed:
+        print(f"statscope: {len(failed)} of {len(items)} runs failed; run the same sweep again "
+              "to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _scan(folder: str) -> list[tuple[str, dict | None, str | None]]:
+    """(path, attrs or None, error or None) for the run at ``folder`` or each store in it."""
+    from statscope.store import read_attrs
+
+    root = Path(folder)
+    if not root.exists():
+        raise StatscopeError(f"dir={folder!r}: no such file or directory")
+    if (root / "zarr.json").exists():
+        candidates = [root]
+    elif root.is_dir():
+        candidates = sorted(p for p in root.iterdir() if (p / "zarr.json").exists())
+    else:
+        raise StatscopeError(f"dir={folder!r}: not a folder of runs")
+    out = []
+    for path in candidates:
+        try:
+            out.append((str(path), read_attrs(path), None))
+        except StoreError as exc:
+            out.append((str(path), None, str(exc)))
+    return out
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def run_runs(args) -> int:
+    """``statscope runs DIR``: one line per run with its status and settings."""
+    found = _scan(args.dir)
+    if not found:
+        print(f"statscope: no runs in {args.dir}", file=sys.stderr)
+        return 0
+    rows = []
+    for path, attrs, error in found:
+        if attrs is None:
+            rows.append([Path(path).name, "corrupt", "", "", "", "", "", "", "", path])
+            continue
+        meta = attrs.get(S.ATTR_META) or {}
+        last = attrs.get(S.ATTR_LAST_STEP)
+        rows.append([Path(path).name, str(attrs.get(S.ATTR_STATUS)),
+                     str(attrs.get(S.ATTR_N_STEPS, 0)), "" if last is None else str(last),
+                     *(str(meta.get(k, "")) for k in ("experiment", S.META_BATCH_SIZE,
+                                                      S.META_SEED, S.META_DATASET, S.META_NORM)),
+                     path])
+    print(_table(["NAME", "STATUS", "STEPS", "LAST", "EXPERIMENT", "BS", "SEED", "DATASET",
+                  "NORM", "PATH"], rows))
+    for path, _, error in found:
+        if error is not None:
+            print(f"statscope: warning: {error}", file=sys.stderr)
+    return 0
+
+
+def run_info(args) -> int:
+    """``statscope info RUN``: attributes, layers and test accuracy of one run."""
+    from statscope.store import Layout, read_attrs
+
+    attrs = read_attrs(args.run)
+    meta = attrs.get(S.ATTR_META) or {}
+    lines = [f"run       {args.run}"]
+    for key in (S.ATTR_STATUS, S.ATTR_N_STEPS, S.ATTR_LAST_STEP, S.ATTR_STARTED, S.ATTR_ENDED,
+                S.ATTR_ERROR, S.ATTR_MODEL, S.ATTR_COMMAND, S.ATTR_STATS, S.ATTR_SCALARS,
+                S.ATTR_PROBE_OVERHEAD, S.ATTR_PROBE_SECONDS, S.ATTR_NONFINITE,
+                S.ATTR_STD_DEFINITION, S.ATTR_FORMAT):
+        if attrs.get(key) not in (None, {}, []):
+            lines.append(f"{key:<9} {attrs[key]}")
+    if meta:
+        lines.append("settings")
+        lines += [f"  {k:<13} {v}" for k, v in meta.items()]
+    versions = attrs.get(S.ATTR_VERSIONS) or {}
+    if versions:
+        lines.append("versions  " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print("\n".join(lines))
+    layout = Layout.from_attrs(attrs)
+    print(_table(["LAYER", "TYPE", "WHERE", "CHANNELS", "GROUPS"],
+                 [[p.name, p.type, p.where, str(p.channels), str(p.groups)]
+                  for p in layout.probes]))
+    accuracy = _test_accuracy(args.run, attrs)
+    if accuracy:
+        print("test accuracy by epoch: " + ", ".join(f"{a:.4f}" for a in accuracy))
+    return 0
+
+
+def _test_accuracy(path: str, attrs: dict) -> list[float]:
+    if "test_acc" not in (attrs.get(S.ATTR_SCALARS) or []) or not attrs.get(S.ATTR_N_STEPS):
+        return []
+    import numpy as np
+
+    from statscope.store import open_run
+
+    values = open_run(path)["test_acc"].values
+    return [float(v) for v in values[np.isfinite(values)]]

@@ -1,0 +1,182 @@
+"""Sweeps: a grid of runs of one experiment into one folder, restartable.
+
+Each run's folder is named from its settings (:func:`statscope.experiments.run_name`), so running
+the same sweep again finds its earlier runs: completed ones are skipped, failed or interrupted
+ones (status ``failed``, or ``running`` with no process behind it) are resumed after their last
+recorded step, and ones that recorded nothing are started again. Runs go in parallel in fresh
+``spawn`` processes (``jobs > 1``) or one after another in this process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from statscope import schema as S
+from statscope.errors import StatscopeError, StoreError
+from statscope.experiments.base import RunConfig, RunResult, run_name
+
+__all__ = ["SweepItem", "SweepOutcome", "plan_sweep", "run_sweep"]
+
+ACTIONS = ("run", "skip", "resume", "overwrite")
+
+
+@dataclass(frozen=True)
+class SweepItem:
+    """One run of a sweep and what to do with it.
+
+    Attributes:
+        name: the run's folder name.
+        config: the run, with ``out`` in the sweep folder and ``resume``/``overwrite`` set.
+        action: ``"run"`` (new), ``"skip"`` (completed), ``"resume"`` (failed or interrupted
+            after recording steps) or ``"overwrite"`` (failed before recording any).
+        status: the existing store's status, None when there is none.
+    """
+
+    name: str
+    config: RunConfig
+    action: str
+    status: str | None
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    """How one run of a sweep ended: ``result`` when it succeeded, else ``error``.
+
+    Attributes:
+        item: the planned run.
+        result: the run's result, None when skipped or failed.
+        error: one line saying why it failed, None otherwise.
+        warnings: the distinct warning messages the run raised.
+    """
+
+    item: SweepItem
+    result: RunResult | None
+    error: str | None
+    warnings: tuple[str, ...] = ()
+
+
+def plan_sweep(base: RunConfig, out_dir: str | os.PathLike, *, batch_sizes: Iterable[int],
+               seeds: Iterable[int], norms: Iterable[str] = ("bn",)) -> list[SweepItem]:
+    """The grid batch size × seed × norm of ``base``'s experiment, with what to do for each.
+
+    Args:
+        base: the shared settings (its batch_size, seed, norm and out are replaced).
+        out_dir: the sweep folder; each run is ``out_dir/<run_name>``.
+        batch_sizes: batch sizes, in order.
+        seeds: seeds, in order.
+        norms: norm names, in order.
+
+    Returns:
+        One item per grid point, in grid order (duplicates dropped).
+
+    Raises:
+        StatscopeError: a bad setting; StoreError: a folder in the way that is not a run.
+
+    Example:
+        >>> items = plan_sweep(RunConfig("mnist-fc"), "/tmp/no-such-sweep", batch_sizes=[4, 128],
+        ...                    seeds=[0])
+        >>> [(i.name, i.action) for i in items]
+        [('mnist-fc_bs4_seed0_bn', 'run'), ('mnist-fc_bs128_seed0_bn', 'run')]
+    """
+    from statscope.store import read_attrs
+    from statscope.writer import _exists
+
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise StatscopeError(f"out={out_dir!r}: not a folder")
+    items, seen = [], set()
+    for bs, seed, norm in itertools.product(batch_sizes, seeds, norms):
+        config = dataclasses.replace(base, batch_size=bs, seed=seed, norm=norm, out=None,
+                                     overwrite=False, resume=False)
+        name = run_name(config)
+        if name in seen:
+            continue
+        seen.add(name)
+        path = os.path.join(out_dir, name)
+        status, action = None, "run"
+        if _exists(path):
+            try:
+                attrs = read_attrs(path)
+            except StoreError as exc:
+                raise StoreError(f"{exc}; move it out of the sweep folder") from None
+            status = attrs.get(S.ATTR_STATUS)
+            if status == S.STATUS_COMPLETED:
+                action = "skip"
+            elif attrs.get(S.ATTR_LAST_STEP) is None:
+                action = "overwrite"
+            else:
+                action = "resume"
+        config = dataclasses.replace(config, out=path, overwrite=action == "overwrite",
+                                     resume=action == "resume")
+        items.append(SweepItem(name, config, action, status))
+    return items
+
+
+def run_sweep(items: Iterable[SweepItem], *, jobs: int = 1,
+              on_done: Callable[[SweepOutcome], None] | None = None) -> list[SweepOutcome]:
+    """Run the items that are not skipped, up to ``jobs`` at a time.
+
+    A failing run does not stop the others; its outcome carries the error.
+
+    Args:
+        items: from :func:`plan_sweep`.
+        jobs: parallel processes; 1 runs everything in this process, one after another.
+        on_done: called with each outcome as it comes (skipped ones first).
+
+    Returns:
+        The outcomes in the order of ``items``.
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise StatscopeError(f"jobs={jobs!r}: expected a positive int")
+    items = list(items)
+    outcomes: dict[int, SweepOutcome] = {}
+
+    def done(i: int, outcome: SweepOutcome) -> None:
+        outcomes[i] = outcome
+        if on_done is not None:
+            on_done(outcome)
+
+    todo = []
+    for i, item in enumerate(items):
+        if item.action == "skip":
+            done(i, SweepOutcome(item, None, None))
+        else:
+            todo.append(i)
+    if jobs == 1 or len(todo) <= 1:
+        for i in todo:
+            done(i, SweepOutcome(items[i], *_run_one(items[i].config)))
+    else:
+        import multiprocessing
+
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)),
+                                 mp_context=multiprocessing.get_context("spawn"),
+                                 max_tasks_per_child=1) as pool:
+            futures = {pool.submit(_run_one, items[i].config): i for i in todo}
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    done(i, SweepOutcome(items[i], *future.result()))
+                except Exception as exc:  # the worker process died
+                    done(i, SweepOutcome(items[i], None, f"worker process failed: {exc!r}"))
+    return [outcomes[i] for i in range(len(items))]
+
+
+def _run_one(config: RunConfig) -> tuple[RunResult | None, str | None, tuple[str, ...]]:
+    """Run one config; report errors and warnings instead of raising them (runs in a worker)."""
+    from statscope.experiments.train import run_experiment
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result, error = run_experiment(config), None
+        except StatscopeError as exc:
+            result, error = None, str(exc)
+        except Exception as exc:  # one broken run must not stop the sweep
+            result, error = None, f"{type(exc).__name__}: {exc}"
+    return result, error, tuple(dict.fromkeys(str(w.message) for w in caught))

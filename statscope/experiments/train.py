@@ -1,0 +1,285 @@
+"""The training loop every built-in experiment shares, recorded by the probes.
+
+Batches are rows of tensors held in memory, picked by a seeded permutation each epoch (no
+``DataLoader``: at batch size 4 its per-sample overhead would cost more than the step). The last
+incomplete batch of an epoch is dropped, so every recorded step has the same batch size. All
+randomness comes from ``torch.manual_seed(seed)`` (weights) and two generators seeded from
+``seed`` (shuffling, augmentation), so on the CPU two runs with one seed record the same bytes.
+
+``resume=True`` continues a store after its last recorded step by replaying the training from the
+start without recording up to that step (identical on the CPU, close on CUDA), then recording on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from statscope import schema as S
+from statscope.errors import StatscopeError, StoreError
+from statscope.experiments.base import RunConfig, RunResult
+
+__all__ = ["Progress", "run_experiment"]
+
+_EVAL_BATCH = 1000
+# Settings a resumed run may change: they do not alter what is computed (max_steps only where
+# the run stops).
+_RESUMABLE = ("device", "threads", "max_steps")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run is, for a progress bar.
+
+    Attributes:
+        epoch: the current epoch, 1-based.
+        epochs: epochs in all.
+        step: steps done.
+        total_steps: steps the run will take.
+        loss: training loss of the latest step.
+        test_accuracy: the latest test accuracy in [0, 1], None before the first evaluation.
+        recording: False while a resumed run replays steps already recorded.
+    """
+
+    epoch: int
+    epochs: int
+    step: int
+    total_steps: int
+    loss: float
+    test_accuracy: float | None
+    recording: bool
+
+
+def run_experiment(config: RunConfig, *, progress: Callable[[Progress], None] | None = None,
+                   progress_seconds: float = 0.2) -> RunResult:
+    """Train one built-in experiment and record its normalization statistics at every step.
+
+    Everything that can be checked is checked before anything is written: the settings, the
+    device, the output path, the data, the batch size against the data and the norm against the
+    model's shapes.
+
+    Args:
+        config: the run; ``None`` settings take the experiment's defaults.
+        progress: called every ``progress_seconds`` and at the end with a :class:`Progress`
+            (the loss is read from the device only then).
+        progress_seconds: seconds between ``progress`` calls.
+
+    Returns:
+        RunResult with the store's path, the test accuracy after each epoch (and at the last step
+        when ``max_steps`` stops mid-epoch), the steps, the wall time and the probe overhead.
+
+    Raises:
+        StatscopeError: bad settings, CUDA asked for but unavailable, a norm that cannot
+            normalize the model's shapes, a batch larger than the training set, bad data files;
+            StoreError: ``out`` exists and neither ``overwrite`` nor ``resume`` is set, or it
+            holds something that is not a run, or a run with other settings.
+
+    Example:
+        >>> from statscope.experiments import RunConfig, run_experiment
+        >>> result = run_experiment(RunConfig("mnist-fc", batch_size=4, max_steps=20,
+        ...     dataset="mnist-5k-subset", out="/tmp/statscope-doctest-run", overwrite=True))
+        >>> result.steps
+        20
+    """
+    import torch
+
+    from statscope.experiments.datasets import load_dataset
+
+    cfg = config.resolved()
+    exp = cfg.spec
+    device = _device(cfg.device)
+    start_step = _check_out(cfg)
+    data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, quiet=progress is None)
+    cfg = dataclasses.replace(cfg, dataset=data.name, device=device.type)
+    n_train = len(data.train_y)
+    if cfg.batch_size > n_train:
+        raise StatscopeError(f"batch_size={cfg.batch_size}: larger than the training set of "
+                             f"{data.name} ({n_train} images)")
+    steps_per_epoch = n_train // cfg.batch_size
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    if cfg.resume:
+        _check_resume(cfg, start_step, total)
+
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        torch.manual_seed(cfg.seed)
+        model = exp.build_model(cfg.norm, data.num_classes).to(device)
+        train_x = exp.prepare(data.train_x.to(device), data.normalize, True)
+        train_y = data.train_y.to(device)
+        test_x = exp.prepare(data.test_x.to(device), data.normalize, False)
+        test_y = data.test_y.to(device)
+        _check_shapes(cfg, exp, model, train_x, data.normalize, device)
+        shuffle = torch.Generator().manual_seed(cfg.seed)
+        augment = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
+        loop = _Loop(cfg, model, optimizer, progress, progress_seconds, total)
+        return loop.run(train_x, train_y, test_x, test_y, data.normalize, shuffle, augment,
+                        steps_per_epoch, start_step)
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _Loop:
+    """One run's training loop; the recorder starts at ``start_step``."""
+
+    def __init__(self, cfg: RunConfig, model, optimizer, progress, progress_seconds, total):
+        self.cfg = cfg
+        self.model = model
+        self.optimizer = optimizer
+        self.progress = progress
+        self.progress_seconds = progress_seconds
+        self.total = total
+        self.accuracy: list[float] = []
+
+    def run(self, train_x, train_y, test_x, test_y, normalize, shuffle, augment,
+            steps_per_epoch, start_step) -> RunResult:
+        import torch
+        import torch.nn.functional as F
+
+        from statscope.probes import record
+
+        cfg, exp, model, opt = self.cfg, self.cfg.spec, self.model, self.optimizer
+        bs = cfg.batch_size
+        step, rec, loss = 0, None, None
+        last_report = time.monotonic()
+        t0 = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            for epoch in range(cfg.epochs):
+                lr = exp.lr_at(epoch, cfg.epochs, cfg.lr)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                perm = torch.randperm(len(train_y), generator=shuffle).to(train_y.device)
+                model.train()
+                for i in range(steps_per_epoch):
+                    if rec is None and step == start_step:
+                        rec = stack.enter_context(record(
+                            model, cfg.out, meta=cfg.meta(), overwrite=cfg.overwrite,
+                            resume=cfg.resume, en_groups=cfg.en_groups))
+                    idx = perm[i * bs:(i + 1) * bs]
+                    xb = exp.batch(train_x.index_select(0, idx), normalize, augment)
+                    loss = F.cross_entropy(model(xb), train_y.index_select(0, idx))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    if rec is not None:
+                        rec.log(loss=loss.detach(), lr=lr)
+                    step += 1
+                    if self.progress is not None and time.monotonic() - last_report \
+                            >= self.progress_seconds:
+                        last_report = time.monotonic()
+                        self._report(epoch, step, loss, rec is not None)
+                    if step == self.total:
+                        break
+                self.accuracy.append(_accuracy(model, test_x, test_y))
+                if rec is not None:
+                    rec.log(test_acc=self.accuracy[-1])
+                if step == self.total:
+                    break
+            if self.progress is not None:
+                self._report(epoch, step, loss, rec is not None)
+        wall = time.perf_counter() - t0
+        from statscope.store import read_attrs
+
+        overhead = read_attrs(cfg.out).get(S.ATTR_PROBE_OVERHEAD) if rec is not None else None
+        return RunResult(path=cfg.out, dataset=cfg.dataset, test_accuracy=tuple(self.accuracy),
+                         steps=step, wall_seconds=wall, probe_overhead=overhead)
+
+    def _report(self, epoch: int, step: int, loss, recording: bool) -> None:
+        self.progress(Progress(epoch=epoch + 1, epochs=self.cfg.epochs, step=step,
+                               total_steps=self.total,
+                               loss=math.nan if loss is None else float(loss.detach()),
+                               test_accuracy=self.accuracy[-1] if self.accuracy else None,
+                               recording=recording))
+
+
+def _accuracy(model, x, y) -> float:
+    """Fraction of ``x`` classified as ``y``, in eval mode (the probes do not record it)."""
+    import torch
+
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=y.device)
+    with torch.no_grad():
+        for i in range(0, len(y), _EVAL_BATCH):
+            correct += (model(x[i:i + _EVAL_BATCH]).argmax(1) == y[i:i + _EVAL_BATCH]).sum()
+    model.train()
+    return int(correct) / len(y)
+
+
+def _device(name: str):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StatscopeError(f"device='cuda': CUDA is not available to this torch "
+                             f"({torch.__version__}); use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _check_out(cfg: RunConfig) -> int:
+    """The step recording starts at; refuse an ``out`` that is in the way."""
+    from statscope.store import read_attrs
+    from statscope.writer import _exists
+
+    if not _exists(cfg.out):
+        return 0
+    if not (cfg.overwrite or cfg.resume):
+        raise StoreError(f"out={cfg.out!r}: already exists; pass --overwrite to replace it or "
+                         "--resume to continue it")
+    attrs = read_attrs(cfg.out)  # never replace or continue something that is not a run
+    if cfg.overwrite:
+        return 0
+    if attrs.get(S.ATTR_STATUS) == S.STATUS_COMPLETED:
+        raise StoreError(f"out={cfg.out!r}: the run is already completed "
+                         f"({attrs.get(S.ATTR_N_STEPS)} steps); nothing to resume, pass "
+                         "--overwrite to run it again")
+    stored = attrs.get(S.ATTR_META) or {}
+    differ = [f"{k}: stored {stored.get(k)!r}, now {v!r}" for k, v in cfg.meta().items()
+              if k not in _RESUMABLE and k != S.META_DATASET and stored.get(k) != v]
+    if differ:
+        raise StoreError(f"out={cfg.out!r}: --resume with other settings than the stored run ("
+                         + "; ".join(differ) + ")")
+    last = attrs.get(S.ATTR_LAST_STEP)
+    return 0 if last is None else int(last) + 1
+
+
+def _check_resume(cfg: RunConfig, start_step: int, total: int) -> None:
+    from statscope.store import read_attrs
+    from statscope.writer import _exists
+
+    if not _exists(cfg.out):
+        return
+    stored = (read_attrs(cfg.out).get(S.ATTR_META) or {}).get(S.META_DATASET)
+    if stored is not None and stored != cfg.dataset:
+        raise StoreError(f"out={cfg.out!r}: --resume with dataset {cfg.dataset!r}, but the run "
+                         f"was recorded on {stored!r}")
+    if start_step >= total:
+        raise StoreError(f"out={cfg.out!r}: all {total} steps are recorded already; nothing to "
+                         "resume, pass --overwrite to run it again")
+
+
+def _check_shapes(cfg: RunConfig, exp, model, train_x, normalize, device) -> None:
+    """One forward of a copy of the model on a training batch: a norm that cannot normalize the
+    shapes, or a batch too small for it, fails here, before the store exists."""
+    import torch
+
+    probe = copy.deepcopy(model).train()
+    xb = exp.batch(train_x[:cfg.batch_size], normalize, torch.Generator(device=device))
+    try:
+        with torch.no_grad():
+            probe(xb)
+    except StatscopeError as exc:
+        raise StatscopeError(f"norm={cfg.norm!r} with batch_size={cfg.batch_size}: {exc}") from None
+    except (ValueError, RuntimeError) as exc:
+        raise StatscopeError(f"norm={cfg.norm!r} with batch_size={cfg.batch_size}: "
+                             f"{str(exc).splitlines()[0]}") from None
