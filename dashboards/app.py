@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from dash import Dash
 
-from .callbacks import register
+from .callbacks import prewarm, register
 from .data import RunCatalog
 from .layout import build_layout
 
 __all__ = ["create_app"]
 
 
-def create_app(root: str | os.PathLike | None = None, *, catalog: RunCatalog | None = None) -> Dash:
+def create_app(root: str | os.PathLike | None = None, *, catalog: RunCatalog | None = None,
+               warm: bool = True) -> Dash:
     """Build the dashboard over the runs under ``root``.
 
     Args:
         root: a run folder, or a folder of runs; the app reads nothing outside it.
         catalog: an existing catalog instead of ``root`` (tests, in-memory runs).
+        warm: compute the default views' analyses in a background thread at start.
 
     Returns:
         The ``dash.Dash`` app; ``app.server`` is its Flask server and ``app.catalog`` the
@@ -42,4 +45,7 @@ def create_app(root: str | os.PathLike | None = None, *, catalog: RunCatalog | N
     app.layout = build_layout(str(catalog.root) if catalog.root is not None else "in memory")
     register(app, catalog)
     app.catalog = catalog
+    if warm:
+        threading.Thread(target=prewarm, args=(catalog,), daemon=True,
+                         name="statscope-prewarm").start()
     return app

@@ -168,7 +168,7 @@ def fluctuation_figure(fluct: Mapping[str, xr.Dataset], *, by: str = "neuron",
             what += " (each layer's first neuron)"
     fig.update_yaxes(title_text=fluctuation_axis_title(scale_free), row=1, col=1, rangemode="tozero")
     fig.update_layout(template=TEMPLATE, height=460, bargap=0.15,
-                      title=dict(text=f"Fluctuation of the statistics, {what}, {window}",
+                      title=dict(text=f"Fluctuation of the statistics, {window}: {what}",
                                  font_size=15, x=0.01, y=0.97, yanchor="top"),
                       legend=dict(y=1.06), margin=dict(t=100))
     return fig

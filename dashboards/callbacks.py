@@ -7,6 +7,7 @@ callback's inputs, so tests call it directly; :func:`register` wires them into a
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any
 
 import plotly.graph_objects as go
@@ -18,7 +19,7 @@ from statscope.errors import StatscopeError
 
 from . import metrics
 from .bars import fluctuation_figure
-from .data import RunCatalog, neuron_key, parse_neuron_key
+from .data import RunCatalog, natural_key, neuron_key, parse_neuron_key
 from .evolution import evolution_figure, run_title
 from .heatmap import heatmap_figure
 from .layout import GRAPHS, run_panel, status_badges
@@ -27,7 +28,7 @@ from .scatter import scatter_figure
 from .state import ViewState, Window
 from .style import empty_figure
 
-__all__ = ["normalize", "sync_state", "options", "poll", "zoom_range", "zoom_store",
+__all__ = ["normalize", "sync_state", "options", "poll", "computed", "prewarm", "zoom_range", "zoom_store",
            "evolution", "fluctuation", "scatter", "heatmap", "runs_tab", "register",
            "MAX_DEFAULT_RUNS", "N_BOOT"]
 
@@ -138,8 +139,10 @@ def options(catalog: RunCatalog, runs) -> tuple[list, list, list]:
     return run_opts, neuron_opts, layer_opts
 
 
-def poll(catalog: RunCatalog, n_intervals, version) -> tuple:
+def poll(catalog: RunCatalog, n_intervals, version, *, warm: bool = False) -> tuple:
     """Rescan the root; a new version token when a run grew, appeared or changed status.
+
+    With ``warm``, the analyses of runs that changed are computed ahead in a background thread.
 
     Returns:
         ``(version, status badges, notice)``; ``no_update`` for all when nothing changed.
@@ -147,7 +150,10 @@ def poll(catalog: RunCatalog, n_intervals, version) -> tuple:
     changed = catalog.refresh()
     if version is not None and not changed:
         raise PreventUpdate
-    badges = status_badges([catalog.info(n) for n in sorted(catalog.version())])
+    if changed and warm:
+        threading.Thread(target=prewarm, args=(catalog, catalog.valid(changed)),
+                         daemon=True).start()
+    badges = status_badges([catalog.info(n) for n in sorted(catalog.version(), key=natural_key)])
     errors = catalog.errors()
     notice = [f"Could not open {n}: {e}" for n, e in errors.items()]
     if not catalog.names():
@@ -218,10 +224,62 @@ def evolution(catalog: RunCatalog, search, version=None, zoom=None) -> go.Figure
                             read=catalog.columns)
 
 
-def _fluct(catalog: RunCatalog, run: str, window: Window, scale_free: bool):
-    fn = metrics.analysis("fluctuation")
-    return catalog.memo(run, ("fluctuation", window.spec(), scale_free), lambda: fn(
-        catalog.dataset(run), metrics.to_analyses_window(window), scale_free=scale_free))
+def computed(catalog: RunCatalog, run: str, what: str, window: Window, scale_free: bool = False):
+    """``statscope.analyses.<what>`` of one run and window, cached until the run changes.
+
+    Args:
+        catalog: the runs.
+        run: run name.
+        what: ``fluctuation``, ``fluctuation_ci``, ``sampling_baseline``, ``layer_summary`` (of
+            the fluctuation) or ``claims`` (as a DataFrame).
+        window: the dashboard window.
+        scale_free: for the fluctuation and its intervals.
+    """
+    aw = metrics.to_analyses_window(window)
+    fn = metrics.analysis(what)
+
+    def compute():
+        ds = catalog.dataset(run)
+        if what == "fluctuation":
+            return fn(ds, aw, scale_free=scale_free)
+        if what == "fluctuation_ci":
+            return fn(ds, aw, scale_free=scale_free, n_boot=N_BOOT)
+        if what == "layer_summary":
+            return fn(computed(catalog, run, "fluctuation", window, scale_free))
+        if what == "claims":
+            return fn(ds, aw, n_boot=N_BOOT).to_dataframe()
+        return fn(ds, aw)
+
+    flag = scale_free if what in ("fluctuation", "fluctuation_ci", "layer_summary") else None
+    return catalog.memo(run, (what, window.spec(), flag), compute)
+
+
+def prewarm(catalog: RunCatalog, names=None) -> None:
+    """Compute the default views' analyses of finished runs ahead of the first request.
+
+    Runs in a background thread: the whole-run columns of the default neurons (the first of
+    each layer) are read into the cache, and the first visit to the fluctuation, scatter and run
+    tabs finds the bootstrap intervals and claims computed. Live runs are skipped (they change
+    on every poll); errors are left for the view to report.
+    """
+    window = ViewState().window
+    for run in names if names is not None else catalog.names():
+        try:
+            if catalog.info(run).status == S.STATUS_RUNNING:
+                continue
+            state = normalize(catalog, ViewState(runs=(run,)))
+            pos = [catalog.neuron_index(run, *parse_neuron_key(k)) for k in state.neurons]
+            for stat in (S.BN_MEAN, S.EN_MEAN, S.BN_STD, S.EN_STD):
+                catalog.columns(run, stat, [p for p in pos if p is not None])
+            for sf in (True, False):
+                for what in ("fluctuation", "layer_summary", "fluctuation_ci"):
+                    if metrics.analysis(what) is not None:
+                        computed(catalog, run, what, window, sf)
+            for what in ("sampling_baseline", "claims"):
+                if metrics.analysis(what) is not None:
+                    computed(catalog, run, what, window)
+        except (StatscopeError, KeyError):
+            continue
 
 
 def _titles(catalog: RunCatalog, runs) -> dict[str, str]:
@@ -243,21 +301,15 @@ def fluctuation(catalog: RunCatalog, search, version=None) -> go.Figure:
     state = _state(catalog, search)
     w = state.window
     sf = state.scale == "scale_free"
-    aw = metrics.to_analyses_window(w)
 
     def build():
-        fl = {r: _fluct(catalog, r, w, sf) for r in state.runs}
-        summary = {r: catalog.memo(r, ("summary", w.spec(), sf),
-                                   lambda r=r: metrics.analysis("layer_summary")(fl[r]))
-                   for r in state.runs}
+        fl = {r: computed(catalog, r, "fluctuation", w, sf) for r in state.runs}
+        summary = {r: computed(catalog, r, "layer_summary", w, sf) for r in state.runs}
         ci = baseline = None
         if metrics.analysis("fluctuation_ci") is not None:
-            ci = {r: catalog.memo(r, ("ci", w.spec(), sf), lambda r=r: metrics.analysis(
-                "fluctuation_ci")(catalog.dataset(r), aw, scale_free=sf, n_boot=N_BOOT))
-                for r in state.runs}
+            ci = {r: computed(catalog, r, "fluctuation_ci", w, sf) for r in state.runs}
         if metrics.analysis("sampling_baseline") is not None and not sf:
-            baseline = {r: catalog.memo(r, ("baseline", w.spec()), lambda r=r: metrics.analysis(
-                "sampling_baseline")(catalog.dataset(r), aw)) for r in state.runs}
+            baseline = {r: computed(catalog, r, "sampling_baseline", w) for r in state.runs}
         return fluctuation_figure(fl, by=state.by, neurons=_neurons(state), summary=summary,
                                   ci=ci, baseline=baseline, scale_free=sf,
                                   titles=_titles(catalog, state.runs))
@@ -273,7 +325,7 @@ def scatter(catalog: RunCatalog, search, version=None) -> go.Figure:
     sf = state.scale == "scale_free"
 
     def build():
-        fl = {r: _fluct(catalog, r, state.window, sf) for r in state.runs}
+        fl = {r: computed(catalog, r, "fluctuation", state.window, sf) for r in state.runs}
         return scatter_figure(fl, titles=_titles(catalog, state.runs), scale_free=sf)
 
     return _analysed(build)
@@ -285,23 +337,23 @@ def heatmap(catalog: RunCatalog, search, version=None, zoom=None) -> go.Figure:
     if not state.runs:
         return empty_figure("Choose a run.")
     run = state.runs[0]
-    return heatmap_figure(catalog.dataset(run), state.layer, state.stat, state.window, run=run,
-                          xrange=_zoom(zoom, search), read=catalog.columns)
+    xrange = _zoom(zoom, search)
+    return catalog.memo(run, ("heatmap", state.layer, state.stat, state.window.spec(), xrange),
+                        lambda: heatmap_figure(catalog.dataset(run), state.layer, state.stat,
+                                               state.window, run=run, xrange=xrange,
+                                               read=catalog.columns))
 
 
 def runs_tab(catalog: RunCatalog, search, version=None) -> list:
     """The run cards with the paper-claims table of each chosen run."""
     state = _state(catalog, search)
-    fn = metrics.analysis("claims")
-    aw = metrics.to_analyses_window(state.window)
     tables = {}
     for r in state.runs:
-        if fn is None:
+        if metrics.analysis("claims") is None:
             tables[r] = "statscope.analyses lacks claims"
             continue
         try:
-            tables[r] = catalog.memo(r, ("claims", state.window.spec()), lambda r=r: fn(
-                catalog.dataset(r), aw, n_boot=N_BOOT).to_dataframe())
+            tables[r] = computed(catalog, r, "claims", state.window)
         except StatscopeError as exc:
             tables[r] = str(exc)
     summaries = [run_summary(r, catalog.dataset(r)) for r in state.runs]
@@ -325,7 +377,7 @@ def register(app: Dash, catalog: RunCatalog) -> None:
                   Output("notice", "children"), Input("poll", "n_intervals"),
                   State("version", "data"))
     def _poll(n, version):
-        return poll(catalog, n, version)
+        return poll(catalog, n, version, warm=True)
 
     for name in ("evolution", "heatmap"):
         app.callback(Output(f"{name}-zoom", "data"), Input(GRAPHS[name], "relayoutData"),

@@ -140,7 +140,12 @@ def _nbytes(value: Any) -> int:
         return sum(_nbytes(v) for v in value)
     if isinstance(value, xr.Dataset):
         return int(value.nbytes)
-    return 64
+    # Figures and tables: count a megabyte each, so that many of them still evict.
+    return 2**20
+
+
+SLICE_ROWS = 20_000
+"""Row spans up to this long (or 1/16 of the run) are read as slices, not whole columns."""
 
 
 @dataclass
@@ -308,31 +313,47 @@ class RunCatalog:
         """Steps of run ``name``, (step,) int64."""
         return self.dataset(name)[S.STEP].values
 
-    def columns(self, name: str, var: str, neurons: Sequence[int]) -> np.ndarray:
-        """Whole-run columns of ``var`` for the given neuron positions, read once and cached.
+    def columns(self, name: str, var: str, neurons: Sequence[int],
+                rows: slice | None = None) -> np.ndarray:
+        """Columns of ``var`` for the given neuron positions, over ``rows`` (default all steps).
+
+        Whole-run columns are read once and cached; a short slice of a column not cached yet is
+        read on its own (only the store chunks it touches), so the last 200 steps of a
+        300,000-step run cost one chunk per neuron block, not the whole column.
 
         Args:
             name: run name.
             var: a (step, neuron) variable of the schema.
             neurons: positions along ``neuron``.
+            rows: a ``slice`` of step rows with explicit start and stop; ``None`` for all.
 
         Returns:
-            (step, len(neurons)) array in the variable's dtype.
+            (rows, len(neurons)) array in the variable's dtype.
         """
         run = self._runs[name]
         ds = self.dataset(name)
+        n = ds.sizes[S.STEP]
+        rows = slice(0, n) if rows is None else slice(*rows.indices(n)[:2])
+        if not len(neurons):
+            return np.empty((rows.stop - rows.start, 0), ds[var].dtype)
         keys = [(name, run.generation, var, int(i)) for i in neurons]
         cols = {k: self.cache.get(k) for k in keys}
         missing = sorted({k[3] for k, v in cols.items() if v is None})
+        if missing and rows.stop - rows.start <= max(SLICE_ROWS, n // 16):
+            key = (name, run.generation, var, tuple(int(i) for i in neurons), rows.start,
+                   rows.stop)
+            part = self.cache.get(key)
+            if part is None:
+                part = np.asarray(ds[var].isel({S.STEP: rows, S.NEURON: list(neurons)}).values)
+                self.cache.put(key, part)
+            return part
         if missing:
             block = np.asarray(ds[var].isel({S.NEURON: missing}).values)
             for j, i in enumerate(missing):
                 col = np.ascontiguousarray(block[:, j])
                 cols[(name, run.generation, var, i)] = col
                 self.cache.put((name, run.generation, var, i), col)
-        if not keys:
-            return np.empty((ds.sizes[S.STEP], 0), ds[var].dtype)
-        return np.stack([cols[k] for k in keys], axis=1)
+        return np.stack([cols[k][rows] for k in keys], axis=1)
 
     def scalar(self, name: str, var: str) -> np.ndarray | None:
         """A per-step scalar (``loss``, ``lr``...) of run ``name``, cached, or ``None``."""

@@ -24,8 +24,9 @@ from .style import (GRAPH_CONFIG, STAT_COLORS, STAT_DASH, STAT_LABELS, STAT_UNIT
 
 __all__ = ["evolution_figure", "read_dataset", "run_title", "Reader", "PAIRS"]
 
-Reader = Callable[[str, str, Sequence[int]], np.ndarray]
-"""``read(run, var, positions) -> (step, len(positions))``: whole-run columns of a variable."""
+Reader = Callable[[str, str, Sequence[int], slice], np.ndarray]
+"""``read(run, var, positions, rows) -> (rows, len(positions))``: columns of a variable over a
+slice of step rows."""
 
 PAIRS = (("mean", (S.BN_MEAN, S.EN_MEAN)), ("std", (S.BN_STD, S.EN_STD)))
 """The two rows drawn per neuron: the means together, the stds together."""
@@ -36,8 +37,8 @@ ROW_HEIGHT = 190
 def read_dataset(runs: Mapping[str, xr.Dataset]) -> Reader:
     """A :data:`Reader` that reads straight from Datasets (the app passes a cached one)."""
 
-    def read(run: str, var: str, positions: Sequence[int]) -> np.ndarray:
-        return np.asarray(runs[run][var].isel({S.NEURON: list(positions)}).values)
+    def read(run: str, var: str, positions: Sequence[int], rows: slice) -> np.ndarray:
+        return np.asarray(runs[run][var].isel({S.STEP: rows, S.NEURON: list(positions)}).values)
 
     return read
 
@@ -83,7 +84,7 @@ def evolution_figure(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str
     n_rows = 2 * len(neurons)
     fig = make_subplots(rows=n_rows, cols=len(names), shared_xaxes="all", shared_yaxes="rows",
                         column_titles=[run_title(n, runs[n]) for n in names],
-                        vertical_spacing=min(0.06, 0.35 / n_rows), horizontal_spacing=0.03)
+                        vertical_spacing=min(0.06, 0.35 / n_rows), horizontal_spacing=0.05)
     shown = set()
     reduced = False
     for c, name in enumerate(names, start=1):
@@ -101,7 +102,7 @@ def evolution_figure(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str
         for _, stats in PAIRS:
             for stat in stats:
                 if stat in ds.data_vars and present:
-                    cols[stat] = read(name, stat, present)[rows]
+                    cols[stat] = read(name, stat, present, rows)
         for k, ((layer, unit), p) in enumerate(zip(neurons, pos)):
             if p is None:
                 continue

@@ -52,8 +52,7 @@ def heatmap_figure(ds: xr.Dataset, layer: str, stat: str, window: Window, *, run
     x = steps[rows]
     if not len(x):
         return empty_figure("No steps in this range.")
-    values = read(run, stat, pos.tolist())[rows]
-    z, width = bin_mean(values, n_bins)
+    z, width = bin_mean(read(run, stat, pos.tolist(), rows), n_bins)
     xb = x[::width]
     units = ds[S.UNIT].values[pos]
     diverging = stat in (S.BN_MEAN, S.EN_MEAN)

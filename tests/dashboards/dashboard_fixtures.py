@@ -78,3 +78,39 @@ def write_synthetic(path, ds: xr.Dataset, *, status: str | None = None) -> str:
     return _write_run()(path, probes, data, steps=ds[S.STEP].values, count=count,
                         scalars={"loss": ds["loss"].values}, meta=ds.attrs[S.ATTR_META],
                         status=status or ds.attrs[S.ATTR_STATUS], **attrs)
+
+
+class LiveRun:
+    """A run being written step by step with the store's own writer, as during training."""
+
+    def __init__(self, path, layers=(("fc1", 4),), seed: int = 0):
+        from statscope.store import Layout, ProbeInfo
+        try:
+            from statscope.store import RunWriter
+        except ImportError:
+            from statscope.writer import RunWriter
+
+        probes = tuple(ProbeInfo(name=n, module=n, type="BatchNorm1d", where="input",
+                                 channel_dim=1, channels=c, groups=1) for n, c in layers)
+        self.n_neurons = sum(c for _, c in layers)
+        self.n_probes = len(probes)
+        self.writer = RunWriter(path, Layout(probes=probes), flush_seconds=0,
+                                attrs={S.ATTR_META: {S.META_BATCH_SIZE: 8}})
+        self.rng = np.random.default_rng(seed)
+        self.steps = 0
+
+    def append(self, k: int) -> dict[str, np.ndarray]:
+        """Write ``k`` more steps and commit them; return what was written."""
+        n, g = self.n_neurons, self.n_probes
+        stats = {S.BN_MEAN: self.rng.normal(size=(k, n)).astype(np.float32),
+                 S.BN_STD: (1 + self.rng.random((k, n))).astype(np.float32),
+                 S.EN_MEAN: self.rng.normal(size=(k, g)).astype(np.float32),
+                 S.EN_STD: (1 + self.rng.random((k, g))).astype(np.float32)}
+        self.writer.append(np.arange(self.steps, self.steps + k), np.full((k, g), 8), stats)
+        self.writer.flush()
+        self.steps += k
+        return stats
+
+    def close(self) -> None:
+        """Mark the run completed."""
+        self.writer.close()

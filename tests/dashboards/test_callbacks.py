@@ -143,3 +143,15 @@ def test_create_app_builds_a_layout_with_every_view(store_root):
                  "/assets/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "/_dash-component-suites/../x"):
         body = client.get(path).get_data(as_text=True)
         assert "root:" not in body
+
+
+def test_prewarm_computes_the_default_analyses_ahead(store_root):
+    app = create_app(store_root, warm=False)
+    cat = app.catalog
+    before = len(cat.cache)
+    cb.prewarm(cat)
+    assert len(cat.cache) > before
+    n = len(cat.cache)
+    cb.fluctuation(cat, "?run=bs4")  # served from what prewarm computed
+    cb.runs_tab(cat, "?run=bs4")
+    assert len(cat.cache) == n

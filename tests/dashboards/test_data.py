@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from dashboard_fixtures import synthetic_run, write_synthetic
+from dashboard_fixtures import LiveRun, synthetic_run, write_synthetic
 from statscope import schema as S
 from statscope.dashboards.data import ByteLRU, RunCatalog, parse_neuron_key
 from statscope.errors import StatscopeError, StoreError
@@ -51,27 +51,8 @@ def test_names_from_requests_never_escape_the_root(store_root, tmp_path):
 
 
 def test_cache_holds_columns_and_forgets_a_run_that_grows(tmp_path):
-    from statscope.store import Layout, ProbeInfo
-    try:
-        from statscope.store import RunWriter
-    except ImportError:
-        from statscope.writer import RunWriter
-
-    probes = (ProbeInfo(name="fc1", module="fc1", type="BatchNorm1d", where="input",
-                        channel_dim=1, channels=4, groups=1),)
-    w = RunWriter(tmp_path / "live", Layout(probes=probes), flush_seconds=0)
-    rng = np.random.default_rng(0)
-
-    def rows(k, start):
-        stats = {S.BN_MEAN: rng.normal(size=(k, 4)).astype(np.float32),
-                 S.BN_STD: rng.random((k, 4)).astype(np.float32),
-                 S.EN_MEAN: rng.normal(size=(k, 1)).astype(np.float32),
-                 S.EN_STD: rng.random((k, 1)).astype(np.float32)}
-        w.append(np.arange(start, start + k), np.full((k, 1), 8), stats)
-        return stats
-
-    first = rows(30, 0)
-    w.flush()
+    live = LiveRun(tmp_path / "live")
+    first = live.append(30)
     cat = RunCatalog(tmp_path)
     assert cat.info("live").status == S.STATUS_RUNNING
     a = cat.columns("live", S.BN_MEAN, [1])
@@ -79,12 +60,12 @@ def test_cache_holds_columns_and_forgets_a_run_that_grows(tmp_path):
     cat.columns("live", S.BN_MEAN, [1])
     assert len(cat.cache) == 1  # the second read came from the cache
     assert cat.refresh() == []
-    second = rows(20, 30)
-    w.flush()
+    second = live.append(20)
     assert cat.refresh() == ["live"]
     b = cat.columns("live", S.BN_MEAN, [1])
-    np.testing.assert_array_equal(b[:, 0], np.concatenate([first[S.BN_MEAN], second[S.BN_MEAN]])[:, 1])
-    w.close()
+    both = np.concatenate([first[S.BN_MEAN], second[S.BN_MEAN]])
+    np.testing.assert_array_equal(b[:, 0], both[:, 1])
+    live.close()
     assert cat.refresh() == ["live"] and cat.info("live").status == S.STATUS_COMPLETED
     assert cat.refresh() == []
 
@@ -101,3 +82,13 @@ def test_parse_neuron_key():
     assert parse_neuron_key("layer1.0.bn1:in:12") == ("layer1.0.bn1:in", 12)
     with pytest.raises(StatscopeError, match="neuron="):
         parse_neuron_key("fc1")
+
+
+def test_slices_and_whole_columns_agree(store_root):
+    cat = RunCatalog(store_root)
+    ref = synthetic_run(batch_size=4, seed=1)[S.BN_STD].values
+    part = cat.columns("bs4", S.BN_STD, [6, 1], slice(350, 400))  # read as a slice
+    np.testing.assert_array_equal(part, ref[350:400][:, [6, 1]])
+    whole = cat.columns("bs4", S.BN_STD, [6, 1])  # whole columns, cached
+    np.testing.assert_array_equal(whole, ref[:, [6, 1]])
+    np.testing.assert_array_equal(cat.columns("bs4", S.BN_STD, [1], slice(10, 20)), ref[10:20, [1]])

@@ -21,7 +21,7 @@ def _imports(path: Path) -> list[str]:
         if isinstance(node, ast.Import):
             names += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names.append(node.module)
+            names += [f"{node.module}.{a.name}" for a in node.names]
     return names
 
 

@@ -1,0 +1,146 @@
+"""End to end in a real headless Chromium: load, change a selector, zoom, follow a live run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import pytest
+
+from dashboard_fixtures import LiveRun, synthetic_run, write_synthetic
+from statscope import schema as S
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = pytest.mark.browser
+
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"{CHROMIUM} is not installed", allow_module_level=True)
+
+
+@pytest.fixture
+def server(tmp_path):
+    """The app over bs4/bs128 stores (3,000 steps) on 127.0.0.1, port 0, in a thread."""
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    class Quiet(WSGIRequestHandler):
+        def log_request(self, *args, **kwargs):
+            pass
+
+    from statscope.dashboards import create_app
+
+    root = tmp_path / "runs"
+    layers = (("fc1", 16), ("fc2", 16), ("fc3", 16))
+    write_synthetic(root / "bs4", synthetic_run(3000, layers, batch_size=4, seed=1))
+    write_synthetic(root / "bs128", synthetic_run(3000, layers, batch_size=128, seed=2))
+    app = create_app(root)
+    srv = make_server("127.0.0.1", 0, app.server, threaded=True, request_handler=Quiet)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_port}", root
+    srv.shutdown()
+    thread.join(5)
+
+
+@pytest.fixture
+def page(tmp_path):
+    profile = tmp_path / "chromium-profile"
+    with playwright.sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, args=ARGS, headless=True,
+            viewport={"width": 1400, "height": 1000})
+        try:
+            yield ctx.new_page()
+        finally:
+            ctx.close()
+            shutil.rmtree(profile, ignore_errors=True)
+
+
+def _traces(page, graph: str):
+    """Name, run and x range of each trace as plotly holds them in the page."""
+    return page.evaluate(f"""() => {{
+        const gd = document.querySelector('#{graph} .js-plotly-plot');
+        return gd._fullData.map(t => ({{name: t.name, meta: t.meta || null,
+            n: t.x ? t.x.length : 0, x0: t.x ? Number(t.x[0]) : null,
+            x1: t.x ? Number(t.x[t.x.length - 1]) : null}}));
+    }}""")
+
+
+def _wait(page, graph: str, condition: str = "true"):
+    page.wait_for_function(f"""() => {{
+        const gd = document.querySelector('#{graph} .js-plotly-plot');
+        if (!gd || !gd._fullData || !gd._fullData.length) return false;
+        const traces = gd._fullData;
+        return {condition};
+    }}""", polling=100, timeout=15000)
+
+
+def test_load_select_zoom_and_screenshot(server, page, tmp_path):
+    url, _ = server
+    page.goto(url + "/")
+    _wait(page, "evolution-graph", "traces.length === 2 * 3 * 2 * 2")
+    traces = _traces(page, "evolution-graph")
+    assert {t["meta"]["run"] for t in traces} == {"bs4", "bs128"}
+    assert all(t["n"] == 200 and t["x0"] == 2800 and t["x1"] == 2999 for t in traces)
+    assert "run=bs4&run=bs128" in page.url
+
+    # Change a selector: all of training; the URL follows and traces span every step.
+    page.locator("#win-kind").get_by_text("all").click()
+    _wait(page, "evolution-graph", "traces.every(t => Number(t.x[0]) === 0)")
+    assert "window=all" in page.url
+    assert all(t["x1"] == 2999 for t in _traces(page, "evolution-graph"))
+
+    # Zoom on steps 1000-1100: the server answers with the full-resolution slice.
+    page.evaluate("""() => Plotly.relayout(document.querySelector('#evolution-graph .js-plotly-plot'),
+                                          {'xaxis.range[0]': 1000, 'xaxis.range[1]': 1100})""")
+    _wait(page, "evolution-graph", "traces.every(t => t.x.length === 101)")
+    assert all(t["x0"] == 1000 and t["x1"] == 1100 for t in _traces(page, "evolution-graph"))
+    page.screenshot(path=str(tmp_path / "evolution.png"), full_page=True)
+
+    # A bookmarked URL restores the view: one run, one neuron, the fluctuation bars per layer.
+    page.goto(url + "/?tab=fluctuation&run=bs4&neuron=fc2:3&by=layer&scale=raw")
+    _wait(page, "fluctuation-graph", "traces.filter(t => t.type === 'bar').length === 4")
+    bars = _traces(page, "fluctuation-graph")
+    assert {t["meta"]["run"] for t in bars} == {"bs4"}
+    assert page.locator("#neurons").inner_text().count("fc2[3]") == 1
+    page.screenshot(path=str(tmp_path / "fluctuation.png"), full_page=True)
+
+
+def test_scatter_click_opens_the_neurons_evolution(server, page):
+    url, _ = server
+    page.goto(url + "/?tab=scatter&run=bs4")
+    _wait(page, "scatter-graph", "traces.some(t => t.name === 'fc2')")
+    box = page.evaluate("""() => {
+        const gd = document.querySelector('#scatter-graph .js-plotly-plot');
+        const i = gd._fullData.findIndex(t => t.name === 'fc2');
+        const pt = gd.querySelectorAll('.scatterlayer .trace')[i].querySelectorAll('path.point')[5];
+        const r = pt.getBoundingClientRect();
+        return {x: r.x + r.width / 2, y: r.y + r.height / 2};
+    }""")
+    page.mouse.move(box["x"], box["y"])
+    page.mouse.click(box["x"], box["y"])
+    page.wait_for_url("**neuron=fc2:5**", timeout=15000)
+    assert "tab=" not in page.url  # the evolution tab is the default and is left out
+    _wait(page, "evolution-graph", "traces.length === 4")
+
+
+def test_live_run_is_followed_without_a_reload(server, page):
+    url, root = server
+    page.goto(url + "/?run=bs4")
+    _wait(page, "evolution-graph")
+    live = LiveRun(root / "live", (("fc1", 4), ("fc2", 4)))
+    live.append(500)
+    page.wait_for_function("() => document.querySelector('#run-status').innerText"
+                           ".includes('live · running · step 499')", polling=200, timeout=15000)
+    page.goto(url + "/?run=live&window=all")
+    _wait(page, "evolution-graph", "traces.every(t => Number(t.x[t.x.length-1]) === 499)")
+    live.append(400)
+    live.close()
+    # the poll sees the new steps and the completed status; the figure follows, no reload
+    _wait(page, "evolution-graph", "traces.every(t => Number(t.x[t.x.length-1]) === 899)")
+    page.wait_for_function("() => document.querySelector('#run-status').innerText"
+                           ".includes('live · completed · step 899')", polling=200, timeout=15000)
