@@ -222,10 +222,13 @@ def run_name(config: RunConfig) -> str:
         'mnist-fc_bs4_seed0_bn_ep2_max50'
     """
     parts = [config.experiment, f"bs{config.batch_size}", f"seed{config.seed}", config.norm]
-    default = RunConfig(config.experiment, batch_size=config.batch_size).resolved()
+    exp = config.spec
+    default = {"epochs": exp.epochs, "lr": exp.base_lr * config.batch_size / exp.base_batch,
+               "momentum": exp.momentum, "weight_decay": exp.weight_decay, "en_groups": 1,
+               "max_steps": None}
     for attr, tag in _NAME_PARTS:
         value = getattr(config, attr)
-        if value is not None and value != getattr(default, attr):
+        if value is not None and value != default[attr]:
             parts.append(f"{tag}{value:g}" if isinstance(value, float) else f"{tag}{value}")
     if config.dataset is not None and config.dataset != config.spec.datasets[0]:
         parts.append(config.dataset)
