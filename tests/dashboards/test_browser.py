@@ -100,6 +100,10 @@ def test_load_select_zoom_and_screenshot(server, page, tmp_path):
     _wait(page, "evolution-graph", "traces.every(t => t.x.length === 101)")
     assert all(t["x0"] == 1000 and t["x1"] == 1100 for t in _traces(page, "evolution-graph"))
     page.screenshot(path=str(tmp_path / "evolution.png"), full_page=True)
+    # the toolbar's image export (SVG) works on this figure
+    svg = page.evaluate("""() => Plotly.toImage(
+        document.querySelector('#evolution-graph .js-plotly-plot'), {format: 'svg'})""")
+    assert svg.startswith("data:image/svg+xml") and len(svg) > 10_000
 
     # A bookmarked URL restores the view: one run, one neuron, the fluctuation bars per layer.
     page.goto(url + "/?tab=fluctuation&run=bs4&neuron=fc2:3&by=layer&scale=raw")
