@@ -246,7 +246,8 @@ def run_sweep(args) -> int:
             line = f"FAIL  {item.name}: {outcome.error}"
         else:
             line = f"done  {item.name}" + (" (resumed)" if item.action == "resume" else "")
-            line += f": {_summary(item.config.experiment, outcome.result, time.perf_counter() - t0)}"
+            elapsed = time.perf_counter() - t0
+            line += f": {_summary(item.config.experiment, outcome.result, elapsed)}"
         print(line, flush=True)
 
     outcomes = sweep(items, jobs=args.jobs, on_done=report)

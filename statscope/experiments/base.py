@@ -91,8 +91,8 @@ def _non_negative(name: str, value: Any, *, positive: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
             or (positive and value == 0) or value != value:
-        raise StatscopeError(f"{name}={value!r}: expected a {'positive' if positive else 'non-negative'}"
-                             " number")
+        kind = "positive" if positive else "non-negative"
+        raise StatscopeError(f"{name}={value!r}: expected a {kind} number")
 
 
 @dataclass(frozen=True)
@@ -240,7 +240,7 @@ class RunResult:
     """What one run produced.
 
     Attributes:
-        path: the run store.
+        path: the run store (None for a run with ``record=False``).
         dataset: the dataset actually used (e.g. ``"mnist-5k-subset"`` after the fallback).
         test_accuracy: test accuracy after each completed epoch, fractions in [0, 1].
         steps: training steps taken, in all (a resumed run counts the replayed ones too).
@@ -248,7 +248,7 @@ class RunResult:
         probe_overhead: probe time / other time of the training thread (the recorder's figure).
     """
 
-    path: str
+    path: str | None
     dataset: str
     test_accuracy: tuple[float, ...]
     steps: int

@@ -29,6 +29,12 @@ def norm_layer(norm: str, channels: int, spatial_dims: int) -> "torch.nn.Module"
         norm: a name of :data:`statscope.nn.NORM_NAMES`.
         channels: C of the ``(N, C, *S)`` input.
         spatial_dims: 0 for ``(N, C)`` inputs, 2 for images.
+
+    Example:
+        >>> norm_layer("bn", 128, 0)
+        BatchNorm1d(128, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
+        >>> type(norm_layer("hn", 128, 0)).__name__
+        'HeteroNorm'
     """
     from torch import nn
 

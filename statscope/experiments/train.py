@@ -56,7 +56,7 @@ class Progress:
 
 
 def run_experiment(config: RunConfig, *, progress: Callable[[Progress], None] | None = None,
-                   progress_seconds: float = 0.2) -> RunResult:
+                   progress_seconds: float = 0.2, record: bool = True) -> RunResult:
     """Train one built-in experiment and record its normalization statistics at every step.
 
     Everything that can be checked is checked before anything is written: the settings, the
@@ -68,6 +68,8 @@ def run_experiment(config: RunConfig, *, progress: Callable[[Progress], None] | 
         progress: called every ``progress_seconds`` and at the end with a :class:`Progress`
             (the loss is read from the device only then).
         progress_seconds: seconds between ``progress`` calls.
+        record: False trains the same loop without probes and writes nothing (the baseline of
+            ``benchmarks/bench_experiment.py``).
 
     Returns:
         RunResult with the store's path, the test accuracy after each epoch (and at the last step
@@ -80,11 +82,13 @@ def run_experiment(config: RunConfig, *, progress: Callable[[Progress], None] | 
             holds something that is not a run, or a run with other settings.
 
     Example:
+        >>> import tempfile
         >>> from statscope.experiments import RunConfig, run_experiment
+        >>> out = tempfile.mkdtemp() + "/run"
         >>> result = run_experiment(RunConfig("mnist-fc", batch_size=4, max_steps=20,
-        ...     dataset="mnist-5k-subset", out="/tmp/statscope-doctest-run", overwrite=True))
-        >>> result.steps
-        20
+        ...                                   dataset="mnist-5k-subset", out=out))
+        >>> result.steps, result.dataset
+        (20, 'mnist-5k-subset')
     """
     import torch
 
@@ -93,7 +97,7 @@ def run_experiment(config: RunConfig, *, progress: Callable[[Progress], None] | 
     cfg = config.resolved()
     exp = cfg.spec
     device = _device(cfg.device)
-    start_step = _check_out(cfg)
+    start_step = _check_out(cfg) if record else None
     data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, quiet=progress is None)
     cfg = dataclasses.replace(cfg, dataset=data.name, device=device.type)
     n_train = len(data.train_y)
@@ -104,7 +108,7 @@ def run_experiment(config: RunConfig, *, progress: Callable[[Progress], None] | 
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
-    if cfg.resume:
+    if cfg.resume and record:
         _check_resume(cfg, start_step, total)
 
     threads = torch.get_num_threads()
@@ -130,7 +134,7 @@ def run_experiment(config: RunConfig, *, progress: Callable[[Progress], None] | 
 
 
 class _Loop:
-    """One run's training loop; the recorder starts at ``start_step``."""
+    """One run's training loop; the recorder starts at ``start_step`` (None: never)."""
 
     def __init__(self, cfg: RunConfig, model, optimizer, progress, progress_seconds, total):
         self.cfg = cfg
@@ -191,8 +195,9 @@ class _Loop:
         from statscope.store import read_attrs
 
         overhead = read_attrs(cfg.out).get(S.ATTR_PROBE_OVERHEAD) if rec is not None else None
-        return RunResult(path=cfg.out, dataset=cfg.dataset, test_accuracy=tuple(self.accuracy),
-                         steps=step, wall_seconds=wall, probe_overhead=overhead)
+        return RunResult(path=cfg.out if start_step is not None else None, dataset=cfg.dataset,
+                         test_accuracy=tuple(self.accuracy), steps=step, wall_seconds=wall,
+                         probe_overhead=overhead)
 
     def _report(self, epoch: int, step: int, loss, recording: bool) -> None:
         self.progress(Progress(epoch=epoch + 1, epochs=self.cfg.epochs, step=step,

@@ -208,7 +208,8 @@ def test_sweep_in_parallel_processes_with_norms(tmp_path, mnist_dir, capsys):
                  "--data-dir", mnist_dir, "--out", str(out), "--jobs", "2", "-q"]) == 0
     assert sorted(os.listdir(out)) == ["mnist-fc_bs8_seed0_bn_max4", "mnist-fc_bs8_seed0_hn_max4"]
     ds = statscope.open_runs(str(out))
-    assert list(ds[S.META_NORM].values) == ["bn", "hn"] and list(ds[S.ATTR_N_STEPS].values) == [4, 4]
+    assert list(ds[S.META_NORM].values) == ["bn", "hn"]
+    assert list(ds[S.ATTR_N_STEPS].values) == [4, 4]
 
 
 def test_sweep_reports_a_failing_run_and_goes_on(tmp_path, mnist_dir, capsys):

@@ -1,6 +1,7 @@
 """The built-in experiments through the Python API: settings, recording, reproducibility, resume."""
 
 import dataclasses
+import doctest
 import itertools
 
 import numpy as np
@@ -13,6 +14,9 @@ from statscope.errors import StatscopeError, StoreError
 from statscope.experiments import EXPERIMENTS, RunConfig, run_experiment, run_name
 from statscope.experiments.cifar_resnet import random_crop_flip, resnet18
 from statscope.experiments.datasets import load_dataset
+
+import statscope.experiments as experiments_pkg
+from statscope.experiments import base, cifar_resnet, mnist_fc, sweep, train
 
 from test_experiments_support import offline_env, raw_arrays, write_cifar, write_mnist
 
@@ -120,7 +124,8 @@ def test_recorded_statistics_equal_a_recomputation_on_the_same_batches(tmp_path,
     ref, losses, data = _reference_statistics(cfg, 24)
     # the training set's global pixel mean and std, computed here independently
     pixels = data.train_x.numpy().astype(np.float64) / 255
-    assert data.mean == pytest.approx((pixels.mean(),)) and data.std == pytest.approx((pixels.std(),))
+    assert data.mean == pytest.approx((pixels.mean(),))
+    assert data.std == pytest.approx((pixels.std(),))
     assert list(np.unique(ds[S.LAYER].values)) == ["norm1", "norm2", "norm3", "norm4"]
     for name, expected in ref.items():
         np.testing.assert_allclose(ds[name].values, expected, rtol=1e-4, atol=1e-5, err_msg=name)
@@ -251,3 +256,9 @@ def test_random_crop_flip_takes_a_padded_crop_flipped_or_not():
     offsets = {(dy, dx) for dy, dx, _ in found}
     flips = sum(f for _, _, f in found)
     assert len(offsets) > 10 and 16 < flips < 48
+
+
+@pytest.mark.parametrize("module", [experiments_pkg, base, mnist_fc, cifar_resnet, sweep, train])
+def test_docstring_examples_run(module):
+    failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert failures == 0 and tried > 0

@@ -1,0 +1,85 @@
+"""Speed of the built-in mnist-fc experiment, with and without the probes, measured in one run.
+
+    python benchmarks/bench_experiment.py [--steps 3000] [--repeats 5] [--threads 1] [--e2e]
+
+For batch sizes 4 and 128 it runs the experiment's own training loop
+(:func:`statscope.experiments.run_experiment`) for ``--steps`` steps on the shipped MNIST subset,
+once recording (``record=True``: probes, per-step loss and lr, the store written) and once as the
+same loop without probes (``record=False``), alternating repeat after repeat so drift of a shared
+machine hits both sides alike. It prints the median steps/s of each, their ratio (goal <= 1.05),
+the same ratio of the training thread's CPU time (whole call, setup included on both sides, so
+it is diluted a little) and the recorder's own ``probe_overhead`` (probe time / other time of the
+training thread).
+``--e2e`` also times ``statscope run mnist-fc --bs 4`` end to end as a subprocess (20 epochs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+from statscope.experiments import RunConfig, run_experiment
+
+
+def measure(bs: int, steps: int, repeats: int, threads: int, tmp: str) -> dict:
+    """Median seconds per step of the probed and plain loops, and the recorder's overhead."""
+    plain, probed, overhead, cpu = [], [], [], {False: [], True: []}
+    for r in range(repeats):
+        for record in ((False, True) if r % 2 == 0 else (True, False)):
+            config = RunConfig("mnist-fc", batch_size=bs, max_steps=steps, threads=threads,
+                               dataset="mnist-5k-subset", out=os.path.join(tmp, f"bs{bs}"),
+                               overwrite=True)
+            c0 = time.thread_time()
+            result = run_experiment(config, record=record)
+            cpu[record].append((time.thread_time() - c0) / result.steps)
+            (probed if record else plain).append(result.wall_seconds / result.steps)
+            if record:
+                overhead.append(result.probe_overhead)
+    return {"plain": statistics.median(plain), "probed": statistics.median(probed),
+            "overhead": statistics.median(overhead),
+            "cpu": statistics.median(cpu[True]) / statistics.median(cpu[False])}
+
+
+def end_to_end(tmp: str, threads: int) -> tuple[float, str]:
+    """Wall seconds of ``statscope run mnist-fc --bs 4`` as a subprocess, and its summary line."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "statscope", "run", "mnist-fc", "--bs", "4",
+                           "--threads", str(threads), "--quiet", "--out",
+                           os.path.join(tmp, "e2e")], capture_output=True, text=True, check=True)
+    return time.perf_counter() - t0, proc.stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3000, help="steps per timed run")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating repeats per side")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--e2e", action="store_true",
+                        help="also time `statscope run mnist-fc --bs 4` end to end")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    print(f"mnist-fc on the shipped subset, {args.steps} steps x {args.repeats} repeats per side, "
+          f"{args.threads} thread(s), {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}")
+    print(f"{'bs':>4} {'plain steps/s':>14} {'probed steps/s':>15} {'probed/plain wall':>18} "
+          f"{'probed/plain thread CPU':>24} {'recorder probe_overhead':>24}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for bs in (4, 128):
+            m = measure(bs, args.steps, args.repeats, args.threads, tmp)
+            print(f"{bs:>4} {1 / m['plain']:>14.0f} {1 / m['probed']:>15.0f} "
+                  f"{m['probed'] / m['plain']:>18.3f} {m['cpu']:>24.3f} "
+                  f"{100 * m['overhead']:>23.1f}%", flush=True)
+        if args.e2e:
+            seconds, line = end_to_end(tmp, args.threads)
+            print(f"statscope run mnist-fc --bs 4 (end to end, subprocess): {seconds:.1f} s\n"
+                  f"  {line}")
+
+
+if __name__ == "__main__":
+    main()
