@@ -31,10 +31,8 @@ def norm_layer(norm: str, channels: int, spatial_dims: int) -> "torch.nn.Module"
         spatial_dims: 0 for ``(N, C)`` inputs, 2 for images.
 
     Example:
-        >>> norm_layer("bn", 128, 0)
-        BatchNorm1d(128, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
-        >>> type(norm_layer("hn", 128, 0)).__name__
-        'HeteroNorm'
+        >>> [type(norm_layer(n, 128, 0)).__name__ for n in ("bn", "hn")]
+        ['BatchNorm1d', 'HeteroNorm'
     """
     from torch import nn
 
