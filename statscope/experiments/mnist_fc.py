@@ -32,7 +32,7 @@ def norm_layer(norm: str, channels: int, spatial_dims: int) -> "torch.nn.Module"
 
     Example:
         >>> [type(norm_layer(n, 128, 0)).__name__ for n in ("bn", "hn")]
-        ['BatchNorm1d', 'HeteroNorm'
+        ['BatchNorm1d', 'HeteroNorm']
     """
     from torch import nn
 
