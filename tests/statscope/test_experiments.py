@@ -262,3 +262,14 @@ def test_random_crop_flip_takes_a_padded_crop_flipped_or_not():
 def test_docstring_examples_run(module):
     failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert failures == 0 and tried > 0
+
+
+def test_registry_and_run_commands_parser_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import argparse, sys; from statscope.commands import run; "
+            "run.register(argparse.ArgumentParser().add_subparsers()); "
+            "import statscope.experiments.sweep; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
