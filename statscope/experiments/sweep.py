@@ -23,9 +23,6 @@ from statscope.experiments.base import RunConfig, RunResult, run_name
 
 __all__ = ["SweepItem", "SweepOutcome", "plan_sweep", "run_sweep"]
 
-ACTIONS = ("run", "skip", "resume", "overwrite")
-
-
 @dataclass(frozen=True)
 class SweepItem:
     """One run of a sweep and what to do with it.
