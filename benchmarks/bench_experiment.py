@@ -6,10 +6,11 @@ For batch sizes 4 and 128 it runs the experiment's own training loop
 (:func:`statscope.experiments.run_experiment`) for ``--steps`` steps on the shipped MNIST subset,
 once recording (``record=True``: probes, per-step loss and lr, the store written) and once as the
 same loop without probes (``record=False``), alternating repeat after repeat so drift of a shared
-machine hits both sides alike. It prints the median steps/s of each, their ratio (goal <= 1.05),
-the same ratio of the training thread's CPU time (whole call, setup included on both sides, so
-it is diluted a little) and the recorder's own ``probe_overhead`` (probe time / other time of the
-training thread).
+machine hits both sides alike. It prints the median steps/s of each and three probed/plain
+ratios (goal <= 1.05): of the loop's wall time (the recorder's start and final flush included),
+of the steady-state wall time between the first and last progress report (without those fixed
+costs), and of the training thread's CPU time for the whole call (setup included on both sides);
+then the recorder's own ``probe_overhead`` (probe time / other time of the training thread).
 ``--e2e`` also times ``statscope run mnist-fc --bs 4`` end to end as a subprocess (20 epochs).
 """
 
@@ -28,22 +29,36 @@ from statscope.experiments import RunConfig, run_experiment
 
 
 def measure(bs: int, steps: int, repeats: int, threads: int, tmp: str) -> dict:
-    """Median seconds per step of the probed and plain loops, and the recorder's overhead."""
-    plain, probed, overhead, cpu = [], [], [], {False: [], True: []}
+    """Median seconds per step of the probed and plain loops, and the recorder's overhead.
+
+    ``loop`` is the whole loop (the recorder's start and final flush included), ``steady`` the
+    rate between the first and the last progress report, which leaves out those fixed costs.
+    """
+    times = {k: {False: [], True: []} for k in ("loop", "steady", "cpu")}
+    overhead = []
     for r in range(repeats):
         for record in ((False, True) if r % 2 == 0 else (True, False)):
             config = RunConfig("mnist-fc", batch_size=bs, max_steps=steps, threads=threads,
                                dataset="mnist-5k-subset", out=os.path.join(tmp, f"bs{bs}"),
                                overwrite=True)
+            reports = []
+
+            def progress(p):
+                reports.append((time.perf_counter(), p.step))
+
             c0 = time.thread_time()
-            result = run_experiment(config, record=record)
-            cpu[record].append((time.thread_time() - c0) / result.steps)
-            (probed if record else plain).append(result.wall_seconds / result.steps)
+            result = run_experiment(config, record=record, progress=progress,
+                                    progress_seconds=0.05)
+            times["cpu"][record].append((time.thread_time() - c0) / result.steps)
+            times["loop"][record].append(result.wall_seconds / result.steps)
+            (t0, s0), (t1, s1) = reports[0], reports[-2]  # the last one follows the evaluation
+            times["steady"][record].append((t1 - t0) / (s1 - s0))
             if record:
                 overhead.append(result.probe_overhead)
-    return {"plain": statistics.median(plain), "probed": statistics.median(probed),
-            "overhead": statistics.median(overhead),
-            "cpu": statistics.median(cpu[True]) / statistics.median(cpu[False])}
+    out = {k: {side: statistics.median(v) for side, v in sides.items()}
+           for k, sides in times.items()}
+    out["overhead"] = statistics.median(overhead)
+    return out
 
 
 def end_to_end(tmp: str, threads: int) -> tuple[float, str]:
@@ -67,14 +82,15 @@ def main() -> None:
     print(f"mnist-fc on the shipped subset, {args.steps} steps x {args.repeats} repeats per side, "
           f"{args.threads} thread(s), {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}")
-    print(f"{'bs':>4} {'plain steps/s':>14} {'probed steps/s':>15} {'probed/plain wall':>18} "
-          f"{'probed/plain thread CPU':>24} {'recorder probe_overhead':>24}")
+    print(f"{'bs':>4} {'plain steps/s':>14} {'probed steps/s':>15} {'wall ratio':>11} "
+          f"{'steady ratio':>13} {'thread-CPU ratio':>17} {'probe_overhead':>15}")
     with tempfile.TemporaryDirectory() as tmp:
         for bs in (4, 128):
             m = measure(bs, args.steps, args.repeats, args.threads, tmp)
-            print(f"{bs:>4} {1 / m['plain']:>14.0f} {1 / m['probed']:>15.0f} "
-                  f"{m['probed'] / m['plain']:>18.3f} {m['cpu']:>24.3f} "
-                  f"{100 * m['overhead']:>23.1f}%", flush=True)
+            loop, steady, cpu = m["loop"], m["steady"], m["cpu"]
+            print(f"{bs:>4} {1 / loop[False]:>14.0f} {1 / loop[True]:>15.0f} "
+                  f"{loop[True] / loop[False]:>11.3f} {steady[True] / steady[False]:>13.3f} "
+                  f"{cpu[True] / cpu[False]:>17.3f} {100 * m['overhead']:>14.1f}%", flush=True)
         if args.e2e:
             seconds, line = end_to_end(tmp, args.threads)
             print(f"statscope run mnist-fc --bs 4 (end to end, subprocess): {seconds:.1f} s\n"

