@@ -334,7 +334,10 @@ def run_info(args) -> int:
     if versions:
         lines.append("versions  " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print("\n".join(lines))
-    layout = Layout.from_attrs(attrs)
+    try:
+        layout = Layout.from_attrs(attrs)
+    except (KeyError, TypeError) as exc:
+        raise StoreError(f"run={args.run!r}: its layer list is damaged ({exc!r})") from None
     print(_table(["LAYER", "TYPE", "WHERE", "CHANNELS", "GROUPS"],
                  [[p.name, p.type, p.where, str(p.channels), str(p.groups)]
                   for p in layout.probes]))

@@ -107,6 +107,9 @@ def _bad_idx(kind):
     (["run", "mnist-fc", "--bs", "4", "@truncated"], "train-images-idx3-ubyte", False),
     (["run", "mnist-fc", "--bs", "4", "@magic"], "train-images-idx3-ubyte has magic 2049, "
                                                  "expected 2051", False),
+    (["run", "cifar-resnet18", "--bs", "4", "@out"], "name='cifar10': not found in", False),
+    (["run", "mnist-fc", "--dataset", "cifar10", "@out"], "dataset='cifar10': mnist-fc takes "
+                                                          "mnist, fashion-mnist", False),
     (["runs", "@nowhere"], "dir=", False),
     (["info", "@nowhere"], "no such file or directory", False),
 ])
@@ -116,6 +119,8 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, argv, message,
         if arg in ("@data", "@truncated", "@magic"):
             (write_mnist if arg == "@data" else _bad_idx(arg[1:]))(folder)
             argv[i:i + 1] = ["--data-dir", folder, "--out", str(tmp_path / "out")]
+        elif arg == "@out":
+            argv[i:i + 1] = ["--out", str(tmp_path / "out")]
         elif arg == "@nowhere":
             argv[i] = str(tmp_path / "nowhere")
     data_before = snapshot(folder) if os.path.isdir(folder) else {}
