@@ -7,6 +7,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import statscope
 from statscope import schema as S
@@ -273,3 +275,18 @@ def test_registry_and_run_commands_parser_do_not_import_torch():
             "import statscope.experiments.sweep; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 6), c=st.integers(1, 3), h=st.integers(1, 6), w=st.integers(1, 6),
+       padding=st.integers(0, 3), seed=st.integers(0, 2**31 - 1))
+def test_random_crop_flip_is_always_a_crop_of_the_padded_image(b, c, h, w, padding, seed):
+    x = torch.randint(1, 256, (b, c, h, w), dtype=torch.uint8)
+    y = random_crop_flip(x, torch.Generator().manual_seed(seed), padding=padding)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    for i in range(b):
+        crops = [padded[i, :, dy:dy + h, dx:dx + w] for dy in range(2 * padding + 1)
+                 for dx in range(2 * padding + 1)]
+        assert any(np.array_equal(y[i].numpy(), crop) or
+                   np.array_equal(y[i].numpy(), crop[..., ::-1]) for crop in crops)
