@@ -258,3 +258,14 @@ def test_info_shows_settings_layers_and_accuracy(tmp_path, mnist_dir, capsys):
     assert layers == [[f"norm{i}", "BatchNorm1d", "input", "128", "4"] for i in range(1, 5)]
     assert text.count("test accuracy by epoch: ") == 1
     assert len(text.split("test accuracy by epoch: ")[1].split(", ")) == 2
+
+
+def test_parallel_sweep_as_a_real_subprocess(tmp_path, mnist_dir):
+    # spawn workers must not re-run ``python -m statscope`` from its __main__
+    env = {**os.environ, **offline_env(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "statscope", "sweep", "mnist-fc", "--bs", "4", "8",
+                           "--max-steps", "3", "--data-dir", mnist_dir, "--out",
+                           str(tmp_path / "sw"), "--jobs", "2", "-q"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("done  ") == 2 and len(os.listdir(tmp_path / "sw")) == 2
