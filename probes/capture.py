@@ -1,12 +1,18 @@
 """Per-probe buffering of a block of steps, on the tensor's device.
 
-The hot path is :meth:`Capture.capture`, called from a forward hook once per step: it copies the
-probed tensor into a preallocated slot of a (K, ..., C) buffer (one ``copy_``, no host sync, no
-loop over neurons), so the moments of K steps are later computed in one batched pass off the
-training thread. A tensor too large to buffer K times within ``raw_bytes`` is reduced at once to
-its per-channel moments instead (a few ops on a large tensor, relatively cheap). A change of shape
-(the last, smaller batch of an epoch, a new sequence length) closes the current segment of the
-block and opens another; nothing is lost or mixed.
+The hot path is :meth:`Capture.capture`, called once per step and probe. It does one of two
+things, chosen per probe and tensor shape:
+
+- ``raw``: copy the tensor into a slot of a preallocated (K, ..., C) buffer (one ``copy_``).
+  (Keeping references to the tensors instead was measured slower: it defeats the allocator's
+  reuse of activation memory.)
+- ``moments``: reduce the tensor to its per-channel moments at once, for tensors too large to hold
+  K times within ``raw_bytes`` (a few ops on a large tensor, relatively cheap).
+
+Neither mode syncs with the device or loops over neurons; the moments of a block of K steps are
+computed later in one batched pass off the training thread. A change of shape (the smaller last
+batch of an epoch, a new sequence length) closes the current segment of the block and opens
+another, so nothing is lost or mixed.
 """
 
 from __future__ import annotations
@@ -22,34 +28,43 @@ from statscope.probes.statistics import block_moments, step_moments
 
 __all__ = ["Capture", "Segment", "BufferPool", "segment_moments"]
 
+_Pair = tuple[torch.Tensor, list[torch.Tensor]]
+_BATCH_BYTES = 1 << 20
+
 
 class BufferPool:
-    """Reusable buffers by (shape, dtype, device), shared by the main and the worker thread."""
+    """Reusable buffers by (shape, dtype, device), shared by the main and the worker thread.
+
+    Each buffer travels with the list of its row views, made once: creating K views per block
+    costs as much on the training thread as the copies themselves at small batch sizes.
+    """
 
     def __init__(self):
-        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._free: dict[tuple, list[_Pair]] = {}
 
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> _Pair:
         free = self._free.get((shape, dtype, device))
         if free:
             try:
                 return free.pop()
             except IndexError:  # emptied by the other thread meanwhile
                 pass
-        return torch.empty(shape, dtype=dtype, device=device)
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        return buf, list(buf.unbind(0))
 
-    def give(self, buf: torch.Tensor) -> None:
-        self._free.setdefault((tuple(buf.shape), buf.dtype, buf.device), []).append(buf)
+    def give(self, buf: torch.Tensor, rows: list[torch.Tensor]) -> None:
+        self._free.setdefault((tuple(buf.shape), buf.dtype, buf.device), []).append((buf, rows))
 
 
 @dataclass(frozen=True)
 class Segment:
-    """Rows ``start:stop`` of a block, held from row 0 of ``raw`` (K×...×C) or ``moments``."""
+    """Rows ``start:stop`` of a block, held from row 0 of a ``raw`` or ``moments`` buffer."""
 
     start: int
     stop: int
-    raw: torch.Tensor | None
-    moments: tuple[torch.Tensor, ...] | None
+    channel_dim: int
+    raw: _Pair | None = None
+    moments: tuple[_Pair, ...] | None = None
 
 
 class Capture:
@@ -71,24 +86,26 @@ class Capture:
         self.raw_bytes = raw_bytes
         self.order = order
         self.pool = pool
-        self.count = np.zeros(block_steps, np.int64)
+        self.count = [0] * block_steps
         self.segments: list[Segment] = []
         self._shape = None
         self._start = 0
-        self._buf = None
+        self._mode = "raw"
+        self._buf: _Pair | None = None
+        self._moments: list[_Pair] = []
         self._rows: list[torch.Tensor] = []
-        self._raw = True
         self._movedim = False
         self._per_channel = 0
 
     def capture(self, x: torch.Tensor, slot: int) -> None:
         """Record ``x`` as this probe's tensor at ``slot`` of the block (first call wins)."""
-        if self.count[slot]:
+        count = self.count
+        if count[slot]:
             return
         if x.shape != self._shape:
             self._reshape(x, slot)
-        self.count[slot] = self._per_channel
-        if self._raw:
+        count[slot] = self._per_channel
+        if self._mode == "raw":
             self._rows[slot - self._start].copy_(
                 (x.movedim(self.target.channel_dim, -1) if self._movedim else x).detach())
         else:
@@ -119,43 +136,43 @@ class Capture:
         self._shape = x.shape
         self._per_channel = x.numel() // channels
         self._movedim = t.channel_dim % x.ndim != x.ndim - 1
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        raw_shape = (self.block_steps, *x.movedim(t.channel_dim, -1).shape)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        self._raw = int(np.prod(raw_shape)) * itemsize <= self.raw_bytes
-        self._alloc(raw_shape, dtype, x.device)
+        itemsize = 8 if x.dtype == torch.float64 else 4
+        fits = self.block_steps * x.numel() * itemsize <= self.raw_bytes
+        self._mode = "raw" if fits else "moments"
+        self._alloc(x.dtype, x.device)
 
-    def _alloc(self, raw_shape, dtype, device) -> None:
-        if self._raw:
-            self._buf = self.pool.take(raw_shape, dtype, device)
-            self._rows = list(self._buf.unbind(0))
-        else:
+    def _alloc(self, dtype: torch.dtype, device: torch.device) -> None:
+        self._buf, self._moments, self._rows = None, [], []
+        if self._mode == "raw":
+            dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            self._buf = self.pool.take((self.block_steps, *self._shape_perm()), dtype, device)
+            self._rows = self._buf[1]
+        elif self._mode == "moments":
             n = 2 if self.order < 4 else 4
-            self._rows = [self.pool.take((self.block_steps, self.channels), torch.float32, device)
-                          for _ in range(n)]
-            self._buf = None
+            self._moments = [self.pool.take((self.block_steps, self.channels), torch.float32,
+                                            device) for _ in range(n)]
+            self._rows = [buf for buf, _ in self._moments]
+        self._dtype, self._device = dtype, device
 
     def close_segment(self, stop: int) -> None:
         """End the open segment at ``stop`` (exclusive)."""
         if self._shape is None or stop <= self._start:
             return
-        if self._raw:
-            self.segments.append(Segment(self._start, stop, self._buf, None))
+        cdim = self.target.channel_dim
+        if self._mode == "raw":
+            self.segments.append(Segment(self._start, stop, cdim, raw=self._buf))
         else:
-            self.segments.append(Segment(self._start, stop, None, tuple(self._rows)))
+            self.segments.append(Segment(self._start, stop, cdim, moments=tuple(self._moments)))
 
     def take_block(self, n: int) -> tuple[np.ndarray, list[Segment]]:
         """Hand over the first ``n`` slots (counts and segments) and start a new block."""
         self.close_segment(n)
-        count, segments = self.count[:n].copy(), self.segments
-        self.count[:] = 0
+        count, segments = np.array(self.count[:n], np.int64), self.segments
+        self.count = [0] * self.block_steps
         self.segments = []
         self._start = 0
         if self._shape is not None:
-            raw_shape = (self.block_steps, *self._shape_perm())
-            dtype = self._buf.dtype if self._buf is not None else torch.float32
-            device = (self._buf if self._buf is not None else self._rows[0]).device
-            self._alloc(raw_shape, dtype, device)
+            self._alloc(self._dtype, self._device)
         return count, segments
 
     def _shape_perm(self) -> tuple[int, ...]:
@@ -164,17 +181,38 @@ class Capture:
         return (*shape, c)
 
 
-def segment_moments(seg: Segment, order: int, pool: BufferPool) -> tuple[np.ndarray, ...]:
-    """Moments of a segment's rows as float64 numpy arrays (stop-start, C); frees its buffers."""
-    k = seg.stop - seg.start
-    if seg.raw is not None:
-        raw = seg.raw[:k]
-        raw = raw.reshape(k, -1, raw.shape[-1])
-        out = block_moments(raw, order)
-        pool.give(seg.raw)
-    else:
-        out = tuple(b[:k] for b in seg.moments)
-        out = tuple(o.double() for o in out)
-        for b in seg.moments:
-            pool.give(b)
-    return tuple(o.cpu().numpy() for o in out)
+def segment_moments(segments: list[Segment], order: int, pool: BufferPool
+                    ) -> list[tuple[np.ndarray, ...]]:
+    """Moments of each segment's rows as float64 numpy arrays (stop-start, C); frees buffers.
+
+    Small raw segments of the same shape (the probes of a network's equal-width layers) are
+    reduced in one batched pass: at small batch sizes the writer thread's cost is per operation,
+    not per element.
+    """
+    out: list = [None] * len(segments)
+    groups: dict[tuple, list[int]] = {}
+    for i, seg in enumerate(segments):
+        if seg.raw is None:
+            k = seg.stop - seg.start
+            out[i] = tuple(buf[:k].double().cpu().numpy() for buf, _ in seg.moments)
+            for pair in seg.moments:
+                pool.give(*pair)
+        else:
+            buf = seg.raw[0]
+            # Batch small blocks only: big ones are bound by memory, and a copy would cost more.
+            key = (buf.shape, buf.dtype, buf.device) if buf.nbytes <= _BATCH_BYTES else i
+            groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        blocks = []
+        for i in members:
+            seg = segments[i]
+            raw = seg.raw[0][:seg.stop - seg.start]
+            blocks.append(raw.reshape(raw.shape[0], -1, raw.shape[-1]))
+        stacked = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        moments = [m.cpu().numpy() for m in block_moments(stacked, order)]
+        first = 0
+        for i, block in zip(members, blocks):
+            out[i] = tuple(m[first:first + len(block)] for m in moments)
+            first += len(block)
+            pool.give(*segments[i].raw)
+    return out

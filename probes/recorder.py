@@ -25,6 +25,7 @@ from torch import nn
 
 from statscope import schema as S
 from statscope.errors import NonFiniteWarning, StatscopeError, StatscopeWarning, StoreError
+from statscope.probes.attach import MECHANISMS, attach
 from statscope.probes.capture import BufferPool, Capture, Segment, segment_moments
 from statscope.probes.selection import Target, norm_info, select, unwrap
 from statscope.probes.statistics import STATISTICS, Moments, finish, get_statistic
@@ -68,7 +69,8 @@ class Recorder:
                  stats: Iterable[str] = S.DEFAULT_STATS, meta: Mapping[str, Any] | None = None,
                  overwrite: bool = False, resume: bool = False, step: str = "auto",
                  record_eval: bool = False, block_steps: int = 128, raw_bytes: int = 16 << 20,
-                 flush_seconds: float = 2.0, chunk_steps: int = 8192):
+                 flush_seconds: float = 5.0, chunk_steps: int = 8192,
+                 mechanism: str = "forward"):
         if not isinstance(model, nn.Module):
             raise StatscopeError(f"model={type(model).__name__}: expected a torch.nn.Module")
         if step not in ("auto", "manual"):
@@ -77,6 +79,9 @@ class Recorder:
         for name, value in (("block_steps", block_steps), ("chunk_steps", chunk_steps)):
             if not isinstance(value, int) or value < 1:
                 raise StatscopeError(f"{name}={value!r}: expected a positive int")
+        if mechanism not in MECHANISMS:
+            raise StatscopeError(f"mechanism={mechanism!r}: expected one of {MECHANISMS}")
+        self.mechanism = mechanism
         stats = tuple(dict.fromkeys(stats))
         self.statistics = [get_statistic(s) for s in stats]
         self.order = max(s.order for s in self.statistics)
@@ -137,13 +142,10 @@ class Recorder:
         if all(c.channels is not None for c in self.captures):
             self._open_writer()  # fail now, not a block later, and show the run while it starts
         for cap in self.captures:
-            hook = self._make_hook(cap)
-            if cap.target.where == "input":
-                self._handles.append(cap.target.module.register_forward_pre_hook(hook))
-            else:
-                self._handles.append(cap.target.module.register_forward_hook(hook))
+            self._handles.append(attach(cap.target.module, self._make_hook(cap), cap.target.where,
+                                        self.mechanism))
         if not self.manual:
-            self._handles.append(self.root.register_forward_pre_hook(self._root_hook))
+            self._handles.append(attach(self.root, self._root_hook, "input", self.mechanism))
         self._worker = threading.Thread(target=self._work, name="statscope-writer", daemon=True)
         self._worker.start()
         self._last_dispatch = time.monotonic()
@@ -157,7 +159,7 @@ class Recorder:
             return
         self.closed = True
         self._on = False
-        for h in self._handles:
+        for h in reversed(self._handles):
             h.remove()
         self._handles.clear()
         if self._dirty:
@@ -196,7 +198,7 @@ class Recorder:
                 rec._dirty = True
             rec.probe_seconds += time.perf_counter() - t0
 
-        return torch.compiler.disable(hook)
+        return hook
 
     def _root_hook(self, module, args):
         if not self._on or not (module.training or self.record_eval) or _in_backward() != -1:
@@ -259,7 +261,7 @@ class Recorder:
                 if value.numel() != 1:
                     raise StatscopeError(f"log({name}=...): a tensor of shape "
                                          f"{tuple(value.shape)}; expected one element")
-                value = value.detach()
+                value = value.detach() if value.ndim == 0 else value.detach().reshape(())
             elif isinstance(value, (int, float, np.number)):
                 value = float(value)
             else:
@@ -290,10 +292,12 @@ class Recorder:
         per_neuron = {s.name: [] for s in self.statistics if not s.per_group}
         per_group = {s.name: [] for s in self.statistics if s.per_group}
         counts = []
-        for cap, (count, segments) in zip(self.captures, block.parts):
-            if cap.channels is None:
-                continue
-            moments = self._moments(cap, count, segments, n)
+        live = [(cap, count, segments) for cap, (count, segments) in zip(self.captures, block.parts)
+                if cap.channels is not None]
+        flat = [seg for _, _, segments in live for seg in segments]
+        computed = iter(segment_moments(flat, self.order, self.pool))
+        for cap, count, segments in live:
+            moments = self._moments(cap, count, [(seg, next(computed)) for seg in segments], n)
             for name, values in finish(moments, tuple(per_neuron) + tuple(per_group)).items():
                 (per_group if name in per_group else per_neuron)[name].append(values)
             counts.append(count)
@@ -308,11 +312,11 @@ class Recorder:
                           "are stored as they are and counted in the run's attrs",
                           NonFiniteWarning, stacklevel=1)
 
-    def _moments(self, cap: Capture, count: np.ndarray, segments: list[Segment], n: int) -> Moments:
+    def _moments(self, cap: Capture, count: np.ndarray, segments, n: int) -> Moments:
         c = cap.channels
         arrays = [np.full((n, c), np.nan) for _ in range(2 if self.order < 4 else 4)]
-        for seg in segments:
-            for dst, src in zip(arrays, segment_moments(seg, self.order, self.pool)):
+        for seg, moments in segments:
+            for dst, src in zip(arrays, moments):
                 dst[seg.start:seg.stop] = src
         for a in arrays:
             a[count == 0] = np.nan  # slots this probe did not run in hold stale buffer rows
@@ -327,7 +331,7 @@ class Recorder:
             if not isinstance(v, torch.Tensor):
                 out[slot] = v
         if tensors:
-            host = torch.stack([v.reshape(()) for _, v in tensors]).double().cpu().numpy()
+            host = torch.stack([v for _, v in tensors]).double().cpu().numpy()
             out[[slot for slot, _ in tensors]] = host
         return out
 
@@ -393,6 +397,8 @@ def record(model: nn.Module, path, **kwargs: Any) -> Recorder:
         raw_bytes: per-probe memory for raw buffering; larger tensors are reduced every step.
         flush_seconds: the longest time data waits before it reaches the store.
         chunk_steps: chunk length along step in the store.
+        mechanism: ``"forward"`` (wrap the modules' ``forward``; fastest) or ``"hooks"`` (forward
+            hooks, e.g. for TorchScript modules); see :mod:`statscope.probes.attach`.
 
     Returns:
         A :class:`Recorder`, to use as a context manager.

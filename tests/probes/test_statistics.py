@@ -55,14 +55,15 @@ LAYOUTS = [
 
 
 @pytest.mark.parametrize("make, shape, cdim", LAYOUTS)
-@pytest.mark.parametrize("raw_bytes", [16 << 20, 0], ids=["raw-block", "per-step"])
-def test_layouts_match_numpy(tmp_path, make, shape, cdim, raw_bytes):
+@pytest.mark.parametrize("raw_bytes, grad", [(16 << 20, True), (16 << 20, False), (0, True)],
+                         ids=["raw-block", "raw-block-no-grad", "per-step"])
+def test_layouts_match_numpy(tmp_path, make, shape, cdim, raw_bytes, grad):
     gen = torch.Generator().manual_seed(1)
-    xs = [torch.randn(shape, generator=gen) * 2 + 3 for _ in range(10)]
+    xs = [(torch.randn(shape, generator=gen) * 2 + 3).requires_grad_(grad) for _ in range(10)]
     ds = record_tensors(xs, make(6), tmp_path, en_groups=2, raw_bytes=raw_bytes)
     assert ds.sizes["step"] == 10
     for i, x in enumerate(xs):
-        ref = reference(x.numpy(), cdim, groups=2)
+        ref = reference(x.detach().numpy(), cdim, groups=2)
         for name in ("bn_mean", "bn_std", "en_mean", "en_std"):
             assert_close(ds[name].values[i], ref[name], ref["bn_std"], f"{name} step {i}")
         np.testing.assert_allclose(ds["bn_kurt"].values[i], ref["bn_kurt"], rtol=1e-4)

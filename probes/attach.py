@@ -1,0 +1,93 @@
+"""Two ways to run a probe at a module's input or output: wrapping ``forward``, or hooks.
+
+``"forward"`` (the default) puts a thin wrapper in the module's instance ``forward``. It calls
+the probe with the same ``(module, args[, output])`` as a forward hook would, but leaves
+``nn.Module.__call__`` on its fast path: registering even an empty forward hook sends every call of
+that module through the slow path, which costs ~8 µs a call on CPU — about 5% of the paper's
+FC-net step at batch size 4 before any statistic is computed. ``"hooks"`` uses
+``register_forward_pre_hook``/``register_forward_hook``, for modules whose ``forward`` cannot be
+replaced (TorchScript) or when another library owns it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from statscope.errors import StatscopeError, StatscopeWarning
+
+__all__ = ["attach", "MECHANISMS"]
+
+MECHANISMS = ("forward", "hooks")
+
+
+def _eager_only(probe: Callable) -> Callable:
+    """``probe`` as it is in eager mode; under ``torch.compile`` a graph break runs it eagerly.
+
+    ``torch.compiler.disable`` alone would do, but its wrapper costs a few µs on every eager call.
+    """
+    disabled = torch.compiler.disable(probe)
+    is_compiling = torch.compiler.is_compiling
+
+    def run(*args):
+        if is_compiling():
+            return disabled(*args)
+        return probe(*args)
+
+    return run
+
+
+class _ForwardHandle:
+    def __init__(self, module: nn.Module, wrapper: Callable, previous: Callable | None):
+        self.module, self.wrapper, self.previous = module, wrapper, previous
+
+    def remove(self) -> None:
+        current = self.module.__dict__.get("forward")
+        if current is not self.wrapper:
+            warnings.warn(f"statscope: the forward of {type(self.module).__name__} was replaced "
+                          "after statscope wrapped it; the (now inert) wrapper stays",
+                          StatscopeWarning, stacklevel=3)
+            return
+        if self.previous is None:
+            del self.module.__dict__["forward"]
+        else:
+            self.module.forward = self.previous
+
+
+def attach(module: nn.Module, probe: Callable, where: str, mechanism: str = "forward"):
+    """Call ``probe(module, args)`` before, or ``probe(module, args, output)`` after, a forward.
+
+    Args:
+        module: the module to watch.
+        probe: the function to call.
+        where: ``"input"`` or ``"output"``.
+        mechanism: ``"forward"`` or ``"hooks"``.
+
+    Returns:
+        A handle whose ``remove()`` undoes the attachment.
+    """
+    if mechanism not in MECHANISMS:
+        raise StatscopeError(f"mechanism={mechanism!r}: expected one of {MECHANISMS}")
+    eager = _eager_only(probe)
+    if mechanism == "hooks":
+        if where == "input":
+            return module.register_forward_pre_hook(eager)
+        return module.register_forward_hook(eager)
+    previous = module.__dict__.get("forward")
+    inner = module.forward
+
+    if where == "input":
+        def forward(*args, **kwargs):
+            eager(module, args or tuple(kwargs.values()))
+            return inner(*args, **kwargs)
+    else:
+        def forward(*args, **kwargs):
+            output = inner(*args, **kwargs)
+            eager(module, args, output)
+            return output
+
+    module.forward = forward
+    return _ForwardHandle(module, forward, previous)
