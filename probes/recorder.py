@@ -244,6 +244,17 @@ class Recorder:
             self._end_step()
             self._dirty = False
 
+    def set_attrs(self, **attrs: Any) -> None:
+        """Add or update root attributes of the run (e.g. final accuracy), written in order with
+        the data by the writer thread; JSON-serialisable values."""
+        reserved = sorted(set(attrs) & {S.ATTR_FORMAT, S.ATTR_STATUS, S.ATTR_N_STEPS,
+                                         S.ATTR_LAST_STEP, S.ATTR_PROBES, S.ATTR_LAYERS,
+                                         S.ATTR_STATS, S.ATTR_SCALARS})
+        if reserved:
+            raise StatscopeError(f"set_attrs({', '.join(reserved)}=...): written by statscope "
+                                 "itself; choose other names")
+        self._queue.put(dict(attrs))
+
     def log(self, **scalars: Any) -> None:
         """Record per-step scalars (loss, lr, ...) for the current step, without a host sync.
 
@@ -280,7 +291,10 @@ class Recorder:
             if self._failure is not None:
                 continue
             try:
-                self._write_block(block)
+                if isinstance(block, dict):
+                    (self._writer or self._open_writer()).set_attrs(**block)
+                else:
+                    self._write_block(block)
             except BaseException as exc:  # the probe never interrupts training
                 self._failure = exc
                 warnings.warn(f"statscope: recording stopped, the writer failed: {exc!r}\n"

@@ -186,6 +186,7 @@ class _Loop:
                 self.accuracy.append(_accuracy(model, test_x, test_y))
                 if rec is not None:
                     rec.log(test_acc=self.accuracy[-1])
+                    rec.set_attrs(test_accuracy=list(self.accuracy))
                 if step == self.total:
                     break
             if self.progress is not None:

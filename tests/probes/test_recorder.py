@@ -36,11 +36,15 @@ def test_default_probes_are_norm_inputs_and_match_recomputation(tmp_path):
             model(x).sum().backward()
             assert rec.current_step == i
             rec.log(loss=torch.tensor(float(i)), lr=0.5)
+        rec.set_attrs(test_accuracy=[0.5, 0.75])
+        with pytest.raises(StatscopeError, match="set_attrs\\(status=...\\)"):
+            rec.set_attrs(status="done")
     handle.remove()
     ds = statscope.open_run(tmp_path / "r")
     assert ds.attrs["layers"] == ["1", "4"] and ds.attrs["status"] == "completed"
     assert ds.step.values.tolist() == list(range(11))
     assert ds.attrs["meta"] == {"batch_size": 4}
+    assert ds.attrs["test_accuracy"] == [0.5, 0.75]
     want = np.stack([s.mean(0).numpy() for s in seen])
     np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "1").values, want, atol=1e-6)
     np.testing.assert_array_equal(ds.loss.values, np.arange(11.0))
