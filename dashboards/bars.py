@@ -15,7 +15,7 @@ from plotly.subplots import make_subplots
 
 from statscope import schema as S
 
-from statscope.analyses._names import BOUND, QUANTITY
+from statscope.schema import BOUND, QUANTITY
 
 from .style import STAT_COLORS, STAT_LABELS, TEMPLATE, empty_figure, neuron_label
 

@@ -108,3 +108,13 @@ META_KEYS = (META_BATCH_SIZE, META_LR, META_EPOCHS, META_SEED, META_DATASET, MET
 # Suffixes that tell apart the input and the output of one module when both are probed.
 INPUT_SUFFIX = ":in"
 OUTPUT_SUFFIX = ":out"
+
+# Names of analysis results (statscope.analyses writes them, the dashboard reads them).
+QUANTITY = "quantity"  # dim of layer summaries: median, q25, q75, first
+QUANTITIES = ("median", "q25", "q75", "first")
+BOUND = "bound"  # dim of confidence intervals: lower, estimate, upper
+BOUNDS = ("lower", "estimate", "upper")
+STATISTIC = "statistic"  # dim naming the statistic in tabular results (scaling slopes)
+N_VALID = "n_valid"  # steps that entered a per-neuron reduction
+NOTES = "notes"  # attrs key: sentences about assumptions and exclusions
+WINDOW = "window"  # attrs key: the window as the user gave it, as text
