@@ -19,34 +19,23 @@ from statscope.errors import StatscopeError, StoreError
 __all__ = ["register", "run_run", "run_sweep", "run_runs", "run_info"]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
-    return value
+def _number(kind: type, minimum: float, what: str):
+    """An argparse type: ``kind`` (int or float) of at least ``minimum``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a {what}") from None
+        if not value >= minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a {what}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative integer")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative number")
-    return value
+_positive_int = _number(int, 1, "positive integer")
+_non_negative_int = _number(int, 0, "non-negative integer")
+_non_negative_float = _number(float, 0, "non-negative number")
 
 
 def _positive_float(text: str) -> float:

@@ -7,7 +7,7 @@ group's channels and the batch), so the analyses can be checked against closed f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr

@@ -9,7 +9,6 @@ import threading
 import pytest
 
 from dashboard_fixtures import LiveRun, synthetic_run, write_synthetic
-from statscope import schema as S
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -1,6 +1,5 @@
 """The recorder's behaviour: steps, selection, hooks, scalars, failures and bad input."""
 
-import warnings
 
 import numpy as np
 import pytest

@@ -13,17 +13,7 @@ from statscope.cli import main
 
 from test_experiments_support import offline_env, write_mnist
 
-
-@pytest.fixture(autouse=True)
-def _offline(tmp_path, monkeypatch):
-    offline_env(tmp_path, monkeypatch)
-
-
-@pytest.fixture
-def mnist_dir(tmp_path):
-    folder = tmp_path / "mnist"
-    write_mnist(folder, n_train=64, n_test=20)
-    return str(folder)
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def snapshot(folder):

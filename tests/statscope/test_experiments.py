@@ -20,19 +20,9 @@ from statscope.experiments.datasets import load_dataset
 import statscope.experiments as experiments_pkg
 from statscope.experiments import base, cifar_resnet, mnist_fc, sweep, train
 
-from test_experiments_support import offline_env, raw_arrays, write_cifar, write_mnist
+from test_experiments_support import raw_arrays, write_cifar
 
-
-@pytest.fixture(autouse=True)
-def _offline(tmp_path, monkeypatch):
-    offline_env(tmp_path, monkeypatch)
-
-
-@pytest.fixture
-def mnist_dir(tmp_path):
-    folder = tmp_path / "mnist"
-    write_mnist(folder, n_train=64, n_test=20)
-    return str(folder)
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def test_registry_and_defaults_follow_the_paper():

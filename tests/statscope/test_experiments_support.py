@@ -71,3 +71,4 @@ def offline_env(tmp_path, monkeypatch=None):
             monkeypatch.setenv(key, value)
         monkeypatch.delenv("STATSCOPE_DATA", raising=False)
     return env
+
