@@ -114,7 +114,8 @@ def claims(ds: xr.Dataset, window=200, *, confidence: float = 0.95, n_boot: int 
 
     Args:
         ds: a run or stacked runs. Claims a, b, d are evaluated on every run; c on the run with
-            the smallest batch size (``batch_size`` run coord or meta), inconclusive if unknown.
+            the smallest batch size (``batch_size`` run coord or meta; every run at that size, e.g.
+            each seed), inconclusive if unknown.
         window: see :func:`statscope.analyses.select_window`.
         confidence: level of the bootstrap intervals.
         n_boot: bootstrap replicates. block: block length (default ceil(T^(1/3))).
@@ -132,9 +133,9 @@ def claims(ds: xr.Dataset, window=200, *, confidence: float = 0.95, n_boot: int 
     require(ds, [*FLUCT_STATS, S.COUNT], "claims")
     windows = run_windows(ds, window)
     sizes = batch_sizes(ds)
-    small = None
-    if sizes is not None and np.all(np.isfinite(sizes)):
-        small = int(np.argmin(sizes)) if stacked(ds) else None
+    small = set()  # every run at the smallest batch size (e.g. each seed)
+    if sizes is not None and np.all(np.isfinite(sizes)) and stacked(ds):
+        small = set(np.flatnonzero(sizes == np.min(sizes)).tolist())
     rows: list[ClaimRow] = []
     blocks = set()
     notes = ["bootstrap intervals resample blocks of consecutive steps; effects are natural-log "
@@ -168,7 +169,7 @@ def claims(ds: xr.Dataset, window=200, *, confidence: float = 0.95, n_boot: int 
             est, reps = (_first_vs_rest(_per_layer(sd[x] / np.sqrt(m[SIGMA2]), groups))
                          for sd, m in ((mom.std, mom.mean), (mom.std_reps, mom.mean_reps)))
             add("d", layers[0], x, est, reps)
-        if (i is None and sizes is not None) or (i is not None and i == small):
+        if (i is None and sizes is not None) or i in small:
             bs = float(sizes[i]) if i is not None else float(sizes)
             est, reps = (_per_layer(np.log(sd[S.BN_STD] / sd[S.BN_MEAN]), groups)
                          for sd in (mom.std, mom.std_reps))

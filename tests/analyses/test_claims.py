@@ -55,6 +55,13 @@ def test_claim_c_uses_the_smallest_batch_and_tracks_kurtosis():
     np.testing.assert_allclose([r.effect for r in rows], np.log(np.sqrt(0.5)), atol=0.15)
 
 
+def test_claim_c_is_evaluated_on_every_seed_at_the_smallest_batch():
+    ds = stack({"bs4_s0": make_run(batch_size=4, seed=1), "bs128": make_run(batch_size=128, seed=2),
+                "bs4_s1": make_run(batch_size=4, seed=3)})
+    rows = [r for r in claims(ds, **KW).rows if r.claim == "c"]
+    assert {r.run for r in rows} == {"bs4_s0", "bs4_s1"}
+
+
 def test_claim_c_without_batch_size_is_inconclusive(run):
     run.attrs[S.ATTR_META] = {}
     rows = [r for r in claims(run, **KW).rows if r.claim == "c"]
