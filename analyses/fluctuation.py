@@ -47,14 +47,22 @@ def series_std(x: xr.DataArray, *, detrend: bool = False) -> xr.DataArray:
     with quiet():
         if not detrend:
             return x.std(S.STEP, ddof=1, skipna=True)
+        # One pass of sums (no mean needed first), so dask streams the chunks once and memory
+        # stays bounded by them. Shifting t and x to a value inside the window keeps the
+        # centred sums free of cancellation.
         ok = x.notnull()
-        t = x[S.STEP].astype(np.float64).where(ok)
-        dt = t - t.mean(S.STEP)
-        dx = x - x.mean(S.STEP)
-        slope = (dt * dx).sum(S.STEP) / (dt * dt).sum(S.STEP)
-        resid = dx - slope * dt
+        t = x[S.STEP].astype(np.float64)
+        t = (t - t[0]).where(ok)
+        xs = x.astype(np.float64)
+        xs = xs - xs.isel({S.STEP: 0}).fillna(0.0)
         n = ok.sum(S.STEP)
-        return np.sqrt((resid * resid).sum(S.STEP) / (n - 2)).where(n > 2)
+        st, sx = t.sum(S.STEP), xs.sum(S.STEP)
+        stt, sxx, stx = (t * t).sum(S.STEP), (xs * xs).sum(S.STEP), (t * xs).sum(S.STEP)
+        ctt = stt - st * st / n
+        cxx = sxx - sx * sx / n
+        ctx = stx - st * sx / n
+        rss = (cxx - ctx * ctx / ctt).clip(min=0)
+        return np.sqrt(rss / (n - 2)).where(n > 2)
 
 
 def fluctuation(ds: xr.Dataset, window=200, *, scale_free: bool = False,
