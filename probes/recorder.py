@@ -155,7 +155,7 @@ class Recorder:
 
     def close(self, error: str | None = None) -> None:
         """Remove the hooks, write what is buffered, and mark the run completed or failed."""
-        if self.closed:
+        if self.closed or self._worker is None:  # closed already, or never started
             return
         self.closed = True
         self._on = False

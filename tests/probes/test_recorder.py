@@ -245,3 +245,21 @@ def test_resume_continues_after_the_last_step(tmp_path):
         statscope.record(nn.Sequential(nn.BatchNorm1d(6)), tmp_path / "r", resume=True).start()
     assert statscope.open_run(tmp_path / "r").sizes["step"] == 8
 
+
+
+@pytest.mark.parametrize("mechanism", ["forward", "hooks"])
+def test_both_mechanisms_record_the_same_and_clean_up(tmp_path, mechanism):
+    model = fc()
+    xs = batches(3)
+    with statscope.record(model, tmp_path / mechanism, mechanism=mechanism):
+        for x in xs:
+            model(x)
+    ds = statscope.open_run(tmp_path / mechanism)
+    with torch.no_grad():
+        want = np.stack([model[0](x).double().std(0, correction=0).numpy() for x in xs])
+    np.testing.assert_allclose(ds.bn_std.values[:, :6], want, rtol=1e-5)
+    assert "forward" not in model[1].__dict__ and not model[1]._forward_pre_hooks
+    never_started = statscope.record(model, tmp_path / "unused")
+    never_started.close()
+    with pytest.raises(StatscopeError, match="mechanism='magic'"):
+        statscope.record(model, tmp_path / "m", mechanism="magic")
