@@ -39,6 +39,7 @@ N_BOOT = 200
 five times cheaper than the analyses' default of 1,000."""
 
 _RANGE_KEY = re.compile(r"^xaxis(\d*)\.range(\[0\])?$")
+_AUTORANGE_KEY = re.compile(r"^xaxis(\d*)\.autorange$")
 
 
 def normalize(catalog: RunCatalog, state: ViewState) -> ViewState:
@@ -195,7 +196,16 @@ def zoom_store(relayout, search) -> dict:
     if rng is False:
         raise PreventUpdate
     return {"view": _view_key(ViewState.from_query(search)),
-            "range": None if rng is None else list(rng)}
+            "range": None if rng is None else list(rng), "axis": _zoomed_axis(relayout)}
+
+
+def _zoomed_axis(relayout: dict[str, Any]) -> int:
+    """Index of the x axis a relayout event names (``xaxis`` is 1, ``xaxis3`` is 3)."""
+    for key in relayout:
+        m = _RANGE_KEY.match(key) or _AUTORANGE_KEY.match(key)
+        if m:
+            return int(m.group(1) or 1)
+    return 1
 
 
 def _view_key(state: ViewState) -> str:
@@ -220,7 +230,11 @@ def evolution(catalog: RunCatalog, search, version=None, zoom=None) -> go.Figure
     """Figure 7 for the URL's runs, neurons and window (or the remembered zoom)."""
     state = _state(catalog, search)
     runs = {n: catalog.dataset(n) for n in state.runs}
-    return evolution_figure(runs, _neurons(state), state.window, xrange=_zoom(zoom, search),
+    rng, xrange = _zoom(zoom, search), None
+    if rng is not None and state.runs:
+        # make_subplots numbers axes row by row: the zoomed axis names the run's column
+        xrange = {state.runs[(int(zoom.get("axis", 1)) - 1) % len(state.runs)]: rng}
+    return evolution_figure(runs, _neurons(state), state.window, xrange=xrange,
                             read=catalog.columns)
 
 

@@ -61,7 +61,8 @@ def _positions(ds: xr.Dataset, neurons: Sequence[tuple[str, int]]) -> list[int |
 
 
 def evolution_figure(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, int]],
-                     window: Window, *, xrange: tuple[float, float] | None = None,
+                     window: Window, *,
+                     xrange: tuple[float, float] | Mapping[str, tuple[float, float]] | None = None,
                      n_points: int = DEFAULT_POINTS, read: Reader | None = None) -> go.Figure:
     """Figure 7: the statistics of each chosen neuron over the window, one column per run.
 
@@ -69,7 +70,9 @@ def evolution_figure(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str
         runs: run name to its Dataset (schema of :mod:`statscope.schema`), in panel order.
         neurons: ``(layer, unit)`` pairs; a neuron missing from a run leaves its panel empty.
         window: the steps to show when not zoomed.
-        xrange: a zoomed step range ``(x0, x1)``; overrides ``window``.
+        xrange: a zoomed step range ``(x0, x1)`` for every run, or ``{run: (x0, x1)}`` for some;
+            overrides ``window`` where given. Each run has its own step axis (runs of different
+            lengths each show their own window), shared by the rows of its column.
         n_points: the most points per trace; longer spans are reduced to their min/max envelope.
         read: where the columns come from; default straight from ``runs``.
 
@@ -82,7 +85,8 @@ def evolution_figure(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str
     read = read or read_dataset(runs)
     names = list(runs)
     n_rows = 2 * len(neurons)
-    fig = make_subplots(rows=n_rows, cols=len(names), shared_xaxes="all", shared_yaxes="rows",
+    zooms = dict(xrange) if isinstance(xrange, Mapping) else {n: xrange for n in names if xrange}
+    fig = make_subplots(rows=n_rows, cols=len(names), shared_xaxes="columns", shared_yaxes="rows",
                         column_titles=[run_title(n, runs[n]) for n in names],
                         vertical_spacing=min(0.06, 0.35 / n_rows), horizontal_spacing=0.05)
     shown = set()
@@ -90,11 +94,12 @@ def evolution_figure(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str
     for c, name in enumerate(names, start=1):
         ds = runs[name]
         steps = np.asarray(ds[S.STEP].values)
-        if xrange is None:
+        zoom = zooms.get(name)
+        if zoom is None:
             rows = window.rows(steps)
         else:
-            rows = slice(int(np.searchsorted(steps, xrange[0], "left")),
-                         int(np.searchsorted(steps, xrange[1], "right")))
+            rows = slice(int(np.searchsorted(steps, zoom[0], "left")),
+                         int(np.searchsorted(steps, zoom[1], "right")))
         x_all = steps[rows]
         pos = _positions(ds, neurons)
         present = [p for p in pos if p is not None]
@@ -131,7 +136,9 @@ def evolution_figure(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str
                              row=2 * k + r + 1, col=1)
     for c in range(1, len(names) + 1):
         fig.update_xaxes(title_text="training step", row=n_rows, col=c)
-    span = window.label() if xrange is None else f"steps {xrange[0]:,.0f}–{xrange[1]:,.0f}"
+    span = "; ".join([window.label()] * (len(zooms) < len(names))
+                     + [f"{n if len(names) > 1 else 'steps'} {z[0]:,.0f}–{z[1]:,.0f}"
+                        for n, z in zooms.items() if n in names])
     note = " · min/max envelope, zoom in for full resolution" if reduced else ""
     fig.update_layout(
         template=TEMPLATE, height=110 + ROW_HEIGHT * n_rows,
@@ -141,8 +148,9 @@ def evolution_figure(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str
         margin=dict(t=95),
         uirevision=repr((names, list(neurons), window.spec())),
     )
-    if xrange is not None:
-        fig.update_xaxes(range=list(xrange), autorange=False)
+    for c, name in enumerate(names, start=1):
+        if name in zooms:
+            fig.update_xaxes(range=list(zooms[name]), autorange=False, col=c)
     return fig
 
 

@@ -93,11 +93,15 @@ def test_load_select_zoom_and_screenshot(server, page, tmp_path):
     assert "window=all" in page.url
     assert all(t["x1"] == 2999 for t in _traces(page, "evolution-graph"))
 
-    # Zoom on steps 1000-1100: the server answers with the full-resolution slice.
+    # Zoom on steps 1000-1100 in the first run's column: the server answers with that run's
+    # full-resolution slice; the other run keeps its own axis and window.
     page.evaluate("""() => Plotly.relayout(document.querySelector('#evolution-graph .js-plotly-plot'),
                                           {'xaxis.range[0]': 1000, 'xaxis.range[1]': 1100})""")
-    _wait(page, "evolution-graph", "traces.every(t => t.x.length === 101)")
-    assert all(t["x0"] == 1000 and t["x1"] == 1100 for t in _traces(page, "evolution-graph"))
+    _wait(page, "evolution-graph",
+          "traces.filter(t => t.meta.run === 'bs4').every(t => t.x.length === 101)")
+    traces = _traces(page, "evolution-graph")
+    assert all(t["x0"] == 1000 and t["x1"] == 1100 for t in traces if t["meta"]["run"] == "bs4")
+    assert all(t["x0"] == 0 and t["x1"] == 2999 for t in traces if t["meta"]["run"] == "bs128")
     page.screenshot(path=str(tmp_path / "evolution.png"), full_page=True)
     # the toolbar's image export (SVG) works on this figure
     svg = page.evaluate("""() => Plotly.toImage(

@@ -90,6 +90,34 @@ def test_evolution_callback_follows_the_url_and_a_zoom_of_the_same_view(catalog,
     np.testing.assert_array_equal(tr.x, np.arange(350, 400))
 
 
+def test_runs_of_different_lengths_keep_their_own_axes_and_zooms():
+    from statscope.dashboards.evolution import evolution_figure
+    from statscope.dashboards.state import Window
+
+    runs = {"long": synthetic_run(n_steps=2000, batch_size=4, seed=1),
+            "short": synthetic_run(n_steps=300, batch_size=128, seed=2)}
+    fig = evolution_figure(runs, [("fc1", 0)], Window("last", 200))
+    spans = {t.meta["run"]: (t.x[0], t.x[-1]) for t in fig.data if t.meta["stat"] == S.BN_MEAN}
+    assert spans == {"long": (1800, 1999), "short": (100, 299)}
+    layout = fig.to_plotly_json()["layout"]
+    assert layout["xaxis"].get("matches") != "x2" and layout["xaxis2"].get("matches") != "x"
+    # a zoom on the second column's axis narrows that run only
+    zoom = {"view": None, "range": [150.0, 160.0], "axis": 2}
+    fig = evolution_figure(runs, [("fc1", 0)], Window("last", 200),
+                           xrange={"short": tuple(zoom["range"])})
+    spans = {t.meta["run"]: (t.x[0], t.x[-1]) for t in fig.data if t.meta["stat"] == S.BN_MEAN}
+    assert spans == {"long": (1800, 1999), "short": (150, 160)}
+
+
+def test_a_zoom_applies_to_the_column_it_was_made_in(catalog, two_runs):
+    search = "?run=bs4&run=bs128&neuron=fc1:2&window=all"
+    zoom = cb.zoom_store({"xaxis2.range[0]": 100, "xaxis2.range[1]": 120}, search)
+    assert zoom["axis"] == 2
+    fig = cb.evolution(catalog, search, None, zoom)
+    spans = {t.meta["run"]: (t.x[0], t.x[-1]) for t in fig.data if t.meta["stat"] == S.BN_STD}
+    assert spans["bs128"] == (100, 120) and spans["bs4"][1] - spans["bs4"][0] > 20
+
+
 def test_fluctuation_scatter_heatmap_and_run_callbacks(catalog, two_runs):
     fig = cb.fluctuation(catalog, "?run=bs128&scale=raw&neuron=fc1:0")
     (bar,) = [t for t in fig.data if t.type == "bar" and t.meta["stat"] == S.BN_MEAN]
