@@ -29,7 +29,7 @@ _WIDTH = 0.2
 
 def fluctuation_axis_title(scale_free: bool) -> str:
     """The y-axis title of a fluctuation, with its unit."""
-    return ("fluctuation δ/σ (std over steps ÷ mean BN_std, dimensionless)" if scale_free
+    return ("fluctuation δ/σ (std over steps ÷ σ̄, dimensionless)" if scale_free
             else "fluctuation (std over steps, activation units)")
 
 
