@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from statscope.errors import StatscopeError
+from statscope.nn.affine import centred_affine, compiling
 from statscope.nn.moments import (BATCH_SETS, GROUPED_SETS, STD_CENTERS, cell_moments,
                                   check_groups, check_set, describe, set_average, set_size)
 
@@ -150,7 +151,11 @@ class _PixelSetNorm(nn.Module):
             buffer.lerp_(value.to(buffer.dtype), self.momentum)
 
     def _statistics(self, x):
-        """Mean and variance to normalize with, each broadcastable to ``(N, C)``."""
+        """Mean and variance to normalize with, each broadcastable to ``(N, C)``, and the cell means.
+
+        The cell means are ``(1, C)`` when the cells are per channel (every set pools over the
+        batch, training statistics), else None.
+        """
         use_batch = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
         shape = x.shape
@@ -186,7 +191,8 @@ class _PixelSetNorm(nn.Module):
                 with torch.no_grad():
                     self._update(name, var, set_size(shape, pixel_set, self.std_groups))
             variances.append(var)
-        return mean, self._mix(variances, self.var_weight)
+        centre = cells[0] if cells is not None and not self._per_example else None
+        return mean, self._mix(variances, self.var_weight), centre
 
     def forward(self, x):
         """Normalize ``x``.
@@ -199,10 +205,26 @@ class _PixelSetNorm(nn.Module):
             Tensor: same shape, dtype and memory format as ``x``.
         """
         self._check_input(x)
-        mean, var = self._statistics(x)
+        mean, var, centre = self._statistics(x)
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:
             scale = scale * self.weight
+        if mean.shape[0] == 1 and scale.shape[0] == 1 and not compiling():
+            # per-channel statistics: one Function on BatchNorm's kernels, centred on the exact
+            # channel means when the batch gives them (its backward then sums g·(x - mean));
+            # under torch.compile the addcmul below fuses with its neighbours instead
+            if centre is None:
+                centre = mean
+                shift = torch.zeros_like(scale) if self.bias is None else self.bias
+            else:
+                shift = (centre - mean) * scale
+                if self.bias is not None:
+                    shift = shift + self.bias
+            flat = [t.expand(1, self.num_features).reshape(self.num_features)
+                    for t in (centre, scale, shift)]
+            # BatchNorm's kernels take one dtype; mixed ones keep addcmul's type promotion
+            if all(t.dtype == x.dtype for t in flat):
+                return centred_affine(x, *flat)
         shift = -mean * scale
         if self.bias is not None:
             shift = shift + self.bias

@@ -17,6 +17,7 @@ import math
 import torch
 
 from statscope.errors import StatscopeError
+from statscope.nn.affine import compiling
 
 __all__ = ["PIXEL_SETS", "BATCH_SETS", "GROUPED_SETS", "STD_CENTERS", "check_set", "check_groups",
            "set_size", "describe", "cell_moments", "set_average"]
@@ -109,11 +110,16 @@ def describe(pixel_set):
     return _DESCRIPTIONS[pixel_set]
 
 
-class _Moments(torch.autograd.Function):
-    """Biased mean and variance over ``dims`` in two passes, with a one-pass backward.
+def _channel_view(t, x):
+    """``t`` of shape ``(C,)`` viewed to broadcast against ``x`` of shape ``(N, C, *S)``."""
+    return t.reshape((1, -1) + (1,) * (x.dim() - 2))
 
-    ``torch.var_mean`` runs Welford's update, which on CPU is several times slower than a sum
-    when the reduced dims are not innermost (BatchNorm's case); two passes are as exact.
+
+class _Moments(torch.autograd.Function):
+    """Biased mean and variance over ``dims`` (per-example cells) in two passes, one-pass backward.
+
+    ``torch.var_mean`` runs Welford's update, which on CPU is several times slower than a sum;
+    two passes are as exact.
     """
 
     @staticmethod
@@ -140,6 +146,42 @@ class _Moments(torch.autograd.Function):
         return torch.addcmul(offset, x, slope), None
 
 
+class _ChannelMoments(torch.autograd.Function):
+    """Per-channel biased mean and variance ``(C,)`` of ``(N, C, *S)``, two passes each way.
+
+    The backward, ``dx = (x - mean)·(2 dvar / M) + dmean / M`` with M pixels per channel, runs
+    as one call of BatchNorm's inference kernel (statistics 0 and 1, weight and bias the two
+    per-channel coefficients). Under ``create_graph`` it is written in differentiable ops
+    instead, so double backward works.
+    """
+
+    @staticmethod
+    def forward(x):
+        dims = (0, *range(2, x.dim()))
+        mean = x.mean(dims)
+        var = torch.sub(x, _channel_view(mean, x)).square_().mean(dims)
+        return mean, var
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output[0])
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_var):
+        x, mean = ctx.saved_tensors
+        count = x.numel() // mean.numel()
+        if grad_mean is None:
+            grad_mean = torch.zeros_like(mean)
+        if grad_var is None:
+            grad_var = torch.zeros_like(mean)
+        slope, offset = grad_var * (2.0 / count), grad_mean / count
+        if torch.is_grad_enabled():
+            return torch.addcmul(_channel_view(offset, x), x - _channel_view(mean, x),
+                                 _channel_view(slope, x))
+        return torch.nn.functional.batch_norm(x, mean, torch.ones_like(mean), slope, offset,
+                                              training=False, eps=0.0)
+
+
 def cell_moments(x, per_example):
     """Biased mean and variance of every cell of ``x``.
 
@@ -151,8 +193,12 @@ def cell_moments(x, per_example):
         tuple[Tensor, Tensor]: ``(mean, var)``, each ``(N, C)`` if ``per_example`` else ``(1, C)``.
         An ``(N, C)`` input has one pixel per example and channel: its cells have variance 0.
     """
+    if not per_example and not compiling():
+        mean, var = _ChannelMoments.apply(x)
+        return mean.unsqueeze(0), var.unsqueeze(0)
     if per_example and x.dim() == 2:
         return x, torch.zeros_like(x)
+    # under torch.compile, plain reductions that Inductor fuses beat BatchNorm's opaque kernel
     dims = tuple(range(2, x.dim())) if per_example else (0, *range(2, x.dim()))
     mean, var = _Moments.apply(x, dims)
     rows = x.shape[0] if per_example else 1

@@ -275,3 +275,75 @@ def test_gradcheck_float64(name, center):
 
         inputs = (x, *[p.detach().clone().requires_grad_() for p in params])
         assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
+
+
+def _reparametrized(layer):
+    def f(x, *ps):
+        with torch.nn.utils.stateless._reparametrize_module(
+                layer, {n: p for (n, _), p in zip(layer.named_parameters(), ps)}):
+            return layer(x)
+    return f
+
+
+@pytest.mark.parametrize("name,center", [("bn", "own"), ("hn", "own"), ("hn_g2", "subtracted"),
+                                         ("en_g2", "own"), ("bn+en", "own"),
+                                         ("bn+en", "subtracted")])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_per_channel_fast_path_gradcheck_and_double_backward(name, center, mode):
+    torch.manual_seed(5)
+    layer = build(name, 4, std_center=center, dtype=torch.float64)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        layer(torch.randn(6, 4, 3, 3, dtype=torch.float64) * 2 + 1)
+    getattr(layer, mode)()
+    for shape in ((3, 4, 2, 3), (5, 4)):
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        assert "CentredAffine" in layer(x).grad_fn.name(), "the fast path was not taken"
+        inputs = (x, *[p.detach().clone().requires_grad_() for p in layer.parameters()])
+        assert torch.autograd.gradcheck(_reparametrized(layer), inputs, eps=1e-6, atol=1e-5)
+        assert torch.autograd.gradgradcheck(_reparametrized(layer), inputs, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bn", "hn", "hn_g4", "en_g4", "bn+en"])
+def test_large_offset_gradients_match_float64(name):
+    torch.manual_seed(6)
+    x = torch.randn(8, 16, 6, 6) + 1e4
+    grad = torch.randn(8, 16, 6, 6)
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        layer = build(name, 16, groups=4, dtype=dtype)
+        xd = x.detach().to(dtype).requires_grad_()
+        layer(xd).backward(grad.to(dtype))
+        results.append((xd.grad.double(), layer.weight.grad.double(), layer.bias.grad.double()))
+    (dx, dw, db), (dx64, dw64, db64) = results
+    torch.testing.assert_close(dx, dx64, rtol=0, atol=1e-3)
+    # |dγ| reaches 50 here; float32 rounding of the channel means alone costs ~0.02 in it
+    torch.testing.assert_close(dw, dw64, rtol=0, atol=0.04)
+    torch.testing.assert_close(db, db64, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["bn", "hn_g4", "bn+en", "gn"])
+def test_channels_last_gradients_equal_contiguous(name):
+    torch.manual_seed(7)
+    x = torch.randn(4, 8, 5, 5)
+    grad = torch.randn(4, 8, 5, 5)
+    grads = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        layer = build(name, 8)
+        xf = x.detach().to(memory_format=fmt).requires_grad_()
+        layer(xf).backward(grad.to(memory_format=fmt))
+        grads.append((xf.grad, layer.weight.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_mixed_dtype_input_promotes_like_addcmul(dtype, mode):
+    torch.manual_seed(8)
+    layer = getattr(make_norm("hn", 8), mode)()
+    x = torch.randn(4, 8, 3, 3).to(dtype)
+    y = layer(x)
+    assert y.dtype == torch.promote_types(dtype, torch.float32)
+    torch.testing.assert_close(y.float(), layer(x.float()), rtol=2e-2, atol=2e-2)
