@@ -212,7 +212,7 @@ class _PixelSetNorm(nn.Module):
         if mean.shape[0] == 1 and scale.shape[0] == 1 and not compiling():
             # per-channel statistics: one Function on BatchNorm's kernels, centred on the exact
             # channel means when the batch gives them (its backward then sums g·(x - mean));
-            # under torch.compile the addcmul below fuses with its neighbours instead
+            # under torch.compile the addcmul below can fuse with the layers around it instead
             if centre is None:
                 centre = mean
                 shift = torch.zeros_like(scale) if self.bias is None else self.bias

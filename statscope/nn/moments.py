@@ -198,7 +198,7 @@ def cell_moments(x, per_example):
         return mean.unsqueeze(0), var.unsqueeze(0)
     if per_example and x.dim() == 2:
         return x, torch.zeros_like(x)
-    # under torch.compile, plain reductions that Inductor fuses beat BatchNorm's opaque kernel
+    # under torch.compile, plain ops that Inductor can fuse rather than our Function
     dims = tuple(range(2, x.dim())) if per_example else (0, *range(2, x.dim()))
     mean, var = _Moments.apply(x, dims)
     rows = x.shape[0] if per_example else 1
