@@ -97,7 +97,8 @@ def register(subparsers) -> None:
                    help="the run store (default: runs/<name from the settings>, a new folder)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     p.add_argument("--resume", action="store_true",
-                   help="continue the store at --out after its last recorded step")
+                   help="continue the store at --out after its last recorded step, from the "
+                        "checkpoint beside it (<out>.checkpoint.pt) when there is one")
     p.set_defaults(func=run_run)
 
     p = subparsers.add_parser(
@@ -176,12 +177,26 @@ def _summary(experiment: str, result, total: float) -> str:
     acc = (f"test accuracy {result.test_accuracy[-1]:.4f} after {len(result.test_accuracy)} "
            f"epoch{'s' if len(result.test_accuracy) != 1 else ''}"
            if result.test_accuracy else "no test accuracy")
-    rate = result.steps / result.wall_seconds if result.wall_seconds > 0 else float("nan")
+    trained = result.steps - (result.checkpoint_step or 0)
+    rate = trained / result.wall_seconds if result.wall_seconds > 0 else float("nan")
     overhead = ("n/a" if result.probe_overhead is None
                 else f"{100 * result.probe_overhead:.1f}% of the training thread")
-    return (f"{experiment}: {acc} ({result.dataset}); {result.steps} steps in "
-            f"{result.wall_seconds:.1f} s ({rate:.0f} steps/s; {total:.1f} s in all); "
-            f"probe overhead {overhead}; store {result.path}")
+    steps = f"{result.steps} steps" if result.resumed_at is None else \
+        f"{result.steps} steps{_resumed(result)}, {trained} of them"
+    return (f"{experiment}: {acc} ({result.dataset}); {steps} in {result.wall_seconds:.1f} s "
+            f"({rate:.0f} steps/s; {total:.1f} s in all); probe overhead {overhead}; "
+            f"store {result.path}")
+
+
+def _resumed(result) -> str:
+    if result.resumed_at is None:
+        return ""
+    s = "" if result.replayed_steps == 1 else "s"
+    if result.checkpoint_step is None:
+        return (f" (resumed at step {result.resumed_at} without a checkpoint: "
+                f"{result.replayed_steps} step{s} replayed from step 0)")
+    return (f" (resumed at step {result.resumed_at} from the checkpoint at step "
+            f"{result.checkpoint_step}: {result.replayed_steps} step{s} replayed)")
 
 
 class _Bar:

@@ -243,9 +243,16 @@ class RunResult:
         path: the run store (None for a run with ``record=False``).
         dataset: the dataset actually used (e.g. ``"mnist-5k-subset"`` after the fallback).
         test_accuracy: test accuracy after each completed epoch, fractions in [0, 1].
-        steps: training steps taken, in all (a resumed run counts the replayed ones too).
+        steps: the run's steps in all, where it ended (a resumed run counts the steps before
+            the checkpoint and the replayed ones too).
         wall_seconds: wall time of the training loop, seconds.
         probe_overhead: probe time / other time of the training thread (the recorder's figure).
+        resumed_at: for a resumed run, the step recording continued at (the store's last step
+            + 1); None for a new run.
+        checkpoint_step: the step of the checkpoint the run continued from; None when it
+            started from step 0.
+        replayed_steps: steps trained again without recording (between the checkpoint, or step
+            0, and ``resumed_at``).
     """
 
     path: str | None
@@ -254,3 +261,6 @@ class RunResult:
     steps: int
     wall_seconds: float
     probe_overhead: float | None
+    resumed_at: int | None = None
+    checkpoint_step: int | None = None
+    replayed_steps: int = 0

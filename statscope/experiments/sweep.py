@@ -3,7 +3,7 @@
 Each run's folder is named from its settings (:func:`statscope.experiments.run_name`), so running
 the same sweep again finds its earlier runs: completed ones are skipped, failed or interrupted
 ones (status ``failed``, or ``running`` with no process behind it) are resumed after their last
-recorded step, and ones that recorded nothing are started again. Runs go in parallel in fresh
+recorded step, from their checkpoint, and ones that recorded nothing are started again. Runs go in parallel in fresh
 ``spawn`` processes (``jobs > 1``) or one after another in this process.
 """
 

@@ -6,8 +6,13 @@ incomplete batch of an epoch is dropped, so every recorded step has the same bat
 randomness comes from ``torch.manual_seed(seed)`` (weights) and two generators seeded from
 ``seed`` (shuffling, augmentation), so on the CPU two runs with one seed record the same bytes.
 
-``resume=True`` continues a store after its last recorded step by replaying the training from the
-start without recording up to that step (identical on the CPU, close on CUDA), then recording on.
+At the end of every epoch, at the end of the run and when it is interrupted between two steps,
+the loop saves a :class:`~statscope.experiments.checkpoint.Checkpoint` beside the store.
+``resume=True`` continues a store after its last recorded step: from the newest checkpoint at or
+before that step, training the steps between the checkpoint and the store's end again without
+recording them, then recording on; without a usable checkpoint, from step 0 (identical on the CPU,
+close on CUDA). A store whose steps are all recorded but that is not marked completed (the run
+died while closing) is finished: marked completed, with the test accuracy of every epoch.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ import copy
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 from statscope import schema as S
-from statscope.errors import StatscopeError, StoreError
+from statscope.errors import StatscopeError, StatscopeWarning, StoreError
 from statscope.experiments.base import RunConfig, RunResult
 
 __all__ = ["Progress", "run_experiment"]
@@ -43,7 +49,7 @@ class Progress:
         total_steps: steps the run will take.
         loss: training loss of the latest step.
         test_accuracy: the latest test accuracy in [0, 1], None before the first evaluation.
-        recording: False while a resumed run replays steps already recorded.
+        recording: False while a resumed run trains again steps already recorded.
     """
 
     epoch: int
@@ -73,13 +79,15 @@ def run_experiment(config: RunConfig, *, progress: Callable[[Progress], None] | 
 
     Returns:
         RunResult with the store's path, the test accuracy after each epoch (and at the last step
-        when ``max_steps`` stops mid-epoch), the steps, the wall time and the probe overhead.
+        when ``max_steps`` stops mid-epoch), the steps, the wall time, the probe overhead and,
+        for a resumed run, where it resumed and from which checkpoint.
 
     Raises:
         StatscopeError: bad settings, CUDA asked for but unavailable, a norm that cannot
             normalize the model's shapes, a batch larger than the training set, bad data files;
             StoreError: ``out`` exists and neither ``overwrite`` nor ``resume`` is set, or it
-            holds something that is not a run, or a run with other settings.
+            holds something that is not a run, or a run with other settings, or a checkpoint
+            that cannot be read or belongs to other settings (the message names the file).
 
     Example:
         >>> import tempfile
@@ -125,9 +133,11 @@ def run_experiment(config: RunConfig, *, progress: Callable[[Progress], None] | 
         shuffle = torch.Generator().manual_seed(cfg.seed)
         augment = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         optimizer = _sgd(model, cfg)
-        loop = _Loop(cfg, model, optimizer, progress, progress_seconds, total)
-        return loop.run(train_x, train_y, test_x, test_y, data.normalize, shuffle, augment,
-                        steps_per_epoch, start_step)
+        loop = _Loop(cfg, model, optimizer, progress, progress_seconds, total, steps_per_epoch,
+                     shuffle, augment, record)
+        if record:
+            loop.restore(start_step)
+        return loop.run(train_x, train_y, test_x, test_y, data.normalize, start_step)
     finally:
         torch.set_num_threads(threads)
 
@@ -135,69 +145,178 @@ def run_experiment(config: RunConfig, *, progress: Callable[[Progress], None] | 
 class _Loop:
     """One run's training loop; the recorder starts at ``start_step`` (None: never)."""
 
-    def __init__(self, cfg: RunConfig, model, optimizer, progress, progress_seconds, total):
+    def __init__(self, cfg: RunConfig, model, optimizer, progress, progress_seconds, total,
+                 steps_per_epoch, shuffle, augment, record: bool):
         self.cfg = cfg
         self.model = model
         self.optimizer = optimizer
         self.progress = progress
         self.progress_seconds = progress_seconds
         self.total = total
+        self.steps_per_epoch = steps_per_epoch
+        self.shuffle = shuffle
+        self.augment = augment
+        self.checkpoints = record
         self.accuracy: list[float] = []
+        self.step = 0  # where the loop starts: 0, or a checkpoint's step and epoch
+        self.epoch = 0
+        self.checkpoint_step: int | None = None
+        # (step, epoch, shuffle state at that epoch's start) while the model, optimizer and
+        # generators are those after ``step`` steps; None inside a step.
+        self._at = None
+        self._saved = 0
 
-    def run(self, train_x, train_y, test_x, test_y, normalize, shuffle, augment,
-            steps_per_epoch, start_step) -> RunResult:
+    def restore(self, start_step: int) -> None:
+        """Continue from the newest usable checkpoint (resuming), or drop stale ones (new run)."""
+        import torch
+
+        from statscope.experiments.checkpoint import load_checkpoint, remove_checkpoints
+
+        if not (self.cfg.resume and start_step > 0):
+            remove_checkpoints(self.cfg.out)
+            return
+        ckpt, why = load_checkpoint(self.cfg.out, self._config(), start_step)
+        if ckpt is None:
+            if why != "no checkpoint":
+                warnings.warn(f"out={self.cfg.out!r}: no usable checkpoint, the checkpoints are "
+                              f"{why}; replaying from step 0", StatscopeWarning, stacklevel=3)
+            return
+        try:
+            self.model.load_state_dict(ckpt.model)
+            self.optimizer.load_state_dict(ckpt.optimizer)
+            self.augment.set_state(ckpt.augment)
+            self.shuffle.set_state(ckpt.shuffle)
+            torch.set_rng_state(ckpt.torch_rng)
+            if ckpt.cuda_rng is not None:
+                torch.cuda.set_rng_state(ckpt.cuda_rng)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"checkpoint {ckpt.path!r}: does not fit this run ("
+                             f"{(str(exc).splitlines() or [''])[0]}); delete it to resume by "
+                             "replaying the run from step 0") from None
+        self.step, self.epoch = ckpt.step, ckpt.epoch
+        self.accuracy = list(ckpt.test_accuracy)
+        self.checkpoint_step = self._saved = ckpt.step
+
+    def run(self, train_x, train_y, test_x, test_y, normalize, start_step) -> RunResult:
         import torch
         import torch.nn.functional as F
 
         from statscope.probes import record
 
         cfg, exp, model, opt = self.cfg, self.cfg.spec, self.model, self.optimizer
-        bs = cfg.batch_size
-        step, rec, loss = 0, None, None
+        bs, per_epoch = cfg.batch_size, self.steps_per_epoch
+        step, rec, loss, replayed = self.step, None, None, 0
+        epoch = self.epoch
+        self._at = (step, epoch, self.shuffle.get_state())
         last_report = time.monotonic()
         t0 = time.perf_counter()
         with contextlib.ExitStack() as stack:
-            for epoch in range(cfg.epochs):
-                lr = exp.lr_at(epoch, cfg.epochs, cfg.lr)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                perm = torch.randperm(len(train_y), generator=shuffle).to(train_y.device)
-                model.train()
-                for i in range(steps_per_epoch):
-                    if rec is None and step == start_step:
-                        rec = stack.enter_context(record(
-                            model, cfg.out, meta=cfg.meta(), overwrite=cfg.overwrite,
-                            resume=cfg.resume, en_groups=cfg.en_groups))
-                    idx = perm[i * bs:(i + 1) * bs]
-                    xb = exp.batch(train_x.index_select(0, idx), normalize, augment)
-                    loss = F.cross_entropy(model(xb), train_y.index_select(0, idx))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    if rec is not None:
-                        rec.log(loss=loss.detach(), lr=lr)
-                    step += 1
-                    if self.progress is not None and time.monotonic() - last_report \
-                            >= self.progress_seconds:
-                        last_report = time.monotonic()
-                        self._report(epoch, step, loss, rec is not None)
+            try:
+                for epoch in range(self.epoch, cfg.epochs):
                     if step == self.total:
                         break
-                self.accuracy.append(_accuracy(model, test_x, test_y))
-                if rec is not None:
-                    rec.log(test_acc=self.accuracy[-1])
-                    rec.set_attrs(test_accuracy=list(self.accuracy))
-                if step == self.total:
-                    break
+                    lr = exp.lr_at(epoch, cfg.epochs, cfg.lr)
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+                    epoch_shuffle = self.shuffle.get_state()
+                    perm = torch.randperm(len(train_y), generator=self.shuffle).to(train_y.device)
+                    model.train()
+                    for i in range(step - epoch * per_epoch, per_epoch):
+                        if rec is None and step == start_step:
+                            rec = stack.enter_context(record(
+                                model, cfg.out, meta=cfg.meta(), overwrite=cfg.overwrite,
+                                resume=cfg.resume, en_groups=cfg.en_groups))
+                        self._at = None
+                        idx = perm[i * bs:(i + 1) * bs]
+                        xb = exp.batch(train_x.index_select(0, idx), normalize, self.augment)
+                        loss = F.cross_entropy(model(xb), train_y.index_select(0, idx))
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        if rec is not None:
+                            rec.log(loss=loss.detach(), lr=lr)
+                        else:
+                            replayed += 1
+                        step += 1
+                        self._at = (step, epoch, epoch_shuffle)
+                        if self.progress is not None and time.monotonic() - last_report \
+                                >= self.progress_seconds:
+                            last_report = time.monotonic()
+                            self._report(epoch, step, loss, rec is not None)
+                        if step == self.total:
+                            break
+                    if step < (epoch + 1) * per_epoch:
+                        break  # max_steps stops inside this epoch
+                    self._evaluate(test_x, test_y, rec)
+                    self._at = (step, epoch + 1, self.shuffle.get_state())
+                    self._save(*self._at)
+                if step % per_epoch and len(self.accuracy) == step // per_epoch:
+                    self._evaluate(test_x, test_y, rec)
+                if self._at[0] > self._saved:
+                    self._save(*self._at)
+            except BaseException:
+                if self._at is not None and self._at[0] > self._saved:
+                    with contextlib.suppress(Exception):  # never hide why the run stopped
+                        self._save(*self._at)
+                raise
             if self.progress is not None:
-                self._report(epoch, step, loss, rec is not None)
+                self._report(min(epoch, cfg.epochs - 1), step, loss, rec is not None)
         wall = time.perf_counter() - t0
         from statscope.store import read_attrs
 
-        overhead = read_attrs(cfg.out).get(S.ATTR_PROBE_OVERHEAD) if rec is not None else None
+        overhead = None
+        if start_step is not None:
+            if rec is None and step == start_step:
+                self._finish()
+            attrs = read_attrs(cfg.out)
+            overhead = attrs.get(S.ATTR_PROBE_OVERHEAD)
+            if attrs.get(S.ATTR_STATUS) == S.STATUS_COMPLETED:
+                from statscope.experiments.checkpoint import remove_checkpoints
+
+                remove_checkpoints(cfg.out)  # a completed run is never resumed
+        resumed = cfg.resume and bool(start_step)
         return RunResult(path=cfg.out if start_step is not None else None, dataset=cfg.dataset,
                          test_accuracy=tuple(self.accuracy), steps=step, wall_seconds=wall,
-                         probe_overhead=overhead)
+                         probe_overhead=overhead, resumed_at=start_step if resumed else None,
+                         checkpoint_step=self.checkpoint_step,
+                         replayed_steps=replayed if start_step is not None else 0)
+
+    def _evaluate(self, test_x, test_y, rec) -> None:
+        self.accuracy.append(_accuracy(self.model, test_x, test_y))
+        if rec is not None:
+            rec.log(test_acc=self.accuracy[-1])
+            rec.set_attrs(test_accuracy=list(self.accuracy))
+
+    def _config(self) -> dict:
+        """The settings a checkpoint must share with this run to be continued by it."""
+        config = {k: v for k, v in self.cfg.meta().items() if k not in _RESUMABLE}
+        return {**config, "device": self.cfg.device, "steps_per_epoch": self.steps_per_epoch}
+
+    def _save(self, step: int, epoch: int, shuffle_state) -> None:
+        import torch
+
+        from statscope.experiments.checkpoint import Checkpoint
+
+        if not self.checkpoints:
+            return
+        cuda = self.cfg.device == "cuda"
+        Checkpoint(step=step, epoch=epoch,
+                   lr=self.cfg.spec.lr_at(epoch, self.cfg.epochs, self.cfg.lr),
+                   test_accuracy=tuple(self.accuracy[:epoch]), config=self._config(),
+                   model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                   shuffle=shuffle_state, augment=self.augment.get_state(),
+                   torch_rng=torch.get_rng_state(),
+                   cuda_rng=torch.cuda.get_rng_state() if cuda else None).save(self.cfg.out)
+        self._saved = step
+
+    def _finish(self) -> None:
+        """Mark completed a store whose steps were all recorded by a run that died closing it."""
+        from statscope.store import Layout, read_attrs
+        from statscope.writer import RunWriter
+
+        writer = RunWriter(self.cfg.out, Layout.from_attrs(read_attrs(self.cfg.out)), resume=True)
+        writer.set_attrs(test_accuracy=list(self.accuracy))
+        writer.close(S.STATUS_COMPLETED)
 
     def _report(self, epoch: int, step: int, loss, recording: bool) -> None:
         self.progress(Progress(epoch=epoch + 1, epochs=self.cfg.epochs, step=step,
@@ -280,9 +399,10 @@ def _check_resume(cfg: RunConfig, start_step: int, total: int) -> None:
     if stored is not None and stored != cfg.dataset:
         raise StoreError(f"out={cfg.out!r}: --resume with dataset {cfg.dataset!r}, but the run "
                          f"was recorded on {stored!r}")
-    if start_step >= total:
-        raise StoreError(f"out={cfg.out!r}: all {total} steps are recorded already; nothing to "
-                         "resume, pass --overwrite to run it again")
+    if start_step > total:
+        raise StoreError(f"out={cfg.out!r}: the store holds steps 0..{start_step - 1}, more than "
+                         f"the {total} steps this run takes (max_steps={cfg.max_steps}); pass "
+                         "--overwrite to run it again")
 
 
 def _check_shapes(cfg: RunConfig, exp, model, train_x, normalize, device) -> None:

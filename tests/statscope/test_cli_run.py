@@ -1,5 +1,6 @@
 """``statscope run``, ``sweep``, ``runs`` and ``info`` through ``main(argv)`` and one subprocess."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -195,6 +196,51 @@ def test_sweep_runs_the_grid_and_is_restartable(tmp_path, mnist_dir, capsys):
     assert any(line.startswith(f"done  {names[0]} (resumed)") for line in lines)
     assert statscope.store.read_attrs(out / names[0])[S.ATTR_N_STEPS] == 6
     assert snapshot(out / names[1]) == before
+
+
+def test_resume_says_where_it_continued_and_a_sweep_finishes_a_failed_complete_run(
+        tmp_path, mnist_dir, capsys):
+    from statscope.experiments import RunConfig, run_experiment
+
+    def stop(at, reports=1):
+        def crash(p):
+            seen.append(p.step)
+            if seen.count(at) == reports:
+                raise KeyboardInterrupt
+        seen = []
+        return crash
+
+    out = tmp_path / "sw"
+    name = "mnist-fc_bs8_seed0_bn_max12"
+    config = RunConfig("mnist-fc", batch_size=8, max_steps=12, data_dir=mnist_dir)
+    argv = ["--bs", "8", "--max-steps", "12", "--data-dir", mnist_dir, "-q"]
+    for run, at in (("a", 5), ("b", 5)):
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(dataclasses.replace(config, out=str(out / run)),
+                           progress=stop(at), progress_seconds=0)
+    assert sorted(os.listdir(out)) == ["a", "a.checkpoint.pt", "b", "b.checkpoint.pt"]
+    assert main(["runs", str(out)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [row[:4] for row in rows[1:]] == [["a", "failed", "5", "4"], ["b", "failed", "5", "4"]]
+    os.remove(out / "b.checkpoint.pt")
+    for run in ("a", "b"):
+        assert main(["run", "mnist-fc", *argv, "--out", str(out / run), "--resume"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "12 steps (resumed at step 5 from the checkpoint at step 5: 0 steps replayed), 7 of " \
+           "them in " in lines[0]
+    assert "12 steps (resumed at step 5 without a checkpoint: 5 steps replayed from step 0), " \
+           "12 of them in " in lines[1]
+    assert sorted(os.listdir(out)) == ["a", "b"]  # completed runs keep no checkpoint
+    # died after its last step, in the final report: failed, every step recorded
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(dataclasses.replace(config, out=str(out / name)),
+                       progress=stop(12, reports=2), progress_seconds=0)
+    attrs = statscope.store.read_attrs(out / name)
+    assert attrs[S.ATTR_STATUS] == S.STATUS_FAILED and attrs[S.ATTR_N_STEPS] == 12
+    assert main(["sweep", "mnist-fc", *argv, "--out", str(out)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"done  {name} (resumed): ") and "0 of them in" in line
+    assert statscope.store.read_attrs(out / name)[S.ATTR_STATUS] == S.STATUS_COMPLETED
 
 
 def test_sweep_in_parallel_processes_with_norms(tmp_path, mnist_dir, capsys):

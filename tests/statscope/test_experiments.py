@@ -3,6 +3,9 @@
 import dataclasses
 import doctest
 import itertools
+import os
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -18,7 +21,7 @@ from statscope.experiments.cifar_resnet import random_crop_flip, resnet18
 from statscope.experiments.datasets import load_dataset
 
 import statscope.experiments as experiments_pkg
-from statscope.experiments import base, cifar_resnet, mnist_fc, sweep, train
+from statscope.experiments import base, checkpoint, cifar_resnet, mnist_fc, sweep, train
 
 from test_experiments_support import raw_arrays, write_cifar
 
@@ -154,36 +157,192 @@ def test_fallback_to_the_shipped_subset_is_recorded(tmp_path):
     assert statscope.open_run(result.path).attrs[S.ATTR_META][S.META_DATASET] == "mnist-5k-subset"
 
 
-def test_resume_replays_to_the_last_step_and_matches_an_uninterrupted_run(tmp_path, mnist_dir):
-    class Crash(Exception):
-        pass
+class Crash(Exception):
+    pass
 
+
+_BASE = dict(experiment="mnist-fc", batch_size=4, epochs=3)  # 16 steps an epoch on mnist_dir
+
+
+def _cut(tmp_path, mnist_dir, name, at=25, **kwargs):
+    """A run stopped by an exception in its progress callback after ``at`` steps."""
     def crash(p):
-        if p.step >= 25:
+        if p.step >= at:
             raise Crash
 
-    base = RunConfig("mnist-fc", batch_size=4, epochs=3, data_dir=mnist_dir)
+    out = str(tmp_path / name)
     with pytest.raises(Crash):
-        run_experiment(dataclasses.replace(base, out=str(tmp_path / "cut")), progress=crash,
+        run_experiment(RunConfig(**_BASE, data_dir=mnist_dir, out=out, **kwargs), progress=crash,
                        progress_seconds=0)
-    cut = statscope.store.read_attrs(tmp_path / "cut")
-    assert cut[S.ATTR_STATUS] == S.STATUS_FAILED and cut[S.ATTR_LAST_STEP] == 24
-    with pytest.raises(StoreError, match="seed: stored 0, now 1"):
-        run_experiment(dataclasses.replace(base, seed=1, out=str(tmp_path / "cut"), resume=True,
-                                           max_steps=44))
+    return out
+
+
+def _resume(out, mnist_dir, max_steps=40, **kwargs):
     seen = []
-    result = run_experiment(dataclasses.replace(base, out=str(tmp_path / "cut"), resume=True,
-                                                max_steps=40), progress=seen.append,
-                            progress_seconds=0)
-    assert [p.recording for p in seen][24:26] == [False, True]
-    straight = run_experiment(dataclasses.replace(base, out=str(tmp_path / "straight"),
-                                                  max_steps=40))
+    result = run_experiment(RunConfig(**_BASE, data_dir=mnist_dir, out=out, resume=True,
+                                      max_steps=max_steps, **kwargs),
+                            progress=seen.append, progress_seconds=0)
+    return result, seen
+
+
+def _checkpoint_step(path):
+    return torch.load(path, weights_only=True)["step"]
+
+
+@pytest.fixture
+def straight(tmp_path, mnist_dir):
+    """The uninterrupted run the resumed ones must equal."""
+    return run_experiment(RunConfig(**_BASE, data_dir=mnist_dir, max_steps=40,
+                                    out=str(tmp_path / "straight")))
+
+
+def _assert_same_run(result, straight):
     assert result.steps == straight.steps == 40
     assert result.test_accuracy == straight.test_accuracy
     ra, rb = raw_arrays(result.path), raw_arrays(straight.path)
-    assert all(ra[k] == rb[k] for k in rb)
+    assert ra.keys() == rb.keys() and all(ra[k] == rb[k] for k in rb)
+    attrs = statscope.store.read_attrs(result.path)
+    assert attrs[S.ATTR_STATUS] == S.STATUS_COMPLETED and attrs[S.ATTR_N_STEPS] == 40
+    assert attrs["test_accuracy"] == list(straight.test_accuracy)
+
+
+def test_an_interrupted_run_leaves_checkpoints_beside_its_store(tmp_path, mnist_dir):
+    out = _cut(tmp_path, mnist_dir, "cut")
+    cut = statscope.store.read_attrs(out)
+    assert cut[S.ATTR_STATUS] == S.STATUS_FAILED and cut[S.ATTR_LAST_STEP] == 24
+    current, previous = checkpoint.checkpoint_paths(out)
+    assert current == out + ".checkpoint.pt" and previous == out + ".checkpoint.prev.pt"
+    # the interrupted step, and the end of epoch 1 before it
+    assert (_checkpoint_step(current), _checkpoint_step(previous)) == (25, 16)
+    assert not any(name.startswith("checkpoint") for name in os.listdir(out))
+
+
+def test_resume_continues_from_the_interrupted_step(tmp_path, mnist_dir, straight):
+    out = _cut(tmp_path, mnist_dir, "cut")
+    result, seen = _resume(out, mnist_dir)
+    assert (result.resumed_at, result.checkpoint_step, result.replayed_steps) == (25, 25, 0)
+    assert [p.step for p in seen][0] == 26 and all(p.recording for p in seen)
+    _assert_same_run(result, straight)
+    assert not any(os.path.exists(p) for p in checkpoint.checkpoint_paths(out))  # completed
+
+
+def test_resume_replays_only_the_steps_after_an_older_checkpoint(tmp_path, mnist_dir, straight,
+                                                                  monkeypatch):
+    out = _cut(tmp_path, mnist_dir, "cut")
+    os.remove(out + ".checkpoint.pt")
+    steps = []
+    sgd_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step",
+                        lambda self, *a, **k: (steps.append(1), sgd_step(self, *a, **k))[1])
+    result, seen = _resume(out, mnist_dir)
+    assert (result.resumed_at, result.checkpoint_step, result.replayed_steps) == (25, 16, 9)
+    assert len(steps) == 40 - 16  # the optimizer ran only from the checkpoint on
+    assert [(p.step, p.recording) for p in seen][:10] == \
+        [(s, False) for s in range(17, 26)] + [(26, True)]
+    _assert_same_run(result, straight)
+
+
+def test_a_checkpoint_ahead_of_the_store_is_passed_over(tmp_path, mnist_dir, straight):
+    # after a hard kill the newest checkpoint can be ahead of the steps the store committed
+    out = _cut(tmp_path, mnist_dir, "cut")
+    later = _cut(tmp_path, mnist_dir, "later", at=36)
+    shutil.copy(later + ".checkpoint.pt", out + ".checkpoint.pt")
+    assert _checkpoint_step(out + ".checkpoint.pt") == 36
+    result, _ = _resume(out, mnist_dir)
+    assert (result.checkpoint_step, result.replayed_steps) == (16, 9)
+    _assert_same_run(result, straight)
+
+
+def test_resume_without_a_checkpoint_replays_from_step_0(tmp_path, mnist_dir, straight):
+    out = _cut(tmp_path, mnist_dir, "cut")
+    for path in checkpoint.checkpoint_paths(out):
+        os.remove(path)
+    with pytest.raises(StoreError, match="seed: stored 0, now 1"):
+        _resume(out, mnist_dir, max_steps=44, seed=1)
+    result, seen = _resume(out, mnist_dir)
+    assert (result.resumed_at, result.checkpoint_step, result.replayed_steps) == (25, None, 25)
+    assert [p.recording for p in seen][24:26] == [False, True]
+    _assert_same_run(result, straight)
     with pytest.raises(StoreError, match="already completed"):
-        run_experiment(dataclasses.replace(base, out=str(tmp_path / "straight"), resume=True))
+        _resume(straight.path, mnist_dir)
+    # checkpoints only ahead of the store: replay from 0, with a warning saying why
+    out = _cut(tmp_path, mnist_dir, "cut2", at=10)
+    later = _cut(tmp_path, mnist_dir, "later", at=36)
+    shutil.copy(later + ".checkpoint.pt", out + ".checkpoint.pt")
+    assert not os.path.exists(out + ".checkpoint.prev.pt")  # stopped inside epoch 1
+    with pytest.warns(statscope.StatscopeWarning, match=r"no usable checkpoint.*ahead of the "
+                                                         r"store's next step 10.*step 36"):
+        result, _ = _resume(out, mnist_dir)
+    assert (result.checkpoint_step, result.replayed_steps) == (None, 10)
+    _assert_same_run(result, straight)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda path, other: open(path, "wb").write(b"not a checkpoint"), r"cannot be read"),
+    (lambda path, other: open(path, "r+b").truncate(300), r"cannot be read"),
+    (lambda path, other: torch.save({"format": 99}, path), r"format 99, expected 1"),
+    (lambda path, other: shutil.copy(other, path),
+     r"made with other settings than this run \(seed: checkpoint 1, now 0\)"),
+])
+def test_a_damaged_or_foreign_checkpoint_is_an_error_naming_the_file(tmp_path, mnist_dir, damage,
+                                                                      match):
+    out = _cut(tmp_path, mnist_dir, "cut")
+    other = _cut(tmp_path, mnist_dir, "other", seed=1) + ".checkpoint.pt"
+    damage(out + ".checkpoint.pt", other)
+    before = statscope.store.read_attrs(out)
+    with pytest.raises(StoreError, match=rf"checkpoint '{re.escape(out)}.checkpoint.pt': {match}"
+                                         r".*delete it to resume by replaying the run from step 0"):
+        _resume(out, mnist_dir)
+    assert statscope.store.read_attrs(out) == before  # nothing written
+
+
+@pytest.mark.parametrize("keep_checkpoint", [True, False])
+def test_a_failed_run_with_every_step_recorded_is_finished(tmp_path, mnist_dir, keep_checkpoint):
+    # it died after its last step, in the final report: failed, but every step is in the store
+    def crash(p):
+        calls.extend([1] if p.step == 20 else [])
+        if len(calls) == 2:  # the report after the final evaluation
+            raise Crash
+
+    calls = []
+    config = RunConfig(**_BASE, data_dir=mnist_dir, max_steps=20, out=str(tmp_path / "cut"))
+    with pytest.raises(Crash):
+        run_experiment(config, progress=crash, progress_seconds=0)
+    cut = statscope.store.read_attrs(config.out)
+    assert cut[S.ATTR_STATUS] == S.STATUS_FAILED and cut[S.ATTR_N_STEPS] == 20
+    with pytest.raises(StoreError, match=r"holds steps 0..19, more than the 10 steps"):
+        run_experiment(dataclasses.replace(config, resume=True, max_steps=10))
+    if not keep_checkpoint:
+        for path in checkpoint.checkpoint_paths(config.out):
+            os.remove(path)
+    result = run_experiment(dataclasses.replace(config, resume=True))
+    straight = run_experiment(dataclasses.replace(config, out=str(tmp_path / "straight")))
+    assert result.replayed_steps == (0 if keep_checkpoint else 20)
+    assert result.checkpoint_step == (20 if keep_checkpoint else None)
+    assert result.test_accuracy == straight.test_accuracy and len(result.test_accuracy) == 2
+    attrs = statscope.store.read_attrs(config.out)
+    assert attrs[S.ATTR_STATUS] == S.STATUS_COMPLETED and attrs[S.ATTR_ERROR] is None
+    assert attrs["test_accuracy"] == list(straight.test_accuracy)
+    ra, rb = raw_arrays(result.path), raw_arrays(straight.path)
+    assert ra.keys() == rb.keys() and all(ra[k] == rb[k] for k in rb)
+
+
+def test_stores_with_checkpoints_beside_them_read_as_before(tmp_path, mnist_dir):
+    import warnings
+
+    import zarr
+
+    from statscope.dashboards.data import RunCatalog
+
+    out = _cut(tmp_path / "runs", mnist_dir, "cut")
+    assert os.path.exists(out + ".checkpoint.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert statscope.store.find_runs(tmp_path / "runs") == [out]
+        assert statscope.open_run(out).sizes["step"] == 25
+        assert statscope.open_runs(str(tmp_path / "runs")).sizes["run"] == 1
+        assert S.BN_MEAN in zarr.open_group(out, mode="r").array_keys()
+        assert RunCatalog(tmp_path / "runs").names() == ["cut"]
 
 
 def test_norm_choice_is_used_and_probed(tmp_path, mnist_dir):
@@ -250,7 +409,8 @@ def test_random_crop_flip_takes_a_padded_crop_flipped_or_not():
     assert len(offsets) > 10 and 16 < flips < 48
 
 
-@pytest.mark.parametrize("module", [experiments_pkg, base, mnist_fc, cifar_resnet, sweep, train])
+@pytest.mark.parametrize("module", [experiments_pkg, base, checkpoint, mnist_fc, cifar_resnet,
+                                    sweep, train])
 def test_docstring_examples_run(module):
     failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert failures == 0 and tried > 0

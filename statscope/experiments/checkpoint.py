@@ -1,0 +1,171 @@
+"""Checkpoints of a built-in experiment's training loop, so that ``--resume`` continues a run
+from where it stopped instead of replaying it from step 0.
+
+A checkpoint holds everything the loop needs to go on bit-exactly on the CPU: the model's and the
+optimizer's state dicts (weights, BatchNorm running statistics, momentum buffers), the position
+(global step, epoch, learning rate), the state of the shuffling generator at the start of that
+epoch (its permutation is drawn again), the augmentation generator's and torch's global RNG
+states, the test accuracy of the completed epochs, and the settings that must match to continue.
+
+It lives *beside* the run store, not in it: ``runs/<name>.checkpoint.pt`` for the store
+``runs/<name>``. zarr-python 3 warns about every file inside a group that is not a zarr node
+whenever the group's members are listed (``group.arrays()``, and the writer's resume does), so a
+file inside the store would not be invisible. The previous checkpoint is kept as
+``<name>.checkpoint.prev.pt``: the store lags the training by a few seconds of buffered steps, so
+after a hard kill the newest checkpoint can be ahead of the store and only the previous one
+usable. A run that completes deletes them (it is never resumed), and a run started from step 0
+deletes stale ones. Both are written atomically (temporary file, ``fsync``, ``os.replace``) and
+read with ``torch.load(weights_only=True)``: only tensors and plain containers, no code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from statscope.errors import StoreError
+
+__all__ = ["Checkpoint", "checkpoint_paths", "load_checkpoint", "remove_checkpoints"]
+
+FORMAT = 1
+_SUFFIXES = (".checkpoint.pt", ".checkpoint.prev.pt")
+
+
+def checkpoint_paths(out: str) -> tuple[str, ...]:
+    """The checkpoint files of the store ``out``, newest first; () for a URL (not checkpointed).
+
+    Example:
+        >>> checkpoint_paths("runs/mnist-fc_bs4/")
+        ('runs/mnist-fc_bs4.checkpoint.pt', 'runs/mnist-fc_bs4.checkpoint.prev.pt')
+        >>> checkpoint_paths("s3://bucket/run")
+        ()
+    """
+    from statscope.store import _is_url
+
+    if _is_url(out):
+        return ()
+    base = os.path.normpath(out.removeprefix("file://"))
+    return tuple(base + suffix for suffix in _SUFFIXES)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The training loop's state after ``step`` steps.
+
+    Attributes:
+        step: steps done, in all.
+        epoch: the 0-based epoch the loop continues in (``step`` may lie inside it).
+        lr: learning rate of that epoch.
+        test_accuracy: test accuracy after each of the ``epoch`` completed epochs, in [0, 1].
+        config: the settings that must match to continue (``RunConfig.meta()`` less
+            ``device``, ``threads``, ``max_steps``) and ``steps_per_epoch``.
+        model: the model's ``state_dict()``.
+        optimizer: the optimizer's ``state_dict()``.
+        shuffle: shuffling generator state before epoch ``epoch``'s permutation, uint8 tensor.
+        augment: augmentation generator state, uint8 tensor.
+        torch_rng: ``torch.get_rng_state()``.
+        cuda_rng: ``torch.cuda.get_rng_state()`` on CUDA runs, else None.
+        path: the file it was read from (not saved).
+    """
+
+    step: int
+    epoch: int
+    lr: float
+    test_accuracy: tuple[float, ...]
+    config: dict[str, Any]
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    shuffle: Any
+    augment: Any
+    torch_rng: Any
+    cuda_rng: Any = None
+    path: str | None = None
+
+    def save(self, out: str) -> str | None:
+        """Write this checkpoint beside the store ``out``; the newest one before it becomes the
+        previous. Returns the path written (None for a URL ``out``)."""
+        import torch
+
+        paths = checkpoint_paths(out)
+        if not paths:
+            return None
+        current, previous = paths
+        tmp = f"{current}.tmp-{os.getpid()}"
+        payload = {"format": FORMAT, **{f: getattr(self, f) for f in self.__dataclass_fields__
+                                        if f != "path"}}
+        payload["test_accuracy"] = list(self.test_accuracy)
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(payload, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if os.path.exists(current):
+                os.replace(current, previous)
+            os.replace(tmp, current)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return current
+
+
+def load_checkpoint(out: str, config: dict[str, Any], max_step: int) -> tuple[Checkpoint | None,
+                                                                             str | None]:
+    """The newest checkpoint of the store ``out`` with ``step <= max_step``.
+
+    Args:
+        out: the run store.
+        config: the settings the checkpoint must have been made with (see :class:`Checkpoint`).
+        max_step: the step the store records next (its last step + 1).
+
+    Returns:
+        (checkpoint, None), or (None, why none was usable: none found, or each one ahead of the
+        store).
+
+    Raises:
+        StoreError: a checkpoint file that cannot be read, is of an unknown format, or was made
+            with other settings; the message names the file.
+    """
+    import torch
+
+    ahead = []
+    for path in checkpoint_paths(out):
+        if not os.path.exists(path):
+            continue
+        fix = "delete it to resume by replaying the run from step 0"
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a damaged or foreign file
+            first = (str(exc).splitlines() or [""])[0]
+            raise StoreError(f"checkpoint {path!r}: cannot be read ({type(exc).__name__}: "
+                             f"{first}); {fix}") from None
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+            raise StoreError(f"checkpoint {path!r}: format {found!r}, expected {FORMAT}; {fix}")
+        fields = Checkpoint.__dataclass_fields__
+        missing = sorted(set(fields) - set(payload) - {"cuda_rng", "path"})
+        if missing:
+            raise StoreError(f"checkpoint {path!r}: missing {', '.join(missing)}; {fix}")
+        stored = payload["config"]
+        differ = [f"{k}: checkpoint {stored.get(k)!r}, now {v!r}" for k, v in config.items()
+                  if stored.get(k) != v]
+        if differ:
+            raise StoreError(f"checkpoint {path!r}: made with other settings than this run ("
+                             + "; ".join(differ) + f"); {fix}")
+        if payload["step"] > max_step:
+            ahead.append(f"{os.path.basename(path)} is at step {payload['step']}")
+            continue
+        payload["test_accuracy"] = tuple(payload["test_accuracy"])
+        return Checkpoint(**{k: v for k, v in payload.items() if k in fields and k != "path"},
+                          path=path), None
+    if ahead:
+        return None, "ahead of the store's next step " + str(max_step) + " (" + \
+            ", ".join(ahead) + ")"
+    return None, "no checkpoint"
+
+
+def remove_checkpoints(out: str) -> None:
+    """Delete the checkpoints of the store ``out`` (a run started again from step 0)."""
+    for path in checkpoint_paths(out):
+        if os.path.exists(path):
+            os.remove(path)
