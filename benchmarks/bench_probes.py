@@ -34,13 +34,14 @@ def fc_net() -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(128, 10))
 
 
-def time_steps(bs: int, steps: int, probed: bool, tmp: str) -> tuple[float, float, float]:
+def time_steps(bs: int, steps: int, probed: bool, tmp: str,
+               device: str = "cpu") -> tuple[float, float, float]:
     """Seconds per step: wall, training-thread CPU, writer-thread CPU."""
     torch.manual_seed(0)
-    model = fc_net()
+    model = fc_net().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    data = torch.randn(steps + 100, bs, 784)
-    target = torch.randint(0, 10, (steps + 100, bs))
+    data = torch.randn(steps + 100, bs, 784, device=device)
+    target = torch.randint(0, 10, (steps + 100, bs), device=device)
     loss_fn = nn.CrossEntropyLoss()
     rec = statscope.record(model, f"{tmp}/run", overwrite=True).start() if probed else None
 
@@ -52,12 +53,15 @@ def time_steps(bs: int, steps: int, probed: bool, tmp: str) -> tuple[float, floa
         if rec is not None:
             rec.log(loss=loss)
 
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for i in range(100):
         step(i)
+    sync()
     t0, c0 = time.perf_counter(), time.thread_time()
     w0 = _thread_cpu(rec)
     for i in range(steps):
         step(100 + i)
+    sync()
     elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
     worker = _thread_cpu(rec) - w0
     if rec is not None:
@@ -96,16 +100,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} steps x "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {where}, {args.threads} thread(s), {args.steps} steps x "
           f"{args.repeats} repeats")
     with tempfile.TemporaryDirectory() as tmp:
         for bs in (4, 128):
             plain, probed = [], []
             for _ in range(args.repeats):
-                plain.append(time_steps(bs, args.steps, False, tmp))
-                probed.append(time_steps(bs, args.steps, True, tmp))
+                plain.append(time_steps(bs, args.steps, False, tmp, args.device))
+                probed.append(time_steps(bs, args.steps, True, tmp, args.device))
             med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
             ratio = lambda i: statistics.median(  # noqa: E731
                 b[i] / a[i] for a, b in zip(plain, probed))

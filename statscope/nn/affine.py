@@ -15,7 +15,12 @@ try:
 except ImportError:  # torch < 2.3
     from torch._dynamo import is_compiling as compiling
 
-__all__ = ["centred_affine", "compiling"]
+__all__ = ["centred_affine", "compiling", "UNIT_EPS"]
+
+UNIT_EPS = 1e-30
+"""The eps of the BatchNorm kernels used as plain affine maps with a unit variance: positive, as
+``F.batch_norm`` demands (torch 2.11 rejects 0; on CUDA anything below cuDNN's 1e-5 takes the
+native kernel), and too small to change ``1 + eps`` in any float type."""
 
 
 class _CentredAffine(torch.autograd.Function):
@@ -23,7 +28,7 @@ class _CentredAffine(torch.autograd.Function):
     @staticmethod
     def forward(x, centre, scale, shift):
         return torch.nn.functional.batch_norm(x, centre, torch.ones_like(centre), scale, shift,
-                                              training=False, eps=0.0)
+                                              training=False, eps=UNIT_EPS)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -33,8 +38,10 @@ class _CentredAffine(torch.autograd.Function):
     def backward(ctx, grad):
         x, centre, scale = ctx.saved_tensors
         need_x, need_centre, need_scale, need_shift = ctx.needs_input_grad
-        if torch.is_grad_enabled():
-            # create_graph: differentiable ops, so that double backward sees every path
+        if torch.is_grad_enabled() or x.device.type != "cpu":
+            # create_graph: differentiable ops, so that double backward sees every path. Off the
+            # CPU too: CUDA's inference-mode native_batch_norm_backward asserts on a missing
+            # save_mean for some shapes (seen with (N, C) inputs on torch 2.11).
             dims = (0, *range(2, x.dim()))
             view = (1, -1) + (1,) * (x.dim() - 2)
             grad_x = grad * scale.reshape(view) if need_x else None
@@ -42,7 +49,7 @@ class _CentredAffine(torch.autograd.Function):
             grad_sum = grad.sum(dims) if need_centre or need_shift else None
         else:
             grad_x, grad_scale, grad_sum = torch.ops.aten.native_batch_norm_backward(
-                grad, x, scale, centre, torch.ones_like(centre), None, None, False, 0.0,
+                grad, x, scale, centre, torch.ones_like(centre), None, None, False, UNIT_EPS,
                 [need_x, need_scale, need_centre or need_shift])
         grad_centre = -scale * grad_sum if need_centre else None
         return grad_x, grad_centre, grad_scale, grad_sum if need_shift else None

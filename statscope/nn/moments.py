@@ -17,7 +17,7 @@ import math
 import torch
 
 from statscope.errors import StatscopeError
-from statscope.nn.affine import compiling
+from statscope.nn.affine import UNIT_EPS, compiling
 
 __all__ = ["PIXEL_SETS", "BATCH_SETS", "GROUPED_SETS", "STD_CENTERS", "check_set", "check_groups",
            "set_size", "describe", "cell_moments", "set_average"]
@@ -179,7 +179,7 @@ class _ChannelMoments(torch.autograd.Function):
             return torch.addcmul(_channel_view(offset, x), x - _channel_view(mean, x),
                                  _channel_view(slope, x))
         return torch.nn.functional.batch_norm(x, mean, torch.ones_like(mean), slope, offset,
-                                              training=False, eps=0.0)
+                                              training=False, eps=UNIT_EPS)
 
 
 def cell_moments(x, per_example):
