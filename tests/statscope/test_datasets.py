@@ -55,13 +55,7 @@ def snapshot(folder):
             if p.is_file()}
 
 
-@pytest.fixture(autouse=True)
-def isolated_env(tmp_path, monkeypatch):
-    """No user data, cache or mirror settings leak in; the cache is empty and per test."""
-    for var in ("STATSCOPE_DATA", "STATSCOPE_MNIST_URL", "STATSCOPE_FASHION_MNIST_URL",
-                "STATSCOPE_CIFAR10_URL"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("STATSCOPE_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_env")
 
 
 # ---- read_idx --------------------------------------------------------------------------------

@@ -85,15 +85,10 @@ def served(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def isolated_env(tmp_path, monkeypatch):
-    for var in ("STATSCOPE_DATA", "STATSCOPE_MNIST_URL", "STATSCOPE_FASHION_MNIST_URL",
-                "STATSCOPE_CIFAR10_URL"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("STATSCOPE_CACHE", str(tmp_path / "cache"))
-    # Debian's Fashion-MNIST must not short-circuit the download path under test.
+def no_system_fashion_mnist(isolated_env, monkeypatch):
+    """Debian's Fashion-MNIST must not short-circuit the download path under test."""
     spec = dataclasses.replace(datasets._SPECS["fashion-mnist"], system_dirs=())
     monkeypatch.setitem(datasets._SPECS, "fashion-mnist", spec)
-    return tmp_path / "cache"
 
 
 def test_good_files_are_downloaded_cached_and_reused_offline(served, isolated_env):
