@@ -16,7 +16,6 @@ import threading
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -26,23 +25,16 @@ from torch import nn
 from statscope import schema as S
 from statscope.errors import NonFiniteWarning, StatscopeError, StatscopeWarning, StoreError
 from statscope.probes.attach import MECHANISMS, attach
-from statscope.probes.capture import BufferPool, Capture, Segment, segment_moments
+from statscope.probes.block import Block, block_rows
+from statscope.probes.capture import BufferPool, Capture
 from statscope.probes.selection import Target, norm_info, select, unwrap
-from statscope.probes.statistics import STATISTICS, Moments, finish, get_statistic
+from statscope.probes.statistics import STATISTICS, get_statistic
 from statscope.store import Layout, ProbeInfo, read_attrs
 from statscope.writer import RunWriter, _exists
 
 __all__ = ["Recorder", "record"]
 
 _in_backward = torch._C._current_graph_task_id
-
-
-@dataclass(frozen=True)
-class _Block:
-    first_step: int
-    n: int
-    parts: list[tuple[np.ndarray, list[Segment]]]
-    scalars: dict[str, list[tuple[int, Any]]]
 
 
 def _rank_path(path: str) -> tuple[str, int, int]:
@@ -221,7 +213,7 @@ class Recorder:
         if n == 0:
             return
         parts = [cap.take_block(n) for cap in self.captures]
-        block = _Block(self._block_start, n, parts, self._scalars)
+        block = Block(self._block_start, n, parts, self._scalars)
         self._scalars = {}
         self._block_start += n
         self._slot = 0
@@ -300,54 +292,15 @@ class Recorder:
                 warnings.warn(f"statscope: recording stopped, the writer failed: {exc!r}\n"
                               + traceback.format_exc(), StatscopeWarning, stacklevel=1)
 
-    def _write_block(self, block: _Block) -> None:
+    def _write_block(self, block: Block) -> None:
         writer = self._writer or self._open_writer()
-        n = block.n
-        per_neuron = {s.name: [] for s in self.statistics if not s.per_group}
-        per_group = {s.name: [] for s in self.statistics if s.per_group}
-        counts = []
-        live = [(cap, count, segments) for cap, (count, segments) in zip(self.captures, block.parts)
-                if cap.channels is not None]
-        flat = [seg for _, _, segments in live for seg in segments]
-        computed = iter(segment_moments(flat, self.order, self.pool))
-        for cap, count, segments in live:
-            moments = self._moments(cap, count, [(seg, next(computed)) for seg in segments], n)
-            for name, values in finish(moments, tuple(per_neuron) + tuple(per_group)).items():
-                (per_group if name in per_group else per_neuron)[name].append(values)
-            counts.append(count)
-        stats = {k: np.concatenate(v, axis=1).astype(np.float32)
-                 for k, v in {**per_neuron, **per_group}.items()}
-        scalars = {name: self._scalar_column(values, n) for name, values in block.scalars.items()}
-        steps = np.arange(block.first_step, block.first_step + n, dtype=np.int64)
-        bad = writer.append(steps, np.stack(counts, axis=1), stats, scalars)
+        bad = writer.append(*block_rows(block, self.captures, self.statistics, self.order,
+                                        self.pool))
         if bad and not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(f"statscope: non-finite statistics recorded ({writer.nonfinite}); they "
                           "are stored as they are and counted in the run's attrs",
                           NonFiniteWarning, stacklevel=1)
-
-    def _moments(self, cap: Capture, count: np.ndarray, segments, n: int) -> Moments:
-        c = cap.channels
-        arrays = [np.full((n, c), np.nan) for _ in range(2 if self.order < 4 else 4)]
-        for seg, moments in segments:
-            for dst, src in zip(arrays, moments):
-                dst[seg.start:seg.stop] = src
-        for a in arrays:
-            a[count == 0] = np.nan  # slots this probe did not run in hold stale buffer rows
-        m3, m4 = (arrays[2], arrays[3]) if self.order >= 4 else (None, None)
-        return Moments(arrays[0], arrays[1], m3, m4, cap.target.groups)
-
-    @staticmethod
-    def _scalar_column(values: list[tuple[int, Any]], n: int) -> np.ndarray:
-        out = np.full(n, np.nan)
-        tensors = [(slot, v) for slot, v in values if isinstance(v, torch.Tensor)]
-        for slot, v in values:
-            if not isinstance(v, torch.Tensor):
-                out[slot] = v
-        if tensors:
-            host = torch.stack([v for _, v in tensors]).double().cpu().numpy()
-            out[[slot for slot, _ in tensors]] = host
-        return out
 
     def _open_writer(self) -> RunWriter:
         probes, running = [], {S.RUNNING_MEAN0: [], S.RUNNING_VAR0: []}
