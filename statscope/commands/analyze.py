@@ -94,7 +94,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     elif args.format == "json":
         text = table.to_json(orient="records", indent=1) + "\n"
     else:
-        text = table.to_string(index=False, float_format=lambda v: f"{v:.4g}") + "\n"
+        text = table.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="—") + "\n"
         if notes:
             text += "".join(f"note: {n}\n" for n in notes)
     _write(text, args.output)
