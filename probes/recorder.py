@@ -35,6 +35,7 @@ from statscope.writer import RunWriter, _exists
 __all__ = ["Recorder", "record"]
 
 _in_backward = torch._C._current_graph_task_id
+_LAZY = "lazy"  # a lazy norm layer's running buffers before its first forward
 
 
 def _rank_path(path: str) -> tuple[str, int, int]:
@@ -314,6 +315,8 @@ class Recorder:
             probes.append(ProbeInfo(name=t.name, module=t.module_name, type=type(t.module).__name__,
                                     where=t.where, channel_dim=t.channel_dim,
                                     channels=cap.channels, groups=t.groups, norm=norm))
+            if r0 is _LAZY:
+                r0 = (np.zeros(cap.channels, np.float32), np.ones(cap.channels, np.float32))
             for key, values in zip(running, r0 if r0 is not None and len(r0[0]) == cap.channels
                                    else (None, None)):
                 running[key].append(np.full(cap.channels, np.nan) if values is None else values)
@@ -337,6 +340,8 @@ class Recorder:
         if t.where != "input" or not isinstance(getattr(m, "running_mean", None), torch.Tensor) \
                 or not isinstance(getattr(m, "running_var", None), torch.Tensor):
             return None
+        if isinstance(m.running_mean, nn.parameter.UninitializedBuffer):
+            return _LAZY  # materialized at the first forward, as zeros and ones
         return (m.running_mean.detach().float().cpu().numpy().reshape(-1).copy(),
                 m.running_var.detach().float().cpu().numpy().reshape(-1).copy())
 

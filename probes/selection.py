@@ -93,6 +93,11 @@ def _default_channel_dim(module: nn.Module, where: str) -> int | None:
 
 
 def _known_channels(module: nn.Module, where: str) -> int | None:
+    """Channels the module declares, or None when it does not (yet: lazy modules report 0)."""
+    return _declared_channels(module, where) or None
+
+
+def _declared_channels(module: nn.Module, where: str) -> int | None:
     if isinstance(module, nn.Linear):
         return module.in_features if where == "input" else module.out_features
     if isinstance(module, _CONVS):

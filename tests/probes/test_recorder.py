@@ -263,3 +263,17 @@ def test_both_mechanisms_record_the_same_and_clean_up(tmp_path, mechanism):
     never_started.close()
     with pytest.raises(StatscopeError, match="mechanism='magic'"):
         statscope.record(model, tmp_path / "m", mechanism="magic")
+
+
+def test_lazy_modules_learn_their_channels_at_the_first_forward(tmp_path):
+    model = nn.Sequential(nn.LazyLinear(6), nn.LazyBatchNorm1d())
+    x = torch.randn(4, 5)
+    with statscope.record(model, tmp_path / "r"):
+        model(x)
+        model(x)
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.sizes == {"step": 2, "neuron": 6} and ds.attrs["probes"][0]["channels"] == 6
+    with torch.no_grad():
+        want = model[0](x).double().std(0, correction=0).numpy()
+    np.testing.assert_allclose(ds.bn_std.values[1], want, rtol=1e-5)
+    np.testing.assert_array_equal(ds.running_var0.values, np.ones(6, np.float32))
