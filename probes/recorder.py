@@ -23,14 +23,14 @@ import torch
 from torch import nn
 
 from statscope import schema as S
-from statscope.errors import NonFiniteWarning, StatscopeError, StatscopeWarning, StoreError
+from statscope.errors import NonFiniteWarning, StatscopeError, StatscopeWarning
 from statscope.probes.attach import MECHANISMS, attach
 from statscope.probes.block import Block, block_rows
 from statscope.probes.capture import BufferPool, Capture
 from statscope.probes.selection import Target, norm_info, select, unwrap
 from statscope.probes.statistics import STATISTICS, get_statistic
 from statscope.store import Layout, ProbeInfo, read_attrs
-from statscope.writer import RunWriter, _exists
+from statscope.writer import RunWriter, check_path, check_scalar_name
 
 __all__ = ["Recorder", "record"]
 
@@ -79,14 +79,8 @@ class Recorder:
         self.statistics = [get_statistic(s) for s in stats]
         self.order = max(s.order for s in self.statistics)
         self.path, self.rank, self.world_size = _rank_path(os.fspath(path))
-        if overwrite and resume:
-            raise StatscopeError("overwrite=True, resume=True: choose one")
-        if _exists(self.path) and not (overwrite or resume):
-            raise StoreError(f"path={self.path!r}: already exists; pass overwrite=True to "
-                             "replace it or resume=True to continue it")
-        if overwrite and _exists(self.path):
-            read_attrs(self.path)  # refuse early to overwrite something that is not a run
-        self.resume = resume and _exists(self.path)
+        # checked now although the store may be created only when the first block is written
+        self.resume = check_path(self.path, overwrite=overwrite, resume=resume) and resume
         self.overwrite = overwrite
         self.model = model
         self.root = unwrap(model)
@@ -256,10 +250,8 @@ class Recorder:
                 writer thread).
         """
         for name, value in scalars.items():
-            if name not in self._scalars and name not in self._scalar_names:
-                if name in S.RESERVED_NAMES or name in STATISTICS or not name.isidentifier():
-                    raise StatscopeError(f"log({name}=...): {name!r} is reserved or not an "
-                                         f"identifier; reserved: {sorted(S.RESERVED_NAMES)}")
+            if name not in self._scalar_names:
+                check_scalar_name(name, STATISTICS)
                 self._scalar_names.add(name)
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:

@@ -23,7 +23,8 @@ from statscope import schema as S
 from statscope.errors import StatscopeError, StoreError
 from statscope.store import Layout, ProbeInfo, _is_url, read_attrs, zarr_store
 
-__all__ = ["RunWriter", "write_run", "package_versions", "now_iso"]
+__all__ = ["RunWriter", "write_run", "check_path", "check_scalar_name", "package_versions",
+           "now_iso"]
 
 def now_iso() -> str:
     """The current UTC time, ISO 8601 with seconds."""
@@ -74,16 +75,11 @@ class RunWriter:
                  running0: Mapping[str, np.ndarray] | None = None):
         import zarr
 
-        if overwrite and resume:
-            raise StatscopeError("overwrite=True, resume=True: choose one")
         self.path = os.fspath(path)
         self.layout = layout
         self.chunk_steps = int(chunk_steps)
         self.flush_seconds = float(flush_seconds)
-        exists = _exists(self.path)
-        if exists and not (overwrite or resume):
-            raise StoreError(f"path={self.path!r}: already exists; pass overwrite=True to replace "
-                             "it or resume=True to continue it")
+        exists = check_path(self.path, overwrite=overwrite, resume=resume)
         if resume and exists:
             old = read_attrs(self.path)
             if not Layout.from_attrs(old).same_neurons(layout):
@@ -218,9 +214,7 @@ class RunWriter:
     def _ensure_scalar(self, name: str) -> None:
         if name in self._scalars:
             return
-        if name in S.RESERVED_NAMES or not name.isidentifier():
-            raise StatscopeError(f"log({name}=...): {name!r} is reserved or not an identifier; "
-                                 f"reserved: {sorted(S.RESERVED_NAMES)}")
+        check_scalar_name(name, self.layout.stats)
         self._group.create_array(name, shape=(self.n_steps,), chunks=(self.chunk_steps,),
                                  dtype="float64", fill_value=np.nan, dimension_names=(S.STEP,),
                                  compressors=_compressors())
@@ -269,6 +263,33 @@ def _nan_rows(row: Mapping[str, np.ndarray], tail: tuple[int, ...]) -> np.ndarra
 
 def _group_probe(layout: Layout) -> np.ndarray:
     return np.repeat(np.arange(len(layout.probes)), [p.groups for p in layout.probes])
+
+
+def check_path(path: str, *, overwrite: bool, resume: bool) -> bool:
+    """Check that a run may be written at ``path``; return whether something is there already.
+
+    Raises:
+        StatscopeError: both ``overwrite`` and ``resume``.
+        StoreError: ``path`` holds something and neither is set, or holds something that is not a
+            statscope run (which neither replaces nor continues).
+    """
+    if overwrite and resume:
+        raise StatscopeError("overwrite=True, resume=True: choose one")
+    exists = _exists(path)
+    if exists and not (overwrite or resume):
+        raise StoreError(f"path={path!r}: already exists; pass overwrite=True to replace it or "
+                         "resume=True to continue it")
+    if exists:
+        read_attrs(path)
+    return exists
+
+
+def check_scalar_name(name: str, taken=()) -> None:
+    """Raise StatscopeError unless ``name`` can be a logged scalar: an identifier that is neither
+    a schema name nor one of ``taken`` (the run's statistics)."""
+    if name in S.RESERVED_NAMES or name in taken or not name.isidentifier():
+        raise StatscopeError(f"log({name}=...): {name!r} is reserved or not an identifier; "
+                             f"reserved: {sorted(S.RESERVED_NAMES | set(taken))}")
 
 
 def _exists(path: str) -> bool:
