@@ -62,7 +62,6 @@ class Segment:
 
     start: int
     stop: int
-    channel_dim: int
     raw: _Pair | None = None
     moments: tuple[_Pair, ...] | None = None
 
@@ -147,7 +146,7 @@ class Capture:
             dtype = torch.float64 if dtype == torch.float64 else torch.float32
             self._buf = self.pool.take((self.block_steps, *self._shape_perm()), dtype, device)
             self._rows = self._buf[1]
-        elif self._mode == "moments":
+        else:
             n = 2 if self.order < 4 else 4
             self._moments = [self.pool.take((self.block_steps, self.channels), torch.float32,
                                             device) for _ in range(n)]
@@ -158,11 +157,10 @@ class Capture:
         """End the open segment at ``stop`` (exclusive)."""
         if self._shape is None or stop <= self._start:
             return
-        cdim = self.target.channel_dim
         if self._mode == "raw":
-            self.segments.append(Segment(self._start, stop, cdim, raw=self._buf))
+            self.segments.append(Segment(self._start, stop, raw=self._buf))
         else:
-            self.segments.append(Segment(self._start, stop, cdim, moments=tuple(self._moments)))
+            self.segments.append(Segment(self._start, stop, moments=tuple(self._moments)))
 
     def take_block(self, n: int) -> tuple[np.ndarray, list[Segment]]:
         """Hand over the first ``n`` slots (counts and segments) and start a new block."""
