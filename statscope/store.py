@@ -125,6 +125,11 @@ def read_attrs(path: str | os.PathLike) -> dict:
     Raises:
         StoreError: the path does not exist, is not a statscope run, or has an unknown format.
     """
+    return _open_checked(path)[1]
+
+
+def _open_checked(path: str | os.PathLike):
+    """The run's root group (read only) and its attributes, checked as :func:`read_attrs` says."""
     import zarr
 
     path = os.fspath(path)
@@ -141,7 +146,7 @@ def read_attrs(path: str | os.PathLike) -> dict:
     if not isinstance(version, int) or version > S.FORMAT_VERSION or version < 1:
         raise StoreError(f"path={path!r}: store format version {version!r} is unknown; this "
                          f"statscope reads versions 1..{S.FORMAT_VERSION}")
-    return attrs
+    return group, attrs
 
 
 def is_run(path: str | os.PathLike) -> bool:
@@ -189,12 +194,10 @@ def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None
     """
     import dask.array as da
     import xarray as xr
-    import zarr
 
-    attrs = read_attrs(path)
+    group, attrs = _open_checked(path)
     layout = Layout.from_attrs(attrs)
     idx = layout.neuron_index()
-    group = zarr.open_group(zarr_store(path), mode="r", zarr_format=3)
     # Arrays are read one by one, each cut at the commit marker: a writer killed between
     # resizing two arrays leaves them of different lengths, and only the committed rows count.
     n = min(int(attrs.get(S.ATTR_N_STEPS, 0)), group[S.STEP].shape[0])
