@@ -4,9 +4,11 @@
 is used.
 """
 
-from statscope.errors import StatscopeError, StatscopeWarning, StoreError
+from statscope.errors import (RecordingError, StatscopeError, StatscopeWarning, StoreDamagedError,
+                              StoreError, StoreLockedError)
 
-__all__ = ["StatscopeError", "StatscopeWarning", "StoreError", "record", "open_run", "open_runs",
+__all__ = ["StatscopeError", "StatscopeWarning", "StoreError", "StoreDamagedError",
+           "StoreLockedError", "RecordingError", "record", "open_run", "open_runs",
            "__version__"]
 
 __version__ = "0.1.0"
