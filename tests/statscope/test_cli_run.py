@@ -18,8 +18,13 @@ pytestmark = pytest.mark.usefixtures("offline")
 
 
 def snapshot(folder):
-    return {p: open(os.path.join(r, p), "rb").read()
-            for r, _, files in os.walk(folder) for p in files}
+    """Every file under ``folder`` as bytes, keyed by its name."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                out[name] = handle.read()
+    return out
 
 
 def test_run_records_and_prints_a_summary(tmp_path, mnist_dir, capsys):
@@ -72,7 +77,8 @@ def _bad_idx(kind):
     def make(folder):
         write_mnist(folder, n_train=64, n_test=20)
         path = os.path.join(folder, "train-images-idx3-ubyte")
-        data = open(path, "rb").read()
+        with open(path, "rb") as handle:
+            data = handle.read()
         with open(path, "wb") as handle:
             handle.write(data[:1000] if kind == "truncated" else bytes([0, 0, 8, 1]) + data[4:])
     return make
