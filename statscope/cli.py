@@ -21,6 +21,7 @@ COMMANDS = (
     "statscope.commands.run",
     "statscope.commands.analyze",
     "statscope.commands.dashboard",
+    "statscope.commands.export",
 )
 
 

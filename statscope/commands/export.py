@@ -1,0 +1,58 @@
+"""``statscope export RUN --to tensorboard DIR``: a run's fluctuation and scalars for TensorBoard."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["register", "run_export"]
+
+
+def register(subparsers) -> None:
+    """Add the ``export`` subcommand to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "export", help="write a run's fluctuation and scalars as TensorBoard event files",
+        description="Per window of W steps: the per-layer fluctuation of bn_mean, bn_std, "
+                    "en_mean and en_std (raw and scale-free) as scalars, the per-neuron "
+                    "fluctuation as histograms, and the logged scalars (loss, lr, ...). A folder "
+                    "of runs (e.g. the rank0, rank1 stores of a distributed run) exports each "
+                    "run into DIR/<run name>.")
+    p.add_argument("run", metavar="RUN", help="a run store, or a folder of runs")
+    p.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "DIR"),
+                   help="the format (tensorboard) and the folder to write into")
+    p.add_argument("--window", type=int, default=200,
+                   help="steps per window (default 200, the paper's window)")
+    p.add_argument("--step-offset", type=int, default=0,
+                   help="added to every step written; 1 lines store step k up with trainers "
+                        "that log the (k+1)-th optimizer step at global step k+1 (default 0)")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Handler of ``statscope export``: one line per run exported, a hint to open TensorBoard."""
+    from pathlib import Path
+
+    from statscope.errors import StatscopeError
+    from statscope.export import export_run
+    from statscope.store import find_runs, is_run
+
+    kind, target = args.to
+    if is_run(args.run):
+        jobs = [(args.run, target)]
+    elif Path(args.run).is_dir():
+        jobs = [(run, os.path.join(target, Path(run).name)) for run in find_runs(args.run)]
+        if not jobs:
+            raise StatscopeError(f"RUN={args.run!r}: a folder without statscope runs")
+    else:
+        raise StatscopeError(f"RUN={args.run!r}: not a statscope run or a folder of runs")
+    for run, folder in jobs:
+        result = export_run(run, kind, folder, window=args.window, offset=args.step_offset)
+        line = (f"{run}: {result.windows} windows of {args.window} steps, {result.scalars} "
+                f"scalar points, {result.histograms} histograms -> {os.path.abspath(folder)}")
+        if result.windows == 0:
+            line += f" (no complete window up to step {result.last_step}; try a smaller --window)"
+        print(line)
+    if kind == "tensorboard":
+        print(f"open with: tensorboard --logdir {os.path.abspath(target)}", file=sys.stderr)
+    return 0

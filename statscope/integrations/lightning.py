@@ -1,0 +1,125 @@
+"""A Lightning callback that records the trainer's model into a statscope run.
+
+>>> from statscope.integrations.lightning import StatscopeCallback  # doctest: +SKIP
+>>> trainer = lightning.Trainer(callbacks=[StatscopeCallback("runs/lit")])  # doctest: +SKIP
+
+Needs the ``lightning`` package: ``pip install 'statscope[lightning]'``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+try:
+    from lightning.pytorch import Callback
+except ImportError as exc:
+    raise ImportError("statscope.integrations.lightning needs the lightning package: "
+                      "pip install 'statscope[lightning]'") from exc
+
+import torch
+
+from statscope.integrations.session import LiveExport, RecordingSession, check_record_kwargs
+
+__all__ = ["StatscopeCallback"]
+
+
+class StatscopeCallback(Callback):
+    """Record normalization statistics of the ``LightningModule`` at every optimizer step.
+
+    One recorded step per optimizer step, whatever ``accumulate_grad_batches`` (the first
+    micro-batch's forward of each step is recorded, also when Lightning runs the forward inside
+    ``optimizer.step``'s closure); validation, test and sanity-check forwards run in eval mode and
+    are not recorded. Per step the run also gets ``loss`` (the mean of the step's micro-batch
+    losses, from ``training_step``'s output) and ``lr`` (of the first parameter group of the
+    first optimizer that stepped, as the step used it). The run's meta holds the module's (and datamodule's)
+    ``hparams`` and the trainer's settings; ``meta`` adds to them.
+
+    Under DDP each rank records its own micro-batches into ``path/rank{r}``. The recorder starts
+    at ``on_train_start`` and closes at ``on_train_end`` (run ``completed``) or on an exception
+    (run ``failed``, with the error; Lightning re-raises it). Store step k is the trainer's
+    ``global_step`` k, the step Lightning's loggers write the (k+1)-th optimizer step at.
+
+    Args:
+        path: the run store (folder or fsspec URL).
+        layers: which modules, as :func:`statscope.record` takes them (default: every norm layer).
+        meta: extra run metadata, merged over what the trainer provides.
+        overwrite: replace an existing run at ``path``.
+        live: a :class:`~statscope.integrations.LiveExport` to write TensorBoard summaries every
+            N steps while training; None (default) for none.
+        **record_kwargs: more arguments of :func:`statscope.record` (``stats``, ``en_groups``,
+            ``channel_dim``, ...), except ``step``.
+
+    Raises:
+        StatscopeError: ``step`` among ``record_kwargs``; at ``on_train_start``, what
+            :func:`statscope.record` raises for bad arguments or an existing store.
+
+    Example:
+        >>> cb = StatscopeCallback("runs/lit", layers=["bn1"], meta={"seed": 0})  # doctest: +SKIP
+        >>> lightning.Trainer(max_steps=100, accumulate_grad_batches=2,
+        ...                   callbacks=[cb]).fit(module, loader)  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike, *, layers: Any = None,
+                 meta: Mapping[str, Any] | None = None, overwrite: bool = False,
+                 live: LiveExport | None = None, **record_kwargs: Any):
+        self.path = os.fspath(path)
+        self.meta = dict(meta or {})
+        self.live = live
+        self.record_kwargs = {"layers": layers, "overwrite": overwrite,
+                              **check_record_kwargs(record_kwargs)}
+        self.session: RecordingSession | None = None
+        self._seen_step = 0
+        self._loss: torch.Tensor | None = None
+        self._lr: Any = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.session = RecordingSession(pl_module, self.path, self.record_kwargs,
+                                        {**_meta(trainer, pl_module), **self.meta}, self.live,
+                                        offset=0)
+        self._seen_step = trainer.global_step
+        self._loss, self._lr = None, None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self._lr is None:
+            self._lr = optimizer.param_groups[0].get("lr")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.session is None or self.session.closed:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            loss = loss.detach()
+            self._loss = loss if self._loss is None else self._loss + loss
+        if trainer.global_step == self._seen_step:
+            return  # accumulating: the optimizer has not stepped yet
+        self._seen_step = trainer.global_step
+        scalars = {"loss": self._loss, "lr": self._lr}
+        self.session.log(**{k: v for k, v in scalars.items() if v is not None})
+        self.session.end_step()
+        self._loss, self._lr = None, None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.session is not None:
+            self.session.close()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self.session is not None:
+            self.session.close(f"{type(exception).__name__}: {exception}")
+
+
+def _meta(trainer, pl_module) -> dict[str, Any]:
+    """The module's and datamodule's hyperparameters and the trainer's settings."""
+    meta: dict[str, Any] = {"integration": "lightning"}
+    datamodule = getattr(trainer, "datamodule", None)
+    for owner in (datamodule, pl_module):
+        hparams = getattr(owner, "hparams", None)
+        if isinstance(hparams, Mapping):
+            meta.update(hparams)
+    meta["trainer"] = {
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
+        "precision": str(trainer.precision), "world_size": trainer.world_size,
+        "num_devices": trainer.num_devices, "strategy": type(trainer.strategy).__name__,
+    }
+    return meta

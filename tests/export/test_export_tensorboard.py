@@ -1,0 +1,195 @@
+"""``statscope.export``: TensorBoard event files read back and checked against numpy."""
+
+import doctest
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("tensorboard")
+
+import statscope
+import statscope.export as E
+from statscope.errors import StatscopeError
+from statscope.store import ProbeInfo, read_attrs
+from statscope.writer import RunWriter, write_run
+
+from export_reference import STATS, read_events, reference_window
+
+LAYERS = {"fc1": 3, "fc2:in": 2}
+
+
+def synthetic(seed=0, n_steps=50, idle=(), gaps=()):
+    """Data of a two-layer run: EN with one group per layer, fc2 idle at ``idle`` steps,
+    NaN ``loss`` at ``gaps``."""
+    rng = np.random.default_rng(seed)
+    n = sum(LAYERS.values())
+    data = {"bn_mean": rng.normal(size=(n_steps, n)).astype("f4"),
+            "bn_std": rng.uniform(0.5, 2.0, size=(n_steps, n)).astype("f4"),
+            "en_mean": rng.normal(size=(n_steps, 2)).astype("f4"),
+            "en_std": rng.uniform(0.5, 2.0, size=(n_steps, 2)).astype("f4")}
+    count = np.tile(np.array([4, 12]), (n_steps, 1))
+    count[list(idle), 1] = 0
+    loss = rng.normal(size=n_steps)
+    loss[list(gaps)] = np.nan
+    return data, count, {"loss": loss}
+
+
+def expanded(data, count):
+    """Statistics and count per neuron, as open_run shows them."""
+    group = np.repeat(np.arange(len(LAYERS)), list(LAYERS.values()))
+    full = {s: (v[:, group] if s.startswith("en_") else v) for s, v in data.items()}
+    return full, count[:, group], np.repeat(list(LAYERS), list(LAYERS.values()))
+
+
+def check_against_numpy(log_dir, data, count, scalars, window, offset=0, steps=None):
+    """Every exported value equals the numpy reference; returns how many windows there were."""
+    steps = np.arange(len(count)) if steps is None else steps
+    full, ncount, layers = expanded(data, count)
+    tb_scalars, tb_hists, _ = read_events(log_dir)
+    k_last = (int(steps[-1]) + 1) // window
+    for k in range(int(np.ceil(steps[0] / window)), k_last):
+        ref = reference_window(full, ncount, layers, steps, k * window, (k + 1) * window)
+        at = (k + 1) * window - 1 + offset
+        for (scale_free, stat), per_neuron in ref.items():
+            for layer in LAYERS:
+                values = per_neuron[layers == layer]
+                suffix = "_scale_free" if scale_free else ""
+                tag = f"fluctuation{suffix}/{layer}/{stat}"
+                if np.all(np.isnan(values)):
+                    assert at not in tb_scalars.get(tag, {})
+                    continue
+                assert tb_scalars[tag][at] == pytest.approx(np.nanmedian(values), rel=1e-5)
+                h = tb_hists[f"neurons{suffix}/{layer}/{stat}"][at]
+                finite = values[np.isfinite(values)]
+                assert h.num == finite.size
+                assert h.sum == pytest.approx(finite.sum(), rel=1e-6)
+                assert (h.min, h.max) == pytest.approx((finite.min(), finite.max()), rel=1e-6)
+    for name, values in scalars.items():
+        ok = np.isfinite(values)
+        expect = {int(s) + offset: v for s, v in zip(steps[ok], values[ok])}
+        got = tb_scalars[f"scalars/{name}"]
+        assert got.keys() == expect.keys()
+        assert [got[s] for s in expect] == pytest.approx(list(expect.values()), rel=1e-6)
+    fluct_steps = set(tb_scalars["fluctuation/fc1/bn_mean"])
+    assert all(s <= k_last * window - 1 + offset for s in fluct_steps)  # complete windows only
+    return len(fluct_steps)
+
+
+def test_export_matches_numpy_per_window_and_neuron(tmp_path):
+    data, count, scalars = synthetic(idle=[3, 4, 30], gaps=[1, 7, 8])
+    write_run(tmp_path / "run", LAYERS, data, count=count, scalars=scalars)
+    result = E.export_run(tmp_path / "run", "tensorboard", tmp_path / "tb", window=10)
+    assert result.windows == 5 and result.last_step == 49
+    assert check_against_numpy(tmp_path / "tb", data, count, scalars, window=10) == 5
+    # 5 windows x 2 layers x 4 statistics x (raw, scale-free), plus 47 finite losses
+    assert (result.scalars, result.histograms) == (80 + 47, 80)
+
+
+def test_offset_shifts_every_step_and_the_partial_window_is_left_out(tmp_path):
+    data, count, scalars = synthetic(n_steps=37)
+    write_run(tmp_path / "run", LAYERS, data, count=count, scalars=scalars)
+    result = E.export_run(tmp_path / "run", "tensorboard", tmp_path / "tb", window=8, offset=1)
+    assert result.windows == 4  # steps 32..36 are an incomplete window
+    assert check_against_numpy(tmp_path / "tb", data, count, scalars, window=8, offset=1) == 4
+    tb_scalars, _, _ = read_events(tmp_path / "tb")
+    assert sorted(tb_scalars["fluctuation/fc1/bn_std"]) == [8, 16, 24, 32]
+    assert min(tb_scalars["scalars/loss"]) == 1
+
+
+def test_custom_scalars_layout_pairs_bn_with_en_per_layer(tmp_path):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    data, count, scalars = synthetic()
+    write_run(tmp_path / "run", LAYERS, data, count=count, scalars=scalars)
+    E.export_run(tmp_path / "run", "tensorboard", tmp_path / "tb", window=10)
+    _, _, acc = read_events(tmp_path / "tb")
+    [event] = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert charts["fc2:in mean"] == ["fluctuation_scale_free/fc2:in/bn_mean",
+                                     "fluctuation_scale_free/fc2:in/en_mean"]
+    assert charts["fc1 BN"] == ["fluctuation_scale_free/fc1/bn_mean",
+                                "fluctuation_scale_free/fc1/bn_std"]
+
+
+def grow(path, data, count, scalars, start, stop):
+    """Append rows start..stop-1 to the run at ``path`` as a resumed writer would."""
+    attrs = read_attrs(path)
+    probes = [ProbeInfo(**{k: p[k] for k in ("name", "module", "type", "where", "channel_dim",
+                                             "channels")}) for p in attrs["probes"]]
+    from statscope.store import Layout
+
+    writer = RunWriter(path, Layout(tuple(probes), tuple(attrs["stats"])), resume=True,
+                       flush_seconds=0.0)
+    writer.append(np.arange(start, stop), count[start:stop],
+                  {s: v[start:stop] for s, v in data.items()},
+                  {k: v[start:stop] for k, v in scalars.items()})
+    writer.close()
+
+
+def test_incremental_updates_write_each_window_and_scalar_once(tmp_path):
+    data, count, scalars = synthetic(n_steps=60, idle=[25])
+    run = tmp_path / "run"
+    exporter = E.Exporter(run, E.open_sink("tensorboard", tmp_path / "tb"), window=10)
+    assert exporter.update() == E.ExportResult()  # no store yet: nothing, no error
+    write_run(run, LAYERS, {s: v[:23] for s, v in data.items()}, count=count[:23],
+              scalars={k: v[:23] for k, v in scalars.items()})
+    first = exporter.update()
+    assert (first.windows, first.last_step) == (2, 22)
+    assert exporter.update().windows == 0  # nothing new
+    grow(run, data, count, scalars, 23, 60)
+    second = exporter.update()
+    exporter.sink.close()
+    assert (second.windows, second.last_step) == (4, 59)
+    assert check_against_numpy(tmp_path / "tb", data, count, scalars, window=10) == 6
+    tb_scalars, _, _ = read_events(tmp_path / "tb")
+    assert len(tb_scalars["scalars/loss"]) == 60  # written once each
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**16), n_steps=st.integers(2, 40), window=st.integers(2, 12),
+       idle=st.sets(st.integers(0, 39), max_size=12))
+def test_window_summaries_match_numpy(tmp_path_factory, seed, n_steps, window, idle):
+    data, count, _ = synthetic(seed, n_steps, idle=[i for i in idle if i < n_steps])
+    path = tmp_path_factory.mktemp("run") / "run"
+    write_run(path, LAYERS, data, count=count)
+    ds = statscope.open_run(path).sel(step=slice(0, window - 1)).load()
+    items = E.window_summaries(ds, step=window - 1)
+    full, ncount, layers = expanded(data, count)
+    ref = reference_window(full, ncount, layers, np.arange(n_steps), 0, window)
+    got = {i.tag: i for i in items}
+    for (scale_free, stat), per_neuron in ref.items():
+        suffix = "_scale_free" if scale_free else ""
+        for layer in LAYERS:
+            values = per_neuron[layers == layer]
+            tag = f"fluctuation{suffix}/{layer}/{stat}"
+            if np.all(np.isnan(values)):
+                assert tag not in got
+            else:
+                assert got[tag].value == pytest.approx(np.nanmedian(values), rel=1e-9)
+                hist = got[f"neurons{suffix}/{layer}/{stat}"].values
+                np.testing.assert_allclose(hist, values[np.isfinite(values)], rtol=1e-9)
+
+
+def test_bad_arguments_name_the_value(tmp_path):
+    data, count, scalars = synthetic()
+    write_run(tmp_path / "run", LAYERS, data, count=count)
+    with pytest.raises(StatscopeError, match="window=1"):
+        E.export_run(tmp_path / "run", "tensorboard", tmp_path / "tb", window=1)
+    with pytest.raises(StatscopeError, match="'csv'.*tensorboard"):
+        E.export_run(tmp_path / "run", "csv", tmp_path / "tb")
+    with pytest.raises(StatscopeError, match="not a statscope run|no such"):
+        E.export_run(tmp_path / "nothing", "tensorboard", tmp_path / "tb")
+    assert not (tmp_path / "tb").exists()
+
+
+@pytest.mark.parametrize("module", ["statscope.export", "statscope.export.summaries",
+                                    "statscope.export.exporter", "statscope.integrations",
+                                    "statscope.integrations.session"])
+def test_doctests(module):
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0

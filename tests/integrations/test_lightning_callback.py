@@ -1,0 +1,126 @@
+"""The Lightning callback on real ``Trainer.fit`` runs of a tiny model."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lightning")
+
+import statscope
+from statscope.errors import StatscopeError
+from statscope.integrations import LiveExport, StatscopeCallback
+
+from integrations_support import check_step_values, regression_loader
+from lightning_support import TinyNet, lightning_trainer
+
+pytestmark = [
+    # lightning 2.6 on torch 2.13 calls a torch.utils._pytree API that torch deprecated
+    pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated"
+                               r":FutureWarning:lightning"),
+    # depends on the machine's CPU count, not on anything the callback does
+    pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning:lightning"),
+]
+
+
+def hook_first_inputs(module, trainer_box):
+    """Record, per optimizer step, the input of ``module``'s first training forward in it."""
+    firsts: dict[int, object] = {}
+    forwards = []
+
+    def hook(m, args):
+        if m.training:
+            forwards.append(1)
+            firsts.setdefault(trainer_box[0].global_step, args[0].detach().clone())
+
+    module.register_forward_pre_hook(hook)
+    return firsts, forwards
+
+
+def fit(tmp_path, callback, *, accumulate=2, val=True, **hparams):
+    model = TinyNet(**hparams)
+    box = []
+    firsts, forwards = hook_first_inputs(model.bn, box)
+    trainer = lightning_trainer([callback], accumulate_grad_batches=accumulate,
+                                limit_val_batches=2 if val else 0, val_check_interval=4)
+    box.append(trainer)
+    loader = regression_loader()
+    trainer.fit(model, loader, loader)
+    return trainer, model, [firsts[k] for k in sorted(firsts)], forwards
+
+
+def test_one_recorded_step_per_optimizer_step_with_values_losses_and_lrs(tmp_path):
+    trainer, model, firsts, forwards = fit(tmp_path, StatscopeCallback(tmp_path / "run"))
+    ds = statscope.open_run(tmp_path / "run")
+    assert trainer.global_step == 8 and len(forwards) == 16  # 16 micro-batches, 2 per step
+    assert ds.sizes["step"] == 8 and ds.attrs["status"] == "completed"
+    check_step_values(ds, "bn", firsts, channel_dim=1)
+    # loss: the mean of the step's two micro-batch losses; lr: as StepLR set it for the step
+    np.testing.assert_allclose(ds.loss.values, np.mean(np.reshape(model.losses, (8, 2)), 1),
+                               rtol=1e-6)
+    np.testing.assert_allclose(ds.lr.values, 0.1 * 0.5 ** np.arange(8))
+    meta = ds.attrs["meta"]
+    assert meta["integration"] == "lightning" and meta["lr"] == 0.1 and meta["batch_size"] == 4
+    assert meta["trainer"]["accumulate_grad_batches"] == 2
+
+
+def test_forwards_inside_an_lbfgs_closure_record_the_first_of_each_step(tmp_path):
+    trainer, _, firsts, forwards = fit(tmp_path, StatscopeCallback(tmp_path / "run"),
+                                       accumulate=1, val=False, optimizer="lbfgs", lr=0.05)
+    ds = statscope.open_run(tmp_path / "run")
+    assert len(forwards) > trainer.global_step == ds.sizes["step"] == 16
+    check_step_values(ds, "bn", firsts, channel_dim=1)
+
+
+def test_a_failure_in_training_marks_the_run_failed_and_propagates(tmp_path):
+    with pytest.raises(RuntimeError, match="boom at batch 5"):
+        fit(tmp_path, StatscopeCallback(tmp_path / "run"), fail_at_batch=5)
+    ds = statscope.open_run(tmp_path / "run")
+    assert ds.attrs["status"] == "failed"
+    assert "RuntimeError: boom at batch 5" in ds.attrs["error"]
+    assert ds.sizes["step"] == 3  # two whole steps and the first micro-batch of the third
+
+
+def test_live_export_writes_what_an_export_of_the_store_writes(tmp_path):
+    from export_reference import read_events
+    from statscope.export import export_run, Exporter
+
+    updates = []
+    original = Exporter.update
+
+    def counting(self):
+        updates.append(1)
+        return original(self)
+
+    live = LiveExport(str(tmp_path / "live"), every=2, window=2)
+    cb = StatscopeCallback(tmp_path / "run", live=live, block_steps=2, flush_seconds=0.0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Exporter, "update", counting)
+        fit(tmp_path, cb)
+    assert len(updates) == 8 // 2 + 1  # every 2 steps, and once after the end
+    export_run(tmp_path / "run", "tensorboard", tmp_path / "after", window=2)
+    live_events, live_hists, _ = read_events(tmp_path / "live")
+    after_events, after_hists, _ = read_events(tmp_path / "after")
+    assert live_events.keys() == after_events.keys() and "scalars/loss" in live_events
+    for tag, points in after_events.items():
+        assert live_events[tag] == pytest.approx(points)
+    assert {t: sorted(h) for t, h in live_hists.items()} == \
+        {t: sorted(h) for t, h in after_hists.items()}
+
+
+def test_step_is_not_an_argument():
+    with pytest.raises(StatscopeError, match="step='auto'"):
+        StatscopeCallback("x", step="auto")
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_write_one_store_each(tmp_path):
+    model = TinyNet()
+    trainer = lightning_trainer([StatscopeCallback(tmp_path / "run")], devices=2,
+                                strategy="ddp_spawn", accumulate_grad_batches=2,
+                                limit_val_batches=0)
+    trainer.fit(model, regression_loader(), regression_loader())
+    runs = [statscope.open_run(tmp_path / "run" / f"rank{r}") for r in (0, 1)]
+    for r, ds in enumerate(runs):
+        assert ds.attrs["rank"] == r and ds.attrs["world_size"] == 2
+        assert ds.attrs["status"] == "completed"
+        assert ds.sizes["step"] == 4  # 32 samples per rank, batch 4, 2 micro-batches per step
+    assert not np.allclose(runs[0].bn_mean.values, runs[1].bn_mean.values)  # own shards
