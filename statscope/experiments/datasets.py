@@ -9,7 +9,8 @@
 4. System folders: ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``).
 5. A download into the cache (``download=True``), verified by md5 and renamed into place only
    when it matches, from ``mirrors``, else ``$STATSCOPE_<NAME>_URL`` (e.g.
-   ``$STATSCOPE_MNIST_URL``), else the standard mirrors.
+   ``$STATSCOPE_MNIST_URL``), else the standard mirrors. A download that reached no mirror is
+   not tried again from the same mirrors for a day (:mod:`statscope.experiments.download`).
 6. MNIST only: the real 5,000-sample subset shipped in the package, with a
    :class:`~statscope.errors.StatscopeWarning`; the result is named ``"mnist-5k-subset"``.
 
@@ -33,11 +34,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import numpy as np
 
 from statscope.errors import StatscopeError, StatscopeWarning
-from statscope.experiments.download import UnreachableError, download as _download
+from statscope.experiments.download import (FAILED_MARKER, UnreachableError,
+                                            download as _download, forget_failure,
+                                            recent_failure, remember_failure, retry_seconds)
 from statscope.experiments.idx import IMAGES_MAGIC, LABELS_MAGIC, parse_idx, read_bytes
 
 if TYPE_CHECKING:
@@ -219,18 +223,31 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, downlo
     if not download:
         reason = "download=False"
     else:
-        try:
-            _download_missing(spec, cache, mirrors, checksums, quiet)
-            return _load_folder(spec, cache, "cache", cache)
-        except UnreachableError as exc:
-            reason = f"the download failed: {exc}"
+        urls = _mirrors(spec, mirrors)
+        period = _period(retry_seconds())
+        failed = recent_failure(cache, urls)
+        if failed is not None:
+            reason = (f"its download failed {failed.ago()} (not retried for {period}; delete "
+                      f"{FAILED_MARKER} there to retry now)")
+        else:
+            try:
+                _download_missing(spec, cache, urls, checksums, quiet)
+                forget_failure(cache)
+                return _load_folder(spec, cache, "cache", cache)
+            except UnreachableError as exc:
+                url, why = exc.tried[0] if exc.tried else ("", str(exc))
+                remember_failure(cache, urls, f"{url}: {why}")
+                more = len(exc.tried) - 1
+                reason = (f"its download failed ({urlsplit(url).netloc or url}: {why}"
+                          + (f", and {more} more mirror{'s' if more > 1 else ''}" if more > 0
+                             else "") + f"; not retried for {period})")
     where = ", ".join(searched)
     if not spec.fallback:
         raise StatscopeError(f"name={name!r}: not found in {where}, and {reason}; pass data_dir "
                              "or see docs/data.md for offline machines")
-    warnings.warn(f"name={name!r}: not found in {where}, and {reason}; using the bundled real "
-                  f"subset {SUBSET_NAME!r} (4,000 train / 1,000 test images), whose results are "
-                  "not comparable with full MNIST", StatscopeWarning, stacklevel=2)
+    warnings.warn(f"name={name!r}: not found in {where}, and {reason}; using the bundled "
+                  f"{SUBSET_NAME!r} (5,000 real images, not comparable with full MNIST)",
+                  StatscopeWarning, stacklevel=2)
     return _load_subset()
 
 
@@ -372,11 +389,22 @@ def _parse_cifar_batch(handle) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels.astype(np.uint8)
 
 
-def _download_missing(spec: _Spec, cache: Path, mirrors, checksums, quiet: bool) -> None:
+def _period(seconds: float) -> str:
+    return "a day" if seconds == 86400 else f"{seconds:g} s"
+
+
+def _mirrors(spec: _Spec, mirrors: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The base URLs to download ``spec`` from: ``mirrors``, else ``$STATSCOPE_<NAME>_URL``,
+    else the standard ones."""
     if isinstance(mirrors, str):
-        mirrors = [mirrors]
+        return (mirrors,)
     if mirrors is None:
-        mirrors = os.environ.get(spec.url_env, "").split() or spec.mirrors
+        return tuple(os.environ.get(spec.url_env, "").split() or spec.mirrors)
+    return tuple(mirrors)
+
+
+def _download_missing(spec: _Spec, cache: Path, mirrors: Sequence[str], checksums,
+                      quiet: bool) -> None:
     known = dict(spec.files)
     for filename in checksums or {}:
         if filename not in known:

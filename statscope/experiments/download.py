@@ -2,28 +2,57 @@
 
 A download that fails or does not match its checksum leaves nothing behind, so a file that exists
 under its final name in the cache has been verified once.
+
+A download that could not reach any mirror is remembered in the folder it was for, in a small
+JSON file ``.download-failed`` (when, from which mirrors, why): for :func:`retry_seconds` (a day
+unless ``$STATSCOPE_DOWNLOAD_RETRY`` says otherwise; 0 always retries) the same download from the
+same mirrors is not tried again, so an offline machine does not wait on the network at every run.
+Deleting the file, or a download that succeeds, forgets it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import json
+import math
 import os
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from statscope.errors import StatscopeError
 
-__all__ = ["ChecksumError", "UnreachableError", "download", "md5sum"]
+__all__ = ["ChecksumError", "UnreachableError", "FailedDownload", "download", "md5sum",
+           "recent_failure", "remember_failure", "forget_failure", "retry_seconds",
+           "FAILED_MARKER", "RETRY_ENV", "RETRY_SECONDS"]
 
 _CHUNK = 1 << 20
+FAILED_MARKER = ".download-failed"
+"""The file, in the folder a download was for, that remembers its failure."""
+RETRY_ENV = "STATSCOPE_DOWNLOAD_RETRY"
+"""Seconds after which a failed download is tried again; 0: always."""
+RETRY_SECONDS = 86400.0
+"""The default of ``$STATSCOPE_DOWNLOAD_RETRY``: one day."""
 
 
 class UnreachableError(StatscopeError):
-    """No mirror could deliver a file (no network, refused, HTTP error); the message lists them."""
+    """No mirror could deliver a file (no network, refused, HTTP error); the message lists them.
+
+    Attributes:
+        tried: (url, reason) of each mirror tried, in order.
+    """
+
+    def __init__(self, message: str, tried: Sequence[tuple[str, str]] = ()):
+        super().__init__(message)
+        self.tried = tuple(tried)
+
+    def __reduce__(self):  # keep ``tried`` across processes (sweep workers)
+        return type(self), (str(self), self.tried)
 
 
 class ChecksumError(StatscopeError):
@@ -85,7 +114,7 @@ def download(filename: str, md5: str, mirrors: Sequence[str], dest_dir: str | os
                 raise
             reason = (f"HTTP {exc.code}" if isinstance(exc, urllib.error.HTTPError)
                       else getattr(exc, "reason", None) or exc)
-            unreachable.append(f"{url} ({reason})")
+            unreachable.append((url, str(reason)))
             continue
         if got is None:
             return dest_dir / filename
@@ -93,8 +122,8 @@ def download(filename: str, md5: str, mirrors: Sequence[str], dest_dir: str | os
     if mismatched:
         raise ChecksumError(f"{filename}: expected md5 {md5}, but " + "; ".join(mismatched)
                             + f"; nothing was written to {str(dest_dir)!r}")
-    tried = "; ".join(unreachable) or "no mirrors given"
-    raise UnreachableError(f"{filename}: could not be downloaded; tried {tried}")
+    tried = "; ".join(f"{url} ({reason})" for url, reason in unreachable) or "no mirrors given"
+    raise UnreachableError(f"{filename}: could not be downloaded; tried {tried}", unreachable)
 
 
 def _fetch(url: str, dest_dir: Path, filename: str, md5: str, quiet: bool,
@@ -130,3 +159,94 @@ def _write(out, chunk: bytes, dest_dir: Path) -> None:
         out.write(chunk)
     except OSError as exc:
         raise StatscopeError(f"dest_dir={str(dest_dir)!r}: cannot write ({exc.strerror})") from exc
+
+
+@dataclass(frozen=True)
+class FailedDownload:
+    """A download into a folder that reached no mirror, remembered in that folder.
+
+    Attributes:
+        when: UNIX time of the failure.
+        mirrors: the base URLs that were tried.
+        reason: why, one line (the first mirror's reason).
+        path: the marker file.
+    """
+
+    when: float
+    mirrors: tuple[str, ...]
+    reason: str
+    path: Path
+
+    def ago(self, now: float | None = None) -> str:
+        """How long ago it failed, e.g. ``"3 min ago"``.
+
+        Example:
+            >>> FailedDownload(0.0, (), "", Path(".")).ago(now=7500.0)
+            '2 h ago'
+        """
+        age = max(0.0, (time.time() if now is None else now) - self.when)
+        for unit, seconds in (("d", 86400), ("h", 3600), ("min", 60)):
+            if age >= seconds:
+                return f"{int(age // seconds)} {unit} ago"
+        return f"{int(age)} s ago"
+
+
+def retry_seconds() -> float:
+    """Seconds a failed download is remembered: ``$STATSCOPE_DOWNLOAD_RETRY``, else a day.
+
+    Raises:
+        StatscopeError: the variable is set to something other than a non-negative number.
+    """
+    text = os.environ.get(RETRY_ENV, "").strip()
+    if not text:
+        return RETRY_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < math.inf:
+        raise StatscopeError(f"${RETRY_ENV}={text!r}: expected seconds, a non-negative number "
+                             "(0: always try the download again)")
+    return value
+
+
+def recent_failure(dest_dir: str | os.PathLike, mirrors: Sequence[str]) -> FailedDownload | None:
+    """The failure of a download from ``mirrors`` into ``dest_dir`` within :func:`retry_seconds`,
+    None when there is none (or it was from other mirrors, or its marker is unreadable)."""
+    ttl = retry_seconds()
+    path = Path(dest_dir) / FAILED_MARKER
+    try:
+        record = json.loads(path.read_text())
+        failure = FailedDownload(when=float(record["when"]), mirrors=tuple(record["mirrors"]),
+                                 reason=str(record["reason"]), path=path)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if failure.mirrors != tuple(mirrors) or not 0 <= time.time() - failure.when < ttl:
+        return None
+    return failure
+
+
+def remember_failure(dest_dir: str | os.PathLike, mirrors: Sequence[str], reason: str) -> None:
+    """Write the marker of a failed download into ``dest_dir`` (nothing when it cannot be
+    written: remembering is a convenience, never a new error)."""
+    dest_dir = Path(dest_dir)
+    record = {"when": time.time(), "mirrors": list(mirrors), "reason": reason,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tmp = dest_dir / f"{FAILED_MARKER}.{os.getpid()}.tmp"
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, dest_dir / FAILED_MARKER)
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def forget_failure(dest_dir: str | os.PathLike) -> None:
+    """Remove the marker of a failed download from ``dest_dir``, if there is one."""
+    try:
+        (Path(dest_dir) / FAILED_MARKER).unlink(missing_ok=True)
+    except OSError:
+        pass

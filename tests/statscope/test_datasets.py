@@ -259,8 +259,9 @@ def test_subset_takes_no_data_dir(tmp_path):
 
 
 def test_mnist_without_copy_or_download_warns_and_uses_the_subset():
-    with pytest.warns(StatscopeWarning, match=r"download=False; using the bundled real subset "
-                                              r"'mnist-5k-subset'"):
+    with pytest.warns(StatscopeWarning, match=r"download=False; using the bundled "
+                                              r"'mnist-5k-subset' \(5,000 real images, not "
+                                              r"comparable with full MNIST\)"):
         ds = load_dataset("mnist", download=False)
     assert ds.name == "mnist-5k-subset" and ds.train_x.shape[0] == 4000
 

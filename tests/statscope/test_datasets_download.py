@@ -6,7 +6,9 @@ import gzip
 import hashlib
 import http.server
 import io
+import json
 import pickle
+import re
 import socket
 import struct
 import tarfile
@@ -142,21 +144,99 @@ def test_corrupted_file_is_an_md5_error_and_leaves_nothing_in_the_cache(served, 
             expected[name]
 
 
-def test_server_down_mnist_falls_back_to_the_subset_loudly(isolated_env):
+def test_server_down_mnist_falls_back_to_the_subset_loudly_in_one_short_line(isolated_env):
     url = dead_url()
-    with pytest.warns(StatscopeWarning, match=r"the download failed: .*" + url
-                                              + r".*using the bundled real subset"):
+    with pytest.warns(StatscopeWarning, match=r"its download failed \(" + url[7:-1]
+                                              + r": .*refused; not retried for a day\); using "
+                                                r"the bundled 'mnist-5k-subset'") as caught:
         ds = load_dataset("mnist", mirrors=[url], quiet=True)
     assert ds.name == "mnist-5k-subset" and ds.train_x.shape[0] == 4000
-    assert not list(isolated_env.rglob("*.part")) and not list(isolated_env.rglob(".*"))
+    message = str(caught[0].message)
+    assert "\n" not in message and len(message) < 240 + len(str(isolated_env))
+    assert not list(isolated_env.rglob("*.part")) and not list(isolated_env.rglob("*.tmp"))
+    marker = json.loads((isolated_env / "mnist" / ".download-failed").read_text())
+    assert marker["mirrors"] == [url] and marker["reason"].startswith(url + "train-images")
 
 
 @pytest.mark.parametrize("name", ["fashion-mnist", "cifar10"])
 def test_server_down_other_datasets_fail_naming_what_was_tried(name):
     url = dead_url()
     with pytest.raises(StatscopeError, match=rf"name='{name}': not found in .*cache/{name}, "
-                                             rf"and the download failed: .*tried {url}"):
+                                             rf"and its download failed \({url[7:-1]}: "):
         load_dataset(name, mirrors=[url], quiet=True)
+
+
+def test_a_failed_download_is_remembered_for_a_day_per_dataset_and_mirrors(isolated_env,
+                                                                            monkeypatch):
+    """The first failure is tried and remembered; later loads skip the network for a day, say
+    so in one line, and try again once the day is over, with other mirrors, or when the marker
+    is deleted; a download that succeeds forgets the failure."""
+    import time
+
+    served_url = dead_url()  # refused at once
+    with pytest.warns(StatscopeWarning, match=r"its download failed \("):
+        load_dataset("mnist", mirrors=[served_url], quiet=True)
+    marker = isolated_env / "mnist" / ".download-failed"
+    assert marker.is_file()
+
+    def attempts(**kwargs):
+        from statscope.experiments import download as dl
+
+        calls = []
+        real = dl.urllib.request.urlopen
+
+        def counting(url, *args, **kw):
+            calls.append(url)
+            return real(url, *args, **kw)
+
+        monkeypatch.setattr(dl.urllib.request, "urlopen", counting)
+        with pytest.warns(StatscopeWarning) as caught:
+            load_dataset("mnist", quiet=True, **kwargs)
+        monkeypatch.setattr(dl.urllib.request, "urlopen", real)
+        return len(calls), str(caught[0].message)
+
+    n, message = attempts(mirrors=[served_url])
+    assert n == 0 and re.search(r"its download failed \d+ s ago \(not retried for a day; "
+                                r"delete \.download-failed there to retry now\); using the "
+                                r"bundled 'mnist-5k-subset'", message), message
+    assert attempts(mirrors=[dead_url()])[0] == 1  # other mirrors: tried
+    assert attempts(mirrors=[served_url])[0] == 1  # the marker now names the other mirror
+    assert attempts(mirrors=[served_url])[0] == 0
+    record = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**record, "when": time.time() - 86401}))
+    assert attempts(mirrors=[served_url])[0] == 1  # a day later: tried again
+    monkeypatch.setenv("STATSCOPE_DOWNLOAD_RETRY", "0")
+    assert attempts(mirrors=[served_url])[0] == 1
+    monkeypatch.setenv("STATSCOPE_DOWNLOAD_RETRY", "3600")
+    assert attempts(mirrors=[served_url])[0] == 0
+    marker.unlink()
+    assert attempts(mirrors=[served_url])[0] == 1
+    monkeypatch.setenv("STATSCOPE_DOWNLOAD_RETRY", "soon")
+    with pytest.raises(StatscopeError, match=r"\$STATSCOPE_DOWNLOAD_RETRY='soon': expected "
+                                             r"seconds"):
+        load_dataset("mnist", mirrors=[served_url], quiet=True)
+
+
+def test_a_successful_download_forgets_an_earlier_failure(served, isolated_env):
+    folder, server = served
+    files, _ = mnist_files()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    marker = isolated_env / "mnist" / ".download-failed"
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"when": 0, "mirrors": [server.url], "reason": "old"}))
+    ds = load_dataset("mnist", mirrors=[server.url], checksums=md5s(files), quiet=True)
+    assert ds.name == "mnist" and not marker.exists()
+
+
+def test_a_damaged_failure_marker_is_ignored(isolated_env):
+    url = dead_url()
+    marker = isolated_env / "mnist" / ".download-failed"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("{not json")
+    with pytest.warns(StatscopeWarning, match=r"its download failed \(127"):
+        load_dataset("mnist", mirrors=[url], quiet=True)
+    assert json.loads(marker.read_text())["mirrors"] == [url]
 
 
 def test_http_errors_move_to_the_next_mirror_and_are_reported(served):
