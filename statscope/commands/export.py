@@ -23,9 +23,9 @@ def register(subparsers) -> None:
                    help="the format (tensorboard) and the folder to write into")
     p.add_argument("--window", type=int, default=200,
                    help="steps per window (default 200, the paper's window)")
-    p.add_argument("--step-offset", type=int, default=0,
-                   help="added to every step written; 1 lines store step k up with trainers "
-                        "that log the (k+1)-th optimizer step at global step k+1 (default 0)")
+    p.add_argument("--step-offset", type=int, default=None,
+                   help="added to every step written, to line up with the trainer's own curves "
+                        "(default: what the Lightning or Hugging Face callback stored, else 0)")
     p.set_defaults(func=run_export)
 
 

@@ -18,7 +18,11 @@ from statscope.errors import StatscopeError
 from statscope.export.summaries import (STATISTICS, Histogram, scalar_summaries,
                                         window_summaries)
 
-__all__ = ["Exporter", "ExportResult", "export_run"]
+__all__ = ["Exporter", "ExportResult", "export_run", "ATTR_STEP_OFFSET"]
+
+ATTR_STEP_OFFSET = "trainer_step_offset"
+"""Root attribute the training callbacks set: the trainer's step number of store step 0 as its
+loggers write it (store step k is written at k + offset), the default offset of an export."""
 
 _LOAD_STEPS = 8192
 """Steps read into memory at once: windows are cut from these in-memory rows, not from the store."""
@@ -53,14 +57,16 @@ class Exporter:
         run: the run store (a folder or URL); it need not exist yet.
         sink: a sink from :func:`statscope.export.sinks.open_sink`; the exporter does not close it.
         window: W, the steps per window (≥ 2). Only complete windows are written.
-        offset: added to every step written; 1 aligns step k of the store (the (k+1)-th
-            optimizer step) with trainers that log after the step, at global step k + 1.
+        offset: added to every step written, so that the summaries line up with the trainer's
+            own curves; None (default): the run's ``trainer_step_offset`` attribute, which the
+            callbacks set, else 0.
 
     Raises:
-        StatscopeError: ``window`` < 2 or ``offset`` not an int.
+        StatscopeError: ``window`` < 2 or ``offset`` neither an int nor None.
     """
 
-    def __init__(self, run: str | os.PathLike, sink, *, window: int = 200, offset: int = 0):
+    def __init__(self, run: str | os.PathLike, sink, *, window: int = 200,
+                 offset: int | None = None):
         _check(window, offset)
         self.run = os.fspath(run)
         self.sink = sink
@@ -85,6 +91,8 @@ class Exporter:
             return ExportResult()
         steps = np.asarray(ds[S.STEP].values)
         first, last = int(steps[0]), int(steps[-1])
+        if self.offset is None:
+            self.offset = int(ds.attrs.get(ATTR_STEP_OFFSET) or 0)
         if not self._layout_written:
             layers = [str(name) for name in ds.attrs.get(S.ATTR_LAYERS, [])]
             self.sink.layout(layers)
@@ -114,7 +122,7 @@ class Exporter:
 
 
 def export_run(run: str | os.PathLike, to: str, target: str | os.PathLike, *, window: int = 200,
-               offset: int = 0) -> ExportResult:
+               offset: int | None = None) -> ExportResult:
     """Export a run's fluctuation summaries and logged scalars (``statscope export``).
 
     Args:
@@ -148,5 +156,5 @@ def export_run(run: str | os.PathLike, to: str, target: str | os.PathLike, *, wi
 def _check(window, offset) -> None:
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
         raise StatscopeError(f"window={window!r}: expected an int of at least 2 steps")
-    if isinstance(offset, bool) or not isinstance(offset, int):
-        raise StatscopeError(f"offset={offset!r}: expected an int")
+    if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int)):
+        raise StatscopeError(f"offset={offset!r}: expected an int or None")

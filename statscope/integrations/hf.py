@@ -86,7 +86,8 @@ class StatscopeTrainerCallback(TrainerCallback):
         if self.session is not None:
             self.session.close(_NEW_TRAINING)
         self.session = RecordingSession(model, self.path, self.record_kwargs,
-                                        {**_meta(args, model), **self.meta}, self.live, offset=1)
+                                        {**_meta(args, model), **self.meta}, self.live,
+                                        trainer_step=state.global_step + 1)
         self._pending = False
 
     def on_step_begin(self, args, state, control, **kwargs):

@@ -76,7 +76,7 @@ class StatscopeCallback(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.session = RecordingSession(pl_module, self.path, self.record_kwargs,
                                         {**_meta(trainer, pl_module), **self.meta}, self.live,
-                                        offset=0)
+                                        trainer_step=trainer.global_step)
         self._seen_step = trainer.global_step
         self._loss, self._lr = None, None
 

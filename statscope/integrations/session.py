@@ -94,12 +94,12 @@ def loggable(values: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _abandoned(recorder, sink) -> None:
+def _abandoned(recorder, sinks: list) -> None:
     """Mark a run failed whose training never reported its end (an exception the trainer's
     callbacks are not told about, or a process exiting mid-training)."""
     recorder.close("training stopped without reporting its end (an exception in the training "
                    "loop, or the process exited)")
-    if sink is not None:
+    for sink in sinks:
         sink.close()
 
 
@@ -112,24 +112,30 @@ class RecordingSession:
         record_kwargs: more arguments of :func:`statscope.record` (layers, stats, ...).
         meta: run metadata (the trainer's hyperparameters and settings).
         live: live export settings, or None.
-        offset: added to the steps of the live export: the trainer's global step of store step 0.
+        trainer_step: the step at which the trainer's loggers write the step about to begin
+            (Lightning: ``global_step``; Hugging Face: ``global_step + 1``). Stored as the run's
+            ``trainer_step_offset`` so that exports line up with the trainer's curves.
     """
 
     def __init__(self, model, path, record_kwargs: Mapping[str, Any], meta: Mapping[str, Any],
-                 live: LiveExport | None, offset: int):
+                 live: LiveExport | None, trainer_step: int):
         import statscope
 
         self.recorder = statscope.record(model, path, step="manual", meta=dict(meta),
                                          **record_kwargs)
         self.live = live
-        self.offset = offset
         self.steps = 0
-        self._sink = None
+        self._sinks: list = []
         self._exporter = None
         self.recorder.start()
+        self._finalizer = weakref.finalize(self, _abandoned, self.recorder, self._sinks)
+        self.offset = int(trainer_step) - self.recorder.current_step  # a resumed store goes on
         if live is not None:
-            self._start_live(live)
-        self._finalizer = weakref.finalize(self, _abandoned, self.recorder, self._sink)
+            try:
+                self._start_live(live)
+            except BaseException as exc:
+                self.close(f"live export: {exc}")
+                raise
 
     def _start_live(self, live: LiveExport) -> None:
         import torch.distributed as dist
@@ -139,8 +145,9 @@ class RecordingSession:
         target = live.target
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             target = os.path.join(target, f"rank{dist.get_rank()}")
-        self._sink = open_sink(live.to, target)
-        self._exporter = Exporter(self.recorder.path, self._sink, window=live.window,
+        sink = open_sink(live.to, target)
+        self._sinks.append(sink)
+        self._exporter = Exporter(self.recorder.path, sink, window=live.window,
                                   offset=self.offset)
 
     @property
@@ -156,6 +163,11 @@ class RecordingSession:
         """End the current optimizer step; export live every ``live.every`` steps."""
         self.recorder.step()
         self.steps += 1
+        if self.steps == 1:
+            # not at start: the store may wait for lazy layers' first forward to know them
+            from statscope.export.exporter import ATTR_STEP_OFFSET
+
+            self.recorder.set_attrs(**{ATTR_STEP_OFFSET: self.offset})
         if self._exporter is not None and self.steps % self.live.every == 0:
             self._exporter.update()
 
@@ -170,5 +182,5 @@ class RecordingSession:
             if self._exporter is not None:
                 self._exporter.update()
         finally:
-            if self._sink is not None:
-                self._sink.close()
+            for sink in self._sinks:
+                sink.close()

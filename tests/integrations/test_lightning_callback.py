@@ -106,6 +106,32 @@ def test_live_export_writes_what_an_export_of_the_store_writes(tmp_path):
         {t: sorted(h) for t, h in after_hists.items()}
 
 
+def test_exports_line_up_with_the_steps_lightning_logs_at(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from export_reference import read_events
+    from statscope.export import export_run
+
+    class Logged(TinyNet):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss)
+            return loss
+
+    trainer = lightning_trainer([StatscopeCallback(tmp_path / "run")], accumulate_grad_batches=2,
+                                logger=CSVLogger(tmp_path / "csv"), log_every_n_steps=1,
+                                limit_val_batches=0)
+    trainer.fit(Logged(), regression_loader(), regression_loader())
+    with open(tmp_path / "csv" / "lightning_logs" / "version_0" / "metrics.csv") as fh:
+        lightning_steps = sorted(int(row["step"]) for row in csv.DictReader(fh))
+    assert statscope.open_run(tmp_path / "run").attrs["trainer_step_offset"] == 0
+    export_run(tmp_path / "run", "tensorboard", tmp_path / "tb", window=2)
+    scalars, _, _ = read_events(tmp_path / "tb")
+    assert sorted(scalars["scalars/loss"]) == lightning_steps == list(range(8))
+
+
 def test_step_is_not_an_argument():
     with pytest.raises(StatscopeError, match="step='auto'"):
         StatscopeCallback("x", step="auto")

@@ -1,0 +1,79 @@
+"""``statscope export`` through ``main(argv)`` and once as a real subprocess."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorboard")
+
+from statscope.cli import main
+from statscope.writer import write_run
+
+from export_reference import read_events
+
+
+def small_run(path, n_steps=40, seed=0):
+    rng = np.random.default_rng(seed)
+    data = {"bn_mean": rng.normal(size=(n_steps, 3)).astype("f4"),
+            "bn_std": rng.uniform(1, 2, size=(n_steps, 3)).astype("f4"),
+            "en_mean": rng.normal(size=(n_steps, 1)).astype("f4"),
+            "en_std": rng.uniform(1, 2, size=(n_steps, 1)).astype("f4")}
+    write_run(path, {"fc1": 3}, data, count=np.full((n_steps, 1), 8),
+              scalars={"loss": rng.normal(size=n_steps)})
+    return str(path)
+
+
+def test_export_writes_event_files_and_says_where(tmp_path, capsys):
+    run = small_run(tmp_path / "run")
+    assert main(["export", run, "--to", "tensorboard", str(tmp_path / "tb"), "--window",
+                 "10", "--step-offset", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{run}: 4 windows of 10 steps, ") and str(tmp_path / "tb") in out
+    assert f"tensorboard --logdir {tmp_path / 'tb'}" in err
+    scalars, hists, _ = read_events(tmp_path / "tb")
+    assert sorted(scalars["fluctuation/fc1/bn_mean"]) == [10, 20, 30, 40]
+    assert sorted(scalars["scalars/loss"]) == list(range(1, 41))
+    assert sorted(hists["neurons_scale_free/fc1/en_std"]) == [10, 20, 30, 40]
+
+
+def test_a_folder_of_runs_exports_each_into_its_own_folder(tmp_path, capsys):
+    for r in (0, 1):
+        small_run(tmp_path / "run" / f"rank{r}", seed=r)
+    assert main(["export", str(tmp_path / "run"), "--to", "tensorboard",
+                 str(tmp_path / "tb")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all("no complete window up to step 39" in line for line in out)
+    for r in (0, 1):
+        scalars, _, _ = read_events(tmp_path / "tb" / f"rank{r}")
+        assert len(scalars["scalars/loss"]) == 40
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--to", "csv", "TB"], "--to 'csv': unknown export format; expected one of tensorboard"),
+    (["--to", "tensorboard", "TB", "--window", "1"], "window=1: expected an int of at least 2 steps"),
+])
+def test_bad_arguments_are_one_error_line(tmp_path, capsys, argv, message):
+    run = small_run(tmp_path / "run")
+    argv = [a.replace("TB", str(tmp_path / "tb")) for a in argv]
+    assert main(["export", run, *argv]) == 2
+    assert capsys.readouterr().err.strip() == f"statscope: error: {message}"
+    assert not (tmp_path / "tb").exists()
+
+
+def test_not_a_run(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nothing"), "--to", "tensorboard",
+                 str(tmp_path / "tb")]) == 2
+    assert "not a statscope run or a folder of runs" in capsys.readouterr().err
+
+
+def test_export_as_a_subprocess(tmp_path):
+    run = small_run(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-m", "statscope", "export", run, "--to",
+                           "tensorboard", str(tmp_path / "tb"), "--window", "20"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 windows of 20 steps" in proc.stdout
+    scalars, _, _ = read_events(tmp_path / "tb")
+    assert sorted(scalars["fluctuation_scale_free/fc1/bn_std"]) == [19, 39]
