@@ -11,6 +11,7 @@ from dash import Dash
 from .callbacks import prewarm, register
 from .data import RunCatalog
 from .layout import build_layout
+from .limits import MAX_REQUEST_BYTES
 
 __all__ = ["create_app"]
 
@@ -25,15 +26,18 @@ def create_app(root: str | os.PathLike | None = None, *, catalog: RunCatalog | N
         warm: compute the default views' analyses in a background thread at start.
 
     Returns:
-        The ``dash.Dash`` app; ``app.server`` is its Flask server and ``app.catalog`` the
-        :class:`~statscope.dashboards.data.RunCatalog`.
+        The ``dash.Dash`` app; ``app.server`` is its WSGI (Flask) application and
+        ``app.catalog`` the :class:`~statscope.dashboards.data.RunCatalog`. Serve it with
+        :func:`statscope.dashboards.server.bind` (waitress), not ``app.run`` (Flask's
+        development server).
 
     Raises:
         StoreError: ``root`` does not exist.
 
     Example:
+        >>> from statscope.dashboards.server import bind
         >>> app = create_app("runs/")  # doctest: +SKIP
-        >>> app.run(host="127.0.0.1", port=8050, debug=False)  # doctest: +SKIP
+        >>> bind(app, "127.0.0.1", 8050).run()  # doctest: +SKIP
     """
     if catalog is None:
         if root is None:
@@ -42,6 +46,7 @@ def create_app(root: str | os.PathLike | None = None, *, catalog: RunCatalog | N
     app = Dash(__name__, title="statscope", update_title=None,
                assets_folder=str(Path(__file__).with_name("assets")),
                suppress_callback_exceptions=False)
+    app.server.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.layout = build_layout(str(catalog.root) if catalog.root is not None else "in memory")
     register(app, catalog)
     app.catalog = catalog

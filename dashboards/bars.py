@@ -6,20 +6,21 @@ The numbers come from :mod:`statscope.analyses` (``fluctuation``, ``layer_summar
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 import xarray as xr
-from plotly.subplots import make_subplots
 
 from statscope import schema as S
-
 from statscope.schema import BOUND, QUANTITY
 
-from .style import STAT_COLORS, STAT_LABELS, TEMPLATE, empty_figure, neuron_label
+from .grid import Grid
+from .limits import RUNS_PER_PAGE
+from .style import (STAT_COLORS, STAT_LABELS, TEMPLATE_JSON, empty_spec, header, header_height,
+                    neuron_label)
 
-__all__ = ["fluctuation_figure", "FLUCT_STATS", "fluctuation_axis_title"]
+__all__ = ["fluctuation_figure", "fluctuation_spec", "FLUCT_STATS", "fluctuation_axis_title"]
 
 FLUCT_STATS = (S.BN_MEAN, S.BN_STD, S.EN_MEAN, S.EN_STD)
 """The statistics whose fluctuation Figure 6 compares, in bar order."""
@@ -33,16 +34,29 @@ def fluctuation_axis_title(scale_free: bool) -> str:
             else "fluctuation (std over steps, activation units)")
 
 
-def _select(fluct: xr.Dataset, neurons: Sequence[tuple[str, int]]) -> tuple[list[int], list[str]]:
-    layers = fluct[S.LAYER].values
-    units = fluct[S.UNIT].values
-    pos, labels = [], []
+def _select(fluct: xr.Dataset, neurons: Sequence[tuple[str, int]],
+            find: Callable[[str, int], int | None] | None = None
+            ) -> tuple[list[int], list[str], list[str]]:
+    """Positions and labels of the neurons ``fluct`` has, and the labels of those it lacks.
+
+    ``find(layer, unit)`` gives a neuron's position; by default an index of ``fluct`` is built
+    (the app passes its run's index, so a callback does not scan every neuron).
+    """
+    if find is None:
+        index = {(str(l), int(u)): i for i, (l, u) in enumerate(
+            zip(fluct[S.LAYER].values.tolist(), fluct[S.UNIT].values.tolist()))}
+
+        def find(layer: str, unit: int) -> int | None:
+            return index.get((layer, int(unit)))
+    pos, labels, lacking = [], [], []
     for layer, unit in neurons:
-        hit = np.flatnonzero((layers == layer) & (units == unit))
-        if hit.size:
-            pos.append(int(hit[0]))
+        hit = find(layer, unit)
+        if hit is not None:
+            pos.append(int(hit))
             labels.append(neuron_label(layer, unit))
-    return pos, labels
+        else:
+            lacking.append(neuron_label(layer, unit))
+    return pos, labels, lacking
 
 
 def _interval(ci: xr.Dataset | None, quantity: str, layers: list[str], values: dict):
@@ -59,9 +73,9 @@ def _first_interval(ci: xr.Dataset | None, f: xr.Dataset, pos: list[int], values
     if ci is None:
         return None, None
     lay = f[S.LAYER].values
-    units = f[S.UNIT].values
     layers = [str(lay[p]) for p in pos]
-    first = np.array([units[p] == units[lay == lay[p]].min() for p in pos], bool)
+    # A layer's neurons are contiguous in store order: its first is where the layer changes.
+    first = np.array([p == 0 or lay[p - 1] != lay[p] for p in pos], bool)
     lo, hi = _interval(ci, "first", layers, values)
     for d in (lo, hi):
         for s in d:
@@ -69,44 +83,26 @@ def _first_interval(ci: xr.Dataset | None, f: xr.Dataset, pos: list[int], values
     return lo, hi
 
 
-def fluctuation_figure(fluct: Mapping[str, xr.Dataset], *, by: str = "neuron",
-                       neurons: Sequence[tuple[str, int]] = (),
-                       summary: Mapping[str, xr.Dataset] | None = None,
-                       ci: Mapping[str, xr.Dataset] | None = None,
-                       baseline: Mapping[str, xr.Dataset] | None = None,
-                       titles: Mapping[str, str] | None = None,
-                       scale_free: bool = False) -> go.Figure:
-    """Figure 6: one group of four bars (BN_mean, BN_std, EN_mean, EN_std) per neuron or layer.
-
-    Args:
-        fluct: run name to the result of ``analyses.fluctuation`` for that run, (neuron,) vars.
-        by: ``"neuron"`` (bars for ``neurons``) or ``"layer"`` (medians from ``summary``, with
-            the interquartile range as error bars).
-        neurons: ``(layer, unit)`` pairs drawn when ``by="neuron"``.
-        summary: run name to ``analyses.layer_summary(fluct[run])``; needed for ``by="layer"``.
-        ci: run name to ``analyses.fluctuation_ci`` for that run (layer, quantity, bound):
-            whiskers on the layer medians, or on each layer's first neuron when
-            ``by="neuron"`` (the bootstrap covers only those two quantities).
-        baseline: run name to ``analyses.sampling_baseline`` for the run: expected
-            fluctuation of BN_mean and BN_std from batch sampling alone, drawn as black ticks.
-        titles: run name to its panel title.
-        scale_free: whether ``fluct`` is scale-free (sets the axis title).
-
-    Returns:
-        Figure with one column per run; x categories are the neurons or layers, bar traces are
-        named after the statistic, baseline ticks are a ``scatter`` trace named ``sampling
-        baseline``.
-    """
+def fluctuation_spec(fluct: Mapping[str, xr.Dataset], *, by: str = "neuron",
+                     neurons: Sequence[tuple[str, int]] = (),
+                     summary: Mapping[str, xr.Dataset] | None = None,
+                     ci: Mapping[str, xr.Dataset] | None = None,
+                     baseline: Mapping[str, xr.Dataset] | None = None,
+                     titles: Mapping[str, str] | None = None, scale_free: bool = False,
+                     max_cols: int = RUNS_PER_PAGE, notes: Sequence[str] = (),
+                     locate: Callable[[str, str, int], int | None] | None = None) -> dict:
+    """Figure 6 as a plotly figure dict (what :func:`fluctuation_figure` wraps); see there."""
     if not fluct:
-        return empty_figure("Choose at least one run.")
+        return empty_spec("Choose at least one run.")
     names = list(fluct)
     titles = titles or {}
-    fig = make_subplots(rows=1, cols=len(names), shared_yaxes=True, horizontal_spacing=0.03,
-                        column_titles=[titles.get(n, n) for n in names])
+    grid = Grid.wrap(len(names), (330,), max_cols, top=header_height(notes) + 24, row_gap=95)
+    data, annotations, ticks = [], [], {}
     shown = set()
     has_ci = False
-    for c, name in enumerate(names, start=1):
+    for p, name in enumerate(names):
         f = fluct[name]
+        refs = grid.refs(p, 0)
         ci_run = ci.get(name) if ci is not None else None
         if by == "layer":
             if summary is None or name not in summary:
@@ -116,49 +112,55 @@ def fluctuation_figure(fluct: Mapping[str, xr.Dataset], *, by: str = "neuron",
             values = {s: sm[s].sel({QUANTITY: "median"}).values for s in FLUCT_STATS if s in sm}
             lo, hi = _interval(ci_run, "median", labels, values)
         else:
-            pos, labels = _select(f, neurons)
+            find = None if locate is None else (lambda l, u, r=name: locate(r, l, u))
+            pos, labels, lacking = _select(f, neurons, find)
             values = {s: f[s].values[pos] for s in FLUCT_STATS if s in f}
             lo, hi = _first_interval(ci_run, f, pos, values)
+            if lacking:
+                annotations.append({**grid.note(p, 0, f"no {', '.join(lacking)} in {name}"),
+                                    "y": 0.97, "yanchor": "top"})
         x0 = np.arange(len(labels), dtype=float)
         for j, stat in enumerate(FLUCT_STATS):
             if stat not in values:
                 continue
             v = np.asarray(values[stat], dtype=float)
-            err = None
+            bar = {"type": "bar", "x": x0 + (j - 1.5) * _WIDTH, "y": v, "width": _WIDTH * 0.95,
+                   "name": STAT_LABELS[stat], "legendgroup": stat,
+                   "showlegend": stat not in shown, "marker": {"color": STAT_COLORS[stat]},
+                   "customdata": labels,
+                   "hovertemplate": (f"%{{customdata}}<br>{STAT_LABELS[stat]} fluctuation "
+                                     f"%{{y:.4g}}<extra>{name}</extra>"),
+                   "meta": {"run": name, "stat": stat}, **refs}
             if lo is not None and stat in lo:
-                err = dict(type="data", symmetric=False, array=np.asarray(hi[stat]) - v,
-                           arrayminus=v - np.asarray(lo[stat]), thickness=1.2, width=3,
-                           color="#333")
+                bar["error_y"] = {"type": "data", "symmetric": False,
+                                  "array": np.asarray(hi[stat]) - v,
+                                  "arrayminus": v - np.asarray(lo[stat]), "thickness": 1.2,
+                                  "width": 3, "color": "#333"}
                 has_ci = True
-            fig.add_trace(go.Bar(
-                x=x0 + (j - 1.5) * _WIDTH, y=v, width=_WIDTH * 0.95, name=STAT_LABELS[stat],
-                legendgroup=stat, showlegend=stat not in shown, marker_color=STAT_COLORS[stat],
-                error_y=err, customdata=labels,
-                hovertemplate=(f"%{{customdata}}<br>{STAT_LABELS[stat]} fluctuation %{{y:.4g}}"
-                               f"<extra>{name}</extra>"),
-                meta={"run": name, "stat": stat},
-            ), row=1, col=c)
+            data.append(bar)
             shown.add(stat)
         if baseline is not None and name in baseline and by == "neuron" and not scale_free:
             b = baseline[name]
-            pos, _ = _select(b, neurons)
+            bpos, blabels, _ = _select(b, neurons, find)
             for j, stat in enumerate(FLUCT_STATS):
                 if stat not in b:
                     continue
-                fig.add_trace(go.Scatter(
-                    x=x0 + (j - 1.5) * _WIDTH, y=b[stat].values[pos], mode="markers",
-                    name="sampling baseline", legendgroup="baseline",
-                    showlegend="baseline" not in shown,
-                    marker=dict(symbol="line-ew-open", size=18, line=dict(width=2.5,
-                                                                           color="#111")),
-                    customdata=[labels[i] for i in range(len(pos))],
-                    hovertemplate=(f"%{{customdata}}<br>{STAT_LABELS[stat]} expected from batch "
-                                   f"sampling %{{y:.4g}}<extra>{name}</extra>"),
-                    meta={"run": name, "stat": stat, "baseline": True},
-                ), row=1, col=c)
+                data.append({
+                    "type": "scatter", "x": x0[:len(bpos)] + (j - 1.5) * _WIDTH,
+                    "y": np.asarray(b[stat].values[bpos], dtype=float), "mode": "markers",
+                    "name": "sampling baseline", "legendgroup": "baseline",
+                    "showlegend": "baseline" not in shown,
+                    "marker": {"symbol": "line-ew-open", "size": 18,
+                               "line": {"width": 2.5, "color": "#111"}},
+                    "customdata": blabels,
+                    "hovertemplate": (f"%{{customdata}}<br>{STAT_LABELS[stat]} expected from "
+                                      f"batch sampling %{{y:.4g}}<extra>{name}</extra>"),
+                    "meta": {"run": name, "stat": stat, "baseline": True}, **refs})
                 shown.add("baseline")
-        fig.update_xaxes(tickvals=x0, ticktext=labels, row=1, col=c,
-                         title_text="layer" if by == "layer" else "neuron")
+        n = grid.axis(p, 0)
+        ticks[f"xaxis{'' if n == 1 else n}"] = {
+            "tickvals": x0.tolist(), "ticktext": labels,
+            "title": {"text": "layer" if by == "layer" else "neuron"}}
     window = next(iter(fluct.values())).attrs.get("window", "")
     what = "median over each layer's neurons" if by == "layer" else "per neuron"
     if has_ci:
@@ -166,9 +168,50 @@ def fluctuation_figure(fluct: Mapping[str, xr.Dataset], *, by: str = "neuron",
         what += f"; whiskers: {level:.0%} block-bootstrap CI"
         if by == "neuron":
             what += " (each layer's first neuron)"
-    fig.update_yaxes(title_text=fluctuation_axis_title(scale_free), row=1, col=1, rangemode="tozero")
-    fig.update_layout(template=TEMPLATE, height=460, bargap=0.15,
-                      title=dict(text=f"Fluctuation of the statistics, {window}: {what}",
-                                 font_size=15, x=0.01, y=0.97, yanchor="top"),
-                      legend=dict(y=1.06), margin=dict(t=100))
-    return fig
+    layout = grid.layout(share_x="none", share_y="all", titles=[titles.get(n, n) for n in names],
+                         y_titles=[fluctuation_axis_title(scale_free)])
+    for axis, spec in ticks.items():
+        layout[axis].update(spec)
+    layout["annotations"] += annotations
+    layout["yaxis"]["rangemode"] = "tozero"
+    layout.update(header(f"Fluctuation of the statistics, {window}: {what}", notes,
+                         height=grid.height))
+    layout.update(template=TEMPLATE_JSON, bargap=0.15)
+    return {"data": data, "layout": layout}
+
+
+def fluctuation_figure(fluct: Mapping[str, xr.Dataset], *, by: str = "neuron",
+                       neurons: Sequence[tuple[str, int]] = (),
+                       summary: Mapping[str, xr.Dataset] | None = None,
+                       ci: Mapping[str, xr.Dataset] | None = None,
+                       baseline: Mapping[str, xr.Dataset] | None = None,
+                       titles: Mapping[str, str] | None = None,
+                       scale_free: bool = False, max_cols: int = RUNS_PER_PAGE,
+                       notes: Sequence[str] = ()) -> go.Figure:
+    """Figure 6: one group of four bars (BN_mean, BN_std, EN_mean, EN_std) per neuron or layer.
+
+    Args:
+        fluct: run name to the result of ``analyses.fluctuation`` for that run, (neuron,) vars.
+        by: ``"neuron"`` (bars for ``neurons``) or ``"layer"`` (medians from ``summary``, with
+            the interquartile range as error bars).
+        neurons: ``(layer, unit)`` pairs drawn when ``by="neuron"``; a run that lacks some
+            says so in its panel.
+        summary: run name to ``analyses.layer_summary(fluct[run])``; needed for ``by="layer"``.
+        ci: run name to ``analyses.fluctuation_ci`` for that run (layer, quantity, bound):
+            whiskers on the layer medians, or on each layer's first neuron when
+            ``by="neuron"`` (the bootstrap covers only those two quantities).
+        baseline: run name to ``analyses.sampling_baseline`` for the run: expected
+            fluctuation of BN_mean and BN_std from batch sampling alone, drawn as black ticks.
+        titles: run name to its panel title.
+        scale_free: whether ``fluct`` is scale-free (sets the axis title).
+        max_cols: panels side by side; more runs wrap into further rows.
+        notes: lines under the title (what the caller left out).
+
+    Returns:
+        Figure with one panel per run sharing the y axis; x categories are the neurons or
+        layers, bar traces are named after the statistic, baseline ticks are a ``scatter``
+        trace named ``sampling baseline``.
+    """
+    return go.Figure(fluctuation_spec(fluct, by=by, neurons=neurons, summary=summary, ci=ci,
+                                      baseline=baseline, titles=titles, scale_free=scale_free,
+                                      max_cols=max_cols, notes=notes))

@@ -6,11 +6,14 @@ callback's inputs, so tests call it directly; :func:`register` wires them into a
 
 from __future__ import annotations
 
+import math
 import re
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import plotly.graph_objects as go
+import numpy as np
 from dash import Dash, Input, Output, State, ctx, no_update
 from dash.exceptions import PreventUpdate
 
@@ -18,52 +21,127 @@ from statscope import schema as S
 from statscope.errors import StatscopeError
 
 from . import metrics
-from .bars import fluctuation_figure
+from .bars import fluctuation_spec
 from .data import RunCatalog, natural_key, neuron_key, parse_neuron_key
-from .evolution import evolution_figure, run_title
-from .heatmap import heatmap_figure
+from .evolution import evolution_spec, run_title
+from .grid import to_wire
+from .heatmap import heatmap_spec
 from .layout import GRAPHS, run_panel, status_badges
+from .limits import MAX_NEURONS, MAX_OPTIONS, MAX_SCALARS, RUNS_PER_PAGE
 from .runinfo import run_summary
-from .scatter import scatter_figure
+from .scatter import scatter_spec
 from .state import ViewState, Window
-from .style import empty_figure
+from .style import empty_spec, neuron_label
 
-__all__ = ["normalize", "sync_state", "options", "poll", "computed", "prewarm", "zoom_range", "zoom_store",
-           "evolution", "fluctuation", "scatter", "heatmap", "runs_tab", "register",
-           "MAX_DEFAULT_RUNS", "N_BOOT"]
+__all__ = ["normalize", "view", "View", "default_neurons", "sync_state", "options", "poll",
+           "computed", "prewarm", "zoom_range", "zoom_store", "evolution", "fluctuation",
+           "scatter", "heatmap", "runs_tab", "register", "page_count", "MAX_DEFAULT_RUNS",
+           "N_BOOT", "POLL_MAX_AGE"]
 
 MAX_DEFAULT_RUNS = 4
 """Runs shown when the URL names none."""
 N_BOOT = 200
 """Bootstrap replicates for the intervals and claims: enough for a 95% interval on screen,
 five times cheaper than the analyses' default of 1,000."""
+POLL_MAX_AGE = 1.0
+"""Seconds one rescan of the root serves the polls of every open page."""
 
 _RANGE_KEY = re.compile(r"^xaxis(\d*)\.range(\[0\])?$")
 _AUTORANGE_KEY = re.compile(r"^xaxis(\d*)\.autorange$")
+
+
+def page_count(n_runs: int) -> int:
+    """Pages of :data:`~statscope.dashboards.limits.RUNS_PER_PAGE` runs that ``n_runs`` fill."""
+    return max(1, math.ceil(n_runs / RUNS_PER_PAGE))
+
+
+def _page(state: ViewState) -> tuple[str, ...]:
+    return state.runs[state.page * RUNS_PER_PAGE:(state.page + 1) * RUNS_PER_PAGE]
+
+
+def _known(catalog: RunCatalog, runs: Sequence[str], key: str) -> bool:
+    try:
+        layer, unit = parse_neuron_key(key)
+    except StatscopeError:
+        return False
+    return any(catalog.neuron_index(r, layer, unit) is not None for r in runs)
+
+
+def default_neurons(catalog: RunCatalog, runs: Sequence[str]) -> tuple[str, ...]:
+    """The first neuron of each layer of each run (the paper's "i-1"), in order, no repeats.
+
+    Runs of different models each bring their own layers. Past
+    :data:`~statscope.dashboards.limits.MAX_NEURONS` the layers are taken evenly from first to
+    last, so a deep model shows its depth.
+    """
+    keys = list(dict.fromkeys(neuron_key(layer, catalog.first_unit(r, layer))
+                              for r in runs for layer in catalog.layers(r)))
+    if len(keys) > MAX_NEURONS:
+        keys = [keys[i] for i in np.unique(np.linspace(0, len(keys) - 1, MAX_NEURONS)
+                                           .round().astype(int))]
+    return tuple(keys)
 
 
 def normalize(catalog: RunCatalog, state: ViewState) -> ViewState:
     """Fill defaults and drop whatever the catalog does not know (unknown runs, neurons, layers).
 
     This is the one gate between the URL and the store: a run name that is not a run found
-    under the root is dropped here, so no request reaches a path outside it.
+    under the root is dropped here, so no request reaches a path outside it. A neuron is kept
+    when any chosen run has it; the default neurons and scalars are those of the page's runs.
+    Its cost grows with the runs and neurons chosen, never with a run's neuron count.
     """
     names = catalog.names()
     runs = tuple(catalog.valid(state.runs)) or tuple(names[:MAX_DEFAULT_RUNS])
     if not runs:
-        return state.replace(runs=(), neurons=(), layer=None)
-    ds = catalog.dataset(runs[0])
-    layers = list(dict.fromkeys(ds[S.LAYER].values.tolist()))
-    known = {neuron_key(l, u) for l, u in zip(ds[S.LAYER].values, ds[S.UNIT].values)}
-    neurons = tuple(n for n in state.neurons if n in known)
-    if not neurons:
-        neurons = tuple(neuron_key(layer, _first_unit(ds, layer)) for layer in layers)
-    layer = state.layer if state.layer in layers else layers[0]
-    return state.replace(runs=runs, neurons=neurons, layer=layer)
+        return state.replace(runs=(), neurons=(), layer=None, page=0)
+    page = min(max(0, state.page), page_count(len(runs)) - 1)
+    shown = runs[page * RUNS_PER_PAGE:(page + 1) * RUNS_PER_PAGE]
+    neurons = tuple(k for k in state.neurons if _known(catalog, runs, k))
+    layers = catalog.layers(shown[0])
+    if state.scalars is None:
+        scalars = tuple(dict.fromkeys(s for r in shown for s in catalog.scalar_names(r)))
+        scalars = scalars[:MAX_SCALARS]
+    else:
+        logged = {s for r in runs for s in catalog.scalar_names(r)}
+        scalars = tuple(s for s in state.scalars if s in logged)
+    return state.replace(runs=runs, page=page, neurons=neurons or default_neurons(catalog, shown),
+                         layer=state.layer if state.layer in layers else layers[0],
+                         scalars=scalars)
 
 
-def _first_unit(ds, layer: str) -> int:
-    return int(ds[S.UNIT].values[ds[S.LAYER].values == layer].min())
+@dataclass(frozen=True)
+class View:
+    """What the figures of one URL draw.
+
+    Attributes:
+        state: the normalized view state.
+        runs: the runs of the current page, in panel order.
+        neurons: the neurons drawn, ``(layer, unit)``, at most
+            :data:`~statscope.dashboards.limits.MAX_NEURONS`.
+        notes: what the view leaves out (other pages, neurons past the cap), one line each.
+    """
+
+    state: ViewState
+    runs: tuple[str, ...]
+    neurons: tuple[tuple[str, int], ...]
+    notes: tuple[str, ...]
+
+
+def view(catalog: RunCatalog, search: str | None) -> View:
+    """Normalize the URL's state and work out the page, the neurons drawn and the notes."""
+    state = normalize(catalog, ViewState.from_query(search))
+    runs = _page(state)
+    notes = []
+    n_pages = page_count(len(state.runs))
+    if n_pages > 1:
+        first = state.page * RUNS_PER_PAGE + 1
+        notes.append(f"Runs {first}–{first + len(runs) - 1} of {len(state.runs)} (page "
+                     f"{state.page + 1} of {n_pages}; choose the page at the left)")
+    if len(state.neurons) > MAX_NEURONS:
+        notes.append(f"The first {MAX_NEURONS} of the {len(state.neurons)} chosen neurons "
+                     f"(at most {MAX_NEURONS} are drawn at once)")
+    neurons = tuple(parse_neuron_key(k) for k in state.neurons[:MAX_NEURONS])
+    return View(state, runs, neurons, tuple(notes))
 
 
 def _window_from_controls(kind, n, start, stop, fallback: Window) -> Window:
@@ -77,25 +155,43 @@ def _window_from_controls(kind, n, start, stop, fallback: Window) -> Window:
         return fallback
 
 
-def sync_state(catalog: RunCatalog, trigger: str | None, search: str | None, version, runs, neurons, layer, stat,
-               win_kind, win_n, win_start, win_stop, scale, by, tab, click) -> tuple:
+def _int(value, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def sync_state(catalog: RunCatalog, trigger: str | None, search: str | None, version, runs,
+               neurons, layer, stat, win_kind, win_n, win_start, win_stop, scale, by, tab, page,
+               scalars, click, search_value: str | None = None) -> tuple:
     """Keep the URL, the selectors and their choices in step.
 
     On page load (or back/forward) the URL sets the selectors; a selector change rewrites the
-    URL; a click on a scatter point selects that neuron and opens its evolution. The choices are
-    sent with the values because a Dash 4 dropdown drops a value that is not among its options.
+    URL (and corrects a selector whose value the catalog does not accept); a click on a scatter
+    point selects that neuron and opens its evolution; typing in the neuron selector searches
+    the chosen runs' neurons. The choices are sent with the values because a Dash 4 dropdown
+    drops a value that is not among its options.
 
     Args:
         catalog: the runs.
-        trigger: id of the component that fired (``None`` on page load).
-        search: the URL query string; the other arguments are the selectors' values and the
-            scatter's ``clickData``.
+        trigger: id of the component that fired (``None`` on page load; ``"neuron-search"``
+            for typing in the neuron selector).
+        search: the URL query string; the other arguments are the selectors' values, the
+            scatter's ``clickData`` and the neuron selector's ``search_value``.
 
     Returns:
-        ``(search, run options, neuron options, layer options, runs, neurons, layer, stat,
-        win_kind, win_n, win_start, win_stop, scale, by, tab)``, ``no_update`` where nothing
-        changes.
+        ``(search, run options, neuron options, layer options, page options, scalar options,
+        runs, neurons, layer, stat, win_kind, win_n, win_start, win_stop, scale, by, tab,
+        page, scalars)``, ``no_update`` where nothing changes.
     """
+    n_out = 19
+    if trigger == "neuron-search":
+        if not search_value:
+            raise PreventUpdate
+        state = normalize(catalog, ViewState.from_query(search))
+        opts = _neuron_options(catalog, state, search_value)
+        return (no_update, no_update, opts) + (no_update,) * (n_out - 3)
     current = ViewState.from_query(search)
     if trigger in (None, "url"):
         state = normalize(catalog, current)
@@ -104,7 +200,9 @@ def sync_state(catalog: RunCatalog, trigger: str | None, search: str | None, ver
             runs=tuple(runs or ()), neurons=tuple(neurons or ()), layer=layer,
             stat=stat if stat in S.ALL_STATS else current.stat,
             window=_window_from_controls(win_kind, win_n, win_start, win_stop, current.window),
-            scale=scale or current.scale, by=by or current.by, tab=tab or current.tab)
+            scale=scale or current.scale, by=by or current.by, tab=tab or current.tab,
+            page=_int(page, current.page) if trigger != "runs" else 0,
+            scalars=tuple(scalars or ()))
         if trigger == "scatter-graph" and click and click.get("points"):
             key = click["points"][0].get("customdata")
             if isinstance(key, str):
@@ -113,53 +211,83 @@ def sync_state(catalog: RunCatalog, trigger: str | None, search: str | None, ver
     query = state.to_query()
     w = state.window
     values = (list(state.runs), list(state.neurons), state.layer, state.stat, w.kind,
-              w.n, w.start, w.stop, state.scale, state.by, state.tab)
+              w.n, w.start, w.stop, state.scale, state.by, state.tab, state.page,
+              list(state.scalars or ()))
     if trigger not in (None, "url", "scatter-graph"):
-        values = tuple(no_update for _ in values)
-    opts = (options(catalog, state.runs) if trigger in (None, "url", "version", "runs")
-            else (no_update,) * 3)
+        given = (runs, neurons, layer, stat, win_kind, win_n, win_start, win_stop, scale, by,
+                 tab, page, scalars)
+        values = tuple(v if _differs(v, g) else no_update for v, g in zip(values, given))
+    opts = (options(catalog, state) if trigger in (None, "url", "version", "runs", "page",
+                                                   "scatter-graph", "neurons")
+            else (no_update,) * 5)
     return (query if query != (search or "") else no_update, *opts, *values)
 
 
-def options(catalog: RunCatalog, runs) -> tuple[list, list, list]:
-    """Choices of the run, neuron and layer selectors (neurons and layers of the first run)."""
+def _differs(new, given) -> bool:
+    if isinstance(new, list) or isinstance(given, (list, tuple)):
+        return list(new or []) != list(given or [])
+    return new != given
+
+
+def _neuron_options(catalog: RunCatalog, state: ViewState, text: str | None = None) -> list:
+    """The chosen neurons, the defaults, and the first matches of ``text`` (or of every layer),
+    at most :data:`~statscope.dashboards.limits.MAX_OPTIONS` beyond the chosen ones."""
+    keys = dict.fromkeys(state.neurons)
+    keys.update(dict.fromkeys(default_neurons(catalog, _page(state))))
+    keys.update(dict.fromkeys(neuron_key(l, u) for l, u in
+                              catalog.search_neurons(state.runs, text or "", MAX_OPTIONS)))
+    out = []
+    for k in keys:
+        layer, unit = parse_neuron_key(k)
+        out.append({"label": neuron_label(layer, unit), "value": k})
+    return out
+
+
+def options(catalog: RunCatalog, state: ViewState) -> tuple[list, list, list, list, list]:
+    """Choices of the run, neuron, layer, page and scalar selectors for a normalized state.
+
+    Neurons: the chosen ones, the defaults and the first
+    :data:`~statscope.dashboards.limits.MAX_OPTIONS` of the chosen runs (typing searches them
+    all); layers: those of the first run on the page (the layer overview draws it).
+    """
     names = catalog.names()
-    run_opts = []
-    for n in names:
-        info = catalog.info(n)
-        run_opts.append({"label": f"{run_title(n, catalog.dataset(n))} · {info.status}",
-                         "value": n})
-    chosen = catalog.valid(runs) or names[:1]
-    if not chosen:
-        return run_opts, [], []
-    ds = catalog.dataset(chosen[0])
-    lay, units = ds[S.LAYER].values, ds[S.UNIT].values
-    neuron_opts = [{"label": f"{l}[{int(u)}]", "value": neuron_key(l, u)}
-                   for l, u in zip(lay, units)]
-    layer_opts = [{"label": l, "value": l} for l in dict.fromkeys(lay.tolist())]
-    return run_opts, neuron_opts, layer_opts
+    run_opts = [{"label": f"{run_title(n, catalog.dataset(n))} · {catalog.info(n).status}",
+                 "value": n} for n in names]
+    if not state.runs:
+        return run_opts, [], [], [], []
+    n_pages = page_count(len(state.runs))
+    page_opts = ([{"label": f" {i + 1}", "value": i} for i in range(n_pages)]
+                 if n_pages > 1 else [])
+    layer_opts = [{"label": l, "value": l} for l in catalog.layers(_page(state)[0])]
+    scalar_opts = [{"label": s, "value": s} for s in
+                   dict.fromkeys(s for r in state.runs for s in catalog.scalar_names(r))]
+    return run_opts, _neuron_options(catalog, state), layer_opts, page_opts, scalar_opts
 
 
-def poll(catalog: RunCatalog, n_intervals, version, *, warm: bool = False) -> tuple:
-    """Rescan the root; a new version token when a run grew, appeared or changed status.
+def poll(catalog: RunCatalog, n_intervals, version, *, warm: bool = False,
+         max_age: float = POLL_MAX_AGE) -> tuple:
+    """Rescan the root (at most once per :data:`POLL_MAX_AGE` for all pages); a new version
+    token when this page's token is behind: a run grew, appeared or changed status.
 
-    With ``warm``, the analyses of runs that changed are computed ahead in a background thread.
+    Every open page compares its own token, so a change one page's poll found reaches the
+    others too. With ``warm``, the analyses of runs that changed are computed ahead in a
+    background thread.
 
     Returns:
-        ``(version, status badges, notice)``; ``no_update`` for all when nothing changed.
+        ``(version, status badges, notice)``; ``PreventUpdate`` when this page is up to date.
     """
-    changed = catalog.refresh()
-    if version is not None and not changed:
-        raise PreventUpdate
+    changed = catalog.refresh(max_age=max_age)
+    current = catalog.version()
     if changed and warm:
         threading.Thread(target=prewarm, args=(catalog, catalog.valid(changed)),
                          daemon=True).start()
-    badges = status_badges([catalog.info(n) for n in sorted(catalog.version(), key=natural_key)])
-    errors = catalog.errors()
-    notice = [f"Could not open {n}: {e}" for n, e in errors.items()]
+    if version is not None and version == current:
+        raise PreventUpdate
+    badges = status_badges([catalog.info(n) for n in sorted(current, key=natural_key)])
+    notice = [f"Could not open {n}: {e}" for n, e in catalog.errors().items()]
     if not catalog.names():
         notice.insert(0, f"No statscope runs under {catalog.root}.")
-    return catalog.version(), badges, [_notice_line(m) for m in notice]
+    return current, badges, [_notice_line(m) for m in notice]
 
 
 def _notice_line(message: str):
@@ -209,7 +337,8 @@ def _zoomed_axis(relayout: dict[str, Any]) -> int:
 
 
 def _view_key(state: ViewState) -> str:
-    return repr((state.runs, state.neurons, state.layer, state.stat, state.window.spec()))
+    return repr((state.runs, state.page, state.neurons, state.scalars, state.layer, state.stat,
+                 state.window.spec()))
 
 
 def _zoom(zoom: dict | None, search: str | None) -> tuple[float, float] | None:
@@ -218,24 +347,22 @@ def _zoom(zoom: dict | None, search: str | None) -> tuple[float, float] | None:
     return None
 
 
-def _state(catalog: RunCatalog, search: str | None) -> ViewState:
-    return normalize(catalog, ViewState.from_query(search))
-
-
-def _neurons(state: ViewState) -> list[tuple[str, int]]:
-    return [parse_neuron_key(k) for k in state.neurons]
-
-
-def evolution(catalog: RunCatalog, search, version=None, zoom=None) -> go.Figure:
-    """Figure 7 for the URL's runs, neurons and window (or the remembered zoom)."""
-    state = _state(catalog, search)
-    runs = {n: catalog.dataset(n) for n in state.runs}
+def evolution(catalog: RunCatalog, search, version=None, zoom=None) -> dict:
+    """Figure 7 (with the logged scalars above it) for the URL's page of runs, neurons and
+    window, or the remembered zoom; a figure dict ready for the browser."""
+    v = view(catalog, search)
+    scalars = v.state.scalars or ()
     rng, xrange = _zoom(zoom, search), None
-    if rng is not None and state.runs:
-        # make_subplots numbers axes row by row: the zoomed axis names the run's column
-        xrange = {state.runs[(int(zoom.get("axis", 1)) - 1) % len(state.runs)]: rng}
-    return evolution_figure(runs, _neurons(state), state.window, xrange=xrange,
-                            read=catalog.columns)
+    if rng is not None and v.runs:
+        # every cell of a run's panel shares its step axis: the axis number names the panel
+        cells = len(scalars) + 2 * len(v.neurons)
+        panel = (int(zoom.get("axis", 1)) - 1) // max(1, cells)
+        if panel < len(v.runs):
+            xrange = {v.runs[panel]: rng}
+    return to_wire(evolution_spec(
+        {n: catalog.dataset(n) for n in v.runs}, v.neurons, v.state.window, scalars=scalars,
+        xrange=xrange, read=catalog.columns, locate=catalog.neuron_index,
+        read_scalar=catalog.scalar, notes=v.notes))
 
 
 def computed(catalog: RunCatalog, run: str, what: str, window: Window, scale_free: bool = False):
@@ -300,92 +427,103 @@ def _titles(catalog: RunCatalog, runs) -> dict[str, str]:
     return {n: run_title(n, catalog.dataset(n)) for n in runs}
 
 
-def _analysed(build) -> go.Figure:
+def _analysed(build) -> dict:
     try:
-        return build()
+        return to_wire(build())
     except StatscopeError as exc:
-        return empty_figure(str(exc))
+        return empty_spec(str(exc))
 
 
-def fluctuation(catalog: RunCatalog, search, version=None) -> go.Figure:
+def fluctuation(catalog: RunCatalog, search, version=None) -> dict:
     """Figure 6: bars with bootstrap intervals and, on the raw scale, the sampling baseline."""
     lacking = metrics.missing("fluctuation", "layer_summary")
     if lacking:
-        return empty_figure(f"statscope.analyses lacks {', '.join(lacking)}")
-    state = _state(catalog, search)
-    w = state.window
-    sf = state.scale == "scale_free"
+        return empty_spec(f"statscope.analyses lacks {', '.join(lacking)}")
+    v = view(catalog, search)
+    w = v.state.window
+    sf = v.state.scale == "scale_free"
 
     def build():
-        fl = {r: computed(catalog, r, "fluctuation", w, sf) for r in state.runs}
-        summary = {r: computed(catalog, r, "layer_summary", w, sf) for r in state.runs}
+        fl = {r: computed(catalog, r, "fluctuation", w, sf) for r in v.runs}
+        summary = {r: computed(catalog, r, "layer_summary", w, sf) for r in v.runs}
         ci = baseline = None
         if metrics.analysis("fluctuation_ci") is not None:
-            ci = {r: computed(catalog, r, "fluctuation_ci", w, sf) for r in state.runs}
+            ci = {r: computed(catalog, r, "fluctuation_ci", w, sf) for r in v.runs}
         if metrics.analysis("sampling_baseline") is not None and not sf:
-            baseline = {r: computed(catalog, r, "sampling_baseline", w) for r in state.runs}
-        return fluctuation_figure(fl, by=state.by, neurons=_neurons(state), summary=summary,
-                                  ci=ci, baseline=baseline, scale_free=sf,
-                                  titles=_titles(catalog, state.runs))
+            baseline = {r: computed(catalog, r, "sampling_baseline", w) for r in v.runs}
+        notes = v.notes if v.state.by == "neuron" else v.notes[:1]
+        return fluctuation_spec(fl, by=v.state.by, neurons=v.neurons, summary=summary, ci=ci,
+                                baseline=baseline, scale_free=sf, notes=notes,
+                                titles=_titles(catalog, v.runs), locate=catalog.neuron_index)
 
     return _analysed(build)
 
 
-def scatter(catalog: RunCatalog, search, version=None) -> go.Figure:
-    """Std versus mean fluctuation, one point per neuron, one facet per run."""
+def scatter(catalog: RunCatalog, search, version=None) -> dict:
+    """Std versus mean fluctuation, one point per neuron, one panel per run of the page."""
     if metrics.missing("fluctuation"):
-        return empty_figure("statscope.analyses lacks fluctuation")
-    state = _state(catalog, search)
-    sf = state.scale == "scale_free"
+        return empty_spec("statscope.analyses lacks fluctuation")
+    v = view(catalog, search)
+    sf = v.state.scale == "scale_free"
 
     def build():
-        fl = {r: computed(catalog, r, "fluctuation", state.window, sf) for r in state.runs}
-        return scatter_figure(fl, titles=_titles(catalog, state.runs), scale_free=sf)
+        fl = {r: computed(catalog, r, "fluctuation", v.state.window, sf) for r in v.runs}
+        return scatter_spec(fl, titles=_titles(catalog, v.runs), scale_free=sf,
+                            notes=v.notes[:1])
 
     return _analysed(build)
 
 
-def heatmap(catalog: RunCatalog, search, version=None, zoom=None) -> go.Figure:
-    """The layer overview of the first chosen run."""
-    state = _state(catalog, search)
-    if not state.runs:
-        return empty_figure("Choose a run.")
-    run = state.runs[0]
+def heatmap(catalog: RunCatalog, search, version=None, zoom=None) -> dict:
+    """The layer overview of the first run of the page."""
+    v = view(catalog, search)
+    if not v.runs:
+        return empty_spec("Choose a run.")
+    run, state = v.runs[0], v.state
     xrange = _zoom(zoom, search)
     return catalog.memo(run, ("heatmap", state.layer, state.stat, state.window.spec(), xrange),
-                        lambda: heatmap_figure(catalog.dataset(run), state.layer, state.stat,
-                                               state.window, run=run, xrange=xrange,
-                                               read=catalog.columns))
+                        lambda: to_wire(heatmap_spec(
+                            catalog.dataset(run), state.layer, state.stat, state.window,
+                            run=run, xrange=xrange, read=catalog.columns,
+                            positions=catalog.layer_positions(run, state.layer))))
 
 
 def runs_tab(catalog: RunCatalog, search, version=None) -> list:
-    """The run cards with the paper-claims table of each chosen run."""
-    state = _state(catalog, search)
+    """The run cards of the page's runs, each with its paper-claims table."""
+    v = view(catalog, search)
     tables = {}
-    for r in state.runs:
+    for r in v.runs:
         if metrics.analysis("claims") is None:
             tables[r] = "statscope.analyses lacks claims"
             continue
         try:
-            tables[r] = computed(catalog, r, "claims", state.window)
+            tables[r] = computed(catalog, r, "claims", v.state.window)
         except StatscopeError as exc:
             tables[r] = str(exc)
-    summaries = [run_summary(r, catalog.dataset(r)) for r in state.runs]
-    return run_panel(summaries, tables, state.window.label())
+    summaries = [run_summary(r, catalog.dataset(r)) for r in v.runs]
+    return run_panel(summaries, tables, v.state.window.label(), notes=v.notes[:1])
+
+
+CONTROLS = ("runs", "neurons", "layer", "stat", "win-kind", "win-n", "win-start", "win-stop",
+            "scale", "by", "tab", "page", "scalars")
+"""Ids of the selectors whose values :func:`sync_state` reads and sets, in its order."""
 
 
 def register(app: Dash, catalog: RunCatalog) -> None:
     """Wire the callbacks above into ``app``; each figure is computed only on its own tab."""
-    controls = ["runs", "neurons", "layer", "stat", "win-kind", "win-n", "win-start", "win-stop",
-                "scale", "by", "tab"]
 
     @app.callback(Output("url", "search"), Output("runs", "options"),
                   Output("neurons", "options"), Output("layer", "options"),
-                  *[Output(c, "value") for c in controls],
+                  Output("page", "options"), Output("scalars", "options"),
+                  *[Output(c, "value") for c in CONTROLS],
                   Input("url", "search"), Input("version", "data"),
-                  *[Input(c, "value") for c in controls], Input("scatter-graph", "clickData"))
+                  *[Input(c, "value") for c in CONTROLS], Input("scatter-graph", "clickData"),
+                  Input("neurons", "search_value"))
     def _sync(search, version, *values):
-        return sync_state(catalog, ctx.triggered_id, search, version, *values)
+        trigger = ctx.triggered_id
+        if "neurons.search_value" in ctx.triggered_prop_ids:
+            trigger = "neuron-search"
+        return sync_state(catalog, trigger, search, version, *values)
 
     @app.callback(Output("version", "data"), Output("run-status", "children"),
                   Output("notice", "children"), Input("poll", "n_intervals"),
@@ -418,4 +556,3 @@ def register(app: Dash, catalog: RunCatalog) -> None:
         if ViewState.from_query(search).tab != "run":
             raise PreventUpdate
         return runs_tab(catalog, search, version)
-

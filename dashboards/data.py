@@ -2,7 +2,9 @@
 
 Every read the app makes goes through :class:`RunCatalog`. It knows the runs by name only; a
 name from a URL or a request that is not one of the runs found under the root is refused, so
-no request can make the app read a path outside the root.
+no request can make the app read a path outside the root. Runs are found by
+:func:`statscope.store.find_runs`; a run any of whose files or folders resolves outside the root
+(through a symbolic link) is not served, and the page says so.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +25,8 @@ import xarray as xr
 from statscope import schema as S
 from statscope.errors import StatscopeError, StoreError
 
-__all__ = ["RunInfo", "RunCatalog", "ByteLRU", "neuron_key", "parse_neuron_key", "natural_key"]
+__all__ = ["RunInfo", "RunCatalog", "ByteLRU", "neuron_key", "parse_neuron_key", "natural_key",
+           "layer_slices", "outside_links"]
 
 
 def natural_key(name: str) -> tuple:
@@ -60,6 +64,70 @@ def parse_neuron_key(key: str) -> tuple[str, int]:
     if not sep or not layer or not unit.lstrip("-").isdigit():
         raise StatscopeError(f"neuron={key!r}: expected '<layer>:<unit>', e.g. 'fc1:0'")
     return layer, int(unit)
+
+
+def layer_slices(layers: np.ndarray) -> dict[str, np.ndarray]:
+    """Positions of each layer's neurons, in order of first appearance.
+
+    Layers are contiguous in store order, so one comparison of neighbours finds them all
+    (instead of one comparison of every neuron per layer).
+
+    Example:
+        >>> {k: v.tolist() for k, v in layer_slices(np.array(["a", "a", "b", "a"])).items()}
+        {'a': [0, 1, 3], 'b': [2]}
+    """
+    layers = np.asarray(layers)
+    if not layers.size:
+        return {}
+    starts = np.concatenate([[0], np.flatnonzero(layers[1:] != layers[:-1]) + 1, [layers.size]])
+    out: dict[str, list[np.ndarray]] = {}
+    for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+        out.setdefault(str(layers[a]), []).append(np.arange(a, b))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def outside_links(path: str | os.PathLike, root: str | os.PathLike, *, most: int = 3) -> list[str]:
+    """Entries of the run folder ``path`` that resolve outside ``root``, relative to ``path``.
+
+    The folder itself counts (``"."``); below it, every symbolic link, at any depth, is
+    resolved; folders reached through a link inside ``root`` are searched too (each once).
+    Hard links cannot be told from ordinary files and are not detected.
+
+    Args:
+        path: a run folder.
+        root: the folder nothing may resolve outside of (already resolved).
+        most: stop after this many findings.
+
+    Returns:
+        Up to ``most`` relative names, e.g. ``["bn_mean/c/0/0"]``; empty when every entry stays
+        inside ``root``.
+    """
+    root = Path(root)
+    base = Path(path)
+    if not base.resolve().is_relative_to(root):
+        return ["."]
+    found: list[str] = []
+    seen: set[str] = set()
+    stack = [base]
+    while stack and len(found) < most:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for e in entries:
+            if e.is_symlink():
+                real = os.path.realpath(e.path)
+                if not Path(real).is_relative_to(root):
+                    found.append(os.path.relpath(e.path, base))
+                    if len(found) >= most:
+                        break
+                elif os.path.isdir(real) and real not in seen:
+                    seen.add(real)
+                    stack.append(Path(e.path))
+            elif e.is_dir(follow_symlinks=False):
+                stack.append(Path(e.path))
+    return found
 
 
 @dataclass(frozen=True)
@@ -155,6 +223,20 @@ class _Run:
     generation: int
     error: str | None = None
     index: dict[tuple[str, int], int] = field(default_factory=dict)
+    layers: dict[str, np.ndarray] = field(default_factory=dict)
+    scalars: tuple[str, ...] = ()
+
+
+def _run(path: str | None, ds: xr.Dataset, generation: int) -> _Run:
+    """A run's record with the lookups every callback needs, built once per (re)open."""
+    lay = ds[S.LAYER].values
+    units = ds[S.UNIT].values
+    names = [n for n in ds.attrs.get(S.ATTR_SCALARS) or []
+             if n in ds.data_vars and ds[n].dims == (S.STEP,)]
+    return _Run(path, ds, generation,
+                index={(str(l), int(u)): i for i, (l, u) in enumerate(zip(lay.tolist(),
+                                                                          units.tolist()))},
+                layers=layer_slices(lay), scalars=tuple(names))
 
 
 class RunCatalog:
@@ -176,6 +258,9 @@ class RunCatalog:
         self._runs: dict[str, _Run] = {}
         self._lock = threading.RLock()
         self._static = False
+        self._signature: tuple | None = None
+        self._found: dict[str, str] = {}
+        self._refreshed = float("-inf")
         self.refresh()
 
     @classmethod
@@ -192,28 +277,47 @@ class RunCatalog:
         self.cache = ByteLRU(cache_bytes)
         self._lock = threading.RLock()
         self._static = True
-        self._runs = {name: _Run(None, ds, 0, index=_index(ds)) for name, ds in datasets.items()}
+        self._runs = {name: _run(None, ds, 0) for name, ds in datasets.items()}
         return self
 
     # -- discovery -------------------------------------------------------------------------
 
-    def _find(self) -> dict[str, str]:
-        from statscope.store import is_run
+    def _scan_signature(self) -> tuple:
+        """The root's and its sub-folders' modification times: a new run, or a run's first
+        file, changes it; a run writing its chunks does not."""
+        try:
+            entries = sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(self.root)
+                             if e.is_dir())
+        except OSError:
+            entries = []
+        return self.root.stat().st_mtime_ns, tuple(entries)
 
-        if is_run(self.root):
-            return {self.root.name: str(self.root)}
-        found = {}
-        for child in sorted(self.root.iterdir()):
-            # A symlink may point outside the root: only folders that resolve inside it count.
-            real = child.resolve()
-            if not child.is_dir() or not real.is_relative_to(self.root):
-                continue
-            if (child / "zarr.json").exists():
-                found[child.name] = str(real)
-        return found
+    def _find(self) -> tuple[dict[str, str], bool]:
+        """Run name to path: the runs :func:`~statscope.store.find_runs` lists, and the folders
+        that hold a ``zarr.json`` it left out (unreadable runs, named with their reason); and
+        whether the root was scanned again (it is only when its folders changed)."""
+        from statscope.store import find_runs
 
-    def refresh(self) -> list[str]:
+        signature = self._scan_signature()
+        if signature == self._signature:
+            return self._found, False
+        runs = [Path(p) for p in find_runs(self.root)]
+        if runs == [self.root]:
+            found = {self.root.name: str(self.root)}
+        else:
+            found = {p.name: str(p) for p in runs}
+            # find_runs leaves out folders that are not readable runs; the page names them.
+            found.update({c.name: str(c) for c in self.root.iterdir()
+                          if c.name not in found and c.is_dir() and (c / "zarr.json").exists()})
+        self._signature, self._found = signature, found
+        return found, True
+
+    def refresh(self, *, max_age: float = 0.0) -> list[str]:
         """Rescan the root and reopen every run whose committed steps or status changed.
+
+        Args:
+            max_age: do nothing when the last refresh is younger than this many seconds (the
+                page of every open browser tab polls; one rescan serves them all).
 
         Returns:
             The names of runs that appeared, changed or vanished.
@@ -224,15 +328,30 @@ class RunCatalog:
 
         changed = []
         with self._lock:
-            found = self._find()
+            now = time.monotonic()
+            if now - self._refreshed < max_age:
+                return []
+            self._refreshed = now
+            found, rescanned = self._find()
             for name in [n for n in self._runs if n not in found]:
                 self._forget(name)
                 changed.append(name)
             for name, path in found.items():
                 run = self._runs.get(name)
-                if (run is not None and run.ds is not None
+                if run is not None and run.path == path and (
+                        run.ds is None and run.generation < 0 and not rescanned
+                        or run.ds is not None
                         and run.ds.attrs.get(S.ATTR_STATUS) != S.STATUS_RUNNING):
-                    continue  # a finished run does not change; skip the attribute read
+                    continue  # finished, or refused for its links: it does not change
+                links = outside_links(path, self.root)
+                if links:
+                    if run is None or run.ds is not None:
+                        self._forget(name)
+                        self._runs[name] = _Run(path, None, -1, error=(
+                            f"not served: {', '.join(links)} resolves outside {self.root} "
+                            "(symbolic links must stay inside the dashboard's folder)"))
+                        changed.append(name)
+                    continue
                 try:
                     attrs = read_attrs(path)
                 except StatscopeError as exc:
@@ -244,7 +363,7 @@ class RunCatalog:
                 if run is not None and run.ds is not None and _same(run.ds.attrs, attrs):
                     continue
                 changed.append(name)
-                self._open(name, path, 0 if run is None else run.generation + 1)
+                self._open(name, path, 0 if run is None else max(0, run.generation) + 1)
         return changed
 
     def _open(self, name: str, path: str, generation: int) -> None:
@@ -256,7 +375,7 @@ class RunCatalog:
         except Exception as exc:  # a corrupt store must not take the good runs down
             self._runs[name] = _Run(path, None, generation, error=f"{type(exc).__name__}: {exc}")
             return
-        self._runs[name] = _Run(path, ds, generation, index=_index(ds))
+        self._runs[name] = _run(path, ds, generation)
 
     def _forget(self, name: str) -> None:
         self._runs.pop(name, None)
@@ -309,6 +428,47 @@ class RunCatalog:
         """Position along ``neuron`` of ``(layer, unit)`` in run ``name``, or ``None``."""
         return self._runs[name].index.get((layer, int(unit)))
 
+    def layers(self, name: str) -> list[str]:
+        """Layers of run ``name``, in store order."""
+        return list(self._runs[name].layers)
+
+    def layer_positions(self, name: str, layer: str) -> np.ndarray:
+        """Positions along ``neuron`` of the neurons of ``layer`` in run ``name`` (maybe empty)."""
+        return self._runs[name].layers.get(layer, np.zeros(0, np.int64))
+
+    def first_unit(self, name: str, layer: str) -> int:
+        """The unit of the first neuron of ``layer`` in run ``name`` (the paper's "i-1")."""
+        pos = self._runs[name].layers[layer]
+        return int(self.dataset(name)[S.UNIT].values[pos[0]])
+
+    def scalar_names(self, name: str) -> list[str]:
+        """The logged scalars of run ``name`` (``loss``, ``lr``...), as its attrs list them."""
+        return list(self._runs[name].scalars)
+
+    def search_neurons(self, names: Sequence[str], text: str, most: int) -> list[tuple[str, int]]:
+        """Up to ``most`` neurons of the runs ``names`` whose label matches ``text``.
+
+        ``"fc2"`` matches every neuron of the layers whose name contains it, ``"fc2[1"`` or
+        ``"fc2:1"`` the units of ``fc2`` that start with 1. The search stops at ``most``, so it
+        costs the answer's length, not the runs' neuron count.
+        """
+        text = (text or "").strip().lower().replace(":", "[").rstrip("]")
+        want, _, digits = text.partition("[")
+        out: dict[tuple[str, int], None] = {}
+        for name in names:
+            ds = self.dataset(name)
+            units = ds[S.UNIT].values
+            for layer, pos in self._runs[name].layers.items():
+                if want not in layer.lower() or (digits and layer.lower() != want):
+                    continue
+                for p in pos:
+                    u = int(units[p])
+                    if not digits or str(u).startswith(digits):
+                        out[(layer, u)] = None
+                        if len(out) >= most:
+                            return list(out)
+        return list(out)
+
     def steps(self, name: str) -> np.ndarray:
         """Steps of run ``name``, (step,) int64."""
         return self.dataset(name)[S.STEP].values
@@ -356,9 +516,9 @@ class RunCatalog:
         return np.stack([cols[k][rows] for k in keys], axis=1)
 
     def scalar(self, name: str, var: str) -> np.ndarray | None:
-        """A per-step scalar (``loss``, ``lr``...) of run ``name``, cached, or ``None``."""
+        """A logged scalar (``loss``, ``lr``...) of run ``name``, (step,), cached, or ``None``."""
         ds = self.dataset(name)
-        if var not in ds or ds[var].dims != (S.STEP,):
+        if var not in self._runs[name].scalars:
             return None
         key = (name, self._runs[name].generation, var, None)
         col = self.cache.get(key)
@@ -379,9 +539,3 @@ class RunCatalog:
 
 def _same(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     return all(old.get(k) == new.get(k) for k in (S.ATTR_N_STEPS, S.ATTR_STATUS, S.ATTR_LAST_STEP))
-
-
-def _index(ds: xr.Dataset) -> dict[tuple[str, int], int]:
-    layers = ds[S.LAYER].values.tolist()
-    units = ds[S.UNIT].values.tolist()
-    return {(str(l), int(u)): i for i, (l, u) in enumerate(zip(layers, units))}

@@ -1,9 +1,11 @@
 """The evolution view (the paper's Figure 7): BN and EN statistics of chosen neurons over steps.
 
-One column of panels per run, so batch sizes compare side by side; for each neuron one row for
-the means (BN_mean with EN_mean) and one for the stds (BN_std with EN_std). Rows share their
-y axis across runs and every panel shares the step axis. Long windows are reduced server-side to
-the min/max envelope; a zoom asks for the zoomed range again, at full resolution when it fits.
+One panel per run, so batch sizes compare side by side (wrapped into rows past ``max_cols``). A
+panel holds, top to bottom, the logged scalars (loss, lr, ...) and for each neuron one row for
+the means (BN_mean with EN_mean) and one for the stds (BN_std with EN_std). The rows of a panel
+share its step axis; a row shares its y axis with the same row of every other run. Long windows
+are reduced server-side to the min/max envelope, within one points budget for the whole figure;
+a zoom asks for the zoomed range again, at full resolution when it fits.
 """
 
 from __future__ import annotations
@@ -13,25 +15,36 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 import xarray as xr
-from plotly.subplots import make_subplots
 
 from statscope import schema as S
 
 from .downsample import DEFAULT_POINTS, envelope
+from .grid import Grid
+from .limits import MAX_READ_VALUES, RUNS_PER_PAGE, points_per_trace
 from .state import Window
-from .style import (GRAPH_CONFIG, STAT_COLORS, STAT_DASH, STAT_LABELS, STAT_UNITS, TEMPLATE,
-                    empty_figure, neuron_label)
+from .style import (STAT_COLORS, STAT_DASH, STAT_LABELS, STAT_UNITS, TEMPLATE_JSON, empty_spec,
+                    header, header_height, neuron_label)
 
-__all__ = ["evolution_figure", "read_dataset", "run_title", "Reader", "PAIRS"]
+__all__ = ["evolution_figure", "evolution_spec", "read_dataset", "locate_in", "run_title",
+           "scalar_names", "Reader", "Locator", "ScalarReader", "PAIRS", "ROW_HEIGHT",
+           "SCALAR_HEIGHT"]
 
 Reader = Callable[[str, str, Sequence[int], slice], np.ndarray]
 """``read(run, var, positions, rows) -> (rows, len(positions))``: columns of a variable over a
 slice of step rows."""
+Locator = Callable[[str, str, int], "int | None"]
+"""``locate(run, layer, unit)``: the neuron's position along ``neuron`` in that run, or None."""
+ScalarReader = Callable[[str, str], "np.ndarray | None"]
+"""``read_scalar(run, name) -> (step,)``: a logged scalar of a run, or None when it has none."""
 
 PAIRS = (("mean", (S.BN_MEAN, S.EN_MEAN)), ("std", (S.BN_STD, S.EN_STD)))
 """The two rows drawn per neuron: the means together, the stds together."""
 
 ROW_HEIGHT = 190
+"""Pixels of one statistics row."""
+SCALAR_HEIGHT = 120
+"""Pixels of one logged-scalar row."""
+SCALAR_COLOR = "#444444"
 
 
 def read_dataset(runs: Mapping[str, xr.Dataset]) -> Reader:
@@ -43,6 +56,34 @@ def read_dataset(runs: Mapping[str, xr.Dataset]) -> Reader:
     return read
 
 
+def locate_in(runs: Mapping[str, xr.Dataset]) -> Locator:
+    """A :data:`Locator` over Datasets; each run's index is built once, on first use."""
+    index: dict[str, dict[tuple[str, int], int]] = {}
+
+    def locate(run: str, layer: str, unit: int) -> int | None:
+        if run not in index:
+            ds = runs[run]
+            index[run] = {(str(l), int(u)): i for i, (l, u) in
+                          enumerate(zip(ds[S.LAYER].values.tolist(), ds[S.UNIT].values.tolist()))}
+        return index[run].get((layer, int(unit)))
+
+    return locate
+
+
+def scalar_names(ds: xr.Dataset) -> list[str]:
+    """The logged scalars of a run (``loss``, ``lr``...): those its attrs list that are (step,)."""
+    return [n for n in ds.attrs.get(S.ATTR_SCALARS) or []
+            if n in ds.data_vars and ds[n].dims == (S.STEP,)]
+
+
+def _read_scalar(runs: Mapping[str, xr.Dataset]) -> ScalarReader:
+    def read(run: str, name: str) -> np.ndarray | None:
+        ds = runs[run]
+        return np.asarray(ds[name].values) if name in scalar_names(ds) else None
+
+    return read
+
+
 def run_title(name: str, ds: xr.Dataset) -> str:
     """Panel title of a run: its name and, when known, its batch size, e.g. ``bs4 (bs 4)``."""
     meta = ds.attrs.get(S.ATTR_META) or {}
@@ -50,110 +91,152 @@ def run_title(name: str, ds: xr.Dataset) -> str:
     return f"{name} (batch size {bs})" if bs is not None else name
 
 
-def _positions(ds: xr.Dataset, neurons: Sequence[tuple[str, int]]) -> list[int | None]:
-    layers = ds[S.LAYER].values
-    units = ds[S.UNIT].values
-    out = []
-    for layer, unit in neurons:
-        hit = np.flatnonzero((layers == layer) & (units == unit))
-        out.append(int(hit[0]) if hit.size else None)
-    return out
+def _scalar_title(ds: xr.Dataset | None, name: str) -> str:
+    units = ds[name].attrs.get("units") if ds is not None and name in ds else None
+    return f"{name}<br><span style='font-size:11px'>({units})</span>" if units else name
 
 
-def evolution_figure(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, int]],
-                     window: Window, *,
-                     xrange: tuple[float, float] | Mapping[str, tuple[float, float]] | None = None,
-                     n_points: int = DEFAULT_POINTS, read: Reader | None = None) -> go.Figure:
-    """Figure 7: the statistics of each chosen neuron over the window, one column per run.
+def _rows(steps: np.ndarray, window: Window, zoom: tuple[float, float] | None) -> slice:
+    if zoom is None:
+        return window.rows(steps)
+    return slice(int(np.searchsorted(steps, zoom[0], "left")),
+                 int(np.searchsorted(steps, zoom[1], "right")))
 
-    Args:
-        runs: run name to its Dataset (schema of :mod:`statscope.schema`), in panel order.
-        neurons: ``(layer, unit)`` pairs; a neuron missing from a run leaves its panel empty.
-        window: the steps to show when not zoomed.
-        xrange: a zoomed step range ``(x0, x1)`` for every run, or ``{run: (x0, x1)}`` for some;
-            overrides ``window`` where given. Each run has its own step axis (runs of different
-            lengths each show their own window), shared by the rows of its column.
-        n_points: the most points per trace; longer spans are reduced to their min/max envelope.
-        read: where the columns come from; default straight from ``runs``.
 
-    Returns:
-        Figure with ``2 * len(neurons)`` rows and ``len(runs)`` columns; traces are named after
-        the statistic and carry ``meta = {"run", "neuron", "stat", "downsampled"}``.
-    """
-    if not runs or not neurons:
-        return empty_figure("Choose at least one run and one neuron.")
+def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, int]],
+                   window: Window, *, scalars: Sequence[str] = (),
+                   xrange: tuple[float, float] | Mapping[str, tuple[float, float]] | None = None,
+                   n_points: int = DEFAULT_POINTS, read: Reader | None = None,
+                   locate: Locator | None = None, read_scalar: ScalarReader | None = None,
+                   max_cols: int = RUNS_PER_PAGE, notes: Sequence[str] = ()) -> dict:
+    """Figure 7 as a plotly figure dict (what :func:`evolution_figure` wraps); see there."""
+    if not runs or not (neurons or scalars):
+        return empty_spec("Choose at least one run and one neuron.")
     read = read or read_dataset(runs)
+    locate = locate or locate_in(runs)
+    read_scalar = read_scalar or _read_scalar(runs)
     names = list(runs)
-    n_rows = 2 * len(neurons)
     zooms = dict(xrange) if isinstance(xrange, Mapping) else {n: xrange for n in names if xrange}
-    fig = make_subplots(rows=n_rows, cols=len(names), shared_xaxes="columns", shared_yaxes="rows",
-                        column_titles=[run_title(n, runs[n]) for n in names],
-                        vertical_spacing=min(0.06, 0.35 / n_rows), horizontal_spacing=0.05)
-    shown = set()
-    reduced = False
-    for c, name in enumerate(names, start=1):
+    plan = {}
+    n_traces = n_values = 0
+    for name in names:
         ds = runs[name]
         steps = np.asarray(ds[S.STEP].values)
-        zoom = zooms.get(name)
-        if zoom is None:
-            rows = window.rows(steps)
-        else:
-            rows = slice(int(np.searchsorted(steps, zoom[0], "left")),
-                         int(np.searchsorted(steps, zoom[1], "right")))
-        x_all = steps[rows]
-        pos = _positions(ds, neurons)
-        present = [p for p in pos if p is not None]
-        cols = {}
-        for _, stats in PAIRS:
-            for stat in stats:
-                if stat in ds.data_vars and present:
-                    cols[stat] = read(name, stat, present, rows)
-        for k, ((layer, unit), p) in enumerate(zip(neurons, pos)):
-            if p is None:
-                continue
-            j = present.index(p)
-            for r, (_, stats) in enumerate(PAIRS):
-                for stat in stats:
-                    if stat not in cols:
-                        continue
-                    x, y = envelope(x_all, cols[stat][:, j], n_points)
-                    down = len(x) < np.count_nonzero(np.isfinite(cols[stat][:, j]))
-                    reduced |= down
-                    fig.add_trace(go.Scatter(
-                        x=x, y=y, mode="lines", name=STAT_LABELS[stat], legendgroup=stat,
-                        showlegend=stat not in shown,
-                        line=dict(color=STAT_COLORS[stat], dash=STAT_DASH[stat], width=1.4),
-                        hovertemplate=(f"step %{{x}}<br>{STAT_LABELS[stat]} %{{y:.4g}}"
-                                       f"<extra>{name} · {neuron_label(layer, unit)}</extra>"),
-                        meta={"run": name, "neuron": [layer, unit], "stat": stat,
-                              "downsampled": bool(down)},
-                    ), row=2 * k + r + 1, col=c)
-                    shown.add(stat)
-    for k, (layer, unit) in enumerate(neurons):
-        for r, (what, _) in enumerate(PAIRS):
-            fig.update_yaxes(title_text=f"{neuron_label(layer, unit)} {what}<br>"
-                             f"<span style='font-size:11px'>({STAT_UNITS[S.BN_MEAN]})</span>",
-                             row=2 * k + r + 1, col=1)
-    for c in range(1, len(names) + 1):
-        fig.update_xaxes(title_text="training step", row=n_rows, col=c)
+        rows = _rows(steps, window, zooms.get(name))
+        pos = [locate(name, layer, unit) for layer, unit in neurons]
+        present = list(dict.fromkeys(p for p in pos if p is not None))
+        stats = [s for _, pair in PAIRS for s in pair if s in ds.data_vars]
+        plan[name] = (steps, rows, pos, present, stats)
+        n_traces += len(present) * len(stats) + len(scalars)
+        n_values += (rows.stop - rows.start) * len(present) * len(stats)
+    if n_values > MAX_READ_VALUES:
+        return empty_spec(
+            f"This view would read {n_values:,} values (the limit is {MAX_READ_VALUES:,}): "
+            "zoom in, choose a shorter window, or fewer neurons or runs.")
+    per_trace = points_per_trace(n_traces, n_points)
+    cells = [SCALAR_HEIGHT] * len(scalars) + [ROW_HEIGHT] * (2 * len(neurons))
+    notes = list(notes)
     span = "; ".join([window.label()] * (len(zooms) < len(names))
                      + [f"{n if len(names) > 1 else 'steps'} {z[0]:,.0f}–{z[1]:,.0f}"
                         for n, z in zooms.items() if n in names])
-    note = " · min/max envelope, zoom in for full resolution" if reduced else ""
-    fig.update_layout(
-        template=TEMPLATE, height=110 + ROW_HEIGHT * n_rows,
-        title=dict(text=f"Statistics over training, {span}{note}", font_size=15, x=0.01,
-                   y=1 - 12 / (110 + ROW_HEIGHT * n_rows), yanchor="top"),
-        legend=dict(y=1 + 34 / (ROW_HEIGHT * n_rows)),
-        margin=dict(t=95),
-        uirevision=repr((names, list(neurons), window.spec())),
-    )
-    for c, name in enumerate(names, start=1):
+    if any(rows.stop - rows.start > per_trace for _, rows, _, _, _ in plan.values()):
+        notes.append(f"min/max envelope of ≤ {per_trace:,} points per trace; zoom in for full "
+                     "resolution")
+    grid = Grid.wrap(len(names), cells, max_cols, top=header_height(notes) + 24)
+    data, annotations = [], []
+    shown = set()
+    for p, name in enumerate(names):
+        steps, rows, pos, present, stats = plan[name]
+        x_all = steps[rows]
+        cols = {s: read(name, s, present, rows) for s in stats} if present else {}
+        for i, scalar in enumerate(scalars):
+            y = read_scalar(name, scalar)
+            if y is None:
+                annotations.append(grid.note(p, i, f"no {scalar} logged in {name}"))
+                continue
+            x, v = envelope(x_all, np.asarray(y)[rows], per_trace)
+            data.append({"type": "scatter", "x": x, "y": v,
+                         "mode": "lines" if len(x) > 60 else "lines+markers",
+                         "name": scalar, "showlegend": False,
+                         "line": {"color": SCALAR_COLOR, "width": 1.2},
+                         "marker": {"size": 4, "color": SCALAR_COLOR},
+                         "hovertemplate": f"step %{{x}}<br>{scalar} %{{y:.4g}}<extra>{name}</extra>",
+                         "meta": {"run": name, "scalar": scalar}, **grid.refs(p, i)})
+        for k, ((layer, unit), q) in enumerate(zip(neurons, pos)):
+            cell = len(scalars) + 2 * k
+            if q is None:
+                for r in range(2):
+                    annotations.append(grid.note(p, cell + r,
+                                                 f"no {neuron_label(layer, unit)} in {name}"))
+                continue
+            j = present.index(q)
+            for r, (_, pair) in enumerate(PAIRS):
+                for stat in pair:
+                    if stat not in cols:
+                        continue
+                    col = cols[stat][:, j]
+                    x, y = envelope(x_all, col, per_trace)
+                    down = len(x) < np.count_nonzero(np.isfinite(col))
+                    data.append({
+                        "type": "scatter", "x": x, "y": y, "mode": "lines",
+                        "name": STAT_LABELS[stat], "legendgroup": stat,
+                        "showlegend": stat not in shown,
+                        "line": {"color": STAT_COLORS[stat], "dash": STAT_DASH[stat], "width": 1.4},
+                        "hovertemplate": (f"step %{{x}}<br>{STAT_LABELS[stat]} %{{y:.4g}}"
+                                          f"<extra>{name} · {neuron_label(layer, unit)}</extra>"),
+                        "meta": {"run": name, "neuron": [layer, unit], "stat": stat,
+                                 "downsampled": bool(down)},
+                        **grid.refs(p, cell + r)})
+                    shown.add(stat)
+    unit = STAT_UNITS[S.BN_MEAN]
+    y_titles = [_scalar_title(runs[names[0]], s) for s in scalars]
+    for layer, u in neurons:
+        y_titles += [f"{neuron_label(layer, u)} {what}<br><span style='font-size:11px'>({unit})"
+                     "</span>" for what, _ in PAIRS]
+    layout = grid.layout(share_x="panel", share_y="cell", x_title="training step",
+                         titles=[run_title(n, runs[n]) for n in names], y_titles=y_titles)
+    layout["annotations"] += annotations
+    layout.update(header(f"Statistics over training, {span}", notes, height=grid.height))
+    layout["template"] = TEMPLATE_JSON
+    layout["uirevision"] = repr((names, list(neurons), list(scalars), window.spec()))
+    for p, name in enumerate(names):
         if name in zooms:
-            fig.update_xaxes(range=list(zooms[name]), autorange=False, col=c)
-    return fig
+            key = f"xaxis{'' if grid.axis(p, 0) == 1 else grid.axis(p, 0)}"
+            layout[key].update(range=list(zooms[name]), autorange=False)
+    return {"data": data, "layout": layout}
 
 
-EVOLUTION_CONFIG = {**GRAPH_CONFIG,
-                    "toImageButtonOptions": {**GRAPH_CONFIG["toImageButtonOptions"],
-                                             "filename": "statscope-evolution"}}
+def evolution_figure(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, int]],
+                     window: Window, *, scalars: Sequence[str] = (),
+                     xrange: tuple[float, float] | Mapping[str, tuple[float, float]] | None = None,
+                     n_points: int = DEFAULT_POINTS, read: Reader | None = None,
+                     locate: Locator | None = None, read_scalar: ScalarReader | None = None,
+                     max_cols: int = RUNS_PER_PAGE, notes: Sequence[str] = ()) -> go.Figure:
+    """Figure 7: the statistics of each chosen neuron over the window, one panel per run.
+
+    Args:
+        runs: run name to its Dataset (schema of :mod:`statscope.schema`), in panel order.
+        neurons: ``(layer, unit)`` pairs; where a run lacks one, its cells say so.
+        window: the steps to show when not zoomed.
+        scalars: logged scalars (e.g. ``"loss"``, see :func:`scalar_names`) drawn above the
+            statistics on the same step axis; a run that did not log one says so.
+        xrange: a zoomed step range ``(x0, x1)`` for every run, or ``{run: (x0, x1)}`` for some;
+            overrides ``window`` where given. Each run has its own step axis (runs of different
+            lengths each show their own window), shared by the rows of its panel.
+        n_points: the most points per trace; longer spans are reduced to their min/max
+            envelope, and to fewer points when the figure's traces together would pass
+            :data:`~statscope.dashboards.limits.MAX_POINTS`.
+        read, locate, read_scalar: where the columns, neuron positions and scalars come from;
+            default straight from ``runs``.
+        max_cols: panels side by side; more runs wrap into further rows.
+        notes: lines under the title (what the caller left out).
+
+    Returns:
+        Figure with ``len(scalars) + 2 * len(neurons)`` rows per panel; statistic traces are
+        named after the statistic and carry ``meta = {"run", "neuron", "stat", "downsampled"}``,
+        scalar traces ``meta = {"run", "scalar"}``. A view that would read more than
+        :data:`~statscope.dashboards.limits.MAX_READ_VALUES` values is a message instead.
+    """
+    return go.Figure(evolution_spec(runs, neurons, window, scalars=scalars, xrange=xrange,
+                                    n_points=n_points, read=read, locate=locate,
+                                    read_scalar=read_scalar, max_cols=max_cols, notes=notes))

@@ -9,6 +9,7 @@ from dash import dcc, html
 from statscope import schema as S
 
 from .data import RunInfo
+from .limits import MAX_NEURONS, RUNS_PER_PAGE
 from .runinfo import RunSummary
 from .state import DEFAULT_WINDOW, GROUPINGS, SCALES, TABS
 from .style import GRAPH_CONFIG, STAT_LABELS
@@ -60,8 +61,17 @@ def build_layout(root: str) -> html.Div:
     ])
     controls = html.Aside([
         _field("Runs", dcc.Dropdown(id="runs", multi=True, placeholder="choose runs")),
+        html.Div([
+            html.Label("Page", className="field-label"),
+            dcc.RadioItems(id="page", value=0, inline=True, options=[]),
+            html.Div(f"{RUNS_PER_PAGE} runs side by side; more are split into pages",
+                     className="hint"),
+        ], id="page-field", className="field page-field"),
         _field("Neurons", dcc.Dropdown(id="neurons", multi=True, placeholder="first of each layer"),
-               "Evolution and fluctuation bars"),
+               f"Evolution and fluctuation bars; type to search; at most {MAX_NEURONS} drawn"),
+        _field("Logged scalars", dcc.Dropdown(id="scalars", multi=True,
+                                              placeholder="none"),
+               "Drawn above the statistics on the same step axis"),
         _field("Window", window, "Default: the last 200 steps, as in the paper"),
         _field("Fluctuation scale", dcc.RadioItems(
             id="scale", value="scale_free", inline=True,
@@ -119,7 +129,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence], class_name: str) -> 
 
 
 def run_panel(summaries: Sequence[RunSummary], claims: dict[str, object],
-              window_label: str) -> list:
+              window_label: str, notes: Sequence[str] = ()) -> list:
     """The run tab: one card per run with its settings, and its paper-claims table.
 
     Args:
@@ -127,8 +137,9 @@ def run_panel(summaries: Sequence[RunSummary], claims: dict[str, object],
         claims: run name to a pandas DataFrame from ``analyses.claims(...).to_dataframe()``,
             or to a message saying why there is none.
         window_label: the window the claims were evaluated on.
+        notes: lines shown above the cards (e.g. which page of runs this is).
     """
-    cards = []
+    cards = [html.P(n, className="view-note") for n in notes]
     for s in summaries:
         head = html.H3([s.name, html.Span(s.status, className=f"badge badge-{s.status}")])
         progress = html.P(f"{s.n_steps:,} steps recorded" +
@@ -148,4 +159,4 @@ def run_panel(summaries: Sequence[RunSummary], claims: dict[str, object],
         else:
             body.append(html.P(str(c), className="hint"))
         cards.append(html.Section(body, className="card"))
-    return cards or [html.P("Choose at least one run.", className="hint")]
+    return cards if summaries else [html.P("Choose at least one run.", className="hint")]

@@ -16,7 +16,9 @@ import numpy as np
 from statscope import schema as S
 from statscope.errors import StatscopeError
 
-__all__ = ["Window", "ViewState", "TABS", "SCALES", "GROUPINGS", "DEFAULT_WINDOW"]
+from .limits import MAX_QUERY_ITEMS
+
+__all__ = ["Window", "ViewState", "TABS", "SCALES", "GROUPINGS", "DEFAULT_WINDOW", "NO_SCALARS"]
 
 TABS = ("evolution", "fluctuation", "scatter", "heatmap", "run")
 """Tab identifiers, in display order."""
@@ -102,6 +104,9 @@ class Window:
         return f"steps {self.start:,}–{self.stop:,}"
 
 
+NO_SCALARS = "-"
+"""The URL's ``scalar`` value that asks for no logged scalars."""
+
 DEFAULT_WINDOW = Window()
 """The paper's window: the last 200 training steps."""
 
@@ -119,6 +124,10 @@ class ViewState:
         window: the steps analysed and shown.
         scale: one of :data:`SCALES`.
         by: one of :data:`GROUPINGS`.
+        page: which page of :data:`~statscope.dashboards.limits.RUNS_PER_PAGE` runs is drawn
+            (0 is the first).
+        scalars: logged scalars drawn above the statistics; ``None`` for the default (every
+            scalar the runs logged), ``()`` for none (``scalar=-`` in the URL).
     """
 
     tab: str = TABS[0]
@@ -129,16 +138,22 @@ class ViewState:
     window: Window = DEFAULT_WINDOW
     scale: str = "scale_free"
     by: str = "neuron"
+    page: int = 0
+    scalars: tuple[str, ...] | None = None
 
     @classmethod
     def from_query(cls, search: str | None) -> "ViewState":
         """Parse a URL query string (with or without the leading ``?``); bad values default.
 
+        At most :data:`~statscope.dashboards.limits.MAX_QUERY_ITEMS` runs, neurons and scalars
+        are read from a link; the rest is ignored.
+
         Example:
             >>> ViewState.from_query("?tab=scatter&run=bs4&run=bs128").runs
             ('bs4', 'bs128')
         """
-        q = parse_qs((search or "").lstrip("?"), keep_blank_values=False)
+        q = {k: list(dict.fromkeys(v))[:MAX_QUERY_ITEMS] for k, v in
+             parse_qs((search or "").lstrip("?"), keep_blank_values=False).items()}
         one = {k: v[-1] for k, v in q.items()}
         base = cls()
         try:
@@ -154,6 +169,9 @@ class ViewState:
             window=window,
             scale=one.get("scale") if one.get("scale") in SCALES else base.scale,
             by=one.get("by") if one.get("by") in GROUPINGS else base.by,
+            page=int(one["page"]) - 1 if one.get("page", "").isdigit() and int(one["page"]) else 0,
+            scalars=(tuple(v for v in q["scalar"] if v != NO_SCALARS) if "scalar" in q
+                     else None),
         )
 
     def to_query(self) -> str:
@@ -168,6 +186,10 @@ class ViewState:
                 pairs.append((key, getattr(self, key)))
         if self.window != base.window:
             pairs.append(("window", self.window.spec()))
+        if self.page:
+            pairs.append(("page", str(self.page + 1)))
+        if self.scalars is not None:
+            pairs += [("scalar", s) for s in self.scalars or (NO_SCALARS,)]
         return "?" + urlencode(pairs, safe=":") if pairs else ""
 
     def replace(self, **changes) -> "ViewState":

@@ -10,7 +10,8 @@ import plotly.graph_objects as go
 from statscope import schema as S
 
 __all__ = ["STAT_COLORS", "STAT_LABELS", "STAT_UNITS", "LAYER_PALETTE", "layer_colors",
-           "TEMPLATE", "GRAPH_CONFIG", "neuron_label", "empty_figure"]
+           "TEMPLATE", "TEMPLATE_JSON", "GRAPH_CONFIG", "neuron_label", "empty_figure",
+           "empty_spec", "header", "header_height"]
 
 # Okabe–Ito: distinguishable with the common colour-vision deficiencies and in greyscale print.
 STAT_COLORS = {
@@ -46,14 +47,19 @@ TEMPLATE = go.layout.Template(layout=dict(
     colorway=list(LAYER_PALETTE),
     xaxis=dict(showline=True, linecolor="#444", mirror=True, ticks="outside", gridcolor="#eee",
                zeroline=False, title=dict(standoff=6)),
+    # automargin: the margin grows to fit wide tick labels (e.g. "−0.005") and the two-line
+    # title beside them, so a title never covers a label.
     yaxis=dict(showline=True, linecolor="#444", mirror=True, ticks="outside", gridcolor="#eee",
-               zeroline=False, title=dict(standoff=6)),
+               zeroline=False, automargin=True, title=dict(standoff=8)),
     legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0,
                 bgcolor="rgba(255,255,255,0)"),
     margin=dict(l=70, r=20, t=70, b=55),
     hoverlabel=dict(font_size=12),
 ))
 """A light template for publication-grade figures."""
+
+TEMPLATE_JSON = TEMPLATE.to_plotly_json()
+""":data:`TEMPLATE` as the plain dict that figure dicts carry."""
 
 GRAPH_CONFIG = {
     "displaylogo": False,
@@ -74,11 +80,39 @@ def neuron_label(layer: str, unit: int) -> str:
     return f"{layer}[{int(unit)}]"
 
 
+def empty_spec(message: str, *, height: int = 360) -> dict:
+    """A blank figure, as a dict, that says why there is nothing to draw."""
+    return {"data": [], "layout": {
+        "template": TEMPLATE_JSON, "height": height,
+        "xaxis": {"visible": False}, "yaxis": {"visible": False},
+        "annotations": [{"text": message, "x": 0.5, "y": 0.5, "xref": "paper", "yref": "paper",
+                         "showarrow": False, "font": {"size": 15, "color": "#666"}}]}}
+
+
 def empty_figure(message: str, *, height: int = 360) -> go.Figure:
     """A blank figure that says why there is nothing to draw."""
-    fig = go.Figure(layout=dict(template=TEMPLATE, height=height))
-    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
-                       font=dict(size=15, color="#666"))
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    return fig
+    return go.Figure(empty_spec(message, height=height))
+
+
+def header_height(notes: Sequence[str] = ()) -> int:
+    """Pixels that :func:`header` needs above the panels: title, one line per note, legend."""
+    return 62 + 17 * len(notes)
+
+
+def header(text: str, notes: Sequence[str] = (), *, height: int) -> dict:
+    """Title, notes and legend of a figure ``height`` px high, placed in px from its top.
+
+    The notes (one line each, in a darker amber) say what the view left out or reduced, e.g.
+    ``"min/max envelope of 1,000 bins"``; the legend sits under them, clear of the panel titles.
+
+    Returns:
+        ``{"title": ..., "legend": ...}`` to merge into a layout dict.
+    """
+    if notes:
+        text += "".join(f"<br><span style='font-size:12px;color:#8a5a00'>{n}</span>"
+                        for n in notes)
+    top = 8 + 22 + 17 * len(notes)
+    return {"title": {"text": text, "font": {"size": 15}, "x": 0.01, "xanchor": "left",
+                      "y": 1 - 8 / height, "yanchor": "top", "yref": "container"},
+            "legend": {"orientation": "h", "x": 0, "xanchor": "left", "y": 1 - top / height,
+                       "yanchor": "top", "yref": "container", "bgcolor": "rgba(255,255,255,0)"}}

@@ -31,10 +31,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_dashboard)
 
 
-def _serve(app, host: str, port: int) -> None:
-    app.run(host=host, port=port, debug=False, dev_tools_hot_reload=False)
-
-
 def run_dashboard(args: argparse.Namespace) -> int:
     """Check PATH, report unreadable runs, and serve the app until interrupted.
 
@@ -45,7 +41,9 @@ def run_dashboard(args: argparse.Namespace) -> int:
         0 once the server stops.
 
     Raises:
-        StatscopeError: PATH does not exist, holds no readable run, or the port is invalid.
+        StatscopeError: PATH does not exist, holds no readable run, or the port or host is
+            invalid (exit code 2).
+        ServeError: the port is in use or not permitted (exit code 1).
     """
     path = Path(args.path)
     if not path.exists():
@@ -56,8 +54,12 @@ def run_dashboard(args: argparse.Namespace) -> int:
                              "folder of runs")
     if not 0 <= args.port <= 65535:
         raise StatscopeError(f"--port={args.port}: expected 0..65535")
+    import threading
+
     from statscope.dashboards.app import create_app
+    from statscope.dashboards.callbacks import prewarm
     from statscope.dashboards.data import RunCatalog
+    from statscope.dashboards.server import bind
 
     catalog = RunCatalog(path)
     errors = catalog.errors()
@@ -70,14 +72,15 @@ def run_dashboard(args: argparse.Namespace) -> int:
     if args.host in _ANY:
         print(f"statscope: warning: --host={args.host!r} serves your runs to every machine that "
               "can reach this one; the dashboard has no authentication", file=sys.stderr)
-    app = create_app(catalog=catalog)
-    url = f"http://{'127.0.0.1' if args.host in _ANY else args.host}:{args.port}/"
-    print(f"statscope dashboard: {len(catalog.names())} run(s) under {catalog.root} at {url}",
-          file=sys.stderr)
+    app = create_app(catalog=catalog, warm=False)
+    server = bind(app, args.host, args.port)  # a port in use fails here, before anything starts
+    threading.Thread(target=prewarm, args=(catalog,), daemon=True, name="statscope-prewarm").start()
+    url = server.url if args.host not in _ANY else f"http://127.0.0.1:{server.port}/"
+    print(f"statscope dashboard: {len(catalog.names())} run(s) under {catalog.root} at {url} "
+          "(Ctrl-C stops it)", file=sys.stderr)
     if not args.no_browser:
-        import threading
         import webbrowser
 
         threading.Timer(1.0, webbrowser.open, args=(url,)).start()
-    _serve(app, args.host, args.port)
+    server.run()
     return 0

@@ -42,6 +42,7 @@ def synthetic_run(n_steps: int = 400, layers=(("fc1", 4), ("fc2", 4)), batch_siz
                S.ATTR_META: {S.META_BATCH_SIZE: batch_size, S.META_SEED: seed,
                              S.META_LR: 0.1, S.META_EPOCHS: 1, S.META_DATASET: "synthetic"},
                S.ATTR_PROBES: probes, S.ATTR_LAYERS: [n for n, _ in layers],
+               S.ATTR_SCALARS: ["loss"],
                S.ATTR_MODEL: "MLP", S.ATTR_PROBE_OVERHEAD: 0.031},
     )
 
@@ -114,3 +115,31 @@ class LiveRun:
     def close(self) -> None:
         """Mark the run completed."""
         self.writer.close()
+
+
+_DTYPES = {"f4": np.float32, "f8": np.float64, "i1": np.int8, "i2": np.int16, "i4": np.int32,
+           "u1": np.uint8, "u2": np.uint16, "u4": np.uint32}
+
+
+def decode(value):
+    """A figure dict as the browser gets it, with typed arrays decoded back into numpy arrays."""
+    import base64
+
+    if isinstance(value, dict) and set(value) >= {"dtype", "bdata"}:
+        arr = np.frombuffer(base64.b64decode(value["bdata"]), _DTYPES[value["dtype"]])
+        if "shape" in value:
+            arr = arr.reshape([int(n) for n in value["shape"].split(",")])
+        return arr
+    if isinstance(value, dict):
+        return {k: decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    return value
+
+
+def figure(spec):
+    """A callback's figure dict as a validated ``plotly.graph_objects.Figure``: it fails on any
+    property plotly.js would not know."""
+    import plotly.graph_objects as go
+
+    return go.Figure(decode(spec))

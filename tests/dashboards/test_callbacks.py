@@ -5,7 +5,7 @@ import pytest
 from dash import no_update
 from dash.exceptions import PreventUpdate
 
-from dashboard_fixtures import synthetic_run
+from dashboard_fixtures import figure, synthetic_run
 from statscope import analyses as A
 from statscope import schema as S
 from statscope.dashboards import callbacks as cb
@@ -21,7 +21,7 @@ def catalog(two_runs):
 
 CONTROLS = dict(runs=None, neurons=None, layer=None, stat=S.BN_STD, win_kind="last", win_n=200,
                 win_start=None, win_stop=None, scale="scale_free", by="neuron", tab="evolution",
-                click=None)
+                page=0, scalars=None, click=None)
 
 
 def _sync(catalog, trigger, search, **changes):
@@ -31,7 +31,8 @@ def _sync(catalog, trigger, search, **changes):
 
 def test_page_load_fills_defaults_and_sets_selectors_with_their_options(catalog):
     out = _sync(catalog, None, "")
-    search, run_opts, neuron_opts, layer_opts, runs, neurons, layer = out[:7]
+    search, run_opts, neuron_opts, layer_opts, page_opts, scalar_opts, runs, neurons, layer = \
+        out[:9]
     state = ViewState.from_query(search)
     assert state.runs == ("bs4", "bs128") and runs == ["bs4", "bs128"]
     assert neurons == ["fc1:0", "fc2:0"]  # the paper's neuron i-1 of every layer
@@ -39,6 +40,8 @@ def test_page_load_fills_defaults_and_sets_selectors_with_their_options(catalog)
     assert [o["value"] for o in run_opts] == ["bs4", "bs128"]
     assert {o["value"] for o in neuron_opts} >= set(neurons)
     assert [o["value"] for o in layer_opts] == ["fc1", "fc2"]
+    assert page_opts == [] and [o["value"] for o in scalar_opts] == ["loss"]
+    assert out[-1] == ["loss"] and state.scalars == ("loss",)
 
 
 def test_a_selector_change_rewrites_the_url_only(catalog):
@@ -47,7 +50,9 @@ def test_a_selector_change_rewrites_the_url_only(catalog):
     state = ViewState.from_query(out[0])
     assert state.runs == ("bs4",) and state.neurons == ("fc2:1",) and state.tab == "heatmap"
     assert state.window.spec() == "5:50"
-    assert all(v is no_update for v in out[1:])
+    assert all(v is no_update for v in out[1:6])  # no option changes
+    # only the selectors the catalog corrected are set: no scalars chosen stays none
+    assert all(v is no_update for v in out[6:])
 
 
 def test_a_url_with_foreign_paths_shows_only_runs_under_the_root(catalog):
@@ -62,7 +67,7 @@ def test_a_click_on_a_scatter_point_opens_that_neurons_evolution(catalog):
                 click=click)
     state = ViewState.from_query(out[0])
     assert state.tab == "evolution" and state.neurons == ("fc2:3",)
-    assert out[5] == ["fc2:3"] and out[-1] == "evolution"
+    assert out[7] == ["fc2:3"] and out[16] == "evolution"
 
 
 def test_zoom_events_are_parsed():
@@ -77,16 +82,16 @@ def test_zoom_events_are_parsed():
 
 def test_evolution_callback_follows_the_url_and_a_zoom_of_the_same_view(catalog, two_runs):
     search = "?run=bs4&neuron=fc1:2&window=all"
-    fig = cb.evolution(catalog, search)
-    (tr,) = [t for t in fig.data if t.meta["stat"] == S.BN_STD]
+    fig = figure(cb.evolution(catalog, search))
+    (tr,) = [t for t in fig.data if t.meta.get("stat") == S.BN_STD]
     np.testing.assert_array_equal(tr.y, two_runs["bs4"].bn_std.values[:, 2])
     zoom = cb.zoom_store({"xaxis.range[0]": 100, "xaxis.range[1]": 120}, search)
-    fig = cb.evolution(catalog, search, None, zoom)
-    (tr,) = [t for t in fig.data if t.meta["stat"] == S.BN_STD]
+    fig = figure(cb.evolution(catalog, search, None, zoom))
+    (tr,) = [t for t in fig.data if t.meta.get("stat") == S.BN_STD]
     np.testing.assert_array_equal(tr.x, np.arange(100, 121))
     # a zoom taken on another view does not apply
-    fig = cb.evolution(catalog, "?run=bs4&neuron=fc1:2&window=last:50", None, zoom)
-    (tr,) = [t for t in fig.data if t.meta["stat"] == S.BN_STD]
+    fig = figure(cb.evolution(catalog, "?run=bs4&neuron=fc1:2&window=last:50", None, zoom))
+    (tr,) = [t for t in fig.data if t.meta.get("stat") == S.BN_STD]
     np.testing.assert_array_equal(tr.x, np.arange(350, 400))
 
 
@@ -97,45 +102,52 @@ def test_runs_of_different_lengths_keep_their_own_axes_and_zooms():
     runs = {"long": synthetic_run(n_steps=2000, batch_size=4, seed=1),
             "short": synthetic_run(n_steps=300, batch_size=128, seed=2)}
     fig = evolution_figure(runs, [("fc1", 0)], Window("last", 200))
-    spans = {t.meta["run"]: (t.x[0], t.x[-1]) for t in fig.data if t.meta["stat"] == S.BN_MEAN}
+    spans = {t.meta["run"]: (t.x[0], t.x[-1]) for t in fig.data if t.meta.get("stat") == S.BN_MEAN}
     assert spans == {"long": (1800, 1999), "short": (100, 299)}
     layout = fig.to_plotly_json()["layout"]
-    assert layout["xaxis"].get("matches") != "x2" and layout["xaxis2"].get("matches") != "x"
+    # every row of a run's panel follows that run's step axis, never the other run's
+    base = {}
+    for t in fig.data:
+        axis = layout["xaxis" + t.xaxis[1:]]
+        base.setdefault(t.meta["run"], set()).add(axis.get("matches", t.xaxis))
+    assert len(base["long"]) == len(base["short"]) == 1 and base["long"] != base["short"]
     # a zoom on the second column's axis narrows that run only
     zoom = {"view": None, "range": [150.0, 160.0], "axis": 2}
     fig = evolution_figure(runs, [("fc1", 0)], Window("last", 200),
                            xrange={"short": tuple(zoom["range"])})
-    spans = {t.meta["run"]: (t.x[0], t.x[-1]) for t in fig.data if t.meta["stat"] == S.BN_MEAN}
+    spans = {t.meta["run"]: (t.x[0], t.x[-1]) for t in fig.data if t.meta.get("stat") == S.BN_MEAN}
     assert spans == {"long": (1800, 1999), "short": (150, 160)}
 
 
 def test_a_zoom_applies_to_the_column_it_was_made_in(catalog, two_runs):
     search = "?run=bs4&run=bs128&neuron=fc1:2&window=all"
-    zoom = cb.zoom_store({"xaxis2.range[0]": 100, "xaxis2.range[1]": 120}, search)
-    assert zoom["axis"] == 2
-    fig = cb.evolution(catalog, search, None, zoom)
-    spans = {t.meta["run"]: (t.x[0], t.x[-1]) for t in fig.data if t.meta["stat"] == S.BN_STD}
+    # bs128's panel holds axes 4-6 (loss, means, stds); a zoom on any of them is its zoom
+    zoom = cb.zoom_store({"xaxis5.range[0]": 100, "xaxis5.range[1]": 120}, search)
+    assert zoom["axis"] == 5
+    fig = figure(cb.evolution(catalog, search, None, zoom))
+    spans = {t.meta["run"]: (t.x[0], t.x[-1]) for t in fig.data if t.meta.get("stat") == S.BN_STD}
     assert spans["bs128"] == (100, 120) and spans["bs4"][1] - spans["bs4"][0] > 20
 
 
 def test_fluctuation_scatter_heatmap_and_run_callbacks(catalog, two_runs):
-    fig = cb.fluctuation(catalog, "?run=bs128&scale=raw&neuron=fc1:0")
-    (bar,) = [t for t in fig.data if t.type == "bar" and t.meta["stat"] == S.BN_MEAN]
+    fig = figure(cb.fluctuation(catalog, "?run=bs128&scale=raw&neuron=fc1:0"))
+    (bar,) = [t for t in fig.data if t.type == "bar" and t.meta.get("stat") == S.BN_MEAN]
     assert bar.y[0] == pytest.approx(float(A.fluctuation(two_runs["bs128"], 200).bn_mean[0]))
     assert any(t.meta.get("baseline") for t in fig.data if t.type == "scatter")
-    fig = cb.fluctuation(catalog, "?run=bs128&by=layer")
+    fig = figure(cb.fluctuation(catalog, "?run=bs128&by=layer"))
     assert [t.type for t in fig.data] == ["bar"] * 4
-    fig = cb.scatter(catalog, "?run=bs4&run=bs128")
+    fig = figure(cb.scatter(catalog, "?run=bs4&run=bs128"))
     assert {t.meta["run"] for t in fig.data if t.meta} == {"bs4", "bs128"}
-    fig = cb.heatmap(catalog, "?run=bs4&layer=fc2&stat=en_mean&window=all")
-    assert fig.data[0].meta == {"run": "bs4", "layer": "fc2", "stat": S.EN_MEAN, "bin_width": 1}
+    fig = figure(cb.heatmap(catalog, "?run=bs4&layer=fc2&stat=en_mean&window=all"))
+    assert fig.data[0].meta == {"run": "bs4", "layer": "fc2", "stat": S.EN_MEAN, "bin_width": 1,
+                                 "unit_width": 1}
     cards = cb.runs_tab(catalog, "?run=bs4")
     text = str(cards)
     assert "bs4" in text and "holds" in text and "probe overhead" in text
 
 
 def test_window_longer_than_the_run_says_so_instead_of_failing(catalog):
-    fig = cb.fluctuation(catalog, "?run=bs4&window=last:5000")
+    fig = figure(cb.fluctuation(catalog, "?run=bs4&window=last:5000"))
     assert "longer than run" in fig.layout.annotations[0].text
 
 
@@ -145,16 +157,22 @@ def test_poll_reports_new_and_grown_runs(tmp_path):
     write_synthetic(tmp_path / "a", synthetic_run(n_steps=30))
     cat = RunCatalog(tmp_path)
     assert cat.errors() == {}, cat.errors()
-    version, badges, notice = cb.poll(cat, 0, None)
+    version, badges, notice = cb.poll(cat, 0, None, max_age=0)
     assert version == {"a": 0} and "a · completed · step 29" in str(badges)
     with pytest.raises(PreventUpdate):
-        cb.poll(cat, 1, version)
+        cb.poll(cat, 1, version, max_age=0)
     write_synthetic(tmp_path / "b", synthetic_run(n_steps=30), status=S.STATUS_RUNNING)
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "zarr.json").write_text("{}")
-    version, badges, notice = cb.poll(cat, 2, version)
+    stale = version
+    version, badges, notice = cb.poll(cat, 2, version, max_age=0)
     assert set(version) == {"a", "b", "c"} and "b · running" in str(badges)
     assert "Could not open c" in str(notice)
+    # a second page still holding the old token learns of the change, although the rescan
+    # that found it was the first page's
+    assert cb.poll(cat, 2, stale, max_age=60)[0] == version
+    with pytest.raises(PreventUpdate):
+        cb.poll(cat, 3, version, max_age=60)
 
 
 def test_create_app_builds_a_layout_with_every_view(store_root):

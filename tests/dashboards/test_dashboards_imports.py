@@ -8,11 +8,11 @@ from pathlib import Path
 import statscope.dashboards
 
 PKG = Path(statscope.dashboards.__file__).parent
-ALLOWED = {"dash", "plotly", "numpy", "xarray", "tsdownsample", "statscope.errors",
+ALLOWED = {"dash", "plotly", "numpy", "xarray", "tsdownsample", "waitress", "statscope.errors",
            "statscope.schema", "statscope.store", "statscope.analyses"}
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 PURE = ("bars", "downsample", "evolution", "heatmap", "runinfo", "scatter", "state", "style",
-        "data", "metrics")
+        "data", "metrics", "grid", "limits")
 
 
 def _imports(path: Path) -> list[str]:

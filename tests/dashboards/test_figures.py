@@ -36,10 +36,12 @@ def test_evolution_draws_each_statistic_of_each_neuron_over_the_last_200_steps(t
     titles = [a.text for a in fig.layout.annotations]
     assert "bs4 (batch size 4)" in titles and "bs128 (batch size 128)" in titles
     assert fig.layout.xaxis.title.text is None
-    # 4 rows x 2 runs: the bottom row's axes (7, 8) carry the step title
-    assert fig.layout.xaxis7.title.text == fig.layout.xaxis8.title.text == "training step"
+    # 2 panels of 4 rows (axes 1-4 and 5-8): each panel's bottom row carries the step title
+    assert fig.layout.xaxis4.title.text == fig.layout.xaxis8.title.text == "training step"
     assert "fc1[0] mean" in fig.layout.yaxis.title.text
     assert "activation units" in fig.layout.yaxis.title.text
+    # the same row of both runs shares its y axis; a run's rows share its step axis
+    assert fig.layout.yaxis6.matches == "y2" and fig.layout.xaxis6.matches == "x5"
 
 
 def test_evolution_downsamples_long_windows_and_resolves_a_zoom():

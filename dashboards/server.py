@@ -1,0 +1,116 @@
+"""Serving the app: waitress, a production WSGI server, with a thread pool for concurrent pages.
+
+Dash's own ``app.run`` is Flask's development server: it prints a warning on every start and is
+not made for several clients. :func:`bind` opens the listening socket first, so a port in use or
+a bad host is one clear :class:`~statscope.errors.StatscopeError` before anything else happens;
+:meth:`Server.run` then serves until interrupted, and :meth:`Server.stop` ends it from another
+thread (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from statscope.errors import StatscopeError
+
+from .limits import MAX_REQUEST_BYTES
+
+__all__ = ["ServeError", "Server", "bind", "THREADS"]
+
+THREADS = 8
+"""Worker threads: callbacks of several pages run side by side (the column cache is shared)."""
+
+
+class ServeError(StatscopeError):
+    """The server could not start at run time (the port is taken, or not ours to use)."""
+
+    exit_code = 1
+
+
+@dataclass
+class Server:
+    """A bound waitress server over one app.
+
+    Attributes:
+        host: the address bound.
+        port: the port bound (the one the system chose when 0 was asked).
+    """
+
+    host: str
+    port: int
+    _server: Any = field(repr=False)
+    _map: dict = field(repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        """The page's address, e.g. ``http://127.0.0.1:8050/``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def run(self) -> None:
+        """Serve until interrupted (Ctrl-C) or :meth:`stop`."""
+        self._server.run()
+
+    def start(self) -> "Server":
+        """Serve in a daemon thread and return at once."""
+        self._thread = threading.Thread(target=self.run, daemon=True, name="statscope-server")
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the socket and every connection, end the workers, and join the thread."""
+        for channel in list(self._map.values()):
+            channel.close()
+        self._server.task_dispatcher.shutdown(timeout=timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+def bind(app, host: str, port: int, *, threads: int = THREADS) -> Server:
+    """Bind ``host:port`` for ``app`` (a ``dash.Dash``) without serving yet.
+
+    Args:
+        app: the app from :func:`statscope.dashboards.create_app`.
+        host: the address to bind (``127.0.0.1``, ``0.0.0.0``, ``::``...).
+        port: the port; 0 lets the system choose.
+        threads: worker threads.
+
+    Returns:
+        The :class:`Server`; its ``port`` is the one bound.
+
+    Raises:
+        StatscopeError: ``host`` is not an address of this machine (a usage error, exit 2).
+        ServeError: the port is in use or not permitted (exit 1).
+    """
+    from waitress import create_server
+
+    channels: dict = {}
+    try:
+        server = create_server(app.server, map=channels, host=host, port=port, threads=threads,
+                               max_request_body_size=MAX_REQUEST_BYTES, ident="statscope",
+                               clear_untrusted_proxy_headers=True)
+    except socket.gaierror as exc:
+        raise StatscopeError(f"--host={host!r}: not a known address ({exc.strerror}); expected "
+                             "an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    except OverflowError:
+        raise StatscopeError(f"--port={port}: expected 0..65535") from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise StatscopeError(f"--host={host!r}: not an address of this machine; expected "
+                                 "one of its own, e.g. 127.0.0.1 or 0.0.0.0") from None
+        if exc.errno == errno.EADDRINUSE:
+            raise ServeError(f"--port={port}: already in use on {host}; stop what listens "
+                             "there or choose another port with --port") from None
+        if exc.errno == errno.EACCES:
+            raise ServeError(f"--port={port}: permission denied on {host} (ports below 1024 "
+                             "need privileges); choose another port with --port") from None
+        raise ServeError(f"--host={host!r} --port={port}: cannot listen ({exc.strerror})") \
+            from None
+    # A name with several addresses (localhost: IPv4 and IPv6) gets one socket each.
+    listen = getattr(server, "effective_listen", None) or [(host, server.effective_port)]
+    return Server(host=host, port=int(listen[0][1]), _server=server, _map=channels)
