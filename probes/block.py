@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from statscope.probes.capture import BufferPool, Capture, Segment, segment_moments
+from statscope.probes.capture import Capture, Segment, segment_moments
 from statscope.probes.statistics import Moments, Statistic, finish
 
-__all__ = ["Block", "block_rows"]
+__all__ = ["Block", "Rows", "block_rows"]
 
 
 @dataclass(frozen=True)
@@ -19,48 +19,82 @@ class Block:
     """Steps ``first_step .. first_step + n - 1``, as the training thread hands them over.
 
     Attributes:
-        parts: per capture, its counts (n,) and segments.
-        scalars: per logged name, ``(slot, value)`` pairs; values are floats or 0-d tensors.
+        first_step: the global step of row 0.
+        n: rows in the block.
+        parts: per capture, in the recorder's capture order: its counts (n,) and segments.
+        scalars: per logged name, ``(row, value)`` pairs; values are floats or 0-d tensors.
+        ready: CUDA events, recorded after the copies into the buffers, to wait on before reading.
+        owned: True when the buffers are handed over (the writer gives them back to the pool);
+            False for an idle flush, which only reads rows of buffers the training thread keeps.
     """
 
     first_step: int
     n: int
-    parts: list[tuple[np.ndarray, list[Segment]]]
+    parts: tuple[tuple[np.ndarray, list[Segment]], ...]
     scalars: dict[str, list[tuple[int, Any]]]
+    ready: tuple = ()
+    owned: bool = True
+
+    def buffers(self):
+        """Every buffer the block holds, once."""
+        seen = {}
+        for _, segments in self.parts:
+            for seg in segments:
+                for pair in seg.buffers():
+                    seen[id(pair[0])] = pair
+        return list(seen.values())
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The statistics of rows ``skip:n`` of a block, per capture.
+
+    Attributes:
+        steps: (k,) int64 global steps.
+        counts: per capture, (k,) int64 elements per channel (0 where it did not run).
+        stats: per capture that ran in these rows, ``{name: (k, C) or (k, groups)}``; None for the
+            others (their channels may still be unknown).
+        scalars: ``{name: (k,)}`` float64, NaN where not logged.
+    """
+
+    steps: np.ndarray
+    counts: list[np.ndarray]
+    stats: list[dict[str, np.ndarray] | None]
+    scalars: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def block_rows(block: Block, captures: Sequence[Capture], statistics: Sequence[Statistic],
-               order: int, pool: BufferPool) -> tuple:
-    """The block as :meth:`statscope.writer.RunWriter.append` takes it.
-
-    Returns:
-        ``(steps (n,), count (n, probes), {stat: (n, neurons or groups) float32},
-        {scalar: (n,)})``; captures whose channels are still unknown are left out.
-    """
+               order: int, skip: int = 0) -> Rows:
+    """Moments and statistics of rows ``skip:`` of ``block`` (rows before ``skip`` are already
+    in the store)."""
     n = block.n
-    per_neuron = {s.name: [] for s in statistics if not s.per_group}
-    per_group = {s.name: [] for s in statistics if s.per_group}
-    live = [(cap, count, segments) for cap, (count, segments) in zip(captures, block.parts)
-            if cap.channels is not None]
-    computed = iter(segment_moments([seg for _, _, segs in live for seg in segs], order, pool))
-    counts = []
-    for cap, count, segments in live:
-        moments = _moments(cap, count, [(seg, next(computed)) for seg in segments], n, order)
-        for name, values in finish(moments, (*per_neuron, *per_group)).items():
-            (per_group if name in per_group else per_neuron)[name].append(values)
+    names = tuple(s.name for s in statistics)
+    clipped = []
+    for cap, (count, segments) in zip(captures, block.parts):
+        ran = count[skip:].any()
+        segs = [c for c in (seg.clip(skip, n) for seg in segments) if c is not None] if ran else []
+        clipped.append((cap, count[skip:], segs))
+    computed = iter(segment_moments([seg for _, _, segs in clipped for seg in segs], order))
+    counts, stats = [], []
+    for cap, count, segs in clipped:
         counts.append(count)
-    stats = {k: np.concatenate(v, axis=1).astype(np.float32)
-             for k, v in {**per_neuron, **per_group}.items()}
-    scalars = {name: _scalar_column(values, n) for name, values in block.scalars.items()}
-    steps = np.arange(block.first_step, block.first_step + n, dtype=np.int64)
-    return steps, np.stack(counts, axis=1), stats, scalars
+        if not segs:
+            stats.append(None)
+            continue
+        moments = _moments(cap, count, [(seg, next(computed)) for seg in segs], n - skip, skip,
+                           order)
+        with np.errstate(all="ignore"):  # NaN rows of steps a probe missed are expected
+            stats.append({k: v.astype(np.float32) for k, v in finish(moments, names).items()})
+    scalars = {name: _scalar_column(values, n)[skip:] for name, values in block.scalars.items()}
+    steps = np.arange(block.first_step + skip, block.first_step + n, dtype=np.int64)
+    return Rows(steps, counts, stats, scalars)
 
 
-def _moments(cap: Capture, count: np.ndarray, segments, n: int, order: int) -> Moments:
-    arrays = [np.full((n, cap.channels), np.nan) for _ in range(2 if order < 4 else 4)]
+def _moments(cap: Capture, count: np.ndarray, segments, k: int, skip: int, order: int) -> Moments:
+    arrays = [np.full((k, cap.channels), np.nan) for _ in range(2 if order < 4 else 4)]
     for seg, moments in segments:
         for dst, src in zip(arrays, moments):
-            dst[seg.start:seg.stop] = src
+            dst[seg.start - skip:seg.stop - skip] = src
     for a in arrays:
         a[count == 0] = np.nan  # slots this probe did not run in hold stale buffer rows
     m3, m4 = (arrays[2], arrays[3]) if order >= 4 else (None, None)

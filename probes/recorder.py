@@ -1,41 +1,63 @@
-"""The recorder: hooks on a model, blocks of steps, a background writer thread.
+"""The recorder: probes on a model, blocks of steps, a background writer thread.
 
-Per training step the main thread only copies each probed tensor into a device buffer (see
+Per training step the training thread only copies each probed tensor into a device buffer (see
 :mod:`statscope.probes.capture`). Every ``block_steps`` steps, or every ``flush_seconds``, it hands
-the block to a worker thread, which computes the moments in one batched pass, finishes the
-statistics in float64 and appends them to the run store. The main thread never waits on the
-device; it waits on the worker only when the worker is two blocks behind.
+the block to the writer thread (:mod:`statscope.probes.worker`), which computes the moments in one
+batched pass, finishes the statistics in float64 and appends them to the run store. The training
+thread never waits on the device; it waits on the writer only when the writer is two blocks
+behind, and never on a writer that failed.
+
+**Threads.** The state of the current block (the captures, the slot, the logged scalars) belongs
+to whichever thread holds ``Recorder._lock``: the training thread takes it for the few
+microseconds of each probe call; the writer thread takes it, without waiting, to hand itself the
+steps that ended while training is idle. Everything else the writer thread uses is frozen before
+it starts or handed over in messages.
+
+**Steps.** What one recorded step is (``step=``): ``"optimizer"`` — one optimizer step of an
+optimizer holding the model's parameters (torch's global optimizer-step hooks; micro-batches of
+gradient accumulation are one step, its first forward is recorded); ``"forward"`` — each
+training forward of the model; ``"manual"`` — :meth:`Recorder.step` ends a step; ``"auto"``
+(default) — ``"optimizer"`` from the first optimizer step of such an optimizer, ``"forward"``
+when ``block_steps`` forwards (or the end of recording) come first. The rule that applied is in
+the run's attribute ``step_rule``. Under ``"optimizer"`` and ``"forward"`` a step ends when the
+next one begins (its first training forward), so what is logged after ``optimizer.step()``
+belongs to the step that just stepped.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import sys
 import threading
 import time
-import traceback
 import warnings
+import weakref
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from statscope import schema as S
-from statscope.errors import NonFiniteWarning, StatscopeError, StatscopeWarning
+from statscope.errors import RecordingError, StatscopeError, StatscopeWarning, StoreError
 from statscope.probes.attach import MECHANISMS, attach
-from statscope.probes.block import Block, block_rows
-from statscope.probes.capture import BufferPool, Capture
+from statscope.probes.block import Block
+from statscope.probes.capture import Capture
+from statscope.probes.pool import BufferPool
 from statscope.probes.selection import Target, norm_info, select, unwrap
 from statscope.probes.statistics import STATISTICS, get_statistic
+from statscope.probes.streams import StreamOrder
+from statscope.probes.worker import Attrs, Close, Filer, Notice, ProbeStatic, Worker
 from statscope.store import Layout, ProbeInfo, read_attrs
 from statscope.writer import RunWriter, check_path, check_scalar_name
 
-__all__ = ["Recorder", "record"]
+__all__ = ["Recorder", "record", "STEP_MODES"]
 
 _in_backward = torch._C._current_graph_task_id
-_LAZY = "lazy"  # a lazy norm layer's running buffers before its first forward
+STEP_MODES = ("auto", "optimizer", "forward", "manual")
+_RESERVED_ATTRS = {S.ATTR_FORMAT, S.ATTR_STATUS, S.ATTR_N_STEPS, S.ATTR_LAST_STEP, S.ATTR_PROBES,
+                   S.ATTR_LAYERS, S.ATTR_STATS, S.ATTR_SCALARS, S.ATTR_STEP_RULE}
 
 
 def _rank_path(path: str) -> tuple[str, int, int]:
@@ -49,11 +71,17 @@ def _rank_path(path: str) -> tuple[str, int, int]:
     return path, rank, world
 
 
+def _positive_int(name: str, value: Any, least: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise StatscopeError(f"{name}={value!r}: expected an int ≥ {least}")
+    return value
+
+
 class Recorder:
     """Records per-step normalization statistics of a model into a run store.
 
     Use it through :func:`record`, which documents the arguments. As a context manager it removes
-    every hook on exit and marks the run ``completed``, or ``failed`` with the error.
+    every probe on exit and marks the run ``completed``, or ``failed`` with the error.
     """
 
     def __init__(self, model: nn.Module, path, *, layers: Any = None,
@@ -62,24 +90,37 @@ class Recorder:
                  stats: Iterable[str] = S.DEFAULT_STATS, meta: Mapping[str, Any] | None = None,
                  overwrite: bool = False, resume: bool = False, step: str = "auto",
                  record_eval: bool = False, block_steps: int = 128, raw_bytes: int = 16 << 20,
-                 flush_seconds: float = 5.0, chunk_steps: int = 8192,
-                 mechanism: str = "forward"):
+                 buffer_bytes: int = 512 << 20, flush_seconds: float = 5.0,
+                 chunk_steps: int = 8192, mechanism: str = "forward", on_error: str = "stop"):
         if not isinstance(model, nn.Module):
             raise StatscopeError(f"model={type(model).__name__}: expected a torch.nn.Module")
-        if step not in ("auto", "manual"):
-            raise StatscopeError(f"step={step!r}: expected 'auto' (one step per training forward "
-                                 "of the model) or 'manual' (call rec.step())")
-        for name, value in (("block_steps", block_steps), ("chunk_steps", chunk_steps)):
-            if not isinstance(value, int) or value < 1:
-                raise StatscopeError(f"{name}={value!r}: expected a positive int")
+        if step not in STEP_MODES:
+            raise StatscopeError(f"step={step!r}: expected one of {STEP_MODES}")
+        self.block_steps = _positive_int("block_steps", block_steps)
+        self.chunk_steps = _positive_int("chunk_steps", chunk_steps)
+        raw_bytes = _positive_int("raw_bytes", raw_bytes, least=0)  # 0: reduce every step
+        buffer_bytes = _positive_int("buffer_bytes", buffer_bytes)
+        if isinstance(flush_seconds, bool) or not isinstance(flush_seconds, (int, float)) \
+                or not flush_seconds > 0:
+            raise StatscopeError(f"flush_seconds={flush_seconds!r}: expected a positive number")
         if mechanism not in MECHANISMS:
             raise StatscopeError(f"mechanism={mechanism!r}: expected one of {MECHANISMS}")
-        self.mechanism = mechanism
+        if on_error not in ("stop", "raise"):
+            raise StatscopeError(f"on_error={on_error!r}: expected 'stop' (recording stops, "
+                                 "training goes on) or 'raise' (the next probe raises)")
+        if isinstance(stats, str) or not isinstance(stats, Iterable):
+            raise StatscopeError(f"stats={stats!r}: expected a list of statistic names, e.g. "
+                                 f"{list(S.DEFAULT_STATS)}")
         stats = tuple(dict.fromkeys(stats))
+        if not stats:
+            raise StatscopeError(f"stats=[]: expected at least one of {', '.join(STATISTICS)}")
         self.statistics = [get_statistic(s) for s in stats]
         self.order = max(s.order for s in self.statistics)
+        self.mechanism, self.on_error, self.step_mode = mechanism, on_error, step
+        self.flush_seconds = float(flush_seconds)
+        self.record_eval = record_eval
         self.path, self.rank, self.world_size = _rank_path(os.fspath(path))
-        # checked now although the store may be created only when the first block is written
+        # checked now although the writer opens the store at start()
         self.resume = check_path(self.path, overwrite=overwrite, resume=resume) and resume
         self.overwrite = overwrite
         self.model = model
@@ -87,31 +128,31 @@ class Recorder:
         self.targets: list[Target] = select(model, layers, where=where, channel_dim=channel_dim,
                                             en_groups=en_groups)
         self.meta = dict(meta or {})
-        self.manual = step == "manual"
-        self.record_eval = record_eval
-        self.block_steps = block_steps
-        self.flush_seconds = flush_seconds
-        self.chunk_steps = chunk_steps
-        self.pool = BufferPool()
-        self.captures = [Capture(t, block_steps, raw_bytes, self.order, self.pool)
+        self.pool = BufferPool(buffer_bytes)
+        self.streams = StreamOrder()
+        self.captures = [Capture(t, self.block_steps, raw_bytes, self.order, self.pool)
                          for t in self.targets]
-        self._norm = [norm_info(t.module) if t.where == "input" else None for t in self.targets]
-        self._running0 = [self._running_buffers(t) for t in self.targets]
+        self._static = [ProbeStatic(_probe_info(t), _running_buffers(t)) for t in self.targets]
+        self._lock = threading.Lock()
+        self._state = "new"
         self._handles: list = []
-        self._queue: queue.Queue = queue.Queue(maxsize=2)
-        self._worker: threading.Thread | None = None
-        self._writer: RunWriter | None = None
-        self._failure: BaseException | None = None
-        self._warned_nonfinite = False
-        self._slot = 0
-        self._dirty = False
-        self._on = False
+        self._worker: Worker | None = None
+        self._pending_attrs: dict[str, Any] = {}
+        self._say: list[Notice] = []
         self._scalars: dict[str, list[tuple[int, Any]]] = {}
         self._scalar_names: set[str] = set()
+        self._slot = 0
         self._block_start = 0
+        self._dirty = False
+        self._pending_end = False
+        self._forwards = 0
+        self._first_forwards: int | None = None
+        self._rule = {"auto": "undecided", "manual": "manual"}.get(step, step)
+        self._holds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._on = False
+        self._last_dispatch = time.monotonic()
         self.probe_seconds = 0.0
-        self._t_start = None
-        self.closed = False
+        self._t_start = 0.0
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -119,56 +160,130 @@ class Recorder:
         return self.start()
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(None if exc is None else f"{exc_type.__name__}: {exc}")
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close(f"{exc_type.__name__}: {exc}")
+        except BaseException as close_exc:  # never replace the training error
+            exc.add_note(f"statscope: closing the run at {self.path!r} failed too: {close_exc!r}")
+
+    @property
+    def closed(self) -> bool:
+        return self._state == "closed"
 
     def start(self) -> "Recorder":
-        """Register the hooks and start the writer thread."""
+        """Open the store (taking its lease), start the writer thread and attach the probes.
+
+        Raises:
+            StatscopeError: the recorder was started before.
+            StoreError: the store cannot be written (see :class:`~statscope.writer.RunWriter`).
+        """
+        if self._state != "new":
+            raise StatscopeError(f"start(): this recorder is already {self._state}; a recorder "
+                                 "records once: create a new one with record(...)")
         if self.resume:
-            last = read_attrs(self.path).get(S.ATTR_LAST_STEP)
-            self._block_start = 0 if last is None else int(last) + 1
-        if all(c.channels is not None for c in self.captures):
-            self._open_writer()  # fail now, not a block later, and show the run while it starts
-        for cap in self.captures:
-            self._handles.append(attach(cap.target.module, self._make_hook(cap), cap.target.where,
-                                        self.mechanism))
-        if not self.manual:
-            self._handles.append(attach(self.root, self._root_hook, "input", self.mechanism))
-        self._worker = threading.Thread(target=self._work, name="statscope-writer", daemon=True)
-        self._worker.start()
-        self._last_dispatch = time.monotonic()
+            self._check_resumable()
+        known = [s for s, c in zip(self._static, self.captures) if c.channels is not None]
+        writer = RunWriter(
+            self.path, Layout(tuple(_with_channels(s.info, c.channels) for s, c in
+                                    zip(self._static, self.captures) if c.channels is not None),
+                              tuple(s.name for s in self.statistics)),
+            attrs=self._start_attrs(), overwrite=self.overwrite, resume=self.resume,
+            chunk_steps=self.chunk_steps, flush_seconds=self.flush_seconds,
+            running0=_running0(known, self.captures))
+        self._state = "started"
+        try:
+            self._block_start = writer.next_step
+            filer = Filer(writer, self.captures, self._static, self.statistics, self.order,
+                          self.pool, self.streams)
+            self._worker = Worker(filer, self._take_idle, self.flush_seconds)
+            self._worker.start()
+            for cap in self.captures:
+                self._handles.append(attach(cap.target.module, self._make_hook(cap),
+                                            cap.target.where, self.mechanism))
+            if self._rule != "manual":
+                self._handles.append(attach(self.root, self._root_hook, "input", self.mechanism))
+            if self._rule in ("undecided", "optimizer"):
+                self._params = {id(p) for p in self.root.parameters()}
+                self._handles.append(
+                    register_optimizer_step_post_hook(self._optimizer_hook))
+        except BaseException as exc:
+            self.close(f"start: {exc!r}")
+            raise
         self._t_start = time.perf_counter()
+        self._last_dispatch = time.monotonic()
         self._on = True
         return self
 
+    def _start_attrs(self) -> dict:
+        attrs = {S.ATTR_MODEL: f"{type(self.root).__module__}.{type(self.root).__qualname__}",
+                 S.ATTR_META: self.meta, S.ATTR_COMMAND: " ".join(sys.argv),
+                 S.ATTR_RANK: self.rank, S.ATTR_WORLD_SIZE: self.world_size,
+                 **self._pending_attrs}
+        if self._rule != "undecided":
+            attrs[S.ATTR_STEP_RULE] = self._rule
+        return attrs
+
+    def _check_resumable(self) -> None:
+        stored = read_attrs(self.path).get(S.ATTR_LAYERS, [])
+        names = {t.name for t in self.targets}
+        foreign = [n for n in stored if n not in names]
+        if foreign:
+            raise StoreError(f"path={self.path!r}: resume=True but the store has layers "
+                             f"{foreign} that this model's probes {sorted(names)} lack")
+
     def close(self, error: str | None = None) -> None:
-        """Remove the hooks, write what is buffered, and mark the run completed or failed."""
-        if self.closed or self._worker is None:  # closed already, or never started
+        """Detach the probes, write what is buffered, mark the run and stop the writer thread.
+
+        Args:
+            error: why training stopped, if it failed; the run is then marked ``failed``.
+
+        Raises:
+            RecordingError: recording failed (e.g. the disk filled) while ``error`` is None; the
+                run is marked ``failed`` and every step committed before stays readable.
+        """
+        if self._state == "closed":
             return
-        self.closed = True
+        if self._state == "new":
+            self._state = "closed"
+            return
+        self._state = "closed"
         self._on = False
+        problems: list[BaseException] = []
         for h in reversed(self._handles):
-            h.remove()
+            try:
+                h.remove()
+            except BaseException as exc:
+                problems.append(exc)
         self._handles.clear()
-        if self._dirty:
-            self._slot += 1
-            self._dirty = False
-        self._dispatch()
-        self._queue.put(None)
-        self._worker.join()
-        wall = time.perf_counter() - self._t_start
         try:
-            writer = self._writer or self._open_writer()
-            busy = max(wall - self.probe_seconds, 1e-9)
-            writer.set_attrs(**{S.ATTR_PROBE_SECONDS: self.probe_seconds,
-                                S.ATTR_PROBE_OVERHEAD: self.probe_seconds / busy})
-            if self._failure is not None and error is None:
-                error = f"writer: {self._failure!r}"
-            writer.close(S.STATUS_FAILED if error else S.STATUS_COMPLETED, error)
-        except Exception as exc:  # never hide the training error behind a store error
-            if error is None and self._failure is None:
-                raise
-            warnings.warn(f"statscope: could not finish the store at {self.path!r}: {exc!r}",
-                          StatscopeWarning, stacklevel=2)
+            with self._lock:
+                if self._rule == "undecided":
+                    self._decide("forward")
+                if self._dirty:
+                    self._end_step()
+                block = self._take_block() if self._slot else None
+            if block is not None and not self._worker.put(block):
+                self._give_back(block)
+        except BaseException as exc:  # e.g. the device error that ended training
+            problems.append(exc)
+        wall = time.perf_counter() - self._t_start
+        busy = max(wall - self.probe_seconds, 1e-9)
+        status = S.STATUS_FAILED if error or problems else S.STATUS_COMPLETED
+        reason = error or (f"closing: {problems[0]!r}" if problems else None)
+        attrs = {S.ATTR_PROBE_SECONDS: self.probe_seconds,
+                 S.ATTR_PROBE_OVERHEAD: self.probe_seconds / busy}
+        self._worker.put(Close(status, reason, attrs), force=True)
+        while not self._worker.join(timeout=1.0):
+            if not self._worker.alive:
+                break
+        self._emit()
+        failure = self._worker.failure or (problems[0] if problems else None)
+        if failure is not None and error is None:
+            raise RecordingError(f"path={self.path!r}: recording failed ({failure!r}); the run is "
+                                 "marked failed and keeps every step committed before") \
+                from failure
 
     # -- hot path -----------------------------------------------------------------------------
 
@@ -181,8 +296,13 @@ class Recorder:
             t0 = time.perf_counter()
             x = args[0] if output is None else output
             if isinstance(x, torch.Tensor):
-                cap.capture(x, rec._slot)
-                rec._dirty = True
+                with rec._lock:
+                    if rec._slot >= rec.block_steps:  # a forward that bypassed the root
+                        rec._dispatch()
+                    cap.capture(x, rec._slot)
+                    rec._dirty = True
+                if x.device.type == "cuda":
+                    rec.streams.note(x.device)
             rec.probe_seconds += time.perf_counter() - t0
 
         return hook
@@ -190,30 +310,132 @@ class Recorder:
     def _root_hook(self, module, args):
         if not self._on or not (module.training or self.record_eval) or _in_backward() != -1:
             return
+        t0 = time.perf_counter()
+        with self._lock:
+            self._root_forward()
+        self.probe_seconds += time.perf_counter() - t0
+        if self._say or self._worker.notices:
+            self._emit()
+
+    def _root_forward(self) -> None:
         if self._dirty:
-            t0 = time.perf_counter()
+            if self._rule == "optimizer" and not self._pending_end:
+                self._forwards += 1  # another micro-batch of the same optimizer step
+                return
             self._end_step()
-            self.probe_seconds += time.perf_counter() - t0
+        self._maybe_dispatch()
         self._dirty = True
+        self._forwards = 1
 
     def _end_step(self) -> None:
+        if self._rule == "optimizer":
+            if self._first_forwards is None:
+                self._first_forwards = self._forwards
+            elif self._forwards != self._first_forwards and self._first_forwards > 0:
+                self._say.append(Notice(
+                    f"statscope: forwards per optimizer step vary ({self._first_forwards} at the "
+                    f"first step, {self._forwards} at step {self.current_step}); the first "
+                    "forward of each step is recorded", StatscopeWarning))
+                self._first_forwards = 0  # warned once
         self._slot += 1
-        if (self._slot == self.block_steps
-                or time.monotonic() - self._last_dispatch >= self.flush_seconds):
+        self._dirty = False
+        self._pending_end = False
+        self.streams.remember()
+
+    def _maybe_dispatch(self) -> None:
+        if self._rule == "undecided":
+            if self._slot < self.block_steps:
+                return  # a gradient-accumulation run may still show its first optimizer step
+            self._decide("forward")
+        if self._slot >= self.block_steps or (
+                self._slot and time.monotonic() - self._last_dispatch >= self.flush_seconds):
             self._dispatch()
 
-    def _dispatch(self) -> None:
-        n = self._slot
-        self._last_dispatch = time.monotonic()
-        if n == 0:
+    def _optimizer_hook(self, optimizer, args, kwargs) -> None:
+        if not self._on or not self._holds_params(optimizer):
             return
-        parts = [cap.take_block(n) for cap in self.captures]
-        block = Block(self._block_start, n, parts, self._scalars)
+        with self._lock:
+            if self._rule == "undecided":
+                self._decide("optimizer")
+            if self._rule == "optimizer" and self._dirty:
+                self._pending_end = True
+
+    def _holds_params(self, optimizer) -> bool:
+        held = self._holds.get(optimizer)
+        if held is None:
+            held = any(id(p) in self._params for g in optimizer.param_groups for p in g["params"])
+            self._holds[optimizer] = held
+        return held
+
+    def _decide(self, rule: str) -> None:
+        """Fix the step rule of ``step="auto"``; the forwards so far were one optimizer step's."""
+        if rule == "optimizer" and self._slot:
+            forwards = self._slot + (1 if self._dirty else 0)
+            for cap in self.captures:
+                cap.rewind(1)
+            self._scalars = {k: [(s, v) for s, v in vs if s == 0] for k, vs in self._scalars.items()}
+            self._slot, self._dirty, self._forwards = 0, True, forwards
+        self._rule = rule
+        self._put(Attrs({S.ATTR_STEP_RULE: rule}))
+
+    def _take_block(self) -> Block:
+        n = self._slot
+        block = Block(self._block_start, n, tuple(cap.take_block(n) for cap in self.captures),
+                      self._scalars, self.streams.mark())
         self._scalars = {}
         self._block_start += n
         self._slot = 0
-        if self._failure is None:
-            self._queue.put(block)
+        self._last_dispatch = time.monotonic()
+        return block
+
+    def _dispatch(self) -> None:
+        block = self._take_block()
+        if not self._put(block):
+            self._give_back(block)
+
+    def _put(self, msg) -> bool:
+        if self._worker.put(msg):
+            return True
+        self._say.append(Notice(f"statscope: recording into {self.path!r} stopped: the writer "
+                                f"failed ({self._worker.failure!r}); training goes on",
+                                StatscopeWarning))
+        if self.on_error == "raise":
+            raise RecordingError(f"path={self.path!r}: recording failed "
+                                 f"({self._worker.failure!r})") from self._worker.failure
+        self._on = False
+        return False
+
+    def _give_back(self, block: Block) -> None:
+        for pair in block.buffers():
+            self.pool.give(pair)
+
+    def _take_idle(self) -> Block | None:
+        """On the writer thread: the steps that ended since the last block, read in place."""
+        if not self._lock.acquire(timeout=0.05):
+            return None  # the training thread is busy: it is not idle
+        try:
+            if not self._on or self._rule == "undecided" or not self._slot \
+                    or not self._worker.queue.empty():
+                return None
+            n = self._slot
+            scalars = {k: [(s, v) for s, v in vs if s < n] for k, vs in self._scalars.items()}
+            self._scalars = {k: [(s, v) for s, v in vs if s >= n]
+                             for k, vs in self._scalars.items()}
+            return Block(self._block_start, n, tuple(cap.peek(n) for cap in self.captures),
+                         {k: v for k, v in scalars.items() if v},
+                         self.streams.mark(remembered=True), owned=False)
+        finally:
+            self._lock.release()
+
+    def _emit(self) -> None:
+        """Emit, on this (the training) thread, the warnings both threads collected."""
+        notices = self._say
+        self._say = []
+        if self._worker is not None:
+            while self._worker.notices:
+                notices.append(self._worker.notices.popleft())
+        for n in notices:
+            warnings.warn(n.message, n.category, stacklevel=3)
 
     # -- public per-step API ------------------------------------------------------------------
 
@@ -224,23 +446,29 @@ class Recorder:
 
     def step(self) -> None:
         """End the current step (``step="manual"`` only): the next forwards belong to the next."""
-        if not self.manual:
-            raise StatscopeError("step(): the recorder counts steps itself (step='auto'); "
-                                 "create it with step='manual' to call step()")
+        if self._rule != "manual":
+            raise StatscopeError(f"step(): the recorder counts steps itself (step="
+                                 f"{self.step_mode!r}); create it with step='manual' to call step()")
         if self._on:
-            self._end_step()
-            self._dirty = False
+            with self._lock:
+                self._end_step()
+                self._maybe_dispatch()
+            if self._say or self._worker.notices:
+                self._emit()
 
     def set_attrs(self, **attrs: Any) -> None:
         """Add or update root attributes of the run (e.g. final accuracy), written in order with
         the data by the writer thread; JSON-serialisable values."""
-        reserved = sorted(set(attrs) & {S.ATTR_FORMAT, S.ATTR_STATUS, S.ATTR_N_STEPS,
-                                         S.ATTR_LAST_STEP, S.ATTR_PROBES, S.ATTR_LAYERS,
-                                         S.ATTR_STATS, S.ATTR_SCALARS})
+        reserved = sorted(set(attrs) & _RESERVED_ATTRS)
         if reserved:
             raise StatscopeError(f"set_attrs({', '.join(reserved)}=...): written by statscope "
                                  "itself; choose other names")
-        self._queue.put(dict(attrs))
+        if self._state == "new":
+            self._pending_attrs.update(attrs)
+        elif self._state == "closed":
+            raise StatscopeError("set_attrs(): the recorder is closed; its run is finished")
+        elif self._on:
+            self._put(Attrs(dict(attrs)))
 
     def log(self, **scalars: Any) -> None:
         """Record per-step scalars (loss, lr, ...) for the current step, without a host sync.
@@ -258,84 +486,47 @@ class Recorder:
                     raise StatscopeError(f"log({name}=...): a tensor of shape "
                                          f"{tuple(value.shape)}; expected one element")
                 value = value.detach() if value.ndim == 0 else value.detach().reshape(())
-            elif isinstance(value, (int, float, np.number)):
+            elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
                 value = float(value)
             else:
                 raise StatscopeError(f"log({name}={value!r}): expected a number or a "
                                      "one-element tensor")
-            self._scalars.setdefault(name, []).append((self._slot, value))
-        self._dirty = True
+            with self._lock:
+                self._scalars.setdefault(name, []).append((self._slot, value))
+                self._dirty = True
 
-    # -- worker thread ------------------------------------------------------------------------
 
-    def _work(self) -> None:
-        while True:
-            block = self._queue.get()
-            if block is None:
-                return
-            if self._failure is not None:
-                continue
-            try:
-                if isinstance(block, dict):
-                    (self._writer or self._open_writer()).set_attrs(**block)
-                else:
-                    self._write_block(block)
-            except BaseException as exc:  # the probe never interrupts training
-                self._failure = exc
-                warnings.warn(f"statscope: recording stopped, the writer failed: {exc!r}\n"
-                              + traceback.format_exc(), StatscopeWarning, stacklevel=1)
+def _probe_info(t: Target) -> ProbeInfo:
+    return ProbeInfo(name=t.name, module=t.module_name, type=type(t.module).__name__,
+                     where=t.where, channel_dim=t.channel_dim, channels=t.channels or 0,
+                     groups=t.groups, norm=norm_info(t.module) if t.where == "input" else None)
 
-    def _write_block(self, block: Block) -> None:
-        writer = self._writer or self._open_writer()
-        bad = writer.append(*block_rows(block, self.captures, self.statistics, self.order,
-                                        self.pool))
-        if bad and not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(f"statscope: non-finite statistics recorded ({writer.nonfinite}); they "
-                          "are stored as they are and counted in the run's attrs",
-                          NonFiniteWarning, stacklevel=1)
 
-    def _open_writer(self) -> RunWriter:
-        probes, running = [], {S.RUNNING_MEAN0: [], S.RUNNING_VAR0: []}
-        for cap, norm, r0 in zip(self.captures, self._norm, self._running0):
-            t = cap.target
-            if cap.channels is None:
-                warnings.warn(f"statscope: layer {t.name!r} did not run before the first block "
-                              "was written and its channels are unknown; it is left out",
-                              StatscopeWarning, stacklevel=1)
-                continue
-            probes.append(ProbeInfo(name=t.name, module=t.module_name, type=type(t.module).__name__,
-                                    where=t.where, channel_dim=t.channel_dim,
-                                    channels=cap.channels, groups=t.groups, norm=norm))
-            if r0 is _LAZY:
-                r0 = (np.zeros(cap.channels, np.float32), np.ones(cap.channels, np.float32))
-            for key, values in zip(running, r0 if r0 is not None and len(r0[0]) == cap.channels
-                                   else (None, None)):
-                running[key].append(np.full(cap.channels, np.nan) if values is None else values)
-        self.captures = [c for c in self.captures if c.channels is not None]
-        layout = Layout(tuple(probes), tuple(s.name for s in self.statistics))
-        has_running = any(r is not None for r in self._running0)
-        attrs = {
-            S.ATTR_MODEL: f"{type(self.root).__module__}.{type(self.root).__qualname__}",
-            S.ATTR_META: self.meta, S.ATTR_COMMAND: " ".join(sys.argv),
-            S.ATTR_RANK: self.rank, S.ATTR_WORLD_SIZE: self.world_size,
-        }
-        self._writer = RunWriter(
-            self.path, layout, attrs=attrs, overwrite=self.overwrite, resume=self.resume,
-            chunk_steps=self.chunk_steps, flush_seconds=self.flush_seconds,
-            running0={k: np.concatenate(v) for k, v in running.items()} if has_running else None)
-        return self._writer
+def _with_channels(info: ProbeInfo, channels: int) -> ProbeInfo:
+    return ProbeInfo(**{**info.to_json(), "channels": channels})
 
-    @staticmethod
-    def _running_buffers(t: Target):
-        m = t.module
-        if t.where != "input" or not isinstance(getattr(m, "running_mean", None), torch.Tensor) \
-                or not isinstance(getattr(m, "running_var", None), torch.Tensor):
-            return None
-        if isinstance(m.running_mean, nn.parameter.UninitializedBuffer):
-            return _LAZY  # materialized at the first forward, as zeros and ones
-        return (m.running_mean.detach().float().cpu().numpy().reshape(-1).copy(),
-                m.running_var.detach().float().cpu().numpy().reshape(-1).copy())
+
+def _running_buffers(t: Target):
+    m = t.module
+    if t.where != "input" or not isinstance(getattr(m, "running_mean", None), torch.Tensor) \
+            or not isinstance(getattr(m, "running_var", None), torch.Tensor):
+        return None
+    if isinstance(m.running_mean, nn.parameter.UninitializedBuffer):
+        return "lazy"  # materialized at the first forward, as zeros and ones
+    return (m.running_mean.detach().float().cpu().numpy().reshape(-1).copy(),
+            m.running_var.detach().float().cpu().numpy().reshape(-1).copy())
+
+
+def _running0(static, captures) -> dict | None:
+    if not any(s.running0 is not None for s in static):
+        return None
+    mean, var = [], []
+    for s in static:
+        c = s.info.channels
+        r0 = s.running0 if isinstance(s.running0, tuple) and len(s.running0[0]) == c else None
+        mean.append(r0[0] if r0 else np.full(c, np.nan, np.float32))
+        var.append(r0[1] if r0 else np.full(c, np.nan, np.float32))
+    return {S.RUNNING_MEAN0: np.concatenate(mean), S.RUNNING_VAR0: np.concatenate(var)}
 
 
 def record(model: nn.Module, path, **kwargs: Any) -> Recorder:
@@ -353,22 +544,28 @@ def record(model: nn.Module, path, **kwargs: Any) -> Recorder:
         en_groups: EN groups for all probes or per name/glob/type (default 1, the whole layer).
         stats: statistic names (default bn_mean, bn_std, en_mean, en_std; add ``"bn_kurt"``).
         meta: user metadata stored in attrs (``batch_size``, ``seed``, ...).
-        overwrite: replace an existing run; resume: continue one after its last flushed step.
-        step: ``"auto"`` (one step per training-mode forward of ``model``) or ``"manual"``
-            (call ``rec.step()`` after each optimizer step; the first forward of a step counts).
+        overwrite: replace an existing run; resume: continue one after its last committed step.
+        step: what one recorded step is: ``"auto"`` (default), ``"optimizer"``, ``"forward"`` or
+            ``"manual"`` (call ``rec.step()``); see :mod:`statscope.probes.recorder`.
         record_eval: also record eval-mode forwards.
         block_steps: steps buffered on the device before one hand-over to the writer thread.
-        raw_bytes: per-probe memory for raw buffering; larger tensors are reduced every step.
-        flush_seconds: the longest time data waits before it reaches the store.
-        chunk_steps: chunk length along step in the store.
+        raw_bytes: the largest buffer of one probe; larger tensors are reduced every step.
+        buffer_bytes: the most bytes of buffers held per device, over all probes.
+        flush_seconds: the longest a step that ended waits before it reaches the store, also
+            while training is idle.
+        chunk_steps: rows per shard in the store.
         mechanism: ``"forward"`` (wrap the modules' ``forward``; fastest) or ``"hooks"`` (forward
             hooks, e.g. for TorchScript modules); see :mod:`statscope.probes.attach`.
+        on_error: when the store cannot be written (a full disk): ``"stop"`` (default: recording
+            stops with a warning, training goes on, ``close()`` raises ``RecordingError``) or
+            ``"raise"`` (the next step raises ``RecordingError`` into training).
 
     Returns:
         A :class:`Recorder`, to use as a context manager.
 
     Raises:
-        StatscopeError: bad arguments; StoreError: an existing store without overwrite/resume.
+        StatscopeError: bad arguments; StoreError: an existing store without overwrite/resume;
+        StoreLockedError (at start): another writer holds the run.
 
     Example:
         >>> import torch, statscope

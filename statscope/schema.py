@@ -7,7 +7,7 @@ The Dataset that :func:`statscope.open_run` returns (format 1)::
 
     dims    step, neuron
     coords  step (int64), layer (str, per neuron), unit (int, index in layer),
-            group (int, EN group of the neuron within its layer)
+            group (int, EN group of the neuron within its layer), label (str, "layer[unit]")
     vars    bn_mean, bn_std, en_mean, en_std, count   (step, neuron)
             bn_kurt                                   (step, neuron), when recorded
             <scalar> e.g. loss, lr                    (step,), when logged
@@ -18,8 +18,15 @@ as BatchNorm normalizes. ``count`` is the number of elements each channel's stat
 (N, N*L or N*H*W); 0 means the layer did not run at that step (its statistics are then NaN).
 """
 
-FORMAT_VERSION = 1
-"""Version of the on-disk layout; readers refuse versions they do not know."""
+FORMAT_VERSION = 2
+"""Version of the on-disk layout that writers write; readers refuse versions they do not know.
+
+Format 2 (statscope 0.2) shards every array (one object per shard, crc32c checksums on every
+chunk and shard index) and writes every chunk, so a missing object is damage, never "all fill
+value"; it lets probes join a run after its first rows (their columns are appended). Format 1
+(statscope 0.1) stores are read as they are, without the missing-chunk check.
+"""
+READABLE_FORMATS = (1, 2)
 
 # Dimensions of the user-facing Dataset.
 STEP = "step"
@@ -35,6 +42,7 @@ PROBE = "probe"  # one column per probe; expanded to neuron on read
 LAYER = "layer"
 UNIT = "unit"
 GROUP = "group"
+LABEL = "label"  # "layer[unit]", e.g. "norm2[0]"
 
 # Per-step statistics.
 BN_MEAN = "bn_mean"
@@ -61,7 +69,7 @@ NEURON_UNIT = "neuron_unit"  # (neuron,) int32
 NEURON_GROUP = "neuron_group"  # (neuron,) int32: column in the en_group dimension
 
 RESERVED_NAMES = frozenset(
-    {STEP, NEURON, RUN, RANK, EN_GROUP, PROBE, LAYER, UNIT, GROUP, COUNT, RUNNING_MEAN0,
+    {STEP, NEURON, RUN, RANK, EN_GROUP, PROBE, LAYER, UNIT, GROUP, LABEL, COUNT, RUNNING_MEAN0,
      RUNNING_VAR0, NEURON_PROBE, NEURON_UNIT, NEURON_GROUP, *ALL_STATS}
 )
 """Names a logged scalar may not take."""
@@ -88,6 +96,11 @@ ATTR_NONFINITE = "nonfinite"
 ATTR_RANK = "rank"
 ATTR_WORLD_SIZE = "world_size"
 ATTR_STD_DEFINITION = "std_definition"
+ATTR_DAMAGED = "damaged"  # set by open_run(damaged="mask"): what was masked, by array and steps
+ATTR_STEP_RULE = "step_rule"  # what one recorded step is: see STEP_RULES
+ATTR_LEASE = "lease"  # the holder of the lease when the run was opened for writing
+
+STEP_RULES = ("optimizer", "forward", "manual")
 
 STD_DEFINITION = "population (ddof=0), no eps"
 

@@ -1,30 +1,38 @@
-"""Append-only, crash-safe writing of one run store.
+"""Append-only, crash-safe writing of one run store (format 2).
 
-:class:`RunWriter` stages rows in host memory and writes them to zarr in chunk-aligned blocks,
-or at least every ``flush_seconds``. After the data of a block is written, the root attribute
-``n_steps`` is advanced: that write is atomic (zarr's local store writes a temporary file and
-renames it; object stores replace whole objects), so a reader or a process killed at any moment
-sees every row up to the last commit and nothing half written. Only the writer's thread calls it.
+:class:`RunWriter` holds the run's lease (:mod:`statscope.lease`) for its whole life, stages rows
+in host memory and writes them to zarr in blocks, at least every ``flush_seconds``. After the data
+of a block is written, the root attribute ``n_steps`` is advanced: that write is atomic (zarr's
+local store writes a temporary file and renames it; object stores replace whole objects), so a
+reader or a process killed at any moment sees every row up to the last commit and nothing half
+written. Every chunk is written, NaN or not, and carries a crc32c checksum, so missing or damaged
+data is detected on read instead of being read as fill values. Probes that first run after the
+run began get columns appended (their earlier rows are written as NaN, count 0). One thread at a
+time calls a writer.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import os
-import shutil
 import sys
 import time
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from statscope import schema as S
 from statscope.errors import StatscopeError, StoreError
-from statscope.store import Layout, ProbeInfo, _is_url, read_attrs, zarr_store
+from statscope.lease import Lease
+from statscope.storage import exists, is_url, list_keys, remove_tree, zarr_store
+from statscope.store import Layout, ProbeInfo, check_marker, read_attrs
 
 __all__ = ["RunWriter", "write_run", "check_path", "check_scalar_name", "package_versions",
            "now_iso"]
+
+_SHARD_BYTES = 64 << 20  # the largest shard, raw; bounds what one flush rewrites per array
+_INNER_STEPS = 1024  # rows of a chunk inside a shard: what a reader of a step range reads
+
 
 def now_iso() -> str:
     """The current UTC time, ISO 8601 with seconds."""
@@ -44,160 +52,257 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _compressors():
-    from zarr.codecs import BloscCodec
+def _codecs():
+    from zarr.codecs import BloscCodec, Crc32cCodec
 
-    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
 
 
 class RunWriter:
-    """Create (or resume) a run store and append rows to it.
+    """Create (or resume) a run store and append rows to it, holding the run's lease.
 
     Args:
         path: run folder or fsspec URL.
-        layout: the probes and statistics of the run.
-        attrs: root attributes to set on creation (model, meta, command, ...).
+        layout: the probes known now and the statistics of the run. On resume, probes already in
+            the store must agree with these; new ones get columns appended.
+        attrs: root attributes to set (model, meta, command, ...).
         overwrite: replace an existing run at ``path``.
         resume: continue an existing run after its last committed step.
-        chunk_steps: chunk length along step on disk.
-        neuron_chunk: chunk width along neuron on disk.
+        chunk_steps: rows per shard (one object per array and shard).
+        neuron_chunk: columns per chunk inside a shard.
         flush_seconds: write staged rows at least this often.
         running0: initial running buffers per neuron, ``{"running_mean0": (n,), ...}``.
 
     Raises:
+        StoreLockedError: another writer holds the run.
         StoreError: ``path`` holds something and neither ``overwrite`` nor ``resume`` is set, or
-            ``resume`` finds no run or a run with another layout.
+            ``resume`` finds a run with other statistics or layers.
     """
 
     def __init__(self, path, layout: Layout, *, attrs: Mapping[str, Any] | None = None,
                  overwrite: bool = False, resume: bool = False, chunk_steps: int = 8192,
                  neuron_chunk: int = 64, flush_seconds: float = 2.0,
                  running0: Mapping[str, np.ndarray] | None = None):
-        import zarr
-
         self.path = os.fspath(path)
-        self.layout = layout
         self.chunk_steps = int(chunk_steps)
+        self.neuron_chunk = int(neuron_chunk)
         self.flush_seconds = float(flush_seconds)
-        exists = check_path(self.path, overwrite=overwrite, resume=resume)
-        if resume and exists:
-            old = read_attrs(self.path)
-            if not Layout.from_attrs(old).same_neurons(layout):
-                raise StoreError(f"path={self.path!r}: resume=True but the store's layers "
-                                 f"{old[S.ATTR_LAYERS]} or statistics {old[S.ATTR_STATS]} differ "
-                                 f"from this run's {[p.name for p in layout.probes]}, "
-                                 f"{list(layout.stats)}")
-            self._group = zarr.open_group(zarr_store(self.path, read_only=False), mode="r+",
-                                          zarr_format=3)
-            self.n_steps = int(old.get(S.ATTR_N_STEPS, 0))
-            self._truncate()
-            self.nonfinite = dict(old.get(S.ATTR_NONFINITE, {}))
-            self._scalars = list(old.get(S.ATTR_SCALARS, []))
-            last = old.get(S.ATTR_LAST_STEP)
-            self.next_step = 0 if last is None else int(last) + 1
-            self._group.attrs.update({S.ATTR_STATUS: S.STATUS_RUNNING, S.ATTR_ENDED: None,
-                                      S.ATTR_ERROR: None, **(attrs or {}),
-                                      S.ATTR_META: old.get(S.ATTR_META)})
-        else:
-            if exists:
-                _remove_run(self.path)
-            self._group = self._create(attrs or {}, neuron_chunk, running0 or {})
-            self.n_steps = 0
-            self.nonfinite = {}
-            self._scalars = []
-            self.next_step = 0
-        self._idx = layout.neuron_index()
-        self._arrays = {name: self._group[name] for name in self._data_names()}
+        self.closed = False
         self._stage: list[dict[str, np.ndarray]] = []
         self._staged = 0
         self._last_write = time.monotonic()
-        self.closed = False
+        check_path(self.path, overwrite=overwrite, resume=resume)
+        self.lease = Lease.acquire(self.path)
+        try:
+            there = check_path(self.path, overwrite=overwrite, resume=resume)  # now under lease
+            if resume and there:
+                self._resume(layout, attrs or {}, running0 or {})
+            else:
+                if there:
+                    remove_tree(self.path)
+                self._create(layout, attrs or {}, running0 or {})
+        except BaseException:
+            self.lease.release()
+            raise
 
-    # -- creation ---------------------------------------------------------------------------
+    # -- creation and resumption ------------------------------------------------------------
 
-    def _data_names(self) -> list[str]:
-        return [S.STEP, S.COUNT, *self.layout.stats, *self._scalars]
-
-    def _create(self, attrs: Mapping[str, Any], neuron_chunk: int, running0):
+    def _create(self, layout: Layout, attrs: Mapping[str, Any], running0) -> None:
         import zarr
 
-        lay = self.layout
-        names = [p.name for p in lay.probes]
-        if len(set(names)) != len(names):
-            raise StatscopeError(f"layout: probe names repeat: {names}")
-        for p in lay.probes:
-            if p.channels < 1 or p.groups < 1 or p.channels % p.groups:
-                raise StatscopeError(f"groups={p.groups} for layer {p.name!r}: its "
-                                     f"channels={p.channels} are not divisible by it")
+        _check_layout(layout)
         root = {
             S.ATTR_FORMAT: S.FORMAT_VERSION, S.ATTR_STATUS: S.STATUS_RUNNING, S.ATTR_N_STEPS: 0,
-            S.ATTR_LAST_STEP: None, S.ATTR_PROBES: [p.to_json() for p in lay.probes],
-            S.ATTR_LAYERS: names, S.ATTR_STATS: list(lay.stats), S.ATTR_SCALARS: [],
-            S.ATTR_META: {}, S.ATTR_VERSIONS: package_versions(), S.ATTR_STARTED: now_iso(),
-            S.ATTR_ENDED: None, S.ATTR_ERROR: None, S.ATTR_NONFINITE: {},
-            S.ATTR_STD_DEFINITION: S.STD_DEFINITION, S.ATTR_PROBE_OVERHEAD: None,
+            S.ATTR_LAST_STEP: None, S.ATTR_PROBES: [], S.ATTR_LAYERS: [],
+            S.ATTR_STATS: list(layout.stats), S.ATTR_SCALARS: [], S.ATTR_META: {},
+            S.ATTR_VERSIONS: package_versions(), S.ATTR_STARTED: now_iso(), S.ATTR_ENDED: None,
+            S.ATTR_ERROR: None, S.ATTR_NONFINITE: {}, S.ATTR_STD_DEFINITION: S.STD_DEFINITION,
+            S.ATTR_PROBE_OVERHEAD: None, S.ATTR_LEASE: self.lease.holder.describe(),
         }
         root.update(attrs)
-        group = zarr.open_group(zarr_store(self.path, read_only=False), mode="w", zarr_format=3,
-                                attributes=_jsonable(root))
-        cs, n, g, p = self.chunk_steps, lay.n_neurons, lay.n_groups, len(lay.probes)
-        nc = max(1, min(neuron_chunk, n))
-        comp = _compressors()
-        group.create_array(S.STEP, shape=(0,), chunks=(cs,), dtype="int64", fill_value=-1,
-                           dimension_names=(S.STEP,), compressors=comp)
-        group.create_array(S.COUNT, shape=(0, p), chunks=(cs, p), dtype="int64", fill_value=0,
-                           dimension_names=(S.STEP, S.PROBE), compressors=comp)
-        for s in lay.neuron_stats:
-            group.create_array(s, shape=(0, n), chunks=(cs, nc), dtype="float32",
-                               fill_value=np.nan, dimension_names=(S.STEP, S.NEURON),
-                               compressors=comp)
-        for s in lay.group_stats:
-            group.create_array(s, shape=(0, g), chunks=(cs, max(1, min(g, 256))), dtype="float32",
-                               fill_value=np.nan, dimension_names=(S.STEP, S.EN_GROUP),
-                               compressors=comp)
-        for name, values in running0.items():
-            values = np.asarray(values, dtype=np.float32)
-            if values.shape != (n,):
-                raise StatscopeError(f"running0[{name!r}]: shape {values.shape}, expected ({n},)")
-            arr = group.create_array(name, shape=(n,), chunks=(n,), dtype="float32",
-                                     fill_value=np.nan, dimension_names=(S.NEURON,))
-            arr[:] = values
-        return group
+        try:
+            self._group = zarr.open_group(zarr_store(self.path, read_only=False), mode="w",
+                                          zarr_format=3, attributes=_jsonable(root))
+        except OSError as exc:
+            raise StoreError(f"path={self.path!r}: cannot create the run: "
+                             f"{exc.strerror or exc}") from None
+        self.layout = Layout((), layout.stats)
+        self.n_steps, self.next_step = 0, 0
+        self.nonfinite: dict[str, int] = {}
+        self._scalars: list[str] = []
+        self._arrays: dict[str, Any] = {}
+        self._new_array(S.STEP, (0,), "int64", -1, (S.STEP,))
+        self._new_array(S.COUNT, (0, 0), "int64", 0, (S.STEP, S.PROBE))
+        for s in layout.neuron_stats:
+            self._new_array(s, (0, 0), "float32", np.nan, (S.STEP, S.NEURON))
+        for s in layout.group_stats:
+            self._new_array(s, (0, 0), "float32", np.nan, (S.STEP, S.EN_GROUP))
+        self.add_probes(layout.probes, running0)
+        self._commit()
 
-    def _truncate(self) -> None:
-        """Drop rows past the commit marker, left by a writer that died mid-block."""
-        for name in self._group.array_keys():
+    def _resume(self, layout: Layout, attrs: Mapping[str, Any], running0) -> None:
+        import zarr
+
+        old = read_attrs(self.path)
+        check_marker(self.path, old)
+        stored = Layout.from_attrs(old)
+        if tuple(stored.stats) != tuple(layout.stats):
+            raise StoreError(f"path={self.path!r}: resume=True but the store records statistics "
+                             f"{list(stored.stats)}, this run {list(layout.stats)}")
+        if old.get(S.ATTR_FORMAT) != S.FORMAT_VERSION:
+            raise StoreError(f"path={self.path!r}: resume=True on a format "
+                             f"{old.get(S.ATTR_FORMAT)} store; this statscope appends to format "
+                             f"{S.FORMAT_VERSION} only: start a new run")
+        given = {p.name: p for p in layout.probes}
+        for p in stored.probes:
+            q = given.get(p.name)
+            if q is not None and _probe_key(q) != _probe_key(p):
+                raise StoreError(f"path={self.path!r}: resume=True but layer {p.name!r} is "
+                                 f"{_probe_key(p)} in the store and {_probe_key(q)} now")
+        self._group = zarr.open_group(zarr_store(self.path, read_only=False), mode="r+",
+                                      zarr_format=3)
+        self.layout = stored
+        self.n_steps = int(old[S.ATTR_N_STEPS])
+        last = old.get(S.ATTR_LAST_STEP)
+        self.next_step = 0 if last is None else int(last) + 1
+        self.nonfinite = dict(old.get(S.ATTR_NONFINITE, {}))
+        self._scalars = list(old.get(S.ATTR_SCALARS, []))
+        self._truncate(stored, running0)
+        self._group.attrs.update(_jsonable({
+            S.ATTR_STATUS: S.STATUS_RUNNING, S.ATTR_ENDED: None, S.ATTR_ERROR: None, **attrs,
+            S.ATTR_META: old.get(S.ATTR_META), S.ATTR_LEASE: self.lease.holder.describe()}))
+        known = {p.name for p in stored.probes}
+        self.add_probes([p for p in layout.probes if p.name not in known], running0)
+
+    def _truncate(self, stored: Layout, running0) -> None:
+        """Cut every array back to what the commit marker covers; drop uncommitted arrays.
+
+        A writer killed after creating a scalar's array, or after appending a probe's columns,
+        but before the commit that names them, leaves them on disk: they hold no committed row.
+        """
+        committed = {S.STEP, S.COUNT, *stored.stats, *self._scalars}
+        width = {S.COUNT: len(stored.probes), S.EN_GROUP: stored.n_groups,
+                 S.NEURON: stored.n_neurons}
+        present = _array_names(self.path)
+        self._arrays = {}
+        for name in present:
             arr = self._group[name]
-            if arr.metadata.dimension_names[:1] == (S.STEP,) and arr.shape[0] > self.n_steps:
-                arr.resize((self.n_steps, *arr.shape[1:]))
+            dims = arr.metadata.dimension_names
+            if name in (S.RUNNING_MEAN0, S.RUNNING_VAR0):
+                if arr.shape[0] != stored.n_neurons:
+                    arr.resize((stored.n_neurons,))
+                self._arrays[name] = arr.with_config({"write_empty_chunks": True})
+                continue
+            if name not in committed:
+                del self._group[name]
+                continue
+            shape = (self.n_steps, *([width[S.COUNT] if name == S.COUNT else width[dims[1]]]
+                                     if len(dims) > 1 else []))
+            if arr.shape != shape:
+                arr.resize(shape)
+            self._arrays[name] = arr.with_config({"write_empty_chunks": True})
+        missing = committed - set(self._arrays)
+        if missing:
+            from statscope.errors import StoreDamagedError
+
+            raise StoreDamagedError(f"path={self.path!r}: arrays {sorted(missing)} are named by "
+                                    "the commit marker but missing; the run cannot be resumed")
+
+    def _new_array(self, name: str, shape, dtype: str, fill, dims) -> None:
+        width = _SHARD_BYTES // (8 * self.chunk_steps) if len(shape) > 1 else 0
+        shards = (self.chunk_steps,) if len(shape) == 1 else \
+            (self.chunk_steps, max(self.neuron_chunk, width // self.neuron_chunk * self.neuron_chunk))
+        chunks = (min(_INNER_STEPS, self.chunk_steps),) if len(shape) == 1 else \
+            (min(_INNER_STEPS, self.chunk_steps), self.neuron_chunk)
+        if dims == (S.NEURON,):
+            shards, chunks = (1 << 16,), (1 << 12,)
+        arr = self._group.create_array(name, shape=shape, shards=shards, chunks=chunks,
+                                       dtype=dtype, fill_value=fill, dimension_names=dims,
+                                       compressors=_codecs(), overwrite=True,
+                                       config={"write_empty_chunks": True})
+        self._arrays[name] = arr
+
+    # -- probes that join later -------------------------------------------------------------
+
+    def add_probes(self, probes: Sequence[ProbeInfo], running0=None) -> None:
+        """Append columns for ``probes``: NaN and count 0 for the rows already written.
+
+        Args:
+            probes: new probes (names not in the layout).
+            running0: their initial running buffers, ``{"running_mean0": (channels,), ...}``
+                concatenated in probe order; NaN where a probe has none.
+        """
+        if not probes:
+            return
+        self.flush()
+        lay = Layout((*self.layout.probes, *probes), self.layout.stats)
+        _check_layout(lay)
+        n = self.n_steps
+        widths = {S.COUNT: len(lay.probes), **{s: lay.n_neurons for s in lay.neuron_stats},
+                  **{s: lay.n_groups for s in lay.group_stats}}
+        for name, width in widths.items():
+            arr = self._arrays[name]
+            old = arr.shape[1]
+            arr.resize((n, width))
+            if n:
+                arr[:, old:] = 0 if name == S.COUNT else np.nan
+        for name in (S.RUNNING_MEAN0, S.RUNNING_VAR0):
+            given = (running0 or {}).get(name)
+            if name not in self._arrays and given is not None:
+                self._new_array(name, (0,), "float32", np.nan, (S.NEURON,))
+                self._arrays[name].resize((self.layout.n_neurons,))
+                if self.layout.n_neurons:
+                    self._arrays[name][:] = np.nan
+            if name in self._arrays:
+                arr = self._arrays[name]
+                values = np.full(lay.n_neurons - self.layout.n_neurons, np.nan, np.float32)
+                if given is not None:
+                    values[:] = np.asarray(given, np.float32)
+                arr.resize((lay.n_neurons,))
+                arr[self.layout.n_neurons:] = values
+        self.layout = lay
+        self._commit()
 
     # -- appending --------------------------------------------------------------------------
 
     def append(self, steps: np.ndarray, count: np.ndarray, stats: Mapping[str, np.ndarray],
                scalars: Mapping[str, np.ndarray] | None = None) -> int:
-        """Stage ``k`` rows; write them when a chunk fills or ``flush_seconds`` have passed.
+        """Stage ``k`` rows; write them when a shard fills or ``flush_seconds`` have passed.
 
         Args:
-            steps: (k,) int64 global steps, increasing.
+            steps: (k,) int64 global steps, increasing, after every step written so far.
             count: (k, n_probes) int64 elements per channel; 0 where a probe did not run.
             stats: per statistic of the layout, (k, n_neurons) or, for EN, (k, n_groups) float32.
             scalars: optional (k,) float arrays by name (NaN where not logged).
 
         Returns:
             The number of new non-finite statistics among rows where the probe ran.
+
+        Raises:
+            StatscopeError: shapes that do not fit the layout, or steps not after the last one.
         """
         k = len(steps)
         if k == 0:
             return 0
-        row: dict[str, np.ndarray] = {S.STEP: np.asarray(steps, np.int64),
-                                      S.COUNT: np.asarray(count, np.int64)}
+        steps = np.asarray(steps, np.int64)
+        if steps[0] < self.next_step or (k > 1 and np.any(np.diff(steps) <= 0)):
+            raise StatscopeError(f"steps={steps[0]}..{steps[-1]}: not increasing after step "
+                                 f"{self.next_step - 1}")
+        row: dict[str, np.ndarray] = {S.STEP: steps, S.COUNT: np.asarray(count, np.int64)}
+        if row[S.COUNT].shape != (k, len(self.layout.probes)):
+            raise StatscopeError(f"count: shape {row[S.COUNT].shape}, expected "
+                                 f"({k}, {len(self.layout.probes)})")
         ran = row[S.COUNT] > 0
         bad = 0
+        probe_of = {"n": self.layout.neuron_index()["probe"], "g": _group_probe(self.layout)}
         for s in self.layout.stats:
             a = np.asarray(stats[s], np.float32)
+            group = s in S.PER_GROUP_STATS
+            width = self.layout.n_groups if group else self.layout.n_neurons
+            if a.shape != (k, width):
+                raise StatscopeError(f"stats[{s!r}]: shape {a.shape}, expected ({k}, {width})")
             row[s] = a
-            cols = _group_probe(self.layout) if s in S.PER_GROUP_STATS else self._idx["probe"]
-            n_bad = int(np.count_nonzero(~np.isfinite(a) & ran[:, cols]))
+            n_bad = int(np.count_nonzero(~np.isfinite(a) & ran[:, probe_of["g" if group else "n"]]))
             if n_bad:
                 self.nonfinite[s] = self.nonfinite.get(s, 0) + n_bad
                 bad += n_bad
@@ -206,6 +311,7 @@ class RunWriter:
             row[name] = np.asarray(values, np.float64)
         self._stage.append(row)
         self._staged += k
+        self.next_step = int(steps[-1]) + 1
         boundary = self.chunk_steps - (self.n_steps % self.chunk_steps)
         if self._staged >= boundary or time.monotonic() - self._last_write >= self.flush_seconds:
             self.flush()
@@ -215,50 +321,98 @@ class RunWriter:
         if name in self._scalars:
             return
         check_scalar_name(name, self.layout.stats)
-        self._group.create_array(name, shape=(self.n_steps,), chunks=(self.chunk_steps,),
-                                 dtype="float64", fill_value=np.nan, dimension_names=(S.STEP,),
-                                 compressors=_compressors())
+        self._new_array(name, (0,), "float64", np.nan, (S.STEP,))
+        if self.n_steps:
+            arr = self._arrays[name]
+            arr.resize((self.n_steps,))
+            arr[:] = np.nan
         self._scalars.append(name)
-        self._arrays[name] = self._group[name]
+
+    def flush_due(self) -> bool:
+        """True when staged rows have waited ``flush_seconds``."""
+        return bool(self._staged) and time.monotonic() - self._last_write >= self.flush_seconds
 
     def flush(self) -> None:
         """Write every staged row, then advance the commit marker."""
+        self.lease.renew()
         if not self._staged:
             self._last_write = time.monotonic()
             return
         k = self._staged
         n0, n1 = self.n_steps, self.n_steps + k
-        for name, arr in self._arrays.items():
-            parts = [r[name] if name in r else _nan_rows(r, arr.shape[1:]) for r in self._stage]
+        for name in (S.STEP, S.COUNT, *self.layout.stats, *self._scalars):
+            arr = self._arrays[name]
+            parts = [r[name] if name in r else np.full((len(r[S.STEP]), *arr.shape[1:]), np.nan)
+                     for r in self._stage]
             block = np.concatenate(parts) if len(parts) > 1 else parts[0]
             arr.resize((n1, *arr.shape[1:]))
             arr[n0:n1] = block
         last = int(self._stage[-1][S.STEP][-1])
         self._stage, self._staged = [], 0
-        self.n_steps, self.next_step = n1, last + 1
-        self._group.attrs.update({S.ATTR_N_STEPS: n1, S.ATTR_LAST_STEP: last,
-                                  S.ATTR_SCALARS: list(self._scalars),
-                                  S.ATTR_NONFINITE: dict(self.nonfinite)})
+        self.n_steps = n1
+        self._commit(last)
         self._last_write = time.monotonic()
+
+    def _commit(self, last: int | None = None) -> None:
+        """Write the root attributes that name what is committed, in one atomic document."""
+        update = {S.ATTR_N_STEPS: self.n_steps, S.ATTR_SCALARS: list(self._scalars),
+                  S.ATTR_NONFINITE: dict(self.nonfinite),
+                  S.ATTR_PROBES: [p.to_json() for p in self.layout.probes],
+                  S.ATTR_LAYERS: [p.name for p in self.layout.probes]}
+        if last is not None:
+            update[S.ATTR_LAST_STEP] = last
+        self._group.attrs.update(_jsonable(update))
+
+    def heartbeat(self) -> None:
+        """Renew the lease where it needs renewing (object stores); call now and then when idle."""
+        self.lease.renew()
 
     def set_attrs(self, **attrs: Any) -> None:
         """Update root attributes (e.g. the measured probe overhead)."""
         self._group.attrs.update(_jsonable(attrs))
 
     def close(self, status: str = S.STATUS_COMPLETED, error: str | None = None) -> None:
-        """Flush, and mark the run ``completed`` or ``failed`` (with the error's text)."""
+        """Flush, mark the run ``completed`` or ``failed`` (with the error's text), release the
+        lease. The lease is released even when flushing fails; the run is then marked failed."""
         if self.closed:
             return
         if status not in S.STATUSES:
             raise StatscopeError(f"status={status!r}: expected one of {S.STATUSES}")
-        self.flush()
+        self.closed = True
+        try:
+            try:
+                self.flush()
+            except BaseException as exc:
+                status, error = S.STATUS_FAILED, error or f"writing the last rows: {exc!r}"
+                self._mark(status, error)
+                raise
+            self._mark(status, error)
+        finally:
+            self.lease.release()
+
+    def _mark(self, status: str, error: str | None) -> None:
         self._group.attrs.update({S.ATTR_STATUS: status, S.ATTR_ENDED: now_iso(),
                                   S.ATTR_ERROR: error})
-        self.closed = True
 
 
-def _nan_rows(row: Mapping[str, np.ndarray], tail: tuple[int, ...]) -> np.ndarray:
-    return np.full((len(row[S.STEP]), *tail), np.nan)
+def _probe_key(p: ProbeInfo) -> dict:
+    return {"module": p.module, "where": p.where, "channels": p.channels, "groups": p.groups}
+
+
+def _check_layout(lay: Layout) -> None:
+    names = [p.name for p in lay.probes]
+    if len(set(names)) != len(names):
+        raise StatscopeError(f"layout: probe names repeat: {names}")
+    for p in lay.probes:
+        if p.channels < 1 or p.groups < 1 or p.channels % p.groups:
+            raise StatscopeError(f"groups={p.groups} for layer {p.name!r}: its "
+                                 f"channels={p.channels} are not divisible by it")
+
+
+def _array_names(path: str) -> list[str]:
+    """The arrays of a run, from one listing (zarr's own listing warns on foreign files)."""
+    return sorted({k.split("/")[0] for k in list_keys(path)
+                   if k.count("/") == 1 and k.endswith("/zarr.json")})
 
 
 def _group_probe(layout: Layout) -> np.ndarray:
@@ -275,13 +429,32 @@ def check_path(path: str, *, overwrite: bool, resume: bool) -> bool:
     """
     if overwrite and resume:
         raise StatscopeError("overwrite=True, resume=True: choose one")
-    exists = _exists(path)
-    if exists and not (overwrite or resume):
+    there = exists(path)
+    if there and not (overwrite or resume):
         raise StoreError(f"path={path!r}: already exists; pass overwrite=True to replace it or "
                          "resume=True to continue it")
-    if exists:
-        read_attrs(path)
-    return exists
+    if there:
+        read_attrs(path)  # raises unless it is a run: never replace a user's folder
+    elif not is_url(path):
+        _check_creatable(path)
+    return there
+
+
+def _check_creatable(path: str) -> None:
+    """Refuse early, with a clear message, a local path where no folder can be made."""
+    from statscope.storage import local_path
+
+    p = local_path(path).absolute()
+    parent = p
+    while not parent.exists():
+        parent = parent.parent
+    if p.exists() and not p.is_dir():
+        raise StoreError(f"path={path!r}: is a file, not a run folder")
+    if not parent.is_dir():
+        raise StoreError(f"path={path!r}: {str(parent)!r} is a file, so no folder can be made "
+                         "below it")
+    if not os.access(parent, os.W_OK | os.X_OK) or str(parent).startswith("/proc"):
+        raise StoreError(f"path={path!r}: {str(parent)!r} is not writable")
 
 
 def check_scalar_name(name: str, taken=()) -> None:
@@ -292,28 +465,6 @@ def check_scalar_name(name: str, taken=()) -> None:
                              f"reserved: {sorted(S.RESERVED_NAMES | set(taken))}")
 
 
-def _exists(path: str) -> bool:
-    if _is_url(path):
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(path)
-        return fs.exists(p) and bool(fs.ls(p))
-    p = Path(path.removeprefix("file://"))
-    return p.exists() and (not p.is_dir() or any(p.iterdir()))
-
-
-def _remove_run(path: str) -> None:
-    """Delete an existing run; refuse to delete anything that is not one."""
-    read_attrs(path)  # raises StoreError unless it is a run: never delete a user's folder
-    if _is_url(path):
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(path)
-        fs.rm(p, recursive=True)
-    else:
-        shutil.rmtree(path.removeprefix("file://"))
-
-
 def _jsonable(value: Any) -> Any:
     """Attribute values as JSON: numpy scalars to Python, tuples to lists, unknowns to str."""
     if isinstance(value, Mapping):
@@ -322,6 +473,8 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None  # JSON has no NaN; zarr would write a non-standard token
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
@@ -329,7 +482,8 @@ def _jsonable(value: Any) -> Any:
 
 def write_run(path, probes, data: Mapping[str, np.ndarray], *, steps=None, count=None,
               scalars: Mapping[str, np.ndarray] | None = None, meta: Mapping[str, Any] | None = None,
-              status: str = S.STATUS_COMPLETED, overwrite: bool = False, **attrs: Any) -> str:
+              status: str = S.STATUS_COMPLETED, overwrite: bool = False,
+              chunk_steps: int = 8192, **attrs: Any) -> str:
     """Write a whole run at once, e.g. synthetic data for tests and benchmarks.
 
     Args:
@@ -343,6 +497,7 @@ def write_run(path, probes, data: Mapping[str, np.ndarray], *, steps=None, count
         meta: the run's user metadata (``batch_size``, ``seed``, ...).
         status: final status to mark.
         overwrite: replace an existing run.
+        chunk_steps: rows per shard.
         **attrs: more root attributes.
 
     Returns:
@@ -357,7 +512,11 @@ def write_run(path, probes, data: Mapping[str, np.ndarray], *, steps=None, count
     steps = np.arange(t) if steps is None else np.asarray(steps)
     count = np.ones((t, len(layout.probes)), np.int64) if count is None else np.asarray(count)
     writer = RunWriter(path, layout, attrs={S.ATTR_META: dict(meta or {}), **attrs},
-                       overwrite=overwrite, flush_seconds=float("inf"))
-    writer.append(steps, count, {s: data[s] for s in stats}, scalars)
+                       overwrite=overwrite, flush_seconds=float("inf"), chunk_steps=chunk_steps)
+    try:
+        writer.append(steps, count, {s: data[s] for s in stats}, scalars)
+    except BaseException:
+        writer.close(S.STATUS_FAILED, "write_run failed")
+        raise
     writer.close(status)
     return os.fspath(path)

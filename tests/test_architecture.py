@@ -10,7 +10,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"statscope": ROOT / "statscope", "statscope.probes": ROOT / "probes",
            "statscope.analyses": ROOT / "analyses", "statscope.dashboards": ROOT / "dashboards"}
-KERNEL = {"statscope.errors", "statscope.schema", "statscope.store", "statscope.writer"}
+KERNEL = {"statscope.errors", "statscope.schema", "statscope.store", "statscope.writer",
+          "statscope.storage", "statscope.lease", "statscope.integrity"}
+# Deliberate exceptions to RULES, each with its reason.
+EXCEPTIONS = {
+    # ds.statscope must exist however open_run was imported (issue 9): the module that defines
+    # open_run registers the accessor, which lives with the analyses it calls. The analyses never
+    # import torch, so the kernel stays torch-free.
+    ("statscope.store", "statscope.analyses.accessor"),
+}
 SIBLINGS = {"statscope.probes", "statscope.analyses", "statscope.dashboards", "statscope.nn",
             "statscope.experiments", "statscope.cli", "statscope.commands"}
 
@@ -66,6 +74,8 @@ def test_imports_follow_the_direction_of_dependencies(name, path):
     for imported in imports(name, path):
         root = imported.split(".")[0]
         assert root not in banned, f"{name} imports {imported}"
+        if (name, imported) in EXCEPTIONS:
+            continue
         for sib in SIBLINGS:
             if imported == sib or imported.startswith(sib + "."):
                 assert sib == pkg or sib in allowed, f"{name} imports {imported}"

@@ -119,14 +119,14 @@ KILLED = textwrap.dedent("""
 
 
 def test_sigkill_mid_run_leaves_a_readable_store(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(tmp_path / "r")],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.3)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
+    with subprocess.Popen([sys.executable, "-c", KILLED, str(tmp_path / "r")],
+                          stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            time.sleep(0.3)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait(timeout=30)
     ds = statscope.open_run(tmp_path / "r")
     n = ds.sizes["step"]
     assert ds.attrs["status"] == "running" and n >= 100

@@ -1,0 +1,263 @@
+"""The writer thread: typed messages in, rows in the store out, notices back.
+
+The training thread talks to the writer thread only through :class:`Worker.put` with the
+messages below, and hears back through :attr:`Worker.notices` (warnings to emit on the training
+thread, where ``warnings`` filters apply as the user set them) and :attr:`Worker.failure`. A put
+never blocks on a dead or failed writer: it returns False and the message is dropped. After a
+failure the thread keeps draining its queue until :class:`Close`, so the training thread never
+waits on it. When no message comes for a while the thread hands itself the steps that ended
+since the last block (``idle``), so rows reach the store within ``flush_seconds`` even while
+training is idle.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from statscope import schema as S
+from statscope.errors import NonFiniteWarning, StatscopeWarning
+from statscope.probes.block import Block, block_rows
+from statscope.probes.capture import Capture
+from statscope.probes.pool import BufferPool
+from statscope.probes.statistics import Statistic
+from statscope.probes.streams import StreamOrder
+from statscope.store import ProbeInfo
+from statscope.writer import RunWriter
+
+__all__ = ["Attrs", "Close", "Notice", "Worker", "Filer", "ProbeStatic"]
+
+
+@dataclass(frozen=True)
+class Attrs:
+    """Root attributes to set, in order with the data."""
+
+    attrs: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Close:
+    """Write what is left, set ``attrs``, mark the run ``status`` (with ``error``), stop."""
+
+    status: str
+    error: str | None
+    attrs: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A warning for the training thread to emit."""
+
+    message: str
+    category: type[Warning]
+
+
+@dataclass(frozen=True)
+class ProbeStatic:
+    """What the store needs to know of a probe besides its channels, fixed before training.
+
+    Attributes:
+        info: the probe's record with ``channels=0`` until they are known.
+        running0: (running_mean, running_var) at the start, ``"lazy"`` for buffers a lazy module
+            creates at its first forward (zeros and ones), or None.
+    """
+
+    info: ProbeInfo
+    running0: Any
+
+
+class Filer:
+    """Files blocks into the store: maps captures to columns, adds probes that join late.
+
+    Owned by the writer thread.
+    """
+
+    def __init__(self, writer: RunWriter, captures: Sequence[Capture], static: Sequence[ProbeStatic],
+                 statistics: Sequence[Statistic], order: int, pool: BufferPool,
+                 streams: StreamOrder):
+        self.writer, self.captures, self.static = writer, captures, static
+        self.statistics, self.order, self.pool, self.streams = statistics, order, pool, streams
+        names = {p.name: i for i, p in enumerate(writer.layout.probes)}
+        self.column = {i: names[s.info.name] for i, s in enumerate(static) if s.info.name in names}
+        self.warned_nonfinite = False
+
+    def file(self, block: Block) -> list[Notice]:
+        """Append ``block``'s rows that the store does not hold yet; return notices."""
+        notices: list[Notice] = []
+        # Rows an idle flush wrote already; their scalars went with it (see Recorder._take_idle).
+        skip = min(block.n, max(0, self.writer.next_step - block.first_step))
+        try:
+            if skip < block.n:
+                self.streams.wait(block.ready)
+                with self.streams.writer_context():
+                    rows = block_rows(block, self.captures, self.statistics, self.order, skip)
+                self._append(rows, notices)
+        finally:
+            if block.owned:
+                for pair in block.buffers():
+                    self.pool.give(pair)
+        return notices
+
+    def _append(self, rows, notices: list[Notice]) -> None:
+        new = [i for i, st in enumerate(rows.stats) if st is not None and i not in self.column]
+        if new:
+            self._add(new)
+        lay = self.writer.layout
+        k = len(rows.steps)
+        by_probe = {j: i for i, j in self.column.items()}
+        count = np.zeros((k, len(lay.probes)), np.int64)
+        stats = {}
+        for s in self.statistics:
+            parts = []
+            for j, p in enumerate(lay.probes):
+                i = by_probe.get(j)
+                st = rows.stats[i] if i is not None else None
+                width = p.groups if s.per_group else p.channels
+                parts.append(st[s.name] if st is not None else np.full((k, width), np.nan,
+                                                                       np.float32))
+            stats[s.name] = np.concatenate(parts, axis=1) if parts else np.zeros((k, 0), np.float32)
+        for i, j in self.column.items():
+            count[:, j] = rows.counts[i]
+        bad = self.writer.append(rows.steps, count, stats, rows.scalars)
+        if bad and not self.warned_nonfinite:
+            self.warned_nonfinite = True
+            notices.append(Notice(
+                f"statscope: non-finite statistics recorded ({self.writer.nonfinite}); they are "
+                "stored as they are and counted in the run's attrs", NonFiniteWarning))
+
+    def _add(self, new: list[int]) -> None:
+        probes, mean, var = [], [], []
+        for i in new:
+            static, channels = self.static[i], self.captures[i].channels
+            probes.append(ProbeInfo(**{**static.info.to_json(), "channels": channels}))
+            r0 = static.running0
+            if r0 == "lazy":
+                r0 = (np.zeros(channels, np.float32), np.ones(channels, np.float32))
+            if r0 is None or len(r0[0]) != channels:
+                r0 = (np.full(channels, np.nan, np.float32),) * 2
+            mean.append(r0[0])
+            var.append(r0[1])
+        has_running = any(self.static[i].running0 is not None for i in new)
+        running = {S.RUNNING_MEAN0: np.concatenate(mean), S.RUNNING_VAR0: np.concatenate(var)} \
+            if has_running else None
+        first = len(self.writer.layout.probes)
+        self.writer.add_probes(probes, running)
+        for offset, i in enumerate(new):
+            self.column[i] = first + offset
+
+
+class Worker:
+    """The writer thread.
+
+    Args:
+        filer: files blocks (owned by this thread once started).
+        idle: called on this thread after ``flush_seconds`` without a block; returns the steps
+            that ended since the last block (or None).
+        flush_seconds: the longest time a step that ended waits before reaching the store.
+    """
+
+    def __init__(self, filer: Filer, idle: Callable[[], Block | None], flush_seconds: float):
+        self.filer = filer
+        self._idle_take = idle
+        self.flush_seconds = flush_seconds
+        self._tick = min(1.0, max(0.01, flush_seconds / 4)) if flush_seconds < float("inf") \
+            else 1.0
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.notices: collections.deque[Notice] = collections.deque()
+        self.failure: BaseException | None = None
+        self.last_block = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="statscope-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def put(self, msg, force: bool = False) -> bool:
+        """Queue ``msg``; False (msg dropped) when the writer failed (unless ``force``: a failed
+        writer still takes :class:`Close`) or its thread is gone. Never hangs on a dead writer;
+        waits while a live one is two blocks behind."""
+        while (force or self.failure is None) and self._thread.is_alive():
+            try:
+                self.queue.put(msg, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end; False when it still runs after ``timeout``."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        with np.errstate(all="ignore"):
+            while True:
+                try:
+                    msg = self.queue.get(timeout=self._tick)
+                except queue.Empty:
+                    self._safely(self._on_idle)
+                    continue
+                if isinstance(msg, Close):
+                    self._close(msg)
+                    return
+                if self.failure is not None:
+                    if isinstance(msg, Block) and msg.owned:
+                        for pair in msg.buffers():
+                            self.filer.pool.give(pair)
+                    continue
+                self._safely(lambda: self._handle(msg))
+
+    def _handle(self, msg) -> None:
+        if isinstance(msg, Block):
+            self.last_block = time.monotonic()
+            self.notices.extend(self.filer.file(msg))
+        elif isinstance(msg, Attrs):
+            self.filer.writer.set_attrs(**msg.attrs)
+        else:
+            raise TypeError(f"writer thread: unknown message {msg!r}")
+
+    def _on_idle(self) -> None:
+        writer = self.filer.writer
+        writer.heartbeat()
+        now = time.monotonic()
+        if now - self.last_block >= self.flush_seconds and self.queue.empty():
+            block = self._idle_take()
+            self.last_block = now
+            if block is not None:
+                self.notices.extend(self.filer.file(block))
+        if writer.flush_due():
+            writer.flush()
+
+    def _safely(self, fn) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # recorded and reported on the training thread
+            self.failure = exc
+            self.notices.append(Notice(f"statscope: recording stopped, the writer failed: "
+                                       f"{exc!r}", StatscopeWarning))
+
+    def _close(self, msg: Close) -> None:
+        writer = self.filer.writer
+        status, error = msg.status, msg.error
+        if self.failure is not None:
+            status = S.STATUS_FAILED
+            error = error or f"writer: {self.failure!r}"
+        try:
+            if msg.attrs:
+                writer.set_attrs(**msg.attrs)
+        except BaseException as exc:
+            self.failure = self.failure or exc
+            status, error = S.STATUS_FAILED, error or f"writer: {exc!r}"
+        try:
+            writer.close(status, error)
+        except BaseException as exc:
+            self.failure = self.failure or exc

@@ -1,0 +1,176 @@
+"""Checking a run store before it is believed: the commit marker, array metadata, missing objects.
+
+Format 2 writes every chunk, in shards that carry crc32c checksums, so a shard missing below the
+commit marker is damage, found by one listing of the store; a damaged byte is found when its
+chunk is read (:class:`CheckedArray` turns the codec's error into a
+:class:`~statscope.errors.StoreDamagedError` naming the array and steps). Format 1 stores skip the
+missing-object check: there an absent chunk may legitimately be all fill value.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from statscope import schema as S
+from statscope.errors import StoreDamagedError
+
+__all__ = ["Damage", "check_marker", "check_array", "missing_shards", "CheckedArray"]
+
+
+@dataclass(frozen=True)
+class Damage:
+    """A region of one array that cannot be read.
+
+    Attributes:
+        array: the array's name.
+        rows: (first, stop) row range (steps by position, not by step value).
+        columns: (first, stop) column range, or None for 1-D arrays.
+        reason: what is wrong, e.g. ``"missing"`` or the codec's error.
+    """
+
+    array: str
+    rows: tuple[int, int]
+    columns: tuple[int, int] | None
+    reason: str
+
+    def describe(self, steps: np.ndarray | None = None) -> str:
+        first, stop = self.rows
+        where = f"rows {first}..{stop - 1}"
+        if steps is not None and len(steps) >= stop > first:
+            where = f"steps {int(steps[first])}..{int(steps[stop - 1])}"
+        cols = f", columns {self.columns[0]}..{self.columns[1] - 1}" if self.columns else ""
+        return f"{self.array!r} {where}{cols}: {self.reason}"
+
+    def to_json(self) -> dict:
+        return {"array": self.array, "rows": list(self.rows),
+                "columns": list(self.columns) if self.columns else None, "reason": self.reason}
+
+
+def check_marker(path: str, attrs: Mapping[str, Any]) -> int:
+    """The committed row count, after checking that the marker and status are sane.
+
+    Raises:
+        StoreDamagedError: ``n_steps`` missing, not an integer, or negative; an unknown status.
+    """
+    n = attrs.get(S.ATTR_N_STEPS)
+    status = attrs.get(S.ATTR_STATUS)
+    if status not in S.STATUSES:
+        raise StoreDamagedError(f"path={path!r}: status={status!r} in the run's attributes; "
+                                f"expected one of {S.STATUSES}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise StoreDamagedError(f"path={path!r}: the commit marker n_steps={n!r} is not a "
+                                "non-negative integer; the run's metadata is damaged")
+    last = attrs.get(S.ATTR_LAST_STEP)
+    if (last is None) != (n == 0) or (last is not None and (isinstance(last, bool)
+                                                           or not isinstance(last, int))):
+        raise StoreDamagedError(f"path={path!r}: last_step={last!r} does not fit "
+                                f"n_steps={n}; the run's metadata is damaged")
+    return n
+
+
+def check_array(path: str, name: str, arr, *, rows: int, width: int | None, dtype: str) -> None:
+    """Check one array's metadata against what the run's attributes say it holds.
+
+    Raises:
+        StoreDamagedError: wrong dtype, too few rows or columns, or wrong dimensions.
+    """
+    shape = arr.shape
+    want_dims = 1 if width is None else 2
+    if len(shape) != want_dims or np.dtype(arr.dtype) != np.dtype(dtype):
+        raise StoreDamagedError(f"path={path!r}: array {name!r} has shape {shape} and dtype "
+                                f"{arr.dtype}; expected {want_dims} dims of {dtype}")
+    if shape[0] < rows or (width is not None and shape[1] < width):
+        raise StoreDamagedError(f"path={path!r}: array {name!r} has shape {shape} but the commit "
+                                f"marker needs {rows} rows" + (f" × {width} columns"
+                                                               if width is not None else ""))
+
+
+def shard_shape(arr) -> tuple[int, ...]:
+    """The shape of the objects an array is stored in (shards, or chunks when unsharded)."""
+    return tuple(arr.shards or arr.chunks)
+
+
+def missing_shards(name: str, arr, rows: int, width: int | None, keys: set[str]) -> list[Damage]:
+    """Shards of ``arr`` that hold committed rows but are not among ``keys`` (one listing)."""
+    shape = shard_shape(arr)
+    extent = (rows,) if width is None else (rows, width)
+    if 0 in extent:
+        return []
+    counts = [math.ceil(e / s) for e, s in zip(extent, shape)]
+    sep = arr.metadata.chunk_key_encoding.separator
+    out = []
+    for idx in itertools.product(*(range(c) for c in counts)):
+        key = f"{name}/c{sep}" + sep.join(map(str, idx)) if sep == "/" else \
+            f"{name}/c.{'.'.join(map(str, idx))}"
+        if key not in keys:
+            out.append(_region(name, idx, shape, extent, "missing"))
+    return out
+
+
+def _region(name, idx, shape, extent, reason) -> Damage:
+    r0 = idx[0] * shape[0]
+    rows = (r0, min(r0 + shape[0], extent[0]))
+    cols = None
+    if len(idx) > 1:
+        c0 = idx[1] * shape[1]
+        cols = (c0, min(c0 + shape[1], extent[1]))
+    return Damage(name, rows, cols, reason)
+
+
+class CheckedArray:
+    """A zarr array seen through ``[:rows, :width]``, whose read errors name the array and steps.
+
+    Regions listed in ``masked`` read as ``fill`` instead of raising. Dask reads it block by
+    block (``dask.array.from_array``).
+    """
+
+    def __init__(self, path: str, name: str, arr, rows: int, width: int | None, fill,
+                 masked: list[Damage] = ()):
+        self.path, self.name, self._arr = path, name, arr
+        self.shape = (rows,) if width is None else (rows, width)
+        self.dtype = np.dtype(arr.dtype)
+        self.ndim = len(self.shape)
+        self.fill = fill
+        self.masked = list(masked)
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (self.ndim - len(key))
+        bounds = []
+        for k, n in zip(key, self.shape):
+            if not isinstance(k, slice) or k.indices(n)[2] != 1:
+                raise TypeError(f"CheckedArray takes slices with step 1, not {k!r}")
+            bounds.append(k.indices(n)[:2])
+        try:
+            out = np.asarray(self._arr[tuple(slice(a, b) for a, b in bounds)])
+        except Exception as exc:  # any codec, store or OS error: the bytes are not what was written
+            masks = [d for d in self.masked if _overlaps(d, bounds)]
+            if not masks:
+                raise StoreDamagedError(
+                    f"path={self.path!r}: array {self.name!r} rows {bounds[0][0]}.."
+                    f"{bounds[0][1] - 1} cannot be read ({type(exc).__name__}: {exc}); pass "
+                    "damaged='mask' to open_run to read the rest") from None
+            shape = tuple(b - a for a, b in bounds[:self.ndim])
+            return np.full(shape, self.fill, self.dtype)
+        for d in self.masked:
+            if _overlaps(d, bounds):
+                sel = [slice(max(d.rows[0], bounds[0][0]) - bounds[0][0],
+                             min(d.rows[1], bounds[0][1]) - bounds[0][0])]
+                if self.ndim > 1 and d.columns:
+                    sel.append(slice(max(d.columns[0], bounds[1][0]) - bounds[1][0],
+                                     min(d.columns[1], bounds[1][1]) - bounds[1][0]))
+                out[tuple(sel)] = self.fill
+        return out
+
+
+def _overlaps(d: Damage, bounds) -> bool:
+    if d.rows[1] <= bounds[0][0] or d.rows[0] >= bounds[0][1]:
+        return False
+    if d.columns and len(bounds) > 1:
+        return not (d.columns[1] <= bounds[1][0] or d.columns[0] >= bounds[1][1])
+    return True

@@ -1,0 +1,258 @@
+"""One writer per run: the lease a writer holds while it writes a run store.
+
+The lease lives beside the store, at ``<run>.lease`` (a file or an object), so the store itself
+holds only zarr documents. What it guarantees depends on where the store is:
+
+- **Local disk**: an exclusive ``fcntl.flock`` on the lease file, held for the writer's life. The
+  kernel releases it when the process ends in any way (``kill -9`` included), so a lease is never
+  stale: a second writer is refused while the first lives and succeeds at once after it died. The
+  file also holds the holder's host, pid, start time and owner id, for the error message.
+- **Object stores** (any fsspec URL but ``file://``): a JSON object with the holder and a
+  heartbeat time that the writer renews every ``ttl / 3`` seconds. A lease whose heartbeat is
+  older than ``ttl`` is stale and is taken over with a warning; a holder on this host whose pid no
+  longer exists is stale at once. Object stores have no compare-and-swap that every backend
+  offers, so two writers that take over the same stale lease within the same instant can both
+  believe they hold it; each re-reads the lease after writing it and before each renewal, and
+  the one that finds another owner stops (its run is marked ``failed``). That window is a few
+  milliseconds; outside it the lease is exclusive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+import warnings
+from dataclasses import asdict, dataclass
+
+from statscope.errors import StatscopeWarning, StoreError, StoreLockedError
+
+__all__ = ["Holder", "Lease", "lease_path", "read_holder"]
+
+SUFFIX = ".lease"
+DEFAULT_TTL = 60.0
+
+_HELD_FDS: set[int] = set()
+
+
+def _close_in_child() -> None:
+    # A forked child (a DataLoader worker, say) shares the lock's open file description; closing
+    # its copies lets the lease end with the writer's process, not with its longest-lived child.
+    for fd in list(_HELD_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lease.
+
+    Attributes:
+        host: the holder's host name.
+        pid: its process id.
+        started: when it took the lease, ISO 8601 UTC.
+        owner: a random id of this lease, unique per writer.
+        heartbeat: UNIX time of the last renewal (object stores), else the time taken.
+        ttl: seconds after the last heartbeat at which the lease is stale (object stores).
+    """
+
+    host: str
+    pid: int
+    started: str
+    owner: str
+    heartbeat: float
+    ttl: float
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.host}, since {self.started}"
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Holder | None":
+        try:
+            return cls(**json.loads(data.decode()))
+        except (ValueError, TypeError, UnicodeDecodeError):
+            return None  # being written, or not ours: no holder to name
+
+
+def lease_path(path: str) -> str:
+    """Where the lease of the run at ``path`` lives: beside it, as ``<run>.lease``."""
+    return path.rstrip("/") + SUFFIX
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _now_iso() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_holder(path: str) -> Holder | None:
+    """The holder recorded in the lease of the run at ``path`` (None when there is none).
+
+    For a local store this names the last holder, whether or not it still holds the lock.
+    """
+    where = lease_path(path)
+    try:
+        if _is_url(where):
+            import fsspec
+
+            fs, p = fsspec.core.url_to_fs(where)
+            return Holder.from_bytes(fs.cat_file(p)) if fs.exists(p) else None
+        with open(where.removeprefix("file://"), "rb") as f:
+            return Holder.from_bytes(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lease:
+    """The exclusive right to write one run store; take it with :meth:`acquire`.
+
+    Args: see :meth:`acquire`.
+    """
+
+    def __init__(self, path: str, holder: Holder, fd: int | None, fs=None, key: str | None = None):
+        self.path = path
+        self.holder = holder
+        self._fd = fd
+        self._fs, self._key = fs, key
+        self.released = False
+
+    @classmethod
+    def acquire(cls, path: str, *, ttl: float = DEFAULT_TTL) -> "Lease":
+        """Take the lease of the run at ``path`` or raise naming who holds it.
+
+        Args:
+            path: the run folder or fsspec URL.
+            ttl: seconds without a heartbeat after which an object-store lease is stale.
+
+        Raises:
+            StoreLockedError: another live writer holds it.
+            StoreError: the lease cannot be created (e.g. the folder is not writable).
+        """
+        holder = Holder(host=socket.gethostname(), pid=os.getpid(), started=_now_iso(),
+                        owner=uuid.uuid4().hex, heartbeat=time.time(), ttl=float(ttl))
+        if _is_url(path):
+            return cls._acquire_object(path, holder)
+        return cls._acquire_file(path, holder)
+
+    @classmethod
+    def _acquire_file(cls, path: str, holder: Holder) -> "Lease":
+        import fcntl
+
+        where = lease_path(path).removeprefix("file://")
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(where)), exist_ok=True)
+            fd = os.open(where, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"path={path!r}: cannot create the run's lease {where!r}: "
+                             f"{exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            held = read_holder(path)
+            who = held.describe() if held else "another process"
+            raise StoreLockedError(f"path={path!r}: another writer holds this run ({who}); "
+                                   "wait for it to finish or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.to_bytes(), 0)
+        _HELD_FDS.add(fd)
+        return cls(path, holder, fd)
+
+    @classmethod
+    def _acquire_object(cls, path: str, holder: Holder) -> "Lease":
+        import fsspec
+
+        fs, key = fsspec.core.url_to_fs(lease_path(path))
+        held = Holder.from_bytes(fs.cat_file(key)) if fs.exists(key) else None
+        if held is not None:
+            stale, why = _stale(held)
+            if not stale:
+                raise StoreLockedError(f"path={path!r}: another writer holds this run "
+                                       f"({held.describe()}, heartbeat {time.time() - held.heartbeat:.0f} s "
+                                       "ago); wait for it to finish or stop it first")
+            warnings.warn(f"statscope: path={path!r}: taking over a stale lease of "
+                          f"{held.describe()} ({why})", StatscopeWarning, stacklevel=4)
+        fs.pipe_file(key, holder.to_bytes())
+        lease = cls(path, holder, None, fs, key)
+        lease.check()
+        return lease
+
+    def check(self) -> None:
+        """Raise StoreLockedError if another writer has taken this lease over (object stores)."""
+        if self._fs is None or self.released:
+            return
+        held = Holder.from_bytes(self._fs.cat_file(self._key)) if self._fs.exists(self._key) \
+            else None
+        if held is None or held.owner != self.holder.owner:
+            who = held.describe() if held else "nobody (the lease was deleted)"
+            raise StoreLockedError(f"path={self.path!r}: this writer lost the run's lease to "
+                                   f"{who}; it stopped writing")
+
+    def renew(self) -> None:
+        """Renew the heartbeat if a third of the ttl has passed (object stores; no-op locally).
+
+        Raises:
+            StoreLockedError: another writer took the lease over.
+        """
+        if self._fs is None or self.released:
+            return
+        now = time.time()
+        if now - self.holder.heartbeat < self.holder.ttl / 3:
+            return
+        self.check()
+        self.holder = Holder(**{**asdict(self.holder), "heartbeat": now})
+        self._fs.pipe_file(self._key, self.holder.to_bytes())
+
+    def release(self) -> None:
+        """Give the lease up. The local lease file stays (holding the last holder's name)."""
+        if self.released:
+            return
+        self.released = True
+        if self._fd is not None:
+            _HELD_FDS.discard(self._fd)
+            os.close(self._fd)  # closing the descriptor drops the flock
+        elif self._fs is not None:
+            try:
+                held = Holder.from_bytes(self._fs.cat_file(self._key))
+                if held is not None and held.owner == self.holder.owner:
+                    self._fs.rm_file(self._key)
+            except (OSError, FileNotFoundError):
+                pass  # nothing to give back
+
+    def __del__(self):
+        if not getattr(self, "released", True) and self._fd is not None:
+            self.release()
+
+
+def _stale(held: Holder) -> tuple[bool, str]:
+    age = time.time() - held.heartbeat
+    if age > held.ttl:
+        return True, f"no heartbeat for {age:.0f} s, ttl {held.ttl:.0f} s"
+    if held.host == socket.gethostname() and not _pid_alive(held.pid):
+        return True, f"pid {held.pid} no longer runs on this host"
+    return False, ""

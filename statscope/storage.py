@@ -1,0 +1,103 @@
+"""Where a run lives: a local folder or an fsspec URL, and the few file operations statscope needs.
+
+Every other module goes through these functions to tell URLs from paths, list a run's objects,
+and remove a run, so local and object stores behave alike.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from statscope.errors import StoreError
+
+__all__ = ["is_url", "local_path", "zarr_store", "exists", "list_keys", "remove_tree"]
+
+
+def is_url(path: str) -> bool:
+    """True for an fsspec URL other than ``file://`` (``s3://``, ``memory://``, ...)."""
+    return "://" in path and not path.startswith("file://")
+
+
+def local_path(path: str) -> Path:
+    """A local path or ``file://`` URL as a Path."""
+    return Path(path.removeprefix("file://"))
+
+
+def _fs(path: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(path)
+
+
+def zarr_store(path: str | os.PathLike, *, read_only: bool = True):
+    """Return the zarr store for a local path or an fsspec URL (``s3://``, ``memory://``, ...)."""
+    from zarr.storage import FsspecStore, LocalStore
+
+    path = os.fspath(path)
+    if is_url(path):
+        try:
+            return FsspecStore.from_url(path, read_only=read_only)
+        except (ValueError, ImportError) as exc:
+            raise StoreError(f"path={path!r}: cannot open this URL ({exc}); a known fsspec "
+                             "protocol with its package installed is needed, e.g. s3:// with "
+                             "s3fs") from None
+    return LocalStore(local_path(path), read_only=read_only)
+
+
+def exists(path: str) -> bool:
+    """True when something non-empty is at ``path``."""
+    if is_url(path):
+        try:
+            fs, p = _fs(path)
+        except (ValueError, ImportError) as exc:
+            raise StoreError(f"path={path!r}: unknown URL scheme or missing package: {exc}") \
+                from None
+        return fs.exists(p) and bool(fs.ls(p))
+    p = local_path(path)
+    try:
+        return p.exists() and (not p.is_dir() or any(p.iterdir()))
+    except PermissionError:
+        raise StoreError(f"path={path!r}: permission denied") from None
+
+
+def list_keys(path: str) -> set[str]:
+    """Every object below ``path``, as keys relative to it with ``/`` separators (one listing).
+
+    Temporary files that zarr leaves when a write was interrupted (``*.partial``) are left out.
+    """
+    if is_url(path):
+        fs, root = _fs(path)
+        root = root.rstrip("/")
+        keys = fs.find(root)
+        return {k[len(root) + 1:] for k in keys if not k.endswith(".partial")}
+    base = local_path(path)
+    out = set()
+    for dirpath, _, files in os.walk(base, onerror=_raise):
+        rel = os.path.relpath(dirpath, base)
+        for f in files:
+            if not f.endswith(".partial"):
+                out.add(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
+    return out
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def remove_tree(path: str) -> None:
+    """Delete everything at ``path`` (the caller has checked that it is a run)."""
+    if is_url(path):
+        fs, p = _fs(path)
+        fs.rm(p, recursive=True)
+        return
+    p = local_path(path)
+    if p.is_symlink():
+        # A symlinked run: empty the folder it points to, keep the link the user made.
+        p = p.resolve()
+    for child in p.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
