@@ -91,7 +91,7 @@ def test_live_export_writes_what_an_export_of_the_store_writes(tmp_path):
         return original(self)
 
     live = LiveExport(str(tmp_path / "live"), every=2, window=2)
-    cb = StatscopeCallback(tmp_path / "run", live=live, block_steps=2, flush_seconds=0.0)
+    cb = StatscopeCallback(tmp_path / "run", live=live, block_steps=2, flush_seconds=0.01)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Exporter, "update", counting)
         fit(tmp_path, cb)
