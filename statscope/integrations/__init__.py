@@ -11,7 +11,13 @@ named: ``import statscope.integrations`` stays light. See ``docs/integrations.md
 100
 """
 
+from typing import TYPE_CHECKING
+
 from statscope.integrations.session import LiveExport
+
+if TYPE_CHECKING:  # visible to type checkers and IDEs; loaded lazily at run time
+    from statscope.integrations.hf import StatscopeTrainerCallback
+    from statscope.integrations.lightning import StatscopeCallback
 
 __all__ = ["StatscopeCallback", "StatscopeTrainerCallback", "LiveExport"]
 
