@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
@@ -71,6 +72,48 @@ def layer_order(layer_coord) -> list[str]:
     values = np.asarray(layer_coord)
     _, first = np.unique(values, return_index=True)
     return [str(values[i]) for i in sorted(first)]
+
+
+@dataclass(frozen=True)
+class Layers:
+    """The layers of a run's neuron axis.
+
+    Attributes:
+        names: layer names in store order.
+        index: per layer, the positions of its neurons along ``neuron``.
+        first: per layer, the position of its lowest unit (the paper's "neuron i-1").
+    """
+
+    names: tuple[str, ...]
+    index: tuple[np.ndarray, ...]
+    first: np.ndarray
+
+    @classmethod
+    def of(cls, ds: xr.Dataset) -> "Layers":
+        lay = np.asarray(ds[S.LAYER].values)
+        units = (np.asarray(ds[S.UNIT].values) if S.UNIT in ds.coords
+                 else np.zeros(lay.size, int))
+        names = tuple(layer_order(lay))
+        index = tuple(np.flatnonzero(lay == name) for name in names)
+        first = np.array([i[int(np.argmin(units[i]))] for i in index], dtype=int)
+        return cls(names, index, first)
+
+    @property
+    def ordinal(self) -> np.ndarray:
+        """(neuron,) the index of each neuron's layer in ``names``."""
+        out = np.empty(sum(i.size for i in self.index), dtype=int)
+        for k, i in enumerate(self.index):
+            out[i] = k
+        return out
+
+    def median(self, values: np.ndarray) -> np.ndarray:
+        """Layer medians over the last axis (neurons), NaN skipped: (..., n_layers)."""
+        with quiet():
+            return np.stack([np.nanmedian(values[..., i], axis=-1) for i in self.index], -1)
+
+    def first_unit(self, values: np.ndarray) -> np.ndarray:
+        """Each layer's first neuron over the last axis: (..., n_layers)."""
+        return values[..., self.first]
 
 
 def probe_records(ds: xr.Dataset) -> dict[str, dict]:

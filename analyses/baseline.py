@@ -31,7 +31,7 @@ from statscope.errors import StatscopeError
 from ._data import masked, quiet, require
 from ._names import NOTES
 from .fluctuation import fluctuation
-from .window import load_window
+from .window import map_windows
 
 __all__ = ["sampling_baseline", "excess_fluctuation"]
 
@@ -58,7 +58,11 @@ def sampling_baseline(ds: xr.Dataset, window=200) -> xr.Dataset:
         16.0
     """
     require(ds, [S.BN_STD, S.COUNT], "sampling_baseline")
-    w = load_window(ds, window)
+    return map_windows(ds, window, _baseline)
+
+
+def _baseline(w: xr.Dataset) -> xr.Dataset:
+    """:func:`sampling_baseline` of one run's window."""
     n = w[S.COUNT].astype(np.float64).where(w[S.COUNT] > 0)
     std = masked(w, S.BN_STD)
     notes = [_ASYMPTOTIC]

@@ -1,21 +1,14 @@
-"""Block bootstrap over steps: confidence intervals that respect autocorrelation.
+"""Confidence intervals for the per-layer fluctuation (Figure 6's whiskers).
 
-Steps of a training run are autocorrelated (the weights move slowly), so resampling single steps
-understates uncertainty. The moving-block bootstrap resamples ``ceil(T/b)`` blocks of ``b``
-consecutive steps (all neurons together, keeping their cross-correlation) and recomputes the
-statistic; the interval is the percentile interval of the replicates. The default block length
-is ``ceil(T ** (1/3))`` (the rate-optimal order for variance-type statistics); pass a longer
-``block`` for strongly autocorrelated series.
-
-The engine works on per-step means and standard deviations through block sums of x and x², so a
-replicate costs O(T/b) per neuron rather than O(T).
+Every interval comes from the one block-bootstrap helper of :mod:`statscope.analyses.resampling`
+(block length from the statistic's own autocorrelation, bias-corrected studentized interval,
+"too short" where the window cannot carry one); this module only says what the statistic is.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 import xarray as xr
@@ -23,21 +16,16 @@ import xarray as xr
 from statscope import schema as S
 from statscope.errors import StatscopeError
 
-from ._data import FLUCT_STATS, masked, quiet, require, sigma2_series, stacked
-from ._names import BOUND, BOUNDS, NOTES, QUANTITIES, QUANTITY, SIGMA2
-from .summary import layer_summary
-from .window import load_window
+from ._data import FLUCT_STATS, Layers, masked, quiet, require, sigma2_series
+from ._names import BOUND, BOUNDS, NOTES, QUANTITY, SIGMA2
+from .blocklength import block_length
+from .resampling import BLOCK_FACTOR, Moments, _Data, _replicates, bootstrap_statistic, \
+    snap_block
+from .window import map_windows
 
-__all__ = ["block_bootstrap", "fluctuation_ci", "BootstrapMoments", "default_block"]
+__all__ = ["block_bootstrap", "fluctuation_ci", "BootstrapMoments", "window_series"]
 
-
-def default_block(n_steps: int) -> int:
-    """The default block length for ``n_steps`` steps: ceil(T^(1/3)).
-
-    >>> default_block(200)
-    6
-    """
-    return max(1, math.ceil(n_steps ** (1 / 3) - 1e-9))
+_QUANTITIES = ("median", "first")
 
 
 @dataclass(frozen=True)
@@ -59,88 +47,72 @@ class BootstrapMoments:
 
 
 def block_bootstrap(series: Mapping[str, np.ndarray], *, n_boot: int = 1000,
-                    block: int | None = None, seed: int = 0,
-                    batch: int = 100) -> BootstrapMoments:
+                    block: int | None = None, seed: int = 0) -> BootstrapMoments:
     """Moving-block bootstrap of the mean and std along axis 0 of several aligned series.
 
+    Each replicate has exactly T steps: ⌊T/b⌋ blocks of b consecutive steps and one of
+    T mod b, starts drawn uniformly, all columns resampled together. For intervals use
+    :func:`statscope.analyses.resampling.bootstrap_statistic`, which also chooses the block per
+    statistic and corrects the interval; this is the raw resampler.
+
     Args:
-        series: name -> array (T, ...) over the same T steps; NaN marks an excluded step.
+        series: name -> array (T, N) over the same T steps; NaN marks an excluded step.
         n_boot: number of replicates.
-        block: block length in steps (default :func:`default_block`).
-        seed: seed of the numpy Generator; the same seed gives the same replicates.
-        batch: replicates computed at once (memory ~ batch * T/b * size of one step).
+        block: block length in steps; default twice the Politis–White length of the levels
+            (median over columns, longest over series), rounded up as
+            :func:`~statscope.analyses.resampling.snap_block` does.
+        seed: the same seed gives the same replicates.
 
     Returns:
         BootstrapMoments.
 
     Example:
-        >>> import numpy as np
         >>> x = np.random.default_rng(0).normal(size=(400, 3))
         >>> m = block_bootstrap({"x": x}, n_boot=200)
         >>> m.std_reps["x"].shape, bool(np.allclose(m.std["x"], x.std(0, ddof=1)))
         ((200, 3), True)
     """
-    if not series:
-        raise StatscopeError("block_bootstrap: series is empty")
-    t = next(iter(series.values())).shape[0]
-    b = default_block(t) if block is None else int(block)
-    if not 1 <= b <= t:
+    data = _Data(series)
+    if block is None:
+        with quiet():
+            lengths = [np.nanmedian(block_length(np.where(data.ok[:, i], data.d[:, i], np.nan))
+                                    .block) for i in range(len(data.names))]
+        block = min(snap_block(BLOCK_FACTOR * max(lengths)), max(1, data.t // 2))
+    if not 1 <= int(block) <= data.t:
         raise StatscopeError(f"block={block}: expected a block length between 1 and the window's "
-                             f"{t} steps")
+                             f"{data.t} steps")
     if n_boot < 1:
         raise StatscopeError(f"n_boot={n_boot}: expected at least 1 replicate")
-    rng = np.random.default_rng(seed)
-    k = math.ceil(t / b)
-    starts = rng.integers(0, t - b + 1, size=(n_boot, k))
-    mean, std, mean_reps, std_reps = {}, {}, {}, {}
-    for name, x in series.items():
-        x = np.asarray(x, dtype=np.float64)
-        ok = np.isfinite(x)
-        with quiet():
-            center = np.nanmean(x, axis=0)
-            mean[name] = center
-            std[name] = np.nanstd(x, axis=0, ddof=1)
-        c = np.where(np.isfinite(center), center, 0.0)
-        d = np.where(ok, x - c, 0.0)
-        s1, s2, s0 = (_block_sums(a, b) for a in (d, d * d, ok.astype(np.float64)))
-        m_out = np.empty((n_boot,) + x.shape[1:])
-        s_out = np.empty_like(m_out)
-        for lo in range(0, n_boot, batch):
-            idx = starts[lo:lo + batch]
-            a1, a2, n = s1[idx].sum(1), s2[idx].sum(1), s0[idx].sum(1)
-            with quiet():
-                m = a1 / n
-                m_out[lo:lo + batch] = m + c
-                s_out[lo:lo + batch] = np.where(
-                    n > 1, np.sqrt(np.maximum(a2 - n * m * m, 0.0) / (n - 1)), np.nan)
-        mean_reps[name], std_reps[name] = m_out, s_out
-    return BootstrapMoments(mean, std, mean_reps, std_reps, b, t)
+    s, n = len(data.names), data.n
+
+    def stat(m: Moments) -> np.ndarray:
+        return np.concatenate([np.stack([m.mean[k], m.std[k]], axis=-2)
+                               for k in data.names], axis=-1)
+
+    reps = _replicates(data, stat, int(block), 2 * s * n, n_boot, seed).reshape(n_boot, 2, s * n)
+    base = data.moments(*data.totals())
+    mean_reps = {k: reps[:, 0, i * n:(i + 1) * n] for i, k in enumerate(data.names)}
+    std_reps = {k: reps[:, 1, i * n:(i + 1) * n] for i, k in enumerate(data.names)}
+    return BootstrapMoments(base.mean, base.std, mean_reps, std_reps, int(block), data.t)
 
 
-def _block_sums(a: np.ndarray, b: int) -> np.ndarray:
-    """Sums of every run of ``b`` consecutive rows: (T - b + 1, ...)."""
-    cs = np.concatenate([np.zeros((1,) + a.shape[1:]), np.cumsum(a, axis=0)])
-    return cs[b:] - cs[:-b]
+def window_series(w: xr.Dataset, names=(*FLUCT_STATS, SIGMA2)) -> dict[str, np.ndarray]:
+    """The per-step series the analyses resample, as (step, neuron) float64 arrays.
 
-
-def percentile_interval(reps: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
-    """Lower and upper percentile bounds over axis 0 of replicates (NaN replicates skipped)."""
-    if not 0.0 < confidence < 1.0:
-        raise StatscopeError(f"confidence={confidence}: expected a level in (0, 1)")
-    alpha = (1.0 - confidence) / 2.0
-    with quiet():
-        lo, hi = np.nanquantile(reps, [alpha, 1.0 - alpha], axis=0)
-    return lo, hi
-
-
-def run_windows(ds: xr.Dataset, window) -> list[tuple[int | None, xr.Dataset]]:
-    """Each run's own window, materialised: [(run index or None, Dataset (step, neuron))]."""
-    if not stacked(ds):
-        return [(None, load_window(ds, window))]
-    out = []
-    for i in range(ds.sizes[S.RUN]):
-        one = ds.isel({S.RUN: i})
-        out.append((i, load_window(one, window)))
+    ``bn_mean`` … ``en_std`` NaN where not valid; ``sigma2`` = bn_std²·n/(n−1); ``gap_mean`` =
+    |bn_mean − en_mean| and ``gap_std`` = |bn_std − en_std|.
+    """
+    out = {}
+    for name in names:
+        if name == SIGMA2:
+            v = sigma2_series(w)
+        elif name == "gap_mean":
+            v = abs(masked(w, S.BN_MEAN) - masked(w, S.EN_MEAN))
+        elif name == "gap_std":
+            v = abs(masked(w, S.BN_STD) - masked(w, S.EN_STD))
+        else:
+            v = masked(w, name)
+        out[name] = np.asarray(v.transpose(S.STEP, S.NEURON).values, dtype=np.float64)
     return out
 
 
@@ -151,21 +123,24 @@ def fluctuation_ci(ds: xr.Dataset, window=200, *, scale_free: bool = False,
 
     The statistic is the layer median (over neurons) and the first neuron's value of the
     per-neuron fluctuation (sample std over steps, ddof=1; scale-free: divided by each neuron's
-    σ̄, recomputed per replicate).
+    σ̄, recomputed per replicate). Intervals are computed on the log scale (see
+    :mod:`statscope.analyses.resampling`); where the window is too short for the series'
+    autocorrelation the bounds are NaN and a note says so.
 
     Args:
-        ds: a run or stacked runs.
+        ds: a run, stacked runs, or a mapping name -> run (one neuron layout).
         window: see :func:`statscope.analyses.select_window`.
         scale_free: as in :func:`statscope.analyses.fluctuation`.
-        confidence: level of the two-sided percentile interval.
+        confidence: level of the two-sided interval.
         n_boot: bootstrap replicates.
-        block: block length in steps (default ceil(T^(1/3))).
+        block: one block length for every interval; default per interval, from the data.
         seed: random seed.
 
     Returns:
         Dataset, vars bn_mean, bn_std, en_mean, en_std with dims (layer, quantity, bound) or
         (layer, run, quantity, bound); quantity is median, first; bound is lower, estimate,
-        upper. attrs: window, confidence, n_boot, block, method, notes.
+        upper. attrs: window, confidence, n_boot, block (lengths used), scale_free, method,
+        notes.
 
     Example:
         >>> from statscope.analyses._demo import demo_run
@@ -175,46 +150,42 @@ def fluctuation_ci(ds: xr.Dataset, window=200, *, scale_free: bool = False,
         True
     """
     require(ds, [*FLUCT_STATS, S.COUNT], "fluctuation_ci")
-    per_run = []
-    blocks = set()
-    for i, w in run_windows(ds, window):
-        series = {s: masked(w, s).transpose(S.STEP, S.NEURON).values for s in FLUCT_STATS}
-        series[SIGMA2] = sigma2_series(w).transpose(S.STEP, S.NEURON).values
-        mom = block_bootstrap(series, n_boot=n_boot, block=block, seed=seed)
-        blocks.add(mom.block)
-        per_run.append(_layer_ci(w, mom, scale_free, confidence))
-    out = per_run[0] if not stacked(ds) else xr.concat(per_run, dim=S.RUN).assign_coords(
-        {k: v for k, v in ds.coords.items() if v.dims == (S.RUN,)})
-    if stacked(ds):
+    out = map_windows(ds, window, lambda w: _run_ci(w, scale_free, confidence, n_boot, block,
+                                                     seed))
+    if S.RUN in out.dims:
         out = out.transpose(S.LAYER, S.RUN, QUANTITY, BOUND)
-    out.attrs = {"window": per_run[0].attrs["window"], "confidence": confidence, "n_boot": n_boot,
-                 "block": sorted(blocks), "scale_free": bool(scale_free),
-                 "method": "moving-block bootstrap over steps, percentile interval",
-                 NOTES: []}
+        out.attrs["block"] = sorted(out.attrs["block"])
     return out
 
 
-def _layer_ci(w: xr.Dataset, mom: BootstrapMoments, scale_free: bool, confidence: float):
-    """Per-layer (median, first) estimate and interval for one run."""
-    coords = {k: v for k, v in w.coords.items() if v.dims == (S.NEURON,)}
+def _run_ci(w: xr.Dataset, scale_free: bool, confidence: float, n_boot: int, block, seed):
+    """:func:`fluctuation_ci` of one run's window."""
+    layers = Layers.of(w)
 
-    def fluct(std, mean):
-        return {s: std[s] / np.sqrt(mean[SIGMA2]) if scale_free else std[s] for s in FLUCT_STATS}
+    def statistic(m: Moments) -> np.ndarray:
+        parts = []
+        for s in FLUCT_STATS:
+            with quiet():
+                v = m.std[s] / np.sqrt(m.mean[SIGMA2]) if scale_free else m.std[s]
+            parts.append(np.stack([layers.median(v), layers.first_unit(v)], axis=-1))
+        return np.stack(parts, axis=-3).reshape(*parts[0].shape[:-2], -1)
 
-    est = fluct(mom.std, mom.mean)
-    reps = fluct(mom.std_reps, mom.mean_reps)
-    data = {s: xr.DataArray(np.vstack([est[s][None], reps[s]]), dims=("rep", S.NEURON),
-                            coords=coords) for s in FLUCT_STATS}
-    summ = layer_summary(xr.Dataset(data))
-    out = {}
-    wanted = [q for q in QUANTITIES if q in ("median", "first")]
-    for s in FLUCT_STATS:
-        arr = summ[s].sel({QUANTITY: wanted}).transpose("rep", S.LAYER, QUANTITY).values
-        lo, hi = percentile_interval(arr[1:], confidence)
-        out[s] = xr.DataArray(np.stack([lo, arr[0], hi], axis=-1),
-                              dims=(S.LAYER, QUANTITY, BOUND),
-                              coords={S.LAYER: summ[S.LAYER].values, QUANTITY: wanted,
-                                      BOUND: list(BOUNDS)})
-    res = xr.Dataset(out)
-    res.attrs["window"] = w.attrs["window"]
+    iv = bootstrap_statistic(window_series(w), statistic, confidence=confidence, n_boot=n_boot,
+                             block=block, seed=seed, log=True, groups=layers.ordinal)
+    shape = (len(FLUCT_STATS), len(layers.names), len(_QUANTITIES))
+    bounds = np.stack([iv.lower, iv.estimate, iv.upper], axis=-1).reshape(*shape, 3)
+    coords = {S.LAYER: list(layers.names), QUANTITY: list(_QUANTITIES), BOUND: list(BOUNDS)}
+    res = xr.Dataset({s: ((S.LAYER, QUANTITY, BOUND), bounds[i])
+                      for i, s in enumerate(FLUCT_STATS)}, coords=coords)
+    notes = []
+    labels = [(s, layer, q) for s in FLUCT_STATS for layer in layers.names for q in _QUANTITIES]
+    for (s, layer, q), note in zip(labels, iv.notes):
+        if note:
+            notes.append(f"{s} {layer} {q}: {note}")
+    res.attrs = {"window": w.attrs["window"], "confidence": confidence, "n_boot": n_boot,
+                 "block": sorted({int(b) for b in iv.block if b > 0}),
+                 "scale_free": bool(scale_free),
+                 "method": "block bootstrap over steps (block length from the data), "
+                           "bias-corrected studentized interval on the log scale",
+                 NOTES: notes}
     return res

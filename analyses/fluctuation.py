@@ -24,7 +24,7 @@ from statscope import schema as S
 
 from ._data import FLUCT_STATS, masked, quiet, require, sigma_bar
 from ._names import N_VALID, NOTES
-from .window import load_window
+from .window import map_windows
 
 __all__ = ["fluctuation", "series_std"]
 
@@ -90,7 +90,11 @@ def fluctuation(ds: xr.Dataset, window=200, *, scale_free: bool = False,
         0.28
     """
     require(ds, [*FLUCT_STATS, S.COUNT], "fluctuation")
-    w = load_window(ds, window)
+    return map_windows(ds, window, lambda w: _fluctuation(w, scale_free, detrend))
+
+
+def _fluctuation(w: xr.Dataset, scale_free: bool, detrend: bool) -> xr.Dataset:
+    """:func:`fluctuation` of one run's window."""
     series = {s: masked(w, s) for s in FLUCT_STATS}
     out = {s: series_std(x, detrend=detrend) for s, x in series.items()}
     sigma = None

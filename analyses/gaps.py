@@ -9,7 +9,7 @@ from statscope import schema as S
 
 from ._data import masked, quiet, require, sigma_bar
 from ._names import N_VALID, NOTES
-from .window import load_window
+from .window import map_windows
 
 __all__ = ["bn_en_gap"]
 
@@ -34,7 +34,11 @@ def bn_en_gap(ds: xr.Dataset, window=200, *, scale_free: bool = False) -> xr.Dat
         True
     """
     require(ds, [S.BN_MEAN, S.BN_STD, S.EN_MEAN, S.EN_STD, S.COUNT], "bn_en_gap")
-    w = load_window(ds, window)
+    return map_windows(ds, window, lambda w: _gap(w, scale_free))
+
+
+def _gap(w: xr.Dataset, scale_free: bool) -> xr.Dataset:
+    """:func:`bn_en_gap` of one run's window."""
     with quiet():
         dm = abs(masked(w, S.BN_MEAN) - masked(w, S.EN_MEAN))
         dsd = abs(masked(w, S.BN_STD) - masked(w, S.EN_STD))

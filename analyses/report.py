@@ -1,6 +1,11 @@
-"""Tables and the markdown report that the CLI prints (pure: datasets in, text/DataFrames out)."""
+"""The report: every analysis of a set of runs gathered once (:func:`build_report`), and its
+markdown form (:func:`render_markdown`). The HTML form, with the dashboard's figures, is
+assembled by ``statscope report`` (statscope.commands.report) from the same :class:`Report`."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -8,94 +13,280 @@ import xarray as xr
 from statscope import schema as S
 from statscope.errors import StatscopeError
 
-from ._data import FLUCT_STATS, batch_sizes, layer_order, stacked
+from ._data import Layers
 from ._names import NOTES
-from .baseline import excess_fluctuation
-from .fluctuation import fluctuation
-from .summary import layer_summary
-from .window import load_window
+from .claims import CLAIMS, Claims, PooledClaims, PooledRow, claims
+from .multiplicity import ADJUSTMENTS
+from .resampling import BLOCK_FACTOR, MIN_BLOCKS
+from .scaling import batch_size_scaling
+from .seeds import config_labels
+from .tables import COLUMNS, fluctuation_table, pooled_fluctuation_table, summary_matrix
+from .window import run_windows
 
-__all__ = ["fluctuation_table", "markdown_report", "select_layers"]
+__all__ = ["Report", "RunEntry", "ScalingGroup", "build_report", "render_markdown",
+           "markdown_report", "cell_text", "methods", "fmt", "scaling_frame"]
+
+_SCALING_KEYS = (S.ATTR_MODEL, S.META_DATASET, S.META_NORM, S.META_EPOCHS)
+"""Runs that share these (and their layers) form one batch-size scaling series."""
 
 
-def select_layers(ds: xr.Dataset, layers) -> xr.Dataset:
-    """Keep the neurons of ``layers`` (names of the layer coordinate); None keeps all.
+@dataclass(frozen=True)
+class RunEntry:
+    """One analysed run: name, configuration label, batch size, seed, status, steps, layers."""
 
-    Raises:
-        StatscopeError: a name is not a layer of the run.
+    name: str
+    config: str
+    batch_size: Any
+    seed: Any
+    status: str
+    n_steps: int
+    layers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ScalingGroup:
+    """The batch-size scaling of one series of runs (one model), or why there is none."""
+
+    label: str
+    runs: tuple[str, ...]
+    result: xr.Dataset | None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything a report shows, computed once.
+
+    Attributes:
+        source: where the runs came from. window: the window as text. confidence, n_boot,
+        adjust: settings. runs: the runs. windows: run name -> its window (step, neuron),
+        for the figures. claims: per run; pooled: per configuration over seeds.
+        fluctuation, fluctuation_pooled: the Figure-6 tables (pandas). scaling: one entry per
+        series of runs. notes: caveats collected on the way.
     """
-    if not layers:
-        return ds
-    have = layer_order(ds[S.LAYER].values)
-    missing = [name for name in layers if name not in have]
-    if missing:
-        raise StatscopeError(f"layers={list(layers)}: no such layer {', '.join(missing)}; "
-                             f"available: {', '.join(have)}")
-    return ds.isel({S.NEURON: np.isin(ds[S.LAYER].values, list(layers))})
+
+    source: str
+    window: str
+    confidence: float
+    n_boot: int
+    adjust: str
+    runs: tuple[RunEntry, ...]
+    windows: dict
+    claims: Claims
+    pooled: PooledClaims
+    fluctuation: Any
+    fluctuation_pooled: Any
+    scaling: tuple[ScalingGroup, ...]
+    notes: tuple[str, ...]
 
 
-def fluctuation_table(ds: xr.Dataset, window=200, *, scale_free: bool = False,
-                      detrend: bool = False, name: str | None = None):
-    """The Figure-6 table: one row per (run, layer, statistic).
+def build_report(runs, window=200, *, source: str = "", n_boot: int = 1000, seed: int = 0,
+                 confidence: float = 0.95, adjust: str = "holm") -> Report:
+    """Run every analysis the report shows, reading each run's window once.
 
-    Columns: run, batch_size, layer, statistic, median, q25, q75, first (the layer's unit 0),
-    excess (layer median of observed / sampling-theory fluctuation; BN statistics only).
+    Args:
+        runs: a run, stacked runs, or a mapping name -> run (runs may differ in layers).
+        window: see :func:`statscope.analyses.select_window` (each run's own window).
+        source: where the runs came from (printed).
+        n_boot, seed, confidence, adjust: settings of the claims and scaling intervals.
 
     Returns:
-        pandas.DataFrame, plus the notes collected along the way as ``df.attrs['notes']``.
+        Report.
     """
-    import pandas as pd
-
-    w = load_window(ds, window)
-    fl = fluctuation(w, "all", scale_free=scale_free, detrend=detrend)
-    summ = layer_summary(fl)
-    notes = list(fl.attrs[NOTES])
-    try:
-        ex = layer_summary(excess_fluctuation(w, "all", detrend=detrend))
-        notes += [n for n in ex.attrs[NOTES] if n not in notes]
-    except StatscopeError as err:
-        ex = None
-        notes.append(f"no sampling baseline: {err}")
-    runs = ([str(r) for r in ds[S.RUN].values] if stacked(ds) else [name or "run"])
-    sizes = batch_sizes(ds)
-    rows = []
-    for i, run in enumerate(runs):
-        sel = {S.RUN: i} if stacked(ds) else {}
-        bs = (None if sizes is None else float(np.atleast_1d(sizes)[i]))
-        for layer in summ[S.LAYER].values:
-            for stat in FLUCT_STATS:
-                q = summ[stat].isel(sel).sel({S.LAYER: layer})
-                excess = (float(ex[stat].isel(sel).sel({S.LAYER: layer, "quantity": "median"}))
-                          if ex is not None and stat in ex else np.nan)
-                rows.append({"run": run, "batch_size": bs, "layer": str(layer), "statistic": stat,
-                             **{k: float(q.sel(quantity=k)) for k in ("median", "q25", "q75",
-                                                                      "first")},
-                             "excess": excess})
-    df = pd.DataFrame(rows)
-    df.attrs = {"window": w.attrs["window"], NOTES: notes, "scale_free": scale_free,
-                "detrend": detrend}
-    return df
+    if adjust not in ADJUSTMENTS:
+        raise StatscopeError(f"adjust={adjust!r}: expected one of {', '.join(ADJUSTMENTS)}")
+    parts = run_windows(runs, window)
+    windows = {}
+    for p in parts:
+        data = p.data.copy(deep=False)
+        data.attrs = {**p.data.attrs, S.ATTR_META: dict(p.meta)}
+        windows[p.name] = data
+    labels = config_labels([p.meta for p in parts])
+    entries = tuple(RunEntry(p.name, label, p.meta.get(S.META_BATCH_SIZE),
+                             p.meta.get(S.META_SEED), str(p.data.attrs.get(S.ATTR_STATUS, "?")),
+                             int(p.data.attrs.get(S.ATTR_N_STEPS, 0) or 0),
+                             Layers.of(p.data).names)
+                    for p, label in zip(parts, labels))
+    cl = claims(windows, "all", confidence=confidence, n_boot=n_boot, seed=seed, adjust=adjust)
+    table = fluctuation_table(windows, "all")
+    return Report(source, parts[0].data.attrs["window"], confidence, n_boot, adjust, entries,
+                  windows, cl, cl.pooled(), table, pooled_fluctuation_table(table, confidence),
+                  _scaling(parts, windows, n_boot, seed, confidence),
+                  tuple(table.attrs[NOTES]))
 
 
-def _md_table(df, floatfmt: str = ".4g") -> str:
-    cols = list(df.columns)
+def _scaling(parts, windows, n_boot, seed, confidence) -> tuple[ScalingGroup, ...]:
+    groups: dict[tuple, list] = {}
+    for p in parts:
+        key = (Layers.of(p.data).names, *(repr(p.meta.get(k)) for k in _SCALING_KEYS))
+        groups.setdefault(key, []).append(p)
+    out = []
+    for key, members in groups.items():
+        names = tuple(p.name for p in members)
+        label = (f"layers {', '.join(key[0])}" if len(groups) > 1 else "all runs")
+        sizes = {p.meta.get(S.META_BATCH_SIZE) for p in members}
+        if len(sizes - {None}) < 2:
+            out.append(ScalingGroup(label, names, None, f"runs at {len(sizes - {None})} batch "
+                                                         f"size(s); a slope needs two"))
+            continue
+        try:
+            res = batch_size_scaling({n: windows[n] for n in names}, "all", n_boot=n_boot,
+                                     seed=seed, confidence=confidence)
+            out.append(ScalingGroup(label, names, res))
+        except StatscopeError as err:
+            out.append(ScalingGroup(label, names, None, str(err)))
+    return tuple(out)
+
+
+def fmt(v, spec: str = "+.2f") -> str:
+    """A number for a table cell; "—" for NaN or None."""
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "—"
+    if isinstance(v, (float, np.floating)):
+        return format(float(v), spec)
+    return str(v)
+
+
+def cell_text(row: PooledRow) -> str:
+    """One summary cell: verdict, how the seeds went, effect and interval.
+
+    Example:
+        >>> from statscope.analyses.claims import PooledRow
+        >>> cell_text(PooledRow("a", "bs 4", "fc1", "mean", 3, 3, 3, 0, 2.0, 1.8, 2.2, "holds"))
+        'holds (3/3 hold) · +2.00 [+1.80, +2.20]'
+    """
+    return (f"{row.verdict} ({row.seeds_text}) · {fmt(row.effect)} "
+            f"[{fmt(row.ci_low)}, {fmt(row.ci_high)}]")
+
+
+def methods(report: Report) -> list[str]:
+    """The methods section, one paragraph per item (shared by the markdown and HTML reports)."""
+    adj = {"holm": "Holm's step-down procedure (family-wise error rate)",
+           "bh": "Benjamini–Hochberg (false discovery rate)", "none": "no adjustment"}
+    blocks = ", ".join(map(str, report.claims.block)) or "none"
+    return [
+        f"Window: {report.window}, taken in each run separately (a short run's window is not "
+        f"padded to a long one's).",
+        "Fluctuation of a statistic: its sample standard deviation (ddof=1) over the window's "
+        "steps, per neuron; steps where the layer did not run or the value is NaN are left out "
+        "and counted in the notes. Scale-free: divided by the neuron's σ̄ = √(mean of "
+        "bn_std²·n/(n−1)). Per layer: the median over neurons (and the first neuron, the "
+        "paper's neuron i-1).",
+        "Excess: observed / sampling-theory fluctuation, sd(μ̂) = σ/√N and sd(σ̂) ≈ "
+        "σ√((κ−1)/(4N)) (asymptotic; κ from bn_kurt when recorded, else 3).",
+        f"Intervals within a run: block bootstrap over steps ({report.n_boot} replicates). The "
+        f"block length comes from each effect's own autocorrelation (Politis–White on its "
+        f"jackknife influence series and on the levels whose spread it uses, ×{BLOCK_FACTOR:g}; "
+        f"used here: {blocks} steps). The interval is bias-corrected and studentized: centre "
+        f"θ̂ − bias, standard error corrected for the block bootstrap's known underestimate, "
+        f"t quantile with (blocks − 1) degrees of freedom. Where fewer than {MIN_BLOCKS} blocks "
+        f"fit in the window there is no interval and the verdict is inconclusive (too short "
+        f"for the autocorrelation). On AR(1) series this holds its level (docs/analyses.md).",
+        f"Verdicts: p-values of the whole claims table adjusted by {adj[report.adjust]}; "
+        f"'holds' when the adjusted p-value is below {1 - report.confidence:.2g} and the effect "
+        f"is positive, 'does not hold' when below and negative, else 'inconclusive'.",
+        "Across seeds: runs with the same configuration except the seed are pooled; the "
+        "summary's verdict holds when every seed holds and the t interval of the mean effect "
+        "over seeds lies above 0 (one seed: that run's verdict and interval).",
+        "Batch-size scaling: least-squares slope of log(layer-median scale-free fluctuation) on "
+        "log(batch size); with two or more seeds per batch size the interval resamples runs "
+        "within batch sizes (seeds are the replicates), else it combines each run's bootstrap "
+        "over steps.",
+    ]
+
+
+def _md_table(df, columns=None, floatfmt: str = ".4g") -> str:
+    cols = list(columns or df.columns)
 
     def cell(v):
-        if isinstance(v, float):
-            return "—" if np.isnan(v) else format(v, floatfmt)
-        return "—" if v is None else str(v)
+        if isinstance(v, (float, np.floating)):
+            return "—" if not np.isfinite(v) else format(float(v), floatfmt)
+        return "—" if v is None else str(v).replace("|", "\\|")
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
+              for row in df[cols].itertuples(index=False)]
     return "\n".join(lines)
 
 
-def markdown_report(ds: xr.Dataset, window=200, *, source: str = "", n_boot: int = 1000,
+def _md_columns(cols) -> list[str]:
+    return ["", "Columns: " + "; ".join(f"**{c}** — {COLUMNS[c]}" for c in cols if c in COLUMNS),
+            ""]
+
+
+def render_markdown(report: Report) -> str:
+    """The report as markdown: summary first, then the full tables, scaling, runs and methods."""
+    out = ["# statscope report", ""]
+    if report.source:
+        out += [f"Source: `{report.source}` · {len(report.runs)} runs · window: {report.window}",
+                ""]
+    out += ["## Summary: the paper's claims (§4.6), across seeds", ""]
+    out += [f"- ({k}) {v}" for k, v in CLAIMS.items()]
+    layers, rows = summary_matrix(report.pooled)
+    out += ["", "| claim | statistic | config | " + " | ".join(layers) + " |",
+            "|" + "---|" * (3 + len(layers))]
+    for (claim, stat, config), cells in rows:
+        out.append(f"| ({claim}) | {stat} | {config} | "
+                   + " | ".join(cell_text(cells[la]) if la in cells else "" for la in layers)
+                   + " |")
+    out += ["", "Each cell: verdict across seeds (how the seeds' own verdicts went) · effect, "
+                "the natural-log ratio in the claim's direction (mean over seeds) [interval: t "
+                "over seeds, or the run's own bootstrap interval with one seed]. Claim (d) "
+                "compares the first layer with the others and has one cell per row.",
+            "",
+            "Figures (Figure 6 bars, Figure 7 evolution, std versus mean, scaling slopes) are in "
+            "the HTML report: `statscope report RUNS -o report.html`.", ""]
+    pooled = report.pooled.to_dataframe().drop(columns=["description"])
+    out += ["## Claims per configuration", "", _md_table(pooled, floatfmt="+.3f")]
+    out += _md_columns(pooled.columns)
+    per_run = report.claims.to_dataframe().drop(columns=["description", "config", "seed"])
+    out += ["## Claims per run", "", _md_table(per_run, floatfmt=".3g")]
+    out += _md_columns(per_run.columns)
+    out += [f"## Fluctuation per layer (Figure 6), {report.window}", "",
+            "Pooled over seeds:", "", _md_table(report.fluctuation_pooled)]
+    out += _md_columns(report.fluctuation_pooled.columns)
+    out += ["Per run:", "", _md_table(report.fluctuation)]
+    out += _md_columns(report.fluctuation.columns)
+    if report.notes:
+        out += ["Notes:", ""] + [f"- {n}" for n in report.notes] + [""]
+    out += ["## Batch-size scaling", ""]
+    for g in report.scaling:
+        if g.result is None:
+            out += [f"{g.label}: not computed: {g.reason}", ""]
+            continue
+        df = scaling_frame(g.result)
+        out += [f"{g.label}: over batch sizes "
+                f"{', '.join(f'{b:g}' for b in g.result.attrs['batch_sizes'])}, interval "
+                f"from {'runs (seeds)' if g.result.attrs['method'] == 'runs' else 'steps'}.",
+                "", _md_table(df, floatfmt="+.3f")]
+        out += _md_columns(df.columns)
+        out += [f"- {n}" for n in g.result.attrs[NOTES]] + [""]
+    out += ["## Runs", ""]
+    out += [f"- `{r.name}`: {r.config}, seed {fmt(r.seed)}, {r.status}, {r.n_steps:,} steps"
+            for r in report.runs]
+    out += ["", "## Methods", ""] + [f"- {m}" for m in methods(report)] + [""]
+    out += [f"- {n}" for n in report.claims.notes] + [""]
+    return "\n".join(out)
+
+
+def scaling_frame(result: xr.Dataset):
+    """The slopes of :func:`statscope.analyses.batch_size_scaling` as a table."""
+    import pandas as pd
+
+    return pd.DataFrame([{"layer": str(layer), "statistic": str(stat),
+                          "slope": float(result.slope.sel(layer=layer, statistic=stat)),
+                          "lower": float(result.lower.sel(layer=layer, statistic=stat)),
+                          "upper": float(result.upper.sel(layer=layer, statistic=stat))}
+                         for layer in result[S.LAYER].values
+                         for stat in result["statistic"].values])
+
+
+def markdown_report(ds, window=200, *, source: str = "", n_boot: int = 1000,
                     seed: int = 0) -> str:
-    """A self-contained markdown report: runs, windows, methods, claims, Figure 6, scaling.
+    """A self-contained markdown report: summary across seeds, claims, Figure 6, scaling.
 
     Args:
-        ds: a run or stacked runs.
+        ds: a run, stacked runs, or a mapping name -> run.
         window: see :func:`statscope.analyses.select_window`.
         source: where the runs came from (printed).
         n_boot, seed: bootstrap settings for the claims and the scaling slopes.
@@ -103,51 +294,4 @@ def markdown_report(ds: xr.Dataset, window=200, *, source: str = "", n_boot: int
     Returns:
         Markdown text.
     """
-    from .claims import CLAIMS, claims
-    from .scaling import batch_size_scaling
-
-    runs = [str(r) for r in ds[S.RUN].values] if stacked(ds) else ["run"]
-    sizes = batch_sizes(ds)
-    out = ["# statscope fluctuation report", ""]
-    if source:
-        out += [f"Source: `{source}`", ""]
-    out += ["## Runs", ""]
-    for i, r in enumerate(runs):
-        bs = "unknown" if sizes is None else f"{np.atleast_1d(sizes)[i]:g}"
-        out.append(f"- `{r}`: batch size {bs}")
-    cl = claims(ds, window, n_boot=n_boot, seed=seed)
-    out += ["", "## Methods", "",
-            f"- Window: {cl.window} (per run).",
-            "- Fluctuation: sample standard deviation over the window's steps (ddof=1) of each "
-            "statistic per neuron; steps where the layer did not run or a value is NaN are "
-            "excluded.",
-            "- Excess: observed / sampling-theory fluctuation, sd(μ̂)=σ/√N and "
-            "sd(σ̂)≈σ√((κ−1)/(4N)) (asymptotic; κ from bn_kurt when recorded, else 3).",
-            f"- Claims: effects are natural-log ratios; {cl.confidence:.0%} intervals and p-values "
-            f"from a moving-block bootstrap over steps ({cl.n_boot} replicates, block length "
-            f"{', '.join(map(str, cl.block))}); verdict 'holds' if the interval lies above 0, "
-            "'does not hold' if below, else 'inconclusive'.", ""]
-    out += ["## The paper's claims (§4.6)", ""]
-    out += [f"- ({k}) {v}" for k, v in CLAIMS.items()]
-    df = cl.to_dataframe().drop(columns=["description"])
-    out += ["", _md_table(df), "", "## Fluctuation per layer (Figure 6)", ""]
-    table = fluctuation_table(ds, window)
-    out += [_md_table(table), ""]
-    if table.attrs[NOTES]:
-        out += ["Notes:", ""] + [f"- {n}" for n in table.attrs[NOTES]] + [""]
-    out += ["## Batch-size scaling", ""]
-    try:
-        sc = batch_size_scaling(ds, window, n_boot=n_boot, seed=seed)
-        rows = [{"layer": str(layer), "statistic": str(stat),
-                 "slope": float(sc.slope.sel(layer=layer, statistic=stat)),
-                 "ci_low": float(sc.lower.sel(layer=layer, statistic=stat)),
-                 "ci_high": float(sc.upper.sel(layer=layer, statistic=stat))}
-                for layer in sc[S.LAYER].values for stat in sc["statistic"].values]
-        import pandas as pd
-
-        out += [f"Slope of log(layer-median scale-free fluctuation) on log(batch size) over "
-                f"batch sizes {', '.join(f'{b:g}' for b in sc.attrs['batch_sizes'])}; sampling "
-                f"theory predicts −0.5 for BN statistics.", "", _md_table(pd.DataFrame(rows)), ""]
-    except StatscopeError as err:
-        out += [f"Not computed: {err}", ""]
-    return "\n".join(out)
+    return render_markdown(build_report(ds, window, source=source, n_boot=n_boot, seed=seed))

@@ -7,7 +7,10 @@ PyTorch's BatchNorm, in training mode, updates per channel after each forward
     running_mean ← (1 − f) · running_mean + f · batch_mean
     running_var  ← (1 − f) · running_var  + f · batch_var · n / (n − 1)
 
-with ``batch_var`` the population variance over the ``n`` elements of the channel. The store
+with ``batch_var`` the population variance over the ``n`` elements of the channel. Only layers
+whose probe record names a torch BatchNorm type (:data:`REPLAYABLE`) are replayed: other norm
+layers keep running statistics by other rules (statscope.nn's ``HeteroNorm`` tracks the
+variance of its std set, InstanceNorm averages per-instance variances) and get a note instead. The store
 holds ``bn_mean``, ``bn_std`` (population), ``count`` = n, the buffers at the start of recording
 (``running_mean0``, ``running_var0``) and ``momentum``/``num_batches_tracked`` in the probe's
 ``norm`` record, so the buffers can be replayed exactly up to rounding (float64 here, float32 in
@@ -31,22 +34,33 @@ from ._data import probe_records, quiet, require, stacked
 from ._names import NOTES
 from .window import select_window
 
-__all__ = ["running_stats", "batch_vs_running"]
+__all__ = ["running_stats", "batch_vs_running", "REPLAYABLE"]
 
 _CHUNK = 8192
 
+REPLAYABLE = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
+                        "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"})
+"""Module types (probe record ``type``) whose running-statistics update is BatchNorm's."""
+
 
 def _layers(ds: xr.Dataset):
-    """(name, neuron positions, norm record) of each probe whose running buffers can be rebuilt."""
+    """(name, neuron positions, norm record) of each probe whose running buffers can be rebuilt,
+    and (name, reason) of the others."""
     records = probe_records(ds)
     lay = np.asarray(ds[S.LAYER].values)
     out, skipped = [], []
     for name, rec in records.items():
         norm = rec.get("norm")
-        if not norm or not norm.get("track_running_stats", True) or rec.get("where") != "input":
-            skipped.append(name)
-            continue
-        out.append((name, np.flatnonzero(lay == name), norm))
+        kind = str(rec.get("type", "?"))
+        if not norm or rec.get("where") != "input":
+            skipped.append((name, "not the input of a norm layer"))
+        elif not norm.get("track_running_stats", True):
+            skipped.append((name, f"{kind} does not track running statistics"))
+        elif kind not in REPLAYABLE:
+            skipped.append((name, f"{kind} keeps its running statistics by a rule the replay does "
+                                  f"not know (only torch BatchNorm layers are replayed)"))
+        else:
+            out.append((name, np.flatnonzero(lay == name), norm))
     return out, skipped
 
 
@@ -55,8 +69,9 @@ def _replay(ds: xr.Dataset, stop: int, keep_from: int):
     (stop - keep_from, neuron), float64, NaN for neurons without rebuildable buffers."""
     layers, skipped = _layers(ds)
     if not layers:
-        raise StatscopeError("running statistics: no probe is a BatchNorm input with "
-                             "track_running_stats (probe 'norm' records are missing)")
+        why = "; ".join(f"{n}: {r}" for n, r in skipped) or "the run has no probe records"
+        raise StatscopeError(f"running statistics: no probe is the input of a torch BatchNorm "
+                             f"tracking running statistics ({why})")
     n_keep = stop - keep_from
     rm_out = np.full((n_keep, ds.sizes[S.NEURON]), np.nan)
     rv_out = np.full_like(rm_out, np.nan)
@@ -127,7 +142,8 @@ def running_stats(ds: xr.Dataset, window="all") -> xr.Dataset:
 
     Returns:
         Dataset (step, neuron), float64 ``running_mean`` and ``running_var`` (NaN for neurons
-        of probes that are not BatchNorm inputs tracking running statistics); attrs: notes.
+        of probes that are not inputs of a torch BatchNorm tracking running statistics, each
+        named in a note with the reason); attrs: window, notes.
 
     Example:
         >>> from statscope.analyses._demo import demo_run
@@ -209,8 +225,5 @@ def _eps(ds: xr.Dataset) -> np.ndarray:
     return eps
 
 
-def _notes(skipped: list[str]) -> list[str]:
-    if not skipped:
-        return []
-    return [f"no running statistics for {', '.join(skipped)}: not a BatchNorm input tracking "
-            f"running statistics"]
+def _notes(skipped: list[tuple[str, str]]) -> list[str]:
+    return [f"no running statistics for {name} (NaN): {reason}" for name, reason in skipped]

@@ -1,88 +1,176 @@
 """Batch-size scaling: the log-log slope of fluctuation against batch size.
 
-Over stacked runs at several batch sizes, per layer and statistic: y = log of the layer median of
-the per-neuron fluctuation (scale-free by default, so runs at different learning rates and
-activation scales compare), x = log batch size, slope by least squares. Sampling theory predicts
-−0.5 for BN statistics (sd ∝ 1/√N with N ∝ batch size for fully connected layers) and a flatter
-slope for EN, which pools over channels. The interval comes from a moving-block bootstrap within
-each run (runs resampled independently), so it reflects each fluctuation's sampling uncertainty;
-with several seeds per batch size the seed-to-seed spread enters through the regression residuals
-only as far as the bootstrap sees it.
+Over runs at several batch sizes, per layer and statistic: y = log of the layer median of the
+per-neuron fluctuation (scale-free by default, so runs at different learning rates and
+activation scales compare), x = log batch size, slope by least squares over the runs. Sampling
+theory predicts −0.5 for BN statistics (sd ∝ 1/√N with N ∝ batch size for fully connected
+layers) and a flatter slope for EN, which pools over channels.
+
+The interval treats **runs as the unit** when every batch size has at least two runs (seeds):
+runs are resampled within their batch size (deviations from the batch size's mean rescaled by
+√(n/(n−1)), so the bootstrap variance is unbiased), and the bias-corrected interval takes a t
+quantile with (runs − batch sizes) degrees of freedom. Seeds differ in initialisation and data
+order, which the steps within one run cannot show, so an interval from steps alone is far too
+narrow. With one run per batch size there is nothing else: the interval then combines each
+run's block bootstrap over steps (:func:`statscope.analyses.resampling.contrast`) and says so.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import xarray as xr
+from scipy import stats
 
 from statscope import schema as S
 from statscope.errors import StatscopeError
 
-from ._data import (FLUCT_STATS, batch_sizes, layer_order, masked, quiet, require,
-                    sigma2_series, stacked)
+from ._data import FLUCT_STATS, Layers, quiet, require, stacked
 from ._names import NOTES, SIGMA2, STATISTIC
-from .bootstrap import block_bootstrap, percentile_interval, run_windows
-from .window import describe_window
+from .bootstrap import window_series
+from .resampling import Moments, contrast, moments, resample
+from .window import run_windows, split_runs
 
-__all__ = ["batch_size_scaling"]
+__all__ = ["batch_size_scaling", "runs_slope"]
 
 
-def batch_size_scaling(ds: xr.Dataset, window=200, *, scale_free: bool = True,
-                       confidence: float = 0.95, n_boot: int = 1000, block: int | None = None,
-                       seed: int = 0) -> xr.Dataset:
-    """Log-log slope of per-layer fluctuation against batch size, with bootstrap intervals.
+def runs_slope(x, y, *, confidence: float = 0.95, n_boot: int = 1000,
+               seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Least-squares slope of y on x over runs, with runs resampled within each x.
 
     Args:
-        ds: stacked runs (``open_runs``) with a ``batch_size`` coordinate, at least two sizes.
+        x: (R,) the regressor per run (log batch size); runs sharing a value form a stratum,
+            each with at least two runs.
+        y: (R, K) the response per run, K slopes at once.
+        confidence, n_boot, seed: interval settings.
+
+    Returns:
+        (slope, lower, upper) each (K,), and the degrees of freedom R − strata.
+
+    Example:
+        >>> x = np.log([4, 4, 4, 128, 128, 128])
+        >>> y = -0.5 * x[:, None] + np.array([[0.1], [-0.1], [0.0], [0.05], [-0.05], [0.0]])
+        >>> s, lo, hi, df = runs_slope(x, y, n_boot=500)
+        >>> round(float(s[0]), 3), bool(lo[0] < -0.5 < hi[0]), df
+        (-0.5, True, 4)
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    levels, stratum = np.unique(x, return_inverse=True)
+    counts = np.bincount(stratum)
+    if levels.size < 2 or counts.min() < 2:
+        raise StatscopeError(f"runs_slope: need at least two x values with two runs each; "
+                             f"got counts {counts.tolist()}")
+    xc = x - x.mean()
+    sxx = float(xc @ xc)
+    slope = xc @ (y - y.mean(0)) / sxx
+    rng = np.random.default_rng(seed)
+    ys = np.empty((n_boot, *y.shape))
+    for h in range(levels.size):
+        idx = np.flatnonzero(stratum == h)
+        n = idx.size
+        mean = y[idx].mean(0)
+        draw = idx[rng.integers(0, n, size=(n_boot, n))]
+        ys[:, idx] = mean + math.sqrt(n / (n - 1)) * (y[draw] - mean)
+    with quiet():
+        reps = np.einsum("r,brk->bk", xc, ys - ys.mean(1, keepdims=True)) / sxx
+        se = np.nanstd(reps, axis=0, ddof=1)
+        center = slope - (np.nanmean(reps, axis=0) - slope)
+    df = int(x.size - levels.size)
+    q = float(stats.t.ppf(0.5 + confidence / 2.0, df))
+    return slope, center - q * se, center + q * se, df
+
+
+def batch_size_scaling(ds, window=200, *, scale_free: bool = True, confidence: float = 0.95,
+                       n_boot: int = 1000, block: int | None = None,
+                       seed: int = 0) -> xr.Dataset:
+    """Log-log slope of per-layer fluctuation against batch size, with intervals.
+
+    Args:
+        ds: stacked runs (``open_runs``) or a mapping name -> run, one neuron layout, each run
+            with a batch size in its meta, at least two batch sizes.
         window: see :func:`statscope.analyses.select_window` (each run's own window).
         scale_free: use fluctuation / σ̄ (bias-corrected; recommended across runs).
-        confidence, n_boot, block, seed: bootstrap settings.
+        confidence, n_boot, block, seed: interval settings (block: only for the within-run
+            bootstrap used when some batch size has a single run).
 
     Returns:
         Dataset, dims (layer, statistic): ``slope``, ``lower``, ``upper`` (float64) and
-        ``n_runs``; attrs: theory (−0.5 for BN statistics), window, batch_sizes, notes.
+        ``n_runs``; attrs: theory (−0.5 for BN statistics), window, batch_sizes, method
+        ("runs" or "steps"), df, notes.
+
+    Example:
+        >>> from statscope.analyses._demo import demo_run
+        >>> runs = {f"bs{b}_s{s}": demo_run(batch_size=b, seed=s) for b in (8, 64) for s in (0, 1)}
+        >>> sc = batch_size_scaling(runs, n_boot=200)
+        >>> sc.attrs["method"], bool(abs(float(sc.slope.sel(layer="fc1", statistic="bn_mean")) + 0.5) < 0.1)
+        ('runs', True)
     """
-    if not stacked(ds):
+    if isinstance(ds, xr.Dataset) and not stacked(ds):
         raise StatscopeError("batch_size_scaling: expected stacked runs from open_runs, got one run")
-    require(ds, [*FLUCT_STATS, S.COUNT], "batch_size_scaling")
-    sizes = batch_sizes(ds)
-    if sizes is None or not np.all(np.isfinite(sizes)) or np.any(sizes <= 0):
+    for _, one, _ in split_runs(ds):
+        require(one, [*FLUCT_STATS, S.COUNT], "batch_size_scaling")
+    windows = run_windows(ds, window)
+    sizes = np.array([_size(w.meta) for w in windows])
+    if not np.all(np.isfinite(sizes)) or np.any(sizes <= 0):
         raise StatscopeError(f"batch_size_scaling: every run needs a positive batch_size in its "
-                             f"meta; got {None if sizes is None else sizes.tolist()}")
+                             f"meta; got {[w.meta.get(S.META_BATCH_SIZE) for w in windows]}")
     if np.unique(sizes).size < 2:
         raise StatscopeError(f"batch_size_scaling: runs at one batch size only "
                              f"({sizes[0]:g}); need at least two")
-    layers = layer_order(ds[S.LAYER].values)
-    lay = np.asarray(ds[S.LAYER].values)
-    groups = [np.flatnonzero(lay == L) for L in layers]
-    est, reps = [], []
-    for i, w in run_windows(ds, window):
-        series = {s: masked(w, s) for s in FLUCT_STATS}
-        series[SIGMA2] = sigma2_series(w)
-        mom = block_bootstrap({k: v.transpose(S.STEP, S.NEURON).values for k, v in series.items()},
-                              n_boot=n_boot, block=block, seed=seed + i)
-        e, r = [], []
-        for s in FLUCT_STATS:
-            for std, mean, out in ((mom.std, mom.mean, e), (mom.std_reps, mom.mean_reps, r)):
-                v = std[s] / np.sqrt(mean[SIGMA2]) if scale_free else std[s]
-                with quiet():
-                    out.append(np.stack([np.nanmedian(v[..., g], -1) for g in groups], -1))
-        est.append(np.stack(e, -1))  # (layer, stat)
-        reps.append(np.stack(r, -1))  # (n_boot, layer, stat)
+    layers = Layers.of(windows[0].data)
+    for w in windows[1:]:
+        if Layers.of(w.data).names != layers.names:
+            raise StatscopeError(f"batch_size_scaling: run {w.name!r} has layers "
+                                 f"{list(Layers.of(w.data).names)}, {windows[0].name!r} has "
+                                 f"{list(layers.names)}; scale runs of one model")
+
+    def statistic(m: Moments) -> np.ndarray:
+        with quiet():
+            return np.stack([layers.median(m.std[s] / np.sqrt(m.mean[SIGMA2]) if scale_free
+                                           else m.std[s]) for s in FLUCT_STATS], axis=-1
+                            ).reshape(*m.std[S.BN_MEAN].shape[:-1], -1)  # (..., L * S)
+
     x = np.log(sizes)
-    xc = x - x.mean()
-    with quiet():
-        y, yr = np.log(np.stack(est)), np.log(np.stack(reps, 1))  # (run, L, S), (B, run, L, S)
-        slope = np.einsum("r,rls->ls", xc, y - y.mean(0)) / (xc @ xc)
-        slopes = np.einsum("r,brls->bls", xc, yr - yr.mean(1, keepdims=True)) / (xc @ xc)
-    lo, hi = percentile_interval(slopes, confidence)
+    counts = np.unique(sizes, return_counts=True)[1]
+    shape = (len(layers.names), len(FLUCT_STATS))
+    notes = ["slope of log(layer-median fluctuation) on log(batch size); sampling theory "
+             "predicts -0.5 for BN statistics"]
+    if counts.min() >= 2:
+        with quiet():
+            y = np.log(np.stack([statistic(moments(window_series(w.data))) for w in windows]))
+        slope, lo, hi, df = runs_slope(x, y, confidence=confidence, n_boot=n_boot, seed=seed)
+        method = "runs"
+        notes.append(f"interval over runs (seeds) resampled within each batch size, t with "
+                     f"{df} degrees of freedom")
+    else:
+        parts = [resample(window_series(w.data), statistic, n_boot=n_boot, block=block,
+                          seed=seed + i, groups=layers.ordinal) for i, w in enumerate(windows)]
+        xc = x - x.mean()
+        iv = contrast(parts, xc / (xc @ xc), confidence, log=True)
+        slope, lo, hi, df = iv.estimate, iv.lower, iv.upper, float(np.nanmin(iv.df, initial=np.inf))
+        method = "steps"
+        notes.append("one run at some batch size: the interval reflects only the sampling "
+                     "within runs (block bootstrap over steps); seeds would be the replicates "
+                     "and usually give a wider interval")
+        notes += sorted({n for n in iv.notes if n})
     dims = (S.LAYER, STATISTIC)
-    out = xr.Dataset({"slope": (dims, slope), "lower": (dims, lo), "upper": (dims, hi),
-                      "n_runs": ((), len(sizes))},
-                     coords={S.LAYER: layers, STATISTIC: list(FLUCT_STATS)})
-    out.attrs = {"theory": -0.5, "window": describe_window(window),
-                 "batch_sizes": sorted(float(s) for s in sizes), "scale_free": bool(scale_free),
-                 "confidence": confidence, "n_boot": n_boot,
-                 NOTES: ["slope of log(layer-median fluctuation) on log(batch size); sampling "
-                         "theory predicts -0.5 for BN statistics"]}
+    out = xr.Dataset({"slope": (dims, np.reshape(slope, shape)),
+                      "lower": (dims, np.reshape(lo, shape)),
+                      "upper": (dims, np.reshape(hi, shape)),
+                      "n_runs": ((), len(windows))},
+                     coords={S.LAYER: list(layers.names), STATISTIC: list(FLUCT_STATS)})
+    out.attrs = {"theory": -0.5, "window": windows[0].data.attrs["window"],
+                 "batch_sizes": sorted(float(s) for s in set(sizes.tolist())),
+                 "scale_free": bool(scale_free), "confidence": confidence, "n_boot": n_boot,
+                 "method": method, "df": float(df), NOTES: notes}
     return out
+
+
+def _size(meta) -> float:
+    v = meta.get(S.META_BATCH_SIZE)
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan

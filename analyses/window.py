@@ -17,6 +17,9 @@ reductions along ``step`` see exactly each run's window.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -26,7 +29,8 @@ from statscope.errors import StatscopeError
 
 from ._data import require, run_name, stacked
 
-__all__ = ["select_window", "describe_window", "load_window"]
+__all__ = ["select_window", "describe_window", "load_window", "RunWindow", "split_runs",
+           "run_windows", "map_windows"]
 
 _SEARCH_BLOCK = 1024
 _LOAD_LIMIT = 256 * 2**20
@@ -152,7 +156,7 @@ def select_window(ds: xr.Dataset, window=200) -> xr.Dataset:
             keep = np.zeros(out.sizes[S.STEP], bool)
             keep[pos - pos[0]] = True
             out = _mask_steps(out, xr.DataArray(keep, dims=[S.STEP]))
-        out.attrs["window"] = describe_window(window)
+        out.attrs["window"] = _label(ds, window)
         return out
     per_run = [_positions(ds[S.COUNT].isel({S.RUN: i}), steps, window, run_name(ds, i))
                for i in range(ds.sizes[S.RUN])]
@@ -164,8 +168,15 @@ def select_window(ds: xr.Dataset, window=200) -> xr.Dataset:
     out = ds.isel({S.STEP: slice(lo, hi)})
     if not keep.all():
         out = _mask_steps(out, xr.DataArray(keep, dims=[S.RUN, S.STEP]))
-    out.attrs["window"] = describe_window(window)
+    out.attrs["window"] = _label(ds, window)
     return out
+
+
+def _label(ds: xr.Dataset, window) -> str:
+    """The window's text; "all" of a dataset that is already a window keeps that window's text."""
+    if (window is None or (isinstance(window, str) and window == "all")) and "window" in ds.attrs:
+        return str(ds.attrs["window"])
+    return describe_window(window)
 
 
 def _mask_steps(ds: xr.Dataset, keep: xr.DataArray) -> xr.Dataset:
@@ -196,3 +207,123 @@ def load_window(ds: xr.Dataset, window=200, *, limit_bytes: int = _LOAD_LIMIT) -
     if w.nbytes <= limit_bytes:
         w = w.load()
     return w
+
+
+@dataclass(frozen=True)
+class RunWindow:
+    """One run's window, read into memory when small.
+
+    Attributes:
+        name: the run's name (``run`` coordinate, mapping key, or the run's attrs).
+        data: Dataset (step, neuron) of the window (see :func:`load_window`).
+        meta: the run's settings: its ``meta`` attrs (batch_size, seed, ...) and ``model``.
+    """
+
+    name: str
+    data: xr.Dataset
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+def split_runs(runs) -> list[tuple[str, xr.Dataset, dict]]:
+    """One entry (name, single-run Dataset, meta) per run of ``runs``.
+
+    Args:
+        runs: a run (``open_run``), stacked runs (``open_runs``) or a mapping name -> run.
+
+    Raises:
+        StatscopeError: anything else, or an empty mapping.
+    """
+    if isinstance(runs, Mapping) and not isinstance(runs, xr.Dataset):
+        if not runs:
+            raise StatscopeError("runs={}: expected at least one run")
+        out = []
+        for name, ds in runs.items():
+            if not isinstance(ds, xr.Dataset) or stacked(ds):
+                raise StatscopeError(f"runs[{name!r}]: expected one run from statscope.open_run")
+            out.append((str(name), ds, _meta(ds)))
+        return out
+    if not isinstance(runs, xr.Dataset):
+        raise StatscopeError(f"expected a run, stacked runs or a mapping of runs, got "
+                             f"{type(runs).__name__}")
+    if not stacked(runs):
+        return [(run_name(runs), runs, _meta(runs))]
+    out = []
+    per_run_attrs = runs.attrs.get("runs") or {}
+    for i in range(runs.sizes[S.RUN]):
+        one = runs.isel({S.RUN: i})
+        name = run_name(runs, i)
+        meta = dict((per_run_attrs.get(name) or {}).get(S.ATTR_META) or {})
+        for key in S.META_KEYS:
+            if key in one.coords:
+                meta[key] = one[key].values.item()
+        model = (per_run_attrs.get(name) or {}).get(S.ATTR_MODEL)
+        if model is not None:
+            meta.setdefault(S.ATTR_MODEL, model)
+        out.append((name, one, meta))
+    return out
+
+
+def _meta(ds: xr.Dataset) -> dict:
+    meta = dict(ds.attrs.get(S.ATTR_META) or {})
+    if ds.attrs.get(S.ATTR_MODEL) is not None:
+        meta.setdefault(S.ATTR_MODEL, ds.attrs[S.ATTR_MODEL])
+    return meta
+
+
+def run_windows(runs, window=200) -> list[RunWindow]:
+    """Each run's own window, read separately (no padding of shorter runs is ever read).
+
+    Args:
+        runs: see :func:`split_runs`.
+        window: see :func:`select_window`.
+
+    Returns:
+        One :class:`RunWindow` per run, in order.
+    """
+    return [RunWindow(name, load_window(ds, window), meta)
+            for name, ds, meta in split_runs(runs)]
+
+
+def map_windows(runs, window, fn: Callable[[xr.Dataset], xr.Dataset]) -> xr.Dataset:
+    """Apply ``fn`` to each run's window; stack the results along ``run`` for several runs.
+
+    Args:
+        runs: see :func:`split_runs`; several runs must share one neuron layout.
+        window: see :func:`select_window`.
+        fn: window Dataset (step, neuron) -> result Dataset without ``step``.
+
+    Returns:
+        ``fn``'s result for one run; for several, concatenated along ``run`` with the run
+        coordinates of ``runs`` (``run`` and the settings in schema.META_KEYS); attrs from the
+        first run, with each run's notes prefixed by its name when they differ.
+    """
+    parts = run_windows(runs, window)
+    results = [fn(p.data) for p in parts]
+    if isinstance(runs, xr.Dataset) and not stacked(runs):
+        return results[0]
+    first = parts[0].data
+    for p in parts[1:]:
+        if not np.array_equal(p.data[S.LAYER].values, first[S.LAYER].values):
+            raise StatscopeError(f"runs {parts[0].name!r} and {p.name!r} have different layers; "
+                                 f"analyse them separately")
+    clean = [r.drop_vars([c for c in r.coords if S.NEURON not in r[c].dims], errors="ignore")
+             for r in results]
+    out = xr.concat(clean, dim=S.RUN, coords="minimal", compat="override",
+                    combine_attrs="override")
+    coords = {S.RUN: [p.name for p in parts]}
+    for key in S.META_KEYS:
+        if any(key in p.meta for p in parts):
+            coords[key] = (S.RUN, [p.meta.get(key) for p in parts])
+    out = out.assign_coords(coords)
+    attrs = dict(results[0].attrs)
+    for key, value in attrs.items():
+        if isinstance(value, list) and key != S.NOTES:  # e.g. block lengths: union over runs
+            attrs[key] = list(dict.fromkeys(v for r in results for v in r.attrs.get(key, [])))
+    notes = []
+    for p, r in zip(parts, results):
+        for n in r.attrs.get(S.NOTES, []):
+            text = n if len(parts) == 1 else f"{p.name}: {n}"
+            if text not in notes:
+                notes.append(text)
+    out.attrs = {**attrs, S.NOTES: notes}
+    return out

@@ -1,19 +1,26 @@
-"""``statscope analyze`` and ``statscope report``: fluctuation tables and a markdown report."""
+"""``statscope analyze``: the fluctuation table of each run; and the run handling that
+``statscope report`` shares (finding and opening runs, skipping unreadable ones with a warning,
+refusing to write into a run)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["register", "run_analyze", "run_report"]
+__all__ = ["register", "run_analyze", "parse_window", "OpenedRun", "open_runs_at",
+           "check_output", "write_text", "warn"]
 
 
 def register(subparsers) -> None:
     """Add the ``analyze`` and ``report`` subcommands to an argparse subparsers object."""
+    from statscope.commands import report
     p = subparsers.add_parser("analyze", help="fluctuation per layer (the paper's Figure 6)",
-                              description="Fluctuation of BN/EN statistics per layer and run.")
+                              description="Fluctuation of BN/EN statistics per layer, one block "
+                                          "of rows per run (runs may be of different models).")
     p.add_argument("paths", nargs="+", metavar="RUN_OR_DIR",
-                   help="a run store, or a folder of runs (stacked)")
+                   help="a run store, or a folder of runs")
     p.add_argument("--window", default="200",
                    help="last W steps (int), START:STOP steps, a fraction in (0, 1], or 'all'")
     p.add_argument("--layers", nargs="+", help="only these layers")
@@ -22,14 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.set_defaults(func=run_analyze)
-    r = subparsers.add_parser("report", help="markdown report: claims, Figure 6, scaling",
-                              description="A self-contained markdown report over a folder of runs.")
-    r.add_argument("runs_dir", metavar="RUNS_DIR")
-    r.add_argument("--window", default="200")
-    r.add_argument("--n-boot", type=int, default=1000)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("-o", "--output", default="report.md")
-    r.set_defaults(func=run_report)
+    report.register(subparsers)
 
 
 def parse_window(text: str):
@@ -51,43 +51,152 @@ def parse_window(text: str):
                              f"(0, 1] or 'all'") from None
 
 
-def _open(path: str):
-    from pathlib import Path
+def warn(message: str) -> None:
+    """One ``statscope: warning: ...`` line on stderr."""
+    print(f"statscope: warning: {message}", file=sys.stderr)
 
+
+@dataclass(frozen=True)
+class OpenedRun:
+    """A run ready to analyse: its path, the name to show, and its window (step, neuron)."""
+
+    path: str
+    name: str
+    window: object
+
+
+def _candidates(path: str) -> list[str]:
+    """The runs at ``path`` (statscope.store.find_runs); folders that look like runs but are not
+    readable are named in a warning."""
+    from statscope.errors import StoreError
+    from statscope.store import find_runs, read_attrs
+
+    found = find_runs(path)
+    base = Path(path)
+    if len(found) == 1 and Path(found[0]) == base:
+        return found
+    seen = {Path(p).resolve() for p in found}
+    for sub in sorted(base.iterdir()) if base.is_dir() else []:
+        if sub.is_dir() and (sub / "zarr.json").exists() and sub.resolve() not in seen:
+            try:
+                read_attrs(sub)
+                reason = "not readable by this statscope"
+            except StoreError as err:
+                reason = str(err)
+            warn(f"skipping {sub}: {reason}")
+    return found
+
+
+def _short_names(paths: list[str]) -> list[str]:
+    names = [Path(p.rstrip("/")).name or p for p in paths]
+    return names if len(set(names)) == len(names) else [p.rstrip("/") for p in paths]
+
+
+def open_runs_at(paths, window, *, by_path: bool = False, prepare=None) -> list[OpenedRun]:
+    """Find, open and window every run at ``paths``; warn about and skip any that fails.
+
+    Args:
+        paths: run stores or folders of runs.
+        window: the analyses' window (see statscope.analyses.select_window).
+        by_path: name runs by their path (else by folder name, paths where names repeat).
+        prepare: optional Dataset -> Dataset applied before the window (e.g. a layer filter).
+
+    Returns:
+        The runs that opened and hold the window, in order.
+
+    Raises:
+        StatscopeError: a path that is neither a run nor a folder, or no run left to analyse
+            (the message lists why each was skipped).
+    """
+    from statscope.analyses import load_window
     from statscope.errors import StatscopeError
-    from statscope.store import is_run, open_run, open_runs
+    from statscope.store import open_run
 
-    if is_run(path):
-        return open_run(path), Path(path).name
-    if Path(path).is_dir():
-        return open_runs(path), Path(path).name
-    raise StatscopeError(f"RUN_OR_DIR={path!r}: not a statscope run or a folder of runs")
+    found: list[str] = []
+    for path in paths:
+        if not Path(path).exists() and "://" not in str(path):
+            raise StatscopeError(f"RUN_OR_DIR={path!r}: no such run or folder")
+        hits = _candidates(str(path))
+        if not hits and not Path(path).is_dir():
+            raise StatscopeError(f"RUN_OR_DIR={path!r}: not a statscope run or a folder of runs")
+        found += [h for h in hits if h not in found]
+    names = found if by_path else _short_names(found)
+    out, reasons = [], []
+    for path, name in zip(found, names):
+        try:
+            ds = open_run(path)
+            if prepare is not None:
+                ds = prepare(ds)
+            out.append(OpenedRun(path, name, load_window(ds, window)))
+        except StatscopeError as err:
+            reasons.append(f"{name}: {err}")
+            warn(f"skipping {name}: {err}")
+        except (OSError, KeyError, ValueError, TypeError) as err:  # zarr/xarray on damaged data
+            reasons.append(f"{name}: {type(err).__name__}: {err}")
+            warn(f"skipping {name}: unreadable ({type(err).__name__}: {err})")
+    if not out:
+        where = ", ".join(map(str, paths))
+        raise StatscopeError(f"no run to analyse at {where}" +
+                             (f": {'; '.join(reasons)}" if reasons else ": no statscope runs "
+                                                                        "found"))
+    return out
 
 
-def _write(text: str, output: str | None) -> None:
-    if output:
+def check_output(output: str, runs) -> Path:
+    """Refuse an output path inside a run (it would overwrite the run's own files) or in a
+    missing folder; return it resolved.
+
+    Raises:
+        StatscopeError: naming the path and why.
+    """
+    from statscope.errors import StatscopeError
+    from statscope.store import is_run
+
+    target = Path(output).expanduser().resolve()
+    inside = [Path(r.path).resolve() for r in runs if "://" not in r.path]
+    for parent in (target, *target.parents):
+        if parent in inside or (parent.is_dir() and (parent / "zarr.json").exists()
+                                and is_run(parent)):
+            raise StatscopeError(f"-o {output}: inside the run {parent}; write it elsewhere "
+                                 f"(it would overwrite the run's own files)")
+    if not target.parent.is_dir():
+        raise StatscopeError(f"-o {output}: the folder {target.parent} does not exist")
+    if target.is_dir():
+        raise StatscopeError(f"-o {output}: is a folder; name a file")
+    return target
+
+
+def write_text(text: str, output: str | None) -> None:
+    """Write to ``output`` (already checked) or to stdout."""
+    from statscope.errors import StatscopeError
+
+    if not output:
+        sys.stdout.write(text)
+        return
+    try:
         with open(output, "w", encoding="utf-8") as fh:
             fh.write(text)
-    else:
-        sys.stdout.write(text)
+    except OSError as err:
+        raise StatscopeError(f"-o {output}: cannot write ({err.strerror or err})") from None
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    """Handler of ``statscope analyze``."""
+    """Handler of ``statscope analyze``: one fluctuation table per run, stacked."""
     import pandas as pd
 
-    import statscope.analyses  # noqa: F401  (registers the accessor)
-    from statscope.analyses.report import fluctuation_table, select_layers
+    from statscope.analyses.tables import fluctuation_table, select_layers
 
     window = parse_window(args.window)
+    runs = open_runs_at(args.paths, window, by_path=True,
+                        prepare=lambda ds: select_layers(ds, args.layers))
+    if args.output:
+        check_output(args.output, runs)
     frames, notes = [], []
-    for path in args.paths:
-        ds, name = _open(path)
-        ds = select_layers(ds, args.layers)
-        df = fluctuation_table(ds, window, scale_free=args.scale_free, detrend=args.detrend,
-                               name=name)
+    for r in runs:
+        df = fluctuation_table(r.window, "all", scale_free=args.scale_free,
+                               detrend=args.detrend, name=r.name)
         frames.append(df)
-        notes += [f"{name}: {n}" for n in df.attrs.get("notes", [])]
+        notes += [f"{r.name}: {n}" for n in df.attrs.get("notes", [])]
     table = pd.concat(frames, ignore_index=True)
     if args.format == "csv":
         text = table.to_csv(index=False)
@@ -95,18 +204,10 @@ def run_analyze(args: argparse.Namespace) -> int:
         text = table.to_json(orient="records", indent=1) + "\n"
     else:
         text = table.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="—") + "\n"
-        if notes:
-            text += "".join(f"note: {n}\n" for n in notes)
-    _write(text, args.output)
+        text += (f"window: {runs[0].window.attrs.get('window')}; median/q25/q75: over the "
+                 f"layer's neurons of each neuron's std over the window; first: unit 0; excess: "
+                 f"observed / sampling-theory fluctuation (1 = batch sampling explains it)\n")
+        text += "".join(f"note: {n}\n" for n in notes)
+    write_text(text, args.output)
     return 0
 
-
-def run_report(args: argparse.Namespace) -> int:
-    """Handler of ``statscope report``."""
-    from statscope.analyses.report import markdown_report
-
-    ds, _ = _open(args.runs_dir)
-    text = markdown_report(ds, parse_window(args.window), source=args.runs_dir,
-                           n_boot=args.n_boot, seed=args.seed)
-    _write(text, args.output)
-    return 0

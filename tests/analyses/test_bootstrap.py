@@ -17,11 +17,16 @@ def test_replicates_match_brute_force_resampling(t, block, seed):
     x[::7, 1] = np.nan
     block = min(block, t)
     m = block_bootstrap({"x": x}, n_boot=20, block=block, seed=seed)
-    rng = np.random.default_rng(seed)
-    k = -(-t // block)
-    starts = rng.integers(0, t - block + 1, size=(20, k))
+    # the resampler's draws: ⌊T/b⌋ block starts, then one start for the T mod b steps left
+    rng = np.random.default_rng([seed, block])
+    full, rest = divmod(t, block)
+    starts = rng.integers(0, t - block + 1, size=(20, full))
+    part = rng.integers(0, t - rest + 1, size=20) if rest else None
     for r in range(20):
         idx = (starts[r][:, None] + np.arange(block)).ravel()
+        if rest:
+            idx = np.concatenate([idx, part[r] + np.arange(rest)])
+        assert idx.size == t
         ref = x[idx]
         np.testing.assert_allclose(m.mean_reps["x"][r], np.nanmean(ref, 0), rtol=1e-9)
         np.testing.assert_allclose(m.std_reps["x"][r], np.nanstd(ref, 0, ddof=1), rtol=1e-7,

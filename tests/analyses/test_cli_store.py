@@ -48,15 +48,44 @@ def _main(argv):
 def test_analyze_formats(runs_dir, tmp_path, capsys):
     assert _main(["analyze", str(runs_dir / "bs4"), "--window", "100", "--format", "csv"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("run,batch_size,layer,statistic,median,q25,q75,first,excess")
+    assert out.startswith("run,config,batch_size,layer,statistic,median,q25,q75,first,excess")
     assert out.count("\n") == 1 + 2 * 4
     dest = tmp_path / "t.json"
     assert _main(["analyze", str(runs_dir), "--layers", "fc2", "--format", "json",
                   "-o", str(dest)]) == 0
     rows = json.loads(dest.read_text())
-    assert {r["run"] for r in rows} == {"bs4", "bs64"} and {r["layer"] for r in rows} == {"fc2"}
+    # runs are named by their path
+    assert {r["run"] for r in rows} == {str(runs_dir / "bs4"), str(runs_dir / "bs64")}
+    assert {r["layer"] for r in rows} == {"fc2"}
     assert _main(["analyze", str(runs_dir / "bs64")]) == 0
-    assert "fc1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fc1" in out and "excess: observed / sampling-theory" in out
+
+
+def test_analyze_a_folder_of_different_models(tmp_path, capsys):
+    root = tmp_path / "mixed"
+    root.mkdir()
+    to_store(make_run((Layer("fc1"), Layer("fc2")), seed=1), root / "mlp")
+    to_store(make_run((Layer("conv1", channels=4), Layer("conv2", channels=4),
+                       Layer("conv3", channels=4)), seed=2), root / "cnn")
+    assert _main(["analyze", str(root), "--format", "csv"]) == 0
+    out = capsys.readouterr().out
+    assert str(root / "mlp") in out and str(root / "cnn") in out and "conv3" in out
+
+
+def test_analyze_and_report_skip_unreadable_and_empty_runs(runs_dir, tmp_path, capsys):
+    garbage = runs_dir / "garbage"
+    garbage.mkdir()
+    (garbage / "zarr.json").write_text("{not json")
+    empty = make_run(n_steps=300, seed=9).isel(step=slice(0, 0))
+    to_store(empty, runs_dir / "empty")
+    assert _main(["analyze", str(runs_dir), "--format", "csv"]) == 0
+    captured = capsys.readouterr()
+    assert "skipping" in captured.err and "garbage" in captured.err and "empty" in captured.err
+    assert str(runs_dir / "bs4") in captured.out
+    dest = tmp_path / "r.md"
+    assert _main(["report", str(runs_dir), "--n-boot", "50", "-o", str(dest)]) == 0
+    assert "garbage" in capsys.readouterr().err and "`bs64`" in dest.read_text()
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -74,14 +103,47 @@ def test_analyze_missing_path(tmp_path, capsys):
     assert "statscope: error:" in capsys.readouterr().err
 
 
+def test_output_inside_a_run_is_refused(runs_dir, capsys):
+    meta = (runs_dir / "bs4" / "zarr.json").read_bytes()
+    for argv in (["analyze", str(runs_dir / "bs4"), "-o", str(runs_dir / "bs4" / "zarr.json")],
+                 ["analyze", str(runs_dir), "-o", str(runs_dir / "bs64" / "t.txt")],
+                 ["report", str(runs_dir), "-o", str(runs_dir / "bs4" / "report.html")]):
+        assert _main(argv) == 2
+        err = capsys.readouterr().err
+        assert "inside the run" in err and err.count("\n") == 1
+    assert (runs_dir / "bs4" / "zarr.json").read_bytes() == meta
+    assert not (runs_dir / "bs64" / "t.txt").exists()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--n-boot", "100000000"], "--n-boot=100000000: expected 1 to 100,000"),
+    (["--n-boot", "0"], "--n-boot=0"),
+    (["-o", "report.txt"], "expected a .html or .md"),
+    (["--confidence", "1.5"], "--confidence=1.5"),
+])
+def test_report_bad_input(runs_dir, tmp_path, capsys, argv, match, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _main(["report", str(runs_dir), *argv]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_output_into_a_missing_folder_is_one_line(runs_dir, tmp_path, capsys):
+    for cmd in ("analyze", "report"):
+        assert _main([cmd, str(runs_dir / "bs4"), "-o", str(tmp_path / "no" / "x.md")]) == 2
+        err = capsys.readouterr().err
+        assert "does not exist" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_report_subprocess(runs_dir, tmp_path):
     dest = tmp_path / "report.md"
     proc = subprocess.run([sys.executable, "-c",
                            "import sys; from statscope.cli import main; "
                            "sys.exit(main(sys.argv[1:]))", "report", str(runs_dir),
-                           "--n-boot", "100", "-o", str(dest)], capture_output=True, text=True)
+                           "--n-boot", "100", "-o", str(dest)], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr
     text = dest.read_text()
-    for part in ("## The paper's claims", "## Fluctuation per layer (Figure 6)",
-                 "## Batch-size scaling", "`bs4`", "last 200 steps", "block length"):
+    for part in ("## Summary: the paper's claims", "## Claims per run",
+                 "## Fluctuation per layer (Figure 6)", "## Batch-size scaling", "`bs4`",
+                 "last 200 steps", "block length", "**excess** —", "**first** —", "Holm"):
         assert part in text

@@ -83,5 +83,5 @@ def test_needs_initial_buffers_and_norm_records():
     with pytest.raises(StatscopeError, match="no running_mean0"):
         running_stats(ds.drop_vars(S.RUNNING_MEAN0))
     ds.attrs[S.ATTR_PROBES][0]["norm"] = None
-    with pytest.raises(StatscopeError, match="no probe is a BatchNorm"):
+    with pytest.raises(StatscopeError, match="no probe is the input of a torch BatchNorm"):
         running_stats(ds)

@@ -24,15 +24,19 @@ def test_levene_matches_scipy(na, nb, seed, center):
 
 
 def test_compare_statistics_bn_vs_en(run):
-    r = compare_statistics(run, S.BN_MEAN, S.EN_MEAN, 200)
+    r = compare_statistics(run, S.BN_MEAN, S.EN_MEAN, 200, n_boot=300)
     assert (r.ratio > 1).all() and (r.p_value < 0.01).mean() > 0.5
-    assert r.attrs["test"] == "Brown-Forsythe"
+    assert r.attrs["test"].startswith("paired block bootstrap")
+    assert ((r.lower <= r.ratio) & (r.ratio <= r.upper)).all()
 
 
 def test_compare_runs_small_vs_large_batch():
     ds = stack({"bs4": make_run(batch_size=4, seed=1), "bs128": make_run(batch_size=128, seed=2)})
-    r = compare_runs(ds, "bs4", "bs128", S.BN_STD, 200)
-    assert (r.ratio > 3).all() and (r.p_value < 1e-6).all()
+    r = compare_runs(ds, "bs4", "bs128", S.BN_STD, 200, n_boot=300)
+    assert (r.ratio > 3).all() and (r.p_value < 1e-6).all() and (r.lower > 3).all()
+    bf = compare_runs(ds, "bs4", "bs128", S.BN_STD, 200, method="brown-forsythe")
+    assert (bf.p_value < 1e-6).all() and bf.attrs["test"] == "Brown-Forsythe"
+    np.testing.assert_allclose(bf.ratio, r.ratio, rtol=1e-10)
     with pytest.raises(StatscopeError, match="bs9"):
         compare_runs(ds, "bs9", "bs128")
 

@@ -1,0 +1,95 @@
+"""Across seeds: which runs repeat one configuration, and the between-seed summary of an effect.
+
+Runs that differ only in their seed are replicates of one configuration (model, batch size,
+norm, learning rate, ...). A claim about the configuration is judged on the seeds: how many of
+them show it, and a t interval for the mean effect over seeds, whose spread includes what the
+within-run bootstrap cannot see (initialisation, data order).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy import stats
+
+from statscope import schema as S
+
+__all__ = ["config_labels", "between_seeds", "SEED_FREE_KEYS"]
+
+SEED_FREE_KEYS = (S.META_BATCH_SIZE, S.META_NORM, S.ATTR_MODEL, S.META_DATASET, S.META_LR,
+                  S.META_EPOCHS)
+"""The settings that define a configuration (the seed is not one of them), in label order."""
+
+_NAMES = {S.ATTR_MODEL: "", S.META_DATASET: "data", S.META_NORM: "norm",
+          S.META_BATCH_SIZE: "batch size", S.META_LR: "lr", S.META_EPOCHS: "epochs"}
+
+
+def config_labels(metas: Sequence[Mapping]) -> list[str]:
+    """One label per run naming its configuration, without the seed: the batch size (when
+    known) and each other setting that splits the runs further (a learning rate scaled with the
+    batch size does not).
+
+    Example:
+        >>> config_labels([{"batch_size": 4, "lr": 0.1, "seed": 0},
+        ...                {"batch_size": 4, "lr": 0.1, "seed": 1},
+        ...                {"batch_size": 128, "lr": 3.2, "seed": 0}])
+        ['batch size 4', 'batch size 4', 'batch size 128']
+        >>> config_labels([{"model": "a"}, {"model": "b"}])
+        ['a', 'b']
+    """
+    keys: list[str] = []
+    for k in SEED_FREE_KEYS:
+        if k == S.META_BATCH_SIZE and any(m.get(k) is not None for m in metas):
+            keys.append(k)
+            continue
+        before = len({tuple(_text(m.get(j)) for j in keys) for m in metas})
+        after = len({tuple(_text(m.get(j)) for j in (*keys, k)) for m in metas})
+        if after > before:
+            keys.append(k)
+    out = []
+    for m in metas:
+        parts = [(f"{_NAMES[k]} {_text(m.get(k))}" if _NAMES[k] else _text(m.get(k))).strip()
+                 for k in keys]
+        out.append(" · ".join(parts) or "all runs")
+    return out
+
+
+def _text(v) -> str:
+    if v is None:
+        return "?"
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def between_seeds(effects, confidence: float = 0.95) -> tuple[float, float, float, float]:
+    """Mean of per-seed effects and its t interval over seeds (NaN seeds left out).
+
+    Args:
+        effects: one value per seed.
+        confidence: two-sided level.
+
+    Returns:
+        (mean, lower, upper, p-value of mean = 0); bounds and p are NaN with fewer than two
+        finite values.
+
+    Example:
+        >>> [round(v, 3) for v in between_seeds([1.0, 2.0, 3.0])]
+        [2.0, -0.484, 4.484, 0.074]
+    """
+    x = np.asarray(effects, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return (math.nan,) * 4
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, math.nan, math.nan, math.nan
+    se = float(x.std(ddof=1)) / math.sqrt(x.size)
+    q = float(stats.t.ppf(0.5 + confidence / 2.0, x.size - 1))
+    p = float(2.0 * stats.t.sf(abs(mean) / se, x.size - 1)) if se > 0 else (
+        1.0 if mean == 0 else 0.0)
+    return mean, mean - q * se, mean + q * se, p

@@ -1,0 +1,175 @@
+"""Tables that ``statscope analyze`` and ``statscope report`` show (pure: runs in, DataFrames out),
+and what each of their columns means."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from statscope import schema as S
+from statscope.errors import StatscopeError
+
+from ._data import FLUCT_STATS, layer_order
+from ._names import NOTES
+from .baseline import excess_fluctuation
+from .fluctuation import fluctuation
+from .seeds import between_seeds, config_labels
+from .summary import layer_summary
+from .window import run_windows
+
+__all__ = ["fluctuation_table", "pooled_fluctuation_table", "select_layers", "COLUMNS",
+           "summary_matrix"]
+
+COLUMNS = {
+    "run": "the run (its folder name, or its path where names repeat)",
+    "config": "the run's configuration without its seed: runs with the same config are seeds",
+    "batch_size": "the run's batch size",
+    "layer": "the probed layer (the input of its norm)",
+    "statistic": "which per-step statistic: bn_mean/bn_std (per neuron, over the batch) or "
+                 "en_mean/en_std (pooled over the layer's EN group)",
+    "median": "median over the layer's neurons of each neuron's fluctuation: the sample "
+              "standard deviation of the statistic over the window's steps",
+    "q25": "25th percentile over the layer's neurons of the fluctuation",
+    "q75": "75th percentile over the layer's neurons of the fluctuation",
+    "first": "the fluctuation of the layer's first neuron (unit 0, the paper's neuron i-1)",
+    "excess": "observed fluctuation / what batch sampling alone predicts (σ/√N for the mean, "
+              "σ·√((κ−1)/4N) for the std); layer median; 1 = sampling noise explains it, "
+              "> 1 = something else adds noise, < 1 = less than sampling predicts; BN only",
+    "n_runs": "how many runs (seeds) the row pools",
+    "ci_low": "lower bound of the interval (per run: bias-corrected block bootstrap over steps; "
+              "pooled: t interval of the mean over seeds)",
+    "ci_high": "upper bound of the interval",
+    "effect": "natural-log ratio in the claim's direction: > 0 the claim's direction, 0 no "
+              "difference (e^effect is the ratio)",
+    "p_value": "two-sided p-value for effect = 0, before adjustment",
+    "p_adjusted": "p-value adjusted over the whole claims table (Holm unless stated)",
+    "verdict": "holds / does not hold when the adjusted p-value is below 1 − confidence, by the "
+               "sign of the effect; otherwise inconclusive (the note says why)",
+    "seeds": "how the seeds' own verdicts went",
+    "block": "bootstrap block length in steps, chosen from the effect's autocorrelation "
+             "(0: the window is too short for an interval)",
+    "n_eff": "effective sample size: window steps / autocorrelation time of the effect",
+    "note": "why a row is inconclusive, or a caveat",
+    "slope": "least-squares slope of log(layer-median scale-free fluctuation) on log(batch "
+             "size); sampling theory predicts −0.5 for BN statistics",
+    "lower": "lower bound of the slope's interval",
+    "upper": "upper bound of the slope's interval",
+}
+"""Every column the tables use, explained (the report prints these where the columns appear)."""
+
+
+def select_layers(ds: xr.Dataset, layers) -> xr.Dataset:
+    """Keep the neurons of ``layers`` (names of the layer coordinate); None keeps all.
+
+    Raises:
+        StatscopeError: a name is not a layer of the run.
+    """
+    if not layers:
+        return ds
+    have = layer_order(ds[S.LAYER].values)
+    missing = [name for name in layers if name not in have]
+    if missing:
+        raise StatscopeError(f"layers={list(layers)}: no such layer {', '.join(missing)}; "
+                             f"available: {', '.join(have)}")
+    return ds.isel({S.NEURON: np.isin(ds[S.LAYER].values, list(layers))})
+
+
+def fluctuation_table(ds, window=200, *, scale_free: bool = False, detrend: bool = False,
+                      name: str | None = None):
+    """The Figure-6 table: one row per (run, layer, statistic).
+
+    Args:
+        ds: a run, stacked runs, or a mapping name -> run (runs may differ in layers).
+        window: see :func:`statscope.analyses.select_window` (each run's own window).
+        scale_free, detrend: as in :func:`statscope.analyses.fluctuation`.
+        name: the run's name in the table when ``ds`` is one run.
+
+    Returns:
+        pandas.DataFrame with columns run, config, batch_size, layer, statistic, median, q25,
+        q75, first, excess (see :data:`COLUMNS`); ``df.attrs``: window, notes, scale_free,
+        detrend.
+
+    Example:
+        >>> from statscope.analyses._demo import demo_run
+        >>> fluctuation_table(demo_run(), 100, name="demo").columns.tolist()[:5]
+        ['run', 'config', 'batch_size', 'layer', 'statistic']
+    """
+    import pandas as pd
+
+    windows = run_windows(ds, window)
+    single = isinstance(ds, xr.Dataset) and S.RUN not in ds.dims
+    configs = config_labels([w.meta for w in windows])
+    rows, notes = [], []
+    for w, config in zip(windows, configs):
+        run = (name or w.name) if single else w.name
+        summ = layer_summary(fluctuation(w.data, "all", scale_free=scale_free, detrend=detrend))
+        found = list(summ.attrs[NOTES])
+        try:
+            ex = layer_summary(excess_fluctuation(w.data, "all", detrend=detrend))
+            found += [n for n in ex.attrs[NOTES] if n not in found]
+        except StatscopeError as err:
+            ex = None
+            found.append(f"no sampling baseline: {err}")
+        notes += [n if single else f"{run}: {n}" for n in found]
+        bs = w.meta.get(S.META_BATCH_SIZE)
+        for layer in summ[S.LAYER].values:
+            for stat in FLUCT_STATS:
+                q = summ[stat].sel({S.LAYER: layer}).values
+                excess = (float(ex[stat].sel({S.LAYER: layer, "quantity": "median"}))
+                          if ex is not None and stat in ex else np.nan)
+                rows.append({"run": run, "config": config,
+                             "batch_size": None if bs is None else float(bs),
+                             "layer": str(layer), "statistic": stat,
+                             **dict(zip(("median", "q25", "q75", "first"), map(float, q))),
+                             "excess": excess})
+    df = pd.DataFrame(rows, columns=["run", "config", "batch_size", "layer", "statistic",
+                                     "median", "q25", "q75", "first", "excess"])
+    df.attrs = {"window": windows[0].data.attrs["window"], NOTES: notes,
+                "scale_free": scale_free, "detrend": detrend}
+    return df
+
+
+def pooled_fluctuation_table(table, confidence: float = 0.95):
+    """The Figure-6 table pooled over seeds: one row per (config, layer, statistic).
+
+    Args:
+        table: from :func:`fluctuation_table`.
+        confidence: level of the between-seed interval.
+
+    Returns:
+        pandas.DataFrame: config, layer, statistic, n_runs, median (mean over seeds of the layer
+        median), ci_low, ci_high (t interval of that mean over seeds; NaN for one seed),
+        excess (mean over seeds).
+    """
+    import pandas as pd
+
+    rows = []
+    for (config, layer, stat), g in table.groupby(["config", "layer", "statistic"], sort=False):
+        mean, lo, hi, _ = between_seeds(g["median"].to_numpy(), confidence)
+        with np.errstate(all="ignore"):
+            excess = float(np.nanmean(g["excess"])) if np.isfinite(g["excess"]).any() \
+                else np.nan
+        rows.append({"config": config, "layer": layer, "statistic": stat, "n_runs": len(g),
+                     "median": mean, "ci_low": lo, "ci_high": hi, "excess": excess})
+    out = pd.DataFrame(rows, columns=["config", "layer", "statistic", "n_runs", "median",
+                                      "ci_low", "ci_high", "excess"])
+    out.attrs = dict(table.attrs)
+    return out
+
+
+def summary_matrix(pooled) -> tuple[list[str], list[tuple[tuple[str, str, str], dict]]]:
+    """The one-screen summary: a row per (claim, statistic, config), a column per layer.
+
+    Args:
+        pooled: :class:`statscope.analyses.PooledClaims`.
+
+    Returns:
+        (layers in order, rows): each row is ((claim, statistic, config), {layer: PooledRow}).
+    """
+    layers: list[str] = []
+    rows: dict[tuple[str, str, str], dict] = {}
+    for r in pooled.rows:
+        if r.layer not in layers:
+            layers.append(r.layer)
+        rows.setdefault((r.claim, r.statistic, r.config), {})[r.layer] = r
+    return layers, list(rows.items())
