@@ -98,27 +98,27 @@ class Exporter:
             self.sink.layout(layers)
             self._layout_written = True
         start = first if self._next_scalar_step is None else self._next_scalar_step
-        items: list = scalar_summaries(ds, start, last + 1, self.offset)
+        scalars = scalar_summaries(ds, start, last + 1, self.offset)
+        self.sink.write(scalars)
         self._next_scalar_step = last + 1
+        result = ExportResult(scalars=len(scalars), last_step=last)
         k0 = math.ceil(first / self.window) if self._next_window is None else self._next_window
         k1 = (last + 1) // self.window  # windows k0..k1-1 are complete
-        windows = 0
         per_load = max(1, _LOAD_STEPS // self.window)
         stats = [s for s in (*STATISTICS, S.COUNT) if s in ds.data_vars]
-        for a in range(k0, k1, per_load):
+        for a in range(k0, k1, per_load):  # written load by load: memory stays bounded
             b = min(k1, a + per_load)
             rows = ds[stats].sel({S.STEP: slice(a * self.window, b * self.window - 1)}).load()
             for k in range(a, b):
                 lo, hi = k * self.window, (k + 1) * self.window
-                found = window_summaries(rows.sel({S.STEP: slice(lo, hi - 1)}),
+                items = window_summaries(rows.sel({S.STEP: slice(lo, hi - 1)}),
                                          hi - 1 + self.offset)
-                windows += bool(found)
-                items += found
+                self.sink.write(items)
+                n_hist = sum(isinstance(i, Histogram) for i in items)
+                result += ExportResult(int(bool(items)), len(items) - n_hist, n_hist)
         self._next_window = max(k0, k1)
-        self.sink.write(items)
         self.sink.flush()
-        n_hist = sum(isinstance(i, Histogram) for i in items)
-        return ExportResult(windows, len(items) - n_hist, n_hist, last)
+        return result
 
 
 def export_run(run: str | os.PathLike, to: str, target: str | os.PathLike, *, window: int = 200,
