@@ -143,7 +143,7 @@ def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, 
         notes.append(f"min/max envelope of ≤ {per_trace:,} points per trace; zoom in for full "
                      "resolution")
     grid = Grid.wrap(len(names), cells, max_cols, top=header_height(notes) + 24)
-    data, annotations = [], []
+    data, annotations, empty = [], [], set()
     shown = set()
     for p, name in enumerate(names):
         steps, rows, pos, present, stats = plan[name]
@@ -153,6 +153,8 @@ def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, 
             y = read_scalar(name, scalar)
             if y is None:
                 annotations.append(grid.note(p, i, f"no {scalar} logged in {name}"))
+                data.append(_placeholder(grid, p, i))
+                empty.add((p, i))
                 continue
             x, v = envelope(x_all, np.asarray(y)[rows], per_trace)
             data.append({"type": "scatter", "x": x, "y": v,
@@ -168,6 +170,8 @@ def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, 
                 for r in range(2):
                     annotations.append(grid.note(p, cell + r,
                                                  f"no {neuron_label(layer, unit)} in {name}"))
+                    data.append(_placeholder(grid, p, cell + r))
+                    empty.add((p, cell + r))
                 continue
             j = present.index(q)
             for r, (_, pair) in enumerate(PAIRS):
@@ -194,16 +198,25 @@ def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, 
         y_titles += [f"{neuron_label(layer, u)} {what}<br><span style='font-size:11px'>({unit})"
                      "</span>" for what, _ in PAIRS]
     layout = grid.layout(share_x="panel", share_y="cell", x_title="training step",
-                         titles=[run_title(n, runs[n]) for n in names], y_titles=y_titles)
+                         titles=[run_title(n, runs[n]) for n in names], y_titles=y_titles,
+                         empty=empty)
     layout["annotations"] += annotations
     layout.update(header(f"Statistics over training, {span}", notes, height=grid.height))
     layout["template"] = TEMPLATE_JSON
     layout["uirevision"] = repr((names, list(neurons), list(scalars), window.spec()))
     for p, name in enumerate(names):
-        if name in zooms:
-            key = f"xaxis{'' if grid.axis(p, 0) == 1 else grid.axis(p, 0)}"
-            layout[key].update(range=list(zooms[name]), autorange=False)
+        for c in range(grid.n_cells):
+            if name in zooms and (p, c) not in empty:
+                n = grid.axis(p, c)
+                layout[f"xaxis{'' if n == 1 else n}"].update(range=list(zooms[name]),
+                                                             autorange=False)
     return {"data": data, "layout": layout}
+
+
+def _placeholder(grid: Grid, panel: int, cell: int) -> dict:
+    """An empty trace, so that plotly draws the cell (and its note) although it holds no data."""
+    return {"type": "scatter", "x": [], "y": [], "mode": "lines", "showlegend": False,
+            "hoverinfo": "skip", "meta": {"placeholder": True}, **grid.refs(panel, cell)}
 
 
 def evolution_figure(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, int]],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +107,8 @@ class Grid:
 
     def layout(self, *, share_x: str = "panel", share_y: str = "cell",
                titles: Sequence[str] = (), x_title: str | None = None,
-               y_titles: Sequence[str | None] = ()) -> dict[str, Any]:
+               y_titles: Sequence[str | None] = (),
+               empty: Collection[tuple[int, int]] = ()) -> dict[str, Any]:
         """Axes, panel titles, height and margins of the grid, as a layout dict.
 
         Args:
@@ -118,7 +119,23 @@ class Grid:
             titles: one title per panel, drawn above it.
             x_title: title of the x axis under each panel.
             y_titles: title of each cell's y axis, drawn on the first panel of each row.
+            empty: ``(panel, cell)`` pairs that hold no data (a note says why). They join no
+                shared axis: plotly would count them as the range [-1, 6] in the group's
+                autorange, and a group led by one draws nothing.
         """
+        empty = set(empty)
+        full = [(p, c) for p in range(self.n_panels) for c in range(self.n_cells)
+                if (p, c) not in empty]
+        # the axis a group's other members match: its first cell that holds data; and in each
+        # row of panels, the first panel with data in a cell labels that cell's y ticks
+        base: dict[tuple[str, Any], int] = {}
+        labelled: dict[tuple[int, int], int] = {}
+        bottom = {}  # the cell under which a panel's step axis is labelled: its last with data
+        for p, c in full:
+            bottom[p] = c
+            labelled.setdefault((p // self.cols, c), p)
+            base.setdefault(("x", p if share_x == "panel" else None), self.axis(p, c))
+            base.setdefault(("y", c if share_y == "cell" else None), self.axis(p, c))
         lay: dict[str, Any] = {"height": self.height, "annotations": [],
                                "margin": {"t": self.top, "b": self.bottom, "r": 20}}
         last = self.n_cells - 1
@@ -130,17 +147,25 @@ class Grid:
                 xa: dict[str, Any] = {"domain": x, "anchor": axis_name("y", n), "automargin": True}
                 ya: dict[str, Any] = {"domain": self._y(p, c), "anchor": axis_name("x", n),
                                       "automargin": True}
-                xbase = {"panel": self.axis(p, 0), "all": 1}.get(share_x, n)
+                if (p, c) in empty:
+                    xa.update(range=[0, 1], showgrid=False, type="linear", ticks="")
+                    ya.update(range=[0, 1], showgrid=False, showticklabels=False, type="linear",
+                              ticks="")
+                    xbase = ybase = n
+                else:
+                    xbase = (base[("x", p)] if share_x == "panel" else
+                             base[("x", None)] if share_x == "all" else n)
+                    ybase = (base[("y", c)] if share_y == "cell" else
+                             base[("y", None)] if share_y == "all" else n)
                 if n != xbase:
                     xa["matches"] = axis_name("x", xbase)
-                if c != last and share_x == "panel":
+                if c != bottom.get(p, last) and share_x == "panel" or (p, c) in empty:
                     xa["showticklabels"] = False
                 elif x_title:
                     xa["title"] = {"text": x_title}
-                ybase = {"cell": self.axis(0, c), "all": 1}.get(share_y, n)
                 if n != ybase:
                     ya["matches"] = axis_name("y", ybase)
-                if share_y != "none" and not first_col:
+                if share_y != "none" and p != labelled.get((p // self.cols, c)):
                     ya["showticklabels"] = False
                 if first_col and c < len(y_titles) and y_titles[c]:
                     ya["title"] = {"text": y_titles[c]}

@@ -64,11 +64,21 @@ class Server:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close the socket and every connection, end the workers, and join the thread."""
-        for channel in list(self._map.values()):
-            channel.close()
-        self._server.task_dispatcher.shutdown(timeout=timeout)
-        if self._thread is not None:
+        from waitress.trigger import trigger
+
+        def close_all():
+            for channel in list(self._map.values()):
+                channel.close()
+
+        # Sockets are closed by the loop's own thread (the trigger runs a call there): closing
+        # them from here would pull them from under its select(). An empty map ends the loop.
+        pulls = [c for c in self._map.values() if isinstance(c, trigger)]
+        if pulls and self._thread is not None and self._thread.is_alive():
+            pulls[0].pull_trigger(close_all)
             self._thread.join(timeout)
+        else:
+            close_all()
+        self._server.task_dispatcher.shutdown(timeout=timeout)
 
 
 def bind(app, host: str, port: int, *, threads: int = THREADS) -> Server:
@@ -89,17 +99,22 @@ def bind(app, host: str, port: int, *, threads: int = THREADS) -> Server:
     """
     from waitress import create_server
 
-    channels: dict = {}
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise StatscopeError(f"--port={port!r}: expected 0..65535")
     try:
-        server = create_server(app.server, map=channels, host=host, port=port, threads=threads,
-                               max_request_body_size=MAX_REQUEST_BYTES, ident="statscope",
-                               clear_untrusted_proxy_headers=True)
-    except socket.gaierror as exc:
-        raise StatscopeError(f"--host={host!r}: not a known address ({exc.strerror}); expected "
-                             "an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
-    except OverflowError:
-        raise StatscopeError(f"--port={port}: expected 0..65535") from None
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError):
+        raise StatscopeError(f"--host={host!r}: not a known address; expected an address of "
+                             "this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    # The socket is ours, so a failed bind closes it here (waitress would leave it open).
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
     except OSError as exc:
+        sock.close()
         if exc.errno == errno.EADDRNOTAVAIL:
             raise StatscopeError(f"--host={host!r}: not an address of this machine; expected "
                                  "one of its own, e.g. 127.0.0.1 or 0.0.0.0") from None
@@ -111,6 +126,8 @@ def bind(app, host: str, port: int, *, threads: int = THREADS) -> Server:
                              "need privileges); choose another port with --port") from None
         raise ServeError(f"--host={host!r} --port={port}: cannot listen ({exc.strerror})") \
             from None
-    # A name with several addresses (localhost: IPv4 and IPv6) gets one socket each.
-    listen = getattr(server, "effective_listen", None) or [(host, server.effective_port)]
-    return Server(host=host, port=int(listen[0][1]), _server=server, _map=channels)
+    channels: dict = {}
+    server = create_server(app.server, map=channels, sockets=[sock], threads=threads,
+                           max_request_body_size=MAX_REQUEST_BYTES, ident="statscope",
+                           clear_untrusted_proxy_headers=True)
+    return Server(host=host, port=int(sock.getsockname()[1]), _server=server, _map=channels)

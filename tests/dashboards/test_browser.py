@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
-import threading
 
 import pytest
 
@@ -22,27 +22,25 @@ if not os.path.exists(CHROMIUM):
 
 
 @pytest.fixture
-def server(tmp_path):
-    """The app over bs4/bs128 stores (3,000 steps) on 127.0.0.1, port 0, in a thread."""
-    from werkzeug.serving import WSGIRequestHandler, make_server
-
-    class Quiet(WSGIRequestHandler):
-        def log_request(self, *args, **kwargs):
-            pass
-
+def served(tmp_path):
+    """The app over bs4/bs128 stores (3,000 steps), served by waitress on 127.0.0.1, port 0."""
     from statscope.dashboards import create_app
+    from statscope.dashboards.server import bind
 
     root = tmp_path / "runs"
     layers = (("fc1", 16), ("fc2", 16), ("fc3", 16))
     write_synthetic(root / "bs4", synthetic_run(3000, layers, batch_size=4, seed=1))
     write_synthetic(root / "bs128", synthetic_run(3000, layers, batch_size=128, seed=2))
     app = create_app(root)
-    srv = make_server("127.0.0.1", 0, app.server, threaded=True, request_handler=Quiet)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.server_port}", root
-    srv.shutdown()
-    thread.join(5)
+    server = bind(app, "127.0.0.1", 0).start()
+    yield server.url.rstrip("/"), root, app
+    server.stop()
+
+
+@pytest.fixture
+def server(served):
+    url, root, _ = served
+    return url, root
 
 
 @pytest.fixture
@@ -75,15 +73,16 @@ def _wait(page, graph: str, condition: str = "true"):
         if (!gd || !gd._fullData || !gd._fullData.length) return false;
         const traces = gd._fullData;
         return {condition};
-    }}""", polling=100, timeout=15000)
+    }}""", polling=100, timeout=30000)
 
 
 def test_load_select_zoom_and_screenshot(server, page, tmp_path):
     url, _ = server
     page.goto(url + "/")
-    _wait(page, "evolution-graph", "traces.length === 2 * 3 * 2 * 2")
+    _wait(page, "evolution-graph", "traces.length === 2 * 3 * 2 * 2 + 2")  # + loss per run
     traces = _traces(page, "evolution-graph")
     assert {t["meta"]["run"] for t in traces} == {"bs4", "bs128"}
+    assert sorted(t["meta"]["run"] for t in traces if "scalar" in t["meta"]) == ["bs128", "bs4"]
     assert all(t["n"] == 200 and t["x0"] == 2800 and t["x1"] == 2999 for t in traces)
     assert "run=bs4&run=bs128" in page.url
 
@@ -94,7 +93,11 @@ def test_load_select_zoom_and_screenshot(server, page, tmp_path):
     assert all(t["x1"] == 2999 for t in _traces(page, "evolution-graph"))
 
     # Zoom on steps 1000-1100 in the first run's column: the server answers with that run's
-    # full-resolution slice; the other run keeps its own axis and window.
+    # full-resolution slice; the other run keeps its own axis and window. (First let the first
+    # poll's redraw pass: a zoom made while the figure is being replaced can be lost.)
+    page.wait_for_function("() => document.querySelector('#run-status').innerText"
+                           ".includes('bs128 · completed')", polling=100, timeout=30000)
+    page.wait_for_timeout(1000)
     page.evaluate("""() => Plotly.relayout(document.querySelector('#evolution-graph .js-plotly-plot'),
                                           {'xaxis.range[0]': 1000, 'xaxis.range[1]': 1100})""")
     _wait(page, "evolution-graph",
@@ -132,7 +135,7 @@ def test_scatter_click_opens_the_neurons_evolution(server, page):
     page.mouse.click(box["x"], box["y"])
     page.wait_for_url("**neuron=fc2:5**", timeout=15000)
     assert "tab=" not in page.url  # the evolution tab is the default and is left out
-    _wait(page, "evolution-graph", "traces.length === 4")
+    _wait(page, "evolution-graph", "traces.length === 5")  # 4 statistics and the loss
 
 
 def test_live_run_is_followed_without_a_reload(server, page):
@@ -151,3 +154,64 @@ def test_live_run_is_followed_without_a_reload(server, page):
     _wait(page, "evolution-graph", "traces.every(t => Number(t.x[t.x.length-1]) === 899)")
     page.wait_for_function("() => document.querySelector('#run-status').innerText"
                            ".includes('live · completed · step 899')", polling=200, timeout=15000)
+
+
+def _boxes(page, graph: str) -> list[dict]:
+    """Bounding boxes of every text plotly drew in a graph: tick labels, axis titles, panel
+    titles and notes, the figure title and the legend."""
+    return page.evaluate(f"""() => {{
+        const gd = document.querySelector('#{graph} .js-plotly-plot');
+        // ticks are in g.xtick, g.y2tick..., titles in g.g-xtitle, g.g-y3title, g.g-gtitle
+        const sel = 'g[class$="tick"] > text, g[class^="g-"][class$="title"] text, ' +
+                    '.annotation-text, .legendtext';
+        return Array.from(gd.querySelectorAll(sel)).map(e => {{
+            const r = e.getBoundingClientRect();
+            return {{kind: (e.getAttribute('class') || '') + ' ' +
+                           (e.parentNode.getAttribute('class') || ''),
+                     text: e.textContent, x0: r.left, x1: r.right, y0: r.top, y1: r.bottom}};
+        }}).filter(b => b.x1 - b.x0 > 0 && b.y1 - b.y0 > 0);
+    }}""")
+
+
+def _overlaps(boxes: list[dict], slack: float = 0.5) -> list[tuple[str, str]]:
+    return [(a["text"], b["text"]) for a, b in itertools.combinations(boxes, 2)
+            if min(a["x1"], b["x1"]) - max(a["x0"], b["x0"]) > slack
+            and min(a["y1"], b["y1"]) - max(a["y0"], b["y0"]) > slack]
+
+
+def test_no_label_overlaps_another_and_negative_ticks_keep_their_sign(served, page, tmp_path):
+    """Tick labels, axis titles, panel titles, notes and legend never overlap, in every view.
+
+    The "tiny" run's means are small and negative, so its tick labels are wide ("−0.0045"):
+    the y titles must make room for them instead of hiding their minus signs.
+    """
+    url, root, app = served
+    tiny = synthetic_run(3000, (("fc1", 4), ("fc2", 4)), batch_size=8, seed=3)
+    for stat in ("bn_mean", "en_mean"):
+        tiny[stat] = tiny[stat] * 1e-3 - 0.004
+    write_synthetic(root / "tiny", tiny)
+    app.catalog.refresh()
+    views = {"evolution-graph": "/?run=tiny&neuron=fc1:0",
+             "evolution-graph ": "/?run=tiny&run=bs4&run=bs128&neuron=fc1:0&neuron=fc3:1",
+             "fluctuation-graph": "/?tab=fluctuation&run=tiny&run=bs4&run=bs128&scale=raw"
+                                  "&neuron=fc1:0&neuron=fc3:1",
+             "scatter-graph": "/?tab=scatter&run=tiny&run=bs4&run=bs128"}
+    for key, view in views.items():
+        graph = key.strip()
+        page.goto(url + view)
+        _wait(page, graph, "traces.length > 4")
+        # the URL gains its defaults and the figure is drawn again; automargin redraws once more
+        page.wait_for_load_state("networkidle")
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(tmp_path / f"{graph}{len(key)}.png"), full_page=True)
+        boxes = _boxes(page, graph)
+        assert len(boxes) > 20, [(b["kind"], b["text"]) for b in boxes]
+        assert not _overlaps(boxes), (view, _overlaps(boxes))
+        if "run=bs4" not in view:
+            ticks = [b["text"] for b in boxes if b["kind"].endswith("tick")
+                     and b["kind"].split()[-1].startswith("y")]
+            assert any(t.startswith("−") and "0.00" in t for t in ticks), ticks
+        elif graph == "evolution-graph":
+            # the run without fc3[1] says so in its panels instead of leaving them blank
+            notes = [b["text"] for b in boxes if b["text"].startswith("no fc3[1]")]
+            assert notes == ["no fc3[1] in tiny"] * 2

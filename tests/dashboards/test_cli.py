@@ -1,6 +1,7 @@
 """``statscope dashboard``: through ``register``/``run_dashboard`` and once as a subprocess."""
 
 import argparse
+import socket
 import subprocess
 import sys
 
@@ -22,37 +23,67 @@ def test_defaults_bind_localhost_and_open_a_browser():
     assert args.func is cmd.run_dashboard
 
 
-def test_serves_the_runs_without_debug(store_root, monkeypatch, capsys):
-    served = {}
-    monkeypatch.setattr(cmd, "_serve", lambda app, host, port: served.update(app=app, host=host,
-                                                                             port=port))
+@pytest.fixture
+def served(monkeypatch):
+    """Capture the server run_dashboard binds instead of serving forever; closed afterwards."""
+    from statscope.dashboards.server import Server
+
+    out = {}
+    monkeypatch.setattr(Server, "run", lambda self: out.update(server=self))
+    yield out
+    if "server" in out:
+        out["server"].stop()
+
+
+def test_serves_the_runs_through_waitress_without_a_development_warning(store_root, served,
+                                                                         capsys):
     assert cmd.run_dashboard(_parse(["dashboard", str(store_root), "--no-browser",
-                                     "--port", "8123"])) == 0
-    assert served["host"] == "127.0.0.1" and served["port"] == 8123
-    assert served["app"].catalog.names() == ["bs4", "bs128"]
-    assert "2 run(s)" in capsys.readouterr().err
+                                     "--port", "0"])) == 0
+    server = served["server"]
+    assert server.host == "127.0.0.1" and server.port > 0
+    assert type(server._server).__module__.startswith("waitress")
+    err = capsys.readouterr().err
+    assert "2 run(s)" in err and f":{server.port}/" in err
+    assert "development server" not in err.lower()
 
 
-def test_run_calls_flask_with_debug_off(store_root, monkeypatch):
-    calls = {}
-    from dash import Dash
-
-    monkeypatch.setattr(Dash, "run", lambda self, **kw: calls.update(kw))
-    cmd.run_dashboard(_parse(["dashboard", str(store_root), "--no-browser"]))
-    assert calls["debug"] is False and calls["host"] == "127.0.0.1"
-
-
-def test_binding_every_interface_warns(store_root, monkeypatch, capsys):
-    monkeypatch.setattr(cmd, "_serve", lambda *a: None)
-    cmd.run_dashboard(_parse(["dashboard", str(store_root), "--no-browser", "--host", "0.0.0.0"]))
+def test_binding_every_interface_warns(store_root, served, capsys):
+    cmd.run_dashboard(_parse(["dashboard", str(store_root), "--no-browser", "--host", "0.0.0.0",
+                              "--port", "0"]))
     assert "no authentication" in capsys.readouterr().err
 
 
-def test_a_corrupt_store_among_good_ones_is_a_warning(store_root, monkeypatch, capsys):
+def test_a_bad_host_is_one_usage_error(store_root, capsys):
+    from statscope.cli import main
+
+    assert main(["dashboard", str(store_root), "--no-browser", "--host", "no-such-host.invalid",
+                 "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("statscope: error: --host='no-such-host.invalid'")
+    assert "Traceback" not in "".join(err)
+
+
+def test_a_port_in_use_is_one_runtime_error_from_the_command_line(store_root):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = "import sys; from statscope.cli import main; sys.exit(main(sys.argv[1:]))"
+        out = subprocess.run([sys.executable, "-c", code, "dashboard", str(store_root),
+                              "--no-browser", "--port", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1] == (f"statscope: error: --port={port}: already in use on 127.0.0.1; stop "
+                         "what listens there or choose another port with --port")
+    assert "Traceback" not in out.stderr
+
+
+def test_a_corrupt_store_among_good_ones_is_a_warning(store_root, served, capsys):
     (store_root / "broken").mkdir()
     (store_root / "broken" / "zarr.json").write_text("{")
-    monkeypatch.setattr(cmd, "_serve", lambda *a: None)
-    assert cmd.run_dashboard(_parse(["dashboard", str(store_root), "--no-browser"])) == 0
+    assert cmd.run_dashboard(_parse(["dashboard", str(store_root), "--no-browser",
+                                     "--port", "0"])) == 0
     assert "skipping run 'broken'" in capsys.readouterr().err
 
 
