@@ -108,12 +108,36 @@ class Layers:
 
     def median(self, values: np.ndarray) -> np.ndarray:
         """Layer medians over the last axis (neurons), NaN skipped: (..., n_layers)."""
-        with quiet():
-            return np.stack([np.nanmedian(values[..., i], axis=-1) for i in self.index], -1)
+        return np.stack([nanmedian(values[..., i]) for i in self.index], -1)
 
     def first_unit(self, values: np.ndarray) -> np.ndarray:
         """Each layer's first neuron over the last axis: (..., n_layers)."""
         return values[..., self.first]
+
+
+def nanmedian(values: np.ndarray) -> np.ndarray:
+    """Median over the last axis, NaN skipped (all-NaN: NaN); np.median where nothing is NaN,
+    which is many times faster than np.nanmedian on small rows."""
+    values = np.asarray(values, dtype=np.float64)
+    nan = np.isnan(values)
+    if not nan.any():
+        return np.median(values, axis=-1)
+    with quiet():
+        return np.nanmedian(values, axis=-1)
+
+
+def t_quantile(p, df):
+    """Quantile ``p`` of Student's t with ``df`` degrees of freedom (scipy.special, no stats)."""
+    from scipy.special import stdtrit
+
+    return stdtrit(df, p)
+
+
+def t_two_sided(t, df):
+    """Two-sided p-value of a t statistic with ``df`` degrees of freedom."""
+    from scipy.special import stdtr
+
+    return 2.0 * stdtr(df, -np.abs(t))
 
 
 def probe_records(ds: xr.Dataset) -> dict[str, dict]:

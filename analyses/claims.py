@@ -332,20 +332,29 @@ def _run_rows(w, config: str, small: bool, confidence, n_boot, block, seed) -> l
     if len(names) >= 2:
         specs += [("d", names[0], x, "") for x in (S.BN_MEAN, S.BN_STD)]
 
-    def statistic(m: Moments) -> np.ndarray:
+    def ratio(a: str, b: str):
+        def f(m: Moments) -> np.ndarray:
+            with quiet():
+                return layers.median(np.log(m.std[a] / m.std[b]))
+        return f
+
+    def gaps(m: Moments) -> np.ndarray:
+        gm, gs = m.mean[_GAP_MEAN], m.mean[_GAP_STD]
         with quiet():
-            out = [layers.median(np.log(m.std[f"bn_{x}"] / m.std[f"en_{x}"]))
-                   for x in ("mean", "std")]
-            gm, gs = m.mean[_GAP_MEAN], m.mean[_GAP_STD]
-            out.append(layers.median(np.where((gm > 0) & (gs > 0), np.log(gm / gs), np.nan)))
-            if small:
-                out.append(layers.median(np.log(m.std[S.BN_STD] / m.std[S.BN_MEAN])))
-            if len(names) >= 2:
-                for x in (S.BN_MEAN, S.BN_STD):
-                    med = layers.median(m.std[x] / np.sqrt(m.mean[SIGMA2]))
-                    out.append((np.log(med[..., 0])
-                                - np.log(np.nanmax(med[..., 1:], axis=-1)))[..., None])
-        return np.concatenate(out, axis=-1)
+            return layers.median(np.where((gm > 0) & (gs > 0), np.log(gm / gs), np.nan))
+
+    def first(x: str):
+        def f(m: Moments) -> np.ndarray:
+            with quiet():
+                med = layers.median(m.std[x] / np.sqrt(m.mean[SIGMA2]))
+                return (np.log(med[..., 0]) - np.log(np.nanmax(med[..., 1:], axis=-1)))[..., None]
+        return f
+
+    statistic = [ratio(S.BN_MEAN, S.EN_MEAN), ratio(S.BN_STD, S.EN_STD), gaps]
+    if small:
+        statistic.append(ratio(S.BN_STD, S.BN_MEAN))
+    if len(names) >= 2:
+        statistic += [first(S.BN_MEAN), first(S.BN_STD)]
 
     iv = bootstrap_statistic(window_series(data, _SERIES), statistic, confidence=confidence,
                              n_boot=n_boot, block=block, seed=seed, groups=layers.ordinal)

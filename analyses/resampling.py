@@ -36,11 +36,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from statscope.errors import StatscopeError
 
-from ._data import quiet
+from ._data import quiet, t_quantile, t_two_sided
 from .blocklength import block_length
 
 __all__ = ["Moments", "Resampled", "Interval", "moments", "resample", "interval", "contrast",
@@ -143,6 +142,40 @@ def snap_block(b: float) -> int:
     return int(1.5 * p) if b <= 1.5 * p else int(2 * p)
 
 
+def snap_down(b: float) -> int:
+    """The largest of 1, 2, 3, 4, 6, 8, 12, ... that is ≤ ``b``.
+
+    >>> [snap_down(v) for v in (1, 5, 50, 64)]
+    [1, 4, 48, 64]
+    """
+    out = 1
+    while snap_block(out + 1) <= b:
+        out = snap_block(out + 1)
+    return out
+
+
+class _Lazy(Mapping):
+    """A read-only mapping that computes each value on first access."""
+
+    def __init__(self, keys, compute):
+        self._keys = list(keys)
+        self._compute = compute
+        self._done: dict = {}
+
+    def __getitem__(self, key):
+        if key not in self._done:
+            if key not in self._keys:
+                raise KeyError(key)
+            self._done[key] = self._compute(key)
+        return self._done[key]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+
 class _Data:
     """Series centred per column, with their NaN mask, stacked column-wise for the engine."""
 
@@ -165,14 +198,25 @@ class _Data:
         self.okf = self.ok.astype(np.float64)
 
     def moments(self, a0, a1, a2) -> Moments:
-        """Moments from sums of valid count, d and d² of shape (..., S, N)."""
-        with quiet():
-            m = a1 / a0
-            var = np.maximum(a2 - a0 * m * m, 0.0) / (a0 - 1.0)
-            std = np.where(a0 > 1, np.sqrt(var), np.nan)
-            mean = np.where(a0 > 0, m + self.center, np.nan)
-        return Moments({k: mean[..., i, :] for i, k in enumerate(self.names)},
-                       {k: std[..., i, :] for i, k in enumerate(self.names)})
+        """Moments from sums of valid count, d and d² of shape (..., S, N), each series computed
+        when the statistic first reads it."""
+        index = {k: i for i, k in enumerate(self.names)}
+
+        def mean(name):
+            i = index[name]
+            with quiet():
+                return np.where(a0[..., i, :] > 0, a1[..., i, :] / a0[..., i, :]
+                                + self.center[i], np.nan)
+
+        def std(name):
+            i = index[name]
+            n = a0[..., i, :]
+            with quiet():
+                m = a1[..., i, :] / n
+                var = np.maximum(a2[..., i, :] - n * m * m, 0.0) / (n - 1.0)
+                return np.where(n > 1, np.sqrt(var), np.nan)
+
+        return Moments(_Lazy(self.names, mean), _Lazy(self.names, std))
 
     def totals(self):
         return self.okf.sum(0), self.d.sum(0), (self.d * self.d).sum(0)
@@ -274,14 +318,33 @@ def _block_sums(a: np.ndarray, b: int) -> np.ndarray:
     return cs[b:] - cs[:-b]
 
 
+def _needs(data: _Data, statistic: Statistic) -> tuple[list[int], list[int]]:
+    """Indices of the series whose mean (or std) and whose std the statistic reads."""
+    m = data.moments(*data.totals())
+    with quiet():
+        statistic(m)
+    index = {k: i for i, k in enumerate(data.names)}
+    spread = sorted(index[k] for k in m.std._done)
+    level = sorted({index[k] for k in m.mean._done} | set(spread))
+    return level, spread
+
+
 def _replicates(data: _Data, statistic: Statistic, b: int, k_out: int, n_boot: int,
                 seed: int) -> np.ndarray:
-    """(n_boot, K) statistic on moving-block replicates of exactly T steps with blocks of b."""
+    """(n_boot, K) statistic on moving-block replicates of exactly T steps with blocks of b.
+
+    Only the sums the statistic reads are resampled: x for every series it reads, x² for those
+    whose std it reads, and the valid count only where some step is missing.
+    """
     t = data.t
     full, rest = divmod(t, b)
     rng = np.random.default_rng([seed, b])
     starts = rng.integers(0, t - b + 1, size=(n_boot, full))
-    cols = np.concatenate([data.okf, data.d, data.d * data.d], axis=1).reshape(t, -1)
+    level, spread = _needs(data, statistic)
+    gaps = [i for i in level if not data.ok[:, i].all()]
+    parts = [data.okf[:, gaps], data.d[:, level], data.d[:, spread] ** 2]
+    width = [len(gaps), len(level), len(spread)]
+    cols = np.concatenate(parts, axis=1).reshape(t, -1)
     sums = _block_sums(cols, b)
     part = None
     if rest:
@@ -292,7 +355,7 @@ def _replicates(data: _Data, statistic: Statistic, b: int, k_out: int, n_boot: i
     per_row = cols.shape[1] * 8 * (1 if gemm else full) + (n_pos * 8 if gemm else 0)
     per = max(1, min(n_boot, _BATCH_BYTES // max(1, per_row)))
     out = np.empty((n_boot, k_out))
-    s = data.d.shape[1]
+    s, n = data.d.shape[1], data.d.shape[2]
     for lo in range(0, n_boot, per):
         idx = starts[lo:lo + per]
         rows = idx.shape[0]
@@ -304,19 +367,37 @@ def _replicates(data: _Data, statistic: Statistic, b: int, k_out: int, n_boot: i
             acc = sums[idx].sum(axis=1)
         if part is not None:
             acc = acc + part[part_starts[lo:lo + per]]
-        acc = acc.reshape(rows, 3, s, -1)
-        vals = statistic(data.moments(acc[:, 0], acc[:, 1], acc[:, 2]))
+        acc = acc.reshape(rows, sum(width), n)
+        a0 = np.full((rows, s, n), float(t))
+        a1 = np.zeros((rows, s, n))
+        a2 = np.zeros((rows, s, n))
+        a0[:, gaps] = acc[:, :width[0]]
+        a1[:, level] = acc[:, width[0]:width[0] + width[1]]
+        a2[:, spread] = acc[:, width[0] + width[1]:]
+        vals = statistic(data.moments(a0, a1, a2))
         out[lo:lo + per] = np.asarray(vals, dtype=np.float64).reshape(rows, k_out)
     return out
 
 
-def resample(series: Mapping[str, np.ndarray], statistic: Statistic, *, n_boot: int = 1000,
+def _combine(parts) -> Statistic:
+    """One statistic whose effects are those of ``parts`` in order."""
+    def whole(m: Moments) -> np.ndarray:
+        outs = [np.asarray(f(m), dtype=np.float64) for f in parts]
+        lead = np.broadcast_shapes(*(o.shape[:-1] for o in outs))
+        return np.concatenate([np.broadcast_to(o, lead + o.shape[-1:]) for o in outs], axis=-1)
+
+    return whole
+
+
+def resample(series: Mapping[str, np.ndarray], statistic, *, n_boot: int = 1000,
              block: int | None = None, seed: int = 0, groups=None) -> Resampled:
     """Block-bootstrap a statistic of aligned per-step series (see the module docstring).
 
     Args:
         series: name -> array (T, N) over the same T steps; NaN marks an excluded step.
-        statistic: moments -> (..., K) effects (vectorised over leading axes).
+        statistic: moments -> (..., K) effects (vectorised over leading axes), or a sequence of
+            such functions whose effects are concatenated (each is then resampled only for the
+            block lengths its own effects use, and only from the series it reads).
         n_boot: replicates, 1 ≤ n_boot ≤ :data:`MAX_N_BOOT`.
         block: one block length for every effect, 1 ≤ block ≤ T/2; default per effect from
             the data (see the module docstring).
@@ -348,7 +429,11 @@ def resample(series: Mapping[str, np.ndarray], statistic: Statistic, *, n_boot: 
     if block is not None and not 1 <= int(block) <= t // 2:
         raise StatscopeError(f"block={block}: expected a block length between 1 and half the "
                              f"window's {t} steps")
-    est = np.asarray(statistic(data.moments(*data.totals())), dtype=np.float64).ravel()
+    parts = list(statistic) if isinstance(statistic, (list, tuple)) else [statistic]
+    statistic = _combine(parts)
+    base = data.moments(*data.totals())
+    sizes = [np.asarray(f(base)).shape[-1] for f in parts]
+    est = np.asarray(statistic(base), dtype=np.float64).ravel()
     k_out = est.size
     groups = np.arange(data.n) if groups is None else np.asarray(groups)
     if groups.shape != (data.n,):
@@ -369,15 +454,20 @@ def resample(series: Mapping[str, np.ndarray], statistic: Statistic, *, n_boot: 
     if block is not None:
         blocks = np.full(k_out, int(block))
     else:
-        longest = t // MIN_BLOCKS
+        longest = snap_block(t // MIN_BLOCKS)
+        longest = longest if longest <= t // MIN_BLOCKS else snap_down(t // MIN_BLOCKS)
         blocks = np.array([min(snap_block(BLOCK_FACTOR * v), longest) if np.isfinite(v) else 0
                            for v in auto])
         with quiet():
             blocks = np.where(t / tau >= MIN_EFFECTIVE, blocks, 0)
     reps = np.full((n_boot, k_out), np.nan)
+    edges = np.cumsum([0, *sizes])
     for b in np.unique(blocks[blocks > 0]):
-        use = blocks == b
-        reps[:, use] = _replicates(data, statistic, int(b), k_out, n_boot, seed)[:, use]
+        for f, lo, hi in zip(parts, edges[:-1], edges[1:]):
+            use = blocks[lo:hi] == b
+            if use.any():
+                part = _replicates(data, f, int(b), hi - lo, n_boot, seed)
+                reps[:, lo:hi][:, use] = part[:, use]
     return Resampled(est, reps, blocks.astype(int), np.asarray(tau, float),
                      np.asarray(join, float), t, _level_bias(levels, blocks, t))
 
@@ -450,12 +540,12 @@ def contrast(parts, weights, confidence: float = 0.95, *, log: bool = False) -> 
         se = math.sqrt(var)
         den = sum((w * p[2]) ** 4 / p[3] for w, *p in pieces)
         df = var * var / den if den > 0 else float(min(p[3] for _, *p in pieces))
-        q = float(stats.t.ppf(0.5 + confidence / 2.0, df))
+        q = float(t_quantile(0.5 + confidence / 2.0, df))
         if se <= 1e-12 * max(1.0, abs(center)):  # constant replicates: nothing to test
             notes.append("no spread across bootstrap replicates: nothing varies to test")
             continue
         lo[k], hi[k], se_out[k], df_out[k] = center - q * se, center + q * se, se, df
-        p_out[k] = float(2.0 * stats.t.sf(abs(center) / se, df))
+        p_out[k] = float(t_two_sided(center / se, df))
         notes.append("")
     with quiet():
         block = np.max([r.block for r in parts], axis=0)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import numpy as np
 import xarray as xr
-from scipy.signal import lfilter
 
 from statscope import schema as S
 from statscope.errors import StatscopeError
@@ -67,6 +66,8 @@ def _layers(ds: xr.Dataset):
 def _replay(ds: xr.Dataset, stop: int, keep_from: int):
     """Running buffers after each step's update for positions [keep_from, stop): two arrays
     (stop - keep_from, neuron), float64, NaN for neurons without rebuildable buffers."""
+    from scipy.signal import lfilter  # heavy; only the replay needs it
+
     layers, skipped = _layers(ds)
     if not layers:
         why = "; ".join(f"{n}: {r}" for n, r in skipped) or "the run has no probe records"

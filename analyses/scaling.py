@@ -21,12 +21,11 @@ import math
 
 import numpy as np
 import xarray as xr
-from scipy import stats
 
 from statscope import schema as S
 from statscope.errors import StatscopeError
 
-from ._data import FLUCT_STATS, Layers, quiet, require, stacked
+from ._data import FLUCT_STATS, Layers, quiet, require, stacked, t_quantile
 from ._names import NOTES, SIGMA2, STATISTIC
 from .bootstrap import window_series
 from .resampling import Moments, contrast, moments, resample
@@ -78,7 +77,7 @@ def runs_slope(x, y, *, confidence: float = 0.95, n_boot: int = 1000,
         se = np.nanstd(reps, axis=0, ddof=1)
         center = slope - (np.nanmean(reps, axis=0) - slope)
     df = int(x.size - levels.size)
-    q = float(stats.t.ppf(0.5 + confidence / 2.0, df))
+    q = float(t_quantile(0.5 + confidence / 2.0, df))
     return slope, center - q * se, center + q * se, df
 
 

@@ -12,9 +12,10 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy import stats
 
 from statscope import schema as S
+
+from ._data import t_quantile, t_two_sided
 
 __all__ = ["config_labels", "between_seeds", "SEED_FREE_KEYS"]
 
@@ -89,7 +90,7 @@ def between_seeds(effects, confidence: float = 0.95) -> tuple[float, float, floa
     if x.size < 2:
         return mean, math.nan, math.nan, math.nan
     se = float(x.std(ddof=1)) / math.sqrt(x.size)
-    q = float(stats.t.ppf(0.5 + confidence / 2.0, x.size - 1))
-    p = float(2.0 * stats.t.sf(abs(mean) / se, x.size - 1)) if se > 0 else (
+    q = float(t_quantile(0.5 + confidence / 2.0, x.size - 1))
+    p = float(t_two_sided(mean / se, x.size - 1)) if se > 0 else (
         1.0 if mean == 0 else 0.0)
     return mean, mean - q * se, mean + q * se, p

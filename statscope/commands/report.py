@@ -100,8 +100,7 @@ def report_figures(report, full_runs, window) -> list[tuple[str, str, object]]:
                         "each statistic, median over each layer's neurons, one panel per "
                         "configuration. Bars: mean over seeds; whiskers: t interval over seeds "
                         "(one seed: the block-bootstrap interval of that run).", fig6))
-    runs7 = {f"{c}, seed {_seed(report, n)}": full_runs[n] for c, n in first.items()
-             if n in full_runs}
+    runs7 = {n: full_runs[n] for n in first.values() if n in full_runs}
     if runs7:
         layers = report.runs[0].layers
         data = report.windows[next(iter(first.values()))]
@@ -111,13 +110,12 @@ def report_figures(report, full_runs, window) -> list[tuple[str, str, object]]:
         out.append(("fig7", "Figure 7. BN (solid) and EN (dashed) statistics of each layer's "
                             "first neuron (the paper's neuron i-1) over the window, one column "
                             "per configuration (its first seed).", fig7))
-    scatter = {f"{c}, seed {_seed(report, n)}": fluctuation(report.windows[n], "all",
-                                                            scale_free=True)
-               for c, n in first.items()}
+    scatter = {n: fluctuation(report.windows[n], "all", scale_free=True)
+               for n in first.values()}
     out.append(("scatter", "Std versus mean fluctuation per neuron, scale-free (÷ σ̄), one "
                            "panel per configuration (its first seed). Above the diagonal: the "
                            "neuron's batch std fluctuates more than its batch mean.",
-                scatter_figure(scatter)))
+                scatter_figure(scatter, titles={n: _run_title(report, n) for n in scatter})))
     for k, g in enumerate(g for g in report.scaling if g.result is not None):
         out.append((f"scaling{k}", f"Batch-size scaling ({g.label}): slope of log(layer-median "
                                    f"scale-free fluctuation) on log(batch size) with its "
@@ -126,11 +124,9 @@ def report_figures(report, full_runs, window) -> list[tuple[str, str, object]]:
     return out
 
 
-def _seed(report, name):
-    for r in report.runs:
-        if r.name == name:
-            return "?" if r.seed is None else r.seed
-    return "?"
+def _run_title(report, name: str) -> str:
+    entry = next(r for r in report.runs if r.name == name)
+    return f"{name} ({entry.config})"
 
 
 def _title(config: str, report) -> str:
