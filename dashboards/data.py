@@ -111,6 +111,10 @@ def outside_links(path: str | os.PathLike, root: str | os.PathLike, *, most: int
     stack = [base]
     while stack and len(found) < most:
         folder = stack.pop()
+        real_folder = os.path.realpath(folder)
+        if real_folder in seen:  # reached again through a link: searched once
+            continue
+        seen.add(real_folder)
         try:
             entries = list(os.scandir(folder))
         except OSError:
@@ -122,8 +126,7 @@ def outside_links(path: str | os.PathLike, root: str | os.PathLike, *, most: int
                     found.append(os.path.relpath(e.path, base))
                     if len(found) >= most:
                         break
-                elif os.path.isdir(real) and real not in seen:
-                    seen.add(real)
+                elif os.path.isdir(real):
                     stack.append(Path(e.path))
             elif e.is_dir(follow_symlinks=False):
                 stack.append(Path(e.path))

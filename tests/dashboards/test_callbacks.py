@@ -201,3 +201,95 @@ def test_prewarm_computes_the_default_analyses_ahead(store_root):
     cb.fluctuation(cat, "?run=bs4")  # served from what prewarm computed
     cb.runs_tab(cat, "?run=bs4")
     assert len(cat.cache) == n
+
+
+def test_a_url_asking_for_256_neurons_of_a_long_run_stays_within_budget():
+    """One URL used to cost 55 s and up to 78 MB: 256 neurons × all 12,000 steps."""
+    import json
+
+    import plotly
+
+    from statscope.dashboards.limits import MAX_NEURONS, MAX_POINTS
+
+    ds = synthetic_run(n_steps=12_000, layers=(("fc1", 128), ("fc2", 128)), groups=4)
+    cat = RunCatalog.from_datasets({"long": ds})
+    keys = "".join(f"&neuron=fc{1 + i // 128}:{i % 128}" for i in range(256))
+    spec = cb.evolution(cat, "?run=long&window=all" + keys)
+    body = json.dumps(spec, cls=plotly.utils.PlotlyJSONEncoder)
+    fig = figure(spec)
+    drawn = {tuple(t.meta["neuron"]) for t in fig.data if "neuron" in t.meta}
+    assert len(drawn) == MAX_NEURONS
+    assert sum(len(t.x) for t in fig.data) <= MAX_POINTS
+    assert len(body) < 2_500_000
+    assert f"The first {MAX_NEURONS} of the 256 chosen neurons" in fig.layout.title.text
+    # the bars draw the same 16 and say so too
+    bars = figure(cb.fluctuation(cat, "?run=long&scale=raw" + keys))
+    assert len([t for t in bars.data if t.type == "bar"][0].x) == MAX_NEURONS
+    assert "The first 16 of the 256" in bars.layout.title.text
+
+
+def test_many_runs_are_paged_and_the_page_says_which():
+    runs = {f"s{i}": synthetic_run(n_steps=50, seed=i) for i in range(23)}
+    cat = RunCatalog.from_datasets(runs)
+    names = cat.names()
+    query = "?window=all&" + "&".join(f"run={n}" for n in names)
+    for page, expect in [(1, names[:6]), (4, names[18:]), (99, names[18:])]:
+        v = cb.view(cat, query + f"&page={page}")
+        assert list(v.runs) == expect
+        for fn in (cb.evolution, cb.fluctuation, cb.scatter):
+            fig = figure(fn(cat, query + f"&page={page}"))
+            assert {t.meta["run"] for t in fig.data if t.meta and "run" in t.meta} == set(expect)
+    assert "Runs 19–23 of 23 (page 4 of 4" in v.notes[0]
+    out = _sync(cat, None, query + "&page=2")
+    page_opts = out[4]
+    assert [o["value"] for o in page_opts] == [0, 1, 2, 3] and out[17] == 1
+    # choosing other runs goes back to the first page
+    out = _sync(cat, "runs", query + "&page=3", runs=names[:8], page=2)
+    assert ViewState.from_query(out[0]).page == 0
+
+
+def test_runs_of_different_models_each_bring_their_default_neurons():
+    a = synthetic_run(n_steps=100, layers=(("fc1", 2), ("fc2", 2)))
+    b = synthetic_run(n_steps=100, layers=(("conv1", 3), ("conv2", 3)))
+    cat = RunCatalog.from_datasets({"mlp": a, "cnn": b})
+    out = _sync(cat, None, "?run=mlp&run=cnn&window=all")
+    assert out[7] == ["fc1:0", "fc2:0", "conv1:0", "conv2:0"]
+    fig = figure(cb.evolution(cat, out[0]))
+    notes = [n.text for n in fig.layout.annotations if n.text.startswith("no ")]
+    assert sorted(set(notes)) == ["no conv1[0] in mlp", "no conv2[0] in mlp", "no fc1[0] in cnn",
+                                  "no fc2[0] in cnn"]
+    bars = figure(cb.fluctuation(cat, out[0]))
+    assert any("no fc1[0], fc2[0] in cnn" in n.text for n in bars.layout.annotations)
+
+
+def test_a_deep_model_defaults_to_neurons_spread_over_its_depth():
+    from statscope.dashboards.limits import MAX_NEURONS
+
+    ds = synthetic_run(n_steps=20, layers=tuple((f"l{i}", 2) for i in range(80)), groups=1)
+    cat = RunCatalog.from_datasets({"deep": ds})
+    neurons = cb.default_neurons(cat, ["deep"])
+    assert len(neurons) == MAX_NEURONS and neurons[0] == "l0:0" and neurons[-1] == "l79:0"
+
+
+def test_typing_in_the_neuron_selector_searches_every_neuron_of_the_chosen_runs():
+    ds = synthetic_run(n_steps=20, layers=(("fc1", 300), ("fc2", 300)), groups=1)
+    cat = RunCatalog.from_datasets({"r": ds})
+    out = _sync(cat, None, "?run=r")
+    from statscope.dashboards.limits import MAX_OPTIONS
+
+    assert len(out[2]) <= MAX_OPTIONS + 2  # not all 600
+    out = _sync(cat, "neuron-search", "?run=r", search_value="fc2[29")
+    values = [o["value"] for o in out[2]]
+    assert {"fc2:29", "fc2:290", "fc2:299"} <= set(values)
+    assert not [v for v in values if v.startswith("fc2:") and not v[4:].startswith("29")
+                and v != "fc2:0"]
+    assert all(v is no_update for i, v in enumerate(out) if i != 2)
+
+
+def test_scalars_follow_the_url_and_can_be_turned_off(catalog):
+    fig = figure(cb.evolution(catalog, "?run=bs4&neuron=fc1:0"))
+    assert [t.meta["scalar"] for t in fig.data if "scalar" in t.meta] == ["loss"]
+    fig = figure(cb.evolution(catalog, "?run=bs4&neuron=fc1:0&scalar=-"))
+    assert not [t for t in fig.data if "scalar" in t.meta]
+    out = _sync(catalog, "scalars", "?run=bs4", runs=["bs4"], scalars=[])
+    assert "scalar=-" in out[0]

@@ -92,3 +92,65 @@ def test_slices_and_whole_columns_agree(store_root):
     whole = cat.columns("bs4", S.BN_STD, [6, 1])  # whole columns, cached
     np.testing.assert_array_equal(whole, ref[:, [6, 1]])
     np.testing.assert_array_equal(cat.columns("bs4", S.BN_STD, [1], slice(10, 20)), ref[10:20, [1]])
+
+
+def test_a_run_made_of_links_to_files_outside_the_root_is_not_served(store_root, tmp_path):
+    """A real folder inside the root whose files are symlinks to a run elsewhere."""
+    outside = tmp_path / "elsewhere"
+    write_synthetic(outside, synthetic_run(n_steps=50))
+    mirror = store_root / "mirror"
+    for src in outside.rglob("*"):
+        dst = mirror / src.relative_to(outside)
+        if src.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(src, dst)
+    cat = RunCatalog(store_root)
+    assert cat.names() == ["bs4", "bs128"]
+    assert "not served" in cat.errors()["mirror"] and "resolves outside" in cat.errors()["mirror"]
+    assert cat.valid(["mirror"]) == []
+    # one linked chunk is enough
+    inside = store_root / "half"
+    write_synthetic(inside, synthetic_run(n_steps=50))
+    chunk = next(p for p in inside.rglob("*") if p.is_file() and p.name != "zarr.json")
+    target = tmp_path / "chunk"
+    target.write_bytes(chunk.read_bytes())
+    chunk.unlink()
+    os.symlink(target, chunk)
+    cat = RunCatalog(store_root)
+    assert "half" not in cat.names() and "not served" in cat.errors()["half"]
+    # links that stay inside the root are fine (a run folder linked under another name)
+    os.symlink(store_root / "bs4", store_root / "alias")
+    assert "alias" in RunCatalog(store_root).names()
+
+
+def test_outside_links_finds_links_at_any_depth_and_survives_loops(tmp_path):
+    from statscope.dashboards.data import outside_links
+
+    root = tmp_path / "root"
+    run = root / "run"
+    (run / "a" / "b").mkdir(parents=True)
+    (run / "a" / "b" / "ok").write_text("x")
+    os.symlink(run, run / "a" / "loop")  # a loop inside the root is searched once
+    assert outside_links(run, root.resolve()) == []
+    (tmp_path / "secret").write_text("x")
+    os.symlink(tmp_path / "secret", run / "a" / "b" / "leak")
+    assert outside_links(run, root.resolve()) == [os.path.join("a", "b", "leak")]
+    assert outside_links(tmp_path, root.resolve()) == ["."]
+
+
+def test_runs_are_found_by_the_stores_find_runs(store_root, monkeypatch):
+    import statscope.store
+
+    calls = []
+    real = statscope.store.find_runs
+    monkeypatch.setattr(statscope.store, "find_runs", lambda root: calls.append(root) or real(root))
+    cat = RunCatalog(store_root)
+    assert cat.names() == ["bs4", "bs128"] and len(calls) == 1
+    # nothing under the root changed: the next refresh does not scan it again
+    cat.refresh()
+    assert len(calls) == 1
+    write_synthetic(store_root / "bs16", synthetic_run(n_steps=30))
+    assert cat.refresh() == ["bs16"] and len(calls) == 2
+    assert cat.names() == ["bs4", "bs16", "bs128"]

@@ -143,3 +143,84 @@ def test_run_summary_lists_settings_status_and_overhead(two_runs):
     assert (s.status, s.n_steps, s.last_step) == ("completed", 400, 399)
     assert rows["batch size"] == "4" and rows["probe overhead"] == "3.1% of step time"
     assert rows["layers"] == "2: fc1, fc2"
+
+
+@pytest.mark.parametrize("n_runs", [1, 22, 27, 40])
+def test_any_number_of_runs_draws_valid_figures_in_wrapped_rows(n_runs):
+    """22 runs used to fail in make_subplots' spacing check (27 for the scatter)."""
+    runs = {f"r{i}": synthetic_run(n_steps=60, seed=i) for i in range(n_runs)}
+    fl = {r: A.fluctuation(ds, 50) for r, ds in runs.items()}
+    figs = [evolution_figure(runs, [("fc1", 0)], Window("last", 50), scalars=["loss"]),
+            fluctuation_figure(fl, neurons=[("fc1", 0)]), scatter_figure(fl)]
+    for fig in figs:  # go.Figure validated every property
+        layout = fig.to_plotly_json()["layout"]
+        xs = [v["domain"] for k, v in layout.items() if k.startswith("xaxis")]
+        assert all(0 <= a < b <= 1 for a, b in xs)
+        assert {t.meta["run"] for t in fig.data if t.meta and "run" in t.meta} == set(runs)
+    # six panels side by side at most: past them the panels wrap into further rows
+    evo = figs[0].to_plotly_json()["layout"]
+    lefts = {round(v["domain"][0], 6) for k, v in evo.items() if k.startswith("xaxis")}
+    assert len(lefts) == min(n_runs, 6)
+    assert evo["height"] >= 100 + -(-n_runs // 6) * (120 + 2 * 190)
+
+
+def test_evolution_keeps_within_the_points_budget_and_says_so():
+    """256 neurons × all steps of a 12,000-step run: the figure draws at most MAX_POINTS."""
+    from statscope.dashboards.limits import MAX_POINTS, MIN_TRACE_POINTS
+
+    ds = synthetic_run(n_steps=12_000, layers=(("fc1", 16),))
+    neurons = [("fc1", u) for u in range(16)]
+    fig = evolution_figure({"a": ds, "b": ds}, neurons, Window("all"), scalars=["loss"])
+    lines = [t for t in fig.data if t.meta and not t.meta.get("placeholder")]
+    assert len(lines) == 2 * (16 * 4 + 1)
+    total = sum(len(t.x) for t in lines)
+    assert total <= MAX_POINTS and all(len(t.x) >= MIN_TRACE_POINTS for t in lines)
+    (tr,) = _traces(fig, run="a", neuron=["fc1", 3], stat=S.BN_STD)
+    col = ds.bn_std.values[:, 3]
+    assert tr.y.max() == col.max() and tr.y.min() == col.min()  # the envelope keeps extremes
+    assert "envelope of ≤" in fig.layout.title.text
+
+
+def test_evolution_refuses_a_view_that_would_read_too_much(monkeypatch):
+    from statscope.dashboards import evolution
+
+    monkeypatch.setattr(evolution, "MAX_READ_VALUES", 1000)
+    fig = evolution_figure({"a": synthetic_run(n_steps=400)}, [("fc1", 0)], Window("all"))
+    assert "would read 1,600 values (the limit is 1,000)" in fig.layout.annotations[0].text
+
+
+def test_scalars_share_the_step_axis_and_a_missing_neuron_or_scalar_is_noted():
+    a = synthetic_run(n_steps=300, layers=(("fc1", 2), ("fc2", 2)), seed=1)
+    b = synthetic_run(n_steps=500, layers=(("conv1", 2),), seed=2)
+    b.attrs["scalars"] = []
+    fig = evolution_figure({"a": a, "b": b}, [("fc1", 1), ("conv1", 0)], Window("all"),
+                           scalars=["loss"])
+    (loss,) = _traces(fig, run="a", scalar="loss")
+    np.testing.assert_array_equal(loss.x, a.step.values)
+    np.testing.assert_array_equal(loss.y, a.loss.values)
+    layout = fig.to_plotly_json()["layout"]
+    (stat,) = _traces(fig, run="a", neuron=["fc1", 1], stat=S.BN_MEAN)
+    # the loss row and the statistics rows of a run share one step axis
+    assert layout["xaxis" + stat.xaxis[1:]].get("matches", stat.xaxis) == loss.xaxis
+    notes = sorted(a.text for a in fig.layout.annotations if a.text.startswith("no "))
+    assert notes == ["no conv1[0] in a"] * 2 + ["no fc1[1] in b"] * 2 + ["no loss logged in b"]
+    # an empty cell joins no shared axis (plotly would count it as the range [-1, 6])
+    for t in fig.data:
+        if t.meta.get("placeholder"):
+            n = t.xaxis[1:]
+            assert "matches" not in layout["xaxis" + n] and "matches" not in layout["yaxis" + n]
+
+
+def test_heatmap_of_a_wide_layer_bins_units_and_steps_within_budget():
+    from statscope.dashboards.limits import MAX_HEATMAP_CELLS, MAX_HEATMAP_ROWS
+
+    ds = synthetic_run(n_steps=3000, layers=(("wide", 1024),), groups=4)
+    fig = heatmap_figure(ds, "wide", S.BN_MEAN, Window("all"), run="r")
+    (hm,) = fig.data
+    z = np.asarray(hm.z)
+    assert z.shape[0] <= MAX_HEATMAP_ROWS and z.size <= MAX_HEATMAP_CELLS
+    uw, bw = hm.meta["unit_width"], hm.meta["bin_width"]
+    assert uw == 4 and z.shape == (256, -(-3000 // bw))
+    ref = ds.bn_mean.values[:bw, :uw].mean()
+    assert z[0, 0] == pytest.approx(ref, rel=1e-5)
+    assert "mean of 4 neurons per row" in fig.layout.title.text

@@ -21,14 +21,23 @@ windows = st.one_of(
     neurons=st.lists(st.tuples(names, st.integers(0, 999)).map(lambda t: f"{t[0]}:{t[1]}"),
                      unique=True).map(tuple),
     stat=st.sampled_from(S.ALL_STATS), window=windows, scale=st.sampled_from(SCALES),
-    by=st.sampled_from(GROUPINGS)))
+    by=st.sampled_from(GROUPINGS), page=st.integers(0, 50),
+    scalars=st.none() | st.lists(names.filter(lambda n: n != "-"), unique=True).map(tuple)))
 def test_url_round_trip(state):
     assert ViewState.from_query(state.to_query()) == state
 
 
 def test_bad_values_fall_back_to_defaults():
-    s = ViewState.from_query("?tab=nope&stat=loss&window=last:-3&scale=x&by=y&run=a")
+    s = ViewState.from_query("?tab=nope&stat=loss&window=last:-3&scale=x&by=y&run=a&page=-2")
     assert s == ViewState(runs=("a",))
+    assert ViewState.from_query("?page=0").page == 0 and ViewState.from_query("?page=x").page == 0
+
+
+def test_an_overlong_link_is_cut_to_the_query_cap():
+    from statscope.dashboards.limits import MAX_QUERY_ITEMS
+
+    s = ViewState.from_query("?" + "&".join(f"neuron=fc1:{i}&run=r{i}" for i in range(5000)))
+    assert len(s.neurons) == len(s.runs) == MAX_QUERY_ITEMS
     assert ViewState.from_query(None) == ViewState()
 
 
