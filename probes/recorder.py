@@ -17,8 +17,8 @@ it starts or handed over in messages.
 optimizer holding the model's parameters (torch's global optimizer-step hooks; micro-batches of
 gradient accumulation are one step, its first forward is recorded); ``"forward"`` — each
 training forward of the model; ``"manual"`` — :meth:`Recorder.step` ends a step; ``"auto"``
-(default) — ``"optimizer"`` from the first optimizer step of such an optimizer, ``"forward"``
-when ``block_steps`` forwards (or the end of recording) come first. The rule that applied is in
+(default) — ``"optimizer"`` when such an optimizer steps within the first ``block_steps``
+training forwards, else ``"forward"`` (also when recording ends first). The rule that applied is in
 the run's attribute ``step_rule``. Under ``"optimizer"`` and ``"forward"`` a step ends when the
 next one begins (its first training forward), so what is logged after ``optimizer.step()``
 belongs to the step that just stepped.

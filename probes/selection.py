@@ -160,7 +160,13 @@ def select(model: nn.Module, layers: Any = None, *, where: str | Iterable[str] =
             if where == "input":
                 wheres = ("output",)
     else:
-        specs = [layers] if isinstance(layers, (str, type)) else list(layers)
+        if isinstance(layers, (str, type)):
+            specs = [layers]
+        elif isinstance(layers, Iterable):
+            specs = list(layers)
+        else:
+            raise StatscopeError(f"layers={layers!r}: expected a module name, glob or type, or a "
+                                 "list of them")
         for spec in specs:
             if not isinstance(spec, (str, type)):
                 raise StatscopeError(f"layers={layers!r}: {spec!r} is neither a module name, a "

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from statscope import schema as S
-from statscope.errors import NonFiniteWarning, StatscopeWarning
+from statscope.errors import NonFiniteWarning
 from statscope.probes.block import Block, block_rows
 from statscope.probes.capture import Capture
 from statscope.probes.pool import BufferPool
@@ -240,10 +240,8 @@ class Worker:
     def _safely(self, fn) -> None:
         try:
             fn()
-        except BaseException as exc:  # recorded and reported on the training thread
+        except BaseException as exc:  # the training thread warns at its next put, close raises
             self.failure = exc
-            self.notices.append(Notice(f"statscope: recording stopped, the writer failed: "
-                                       f"{exc!r}", StatscopeWarning))
 
     def _close(self, msg: Close) -> None:
         writer = self.filer.writer

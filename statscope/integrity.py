@@ -95,8 +95,10 @@ def shard_shape(arr) -> tuple[int, ...]:
     return tuple(arr.shards or arr.chunks)
 
 
-def missing_shards(name: str, arr, rows: int, width: int | None, keys: set[str]) -> list[Damage]:
-    """Shards of ``arr`` that hold committed rows but are not among ``keys`` (one listing)."""
+def missing_shards(name: str, arr, rows: int, width: int | None, keys: dict[str, int]
+                   ) -> list[Damage]:
+    """Shards of ``arr`` that hold committed rows but are not among ``keys`` (a listing: key to
+    size), or are empty: zarr would read an empty shard as all fill value."""
     shape = shard_shape(arr)
     extent = (rows,) if width is None else (rows, width)
     if 0 in extent:
@@ -107,8 +109,8 @@ def missing_shards(name: str, arr, rows: int, width: int | None, keys: set[str])
     for idx in itertools.product(*(range(c) for c in counts)):
         key = f"{name}/c{sep}" + sep.join(map(str, idx)) if sep == "/" else \
             f"{name}/c.{'.'.join(map(str, idx))}"
-        if key not in keys:
-            out.append(_region(name, idx, shape, extent, "missing"))
+        if not keys.get(key):
+            out.append(_region(name, idx, shape, extent, "missing" if key not in keys else "empty"))
     return out
 
 

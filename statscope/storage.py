@@ -62,23 +62,26 @@ def exists(path: str) -> bool:
         raise StoreError(f"path={path!r}: permission denied") from None
 
 
-def list_keys(path: str) -> set[str]:
-    """Every object below ``path``, as keys relative to it with ``/`` separators (one listing).
+def list_keys(path: str) -> dict[str, int]:
+    """Every object below ``path`` and its size in bytes, by key relative to ``path`` with ``/``
+    separators (one listing).
 
     Temporary files that zarr leaves when a write was interrupted (``*.partial``) are left out.
     """
     if is_url(path):
         fs, root = _fs(path)
         root = root.rstrip("/")
-        keys = fs.find(root)
-        return {k[len(root) + 1:] for k in keys if not k.endswith(".partial")}
+        found = fs.find(root, detail=True)
+        return {k[len(root) + 1:]: int(info.get("size") or 0) for k, info in found.items()
+                if not k.endswith(".partial")}
     base = local_path(path)
-    out = set()
+    out = {}
     for dirpath, _, files in os.walk(base, onerror=_raise):
         rel = os.path.relpath(dirpath, base)
         for f in files:
             if not f.endswith(".partial"):
-                out.add(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
+                key = f if rel == "." else f"{rel}/{f}".replace(os.sep, "/")
+                out[key] = os.stat(os.path.join(dirpath, f)).st_size
     return out
 
 

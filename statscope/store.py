@@ -232,19 +232,16 @@ def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None
     layout = Layout.from_attrs(attrs)
     idx = layout.neuron_index()
     arrays = _arrays(path, group, attrs, layout, n)
-    if damaged == "mask":
-        found = _verify(path, attrs, arrays, n)
-    else:
-        found = _missing(path, attrs, arrays, n)
-        if found:
-            raise StoreDamagedError(f"path={path!r}: " + "; ".join(d.describe() for d in found[:5])
-                                    + (f"; and {len(found) - 5} more" if len(found) > 5 else "")
-                                    + "; pass damaged='mask' to open_run to read the rest")
+    found = _verify(path, attrs, arrays, n) if damaged == "mask" else _missing(path, attrs, arrays, n)
     if any(d.array == S.STEP for d in found):
         raise StoreDamagedError(f"path={path!r}: the step array is damaged ("
                                 + "; ".join(d.describe() for d in found if d.array == S.STEP)
                                 + "): the rows cannot be placed")
     step = CheckedArray(path, S.STEP, arrays[S.STEP][0], n, None, -1)[:]
+    if found and damaged == "raise":
+        raise StoreDamagedError(f"path={path!r}: " + "; ".join(d.describe(step) for d in found[:5])
+                                + (f"; and {len(found) - 5} more" if len(found) > 5 else "")
+                                + "; pass damaged='mask' to open_run to read the rest")
 
     def lazy(name, rows=n):
         arr, width, fill = arrays[name]

@@ -121,7 +121,7 @@ class RunWriter:
         }
         root.update(attrs)
         try:
-            self._group = zarr.open_group(zarr_store(self.path, read_only=False), mode="w",
+            self._group = zarr.open_group(zarr_store(self.path, read_only=False), mode="w-",
                                           zarr_format=3, attributes=_jsonable(root))
         except OSError as exc:
             raise StoreError(f"path={self.path!r}: cannot create the run: "
@@ -168,7 +168,7 @@ class RunWriter:
         self.nonfinite = dict(old.get(S.ATTR_NONFINITE, {}))
         self._scalars = list(old.get(S.ATTR_SCALARS, []))
         self._truncate(stored, running0)
-        self._group.attrs.update(_jsonable({
+        self._group.update_attributes(_jsonable({
             S.ATTR_STATUS: S.STATUS_RUNNING, S.ATTR_ENDED: None, S.ATTR_ERROR: None, **attrs,
             S.ATTR_META: old.get(S.ATTR_META), S.ATTR_LEASE: self.lease.holder.describe()}))
         known = {p.name for p in stored.probes}
@@ -361,7 +361,7 @@ class RunWriter:
                   S.ATTR_LAYERS: [p.name for p in self.layout.probes]}
         if last is not None:
             update[S.ATTR_LAST_STEP] = last
-        self._group.attrs.update(_jsonable(update))
+        self._group.update_attributes(_jsonable(update))
 
     def heartbeat(self) -> None:
         """Renew the lease where it needs renewing (object stores); call now and then when idle."""
@@ -369,7 +369,7 @@ class RunWriter:
 
     def set_attrs(self, **attrs: Any) -> None:
         """Update root attributes (e.g. the measured probe overhead)."""
-        self._group.attrs.update(_jsonable(attrs))
+        self._group.update_attributes(_jsonable(attrs))
 
     def close(self, status: str = S.STATUS_COMPLETED, error: str | None = None) -> None:
         """Flush, mark the run ``completed`` or ``failed`` (with the error's text), release the
@@ -391,7 +391,7 @@ class RunWriter:
             self.lease.release()
 
     def _mark(self, status: str, error: str | None) -> None:
-        self._group.attrs.update({S.ATTR_STATUS: status, S.ATTR_ENDED: now_iso(),
+        self._group.update_attributes({S.ATTR_STATUS: status, S.ATTR_ENDED: now_iso(),
                                   S.ATTR_ERROR: error})
 
 

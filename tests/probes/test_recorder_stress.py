@@ -1,0 +1,330 @@
+"""The recorder under stress: layers that skip steps, lazy models, warnings as errors, failures in
+close, a second start, shape churn, idle training, and a randomized run checked step by step."""
+
+import gc
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import statscope
+from statscope.errors import NonFiniteWarning, RecordingError, StatscopeError
+
+
+def no_writer_threads():
+    return not any(t.name == "statscope-writer" and t.is_alive() for t in threading.enumerate())
+
+
+class TwoBranches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(3, 5)
+
+    def forward(self, x, use_a):
+        return (self.a(x).sum(1) if use_a else 0) + self.b(x).sum(1)
+
+
+def test_a_layer_that_skips_the_first_blocks_does_not_misfile_the_others(tmp_path):
+    model = TwoBranches()
+    xs = [torch.randn(6, 3) for _ in range(12)]
+    with statscope.record(model, tmp_path / "r", layers=["a", "b"], where="output",
+                          channel_dim=1, block_steps=4, step="forward"):
+        for i, x in enumerate(xs):
+            model(x, use_a=i >= 8)
+    ds = statscope.open_run(tmp_path / "r")
+    # probes whose channels are known only at their first forward join in the order they run
+    assert ds.attrs["layers"] == ["b", "a"]
+    count = ds["count"].values
+    assert (count[:, ds.layer.values == "b"] == 6).all()
+    assert (count[:8, ds.layer.values == "a"] == 0).all() and (count[8:, ds.layer.values == "a"] == 6).all()
+    with torch.no_grad():
+        want_b = np.stack([model.b(x).double().mean(0).numpy() for x in xs])
+        want_a = np.stack([model.a(x).double().mean(0).numpy() for x in xs[8:]])
+    np.testing.assert_allclose(ds.bn_mean.values[:, ds.layer.values == "b"], want_b, atol=1e-6)
+    np.testing.assert_allclose(ds.bn_mean.values[8:, ds.layer.values == "a"], want_a, atol=1e-6)
+    assert np.isnan(ds.bn_mean.values[:8, ds.layer.values == "a"]).all()
+
+
+def test_set_attrs_before_the_first_forward_of_a_lazy_model_keeps_the_run(tmp_path):
+    model = nn.Sequential(nn.LazyLinear(4), nn.LazyBatchNorm1d())
+    with statscope.record(model, tmp_path / "r") as rec:
+        rec.set_attrs(note="before any forward")
+        for _ in range(3):
+            model(torch.randn(5, 2))
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.attrs["note"] == "before any forward" and ds.sizes == {"step": 3, "neuron": 4}
+    pending = statscope.record(nn.Sequential(nn.BatchNorm1d(2)), tmp_path / "p")
+    pending.set_attrs(note="before start")
+    with pending:
+        pending.model(torch.randn(3, 2))
+    assert statscope.open_run(tmp_path / "p").attrs["note"] == "before start"
+
+
+def test_warnings_as_errors_neither_kill_the_writer_nor_hang(tmp_path):
+    model = nn.Sequential(nn.BatchNorm1d(2))
+    bad = torch.tensor([[1.0, float("nan")], [2.0, 3.0]])
+    done = threading.Event()
+    caught = []
+
+    def train():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            try:
+                with statscope.record(model, tmp_path / "r", block_steps=1) as rec:
+                    for _ in range(6):
+                        model(bad)
+                        rec.set_attrs(step_seen=rec.current_step)
+            except NonFiniteWarning as w:
+                caught.append(w)
+        done.set()
+
+    t = threading.Thread(target=train)
+    t.start()
+    assert done.wait(60), "training hung"
+    t.join(5)
+    assert caught, "the non-finite warning reached the training thread as an error"
+    assert no_writer_threads()
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.attrs["status"] == "failed" and "NonFiniteWarning" in ds.attrs["error"]
+    assert ds.sizes["step"] >= 1 and np.isnan(ds.bn_mean.values[:, 1]).all()
+
+
+def test_a_failure_inside_close_stops_the_thread_marks_the_run_and_keeps_the_training_error(
+        tmp_path, monkeypatch):
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    rec = statscope.record(model, tmp_path / "r", block_steps=64)
+
+    def oom(n):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    with pytest.raises(ValueError, match="training died") as info:
+        with rec:
+            for _ in range(3):
+                model(torch.randn(4, 3))
+            monkeypatch.setattr(rec.captures[0], "take_block", oom)
+            raise ValueError("training died")
+    assert no_writer_threads()
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.attrs["status"] == "failed" and "training died" in ds.attrs["error"]
+    assert not info.value.__notes__ if hasattr(info.value, "__notes__") else True
+    # without a training error, the failure in close is the error close raises
+    rec2 = statscope.record(model, tmp_path / "s", block_steps=64).start()
+    model(torch.randn(4, 3))
+    model(torch.randn(4, 3))
+    monkeypatch.setattr(rec2.captures[0], "take_block", oom)
+    with pytest.raises(RecordingError, match="CUDA out of memory"):
+        rec2.close()
+    assert no_writer_threads()
+    assert statscope.open_run(tmp_path / "s").attrs["status"] == "failed"
+
+
+def test_a_recorder_starts_once(tmp_path):
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    rec = statscope.record(model, tmp_path / "r", overwrite=True).start()
+    with pytest.raises(StatscopeError, match="already started"):
+        with rec:
+            pass
+    model(torch.randn(4, 3))
+    rec.close()
+    with pytest.raises(StatscopeError, match="already closed"):
+        rec.start()
+    assert no_writer_threads()
+    assert statscope.open_run(tmp_path / "r").sizes["step"] == 1
+
+
+def test_changing_shapes_keep_the_buffers_bounded_and_every_value_right(tmp_path):
+    model = nn.Sequential(nn.LayerNorm(64))
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(8, int(n), 64, generator=gen) for n in
+          torch.randint(16, 64, (40,), generator=gen)]
+    rec = statscope.record(model, tmp_path / "r", block_steps=16, buffer_bytes=4 << 20)
+    with rec:
+        for x in xs:
+            model(x)
+            assert rec.pool.held(torch.device("cpu")) <= 4 << 20
+    assert rec.captures[0].always_moments  # dynamic padding: reduced per step after a few shapes
+    ds = statscope.open_run(tmp_path / "r")
+    want = np.stack([x.double().reshape(-1, 64).std(0, correction=0).numpy() for x in xs])
+    np.testing.assert_allclose(ds.bn_std.values, want, rtol=2e-5)
+    assert ds["count"].values[:, 0].tolist() == [8 * x.shape[1] for x in xs]
+
+
+def test_steps_reach_the_store_within_flush_seconds_while_training_is_idle(tmp_path):
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    with statscope.record(model, tmp_path / "r", block_steps=4, flush_seconds=0.2,
+                          step="forward"):
+        for _ in range(6):
+            model(torch.randn(4, 3))
+        deadline = time.monotonic() + 10
+        while statscope.open_run(tmp_path / "r").sizes["step"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # the sixth step ends only when a seventh begins (or at close)
+        assert statscope.open_run(tmp_path / "r").sizes["step"] == 5
+        model(torch.randn(4, 3))
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.step.values.tolist() == list(range(7)) and (ds["count"].values == 4).all()
+
+
+def test_optimizer_steps_are_the_steps_by_default(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    teacher = nn.Sequential(nn.Linear(3, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = torch.optim.SGD(teacher.parameters(), lr=0.1)
+    xs = [torch.randn(5, 3) for _ in range(12)]
+    firsts = []
+    with statscope.record(model, tmp_path / "r", block_steps=4) as rec:
+        for step in range(4):
+            for micro in range(3):  # gradient accumulation
+                x = xs[3 * step + micro]
+                if micro == 0:
+                    with torch.no_grad():
+                        firsts.append(model[0](x).double())
+                model(x).sum().backward()
+                teacher(x).sum().backward()
+                other.step()  # another model's optimizer: not a step of this run
+            opt.step()
+            opt.zero_grad()
+            rec.log(loss=float(step))
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.attrs["step_rule"] == "optimizer" and ds.sizes["step"] == 4
+    np.testing.assert_array_equal(ds.loss.values, np.arange(4.0))
+    want = np.stack([f.mean(0).numpy() for f in firsts])
+    np.testing.assert_allclose(ds.bn_mean.values, want, atol=1e-6)
+    # no optimizer at all: each forward is a step
+    with statscope.record(model, tmp_path / "f") as rec:
+        for x in xs[:3]:
+            model(x)
+    f = statscope.open_run(tmp_path / "f")
+    assert f.attrs["step_rule"] == "forward" and f.sizes["step"] == 3
+
+
+def test_varying_forwards_per_step_warn_once(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(statscope.StatscopeWarning, match="forwards per optimizer step vary"):
+        with statscope.record(model, tmp_path / "r"):
+            for micro in (2, 2, 3, 1):
+                for _ in range(micro):
+                    model(torch.randn(4, 3)).sum().backward()
+                opt.step()
+    assert statscope.open_run(tmp_path / "r").sizes["step"] == 4
+
+
+def test_a_zero_size_batch_mid_run_does_not_stop_recording(tmp_path):
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    sizes = [4, 0, 4, 4, 0, 2]
+    with statscope.record(model, tmp_path / "r", block_steps=2, step="forward"):
+        for n in sizes:
+            model(torch.randn(n, 3))  # torch accepts an empty batch
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds["count"].values[:, 0].tolist() == sizes
+    assert np.isfinite(ds.bn_mean.values[[0, 2, 3, 5]]).all()
+    assert np.isnan(ds.bn_mean.values[[1, 4]]).all() and ds.attrs["nonfinite"] == {}
+
+
+def test_the_accessor_exists_however_open_run_was_imported(tmp_path):
+    code = ("import sys, numpy as np\n"
+            "from statscope.writer import write_run\n"
+            "from statscope.store import open_run\n"
+            "d = {k: np.ones((4, 2), 'f4') for k in ('bn_mean', 'bn_std')}\n"
+            "d.update({k: np.ones((4, 1), 'f4') for k in ('en_mean', 'en_std')})\n"
+            "write_run(sys.argv[1], {'a': 2}, d)\n"
+            "print(open_run(sys.argv[1]).statscope.fluctuation(window=3).sizes['neuron'])\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "2"
+
+
+class Branchy(nn.Module):
+    """Three Linear+BN branches; each step runs a subset of them."""
+
+    def __init__(self, c=(3, 4, 5)):
+        super().__init__()
+        self.lin = nn.ModuleList(nn.Linear(6, k) for k in c)
+        self.bn = nn.ModuleList(nn.BatchNorm1d(k) for k in c)
+
+    def forward(self, x, which):
+        return sum(self.bn[i](self.lin[i](x)).sum() for i in which)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_randomized_steps_land_under_the_right_layer_with_their_true_count(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model = Branchy()
+    seen = {i: {} for i in range(3)}
+    step = {"now": 0}
+
+    def keep(i):
+        def hook(module, args):
+            seen[i].setdefault(step["now"], args[0].detach().double().clone())
+        return hook
+
+    hooks = [model.bn[i].register_forward_pre_hook(keep(i)) for i in range(3)]
+    n_steps = int(rng.integers(20, 60))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWarning)
+        with statscope.record(model, tmp_path / "r", block_steps=int(rng.integers(1, 9)),
+                              step="forward", flush_seconds=float(rng.choice([0.05, 5.0]))):
+            for s in range(n_steps):
+                step["now"] = s
+                which = [i for i in range(3) if rng.random() < 0.6]
+                n = int(rng.choice([2, 3, 7]))
+                x = torch.randn(n, 6)
+                if rng.random() < 0.1:
+                    x[0, 0] = float("nan")
+                model(x, which)
+                if rng.random() < 0.1:
+                    time.sleep(0.1)  # idle: the writer thread flushes on its own
+    for h in hooks:
+        h.remove()
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.step.values.tolist() == list(range(n_steps))
+    for i in range(3):
+        cols = ds.layer.values == f"bn.{i}"
+        for s in range(n_steps):
+            got = ds.bn_mean.values[s, cols]
+            count = ds["count"].values[s, cols]
+            if s in seen[i]:
+                x = seen[i][s].numpy()
+                assert (count == x.shape[0]).all()
+                np.testing.assert_allclose(got, x.mean(0), atol=1e-5, equal_nan=True)
+            else:
+                assert (count == 0).all() and np.isnan(got).all()
+    gc.collect()
+    assert no_writer_threads()
+
+
+def test_the_writer_failing_mid_run_stops_recording_without_stopping_training(tmp_path, monkeypatch):
+    from statscope.writer import RunWriter
+
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    calls = {"n": 0}
+    real = RunWriter.flush
+
+    def flaky(self):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(28, "No space left on device")
+        return real(self)
+
+    monkeypatch.setattr(RunWriter, "flush", flaky)
+    rec = statscope.record(model, tmp_path / "r", block_steps=2, flush_seconds=1e-3).start()
+    with pytest.warns(statscope.StatscopeWarning, match="recording .*stopped"):
+        for _ in range(20):
+            model(torch.randn(4, 3))
+            time.sleep(0.01)
+    with pytest.raises(RecordingError, match="No space left"):
+        rec.close()
+    assert no_writer_threads()
+    monkeypatch.setattr(RunWriter, "flush", real)
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.attrs["status"] == "failed" and ds.sizes["step"] >= 1
