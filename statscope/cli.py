@@ -2,13 +2,21 @@
 
 Each subcommand lives in a module of :mod:`statscope.commands` that exposes
 ``register(subparsers)``; handlers import what they need when they run, so ``statscope --help``
-stays fast. A :class:`StatscopeError` becomes one ``statscope: error: ...`` line and exit code 2.
+stays fast.
+
+Exit codes: 0 success; 2 bad input (argparse's usage errors and a :class:`StatscopeError` whose
+``exit_code`` is 2); 1 a failure at run time (a ``StatscopeError`` with ``exit_code`` 1, such as
+a damaged store, a run held by another writer or a failed recording, and any ``OSError`` from the
+machine: a full disk, a permission); 130 interrupted; 141 the reader of stdout went away (``statscope
+info RUN | head``), quietly, as a program killed by ``SIGPIPE`` would. Every error is one line
+``statscope: error: ...`` on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -51,13 +59,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        _drop_stdout()
+        return 141
     except StatscopeError as exc:
-        print(f"statscope: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(str(exc), exc.exit_code)
+    except OSError as exc:  # the machine, not the input: a full disk, a permission, a lost file
+        return _error(describe_os_error(exc), 1)
     except KeyboardInterrupt:
-        print("statscope: interrupted", file=sys.stderr)
+        _print_err("statscope: interrupted")
         return 130
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``exc`` as ``'<file>': <reason>`` (both files for a rename), without a traceback.
+
+    Example:
+        >>> describe_os_error(OSError(28, "No space left on device", "/data/run.tmp"))
+        "'/data/run.tmp': No space left on device"
+    """
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    files = [repr(os.fsdecode(f)) for f in (exc.filename, exc.filename2) if f is not None]
+    return f"{' -> '.join(files)}: {reason}" if files else reason
+
+
+def _error(message: str, code: int) -> int:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    _print_err("statscope: error: " + ("; ".join(lines) or "unknown error"))
+    return code
+
+
+def _print_err(line: str) -> None:
+    try:
+        print(line, file=sys.stderr)
+    except (BrokenPipeError, ValueError):  # stderr closed too: the exit code still says it
+        pass
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush finds no closed pipe."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a non-file (tests, notebooks)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def entry() -> None:

@@ -7,6 +7,7 @@ stays fast. Progress goes to stderr (silent with ``--quiet``); results go to std
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -19,14 +20,14 @@ from statscope.errors import StatscopeError, StoreError
 __all__ = ["register", "run_run", "run_sweep", "run_runs", "run_info"]
 
 
-def _number(kind: type, minimum: float, what: str):
-    """An argparse type: ``kind`` (int or float) of at least ``minimum``."""
+def _number(kind: type, minimum: float, what: str, maximum: float = math.inf):
+    """An argparse type: a finite ``kind`` (int or float) in ``minimum..maximum``."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r}: expected a {what}") from None
-        if not value >= minimum:
+        if not minimum <= value <= maximum or value == math.inf:
             raise argparse.ArgumentTypeError(f"{text!r}: expected a {what}")
         return value
 
@@ -34,7 +35,6 @@ def _number(kind: type, minimum: float, what: str):
 
 
 _positive_int = _number(int, 1, "positive integer")
-_non_negative_int = _number(int, 0, "non-negative integer")
 _non_negative_float = _number(float, 0, "non-negative number")
 
 
@@ -47,7 +47,9 @@ def _positive_float(text: str) -> float:
 
 def _add_training_flags(p: argparse.ArgumentParser, *, sweep: bool) -> None:
     from statscope.experiments import EXPERIMENTS
-    from statscope.experiments.base import DEVICES
+    from statscope.experiments.base import DEVICES, MAX_SEED, MAX_THREADS
+
+    seed = _number(int, 0, f"seed in 0..{MAX_SEED}", MAX_SEED)
 
     p.add_argument("experiment", choices=list(EXPERIMENTS), metavar="EXPERIMENT",
                    help="one of: " + "; ".join(f"{e.name} ({e.summary})"
@@ -56,10 +58,10 @@ def _add_training_flags(p: argparse.ArgumentParser, *, sweep: bool) -> None:
     p.add_argument("--bs", type=_positive_int, required=sweep, default=None if sweep else 128,
                    metavar="N", help="batch size" + ("s" if sweep else " (default 128)"), **many)
     if sweep:
-        p.add_argument("--seeds", type=_non_negative_int, nargs="+", default=[0], metavar="S",
+        p.add_argument("--seeds", type=seed, nargs="+", default=[0], metavar="S",
                        help="seeds (default 0)")
     else:
-        p.add_argument("--seed", type=_non_negative_int, default=0, help="seed (default 0)")
+        p.add_argument("--seed", type=seed, default=0, help="seed (default 0)")
     p.add_argument("--norm", default=["bn"] if sweep else "bn", metavar="NAME", **many,
                    help="norm after each hidden layer: bn, in, ln, gn, en, en_g8, sn, hn, hn_g32, "
                         "bn+en, bn+in+ln (default bn, torch's BatchNorm)")
@@ -75,7 +77,9 @@ def _add_training_flags(p: argparse.ArgumentParser, *, sweep: bool) -> None:
                    help="stop after N steps in all (smoke tests)")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto (default: CUDA when available), cpu or cuda")
-    p.add_argument("--threads", type=_non_negative_int, default=1, metavar="N",
+    p.add_argument("--threads", type=_number(int, 0, f"number of threads in 0..{MAX_THREADS}",
+                                                MAX_THREADS),
+                   default=1, metavar="N",
                    help="torch CPU threads per run (default 1, fastest for small batches; "
                         "0: torch's default)")
     p.add_argument("--dataset", metavar="NAME",
@@ -134,8 +138,14 @@ def _config(args, **override):
     return RunConfig(**values)
 
 
+def _warning_line(message) -> str:
+    """A warning as one line: its first (a worker's traceback stays out of the terminal)."""
+    first = next((line for line in str(message).splitlines() if line.strip()), "")
+    return f"statscope: warning: {first.removeprefix('statscope: ')}"
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"statscope: warning: {message}", file=sys.stderr)
+    print(_warning_line(message), file=sys.stderr)
 
 
 def _free_default_out(config):
@@ -160,6 +170,7 @@ def run_run(args) -> int:
         args, batch_size=args.bs, seed=args.seed, norm=args.norm, out=args.out,
         overwrite=args.overwrite, resume=args.resume))
     with warnings.catch_warnings():
+        warnings.simplefilter("default")  # shown once each, as lines, whatever the filters were
         warnings.showwarning = _show_warning
         bar = None if args.quiet else _Bar()
         try:
@@ -169,8 +180,26 @@ def run_run(args) -> int:
             if bar is not None:
                 bar.close()
     total = time.perf_counter() - t0
-    print(_summary(config.experiment, result, total))
+    print(_summary(config.experiment, result, total), flush=True)
+    if not args.quiet:
+        _print_next(result.path)
     return 0
+
+
+def _where(path: str) -> str:
+    """A local store as an absolute path (a URL as it is)."""
+    from statscope.storage import is_url
+
+    return path if is_url(path) else os.path.abspath(path.removeprefix("file://"))
+
+
+def _print_next(path: str) -> None:
+    """What to do with a finished run: look at it, check the paper's claims on it."""
+    import shlex
+
+    where = shlex.quote(_where(path))
+    print(f"next: statscope dashboard {where}\n"
+          f"      statscope report {where} -o report.md", file=sys.stderr)
 
 
 def _summary(experiment: str, result, total: float) -> str:
@@ -185,7 +214,7 @@ def _summary(experiment: str, result, total: float) -> str:
         f"{result.steps} steps{_resumed(result)}, {trained} of them"
     return (f"{experiment}: {acc} ({result.dataset}); {steps} in {result.wall_seconds:.1f} s "
             f"({rate:.0f} steps/s; {total:.1f} s in all); probe overhead {overhead}; "
-            f"store {result.path}")
+            f"store {_where(result.path)}")
 
 
 def _resumed(result) -> str:
@@ -243,9 +272,11 @@ def run_sweep(args) -> int:
         for w in outcome.warnings:
             if w not in seen_warnings:
                 seen_warnings.add(w)
-                print(f"statscope: warning: {w}", file=sys.stderr)
+                print(_warning_line(w), file=sys.stderr)
         if item.action == "skip":
             line = f"skip  {item.name} (completed)"
+        elif outcome.held:
+            line = f"held  {item.name}: another process is writing it ({outcome.error})"
         elif outcome.error is not None:
             line = f"FAIL  {item.name}: {outcome.error}"
         else:
@@ -255,33 +286,46 @@ def run_sweep(args) -> int:
         print(line, flush=True)
 
     outcomes = sweep(items, jobs=args.jobs, on_done=report)
-    failed = [o for o in outcomes if o.error is not None]
-    if failed:
-        print(f"statscope: {len(failed)} of {len(items)} runs failed; run the same sweep again "
-              "to retry them", file=sys.stderr)
+    held = sum(o.held for o in outcomes)
+    failed = sum(o.error is not None for o in outcomes) - held
+    if failed or held:
+        what = [f"{failed} of {len(items)} runs failed"] if failed else []
+        what += [f"{held} of {len(items)} runs are held by another process"] if held else []
+        print(f"statscope: {'; '.join(what)}; run the same sweep again to retry them"
+              + (" once that process is done" if held else ""), file=sys.stderr)
         return 1
+    if not args.quiet:
+        _print_next(args.out)
     return 0
 
 
 def _scan(folder: str) -> list[tuple[str, dict | None, str | None]]:
-    """(path, attrs or None, error or None) for the run at ``folder`` or each store in it."""
-    from statscope.store import read_attrs
+    """(path, attrs or None, error or None) for the run at ``folder`` or each store in it: the
+    runs :func:`statscope.store.find_runs` finds, and the folders holding a ``zarr.json`` it left
+    out because they are not readable runs (listed as damaged, with the reason)."""
+    from statscope.storage import is_url, local_path
+    from statscope.store import find_runs, read_attrs
 
-    root = Path(folder)
-    if not root.exists():
-        raise StatscopeError(f"dir={folder!r}: no such file or directory")
-    if (root / "zarr.json").exists():
-        candidates = [root]
-    elif root.is_dir():
-        candidates = sorted(p for p in root.iterdir() if (p / "zarr.json").exists())
-    else:
-        raise StatscopeError(f"dir={folder!r}: not a folder of runs")
+    if not is_url(folder):
+        root = local_path(folder)
+        if not root.exists():
+            raise StatscopeError(f"dir={folder!r}: no such file or directory")
+        if not root.is_dir():
+            raise StatscopeError(f"dir={folder!r}: not a folder of runs")
+    runs = find_runs(folder)
+    paths = list(runs)
+    if not is_url(folder):
+        if (root / "zarr.json").exists():
+            paths = paths or [folder]  # the folder is one run, damaged when find_runs left it out
+        else:
+            paths = sorted({*runs, *(str(p) for p in root.iterdir()
+                                     if p.is_dir() and (p / "zarr.json").exists())})
     out = []
-    for path in candidates:
+    for path in paths:
         try:
-            out.append((str(path), read_attrs(path), None))
+            out.append((path, read_attrs(path), None))
         except StoreError as exc:
-            out.append((str(path), None, str(exc)))
+            out.append((path, None, str(exc)))
     return out
 
 

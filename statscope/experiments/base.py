@@ -9,6 +9,7 @@ imports no torch: the registry and the CLI's ``--help`` stay fast.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,9 +20,13 @@ from statscope.errors import StatscopeError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Experiment", "RunConfig", "RunResult", "DEVICES", "run_name"]
+__all__ = ["Experiment", "RunConfig", "RunResult", "DEVICES", "MAX_SEED", "MAX_THREADS", "run_name"]
 
 DEVICES = ("auto", "cpu", "cuda")
+MAX_SEED = 2**63 - 2
+"""The largest seed: torch's generators take signed 64-bit seeds, and augmentation uses seed + 1."""
+MAX_THREADS = 1024
+"""The most CPU threads a run may ask for (torch crashes creating 100,000)."""
 
 
 @dataclass(frozen=True)
@@ -89,10 +94,10 @@ def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
 def _non_negative(name: str, value: Any, *, positive: bool = False) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
-            or (positive and value == 0) or value != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+            or (positive and value == 0) or value == math.inf:
         kind = "positive" if positive else "non-negative"
-        raise StatscopeError(f"{name}={value!r}: expected a {kind} number")
+        raise StatscopeError(f"{name}={value!r}: expected a finite {kind} number")
 
 
 @dataclass(frozen=True)
@@ -153,11 +158,17 @@ class RunConfig:
         _non_negative("lr", self.lr, positive=True)
         _non_negative("momentum", self.momentum)
         _non_negative("weight_decay", self.weight_decay)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise StatscopeError(f"seed={self.seed!r}: expected a non-negative int")
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
-            raise StatscopeError(f"threads={self.threads!r}: expected a non-negative int "
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
+                or not 0 <= self.seed <= MAX_SEED:
+            raise StatscopeError(f"seed={self.seed!r}: expected an int in 0..{MAX_SEED} (2**63 - 2: "
+                                 "torch's generators take 64-bit seeds, and augmentation uses "
+                                 "seed + 1)")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) \
+                or not 0 <= self.threads <= MAX_THREADS:
+            raise StatscopeError(f"threads={self.threads!r}: expected an int in 0..{MAX_THREADS} "
                                  "(0: torch's default)")
+        if self.out is not None and not os.fspath(self.out):
+            raise StatscopeError("out='': expected a path or URL (None: runs/<run name>)")
         if self.device not in DEVICES:
             raise StatscopeError(f"device={self.device!r}: expected one of {', '.join(DEVICES)}")
         if not isinstance(self.norm, str):

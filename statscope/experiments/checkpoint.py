@@ -15,7 +15,10 @@ file inside the store would not be invisible. The previous checkpoint is kept as
 after a hard kill the newest checkpoint can be ahead of the store and only the previous one
 usable. A run that completes deletes them (it is never resumed), and a run started from step 0
 deletes stale ones. Both are written atomically (temporary file, ``fsync``, ``os.replace``) and
-read with ``torch.load(weights_only=True)``: only tensors and plain containers, no code.
+read with ``torch.load(weights_only=True)``: only tensors and plain containers, no code. A
+checkpoint that cannot be written (a full disk, a permission) is a :class:`CheckpointWriteError`
+naming the file and the reason; the training loop then stops and the run is marked ``failed``
+with that reason, every step committed to the store before it kept.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from statscope.errors import StoreError
+from statscope.errors import StatscopeError, StoreError
 
-__all__ = ["Checkpoint", "checkpoint_paths", "load_checkpoint", "remove_checkpoints"]
+__all__ = ["Checkpoint", "CheckpointWriteError", "checkpoint_paths", "load_checkpoint",
+           "remove_checkpoints"]
 
 FORMAT = 1
 _SUFFIXES = (".checkpoint.pt", ".checkpoint.prev.pt")
@@ -41,12 +45,21 @@ def checkpoint_paths(out: str) -> tuple[str, ...]:
         >>> checkpoint_paths("s3://bucket/run")
         ()
     """
-    from statscope.store import _is_url
+    from statscope.storage import is_url as _is_url
 
     if _is_url(out):
         return ()
     base = os.path.normpath(out.removeprefix("file://"))
     return tuple(base + suffix for suffix in _SUFFIXES)
+
+
+class CheckpointWriteError(StatscopeError):
+    """A checkpoint could not be written (a full disk, a permission, a vanished folder).
+
+    A failure of the machine at run time, not of the input: the command line exits 1.
+    """
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -97,16 +110,45 @@ class Checkpoint:
         payload["test_accuracy"] = list(self.test_accuracy)
         try:
             with open(tmp, "wb") as handle:
-                torch.save(payload, handle)
+                sink = _Sink(handle)
+                try:
+                    torch.save(payload, sink)
+                except RuntimeError:
+                    if sink.error is None:
+                        raise
+                    raise sink.error from None  # torch reports a failed write as "unexpected pos"
                 handle.flush()
                 os.fsync(handle.fileno())
             if os.path.exists(current):
                 os.replace(current, previous)
             os.replace(tmp, current)
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise CheckpointWriteError(f"checkpoint {current!r}: cannot be written ({reason})") \
+                from exc
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
         return current
+
+
+class _Sink:
+    """A file for ``torch.save`` that keeps the ``OSError`` of a failed write: torch turns it
+    into a ``RuntimeError`` that no longer says why (ENOSPC reads "unexpected pos 704 vs 598")."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def load_checkpoint(out: str, config: dict[str, Any], max_step: int) -> tuple[Checkpoint | None,

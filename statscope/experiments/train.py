@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from statscope import schema as S
-from statscope.errors import StatscopeError, StatscopeWarning, StoreError
+from statscope.errors import RecordingError, StatscopeError, StatscopeWarning, StoreError
 from statscope.experiments.base import RunConfig, RunResult
 
 __all__ = ["Progress", "run_experiment"]
@@ -170,11 +170,10 @@ class _Loop:
         """Continue from the newest usable checkpoint (resuming), or drop stale ones (new run)."""
         import torch
 
-        from statscope.experiments.checkpoint import load_checkpoint, remove_checkpoints
+        from statscope.experiments.checkpoint import load_checkpoint
 
         if not (self.cfg.resume and start_step > 0):
-            remove_checkpoints(self.cfg.out)
-            return
+            return  # stale checkpoints go once this run holds the store (see run)
         ckpt, why = load_checkpoint(self.cfg.out, self._config(), start_step)
         if ckpt is None:
             if why != "no checkpoint":
@@ -201,6 +200,7 @@ class _Loop:
         import torch
         import torch.nn.functional as F
 
+        from statscope.experiments.checkpoint import remove_checkpoints
         from statscope.probes import record
 
         cfg, exp, model, opt = self.cfg, self.cfg.spec, self.model, self.optimizer
@@ -226,6 +226,10 @@ class _Loop:
                             rec = stack.enter_context(record(
                                 model, cfg.out, meta=cfg.meta(), overwrite=cfg.overwrite,
                                 resume=cfg.resume, en_groups=cfg.en_groups))
+                            if start_step == 0:
+                                # Only now that this run holds the store: the checkpoints of
+                                # a writer that still holds it are never touched.
+                                remove_checkpoints(cfg.out)
                         self._at = None
                         idx = perm[i * bs:(i + 1) * bs]
                         xb = exp.batch(train_x.index_select(0, idx), normalize, self.augment)
@@ -270,10 +274,8 @@ class _Loop:
                 self._finish()
             attrs = read_attrs(cfg.out)
             overhead = attrs.get(S.ATTR_PROBE_OVERHEAD)
-            if attrs.get(S.ATTR_STATUS) == S.STATUS_COMPLETED:
-                from statscope.experiments.checkpoint import remove_checkpoints
-
-                remove_checkpoints(cfg.out)  # a completed run is never resumed
+            _check_recorded(cfg.out, attrs, step)
+            remove_checkpoints(cfg.out)  # a completed run is never resumed
         resumed = cfg.resume and bool(start_step)
         return RunResult(path=cfg.out if start_step is not None else None, dataset=cfg.dataset,
                          test_accuracy=tuple(self.accuracy), steps=step, wall_seconds=wall,
@@ -338,6 +340,20 @@ def _sgd(model, cfg: RunConfig):
         return torch.optim.SGD(model.parameters(), **kwargs)
 
 
+def _check_recorded(out: str, attrs: dict, steps: int) -> None:
+    """Raise unless the store at ``out`` ended ``completed`` with all ``steps`` steps: a training
+    that succeeded must not pass for a recording that did not."""
+    status, n = attrs.get(S.ATTR_STATUS), attrs.get(S.ATTR_N_STEPS)
+    if status == S.STATUS_COMPLETED and n == steps:
+        return
+    why = attrs.get(S.ATTR_ERROR) or (f"it holds {n} of the {steps} steps trained"
+                                      if status == S.STATUS_COMPLETED else "no reason recorded")
+    first = (str(why).splitlines() or [""])[0]
+    raise RecordingError(f"out={out!r}: training finished but the recording failed: the store is "
+                         f"{status!r} with {n} steps committed ({first}); "
+                         "continue it with --resume")
+
+
 def _accuracy(model, x, y) -> float:
     """Fraction of ``x`` classified as ``y``, in eval mode (the probes do not record it)."""
     import torch
@@ -364,15 +380,20 @@ def _device(name: str):
 
 def _check_out(cfg: RunConfig) -> int:
     """The step recording starts at; refuse an ``out`` that is in the way."""
+    from statscope.lease import Lease
     from statscope.store import read_attrs
-    from statscope.writer import _exists
+    from statscope.writer import check_path
 
-    if not _exists(cfg.out):
+    # overwrite=True asks only whether something is there, a run or a path a run can be made at
+    if not check_path(cfg.out, overwrite=True, resume=False):
         return 0
     if not (cfg.overwrite or cfg.resume):
         raise StoreError(f"out={cfg.out!r}: already exists; pass --overwrite to replace it or "
                          "--resume to continue it")
     attrs = read_attrs(cfg.out)  # never replace or continue something that is not a run
+    # Refuse a run another process is writing now, before loading data or replaying steps (the
+    # recorder takes the lease for good when recording starts).
+    Lease.acquire(cfg.out).release()
     if cfg.overwrite:
         return 0
     if attrs.get(S.ATTR_STATUS) == S.STATUS_COMPLETED:
@@ -391,7 +412,7 @@ def _check_out(cfg: RunConfig) -> int:
 
 def _check_resume(cfg: RunConfig, start_step: int, total: int) -> None:
     from statscope.store import read_attrs
-    from statscope.writer import _exists
+    from statscope.storage import exists as _exists
 
     if not _exists(cfg.out):
         return

@@ -1,10 +1,13 @@
 """``statscope run``, ``sweep``, ``runs`` and ``info`` through ``main(argv)`` and one subprocess."""
 
 import dataclasses
+import errno
 import os
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,9 +15,15 @@ import statscope
 from statscope import schema as S
 from statscope.cli import main
 
-from test_experiments_support import offline_env, write_mnist
+from test_experiments_support import offline_env, raw_arrays, write_mnist
 
 pytestmark = pytest.mark.usefixtures("offline")
+
+
+def entries(folder):
+    """The names in ``folder``, sorted, less the runs' lease files (``<run>.lease``), which
+    stay beside a run once written."""
+    return sorted(name for name in os.listdir(folder) if not name.endswith(".lease"))
 
 
 def snapshot(folder):
@@ -55,7 +64,7 @@ def test_default_out_is_a_new_folder_under_runs(tmp_path, mnist_dir, monkeypatch
     monkeypatch.chdir(tmp_path)
     argv = ["run", "mnist-fc", "--bs", "8", "--max-steps", "2", "--data-dir", mnist_dir, "-q"]
     assert main(argv) == 0 and main(argv) == 0
-    assert sorted(os.listdir(tmp_path / "runs")) == ["mnist-fc_bs8_seed0_bn_max2",
+    assert entries(tmp_path / "runs") == ["mnist-fc_bs8_seed0_bn_max2",
                                                      "mnist-fc_bs8_seed0_bn_max2-2"]
 
 
@@ -107,6 +116,15 @@ def _bad_idx(kind):
     (["run", "cifar-resnet18", "--bs", "4", "@out"], "name='cifar10': not found in", False),
     (["run", "mnist-fc", "--dataset", "cifar10", "@out"], "dataset='cifar10': mnist-fc takes "
                                                           "mnist, fashion-mnist", False),
+    (["run", "mnist-fc", "--lr", "inf"], "argument --lr: 'inf': expected a non-negative", True),
+    (["run", "mnist-fc", "--lr", "nan"], "argument --lr: 'nan'", True),
+    (["run", "mnist-fc", "--momentum", "1e400"], "argument --momentum: '1e400'", True),
+    (["run", "mnist-fc", "--seed", str(2**64)], "argument --seed: '18446744073709551616': "
+                                                "expected a seed in 0..9223372036854775806", True),
+    (["run", "mnist-fc", "--threads", "100000"], "argument --threads: '100000': expected a "
+                                                 "number of threads in 0..1024", True),
+    (["sweep", "mnist-fc", "--bs", "4", "--seeds", "-1"], "argument --seeds: '-1'", True),
+    (["run", "mnist-fc", "--out", ""], "out='': expected a path or URL", False),
     (["runs", "@nowhere"], "dir=", False),
     (["info", "@nowhere"], "no such file or directory", False),
 ])
@@ -177,11 +195,10 @@ def test_sweep_runs_the_grid_and_is_restartable(tmp_path, mnist_dir, capsys):
     argv = ["sweep", "mnist-fc", "--bs", "4", "8", "--seeds", "0", "1", "--max-steps", "6",
             "--data-dir", mnist_dir, "--out", str(out), "-q"]
     assert main(argv) == 0
-    names = sorted(os.listdir(out))
+    names = entries(out)
     assert names == sorted(f"mnist-fc_bs{b}_seed{s}_bn_max6" for b in (4, 8) for s in (0, 1))
     assert capsys.readouterr().out.count("done  ") == 4
     # a run interrupted after 3 steps is resumed, the completed ones are skipped
-    import shutil
 
     from statscope.experiments import RunConfig, run_experiment
 
@@ -224,7 +241,7 @@ def test_resume_says_where_it_continued_and_a_sweep_finishes_a_failed_complete_r
         with pytest.raises(KeyboardInterrupt):
             run_experiment(dataclasses.replace(config, out=str(out / run)),
                            progress=stop(at), progress_seconds=0)
-    assert sorted(os.listdir(out)) == ["a", "a.checkpoint.pt", "b", "b.checkpoint.pt"]
+    assert entries(out) == ["a", "a.checkpoint.pt", "b", "b.checkpoint.pt"]
     assert main(["runs", str(out)]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert [row[:4] for row in rows[1:]] == [["a", "failed", "5", "4"], ["b", "failed", "5", "4"]]
@@ -236,7 +253,7 @@ def test_resume_says_where_it_continued_and_a_sweep_finishes_a_failed_complete_r
            "them in " in lines[0]
     assert "12 steps (resumed at step 5 without a checkpoint: 5 steps replayed from step 0), " \
            "12 of them in " in lines[1]
-    assert sorted(os.listdir(out)) == ["a", "b"]  # completed runs keep no checkpoint
+    assert entries(out) == ["a", "b"]  # completed runs keep no checkpoint
     # died after its last step, in the final report: failed, every step recorded
     with pytest.raises(KeyboardInterrupt):
         run_experiment(dataclasses.replace(config, out=str(out / name)),
@@ -253,7 +270,7 @@ def test_sweep_in_parallel_processes_with_norms(tmp_path, mnist_dir, capsys):
     out = tmp_path / "sweep"
     assert main(["sweep", "mnist-fc", "--bs", "8", "--norm", "bn", "hn", "--max-steps", "4",
                  "--data-dir", mnist_dir, "--out", str(out), "--jobs", "2", "-q"]) == 0
-    assert sorted(os.listdir(out)) == ["mnist-fc_bs8_seed0_bn_max4", "mnist-fc_bs8_seed0_hn_max4"]
+    assert entries(out) == ["mnist-fc_bs8_seed0_bn_max4", "mnist-fc_bs8_seed0_hn_max4"]
     ds = statscope.open_runs(str(out))
     assert list(ds[S.META_NORM].values) == ["bn", "hn"]
     assert list(ds[S.ATTR_N_STEPS].values) == [4, 4]
@@ -310,4 +327,239 @@ def test_parallel_sweep_as_a_real_subprocess(tmp_path, mnist_dir):
                            str(tmp_path / "sw"), "--jobs", "2", "-q"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("done  ") == 2 and len(os.listdir(tmp_path / "sw")) == 2
+    assert proc.stdout.count("done  ") == 2 and len(entries(tmp_path / "sw")) == 2
+
+
+def test_run_ends_with_the_absolute_store_path_and_the_next_commands(tmp_path, mnist_dir,
+                                                                     monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "mnist-fc", "--bs", "8", "--max-steps", "2", "--data-dir", mnist_dir,
+                 "--out", "my runs/a"]) == 0
+    captured = capsys.readouterr()
+    where = str(tmp_path / "my runs" / "a")
+    assert captured.out.rstrip().endswith(f"store {where}")
+    assert captured.err.rstrip().splitlines()[-2:] == [
+        f"next: statscope dashboard '{where}'", f"      statscope report '{where}' -o report.md"]
+
+
+def test_a_sweep_ends_with_the_next_commands_for_its_folder(tmp_path, mnist_dir, monkeypatch,
+                                                            capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "mnist-fc", "--bs", "8", "--max-steps", "2", "--data-dir", mnist_dir,
+                 "--out", "sw"]) == 0
+    err = capsys.readouterr().err.rstrip().splitlines()
+    assert err[-2:] == [f"next: statscope dashboard {tmp_path / 'sw'}",
+                        f"      statscope report {tmp_path / 'sw'} -o report.md"]
+
+
+def _raises(exc):
+    def run_experiment(config, **kwargs):
+        raise exc
+    return run_experiment
+
+
+@pytest.mark.parametrize("exc, code, line", [
+    (statscope.StatscopeError("lr=-1: expected a positive number"), 2,
+     "lr=-1: expected a positive number"),
+    (statscope.StoreError("path='x': not a statscope run"), 2, "path='x': not a statscope run"),
+    (statscope.StoreDamagedError("path='x': bn_std steps 0..8191 are missing"), 1,
+     "path='x': bn_std steps 0..8191 are missing"),
+    (statscope.StoreLockedError("path='x': held by pid 7 on host, since 2026-01-01"), 1,
+     "path='x': held by pid 7 on host, since 2026-01-01"),
+    (statscope.RecordingError("out='x': the recording failed\nwriter: OSError(28)"), 1,
+     "out='x': the recording failed; writer: OSError(28)"),
+    (OSError(errno.ENOSPC, "No space left on device", "/data/x.tmp"), 1,
+     "'/data/x.tmp': No space left on device"),
+    (PermissionError(errno.EACCES, "Permission denied", "/a", None, "/b"), 1,
+     "'/a' -> '/b': Permission denied"),
+])
+def test_each_error_is_one_line_with_its_exit_code(tmp_path, mnist_dir, monkeypatch, capsys, exc,
+                                                   code, line):
+    from statscope.experiments import train
+
+    monkeypatch.setattr(train, "run_experiment", _raises(exc))
+    assert main(["run", "mnist-fc", "--data-dir", mnist_dir, "--out", str(tmp_path / "r"),
+                 "-q"]) == code
+    assert capsys.readouterr().err == f"statscope: error: {line}\n"
+
+
+def test_a_failed_recording_exits_1_and_names_it(tmp_path, mnist_dir, monkeypatch, capsys):
+    """Training succeeds while the writer cannot write: no success line, exit 1, one error line,
+    the store marked failed with the reason (issue 10, item 1)."""
+    from statscope.writer import RunWriter
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RunWriter, "append", full)
+    out = tmp_path / "r"
+    assert main(["run", "mnist-fc", "--bs", "4", "--epochs", "1", "--data-dir", mnist_dir,
+                 "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    errors = [line for line in captured.err.splitlines() if line.startswith("statscope: error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], captured.err
+    assert all(line.startswith(("statscope: ", "next: ", "  ")) or "step" in line
+               for line in captured.err.splitlines() if line.strip()), captured.err
+    attrs = statscope.store.read_attrs(out)
+    assert attrs[S.ATTR_STATUS] == S.STATUS_FAILED
+    assert "No space left on device" in attrs[S.ATTR_ERROR]
+
+
+def test_a_full_disk_while_saving_a_checkpoint_stops_the_run_cleanly(tmp_path, mnist_dir,
+                                                                     monkeypatch, capsys):
+    """ENOSPC during the checkpoint at the end of epoch 1 (step 16): exit 1 with one line naming
+    the file, the run marked failed with the reason, its committed steps those of an
+    uninterrupted run, no temporary file left; a resume once there is room completes it."""
+    from statscope.experiments import checkpoint
+
+    real = checkpoint._Sink.write
+
+    def full(self, data):
+        if self.handle.tell() > 1000:  # a part is written, as on a real disk
+            self.error = OSError(errno.ENOSPC, "No space left on device")
+            raise self.error
+        return real(self, data)
+
+    straight = tmp_path / "straight"
+    argv = ["run", "mnist-fc", "--bs", "4", "--epochs", "2", "--data-dir", mnist_dir, "-q"]
+    assert main(argv + ["--out", str(straight)]) == 0
+    monkeypatch.setattr(checkpoint._Sink, "write", full)
+    out = tmp_path / "r"
+    capsys.readouterr()
+    assert main(argv + ["--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"statscope: error: checkpoint '{out}.checkpoint.pt': cannot be written (No "
+                   "space left on device)\n")
+    attrs = statscope.store.read_attrs(out)
+    assert attrs[S.ATTR_STATUS] == S.STATUS_FAILED and attrs[S.ATTR_N_STEPS] == 16
+    assert "cannot be written (No space left on device)" in attrs[S.ATTR_ERROR]
+    ds, ref = statscope.open_run(out), statscope.open_run(straight).isel(step=slice(0, 16))
+    for name in (S.BN_MEAN, S.BN_STD, S.EN_MEAN, S.EN_STD, S.COUNT, "loss"):
+        np.testing.assert_array_equal(ds[name].values, ref[name].values)
+    assert entries(tmp_path) == ["mnist", "r", "straight"]  # no checkpoint, no tmp
+    monkeypatch.setattr(checkpoint._Sink, "write", real)
+    assert main(argv + ["--out", str(out), "--resume"]) == 0
+    a, b = raw_arrays(str(out)), raw_arrays(str(straight))
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in b)
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_while_saving_a_checkpoint(tmp_path, mnist_dir):
+    """The same on a 300 KiB tmpfs (in a private mount namespace), where the store fits and
+    the first checkpoint (~1 MB) does not."""
+    script = (
+        'mount -t tmpfs -o size=300k tmpfs "$1" || exit 99\n'
+        'shift; "$@"; rc=$?; cp -a "$DISK"/. "$COPY"/; exit $rc\n')
+    disk, copy = tmp_path / "disk", tmp_path / "copy"
+    disk.mkdir()
+    copy.mkdir()
+    env = {**os.environ, **offline_env(tmp_path), "DISK": str(disk), "COPY": str(copy)}
+    cmd = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", str(disk),
+           sys.executable, "-m", "statscope", "run", "mnist-fc", "--bs", "4", "--epochs", "2",
+           "--data-dir", mnist_dir, "--out", str(disk / "r"), "-q"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    except FileNotFoundError:
+        pytest.skip("no unshare here")
+    if proc.returncode == 99 or "unshare:" in proc.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == (f"statscope: error: checkpoint '{disk / 'r'}.checkpoint.pt': cannot be "
+                           "written (No space left on device)\n")
+    attrs = statscope.store.read_attrs(copy / "r")
+    assert attrs[S.ATTR_STATUS] == S.STATUS_FAILED and attrs[S.ATTR_N_STEPS] == 16
+    assert "No space left on device" in attrs[S.ATTR_ERROR]
+    assert entries(copy) == ["r"]
+    assert statscope.open_run(copy / "r").sizes["step"] == 16
+
+
+@pytest.mark.parametrize("where", ["proc", "below a file"])
+def test_an_out_where_no_run_can_be_made_is_one_error_line(tmp_path, mnist_dir, capsys, where):
+    if where == "proc":
+        out = "/proc/statscope-test-run"
+    else:
+        (tmp_path / "file").write_text("")
+        out = str(tmp_path / "file" / "run")
+    assert main(["run", "mnist-fc", "--bs", "4", "--data-dir", mnist_dir, "--out", out, "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"statscope: error: path={out!r}: ") and err.count("\n") == 1, err
+    assert not os.path.exists(out)
+
+
+def test_an_out_in_an_unwritable_folder_is_one_error_line(tmp_path, mnist_dir):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    cmd = [sys.executable, "-m", "statscope", "run", "mnist-fc", "--bs", "4", "--data-dir",
+           mnist_dir, "--out", str(folder / "run"), "-q"]
+    if os.geteuid() == 0:  # root writes anywhere unless it gives up that capability
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv")
+        cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"] + cmd
+    env = {**os.environ, **offline_env(tmp_path)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    folder.chmod(0o755)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"statscope: error: path='{folder / 'run'}': ")
+    assert proc.stderr.count("\n") == 1 and "not writable" in proc.stderr
+    assert entries(folder) == []
+
+
+def test_info_into_a_closed_pipe_exits_quietly(tmp_path, mnist_dir):
+    """``statscope info RUN | head -0``: no traceback, no 'Exception ignored', status 141."""
+    out = str(tmp_path / "r")
+    assert main(["run", "mnist-fc", "--bs", "8", "--max-steps", "2", "--data-dir", mnist_dir,
+                 "--out", out, "-q"]) == 0
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "statscope", "info", out], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (141, "")
+
+
+def test_runs_names_a_damaged_run_given_as_the_folder(tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "zarr.json").write_text("{not json")
+    assert main(["runs", str(broken)]) == 0
+    captured = capsys.readouterr()
+    rows = [line.split() for line in captured.out.splitlines()]
+    assert rows[1][:2] == ["broken", "corrupt"] and len(rows) == 2
+    assert captured.err.startswith("statscope: warning: path=")
+
+
+def test_a_sweep_reports_a_run_held_by_another_process_and_goes_on(tmp_path, mnist_dir,
+                                                                   monkeypatch, capsys):
+    from statscope.experiments import train
+
+    real = train.run_experiment
+
+    def held(config, **kwargs):
+        if config.seed == 1:
+            raise statscope.StoreLockedError(f"path={config.out!r}: held by pid 7 on host")
+        return real(config, **kwargs)
+
+    monkeypatch.setattr(train, "run_experiment", held)
+    assert main(["sweep", "mnist-fc", "--bs", "8", "--seeds", "0", "1", "2", "--max-steps", "2",
+                 "--data-dir", mnist_dir, "--out", str(tmp_path / "sw"), "-q"]) == 1
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert [line[:6] for line in lines] == ["done  ", "held  ", "done  "]
+    assert lines[1].startswith("held  mnist-fc_bs8_seed1_bn_max2: another process is writing "
+                               "it (path=")
+    assert captured.err.rstrip().splitlines()[-1] == (
+        "statscope: 1 of 3 runs are held by another process; run the same sweep again to retry "
+        "them once that process is done")
+
+
+def test_cli_docstring_examples_run():
+    import doctest
+
+    from statscope import cli
+
+    failures, tried = doctest.testmod(cli)
+    assert failures == 0 and tried > 0

@@ -59,6 +59,12 @@ def test_run_name_from_settings():
     ({"lr": 0.0}, r"lr=0.0"),
     ({"dataset": "cifar10"}, r"dataset='cifar10': mnist-fc takes mnist, fashion-mnist"),
     ({"overwrite": True, "resume": True}, r"choose one"),
+    ({"lr": float("inf")}, r"lr=inf: expected a finite positive number"),
+    ({"momentum": float("nan")}, r"momentum=nan: expected a finite non-negative number"),
+    ({"seed": 2**63 - 1}, r"seed=9223372036854775807: expected an int in 0..9223372036854775806"),
+    ({"seed": -1}, r"seed=-1"),
+    ({"threads": 100_000}, r"threads=100000: expected an int in 0..1024"),
+    ({"out": ""}, r"out='': expected a path or URL"),
 ])
 def test_bad_settings_name_the_value(kwargs, match):
     kwargs = {"experiment": "mnist-fc", **kwargs}
@@ -416,6 +422,12 @@ def test_random_crop_flip_takes_a_padded_crop_flipped_or_not():
     offsets = {(dy, dx) for dy, dx, _ in found}
     flips = sum(f for _, _, f in found)
     assert len(offsets) > 10 and 16 < flips < 48
+
+
+def test_the_largest_seed_trains(tmp_path, mnist_dir):
+    result = run_experiment(RunConfig(**_BASE, seed=base.MAX_SEED, max_steps=2, data_dir=mnist_dir,
+                                      out=str(tmp_path / "r")))
+    assert result.steps == 2
 
 
 @pytest.mark.parametrize("module", [experiments_pkg, base, checkpoint, mnist_fc, cifar_resnet,
