@@ -4,7 +4,10 @@ Each run's folder is named from its settings (:func:`statscope.experiments.run_n
 the same sweep again finds its earlier runs: completed ones are skipped, failed or interrupted
 ones (status ``failed``, or ``running`` with no process behind it) are resumed after their last
 recorded step, from their checkpoint, and ones that recorded nothing are started again. Runs go in parallel in fresh
-``spawn`` processes (``jobs > 1``) or one after another in this process.
+``spawn`` processes (``jobs > 1``) or one after another in this process. Worker processes end
+with the sweep's process (:mod:`statscope.experiments.worker`), so no orphan goes on writing a
+run that a second sweep resumes; a run another process is writing (its lease is held) is
+reported as held and left alone.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from statscope import schema as S
-from statscope.errors import StatscopeError, StoreError
+from statscope.errors import StatscopeError, StoreError, StoreLockedError
 from statscope.experiments.base import RunConfig, RunResult, run_name
 
 __all__ = ["SweepItem", "SweepOutcome", "plan_sweep", "run_sweep"]
@@ -50,12 +53,14 @@ class SweepOutcome:
         result: the run's result, None when skipped or failed.
         error: one line saying why it failed, None otherwise.
         warnings: the distinct warning messages the run raised.
+        held: True when it failed because another process holds the run (is writing it).
     """
 
     item: SweepItem
     result: RunResult | None
     error: str | None
     warnings: tuple[str, ...] = ()
+    held: bool = False
 
 
 def plan_sweep(base: RunConfig, out_dir: str | os.PathLike, *, batch_sizes: Iterable[int],
@@ -82,7 +87,7 @@ def plan_sweep(base: RunConfig, out_dir: str | os.PathLike, *, batch_sizes: Iter
         [('mnist-fc_bs4_seed0_bn', 'run'), ('mnist-fc_bs128_seed0_bn', 'run')]
     """
     from statscope.store import read_attrs
-    from statscope.writer import _exists
+    from statscope.storage import exists as _exists
 
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -151,10 +156,13 @@ def run_sweep(items: Iterable[SweepItem], *, jobs: int = 1,
     else:
         import multiprocessing
 
+        from statscope.experiments.worker import init_worker
+
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)),
                                  mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=init_worker, initargs=(os.getpid(),),
                                  max_tasks_per_child=1) as pool:
-            futures = {pool.submit(_run_one, items[i].config): i for i in todo}
+            futures = {pool.submit(_run_in_worker, items[i].config): i for i in todo}
             for future in as_completed(futures):
                 i = futures[future]
                 try:
@@ -164,16 +172,34 @@ def run_sweep(items: Iterable[SweepItem], *, jobs: int = 1,
     return [outcomes[i] for i in range(len(items))]
 
 
-def _run_one(config: RunConfig) -> tuple[RunResult | None, str | None, tuple[str, ...]]:
-    """Run one config; report errors and warnings instead of raising them (runs in a worker)."""
+def _run_one(config: RunConfig) -> tuple[RunResult | None, str | None, tuple[str, ...], bool]:
+    """Run one config; report errors and warnings instead of raising them.
+
+    Returns:
+        (result or None, error or None, distinct warning messages, held by another process).
+    """
     from statscope.experiments.train import run_experiment
 
+    held = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             result, error = run_experiment(config), None
+        except StoreLockedError as exc:
+            result, error, held = None, str(exc), True
         except StatscopeError as exc:
             result, error = None, str(exc)
         except Exception as exc:  # one broken run must not stop the sweep
             result, error = None, f"{type(exc).__name__}: {exc}"
-    return result, error, tuple(dict.fromkeys(str(w.message) for w in caught))
+    return result, error, tuple(dict.fromkeys(str(w.message) for w in caught)), held
+
+
+def _run_in_worker(config: RunConfig):
+    """:func:`_run_one` in a worker process that ends, once its run stopped, if its parent died."""
+    from statscope.experiments.worker import EXIT_STATUS, ParentGone, running
+
+    try:
+        with running():
+            return _run_one(config)
+    except ParentGone:
+        os._exit(EXIT_STATUS)  # nobody is left to report to; the run is marked failed

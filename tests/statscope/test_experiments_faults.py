@@ -1,0 +1,247 @@
+"""Failure paths of real ``statscope`` processes: SIGKILL at chosen and random moments followed by
+``--resume``, and sweep workers whose parent is killed.
+
+Every run here is a subprocess (``python -m statscope``), killed for real. The moments are either
+events watched from outside (the store's root ``zarr.json`` appears, its commit marker first
+moves), injected kill points (the process kills itself inside the writer's commit or inside a
+checkpoint's write, through a small wrapper that patches those functions), or random times.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from statscope.store import read_attrs
+from statscope import schema as S
+
+from test_experiments_support import offline_env, raw_arrays
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="reads /proc and relies on POSIX signals")
+
+STEPS = 3000  # 3 epochs of the shipped subset at batch size 4: flushes every 2 s, 3 checkpoints
+RUN = ["run", "mnist-fc", "--bs", "4", "--dataset", "mnist-5k-subset", "--max-steps", str(STEPS),
+       "-q"]
+TIMEOUT = 300
+
+# Runs the CLI after patching one function to SIGKILL the process on its n-th call ($KILL_NTH):
+# the writer's commit of the marker (after a flush wrote its rows: "during a flush") or a
+# checkpoint's write (a part of the file is on disk: "during a checkpoint").
+KILLER = '''
+import os, signal, sys
+
+point, nth = os.environ["KILL_AT"], int(os.environ["KILL_NTH"])
+calls = [0]
+
+def patch(owner, name):
+    real = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+if point == "commit":
+    from statscope.writer import RunWriter
+    patch(RunWriter, "_commit")
+elif point == "checkpoint":
+    from statscope.experiments.checkpoint import _Sink
+    patch(_Sink, "write")
+from statscope.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def _env(tmp_path):
+    return {**os.environ, **offline_env(tmp_path)}
+
+
+def _cli(tmp_path, *args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "statscope", *args], capture_output=True,
+                          text=True, env=_env(tmp_path), timeout=TIMEOUT, **kwargs)
+
+
+def _attrs(out: Path) -> dict | None:
+    """The root attributes as written (None while the file is missing or half written)."""
+    try:
+        return json.loads((out / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_for(predicate, proc, limit=120.0):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and proc.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def _kill_run(tmp_path, out: Path, point: tuple) -> str:
+    """Start the run at ``out``, SIGKILL it at ``point``; return what happened, for messages."""
+    kind, arg = point
+    env = _env(tmp_path)
+    if kind in ("commit", "checkpoint"):
+        script = tmp_path / "killer.py"
+        script.write_text(KILLER)
+        cmd = [sys.executable, str(script)]
+        env.update(KILL_AT=kind, KILL_NTH=str(arg))
+    else:
+        cmd = [sys.executable, "-m", "statscope"]
+    proc = subprocess.Popen(cmd + [*RUN, "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env)
+    try:
+        if kind == "time":
+            time.sleep(arg)
+        elif kind == "created":  # the root zarr.json exists: before the first commit
+            _wait_for(lambda: _attrs(out) is not None, proc)
+            time.sleep(arg)
+        elif kind == "committed":  # the marker moved: after the first commit
+            _wait_for(lambda: ((_attrs(out) or {}).get(S.ATTR_N_STEPS) or 0) > 0, proc)
+            time.sleep(arg)
+        if kind not in ("commit", "checkpoint") and proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode not in (0, -signal.SIGKILL):
+        pytest.fail(f"{point}: the run failed by itself (exit {proc.returncode}): {err[-2000:]}")
+    return "completed before the kill" if proc.returncode == 0 else "killed"
+
+
+def _check_resume(tmp_path, out: Path, point: tuple, reference: dict) -> list[str]:
+    """Resume ``out`` until it completes (at most twice); the problems found, as lines."""
+    how = _kill_run(tmp_path, out, point)
+    attrs = _attrs(out) or {}
+    problems = []
+    if attrs.get(S.ATTR_STATUS) != S.STATUS_COMPLETED:
+        proc = _cli(tmp_path, *RUN, "--out", str(out), "--resume")
+        if proc.returncode != 0:
+            return [f"{point} ({how}, store {attrs.get(S.ATTR_STATUS)!r} with "
+                    f"{attrs.get(S.ATTR_N_STEPS)} steps): --resume exited {proc.returncode}: "
+                    f"{proc.stderr.strip()[-500:]}"]
+    final = read_attrs(out)
+    if final[S.ATTR_STATUS] != S.STATUS_COMPLETED or final[S.ATTR_N_STEPS] != STEPS:
+        problems.append(f"{point} ({how}): ended {final[S.ATTR_STATUS]!r} with "
+                        f"{final[S.ATTR_N_STEPS]} steps")
+    arrays = raw_arrays(str(out))
+    differ = sorted(k for k in reference if arrays.get(k) != reference[k])
+    if arrays.keys() != reference.keys() or differ:
+        problems.append(f"{point} ({how}): arrays differ from the uninterrupted run's: "
+                        f"{differ or sorted(arrays.keys() ^ reference.keys())}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run: its arrays and its wall time."""
+    tmp = tmp_path_factory.mktemp("reference")
+    t0 = time.monotonic()
+    proc = _cli(tmp, *RUN, "--out", str(tmp / "ref"))
+    assert proc.returncode == 0, proc.stderr
+    return raw_arrays(str(tmp / "ref")), time.monotonic() - t0
+
+
+def _run_points(tmp_path, reference, points):
+    arrays, _ = reference
+    problems = []
+    for i, point in enumerate(points):
+        problems += _check_resume(tmp_path, tmp_path / f"run{i}", point, arrays)
+    assert not problems, "\n".join(problems)
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_data(tmp_path, reference):
+    """The CI-sized variant: killed inside the first flush (before the first commit), inside a
+    later flush, and inside the second checkpoint's write."""
+    _run_points(tmp_path, reference, [("commit", 1), ("commit", 3), ("checkpoint", 2)])
+
+
+@pytest.mark.slow
+def test_runs_killed_at_20_moments_resume_to_the_uninterrupted_data(tmp_path, reference):
+    """Issue 10's fault injection: SIGKILL at 20 moments (seeded), each resumed with --resume;
+    every run must end completed with the arrays of the uninterrupted run."""
+    _, wall = reference
+    rng = random.Random(10)
+    points = ([("time", round(rng.uniform(0.5, wall), 2)) for _ in range(6)]
+              + [("created", round(rng.uniform(0, 0.5), 2)) for _ in range(3)]
+              + [("committed", round(rng.uniform(0, 0.3), 2)) for _ in range(3)]
+              + [("commit", n) for n in (1, 2, 3, 4)]
+              + [("checkpoint", n) for n in (1, 2, 3, 4)])
+    _run_points(tmp_path, reference, points)
+
+
+def _children(pid: int) -> list[int]:
+    """The live (not zombie) processes whose parent is ``pid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            out.append(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_sweep_workers_die_with_their_killed_parent_and_a_rerun_finishes(tmp_path):
+    """``kill -9`` of ``sweep --jobs 2``: its workers stop within seconds (their runs marked
+    failed, saying why), and the same sweep run again resumes both to completion."""
+    out = tmp_path / "sw"
+    argv = ["sweep", "mnist-fc", "--bs", "4", "8", "--dataset", "mnist-5k-subset", "--max-steps",
+            "2000", "--out", str(out), "--jobs", "2", "-q"]
+    proc = subprocess.Popen([sys.executable, "-m", "statscope", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_env(tmp_path))
+    names = ["mnist-fc_bs4_seed0_bn_max2000_mnist-5k-subset",
+             "mnist-fc_bs8_seed0_bn_max2000_mnist-5k-subset"]
+    try:
+        both = _wait_for(lambda: all(((_attrs(out / n) or {}).get(S.ATTR_N_STEPS) or 0) > 0
+                                     for n in names), proc, limit=180)
+        assert both, "the workers never committed a step"
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, workers
+        proc.kill()
+        proc.communicate(timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(p) for p in workers):
+            time.sleep(0.1)
+        assert not [p for p in workers if _alive(p)], "orphaned workers live on"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for name in names:
+        attrs = read_attrs(out / name)
+        assert attrs[S.ATTR_STATUS] == S.STATUS_FAILED, attrs[S.ATTR_STATUS]
+        assert "the sweep process that started this run ended" in attrs[S.ATTR_ERROR]
+    again = _cli(tmp_path, *argv)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert sorted(line.split()[1] for line in again.stdout.splitlines()) == names
+    assert all(line.startswith("done  ") and "(resumed)" in line
+               for line in again.stdout.splitlines()), again.stdout
+    for name in names:
+        attrs = read_attrs(out / name)
+        assert (attrs[S.ATTR_STATUS], attrs[S.ATTR_N_STEPS]) == (S.STATUS_COMPLETED, 2000)
