@@ -245,3 +245,30 @@ def test_sweep_workers_die_with_their_killed_parent_and_a_rerun_finishes(tmp_pat
     for name in names:
         attrs = read_attrs(out / name)
         assert (attrs[S.ATTR_STATUS], attrs[S.ATTR_N_STEPS]) == (S.STATUS_COMPLETED, 2000)
+
+
+def test_a_sweep_leaves_a_run_another_process_writes_and_reports_it_held(tmp_path, monkeypatch,
+                                                                         capsys):
+    from statscope.cli import main
+
+    out = tmp_path / "sw"
+    held = out / "mnist-fc_bs4_seed0_bn_max3000_mnist-5k-subset"
+    writer = subprocess.Popen([sys.executable, "-m", "statscope", *RUN, "--out", str(held)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=_env(tmp_path))
+    try:
+        assert _wait_for(lambda: _attrs(held) is not None, writer), "the writer never started"
+        for key, value in offline_env(tmp_path).items():
+            monkeypatch.setenv(key, value)
+        code = main(["sweep", "mnist-fc", "--bs", "4", "8", "--dataset", "mnist-5k-subset",
+                     "--max-steps", str(STEPS), "--out", str(out), "-q"])
+    finally:
+        writer.kill()
+        writer.wait()
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert code == 1 and len(lines) == 2, captured
+    assert lines[0].startswith(f"held  {held.name}: another process is writing it (path=")
+    assert f"pid {writer.pid} on " in lines[0]
+    assert lines[1].startswith("done  mnist-fc_bs8_seed0_bn_max3000_mnist-5k-subset")
+    assert "1 of 2 runs are held by another process" in captured.err
