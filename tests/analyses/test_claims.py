@@ -89,3 +89,71 @@ def test_claims_effect_matches_brute_force(run):
     [row] = [r for r in c.rows if r.claim == "a" and r.layer == "fc1" and r.statistic == "mean"]
     assert row.effect == pytest.approx(np.median(np.log(sd[S.BN_MEAN] / sd[S.EN_MEAN])))
     assert row.ci_low <= row.effect <= row.ci_high
+
+
+def test_identical_bn_and_en_are_inconclusive_with_the_reason_not_a_silent_nan():
+    # EN groups of one channel make EN equal BN: claim (a) has nothing to compare and claim (b)
+    # divides 0 by 0; both say so (the suite runs with warnings as errors).
+    ds = make_run((Layer("fc1", channels=4, groups=4), Layer("fc2", channels=4, groups=4)))
+    rows = [r for r in claims(ds, **KW).rows if r.claim in ("a", "b")]
+    assert {r.verdict for r in rows} == {INCONCLUSIVE}
+    assert all("identical" in r.note for r in rows)
+
+
+def test_pooled_over_seeds_counts_seeds_and_gives_a_between_seed_interval():
+    runs = {f"bs8_s{s}": make_run(batch_size=8, seed=s) for s in range(3)}
+    runs["bs64_s0"] = make_run(batch_size=64, seed=9)
+    c = claims(runs, **KW)
+    pooled = {(r.config, r.claim, r.layer, r.statistic): r for r in c.pooled().rows}
+    row = pooled[("batch size 8", "a", "fc1", "mean")]
+    effects = [r.effect for r in c.rows if r.config == "batch size 8" and r.claim == "a"
+               and r.layer == "fc1" and r.statistic == "mean"]
+    from scipy import stats
+
+    mean, half = np.mean(effects), stats.t.ppf(0.975, 2) * np.std(effects, ddof=1) / np.sqrt(3)
+    assert row.n_runs == 3 and row.n_holds == 3 and row.verdict == HOLDS
+    assert row.seeds_text == "3/3 hold"
+    np.testing.assert_allclose([row.effect, row.ci_low, row.ci_high],
+                               [mean, mean - half, mean + half])
+    one = pooled[("batch size 64", "a", "fc1", "mean")]
+    run = next(r for r in c.rows if r.run == "bs64_s0" and r.claim == "a" and r.layer == "fc1"
+               and r.statistic == "mean")
+    assert one.n_runs == 1 and (one.ci_low, one.ci_high) == (run.ci_low, run.ci_high)
+    assert {r.claim for r in c.pooled().rows if r.config == "batch size 64"} == {"a", "b", "d"}
+
+
+def test_pooled_verdict_needs_every_seed():
+    from statscope.analyses.claims import ClaimRow, Claims
+
+    def row(seed, effect, verdict, p):
+        return ClaimRow("a", f"s{seed}", "fc1", "mean", effect, effect - 0.1, effect + 0.1, p,
+                        verdict, config="bs 4", seed=seed)
+
+    mixed = Claims((row(0, 1.0, HOLDS, 1e-4), row(1, 1.1, HOLDS, 1e-4),
+                    row(2, 0.02, INCONCLUSIVE, 0.6)), "last 200 steps", 0.95, 100, (4,))
+    [p] = mixed.pooled().rows
+    assert p.verdict == INCONCLUSIVE and p.seeds_text == "2 hold, 1 inconclusive, of 3"
+    untested = Claims((row(0, 1.0, INCONCLUSIVE, np.nan), row(1, 1.1, INCONCLUSIVE, np.nan)),
+                      "last 200 steps", 0.95, 100, (4,))
+    [p] = untested.pooled().rows
+    assert p.verdict == INCONCLUSIVE and p.seeds_text == "0 of 2 testable"
+
+
+def test_claims_on_runs_of_different_models():
+    runs = {"mlp": make_run((Layer("fc1"), Layer("fc2")), batch_size=8, seed=1),
+            "cnn": make_run((Layer("c1", channels=4), Layer("c2", channels=4),
+                             Layer("c3", channels=4)), batch_size=16, seed=2)}
+    runs["cnn"].attrs[S.ATTR_MODEL] = "cnn"
+    runs["mlp"].attrs[S.ATTR_MODEL] = "mlp"
+    c = claims(runs, **KW)
+    assert {r.layer for r in c.rows if r.run == "cnn"} == {"c1", "c2", "c3"}
+    # (c) goes to the smallest batch size of each model, so to both runs here
+    assert {r.run for r in c.rows if r.claim == "c"} == {"mlp", "cnn"}
+
+
+def test_too_short_windows_are_inconclusive_and_say_why():
+    # a slow drift shared by every step of 60 steps: the effective sample is tiny
+    ds = make_run((Layer("fc1", drift=30.0), Layer("fc2", drift=30.0)), n_steps=60)
+    rows = [r for r in claims(ds, window=60, n_boot=100).rows if r.claim == "a"]
+    short = [r for r in rows if "too short" in r.note]
+    assert short and all(r.verdict == INCONCLUSIVE and r.block == 0 for r in short)

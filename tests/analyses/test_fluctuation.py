@@ -104,3 +104,18 @@ def test_missing_statistic_raises(run):
 
     with pytest.raises(StatscopeError, match="no en_std"):
         fluctuation(run.drop_vars(S.EN_STD))
+
+
+def test_excluded_cells_note_counts_only_cells_inside_each_runs_window():
+    # A short run stacked with a long one is padded with count 0 past its end; that padding is
+    # outside its window and must not be counted (the report said 59,535,360 for a sweep whose
+    # windows held 614,400 cells).
+    long, short = make_run(n_steps=300, seed=1), make_run(n_steps=120, seed=2)
+    f = fluctuation(stack({"long": long, "short": short}), 50)
+    assert not any("count 0" in n for n in f.attrs["notes"])
+    idle = short.copy(deep=True)
+    idle[S.COUNT].values[100] = 0  # one idle step inside the short run's last 50
+    f = fluctuation(stack({"long": long, "short": idle}), 50)
+    assert f.attrs["notes"] == ["short: 16 (step, neuron) cells in the window had count 0 "
+                                "(layer did not run) and were excluded"]
+    assert f[S.BN_MEAN].dims == (S.RUN, S.NEURON) and f["n_valid"].sel(run="short").max() == 50

@@ -85,3 +85,27 @@ def test_needs_initial_buffers_and_norm_records():
     ds.attrs[S.ATTR_PROBES][0]["norm"] = None
     with pytest.raises(StatscopeError, match="no probe is the input of a torch BatchNorm"):
         running_stats(ds)
+
+
+@pytest.mark.parametrize("kind", ["HeteroNorm", "InstanceNorm1d", "SwitchableNorm"])
+def test_layers_with_another_update_rule_are_not_replayed_and_say_so(kind):
+    bn, rm, rv = _torch_run(0.1, n_steps=30)
+    other, _, _ = _torch_run(0.1, n_steps=30, seed=1)
+    c = bn.sizes[S.NEURON]
+    ds = xr.Dataset(
+        {k: (v.dims, np.concatenate([v.values, other[k].values], axis=v.dims.index(S.NEURON)))
+         for k, v in bn.data_vars.items()},
+        coords={S.STEP: bn[S.STEP].values, S.LAYER: (S.NEURON, ["bn"] * c + ["hn"] * c),
+                S.UNIT: (S.NEURON, np.tile(np.arange(c), 2)),
+                S.GROUP: (S.NEURON, np.zeros(2 * c, int))})
+    record = dict(bn.attrs[S.ATTR_PROBES][0], name="hn", module="hn", type=kind)
+    ds.attrs[S.ATTR_PROBES] = [bn.attrs[S.ATTR_PROBES][0], record]
+    out = running_stats(ds, "all")
+    hn = (out[S.LAYER] == "hn").values
+    np.testing.assert_allclose(out.running_mean.values[:, ~hn], rm, rtol=2e-5, atol=2e-6)
+    assert np.isnan(out.running_mean.values[:, hn]).all()
+    [note] = out.attrs["notes"]
+    assert "hn" in note and kind in note and "only torch BatchNorm" in note
+    ds.attrs[S.ATTR_PROBES] = [dict(record, name="bn", module="bn"), record]
+    with pytest.raises(StatscopeError, match=f"bn: {kind} keeps its running statistics"):
+        running_stats(ds)
