@@ -11,19 +11,102 @@ any further one is ``running_mean_<set>`` / ``running_var_<set>``. Sets that are
 ("instance", "layer", "group") are computed at inference, as in the paper.
 """
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from statscope.errors import StatscopeError
-from statscope.nn.affine import centred_affine, compiling
+from statscope.nn.channel import UNIT_EPS, ChannelPlan, channel_norm
+from statscope.nn.composed import CENTRING_SCALE, extended_std_composed
 from statscope.nn.moments import (BATCH_SETS, GROUPED_SETS, STD_CENTERS, cell_moments,
-                                  check_groups, check_set, describe, set_average, set_size)
+                                  check_groups, check_set, describe, deviation_fraction,
+                                  set_average, set_size)
+
+try:
+    from torch.compiler import is_compiling as compiling
+except ImportError:  # torch < 2.3
+    from torch._dynamo import is_compiling as compiling
 
 __all__ = ["HeteroNorm", "SwitchableNorm", "is_norm_layer"]
 
+# HN (and EN) inputs up to this many elements take the composed route (fewer calls), larger ones
+# the Function (fewer passes over the data): the crossovers measured on CPU, one thread
+_SMALL = 49152
+_SMALL_EN = 98304
+
+# a lone pair of equal sets that is exactly one of torch's norms: (mean set, std set) -> op
+_TORCH_NORMS = {"batch": "batch_norm", "instance": "instance_norm", "layer": "layer_norm",
+                "group": "group_norm"}
+
+
+class _Constants(NamedTuple):
+    """Per-shape constants of the extended-std routes (0-d tensors unless said otherwise).
+
+    K is the number of channels of a group, M the number of pixels of a channel.
+    """
+
+    eps: torch.Tensor
+    slope: torch.Tensor
+    """-1/(K·M), the Function's factor of the variance's gradient."""
+    offset: torch.Tensor
+    """-1/M (HN) or -1/(K·M) (EN), the factor of the mean's gradient."""
+    inv_k: torch.Tensor
+    bessel: torch.Tensor
+    """Bessel's factor of the layer's running variance."""
+    scratch_mean: torch.Tensor
+    """``(G,)``, zeroed: written by the composed route's BatchNorm call."""
+    scratch_var: torch.Tensor
+    """``(G,)``, zeroed: receives the unbiased group variance."""
+    rescale: "torch.Tensor | None"
+    """Takes the scratch variance's Bessel factor (whole group) to the layer's, or None."""
+    zeros: torch.Tensor
+    """``(C,)`` zeros, the statistics of BatchNorm's inference op used as an affine map."""
+    ones: torch.Tensor
+    """``(C,)`` ones."""
+    centring: torch.Tensor
+    """``(C,)`` filled with :data:`CENTRING_SCALE`, the centring call's weight without γ."""
+    centring_scale: torch.Tensor
+    """:data:`CENTRING_SCALE`."""
+
+    @classmethod
+    def build(cls, layer, x):
+        plan = layer._plan
+        per_group = layer.num_features // plan.groups
+        count = x.numel() // layer.num_features
+        pooled = per_group * count
+        extended_mean = plan.mean_extended[0]
+        cells = count if plan.subtracted and not extended_mean else pooled
+        kind = {"dtype": x.dtype, "device": x.device}
+
+        def scalar(value):
+            return torch.tensor(value, **kind)
+
+        return cls(scalar(layer.eps if layer.eps > 0 else UNIT_EPS), scalar(-1.0 / pooled),
+                   scalar(-1.0 / (pooled if extended_mean else count)), scalar(1.0 / per_group),
+                   scalar(1.0 / (1.0 - 1.0 / cells)), torch.zeros(plan.groups, **kind),
+                   torch.zeros(plan.groups, **kind),
+                   None if cells == pooled else
+                   scalar((1.0 - 1.0 / pooled) / (1.0 - 1.0 / cells)),
+                   torch.zeros(layer.num_features, **kind), torch.ones(layer.num_features, **kind),
+                   torch.full((layer.num_features,), CENTRING_SCALE, **kind),
+                   scalar(CENTRING_SCALE))
+
 
 class _PixelSetNorm(nn.Module):
-    """Shared machinery: parameters, buffers, moments, running statistics, inference affine."""
+    """Shared machinery: parameters, buffers, routes, running statistics, inference affine.
+
+    ``forward`` takes one of three routes, all giving the same values and gradients:
+
+    - a norm that is exactly one of torch's (BN, IN, LN, GN: one set, equal on both sides) calls
+      torch's own op, so it runs at torch's speed with torch's double backward and compile support;
+    - a norm whose statistics are all per channel (EN, HN, their _G forms, (BN, BN+EN)) runs as
+      one autograd Function on BatchNorm's kernels (:mod:`statscope.nn.channel`) in training, and
+      as BatchNorm's inference op in eval where a single buffer per side holds its statistics;
+    - anything else (per-example sets in a mixture or a heterologous pair, inputs of another
+      dtype than the layer's, the per-channel norms under ``torch.compile``) is written in plain
+      differentiable torch ops (:meth:`_plain`), which Inductor can fuse with its neighbours.
+    """
 
     def __init__(self, num_features, mean_sets, std_sets, mean_groups, std_groups, eps, momentum,
                  affine, track_running_stats, std_center, device, dtype):
@@ -84,6 +167,10 @@ class _PixelSetNorm(nn.Module):
                                  torch.tensor(0, dtype=torch.long, device=device))
         else:
             self.register_buffer("num_batches_tracked", None)
+        self._torch_norm = self._torch_equivalent()
+        self._plan = self._channel_plan()
+        self._shapes = {}
+        self._routes = {}
 
     def _buffer_names(self, sets, stem):
         if not self.track_running_stats:
@@ -96,6 +183,27 @@ class _PixelSetNorm(nn.Module):
                 names.append(stem if first else f"{stem}_{pixel_set}")
                 first = False
         return tuple(names)
+
+    def _torch_equivalent(self):
+        """The name of torch's op that this norm is exactly, or None."""
+        if len(self.mean_sets) != 1 or self.mean_sets != self.std_sets:
+            return None
+        if self.mean_sets[0] in GROUPED_SETS and self.mean_groups != self.std_groups:
+            return None
+        return _TORCH_NORMS.get(self.mean_sets[0])
+
+    def _channel_plan(self):
+        """The :class:`ChannelPlan` of a norm whose statistics are all per channel, or None."""
+        if self._per_example:
+            return None
+        groups = {g for sets, g in ((self.mean_sets, self.mean_groups),
+                                    (self.std_sets, self.std_groups)) if "extended" in sets}
+        if len(groups) > 1:  # extended sets of different sizes on the two sides: plain ops
+            return None
+        return ChannelPlan(self.num_features, groups.pop() if groups else 1,
+                           tuple(s == "extended" for s in self.mean_sets),
+                           tuple(s == "extended" for s in self.std_sets),
+                           self.std_center == "subtracted")
 
     def reset_running_stats(self):
         """Zero the running means, set the running variances to one, restart the count."""
@@ -123,76 +231,87 @@ class _PixelSetNorm(nn.Module):
                 f"input shape {tuple(x.shape)}: {self._label()} expected (N, C), (N, C, L), "
                 f"(N, C, H, W) or (N, C, D, H, W) with C = num_features = {self.num_features}")
 
-    def _check_size(self, shape, pixel_set, groups):
-        if set_size(shape, pixel_set, groups) < 2:
-            raise StatscopeError(
-                f"input shape {tuple(shape)}: norm {self._label()} needs pixel set {pixel_set!r} "
-                f"({describe(pixel_set)}), which has 1 pixel per set for this shape; expected at "
-                f"least 2")
+    def _check_sizes(self, shape, use_batch):
+        """Every set whose statistics this call computes must hold at least 2 pixels."""
+        for sets, groups, buffers in ((self.mean_sets, self.mean_groups, self._mean_buffers),
+                                      (self.std_sets, self.std_groups, self._var_buffers)):
+            for pixel_set, name in zip(sets, buffers):
+                if (use_batch or name is None) and set_size(shape, pixel_set, groups) < 2:
+                    raise StatscopeError(
+                        f"input shape {tuple(shape)}: norm {self._label()} needs pixel set "
+                        f"{pixel_set!r} ({describe(pixel_set)}), which has 1 pixel per set for "
+                        f"this shape; expected at least 2")
 
-    @staticmethod
-    def _mix(stats, weight):
-        if weight is None:
-            return stats[0]
-        mix = torch.softmax(weight, 0)
-        total = mix[0] * stats[0]
-        for k in range(1, len(stats)):
-            total = total + mix[k] * stats[k]
-        return total
+    def _fractions(self, shape, shares_mean):
+        """Per std set, the expected mean square deviation over the variance (Bessel's factor).
 
-    def _update(self, name, value, n_pixels=None):
-        value = value.detach().expand(1, self.num_features).reshape(self.num_features)
-        if n_pixels is not None:
-            value = value * (n_pixels / (n_pixels - 1))
-        buffer = getattr(self, name)
-        if self.momentum is None:
-            buffer.lerp_(value.to(buffer.dtype), 1.0 / self.num_batches_tracked.to(buffer.dtype))
-        else:
-            buffer.lerp_(value.to(buffer.dtype), self.momentum)
-
-    def _statistics(self, x):
-        """Mean and variance to normalize with, each broadcastable to ``(N, C)``, and the cell means.
-
-        The cell means are ``(1, C)`` when the cells are per channel (every set pools over the
-        batch, training statistics), else None.
+        Deviations around the set's own mean (``std_center="own"``, or a std set equal to the
+        mean set) lose one pixel's worth: ``1 - 1/n``. Around the mean actually subtracted they
+        lose what that mean's sets cost (:func:`deviation_fraction`): for HN's pooled variance
+        ``1 - 1/M``, M the pixels of one channel, not ``1 - 1/n`` of the whole extended set.
         """
-        use_batch = self.training or not self.track_running_stats
-        update = self.training and self.track_running_stats
-        shape = x.shape
-        cells = None
-        if use_batch or self._per_example:
-            cells = cell_moments(x, self._per_example)
-        if update and self.num_batches_tracked is not None:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-        means = []
-        for pixel_set, name in zip(self.mean_sets, self._mean_buffers):
-            if name is not None and not use_batch:
-                means.append(getattr(self, name).unsqueeze(0))
-                continue
-            self._check_size(shape, pixel_set, self.mean_groups)
-            mean = set_average(cells[0], pixel_set, self.mean_groups)
-            if update and name is not None:
-                with torch.no_grad():
-                    self._update(name, mean)
-            means.append(mean)
-        mean = self._mix(means, self.mean_weight)
-        variances = []
-        for pixel_set, name in zip(self.std_sets, self._var_buffers):
-            if name is not None and not use_batch:
-                variances.append(getattr(self, name).unsqueeze(0))
-                continue
-            self._check_size(shape, pixel_set, self.std_groups)
-            cell_mean, cell_var = cells
-            center = (set_average(cell_mean, pixel_set, self.std_groups)
-                      if self.std_center == "own" else mean)
-            var = set_average(cell_var + (cell_mean - center).square(), pixel_set, self.std_groups)
-            if update and name is not None:
-                with torch.no_grad():
-                    self._update(name, var, set_size(shape, pixel_set, self.std_groups))
-            variances.append(var)
-        centre = cells[0] if cells is not None and not self._per_example else None
-        return mean, self._mix(variances, self.var_weight), centre
+        if self.std_center == "own":
+            return tuple(1.0 - 1.0 / set_size(shape, s, self.std_groups) for s in self.std_sets)
+        fraction = deviation_fraction(shape, self.mean_sets, self.mean_groups,
+                                      None if shares_mean is None else shares_mean.detach())
+        return (fraction,) * len(self.std_sets)
+
+    def _factor(self):
+        """The running statistics' update weight: the momentum, or the count (a tensor) if None."""
+        return self.momentum if self.momentum is not None else self.num_batches_tracked
+
+    def _lerp(self, name, value, factor):
+        """``buffer ← buffer + factor·(value - buffer)``; a count tensor means weight 1/count."""
+        buffer = getattr(self, name)
+        if isinstance(factor, torch.Tensor):
+            factor = factor.to(buffer.dtype).reciprocal()
+        buffer.lerp_(value.detach().to(buffer.dtype), factor)
+
+    def _update_channel(self, shape, means, variances, shares_mean):
+        """Running statistics from the per-channel route's ``(G, K)`` / ``(G, 1)`` set statistics."""
+        plan = self._plan
+        factor = self._factor()
+        fractions = self._fractions(shape, shares_mean)
+        for mean, name in zip(means, self._mean_buffers):
+            if name is not None:
+                self._lerp(name, _repeat(mean, plan), factor)
+        for var, name, fraction in zip(variances, self._var_buffers, fractions):
+            if name is not None:
+                self._lerp(name, _repeat(var, plan) / fraction, factor)
+
+    def _constants(self, x):
+        """The extended-std routes' constants for ``x``'s shape and kind, made once and cached."""
+        key = (x.shape, x.dtype, x.device, self.eps, torch.is_inference_mode_enabled())
+        known = self._shapes.get(key)
+        if known is None:
+            known = _Constants.build(self, x)
+            if len(self._shapes) > 64:
+                self._shapes.clear()
+            self._shapes[key] = known
+        return known
+
+    def _update_extended(self, mean, var, scale):
+        """Running statistics of the extended-std routes.
+
+        Args:
+            mean: the mean set's statistic, ``(C,)``, ``(G, K)`` or per group ``(G,)``.
+            var: the group variances ``(G,)``.
+            scale: Bessel's factor for ``var`` (a 0-d tensor), or None if already applied.
+        """
+        factor = self.momentum
+        if factor is None:
+            factor = self.num_batches_tracked.to(var.dtype).reciprocal()
+        if scale is not None:
+            var = var * scale
+        groups = self._plan.groups
+        if groups == 1:
+            self.running_var.lerp_(var, factor)
+        else:
+            self.running_var.view(groups, -1).lerp_(var.view(groups, 1), factor)
+        if mean.numel() == groups and groups > 1:
+            self.running_mean.view(groups, -1).lerp_(mean.view(groups, 1), factor)
+        else:
+            self.running_mean.lerp_(mean.view(-1), factor)
 
     def forward(self, x):
         """Normalize ``x``.
@@ -202,32 +321,155 @@ class _PixelSetNorm(nn.Module):
                 ``(N, C, D, H, W)``, floating point.
 
         Returns:
-            Tensor: same shape, dtype and memory format as ``x``.
+            Tensor: same shape, dtype and memory format as ``x`` (a dtype other than the
+            layer's is promoted with it, as ``addcmul`` promotes).
         """
+        use_batch = self.training or not self.track_running_stats
+        update = self.training and self.track_running_stats
+        if compiling():
+            self._check_input(x)
+            self._check_sizes(x.shape, use_batch)
+            if self._torch_norm is not None and self._native(x):
+                return self._torch_op(x, use_batch, update)
+            return self._plain_route(x, use_batch, update)
+        route = self._routes.get((x.shape, x.dtype, use_batch))
+        if route is None:
+            route = self._choose_route(x, use_batch)
+        return route(x, use_batch, update)
+
+    def _native(self, x):
+        """Whether ``x`` has the dtype of the layer's parameters and buffers (or there are none)."""
+        reference = self.weight if self.weight is not None else self.running_mean
+        return reference is None or reference.dtype == x.dtype
+
+    def _choose_route(self, x, use_batch):
+        """Check ``x`` and pick the route for its shape, dtype and mode; remember the choice."""
         self._check_input(x)
-        mean, var, centre = self._statistics(x)
+        self._check_sizes(x.shape, use_batch)
+        native = self._native(x)
+        if native and self._torch_norm is not None:
+            route = self._torch_op
+        elif native and self._plan is not None and use_batch:
+            limit = _SMALL_EN if self._plan.mean_extended[0] else _SMALL
+            small = self._plan.extended_std and x.numel() <= limit and x.dtype != torch.float16
+            route = self._composed_route if small else self._function_route
+        elif (native and self._plan is not None and self.mean_weight is None
+              and self.var_weight is None):
+            route = self._running_route
+        else:
+            route = self._plain_route
+        if len(self._routes) > 64:
+            self._routes.clear()
+        self._routes[(x.shape, x.dtype, use_batch)] = route
+        return route
+
+    def _apply(self, fn, *args, **kwargs):
+        # routes and constants depend on the parameters' dtype and device
+        self._routes.clear()
+        self._shapes.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _composed_route(self, x, use_batch, update):
+        """HN/EN on a small input: a few of BatchNorm's own calls (:mod:`statscope.nn.composed`)."""
+        if not x.is_contiguous():
+            return self._function_route(x, use_batch, update)
+        if update:
+            self.num_batches_tracked.add_(1)
+        return extended_std_composed(self, x, update)
+
+    def _function_route(self, x, use_batch, update):
+        """Per-channel statistics: one autograd Function (:mod:`statscope.nn.channel`)."""
+        if update:
+            self.num_batches_tracked.add_(1)
+        return channel_norm(self, x, update)
+
+    def _running_route(self, x, use_batch, update):
+        """Eval with one running buffer per side: BatchNorm's inference op."""
+        return torch.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                False, 0.0, self.eps, torch.backends.cudnn.enabled)
+
+    def _plain_route(self, x, use_batch, update):
+        return self._plain(x, self.weight, self.bias, self.mean_weight, self.var_weight,
+                           use_batch, update)
+
+    def _torch_op(self, x, use_batch, update):
+        """The norm as the torch op it is (BN, IN, LN or GN), with BatchNorm's running statistics."""
+        kind = self._torch_norm
+        cudnn = torch.backends.cudnn.enabled
+        if kind == "batch_norm":
+            factor = 0.0
+            if update:
+                self.num_batches_tracked.add_(1)
+                factor = (self.momentum if self.momentum is not None
+                          else 1.0 / float(self.num_batches_tracked))
+            return torch.batch_norm(x, self.weight, self.bias, self.running_mean,
+                                    self.running_var, use_batch, factor, self.eps, cudnn)
+        if kind == "layer_norm" and x.dim() == 2:
+            return torch.layer_norm(x, (self.num_features,), self.weight, self.bias, self.eps,
+                                    cudnn)
+        # LN on (N, C, *S) is GroupNorm(1, C); IN is GroupNorm(C, C), which keeps channels_last
+        # and runs 2-3x faster on CPU than torch.instance_norm (a BatchNorm of N·C channels)
+        groups = {"group_norm": self.std_groups, "layer_norm": 1}.get(kind, self.num_features)
+        return torch.group_norm(x, groups, self.weight, self.bias, self.eps, cudnn)
+
+    def _statistics(self, x, mean_weight, var_weight, use_batch, update):
+        """Mean and variance to normalize with, each broadcastable to ``(N, C)``, in plain ops."""
+        shape = x.shape
+        cells = None
+        if use_batch or self._per_example:
+            cells = cell_moments(x, self._per_example)
+        if update and self.num_batches_tracked is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+        factor = self._factor() if update else None
+        means = []
+        for pixel_set, name in zip(self.mean_sets, self._mean_buffers):
+            if name is not None and not use_batch:
+                means.append(getattr(self, name).unsqueeze(0))
+                continue
+            mean = set_average(cells[0], pixel_set, self.mean_groups)
+            if update and name is not None:
+                with torch.no_grad():
+                    self._lerp(name, mean.expand(1, self.num_features).reshape(-1), factor)
+            means.append(mean)
+        shares_mean = None if mean_weight is None else torch.softmax(mean_weight, 0)
+        mean = self._mix(means, shares_mean)
+        fractions = self._fractions(shape, shares_mean) if update else None
+        variances = []
+        for k, (pixel_set, name) in enumerate(zip(self.std_sets, self._var_buffers)):
+            if name is not None and not use_batch:
+                variances.append(getattr(self, name).unsqueeze(0))
+                continue
+            cell_mean, cell_var = cells
+            center = (set_average(cell_mean, pixel_set, self.std_groups)
+                      if self.std_center == "own" else mean)
+            var = set_average(cell_var + (cell_mean - center).square(), pixel_set, self.std_groups)
+            if update and name is not None:
+                with torch.no_grad():
+                    value = var.expand(1, self.num_features).reshape(-1) / fractions[k]
+                    self._lerp(name, value, factor)
+            variances.append(var)
+        shares_var = None if var_weight is None else torch.softmax(var_weight, 0)
+        return mean, self._mix(variances, shares_var)
+
+    @staticmethod
+    def _mix(stats, shares):
+        if shares is None:
+            return stats[0]
+        total = shares[0] * stats[0]
+        for k in range(1, len(stats)):
+            total = total + shares[k] * stats[k]
+        return total
+
+    def _plain(self, x, weight, bias, mean_weight, var_weight, use_batch, update):
+        """The layer in plain differentiable ops: ``x·scale + shift`` with ``(R, C)`` statistics."""
+        mean, var = self._statistics(x, mean_weight, var_weight, use_batch, update)
         scale = torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight
-        if mean.shape[0] == 1 and scale.shape[0] == 1 and not compiling():
-            # per-channel statistics: one Function on BatchNorm's kernels, centred on the exact
-            # channel means when the batch gives them (its backward then sums g·(x - mean));
-            # under torch.compile the addcmul below can fuse with the layers around it instead
-            if centre is None:
-                centre = mean
-                shift = torch.zeros_like(scale) if self.bias is None else self.bias
-            else:
-                shift = (centre - mean) * scale
-                if self.bias is not None:
-                    shift = shift + self.bias
-            flat = [t.expand(1, self.num_features).reshape(self.num_features)
-                    for t in (centre, scale, shift)]
-            # BatchNorm's kernels take one dtype; mixed ones keep addcmul's type promotion
-            if all(t.dtype == x.dtype for t in flat):
-                return centred_affine(x, *flat)
+        if weight is not None:
+            scale = scale * weight
         shift = -mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias
+        if bias is not None:
+            shift = shift + bias
         trailing = (1,) * (x.dim() - 2)
         scale = scale.expand(-1, self.num_features).reshape(scale.shape[0], self.num_features,
                                                             *trailing)
@@ -250,8 +492,10 @@ class _PixelSetNorm(nn.Module):
         """
         if not self.fusable:
             return None
-        mean = self._mix([getattr(self, n) for n in self._mean_buffers], self.mean_weight)
-        var = self._mix([getattr(self, n) for n in self._var_buffers], self.var_weight)
+        mean = self._mix([getattr(self, n) for n in self._mean_buffers],
+                         None if self.mean_weight is None else torch.softmax(self.mean_weight, 0))
+        var = self._mix([getattr(self, n) for n in self._var_buffers],
+                        None if self.var_weight is None else torch.softmax(self.var_weight, 0))
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:
             scale = scale * self.weight
@@ -421,3 +665,10 @@ def is_norm_layer(module):
         (True, False)
     """
     return isinstance(module, _PixelSetNorm)
+
+
+def _repeat(stat, plan):
+    """A ``(G, K)`` or ``(G, 1)`` statistic of the per-channel route as a ``(C,)`` tensor."""
+    if stat.shape[1] == 1:
+        stat = stat.expand(plan.groups, plan.num_features // plan.groups)
+    return stat.reshape(plan.num_features)

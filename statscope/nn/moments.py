@@ -1,4 +1,4 @@
-"""Pixel sets of the normalization family (paper §3, Table 1) and their moments.
+"""Pixel sets of the normalization family (paper §3, Table 1) and their moments in plain torch ops.
 
 A feature map ``x`` of shape ``(N, C, *S)`` is cut into *cells*: one cell per channel (when every set
 in use pools over the batch) or one cell per example and channel. Each pixel set is a union of
@@ -9,7 +9,10 @@ law of total variance::
 
 The cell moments are computed in two passes (mean, then mean squared deviation; never
 ``E[x²] - E[x]²``), so an offset of 1e4 costs no precision, and the set moments are cheap operations
-on ``(N, C)`` tensors.
+on ``(N, C)`` tensors. Everything here is ordinary differentiable torch: it is the general path of
+the layers (any pair of sets, mixtures, ``torch.compile``, double backward); the norms that are
+exactly torch's or whose statistics are all per channel take faster routes (``layers.py``,
+``channel.py``).
 """
 
 import math
@@ -17,10 +20,9 @@ import math
 import torch
 
 from statscope.errors import StatscopeError
-from statscope.nn.affine import UNIT_EPS, compiling
 
 __all__ = ["PIXEL_SETS", "BATCH_SETS", "GROUPED_SETS", "STD_CENTERS", "check_set", "check_groups",
-           "set_size", "describe", "cell_moments", "set_average"]
+           "set_size", "describe", "cell_moments", "set_average", "deviation_fraction"]
 
 PIXEL_SETS = ("batch", "instance", "layer", "group", "extended")
 """Known pixel sets: BN's, IN's, LN's, GN's and EN's (paper Table 1)."""
@@ -85,6 +87,13 @@ def check_groups(groups, num_features, argument="groups"):
     return groups
 
 
+def _extent(shape, pixel_set, groups):
+    """Pixels of one set along (examples, channels, spatial positions)."""
+    n, c, spatial = shape[0], shape[1], math.prod(shape[2:])
+    channels = {"batch": 1, "instance": 1, "layer": c}.get(pixel_set, c // groups)
+    return (n if pixel_set in BATCH_SETS else 1), channels, spatial
+
+
 def set_size(shape, pixel_set, groups):
     """Number of pixels in one set of ``pixel_set`` for an input of ``shape``.
 
@@ -100,9 +109,7 @@ def set_size(shape, pixel_set, groups):
         >>> set_size((8, 64, 4, 4), "extended", 8)
         1024
     """
-    n, c, spatial = shape[0], shape[1], math.prod(shape[2:])
-    return {"batch": n * spatial, "instance": spatial, "layer": c * spatial,
-            "group": c // groups * spatial, "extended": n * c // groups * spatial}[pixel_set]
+    return math.prod(_extent(shape, pixel_set, groups))
 
 
 def describe(pixel_set):
@@ -110,80 +117,44 @@ def describe(pixel_set):
     return _DESCRIPTIONS[pixel_set]
 
 
-def _channel_view(t, x):
-    """``t`` of shape ``(C,)`` viewed to broadcast against ``x`` of shape ``(N, C, *S)``."""
-    return t.reshape((1, -1) + (1,) * (x.dim() - 2))
+def deviation_fraction(shape, mean_sets, groups, weights=None):
+    """Expected mean square of ``x - μ`` over the variance of ``x``, for independent pixels.
 
+    ``μ`` is the mean of the set(s) ``mean_sets`` through the pixel (a ``weights``-mix of several):
+    with ``X_k`` those sets, ``E[(x - μ)²] / σ² = 1 - 2 Σ_k p_k/|X_k| + Σ_kl p_k p_l |X_k ∩ X_l| /
+    (|X_k| |X_l|)``. Dividing a variance measured around ``μ`` by it gives Bessel's correction:
+    ``1 - 1/n`` for a set's deviations around its own mean (n pixels), ``1 - 1/M`` for HN's
+    ``std_center="subtracted"``, whose deviations are around per-channel means of ``M = N·|S|``
+    pixels each.
 
-class _Moments(torch.autograd.Function):
-    """Biased mean and variance over ``dims`` (per-example cells) in two passes, one-pass backward.
+    Args:
+        shape: input shape ``(N, C, *S)``.
+        mean_sets: the mean's pixel sets; all grouped ones share ``groups``.
+        groups: channel groups of the grouped mean sets.
+        weights: the mixture's shares ``(K,)`` (a softmax), or None for a single set.
 
-    ``torch.var_mean`` runs Welford's update, which on CPU is several times slower than a sum;
-    two passes are as exact.
+    Returns:
+        float, or a 0-d Tensor when ``weights`` is a Tensor.
+
+    Example:
+        >>> deviation_fraction((4, 64), ("batch",), 1)
+        0.75
     """
-
-    @staticmethod
-    def forward(x, dims):
-        mean = x.mean(dims, keepdim=True)
-        var = torch.sub(x, mean).square_().mean(dims, keepdim=True)
-        return mean, var
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, dims = inputs
-        ctx.save_for_backward(x, output[0])
-        ctx.count = x.numel() // output[0].numel()
-
-    @staticmethod
-    def backward(ctx, grad_mean, grad_var):
-        x, mean = ctx.saved_tensors
-        if grad_mean is None:
-            grad_mean = torch.zeros_like(mean)
-        if grad_var is None:
-            grad_var = torch.zeros_like(mean)
-        slope = grad_var * (2.0 / ctx.count)
-        offset = grad_mean / ctx.count - slope * mean
-        return torch.addcmul(offset, x, slope), None
-
-
-class _ChannelMoments(torch.autograd.Function):
-    """Per-channel biased mean and variance ``(C,)`` of ``(N, C, *S)``, two passes each way.
-
-    The backward, ``dx = (x - mean)·(2 dvar / M) + dmean / M`` with M pixels per channel, runs
-    as one call of BatchNorm's inference kernel (statistics 0 and 1, weight and bias the two
-    per-channel coefficients). Under ``create_graph`` it is written in differentiable ops
-    instead, so double backward works.
-    """
-
-    @staticmethod
-    def forward(x):
-        dims = (0, *range(2, x.dim()))
-        mean = x.mean(dims)
-        var = torch.sub(x, _channel_view(mean, x)).square_().mean(dims)
-        return mean, var
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], output[0])
-
-    @staticmethod
-    def backward(ctx, grad_mean, grad_var):
-        x, mean = ctx.saved_tensors
-        count = x.numel() // mean.numel()
-        if grad_mean is None:
-            grad_mean = torch.zeros_like(mean)
-        if grad_var is None:
-            grad_var = torch.zeros_like(mean)
-        slope, offset = grad_var * (2.0 / count), grad_mean / count
-        if torch.is_grad_enabled():
-            return torch.addcmul(_channel_view(offset, x), x - _channel_view(mean, x),
-                                 _channel_view(slope, x))
-        return torch.nn.functional.batch_norm(x, mean, torch.ones_like(mean), slope, offset,
-                                              training=False, eps=UNIT_EPS)
+    extents = [_extent(shape, s, groups) for s in mean_sets]
+    sizes = [math.prod(e) for e in extents]
+    if weights is None:
+        return 1.0 - 1.0 / sizes[0]
+    total = 1.0
+    for k, size in enumerate(sizes):
+        total = total - 2.0 / size * weights[k]
+        for j, other in enumerate(sizes):
+            overlap = math.prod(min(a, b) for a, b in zip(extents[k], extents[j]))
+            total = total + overlap / (size * other) * weights[k] * weights[j]
+    return total
 
 
 def cell_moments(x, per_example):
-    """Biased mean and variance of every cell of ``x``.
+    """Biased mean and variance of every cell of ``x``, in differentiable two-pass ops.
 
     Args:
         x: input ``(N, C, *S)``.
@@ -193,14 +164,11 @@ def cell_moments(x, per_example):
         tuple[Tensor, Tensor]: ``(mean, var)``, each ``(N, C)`` if ``per_example`` else ``(1, C)``.
         An ``(N, C)`` input has one pixel per example and channel: its cells have variance 0.
     """
-    if not per_example and not compiling():
-        mean, var = _ChannelMoments.apply(x)
-        return mean.unsqueeze(0), var.unsqueeze(0)
     if per_example and x.dim() == 2:
         return x, torch.zeros_like(x)
-    # under torch.compile, plain ops that Inductor can fuse rather than our Function
     dims = tuple(range(2, x.dim())) if per_example else (0, *range(2, x.dim()))
-    mean, var = _Moments.apply(x, dims)
+    mean = x.mean(dims, keepdim=True)
+    var = (x - mean).square().mean(dims, keepdim=True)
     rows = x.shape[0] if per_example else 1
     return mean.reshape(rows, x.shape[1]), var.reshape(rows, x.shape[1])
 
