@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import xarray as xr
@@ -64,7 +65,8 @@ def sigma2_series(ds: xr.Dataset) -> xr.DataArray:
 
 def sigma_bar(ds: xr.Dataset) -> xr.DataArray:
     """The neuron's σ over the window: sqrt of the window mean of :func:`sigma2_series`."""
-    return np.sqrt(sigma2_series(ds).mean(S.STEP))
+    # a ufunc on a DataArray returns a DataArray, which numpy's stubs cannot say
+    return cast(xr.DataArray, np.sqrt(sigma2_series(ds).mean(S.STEP)))
 
 
 def layer_order(layer_coord) -> list[str]:

@@ -16,7 +16,7 @@ def demo_run(n_steps: int = 300, layers=(("fc1", 8), ("fc2", 8)), batch_size: in
         Dataset (step, neuron) with bn_mean, bn_std, en_mean, en_std, bn_kurt, count.
     """
     rng = np.random.default_rng(seed)
-    cols = {k: [] for k in (S.BN_MEAN, S.BN_STD, S.EN_MEAN, S.EN_STD, S.BN_KURT)}
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in (S.BN_MEAN, S.BN_STD, S.EN_MEAN, S.EN_STD, S.BN_KURT)}
     layer, unit = [], []
     probes = []
     for name, c in layers:

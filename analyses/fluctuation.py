@@ -17,6 +17,8 @@ entered each neuron's reduction is returned as ``n_valid`` and the exclusions ar
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import xarray as xr
 
@@ -62,7 +64,7 @@ def series_std(x: xr.DataArray, *, detrend: bool = False) -> xr.DataArray:
         cxx = sxx - sx * sx / n
         ctx = stx - st * sx / n
         rss = (cxx - ctx * ctx / ctt).clip(min=0)
-        return np.sqrt(rss / (n - 2)).where(n > 2)
+        return cast(xr.DataArray, np.sqrt(rss / (n - 2))).where(n > 2)  # ufunc of a DataArray
 
 
 def fluctuation(ds: xr.Dataset, window=200, *, scale_free: bool = False,

@@ -32,8 +32,9 @@ Percentile intervals with b = ⌈T^(1/3)⌉ covered the std of AR(1) series of 2
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -324,8 +325,8 @@ def _needs(data: _Data, statistic: Statistic) -> tuple[list[int], list[int]]:
     with quiet():
         statistic(m)
     index = {k: i for i, k in enumerate(data.names)}
-    spread = sorted(index[k] for k in m.std._done)
-    level = sorted({index[k] for k in m.mean._done} | set(spread))
+    spread = sorted(index[k] for k in cast(_Lazy, m.std)._done)  # data.moments makes _Lazy ones
+    level = sorted({index[k] for k in cast(_Lazy, m.mean)._done} | set(spread))
     return level, spread
 
 
@@ -585,7 +586,8 @@ def _too_short(t: int, tau: float) -> str:
             f"{MIN_EFFECTIVE}); a longer window would do")
 
 
-def bootstrap_statistic(series: Mapping[str, np.ndarray], statistic: Statistic, *,
+def bootstrap_statistic(series: Mapping[str, np.ndarray],
+                        statistic: Statistic | Sequence[Statistic], *,
                         confidence: float = 0.95, n_boot: int = 1000, block: int | None = None,
                         seed: int = 0, log: bool = False, groups=None) -> Interval:
     """:func:`resample` then :func:`interval`: the one call most analyses make.

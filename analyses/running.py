@@ -128,7 +128,7 @@ def _check(ds: xr.Dataset, what: str) -> None:
     require(ds, [S.BN_MEAN, S.BN_STD, S.COUNT, S.RUNNING_MEAN0, S.RUNNING_VAR0], what)
 
 
-def _positions(ds: xr.Dataset, window) -> np.ndarray:
+def _positions(ds: xr.Dataset, window) -> tuple[np.ndarray, str]:
     w = select_window(ds, window)
     return np.searchsorted(ds[S.STEP].values, w[S.STEP].values), w.attrs["window"]
 

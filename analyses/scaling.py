@@ -136,6 +136,7 @@ def batch_size_scaling(ds, window=200, *, scale_free: bool = True, confidence: f
     shape = (len(layers.names), len(FLUCT_STATS))
     notes = ["slope of log(layer-median fluctuation) on log(batch size); sampling theory "
              "predicts -0.5 for BN statistics"]
+    df: float
     if counts.min() >= 2:
         with quiet():
             y = np.log(np.stack([statistic(moments(window_series(w.data))) for w in windows]))

@@ -167,7 +167,7 @@ def compare_runs(ds: xr.Dataset, run_a, run_b, statistic: str = S.BN_STD, window
                 with quiet():
                     x = x / sigma_bar(w)
             series.append(x.transpose(S.STEP, S.NEURON).values)
-        res = _result(windows[0], *series, center, what)
+        res = _result(windows[0], series[0], series[1], center, what)
     else:
         def stat(m: Moments) -> np.ndarray:
             with quiet():

@@ -310,7 +310,7 @@ def map_windows(runs, window, fn: Callable[[xr.Dataset], xr.Dataset]) -> xr.Data
              for r in results]
     out = xr.concat(clean, dim=S.RUN, coords="minimal", compat="override",
                     combine_attrs="override")
-    coords = {S.RUN: [p.name for p in parts]}
+    coords: dict[str, Any] = {S.RUN: [p.name for p in parts]}
     for key in S.META_KEYS:
         if any(key in p.meta for p in parts):
             coords[key] = (S.RUN, [p.meta.get(key) for p in parts])
