@@ -5,6 +5,11 @@ Datasets into plotly figures without importing Dash; :func:`create_app` puts the
 Dash loads only when :func:`create_app` is used.
 """
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # visible to type checkers and IDEs; loaded by __getattr__ at run time
+    from .app import create_app
+
 __all__ = ["create_app"]
 
 

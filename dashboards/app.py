@@ -43,13 +43,14 @@ def create_app(root: str | os.PathLike | None = None, *, catalog: RunCatalog | N
         if root is None:
             raise TypeError("create_app: pass root or catalog")
         catalog = RunCatalog(root)
-    app = Dash(__name__, title="statscope", update_title=None,
+    # Dash takes update_title=None (keep the title while callbacks run) but annotates it str
+    app = Dash(__name__, title="statscope", update_title=None,  # type: ignore[arg-type]
                assets_folder=str(Path(__file__).with_name("assets")),
                suppress_callback_exceptions=False)
     app.server.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.layout = build_layout(str(catalog.root) if catalog.root is not None else "in memory")
     register(app, catalog)
-    app.catalog = catalog
+    app.catalog = catalog  # type: ignore[attr-defined]  # read by tests and benchmarks
     if warm:
         threading.Thread(target=prewarm, args=(catalog,), daemon=True,
                          name="statscope-prewarm").start()

@@ -359,10 +359,21 @@ def evolution(catalog: RunCatalog, search, version=None, zoom=None) -> dict:
         panel = (int(zoom.get("axis", 1)) - 1) // max(1, cells)
         if panel < len(v.runs):
             xrange = {v.runs[panel]: rng}
-    return to_wire(evolution_spec(
-        {n: catalog.dataset(n) for n in v.runs}, v.neurons, v.state.window, scalars=scalars,
-        xrange=xrange, read=catalog.columns, locate=catalog.neuron_index,
-        read_scalar=catalog.scalar, notes=v.notes))
+    if not v.runs:
+        return empty_spec("Choose at least one run and one neuron.")
+
+    def build():
+        return to_wire(evolution_spec(
+            {n: catalog.dataset(n) for n in v.runs}, v.neurons, v.state.window, scalars=scalars,
+            xrange=xrange, read=catalog.column_list, locate=catalog.neuron_index,
+            read_scalar=catalog.scalar, notes=v.notes))
+
+    # Cached under the first run until it changes; the others' generations are in the key, so
+    # a change to any of them makes a new entry (the old one ages out of the LRU).
+    gens = catalog.version()
+    key = ("evolution", _view_key(v.state), v.notes, repr(xrange),
+           tuple(gens.get(n) for n in v.runs))
+    return catalog.memo(v.runs[0], key, build)
 
 
 def computed(catalog: RunCatalog, run: str, what: str, window: Window, scale_free: bool = False):

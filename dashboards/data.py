@@ -493,12 +493,27 @@ class RunCatalog:
         Returns:
             (rows, len(neurons)) array in the variable's dtype.
         """
+        cols = self.column_list(name, var, neurons, rows)
+        if not cols:
+            n = self.dataset(name).sizes[S.STEP]
+            rows = slice(0, n) if rows is None else slice(*rows.indices(n)[:2])
+            return np.empty((rows.stop - rows.start, 0), self.dataset(name)[var].dtype)
+        return np.stack(cols, axis=1)
+
+    def column_list(self, name: str, var: str, neurons: Sequence[int],
+                    rows: slice | None = None) -> list[np.ndarray]:
+        """:meth:`columns` as one (rows,) array per neuron: views of the cached whole columns
+        where they are cached, so drawing a 300,000-step column copies nothing.
+
+        Returns:
+            ``len(neurons)`` read-only-by-convention (rows,) arrays; do not write to them.
+        """
         run = self._runs[name]
         ds = self.dataset(name)
         n = ds.sizes[S.STEP]
         rows = slice(0, n) if rows is None else slice(*rows.indices(n)[:2])
         if not len(neurons):
-            return np.empty((rows.stop - rows.start, 0), ds[var].dtype)
+            return []
         keys = [(name, run.generation, var, int(i)) for i in neurons]
         cols = {k: self.cache.get(k) for k in keys}
         missing = sorted({k[3] for k, v in cols.items() if v is None})
@@ -507,16 +522,18 @@ class RunCatalog:
                    rows.stop)
             part = self.cache.get(key)
             if part is None:
-                part = np.asarray(ds[var].isel({S.STEP: rows, S.NEURON: list(neurons)}).values)
+                # stored neuron-major, so that each neuron's slice is contiguous
+                part = np.ascontiguousarray(np.asarray(
+                    ds[var].isel({S.STEP: rows, S.NEURON: list(neurons)}).values).T)
                 self.cache.put(key, part)
-            return part
+            return list(part)
         if missing:
             block = np.asarray(ds[var].isel({S.NEURON: missing}).values)
             for j, i in enumerate(missing):
                 col = np.ascontiguousarray(block[:, j])
                 cols[(name, run.generation, var, i)] = col
                 self.cache.put((name, run.generation, var, i), col)
-        return np.stack([cols[k][rows] for k in keys], axis=1)
+        return [cols[k][rows] for k in keys]
 
     def scalar(self, name: str, var: str) -> np.ndarray | None:
         """A logged scalar (``loss``, ``lr``...) of run ``name``, (step,), cached, or ``None``."""

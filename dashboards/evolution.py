@@ -29,9 +29,10 @@ __all__ = ["evolution_figure", "evolution_spec", "read_dataset", "locate_in", "r
            "scalar_names", "Reader", "Locator", "ScalarReader", "PAIRS", "ROW_HEIGHT",
            "SCALAR_HEIGHT"]
 
-Reader = Callable[[str, str, Sequence[int], slice], np.ndarray]
-"""``read(run, var, positions, rows) -> (rows, len(positions))``: columns of a variable over a
-slice of step rows."""
+Reader = Callable[[str, str, Sequence[int], slice], "np.ndarray | Sequence[np.ndarray]"]
+"""``read(run, var, positions, rows)``: columns of a variable over a slice of step rows, as a
+(rows, len(positions)) array or as one (rows,) array per position (the app passes
+``RunCatalog.column_list``, whose cached columns come as views, not copies)."""
 Locator = Callable[[str, str, int], "int | None"]
 """``locate(run, layer, unit)``: the neuron's position along ``neuron`` in that run, or None."""
 ScalarReader = Callable[[str, str], "np.ndarray | None"]
@@ -178,9 +179,11 @@ def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, 
                 for stat in pair:
                     if stat not in cols:
                         continue
-                    col = cols[stat][:, j]
+                    block = cols[stat]
+                    col = block[j] if isinstance(block, (list, tuple)) else block[:, j]
                     x, y = envelope(x_all, col, per_trace)
-                    down = len(x) < np.count_nonzero(np.isfinite(col))
+                    # reduced, unless the window was short or only NaN steps were dropped
+                    down = len(col) > per_trace and len(x) < len(col)
                     data.append({
                         "type": "scatter", "x": x, "y": y, "mode": "lines",
                         "name": STAT_LABELS[stat], "legendgroup": stat,
