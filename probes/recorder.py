@@ -172,6 +172,12 @@ class Recorder:
     def closed(self) -> bool:
         return self._state == "closed"
 
+    @property
+    def _writer(self) -> Worker:
+        """The writer thread, which exists from :meth:`start` on."""
+        assert self._worker is not None, "the recorder was not started"
+        return self._worker
+
     def start(self) -> "Recorder":
         """Open the store (taking its lease), start the writer thread and attach the probes.
 
@@ -264,7 +270,7 @@ class Recorder:
                 if self._dirty:
                     self._end_step()
                 block = self._take_block() if self._slot else None
-            if block is not None and not self._worker.put(block):
+            if block is not None and not self._writer.put(block):
                 self._give_back(block)
         except BaseException as exc:  # e.g. the device error that ended training
             problems.append(exc)
@@ -274,12 +280,12 @@ class Recorder:
         reason = error or (f"closing: {problems[0]!r}" if problems else None)
         attrs = {S.ATTR_PROBE_SECONDS: self.probe_seconds,
                  S.ATTR_PROBE_OVERHEAD: self.probe_seconds / busy}
-        self._worker.put(Close(status, reason, attrs), force=True)
-        while not self._worker.join(timeout=1.0):
-            if not self._worker.alive:
+        self._writer.put(Close(status, reason, attrs), force=True)
+        while not self._writer.join(timeout=1.0):
+            if not self._writer.alive:
                 break
         self._emit()
-        failure = self._worker.failure or (problems[0] if problems else None)
+        failure = self._writer.failure or (problems[0] if problems else None)
         if failure is not None and error is None:
             raise RecordingError(f"path={self.path!r}: recording failed ({failure!r}); the run is "
                                  "marked failed and keeps every step committed before") \
@@ -314,7 +320,7 @@ class Recorder:
         with self._lock:
             self._root_forward()
         self.probe_seconds += time.perf_counter() - t0
-        if self._say or self._worker.notices:
+        if self._say or self._writer.notices:
             self._emit()
 
     def _root_forward(self) -> None:
@@ -394,14 +400,14 @@ class Recorder:
             self._give_back(block)
 
     def _put(self, msg) -> bool:
-        if self._worker.put(msg):
+        if self._writer.put(msg):
             return True
         self._say.append(Notice(f"statscope: recording into {self.path!r} stopped: the writer "
-                                f"failed ({self._worker.failure!r}); training goes on",
+                                f"failed ({self._writer.failure!r}); training goes on",
                                 StatscopeWarning))
         if self.on_error == "raise":
             raise RecordingError(f"path={self.path!r}: recording failed "
-                                 f"({self._worker.failure!r})") from self._worker.failure
+                                 f"({self._writer.failure!r})") from self._writer.failure
         self._on = False
         return False
 
@@ -415,7 +421,7 @@ class Recorder:
             return None  # the training thread is busy: it is not idle
         try:
             if not self._on or self._rule == "undecided" or not self._slot \
-                    or not self._worker.queue.empty():
+                    or not self._writer.queue.empty():
                 return None
             n = self._slot
             scalars = {k: [(s, v) for s, v in vs if s < n] for k, vs in self._scalars.items()}
@@ -453,7 +459,7 @@ class Recorder:
             with self._lock:
                 self._end_step()
                 self._maybe_dispatch()
-            if self._say or self._worker.notices:
+            if self._say or self._writer.notices:
                 self._emit()
 
     def set_attrs(self, **attrs: Any) -> None:
@@ -507,14 +513,14 @@ def _with_channels(info: ProbeInfo, channels: int) -> ProbeInfo:
 
 
 def _running_buffers(t: Target):
-    m = t.module
-    if t.where != "input" or not isinstance(getattr(m, "running_mean", None), torch.Tensor) \
-            or not isinstance(getattr(m, "running_var", None), torch.Tensor):
+    mean, var = getattr(t.module, "running_mean", None), getattr(t.module, "running_var", None)
+    if t.where != "input" or not isinstance(mean, torch.Tensor) \
+            or not isinstance(var, torch.Tensor):
         return None
-    if isinstance(m.running_mean, nn.parameter.UninitializedBuffer):
+    if isinstance(mean, nn.parameter.UninitializedBuffer):
         return "lazy"  # materialized at the first forward, as zeros and ones
-    return (m.running_mean.detach().float().cpu().numpy().reshape(-1).copy(),
-            m.running_var.detach().float().cpu().numpy().reshape(-1).copy())
+    return (mean.detach().float().cpu().numpy().reshape(-1).copy(),
+            var.detach().float().cpu().numpy().reshape(-1).copy())
 
 
 def _running0(static, captures) -> dict | None:

@@ -4,8 +4,14 @@
 is used.
 """
 
+from typing import TYPE_CHECKING
+
 from statscope.errors import (RecordingError, StatscopeError, StatscopeWarning, StoreDamagedError,
                               StoreError, StoreLockedError)
+
+if TYPE_CHECKING:  # visible to type checkers and IDEs; loaded by __getattr__ at run time
+    from statscope.probes import record
+    from statscope.store import open_run, open_runs
 
 __all__ = ["StatscopeError", "StatscopeWarning", "StoreError", "StoreDamagedError",
            "StoreLockedError", "RecordingError", "record", "open_run", "open_runs",

@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 import weakref
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from statscope.errors import StatscopeError
+
+if TYPE_CHECKING:  # loaded with the live export only
+    from statscope.export import Exporter
 
 __all__ = ["LiveExport", "RecordingSession", "check_record_kwargs", "loggable"]
 
@@ -126,7 +129,7 @@ class RecordingSession:
         self.live = live
         self.steps = 0
         self._sinks: list = []
-        self._exporter = None
+        self._exporter: Exporter | None = None
         self.recorder.start()
         self._finalizer = weakref.finalize(self, _abandoned, self.recorder, self._sinks)
         self.offset = int(trainer_step) - self.recorder.current_step  # a resumed store goes on
@@ -168,7 +171,8 @@ class RecordingSession:
             from statscope.export.exporter import ATTR_STEP_OFFSET
 
             self.recorder.set_attrs(**{ATTR_STEP_OFFSET: self.offset})
-        if self._exporter is not None and self.steps % self.live.every == 0:
+        if self._exporter is not None and self.live is not None \
+                and self.steps % self.live.every == 0:
             self._exporter.update()
 
     def close(self, error: str | None = None) -> None:
