@@ -32,7 +32,7 @@ READABLE_FORMATS = (1, 2)
 STEP = "step"
 NEURON = "neuron"
 RUN = "run"
-RANK = "rank"  # reserved: a later format stacks per-rank stores of one distributed run here
+RANK = "rank"  # the ranks of a distributed run (open_run of its folder)
 
 # Dimensions that exist only on disk.
 EN_GROUP = "en_group"  # one column per (probe, EN group); expanded to neuron on read
@@ -68,8 +68,16 @@ NEURON_PROBE = "neuron_probe"  # (neuron,) int32: index into ATTR_PROBES
 NEURON_UNIT = "neuron_unit"  # (neuron,) int32
 NEURON_GROUP = "neuron_group"  # (neuron,) int32: column in the en_group dimension
 
+# Window summaries (statscope.windows): a subgroup of the run, and the Dataset open_windows returns.
+WINDOWS_GROUP = "windows"
+WINDOW_DIM = "window"  # dim: one row per window of window_steps steps
+SUMMARY = "summary"  # dim of open_windows' variables: mean, std over the window
+SUMMARIES = ("mean", "std")
+DEFAULT_WINDOW_STEPS = 200  # the paper's window
+
 RESERVED_NAMES = frozenset(
     {STEP, NEURON, RUN, RANK, EN_GROUP, PROBE, LAYER, UNIT, GROUP, LABEL, COUNT, RUNNING_MEAN0,
+     WINDOWS_GROUP, WINDOW_DIM, SUMMARY,
      RUNNING_VAR0, NEURON_PROBE, NEURON_UNIT, NEURON_GROUP, *ALL_STATS}
 )
 """Names a logged scalar may not take."""
@@ -99,6 +107,10 @@ ATTR_STD_DEFINITION = "std_definition"
 ATTR_DAMAGED = "damaged"  # set by open_run(damaged="mask"): what was masked, by array and steps
 ATTR_STEP_RULE = "step_rule"  # what one recorded step is: see STEP_RULES
 ATTR_LEASE = "lease"  # the holder of the lease when the run was opened for writing
+ATTR_WINDOW_STEPS = "window_steps"  # W of the window summaries; null when none are kept
+ATTR_N_WINDOWS = "n_windows"  # committed rows of the window summaries
+ATTR_EVERY = "every"  # the stride between recorded steps
+
 
 STEP_RULES = ("optimizer", "forward", "manual")
 

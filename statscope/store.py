@@ -11,115 +11,43 @@ killed, shows a consistent prefix; missing or damaged data is a
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from statscope import schema as S
 from statscope.errors import StatscopeError, StoreDamagedError, StoreError
-from statscope.integrity import (CheckedArray, Damage, check_array, check_marker, missing_shards,
-                                 shard_shape)
-from statscope.storage import is_url, list_keys, local_path, zarr_store
+from statscope.arrays import check_chunks, damage_error, entries, expand, lazy, missing, verify
+from statscope.integrity import CheckedArray, Damage, check_marker
+from statscope.layout import Layout, ProbeInfo
+from statscope.storage import is_url, local_path, zarr_store
 
-__all__ = ["ProbeInfo", "Layout", "open_run", "open_runs", "find_runs", "is_run", "read_attrs",
-           "check_marker", "verify_run", "zarr_store"]
-
-
-@dataclass(frozen=True)
-class ProbeInfo:
-    """One probed tensor: a module's input or output.
-
-    Attributes:
-        name: the value of the ``layer`` coordinate (the module's qualified name, with
-            ``schema.INPUT_SUFFIX``/``OUTPUT_SUFFIX`` when the module is probed at both ends).
-        module: qualified name from ``named_modules()``.
-        type: the module's class name, e.g. ``"BatchNorm1d"``.
-        where: ``"input"`` or ``"output"``.
-        channel_dim: dimension of the probed tensor that holds the channels (negative = from end).
-        channels: number of channels (neurons) of this probe.
-        groups: number of EN groups; channels must be divisible by it.
-        norm: for a probed norm layer, what rebuilding its running statistics needs
-            (``momentum``, ``eps``, ``track_running_stats``, ``num_batches_tracked``), else None.
-    """
-
-    name: str
-    module: str
-    type: str
-    where: str
-    channel_dim: int
-    channels: int
-    groups: int = 1
-    norm: Mapping[str, Any] | None = None
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The neuron layout of a run: its probes in store order and the statistics recorded."""
-
-    probes: tuple[ProbeInfo, ...]
-    stats: tuple[str, ...] = S.DEFAULT_STATS
-
-    @property
-    def n_neurons(self) -> int:
-        return sum(p.channels for p in self.probes)
-
-    @property
-    def n_groups(self) -> int:
-        return sum(p.groups for p in self.probes)
-
-    @property
-    def neuron_stats(self) -> tuple[str, ...]:
-        return tuple(s for s in self.stats if s not in S.PER_GROUP_STATS)
-
-    @property
-    def group_stats(self) -> tuple[str, ...]:
-        return tuple(s for s in self.stats if s in S.PER_GROUP_STATS)
-
-    def neuron_index(self) -> dict[str, np.ndarray]:
-        """Per-neuron arrays: probe index, unit in probe, global EN-group column, group in probe."""
-        probe, unit, gcol, glocal = [], [], [], []
-        g0 = 0
-        for i, p in enumerate(self.probes):
-            per = p.channels // p.groups
-            local = np.arange(p.channels) // per
-            probe.append(np.full(p.channels, i, np.int32))
-            unit.append(np.arange(p.channels, dtype=np.int32))
-            glocal.append(local.astype(np.int32))
-            gcol.append((g0 + local).astype(np.int32))
-            g0 += p.groups
-        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int32))
-        return {"probe": cat(probe), "unit": cat(unit), "group_column": cat(gcol),
-                "group": cat(glocal)}
-
-    def same_neurons(self, other: "Layout") -> bool:
-        """True when both record the same statistics of the same channels in the same order."""
-        key = (lambda lay: ([(p.name, p.module, p.where, p.channels, p.groups) for p in lay.probes],
-                            lay.stats))
-        return key(self) == key(other)
-
-    @classmethod
-    def from_attrs(cls, attrs: Mapping[str, Any]) -> "Layout":
-        try:
-            probes = tuple(ProbeInfo(**p) for p in attrs[S.ATTR_PROBES])
-            return cls(probes=probes, stats=tuple(attrs[S.ATTR_STATS]))
-        except (KeyError, TypeError) as exc:
-            raise StoreDamagedError(f"attrs: the run's probe records are damaged ({exc!r})") \
-                from None
+__all__ = ["ProbeInfo", "Layout", "open_run", "open_runs", "open_windows", "find_runs", "is_run",
+           "rank_paths", "read_attrs", "check_marker", "verify_run", "zarr_store"]
 
 
 def read_attrs(path: str | os.PathLike) -> dict:
     """Return a run's root attributes, checking that it is a statscope run of a known format.
 
+    For a distributed run (a folder of ``rank{r}`` runs): rank 0's attributes, with ``status``
+    the worst of the ranks' (failed, running, completed), ``n_steps`` the largest, and every
+    rank's own under ``ranks``.
+
     Raises:
         StoreError: the path does not exist, is not a statscope run, or has an unknown format.
         StoreDamagedError: its root metadata cannot be read.
     """
-    return _open_checked(path)[1]
+    try:
+        return _open_checked(path)[1]
+    except StoreError:
+        ranks = rank_paths(path)
+        if not ranks:
+            raise
+    per = [_open_checked(p)[1] for p in ranks]
+    return {**per[0], "ranks": {str(a.get(S.ATTR_RANK, r)): a for r, a in enumerate(per)},
+            S.ATTR_STATUS: _worst([a.get(S.ATTR_STATUS) for a in per]),
+            S.ATTR_N_STEPS: max(int(a.get(S.ATTR_N_STEPS) or 0) for a in per)}
 
 
 def _open_checked(path: str | os.PathLike):
@@ -153,20 +81,48 @@ def _open_checked(path: str | os.PathLike):
     return group, attrs
 
 
-def is_run(path: str | os.PathLike) -> bool:
-    """True when ``path`` holds a statscope run of a format this version reads."""
+def rank_paths(path: str | os.PathLike) -> list[str]:
+    """The per-rank stores of a distributed run at ``path`` (``rank0``, ``rank1``, ...), in rank
+    order; empty when ``path`` is not one."""
+    path = os.fspath(path).rstrip("/")
     try:
-        read_attrs(path)
+        if is_url(path):
+            import fsspec
+
+            fs, p = fsspec.core.url_to_fs(path)
+            names = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(p, detail=False)]
+        else:
+            base = local_path(path)
+            if not base.is_dir() or (base / "zarr.json").exists():
+                return []
+            names = [c.name for c in base.iterdir() if c.is_dir()]
+    except (OSError, ValueError):
+        return []
+    ranks = sorted(int(n[4:]) for n in names if n.startswith("rank") and n[4:].isdigit())
+    found = [f"{path}/rank{r}" for r in ranks]
+    return found if found and all(_is_single_run(f) for f in found) else []
+
+
+def _is_single_run(path: str) -> bool:
+    try:
+        _open_checked(path)
     except StoreError:
         return False
     return True
 
 
+def is_run(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds a statscope run (or a distributed run's per-rank runs) of a
+    format this version reads."""
+    return _is_single_run(os.fspath(path)) or bool(rank_paths(path))
+
+
 def find_runs(root: str | os.PathLike) -> list[str]:
     """Return the runs at ``root``: the root itself if it is a run, else its run subfolders, sorted.
 
-    Only local folders are searched; a URL must name a run. A subfolder with a ``zarr.json`` that
-    is not a readable run is left out here (``analyze`` and the dashboard name such folders).
+    A distributed run (a folder of ``rank{r}`` runs) counts as one run. Only local folders are
+    searched; a URL must name a run. A subfolder with a ``zarr.json`` that is not a readable run
+    is left out here (``analyze`` and the dashboard name such folders).
     """
     root = os.fspath(root)
     if is_url(root) or is_run(root):
@@ -174,8 +130,7 @@ def find_runs(root: str | os.PathLike) -> list[str]:
     base = local_path(root)
     if not base.is_dir():
         raise StoreError(f"path={root!r}: no such directory")
-    return sorted(str(p) for p in base.iterdir() if p.is_dir() and (p / "zarr.json").exists()
-                  and is_run(p))
+    return sorted(str(p) for p in base.iterdir() if p.is_dir() and is_run(p))
 
 
 # Variables' attributes in the Dataset, following the CF conventions' long_name/units.
@@ -193,22 +148,27 @@ _DESCRIBE = {
 
 
 def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None,
-             damaged: str = "raise"):
+             damaged: str = "raise", merge_synced: bool = True):
     """Open one run as a lazy, chunked ``xarray.Dataset`` in the schema of :mod:`statscope.schema`.
 
     Args:
-        path: a run folder or an fsspec URL.
+        path: a run folder or an fsspec URL; or the folder of a distributed run, whose per-rank
+            stores are stacked along a ``rank`` dimension.
         chunks: dask chunks by dimension name (``step``, ``neuron``), positive ints; default the
             store's shards.
         damaged: ``"raise"`` (default): missing data is an error. ``"mask"``: read every chunk
             now, and show missing or unreadable regions as NaN (``count`` 0), listed in the
             attribute ``damaged``.
+        merge_synced: for a distributed run, show on every rank the merged statistics of layers
+            that synchronize them (SyncBatchNorm), as they normalized with those
+            (:func:`statscope.ranks.merge_synced`).
 
     Returns:
-        Dataset with dims (step, neuron): ``bn_mean``, ``bn_std``, ``en_mean``, ``en_std``,
-        ``count`` (and ``bn_kurt`` when recorded), float32 except ``count`` (int64); scalars
-        (step,); coords ``step``, ``layer``, ``unit``, ``group``, ``label``; the run's attrs.
-        Every variable has ``long_name``, ``units`` and ``description`` attributes.
+        Dataset with dims (step, neuron), or (rank, step, neuron) for a distributed run:
+        ``bn_mean``, ``bn_std``, ``en_mean``, ``en_std``, ``count`` (and ``bn_kurt`` when
+        recorded), float32 except ``count`` (int64); scalars (step,); coords ``step``, ``layer``,
+        ``unit``, ``group``, ``label``; the run's attrs. Every variable has ``long_name``,
+        ``units`` and ``description`` attributes.
 
     Raises:
         StoreError: not a run, or a format this version does not read.
@@ -218,121 +178,193 @@ def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None
         >>> ds = open_run("runs/demo")  # doctest: +SKIP
         >>> ds.bn_std.sel(step=slice(0, 10))  # doctest: +SKIP
     """
-    import dask.array as da
-    import xarray as xr
-
     import statscope.analyses.accessor  # noqa: F401  registers ds.statscope (see STYLE.md)
 
     if damaged not in ("raise", "mask"):
         raise StatscopeError(f"damaged={damaged!r}: expected 'raise' or 'mask'")
-    _check_chunks(chunks)
+    check_chunks(chunks, (S.STEP, S.NEURON))
     path = os.fspath(path)
+    ranks = [] if _is_single_run(path) else rank_paths(path)
+    if ranks:
+        return _open_ranks(path, ranks, chunks, damaged, merge_synced)
+    return _open_one(path, chunks, damaged)
+
+
+def _open_one(path: str, chunks, damaged: str):
+    import xarray as xr
+
     group, attrs = _open_checked(path)
     n = check_marker(path, attrs)
     layout = Layout.from_attrs(attrs)
     idx = layout.neuron_index()
-    arrays = _arrays(path, group, attrs, layout, n)
-    found = _verify(path, attrs, arrays, n) if damaged == "mask" else _missing(path, attrs, arrays, n)
-    if any(d.array == S.STEP for d in found):
-        raise StoreDamagedError(f"path={path!r}: the step array is damaged ("
-                                + "; ".join(d.describe() for d in found if d.array == S.STEP)
-                                + "): the rows cannot be placed")
-    step = CheckedArray(path, S.STEP, arrays[S.STEP][0], n, None, -1)[:]
+    want = {S.STEP: (n, None, "int64", -1), S.COUNT: (n, len(layout.probes), "int64", 0)}
+    want.update({s: (n, layout.n_neurons, "float32", np.nan) for s in layout.neuron_stats})
+    want.update({s: (n, layout.n_groups, "float32", np.nan) for s in layout.group_stats})
+    want.update({s: (n, None, "float64", np.nan) for s in attrs.get(S.ATTR_SCALARS, [])})
+    optional = {s: (layout.n_neurons, None, "float32", np.nan)
+                for s in (S.RUNNING_MEAN0, S.RUNNING_VAR0)}
+    arrays = entries(path, group, want, optional)
+    found = verify(path, attrs, arrays) if damaged == "mask" else missing(path, attrs, arrays)
+    step = _steps(path, arrays[S.STEP], found)
     if found and damaged == "raise":
-        raise StoreDamagedError(f"path={path!r}: " + "; ".join(d.describe(step) for d in found[:5])
-                                + (f"; and {len(found) - 5} more" if len(found) > 5 else "")
-                                + "; pass damaged='mask' to open_run to read the rest")
+        raise damage_error(path, found, step)
 
-    def lazy(name, rows=n):
-        arr, width, fill = arrays[name]
-        checked = CheckedArray(path, name, arr, rows, width, fill,
-                               [d for d in found if d.array == name])
-        native = da.from_array(checked, chunks=shard_shape(arr)[:checked.ndim], asarray=False,
-                               lock=False, name=f"statscope-{path}-{name}-{n}-{damaged}")
-        return native.rechunk(_chunks(native, arr, chunks)) if chunks else native
+    def read(name):
+        return lazy(path, name, arrays[name], found, chunks, damaged)
 
     per_step = (S.STEP, S.NEURON)
-    data = {s: (per_step, lazy(s)) for s in layout.neuron_stats}
-    data.update({s: (per_step, _expand(lazy(s), idx["group_column"])) for s in layout.group_stats})
-    data[S.COUNT] = (per_step, _expand(lazy(S.COUNT), idx["probe"]))
+    data = {s: (per_step, read(s)) for s in layout.neuron_stats}
+    data.update({s: (per_step, expand(read(s), idx["group_column"])) for s in layout.group_stats})
+    data[S.COUNT] = (per_step, expand(read(S.COUNT), idx["probe"]))
     for name in attrs.get(S.ATTR_SCALARS, []):
-        data[name] = ((S.STEP,), lazy(name))
+        data[name] = ((S.STEP,), read(name))
     for name in (S.RUNNING_MEAN0, S.RUNNING_VAR0):
         if name in arrays:
-            data[name] = ((S.NEURON,), lazy(name, layout.n_neurons).compute())
-    names = np.array([p.name for p in layout.probes], dtype=object)
-    labels = [f"{p.name}[{u}]" for p in layout.probes for u in range(p.channels)]
+            data[name] = ((S.NEURON,), read(name).compute())
     out_attrs = dict(attrs)
     if found:
         out_attrs[S.ATTR_DAMAGED] = [d.to_json() for d in found]
-    ds = xr.Dataset(
-        data,
-        coords={
-            S.STEP: step.astype(np.int64),
-            S.NEURON: np.arange(layout.n_neurons),
-            S.LAYER: (S.NEURON, names[idx["probe"]].astype(str)),
-            S.UNIT: (S.NEURON, idx["unit"].astype(np.int64)),
-            S.GROUP: (S.NEURON, idx["group"].astype(np.int64)),
-            S.LABEL: (S.NEURON, np.array(labels, dtype=str)),
-        },
-        attrs=out_attrs,
-    )
-    for name, (long_name, units, description) in _DESCRIBE.items():
-        if name in ds:
-            ds[name].attrs.update(long_name=long_name, units=units, description=description)
-    for name in attrs.get(S.ATTR_SCALARS, []):
-        ds[name].attrs.update(long_name=name, units="as logged",
-                              description="scalar logged with Recorder.log; NaN where not logged")
+    ds = xr.Dataset(data, coords={S.STEP: step.astype(np.int64), **_neuron_coords(layout, idx)},
+                    attrs=out_attrs)
+    _describe(ds, attrs.get(S.ATTR_SCALARS, []))
     ds[S.STEP].attrs.update(long_name="training step", units="1")
     return ds
 
 
-def _arrays(path: str, group, attrs, layout: Layout, n: int) -> dict[str, tuple[Any, Any, Any]]:
-    """Every array the Dataset needs, checked against the attributes: name -> (array, width, fill)."""
-    want = {S.STEP: (None, "int64", -1), S.COUNT: (len(layout.probes), "int64", 0)}
-    want.update({s: (layout.n_neurons, "float32", np.nan) for s in layout.neuron_stats})
-    want.update({s: (layout.n_groups, "float32", np.nan) for s in layout.group_stats})
-    want.update({s: (None, "float64", np.nan) for s in attrs.get(S.ATTR_SCALARS, [])})
-    out = {}
-    for name, (width, dtype, fill) in want.items():
-        out[name] = (_array(path, group, name), width, fill)
-        check_array(path, name, out[name][0], rows=n, width=width, dtype=dtype)
-    for name in (S.RUNNING_MEAN0, S.RUNNING_VAR0):
-        try:
-            arr = group[name]
-        except KeyError:
-            continue
-        except Exception as exc:
-            raise StoreDamagedError(f"path={path!r}: array {name!r} metadata cannot be read "
-                                    f"({type(exc).__name__}: {exc})") from None
-        check_array(path, name, arr, rows=layout.n_neurons, width=None, dtype="float32")
-        out[name] = (arr, None, np.nan)
-    return out
+def _steps(path: str, entry, found) -> np.ndarray:
+    if any(d.array == S.STEP for d in found):
+        raise StoreDamagedError(f"path={path!r}: the step array is damaged ("
+                                + "; ".join(d.describe() for d in found if d.array == S.STEP)
+                                + "): the rows cannot be placed")
+    return CheckedArray(path, S.STEP, entry.array, entry.rows, None, -1)[:]
 
 
-def _array(path: str, group, name: str):
-    try:
-        return group[name]
-    except KeyError:
-        raise StoreDamagedError(f"path={path!r}: array {name!r} is named by the run's "
-                                "attributes but missing") from None
-    except Exception as exc:  # damaged zarr.json of the array
-        raise StoreDamagedError(f"path={path!r}: array {name!r} metadata cannot be read "
-                                f"({type(exc).__name__}: {exc})") from None
+def _neuron_coords(layout: Layout, idx: Mapping[str, np.ndarray]) -> dict:
+    names = np.array([p.name for p in layout.probes], dtype=object)
+    layer = names[idx["probe"]].astype(str) if len(names) else np.zeros(0, str)
+    label = np.array([f"{lay}[{u}]" for lay, u in zip(layer, idx["unit"])], dtype=str)
+    return {S.NEURON: np.arange(len(idx["probe"])),
+            S.LAYER: (S.NEURON, layer),
+            S.UNIT: (S.NEURON, idx["unit"].astype(np.int64)),
+            S.GROUP: (S.NEURON, idx["group"].astype(np.int64)),
+            S.LABEL: (S.NEURON, label)}
 
 
-def _missing(path: str, attrs, arrays, n: int) -> list[Damage]:
-    if attrs.get(S.ATTR_FORMAT, 1) < 2:
-        return []  # format 1 left all-fill chunks unwritten: absence is not damage there
-    try:
-        keys = list_keys(path)
-    except OSError as exc:
-        raise StoreError(f"path={path!r}: cannot list the run ({exc})") from None
-    out = []
-    for name, (arr, width, _) in arrays.items():
-        rows = n if name not in (S.RUNNING_MEAN0, S.RUNNING_VAR0) else arr.shape[0]
-        out += missing_shards(name, arr, rows, width, keys)
-    return out
+def _describe(ds, scalars) -> None:
+    for name, (long_name, units, description) in _DESCRIBE.items():
+        if name in ds:
+            ds[name].attrs.update(long_name=long_name, units=units, description=description)
+    for name in scalars:
+        ds[name].attrs.update(long_name=name, units="as logged",
+                              description="scalar logged with Recorder.log; NaN where not logged")
+
+
+def _open_ranks(path: str, ranks: list[str], chunks, damaged: str, merge: bool):
+    """The per-rank runs of a distributed run stacked along ``rank`` (outer-aligned on step)."""
+    import xarray as xr
+
+    from statscope.ranks import merge_synced
+
+    runs = [_open_one(p, chunks, damaged) for p in ranks]
+    _check_stackable(ranks, runs, "path")
+    stacked = xr.concat([ds.drop_attrs(deep=False) for ds in runs], dim=S.RANK, join="outer",
+                        fill_value={S.COUNT: 0}, coords="minimal", compat="override",
+                        combine_attrs="drop")
+    stacked = stacked.assign_coords({S.RANK: [int(ds.attrs.get(S.ATTR_RANK, r))
+                                               for r, ds in enumerate(runs)]})
+    stacked.attrs = read_attrs(path)
+    return merge_synced(stacked) if merge else stacked
+
+
+def _worst(statuses: list[str]) -> str:
+    for s in (S.STATUS_FAILED, S.STATUS_RUNNING):
+        if s in statuses:
+            return s
+    return S.STATUS_COMPLETED
+
+
+def _check_stackable(paths, runs, what: str) -> None:
+    ref = runs[0]
+    for p, ds in zip(paths[1:], runs[1:]):
+        if (ds.sizes[S.NEURON] != ref.sizes[S.NEURON]
+                or not np.array_equal(ds[S.LAYER].values, ref[S.LAYER].values)):
+            raise StoreError(
+                f"{what}: run {p!r} has layers {_layer_list(ds)}, but {paths[0]!r} has "
+                f"{_layer_list(ref)}; only runs with the same layers can be stacked")
+        if not np.array_equal(ds[S.GROUP].values, ref[S.GROUP].values):
+            raise StoreError(
+                f"{what}: run {p!r} has EN groups {_groups(ds)} per layer, but "
+                f"{paths[0]!r} has {_groups(ref)}; EN statistics of different groupings cannot "
+                "be stacked: open them with open_run one by one")
+
+
+def open_windows(path: str | os.PathLike, *, damaged: str = "raise"):
+    """Open a run's window summaries (:mod:`statscope.windows`) as a lazy ``xarray.Dataset``.
+
+    Args:
+        path: a run folder or URL (one rank's store for a distributed run).
+        damaged: as in :func:`open_run`.
+
+    Returns:
+        Dataset with dims (window, summary, neuron) over **every** channel (also those whose
+        per-step columns were not kept): per statistic, its mean and its standard deviation
+        (ddof = 1) over the steps of each window at which the layer ran (``summary`` = ``mean``,
+        ``std``); ``count`` (window, neuron): those steps; coords ``window`` (index), ``step``
+        along window (the window's first step), ``layer``, ``unit``, ``group``, ``label``.
+        Attribute ``window_steps``: W.
+
+    Raises:
+        StoreError: the run keeps no window summaries (``window_steps=None``, or format 1).
+    """
+    import dask.array as da
+    import xarray as xr
+
+    if damaged not in ("raise", "mask"):
+        raise StatscopeError(f"damaged={damaged!r}: expected 'raise' or 'mask'")
+    path = os.fspath(path)
+    group, attrs = _open_checked(path)
+    check_marker(path, attrs)
+    width = attrs.get(S.ATTR_WINDOW_STEPS)
+    if not width:
+        raise StoreError(f"path={path!r}: this run keeps no window summaries (window_steps="
+                         f"{width!r})")
+    n = attrs.get(S.ATTR_N_WINDOWS)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise StoreDamagedError(f"path={path!r}: n_windows={n!r} is not a non-negative integer")
+    layout = Layout.from_attrs(attrs)
+    idx = layout.neuron_index(all_channels=True)
+    w = S.WINDOWS_GROUP
+    want = {f"{w}/{S.STEP}": (n, None, "int64", -1),
+            f"{w}/{S.COUNT}": (n, len(layout.probes), "int64", 0)}
+    for s in layout.stats:
+        cols = layout.n_groups if s in S.PER_GROUP_STATS else layout.n_channels
+        want.update({f"{w}/{s}_{part}": (n, cols, "float32", np.nan) for part in S.SUMMARIES})
+    arrays = entries(path, group, want)
+    found = verify(path, attrs, arrays) if damaged == "mask" else missing(path, attrs, arrays)
+    if found and damaged == "raise":
+        raise damage_error(path, found, None)
+
+    def read(name):
+        return lazy(path, f"{w}/{name}", arrays[f"{w}/{name}"], found, None, damaged)
+
+    data = {}
+    for s in layout.stats:
+        parts = [read(f"{s}_{part}") for part in S.SUMMARIES]
+        if s in S.PER_GROUP_STATS:
+            parts = [expand(p, idx["group_column"]) for p in parts]
+        data[s] = ((S.WINDOW_DIM, S.SUMMARY, S.NEURON), da.stack(parts, axis=1))
+    data[S.COUNT] = ((S.WINDOW_DIM, S.NEURON), expand(read(S.COUNT), idx["probe"]))
+    starts = CheckedArray(path, f"{w}/{S.STEP}", arrays[f"{w}/{S.STEP}"].array, n, None, -1)[:]
+    coords = {S.WINDOW_DIM: np.arange(n), S.SUMMARY: list(S.SUMMARIES),
+              S.STEP: (S.WINDOW_DIM, starts.astype(np.int64)), **_neuron_coords(layout, idx)}
+    out_attrs = dict(attrs)
+    if found:
+        out_attrs[S.ATTR_DAMAGED] = [d.to_json() for d in found]
+    ds = xr.Dataset(data, coords=coords, attrs=out_attrs)
+    _describe(ds, [])
+    ds[S.COUNT].attrs.update(long_name="steps", units="1",
+                             description="steps of the window at which the layer ran")
+    return ds
 
 
 def verify_run(path: str | os.PathLike) -> list[Damage]:
@@ -350,56 +382,12 @@ def verify_run(path: str | os.PathLike) -> list[Damage]:
     path = os.fspath(path)
     group, attrs = _open_checked(path)
     n = check_marker(path, attrs)
-    return _verify(path, attrs, _arrays(path, group, attrs, Layout.from_attrs(attrs), n), n)
-
-
-def _verify(path: str, attrs, arrays, n: int) -> list[Damage]:
-    found = _missing(path, attrs, arrays, n)
-    for name, (arr, width, _) in arrays.items():
-        rows = n if name not in (S.RUNNING_MEAN0, S.RUNNING_VAR0) else arr.shape[0]
-        shape = shard_shape(arr)
-        for r0 in range(0, rows, shape[0]):
-            for c0 in range(0, width, shape[1]) if width is not None else (None,):
-                region = (slice(r0, min(r0 + shape[0], rows)),)
-                if c0 is not None:
-                    region += (slice(c0, min(c0 + shape[1], width)),)
-                if any(d.array == name and d.rows[0] == r0
-                       and (c0 is None or d.columns[0] == c0) for d in found):
-                    continue
-                try:
-                    arr[region]
-                except Exception as exc:  # the codec's checksum or decompression failed
-                    found.append(Damage(name, (r0, region[0].stop),
-                                        None if c0 is None else (c0, region[1].stop),
-                                        f"unreadable ({type(exc).__name__}: {exc})"))
-    return found
-
-
-def _check_chunks(chunks) -> None:
-    if chunks is None:
-        return
-    if not isinstance(chunks, Mapping):
-        raise StatscopeError(f"chunks={chunks!r}: expected a mapping like {{'step': 4096}}")
-    for dim, size in chunks.items():
-        if dim not in (S.STEP, S.NEURON):
-            raise StatscopeError(f"chunks={dict(chunks)!r}: unknown dimension {dim!r}; "
-                                 f"expected {S.STEP!r} or {S.NEURON!r}")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise StatscopeError(f"chunks={dict(chunks)!r}: {dim}={size!r} must be a positive "
-                                 "int")
-
-
-def _expand(columns, index: np.ndarray):
-    """``columns[:, index]`` chunk by chunk: one task per step chunk, not one per column."""
-    whole = columns.rechunk({1: -1})
-    return whole.map_blocks(lambda block: block[:, index], dtype=columns.dtype,
-                            chunks=(whole.chunks[0], (len(index),)))
-
-
-def _chunks(native, arr, chunks: Mapping[str, int]) -> tuple[int, ...]:
-    names = arr.metadata.dimension_names or ()
-    return tuple(chunks.get({S.EN_GROUP: S.NEURON, S.PROBE: S.NEURON}.get(d, d), c)
-                 for d, c in zip(names, native.chunksize))
+    layout = Layout.from_attrs(attrs)
+    want = {S.STEP: (n, None, "int64", -1), S.COUNT: (n, len(layout.probes), "int64", 0)}
+    want.update({s: (n, layout.n_groups if s in S.PER_GROUP_STATS else layout.n_neurons,
+                     "float32", np.nan) for s in layout.stats})
+    want.update({s: (n, None, "float64", np.nan) for s in attrs.get(S.ATTR_SCALARS, [])})
+    return verify(path, attrs, entries(path, group, want))
 
 
 def open_runs(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike]):
@@ -429,17 +417,7 @@ def open_runs(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike]):
                          else "paths_or_dir=[]: no runs given")
     runs = [open_run(p) for p in paths]
     ref = runs[0]
-    for p, ds in zip(paths[1:], runs[1:]):
-        if (ds.sizes[S.NEURON] != ref.sizes[S.NEURON]
-                or not np.array_equal(ds[S.LAYER].values, ref[S.LAYER].values)):
-            raise StoreError(
-                f"paths_or_dir: run {p!r} has layers {_layer_list(ds)}, but {paths[0]!r} has "
-                f"{_layer_list(ref)}; only runs with the same layers can be stacked")
-        if not np.array_equal(ds[S.GROUP].values, ref[S.GROUP].values):
-            raise StoreError(
-                f"paths_or_dir: run {p!r} has EN groups {_groups(ds)} per layer, but "
-                f"{paths[0]!r} has {_groups(ref)}; EN statistics of different groupings cannot "
-                "be stacked: open them with open_run one by one")
+    _check_stackable(paths, runs, "paths_or_dir")
     names = _run_names(paths)
     metas = [ds.attrs.get(S.ATTR_META, {}) or {} for ds in runs]
     keys = [k for k in S.META_KEYS if any(k in m for m in metas)]

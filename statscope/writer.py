@@ -26,12 +26,14 @@ from statscope.errors import StatscopeError, StoreError
 from statscope.lease import Lease
 from statscope.storage import exists, is_url, list_keys, remove_tree, zarr_store
 from statscope.store import Layout, ProbeInfo, check_marker, read_attrs
+from statscope.windows import WindowArrays, Windows
 
 __all__ = ["RunWriter", "write_run", "check_path", "check_scalar_name", "package_versions",
            "now_iso"]
 
 _SHARD_BYTES = 64 << 20  # the largest shard, raw; bounds what one flush rewrites per array
 _INNER_STEPS = 1024  # rows of a chunk inside a shard: what a reader of a step range reads
+_WINDOW_ROWS = 64  # windows per shard of the window summaries
 
 
 def now_iso() -> str:
@@ -71,7 +73,8 @@ class RunWriter:
         chunk_steps: rows per shard (one object per array and shard).
         neuron_chunk: columns per chunk inside a shard.
         flush_seconds: write staged rows at least this often.
-        running0: initial running buffers per neuron, ``{"running_mean0": (n,), ...}``.
+        running0: initial running buffers of every channel, ``{"running_mean0": (n,), ...}``.
+        window_steps: W of the window summaries (:mod:`statscope.windows`); None for none.
 
     Raises:
         StoreLockedError: another writer holds the run.
@@ -82,8 +85,13 @@ class RunWriter:
     def __init__(self, path, layout: Layout, *, attrs: Mapping[str, Any] | None = None,
                  overwrite: bool = False, resume: bool = False, chunk_steps: int = 8192,
                  neuron_chunk: int = 64, flush_seconds: float = 2.0,
-                 running0: Mapping[str, np.ndarray] | None = None):
+                 running0: Mapping[str, np.ndarray] | None = None,
+                 window_steps: int | None = S.DEFAULT_WINDOW_STEPS):
         self.path = os.fspath(path)
+        self.window_steps = window_steps
+        self.windows: Windows | None = None
+        self._done_windows: list = []
+        self.n_windows = 0
         self.chunk_steps = int(chunk_steps)
         self.neuron_chunk = int(neuron_chunk)
         self.flush_seconds = float(flush_seconds)
@@ -118,6 +126,7 @@ class RunWriter:
             S.ATTR_VERSIONS: package_versions(), S.ATTR_STARTED: now_iso(), S.ATTR_ENDED: None,
             S.ATTR_ERROR: None, S.ATTR_NONFINITE: {}, S.ATTR_STD_DEFINITION: S.STD_DEFINITION,
             S.ATTR_PROBE_OVERHEAD: None, S.ATTR_LEASE: self.lease.holder.describe(),
+            S.ATTR_WINDOW_STEPS: self.window_steps, S.ATTR_N_WINDOWS: 0,
         }
         root.update(attrs)
         try:
@@ -137,6 +146,10 @@ class RunWriter:
             self._new_array(s, (0, 0), "float32", np.nan, (S.STEP, S.NEURON))
         for s in layout.group_stats:
             self._new_array(s, (0, 0), "float32", np.nan, (S.STEP, S.EN_GROUP))
+        if self.window_steps:
+            self.windows = Windows(self.window_steps, self._window_widths(self.layout), 0)
+            self._warrays = WindowArrays(self._group, self._make)
+            self._warrays.create(self._window_widths(self.layout), 0)
         self.add_probes(layout.probes, running0)
         self._commit()
 
@@ -168,11 +181,47 @@ class RunWriter:
         self.nonfinite = dict(old.get(S.ATTR_NONFINITE, {}))
         self._scalars = list(old.get(S.ATTR_SCALARS, []))
         self._truncate(stored, running0)
+        self.window_steps = old.get(S.ATTR_WINDOW_STEPS)
+        if self.window_steps:
+            self._resume_windows(old, last)
         self._group.update_attributes(_jsonable({
             S.ATTR_STATUS: S.STATUS_RUNNING, S.ATTR_ENDED: None, S.ATTR_ERROR: None, **attrs,
             S.ATTR_META: old.get(S.ATTR_META), S.ATTR_LEASE: self.lease.holder.describe()}))
         known = {p.name for p in stored.probes}
         self.add_probes([p for p in layout.probes if p.name not in known], running0)
+
+    def _resume_windows(self, old, last) -> None:
+        """Keep the windows before the one the last committed step is in; rebuild that one
+        from the stored rows (columns without per-step values are NaN in it)."""
+        W = self.window_steps
+        self._warrays = WindowArrays(self._group, self._make)
+        starts = self._group[f"{S.WINDOWS_GROUP}/{S.STEP}"][:int(old.get(S.ATTR_N_WINDOWS, 0))]
+        current = None if last is None else int(last) // W
+        keep = int(np.count_nonzero(starts < current * W)) if current is not None else len(starts)
+        self._warrays.open(keep, self.layout.stats)
+        self.n_windows = keep
+        self.windows = Windows(W, self._window_widths(self.layout), len(self.layout.probes))
+        if current is None:
+            return
+        steps = self._arrays[S.STEP][:self.n_steps]
+        first = int(np.searchsorted(steps, current * W))
+        if first == self.n_steps:
+            return
+        rows = slice(first, self.n_steps)
+        count = self._arrays[S.COUNT][rows]
+        values, lost = {}, {}
+        cols = self._kept_columns(self.layout)
+        for s in self.layout.stats:
+            kept = self._arrays[s][rows]
+            if s in S.PER_GROUP_STATS:
+                values[s] = kept
+                continue
+            full = np.full((len(kept), self.layout.n_channels), np.nan, np.float32)
+            full[:, cols] = kept
+            values[s] = full
+            lost[s] = np.ones(self.layout.n_channels, bool)
+            lost[s][cols] = False
+        self.windows.add(steps[rows], count, values, self._probe_of(self.layout), lost)
 
     def _truncate(self, stored: Layout, running0) -> None:
         """Cut every array back to what the commit marker covers; drop uncommitted arrays.
@@ -183,7 +232,7 @@ class RunWriter:
         committed = {S.STEP, S.COUNT, *stored.stats, *self._scalars}
         width = {S.COUNT: len(stored.probes), S.EN_GROUP: stored.n_groups,
                  S.NEURON: stored.n_neurons}
-        present = _array_names(self.path)
+        present = [a for a in _array_names(self.path) if a != S.WINDOWS_GROUP]
         self._arrays = {}
         for name in present:
             arr = self._group[name]
@@ -209,18 +258,23 @@ class RunWriter:
                                     "the commit marker but missing; the run cannot be resumed")
 
     def _new_array(self, name: str, shape, dtype: str, fill, dims) -> None:
-        width = _SHARD_BYTES // (8 * self.chunk_steps) if len(shape) > 1 else 0
-        shards = (self.chunk_steps,) if len(shape) == 1 else \
-            (self.chunk_steps, max(self.neuron_chunk, width // self.neuron_chunk * self.neuron_chunk))
-        chunks = (min(_INNER_STEPS, self.chunk_steps),) if len(shape) == 1 else \
-            (min(_INNER_STEPS, self.chunk_steps), self.neuron_chunk)
+        self._arrays[name] = self._make(self._group, name, shape, dtype, fill, dims)
+
+    def _make(self, group, name: str, shape, dtype: str, fill, dims):
+        """Create a sharded, checksummed array that writes every chunk."""
+        # window summaries gain a row per window: short shards keep their rewrites small
+        rows = _WINDOW_ROWS if dims[0] == S.WINDOW_DIM else self.chunk_steps
+        width = _SHARD_BYTES // (8 * rows) if len(shape) > 1 else 0
+        shards = (rows,) if len(shape) == 1 else \
+            (rows, max(self.neuron_chunk, width // self.neuron_chunk * self.neuron_chunk))
+        chunks = (min(_INNER_STEPS, rows),) if len(shape) == 1 else \
+            (min(_INNER_STEPS, rows), self.neuron_chunk)
         if dims == (S.NEURON,):
             shards, chunks = (1 << 16,), (1 << 12,)
-        arr = self._group.create_array(name, shape=shape, shards=shards, chunks=chunks,
-                                       dtype=dtype, fill_value=fill, dimension_names=dims,
-                                       compressors=_codecs(), overwrite=True,
-                                       config={"write_empty_chunks": True})
-        self._arrays[name] = arr
+        return group.create_array(name, shape=shape, shards=shards, chunks=chunks,
+                                  dtype=dtype, fill_value=fill, dimension_names=dims,
+                                  compressors=_codecs(), overwrite=True,
+                                  config={"write_empty_chunks": True})
 
     # -- probes that join later -------------------------------------------------------------
 
@@ -229,8 +283,9 @@ class RunWriter:
 
         Args:
             probes: new probes (names not in the layout).
-            running0: their initial running buffers, ``{"running_mean0": (channels,), ...}``
-                concatenated in probe order; NaN where a probe has none.
+            running0: their initial running buffers of every channel,
+                ``{"running_mean0": (channels,), ...}`` concatenated in probe order; NaN where a
+                probe has none.
         """
         if not probes:
             return
@@ -238,6 +293,9 @@ class RunWriter:
         lay = Layout((*self.layout.probes, *probes), self.layout.stats)
         _check_layout(lay)
         n = self.n_steps
+        if running0:  # keep the units with per-step columns
+            new = Layout(tuple(probes), lay.stats)
+            running0 = {k: np.asarray(v)[self._kept_columns(new)] for k, v in running0.items()}
         widths = {S.COUNT: len(lay.probes), **{s: lay.n_neurons for s in lay.neuron_stats},
                   **{s: lay.n_groups for s in lay.group_stats}}
         for name, width in widths.items():
@@ -260,8 +318,30 @@ class RunWriter:
                     values[:] = np.asarray(given, np.float32)
                 arr.resize((lay.n_neurons,))
                 arr[self.layout.n_neurons:] = values
+        if self.windows is not None:
+            widths = self._window_widths(lay)
+            self.windows.widen(widths, len(lay.probes))
+            self._warrays.widen(widths, len(lay.probes), self.n_windows)
         self.layout = lay
         self._commit()
+
+    @staticmethod
+    def _window_widths(lay: Layout) -> dict[str, int]:
+        return {s: lay.n_groups if s in S.PER_GROUP_STATS else lay.n_channels for s in lay.stats}
+
+    @staticmethod
+    def _probe_of(lay: Layout) -> dict[str, np.ndarray]:
+        """Per statistic, the probe of each column of its all-channel values."""
+        per_channel = lay.neuron_index(all_channels=True)["probe"]
+        return {s: _group_probe(lay) if s in S.PER_GROUP_STATS else per_channel
+                for s in lay.stats}
+
+    @staticmethod
+    def _kept_columns(lay: Layout) -> np.ndarray:
+        """Columns of the kept units among all channels."""
+        offsets = np.cumsum([0, *(p.channels for p in lay.probes)])
+        parts = [o + p.kept for o, p in zip(offsets, lay.probes)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     # -- appending --------------------------------------------------------------------------
 
@@ -272,7 +352,9 @@ class RunWriter:
         Args:
             steps: (k,) int64 global steps, increasing, after every step written so far.
             count: (k, n_probes) int64 elements per channel; 0 where a probe did not run.
-            stats: per statistic of the layout, (k, n_neurons) or, for EN, (k, n_groups) float32.
+            stats: per statistic of the layout, (k, n_channels) — every channel, also those
+                without per-step columns (window summaries use them) — or, for EN,
+                (k, n_groups) float32.
             scalars: optional (k,) float arrays by name (NaN where not logged).
 
         Returns:
@@ -294,18 +376,23 @@ class RunWriter:
                                  f"({k}, {len(self.layout.probes)})")
         ran = row[S.COUNT] > 0
         bad = 0
-        probe_of = {"n": self.layout.neuron_index()["probe"], "g": _group_probe(self.layout)}
-        for s in self.layout.stats:
+        lay = self.layout
+        probe_of = self._probe_of(lay)
+        kept = None if lay.n_neurons == lay.n_channels else self._kept_columns(lay)
+        full = {}
+        for s in lay.stats:
             a = np.asarray(stats[s], np.float32)
-            group = s in S.PER_GROUP_STATS
-            width = self.layout.n_groups if group else self.layout.n_neurons
+            width = lay.n_groups if s in S.PER_GROUP_STATS else lay.n_channels
             if a.shape != (k, width):
                 raise StatscopeError(f"stats[{s!r}]: shape {a.shape}, expected ({k}, {width})")
-            row[s] = a
-            n_bad = int(np.count_nonzero(~np.isfinite(a) & ran[:, probe_of["g" if group else "n"]]))
+            full[s] = a
+            row[s] = a if kept is None or s in S.PER_GROUP_STATS else a[:, kept]
+            n_bad = int(np.count_nonzero(~np.isfinite(a) & ran[:, probe_of[s]]))
             if n_bad:
                 self.nonfinite[s] = self.nonfinite.get(s, 0) + n_bad
                 bad += n_bad
+        if self.windows is not None:
+            self._done_windows += self.windows.add(steps, row[S.COUNT], full, probe_of)
         for name, values in (scalars or {}).items():
             self._ensure_scalar(name)
             row[name] = np.asarray(values, np.float64)
@@ -350,12 +437,20 @@ class RunWriter:
         last = int(self._stage[-1][S.STEP][-1])
         self._stage, self._staged = [], 0
         self.n_steps = n1
+        self._write_windows()
         self._commit(last)
         self._last_write = time.monotonic()
 
+    def _write_windows(self) -> None:
+        if self._done_windows:
+            self.n_windows = self._warrays.append(self._done_windows, self.n_windows,
+                                                  self.window_steps)
+            self._done_windows = []
+
     def _commit(self, last: int | None = None) -> None:
         """Write the root attributes that name what is committed, in one atomic document."""
-        update = {S.ATTR_N_STEPS: self.n_steps, S.ATTR_SCALARS: list(self._scalars),
+        update = {S.ATTR_N_STEPS: self.n_steps, S.ATTR_N_WINDOWS: self.n_windows,
+                  S.ATTR_SCALARS: list(self._scalars),
                   S.ATTR_NONFINITE: dict(self.nonfinite),
                   S.ATTR_PROBES: [p.to_json() for p in self.layout.probes],
                   S.ATTR_LAYERS: [p.name for p in self.layout.probes]}
@@ -381,7 +476,11 @@ class RunWriter:
         self.closed = True
         try:
             try:
+                if self.windows is not None and self.windows.index is not None:
+                    self._done_windows.append(self.windows.finish())  # the last, partial window
                 self.flush()
+                self._write_windows()
+                self._commit()
             except BaseException as exc:
                 status, error = S.STATUS_FAILED, error or f"writing the last rows: {exc!r}"
                 self._mark(status, error)

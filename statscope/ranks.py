@@ -1,0 +1,128 @@
+"""Distributed runs: per-rank statistics, and the global ones merged exactly from them.
+
+Under ``torch.distributed`` each rank records the statistics of its own batch (as BatchNorm
+computes them "within each GPU"). What SyncBatchNorm computes — the moments over every rank's
+batch — follows exactly from each rank's per-channel mean, variance and element count (the law of
+total variance), so it is merged at read time and recording needs no collective:
+
+    N = Σ n_r,   M = Σ n_r m_r / N,   V = Σ n_r (v_r + (m_r − M)²) / N
+
+with n_r the rank's ``count``; ranks where the layer did not run (count 0) do not enter. EN
+statistics merge the same way (every channel of a group shares the rank's count). ``bn_kurt``
+needs third moments that are not stored, so it is not merged; logged scalars are averaged over
+ranks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from statscope import schema as S
+from statscope.errors import StatscopeError
+
+__all__ = ["merge_ranks", "merge_synced", "SYNCED_TYPES"]
+
+SYNCED_TYPES = ("SyncBatchNorm",)
+"""Probe types whose layer normalizes with statistics over all ranks."""
+
+
+def merge_ranks(ds, layers=None):
+    """The global statistics of a distributed run, as if one process had seen every batch.
+
+    Args:
+        ds: a Dataset with a ``rank`` dimension (``open_run`` of a distributed run).
+        layers: merge only these layers (names); None for every layer.
+
+    Returns:
+        A Dataset without ``rank``: ``bn_mean``, ``bn_std``, ``en_mean``, ``en_std`` of the union
+        of the ranks' batches, ``count`` their total; logged scalars averaged over ranks;
+        ``bn_kurt`` dropped. With ``layers``, the other neurons are left out.
+
+    Raises:
+        StatscopeError: ``ds`` has no rank dimension, or a layer is unknown.
+
+    Example:
+        >>> import numpy as np, xarray as xr
+        >>> ds = xr.Dataset({"bn_mean": (("rank", "step", "neuron"), [[[0.0]], [[2.0]]]),
+        ...                  "bn_std": (("rank", "step", "neuron"), [[[1.0]], [[1.0]]]),
+        ...                  "count": (("rank", "step", "neuron"), [[[4]], [[4]]])},
+        ...                 coords={"layer": ("neuron", ["a"])})
+        >>> g = merge_ranks(ds)
+        >>> float(g.bn_mean), float(g.bn_std) ** 2, int(g["count"])
+        (1.0, 2.0, 8)
+    """
+    if S.RANK not in ds.dims:
+        raise StatscopeError(f"ds: no {S.RANK!r} dimension; open a distributed run's folder "
+                             "with open_run to get one")
+    if layers is not None:
+        layers = [layers] if isinstance(layers, str) else list(layers)
+        known = set(ds[S.LAYER].values.tolist())
+        unknown = [name for name in layers if name not in known]
+        if unknown:
+            raise StatscopeError(f"layers={unknown}: no such layer; available: {sorted(known)}")
+        ds = ds.isel({S.NEURON: np.isin(ds[S.LAYER].values, layers)})
+    count = ds[S.COUNT]
+    n = count.where(count > 0)
+    total = n.sum(S.RANK)
+    out = ds.drop_dims(S.RANK, errors="ignore").copy()
+    for mean_name, std_name in ((S.BN_MEAN, S.BN_STD), (S.EN_MEAN, S.EN_STD)):
+        if mean_name not in ds or std_name not in ds:
+            continue
+        m = ds[mean_name].astype(np.float64)
+        v = ds[std_name].astype(np.float64) ** 2
+        gm = (n * m).sum(S.RANK, min_count=1) / total
+        gv = (n * (v + (m - gm) ** 2)).sum(S.RANK, min_count=1) / total
+        out[mean_name] = gm.astype(np.float32)
+        out[std_name] = np.sqrt(gv).astype(np.float32)
+        out[mean_name].attrs = dict(ds[mean_name].attrs)
+        out[std_name].attrs = dict(ds[std_name].attrs)
+    out[S.COUNT] = count.sum(S.RANK)
+    out[S.COUNT].attrs = dict(count.attrs)
+    for name, var in ds.data_vars.items():
+        if S.RANK in var.dims and name not in out and name != S.BN_KURT and S.NEURON not in var.dims:
+            out[name] = var.mean(S.RANK, skipna=True)
+            out[name].attrs = dict(var.attrs)
+    notes = list(ds.attrs.get(S.NOTES, []))
+    notes.append(f"merged over {ds.sizes[S.RANK]} ranks from per-rank moments and counts"
+                 + ("; bn_kurt is not merged (it needs third moments)" if S.BN_KURT in ds else "")
+                 + "; logged scalars are averaged over ranks")
+    out.attrs = {**ds.attrs, S.NOTES: notes}
+    return out
+
+
+def merge_synced(ds):
+    """Put the merged statistics on every rank for the layers that synchronize their statistics
+    (SyncBatchNorm): what such a layer normalized with at each step is the global moments.
+
+    Returns:
+        ``ds`` with those neurons' ``bn_*``/``en_*`` replaced on every rank by the merged values,
+        and their names in the attribute ``merged_layers``.
+    """
+    synced = [p.get("name") for p in ds.attrs.get(S.ATTR_PROBES, [])
+              if p.get("type") in SYNCED_TYPES]
+    if not synced or S.RANK not in ds.dims:
+        return ds
+    merged = merge_ranks(ds, synced)
+    cols = np.flatnonzero(np.isin(ds[S.LAYER].values, synced))
+    out = ds.copy()
+    for name in (S.BN_MEAN, S.BN_STD, S.EN_MEAN, S.EN_STD):
+        if name in ds:
+            whole = merged[name].broadcast_like(ds[name].isel({S.NEURON: cols}))
+            out[name] = ds[name].copy(data=_replace_columns(ds[name], cols, whole))
+    out.attrs = {**ds.attrs, "merged_layers": synced}
+    return out
+
+
+def _replace_columns(var, cols, values):
+    import dask.array as da
+
+    data = var.data
+    mask = np.zeros(var.sizes[S.NEURON], bool)
+    mask[cols] = True
+    full = values.reindex({S.NEURON: var[S.NEURON]}).transpose(*var.dims).data
+    axis = var.dims.index(S.NEURON)
+    shape = [1] * var.ndim
+    shape[axis] = -1
+    where = mask.reshape(shape)
+    lib = da if isinstance(data, da.Array) else np
+    return lib.where(where, full, data).astype(var.dtype)
