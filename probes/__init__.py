@@ -1,8 +1,9 @@
 """Capture: forward hooks that record normalization statistics at every training step.
 
->>> import statscope.probes as probes
->>> sorted(probes.STATISTICS)[:2]
-['bn_kurt', 'bn_mean']
+Example:
+    >>> import statscope.probes as probes
+    >>> sorted(probes.STATISTICS)[:2]
+    ['bn_kurt', 'bn_mean']
 """
 
 from statscope.probes.recorder import Recorder, record
