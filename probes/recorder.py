@@ -45,7 +45,8 @@ from statscope.probes.attach import MECHANISMS, attach
 from statscope.probes.block import Block
 from statscope.probes.capture import Capture
 from statscope.probes.pool import BufferPool
-from statscope.probes.selection import Target, norm_info, select, unwrap
+from statscope.probes.neurons import check_spec
+from statscope.probes.selection import Target, _per_layer, norm_info, select, unwrap
 from statscope.probes.statistics import STATISTICS, get_statistic
 from statscope.probes.streams import StreamOrder
 from statscope.probes.worker import Attrs, Close, Filer, Notice, ProbeStatic, Worker
@@ -91,7 +92,8 @@ class Recorder:
                  overwrite: bool = False, resume: bool = False, step: str = "auto",
                  record_eval: bool = False, block_steps: int = 128, raw_bytes: int = 16 << 20,
                  buffer_bytes: int = 512 << 20, flush_seconds: float = 5.0,
-                 chunk_steps: int = 8192, mechanism: str = "forward", on_error: str = "stop"):
+                 chunk_steps: int = 8192, mechanism: str = "forward", on_error: str = "stop",
+                 neurons: Any = None, window_steps: int | None = S.DEFAULT_WINDOW_STEPS):
         if not isinstance(model, nn.Module):
             raise StatscopeError(f"model={type(model).__name__}: expected a torch.nn.Module")
         if step not in STEP_MODES:
@@ -132,7 +134,14 @@ class Recorder:
         self.streams = StreamOrder()
         self.captures = [Capture(t, self.block_steps, raw_bytes, self.order, self.pool)
                          for t in self.targets]
-        self._static = [ProbeStatic(_probe_info(t), _running_buffers(t)) for t in self.targets]
+        if window_steps is not None:
+            window_steps = _positive_int("window_steps", window_steps)
+        self.window_steps = window_steps
+        specs = [_per_layer(neurons, t.module_name, t.module, None) for t in self.targets]
+        for spec in specs:
+            check_spec(spec)
+        self._static = [ProbeStatic(_probe_info(t), _running_buffers(t), spec)
+                        for t, spec in zip(self.targets, specs)]
         self._lock = threading.Lock()
         self._state = "new"
         self._handles: list = []
@@ -192,12 +201,12 @@ class Recorder:
             self._check_resumable()
         known = [s for s, c in zip(self._static, self.captures) if c.channels is not None]
         writer = RunWriter(
-            self.path, Layout(tuple(_with_channels(s.info, c.channels) for s, c in
+            self.path, Layout(tuple(s.record(c.channels) for s, c in
                                     zip(self._static, self.captures) if c.channels is not None),
                               tuple(s.name for s in self.statistics)),
             attrs=self._start_attrs(), overwrite=self.overwrite, resume=self.resume,
             chunk_steps=self.chunk_steps, flush_seconds=self.flush_seconds,
-            running0=_running0(known, self.captures))
+            running0=_running0(known, self.captures), window_steps=self.window_steps)
         self._state = "started"
         try:
             self._block_start = writer.next_step
@@ -508,10 +517,6 @@ def _probe_info(t: Target) -> ProbeInfo:
                      groups=t.groups, norm=norm_info(t.module) if t.where == "input" else None)
 
 
-def _with_channels(info: ProbeInfo, channels: int) -> ProbeInfo:
-    return ProbeInfo(**{**info.to_json(), "channels": channels})
-
-
 def _running_buffers(t: Target):
     mean, var = getattr(t.module, "running_mean", None), getattr(t.module, "running_var", None)
     if t.where != "input" or not isinstance(mean, torch.Tensor) \
@@ -560,6 +565,11 @@ def record(model: nn.Module, path, **kwargs: Any) -> Recorder:
         flush_seconds: the longest a step that ended waits before it reaches the store, also
             while training is idle.
         chunk_steps: rows per shard in the store.
+        neurons: which channels keep per-step columns, for all probes or per name/glob/type:
+            ``"all"`` (default), k (the first k), ``("random", k)`` or ``("random", k, seed)``.
+            Every channel still enters the EN statistics and the window summaries.
+        window_steps: W of the window summaries kept while recording (exact mean and std of
+            every statistic of every channel per W steps; see ``open_windows``); None for none.
         mechanism: ``"forward"`` (wrap the modules' ``forward``; fastest) or ``"hooks"`` (forward
             hooks, e.g. for TorchScript modules); see :mod:`statscope.probes.attach`.
         on_error: when the store cannot be written (a full disk): ``"stop"`` (default: recording

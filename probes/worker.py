@@ -25,6 +25,7 @@ from statscope import schema as S
 from statscope.errors import NonFiniteWarning
 from statscope.probes.block import Block, block_rows
 from statscope.probes.capture import Capture
+from statscope.probes.neurons import choose_units
 from statscope.probes.pool import BufferPool
 from statscope.probes.statistics import Statistic
 from statscope.probes.streams import StreamOrder
@@ -66,10 +67,17 @@ class ProbeStatic:
         info: the probe's record with ``channels=0`` until they are known.
         running0: (running_mean, running_var) at the start, ``"lazy"`` for buffers a lazy module
             creates at its first forward (zeros and ones), or None.
+        neurons: which channels keep per-step columns (see :mod:`statscope.probes.neurons`).
     """
 
     info: ProbeInfo
     running0: Any
+    neurons: Any = None
+
+    def record(self, channels: int) -> ProbeInfo:
+        """The probe's record once its channels are known."""
+        units = choose_units(self.neurons, channels, self.info.name)
+        return ProbeInfo(**{**self.info.to_json(), "channels": channels, "units": units})
 
 
 class Filer:
@@ -135,7 +143,7 @@ class Filer:
         probes, mean, var = [], [], []
         for i in new:
             static, channels = self.static[i], self.captures[i].channels
-            probes.append(ProbeInfo(**{**static.info.to_json(), "channels": channels}))
+            probes.append(static.record(channels))
             r0 = static.running0
             if r0 == "lazy":
                 r0 = (np.zeros(channels, np.float32), np.ones(channels, np.float32))
