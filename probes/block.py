@@ -74,7 +74,8 @@ def block_rows(block: Block, captures: Sequence[Capture], statistics: Sequence[S
         ran = count[skip:].any()
         segs = [c for c in (seg.clip(skip, n) for seg in segments) if c is not None] if ran else []
         clipped.append((cap, count[skip:], segs))
-    computed = iter(segment_moments([seg for _, _, segs in clipped for seg in segs], order))
+    computed = iter(segment_moments([seg for _, _, segs in clipped for seg in segs], order,
+                                    [cap.channels for cap, _, segs in clipped for _ in segs]))
     counts, stats = [], []
     for cap, count, segs in clipped:
         counts.append(count)

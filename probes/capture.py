@@ -1,20 +1,24 @@
 """Per-probe buffering of a block of steps, on the tensor's device.
 
-The hot path is :meth:`Capture.capture`, called once per step and probe. It does one of two
+The hot path is :meth:`Capture.capture`, called once per step and probe. It does one of three
 things, chosen per probe and tensor shape:
 
-- ``raw``: copy the tensor into a slot of a (K, ..., C) buffer from the pool (one ``copy_``).
-  (Keeping references to the tensors instead was measured slower: it defeats the allocator's
-  reuse of activation memory.)
-- ``moments``: reduce the tensor to its per-channel moments at once, into (K, C) buffers: for
-  tensors too large to hold K times within ``raw_bytes``, when the pool's budget is spent, and
-  for probes whose shape keeps changing (more than ``MAX_SHAPES_PER_BLOCK`` shapes in one block:
-  dynamic padding), which then stay in this mode for the rest of the run.
+- ``raw``: copy the tensor into a slot of a (K, ..., C) buffer from the pool (one ``copy_``);
+  the writer thread reduces the block in one batched pass. For small tensors on the CPU, where
+  a reduction's cost is per operation. (Keeping references to the tensors instead was measured
+  slower: it defeats the allocator's reuse of activation memory.)
+- ``refs``, the generic path: reduce the tensor at once to an *entry* of a few (C,) tensors
+  (:func:`statscope.probes.reduce.step_entry`) and keep a reference to it: on CUDA always (one
+  kernel, no copy), elsewhere for tensors too large to hold K times within ``raw_bytes``, when
+  the pool's budget is spent, and for probes whose shape keeps changing (more than
+  ``MAX_SHAPES_PER_BLOCK`` shapes in one block: dynamic padding), which then stay in this mode
+  for the rest of the run.
+- ``refs``, the BatchNorm fast path: keep references to the mean and inverse std that a
+  training-mode BatchNorm computed itself (:mod:`statscope.probes.fastpath`); no kernel at all.
 
-Neither mode syncs with the device or loops over neurons; the moments of a block of K steps are
-computed later in one batched pass off the training thread. A change of shape (the smaller last
-batch of an epoch, a new sequence length) closes the current segment of the block and opens
-another, so nothing is lost or mixed. An empty tensor (a zero-size batch) is not recorded: the
+None of them syncs with the device or loops over neurons. A change of shape closes the current
+raw segment of the block and opens another, so nothing is lost or mixed (entries carry what they
+need, so a ``refs`` segment stays open). An empty tensor (a zero-size batch) is not recorded: the
 step's count stays 0 for this probe.
 """
 
@@ -26,9 +30,11 @@ import numpy as np
 import torch
 
 from statscope.errors import StatscopeError
+from statscope.probes.fastpath import BatchStats
 from statscope.probes.pool import BufferPool, Pair
+from statscope.probes.reduce import entries_moments, step_entry
 from statscope.probes.selection import Target
-from statscope.probes.statistics import block_moments, step_moments
+from statscope.probes.statistics import block_moments
 
 __all__ = ["Capture", "Segment", "segment_moments", "MAX_SHAPES_PER_BLOCK"]
 
@@ -39,24 +45,29 @@ MAX_SHAPES_PER_BLOCK = 3
 
 @dataclass(frozen=True)
 class Segment:
-    """Rows ``start:stop`` of a block, held from row ``offset`` of a ``raw`` or ``moments``
-    buffer."""
+    """Rows ``start:stop`` of a block, held from row ``offset`` of a ``raw`` buffer or of a
+    list of ``refs`` entries (one per row; None where the probe did not run)."""
 
     start: int
     stop: int
     raw: Pair | None = None
-    moments: tuple[Pair, ...] | None = None
+    refs: list | None = None
     offset: int = 0
 
+    @property
+    def kind(self) -> str:
+        return "raw" if self.raw is not None else "refs"
+
     def buffers(self) -> tuple[Pair, ...]:
-        return (self.raw,) if self.raw is not None else tuple(self.moments or ())
+        """Pool buffers this segment holds (entries hold none)."""
+        return (self.raw,) if self.raw is not None else ()
 
     def clip(self, lo: int, hi: int) -> "Segment | None":
         """The part of this segment within rows ``lo:hi``, or None when they do not meet."""
         start, stop = max(self.start, lo), min(self.stop, hi)
         if start >= stop:
             return None
-        return Segment(start, stop, self.raw, self.moments, self.offset + start - self.start)
+        return Segment(start, stop, self.raw, self.refs, self.offset + start - self.start)
 
 
 class Capture:
@@ -87,17 +98,33 @@ class Capture:
         self._start = 0
         self._mode = "raw"
         self._buf: Pair | None = None
-        self._moments: list[Pair] = []
-        self._rows: list[torch.Tensor] | None = None
+        self._rows: list | None = None  # raw: the buffer's row views; refs: the entry list
         self._movedim = False
         self._per_channel = 0
         self._shapes_in_block = 0
 
-    def capture(self, x: torch.Tensor, slot: int) -> None:
-        """Record ``x`` as this probe's tensor at ``slot`` of the block (first call wins)."""
+    def capture(self, x, slot: int) -> None:
+        """Record ``x`` as this probe's tensor at ``slot`` of the block (first call wins).
+
+        Args:
+            x: the probed tensor, or the :class:`~statscope.probes.fastpath.BatchStats` of a
+                BatchNorm that took the fast path.
+            slot: the row of the block.
+        """
         count = self.count
         if count[slot]:
             return
+        if type(x) is BatchStats:
+            if self.order <= 2:
+                t = x.input
+                if self._rows is None or self._mode != "refs" or t.shape != self._shape:
+                    if t.numel() == 0:
+                        return
+                    self._reshape(t, slot, refs=True)
+                count[slot] = self._per_channel
+                self._rows[slot - self._start] = ("invstd", x.mean, x.invstd, x.eps)
+                return
+            x = x.input  # BatchNorm cannot give the third and fourth moments
         if self._rows is None or x.shape != self._shape:
             if x.numel() == 0:
                 return
@@ -107,12 +134,10 @@ class Capture:
             self._rows[slot - self._start].copy_(
                 (x.movedim(self.target.channel_dim, -1) if self._movedim else x).detach())
         else:
-            row = slot - self._start
-            for buf, value in zip(self._rows, step_moments(x.detach(), self.target.channel_dim,
-                                                           self.order)):
-                buf[row].copy_(value)
+            self._rows[slot - self._start] = step_entry(x.detach(), self.target.channel_dim,
+                                                        self.order)
 
-    def _reshape(self, x: torch.Tensor, slot: int) -> None:
+    def _reshape(self, x: torch.Tensor, slot: int, refs: bool = False) -> None:
         t = self.target
         if x.ndim < 2 or not -x.ndim <= t.channel_dim < x.ndim:
             raise StatscopeError(
@@ -129,56 +154,53 @@ class Capture:
             raise StatscopeError(f"layers: the {t.where} of {t.module_name!r} has {channels} "
                                  f"channels along dim {t.channel_dim} (shape {tuple(x.shape)}), "
                                  f"expected {self.channels}")
+        self._shape = x.shape
+        self._per_channel = x.numel() // channels
+        if not refs:
+            self._shapes_in_block += 1
+            if self._shapes_in_block > MAX_SHAPES_PER_BLOCK:
+                self.always_moments = True
+            itemsize = 8 if x.dtype == torch.float64 else 4
+            fits = self.block_steps * x.numel() * itemsize <= self.raw_bytes
+            # On CUDA a per-step reduction is one kernel that reads the tensor once, like the
+            # copy it replaces, and leaves the writer thread nothing to reduce.
+            refs = (not fits or self.always_moments
+                    or (x.device.type == "cuda" and self.order <= 2))
+        if refs and self._rows is not None and self._mode == "refs":
+            return  # entries carry what they need: the open segment goes on
         if not self.close_segment(slot) and self._rows is not None:
             for pair in self._open_buffers():
                 self.pool.give(pair)  # allocated but never written: reuse it, do not leak it
-        self._shapes_in_block += 1
-        if self._shapes_in_block > MAX_SHAPES_PER_BLOCK:
-            self.always_moments = True
         self._start = slot
-        self._shape = x.shape
-        self._per_channel = x.numel() // channels
         self._movedim = t.channel_dim % x.ndim != x.ndim - 1
-        itemsize = 8 if x.dtype == torch.float64 else 4
-        fits = self.block_steps * x.numel() * itemsize <= self.raw_bytes
-        self._mode = "raw" if fits and not self.always_moments else "moments"
+        self._mode = "refs" if refs else "raw"
         self._alloc(x.dtype, x.device)
 
     def _alloc(self, dtype: torch.dtype, device: torch.device) -> None:
-        self._buf, self._moments, self._rows = None, [], None
+        self._buf, self._rows = None, None
         if self._mode == "raw":
             dtype = torch.float64 if dtype == torch.float64 else torch.float32
             self._buf = self.pool.take((self.block_steps, *self._shape_perm()), dtype, device)
             if self._buf is not None:
                 self._rows = self._buf[1]
                 return
-            self._mode = "moments"  # the pool's budget is spent: reduce each step instead
-        n = 2 if self.order < 4 else 4
-        taken = [self.pool.take((self.block_steps, self.channels), torch.float32, device)
-                 for _ in range(n)]
-        if any(t is None for t in taken):
-            for t in taken:
-                if t is not None:
-                    self.pool.give(t)
-            raise StatscopeError(
-                f"buffer_bytes={self.pool.budget}: too small for even the per-step moments of "
-                f"{self.target.name!r} ({n} × {self.block_steps} × {self.channels} float32); "
-                "raise buffer_bytes or lower block_steps")
-        self._moments = taken
-        self._rows = [buf for buf, _ in taken]
+            self._mode = "refs"  # the pool's budget is spent: reduce each step instead
+        self._rows = [None] * self.block_steps
 
     def close_segment(self, stop: int) -> bool:
         """End the open segment at ``stop`` (exclusive); False when it holds no row."""
         if self._rows is None or stop <= self._start:
             return False
-        if self._mode == "raw":
-            self.segments.append(Segment(self._start, stop, raw=self._buf))
-        else:
-            self.segments.append(Segment(self._start, stop, moments=tuple(self._moments)))
+        self.segments.append(self._open_segment(stop))
         return True
 
+    def _open_segment(self, stop: int) -> Segment:
+        if self._mode == "raw":
+            return Segment(self._start, stop, raw=self._buf)
+        return Segment(self._start, stop, refs=self._rows)
+
     def _open_buffers(self) -> tuple[Pair, ...]:
-        return (self._buf,) if self._mode == "raw" else tuple(self._moments)
+        return (self._buf,) if self._mode == "raw" else ()
 
     def take_block(self, n: int) -> tuple[np.ndarray, list[Segment]]:
         """Hand over the first ``n`` slots (counts and segments) and start a new block.
@@ -191,7 +213,7 @@ class Capture:
         self.segments = []
         self._shapes_in_block = 0
         if segments and self._is_open(segments[-1]):
-            self._rows = None  # the open buffers went with the block: take new ones when needed
+            self._rows = None  # the open buffer went with the block: take a new one when needed
         self._start = 0
         return count, segments
 
@@ -202,8 +224,7 @@ class Capture:
         """
         segments = list(self.segments)
         if self._rows is not None and n > self._start:
-            segments.append(Segment(self._start, n, raw=self._buf if self._mode == "raw" else None,
-                                    moments=None if self._mode == "raw" else tuple(self._moments)))
+            segments.append(self._open_segment(n))
         clipped = [c for c in (seg.clip(0, n) for seg in segments) if c is not None]
         return np.array(self.count[:n], np.int64), clipped
 
@@ -222,7 +243,9 @@ class Capture:
         self._start = min(self._start, slot)
 
     def _is_open(self, seg: Segment) -> bool:
-        return self._rows is not None and seg.buffers()[0] is self._open_buffers()[0]
+        if self._rows is None:
+            return False
+        return seg.raw is self._buf if self._mode == "raw" else seg.refs is self._rows
 
     def _shape_perm(self) -> tuple[int, ...]:
         shape = list(self._shape)
@@ -230,25 +253,39 @@ class Capture:
         return (*shape, c)
 
 
-def segment_moments(segments: list[Segment], order: int) -> list[tuple[np.ndarray, ...]]:
+def segment_moments(segments: list[Segment], order: int,
+                    channels: list[int] | None = None) -> list[tuple[np.ndarray, ...]]:
     """Moments of each segment's rows as float64 numpy arrays (stop-start, C).
 
     Small raw segments of the same shape (the probes of a network's equal-width layers) are
     reduced in one batched pass: at small batch sizes the writer thread's cost is per operation,
-    not per element.
+    not per element. The entries of ``refs`` segments are stacked per segment and copied to the
+    host once per device.
+
+    Args:
+        segments: the segments, of any probes.
+        order: 2 or 4.
+        channels: C of each segment (needed for ``refs`` segments whose rows are all None;
+            taken from the entries when omitted).
     """
     out: list = [None] * len(segments)
     groups: dict[tuple, list[int]] = {}
+    refs = []
     for i, seg in enumerate(segments):
-        k = seg.stop - seg.start
         if seg.raw is None:
-            out[i] = tuple(buf[seg.offset:seg.offset + k].double().cpu().numpy()
-                           for buf, _ in seg.moments)
-        else:
-            buf = seg.raw[0]
-            # Batch small blocks only: big ones are bound by memory, and a copy would cost more.
-            key = (buf.shape, buf.dtype, buf.device) if buf.nbytes <= _BATCH_BYTES else i
-            groups.setdefault(key, []).append(i)
+            refs.append(i)
+            continue
+        buf = seg.raw[0]
+        # Batch small blocks only: big ones are bound by memory, and a copy would cost more.
+        key = (buf.shape, buf.dtype, buf.device) if buf.nbytes <= _BATCH_BYTES else i
+        groups.setdefault(key, []).append(i)
+    if refs:
+        runs = [segments[i].refs[segments[i].offset:segments[i].offset + segments[i].stop
+                                 - segments[i].start] for i in refs]
+        widths = [channels[i] if channels is not None else _width(run)
+                  for i, run in zip(refs, runs)]
+        for i, moments in zip(refs, entries_moments(runs, widths, order)):
+            out[i] = moments
     for members in groups.values():
         blocks = []
         for i in members:
@@ -262,3 +299,10 @@ def segment_moments(segments: list[Segment], order: int) -> list[tuple[np.ndarra
             out[i] = tuple(m[first:first + len(block)] for m in moments)
             first += len(block)
     return out
+
+
+def _width(run: list) -> int:
+    for e in run:
+        if e is not None:
+            return e[1].shape[-1]
+    return 0

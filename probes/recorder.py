@@ -44,6 +44,7 @@ from statscope.errors import RecordingError, StatscopeError, StatscopeWarning, S
 from statscope.probes.attach import MECHANISMS, attach
 from statscope.probes.block import Block
 from statscope.probes.capture import Capture
+from statscope.probes.fastpath import BatchStats, probe_path
 from statscope.probes.pool import BufferPool
 from statscope.probes.neurons import check_spec
 from statscope.probes.selection import Target, _per_layer, norm_info, select, unwrap
@@ -140,7 +141,8 @@ class Recorder:
         specs = [_per_layer(neurons, t.module_name, t.module, None) for t in self.targets]
         for spec in specs:
             check_spec(spec)
-        self._static = [ProbeStatic(_probe_info(t), _running_buffers(t), spec)
+        self._static = [ProbeStatic(_probe_info(t, probe_path(t, self.order, mechanism)),
+                                    _running_buffers(t), spec)
                         for t, spec in zip(self.targets, specs)]
         self._lock = threading.Lock()
         self._state = "new"
@@ -310,7 +312,7 @@ class Recorder:
                 return
             t0 = time.perf_counter()
             x = args[0] if output is None else output
-            if isinstance(x, torch.Tensor):
+            if isinstance(x, (torch.Tensor, BatchStats)):
                 with rec._lock:
                     if rec._slot >= rec.block_steps:  # a forward that bypassed the root
                         rec._dispatch()
@@ -320,6 +322,7 @@ class Recorder:
                     rec.streams.note(x.device)
             rec.probe_seconds += time.perf_counter() - t0
 
+        hook.batchnorm = probe_path(cap.target, self.order, self.mechanism) == "batchnorm"
         return hook
 
     def _root_hook(self, module, args):
@@ -511,10 +514,11 @@ class Recorder:
                 self._dirty = True
 
 
-def _probe_info(t: Target) -> ProbeInfo:
+def _probe_info(t: Target, path: str) -> ProbeInfo:
     return ProbeInfo(name=t.name, module=t.module_name, type=type(t.module).__name__,
                      where=t.where, channel_dim=t.channel_dim, channels=t.channels or 0,
-                     groups=t.groups, norm=norm_info(t.module) if t.where == "input" else None)
+                     groups=t.groups, norm=norm_info(t.module) if t.where == "input" else None,
+                     path=path)
 
 
 def _running_buffers(t: Target):

@@ -4,8 +4,9 @@ Every statistic is finished on the host, in float64, from the per-channel moment
 probed tensor: mean, variance (population, ddof=0) and, when a statistic asks for them, the third
 and fourth central moments. EN statistics come from the per-channel moments of their group by the
 law of total variance (channels of a group share one count), which is exact, so a probe makes one
-pass over the data for BN and EN alike. Moments are computed shifted by the first sample of each
-channel and summed in float64, so float32 inputs with a large offset lose nothing to cancellation.
+pass over the data for BN and EN alike. How the per-channel moments are computed depends on the
+path a probe takes: :func:`block_moments` for blocks buffered raw, and
+:mod:`statscope.probes.reduce` for tensors reduced at once or taken from BatchNorm itself.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from statscope import schema as S
 from statscope.errors import StatscopeError
 
 __all__ = ["Moments", "Statistic", "register_statistic", "get_statistic", "STATISTICS",
-           "block_moments", "step_moments", "finish"]
+           "block_moments", "finish"]
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,16 @@ def block_moments(raw: torch.Tensor, order: int) -> tuple[torch.Tensor, ...]:
     sample of each step and channel, and the variance takes the two-pass correction for the
     rounding of the mean (Chan, Golub & LeVeque), so float32 inputs with a large offset lose
     nothing to cancellation. The mean is returned in float64 (shift + mean of the shifted data).
+    Where squares overflow float32 (deviations beyond ~1e19, whose variance itself may still fit
+    float32), the block is computed again in float64.
     """
+    moments = _block_moments(raw, order)
+    if raw.dtype != torch.float64 and not all(bool(torch.isfinite(m).all()) for m in moments[1:]):
+        return _block_moments(raw.double(), order)  # the same for inputs that are not finite
+    return moments
+
+
+def _block_moments(raw: torch.Tensor, order: int) -> tuple[torch.Tensor, ...]:
     m = raw.shape[1]
     x = raw.transpose(1, 2).contiguous()  # (k, C, M), a copy this function may overwrite
     shift = x[..., :1].clone()
@@ -142,25 +152,6 @@ def block_moments(raw: torch.Tensor, order: int) -> tuple[torch.Tensor, ...]:
     if order < 4:
         return mean, var
     return mean, var, (e2 * e).sum(-1) / m, e2.square_().sum(-1) / m
-
-
-@torch.no_grad()
-def step_moments(x: torch.Tensor, channel_dim: int, order: int) -> tuple[torch.Tensor, ...]:
-    """Moments of one step's tensor reduced over every dim but ``channel_dim``: (C,) each.
-
-    For tensors too large to buffer raw; Welford's algorithm inside ``torch.var_mean`` keeps the
-    variance stable.
-    """
-    dims = tuple(d for d in range(x.ndim) if d != channel_dim % x.ndim)
-    xf = x.float()
-    var, mean = torch.var_mean(xf, dim=dims, correction=0)
-    if order < 4:
-        return mean, var
-    shape = [1] * x.ndim
-    shape[channel_dim % x.ndim] = -1
-    e = xf - mean.view(shape)
-    e2 = e * e
-    return mean, var, (e2 * e).mean(dims), (e2 * e2).mean(dims)
 
 
 def finish(moments: Moments, names: tuple[str, ...]) -> dict[str, np.ndarray]:

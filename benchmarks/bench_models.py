@@ -1,0 +1,327 @@
+"""Probe overhead on real models: plain and probed copies trained side by side, ABBA.
+
+    python benchmarks/bench_models.py [--device cpu|cuda] [--rows NAME ...] [--rounds 7]
+        [--block-seconds 0.6] [--threads 1] [--contenders statscope generic]
+
+Each row builds one model, copies it once per contender (same weights), and trains every copy on
+the same in-memory batches with SGD (momentum 0.9). The copies take turns in blocks of steps,
+in the order A B C … C B A within a round (so drift within a round affects all alike); the
+ratio of a contender in a round is its two blocks' time over the plain copy's two blocks'. The
+table shows per row the plain ms/step and, per contender, the median ratio over rounds with its
+spread (min–max). Contenders:
+
+- ``statscope``: ``statscope.record`` with its defaults (the BatchNorm fast path where it
+  applies);
+- ``generic``: the same with the BatchNorm fast path switched off (every probe reduces the tensor
+  itself), to show what the fast path buys;
+- ``prehook``: a ten-line forward pre-hook that computes ``var_mean`` over every dim but the
+  channels into a preallocated buffer, the issue's strawman.
+
+CPU rows: a small BasicBlock ResNet (32 px, channels_last) at batch size 8 and 64, a 2-layer
+``nn.TransformerEncoder`` (d 128, 4 heads, batch 16 × 64 tokens), the paper's FC net at batch
+size 4 and 128, and the project's CIFAR ResNet-18 at batch size 8. CUDA adds torchvision
+``resnet18`` (224 px, bs 8, fp32), ``resnet50`` (channels_last, bf16 autocast, bs 64 and 256)
+and timm ``vit_small_patch16_224`` (bf16 autocast, bs 128) where those packages import; rows
+whose package is missing are skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Row:
+    """One benchmark row: how to build the model and its batches."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    channels_last: bool = False
+    autocast: torch.dtype | None = None
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+
+def basic_resnet(widths=(16, 32, 64), blocks=2, classes=10) -> nn.Module:
+    """A small CIFAR-style ResNet of BasicBlocks (ResNet-14 at the defaults)."""
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.short = nn.Sequential()
+            if stride != 1 or cin != cout:
+                self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                           nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            out = torch.relu(self.bn1(self.conv1(x)))
+            return torch.relu(self.bn2(self.conv2(out)) + self.short(x))
+
+    layers = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
+    cin = widths[0]
+    for i, w in enumerate(widths):
+        for j in range(blocks):
+            layers.append(Block(cin, w, 2 if i and not j else 1))
+            cin = w
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """Token embedding, a 2-layer ``nn.TransformerEncoder`` (d 128) and a mean-pooled head."""
+
+    def __init__(self, d=128, layers=2, vocab=1000, classes=10):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, tokens):
+        return self.head(self.encoder(self.embed(tokens)).mean(1))
+
+
+def fc_net() -> nn.Module:
+    layers, width = [], 784
+    for _ in range(4):
+        layers += [nn.Linear(width, 128), nn.BatchNorm1d(128), nn.ReLU()]
+        width = 128
+    return nn.Sequential(*layers, nn.Linear(128, 10))
+
+
+def images(bs, px=32, classes=10):
+    return lambda g: (torch.randn(bs, 3, px, px, generator=g),
+                      torch.randint(0, classes, (bs,), generator=g))
+
+
+def _cifar_resnet18():
+    from statscope.experiments.cifar_resnet import resnet18
+
+    return resnet18("bn")
+
+
+def _torchvision(name):
+    def build():
+        import torchvision
+
+        return getattr(torchvision.models, name)(num_classes=1000)
+
+    return build
+
+
+def _timm_vit():
+    import timm
+
+    return timm.create_model("vit_small_patch16_224", num_classes=1000)
+
+
+ROWS = [
+    Row("small ResNet bs 8", basic_resnet, images(8), channels_last=True),
+    Row("small ResNet bs 64", basic_resnet, images(64), channels_last=True),
+    Row("TransformerEncoder 16x64", Encoder,
+        lambda g: (torch.randint(0, 1000, (16, 64), generator=g),
+                   torch.randint(0, 10, (16,), generator=g))),
+    Row("FC net bs 4", fc_net, lambda g: (torch.randn(4, 784, generator=g),
+                                          torch.randint(0, 10, (4,), generator=g))),
+    Row("FC net bs 128", fc_net, lambda g: (torch.randn(128, 784, generator=g),
+                                            torch.randint(0, 10, (128,), generator=g))),
+    Row("CIFAR ResNet-18 bs 8", _cifar_resnet18, images(8), devices=("cpu",)),
+    Row("CIFAR ResNet-18 bs 128", _cifar_resnet18, images(128), devices=("cuda",)),
+    Row("resnet18 224px bs 8 fp32", _torchvision("resnet18"), images(8, 224, 1000),
+        devices=("cuda",)),
+    Row("resnet50 bs 64 bf16 CL", _torchvision("resnet50"), images(64, 224, 1000),
+        channels_last=True, autocast=torch.bfloat16, devices=("cuda",)),
+    Row("resnet50 bs 256 bf16 CL", _torchvision("resnet50"), images(256, 224, 1000),
+        channels_last=True, autocast=torch.bfloat16, devices=("cuda",)),
+    Row("vit_small bs 128 bf16", _timm_vit, images(128, 224, 1000), autocast=torch.bfloat16,
+        devices=("cuda",)),
+]
+
+
+class PreHook:
+    """The issue's strawman: ``var_mean`` of every norm input into a preallocated buffer."""
+
+    def __init__(self, model: nn.Module, steps: int = 128):
+        from statscope.probes.selection import select
+
+        self.handles, self.slot, self.steps = [], 0, steps
+        for t in select(model):
+            buf = {}
+
+            def hook(module, args, t=t, buf=buf):
+                x = args[0].detach()
+                dims = tuple(d for d in range(x.ndim) if d != t.channel_dim % x.ndim)
+                var, mean = torch.var_mean(x.float(), dim=dims, correction=0)
+                if "b" not in buf:
+                    buf["b"] = torch.empty(self.steps, 2, mean.numel(), device=x.device)
+                buf["b"][self.slot % self.steps, 0].copy_(mean)
+                buf["b"][self.slot % self.steps, 1].copy_(var)
+
+            self.handles.append(t.module.register_forward_pre_hook(hook))
+
+    def step(self):
+        self.slot += 1
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+class Arm:
+    """One copy of the model, its optimizer and its instrumentation."""
+
+    def __init__(self, name: str, model: nn.Module, row: Row, device: str, tmp: str):
+        self.name, self.model, self.row, self.device = name, model, row, device
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        self.rec = self.hook = None
+        self._generic = contextlib.nullcontext()
+        if name in ("statscope", "generic"):
+            import statscope
+
+            if name == "generic":
+                from statscope.probes import fastpath
+
+                self._generic = _no_fast_path(fastpath)
+            with self._generic:
+                self.rec = statscope.record(model, f"{tmp}/{name}", overwrite=True).start()
+        elif name == "prehook":
+            self.hook = PreHook(model)
+
+    def steps(self, batches, n: int, first: int) -> None:
+        loss_fn = nn.CrossEntropyLoss()
+        ac = (torch.autocast(self.device, dtype=self.row.autocast) if self.row.autocast
+              else contextlib.nullcontext())
+        for i in range(first, first + n):
+            x, y = batches[i % len(batches)]
+            with ac:
+                loss = loss_fn(self.model(x), y)
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            if self.rec is not None:
+                self.rec.log(loss=loss)
+            if self.hook is not None:
+                self.hook.step()
+
+    def close(self) -> None:
+        if self.rec is not None:
+            self.rec.close()
+        if self.hook is not None:
+            self.hook.close()
+
+
+@contextlib.contextmanager
+def _no_fast_path(fastpath):
+    saved = fastpath.probe_path
+    fastpath.probe_path = lambda *a, **k: "generic"
+    try:
+        yield
+    finally:
+        fastpath.probe_path = saved
+
+
+def measure(row: Row, device: str, contenders: list[str], rounds: int, block_seconds: float,
+            tmp: str) -> dict:
+    torch.manual_seed(0)
+    base = row.build()
+    fmt = torch.channels_last if row.channels_last else torch.contiguous_format
+    gen = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(4):
+        x, y = row.batch(gen)
+        x = x.to(device)
+        if x.is_floating_point() and x.ndim == 4:
+            x = x.contiguous(memory_format=fmt)
+        batches.append((x, y.to(device)))
+    arms = []
+    for name in ["plain", *contenders]:
+        model = copy.deepcopy(base).to(device).to(memory_format=fmt).train()
+        arms.append(Arm(name, model, row, device, tmp))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    try:
+        t0 = time.perf_counter()
+        for arm in arms:  # warm-up: allocator, autotuning, the recorder's first block
+            arm.steps(batches, 3, 0)
+        sync()
+        per_step = (time.perf_counter() - t0) / (3 * len(arms))
+        n = max(2, int(block_seconds / per_step))
+        for arm in arms:
+            arm.steps(batches, n, 3)
+        sync()
+        times = {a.name: [] for a in arms}
+        first = 3 + n
+        for _ in range(rounds):
+            elapsed = {a.name: 0.0 for a in arms}
+            for arm in arms + arms[::-1]:
+                t0 = time.perf_counter()
+                arm.steps(batches, n, first)
+                sync()
+                elapsed[arm.name] += time.perf_counter() - t0
+            first += n
+            for k, v in elapsed.items():
+                times[k].append(v / (2 * n))
+    finally:
+        for arm in arms:
+            arm.close()
+    plain = times["plain"]
+    out = {"plain_ms": statistics.median(plain) * 1e3, "steps_per_block": n}
+    for name in contenders:
+        ratios = [b / a for a, b in zip(plain, times[name])]
+        out[name] = (statistics.median(ratios), min(ratios), max(ratios))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--rows", nargs="*", help="substrings of row names to run (default: all)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--block-seconds", type=float, default=0.6)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--contenders", nargs="+", default=["statscope", "generic"],
+                    choices=("statscope", "generic", "prehook"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() \
+        or platform.machine()
+    print(f"torch {torch.__version__}, Python {sys.version.split()[0]}, {where}, "
+          f"{args.threads} torch thread(s), {args.rounds} rounds of blocks of ~"
+          f"{args.block_seconds} s")
+    head = " | ".join(f"{c} (min–max)" for c in args.contenders)
+    print(f"| row | plain ms/step | {head} |")
+    print("|---|---|" + "---|" * len(args.contenders))
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in ROWS:
+            if args.device not in row.devices:
+                continue
+            if args.rows and not any(s in row.name for s in args.rows):
+                continue
+            try:
+                res = measure(row, args.device, args.contenders, args.rounds,
+                              args.block_seconds, tmp)
+            except ImportError as exc:
+                print(f"| {row.name} | skipped: {exc} |")
+                continue
+            cells = " | ".join(f"{res[c][0]:.3f}× ({res[c][1]:.2f}–{res[c][2]:.2f})"
+                               for c in args.contenders)
+            print(f"| {row.name} | {res['plain_ms']:.2f} | {cells} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""The BatchNorm fast path: record the statistics a training-mode BatchNorm computes itself.
+
+A probe on the input of a ``torch.nn`` BatchNorm (``BatchNorm1d/2d/3d`` and their lazy forms, or a
+subclass that keeps ``_BatchNorm.forward``) in training mode records what BatchNorm already
+computed: the per-channel batch mean and inverse standard deviation ``1/√(var + eps)`` that
+``torch._batch_norm_impl_index`` returns beside the output (on CUDA from cuDNN or torch's own
+kernels, the tensors backward uses). The probe then costs no pass over the activation and no
+kernel: it keeps references to the two (C,) tensors, which the writer thread stacks per block.
+
+The module's ``forward`` is replaced by :func:`batchnorm_forward`, a line-by-line mirror of
+``_BatchNorm.forward`` and ``F.batch_norm`` that calls ``torch._batch_norm_impl_index`` where
+``torch.batch_norm`` would (``torch.batch_norm`` is that call's first output), so outputs,
+gradients, running statistics (momentum ``None`` included) and ``num_batches_tracked`` are
+bit-identical to an unprobed layer's. :func:`mirror_is_exact` checks this once per process against
+torch's own forward for every combination of ``momentum``, ``affine`` and
+``track_running_stats``; where it fails, no probe takes the fast path.
+
+Everything else takes the generic path (:mod:`statscope.probes.reduce`): eval-mode forwards
+(``record_eval=True``), forwards under ``torch.compile`` (the probe runs behind a graph break as
+before), tensor subclasses, ``SyncBatchNorm`` and other subclasses with a ``forward`` of their own
+(timm's ``BatchNormAct2d``), ``mechanism="hooks"``, a probe whose ``channel_dim`` is not 1, and
+every probe when a recorded statistic needs the third or fourth moment (``bn_kurt``).
+
+The variance is recovered on the writer thread in float64 as ``1/invstd² − eps``: within about
+3e-7 of ``√(var + eps)``, so the stored ``bn_std`` is good to about 1e-6 of itself while
+``var ≥ 100·eps``; for channels whose variance is below ``eps`` the error stays within ~1e-6 of
+``√(var + eps)`` (absolute), which is coarse relative to the tiny ``bn_std`` itself. Where
+BatchNorm's own float32 variance overflowed (``|x| ≳ 1e19``; its output is then meaningless too),
+``invstd`` is 0 and ``bn_std`` is stored as inf.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.overrides import has_torch_function_variadic
+
+from statscope.probes.selection import Target
+
+__all__ = ["BatchStats", "batchnorm_forward", "eligible", "probe_path", "mirror_is_exact",
+           "PATHS"]
+
+PATHS = ("batchnorm", "generic")
+"""Values of a probe's ``path`` in the store: how its statistics were computed."""
+
+_BATCH_NORM_FORWARD = nn.modules.batchnorm._BatchNorm.forward
+_impl = torch._batch_norm_impl_index
+_verify_batch_size = F._verify_batch_size
+_check: dict[str, bool] = {}
+_check_lock = threading.Lock()
+
+
+class BatchStats(NamedTuple):
+    """What a training-mode BatchNorm computed for one forward, handed to the probe.
+
+    Attributes:
+        input: the layer's input (for the element count and shape checks; not read).
+        mean: (C,) batch mean, float32 (float64 for float64 inputs).
+        invstd: (C,) ``1/√(var + eps)``, var the biased (population) batch variance.
+        eps: the layer's eps.
+    """
+
+    input: torch.Tensor
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    eps: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.input.device
+
+
+def eligible(module: nn.Module) -> bool:
+    """True when ``module``'s forward is torch's ``_BatchNorm.forward`` and the mirror is exact."""
+    return (isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and not isinstance(module, nn.SyncBatchNorm)
+            and type(module).forward is _BATCH_NORM_FORWARD
+            and "forward" not in module.__dict__
+            and mirror_is_exact())
+
+
+def probe_path(target: Target, order: int, mechanism: str) -> str:
+    """``"batchnorm"`` when ``target`` takes the fast path, else ``"generic"``.
+
+    Args:
+        target: the probed tensor.
+        order: the highest moment the recorded statistics need (2 or 4).
+        mechanism: how probes attach (``"forward"`` or ``"hooks"``).
+    """
+    if (target.where == "input" and mechanism == "forward" and order <= 2
+            and target.channel_dim == 1 and eligible(target.module)):
+        return "batchnorm"
+    return "generic"
+
+
+def batchnorm_forward(module: nn.Module, probe: Callable, generic: Callable,
+                      inner: Callable) -> Callable:
+    """A ``forward`` for ``module`` that hands BatchNorm's own statistics to ``probe``.
+
+    Args:
+        module: an :func:`eligible` BatchNorm.
+        probe: called as ``probe(module, (BatchStats,))`` after a training-mode forward.
+        generic: called as ``generic(module, args)`` before any other forward (the generic
+            path's probe, safe under ``torch.compile``).
+        inner: the module's forward, for the calls the fast path does not take.
+    """
+    is_compiling = torch.compiler.is_compiling
+    Tensor = torch.Tensor
+
+    def forward(*args, **kwargs):
+        if (len(args) != 1 or kwargs or not module.training or is_compiling()
+                or type(args[0]) is not Tensor):
+            generic(module, args or tuple(kwargs.values()))
+            return inner(*args, **kwargs)
+        out, mean, invstd = _train_forward(module, args[0])
+        if mean is None:  # a tensor subclass among the parameters: torch's own path
+            generic(module, args)
+            return inner(*args)
+        probe(module, (BatchStats(args[0], mean, invstd, module.eps),))
+        return out
+
+    return forward
+
+
+def _train_forward(m, input):
+    """``_BatchNorm.forward`` in training mode, with BatchNorm's saved statistics.
+
+    Keep this a mirror of torch's code (torch/nn/modules/batchnorm.py, ``F.batch_norm``):
+    :func:`mirror_is_exact` compares the two bit for bit.
+    """
+    running_mean = m.running_mean if m.track_running_stats else None
+    running_var = m.running_var if m.track_running_stats else None
+    if has_torch_function_variadic(input, running_mean, running_var, m.weight, m.bias):
+        return None, None, None
+    m._check_input_dim(input)
+    if m.momentum is None:
+        exponential_average_factor = 0.0
+    else:
+        exponential_average_factor = m.momentum
+    if m.track_running_stats:
+        if m.num_batches_tracked is not None:
+            m.num_batches_tracked.add_(1)
+            if m.momentum is None:  # cumulative moving average
+                exponential_average_factor = 1.0 / float(m.num_batches_tracked)
+            else:
+                exponential_average_factor = m.momentum
+    _verify_batch_size(input.size())
+    if m.eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {m.eps}")
+    out, mean, invstd, _, _ = _impl(input, m.weight, m.bias, running_mean, running_var, True,
+                                    exponential_average_factor, m.eps,
+                                    torch.backends.cudnn.enabled)
+    return out, mean, invstd
+
+
+def mirror_is_exact() -> bool:
+    """Whether :func:`_train_forward` reproduces this torch's ``_BatchNorm.forward`` bit for bit
+    (outputs, input and weight gradients, running buffers, ``num_batches_tracked``), for every
+    combination of ``momentum`` (0.1, None), ``affine`` and ``track_running_stats``. Checked
+    once per process, on the CPU."""
+    if "ok" not in _check:
+        with _check_lock:
+            if "ok" not in _check:
+                _check["ok"] = _compare_with_torch()
+    return _check["ok"]
+
+
+def _compare_with_torch() -> bool:
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(5, 3, 2, generator=gen) * 2 + 1 for _ in range(3)]
+    for momentum in (0.1, None):
+        for affine in (True, False):
+            for track in (True, False):
+                ref = nn.BatchNorm1d(3, momentum=momentum, affine=affine,
+                                     track_running_stats=track)
+                if affine:
+                    with torch.no_grad():
+                        ref.weight.uniform_(0.5, 1.5, generator=gen)
+                        ref.bias.uniform_(-0.5, 0.5, generator=gen)
+                ours = nn.BatchNorm1d(3, momentum=momentum, affine=affine,
+                                      track_running_stats=track)
+                ours.load_state_dict(ref.state_dict())
+                for x in xs:
+                    got = _run(ours, x, lambda m, t: _train_forward(m, t)[0])
+                    want = _run(ref, x, lambda m, t: m(t))
+                    if got is None or not all(_same(a, b) for a, b in zip(got, want)):
+                        return False
+    return True
+
+
+def _run(module, x, call):
+    x = x.clone().requires_grad_(True)
+    out = call(module, x)
+    if out is None:
+        return None
+    out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+    grads = [x.grad] + [p.grad for p in module.parameters()]
+    module.zero_grad(set_to_none=True)
+    return [out.detach(), *grads, *(b.clone() for b in module.buffers())]
+
+
+def _same(a, b) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and bool(
+        torch.equal(a, b) if not a.is_floating_point()
+        else torch.equal(torch.nan_to_num(a, 0.0), torch.nan_to_num(b, 0.0))
+        and torch.equal(a.isnan(), b.isnan()))
