@@ -349,18 +349,17 @@ class RunCatalog:
                 links = outside_links(path, self.root)
                 if links:
                     if run is None or run.ds is not None:
-                        self._forget(name)
-                        self._runs[name] = _Run(path, None, -1, error=(
+                        self._replace(name, _Run(path, None, -1, error=(
                             f"not served: {', '.join(links)} resolves outside {self.root} "
-                            "(symbolic links must stay inside the dashboard's folder)"))
+                            "(symbolic links must stay inside the dashboard's folder)")))
                         changed.append(name)
                     continue
                 try:
                     attrs = read_attrs(path)
                 except StatscopeError as exc:
                     if run is None or run.error != str(exc):
-                        self._forget(name)
-                        self._runs[name] = _Run(path, None, 0, error=str(exc))
+                        self._replace(name, _Run(path, None, 0 if run is None else
+                                                 max(0, run.generation) + 1, error=str(exc)))
                         changed.append(name)
                     continue
                 if run is not None and run.ds is not None and _same(run.ds.attrs, attrs):
@@ -372,13 +371,20 @@ class RunCatalog:
     def _open(self, name: str, path: str, generation: int) -> None:
         from statscope.store import open_run
 
-        self._forget(name)
         try:
-            ds = open_run(path)
+            run = _run(path, open_run(path), generation)
         except Exception as exc:  # a corrupt store must not take the good runs down
-            self._runs[name] = _Run(path, None, generation, error=f"{type(exc).__name__}: {exc}")
-            return
-        self._runs[name] = _run(path, ds, generation)
+            run = _Run(path, None, generation, error=f"{type(exc).__name__}: {exc}")
+        self._replace(name, run)
+
+    def _replace(self, name: str, run: _Run) -> None:
+        """Swap in a run's new record in one step: a request served meanwhile (another page)
+        sees the old record or the new one, never none. Cache keys carry the generation, so
+        the old one's entries are dropped, and any a request still adds are never read."""
+        old = self._runs.get(name)
+        self._runs[name] = run
+        if old is not None:
+            self.cache.drop(lambda key: key[0] == name and key[1] != run.generation)
 
     def _forget(self, name: str) -> None:
         self._runs.pop(name, None)

@@ -105,3 +105,30 @@ def test_cli_subprocess_reports_an_empty_folder(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "no statscope runs found" in out.stderr
+
+
+def test_the_command_serves_pages_and_stops_on_ctrl_c(store_root):
+    """The real command: it prints where it serves, answers, prints no development warning,
+    and Ctrl-C (SIGINT) ends it cleanly."""
+    import re
+    import signal
+    import urllib.request
+
+    code = "import sys; from statscope.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "dashboard", str(store_root),
+                             "--no-browser", "--port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()  # the one line saying where; blocks until it is printed
+        url = re.search(r"at (http://127\.0\.0\.1:\d+/)", line)
+        assert url, line
+        with urllib.request.urlopen(url.group(1), timeout=60) as r:
+            assert r.status == 200 and b"statscope" in r.read()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        err = line + proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stderr.close()
+    assert "development server" not in err.lower() and "Traceback" not in err
