@@ -74,23 +74,24 @@ def _mix(stats, shares):
     return total
 
 
-def _flat(t, plan):
-    """A ``(G, K)`` or ``(G, 1)`` statistic as a contiguous ``(C,)`` tensor."""
-    groups = plan.groups
+def _flat(t, ones):
+    """A ``(G, K)`` or ``(G, 1)`` statistic as a contiguous ``(C,)`` tensor (``ones``: ``(G, K)``)."""
     if t.shape[1] == 1:
-        t = t.repeat(1, plan.num_features // groups)
-    return t.reshape(plan.num_features)
+        t = ones * t
+    return t.view(-1)
 
 
-def set_statistics(mu, var, plan, shares_mean, shares_var):
+def set_statistics(mu, var, plan, shares_mean, shares_var, inv_k):
     """Set means and variances from the channel moments, on ``(G, K)`` views.
 
     Args:
         mu: ``(C,)`` channel means.
         var: ``(C,)`` biased channel variances.
         plan: the layer's :class:`ChannelPlan`.
-        shares_mean: softmax of the mean mixture weights, or None for a single set.
-        shares_var: the same for the variances.
+        shares_mean: the softmax shares of the mean sets (a tuple of 0-d tensors), or None for
+            a single set.
+        shares_var: the same for the std sets.
+        inv_k: 1/K as a 0-d tensor.
 
     Returns:
         tuple: ``(means, m, variances, v, group_mean)``, each set statistic ``(G, K)`` (batch
@@ -100,14 +101,18 @@ def set_statistics(mu, var, plan, shares_mean, shares_var):
     groups = plan.groups
     mu2 = mu.view(groups, -1)
     var2 = var.view(groups, -1)
-    group_mean = mu2.mean(1, keepdim=True) if plan.needs_group_mean else None
+    group_mean = mu2.sum(1, keepdim=True) * inv_k if plan.needs_group_mean else None
     means = [group_mean if ext else mu2 for ext in plan.mean_extended]
     m = _mix(means, shares_mean)
     variances = []
     for ext in plan.std_extended:
         centre = m if plan.subtracted else (group_mean if ext else mu2)
-        cells = var2 if centre is mu2 else var2 + (mu2 - centre).square()
-        variances.append(cells.mean(1, keepdim=True) if ext else cells)
+        if centre is mu2:
+            cells = var2
+        else:
+            dev = mu2 - centre
+            cells = torch.addcmul(var2, dev, dev)
+        variances.append(cells.sum(1, keepdim=True) * inv_k if ext else cells)
     return means, m, variances, _mix(variances, shares_var), group_mean
 
 
@@ -117,23 +122,33 @@ def _softmax_backward(shares, grads):
 
 
 class _ChannelNorm(torch.autograd.Function):
+    """Any per-channel norm (mixtures such as (BN, BN+EN) included), by the general chain rule.
+
+    ``y = (x - m)·γ r + β`` with ``m`` and ``v = r^-2 - eps`` mixtures of set statistics; the
+    backward takes ``Σ g`` and ``E = Σ g·(x - m)`` back through every set to the channel moments
+    (``dμ``, ``dσ²``) and the mixture weights, then ``dx = g·γr + dμ/M + 2 dσ²·(x - μ)/M``.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean_weight, var_weight, layer, update):
         plan = layer._plan
-        eps = layer.eps if layer.eps > 0 else UNIT_EPS
+        known = layer._constants(x)
         mu, var = _channel_moments(x)
-        shares_mean = None if mean_weight is None else torch.softmax(mean_weight, 0)
-        shares_var = None if var_weight is None else torch.softmax(var_weight, 0)
+        softmax_mean = None if mean_weight is None else torch.softmax(mean_weight, 0)
+        softmax_var = None if var_weight is None else torch.softmax(var_weight, 0)
+        shares_mean = None if softmax_mean is None else softmax_mean.unbind()
+        shares_var = None if softmax_var is None else softmax_var.unbind()
         means, m, variances, v, group_mean = set_statistics(mu, var, plan, shares_mean,
-                                                            shares_var)
-        y = torch.batch_norm(x, weight, bias, _flat(m, plan), _flat(v, plan), False, 0.0, eps,
-                             False)
+                                                            shares_var, known.inv_k)
+        ones = known.ones.view(plan.groups, -1)
+        y = torch.batch_norm(x, weight, bias, _flat(m, ones), _flat(v, ones), False, 0.0,
+                             max(layer.eps, UNIT_EPS), False)
         if update:
-            layer._update_channel(x.shape, means, variances, shares_mean)
+            layer._update_channel(x.shape, means, variances, softmax_mean, known)
         ctx.save_for_backward(x, weight, bias, mean_weight, var_weight)
         ctx.layer = layer
-        ctx.stats = (mu, var, means, m, variances, v, group_mean, shares_mean, shares_var, eps)
+        ctx.stats = (mu, means, m, variances, v, group_mean, softmax_mean, shares_mean,
+                     softmax_var, shares_var, known)
         return y
 
     @staticmethod
@@ -146,38 +161,39 @@ class _ChannelNorm(torch.autograd.Function):
         need_x, need_weight, need_bias, need_mean_weight, need_var_weight = \
             ctx.needs_input_grad[:5]
         plan = ctx.layer._plan
-        mu, var, means, m, variances, v, group_mean, shares_mean, shares_var, eps = ctx.stats
-        groups, size = plan.groups, plan.num_features
-        per_group = size // groups
-        _, sum_gx, sum_g = _grad_sums(grad, x, mu, torch.ones_like(mu))
+        (mu, means, m, variances, v, group_mean, softmax_mean, shares_mean, softmax_var,
+         shares_var, known) = ctx.stats
+        groups = plan.groups
+        ones = known.ones.view(groups, -1)
+        _, sum_gx, sum_g = _grad_sums(grad, x, mu, known.ones)
         sum_g2, sum_gx2 = sum_g.view(groups, -1), sum_gx.view(groups, -1)
         mu2 = mu.view(groups, -1)
         # E = Σ g·(x - m), the gradient of the output's scale
-        e = sum_gx2 if plan.mean_is_channel else sum_gx2 + (mu2 - m) * sum_g2
-        r = (v + eps).rsqrt()
-        grad_weight = (e * r).reshape(size) if need_weight and weight is not None else None
+        e = sum_gx2 if plan.mean_is_channel else torch.addcmul(sum_gx2, mu2 - m, sum_g2)
+        r = (v + known.eps).rsqrt_()
+        grad_weight = _flat(e * r, ones) if need_weight and weight is not None else None
         grad_bias = sum_g if need_bias and bias is not None else None
         if not (need_x or need_mean_weight or need_var_weight):
             return None, grad_weight, grad_bias, None, None, None, None
         w2 = None if weight is None else weight.view(groups, -1)
         a = r if w2 is None else w2 * r
-        grad_v = (e if w2 is None else e * w2) * r.pow(3) * -0.5
+        grad_v = (e if w2 is None else e * w2) * (r.pow(3) * known.minus_half)
         grad_m = -a * sum_g2
         grad_mu = None
-        grad_var = 0
+        grad_var = None
         grad_shares_var = []
         for k, (ext, var_k) in enumerate(zip(plan.std_extended, variances)):
             grad_var_k = grad_v if shares_var is None else grad_v * shares_var[k]
             if need_var_weight:
                 grad_shares_var.append((grad_v * var_k).sum())
             if ext:
-                grad_var_k = grad_var_k.sum(1, keepdim=True) / per_group
-            grad_var = grad_var + grad_var_k
+                grad_var_k = grad_var_k.sum(1, keepdim=True) * known.inv_k
+            grad_var = grad_var_k if grad_var is None else grad_var + grad_var_k
             centre = m if plan.subtracted else (group_mean if ext else mu2)
             if centre is not mu2:
                 # d/dμ of (μ - centre)²; a centre equal to the group mean takes back nothing,
                 # since the deviations from it sum to zero over the group
-                term = 2 * grad_var_k * (mu2 - centre)
+                term = (grad_var_k + grad_var_k) * (mu2 - centre)
                 grad_mu = term if grad_mu is None else grad_mu + term
                 if plan.subtracted:
                     grad_m = grad_m - term
@@ -187,21 +203,19 @@ class _ChannelNorm(torch.autograd.Function):
             if need_mean_weight:
                 grad_shares_mean.append((grad_m * mean_k).sum())
             if ext:
-                grad_mean_k = grad_mean_k.sum(1, keepdim=True) / per_group
+                grad_mean_k = grad_mean_k.sum(1, keepdim=True) * known.inv_k
             grad_mu = grad_mean_k if grad_mu is None else grad_mu + grad_mean_k
         grad_x = None
         if need_x:
-            count = x.numel() // size
-            slope = _flat(grad_var * (2.0 / count), plan)
-            offset = _flat(grad_mu / count, plan)
+            slope = _flat(grad_var * known.two_over_count, ones)
+            offset = _flat(grad_mu * known.inv_count, ones)
             # (x - μ)·slope + offset in BatchNorm's inference kernel, then + g·γr in place
-            grad_x = torch.batch_norm(x, slope, offset, mu, torch.ones_like(mu), False, 0.0,
-                                      UNIT_EPS, False)
-            scale = torch.broadcast_to(a, mu2.shape).reshape((1, size) + (1,) * (x.dim() - 2))
-            grad_x.addcmul_(grad, scale)
-        grad_mean_weight = (_softmax_backward(shares_mean, grad_shares_mean)
+            grad_x = torch.batch_norm(x, slope, offset, mu, known.ones, False, 0.0, UNIT_EPS,
+                                      False)
+            grad_x.addcmul_(grad, _flat(a, ones).view((1, -1) + (1,) * (x.dim() - 2)))
+        grad_mean_weight = (_softmax_backward(softmax_mean, grad_shares_mean)
                             if need_mean_weight else None)
-        grad_var_weight = (_softmax_backward(shares_var, grad_shares_var)
+        grad_var_weight = (_softmax_backward(softmax_var, grad_shares_var)
                            if need_var_weight else None)
         return grad_x, grad_weight, grad_bias, grad_mean_weight, grad_var_weight, None, None
 

@@ -68,6 +68,15 @@ class _Constants(NamedTuple):
     """``(C,)`` filled with :data:`CENTRING_SCALE`, the centring call's weight without γ."""
     centring_scale: torch.Tensor
     """:data:`CENTRING_SCALE`."""
+    inv_count: torch.Tensor
+    """1/M."""
+    two_over_count: torch.Tensor
+    """2/M."""
+    minus_half: torch.Tensor
+    """-1/2."""
+    fractions: tuple
+    """Per std set, 1 over the expected mean square deviation over the variance (Bessel's
+    factor, 0-d tensors), or () when it depends on the mixture weights of the mean."""
 
     @classmethod
     def build(cls, layer, x):
@@ -90,7 +99,10 @@ class _Constants(NamedTuple):
                    scalar((1.0 - 1.0 / pooled) / (1.0 - 1.0 / cells)),
                    torch.zeros(layer.num_features, **kind), torch.ones(layer.num_features, **kind),
                    torch.full((layer.num_features,), CENTRING_SCALE, **kind),
-                   scalar(CENTRING_SCALE))
+                   scalar(CENTRING_SCALE), scalar(1.0 / count), scalar(2.0 / count),
+                   scalar(-0.5),
+                   () if layer.mean_weight is not None and layer.std_center == "subtracted" else
+                   tuple(scalar(1.0 / f) for f in layer._fractions(x.shape, None)))
 
 
 class _PixelSetNorm(nn.Module):
@@ -267,17 +279,16 @@ class _PixelSetNorm(nn.Module):
             factor = factor.to(buffer.dtype).reciprocal()
         buffer.lerp_(value.detach().to(buffer.dtype), factor)
 
-    def _update_channel(self, shape, means, variances, shares_mean):
-        """Running statistics from the per-channel route's ``(G, K)`` / ``(G, 1)`` set statistics."""
-        plan = self._plan
+    def _update_channel(self, shape, means, variances, shares_mean, known):
+        """Running statistics from the general Function's ``(G, K)`` / ``(G, 1)`` set statistics."""
         factor = self._factor()
-        fractions = self._fractions(shape, shares_mean)
+        inverse = known.fractions or tuple(1.0 / f for f in self._fractions(shape, shares_mean))
         for mean, name in zip(means, self._mean_buffers):
             if name is not None:
-                self._lerp(name, _repeat(mean, plan), factor)
-        for var, name, fraction in zip(variances, self._var_buffers, fractions):
+                self._lerp(name, _repeat(mean, self._plan), factor)
+        for var, name, scale in zip(variances, self._var_buffers, inverse):
             if name is not None:
-                self._lerp(name, _repeat(var, plan) / fraction, factor)
+                self._lerp(name, _repeat(var, self._plan) * scale, factor)
 
     def _constants(self, x):
         """The extended-std routes' constants for ``x``'s shape and kind, made once and cached."""
