@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -23,8 +23,14 @@ from statscope.integrity import CheckedArray, Damage, check_marker
 from statscope.layout import Layout, ProbeInfo
 from statscope.storage import is_url, local_path, zarr_store
 
+if TYPE_CHECKING:  # imported where used: xarray is heavy
+    import xarray as xr
+
 __all__ = ["ProbeInfo", "Layout", "open_run", "open_runs", "open_windows", "find_runs", "is_run",
            "rank_paths", "read_attrs", "check_marker", "verify_run", "zarr_store"]
+
+# per array, what entries() opens: rows, columns (None: a single column), dtype, fill
+_Want = tuple[int, int | None, str, Any]
 
 
 def read_attrs(path: str | os.PathLike) -> dict:
@@ -148,7 +154,7 @@ _DESCRIBE = {
 
 
 def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None,
-             damaged: str = "raise", merge_synced: bool = True):
+             damaged: str = "raise", merge_synced: bool = True) -> xr.Dataset:
     """Open one run as a lazy, chunked ``xarray.Dataset`` in the schema of :mod:`statscope.schema`.
 
     Args:
@@ -197,7 +203,8 @@ def _open_one(path: str, chunks, damaged: str):
     n = check_marker(path, attrs)
     layout = Layout.from_attrs(attrs)
     idx = layout.neuron_index()
-    want = {S.STEP: (n, None, "int64", -1), S.COUNT: (n, len(layout.probes), "int64", 0)}
+    want: dict[str, _Want] = {S.STEP: (n, None, "int64", -1),
+                              S.COUNT: (n, len(layout.probes), "int64", 0)}
     want.update({s: (n, layout.n_neurons, "float32", np.nan) for s in layout.neuron_stats})
     want.update({s: (n, layout.n_groups, "float32", np.nan) for s in layout.group_stats})
     want.update({s: (n, None, "float64", np.nan) for s in attrs.get(S.ATTR_SCALARS, [])})
@@ -213,7 +220,8 @@ def _open_one(path: str, chunks, damaged: str):
         return lazy(path, name, arrays[name], found, chunks, damaged)
 
     per_step = (S.STEP, S.NEURON)
-    data = {s: (per_step, read(s)) for s in layout.neuron_stats}
+    data: dict[str, tuple[tuple[str, ...], Any]] = {s: (per_step, read(s))
+                                                    for s in layout.neuron_stats}
     data.update({s: (per_step, expand(read(s), idx["group_column"])) for s in layout.group_stats})
     data[S.COUNT] = (per_step, expand(read(S.COUNT), idx["probe"]))
     for name in attrs.get(S.ATTR_SCALARS, []):
@@ -298,7 +306,7 @@ def _check_stackable(paths, runs, what: str) -> None:
                 "be stacked: open them with open_run one by one")
 
 
-def open_windows(path: str | os.PathLike, *, damaged: str = "raise"):
+def open_windows(path: str | os.PathLike, *, damaged: str = "raise") -> xr.Dataset:
     """Open a run's window summaries (:mod:`statscope.windows`) as a lazy ``xarray.Dataset``.
 
     Args:
@@ -334,8 +342,8 @@ def open_windows(path: str | os.PathLike, *, damaged: str = "raise"):
     layout = Layout.from_attrs(attrs)
     idx = layout.neuron_index(all_channels=True)
     w = S.WINDOWS_GROUP
-    want = {f"{w}/{S.STEP}": (n, None, "int64", -1),
-            f"{w}/{S.COUNT}": (n, len(layout.probes), "int64", 0)}
+    want: dict[str, _Want] = {f"{w}/{S.STEP}": (n, None, "int64", -1),
+                              f"{w}/{S.COUNT}": (n, len(layout.probes), "int64", 0)}
     for s in layout.stats:
         cols = layout.n_groups if s in S.PER_GROUP_STATS else layout.n_channels
         want.update({f"{w}/{s}_{part}": (n, cols, "float32", np.nan) for part in S.SUMMARIES})
@@ -347,7 +355,7 @@ def open_windows(path: str | os.PathLike, *, damaged: str = "raise"):
     def read(name):
         return lazy(path, f"{w}/{name}", arrays[f"{w}/{name}"], found, None, damaged)
 
-    data = {}
+    data: dict[str, tuple[tuple[str, ...], Any]] = {}
     for s in layout.stats:
         parts = [read(f"{s}_{part}") for part in S.SUMMARIES]
         if s in S.PER_GROUP_STATS:
@@ -383,14 +391,15 @@ def verify_run(path: str | os.PathLike) -> list[Damage]:
     group, attrs = _open_checked(path)
     n = check_marker(path, attrs)
     layout = Layout.from_attrs(attrs)
-    want = {S.STEP: (n, None, "int64", -1), S.COUNT: (n, len(layout.probes), "int64", 0)}
+    want: dict[str, _Want] = {S.STEP: (n, None, "int64", -1),
+                              S.COUNT: (n, len(layout.probes), "int64", 0)}
     want.update({s: (n, layout.n_groups if s in S.PER_GROUP_STATS else layout.n_neurons,
                      "float32", np.nan) for s in layout.stats})
     want.update({s: (n, None, "float64", np.nan) for s in attrs.get(S.ATTR_SCALARS, [])})
     return verify(path, attrs, entries(path, group, want))
 
 
-def open_runs(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike]):
+def open_runs(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike]) -> xr.Dataset:
     """Open several runs stacked along a leading ``run`` dimension.
 
     Args:
@@ -425,7 +434,7 @@ def open_runs(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike]):
     stacked = xr.concat([ds.drop_attrs(deep=False) for ds in runs], dim=S.RUN, join="outer",
                         fill_value=fill, coords="minimal", compat="override",
                         combine_attrs="drop")
-    coords = {S.RUN: names,
+    coords: dict[str, Any] = {S.RUN: names,
               S.ATTR_N_STEPS: (S.RUN, [int(ds.attrs.get(S.ATTR_N_STEPS, 0)) for ds in runs]),
               S.ATTR_STATUS: (S.RUN, [str(ds.attrs.get(S.ATTR_STATUS)) for ds in runs])}
     for k in keys:
