@@ -51,6 +51,7 @@ from statscope.probes.selection import Target, _per_layer, norm_info, select, un
 from statscope.probes.statistics import STATISTICS, get_statistic
 from statscope.probes.streams import StreamOrder
 from statscope.probes.worker import Attrs, Close, Filer, Notice, ProbeStatic, Worker
+from statscope.storage import use_options
 from statscope.store import Layout, ProbeInfo, read_attrs
 from statscope.writer import RunWriter, check_path, check_scalar_name
 
@@ -94,7 +95,8 @@ class Recorder:
                  record_eval: bool = False, block_steps: int = 128, raw_bytes: int = 16 << 20,
                  buffer_bytes: int = 512 << 20, flush_seconds: float = 5.0,
                  chunk_steps: int = 8192, mechanism: str = "forward", on_error: str = "stop",
-                 neurons: Any = None, window_steps: int | None = S.DEFAULT_WINDOW_STEPS):
+                 neurons: Any = None, window_steps: int | None = S.DEFAULT_WINDOW_STEPS,
+                 storage_options: Mapping[str, Any] | None = None):
         if not isinstance(model, nn.Module):
             raise StatscopeError(f"model={type(model).__name__}: expected a torch.nn.Module")
         if step not in STEP_MODES:
@@ -123,6 +125,7 @@ class Recorder:
         self.flush_seconds = float(flush_seconds)
         self.record_eval = record_eval
         self.path, self.rank, self.world_size = _rank_path(os.fspath(path))
+        use_options(os.fspath(path), storage_options)
         # checked now although the writer opens the store at start()
         self.resume = check_path(self.path, overwrite=overwrite, resume=resume) and resume
         self.overwrite = overwrite
@@ -574,6 +577,8 @@ def record(model: nn.Module, path, **kwargs: Any) -> Recorder:
             Every channel still enters the EN statistics and the window summaries.
         window_steps: W of the window summaries kept while recording (exact mean and std of
             every statistic of every channel per W steps; see ``open_windows``); None for none.
+        storage_options: fsspec options for a URL ``path`` (endpoint, credentials); by default
+            fsspec's own sources (``AWS_*`` variables, ``~/.aws``, ``fsspec.config``).
         mechanism: ``"forward"`` (wrap the modules' ``forward``; fastest) or ``"hooks"`` (forward
             hooks, e.g. for TorchScript modules); see :mod:`statscope.probes.attach`.
         on_error: when the store cannot be written (a full disk): ``"stop"`` (default: recording

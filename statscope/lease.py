@@ -108,9 +108,10 @@ def read_holder(path: str) -> Holder | None:
     where = lease_path(path)
     try:
         if _is_url(where):
-            import fsspec
+            from statscope.storage import filesystem
 
-            fs, p = fsspec.core.url_to_fs(where)
+            fs, p = filesystem(where)
+            fs.invalidate_cache(p)
             return Holder.from_bytes(fs.cat_file(p)) if fs.exists(p) else None
         with open(where.removeprefix("file://"), "rb") as f:
             return Holder.from_bytes(f.read())
@@ -185,9 +186,10 @@ class Lease:
 
     @classmethod
     def _acquire_object(cls, path: str, holder: Holder) -> "Lease":
-        import fsspec
+        from statscope.storage import filesystem
 
-        fs, key = fsspec.core.url_to_fs(lease_path(path))
+        fs, key = filesystem(lease_path(path))
+        fs.invalidate_cache(key)
         held = Holder.from_bytes(fs.cat_file(key)) if fs.exists(key) else None
         if held is not None:
             stale, why = _stale(held)
@@ -206,6 +208,7 @@ class Lease:
         """Raise StoreLockedError if another writer has taken this lease over (object stores)."""
         if self._fs is None or self.released:
             return
+        self._fs.invalidate_cache(self._key)
         held = Holder.from_bytes(self._fs.cat_file(self._key)) if self._fs.exists(self._key) \
             else None
         if held is None or held.owner != self.holder.owner:

@@ -2,6 +2,11 @@
 
 Every other module goes through these functions to tell URLs from paths, list a run's objects,
 and remove a run, so local and object stores behave alike.
+
+Object stores are reached through fsspec, which takes credentials and endpoints from the usual
+places (``AWS_*`` environment variables and ``~/.aws`` for s3fs, ``FSSPEC_S3_ENDPOINT_URL``,
+``fsspec.config``). ``storage_options=`` given to ``record``/``open_run``/... is registered here
+for the URL's prefix and applies to every later access under it in this process.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from pathlib import Path
 
 from statscope.errors import StoreError
 
-__all__ = ["is_url", "local_path", "zarr_store", "exists", "list_keys", "remove_tree"]
+__all__ = ["is_url", "local_path", "zarr_store", "exists", "list_keys", "remove_tree",
+           "use_options", "filesystem"]
+
+_OPTIONS: dict[str, dict] = {}  # URL prefix -> fsspec storage options
 
 
 def is_url(path: str) -> bool:
@@ -25,10 +33,32 @@ def local_path(path: str) -> Path:
     return Path(path.removeprefix("file://"))
 
 
-def _fs(path: str):
+def use_options(path, storage_options) -> None:
+    """Use ``storage_options`` (fsspec keyword arguments) for every URL under ``path``."""
+    if storage_options:
+        if not isinstance(storage_options, dict):
+            raise StoreError(f"storage_options={storage_options!r}: expected a dict of fsspec "
+                             "options, e.g. {'endpoint_url': 'http://127.0.0.1:9000'}")
+        _OPTIONS[str(path).rstrip("/")] = dict(storage_options)
+
+
+def _options(path: str) -> dict:
+    best = max((p for p in _OPTIONS if path == p or path.startswith(p + "/")), key=len,
+               default=None)
+    return _OPTIONS[best] if best is not None else {}
+
+
+def filesystem(path: str):
+    """The fsspec filesystem of a URL and the path in it, with the URL's storage options."""
     import fsspec
 
-    return fsspec.core.url_to_fs(path)
+    try:
+        return fsspec.core.url_to_fs(path, **_options(path))
+    except (ValueError, ImportError) as exc:
+        raise StoreError(f"path={path!r}: unknown URL scheme or missing package: {exc}") from None
+
+
+_fs = filesystem
 
 
 def zarr_store(path: str | os.PathLike, *, read_only: bool = True):
@@ -38,7 +68,8 @@ def zarr_store(path: str | os.PathLike, *, read_only: bool = True):
     path = os.fspath(path)
     if is_url(path):
         try:
-            return FsspecStore.from_url(path, read_only=read_only)
+            return FsspecStore.from_url(path, read_only=read_only,
+                                        storage_options=_options(path) or None)
         except (ValueError, ImportError) as exc:
             raise StoreError(f"path={path!r}: cannot open this URL ({exc}); a known fsspec "
                              "protocol with its package installed is needed, e.g. s3:// with "
@@ -49,11 +80,8 @@ def zarr_store(path: str | os.PathLike, *, read_only: bool = True):
 def exists(path: str) -> bool:
     """True when something non-empty is at ``path``."""
     if is_url(path):
-        try:
-            fs, p = _fs(path)
-        except (ValueError, ImportError) as exc:
-            raise StoreError(f"path={path!r}: unknown URL scheme or missing package: {exc}") \
-                from None
+        fs, p = _fs(path)
+        fs.invalidate_cache(p)
         return fs.exists(p) and bool(fs.ls(p))
     p = local_path(path)
     try:
@@ -71,6 +99,7 @@ def list_keys(path: str) -> dict[str, int]:
     if is_url(path):
         fs, root = _fs(path)
         root = root.rstrip("/")
+        fs.invalidate_cache(root)  # a run being written grows: never trust a cached listing
         found = fs.find(root, detail=True)
         return {k[len(root) + 1:]: int(info.get("size") or 0) for k, info in found.items()
                 if not k.endswith(".partial")}

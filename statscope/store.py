@@ -21,7 +21,7 @@ from statscope.errors import StatscopeError, StoreDamagedError, StoreError
 from statscope.arrays import check_chunks, damage_error, entries, expand, lazy, missing, verify
 from statscope.integrity import CheckedArray, Damage, check_marker
 from statscope.layout import Layout, ProbeInfo
-from statscope.storage import is_url, local_path, zarr_store
+from statscope.storage import filesystem, is_url, local_path, use_options, zarr_store
 
 if TYPE_CHECKING:  # imported where used: xarray is heavy
     import xarray as xr
@@ -93,9 +93,8 @@ def rank_paths(path: str | os.PathLike) -> list[str]:
     path = os.fspath(path).rstrip("/")
     try:
         if is_url(path):
-            import fsspec
-
-            fs, p = fsspec.core.url_to_fs(path)
+            fs, p = filesystem(path)
+            fs.invalidate_cache(p)
             names = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(p, detail=False)]
         else:
             base = local_path(path)
@@ -154,7 +153,8 @@ _DESCRIBE = {
 
 
 def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None,
-             damaged: str = "raise", merge_synced: bool = True) -> xr.Dataset:
+             damaged: str = "raise", merge_synced: bool = True,
+             storage_options: Mapping | None = None) -> xr.Dataset:
     """Open one run as a lazy, chunked ``xarray.Dataset`` in the schema of :mod:`statscope.schema`.
 
     Args:
@@ -168,6 +168,8 @@ def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None
         merge_synced: for a distributed run, show on every rank the merged statistics of layers
             that synchronize them (SyncBatchNorm), as they normalized with those
             (:func:`statscope.ranks.merge_synced`).
+        storage_options: fsspec options for a URL (endpoint, credentials); see
+            :mod:`statscope.storage`.
 
     Returns:
         Dataset with dims (step, neuron), or (rank, step, neuron) for a distributed run:
@@ -190,6 +192,7 @@ def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None
         raise StatscopeError(f"damaged={damaged!r}: expected 'raise' or 'mask'")
     check_chunks(chunks, (S.STEP, S.NEURON))
     path = os.fspath(path)
+    use_options(path, storage_options)
     ranks = [] if _is_single_run(path) else rank_paths(path)
     if ranks:
         return _open_ranks(path, ranks, chunks, damaged, merge_synced)
@@ -306,12 +309,13 @@ def _check_stackable(paths, runs, what: str) -> None:
                 "be stacked: open them with open_run one by one")
 
 
-def open_windows(path: str | os.PathLike, *, damaged: str = "raise") -> xr.Dataset:
+def open_windows(path: str | os.PathLike, *, damaged: str = "raise",
+                 storage_options: Mapping | None = None) -> xr.Dataset:
     """Open a run's window summaries (:mod:`statscope.windows`) as a lazy ``xarray.Dataset``.
 
     Args:
         path: a run folder or URL (one rank's store for a distributed run).
-        damaged: as in :func:`open_run`.
+        damaged, storage_options: as in :func:`open_run`.
 
     Returns:
         Dataset with dims (window, summary, neuron) over **every** channel (also those whose
@@ -330,6 +334,7 @@ def open_windows(path: str | os.PathLike, *, damaged: str = "raise") -> xr.Datas
     if damaged not in ("raise", "mask"):
         raise StatscopeError(f"damaged={damaged!r}: expected 'raise' or 'mask'")
     path = os.fspath(path)
+    use_options(path, storage_options)
     group, attrs = _open_checked(path)
     check_marker(path, attrs)
     width = attrs.get(S.ATTR_WINDOW_STEPS)
@@ -399,11 +404,13 @@ def verify_run(path: str | os.PathLike) -> list[Damage]:
     return verify(path, attrs, entries(path, group, want))
 
 
-def open_runs(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike]) -> xr.Dataset:
+def open_runs(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike], *,
+              storage_options: Mapping | None = None) -> xr.Dataset:
     """Open several runs stacked along a leading ``run`` dimension.
 
     Args:
         paths_or_dir: a folder of runs, or an iterable of run paths.
+        storage_options: as in :func:`open_run`, for every URL given.
 
     Returns:
         Dataset (run, step, neuron). Coords ``run`` (the run's folder name), and per run
@@ -424,7 +431,7 @@ def open_runs(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike]) -> 
         raise StoreError(f"paths_or_dir={os.fspath(paths_or_dir)!r}: no statscope runs found"
                          if isinstance(paths_or_dir, (str, os.PathLike))
                          else "paths_or_dir=[]: no runs given")
-    runs = [open_run(p) for p in paths]
+    runs = [open_run(p, storage_options=storage_options) for p in paths]
     ref = runs[0]
     _check_stackable(paths, runs, "paths_or_dir")
     names = _run_names(paths)
