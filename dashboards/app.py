@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 from dash import Dash
@@ -52,6 +51,5 @@ def create_app(root: str | os.PathLike | None = None, *, catalog: RunCatalog | N
     register(app, catalog)
     app.catalog = catalog  # type: ignore[attr-defined]  # read by tests and benchmarks
     if warm:
-        threading.Thread(target=prewarm, args=(catalog,), daemon=True,
-                         name="statscope-prewarm").start()
+        catalog.spawn(prewarm, catalog)
     return app

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -279,8 +278,7 @@ def poll(catalog: RunCatalog, n_intervals, version, *, warm: bool = False,
     changed = catalog.refresh(max_age=max_age)
     current = catalog.version()
     if changed and warm:
-        threading.Thread(target=prewarm, args=(catalog, catalog.valid(changed)),
-                         daemon=True).start()
+        catalog.spawn(prewarm, catalog, catalog.valid(changed))
     if version is not None and version == current:
         raise PreventUpdate
     badges = status_badges([catalog.info(n) for n in sorted(current, key=natural_key)])
@@ -412,24 +410,31 @@ def prewarm(catalog: RunCatalog, names=None) -> None:
     Runs in a background thread: the whole-run columns of the default neurons (the first of
     each layer) are read into the cache, and the first visit to the fluctuation, scatter and run
     tabs finds the bootstrap intervals and claims computed. Live runs are skipped (they change
-    on every poll); errors are left for the view to report.
+    on every poll); errors are left for the view to report. It stops at its next step once
+    the catalog is closing.
     """
     window = ViewState().window
-    for run in names if names is not None else catalog.names():
+    for run in list(names if names is not None else catalog.names()):
+        if catalog.closing.is_set():
+            return
         try:
             if catalog.info(run).status == S.STATUS_RUNNING:
                 continue
             state = normalize(catalog, ViewState(runs=(run,)))
             pos = [catalog.neuron_index(run, *parse_neuron_key(k)) for k in state.neurons]
-            for stat in (S.BN_MEAN, S.EN_MEAN, S.BN_STD, S.EN_STD):
-                catalog.columns(run, stat, [p for p in pos if p is not None])
-            for sf in (True, False):
-                for what in ("fluctuation", "layer_summary", "fluctuation_ci"):
-                    if metrics.analysis(what) is not None:
-                        computed(catalog, run, what, window, sf)
-            for what in ("sampling_baseline", "claims"):
-                if metrics.analysis(what) is not None:
-                    computed(catalog, run, what, window)
+            work = [lambda s=stat: catalog.columns(run, s, [p for p in pos if p is not None])
+                    for stat in (S.BN_MEAN, S.EN_MEAN, S.BN_STD, S.EN_STD)]
+            work += [lambda w=what, sf=sf: computed(catalog, run, w, window, sf)
+                     for sf in (True, False)
+                     for what in ("fluctuation", "layer_summary", "fluctuation_ci")
+                     if metrics.analysis(what) is not None]
+            work += [lambda w=what: computed(catalog, run, w, window)
+                     for what in ("sampling_baseline", "claims")
+                     if metrics.analysis(what) is not None]
+            for step in work:
+                if catalog.closing.is_set():
+                    return
+                step()
         except (StatscopeError, KeyError):
             continue
 

@@ -264,6 +264,7 @@ class RunCatalog:
         self._signature: tuple | None = None
         self._found: dict[str, str] = {}
         self._refreshed = float("-inf")
+        self._init_workers()
         self.refresh()
 
     @classmethod
@@ -281,7 +282,31 @@ class RunCatalog:
         self._lock = threading.RLock()
         self._static = True
         self._runs = {name: _run(None, ds, 0) for name, ds in datasets.items()}
+        self._init_workers()
         return self
+
+    # -- background work -------------------------------------------------------------------
+
+    def _init_workers(self) -> None:
+        self.closing = threading.Event()
+        """Set by :meth:`close`: background work stops at its next step."""
+        self._workers: list[threading.Thread] = []
+
+    def spawn(self, target: Callable[..., Any], *args: Any, name: str = "statscope-prewarm"
+              ) -> threading.Thread:
+        """Run ``target(*args)`` in a daemon thread that :meth:`close` waits for."""
+        thread = threading.Thread(target=target, args=args, daemon=True, name=name)
+        with self._lock:
+            self._workers = [t for t in self._workers if t.is_alive()] + [thread]
+        thread.start()
+        return thread
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Ask background work to stop and wait for it (up to ``timeout`` s each), so that
+        none is cut off mid-read when the process exits."""
+        self.closing.set()
+        for thread in list(self._workers):
+            thread.join(timeout)
 
     # -- discovery -------------------------------------------------------------------------
 

@@ -97,13 +97,6 @@ def _scalar_title(ds: xr.Dataset | None, name: str) -> str:
     return f"{name}<br><span style='font-size:11px'>({units})</span>" if units else name
 
 
-def _rows(steps: np.ndarray, window: Window, zoom: tuple[float, float] | None) -> slice:
-    if zoom is None:
-        return window.rows(steps)
-    return slice(int(np.searchsorted(steps, zoom[0], "left")),
-                 int(np.searchsorted(steps, zoom[1], "right")))
-
-
 def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, int]],
                    window: Window, *, scalars: Sequence[str] = (),
                    xrange: tuple[float, float] | Mapping[str, tuple[float, float]] | None = None,
@@ -123,7 +116,7 @@ def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, 
     for name in names:
         ds = runs[name]
         steps = np.asarray(ds[S.STEP].values)
-        rows = _rows(steps, window, zooms.get(name))
+        rows = window.rows(steps, zooms.get(name))
         pos = [locate(name, layer, unit) for layer, unit in neurons]
         present = list(dict.fromkeys(p for p in pos if p is not None))
         stats = [s for _, pair in PAIRS for s in pair if s in ds.data_vars]

@@ -31,9 +31,7 @@ def heatmap_spec(ds: xr.Dataset, layer: str, stat: str, window: Window, *, run: 
         return empty_spec(f"Run {run!r} has no layer {layer!r}.")
     read = read or read_dataset({run: ds})
     steps = np.asarray(ds[S.STEP].values)
-    rows = (window.rows(steps) if xrange is None else
-            slice(int(np.searchsorted(steps, xrange[0], "left")),
-                  int(np.searchsorted(steps, xrange[1], "right"))))
+    rows = window.rows(steps, xrange)
     x = steps[rows]
     if not len(x):
         return empty_spec("No steps in this range.")

@@ -86,8 +86,12 @@ class Window:
             return f"last:{self.n}"
         return f"{self.start}:{self.stop}"
 
-    def rows(self, steps: np.ndarray) -> slice:
-        """Row slice of ``steps`` ((step,) sorted int) that falls in the window."""
+    def rows(self, steps: np.ndarray, zoom: tuple[float, float] | None = None) -> slice:
+        """Row slice of ``steps`` ((step,) sorted int) that falls in the window, or in the
+        zoomed step range ``zoom = (x0, x1)`` (inclusive) when one is given."""
+        if zoom is not None:
+            return slice(int(np.searchsorted(steps, zoom[0], "left")),
+                         int(np.searchsorted(steps, zoom[1], "right")))
         if self.kind == "all":
             return slice(0, len(steps))
         if self.kind == "last":

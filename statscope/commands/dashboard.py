@@ -74,7 +74,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
               "can reach this one; the dashboard has no authentication", file=sys.stderr)
     app = create_app(catalog=catalog, warm=False)
     server = bind(app, args.host, args.port)  # a port in use fails here, before anything starts
-    threading.Thread(target=prewarm, args=(catalog,), daemon=True, name="statscope-prewarm").start()
+    catalog.spawn(prewarm, catalog)
     url = server.url if args.host not in _ANY else f"http://127.0.0.1:{server.port}/"
     print(f"statscope dashboard: {len(catalog.names())} run(s) under {catalog.root} at {url} "
           "(Ctrl-C stops it)", file=sys.stderr)
@@ -82,5 +82,8 @@ def run_dashboard(args: argparse.Namespace) -> int:
         import webbrowser
 
         threading.Timer(1.0, webbrowser.open, args=(url,)).start()
-    server.run()
+    try:
+        server.run()
+    finally:
+        catalog.close()  # let the background prewarm stop between two reads, not mid-read
     return 0
