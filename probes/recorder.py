@@ -325,7 +325,8 @@ class Recorder:
                     rec.streams.note(x.device)
             rec.probe_seconds += time.perf_counter() - t0
 
-        hook.batchnorm = probe_path(cap.target, self.order, self.mechanism) == "batchnorm"
+        fast = probe_path(cap.target, self.order, self.mechanism) == "batchnorm"
+        hook.batchnorm = fast  # type: ignore[attr-defined]  # attach reads it with getattr
         return hook
 
     def _root_hook(self, module, args):
