@@ -14,8 +14,8 @@ from .fluctuation import fluctuation
 from .gaps import bn_en_gap
 from .multiplicity import adjust_p, benjamini_hochberg, holm
 from .report import Report, build_report, markdown_report, render_markdown
-from .resampling import Interval, Moments, Resampled, bootstrap_statistic, contrast, interval, \
-    resample
+from .intervals import Interval, bootstrap_statistic, contrast, interval
+from .resampling import Moments, Resampled, resample
 from .running import batch_vs_running, running_stats
 from .scaling import batch_size_scaling
 from .summary import layer_summary

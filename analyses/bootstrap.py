@@ -19,8 +19,8 @@ from statscope.errors import StatscopeError
 from ._data import FLUCT_STATS, Layers, masked, quiet, require, sigma2_series
 from ._names import BOUND, BOUNDS, NOTES, QUANTITY, SIGMA2
 from .blocklength import block_length
-from .resampling import BLOCK_FACTOR, Moments, _Data, _replicates, bootstrap_statistic, \
-    snap_block
+from .intervals import bootstrap_statistic
+from .resampling import BLOCK_FACTOR, Moments, _Data, _replicates, snap_block
 from .window import map_windows
 
 __all__ = ["block_bootstrap", "fluctuation_ci", "BootstrapMoments", "window_series"]

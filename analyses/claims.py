@@ -36,8 +36,9 @@ from ._data import FLUCT_STATS, Layers, quiet, require
 from ._names import SIGMA2
 from .bootstrap import window_series
 from .multiplicity import adjust_p
-from .resampling import Moments, bootstrap_statistic
-from .seeds import SEED_FREE_KEYS, between_seeds, config_labels
+from .intervals import bootstrap_statistic
+from .resampling import Moments
+from .seeds import MODEL_KEYS, between_seeds, config_labels
 from .window import run_windows, split_runs
 
 __all__ = ["Claims", "ClaimRow", "PooledClaims", "PooledRow", "claims", "HOLDS",
@@ -296,14 +297,15 @@ _ADJUST_TEXT = {"holm": "Holm, family-wise error rate", "bh": "Benjamini-Hochber
 
 
 def _smallest_batch(windows) -> set[str]:
-    """Names of the runs at the smallest batch size among runs of the same model and layers."""
+    """Names of the runs at the smallest batch size among runs of the same model and layers
+    (a learning rate scaled with the batch size does not make another model)."""
     groups: dict[tuple, list] = {}
     for w in windows:
         bs = w.meta.get(S.META_BATCH_SIZE)
         if bs is None:
             continue
         key = (tuple(Layers.of(w.data).names),
-               *(_hashable(w.meta.get(k)) for k in SEED_FREE_KEYS if k != S.META_BATCH_SIZE))
+               *(_hashable(w.meta.get(k)) for k in MODEL_KEYS))
         groups.setdefault(key, []).append((float(bs), w.name))
     out = set()
     for members in groups.values():

@@ -19,6 +19,14 @@ ADJUSTMENTS = ("holm", "bh", "none")
 """Names accepted by :func:`adjust_p`."""
 
 
+def _ranked(p):
+    """p as float64, an all-NaN output of its shape, and the finite entries' indices in
+    ascending order of p (the family is the finite entries)."""
+    p = np.asarray(p, dtype=np.float64)
+    ok = np.flatnonzero(np.isfinite(p))
+    return p, np.full(p.shape, np.nan), ok[np.argsort(p[ok], kind="stable")]
+
+
 def holm(p) -> np.ndarray:
     """Holm step-down adjusted p-values; NaN entries stay NaN and do not count in the family.
 
@@ -28,15 +36,10 @@ def holm(p) -> np.ndarray:
         >>> holm([0.01, 0.04, 0.03, 0.005]).tolist()
         [0.03, 0.06, 0.06, 0.02]
     """
-    p = np.asarray(p, dtype=np.float64)
-    out = np.full(p.shape, np.nan)
-    ok = np.flatnonzero(np.isfinite(p))
-    m = ok.size
-    if m == 0:
-        return out
-    order = ok[np.argsort(p[ok], kind="stable")]
-    scaled = (m - np.arange(m)) * p[order]
-    out[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
+    p, out, order = _ranked(p)
+    m = order.size
+    if m:
+        out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
     return out
 
 
@@ -49,15 +52,11 @@ def benjamini_hochberg(p) -> np.ndarray:
         >>> benjamini_hochberg([0.01, 0.04, 0.03, 0.005]).tolist()
         [0.02, 0.04, 0.04, 0.02]
     """
-    p = np.asarray(p, dtype=np.float64)
-    out = np.full(p.shape, np.nan)
-    ok = np.flatnonzero(np.isfinite(p))
-    m = ok.size
-    if m == 0:
-        return out
-    order = ok[np.argsort(p[ok], kind="stable")]
-    scaled = m * p[order] / np.arange(1, m + 1)
-    out[order] = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
+    p, out, order = _ranked(p)
+    m = order.size
+    if m:
+        scaled = m * p[order] / np.arange(1, m + 1)
+        out[order] = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
     return out
 
 

@@ -17,17 +17,15 @@ from ._data import Layers
 from ._names import NOTES
 from .claims import CLAIMS, Claims, PooledClaims, PooledRow, claims
 from .multiplicity import ADJUSTMENTS
-from .resampling import BLOCK_FACTOR, MIN_BLOCKS
+from .resampling import BLOCK_FACTOR, MIN_EFFECTIVE
 from .scaling import batch_size_scaling
-from .seeds import config_labels
+from .seeds import MODEL_KEYS, config_labels
 from .tables import COLUMNS, fluctuation_table, pooled_fluctuation_table, summary_matrix
 from .window import run_windows
 
 __all__ = ["Report", "RunEntry", "ScalingGroup", "build_report", "render_markdown",
            "markdown_report", "cell_text", "methods", "fmt", "scaling_frame"]
 
-_SCALING_KEYS = (S.ATTR_MODEL, S.META_DATASET, S.META_NORM, S.META_EPOCHS)
-"""Runs that share these (and their layers) form one batch-size scaling series."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +116,7 @@ def build_report(runs, window=200, *, source: str = "", n_boot: int = 1000, seed
 def _scaling(parts, windows, n_boot, seed, confidence) -> tuple[ScalingGroup, ...]:
     groups: dict[tuple, list] = {}
     for p in parts:
-        key = (Layers.of(p.data).names, *(repr(p.meta.get(k)) for k in _SCALING_KEYS))
+        key = (Layers.of(p.data).names, *(repr(p.meta.get(k)) for k in MODEL_KEYS))
         groups.setdefault(key, []).append(p)
     out = []
     for key, members in groups.items():
@@ -176,12 +174,14 @@ def methods(report: Report) -> list[str]:
         "σ√((κ−1)/(4N)) (asymptotic; κ from bn_kurt when recorded, else 3).",
         f"Intervals within a run: block bootstrap over steps ({report.n_boot} replicates). The "
         f"block length comes from each effect's own autocorrelation (Politis–White on its "
-        f"jackknife influence series and on the levels whose spread it uses, ×{BLOCK_FACTOR:g}; "
-        f"used here: {blocks} steps). The interval is bias-corrected and studentized: centre "
-        f"θ̂ − bias, standard error corrected for the block bootstrap's known underestimate, "
-        f"t quantile with (blocks − 1) degrees of freedom. Where fewer than {MIN_BLOCKS} blocks "
-        f"fit in the window there is no interval and the verdict is inconclusive (too short "
-        f"for the autocorrelation). On AR(1) series this holds its level (docs/analyses.md).",
+        f"jackknife influence series and on the levels whose spread it uses, ×{BLOCK_FACTOR:g}, "
+        f"at most a quarter of the window; used here: {blocks} steps). The interval is "
+        f"bias-corrected and studentized: centre θ̂ − bias, standard error corrected for the "
+        f"block bootstrap's known underestimate, t quantile with (blocks − 1) degrees of "
+        f"freedom. Where the effective sample (window steps / the longest autocorrelation time "
+        f"involved) is under {MIN_EFFECTIVE} there is no interval and the verdict is "
+        f"inconclusive (too short for the autocorrelation). On AR(1) series this holds its "
+        f"level (docs/analyses.md).",
         f"Verdicts: p-values of the whole claims table adjusted by {adj[report.adjust]}; "
         f"'holds' when the adjusted p-value is below {1 - report.confidence:.2g} and the effect "
         f"is positive, 'does not hold' when below and negative, else 'inconclusive'.",
@@ -243,7 +243,8 @@ def render_markdown(report: Report) -> str:
     out += ["## Claims per run", "", _md_table(per_run, floatfmt=".3g")]
     out += _md_columns(per_run.columns)
     out += [f"## Fluctuation per layer (Figure 6), {report.window}", "",
-            "Pooled over seeds:", "", _md_table(report.fluctuation_pooled)]
+            "Pooled over seeds (excess: mean over seeds):", "",
+            _md_table(report.fluctuation_pooled)]
     out += _md_columns(report.fluctuation_pooled.columns)
     out += ["Per run:", "", _md_table(report.fluctuation)]
     out += _md_columns(report.fluctuation.columns)

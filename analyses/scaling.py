@@ -28,7 +28,8 @@ from statscope.errors import StatscopeError
 from ._data import FLUCT_STATS, Layers, quiet, require, stacked, t_quantile
 from ._names import NOTES, SIGMA2, STATISTIC
 from .bootstrap import window_series
-from .resampling import Moments, contrast, moments, resample
+from .intervals import contrast
+from .resampling import Moments, moments, resample
 from .window import run_windows, split_runs
 
 __all__ = ["batch_size_scaling", "runs_slope"]

@@ -17,11 +17,15 @@ from statscope import schema as S
 
 from ._data import t_quantile, t_two_sided
 
-__all__ = ["config_labels", "between_seeds", "SEED_FREE_KEYS"]
+__all__ = ["config_labels", "between_seeds", "SEED_FREE_KEYS", "MODEL_KEYS"]
 
 SEED_FREE_KEYS = (S.META_BATCH_SIZE, S.META_NORM, S.ATTR_MODEL, S.META_DATASET, S.META_LR,
                   S.META_EPOCHS)
 """The settings that define a configuration (the seed is not one of them), in label order."""
+
+MODEL_KEYS = (S.ATTR_MODEL, S.META_DATASET, S.META_NORM, S.META_EPOCHS)
+"""The settings that make runs one model trained alike, whatever their batch size (and a
+learning rate scaled with it): the series of a batch-size comparison."""
 
 _NAMES = {S.ATTR_MODEL: "", S.META_DATASET: "data", S.META_NORM: "norm",
           S.META_BATCH_SIZE: "batch size", S.META_LR: "lr", S.META_EPOCHS: "epochs"}

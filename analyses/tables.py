@@ -36,6 +36,7 @@ COLUMNS = {
               "σ·√((κ−1)/4N) for the std); layer median; 1 = sampling noise explains it, "
               "> 1 = something else adds noise, < 1 = less than sampling predicts; BN only",
     "n_runs": "how many runs (seeds) the row pools",
+    "median_over_seeds": "the mean over seeds of the layer-median fluctuation",
     "ci_low": "lower bound of the interval (per run: bias-corrected block bootstrap over steps; "
               "pooled: t interval of the mean over seeds)",
     "ci_high": "upper bound of the interval",
@@ -137,9 +138,9 @@ def pooled_fluctuation_table(table, confidence: float = 0.95):
         confidence: level of the between-seed interval.
 
     Returns:
-        pandas.DataFrame: config, layer, statistic, n_runs, median (mean over seeds of the layer
-        median), ci_low, ci_high (t interval of that mean over seeds; NaN for one seed),
-        excess (mean over seeds).
+        pandas.DataFrame: config, layer, statistic, n_runs, median_over_seeds (mean over seeds
+        of the layer median), ci_low, ci_high (t interval of that mean over seeds; NaN for one
+        seed), excess (mean over seeds).
     """
     import pandas as pd
 
@@ -150,9 +151,9 @@ def pooled_fluctuation_table(table, confidence: float = 0.95):
             excess = float(np.nanmean(g["excess"])) if np.isfinite(g["excess"]).any() \
                 else np.nan
         rows.append({"config": config, "layer": layer, "statistic": stat, "n_runs": len(g),
-                     "median": mean, "ci_low": lo, "ci_high": hi, "excess": excess})
-    out = pd.DataFrame(rows, columns=["config", "layer", "statistic", "n_runs", "median",
-                                      "ci_low", "ci_high", "excess"])
+                     "median_over_seeds": mean, "ci_low": lo, "ci_high": hi, "excess": excess})
+    out = pd.DataFrame(rows, columns=["config", "layer", "statistic", "n_runs",
+                                      "median_over_seeds", "ci_low", "ci_high", "excess"])
     out.attrs = dict(table.attrs)
     return out
 

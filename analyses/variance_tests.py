@@ -25,7 +25,8 @@ from statscope.errors import StatscopeError
 from ._data import Layers, masked, quiet, require, sigma_bar, stacked
 from ._names import NOTES, SIGMA2
 from .bootstrap import window_series
-from .resampling import Moments, bootstrap_statistic, contrast, resample
+from .intervals import bootstrap_statistic, contrast
+from .resampling import Moments, resample
 from .window import load_window, map_windows
 
 __all__ = ["levene", "compare_statistics", "compare_runs"]

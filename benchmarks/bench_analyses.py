@@ -1,15 +1,19 @@
-"""Benchmark statscope.analyses on a run the size of the paper's bs-4 MNIST run.
+"""Benchmark statscope.analyses: a run the size of the paper's bs-4 MNIST run, and the report.
 
-300,000 steps x 512 neurons (four FC layers of 128, BatchNorm1d inputs, batch 4), written once
-with the real RunWriter to a zarr store, then timed in fresh subprocesses (so peak RSS is per
-task):
-
-* ``statscope analyze RUN`` (default window: the last 200 steps) through ``cli.main``;
-* ``fluctuation(ds, "all")``: the full-run fluctuation (reads all 300k rows);
-* ``claims(ds)`` on the default window.
+1. 300,000 steps x 512 neurons (four FC layers of 128, BatchNorm1d inputs, batch 4), written once
+   with the real RunWriter to a zarr store, then timed in fresh subprocesses (so peak RSS is per
+   task): ``statscope analyze RUN`` (the last 200 steps), ``fluctuation(ds, "all")`` (plain
+   and detrended, every row), ``claims(ds)`` on the default window.
+2. ``statscope report`` and ``statscope analyze`` on the 6-run sweep of the issue (mnist-fc,
+   batch sizes 4 and 128, seeds 0-2; made with ``statscope sweep`` when ``--sweep`` is missing,
+   ~20 s per run). With ``--baseline REV`` the same commands of statscope at git revision REV
+   (extracted with ``git archive``, nothing in the working tree changes) run interleaved with
+   today's, A B B A, and the median ratio of wall and CPU time is printed.
 
 Usage: python benchmarks/bench_analyses.py [--steps 300000] [--dir /tmp/statscope-bench]
-Not a timed test: it prints seconds and peak RSS; record them in docs/performance.md.
+           [--sweep DIR] [--baseline REV] [--repeats 2] [--skip-large]
+Not a timed test: it prints seconds (wall and CPU), peak RSS and ratios; record them in
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -17,8 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -33,6 +41,17 @@ TASKS = {
         "A.fluctuation(statscope.open_run(PATH), 'all', detrend=True)",
     "claims (last 200 steps, 1000 replicates)":
         "import statscope, statscope.analyses as A; A.claims(statscope.open_run(PATH))",
+}
+
+SWEEP_TASKS = {
+    "report -o report.html": ["report", "{sweep}", "-o", "{out}/report.html"],
+    "report -o report.md": ["report", "{sweep}", "-o", "{out}/report.md"],
+    "analyze (6 runs, last 200 steps)": ["analyze", "{sweep}", "-o", "{out}/analyze.txt"],
+}
+BASELINE_TASKS = {  # what the same work was called at the baseline revision
+    "report -o report.html": ["report", "{sweep}", "-o", "{out}/report.md"],
+    "report -o report.md": ["report", "{sweep}", "-o", "{out}/report.md"],
+    "analyze (6 runs, last 200 steps)": ["analyze", "{sweep}", "-o", "{out}/analyze.txt"],
 }
 
 
@@ -70,19 +89,96 @@ def measure(code: str, path: str) -> dict:
     return {"seconds": round(float(out[-2]), 2), "peak_rss_mib": round(float(out[-1]))}
 
 
+def _cli(argv: list[str], pythonpath: str | None) -> dict:
+    """One CLI command in a fresh interpreter: wall seconds, CPU seconds, peak RSS."""
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    code = ("import atexit, resource, sys; atexit.register(lambda: sys.stderr.write("
+            "'\\npeak-rss-kib %d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); "
+            "from statscope.cli import main; sys.exit(main(sys.argv[1:]))")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    # run outside the repository: its statscope/ folder would shadow the baseline's
+    proc = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True,
+                          text=True, cwd=tempfile.gettempdir())
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stderr}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    rss = [line for line in proc.stderr.splitlines() if line.startswith("peak-rss-kib")]
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+            "peak_rss_mib": round(int(rss[-1].split()[1]) / 1024) if rss else None}
+
+
+def baseline_tree(rev: str) -> str:
+    """statscope at ``rev`` laid out as an importable package (package-dir as in pyproject)."""
+    root = tempfile.mkdtemp(prefix="statscope-baseline-")
+    src = os.path.join(root, "src")
+    os.makedirs(src)
+    archive = subprocess.run(["git", "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
+    pkg = os.path.join(root, "statscope")
+    shutil.copytree(os.path.join(src, "statscope"), pkg)
+    for sub in ("probes", "analyses", "dashboards"):
+        if os.path.isdir(os.path.join(src, sub)):
+            shutil.copytree(os.path.join(src, sub), os.path.join(pkg, sub))
+    return root
+
+
+def make_sweep(path: str) -> None:
+    subprocess.run([sys.executable, "-m", "statscope", "sweep", "mnist-fc", "--bs", "4", "128",
+                    "--seeds", "0", "1", "2", "--out", path, "--quiet"], check=True)
+
+
+def bench_sweep(sweep: str, baseline: str | None, repeats: int) -> dict:
+    out = tempfile.mkdtemp(prefix="statscope-bench-out-")
+    base_path = baseline_tree(baseline) if baseline else None
+    results = {}
+    for name, argv in SWEEP_TASKS.items():
+        now = [a.format(sweep=sweep, out=out) for a in argv]
+        then = [a.format(sweep=sweep, out=out) for a in BASELINE_TASKS[name]]
+        runs = {"now": [], "baseline": []}
+        for _ in range(repeats):
+            order = ("now", "baseline", "baseline", "now") if base_path else ("now",)
+            for who in order:
+                runs[who].append(_cli(now if who == "now" else then,
+                                      None if who == "now" else base_path))
+        entry = {"now": runs["now"]}
+        if base_path:
+            entry["baseline"] = runs["baseline"]
+            for key in ("wall_s", "cpu_s"):
+                entry[f"{key}_ratio_now_over_baseline"] = round(statistics.median(
+                    a[key] / b[key] for a, b in zip(runs["now"], runs["baseline"])), 3)
+        results[name] = entry
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300_000)
     ap.add_argument("--dir", default="/tmp/statscope-bench")
+    ap.add_argument("--sweep", help="the 6-run mnist-fc sweep (made here when missing)")
+    ap.add_argument("--baseline", help="git revision to compare the sweep commands with")
+    ap.add_argument("--repeats", type=int, default=2, help="ABBA rounds per sweep task")
+    ap.add_argument("--skip-large", action="store_true", help="only the sweep tasks")
     args = ap.parse_args()
-    path = os.path.join(args.dir, f"bs4-{args.steps}")
-    if not os.path.exists(path):
-        t = time.perf_counter()
-        write(path, args.steps)
-        print(f"wrote {path} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-    results = {name: measure(code, path) for name, code in TASKS.items()}
-    print(json.dumps({"steps": args.steps, "neurons": 512, "cpus": os.cpu_count(),
-                      "results": results}, indent=2))
+    report = {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}
+    if not args.skip_large:
+        path = os.path.join(args.dir, f"bs4-{args.steps}")
+        if not os.path.exists(path):
+            t = time.perf_counter()
+            write(path, args.steps)
+            print(f"wrote {path} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        report.update({"steps": args.steps, "neurons": 512,
+                       "results": {name: measure(code, path) for name, code in TASKS.items()}})
+    sweep = args.sweep or os.path.join(args.dir, "sweep-mnist-fc")
+    if not os.path.isdir(sweep) or len(os.listdir(sweep)) < 6:
+        make_sweep(sweep)
+    report["sweep"] = bench_sweep(sweep, args.baseline, args.repeats)
+    report["load_avg_after"] = os.getloadavg()
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

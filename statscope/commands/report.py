@@ -178,7 +178,8 @@ def _pooled_bars(report):
             for j, la in enumerate(layers):
                 row = g[(g["layer"] == la) & (g["statistic"] == s)]
                 if len(row):
-                    med[i, j], lo[i, j], hi[i, j] = row[["median", "ci_low", "ci_high"]].iloc[0]
+                    med[i, j], lo[i, j], hi[i, j] = row[["median_over_seeds", "ci_low",
+                                                          "ci_high"]].iloc[0]
         if len(names) == 1:
             one = fluctuation_ci(report.windows[names[0]], "all", n_boot=report.n_boot,
                                  confidence=report.confidence)
@@ -351,7 +352,7 @@ def render_html(report, figures) -> str:
     parts.append(_table(report.claims.to_dataframe().drop(columns=["description"]),
                         "claims", ".3g"))
     parts.append(f"<h2>Fluctuation per layer (Figure 6), {_e(report.window)}</h2>"
-                 "<h3>Pooled over seeds</h3>")
+                 "<h3>Pooled over seeds (excess: mean over seeds)</h3>")
     parts.append(_table(report.fluctuation_pooled, "fluctuation-pooled"))
     parts.append("<h3>Per run</h3>")
     parts.append(_table(report.fluctuation, "fluctuation"))

@@ -157,3 +157,12 @@ def test_too_short_windows_are_inconclusive_and_say_why():
     rows = [r for r in claims(ds, window=60, n_boot=100).rows if r.claim == "a"]
     short = [r for r in rows if "too short" in r.note]
     assert short and all(r.verdict == INCONCLUSIVE and r.block == 0 for r in short)
+
+
+def test_claim_c_ignores_a_learning_rate_scaled_with_the_batch_size():
+    runs = {"bs8": make_run(batch_size=8, seed=1), "bs64": make_run(batch_size=64, seed=2)}
+    for name, lr in (("bs8", 0.00625), ("bs64", 0.05)):
+        runs[name].attrs[S.ATTR_META] = {**runs[name].attrs[S.ATTR_META], S.META_LR: lr}
+    c = claims(runs, **KW)
+    assert {r.run for r in c.rows if r.claim == "c"} == {"bs8"}
+    assert {r.config for r in c.rows} == {"batch size 8", "batch size 64"}
