@@ -230,12 +230,18 @@ class _Run:
     scalars: tuple[str, ...] = ()
 
 
-def _run(path: str | None, ds: xr.Dataset, generation: int) -> _Run:
-    """A run's record with the lookups every callback needs, built once per (re)open."""
-    lay = ds[S.LAYER].values
-    units = ds[S.UNIT].values
+def _run(path: str | None, ds: xr.Dataset, generation: int, old: _Run | None = None) -> _Run:
+    """A run's record with the lookups every callback needs, built once per (re)open; a live
+    run reopened with the same probes keeps ``old``'s (they cost a pass over every neuron)."""
     names = [n for n in ds.attrs.get(S.ATTR_SCALARS) or []
              if n in ds.data_vars and ds[n].dims == (S.STEP,)]
+    if (old is not None and old.ds is not None
+            and old.ds.attrs.get(S.ATTR_PROBES) == ds.attrs.get(S.ATTR_PROBES)
+            and old.ds.sizes.get(S.NEURON) == ds.sizes.get(S.NEURON)):
+        return _Run(path, ds, generation, index=old.index, layers=old.layers,
+                    scalars=tuple(names))
+    lay = ds[S.LAYER].values
+    units = ds[S.UNIT].values
     return _Run(path, ds, generation,
                 index={(str(l), int(u)): i for i, (l, u) in enumerate(zip(lay.tolist(),
                                                                           units.tolist()))},
@@ -397,7 +403,7 @@ class RunCatalog:
         from statscope.store import open_run
 
         try:
-            run = _run(path, open_run(path), generation)
+            run = _run(path, open_run(path), generation, self._runs.get(name))
         except Exception as exc:  # a corrupt store must not take the good runs down
             run = _Run(path, None, generation, error=f"{type(exc).__name__}: {exc}")
         self._replace(name, run)
