@@ -150,7 +150,8 @@ def fluctuation_spec(fluct: Mapping[str, xr.Dataset], *, by: str = "neuron",
                     "y": np.asarray(b[stat].values[bpos], dtype=float), "mode": "markers",
                     "name": "sampling baseline", "legendgroup": "baseline",
                     "showlegend": "baseline" not in shown,
-                    "marker": {"symbol": "line-ew-open", "size": 18,
+                    # an open symbol is stroked in the marker's colour, not its line's
+                    "marker": {"symbol": "line-ew-open", "size": 18, "color": "#111",
                                "line": {"width": 2.5, "color": "#111"}},
                     "customdata": blabels,
                     "hovertemplate": (f"%{{customdata}}<br>{STAT_LABELS[stat]} expected from "

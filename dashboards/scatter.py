@@ -70,7 +70,7 @@ def scatter_spec(fluct: Mapping[str, xr.Dataset], *, layers: Sequence[str] | Non
             data.append({
                 "type": "scatter", "x": np.asarray(xm[sel]), "y": np.asarray(ys[sel]),
                 "mode": "markers", "name": layer, "legendgroup": layer,
-                "showlegend": layer not in shown,
+                "showlegend": layer not in shown, "legendrank": 1 + layers.index(layer),
                 "marker": {"color": colors[layer], "size": 7, "opacity": 0.8,
                            "line": {"width": 0.5, "color": "white"}},
                 "customdata": [neuron_key(layer, v) for v in u],
@@ -81,6 +81,7 @@ def scatter_spec(fluct: Mapping[str, xr.Dataset], *, layers: Sequence[str] | Non
             shown.add(layer)
         data.append({"type": "scatter", "x": [0, top], "y": [0, top], "mode": "lines",
                      "name": "diagonal", "legendgroup": "diagonal", "showlegend": p == 0,
+                     "legendrank": 2 + len(layers),
                      "hoverinfo": "skip", "line": {"color": "#888", "dash": "dot", "width": 1},
                      **refs})
     layout = grid.layout(share_x="all", share_y="all", titles=[titles.get(n, n) for n in names],

@@ -91,6 +91,7 @@ def test_fluctuation_bars_are_the_analyses_values_with_their_intervals(analysed)
             assert np.isnan(bar.error_y.array[1])  # fc2[2] is not its layer's first neuron
         (tick,) = [t for t in _traces(fig, run=run, stat=S.BN_STD) if t.type == "scatter"]
         np.testing.assert_allclose(tick.y, base[run][S.BN_STD].values[[0, 6]])
+        assert tick.marker.color == "#111"  # black, as the legend and the docs say
     assert fig.layout.yaxis.title.text.startswith("fluctuation (std over steps")
 
 
