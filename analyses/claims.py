@@ -238,7 +238,9 @@ class Claims:
                     why = next(r.note for r in rows if not np.isfinite(r.p_value))
                     note = f"{n - tested} of {n} seeds without a test: {why}"
                 else:
-                    note = f"seeds disagree: {k_hold} hold, {k_fail} do not, of {n}"
+                    votes = PooledRow(claim, config, layer, stat, n, tested, k_hold, k_fail,
+                                      mean, lo, hi, verdict).seeds_text
+                    note = f"the seeds differ ({votes})"
             out.append(PooledRow(claim, config, layer, stat, n, tested, k_hold, k_fail, mean,
                                  lo, hi, verdict, note, names))
         return PooledClaims(tuple(out), self.window, self.confidence)
