@@ -94,7 +94,8 @@ class Recorder:
                  overwrite: bool = False, resume: bool = False, step: str = "auto",
                  record_eval: bool = False, block_steps: int = 128, raw_bytes: int = 16 << 20,
                  buffer_bytes: int = 512 << 20, flush_seconds: float = 5.0,
-                 chunk_steps: int = 8192, mechanism: str = "forward", on_error: str = "stop",
+                 chunk_steps: int | None = None, mechanism: str = "forward",
+                 on_error: str = "stop",
                  neurons: Any = None, window_steps: int | None = S.DEFAULT_WINDOW_STEPS,
                  storage_options: Mapping[str, Any] | None = None):
         if not isinstance(model, nn.Module):
@@ -102,7 +103,8 @@ class Recorder:
         if step not in STEP_MODES:
             raise StatscopeError(f"step={step!r}: expected one of {STEP_MODES}")
         self.block_steps = _positive_int("block_steps", block_steps)
-        self.chunk_steps = _positive_int("chunk_steps", chunk_steps)
+        self.chunk_steps = None if chunk_steps is None else _positive_int("chunk_steps",
+                                                                          chunk_steps)
         raw_bytes = _positive_int("raw_bytes", raw_bytes, least=0)  # 0: reduce every step
         buffer_bytes = _positive_int("buffer_bytes", buffer_bytes)
         if isinstance(flush_seconds, bool) or not isinstance(flush_seconds, (int, float)) \
@@ -572,7 +574,7 @@ def record(model: nn.Module, path, **kwargs: Any) -> Recorder:
         buffer_bytes: the most bytes of buffers held per device, over all probes.
         flush_seconds: the longest a step that ended waits before it reaches the store, also
             while training is idle.
-        chunk_steps: rows per shard in the store.
+        chunk_steps: rows per shard in the store (default: chosen from the layout's width).
         neurons: which channels keep per-step columns, for all probes or per name/glob/type:
             ``"all"`` (default), k (the first k), ``("random", k)`` or ``("random", k, seed)``.
             Every channel still enters the EN statistics and the window summaries.

@@ -107,8 +107,11 @@ def lazy(path: str, name: str, e: Entry, found: list[Damage], chunks: Mapping[st
 
     checked = CheckedArray(path, name, e.array, e.rows, e.width, e.fill,
                            [d for d in found if d.array == name])
-    native = da.from_array(checked, chunks=shard_shape(e.array)[:checked.ndim], asarray=False,
-                           lock=False, name=f"statscope-{path}-{name}-{e.rows}-{token}")
+    # a task per shard's rows and per chunk's columns: reading a few neurons decodes only
+    # their chunks, and a whole read runs in parallel over column blocks (both measured)
+    shape = shard_shape(e.array)[:1] + tuple(e.array.chunks[1:checked.ndim])
+    native = da.from_array(checked, chunks=shape, asarray=False, lock=False,
+                           name=f"statscope-{path}-{name}-{e.rows}-{token}")
     if not chunks:
         return native
     names = e.array.metadata.dimension_names or ()

@@ -143,11 +143,37 @@ class CheckedArray:
     def __getitem__(self, key):
         key = key if isinstance(key, tuple) else (key,)
         key = key + (slice(None),) * (self.ndim - len(key))
-        bounds = []
-        for k, n in zip(key, self.shape):
-            if not isinstance(k, slice) or k.indices(n)[2] != 1:
-                raise TypeError(f"CheckedArray takes slices with step 1, not {k!r}")
-            bounds.append(k.indices(n)[:2])
+        bounds, after, squeeze = [], [], []
+        for axis, (k, n) in enumerate(zip(key, self.shape)):
+            if isinstance(k, (int, np.integer)):  # dask fuses x[:, 3] into the read
+                k = int(k) + n if k < 0 else int(k)
+                bounds.append((k, k + 1))
+                after.append(slice(None))
+                squeeze.append(axis)
+            elif isinstance(k, slice):
+                start, stop, step = k.indices(n)
+                if step == 1:
+                    bounds.append((start, max(start, stop)))
+                    after.append(slice(None))
+                else:
+                    idx = np.arange(start, stop, step)
+                    lo, hi = (int(idx.min()), int(idx.max()) + 1) if len(idx) else (0, 0)
+                    bounds.append((lo, hi))
+                    after.append(idx - lo)
+            else:
+                idx = np.asarray(k, np.int64)
+                idx = np.where(idx < 0, idx + n, idx)
+                lo, hi = (int(idx.min()), int(idx.max()) + 1) if idx.size else (0, 0)
+                bounds.append((lo, hi))
+                after.append(idx - lo)
+        out = self._read(bounds)
+        if any(not (isinstance(a, slice) and a == slice(None)) for a in after):
+            for axis, a in enumerate(after):
+                if not isinstance(a, slice):
+                    out = np.take(out, a, axis=axis)
+        return out.squeeze(tuple(squeeze)) if squeeze else out
+
+    def _read(self, bounds) -> np.ndarray:
         try:
             out = np.asarray(self._arr[tuple(slice(a, b) for a, b in bounds)])
         except Exception as exc:  # any codec, store or OS error: the bytes are not what was written
@@ -157,8 +183,7 @@ class CheckedArray:
                     f"path={self.path!r}: array {self.name!r} rows {bounds[0][0]}.."
                     f"{bounds[0][1] - 1} cannot be read ({type(exc).__name__}: {exc}); pass "
                     "damaged='mask' to open_run to read the rest") from None
-            shape = tuple(b - a for a, b in bounds[:self.ndim])
-            return np.full(shape, self.fill, self.dtype)
+            return np.full(tuple(b - a for a, b in bounds), self.fill, self.dtype)
         for d in self.masked:
             if _overlaps(d, bounds):
                 sel = [slice(max(d.rows[0], bounds[0][0]) - bounds[0][0],

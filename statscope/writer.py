@@ -25,6 +25,7 @@ from statscope import schema as S
 from statscope.errors import StatscopeError, StoreError
 from statscope.lease import Lease
 from statscope.storage import exists, is_url, list_keys, remove_tree, zarr_store
+from statscope.integrity import shard_shape
 from statscope.store import Layout, ProbeInfo, check_marker, read_attrs
 from statscope.windows import WindowArrays, Windows
 
@@ -34,6 +35,7 @@ __all__ = ["RunWriter", "write_run", "check_path", "check_scalar_name", "package
 _SHARD_BYTES = 64 << 20  # the largest shard, raw; bounds what one flush rewrites per array
 _INNER_STEPS = 1024  # rows of a chunk inside a shard: what a reader of a step range reads
 _WINDOW_ROWS = 64  # windows per shard of the window summaries
+_STAGE_BYTES = 256 << 20  # rows staged in memory before a flush, at most (wide models)
 
 
 def now_iso() -> str:
@@ -70,7 +72,9 @@ class RunWriter:
         attrs: root attributes to set (model, meta, command, ...).
         overwrite: replace an existing run at ``path``.
         resume: continue an existing run after its last committed step.
-        chunk_steps: rows per shard (one object per array and shard).
+        chunk_steps: rows per shard (one object per array and shard); None (default) chooses
+            them so that a shard's rows over all kept columns hold about 64 MiB (8192 for narrow
+            layouts, fewer for wide ones, at least 256), which bounds what one flush rewrites.
         neuron_chunk: columns per chunk inside a shard.
         flush_seconds: write staged rows at least this often.
         running0: initial running buffers of every channel, ``{"running_mean0": (n,), ...}``.
@@ -83,7 +87,7 @@ class RunWriter:
     """
 
     def __init__(self, path, layout: Layout, *, attrs: Mapping[str, Any] | None = None,
-                 overwrite: bool = False, resume: bool = False, chunk_steps: int = 8192,
+                 overwrite: bool = False, resume: bool = False, chunk_steps: int | None = None,
                  neuron_chunk: int = 64, flush_seconds: float = 2.0,
                  running0: Mapping[str, np.ndarray] | None = None,
                  window_steps: int | None = S.DEFAULT_WINDOW_STEPS):
@@ -92,12 +96,13 @@ class RunWriter:
         self.windows: Windows | None = None
         self._done_windows: list = []
         self.n_windows = 0
-        self.chunk_steps = int(chunk_steps)
+        self.chunk_steps = None if chunk_steps is None else int(chunk_steps)
         self.neuron_chunk = int(neuron_chunk)
         self.flush_seconds = float(flush_seconds)
         self.closed = False
         self._stage: list[dict[str, np.ndarray]] = []
         self._staged = 0
+        self._staged_bytes = 0
         self._last_write = time.monotonic()
         check_path(self.path, overwrite=overwrite, resume=resume)
         self.lease = Lease.acquire(self.path)
@@ -119,6 +124,8 @@ class RunWriter:
         import zarr
 
         _check_layout(layout)
+        if self.chunk_steps is None:
+            self.chunk_steps = _auto_rows(layout)
         root = {
             S.ATTR_FORMAT: S.FORMAT_VERSION, S.ATTR_STATUS: S.STATUS_RUNNING, S.ATTR_N_STEPS: 0,
             S.ATTR_LAST_STEP: None, S.ATTR_PROBES: [], S.ATTR_LAYERS: [],
@@ -174,6 +181,7 @@ class RunWriter:
                                  f"{_probe_key(p)} in the store and {_probe_key(q)} now")
         self._group = zarr.open_group(zarr_store(self.path, read_only=False), mode="r+",
                                       zarr_format=3)
+        self.chunk_steps = shard_shape(self._group[S.STEP])[0]  # the run's own, whatever given
         self.layout = stored
         self.n_steps = int(old[S.ATTR_N_STEPS])
         last = old.get(S.ATTR_LAST_STEP)
@@ -398,9 +406,11 @@ class RunWriter:
             row[name] = np.asarray(values, np.float64)
         self._stage.append(row)
         self._staged += k
+        self._staged_bytes += sum(a.nbytes for a in row.values())
         self.next_step = int(steps[-1]) + 1
         boundary = self.chunk_steps - (self.n_steps % self.chunk_steps)
-        if self._staged >= boundary or time.monotonic() - self._last_write >= self.flush_seconds:
+        if self._staged >= boundary or self._staged_bytes >= _STAGE_BYTES \
+                or time.monotonic() - self._last_write >= self.flush_seconds:
             self.flush()
         return bad
 
@@ -435,7 +445,7 @@ class RunWriter:
             arr.resize((n1, *arr.shape[1:]))
             arr[n0:n1] = block
         last = int(self._stage[-1][S.STEP][-1])
-        self._stage, self._staged = [], 0
+        self._stage, self._staged, self._staged_bytes = [], 0, 0
         self.n_steps = n1
         self._write_windows()
         self._commit(last)
@@ -492,6 +502,12 @@ class RunWriter:
     def _mark(self, status: str, error: str | None) -> None:
         self._group.update_attributes({S.ATTR_STATUS: status, S.ATTR_ENDED: now_iso(),
                                   S.ATTR_ERROR: error})
+
+
+def _auto_rows(layout: Layout) -> int:
+    """Rows per shard so that one shard row-block over the kept columns is ~64 MiB."""
+    rows = _SHARD_BYTES // (4 * max(1, layout.n_neurons))
+    return int(min(8192, max(256, 1 << max(0, rows.bit_length() - 1))))
 
 
 def _probe_key(p: ProbeInfo) -> dict:
@@ -582,7 +598,7 @@ def _jsonable(value: Any) -> Any:
 def write_run(path, probes, data: Mapping[str, np.ndarray], *, steps=None, count=None,
               scalars: Mapping[str, np.ndarray] | None = None, meta: Mapping[str, Any] | None = None,
               status: str = S.STATUS_COMPLETED, overwrite: bool = False,
-              chunk_steps: int = 8192, **attrs: Any) -> str:
+              chunk_steps: int | None = None, **attrs: Any) -> str:
     """Write a whole run at once, e.g. synthetic data for tests and benchmarks.
 
     Args:
@@ -596,7 +612,7 @@ def write_run(path, probes, data: Mapping[str, np.ndarray], *, steps=None, count
         meta: the run's user metadata (``batch_size``, ``seed``, ...).
         status: final status to mark.
         overwrite: replace an existing run.
-        chunk_steps: rows per shard.
+        chunk_steps: rows per shard (None: chosen from the layout).
         **attrs: more root attributes.
 
     Returns:
