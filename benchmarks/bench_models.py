@@ -8,7 +8,8 @@ the same in-memory batches with SGD (momentum 0.9). The copies take turns in blo
 in the order A B C … C B A within a round (so drift within a round affects all alike); the
 ratio of a contender in a round is its two blocks' time over the plain copy's two blocks'. The
 table shows per row the plain ms/step and, per contender, the median ratio over rounds with its
-spread (min–max). Contenders:
+spread (min–max), and the median ratio of the process's CPU time (all its threads: the
+training thread and the writer), which load from other processes disturbs less. Contenders:
 
 - ``statscope``: ``statscope.record`` with its defaults (the BatchNorm fast path where it
   applies);
@@ -265,17 +266,21 @@ def measure(row: Row, device: str, contenders: list[str], rounds: int, block_sec
             arm.steps(batches, n, 3)
         sync()
         times = {a.name: [] for a in arms}
+        cpu = {a.name: [] for a in arms}
         first = 3 + n
         for _ in range(rounds):
             elapsed = {a.name: 0.0 for a in arms}
+            used = {a.name: 0.0 for a in arms}
             for arm in arms + arms[::-1]:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 arm.steps(batches, n, first)
                 sync()
                 elapsed[arm.name] += time.perf_counter() - t0
+                used[arm.name] += time.process_time() - c0
             first += n
-            for k, v in elapsed.items():
-                times[k].append(v / (2 * n))
+            for k in elapsed:
+                times[k].append(elapsed[k] / (2 * n))
+                cpu[k].append(used[k] / (2 * n))
     finally:
         for arm in arms:
             arm.close()
@@ -284,6 +289,7 @@ def measure(row: Row, device: str, contenders: list[str], rounds: int, block_sec
     for name in contenders:
         ratios = [b / a for a, b in zip(plain, times[name])]
         out[name] = (statistics.median(ratios), min(ratios), max(ratios))
+        out[name + ":cpu"] = statistics.median(b / a for a, b in zip(cpu["plain"], cpu[name]))
     return out
 
 
@@ -303,9 +309,9 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, Python {sys.version.split()[0]}, {where}, "
           f"{args.threads} torch thread(s), {args.rounds} rounds of blocks of ~"
           f"{args.block_seconds} s")
-    head = " | ".join(f"{c} (min–max)" for c in args.contenders)
+    head = " | ".join(f"{c} wall (min–max) | {c} CPU" for c in args.contenders)
     print(f"| row | plain ms/step | {head} |")
-    print("|---|---|" + "---|" * len(args.contenders))
+    print("|---|---|" + "---|---|" * len(args.contenders))
     with tempfile.TemporaryDirectory() as tmp:
         for row in ROWS:
             if args.device not in row.devices:
@@ -318,8 +324,8 @@ def main(argv=None) -> None:
             except ImportError as exc:
                 print(f"| {row.name} | skipped: {exc} |")
                 continue
-            cells = " | ".join(f"{res[c][0]:.3f}× ({res[c][1]:.2f}–{res[c][2]:.2f})"
-                               for c in args.contenders)
+            cells = " | ".join(f"{res[c][0]:.3f}× ({res[c][1]:.2f}–{res[c][2]:.2f}) | "
+                               f"{res[c + ':cpu']:.3f}×" for c in args.contenders)
             print(f"| {row.name} | {res['plain_ms']:.2f} | {cells} |", flush=True)
 
 

@@ -76,16 +76,12 @@ def block_rows(block: Block, captures: Sequence[Capture], statistics: Sequence[S
         clipped.append((cap, count[skip:], segs))
     computed = iter(segment_moments([seg for _, _, segs in clipped for seg in segs], order,
                                     [cap.channels for cap, _, segs in clipped for _ in segs]))
-    counts, stats = [], []
+    counts, moments = [], []
     for cap, count, segs in clipped:
         counts.append(count)
-        if not segs:
-            stats.append(None)
-            continue
-        moments = _moments(cap, count, [(seg, next(computed)) for seg in segs], n - skip, skip,
-                           order)
-        with np.errstate(all="ignore"):  # NaN rows of steps a probe missed are expected
-            stats.append({k: v.astype(np.float32) for k, v in finish(moments, names).items()})
+        moments.append(_moments(cap, count, [(seg, next(computed)) for seg in segs], n - skip,
+                                skip, order) if segs else None)
+    stats = _finish_all(moments, names)
     scalars = {name: _scalar_column(values, n)[skip:] for name, values in block.scalars.items()}
     steps = np.arange(block.first_step + skip, block.first_step + n, dtype=np.int64)
     return Rows(steps, counts, stats, scalars)
@@ -100,6 +96,35 @@ def _moments(cap: Capture, count: np.ndarray, segments, k: int, skip: int, order
         a[count == 0] = np.nan  # slots this probe did not run in hold stale buffer rows
     m3, m4 = (arrays[2], arrays[3]) if order >= 4 else (None, None)
     return Moments(arrays[0], arrays[1], m3, m4, cap.target.groups)
+
+
+def _finish_all(moments: list[Moments | None], names: tuple[str, ...]
+                ) -> list[dict[str, np.ndarray] | None]:
+    """:func:`finish` per probe, in one pass for the probes of equal width and groups (the
+    writer thread's cost at small batch sizes is per numpy call, and it holds the GIL that a
+    launch-bound training thread needs)."""
+    out: list = [None] * len(moments)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, m in enumerate(moments):
+        if m is not None:
+            groups.setdefault((m.mean.shape[1], m.groups), []).append(i)
+    for (_, g), members in groups.items():
+        parts = [moments[i] for i in members]
+        if len(parts) == 1:
+            joined = parts[0]
+        else:
+            cat = [None if getattr(parts[0], a) is None
+                   else np.concatenate([getattr(m, a) for m in parts])
+                   for a in ("mean", "var", "m3", "m4")]
+            joined = Moments(*cat, g)
+        with np.errstate(all="ignore"):  # NaN rows of steps a probe missed are expected
+            done = {k: v.astype(np.float32) for k, v in finish(joined, names).items()}
+        first = 0
+        for i, m in zip(members, parts):
+            k = len(m.mean)
+            out[i] = {name: v[first:first + k] for name, v in done.items()}
+            first += k
+    return out
 
 
 def _scalar_column(values: list[tuple[int, Any]], n: int) -> np.ndarray:

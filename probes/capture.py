@@ -39,6 +39,7 @@ from statscope.probes.statistics import block_moments
 __all__ = ["Capture", "Segment", "segment_moments", "MAX_SHAPES_PER_BLOCK"]
 
 _BATCH_BYTES = 1 << 20
+_FULL = (torch.float32, torch.float64)
 MAX_SHAPES_PER_BLOCK = 3
 """Shapes one probe may take within one block before it reduces every step at once for good."""
 
@@ -115,7 +116,9 @@ class Capture:
         if count[slot]:
             return
         if type(x) is BatchStats:
-            if self.order <= 2:
+            # A BatchNorm run in bf16/fp16 keeps its statistics in that precision: reduce the
+            # input instead, as for the third and fourth moments, which BatchNorm cannot give.
+            if self.order <= 2 and x.invstd.dtype in _FULL:
                 t = x.input
                 if self._rows is None or self._mode != "refs" or t.shape != self._shape:
                     if t.numel() == 0:
@@ -124,7 +127,7 @@ class Capture:
                 count[slot] = self._per_channel
                 self._rows[slot - self._start] = ("invstd", x.mean, x.invstd, x.eps)
                 return
-            x = x.input  # BatchNorm cannot give the third and fourth moments
+            x = x.input
         if self._rows is None or x.shape != self._shape:
             if x.numel() == 0:
                 return

@@ -96,35 +96,38 @@ def entry_moments(entries: Sequence[tuple | None], channels: int, order: int
 
 def entries_moments(runs: Sequence[Sequence[tuple | None]], channels: Sequence[int], order: int
                     ) -> list[tuple[np.ndarray, ...]]:
-    """:func:`entry_moments` of several runs at once: one stack per run and tensor, one copy to
-    the host per device and dtype."""
-    jobs = []  # (run, rows, tag, stacked tensors, per-row numbers)
+    """:func:`entry_moments` of several runs at once (the probes of a block): entries of one
+    kind and width are stacked together, whatever run they belong to, copied to the host once
+    per device, and turned into moments in one vectorized pass."""
+    groups: dict[tuple, list] = {}  # (tag, length, C) -> [(run, rows)], rows of that run
     for i, entries in enumerate(runs):
-        by_tag: dict[str, list[int]] = {}
+        mine: dict[tuple, list[int]] = {}
         for r, e in enumerate(entries):
             if e is not None:
-                by_tag.setdefault(e[0], []).append(r)
-        for tag, rows in by_tag.items():
-            if tag == "var":
-                n, numbers = 2, None
-            else:  # the last item is a number: eps, or the elements per channel
-                n = len(entries[rows[0]]) - 2
-                numbers = np.array([entries[r][-1] for r in rows], np.float64)
-            stacked = [torch.stack([entries[r][1 + j] for r in rows]) for j in range(n)]
-            jobs.append((i, rows, tag, stacked, numbers))
-    host = _to_host([t for job in jobs for t in job[3]])
-    out = []
-    for i, entries in enumerate(runs):
-        k = len(entries)
-        out.append(tuple(np.full((k, channels[i]), np.nan) for _ in range(2 if order < 4 else 4)))
+                mine.setdefault((e[0], len(e)), []).append(r)
+        for (tag, length), rows in mine.items():
+            groups.setdefault((tag, length, channels[i]), []).append((i, rows))
+    jobs = []  # (tag, members, stacked tensors, per-row numbers)
+    for (tag, length, _), members in groups.items():
+        picked = [runs[i][r] for i, rows in members for r in rows]
+        n = 2 if tag == "var" else length - 2  # else the last item is a number: eps, or M
+        stacked = [torch.stack([e[1 + j] for e in picked]) for j in range(n)]
+        numbers = None if tag == "var" else np.array([e[-1] for e in picked], np.float64)
+        jobs.append((tag, members, stacked, numbers))
+    host = _to_host([t for job in jobs for t in job[2]])
+    out = [tuple(np.full((len(entries), channels[i]), np.nan) for _ in range(2 if order < 4 else 4))
+           for i, entries in enumerate(runs)]
     pos = 0
-    for i, rows, tag, stacked, numbers in jobs:
+    for tag, members, stacked, numbers in jobs:
         arrays = host[pos:pos + len(stacked)]
         pos += len(stacked)
         moments = _MOMENTS[tag](arrays, numbers, order)
-        for dst, src in zip(out[i], moments):
-            if src is not None:
-                dst[rows] = src
+        first = 0
+        for i, rows in members:
+            for dst, src in zip(out[i], moments):
+                if src is not None:
+                    dst[rows] = src[first:first + len(rows)]
+            first += len(rows)
     return out
 
 

@@ -1,0 +1,239 @@
+"""The BatchNorm fast path: the statistics BatchNorm computes itself, and a layer that trains
+bit for bit as it would unprobed."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import statscope
+from statscope.probes import fastpath
+
+CASES = {
+    # name: (module factory, input shape, memory format, autocast dtype)
+    "bn1d": (lambda: nn.BatchNorm1d(6), (16, 6), None, None),
+    "bn1d-seq": (lambda: nn.BatchNorm1d(6), (4, 6, 5), None, None),
+    "bn2d": (lambda: nn.BatchNorm2d(6), (4, 6, 5, 3), None, None),
+    "bn2d-channels-last": (lambda: nn.BatchNorm2d(6), (4, 6, 5, 3), torch.channels_last, None),
+    "bn3d": (lambda: nn.BatchNorm3d(6), (2, 6, 3, 4, 2), None, None),
+    "momentum-none": (lambda: nn.BatchNorm2d(6, momentum=None), (4, 6, 3, 3), None, None),
+    "no-running-stats": (lambda: nn.BatchNorm2d(6, track_running_stats=False), (4, 6, 3, 3),
+                         None, None),
+    "no-affine": (lambda: nn.BatchNorm1d(6, affine=False), (8, 6), None, None),
+    "lazy": (lambda: nn.LazyBatchNorm2d(), (4, 6, 3, 3), None, None),
+    "float64": (lambda: nn.BatchNorm2d(6).double(), (4, 6, 3, 3), None, None),
+    "bf16-autocast": (lambda: nn.BatchNorm2d(6), (4, 6, 5, 5), torch.channels_last,
+                      torch.bfloat16),
+    "fp16-autocast": (lambda: nn.BatchNorm2d(6), (4, 6, 5, 5), None, torch.float16),
+}
+
+
+class Net(nn.Module):
+    """A conv (or linear) in front of the BatchNorm, so that autocast hands it bf16/fp16."""
+
+    def __init__(self, bn, shape):
+        super().__init__()
+        c = shape[1]
+        self.pre = nn.Conv2d(c, c, 1) if len(shape) == 4 else nn.Identity()
+        self.bn = bn
+
+    def forward(self, x):
+        return self.bn(self.pre(x))
+
+
+def inputs(shape, n, fmt, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-1, 1, shape[1], dtype=torch.float64)  # channels of unequal spread
+    view = [1] * len(shape)
+    view[1] = -1
+    out = []
+    for _ in range(n):
+        x = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale.view(view) + 3)
+        x = x.to(dtype)
+        out.append(x.contiguous(memory_format=fmt) if fmt is not None else x)
+    return out
+
+
+def run(case, tmp_path, name, fast=True, monkeypatch=None, steps=6, **kw):
+    make, shape, fmt, autocast = CASES[case]
+    torch.manual_seed(0)
+    model = Net(make(), shape)
+    dtype = torch.float64 if case == "float64" else torch.float32
+    model = model.to(dtype)
+    if fmt is not None:
+        model = model.to(memory_format=fmt)
+    seen = []
+    model.bn.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double()))
+    if not fast:
+        monkeypatch.setattr("statscope.probes.recorder.probe_path", lambda *a: "generic")
+    with statscope.record(model, tmp_path / name, layers="bn", block_steps=4, **kw):
+        for x in inputs(shape, steps, fmt, dtype):
+            with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+                model(x.requires_grad_(True)).float().square().mean().backward()
+    if not fast:
+        monkeypatch.undo()
+    return statscope.open_run(tmp_path / name).load(), seen, model.bn
+
+
+def reference(seen):
+    per = [x.movedim(1, -1).reshape(-1, x.shape[1]) for x in seen]
+    return (np.stack([p.mean(0).numpy() for p in per]),
+            np.stack([p.var(0, correction=0).numpy() for p in per]))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fast_path_equals_the_generic_path_and_float64(case, tmp_path, monkeypatch):
+    fast, seen, bn = run(case, tmp_path, "fast")
+    generic, _, _ = run(case, tmp_path, "generic", fast=False, monkeypatch=monkeypatch)
+    assert [p["path"] for p in fast.attrs["probes"]] == ["batchnorm"]
+    assert [p["path"] for p in generic.attrs["probes"]] == ["generic"]
+    mean, var = reference(seen)
+    scale = np.sqrt(var + bn.eps)  # what BatchNorm divides by
+    for ds, tol in ((fast, 1e-4), (generic, 1e-5)):
+        assert np.all(np.abs(ds.bn_mean.values - mean) <= tol * scale + 1e-6 * np.abs(mean))
+        assert np.all(np.abs(ds.bn_std.values - np.sqrt(var)) <= tol * scale)
+    assert np.all(np.abs(fast.bn_std.values - generic.bn_std.values) <= 1e-4 * scale)
+    np.testing.assert_allclose(fast.en_std.values, generic.en_std.values, rtol=1e-5)
+    assert (fast["count"].values == seen[0].numel() // 6).all()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_probed_batchnorm_trains_bit_for_bit_as_an_unprobed_one(case, tmp_path):
+    make, shape, fmt, autocast = CASES[case]
+    dtype = torch.float64 if case == "float64" else torch.float32
+
+    def build():
+        torch.manual_seed(0)  # lazy modules cannot be copied before their first forward
+        model = Net(make(), shape).to(dtype)
+        return model.to(memory_format=fmt) if fmt is not None else model
+
+    plain, probed = build(), build()
+    opts = [torch.optim.SGD(list(m.parameters()) or [torch.zeros(1, requires_grad=True)],
+                            lr=0.1, momentum=0.9) for m in (plain, probed)]
+    with statscope.record(probed, tmp_path / "r", layers="bn", block_steps=3) as rec:
+        assert "forward" in probed.bn.__dict__
+        for step, x in enumerate(inputs(shape, 7, fmt, dtype)):
+            got = []
+            for model, opt in zip((plain, probed), opts):
+                inp = x.clone().requires_grad_(True)
+                with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+                    out = model(inp)
+                out.float().sin().sum().backward()
+                got.append([out.detach(), inp.grad, *(p.grad for p in model.parameters()),
+                            *model.buffers()])
+                opt.step()
+                opt.zero_grad()
+            assert len(got[0]) == len(got[1])
+            for a, b in zip(*got):
+                assert a.dtype == b.dtype and torch.equal(a, b), f"step {step}"
+        assert rec.captures[0].count[0] > 0
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.sizes["step"] == 7 and ds.attrs["probes"][0]["path"] == "batchnorm"
+    for a, b in zip(plain.state_dict().values(), probed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert "forward" not in probed.bn.__dict__
+
+
+def test_eval_forwards_and_compiled_forwards_take_the_generic_path(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5))
+    seen = []
+    model[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double()))
+    xs = inputs((8, 4), 6, None)
+    with statscope.record(model, tmp_path / "r", record_eval=True, block_steps=4):
+        for i, x in enumerate(xs):
+            model.train(i % 2 == 0)  # eval-mode BatchNorm normalizes with its running stats
+            model(x)
+    ds = statscope.open_run(tmp_path / "r")
+    mean, var = reference(seen)
+    np.testing.assert_allclose(ds.bn_std.values, np.sqrt(var), rtol=1e-5)
+    np.testing.assert_allclose(ds.bn_mean.values, mean, rtol=1e-5, atol=1e-6)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5))
+    seen.clear()
+    model[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double()))
+    with statscope.record(model, tmp_path / "c", block_steps=4):
+        compiled = torch.compile(model, backend="aot_eager")
+        for x in xs:
+            compiled(x).sum().backward()
+    ds = statscope.open_run(tmp_path / "c")
+    mean, var = reference(seen)
+    assert ds.sizes["step"] == 6
+    np.testing.assert_allclose(ds.bn_std.values, np.sqrt(var), rtol=1e-5)
+
+
+def test_which_layers_take_which_path(tmp_path):
+    class OwnForward(nn.BatchNorm1d):  # like timm's BatchNormAct2d: not provably identical
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class SameForward(nn.BatchNorm1d):
+        pass
+
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.SyncBatchNorm(3), OwnForward(3), SameForward(3),
+                          nn.LayerNorm(3))
+
+    def paths(**kw):
+        name = f"r{len(list(tmp_path.iterdir()))}"
+        with statscope.record(model, tmp_path / name, **kw):
+            model(torch.randn(4, 3))
+        probes = statscope.open_run(tmp_path / name).attrs["probes"]
+        return [p["path"] for p in sorted(probes, key=lambda p: p["name"])]
+
+    assert paths() == ["batchnorm", "generic", "generic", "batchnorm", "generic"]
+    assert paths(mechanism="hooks") == ["generic"] * 5
+    assert paths(stats=["bn_mean", "bn_std", "bn_kurt"]) == ["generic"] * 5
+    assert paths(channel_dim={"0": -1}, layers=["0", "3"]) == ["generic", "batchnorm"]
+    assert all("forward" not in m.__dict__ for m in model)
+
+
+def test_no_fast_path_where_the_mirror_of_torch_is_not_exact(tmp_path, monkeypatch):
+    monkeypatch.setattr(fastpath, "_check", {})
+    real = fastpath._train_forward
+
+    def off_by_one_ulp(m, x):
+        out, mean, invstd = real(m, x)
+        return torch.nextafter(out, out + 1), mean, invstd
+
+    monkeypatch.setattr(fastpath, "_train_forward", off_by_one_ulp)
+    assert not fastpath.mirror_is_exact()
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    with statscope.record(model, tmp_path / "r"):
+        model(torch.randn(4, 3))
+    assert statscope.open_run(tmp_path / "r").attrs["probes"][0]["path"] == "generic"
+    monkeypatch.setattr(fastpath, "_check", {})
+    monkeypatch.setattr(fastpath, "_train_forward", real)
+    assert fastpath.mirror_is_exact()
+
+
+def test_batchnorm_errors_are_torchs_and_state_is_unchanged(tmp_path):
+    bn, ref = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    with statscope.record(nn.Sequential(bn), tmp_path / "r"):
+        for m in (bn, ref):
+            with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+                m(torch.randn(1, 3))
+            with pytest.raises(ValueError, match="expected 2D or 3D input"):
+                m(torch.randn(2, 3, 4, 5))
+        assert torch.equal(bn.num_batches_tracked, ref.num_batches_tracked)
+
+
+def test_near_constant_channels_keep_an_absolute_error_below_the_documented_bound(tmp_path):
+    # var from 1e-14·eps to 1e4·eps: bn_std from the inverse std is within 1e-4 of √(var + eps)
+    # down to var ≈ 1e-6·eps and within 5e-4·√eps (absolute) below
+    model = nn.Sequential(nn.BatchNorm1d(10))
+    eps = model[0].eps
+    gen = torch.Generator().manual_seed(0)
+    spread = torch.logspace(-7, 2, 10, dtype=torch.float64) * eps ** 0.5
+    xs = [(torch.randn(64, 10, generator=gen, dtype=torch.float64) * spread + 1).float()
+          for _ in range(4)]
+    with statscope.record(model, tmp_path / "r"):
+        for x in xs:
+            model(x)
+    got = statscope.open_run(tmp_path / "r").bn_std.values
+    true = np.stack([x.double().std(0, correction=0).numpy() for x in xs])
+    err = np.abs(got - true)
+    scale = np.sqrt(true ** 2 + eps)
+    ok = true ** 2 >= 1e-6 * eps
+    assert np.all(err[ok] <= 1e-4 * scale[ok])
+    assert np.all(err <= 5e-4 * eps ** 0.5)
