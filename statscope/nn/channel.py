@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ChannelPlan", "channel_norm", "UNIT_EPS"]
+__all__ = ["ChannelPlan", "channel_norm", "recomputed_backward", "UNIT_EPS"]
 
 UNIT_EPS = 1e-30
 """The eps of BatchNorm's kernels used as a plain affine map with a unit variance: positive, as
@@ -68,6 +68,8 @@ class ChannelPlan:
 def _mix(stats, shares):
     if shares is None:
         return stats[0]
+    if len(stats) == 2:  # shares sum to 1: one call
+        return torch.lerp(stats[0], stats[1], shares[1])
     total = stats[0] * shares[0]
     for k in range(1, len(stats)):
         total = total + stats[k] * shares[k]
@@ -156,7 +158,7 @@ class _ChannelNorm(torch.autograd.Function):
         x, weight, bias, mean_weight, var_weight = ctx.saved_tensors
         if torch.is_grad_enabled():
             inputs = (x, weight, bias, mean_weight, var_weight)
-            return (*_recomputed_backward(ctx.layer, grad, inputs, ctx.needs_input_grad[:5]),
+            return (*recomputed_backward(ctx.layer, grad, inputs, ctx.needs_input_grad[:5]),
                     None, None)
         need_x, need_weight, need_bias, need_mean_weight, need_var_weight = \
             ctx.needs_input_grad[:5]
@@ -276,7 +278,7 @@ class _ExtendedStdNorm(torch.autograd.Function):
         if torch.is_grad_enabled():
             inputs = (x, weight, bias, None, None)
             needs = (*ctx.needs_input_grad[:3], False, False)
-            return (*_recomputed_backward(ctx.layer, grad, inputs, needs)[:3], None, None)
+            return (*recomputed_backward(ctx.layer, grad, inputs, needs)[:3], None, None)
         r, a, centre, ones, group_mean, mu, c_s, c_t, groups, extended_mean = ctx.stats
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         size = x.shape[1]
@@ -341,7 +343,7 @@ def _grad_sums(grad, x, centre, ones, centred=True):
     return None, sum_gx, grad.sum(dims)
 
 
-def _recomputed_backward(layer, grad, inputs, needs):
+def recomputed_backward(layer, grad, inputs, needs, use_batch=True):
     """Backward as differentiable ops (create_graph): the layer's plain-op forward, differentiated.
 
     Args:
@@ -349,6 +351,7 @@ def _recomputed_backward(layer, grad, inputs, needs):
         grad: the output's gradient.
         inputs: ``(x, weight, bias, mean_weight, var_weight)``, None where absent.
         needs: whether each of them needs a gradient.
+        use_batch: whether the forward used batch statistics (else the running ones).
 
     Returns:
         list: the five gradients, None where not needed.
@@ -357,7 +360,7 @@ def _recomputed_backward(layer, grad, inputs, needs):
     with torch.enable_grad():
         leaves = [t if t is None or t.requires_grad else t.detach().requires_grad_()
                   for t in inputs]
-        y = layer._plain(*leaves, use_batch=True, update=False)
+        y = layer._plain(*leaves, use_batch=use_batch, update=False)
         targets = [t for t, want in zip(leaves, wanted) if want]
         grads = iter(torch.autograd.grad(y, targets, grad, create_graph=True,
                                          allow_unused=True))

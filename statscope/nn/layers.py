@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from statscope.errors import StatscopeError
+from statscope.nn.cells import cell_norm
 from statscope.nn.channel import UNIT_EPS, ChannelPlan, channel_norm
 from statscope.nn.composed import CENTRING_SCALE, extended_std_composed
 from statscope.nn.moments import (BATCH_SETS, GROUPED_SETS, STD_CENTERS, cell_moments,
@@ -261,7 +262,17 @@ class _PixelSetNorm(nn.Module):
         mean set) lose one pixel's worth: ``1 - 1/n``. Around the mean actually subtracted they
         lose what that mean's sets cost (:func:`deviation_fraction`): for HN's pooled variance
         ``1 - 1/M``, M the pixels of one channel, not ``1 - 1/n`` of the whole extended set.
+        Cached per shape unless it depends on the mixture weights.
         """
+        if shares_mean is None or self.std_center == "own":
+            key = ("fractions", shape)
+            known = self._shapes.get(key)
+            if known is None:
+                known = self._shapes[key] = self._fraction_values(shape, None)
+            return known
+        return self._fraction_values(shape, shares_mean)
+
+    def _fraction_values(self, shape, shares_mean):
         if self.std_center == "own":
             return tuple(1.0 - 1.0 / set_size(shape, s, self.std_groups) for s in self.std_sets)
         fraction = deviation_fraction(shape, self.mean_sets, self.mean_groups,
@@ -273,22 +284,29 @@ class _PixelSetNorm(nn.Module):
         return self.momentum if self.momentum is not None else self.num_batches_tracked
 
     def _lerp(self, name, value, factor):
-        """``buffer ← buffer + factor·(value - buffer)``; a count tensor means weight 1/count."""
-        buffer = getattr(self, name)
+        """``buffer ← buffer + factor·(value - buffer)`` for a ``(1, C)``, ``(1, 1)`` or ``(C,)``
+        value, outside autograd; a count tensor as ``factor`` means weight 1/count."""
+        buffer = self._buffers[name]
         if isinstance(factor, torch.Tensor):
             factor = factor.to(buffer.dtype).reciprocal()
-        buffer.lerp_(value.detach().to(buffer.dtype), factor)
+        buffer.view(1, -1).lerp_(value.detach().to(buffer.dtype), factor)
 
     def _update_channel(self, shape, means, variances, shares_mean, known):
         """Running statistics from the general Function's ``(G, K)`` / ``(G, 1)`` set statistics."""
-        factor = self._factor()
+        factor = self.momentum
+        if factor is None:
+            factor = self.num_batches_tracked.to(known.eps.dtype).reciprocal()
         inverse = known.fractions or tuple(1.0 / f for f in self._fractions(shape, shares_mean))
-        for mean, name in zip(means, self._mean_buffers):
-            if name is not None:
-                self._lerp(name, _repeat(mean, self._plan), factor)
-        for var, name, scale in zip(variances, self._var_buffers, inverse):
-            if name is not None:
-                self._lerp(name, _repeat(var, self._plan) * scale, factor)
+        groups = self._plan.groups
+        for values, names, scales in ((means, self._mean_buffers, None),
+                                      (variances, self._var_buffers, inverse)):
+            for k, (value, name) in enumerate(zip(values, names)):
+                if name is None:
+                    continue
+                if scales is not None:
+                    value = value * scales[k]
+                # a (G, 1) value broadcasts over the channels of its group in place
+                getattr(self, name).view(groups, -1).lerp_(value, factor)
 
     def _constants(self, x):
         """The extended-std routes' constants for ``x``'s shape and kind, made once and cached."""
@@ -367,6 +385,8 @@ class _PixelSetNorm(nn.Module):
         elif (native and self._plan is not None and self.mean_weight is None
               and self.var_weight is None):
             route = self._running_route
+        elif native and self._per_example and x.dim() > 2:
+            route = self._cell_route
         else:
             route = self._plain_route
         if len(self._routes) > 64:
@@ -393,6 +413,12 @@ class _PixelSetNorm(nn.Module):
         if update:
             self.num_batches_tracked.add_(1)
         return channel_norm(self, x, update)
+
+    def _cell_route(self, x, use_batch, update):
+        """Per-example statistics: one autograd Function (:mod:`statscope.nn.cells`)."""
+        if update and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        return cell_norm(self, x, use_batch, update)
 
     def _running_route(self, x, use_batch, update):
         """Eval with one running buffer per side: BatchNorm's inference op."""
@@ -425,51 +451,74 @@ class _PixelSetNorm(nn.Module):
 
     def _statistics(self, x, mean_weight, var_weight, use_batch, update):
         """Mean and variance to normalize with, each broadcastable to ``(N, C)``, in plain ops."""
-        shape = x.shape
         cells = None
         if use_batch or self._per_example:
             cells = cell_moments(x, self._per_example)
         if update and self.num_batches_tracked is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
+        return self._set_statistics(x.shape, cells, mean_weight, var_weight, use_batch, update)
+
+    def _set_statistics(self, shape, cells, mean_weight, var_weight, use_batch, update,
+                        parts=None):
+        """Mean and variance from the cell moments ``(mean, var)``, ``(R, C)`` each, and buffers.
+
+        Differentiable in the cells and the mixture weights; updates the running statistics
+        (outside autograd) if ``update``. Returns tensors broadcastable to ``(N, C)``. With a
+        ``parts`` list, appends what a closed-form backward needs: the shares of each side
+        (softmax, or None), and per set its statistic, whether it came from the cells, and for
+        a std set the deviations of the cell means from its centre (None where they are 0 by
+        construction, False for running statistics).
+        """
         factor = self._factor() if update else None
-        means = []
+        # the set whose cells are the cells themselves: its average is the identity
+        identity = "instance" if self._per_example else "batch"
+        means, from_cells = [], []
         for pixel_set, name in zip(self.mean_sets, self._mean_buffers):
             if name is not None and not use_batch:
                 means.append(getattr(self, name).unsqueeze(0))
+                from_cells.append(False)
                 continue
             mean = set_average(cells[0], pixel_set, self.mean_groups)
             if update and name is not None:
-                with torch.no_grad():
-                    self._lerp(name, mean.expand(1, self.num_features).reshape(-1), factor)
+                self._lerp(name, mean, factor)
             means.append(mean)
+            from_cells.append(True)
         shares_mean = None if mean_weight is None else torch.softmax(mean_weight, 0)
         mean = self._mix(means, shares_mean)
         fractions = self._fractions(shape, shares_mean) if update else None
-        variances = []
+        variances, deviations = [], []
         for k, (pixel_set, name) in enumerate(zip(self.std_sets, self._var_buffers)):
             if name is not None and not use_batch:
                 variances.append(getattr(self, name).unsqueeze(0))
+                deviations.append(False)
                 continue
             cell_mean, cell_var = cells
-            center = (set_average(cell_mean, pixel_set, self.std_groups)
-                      if self.std_center == "own" else mean)
-            var = set_average(cell_var + (cell_mean - center).square(), pixel_set, self.std_groups)
+            if pixel_set == identity and (self.std_center == "own" or mean is cell_mean):
+                var, deviation = cell_var, None
+            else:
+                center = (set_average(cell_mean, pixel_set, self.std_groups)
+                          if self.std_center == "own" else mean)
+                deviation = cell_mean - center
+                var = set_average(torch.addcmul(cell_var, deviation, deviation), pixel_set,
+                                  self.std_groups)
             if update and name is not None:
-                with torch.no_grad():
-                    value = var.expand(1, self.num_features).reshape(-1) / fractions[k]
-                    self._lerp(name, value, factor)
+                self._lerp(name, var / fractions[k], factor)
             variances.append(var)
+            deviations.append(deviation)
         shares_var = None if var_weight is None else torch.softmax(var_weight, 0)
+        if parts is not None:
+            parts += [shares_mean, means, from_cells, shares_var, variances, deviations]
         return mean, self._mix(variances, shares_var)
 
     @staticmethod
     def _mix(stats, shares):
         if shares is None:
             return stats[0]
-        total = shares[0] * stats[0]
-        for k in range(1, len(stats)):
-            total = total + shares[k] * stats[k]
+        parts = shares.unbind()
+        total = stats[0] * parts[0]
+        for stat, share in zip(stats[1:], parts[1:]):
+            total = torch.addcmul(total, stat, share)
         return total
 
     def _plain(self, x, weight, bias, mean_weight, var_weight, use_batch, update):
@@ -677,9 +726,3 @@ def is_norm_layer(module):
     """
     return isinstance(module, _PixelSetNorm)
 
-
-def _repeat(stat, plan):
-    """A ``(G, K)`` or ``(G, 1)`` statistic of the per-channel route as a ``(C,)`` tensor."""
-    if stat.shape[1] == 1:
-        stat = stat.expand(plan.groups, plan.num_features // plan.groups)
-    return stat.reshape(plan.num_features)
