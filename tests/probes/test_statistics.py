@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import statscope
@@ -103,6 +103,68 @@ def test_block_and_step_moments_match_numpy(n, c, groups, offset, scale, dtype, 
         assert np.all(np.abs(step[0][0] - ref["bn_mean"])
                       <= 1e-5 * sd + 2 * np.spacing(np.float32(abs(offset) + 4 * scale)))
         assert np.all(np.abs(np.sqrt(step[1][0]) - sd) <= 1e-5 * sd + 1e-12)
+
+
+# (shape, channel dim, memory format): every layout a probe meets
+STEP_LAYOUTS = [
+    ((7, 5), 1, None),
+    ((3, 5, 4), 1, None),  # BatchNorm1d over sequences: (N, C, L)
+    ((3, 4, 5), -1, None),  # LayerNorm inputs: (N, L, C)
+    ((2, 5, 3, 4), 1, None),
+    ((2, 5, 3, 4), 1, torch.channels_last),
+    ((2, 5, 2, 3, 2), 1, None),
+    ((2, 5, 2, 3, 2), 1, torch.channels_last_3d),
+    ((4, 3, 5), 2, None),  # a channel dim in the middle
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(layout=st.sampled_from(STEP_LAYOUTS), order=st.sampled_from([2, 4]),
+       offset=st.sampled_from([0.0, 50.0, -1e3, 3e5]), scale=st.sampled_from([1e-3, 1.0, 30.0]),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+       outlier=st.booleans(), seed=st.integers(0, 2**16))
+def test_per_step_reduction_matches_numpy_for_every_layout_and_dtype(layout, order, offset, scale,
+                                                                      dtype, outlier, seed):
+    shape, cdim, fmt = layout
+    assume(dtype != torch.float16 or abs(offset) + 200 * scale < 6e4)  # float16's range
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x = x * scale + offset
+    if outlier:  # the first element, the shift's neighbourhood, far out in every channel
+        x.view(-1)[0] += 100 * scale
+    x = x.to(dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    ref = reference(x.double().numpy(), cdim)
+    c = x.shape[cdim]
+    got = entry_moments([step_entry(x, cdim, order)], c, order)
+    sd = ref["bn_std"]
+    rounding = 2 * np.spacing(np.float32(abs(offset) + 4 * scale + 100 * scale))
+    assert np.all(np.abs(got[0][0] - ref["bn_mean"]) <= 1e-5 * sd + rounding)
+    assert np.all(np.abs(np.sqrt(got[1][0]) - sd) <= 1e-5 * sd + 1e-300)
+    if order == 4:
+        with np.errstate(all="ignore"):
+            kurt = got[3][0] / got[1][0] ** 2
+        ok = sd > 1e-6 * (abs(offset) + scale)  # kurtosis of a channel quantized to one value
+        np.testing.assert_allclose(kurt[ok], ref["bn_kurt"][ok], rtol=1e-4)
+
+
+@pytest.mark.parametrize("raw_bytes", [16 << 20, 0], ids=["raw-block", "per-step"])
+@pytest.mark.parametrize("make, shape", [(lambda: torch.nn.LayerNorm(3), (4, 5, 3)),
+                                         (lambda: torch.nn.GroupNorm(1, 3), (8, 3))])
+def test_float32_activations_near_1e19_keep_a_finite_std(tmp_path, make, shape, raw_bytes):
+    # issue 10, item 7: the std (~7.8e18) fits float32, the squares of the deviations do not
+    gen = torch.Generator().manual_seed(0)
+    xs = [(torch.randn(shape, generator=gen, dtype=torch.float64) * 7.8e18 + 1e19).float()
+          for _ in range(3)]
+    cdim = -1 if len(shape) == 3 else 1
+    ds = record_tensors(xs, make(), tmp_path, raw_bytes=raw_bytes)
+    for i, x in enumerate(xs):
+        ref = reference(x.double().numpy(), cdim)
+        assert np.isfinite(ds.bn_std.values[i]).all() and np.isfinite(ds.en_std.values[i]).all()
+        np.testing.assert_allclose(ds.bn_std.values[i], ref["bn_std"], rtol=1e-5)
+        np.testing.assert_allclose(ds.bn_mean.values[i], ref["bn_mean"], rtol=1e-6)
+        np.testing.assert_allclose(ds.en_std.values[i], ref["en_std"], rtol=1e-5)
+        np.testing.assert_allclose(ds.bn_kurt.values[i], ref["bn_kurt"], rtol=1e-4)
 
 
 def test_float32_large_offset_beats_naive_formula():
