@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # ``statscope info RUN | head``, ``statscope --help | head -1``
+        _drop_stdout()
+        return 141
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
@@ -63,8 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's exit
         return code
     except BrokenPipeError:
-        _drop_stdout()
-        return 141
+        raise
     except StatscopeError as exc:
         return _error(str(exc), exc.exit_code)
     except OSError as exc:  # the machine, not the input: a full disk, a permission, a lost file
@@ -112,7 +119,16 @@ def _drop_stdout() -> None:
 
 def entry() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse's --help, --version and usage errors
+        code = exc.code
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # ``statscope --help | head -1``: the help was still buffered
+        _drop_stdout()
+        code = 141
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -27,15 +27,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from statscope import schema as S
-from statscope.errors import RecordingError, StatscopeError, StatscopeWarning, StoreError
+from statscope.errors import StatscopeError, StatscopeWarning, StoreError
 from statscope.experiments.base import RunConfig, RunResult
+from statscope.experiments.preflight import RESUMABLE, check_out, check_recorded, check_resume
 
 __all__ = ["Progress", "run_experiment"]
 
 _EVAL_BATCH = 1000
-# Settings a resumed run may change: they do not alter what is computed (max_steps only where
-# the run stops).
-_RESUMABLE = ("device", "threads", "max_steps")
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,7 @@ def run_experiment(config: RunConfig, *, progress: Callable[[Progress], None] | 
     cfg = config.resolved()
     exp = cfg.spec
     device = _device(cfg.device)
-    start_step = _check_out(cfg) if record else None
+    start_step = check_out(cfg) if record else None
     data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, quiet=progress is None)
     cfg = dataclasses.replace(cfg, dataset=data.name, device=device.type)
     n_train = len(data.train_y)
@@ -117,7 +115,7 @@ def run_experiment(config: RunConfig, *, progress: Callable[[Progress], None] | 
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     if cfg.resume and record:
-        _check_resume(cfg, start_step, total)
+        check_resume(cfg, start_step, total)
 
     threads = torch.get_num_threads()
     if cfg.threads:
@@ -274,7 +272,7 @@ class _Loop:
                 self._finish()
             attrs = read_attrs(cfg.out)
             overhead = attrs.get(S.ATTR_PROBE_OVERHEAD)
-            _check_recorded(cfg.out, attrs, step)
+            check_recorded(cfg.out, attrs, step)
             remove_checkpoints(cfg.out)  # a completed run is never resumed
         resumed = cfg.resume and bool(start_step)
         return RunResult(path=cfg.out if start_step is not None else None, dataset=cfg.dataset,
@@ -291,7 +289,7 @@ class _Loop:
 
     def _config(self) -> dict:
         """The settings a checkpoint must share with this run to be continued by it."""
-        config = {k: v for k, v in self.cfg.meta().items() if k not in _RESUMABLE}
+        config = {k: v for k, v in self.cfg.meta().items() if k not in RESUMABLE}
         return {**config, "device": self.cfg.device, "steps_per_epoch": self.steps_per_epoch}
 
     def _save(self, step: int, epoch: int, shuffle_state) -> None:
@@ -340,20 +338,6 @@ def _sgd(model, cfg: RunConfig):
         return torch.optim.SGD(model.parameters(), **kwargs)
 
 
-def _check_recorded(out: str, attrs: dict, steps: int) -> None:
-    """Raise unless the store at ``out`` ended ``completed`` with all ``steps`` steps: a training
-    that succeeded must not pass for a recording that did not."""
-    status, n = attrs.get(S.ATTR_STATUS), attrs.get(S.ATTR_N_STEPS)
-    if status == S.STATUS_COMPLETED and n == steps:
-        return
-    why = attrs.get(S.ATTR_ERROR) or (f"it holds {n} of the {steps} steps trained"
-                                      if status == S.STATUS_COMPLETED else "no reason recorded")
-    first = (str(why).splitlines() or [""])[0]
-    raise RecordingError(f"out={out!r}: training finished but the recording failed: the store is "
-                         f"{status!r} with {n} steps committed ({first}); "
-                         "continue it with --resume")
-
-
 def _accuracy(model, x, y) -> float:
     """Fraction of ``x`` classified as ``y``, in eval mode (the probes do not record it)."""
     import torch
@@ -376,54 +360,6 @@ def _device(name: str):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
-
-
-def _check_out(cfg: RunConfig) -> int:
-    """The step recording starts at; refuse an ``out`` that is in the way."""
-    from statscope.lease import Lease
-    from statscope.store import read_attrs
-    from statscope.writer import check_path
-
-    # overwrite=True asks only whether something is there, a run or a path a run can be made at
-    if not check_path(cfg.out, overwrite=True, resume=False):
-        return 0
-    if not (cfg.overwrite or cfg.resume):
-        raise StoreError(f"out={cfg.out!r}: already exists; pass --overwrite to replace it or "
-                         "--resume to continue it")
-    attrs = read_attrs(cfg.out)  # never replace or continue something that is not a run
-    # Refuse a run another process is writing now, before loading data or replaying steps (the
-    # recorder takes the lease for good when recording starts).
-    Lease.acquire(cfg.out).release()
-    if cfg.overwrite:
-        return 0
-    if attrs.get(S.ATTR_STATUS) == S.STATUS_COMPLETED:
-        raise StoreError(f"out={cfg.out!r}: the run is already completed "
-                         f"({attrs.get(S.ATTR_N_STEPS)} steps); nothing to resume, pass "
-                         "--overwrite to run it again")
-    stored = attrs.get(S.ATTR_META) or {}
-    differ = [f"{k}: stored {stored.get(k)!r}, now {v!r}" for k, v in cfg.meta().items()
-              if k not in _RESUMABLE and k != S.META_DATASET and stored.get(k) != v]
-    if differ:
-        raise StoreError(f"out={cfg.out!r}: --resume with other settings than the stored run ("
-                         + "; ".join(differ) + ")")
-    last = attrs.get(S.ATTR_LAST_STEP)
-    return 0 if last is None else int(last) + 1
-
-
-def _check_resume(cfg: RunConfig, start_step: int, total: int) -> None:
-    from statscope.store import read_attrs
-    from statscope.storage import exists as _exists
-
-    if not _exists(cfg.out):
-        return
-    stored = (read_attrs(cfg.out).get(S.ATTR_META) or {}).get(S.META_DATASET)
-    if stored is not None and stored != cfg.dataset:
-        raise StoreError(f"out={cfg.out!r}: --resume with dataset {cfg.dataset!r}, but the run "
-                         f"was recorded on {stored!r}")
-    if start_step > total:
-        raise StoreError(f"out={cfg.out!r}: the store holds steps 0..{start_step - 1}, more than "
-                         f"the {total} steps this run takes (max_steps={cfg.max_steps}); pass "
-                         "--overwrite to run it again")
 
 
 def _check_shapes(cfg: RunConfig, exp, model, train_x, normalize, device) -> None:

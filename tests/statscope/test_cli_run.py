@@ -446,10 +446,15 @@ def test_a_full_disk_while_saving_a_checkpoint_stops_the_run_cleanly(tmp_path, m
 
 @pytest.mark.slow
 def test_a_real_full_disk_while_saving_a_checkpoint(tmp_path, mnist_dir):
-    """The same on a 300 KiB tmpfs (in a private mount namespace), where the store fits and
-    the first checkpoint (~1 MB) does not."""
+    """The same on a tmpfs (in a private mount namespace) sized so that the store of 16 steps
+    fits with 256 KiB to spare and the first checkpoint (~1.3 MB) does not."""
+    probe = tmp_path / "probe"
+    assert main(["run", "mnist-fc", "--bs", "4", "--epochs", "1", "--data-dir", mnist_dir,
+                 "--out", str(probe), "-q"]) == 0
+    pages = sum(-(-p.stat().st_size // 4096) for p in probe.rglob("*") if p.is_file())
+    size = f"{pages * 4 + 256}k"
     script = (
-        'mount -t tmpfs -o size=300k tmpfs "$1" || exit 99\n'
+        f'mount -t tmpfs -o size={size} tmpfs "$1" || exit 99\n'
         'shift; "$@"; rc=$?; cp -a "$DISK"/. "$COPY"/; exit $rc\n')
     disk, copy = tmp_path / "disk", tmp_path / "copy"
     disk.mkdir()
@@ -506,19 +511,26 @@ def test_an_out_in_an_unwritable_folder_is_one_error_line(tmp_path, mnist_dir):
     assert entries(folder) == []
 
 
-def test_info_into_a_closed_pipe_exits_quietly(tmp_path, mnist_dir):
-    """``statscope info RUN | head -0``: no traceback, no 'Exception ignored', status 141."""
-    out = str(tmp_path / "r")
-    assert main(["run", "mnist-fc", "--bs", "8", "--max-steps", "2", "--data-dir", mnist_dir,
-                 "--out", out, "-q"]) == 0
+def _into_closed_pipe(*args):
     read, write = os.pipe()
     os.close(read)
     try:
-        proc = subprocess.run([sys.executable, "-m", "statscope", "info", out], stdout=write,
+        return subprocess.run([sys.executable, "-m", "statscope", *args], stdout=write,
                               stderr=subprocess.PIPE, text=True, timeout=120)
     finally:
         os.close(write)
+
+
+def test_info_into_a_closed_pipe_exits_quietly(tmp_path, mnist_dir):
+    """``statscope info RUN | head -0``: no traceback, no 'Exception ignored', status 141; the
+    help (which argparse writes ignoring errors) ends quietly too."""
+    out = str(tmp_path / "r")
+    assert main(["run", "mnist-fc", "--bs", "8", "--max-steps", "2", "--data-dir", mnist_dir,
+                 "--out", out, "-q"]) == 0
+    proc = _into_closed_pipe("info", out)
     assert (proc.returncode, proc.stderr) == (141, "")
+    proc = _into_closed_pipe("--help")
+    assert proc.returncode in (0, 141) and proc.stderr == ""
 
 
 def test_runs_names_a_damaged_run_given_as_the_folder(tmp_path, capsys):

@@ -21,7 +21,8 @@ from statscope.experiments.cifar_resnet import random_crop_flip, resnet18
 from statscope.experiments.datasets import load_dataset
 
 import statscope.experiments as experiments_pkg
-from statscope.experiments import base, checkpoint, cifar_resnet, mnist_fc, sweep, train
+from statscope.experiments import (base, checkpoint, cifar_resnet, mnist_fc, preflight, sweep,
+                                   train)
 
 from test_experiments_support import raw_arrays, write_cifar
 
@@ -431,7 +432,7 @@ def test_the_largest_seed_trains(tmp_path, mnist_dir):
 
 
 @pytest.mark.parametrize("module", [experiments_pkg, base, checkpoint, mnist_fc, cifar_resnet,
-                                    sweep, train])
+                                    preflight, sweep, train])
 def test_docstring_examples_run(module):
     failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert failures == 0 and tried > 0

@@ -1,0 +1,111 @@
+"""What a built-in run checks about its store: before training, that ``out`` may be written
+(and, resuming, continued), and after it, that the store ended ``completed`` with every step.
+
+Every check before training raises before anything is written, so a refused run changes nothing.
+"""
+
+from __future__ import annotations
+
+from statscope import schema as S
+from statscope.errors import RecordingError, StoreError
+from statscope.experiments.base import RunConfig
+
+__all__ = ["RESUMABLE", "check_out", "check_resume", "check_recorded"]
+
+RESUMABLE = ("device", "threads", "max_steps")
+"""Settings a resumed run may change: they do not alter what is computed (max_steps only where
+the run stops)."""
+
+
+def check_out(cfg: RunConfig) -> int:
+    """The step recording starts at, once ``cfg.out`` is known not to be in the way.
+
+    Args:
+        cfg: the resolved run.
+
+    Returns:
+        0 for a new or overwritten run, else the stored run's last step + 1.
+
+    Raises:
+        StoreError: ``out`` exists and neither ``overwrite`` nor ``resume`` is set; it holds
+            something that is not a run; no run can be created there; resuming, the run is
+            completed or was recorded with other settings.
+        StoreLockedError: another process is writing the run.
+    """
+    from statscope.lease import Lease
+    from statscope.store import read_attrs
+    from statscope.writer import check_path
+
+    # overwrite=True asks only whether something is there, a run or a path a run can be made at
+    if not check_path(cfg.out, overwrite=True, resume=False):
+        return 0
+    if not (cfg.overwrite or cfg.resume):
+        raise StoreError(f"out={cfg.out!r}: already exists; pass --overwrite to replace it or "
+                         "--resume to continue it")
+    attrs = read_attrs(cfg.out)  # never replace or continue something that is not a run
+    # Refuse a run another process is writing now, before loading data or replaying steps (the
+    # recorder takes the lease for good when recording starts).
+    Lease.acquire(cfg.out).release()
+    if cfg.overwrite:
+        return 0
+    if attrs.get(S.ATTR_STATUS) == S.STATUS_COMPLETED:
+        raise StoreError(f"out={cfg.out!r}: the run is already completed "
+                         f"({attrs.get(S.ATTR_N_STEPS)} steps); nothing to resume, pass "
+                         "--overwrite to run it again")
+    stored = attrs.get(S.ATTR_META) or {}
+    differ = [f"{k}: stored {stored.get(k)!r}, now {v!r}" for k, v in cfg.meta().items()
+              if k not in RESUMABLE and k != S.META_DATASET and stored.get(k) != v]
+    if differ:
+        raise StoreError(f"out={cfg.out!r}: --resume with other settings than the stored run ("
+                         + "; ".join(differ) + ")")
+    last = attrs.get(S.ATTR_LAST_STEP)
+    return 0 if last is None else int(last) + 1
+
+
+def check_resume(cfg: RunConfig, start_step: int, total: int) -> None:
+    """Refuse to resume a run recorded on another dataset, or one holding more steps than this
+    run takes."""
+    from statscope.store import read_attrs
+    from statscope.storage import exists as _exists
+
+    if not _exists(cfg.out):
+        return
+    stored = (read_attrs(cfg.out).get(S.ATTR_META) or {}).get(S.META_DATASET)
+    if stored is not None and stored != cfg.dataset:
+        raise StoreError(f"out={cfg.out!r}: --resume with dataset {cfg.dataset!r}, but the run "
+                         f"was recorded on {stored!r}")
+    if start_step > total:
+        raise StoreError(f"out={cfg.out!r}: the store holds steps 0..{start_step - 1}, more than "
+                         f"the {total} steps this run takes (max_steps={cfg.max_steps}); pass "
+                         "--overwrite to run it again")
+
+
+def check_recorded(out: str, attrs: dict, steps: int) -> None:
+    """Raise unless the store at ``out`` ended ``completed`` with all ``steps`` steps: a training
+    that succeeded must not pass for a recording that did not.
+
+    Args:
+        out: the run store.
+        attrs: its root attributes, read after training.
+        steps: the steps trained in all.
+
+    Raises:
+        RecordingError: the store is not ``completed``, or holds another number of steps.
+
+    Example:
+        >>> check_recorded("runs/r", {"status": "completed", "n_steps": 5}, 5)
+        >>> check_recorded("runs/r", {"status": "failed", "n_steps": 3,
+        ...                           "error": "writer: OSError(28)"}, 5)
+        Traceback (most recent call last):
+        ...
+        statscope.errors.RecordingError: out='runs/r': training finished but the recording failed: the store is 'failed' with 3 steps committed (writer: OSError(28)); continue it with --resume
+    """
+    status, n = attrs.get(S.ATTR_STATUS), attrs.get(S.ATTR_N_STEPS)
+    if status == S.STATUS_COMPLETED and n == steps:
+        return
+    why = attrs.get(S.ATTR_ERROR) or (f"it holds {n} of the {steps} steps trained"
+                                      if status == S.STATUS_COMPLETED else "no reason recorded")
+    first = (str(why).splitlines() or [""])[0]
+    raise RecordingError(f"out={out!r}: training finished but the recording failed: the store is "
+                         f"{status!r} with {n} steps committed ({first}); "
+                         "continue it with --resume")
