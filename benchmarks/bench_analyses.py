@@ -81,11 +81,11 @@ def write(path: str, steps: int, batch: int = 4, layers: int = 4, width: int = 1
 
 
 def measure(code: str, path: str) -> dict:
-    script = (f"import os, time, resource; PATH = {path!r}; t = time.perf_counter(); {code}; "
-              "print(time.perf_counter() - t, "
-              "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    script = (f"import os, time; PATH = {path!r}; t = time.perf_counter(); {code}; "
+              "print(time.perf_counter() - t, int([l.split()[1] for l in open('/proc/self/status')"
+              " if l.startswith('VmHWM')][0]) / 1024)")
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
-                         text=True).stdout.split()
+                         text=True, cwd=tempfile.gettempdir()).stdout.split()
     return {"seconds": round(float(out[-2]), 2), "peak_rss_mib": round(float(out[-1]))}
 
 
@@ -94,9 +94,10 @@ def _cli(argv: list[str], pythonpath: str | None) -> dict:
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    code = ("import atexit, resource, sys; atexit.register(lambda: sys.stderr.write("
-            "'\\npeak-rss-kib %d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); "
-            "from statscope.cli import main; sys.exit(main(sys.argv[1:]))")
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent
+    code = ("import atexit, sys; atexit.register(lambda: sys.stderr.write('\\npeak-rss-kib ' + "
+            "[l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0] + "
+            "'\\n')); from statscope.cli import main; sys.exit(main(sys.argv[1:]))")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     # run outside the repository: its statscope/ folder would shadow the baseline's
