@@ -558,6 +558,8 @@ def record(model: nn.Module, path, **kwargs: Any) -> Recorder:
             register before compiling: hooks added after ``torch.compile`` may not be seen).
         path: the run store, a folder or an fsspec URL. Under ``torch.distributed`` with several
             ranks each rank writes ``path/rank{r}`` (or ``path`` with ``{rank}`` filled in).
+
+    Keyword Args:
         layers: which modules: None (inputs of every norm layer; else outputs of Linear/Conv),
             qualified names, globs or module types.
         where: ``"input"``, ``"output"`` or both.
