@@ -159,3 +159,48 @@ def test_routes_give_the_same_outputs_gradients_and_running_statistics(name, cen
     for got in results[:-1]:
         for a, b in zip(got[0] + got[1], reference[0] + reference[1]):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@settings(max_examples=30, deadline=None)
+@given(mean_sets=st.sampled_from([("batch", "instance", "layer"), ("batch",), ("layer",),
+                                  ("instance", "extended")]),
+       std_sets=st.sampled_from([("batch", "instance", "layer"), ("group",), ("batch", "layer"),
+                                 ("extended", "instance")]),
+       center=st.sampled_from(["own", "subtracted"]),
+       shape=st.sampled_from([(3, 8, 4), (2, 8, 3, 4), (1, 8, 2, 3), (2, 8, 2, 1, 3)]),
+       channels_last=st.booleans(), seed=st.integers(0, 2**16))
+def test_per_example_function_matches_plain_ops(mean_sets, std_sets, center, shape,
+                                                channels_last, seed):
+    """Outputs, gradients and running statistics of the cells Function equal the plain ops'."""
+    gen = torch.Generator().manual_seed(seed)
+    if ("batch" in mean_sets + std_sets or "extended" in mean_sets + std_sets) and \
+            shape[0] * np.prod(shape[2:]) < 2:
+        return
+    results = []
+    for route in ("function", "plain"):
+        gen.manual_seed(seed)
+        layer = SwitchableNorm(8, mean_sets, std_sets, groups=2, std_center=center,
+                               dtype=torch.float64)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
+        out = []
+        for mode in ("train", "train", "eval"):
+            getattr(layer, mode)()
+            x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 3
+            if channels_last and x.dim() == 4:
+                x = x.to(memory_format=torch.channels_last)
+            x.requires_grad_()
+            g = torch.randn(shape, generator=gen, dtype=torch.float64)
+            if route == "plain":
+                use_batch = layer.training or not layer.track_running_stats
+                y = layer._plain(x, layer.weight, layer.bias, layer.mean_weight,
+                                 layer.var_weight, use_batch, layer.training)
+            else:
+                y = layer(x)
+                assert "CellNorm" in y.grad_fn.name()
+            y.backward(g)
+            out += [y.detach(), x.grad] + [p.grad.clone() for p in layer.parameters()]
+        results.append(out + [b.clone() for b in layer.buffers()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
