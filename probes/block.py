@@ -26,6 +26,8 @@ class Block:
         ready: CUDA events, recorded after the copies into the buffers, to wait on before reading.
         owned: True when the buffers are handed over (the writer gives them back to the pool);
             False for an idle flush, which only reads rows of buffers the training thread keeps.
+        stride: steps between rows (``record(..., every=...)``): row r is step
+            ``first_step + stride · r``.
     """
 
     first_step: int
@@ -34,6 +36,7 @@ class Block:
     scalars: dict[str, list[tuple[int, Any]]]
     ready: tuple = ()
     owned: bool = True
+    stride: int = 1
 
     def buffers(self):
         """Every buffer the block holds, once."""
@@ -83,7 +86,7 @@ def block_rows(block: Block, captures: Sequence[Capture], statistics: Sequence[S
                                 skip, order) if segs else None)
     stats = _finish_all(moments, names)
     scalars = {name: _scalar_column(values, n)[skip:] for name, values in block.scalars.items()}
-    steps = np.arange(block.first_step + skip, block.first_step + n, dtype=np.int64)
+    steps = block.first_step + block.stride * np.arange(skip, n, dtype=np.int64)
     return Rows(steps, counts, stats, scalars)
 
 

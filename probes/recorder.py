@@ -97,6 +97,7 @@ class Recorder:
                  chunk_steps: int | None = None, mechanism: str = "forward",
                  on_error: str = "stop",
                  neurons: Any = None, window_steps: int | None = S.DEFAULT_WINDOW_STEPS,
+                 every: int = 1,
                  storage_options: Mapping[str, Any] | None = None):
         if not isinstance(model, nn.Module):
             raise StatscopeError(f"model={type(model).__name__}: expected a torch.nn.Module")
@@ -140,6 +141,7 @@ class Recorder:
         self.streams = StreamOrder()
         self.captures = [Capture(t, self.block_steps, raw_bytes, self.order, self.pool)
                          for t in self.targets]
+        self.every = _positive_int("every", every)
         if window_steps is not None:
             window_steps = _positive_int("window_steps", window_steps)
         self.window_steps = window_steps
@@ -158,7 +160,9 @@ class Recorder:
         self._scalars: dict[str, list[tuple[int, Any]]] = {}
         self._scalar_names: set[str] = set()
         self._slot = 0
-        self._block_start = 0
+        self._block_start = 0  # the step of row 0 of the block; row r is step start + r·every
+        self._step_no = 0  # the step in progress, recorded or not
+        self._skip = False  # this step is not recorded (every > 1)
         self._dirty = False
         self._pending_end = False
         self._forwards = 0
@@ -216,7 +220,7 @@ class Recorder:
             running0=_running0(known, self.captures), window_steps=self.window_steps)
         self._state = "started"
         try:
-            self._block_start = writer.next_step
+            self._begin_at(writer.next_step)
             filer = Filer(writer, self.captures, self._static, self.statistics, self.order,
                           self.pool, self.streams)
             self._worker = Worker(filer, self._take_idle, self.flush_seconds)
@@ -238,17 +242,27 @@ class Recorder:
         self._on = True
         return self
 
+    def _begin_at(self, step: int) -> None:
+        """Count steps from ``step``; the first recorded one is the next multiple of every."""
+        self._step_no = step
+        self._skip = step % self.every != 0
+        self._block_start = -(-step // self.every) * self.every
+
     def _start_attrs(self) -> dict:
         attrs = {S.ATTR_MODEL: f"{type(self.root).__module__}.{type(self.root).__qualname__}",
                  S.ATTR_META: self.meta, S.ATTR_COMMAND: " ".join(sys.argv),
                  S.ATTR_RANK: self.rank, S.ATTR_WORLD_SIZE: self.world_size,
-                 **self._pending_attrs}
+                 S.ATTR_EVERY: self.every, **self._pending_attrs}
         if self._rule != "undecided":
             attrs[S.ATTR_STEP_RULE] = self._rule
         return attrs
 
     def _check_resumable(self) -> None:
-        stored = read_attrs(self.path).get(S.ATTR_LAYERS, [])
+        attrs = read_attrs(self.path)
+        if attrs.get(S.ATTR_EVERY, 1) != self.every:
+            raise StoreError(f"path={self.path!r}: resume=True with every={self.every} but the "
+                             f"run records every {attrs.get(S.ATTR_EVERY, 1)} steps")
+        stored = attrs.get(S.ATTR_LAYERS, [])
         names = {t.name for t in self.targets}
         foreign = [n for n in stored if n not in names]
         if foreign:
@@ -313,7 +327,8 @@ class Recorder:
         rec = self
 
         def hook(module, args, output=None):
-            if not rec._on or not (module.training or rec.record_eval) or _in_backward() != -1:
+            if not rec._on or rec._skip or not (module.training or rec.record_eval) \
+                    or _in_backward() != -1:
                 return
             t0 = time.perf_counter()
             x = args[0] if output is None else output
@@ -361,7 +376,10 @@ class Recorder:
                     f"first step, {self._forwards} at step {self.current_step}); the first "
                     "forward of each step is recorded", StatscopeWarning))
                 self._first_forwards = 0  # warned once
-        self._slot += 1
+        if not self._skip:
+            self._slot += 1
+        self._step_no += 1
+        self._skip = self._step_no % self.every != 0
         self._dirty = False
         self._pending_end = False
         self.streams.remember()
@@ -393,11 +411,12 @@ class Recorder:
 
     def _decide(self, rule: str) -> None:
         """Fix the step rule of ``step="auto"``; the forwards so far were one optimizer step's."""
-        if rule == "optimizer" and self._slot:
-            forwards = self._slot + (1 if self._dirty else 0)
+        if rule == "optimizer" and self._step_no > self._block_start:
+            forwards = self._step_no - self._block_start + (1 if self._dirty else 0)
             for cap in self.captures:
                 cap.rewind(1)
             self._scalars = {k: [(s, v) for s, v in vs if s == 0] for k, vs in self._scalars.items()}
+            self._begin_at(self._block_start)
             self._slot, self._dirty, self._forwards = 0, True, forwards
         self._rule = rule
         self._put(Attrs({S.ATTR_STEP_RULE: rule}))
@@ -405,9 +424,9 @@ class Recorder:
     def _take_block(self) -> Block:
         n = self._slot
         block = Block(self._block_start, n, tuple(cap.take_block(n) for cap in self.captures),
-                      self._scalars, self.streams.mark())
+                      self._scalars, self.streams.mark(), stride=self.every)
         self._scalars = {}
-        self._block_start += n
+        self._block_start += n * self.every
         self._slot = 0
         self._last_dispatch = time.monotonic()
         return block
@@ -447,7 +466,7 @@ class Recorder:
                              for k, vs in self._scalars.items()}
             return Block(self._block_start, n, tuple(cap.peek(n) for cap in self.captures),
                          {k: v for k, v in scalars.items() if v},
-                         self.streams.mark(remembered=True), owned=False)
+                         self.streams.mark(remembered=True), owned=False, stride=self.every)
         finally:
             self._lock.release()
 
@@ -465,8 +484,9 @@ class Recorder:
 
     @property
     def current_step(self) -> int:
-        """The global step that forwards and :meth:`log` are recorded into now."""
-        return self._block_start + self._slot
+        """The global step that forwards and :meth:`log` are recorded into now (with
+        ``every > 1`` also a step that is not recorded)."""
+        return self._step_no
 
     def step(self) -> None:
         """End the current step (``step="manual"`` only): the next forwards belong to the next."""
@@ -516,7 +536,8 @@ class Recorder:
                 raise StatscopeError(f"log({name}={value!r}): expected a number or a "
                                      "one-element tensor")
             with self._lock:
-                self._scalars.setdefault(name, []).append((self._slot, value))
+                if not self._skip:  # a step that is not recorded keeps no scalars either
+                    self._scalars.setdefault(name, []).append((self._slot, value))
                 self._dirty = True
 
 
@@ -580,6 +601,8 @@ def record(model: nn.Module, path, **kwargs: Any) -> Recorder:
         neurons: which channels keep per-step columns, for all probes or per name/glob/type:
             ``"all"`` (default), k (the first k), ``("random", k)`` or ``("random", k, seed)``.
             Every channel still enters the EN statistics and the window summaries.
+        every: record one step in ``every`` (steps whose number is a multiple of it); the
+            ``step`` coordinate keeps the true step numbers, scalars of other steps are dropped.
         window_steps: W of the window summaries kept while recording (exact mean and std of
             every statistic of every channel per W steps; see ``open_windows``); None for none.
         storage_options: fsspec options for a URL ``path`` (endpoint, credentials); by default

@@ -99,7 +99,7 @@ class Filer:
         """Append ``block``'s rows that the store does not hold yet; return notices."""
         notices: list[Notice] = []
         # Rows an idle flush wrote already; their scalars went with it (see Recorder._take_idle).
-        skip = min(block.n, max(0, self.writer.next_step - block.first_step))
+        skip = min(block.n, max(0, -(-(self.writer.next_step - block.first_step) // block.stride)))
         try:
             if skip < block.n:
                 self.streams.wait(block.ready)

@@ -328,3 +328,29 @@ def test_the_writer_failing_mid_run_stops_recording_without_stopping_training(tm
     monkeypatch.setattr(RunWriter, "flush", real)
     ds = statscope.open_run(tmp_path / "r")
     assert ds.attrs["status"] == "failed" and ds.sizes["step"] >= 1
+
+
+def test_every_records_one_step_in_k_with_true_step_numbers(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs = [torch.randn(5, 3) for _ in range(11)]
+    firsts = []
+    with statscope.record(model, tmp_path / "r", every=3, block_steps=2) as rec:
+        for i, x in enumerate(xs):
+            with torch.no_grad():
+                firsts.append(model[0](x).double().mean(0).numpy())
+            model(x).sum().backward()
+            opt.step()
+            rec.log(loss=float(i))
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.step.values.tolist() == [0, 3, 6, 9] and ds.attrs["every"] == 3
+    np.testing.assert_allclose(ds.bn_mean.values, np.stack(firsts)[[0, 3, 6, 9]], atol=1e-6)
+    np.testing.assert_array_equal(ds.loss.values, [0.0, 3.0, 6.0, 9.0])
+    with statscope.record(model, tmp_path / "r", every=3, resume=True) as rec:
+        assert rec.current_step == 10
+        for x in xs[:5]:
+            model(x).sum().backward()
+            opt.step()
+    assert statscope.open_run(tmp_path / "r").step.values.tolist() == [0, 3, 6, 9, 12]  # 10..14
+    with pytest.raises(statscope.StoreError, match="every=2"):
+        statscope.record(model, tmp_path / "r", every=2, resume=True).start()
