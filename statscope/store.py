@@ -26,7 +26,8 @@ from statscope.storage import filesystem, is_url, local_path, use_options, zarr_
 if TYPE_CHECKING:  # imported where used: xarray is heavy
     import xarray as xr
 
-__all__ = ["ProbeInfo", "Layout", "open_run", "open_runs", "open_windows", "find_runs", "is_run",
+__all__ = ["ProbeInfo", "Layout", "open_run", "open_runs", "open_windows", "find_runs",
+           "scan_runs", "is_run",
            "rank_paths", "read_attrs", "check_marker", "verify_run", "zarr_store"]
 
 # per array, what entries() opens: rows, columns (None: a single column), dtype, fill
@@ -126,16 +127,44 @@ def find_runs(root: str | os.PathLike) -> list[str]:
     """Return the runs at ``root``: the root itself if it is a run, else its run subfolders, sorted.
 
     A distributed run (a folder of ``rank{r}`` runs) counts as one run. Only local folders are
-    searched; a URL must name a run. A subfolder with a ``zarr.json`` that is not a readable run
-    is left out here (``analyze`` and the dashboard name such folders).
+    searched; a URL must name a run. Folders that look like runs but cannot be read are left
+    out; :func:`scan_runs` names them with the reason.
+    """
+    return [path for path, error in scan_runs(root) if error is None]
+
+
+def scan_runs(root: str | os.PathLike) -> list[tuple[str, str | None]]:
+    """The runs at ``root`` as :func:`find_runs` finds them, and the folders holding a
+    ``zarr.json`` that are not readable runs: ``(path, None)`` or ``(path, reason)``, sorted.
+
+    Raises:
+        StoreError: ``root`` is neither a run nor a folder.
     """
     root = os.fspath(root)
     if is_url(root) or is_run(root):
-        return [root]
+        return [(root, None)]
     base = local_path(root)
+    if (base / "zarr.json").exists():
+        return [(root, _reason(root))]
     if not base.is_dir():
         raise StoreError(f"path={root!r}: no such directory")
-    return sorted(str(p) for p in base.iterdir() if p.is_dir() and is_run(p))
+    out = []
+    for p in sorted(base.iterdir()):
+        if not p.is_dir():
+            continue
+        if is_run(p):
+            out.append((str(p), None))
+        elif (p / "zarr.json").exists():
+            out.append((str(p), _reason(str(p))))
+    return out
+
+
+def _reason(path: str) -> str:
+    try:
+        _open_checked(path)
+    except StoreError as exc:
+        return str(exc)
+    return "not readable by this statscope"
 
 
 # Variables' attributes in the Dataset, following the CF conventions' long_name/units.

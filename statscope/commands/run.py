@@ -304,7 +304,7 @@ def _scan(folder: str) -> list[tuple[str, dict | None, str | None]]:
     runs :func:`statscope.store.find_runs` finds, and the folders holding a ``zarr.json`` it left
     out because they are not readable runs (listed as damaged, with the reason)."""
     from statscope.storage import is_url, local_path
-    from statscope.store import find_runs, read_attrs
+    from statscope.store import read_attrs, scan_runs
 
     if not is_url(folder):
         root = local_path(folder)
@@ -312,18 +312,10 @@ def _scan(folder: str) -> list[tuple[str, dict | None, str | None]]:
             raise StatscopeError(f"dir={folder!r}: no such file or directory")
         if not root.is_dir():
             raise StatscopeError(f"dir={folder!r}: not a folder of runs")
-    runs = find_runs(folder)
-    paths = list(runs)
-    if not is_url(folder):
-        if (root / "zarr.json").exists():
-            paths = paths or [folder]  # the folder is one run, damaged when find_runs left it out
-        else:
-            paths = sorted({*runs, *(str(p) for p in root.iterdir()
-                                     if p.is_dir() and (p / "zarr.json").exists())})
     out = []
-    for path in paths:
+    for path, error in scan_runs(folder):
         try:
-            out.append((path, read_attrs(path), None))
+            out.append((path, read_attrs(path), None) if error is None else (path, None, error))
         except StoreError as exc:
             out.append((path, None, str(exc)))
     return out
