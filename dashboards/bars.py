@@ -7,6 +7,7 @@ The numbers come from :mod:`statscope.analyses` (``fluctuation``, ``layer_summar
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -90,19 +91,38 @@ def fluctuation_spec(fluct: Mapping[str, xr.Dataset], *, by: str = "neuron",
                      baseline: Mapping[str, xr.Dataset] | None = None,
                      titles: Mapping[str, str] | None = None, scale_free: bool = False,
                      max_cols: int = RUNS_PER_PAGE, notes: Sequence[str] = (),
-                     locate: Callable[[str, str, int], int | None] | None = None) -> dict:
+                     locate: Callable[[str, str, int], int | None] | None = None,
+                     ranks: Mapping[str, Any] | None = None) -> dict:
     """Figure 6 as a plotly figure dict (what :func:`fluctuation_figure` wraps); see there."""
-    if not fluct:
+    if not fluct and not ranks:
         return empty_spec("Choose at least one run.")
-    names = list(fluct)
+    names = list(dict.fromkeys([*fluct, *(ranks or {})]))
+    notes = list(notes)
+    if ranks:
+        notes.append("bars: global fluctuation (ranks merged); circles: each rank's; labels: "
+                     "change from the per-rank fluctuation (RMS over ranks) to the global one")
+        for name, rc in ranks.items():
+            expected = np.asarray(rc.expected, float)
+            if np.isfinite(expected).any():
+                notes.append(f"{name}: batch sampling alone predicts "
+                             f"{_change(float(np.nanmedian(expected)))} for the merged batch")
     titles = titles or {}
     grid = Grid.wrap(len(names), (330,), max_cols, top=header_height(notes) + 24, row_gap=95)
     data, annotations, ticks = [], [], {}
     shown = set()
     has_ci = False
     for p, name in enumerate(names):
-        f = fluct[name]
         refs = grid.refs(p, 0)
+        if ranks is not None and name in ranks:
+            labels = list(ranks[name].labels)
+            x0 = np.arange(len(labels), dtype=float)
+            data += _rank_traces(ranks[name], name, x0, refs, shown)
+            n = grid.axis(p, 0)
+            ticks[f"xaxis{'' if n == 1 else n}"] = {
+                "tickvals": x0.tolist(), "ticktext": labels,
+                "title": {"text": "layer" if by == "layer" else "neuron"}}
+            continue
+        f = fluct[name]
         ci_run = ci.get(name) if ci is not None else None
         if by == "layer":
             if summary is None or name not in summary:
@@ -162,7 +182,8 @@ def fluctuation_spec(fluct: Mapping[str, xr.Dataset], *, by: str = "neuron",
         ticks[f"xaxis{'' if n == 1 else n}"] = {
             "tickvals": x0.tolist(), "ticktext": labels,
             "title": {"text": "layer" if by == "layer" else "neuron"}}
-    window = next(iter(fluct.values())).attrs.get("window", "")
+    window = (next(iter(fluct.values())).attrs.get("window", "") if fluct
+              else next(iter(ranks.values())).window if ranks else "")
     what = "median over each layer's neurons" if by == "layer" else "per neuron"
     if has_ci:
         level = next(iter(ci.values())).attrs.get("confidence", 0.95)
@@ -181,6 +202,51 @@ def fluctuation_spec(fluct: Mapping[str, xr.Dataset], *, by: str = "neuron",
     return {"data": data, "layout": layout}
 
 
+def _change(gap: float) -> str:
+    """A gap (fraction of the per-rank fluctuation removed) as a signed change, e.g. ``−29%``."""
+    if not np.isfinite(gap):
+        return ""
+    return f"{-gap:+.0%}".replace("-", "−")
+
+
+def _rank_traces(rc, name: str, x0: np.ndarray, refs: dict, shown: set) -> list[dict]:
+    """Bars of the global fluctuation labelled with the gap, and a circle per rank."""
+    out = []
+    for j, stat in enumerate(FLUCT_STATS):
+        if stat not in rc.merged:
+            continue
+        x = x0 + (j - 1.5) * _WIDTH
+        v = np.asarray(rc.merged[stat], dtype=float)
+        g = rc.gap.get(stat, {})
+        per = np.asarray(g.get("per_rank", np.full(v.shape, np.nan)), float)
+        gap = np.asarray(g.get("gap", np.full(v.shape, np.nan)), float)
+        exp = np.asarray(rc.expected, float)
+        hover = [f"{lab}<br>{STAT_LABELS[stat]} fluctuation: global {a:.4g}, per rank (RMS) "
+                 f"{b:.4g}<br>change {_change(c) or 'n/a'}; batch sampling alone: "
+                 f"{_change(e) or 'n/a'}" for lab, a, b, c, e in zip(rc.labels, v, per, gap, exp)]
+        out.append({"type": "bar", "x": x, "y": v, "width": _WIDTH * 0.95,
+                    "name": STAT_LABELS[stat], "legendgroup": stat,
+                    "showlegend": stat not in shown, "marker": {"color": STAT_COLORS[stat]},
+                    "text": [_change(c) for c in gap], "textposition": "outside",
+                    "textfont": {"size": 9}, "cliponaxis": False,
+                    "hovertext": hover, "hovertemplate": f"%{{hovertext}}<extra>{name}</extra>",
+                    "meta": {"run": name, "stat": stat, "rank": "merged"}, **refs})
+        shown.add(stat)
+        for r, values in rc.per_rank.items():
+            y = np.asarray(values.get(stat, np.full(v.shape, np.nan)), float)
+            out.append({"type": "scatter", "x": x, "y": y, "mode": "markers",
+                        "name": "each rank", "legendgroup": "ranks",
+                        "showlegend": "ranks" not in shown,
+                        "marker": {"symbol": "circle-open", "size": 7,
+                                   "color": STAT_COLORS[stat], "line": {"width": 1.5}},
+                        "customdata": list(rc.labels),
+                        "hovertemplate": (f"%{{customdata}}<br>{STAT_LABELS[stat]} fluctuation of "
+                                          f"rank {r} %{{y:.4g}}<extra>{name}</extra>"),
+                        "meta": {"run": name, "stat": stat, "rank": r}, **refs})
+            shown.add("ranks")
+    return out
+
+
 def fluctuation_figure(fluct: Mapping[str, xr.Dataset], *, by: str = "neuron",
                        neurons: Sequence[tuple[str, int]] = (),
                        summary: Mapping[str, xr.Dataset] | None = None,
@@ -188,7 +254,8 @@ def fluctuation_figure(fluct: Mapping[str, xr.Dataset], *, by: str = "neuron",
                        baseline: Mapping[str, xr.Dataset] | None = None,
                        titles: Mapping[str, str] | None = None,
                        scale_free: bool = False, max_cols: int = RUNS_PER_PAGE,
-                       notes: Sequence[str] = ()) -> go.Figure:
+                       notes: Sequence[str] = (), ranks: Mapping[str, Any] | None = None
+                       ) -> go.Figure:
     """Figure 6: one group of four bars (BN_mean, BN_std, EN_mean, EN_std) per neuron or layer.
 
     Args:
@@ -207,12 +274,17 @@ def fluctuation_figure(fluct: Mapping[str, xr.Dataset], *, by: str = "neuron",
         scale_free: whether ``fluct`` is scale-free (sets the axis title).
         max_cols: panels side by side; more runs wrap into further rows.
         notes: lines under the title (what the caller left out).
+        ranks: run name to a :class:`~statscope.dashboards.results.RankComparison` of a
+            distributed run: its panel draws the global (merged) fluctuation as bars labelled
+            with the change from the per-rank fluctuation, and each rank's as circles, instead
+            of ``fluct``'s bars.
 
     Returns:
         Figure with one panel per run sharing the y axis; x categories are the neurons or
         layers, bar traces are named after the statistic, baseline ticks are a ``scatter``
-        trace named ``sampling baseline``.
+        trace named ``sampling baseline``; per-rank circles are ``scatter`` traces named
+        ``each rank`` with ``meta["rank"]``.
     """
     return go.Figure(fluctuation_spec(fluct, by=by, neurons=neurons, summary=summary, ci=ci,
                                       baseline=baseline, titles=titles, scale_free=scale_free,
-                                      max_cols=max_cols, notes=notes))
+                                      max_cols=max_cols, notes=notes, ranks=ranks))

@@ -26,22 +26,24 @@ from .evolution import evolution_spec, run_title
 from .grid import to_wire
 from .heatmap import heatmap_spec
 from .layout import GRAPHS, run_panel, status_badges
-from .limits import MAX_NEURONS, MAX_OPTIONS, MAX_SCALARS, RUNS_PER_PAGE
+from .limits import MAX_NEURONS, MAX_OPTIONS, MAX_SCALARS, MAX_SCATTER_POINTS, RUNS_PER_PAGE
+from .ranks import rank_keys, rank_label
+from .results import (N_BOOT, claims_input, computed, fluct, neuron_fluct, rank_comparison,
+                      scatter_values)
 from .runinfo import run_summary
 from .scatter import scatter_spec
-from .state import ViewState, Window
+from .sources import SERIES
+from .state import EACH, MERGED, ViewState, Window, parse_rank
 from .style import empty_spec, neuron_label
 
-__all__ = ["normalize", "view", "View", "default_neurons", "sync_state", "options", "poll",
+__all__ = ["normalize", "view", "View", "default_neurons", "sync_state", "options",
+           "rank_options", "poll",
            "computed", "prewarm", "zoom_range", "zoom_store", "evolution", "fluctuation",
            "scatter", "heatmap", "runs_tab", "register", "page_count", "MAX_DEFAULT_RUNS",
            "N_BOOT", "POLL_MAX_AGE"]
 
 MAX_DEFAULT_RUNS = 4
 """Runs shown when the URL names none."""
-N_BOOT = 200
-"""Bootstrap replicates for the intervals and claims: enough for a 95% interval on screen,
-five times cheaper than the analyses' default of 1,000."""
 POLL_MAX_AGE = 1.0
 """Seconds one rescan of the root serves the polls of every open page."""
 
@@ -103,9 +105,12 @@ def normalize(catalog: RunCatalog, state: ViewState) -> ViewState:
     else:
         logged = {s for r in runs for s in catalog.scalar_names(r)}
         scalars = tuple(s for s in state.scalars if s in logged)
+    rank = state.rank
+    if isinstance(rank, int) and not any(rank in catalog.ranks(r) for r in runs):
+        rank = MERGED
     return state.replace(runs=runs, page=page, neurons=neurons or default_neurons(catalog, shown),
                          layer=state.layer if state.layer in layers else layers[0],
-                         scalars=scalars)
+                         scalars=scalars, rank=rank)
 
 
 @dataclass(frozen=True)
@@ -163,7 +168,7 @@ def _int(value, default: int) -> int:
 
 def sync_state(catalog: RunCatalog, trigger: str | None, search: str | None, version, runs,
                neurons, layer, stat, win_kind, win_n, win_start, win_stop, scale, by, tab, page,
-               scalars, click, search_value: str | None = None) -> tuple:
+               scalars, click, search_value: str | None = None, rank=None) -> tuple:
     """Keep the URL, the selectors and their choices in step.
 
     On page load (or back/forward) the URL sets the selectors; a selector change rewrites the
@@ -177,14 +182,15 @@ def sync_state(catalog: RunCatalog, trigger: str | None, search: str | None, ver
         trigger: id of the component that fired (``None`` on page load; ``"neuron-search"``
             for typing in the neuron selector).
         search: the URL query string; the other arguments are the selectors' values, the
-            scatter's ``clickData`` and the neuron selector's ``search_value``.
+            scatter's ``clickData``, the neuron selector's ``search_value`` and the rank
+            selector's value.
 
     Returns:
         ``(search, run options, neuron options, layer options, page options, scalar options,
         runs, neurons, layer, stat, win_kind, win_n, win_start, win_stop, scale, by, tab,
-        page, scalars)``, ``no_update`` where nothing changes.
+        page, scalars, rank options, rank)``, ``no_update`` where nothing changes.
     """
-    n_out = 19
+    n_out = 21
     if trigger == "neuron-search":
         if not search_value:
             raise PreventUpdate
@@ -201,7 +207,8 @@ def sync_state(catalog: RunCatalog, trigger: str | None, search: str | None, ver
             window=_window_from_controls(win_kind, win_n, win_start, win_stop, current.window),
             scale=scale or current.scale, by=by or current.by, tab=tab or current.tab,
             page=_int(page, current.page) if trigger != "runs" else 0,
-            scalars=tuple(scalars or ()))
+            scalars=tuple(scalars or ()), rank=parse_rank(rank) if rank is not None
+            else current.rank)
         if trigger == "scatter-graph" and click and click.get("points"):
             key = click["points"][0].get("customdata")
             if isinstance(key, str):
@@ -212,14 +219,16 @@ def sync_state(catalog: RunCatalog, trigger: str | None, search: str | None, ver
     values = (list(state.runs), list(state.neurons), state.layer, state.stat, w.kind,
               w.n, w.start, w.stop, state.scale, state.by, state.tab, state.page,
               list(state.scalars or ()))
+    rank_value = str(state.rank)
     if trigger not in (None, "url", "scatter-graph"):
         given = (runs, neurons, layer, stat, win_kind, win_n, win_start, win_stop, scale, by,
                  tab, page, scalars)
         values = tuple(v if _differs(v, g) else no_update for v, g in zip(values, given))
-    opts = (options(catalog, state) if trigger in (None, "url", "version", "runs", "page",
-                                                   "scatter-graph", "neurons")
-            else (no_update,) * 5)
-    return (query if query != (search or "") else no_update, *opts, *values)
+        rank_value = no_update if rank is None or rank_value == str(rank) else rank_value
+    fresh = trigger in (None, "url", "version", "runs", "page", "scatter-graph", "neurons")
+    opts = options(catalog, state) if fresh else (no_update,) * 5
+    return (query if query != (search or "") else no_update, *opts, *values,
+            rank_options(catalog, state) if fresh else no_update, rank_value)
 
 
 def _differs(new, given) -> bool:
@@ -240,6 +249,17 @@ def _neuron_options(catalog: RunCatalog, state: ViewState, text: str | None = No
         layer, unit = parse_neuron_key(k)
         out.append({"label": neuron_label(layer, unit), "value": k})
     return out
+
+
+def rank_options(catalog: RunCatalog, state: ViewState) -> list:
+    """Choices of the rank selector: the merged statistics, each rank beside them, and every
+    rank of the chosen runs; empty when none of them is distributed."""
+    ranks = sorted({r for n in state.runs for r in catalog.ranks(n)})
+    if not ranks:
+        return []
+    return ([{"label": " merged (global)", "value": MERGED},
+             {"label": " each rank", "value": EACH}]
+            + [{"label": f" rank {r}", "value": str(r)} for r in ranks])
 
 
 def options(catalog: RunCatalog, state: ViewState) -> tuple[list, list, list, list, list]:
@@ -336,7 +356,7 @@ def _zoomed_axis(relayout: dict[str, Any]) -> int:
 
 def _view_key(state: ViewState) -> str:
     return repr((state.runs, state.page, state.neurons, state.scalars, state.layer, state.stat,
-                 state.window.spec()))
+                 state.window.spec(), state.rank))
 
 
 def _zoom(zoom: dict | None, search: str | None) -> tuple[float, float] | None:
@@ -346,8 +366,8 @@ def _zoom(zoom: dict | None, search: str | None) -> tuple[float, float] | None:
 
 
 def evolution(catalog: RunCatalog, search, version=None, zoom=None) -> dict:
-    """Figure 7 (with the logged scalars above it) for the URL's page of runs, neurons and
-    window, or the remembered zoom; a figure dict ready for the browser."""
+    """Figure 7 (with the logged scalars above it) for the URL's page of runs, neurons, ranks
+    and window, or the remembered zoom; a figure dict ready for the browser."""
     v = view(catalog, search)
     scalars = v.state.scalars or ()
     rng, xrange = _zoom(zoom, search), None
@@ -364,7 +384,7 @@ def evolution(catalog: RunCatalog, search, version=None, zoom=None) -> dict:
         return to_wire(evolution_spec(
             {n: catalog.dataset(n) for n in v.runs}, v.neurons, v.state.window, scalars=scalars,
             xrange=xrange, read=catalog.column_list, locate=catalog.neuron_index,
-            read_scalar=catalog.scalar, notes=v.notes))
+            read_scalar=catalog.scalar, notes=v.notes, rank=v.state.rank))
 
     # Cached under the first run until it changes; the others' generations are in the key, so
     # a change to any of them makes a new entry (the old one ages out of the LRU).
@@ -374,44 +394,15 @@ def evolution(catalog: RunCatalog, search, version=None, zoom=None) -> dict:
     return catalog.memo(v.runs[0], key, build)
 
 
-def computed(catalog: RunCatalog, run: str, what: str, window: Window, scale_free: bool = False):
-    """``statscope.analyses.<what>`` of one run and window, cached until the run changes.
-
-    Args:
-        catalog: the runs.
-        run: run name.
-        what: ``fluctuation``, ``fluctuation_ci``, ``sampling_baseline``, ``layer_summary`` (of
-            the fluctuation) or ``claims`` (as a DataFrame).
-        window: the dashboard window.
-        scale_free: for the fluctuation and its intervals.
-    """
-    aw = metrics.to_analyses_window(window)
-    fn = metrics.analysis(what)
-
-    def compute():
-        ds = catalog.dataset(run)
-        if what == "fluctuation":
-            return fn(ds, aw, scale_free=scale_free)
-        if what == "fluctuation_ci":
-            return fn(ds, aw, scale_free=scale_free, n_boot=N_BOOT)
-        if what == "layer_summary":
-            return fn(computed(catalog, run, "fluctuation", window, scale_free))
-        if what == "claims":
-            return fn(ds, aw, n_boot=N_BOOT).to_dataframe()
-        return fn(ds, aw)
-
-    flag = scale_free if what in ("fluctuation", "fluctuation_ci", "layer_summary") else None
-    return catalog.memo(run, (what, window.spec(), flag), compute)
-
-
 def prewarm(catalog: RunCatalog, names=None) -> None:
     """Compute the default views' analyses of finished runs ahead of the first request.
 
     Runs in a background thread: the whole-run columns of the default neurons (the first of
     each layer) are read into the cache, and the first visit to the fluctuation, scatter and run
-    tabs finds the bootstrap intervals and claims computed. Live runs are skipped (they change
-    on every poll); errors are left for the view to report. It stops at its next step once
-    the catalog is closing.
+    tabs finds the fluctuation (from the per-step series or the window summaries), bootstrap
+    intervals and claims computed; of a distributed run, its merged statistics. Live runs are
+    skipped (they change on every poll); errors are left for the view to report. It stops at
+    its next step once the catalog is closing.
     """
     window = ViewState().window
     for run in list(names if names is not None else catalog.names()):
@@ -424,13 +415,14 @@ def prewarm(catalog: RunCatalog, names=None) -> None:
             pos = [catalog.neuron_index(run, *parse_neuron_key(k)) for k in state.neurons]
             work = [lambda s=stat: catalog.columns(run, s, [p for p in pos if p is not None])
                     for stat in (S.BN_MEAN, S.EN_MEAN, S.BN_STD, S.EN_STD)]
-            work += [lambda w=what, sf=sf: computed(catalog, run, w, window, sf)
-                     for sf in (True, False)
-                     for what in ("fluctuation", "layer_summary", "fluctuation_ci")
-                     if metrics.analysis(what) is not None]
-            work += [lambda w=what: computed(catalog, run, w, window)
-                     for what in ("sampling_baseline", "claims")
-                     if metrics.analysis(what) is not None]
+            work += [lambda sf=sf: fluct(catalog, run, MERGED, window, sf)
+                     for sf in (True, False)]
+            work += [lambda sf=sf: _series(catalog, run, MERGED, window) and computed(
+                catalog, run, "fluctuation_ci", window, sf, MERGED) for sf in (True, False)
+                if metrics.analysis("fluctuation_ci") is not None]
+            work += [lambda: _series(catalog, run, MERGED, window) and computed(
+                catalog, run, "sampling_baseline", window, False, MERGED)]
+            work += [lambda: computed(catalog, run, "claims", window, False, MERGED)]
             for step in work:
                 if catalog.closing.is_set():
                     return
@@ -439,8 +431,36 @@ def prewarm(catalog: RunCatalog, names=None) -> None:
             continue
 
 
-def _titles(catalog: RunCatalog, runs) -> dict[str, str]:
-    return {n: run_title(n, catalog.dataset(n)) for n in runs}
+def _series(catalog: RunCatalog, run: str, rank, window: Window) -> bool:
+    """Whether a run view's fluctuation comes from its per-step series of every neuron (only
+    then are bootstrap intervals and the sampling baseline drawn: they need that series)."""
+    return fluct(catalog, run, rank, window, False).source.kind == SERIES
+
+
+def _titles(catalog: RunCatalog, runs, rank=MERGED) -> dict[str, str]:
+    out = {}
+    for n in runs:
+        ranks = catalog.ranks(n)
+        label = rank_label(rank_keys(ranks, rank)[0][0], ranks) if rank != EACH or not ranks \
+            else f"{len(ranks)} ranks and merged"
+        out[n] = run_title(n, catalog.dataset(n)) + (f" · {label}" if label else "")
+    return out
+
+
+def _rank_notes(catalog: RunCatalog, runs, rank) -> list[str]:
+    """A line per run that lacks the chosen rank (its merged statistics are shown)."""
+    return [f"{n} {lack}: its merged statistics are shown" for n in runs
+            for lack in [rank_keys(catalog.ranks(n), rank)[1]] if lack]
+
+
+def _source_notes(found: dict[str, str]) -> list[str]:
+    """One line per distinct source note, naming its runs (all runs alike: no names)."""
+    by_note: dict[str, list[str]] = {}
+    for run, note in found.items():
+        by_note.setdefault(note, []).append(run)
+    if len(by_note) == 1:
+        return [f"Fluctuation {next(iter(by_note))}"]
+    return [f"{', '.join(runs)}: fluctuation {note}" for note, runs in by_note.items()]
 
 
 def _analysed(build) -> dict:
@@ -450,27 +470,56 @@ def _analysed(build) -> dict:
         return empty_spec(str(exc))
 
 
+def _key(catalog: RunCatalog, run: str, rank):
+    """The rank key a single-set view reads: each rank beside the merged is drawn only by the
+    evolution and fluctuation views; the others show the merged statistics."""
+    key = rank_keys(catalog.ranks(run), MERGED if rank == EACH else rank)[0][0]
+    return key
+
+
 def fluctuation(catalog: RunCatalog, search, version=None) -> dict:
-    """Figure 6: bars with bootstrap intervals and, on the raw scale, the sampling baseline."""
+    """Figure 6: bars with bootstrap intervals and, on the raw scale, the sampling baseline;
+    for a distributed run under ``rank=each``, the per-rank and global fluctuation and the gap
+    between them."""
     lacking = metrics.missing("fluctuation", "layer_summary")
     if lacking:
         return empty_spec(f"statscope.analyses lacks {', '.join(lacking)}")
     v = view(catalog, search)
     w = v.state.window
     sf = v.state.scale == "scale_free"
+    rank = v.state.rank
 
     def build():
-        fl = {r: computed(catalog, r, "fluctuation", w, sf) for r in v.runs}
-        summary = {r: computed(catalog, r, "layer_summary", w, sf) for r in v.runs}
-        ci = baseline = None
-        if metrics.analysis("fluctuation_ci") is not None:
-            ci = {r: computed(catalog, r, "fluctuation_ci", w, sf) for r in v.runs}
-        if metrics.analysis("sampling_baseline") is not None and not sf:
-            baseline = {r: computed(catalog, r, "sampling_baseline", w) for r in v.runs}
-        notes = v.notes if v.state.by == "neuron" else v.notes[:1]
-        return fluctuation_spec(fl, by=v.state.by, neurons=v.neurons, summary=summary, ci=ci,
-                                baseline=baseline, scale_free=sf, notes=notes,
-                                titles=_titles(catalog, v.runs), locate=catalog.neuron_index)
+        fl, summary, finds, ci, baseline, ranks, found = {}, {}, {}, {}, {}, {}, {}
+        notes = list(v.notes if v.state.by == "neuron" else v.notes[:1])
+        notes += _rank_notes(catalog, v.runs, rank)
+        for r in v.runs:
+            if rank == EACH and catalog.ranks(r):
+                ranks[r] = rank_comparison(catalog, r, w, sf, v.state.by, v.neurons)
+                notes += [f"{r}, {n}" for n in ranks[r].notes]
+                continue
+            key = _key(catalog, r, rank)
+            f = fluct(catalog, r, key, w, sf)
+            found[r] = f.source.note or f"from the {f.source.kind}"
+            summary[r] = f.summary
+            if v.state.by == "neuron":
+                fl[r], finds[r] = neuron_fluct(catalog, r, key, w, sf, v.neurons)
+            else:
+                fl[r] = f.values
+            if f.source.kind != SERIES:
+                continue
+            if metrics.analysis("fluctuation_ci") is not None:
+                ci[r] = computed(catalog, r, "fluctuation_ci", w, sf, key)
+            if metrics.analysis("sampling_baseline") is not None and not sf:
+                baseline[r] = computed(catalog, r, "sampling_baseline", w, False, key)
+        notes += _source_notes(found) if found else []
+        if ci and len(ci) < len(fl):
+            notes.append("no intervals or sampling baseline where the fluctuation is not from "
+                         "the per-step series of every neuron")
+        return fluctuation_spec(fl, by=v.state.by, neurons=v.neurons, summary=summary,
+                                ci=ci or None, baseline=baseline or None, scale_free=sf,
+                                notes=notes, titles=_titles(catalog, v.runs, rank),
+                                locate=lambda run, l, u: finds[run](l, u), ranks=ranks or None)
 
     return _analysed(build)
 
@@ -481,44 +530,69 @@ def scatter(catalog: RunCatalog, search, version=None) -> dict:
         return empty_spec("statscope.analyses lacks fluctuation")
     v = view(catalog, search)
     sf = v.state.scale == "scale_free"
+    rank = v.state.rank
 
     def build():
-        fl = {r: computed(catalog, r, "fluctuation", v.state.window, sf) for r in v.runs}
-        return scatter_spec(fl, titles=_titles(catalog, v.runs), scale_free=sf,
-                            notes=v.notes[:1])
+        per_run = max(1, MAX_SCATTER_POINTS // max(1, len(v.runs)))
+        fl, totals, found = {}, {}, {}
+        for r in v.runs:
+            key = _key(catalog, r, rank)
+            fl[r], totals[r] = scatter_values(catalog, r, key, v.state.window, sf, per_run)
+            f = fluct(catalog, r, key, v.state.window, sf)
+            found[r] = f.source.note or f"from the {f.source.kind}"
+        notes = [*v.notes[:1], *_rank_notes(catalog, v.runs, rank), *_source_notes(found)]
+        if rank == EACH and any(catalog.ranks(r) for r in v.runs):
+            notes.append("each rank is drawn in the evolution and fluctuation views; here: the "
+                         "merged statistics")
+        return scatter_spec(fl, titles=_titles(catalog, v.runs, MERGED if rank == EACH
+                                               else rank),
+                            scale_free=sf, notes=notes, totals=totals)
 
     return _analysed(build)
 
 
 def heatmap(catalog: RunCatalog, search, version=None, zoom=None) -> dict:
-    """The layer overview of the first run of the page."""
+    """The layer overview of the first run of the page (of a distributed run: the chosen rank,
+    or the merged statistics)."""
     v = view(catalog, search)
     if not v.runs:
         return empty_spec("Choose a run.")
     run, state = v.runs[0], v.state
     xrange = _zoom(zoom, search)
-    return catalog.memo(run, ("heatmap", state.layer, state.stat, state.window.spec(), xrange),
-                        lambda: to_wire(heatmap_spec(
-                            catalog.dataset(run), state.layer, state.stat, state.window,
-                            run=run, xrange=xrange, read=catalog.columns,
-                            positions=catalog.layer_positions(run, state.layer))))
+    key = _key(catalog, run, state.rank)
+    label = rank_label(key, catalog.ranks(run))
+
+    def build():
+        return to_wire(heatmap_spec(
+            catalog.view(run, key), state.layer, state.stat, state.window, run=run,
+            xrange=xrange, read=lambda n, s, p, rows: catalog.columns(n, s, p, rows, key),
+            positions=catalog.layer_positions(run, state.layer), label=label))
+
+    return catalog.memo(run, ("heatmap", state.layer, state.stat, state.window.spec(), xrange,
+                              key), build)
 
 
 def runs_tab(catalog: RunCatalog, search, version=None) -> list:
-    """The run cards of the page's runs, each with its paper-claims table."""
+    """The run cards of the page's runs, each with its paper-claims table (of a distributed
+    run: on the chosen rank, or the merged statistics)."""
     v = view(catalog, search)
-    tables = {}
+    tables, notes = {}, list(v.notes[:1])
     for r in v.runs:
         if metrics.analysis("claims") is None:
             tables[r] = "statscope.analyses lacks claims"
             continue
+        key = _key(catalog, r, v.state.rank)
         try:
-            tables[r] = computed(catalog, r, "claims", v.state.window)
+            tables[r] = computed(catalog, r, "claims", v.state.window, False, key)
         except StatscopeError as exc:
             tables[r] = str(exc)
+        sample = claims_input(catalog, r, key)[1]
+        label = rank_label(key, catalog.ranks(r))
+        if sample or label:
+            notes.append(f"{r}: " + "; ".join(x for x in (label and f"claims of the {label} "
+                                                          "statistics", sample) if x))
     summaries = [run_summary(r, catalog.dataset(r)) for r in v.runs]
-    return run_panel(summaries, tables, v.state.window.label(), notes=v.notes[:1])
-
+    return run_panel(summaries, tables, v.state.window.label(), notes=notes)
 
 CONTROLS = ("runs", "neurons", "layer", "stat", "win-kind", "win-n", "win-start", "win-stop",
             "scale", "by", "tab", "page", "scalars")
@@ -532,9 +606,10 @@ def register(app: Dash, catalog: RunCatalog) -> None:
                   Output("neurons", "options"), Output("layer", "options"),
                   Output("page", "options"), Output("scalars", "options"),
                   *[Output(c, "value") for c in CONTROLS],
+                  Output("rank", "options"), Output("rank", "value"),
                   Input("url", "search"), Input("version", "data"),
                   *[Input(c, "value") for c in CONTROLS], Input("scatter-graph", "clickData"),
-                  Input("neurons", "search_value"))
+                  Input("neurons", "search_value"), Input("rank", "value"))
     def _sync(search, version, *values):
         trigger = ctx.triggered_id
         if "neurons.search_value" in ctx.triggered_prop_ids:

@@ -25,6 +25,8 @@ import xarray as xr
 from statscope import schema as S
 from statscope.errors import StatscopeError, StoreError
 
+from .state import EACH, MERGED
+
 __all__ = ["RunInfo", "RunCatalog", "ByteLRU", "neuron_key", "parse_neuron_key", "natural_key",
            "layer_slices", "outside_links"]
 
@@ -211,6 +213,9 @@ def _nbytes(value: Any) -> int:
         return sum(_nbytes(v) for v in value)
     if isinstance(value, xr.Dataset):
         return int(value.nbytes)
+    size = getattr(value, "nbytes", None)  # results that say what they hold
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        return int(size)
     # Figures and tables: count a megabyte each, so that many of them still evict.
     return 2**20
 
@@ -228,24 +233,29 @@ class _Run:
     index: dict[tuple[str, int], int] = field(default_factory=dict)
     layers: dict[str, np.ndarray] = field(default_factory=dict)
     scalars: tuple[str, ...] = ()
+    ranks: tuple[int, ...] = ()
+    # lazy Datasets derived from ds (a rank's, the merged ranks', window summaries), built on
+    # first use; not in the byte cache, whose size of a lazy Dataset would be the whole run's
+    derived: dict[Hashable, Any] = field(default_factory=dict)
 
 
 def _run(path: str | None, ds: xr.Dataset, generation: int, old: _Run | None = None) -> _Run:
     """A run's record with the lookups every callback needs, built once per (re)open; a live
     run reopened with the same probes keeps ``old``'s (they cost a pass over every neuron)."""
     names = [n for n in ds.attrs.get(S.ATTR_SCALARS) or []
-             if n in ds.data_vars and ds[n].dims == (S.STEP,)]
+             if n in ds.data_vars and S.STEP in ds[n].dims and S.NEURON not in ds[n].dims]
+    ranks = tuple(int(r) for r in ds[S.RANK].values) if S.RANK in ds.dims else ()
     if (old is not None and old.ds is not None
             and old.ds.attrs.get(S.ATTR_PROBES) == ds.attrs.get(S.ATTR_PROBES)
             and old.ds.sizes.get(S.NEURON) == ds.sizes.get(S.NEURON)):
         return _Run(path, ds, generation, index=old.index, layers=old.layers,
-                    scalars=tuple(names))
+                    scalars=tuple(names), ranks=ranks)
     lay = ds[S.LAYER].values
     units = ds[S.UNIT].values
     return _Run(path, ds, generation,
                 index={(str(l), int(u)): i for i, (l, u) in enumerate(zip(lay.tolist(),
                                                                           units.tolist()))},
-                layers=layer_slices(lay), scalars=tuple(names))
+                layers=layer_slices(lay), scalars=tuple(names), ranks=ranks)
 
 
 class RunCatalog:
@@ -472,6 +482,11 @@ class RunCatalog:
         """Layers of run ``name``, in store order."""
         return list(self._runs[name].layers)
 
+    def layer_map(self, name: str) -> dict[str, np.ndarray]:
+        """Positions along ``neuron`` of each layer's neurons in run ``name``, in store order
+        (do not modify)."""
+        return self._runs[name].layers
+
     def layer_positions(self, name: str, layer: str) -> np.ndarray:
         """Positions along ``neuron`` of the neurons of ``layer`` in run ``name`` (maybe empty)."""
         return self._runs[name].layers.get(layer, np.zeros(0, np.int64))
@@ -513,8 +528,75 @@ class RunCatalog:
         """Steps of run ``name``, (step,) int64."""
         return self.dataset(name)[S.STEP].values
 
+    def ranks(self, name: str) -> tuple[int, ...]:
+        """The ranks of a distributed run (a folder of ``rank{r}`` stores); ``()`` for a run
+        written by one process."""
+        return self._runs[name].ranks
+
+    def rank_key(self, name: str, rank: str | int | None) -> str | int | None:
+        """The rank choice as the data of run ``name`` knows it: ``None`` for a single-process
+        run (it has one set of statistics, whatever the choice), else
+        :data:`~statscope.dashboards.state.MERGED` or a rank number it has.
+
+        Raises:
+            StatscopeError: a rank number the run does not have.
+        """
+        ranks = self._runs[name].ranks
+        if not ranks:
+            return None
+        if rank is None or rank in (MERGED, EACH):
+            return MERGED
+        if rank not in ranks:
+            raise StatscopeError(f"rank={rank!r}: run {name!r} has ranks "
+                                 f"{', '.join(map(str, ranks))}")
+        return int(rank)
+
+    def view(self, name: str, rank: str | int | None = None) -> xr.Dataset:
+        """Run ``name`` as one set of (step, neuron) statistics: for a distributed run, one
+        rank's, or the global ones merged exactly over its ranks
+        (:func:`statscope.ranks.merge_ranks`, what SyncBatchNorm computes), lazily; the
+        Dataset itself for a single-process run.
+
+        Args:
+            name: run name.
+            rank: :data:`~statscope.dashboards.state.MERGED` (or ``None``) or a rank number.
+        """
+        key = self.rank_key(name, rank)
+        run = self._runs[name]
+        if key is None:
+            return self.dataset(name)
+        with self._lock:
+            ds = run.derived.get(("view", key))
+            if ds is None:
+                from statscope.ranks import merge_ranks
+
+                whole = self.dataset(name)
+                ds = merge_ranks(whole) if key == MERGED else whole.sel({S.RANK: key})
+                run.derived[("view", key)] = ds
+        return ds
+
+    def windows(self, name: str, rank: str | int | None = None) -> xr.Dataset | None:
+        """The window summaries of run ``name`` (of one rank for a distributed run; there are
+        none of the merged ranks), from :func:`statscope.store.open_windows`, lazy; ``None``
+        when the run keeps none, lives only in memory, or the choice is the merged ranks."""
+        key = self.rank_key(name, rank)
+        run = self._runs[name]
+        if run.path is None or key == MERGED:
+            return None
+        with self._lock:
+            if ("windows", key) not in run.derived:
+                from statscope.store import open_windows, rank_paths
+
+                path = run.path if key is None else rank_paths(run.path)[run.ranks.index(key)]
+                try:
+                    w = open_windows(path)
+                except StatscopeError:
+                    w = None
+                run.derived[("windows", key)] = w
+            return run.derived[("windows", key)]
+
     def columns(self, name: str, var: str, neurons: Sequence[int],
-                rows: slice | None = None) -> np.ndarray:
+                rows: slice | None = None, rank: str | int | None = None) -> np.ndarray:
         """Columns of ``var`` for the given neuron positions, over ``rows`` (default all steps).
 
         Whole-run columns are read once and cached; a short slice of a column not cached yet is
@@ -526,19 +608,22 @@ class RunCatalog:
             var: a (step, neuron) variable of the schema.
             neurons: positions along ``neuron``.
             rows: a ``slice`` of step rows with explicit start and stop; ``None`` for all.
+            rank: for a distributed run, which statistics (see :meth:`view`).
 
         Returns:
             (rows, len(neurons)) array in the variable's dtype.
         """
-        cols = self.column_list(name, var, neurons, rows)
+        cols = self.column_list(name, var, neurons, rows, rank)
         if not cols:
-            n = self.dataset(name).sizes[S.STEP]
+            ds = self.view(name, rank)
+            n = ds.sizes[S.STEP]
             rows = slice(0, n) if rows is None else slice(*rows.indices(n)[:2])
-            return np.empty((rows.stop - rows.start, 0), self.dataset(name)[var].dtype)
+            return np.empty((rows.stop - rows.start, 0), ds[var].dtype)
         return np.stack(cols, axis=1)
 
     def column_list(self, name: str, var: str, neurons: Sequence[int],
-                    rows: slice | None = None) -> list[np.ndarray]:
+                    rows: slice | None = None, rank: str | int | None = None
+                    ) -> list[np.ndarray]:
         """:meth:`columns` as one (rows,) array per neuron: views of the cached whole columns
         where they are cached, so drawing a 300,000-step column copies nothing.
 
@@ -546,16 +631,17 @@ class RunCatalog:
             ``len(neurons)`` read-only-by-convention (rows,) arrays; do not write to them.
         """
         run = self._runs[name]
-        ds = self.dataset(name)
+        ds = self.view(name, rank)
+        what = self._cache_var(name, var, rank)
         n = ds.sizes[S.STEP]
         rows = slice(0, n) if rows is None else slice(*rows.indices(n)[:2])
         if not len(neurons):
             return []
-        keys = [(name, run.generation, var, int(i)) for i in neurons]
+        keys = [(name, run.generation, what, int(i)) for i in neurons]
         cols = {k: self.cache.get(k) for k in keys}
         missing = sorted({k[3] for k, v in cols.items() if v is None})
         if missing and rows.stop - rows.start <= max(SLICE_ROWS, n // 16):
-            key = (name, run.generation, var, tuple(int(i) for i in neurons), rows.start,
+            key = (name, run.generation, what, tuple(int(i) for i in neurons), rows.start,
                    rows.stop)
             part = self.cache.get(key)
             if part is None:
@@ -568,16 +654,23 @@ class RunCatalog:
             block = np.asarray(ds[var].isel({S.NEURON: missing}).values)
             for j, i in enumerate(missing):
                 col = np.ascontiguousarray(block[:, j])
-                cols[(name, run.generation, var, i)] = col
-                self.cache.put((name, run.generation, var, i), col)
+                cols[(name, run.generation, what, i)] = col
+                self.cache.put((name, run.generation, what, i), col)
         return [cols[k][rows] for k in keys]
 
-    def scalar(self, name: str, var: str) -> np.ndarray | None:
-        """A logged scalar (``loss``, ``lr``...) of run ``name``, (step,), cached, or ``None``."""
-        ds = self.dataset(name)
+    def _cache_var(self, name: str, var: str, rank) -> str | tuple:
+        """The variable's part of a cache key: the name, with the rank choice for a
+        distributed run (a rank's columns and the merged ones are different data)."""
+        key = self.rank_key(name, rank)
+        return var if key is None else (var, key)
+
+    def scalar(self, name: str, var: str, rank: str | int | None = None) -> np.ndarray | None:
+        """A logged scalar (``loss``, ``lr``...) of run ``name``, (step,), cached, or ``None``;
+        of a distributed run, one rank's or (merged) the mean over its ranks."""
         if var not in self._runs[name].scalars:
             return None
-        key = (name, self._runs[name].generation, var, None)
+        ds = self.view(name, rank)
+        key = (name, self._runs[name].generation, self._cache_var(name, var, rank), None)
         col = self.cache.get(key)
         if col is None:
             col = np.asarray(ds[var].values)

@@ -21,7 +21,8 @@ from statscope import schema as S
 from .downsample import DEFAULT_POINTS, envelope
 from .grid import Grid
 from .limits import MAX_READ_VALUES, RUNS_PER_PAGE, points_per_trace
-from .state import Window
+from .ranks import RankKey, rank_keys, rank_label, rank_view, ranks_of
+from .state import MERGED, Window
 from .style import (STAT_COLORS, STAT_DASH, STAT_LABELS, STAT_UNITS, TEMPLATE_JSON, empty_spec,
                     header, header_height, neuron_label)
 
@@ -29,14 +30,16 @@ __all__ = ["evolution_figure", "evolution_spec", "read_dataset", "locate_in", "r
            "scalar_names", "Reader", "Locator", "ScalarReader", "PAIRS", "ROW_HEIGHT",
            "SCALAR_HEIGHT"]
 
-Reader = Callable[[str, str, Sequence[int], slice], "np.ndarray | Sequence[np.ndarray]"]
-"""``read(run, var, positions, rows)``: columns of a variable over a slice of step rows, as a
-(rows, len(positions)) array or as one (rows,) array per position (the app passes
-``RunCatalog.column_list``, whose cached columns come as views, not copies)."""
+Reader = Callable[[str, str, Sequence[int], slice, RankKey], "np.ndarray | Sequence[np.ndarray]"]
+"""``read(run, var, positions, rows, rank)``: columns of a variable over a slice of step rows,
+as a (rows, len(positions)) array or as one (rows,) array per position (the app passes
+``RunCatalog.column_list``, whose cached columns come as views, not copies). ``rank`` is
+``None`` for a single-process run, else ``"merged"`` or a rank number."""
 Locator = Callable[[str, str, int], "int | None"]
 """``locate(run, layer, unit)``: the neuron's position along ``neuron`` in that run, or None."""
-ScalarReader = Callable[[str, str], "np.ndarray | None"]
-"""``read_scalar(run, name) -> (step,)``: a logged scalar of a run, or None when it has none."""
+ScalarReader = Callable[[str, str, RankKey], "np.ndarray | None"]
+"""``read_scalar(run, name, rank) -> (step,)``: a logged scalar of a run (of a distributed run,
+one rank's or the mean over ranks), or None when it has none."""
 
 PAIRS = (("mean", (S.BN_MEAN, S.EN_MEAN)), ("std", (S.BN_STD, S.EN_STD)))
 """The two rows drawn per neuron: the means together, the stds together."""
@@ -50,9 +53,12 @@ SCALAR_COLOR = "#444444"
 
 def read_dataset(runs: Mapping[str, xr.Dataset]) -> Reader:
     """A :data:`Reader` that reads straight from Datasets (the app passes a cached one)."""
+    views: dict = {}
 
-    def read(run: str, var: str, positions: Sequence[int], rows: slice) -> np.ndarray:
-        return np.asarray(runs[run][var].isel({S.STEP: rows, S.NEURON: list(positions)}).values)
+    def read(run: str, var: str, positions: Sequence[int], rows: slice,
+             rank: RankKey = None) -> np.ndarray:
+        ds = rank_view(runs[run], rank, views, run)
+        return np.asarray(ds[var].isel({S.STEP: rows, S.NEURON: list(positions)}).values)
 
     return read
 
@@ -74,13 +80,16 @@ def locate_in(runs: Mapping[str, xr.Dataset]) -> Locator:
 def scalar_names(ds: xr.Dataset) -> list[str]:
     """The logged scalars of a run (``loss``, ``lr``...): those its attrs list that are (step,)."""
     return [n for n in ds.attrs.get(S.ATTR_SCALARS) or []
-            if n in ds.data_vars and ds[n].dims == (S.STEP,)]
+            if n in ds.data_vars and S.STEP in ds[n].dims and S.NEURON not in ds[n].dims]
 
 
 def _read_scalar(runs: Mapping[str, xr.Dataset]) -> ScalarReader:
-    def read(run: str, name: str) -> np.ndarray | None:
-        ds = runs[run]
-        return np.asarray(ds[name].values) if name in scalar_names(ds) else None
+    views: dict = {}
+
+    def read(run: str, name: str, rank: RankKey = None) -> np.ndarray | None:
+        if name not in scalar_names(runs[run]):
+            return None
+        return np.asarray(rank_view(runs[run], rank, views, run)[name].values)
 
     return read
 
@@ -102,7 +111,8 @@ def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, 
                    xrange: tuple[float, float] | Mapping[str, tuple[float, float]] | None = None,
                    n_points: int = DEFAULT_POINTS, read: Reader | None = None,
                    locate: Locator | None = None, read_scalar: ScalarReader | None = None,
-                   max_cols: int = RUNS_PER_PAGE, notes: Sequence[str] = ()) -> dict:
+                   max_cols: int = RUNS_PER_PAGE, notes: Sequence[str] = (),
+                   rank: str | int = MERGED) -> dict:
     """Figure 7 as a plotly figure dict (what :func:`evolution_figure` wraps); see there."""
     if not runs or not (neurons or scalars):
         return empty_spec("Choose at least one run and one neuron.")
@@ -112,54 +122,69 @@ def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, 
     names = list(runs)
     zooms = dict(xrange) if isinstance(xrange, Mapping) else {n: xrange for n in names if xrange}
     plan = {}
+    notes = list(notes)
     n_traces = n_values = 0
     for name in names:
         ds = runs[name]
+        ranks = ranks_of(ds)
+        keys, lacking = rank_keys(ranks, rank)
+        if lacking:
+            notes.append(f"{name} {lacking}: its merged statistics are drawn")
         steps = np.asarray(ds[S.STEP].values)
         rows = window.rows(steps, zooms.get(name))
         pos = [locate(name, layer, unit) for layer, unit in neurons]
         present = list(dict.fromkeys(p for p in pos if p is not None))
         stats = [s for _, pair in PAIRS for s in pair if s in ds.data_vars]
-        plan[name] = (steps, rows, pos, present, stats)
-        n_traces += len(present) * len(stats) + len(scalars)
-        n_values += (rows.stop - rows.start) * len(present) * len(stats)
+        plan[name] = (steps, rows, pos, present, stats, keys, ranks)
+        n_traces += (len(present) * len(stats) + len(scalars)) * len(keys)
+        # a merged column reads each rank's column and count
+        reads = sum(2 * len(ranks) if k == MERGED else 1 for k in keys)
+        n_values += (rows.stop - rows.start) * len(present) * len(stats) * reads
     if n_values > MAX_READ_VALUES:
         return empty_spec(
             f"This view would read {n_values:,} values (the limit is {MAX_READ_VALUES:,}): "
-            "zoom in, choose a shorter window, or fewer neurons or runs.")
+            "zoom in, choose a shorter window, or fewer neurons, ranks or runs.")
     per_trace = points_per_trace(n_traces, n_points)
     cells = [SCALAR_HEIGHT] * len(scalars) + [ROW_HEIGHT] * (2 * len(neurons))
-    notes = list(notes)
     span = "; ".join([window.label()] * (len(zooms) < len(names))
                      + [f"{n if len(names) > 1 else 'steps'} {z[0]:,.0f}–{z[1]:,.0f}"
                         for n, z in zooms.items() if n in names])
-    if any(rows.stop - rows.start > per_trace for _, rows, _, _, _ in plan.values()):
+    if any(rows.stop - rows.start > per_trace for _, rows, *_ in plan.values()):
         notes.append(f"min/max envelope of ≤ {per_trace:,} points per trace; zoom in for full "
                      "resolution")
+    if any(len(p[5]) > 1 for p in plan.values()):
+        notes.append("thin lines: each rank's own batch statistics; thick: merged over the "
+                     "ranks (what SyncBatchNorm normalizes with)")
     grid = Grid.wrap(len(names), cells, max_cols, top=header_height(notes) + 24)
     data, annotations, empty = [], [], set()
     shown = set()
     for p, name in enumerate(names):
-        steps, rows, pos, present, stats = plan[name]
+        steps, rows, pos, present, stats, keys, ranks = plan[name]
         x_all = steps[rows]
-        cols = {s: read(name, s, present, rows) for s in stats} if present else {}
+        cols = ({(s, k): read(name, s, present, rows, k) for s in stats for k in keys}
+                if present else {})
         for i, scalar in enumerate(scalars):
-            y = read_scalar(name, scalar)
-            if y is None:
-                annotations.append(grid.note(p, i, f"no {scalar} logged in {name}"))
-                data.append(_placeholder(grid, p, i))
-                empty.add((p, i))
-                continue
-            x, v = envelope(x_all, np.asarray(y)[rows], per_trace)
-            data.append({"type": "scatter", "x": x, "y": v,
-                         "mode": "lines" if len(x) > 60 else "lines+markers",
-                         "name": scalar, "showlegend": False,
-                         "line": {"color": SCALAR_COLOR, "width": 1.2},
-                         "marker": {"size": 4, "color": SCALAR_COLOR},
-                         "hovertemplate": f"step %{{x}}<br>{scalar} %{{y:.4g}}<extra>{name}</extra>",
-                         "meta": {"run": name, "scalar": scalar}, **grid.refs(p, i)})
-        for k, ((layer, unit), q) in enumerate(zip(neurons, pos)):
-            cell = len(scalars) + 2 * k
+            for k in keys:
+                y = read_scalar(name, scalar, k)
+                if y is None:
+                    annotations.append(grid.note(p, i, f"no {scalar} logged in {name}"))
+                    data.append(_placeholder(grid, p, i))
+                    empty.add((p, i))
+                    break
+                x, v = envelope(x_all, np.asarray(y)[rows], per_trace)
+                who = _who(name, k, ranks)
+                data.append({"type": "scatter", "x": x, "y": v,
+                             "mode": "lines" if len(x) > 60 else "lines+markers",
+                             "name": scalar, "showlegend": False,
+                             "line": {"color": SCALAR_COLOR, "width": _width(k, keys, 1.2)},
+                             "opacity": _opacity(k, keys),
+                             "marker": {"size": 4, "color": SCALAR_COLOR},
+                             "hovertemplate": f"step %{{x}}<br>{scalar} %{{y:.4g}}<extra>{who}"
+                                              "</extra>",
+                             "meta": {"run": name, "scalar": scalar, **_rank_meta(k)},
+                             **grid.refs(p, i)})
+        for j_neuron, ((layer, unit), q) in enumerate(zip(neurons, pos)):
+            cell = len(scalars) + 2 * j_neuron
             if q is None:
                 for r in range(2):
                     annotations.append(grid.note(p, cell + r,
@@ -170,36 +195,47 @@ def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, 
             j = present.index(q)
             for r, (_, pair) in enumerate(PAIRS):
                 for stat in pair:
-                    if stat not in cols:
-                        continue
-                    block = cols[stat]
-                    col = block[j] if isinstance(block, (list, tuple)) else block[:, j]
-                    x, y = envelope(x_all, col, per_trace)
-                    # reduced, unless the window was short or only NaN steps were dropped
-                    down = len(col) > per_trace and len(x) < len(col)
-                    data.append({
-                        "type": "scatter", "x": x, "y": y, "mode": "lines",
-                        "name": STAT_LABELS[stat], "legendgroup": stat,
-                        "showlegend": stat not in shown,
-                        "line": {"color": STAT_COLORS[stat], "dash": STAT_DASH[stat], "width": 1.4},
-                        "hovertemplate": (f"step %{{x}}<br>{STAT_LABELS[stat]} %{{y:.4g}}"
-                                          f"<extra>{name} · {neuron_label(layer, unit)}</extra>"),
-                        "meta": {"run": name, "neuron": [layer, unit], "stat": stat,
-                                 "downsampled": bool(down)},
-                        **grid.refs(p, cell + r)})
-                    shown.add(stat)
+                    for k in keys:
+                        if (stat, k) not in cols:
+                            continue
+                        block = cols[(stat, k)]
+                        col = block[j] if isinstance(block, (list, tuple)) else block[:, j]
+                        x, y = envelope(x_all, col, per_trace)
+                        # reduced, unless the window was short or only NaN steps were dropped
+                        down = len(col) > per_trace and len(x) < len(col)
+                        legend = k in (None, MERGED) and stat not in shown
+                        who = _who(name, k, ranks)
+                        data.append({
+                            "type": "scatter", "x": x, "y": y, "mode": "lines",
+                            "name": STAT_LABELS[stat], "legendgroup": stat,
+                            "showlegend": legend,
+                            "line": {"color": STAT_COLORS[stat], "dash": STAT_DASH[stat],
+                                     "width": _width(k, keys, 1.4)},
+                            "opacity": _opacity(k, keys),
+                            "hovertemplate": (f"step %{{x}}<br>{STAT_LABELS[stat]} %{{y:.4g}}"
+                                              f"<extra>{who} · {neuron_label(layer, unit)}"
+                                              "</extra>"),
+                            "meta": {"run": name, "neuron": [layer, unit], "stat": stat,
+                                     "downsampled": bool(down), **_rank_meta(k)},
+                            **grid.refs(p, cell + r)})
+                        if legend:
+                            shown.add(stat)
     unit = STAT_UNITS[S.BN_MEAN]
     y_titles = [_scalar_title(runs[names[0]], s) for s in scalars]
     for layer, u in neurons:
         y_titles += [f"{neuron_label(layer, u)} {what}<br><span style='font-size:11px'>({unit})"
                      "</span>" for what, _ in PAIRS]
+    titles = []
+    for n in names:
+        keys, ranks = plan[n][5], plan[n][6]
+        label = rank_label(keys[0], ranks) if len(keys) == 1 else f"{len(ranks)} ranks and merged"
+        titles.append(run_title(n, runs[n]) + (f" · {label}" if label else ""))
     layout = grid.layout(share_x="panel", share_y="cell", x_title="training step",
-                         titles=[run_title(n, runs[n]) for n in names], y_titles=y_titles,
-                         empty=empty)
+                         titles=titles, y_titles=y_titles, empty=empty)
     layout["annotations"] += annotations
     layout.update(header(f"Statistics over training, {span}", notes, height=grid.height))
     layout["template"] = TEMPLATE_JSON
-    layout["uirevision"] = repr((names, list(neurons), list(scalars), window.spec()))
+    layout["uirevision"] = repr((names, list(neurons), list(scalars), window.spec(), rank))
     for p, name in enumerate(names):
         for c in range(grid.n_cells):
             if name in zooms and (p, c) not in empty:
@@ -207,6 +243,27 @@ def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, 
                 layout[f"xaxis{'' if n == 1 else n}"].update(range=list(zooms[name]),
                                                              autorange=False)
     return {"data": data, "layout": layout}
+
+
+def _who(name: str, key, ranks) -> str:
+    """The hover's run part: the run's name, and which rank's statistics for a distributed run."""
+    label = rank_label(key, ranks)
+    return f"{name} · {label}" if label else name
+
+
+def _rank_meta(key) -> dict:
+    return {} if key is None else {"rank": key}
+
+
+def _width(key, keys, width: float) -> float:
+    """Each rank's line is thin and the merged one thick when both are drawn."""
+    if len(keys) == 1:
+        return width
+    return width * 0.6 if key != MERGED else width * 1.25
+
+
+def _opacity(key, keys) -> float:
+    return 0.55 if len(keys) > 1 and key != MERGED else 1.0
 
 
 def _placeholder(grid: Grid, panel: int, cell: int) -> dict:
@@ -220,7 +277,8 @@ def evolution_figure(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str
                      xrange: tuple[float, float] | Mapping[str, tuple[float, float]] | None = None,
                      n_points: int = DEFAULT_POINTS, read: Reader | None = None,
                      locate: Locator | None = None, read_scalar: ScalarReader | None = None,
-                     max_cols: int = RUNS_PER_PAGE, notes: Sequence[str] = ()) -> go.Figure:
+                     max_cols: int = RUNS_PER_PAGE, notes: Sequence[str] = (),
+                     rank: str | int = MERGED) -> go.Figure:
     """Figure 7: the statistics of each chosen neuron over the window, one panel per run.
 
     Args:
@@ -239,13 +297,18 @@ def evolution_figure(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str
             default straight from ``runs``.
         max_cols: panels side by side; more runs wrap into further rows.
         notes: lines under the title (what the caller left out).
+        rank: for distributed runs (a ``rank`` dimension): ``"merged"`` (the global statistics,
+            :func:`statscope.ranks.merge_ranks`), a rank number, or ``"each"`` (every rank's
+            curves, thin, beside the merged ones, thick). Single-process runs ignore it.
 
     Returns:
         Figure with ``len(scalars) + 2 * len(neurons)`` rows per panel; statistic traces are
-        named after the statistic and carry ``meta = {"run", "neuron", "stat", "downsampled"}``,
+        named after the statistic and carry ``meta = {"run", "neuron", "stat", "downsampled"}``
+        (and ``"rank"``, a rank number or ``"merged"``, for a distributed run),
         scalar traces ``meta = {"run", "scalar"}``. A view that would read more than
         :data:`~statscope.dashboards.limits.MAX_READ_VALUES` values is a message instead.
     """
     return go.Figure(evolution_spec(runs, neurons, window, scalars=scalars, xrange=xrange,
                                     n_points=n_points, read=read, locate=locate,
-                                    read_scalar=read_scalar, max_cols=max_cols, notes=notes))
+                                    read_scalar=read_scalar, max_cols=max_cols, notes=notes,
+                                    rank=rank))

@@ -22,7 +22,8 @@ DEFAULT_BINS = 1000
 
 def heatmap_spec(ds: xr.Dataset, layer: str, stat: str, window: Window, *, run: str = "",
                  xrange: tuple[float, float] | None = None, n_bins: int = DEFAULT_BINS,
-                 read: Reader | None = None, positions: np.ndarray | None = None) -> dict:
+                 read: Reader | None = None, positions: np.ndarray | None = None,
+                 label: str = "") -> dict:
     """The layer overview as a plotly figure dict (what :func:`heatmap_figure` wraps)."""
     if stat not in ds.data_vars:
         return empty_spec(f"Run {run!r} has no {STAT_LABELS.get(stat, stat)}.")
@@ -49,14 +50,15 @@ def heatmap_spec(ds: xr.Dataset, layer: str, stat: str, window: Window, *, run: 
     yb = units[::unit_width]
     diverging = stat in (S.BN_MEAN, S.EN_MEAN)
     zmax = float(np.nanmax(np.abs(z))) if diverging and np.isfinite(z).any() else None
-    label = STAT_LABELS[stat]
+    name = STAT_LABELS[stat]
+    who = f" · {label}" if label else ""
     binned = f", mean of {width:,} steps per column" if width > 1 else ""
     binned += f", mean of {unit_width:,} neurons per row" if unit_width > 1 else ""
     trace = {"type": "heatmap", "z": np.ascontiguousarray(z.T), "x": xb, "y": yb,
              "colorscale": "RdBu_r" if diverging else "Viridis",
-             "colorbar": {"title": {"text": f"{label}<br>({STAT_UNITS[stat]})", "side": "right"},
+             "colorbar": {"title": {"text": f"{name}<br>({STAT_UNITS[stat]})", "side": "right"},
                           "thickness": 14},
-             "hovertemplate": f"step %{{x}}<br>unit %{{y}}<br>{label} %{{z:.4g}}<extra></extra>",
+             "hovertemplate": f"step %{{x}}<br>unit %{{y}}<br>{name} %{{z:.4g}}<extra></extra>",
              "meta": {"run": run, "layer": layer, "stat": stat, "bin_width": int(width),
                       "unit_width": int(unit_width)}}
     if diverging:
@@ -66,7 +68,7 @@ def heatmap_spec(ds: xr.Dataset, layer: str, stat: str, window: Window, *, run: 
     span = window.label() if xrange is None else f"steps {xrange[0]:,.0f}–{xrange[1]:,.0f}"
     layout = {
         "template": TEMPLATE_JSON, "height": max(360, min(900, 160 + 4 * len(yb))),
-        "title": {"text": f"{label} of layer {layer}, {run}, {span}{binned}",
+        "title": {"text": f"{name} of layer {layer}, {run}{who}, {span}{binned}",
                   "font": {"size": 15}, "x": 0.01},
         "xaxis": {"title": {"text": "training step"}},
         "yaxis": {"title": {"text": f"neuron (unit of {layer})"}},
@@ -79,7 +81,8 @@ def heatmap_spec(ds: xr.Dataset, layer: str, stat: str, window: Window, *, run: 
 
 def heatmap_figure(ds: xr.Dataset, layer: str, stat: str, window: Window, *, run: str = "",
                    xrange: tuple[float, float] | None = None, n_bins: int = DEFAULT_BINS,
-                   read: Reader | None = None, positions: np.ndarray | None = None) -> go.Figure:
+                   read: Reader | None = None, positions: np.ndarray | None = None,
+                   label: str = "") -> go.Figure:
     """Heatmap of ``stat`` for every neuron of ``layer`` (rows) over steps (columns).
 
     Args:
@@ -94,6 +97,8 @@ def heatmap_figure(ds: xr.Dataset, layer: str, stat: str, window: Window, *, run
             :data:`~statscope.dashboards.limits.MAX_HEATMAP_CELLS`).
         read: where the columns come from; default straight from ``ds``.
         positions: the layer's positions along ``neuron``, when the caller knows them.
+        label: which statistics of a distributed run ``ds`` holds (e.g. ``rank 1``), for the
+            title.
 
     Returns:
         Figure with one ``heatmap`` trace: z (unit row, bin) float32, x the first step of each
@@ -103,4 +108,4 @@ def heatmap_figure(ds: xr.Dataset, layer: str, stat: str, window: Window, *, run
         :data:`~statscope.dashboards.limits.MAX_READ_VALUES` values is a message instead.
     """
     return go.Figure(heatmap_spec(ds, layer, stat, window, run=run, xrange=xrange,
-                                  n_bins=n_bins, read=read, positions=positions))
+                                  n_bins=n_bins, read=read, positions=positions, label=label))

@@ -11,7 +11,7 @@ from statscope import schema as S
 from .data import RunInfo
 from .limits import MAX_NEURONS, RUNS_PER_PAGE
 from .runinfo import RunSummary
-from .state import DEFAULT_WINDOW, GROUPINGS, SCALES, TABS
+from .state import DEFAULT_WINDOW, GROUPINGS, MERGED, SCALES, TABS
 from .style import GRAPH_CONFIG, STAT_LABELS
 
 __all__ = ["build_layout", "status_badges", "run_panel", "GRAPHS", "POLL_MS"]
@@ -69,6 +69,9 @@ def build_layout(root: str) -> html.Div:
         ], id="page-field", className="field page-field"),
         _field("Neurons", dcc.Dropdown(id="neurons", multi=True, placeholder="first of each layer"),
                f"Evolution and fluctuation bars; type to search; at most {MAX_NEURONS} drawn"),
+        _field("Ranks", dcc.RadioItems(id="rank", value=MERGED, options=[]),
+               "Distributed runs: the merged (global) statistics, each rank beside them, or "
+               "one rank's"),
         _field("Logged scalars", dcc.Dropdown(id="scalars", multi=True,
                                               placeholder="none"),
                "Drawn above the statistics on the same step axis"),

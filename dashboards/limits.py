@@ -9,7 +9,8 @@ from __future__ import annotations
 
 __all__ = ["RUNS_PER_PAGE", "MAX_NEURONS", "MAX_SCALARS", "MAX_POINTS", "MIN_TRACE_POINTS",
            "MAX_SCATTER_POINTS", "MAX_HEATMAP_CELLS", "MAX_HEATMAP_ROWS", "MAX_READ_VALUES",
-           "MAX_OPTIONS", "MAX_QUERY_ITEMS", "MAX_REQUEST_BYTES", "points_per_trace"]
+           "MAX_OPTIONS", "MAX_QUERY_ITEMS", "MAX_REQUEST_BYTES", "MAX_SERIES_VALUES",
+           "MAX_CLAIMS_NEURONS", "points_per_trace"]
 
 RUNS_PER_PAGE = 6
 """Runs drawn side by side at once; more chosen runs are split into pages."""
@@ -30,6 +31,14 @@ MAX_HEATMAP_ROWS = 256
 MAX_READ_VALUES = 50_000_000
 """Values (200 MB of float32) one request may read from the store; a view that needs more asks
 the user to zoom in or choose a shorter window."""
+MAX_SERIES_VALUES = 20_000_000
+"""Neurons × steps the fluctuation views analyse from the per-step series of one run (the
+analyses stream it in chunks; five variables of it are read). Past it they use the run's window
+summaries (``steps / 200`` rows of every channel), or an evenly spaced sample of each layer's
+neurons when a run keeps none (``statscope.dashboards.sources``)."""
+MAX_CLAIMS_NEURONS = 2_048
+"""Neurons the run panel's paper-claims table bootstraps per run; a wider run's claims use an
+evenly spaced sample of each layer (``statscope report`` evaluates every neuron)."""
 MAX_OPTIONS = 200
 """Entries of the neuron selector's list; typing searches every neuron of the chosen runs."""
 MAX_QUERY_ITEMS = 256

@@ -70,6 +70,12 @@ def run_summary(name: str, ds: xr.Dataset) -> RunSummary:
     layers = a.get(S.ATTR_LAYERS) or list(dict.fromkeys(ds[S.LAYER].values.tolist()))
     rows.append(("layers", f"{len(layers)}: {_fmt(list(layers))}"))
     rows.append(("neurons", f"{ds.sizes.get(S.NEURON, 0):,}"))
+    ranks = a.get("ranks")
+    if isinstance(ranks, Mapping) and ranks:
+        rows.append(("ranks", "; ".join(
+            f"{r}: {_fmt(v.get(S.ATTR_STATUS))}, {int(v.get(S.ATTR_N_STEPS) or 0):,} steps"
+            for r, v in sorted(ranks.items(), key=lambda kv: int(kv[0]))
+            if isinstance(v, Mapping))))
     overhead = a.get(S.ATTR_PROBE_OVERHEAD)
     rows.append(("probe overhead", "not measured" if overhead is None
                  else f"{100 * float(overhead):.1f}% of step time"))

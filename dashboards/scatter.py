@@ -16,7 +16,7 @@ from .limits import MAX_SCATTER_POINTS, RUNS_PER_PAGE
 from .style import (TEMPLATE_JSON, empty_spec, header, header_height, layer_colors,
                     neuron_label)
 
-__all__ = ["scatter_figure", "scatter_spec"]
+__all__ = ["scatter_figure", "scatter_spec", "scatter_subset"]
 
 
 def _thin(sel: np.ndarray, keep: int) -> np.ndarray:
@@ -26,10 +26,30 @@ def _thin(sel: np.ndarray, keep: int) -> np.ndarray:
     return sel[np.unique(np.linspace(0, sel.size - 1, max(1, keep)).astype(np.int64))]
 
 
+def scatter_subset(layers: Mapping[str, np.ndarray], size: int, most: int) -> np.ndarray:
+    """Positions of at most about ``most`` of ``size`` neurons, each layer thinned evenly (its
+    first neuron kept), sorted; every position when ``size <= most``.
+
+    Args:
+        layers: each layer's positions (:func:`~statscope.dashboards.data.layer_slices`).
+        size: neurons in all.
+        most: the budget.
+
+    Example:
+        >>> scatter_subset({"a": np.arange(8), "b": np.arange(8, 12)}, 12, 6).tolist()
+        [0, 2, 4, 7, 8, 11]
+    """
+    if size <= most:
+        return np.arange(size)
+    share = most / max(1, size)
+    parts = [_thin(sel, max(1, int(np.ceil(sel.size * share)))) for sel in layers.values()]
+    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+
 def scatter_spec(fluct: Mapping[str, xr.Dataset], *, layers: Sequence[str] | None = None,
                  titles: Mapping[str, str] | None = None, scale_free: bool = True,
                  max_cols: int = RUNS_PER_PAGE, max_points: int = MAX_SCATTER_POINTS,
-                 notes: Sequence[str] = ()) -> dict:
+                 notes: Sequence[str] = (), totals: Mapping[str, int] | None = None) -> dict:
     """The std-versus-mean view as a plotly figure dict (what :func:`scatter_figure` wraps)."""
     if not fluct:
         return empty_spec("Choose at least one run.")
@@ -40,7 +60,7 @@ def scatter_spec(fluct: Mapping[str, xr.Dataset], *, layers: Sequence[str] | Non
     colors = layer_colors(layers)
     per_run = max(1, max_points // len(names))
     notes = list(notes)
-    total = sum(fluct[n].sizes[S.NEURON] for n in names)
+    total = sum((totals or {}).get(n, fluct[n].sizes[S.NEURON]) for n in names)
     drawn = {}
     for n in names:
         size = fluct[n].sizes[S.NEURON]
@@ -99,7 +119,8 @@ def scatter_spec(fluct: Mapping[str, xr.Dataset], *, layers: Sequence[str] | Non
 def scatter_figure(fluct: Mapping[str, xr.Dataset], *, layers: Sequence[str] | None = None,
                    titles: Mapping[str, str] | None = None, scale_free: bool = True,
                    max_cols: int = RUNS_PER_PAGE, max_points: int = MAX_SCATTER_POINTS,
-                   notes: Sequence[str] = ()) -> go.Figure:
+                   notes: Sequence[str] = (), totals: Mapping[str, int] | None = None
+                   ) -> go.Figure:
     """x: fluctuation of BN_mean, y: fluctuation of BN_std; one point per neuron, one panel per run.
 
     Points above the diagonal are neurons whose std fluctuates more than their mean, the
@@ -114,6 +135,8 @@ def scatter_figure(fluct: Mapping[str, xr.Dataset], *, layers: Sequence[str] | N
         max_points: neurons drawn over all panels; past it each layer is thinned evenly and
             the title says how many are drawn.
         notes: lines under the title (what the caller left out).
+        totals: run name to the neurons the run has, when ``fluct`` holds a subset already
+            (:func:`scatter_subset`): the title counts them.
 
     Returns:
         Figure with one ``scatter`` trace per (run, layer), named after the layer, whose
@@ -121,7 +144,8 @@ def scatter_figure(fluct: Mapping[str, xr.Dataset], *, layers: Sequence[str] | N
         and a dotted ``y = x`` line per panel named ``diagonal``.
     """
     return go.Figure(scatter_spec(fluct, layers=layers, titles=titles, scale_free=scale_free,
-                                  max_cols=max_cols, max_points=max_points, notes=notes))
+                                  max_cols=max_cols, max_points=max_points, notes=notes,
+                                  totals=totals))
 
 
 def _short(scale_free: bool) -> str:

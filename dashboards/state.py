@@ -18,7 +18,8 @@ from statscope.errors import StatscopeError
 
 from .limits import MAX_QUERY_ITEMS
 
-__all__ = ["Window", "ViewState", "TABS", "SCALES", "GROUPINGS", "DEFAULT_WINDOW", "NO_SCALARS"]
+__all__ = ["Window", "ViewState", "TABS", "SCALES", "GROUPINGS", "DEFAULT_WINDOW", "NO_SCALARS",
+           "MERGED", "EACH", "parse_rank"]
 
 TABS = ("evolution", "fluctuation", "scatter", "heatmap", "run")
 """Tab identifiers, in display order."""
@@ -111,6 +112,29 @@ class Window:
 NO_SCALARS = "-"
 """The URL's ``scalar`` value that asks for no logged scalars."""
 
+MERGED = "merged"
+"""The rank choice that shows a distributed run's global statistics, merged over its ranks
+exactly (what SyncBatchNorm computes; :func:`statscope.ranks.merge_ranks`)."""
+EACH = "each"
+"""The rank choice that draws every rank beside the merged statistics (evolution curves per
+rank; per-rank and global fluctuation with the gap between them)."""
+
+
+def parse_rank(value: str | int | None) -> str | int:
+    """A rank choice from the URL or a selector: :data:`MERGED`, :data:`EACH` or a rank number;
+    anything else is :data:`MERGED`.
+
+    Example:
+        >>> parse_rank("1"), parse_rank("each"), parse_rank("x"), parse_rank(None)
+        (1, 'each', 'merged', 'merged')
+    """
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    text = str(value or "").strip().lower()
+    if text.isdigit() and text.isascii():
+        return int(text)
+    return text if text in (MERGED, EACH) else MERGED
+
 DEFAULT_WINDOW = Window()
 """The paper's window: the last 200 training steps."""
 
@@ -132,6 +156,8 @@ class ViewState:
             (0 is the first).
         scalars: logged scalars drawn above the statistics; ``None`` for the default (every
             scalar the runs logged), ``()`` for none (``scalar=-`` in the URL).
+        rank: for distributed runs, :data:`MERGED` (the global statistics), a rank number, or
+            :data:`EACH` (every rank beside the merged statistics); single-process runs ignore it.
     """
 
     tab: str = TABS[0]
@@ -144,6 +170,7 @@ class ViewState:
     by: str = "neuron"
     page: int = 0
     scalars: tuple[str, ...] | None = None
+    rank: str | int = MERGED
 
     @classmethod
     def from_query(cls, search: str | None) -> "ViewState":
@@ -176,6 +203,7 @@ class ViewState:
             page=int(one["page"]) - 1 if one.get("page", "").isdigit() and int(one["page"]) else 0,
             scalars=(tuple(v for v in q["scalar"] if v != NO_SCALARS) if "scalar" in q
                      else None),
+            rank=parse_rank(one.get("rank")),
         )
 
     def to_query(self) -> str:
@@ -194,6 +222,8 @@ class ViewState:
             pairs.append(("page", str(self.page + 1)))
         if self.scalars is not None:
             pairs += [("scalar", s) for s in self.scalars or (NO_SCALARS,)]
+        if self.rank != base.rank:
+            pairs.append(("rank", str(self.rank)))
         return "?" + urlencode(pairs, safe=":") if pairs else ""
 
     def replace(self, **changes) -> "ViewState":

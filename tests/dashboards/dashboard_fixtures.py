@@ -143,3 +143,56 @@ def figure(spec):
     import plotly.graph_objects as go
 
     return go.Figure(decode(spec))
+
+
+def distributed_run(path, n_steps: int = 400, layers=(("fc1", 4), ("fc2", 4)),
+                    batches=(3, 5), seed: int = 0, window_steps: int | None = 200) -> dict:
+    """A distributed run written as ``path/rank{r}`` stores, one per rank, from raw batches.
+
+    Rank ``r`` sees ``batches[r]`` examples per step; its store holds the per-channel mean and
+    population std of its own batch (EN: over all of a layer's channels), as DDP ranks record.
+
+    Returns:
+        ``{"x": [per rank (steps, batch, neurons) float64], "layers": [...], "batches": ...}``:
+        the raw batches, from which tests compute the merged statistics independently (numpy
+        over the concatenated batches).
+    """
+    from statscope.store import ProbeInfo
+    from statscope.writer import RunWriter
+    from statscope.store import Layout
+
+    rng = np.random.default_rng(seed)
+    n = sum(c for _, c in layers)
+    offsets = rng.normal(size=n)
+    scales = 1 + rng.random(n)
+    drift = np.cumsum(rng.normal(0, 0.01, (n_steps, 1, n)), axis=0)
+    xs = [offsets + drift + scales * rng.normal(size=(n_steps, b, n)) * (1 + 0.2 * r)
+          for r, b in enumerate(batches)]
+    probes = tuple(ProbeInfo(name=name, module=name, type="BatchNorm1d", where="input",
+                             channel_dim=1, channels=c) for name, c in layers)
+    cuts = np.cumsum([0] + [c for _, c in layers])
+    for r, x in enumerate(xs):
+        en = [x[:, :, a:b].reshape(n_steps, -1) for a, b in zip(cuts[:-1], cuts[1:])]
+        stats = {S.BN_MEAN: x.mean(1).astype(np.float32), S.BN_STD: x.std(1).astype(np.float32),
+                 S.EN_MEAN: np.stack([e.mean(1) for e in en], 1).astype(np.float32),
+                 S.EN_STD: np.stack([e.std(1) for e in en], 1).astype(np.float32)}
+        writer = RunWriter(f"{path}/rank{r}", Layout(probes=probes), flush_seconds=float("inf"),
+                           window_steps=window_steps,
+                           attrs={S.ATTR_META: {S.META_BATCH_SIZE: int(batches[r])},
+                                  S.ATTR_RANK: r, S.ATTR_WORLD_SIZE: len(batches)})
+        writer.append(np.arange(n_steps), np.full((n_steps, len(layers)), batches[r]), stats,
+                      {"loss": np.full(n_steps, 1.0 + r)})
+        writer.close()
+    return {"x": xs, "layers": layers, "batches": tuple(batches)}
+
+
+def merged_reference(raw: dict) -> dict[str, np.ndarray]:
+    """The merged statistics of :func:`distributed_run`'s batches, straight from the
+    concatenated raw values: (steps, neurons) each."""
+    x = np.concatenate(raw["x"], axis=1)
+    cuts = np.cumsum([0] + [c for _, c in raw["layers"]])
+    en_m = np.concatenate([np.repeat(x[:, :, a:b].reshape(len(x), -1).mean(1)[:, None], b - a, 1)
+                           for a, b in zip(cuts[:-1], cuts[1:])], 1)
+    en_s = np.concatenate([np.repeat(x[:, :, a:b].reshape(len(x), -1).std(1)[:, None], b - a, 1)
+                           for a, b in zip(cuts[:-1], cuts[1:])], 1)
+    return {S.BN_MEAN: x.mean(1), S.BN_STD: x.std(1), S.EN_MEAN: en_m, S.EN_STD: en_s}

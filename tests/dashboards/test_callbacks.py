@@ -41,7 +41,8 @@ def test_page_load_fills_defaults_and_sets_selectors_with_their_options(catalog)
     assert {o["value"] for o in neuron_opts} >= set(neurons)
     assert [o["value"] for o in layer_opts] == ["fc1", "fc2"]
     assert page_opts == [] and [o["value"] for o in scalar_opts] == ["loss"]
-    assert out[-1] == ["loss"] and state.scalars == ("loss",)
+    assert out[18] == ["loss"] and state.scalars == ("loss",)
+    assert out[19] == [] and out[20] == "merged"  # no distributed run: no rank choices
 
 
 def test_a_selector_change_rewrites_the_url_only(catalog):
