@@ -337,22 +337,15 @@ class RunCatalog:
         return self.root.stat().st_mtime_ns, tuple(entries)
 
     def _find(self) -> tuple[dict[str, str], bool]:
-        """Run name to path: the runs :func:`~statscope.store.find_runs` lists, and the folders
-        that hold a ``zarr.json`` it left out (unreadable runs, named with their reason); and
-        whether the root was scanned again (it is only when its folders changed)."""
-        from statscope.store import find_runs
+        """Run name to path: the runs and the folders that look like runs but cannot be read
+        (named on the page with their reason), as :func:`~statscope.store.scan_runs` lists
+        them; and whether the root was scanned again (it is only when its folders changed)."""
+        from statscope.store import scan_runs
 
         signature = self._scan_signature()
         if signature == self._signature:
             return self._found, False
-        runs = [Path(p) for p in find_runs(self.root)]
-        if runs == [self.root]:
-            found = {self.root.name: str(self.root)}
-        else:
-            found = {p.name: str(p) for p in runs}
-            # find_runs leaves out folders that are not readable runs; the page names them.
-            found.update({c.name: str(c) for c in self.root.iterdir()
-                          if c.name not in found and c.is_dir() and (c / "zarr.json").exists()})
+        found = {Path(p).name: str(p) for p, _ in scan_runs(self.root)}
         self._signature, self._found = signature, found
         return found, True
 

@@ -140,12 +140,12 @@ def test_outside_links_finds_links_at_any_depth_and_survives_loops(tmp_path):
     assert outside_links(tmp_path, root.resolve()) == ["."]
 
 
-def test_runs_are_found_by_the_stores_find_runs(store_root, monkeypatch):
+def test_runs_are_found_by_the_stores_scan_runs(store_root, monkeypatch):
     import statscope.store
 
     calls = []
-    real = statscope.store.find_runs
-    monkeypatch.setattr(statscope.store, "find_runs", lambda root: calls.append(root) or real(root))
+    real = statscope.store.scan_runs
+    monkeypatch.setattr(statscope.store, "scan_runs", lambda root: calls.append(root) or real(root))
     cat = RunCatalog(store_root)
     assert cat.names() == ["bs4", "bs128"] and len(calls) == 1
     # nothing under the root changed: the next refresh does not scan it again
