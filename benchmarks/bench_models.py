@@ -2,21 +2,29 @@
 
     python benchmarks/bench_models.py [--device cpu|cuda] [--rows NAME ...] [--rounds 7]
         [--block-seconds 0.6] [--threads 1] [--contenders statscope generic]
+    python benchmarks/bench_models.py --candidates [--device cpu|cuda]
 
 Each row builds one model, copies it once per contender (same weights), and trains every copy on
 the same in-memory batches with SGD (momentum 0.9). The copies take turns in blocks of steps,
 in the order A B C … C B A within a round (so drift within a round affects all alike); the
 ratio of a contender in a round is its two blocks' time over the plain copy's two blocks'. The
 table shows per row the plain ms/step and, per contender, the median ratio over rounds with its
-spread (min–max), and the median ratio of the process's CPU time (all its threads: the
-training thread and the writer), which load from other processes disturbs less. Contenders:
+spread (min–max), and the median ratio of the training thread's CPU time (``thread_time``), which
+load from other processes disturbs less (it leaves out the time the thread waits for the GIL or a
+core). Contenders:
 
 - ``statscope``: ``statscope.record`` with its defaults (the BatchNorm fast path where it
   applies);
 - ``generic``: the same with the BatchNorm fast path switched off (every probe reduces the tensor
   itself), to show what the fast path buys;
 - ``prehook``: a ten-line forward pre-hook that computes ``var_mean`` over every dim but the
-  channels into a preallocated buffer, the issue's strawman.
+  channels into a preallocated buffer, the issue's strawman;
+- ``nowriter``: ``statscope`` whose writer thread drops every block unread (nothing reaches the
+  store): the difference to ``statscope`` is what the writer thread costs the training thread,
+  through the GIL and the shared cores.
+
+For the statscope contenders the table also shows the time inside the probes on the training
+thread (``Recorder.probe_seconds``) and the writer thread's CPU time, in µs per step.
 
 CPU rows: a small BasicBlock ResNet (32 px, channels_last) at batch size 8 and 64, a 2-layer
 ``nn.TransformerEncoder`` (d 128, 4 heads, batch 16 × 64 tokens), the paper's FC net at batch
@@ -192,15 +200,17 @@ class Arm:
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.rec = self.hook = None
         self._generic = contextlib.nullcontext()
-        if name in ("statscope", "generic"):
+        if name in ("statscope", "generic", "nowriter"):
             import statscope
 
             if name == "generic":
-                from statscope.probes import fastpath
+                from statscope.probes import recorder
 
-                self._generic = _no_fast_path(fastpath)
+                self._generic = _no_fast_path(recorder)
             with self._generic:
                 self.rec = statscope.record(model, f"{tmp}/{name}", overwrite=True).start()
+            if name == "nowriter":
+                self.rec._worker.filer.file = _dropper(self.rec._worker.filer)
         elif name == "prehook":
             self.hook = PreHook(model)
 
@@ -227,14 +237,33 @@ class Arm:
             self.hook.close()
 
 
+    def probe_us(self) -> float:
+        return self.rec.probe_seconds * 1e6 if self.rec is not None else 0.0
+
+    def writer_us(self) -> float:
+        if self.rec is None:
+            return 0.0
+        return time.clock_gettime(time.pthread_getcpuclockid(self.rec._worker._thread.ident)) * 1e6
+
+
 @contextlib.contextmanager
-def _no_fast_path(fastpath):
-    saved = fastpath.probe_path
-    fastpath.probe_path = lambda *a, **k: "generic"
+def _no_fast_path(recorder):
+    saved = recorder.probe_path
+    recorder.probe_path = lambda *a, **k: "generic"
     try:
         yield
     finally:
-        fastpath.probe_path = saved
+        recorder.probe_path = saved
+
+
+def _dropper(filer):
+    def file(block):
+        if block.owned:
+            for pair in block.buffers():
+                filer.pool.give(pair)
+        return []
+
+    return file
 
 
 def measure(row: Row, device: str, contenders: list[str], rounds: int, block_seconds: float,
@@ -267,16 +296,21 @@ def measure(row: Row, device: str, contenders: list[str], rounds: int, block_sec
         sync()
         times = {a.name: [] for a in arms}
         cpu = {a.name: [] for a in arms}
+        probe = {a.name: 0.0 for a in arms}
+        writer = {a.name: 0.0 for a in arms}
         first = 3 + n
         for _ in range(rounds):
             elapsed = {a.name: 0.0 for a in arms}
             used = {a.name: 0.0 for a in arms}
             for arm in arms + arms[::-1]:
-                t0, c0 = time.perf_counter(), time.process_time()
+                t0, c0 = time.perf_counter(), time.thread_time()
+                p0, w0 = arm.probe_us(), arm.writer_us()
                 arm.steps(batches, n, first)
                 sync()
                 elapsed[arm.name] += time.perf_counter() - t0
-                used[arm.name] += time.process_time() - c0
+                used[arm.name] += time.thread_time() - c0
+                probe[arm.name] += arm.probe_us() - p0
+                writer[arm.name] += arm.writer_us() - w0
             first += n
             for k in elapsed:
                 times[k].append(elapsed[k] / (2 * n))
@@ -285,12 +319,95 @@ def measure(row: Row, device: str, contenders: list[str], rounds: int, block_sec
         for arm in arms:
             arm.close()
     plain = times["plain"]
+    steps = 2 * n * rounds
     out = {"plain_ms": statistics.median(plain) * 1e3, "steps_per_block": n}
     for name in contenders:
         ratios = [b / a for a, b in zip(plain, times[name])]
         out[name] = (statistics.median(ratios), min(ratios), max(ratios))
         out[name + ":cpu"] = statistics.median(b / a for a, b in zip(cpu["plain"], cpu[name]))
+        out[name + ":probe"] = probe[name] / steps
+        out[name + ":writer"] = writer[name] / steps
     return out
+
+
+def candidates(device: str, repeats: int = 30) -> None:
+    """Per-step reductions of one probed tensor, timed alone: µs per call (the fastest fifth of
+    ``repeats`` blocks) and the largest error of the std against float64, in stds."""
+    import statscope.probes.reduce as R
+
+    def shifted_sums(x2):
+        x0 = x2[:8].median(0).values.float()
+        s = x0.abs().clamp_min(1.0)
+        u = torch.sub(x2, x0).div_(s)
+        return x0, s, u.sum(0), u.square_().sum(0)
+
+    compiled = None
+    try:
+        compiled = torch.compile(shifted_sums, dynamic=False)
+    except Exception as exc:  # noqa: BLE001 - a missing compiler is a result here
+        print(f"torch.compile unavailable: {exc!r}")
+
+    ways = {
+        "var_mean(x.float()) (before)": lambda x2: torch.var_mean(x2.float(), 0, correction=0),
+        "step_entry (statscope now)": lambda x2: R.step_entry(x2, -1, 2),
+        "shifted sums, plain ops": shifted_sums,
+        "copy into a buffer (raw)": lambda x2: x2.float().clone(),
+        "batch_norm_update_stats": lambda x2: torch.batch_norm_update_stats(x2, None, None, 0.),
+    }
+    if device == "cuda":
+        ways["batch_norm_stats"] = lambda x2: torch.batch_norm_stats(x2, 1e-30)
+    if compiled is not None:
+        ways["shifted sums, torch.compile"] = compiled
+    shapes = {"small ResNet bs 8, stage 1 (8·32·32, 16)": (8 * 32 * 32, 16),
+              "TransformerEncoder LN input (16·64, 128)": (16 * 64, 128),
+              "ViT-S LN input (128·197, 384)": (128 * 197, 384)}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    print("| tensor | dtype | " + " | ".join(ways) + " |")
+    print("|---|---|" + "---|" * len(ways))
+    for label, shape in shapes.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            gen = torch.Generator().manual_seed(0)
+            x = (torch.randn(shape, generator=gen) * 3 + 100).to(device=device, dtype=dtype)
+            ref = x.double().std(0, correction=0)
+            cells = []
+            for name, fn in ways.items():
+                try:
+                    out = fn(x)
+                    sync()
+                    n = 20
+                    best = []
+                    for _ in range(repeats):
+                        t0 = time.perf_counter()
+                        for _ in range(n):
+                            fn(x)
+                        sync()
+                        best.append((time.perf_counter() - t0) / n * 1e6)
+                    err = _std_error(name, out, x, ref)
+                    cells.append(f"{statistics.median(sorted(best)[:max(1, repeats // 5)]):.0f}"
+                                 + (f" ({err:.0e})" if err is not None else ""))
+                except RuntimeError as exc:
+                    cells.append(f"n/a ({type(exc).__name__})")
+            print(f"| {label} | {str(dtype).split('.')[-1]} | " + " | ".join(cells) + " |",
+                  flush=True)
+
+
+def _std_error(name, out, x, ref):
+    import statscope.probes.reduce as R
+
+    if name.startswith("step_entry"):
+        std = torch.from_numpy(R.entry_moments([out], x.shape[1], 2)[1][0]).sqrt()
+    elif name.startswith("shifted"):
+        x0, s, s1, s2 = (t.double().cpu() for t in out)
+        a = s1 / x.shape[0]
+        std = ((s2 / x.shape[0] - a * a).clamp_min(0) * s * s).sqrt()
+    elif name.startswith("var_mean") or name == "batch_norm_update_stats":
+        v = out[0] if name.startswith("var_mean") else out[1]
+        std = v.double().cpu().clamp_min(0).sqrt()
+    elif name == "batch_norm_stats":
+        std = 1 / out[1].double().cpu()
+    else:
+        return None
+    return float(((std - ref.cpu()).abs() / ref.cpu()).max())
 
 
 def main(argv=None) -> None:
@@ -301,17 +418,23 @@ def main(argv=None) -> None:
     ap.add_argument("--block-seconds", type=float, default=0.6)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--contenders", nargs="+", default=["statscope", "generic"],
-                    choices=("statscope", "generic", "prehook"))
+                    choices=("statscope", "generic", "prehook", "nowriter"))
+    ap.add_argument("--candidates", action="store_true",
+                    help="time the per-step reductions of one tensor instead of the models")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.candidates:
+        candidates(args.device)
+        return
     where = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() \
         or platform.machine()
     print(f"torch {torch.__version__}, Python {sys.version.split()[0]}, {where}, "
           f"{args.threads} torch thread(s), {args.rounds} rounds of blocks of ~"
           f"{args.block_seconds} s")
-    head = " | ".join(f"{c} wall (min–max) | {c} CPU" for c in args.contenders)
+    head = " | ".join(f"{c} wall (min–max) | train CPU | probes µs | writer µs"
+                      for c in args.contenders)
     print(f"| row | plain ms/step | {head} |")
-    print("|---|---|" + "---|---|" * len(args.contenders))
+    print("|---|---|" + "---|---|---|---|" * len(args.contenders))
     with tempfile.TemporaryDirectory() as tmp:
         for row in ROWS:
             if args.device not in row.devices:
@@ -325,7 +448,8 @@ def main(argv=None) -> None:
                 print(f"| {row.name} | skipped: {exc} |")
                 continue
             cells = " | ".join(f"{res[c][0]:.3f}× ({res[c][1]:.2f}–{res[c][2]:.2f}) | "
-                               f"{res[c + ':cpu']:.3f}×" for c in args.contenders)
+                               f"{res[c + ':cpu']:.3f}× | {res[c + ':probe']:.0f} | "
+                               f"{res[c + ':writer']:.0f}" for c in args.contenders)
             print(f"| {row.name} | {res['plain_ms']:.2f} | {cells} |", flush=True)
 
 

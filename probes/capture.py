@@ -32,7 +32,7 @@ import torch
 from statscope.errors import StatscopeError
 from statscope.probes.fastpath import BatchStats
 from statscope.probes.pool import BufferPool, Pair
-from statscope.probes.reduce import entries_moments, step_entry
+from statscope.probes.reduce import batchnorm_entry, entries_moments, step_entry
 from statscope.probes.selection import Target
 from statscope.probes.statistics import block_moments
 
@@ -124,9 +124,11 @@ class Capture:
                     if t.numel() == 0:
                         return
                     self._reshape(t, slot, refs=True)
-                count[slot] = self._per_channel
-                self._rows[slot - self._start] = ("invstd", x.mean, x.invstd, x.eps)
-                return
+                entry = batchnorm_entry(x, self._per_channel)
+                if entry is not None:
+                    count[slot] = self._per_channel
+                    self._rows[slot - self._start] = entry
+                    return
             x = x.input
         if self._rows is None or x.shape != self._shape:
             if x.numel() == 0:

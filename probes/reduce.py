@@ -6,6 +6,8 @@ thread turns a block's entries into float64 moments with :func:`entry_moments`. 
 
 - ``("invstd", mean, invstd, eps)``: what a training-mode BatchNorm computed itself
   (:mod:`statscope.probes.fastpath`); var = 1/invstd² − eps.
+- ``("suminv", S1, invstd, eps, M)``: the same with the mean from a cascade sum of the input,
+  where torch's CPU kernel sums in float32 (:func:`batchnorm_entry`).
 - ``("var", mean, var)``: on CUDA, ``torch.batch_norm_update_stats`` without running
   statistics: one kernel and one read of the tensor, Welford in float32 straight from
   bf16/fp16/fp32 in any layout (channels_last and ``(N, L, C)`` take its channels-last kernel).
@@ -28,12 +30,43 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["step_entry", "entry_moments", "SHIFT_SAMPLE"]
+__all__ = ["step_entry", "batchnorm_entry", "entry_moments", "SHIFT_SAMPLE", "CPU_BATCHNORM_MAX"]
 
 SHIFT_SAMPLE = 8
 """Elements per channel whose median is the shift of the ``sums`` entry."""
 
 _CUDA_VAR_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+CPU_BATCHNORM_MAX = 1 << 18
+"""Elements per channel up to which the BatchNorm fast path trusts the variance of torch's CPU
+kernel where that kernel sums in float32 (see :func:`batchnorm_entry`)."""
+
+
+def batchnorm_entry(stats, per_channel: int) -> tuple | None:
+    """The entry of a BatchNorm's own statistics (:class:`~statscope.probes.fastpath.BatchStats`),
+    or None where they are not accurate enough and the input must be reduced generically.
+
+    cuDNN and torch's CUDA kernels reduce with Welford or in parallel trees, and torch's CPU
+    kernel sums in float64 for contiguous float32 inputs with spatial dims: their statistics are
+    used as they are. For channels_last, ``(N, C)`` and low-precision inputs torch's CPU kernel
+    sums each channel sequentially in float32: the mean then drifts by up to ~1e-4·|mean| at
+    65k elements per channel (more than 1e-4 of the std once |mean| ≳ 10·std) and the variance by
+    ~1e-5 of itself, growing with the count. There the mean is taken from one cascade sum of the
+    input (one extra kernel), and beyond :data:`CPU_BATCHNORM_MAX` elements per channel the
+    input is reduced generically instead.
+    """
+    entry = ("invstd", stats.mean, stats.invstd, stats.eps)
+    x = stats.input
+    if x.device.type != "cpu" or x.dtype == torch.float64:
+        return entry
+    if x.dtype == torch.float32 and x.ndim > 2 and x.is_contiguous() \
+            and x.numel() > x.shape[0] * x.shape[1]:
+        return entry
+    rows = x.movedim(1, -1)
+    if per_channel > CPU_BATCHNORM_MAX or not rows.is_contiguous():
+        return None
+    total = rows.reshape(-1, x.shape[1]).sum(0, dtype=torch.float32).detach()
+    return ("suminv", total, stats.invstd, stats.eps, per_channel)
 
 
 @torch.no_grad()
@@ -110,9 +143,9 @@ def entries_moments(runs: Sequence[Sequence[tuple | None]], channels: Sequence[i
     jobs = []  # (tag, members, stacked tensors, per-row numbers)
     for (tag, length, _), members in groups.items():
         picked = [runs[i][r] for i, rows in members for r in rows]
-        n = 2 if tag == "var" else length - 2  # else the last item is a number: eps, or M
+        n = _TENSORS.get(tag, length - 2)  # the items after the tensors are numbers
         stacked = [torch.stack([e[1 + j] for e in picked]) for j in range(n)]
-        numbers = None if tag == "var" else np.array([e[-1] for e in picked], np.float64)
+        numbers = np.array([e[1 + n:] for e in picked], np.float64)
         jobs.append((tag, members, stacked, numbers))
     host = _to_host([t for job in jobs for t in job[2]])
     out = [tuple(np.full((len(entries), channels[i]), np.nan) for _ in range(2 if order < 4 else 4))
@@ -147,11 +180,17 @@ def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
     return out
 
 
-def _invstd(arrays, eps, order):
+def _invstd(arrays, numbers, order):
     mean, invstd = arrays
     with np.errstate(divide="ignore"):
-        var = np.maximum(1.0 / (invstd * invstd) - eps[:, None], 0.0)
+        var = np.maximum(1.0 / (invstd * invstd) - numbers[:, :1], 0.0)
     return mean, var, None, None
+
+
+def _suminv(arrays, numbers, order):
+    total, invstd = arrays
+    _, var, _, _ = _invstd((None, invstd), numbers, order)
+    return total / numbers[:, 1:2], var, None, None
 
 
 def _var(arrays, _numbers, order):
@@ -159,9 +198,9 @@ def _var(arrays, _numbers, order):
     return mean, np.maximum(var, 0.0), None, None
 
 
-def _sums(arrays, m, order):
+def _sums(arrays, numbers, order):
     x0, s, s1, s2 = arrays[:4]
-    m = m[:, None]
+    m = numbers[:, :1]
     a = s1 / m
     mean = x0 + s * a
     var = np.maximum(s2 / m - a * a, 0.0) * (s * s)
@@ -174,4 +213,5 @@ def _sums(arrays, m, order):
     return mean, var, m3, np.maximum(m4, 0.0)
 
 
-_MOMENTS = {"invstd": _invstd, "var": _var, "sums": _sums}
+_MOMENTS = {"invstd": _invstd, "suminv": _suminv, "var": _var, "sums": _sums}
+_TENSORS = {"invstd": 2, "suminv": 2, "var": 2}  # "sums": all but the tag and M

@@ -237,3 +237,38 @@ def test_near_constant_channels_keep_an_absolute_error_below_the_documented_boun
     ok = true ** 2 >= 1e-6 * eps
     assert np.all(err[ok] <= 1e-4 * scale[ok])
     assert np.all(err <= 5e-4 * eps ** 0.5)
+
+
+@pytest.mark.parametrize("shape, fmt", [((64, 16, 16, 16), torch.channels_last),
+                                        ((4096, 16), None),
+                                        ((64, 16, 16, 16), None)])
+def test_large_offsets_stay_right_where_torchs_cpu_kernel_sums_in_float32(tmp_path, shape, fmt):
+    # |mean| = 300 std: torch's CPU BatchNorm drifts there for channels_last and (N, C) inputs
+    model = nn.Sequential(nn.BatchNorm2d(16) if len(shape) == 4 else nn.BatchNorm1d(16))
+    gen = torch.Generator().manual_seed(0)
+    xs = [(torch.randn(shape, generator=gen, dtype=torch.float64) + 300).float()
+          for _ in range(3)]
+    if fmt is not None:
+        xs = [x.contiguous(memory_format=fmt) for x in xs]
+    with statscope.record(model, tmp_path / "r"):
+        for x in xs:
+            model(x)
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.attrs["probes"][0]["path"] == "batchnorm"
+    mean, var = reference([x.double() for x in xs])
+    scale = np.sqrt(var + model[0].eps)
+    rounding = 2 * np.spacing(np.float32(mean))  # of the stored float32 mean
+    assert np.all(np.abs(ds.bn_mean.values - mean) <= 1e-4 * scale + rounding)
+    assert np.all(np.abs(ds.bn_std.values - np.sqrt(var)) <= 1e-4 * scale)
+
+
+def test_beyond_the_trusted_count_torchs_float32_cpu_sums_are_not_used(tmp_path, monkeypatch):
+    monkeypatch.setattr("statscope.probes.reduce.CPU_BATCHNORM_MAX", 1000)
+    model = nn.Sequential(nn.BatchNorm1d(4))
+    xs = [torch.randn(2000, 4) * 1e-2 + 1e3 for _ in range(2)]
+    with statscope.record(model, tmp_path / "r"):
+        for x in xs:
+            model(x)
+    ds = statscope.open_run(tmp_path / "r")
+    want = np.stack([x.double().std(0, correction=0).numpy() for x in xs])
+    np.testing.assert_allclose(ds.bn_std.values, want, rtol=1e-5)
