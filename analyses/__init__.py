@@ -12,6 +12,7 @@ from .bootstrap import BootstrapMoments, block_bootstrap, fluctuation_ci
 from .claims import CLAIMS, ClaimRow, Claims, PooledClaims, PooledRow, claims
 from .fluctuation import fluctuation
 from .gaps import bn_en_gap
+from .rank_gap import rank_gap
 from .multiplicity import adjust_p, benjamini_hochberg, holm
 from .report import Report, build_report, markdown_report, render_markdown
 from .intervals import Interval, bootstrap_statistic, contrast, interval
@@ -52,6 +53,7 @@ __all__ = [
     "compare_statistics",
     "compare_runs",
     "batch_size_scaling",
+    "rank_gap",
     "holm",
     "benjamini_hochberg",
     "adjust_p",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import cast
@@ -40,6 +41,49 @@ def run_name(ds: xr.Dataset, i: int | None = None) -> str:
     if S.RUN in ds.coords and ds[S.RUN].ndim == 0:
         return str(ds[S.RUN].values)
     return str(ds.attrs.get("name", ds.attrs.get(S.ATTR_MODEL, "run")))
+
+
+def ranked(ds: xr.Dataset) -> bool:
+    """Whether ``ds`` is a distributed run with a ``rank`` dimension (open_run of its folder)."""
+    return S.RANK in ds.dims
+
+
+def every_of(ds: xr.Dataset, name: str | None = None) -> int:
+    """The run's step stride (``attrs['every']``: one step in ``every`` recorded; 1 if absent).
+
+    Args:
+        ds: one run, or stacked runs (then ``name`` picks the run's own attrs).
+        name: the run's name within stacked runs.
+    """
+    attrs = ds.attrs
+    if name is not None and isinstance(attrs.get("runs"), Mapping):
+        attrs = attrs["runs"].get(name) or attrs
+    value = attrs.get(S.ATTR_EVERY) or 1
+    try:
+        return max(1, int(value))
+    except (TypeError, ValueError):
+        raise StatscopeError(f"attrs['every']={value!r}: expected a positive int") from None
+
+
+def size_notes(ds: xr.Dataset) -> list[str]:
+    """Sentences on what the run's size controls mean for an analysis of it: one step in
+    ``every`` recorded, and layers whose per-step columns keep a subset of their channels."""
+    notes = []
+    every = every_of(ds)
+    if every > 1:
+        notes.append(f"the run records one training step in {every} (every={every}): a window of "
+                     f"W steps holds ceil(W/{every}) recorded rows, and bootstrap block lengths "
+                     f"count recorded rows")
+    for rec in ds.attrs.get(S.ATTR_PROBES, []) or []:
+        units = rec.get("units")
+        if units is None:
+            continue
+        shown = ", ".join(map(str, list(units)[:4])) + (", ..." if len(units) > 4 else "")
+        notes.append(f"{rec.get('name')}: per-step columns keep {len(units)} of its "
+                     f"{rec.get('channels')} channels (units {shown}); per-neuron results and "
+                     f"layer medians are over those, 'first' is its lowest kept unit; window "
+                     f"summaries cover every channel (source='windows')")
+    return notes
 
 
 def valid(ds: xr.Dataset, name: str) -> xr.DataArray:

@@ -43,3 +43,18 @@ def demo_run(n_steps: int = 300, layers=(("fc1", 8), ("fc2", 8)), batch_size: in
         attrs={S.ATTR_PROBES: probes, S.ATTR_LAYERS: [n for n, _ in layers],
                S.ATTR_META: {S.META_BATCH_SIZE: batch_size}, S.ATTR_STATUS: S.STATUS_COMPLETED},
     )
+
+
+def demo_ranks(n_ranks: int = 2, n_steps: int = 300, layers=(("fc1", 8), ("fc2", 8)),
+               batch_size: int = 16, seed: int = 0) -> xr.Dataset:
+    """A distributed run: ``n_ranks`` ranks each drawing their own Gaussian batches.
+
+    Returns:
+        Dataset (rank, step, neuron), as ``open_run`` shows a folder of per-rank runs.
+    """
+    runs = [demo_run(n_steps, layers, batch_size, seed + r) for r in range(n_ranks)]
+    out = xr.concat(runs, dim=S.RANK, coords="minimal", compat="override",
+                    combine_attrs="override")
+    out = out.assign_coords({S.RANK: np.arange(n_ranks)})
+    out.attrs = {**runs[0].attrs, S.ATTR_RANK: 0, S.ATTR_WORLD_SIZE: n_ranks}
+    return out

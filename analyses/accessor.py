@@ -102,6 +102,26 @@ class StatscopeAccessor:
 
         return compare_runs(self._ds, run_a, run_b, statistic, window, **kw)
 
+    def rank_gap(self, window=200, **kw):
+        """See :func:`statscope.analyses.rank_gap` (a distributed run)."""
+        from .rank_gap import rank_gap
+
+        return rank_gap(self._ds, window, **kw)
+
+    def merge_ranks(self, layers=None):
+        """The global statistics of a distributed run, merged exactly from the ranks' moments
+        and counts: :func:`statscope.ranks.merge_ranks`.
+
+        Example:
+            >>> import statscope.analyses
+            >>> from statscope.analyses._demo import demo_ranks
+            >>> demo_ranks(n_ranks=2).statscope.merge_ranks()["count"].values[0, 0]
+            np.int64(32)
+        """
+        from statscope.ranks import merge_ranks
+
+        return merge_ranks(self._ds, layers)
+
     def batch_size_scaling(self, window=200, **kw):
         """See :func:`statscope.analyses.batch_size_scaling`."""
         from .scaling import batch_size_scaling

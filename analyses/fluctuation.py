@@ -23,6 +23,7 @@ import numpy as np
 import xarray as xr
 
 from statscope import schema as S
+from statscope.errors import StatscopeError
 
 from ._data import FLUCT_STATS, masked, quiet, require, sigma_bar
 from ._names import N_VALID, NOTES
@@ -68,20 +69,31 @@ def series_std(x: xr.DataArray, *, detrend: bool = False) -> xr.DataArray:
 
 
 def fluctuation(ds: xr.Dataset, window=200, *, scale_free: bool = False,
-                detrend: bool = False) -> xr.Dataset:
+                detrend: bool = False, source: str | None = None,
+                windows: xr.Dataset | None = None) -> xr.Dataset:
     """Per-neuron fluctuation of the BN and EN statistics within a window (Figure 6).
 
     Args:
-        ds: a run (dims step, neuron) or stacked runs (run, step, neuron).
+        ds: a run (dims step, neuron), stacked runs (run, step, neuron), a distributed run
+            (rank, step, neuron), or a run's window summaries (``statscope.store.open_windows``).
         window: see :func:`statscope.analyses.select_window`; default the paper's last 200 steps.
+            From window summaries, a whole number of stored windows
+            (:func:`statscope.analyses.summaries.summary_span`).
         scale_free: divide by the neuron's σ̄ (bias-corrected time-averaged ``bn_std``).
-        detrend: remove a per-neuron linear trend in step within the window first.
+        detrend: remove a per-neuron linear trend in step within the window first (per-step
+            series only).
+        source: ``"steps"`` (the per-step columns: the kept channels) or ``"windows"`` (the
+            window summaries: every channel, exactly the same raw quantity; see
+            :mod:`statscope.analyses.summaries`). Default: ``"windows"`` when ``ds`` is window
+            summaries or ``windows`` is given, else ``"steps"``.
+        windows: the run's window summaries, when ``ds`` is its per-step Dataset and
+            ``source="windows"`` (``ds`` then provides the element counts scale-free needs).
 
     Returns:
-        Dataset, dims (neuron,) or (run, neuron), float64 vars ``bn_mean``, ``bn_std``,
-        ``en_mean``, ``en_std`` (units of the activation, or of σ when scale-free) and int
-        ``n_valid`` (steps used for ``bn_mean``), with coords layer, unit, group (and the run
-        coords). attrs: window, scale_free, detrend, ddof, method, notes.
+        Dataset, dims (neuron,), (run, neuron) or (rank, neuron), float64 vars ``bn_mean``,
+        ``bn_std``, ``en_mean``, ``en_std`` (units of the activation, or of σ when scale-free)
+        and int ``n_valid`` (steps used for ``bn_mean``), with coords layer, unit, group (and
+        the run coords). attrs: window, scale_free, detrend, ddof, method, notes.
 
     Example:
         >>> from statscope.analyses._demo import demo_run
@@ -91,6 +103,21 @@ def fluctuation(ds: xr.Dataset, window=200, *, scale_free: bool = False,
         >>> round(float(f.bn_mean[0]), 2)  # σ/√N = 0.25
         0.28
     """
+    from .summaries import is_summaries, summary_fluctuation
+
+    if source is None:
+        source = "windows" if windows is not None or is_summaries(ds) else "steps"
+    if source not in ("steps", "windows"):
+        raise StatscopeError(f"source={source!r}: expected 'steps' or 'windows'")
+    if source == "windows":
+        summ = windows if windows is not None else ds
+        if not is_summaries(summ):
+            raise StatscopeError("source='windows': pass the run's window summaries "
+                                 "(statscope.store.open_windows(path)) as ds or as windows=")
+        return summary_fluctuation(summ, window, scale_free=scale_free, detrend=detrend,
+                                   steps=None if ds is summ else ds)
+    if is_summaries(ds):
+        raise StatscopeError("source='steps': ds holds window summaries; use source='windows'")
     require(ds, [*FLUCT_STATS, S.COUNT], "fluctuation")
     return map_windows(ds, window, lambda w: _fluctuation(w, scale_free, detrend))
 

@@ -29,7 +29,7 @@ import xarray as xr
 from statscope import schema as S
 from statscope.errors import StatscopeError
 
-from ._data import probe_records, quiet, require, stacked
+from ._data import every_of, probe_records, quiet, ranked, require, stacked
 from ._names import NOTES
 from .window import select_window
 
@@ -125,6 +125,15 @@ def _check(ds: xr.Dataset, what: str) -> None:
     if stacked(ds):
         raise StatscopeError(f"{what}: got {ds.sizes[S.RUN]} stacked runs; pass one run, "
                              f"e.g. ds.isel(run=0)")
+    if ranked(ds):
+        raise StatscopeError(f"{what}: got a distributed run with {ds.sizes[S.RANK]} ranks; pass "
+                             f"one rank, e.g. ds.isel(rank=0) (DistributedDataParallel "
+                             f"broadcasts rank 0's buffers by default)")
+    every = every_of(ds)
+    if every > 1:
+        raise StatscopeError(f"{what}: the run records one step in {every} (every={every}); "
+                             f"replaying the running statistics needs every training step's "
+                             f"batch statistics")
     require(ds, [S.BN_MEAN, S.BN_STD, S.COUNT, S.RUNNING_MEAN0, S.RUNNING_VAR0], what)
 
 

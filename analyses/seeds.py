@@ -20,15 +20,19 @@ from ._data import t_quantile, t_two_sided
 __all__ = ["config_labels", "between_seeds", "SEED_FREE_KEYS", "MODEL_KEYS"]
 
 SEED_FREE_KEYS = (S.META_BATCH_SIZE, S.META_NORM, S.ATTR_MODEL, S.META_DATASET, S.META_LR,
-                  S.META_EPOCHS)
-"""The settings that define a configuration (the seed is not one of them), in label order."""
+                  S.META_EPOCHS, S.ATTR_RANK)
+"""The settings that define a configuration (the seed is not one of them), in label order. The
+rank of a distributed run's entry (a rank, or "global" for the merged statistics) is one: rank
+0 of two seeds are replicates, rank 0 and rank 1 of one run are not."""
 
-MODEL_KEYS = (S.ATTR_MODEL, S.META_DATASET, S.META_NORM, S.META_EPOCHS)
+MODEL_KEYS = (S.ATTR_MODEL, S.META_DATASET, S.META_NORM, S.META_EPOCHS, S.ATTR_RANK)
 """The settings that make runs one model trained alike, whatever their batch size (and a
-learning rate scaled with it): the series of a batch-size comparison."""
+learning rate scaled with it): the series of a batch-size comparison (per rank, or global, for
+distributed runs)."""
 
 _NAMES = {S.ATTR_MODEL: "", S.META_DATASET: "data", S.META_NORM: "norm",
-          S.META_BATCH_SIZE: "batch size", S.META_LR: "lr", S.META_EPOCHS: "epochs"}
+          S.META_BATCH_SIZE: "batch size", S.META_LR: "lr", S.META_EPOCHS: "epochs",
+          S.ATTR_RANK: "rank"}
 
 
 def config_labels(metas: Sequence[Mapping]) -> list[str]:

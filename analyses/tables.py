@@ -9,7 +9,7 @@ import xarray as xr
 from statscope import schema as S
 from statscope.errors import StatscopeError
 
-from ._data import FLUCT_STATS, layer_order
+from ._data import FLUCT_STATS, layer_order, run_name
 from ._names import NOTES
 from .baseline import excess_fluctuation
 from .fluctuation import fluctuation
@@ -99,10 +99,13 @@ def fluctuation_table(ds, window=200, *, scale_free: bool = False, detrend: bool
 
     windows = run_windows(ds, window)
     single = isinstance(ds, xr.Dataset) and S.RUN not in ds.dims
+    base = run_name(ds) if single else ""
     configs = config_labels([w.meta for w in windows])
     rows, notes = [], []
     for w, config in zip(windows, configs):
-        run = (name or w.name) if single else w.name
+        run = w.name
+        if single and name:  # a distributed run's entries keep their /rank{r}, /global suffix
+            run = name + w.name[len(base):] if w.name.startswith(base) else name
         summ = layer_summary(fluctuation(w.data, "all", scale_free=scale_free, detrend=detrend))
         found = list(summ.attrs[NOTES])
         try:
@@ -111,7 +114,7 @@ def fluctuation_table(ds, window=200, *, scale_free: bool = False, detrend: bool
         except StatscopeError as err:
             ex = None
             found.append(f"no sampling baseline: {err}")
-        notes += [n if single else f"{run}: {n}" for n in found]
+        notes += [n if len(windows) == 1 else f"{run}: {n}" for n in found]
         bs = w.meta.get(S.META_BATCH_SIZE)
         for layer in summ[S.LAYER].values:
             for stat in FLUCT_STATS:

@@ -2,8 +2,10 @@
 
 A window is one of
 
-* an int ``W``: the last ``W`` steps with data (count > 0 for some neuron), per run when stacked
-  (the paper's Figure 6 uses ``W = 200``);
+* an int ``W``: the last ``W`` training steps with data (count > 0 for some neuron), per run when
+  stacked (the paper's Figure 6 uses ``W = 200``). A run that records one step in ``every``
+  (``attrs['every']``) has ``ceil(W / every)`` recorded rows in them: ``W`` always counts training
+  steps, never rows;
 * a tuple ``(start, stop)`` of global steps, start inclusive, stop exclusive;
 * a float ``f`` in (0, 1]: the last ``ceil(f * n)`` rows of each run, ``n`` the rows from its first
   to its last step with data (a fraction of training as recorded);
@@ -11,7 +13,8 @@ A window is one of
 
 For a stacked dataset whose runs end at different steps, the result spans the union of the
 per-run windows and each run is masked outside its own (statistics NaN, count 0), so later
-reductions along ``step`` see exactly each run's window.
+reductions along ``step`` see exactly each run's window. The ranks of a distributed run (dim
+``rank``) share one window: the steps at which some rank has data.
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ import xarray as xr
 from statscope import schema as S
 from statscope.errors import StatscopeError
 
-from ._data import require, run_name, stacked
+from ._data import every_of, ranked, require, run_name, size_notes, stacked
 
 __all__ = ["select_window", "describe_window", "load_window", "RunWindow", "split_runs",
-           "run_windows", "map_windows"]
+           "expand_ranks", "run_windows", "map_windows", "window_rows", "GLOBAL"]
 
 _SEARCH_BLOCK = 1024
 _LOAD_LIMIT = 256 * 2**20
@@ -54,12 +57,12 @@ def describe_window(window) -> str:
 
 
 def _has_data(count: xr.DataArray) -> np.ndarray:
-    """(step,) bool for one run: some neuron's layer ran at that step."""
-    return np.asarray((count > 0).any(S.NEURON))
+    """(step,) bool for one run: some neuron's layer ran at that step (on some rank)."""
+    return np.asarray((count > 0).any([d for d in count.dims if d != S.STEP]))
 
 
 def _last_positions(count: xr.DataArray, w: int, name: str) -> np.ndarray:
-    """Positions of the last ``w`` steps with data, reading the store backwards a block at a time."""
+    """Positions of the last ``w`` rows with data, reading the store backwards a block at a time."""
     n = count.sizes[S.STEP]
     size = min(n, max(2 * w, _SEARCH_BLOCK))
     while True:
@@ -89,7 +92,18 @@ def _extent(count: xr.DataArray, name: str) -> tuple[int, int]:
     raise StatscopeError(f"run {name!r} has no steps with data (count is 0 everywhere)")
 
 
-def _positions(count: xr.DataArray, steps: np.ndarray, window, name: str) -> np.ndarray:
+def window_rows(window: int, every: int = 1) -> int:
+    """Recorded rows in the last ``window`` training steps of a run that records one step in
+    ``every``: ``ceil(window / every)``.
+
+    >>> window_rows(200), window_rows(200, 10), window_rows(200, 3)
+    (200, 20, 67)
+    """
+    return -(-int(window) // max(1, int(every)))
+
+
+def _positions(count: xr.DataArray, steps: np.ndarray, window, name: str,
+               every: int = 1) -> np.ndarray:
     """Positions along step that one run's window covers."""
     if isinstance(window, (bool, np.bool_)):
         raise StatscopeError(f"window={window!r}: expected an int, a (start, stop) tuple, a float "
@@ -97,7 +111,19 @@ def _positions(count: xr.DataArray, steps: np.ndarray, window, name: str) -> np.
     if isinstance(window, (int, np.integer)):
         if window < 2:
             raise StatscopeError(f"window={window}: expected at least 2 steps")
-        return _last_positions(count, int(window), name)
+        rows = window_rows(int(window), every)
+        if rows < 2:
+            raise StatscopeError(f"window={window}: run {name!r} records one step in {every}, "
+                                 f"so the last {window} steps hold {rows} recorded row; pass at "
+                                 f"least {2 * every} steps")
+        try:
+            return _last_positions(count, rows, name)
+        except StatscopeError as err:
+            if every == 1 or "longer than run" not in str(err):
+                raise
+            raise StatscopeError(f"window={window}: longer than run {name!r}, which records one "
+                                 f"step in {every} and has fewer than {rows} recorded rows with "
+                                 f"data; pass a smaller window or window='all'") from None
     first, last = _extent(count, name)
     if window is None or (isinstance(window, str) and window == "all"):
         return np.arange(first, last + 1)
@@ -150,15 +176,17 @@ def select_window(ds: xr.Dataset, window=200) -> xr.Dataset:
         raise StatscopeError("select_window: the dataset has no steps (empty run)")
     steps = np.asarray(ds[S.STEP].values)
     if not stacked(ds):
-        pos = _positions(ds[S.COUNT], steps, window, run_name(ds))
+        every = every_of(ds)
+        pos = _positions(ds[S.COUNT], steps, window, run_name(ds), every)
         out = ds.isel({S.STEP: slice(int(pos[0]), int(pos[-1]) + 1)})
         if pos.size != pos[-1] - pos[0] + 1:
             keep = np.zeros(out.sizes[S.STEP], bool)
             keep[pos - pos[0]] = True
             out = _mask_steps(out, xr.DataArray(keep, dims=[S.STEP]))
-        out.attrs["window"] = _label(ds, window)
+        out.attrs["window"] = _label(ds, window, every, pos.size)
         return out
-    per_run = [_positions(ds[S.COUNT].isel({S.RUN: i}), steps, window, run_name(ds, i))
+    per_run = [_positions(ds[S.COUNT].isel({S.RUN: i}), steps, window, run_name(ds, i),
+                          every_of(ds, run_name(ds, i)))
                for i in range(ds.sizes[S.RUN])]
     lo = min(int(p[0]) for p in per_run)
     hi = max(int(p[-1]) for p in per_run) + 1
@@ -172,11 +200,13 @@ def select_window(ds: xr.Dataset, window=200) -> xr.Dataset:
     return out
 
 
-def _label(ds: xr.Dataset, window) -> str:
-    """The window's text; "all" of a dataset that is already a window keeps that window's text."""
+def _label(ds: xr.Dataset, window, every: int = 1, rows: int = 0) -> str:
+    """The window's text; "all" of a dataset that is already a window keeps that window's text.
+    A run that records one step in ``every`` says how many recorded rows the window holds."""
     if (window is None or (isinstance(window, str) and window == "all")) and "window" in ds.attrs:
         return str(ds.attrs["window"])
-    return describe_window(window)
+    text = describe_window(window)
+    return f"{text} ({rows} recorded rows, one step in {every})" if every > 1 else text
 
 
 def _mask_steps(ds: xr.Dataset, keep: xr.DataArray) -> xr.Dataset:
@@ -224,15 +254,63 @@ class RunWindow:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
 
-def split_runs(runs) -> list[tuple[str, xr.Dataset, dict]]:
+def split_runs(runs, *, ranks: bool = True) -> list[tuple[str, xr.Dataset, dict]]:
     """One entry (name, single-run Dataset, meta) per run of ``runs``.
 
     Args:
         runs: a run (``open_run``), stacked runs (``open_runs``) or a mapping name -> run.
+        ranks: a distributed run (dim ``rank``) becomes one entry per rank, ``"NAME/rank{r}"``
+            (meta ``rank`` = r), and one of the merged statistics, ``"NAME/global"`` (meta
+            ``rank`` = "global", ``batch_size`` the sum over ranks): see
+            :func:`statscope.analyses.expand_ranks`. False keeps it whole.
 
     Raises:
         StatscopeError: anything else, or an empty mapping.
     """
+    out = _split_runs(runs)
+    if not ranks:
+        return out
+    return [entry for name, ds, meta in out for entry in
+            (expand_ranks(ds, name, meta) if ranked(ds) else [(name, ds, meta)])]
+
+
+def expand_ranks(ds: xr.Dataset, name: str, meta: Mapping[str, Any] | None = None
+                 ) -> list[tuple[str, xr.Dataset, dict]]:
+    """A distributed run as separate entries: each rank's own statistics, then the global ones.
+
+    Args:
+        ds: a run with a ``rank`` dimension.
+        name: the run's name.
+        meta: the run's settings; ``batch_size`` is taken as each rank's batch.
+
+    Returns:
+        ``(f"{name}/rank{r}", rank r's Dataset, {**meta, "rank": r})`` per rank, then
+        ``(f"{name}/global", merge_ranks(ds), {**meta, "rank": "global", "batch_size": the sum
+        of the ranks' batch sizes})``. The merged statistics are what SyncBatchNorm computes
+        over all ranks' batches (:func:`statscope.ranks.merge_ranks`).
+    """
+    from statscope.ranks import merge_ranks
+
+    meta = dict(meta or {})
+    out = []
+    for i, r in enumerate(np.asarray(ds[S.RANK].values).tolist()):
+        one = ds.isel({S.RANK: i}).drop_vars(S.RANK, errors="ignore")
+        out.append((f"{name}/rank{r}", one, {**meta, S.ATTR_RANK: int(r)}))
+    merged = merge_ranks(ds)
+    bs = meta.get(S.META_BATCH_SIZE)
+    gmeta = {**meta, S.ATTR_RANK: GLOBAL}
+    if bs is not None:
+        gmeta[S.META_BATCH_SIZE] = type(bs)(bs * ds.sizes[S.RANK])
+    out.append((f"{name}/{GLOBAL}", merged, gmeta))
+    return out
+
+
+GLOBAL = "global"
+"""The ``rank`` label of a distributed run's merged (global) statistics."""
+
+
+def _split_runs(runs) -> list[tuple[str, xr.Dataset, dict]]:
+    """:func:`split_runs` without expanding ranks."""
     if isinstance(runs, Mapping) and not isinstance(runs, xr.Dataset):
         if not runs:
             raise StatscopeError("runs={}: expected at least one run")
@@ -252,6 +330,8 @@ def split_runs(runs) -> list[tuple[str, xr.Dataset, dict]]:
     for i in range(runs.sizes[S.RUN]):
         one = runs.isel({S.RUN: i})
         name = run_name(runs, i)
+        if isinstance(per_run_attrs.get(name), Mapping):
+            one.attrs = dict(per_run_attrs[name])  # its own every, probes (kept units), status
         meta = dict((per_run_attrs.get(name) or {}).get(S.ATTR_META) or {})
         for key in S.META_KEYS:
             if key in one.coords:
@@ -270,18 +350,45 @@ def _meta(ds: xr.Dataset) -> dict:
     return meta
 
 
-def run_windows(runs, window=200) -> list[RunWindow]:
+def run_windows(runs, window=200, *, load: bool = True) -> list[RunWindow]:
     """Each run's own window, read separately (no padding of shorter runs is ever read).
 
     Args:
-        runs: see :func:`split_runs`.
+        runs: see :func:`split_runs` (a distributed run gives one entry per rank and a global
+            one).
         window: see :func:`select_window`.
+        load: read small windows into memory (:func:`load_window`); False leaves them lazy
+            (dask), for a computation that reads them where it runs (a dask worker).
 
     Returns:
         One :class:`RunWindow` per run, in order.
     """
-    return [RunWindow(name, load_window(ds, window), meta)
-            for name, ds, meta in split_runs(runs)]
+    pick = load_window if load else select_window
+    return [RunWindow(name, pick(ds, window), meta) for name, ds, meta in split_runs(runs)]
+
+
+def _per_rank(w: xr.Dataset, fn: Callable[[xr.Dataset], xr.Dataset]) -> xr.Dataset:
+    """``fn`` on each rank of a distributed run's window, stacked along ``rank``."""
+    ranks = np.asarray(w[S.RANK].values)
+    results = [fn(w.isel({S.RANK: i}).drop_vars(S.RANK, errors="ignore"))
+               for i in range(ranks.size)]
+    out = xr.concat(results, dim=S.RANK, coords="minimal", compat="override",
+                    combine_attrs="override").assign_coords({S.RANK: ranks})
+    notes = []
+    for r, res in zip(ranks, results):
+        for n in res.attrs.get(S.NOTES, []):
+            if f"rank {r}: {n}" not in notes:
+                notes.append(f"rank {r}: {n}")
+    out.attrs = {**results[0].attrs, S.NOTES: notes}
+    return out
+
+
+def _with_notes(result: xr.Dataset, ds: xr.Dataset) -> xr.Dataset:
+    """``result`` with the notes on the run's size controls (:func:`size_notes`) added."""
+    extra = [n for n in size_notes(ds) if n not in result.attrs.get(S.NOTES, [])]
+    if extra:
+        result.attrs = {**result.attrs, S.NOTES: [*result.attrs.get(S.NOTES, []), *extra]}
+    return result
 
 
 def map_windows(runs, window, fn: Callable[[xr.Dataset], xr.Dataset]) -> xr.Dataset:
@@ -295,10 +402,14 @@ def map_windows(runs, window, fn: Callable[[xr.Dataset], xr.Dataset]) -> xr.Data
     Returns:
         ``fn``'s result for one run; for several, concatenated along ``run`` with the run
         coordinates of ``runs`` (``run`` and the settings in schema.META_KEYS); attrs from the
-        first run, with each run's notes prefixed by its name when they differ.
+        first run, with each run's notes prefixed by its name when they differ. A distributed
+        run's result has a ``rank`` dimension: ``fn`` of each rank over the ranks' shared
+        window. Notes on the run's size controls (``every``, kept units) are added.
     """
-    parts = run_windows(runs, window)
-    results = [fn(p.data) for p in parts]
+    parts = [RunWindow(name, load_window(ds, window), meta)
+             for name, ds, meta in split_runs(runs, ranks=False)]
+    results = [_with_notes(_per_rank(p.data, fn) if ranked(p.data) else fn(p.data), p.data)
+               for p in parts]
     if isinstance(runs, xr.Dataset) and not stacked(runs):
         return results[0]
     first = parts[0].data

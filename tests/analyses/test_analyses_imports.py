@@ -14,7 +14,7 @@ ROOT = pathlib.Path(statscope.analyses.__file__).parent
 ALLOWED = {"numpy", "scipy", "xarray", "dask", "pandas", "__future__", "math", "warnings",
            "contextlib", "dataclasses", "typing", "collections", "functools", "itertools",
            "statistics", "json", "os", "pathlib", "textwrap", "datetime", "io", "importlib"}
-KERNEL = {"statscope.errors", "statscope.schema", "statscope.store"}
+KERNEL = {"statscope.errors", "statscope.schema", "statscope.store", "statscope.ranks"}
 MODULES = sorted(p.stem for p in ROOT.glob("*.py") if p.stem != "__init__")
 
 
