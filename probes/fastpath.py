@@ -170,19 +170,32 @@ def mirror_is_exact() -> bool:
 
 
 def _compare_with_torch() -> bool:
+    # whatever the caller's context: grad mode, inference mode, autocast, torch function modes
+    # such as ``with torch.device(...)`` (under which each forward takes torch's own path), and
+    # default dtype and device (explicit below)
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False), \
+            torch._C.DisableTorchFunction():
+        try:
+            return _compare()
+        except Exception:  # noqa: BLE001 - anything unexpected means "not provably identical"
+            return False
+
+
+def _compare() -> bool:
     gen = torch.Generator().manual_seed(0)
-    xs = [torch.randn(5, 3, 2, generator=gen) * 2 + 1 for _ in range(3)]
+    kw = {"dtype": torch.float32, "device": "cpu"}
+    xs = [torch.randn(5, 3, 2, generator=gen, **kw) * 2 + 1 for _ in range(3)]
     for momentum in (0.1, None):
         for affine in (True, False):
             for track in (True, False):
                 ref = nn.BatchNorm1d(3, momentum=momentum, affine=affine,
-                                     track_running_stats=track)
+                                     track_running_stats=track, **kw)
                 if affine:
                     with torch.no_grad():
                         ref.weight.uniform_(0.5, 1.5, generator=gen)
                         ref.bias.uniform_(-0.5, 0.5, generator=gen)
                 ours = nn.BatchNorm1d(3, momentum=momentum, affine=affine,
-                                      track_running_stats=track)
+                                      track_running_stats=track, **kw)
                 ours.load_state_dict(ref.state_dict())
                 for x in xs:
                     got = _run(ours, x, lambda m, t: _train_forward(m, t)[0])
@@ -197,7 +210,7 @@ def _run(module, x, call):
     out = call(module, x)
     if out is None:
         return None
-    out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+    out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape))
     grads = [x.grad] + [p.grad for p in module.parameters()]
     module.zero_grad(set_to_none=True)
     return [out.detach(), *grads, *(b.clone() for b in module.buffers())]

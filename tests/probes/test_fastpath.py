@@ -272,3 +272,19 @@ def test_beyond_the_trusted_count_torchs_float32_cpu_sums_are_not_used(tmp_path,
     ds = statscope.open_run(tmp_path / "r")
     want = np.stack([x.double().std(0, correction=0).numpy() for x in xs])
     np.testing.assert_allclose(ds.bn_std.values, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "autocast", "device",
+                                     "float64"])
+def test_the_check_against_torch_holds_in_any_calling_context(context, monkeypatch):
+    monkeypatch.setattr(fastpath, "_check", {})
+    if context == "float64":
+        torch.set_default_dtype(torch.float64)
+    ctx = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode(),
+           "autocast": torch.autocast("cpu", dtype=torch.bfloat16),
+           "device": torch.device("cpu"), "float64": torch.no_grad()}[context]
+    try:
+        with ctx:
+            assert fastpath.mirror_is_exact()
+    finally:
+        torch.set_default_dtype(torch.float32)
