@@ -28,7 +28,7 @@ from .heatmap import heatmap_spec
 from .layout import GRAPHS, run_panel, status_badges
 from .limits import MAX_NEURONS, MAX_OPTIONS, MAX_SCALARS, MAX_SCATTER_POINTS, RUNS_PER_PAGE
 from .ranks import rank_keys, rank_label
-from .results import (N_BOOT, claims_input, computed, fluct, neuron_fluct, rank_comparison,
+from .results import (N_BOOT, claims_sample, computed, fluct, neuron_fluct, rank_comparison,
                       scatter_values)
 from .runinfo import run_summary
 from .scatter import scatter_spec
@@ -561,10 +561,14 @@ def heatmap(catalog: RunCatalog, search, version=None, zoom=None) -> dict:
     xrange = _zoom(zoom, search)
     key = _key(catalog, run, state.rank)
     label = rank_label(key, catalog.ranks(run))
+    if key == MERGED and state.stat == S.BN_KURT:
+        return empty_spec("BN_kurt is not merged over ranks (it needs third moments): "
+                          "choose a rank.")
 
     def build():
+        # the run's own Dataset gives the steps and units; the columns come merged or per rank
         return to_wire(heatmap_spec(
-            catalog.view(run, key), state.layer, state.stat, state.window, run=run,
+            catalog.dataset(run), state.layer, state.stat, state.window, run=run,
             xrange=xrange, read=lambda n, s, p, rows: catalog.columns(n, s, p, rows, key),
             positions=catalog.layer_positions(run, state.layer), label=label))
 
@@ -586,7 +590,7 @@ def runs_tab(catalog: RunCatalog, search, version=None) -> list:
             tables[r] = computed(catalog, r, "claims", v.state.window, False, key)
         except StatscopeError as exc:
             tables[r] = str(exc)
-        sample = claims_input(catalog, r, key)[1]
+        sample = claims_sample(catalog, r)[1]
         label = rank_label(key, catalog.ranks(r))
         if sample or label:
             notes.append(f"{r}: " + "; ".join(x for x in (label and f"claims of the {label} "

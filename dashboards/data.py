@@ -220,6 +220,11 @@ def _nbytes(value: Any) -> int:
     return 2**20
 
 
+_MERGED_FROM = {S.BN_MEAN: (S.BN_MEAN, S.BN_STD, S.COUNT), S.BN_STD: (S.BN_MEAN, S.BN_STD, S.COUNT),
+                S.EN_MEAN: (S.EN_MEAN, S.EN_STD, S.COUNT), S.EN_STD: (S.EN_MEAN, S.EN_STD, S.COUNT),
+                S.COUNT: (S.COUNT,)}
+"""What each merged (step, neuron) variable is merged from, per rank."""
+
 SLICE_ROWS = 20_000
 """Row spans up to this long (or 1/16 of the run) are read as slices, not whole columns."""
 
@@ -624,6 +629,8 @@ class RunCatalog:
             ``len(neurons)`` read-only-by-convention (rows,) arrays; do not write to them.
         """
         run = self._runs[name]
+        if self.rank_key(name, rank) == MERGED and var in _MERGED_FROM:
+            return self._merged_list(name, var, neurons, rows)
         ds = self.view(name, rank)
         what = self._cache_var(name, var, rank)
         n = ds.sizes[S.STEP]
@@ -651,6 +658,43 @@ class RunCatalog:
                 self.cache.put((name, run.generation, what, i), col)
         return [cols[k][rows] for k in keys]
 
+    def _merged_list(self, name: str, var: str, neurons: Sequence[int],
+                     rows: slice | None) -> list[np.ndarray]:
+        """:meth:`column_list` of the merged ranks: each rank's columns of the statistic, its
+        partner (mean or std) and ``count``, read and cached like any rank's, then merged by
+        :func:`statscope.ranks.merge_ranks` in memory. Merging the lazy whole run and then
+        picking columns computes every neuron's block (a 4-column view took 3.4 s where this
+        takes milliseconds). Whole columns are cached merged; slices are merged again."""
+        from statscope.ranks import merge_ranks
+
+        run = self._runs[name]
+        n = self.dataset(name).sizes[S.STEP]
+        rows = slice(0, n) if rows is None else slice(*rows.indices(n)[:2])
+        if not len(neurons):
+            return []
+        keys = [(name, run.generation, (var, MERGED), int(i)) for i in neurons]
+        cols = [self.cache.get(k) for k in keys]
+        if all(c is not None for c in cols):
+            return [c[rows] for c in cols]
+        whole = rows.stop - rows.start > max(SLICE_ROWS, n // 16)
+        span = slice(0, n) if whole else rows
+        part_key = (name, run.generation, (var, MERGED), tuple(int(i) for i in neurons),
+                    rows.start, rows.stop)
+        if not whole and self.cache.get(part_key) is not None:
+            return list(self.cache.get(part_key))
+        parts = {v: np.stack([np.stack(self.column_list(name, v, neurons, span, r), axis=1)
+                              for r in run.ranks]) for v in _MERGED_FROM[var]}
+        layers = self.dataset(name)[S.LAYER].values[list(neurons)]
+        small = xr.Dataset({v: ((S.RANK, S.STEP, S.NEURON), a) for v, a in parts.items()},
+                           coords={S.LAYER: (S.NEURON, layers)})
+        merged = np.ascontiguousarray(np.asarray(merge_ranks(small)[var].values).T)
+        if not whole:
+            self.cache.put(part_key, merged)
+            return list(merged)
+        for k, col in zip(keys, merged):
+            self.cache.put(k, col)
+        return [col[rows] for col in merged]
+
     def _cache_var(self, name: str, var: str, rank) -> str | tuple:
         """The variable's part of a cache key: the name, with the rank choice for a
         distributed run (a rank's columns and the merged ones are different data)."""
@@ -662,10 +706,15 @@ class RunCatalog:
         of a distributed run, one rank's or (merged) the mean over its ranks."""
         if var not in self._runs[name].scalars:
             return None
-        ds = self.view(name, rank)
         key = (name, self._runs[name].generation, self._cache_var(name, var, rank), None)
         col = self.cache.get(key)
         if col is None:
+            if self.rank_key(name, rank) == MERGED:  # merge only the scalar, not the run
+                from statscope.ranks import merge_ranks
+
+                ds = merge_ranks(self.dataset(name)[[var, S.COUNT]])
+            else:
+                ds = self.view(name, rank)
             col = np.asarray(ds[var].values)
             self.cache.put(key, col)
         return col

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -18,14 +19,16 @@ from statscope import schema as S
 
 from . import metrics
 from .data import RunCatalog
-from .limits import MAX_CLAIMS_NEURONS
+from .limits import MAX_CLAIMS_NEURONS, MAX_SERIES_VALUES
 from .ranks import expected_gap, rank_gap
 from .sources import (SAMPLE, SERIES, WINDOWS, Fluct, Source, channel_finder, choose,
                       index_finder, layer_of_channel, sample_positions, windowed,
                       windows_layers)
 from .state import MERGED, Window
 
-__all__ = ["N_BOOT", "computed", "fluct", "neuron_fluct", "claims_input", "RankComparison",
+__all__ = ["N_BOOT", "computed", "fluct", "neuron_fluct", "series_input", "claims_input",
+           "claims_sample",
+           "RankComparison",
            "rank_comparison", "scatter_values"]
 
 N_BOOT = 200
@@ -52,34 +55,74 @@ def computed(catalog: RunCatalog, run: str, what: str, window: Window, scale_fre
     key = catalog.rank_key(run, rank)
 
     def compute():
-        ds = catalog.view(run, key)
-        if what == "fluctuation":
-            return fn(ds, aw, scale_free=scale_free)
-        if what == "fluctuation_ci":
-            return fn(ds, aw, scale_free=scale_free, n_boot=N_BOOT)
         if what == "layer_summary":
             return fn(computed(catalog, run, "fluctuation", window, scale_free, key))
         if what == "claims":
-            return fn(claims_input(catalog, run, key)[0], aw, n_boot=N_BOOT).to_dataframe()
-        return fn(ds, aw)
+            ds, w, _ = claims_input(catalog, run, key, window)
+        else:
+            ds, w = series_input(catalog, run, key, window)
+        if what == "fluctuation":
+            return fn(ds, w, scale_free=scale_free)
+        if what == "fluctuation_ci":
+            return fn(ds, w, scale_free=scale_free, n_boot=N_BOOT)
+        if what == "claims":
+            return fn(ds, w, n_boot=N_BOOT).to_dataframe()
+        return fn(ds, w)
 
     flag = scale_free if what in ("fluctuation", "fluctuation_ci", "layer_summary") else None
     return catalog.memo(run, (what, window.spec(), flag, key), compute)
 
 
-def claims_input(catalog: RunCatalog, run: str, rank=None) -> tuple[xr.Dataset, str]:
-    """The run view the claims table is computed on, and a note when it is a sample: past
+def series_input(catalog: RunCatalog, run: str, rank, window: Window):
+    """The run view and window argument the analyses of the per-step series get.
+
+    For the merged ranks, the window's rows of every rank are cut first (and read into memory
+    when they fit the series budget), then merged, and the analyses take all of that cut: the
+    lazy merge of the whole run costs every neuron's blocks through dask (3.6 s where this takes
+    0.2 s for 200 steps × 512 neurons × 2 ranks). The cut is the window's last rows; the
+    analyses' own ``last N`` counts steps with data, the same unless the run's last steps have
+    none."""
+    aw = metrics.to_analyses_window(window)
+    key = catalog.rank_key(run, rank)
+    if key != MERGED:
+        return catalog.view(run, key), aw
+    from statscope.analyses import describe_window
+    from statscope.ranks import merge_ranks
+
+    whole = catalog.dataset(run)
+    rows = window.rows(catalog.steps(run))
+    part = whole.isel({S.STEP: rows})
+    if part.sizes[S.NEURON] * part.sizes[S.STEP] * len(catalog.ranks(run)) <= MAX_SERIES_VALUES:
+        part = part.load()
+    merged = merge_ranks(part)
+    merged.attrs["window"] = describe_window(aw)
+    return merged, "all"
+
+
+def claims_input(catalog: RunCatalog, run: str, rank, window: Window
+                 ) -> tuple[xr.Dataset, Any, str]:
+    """The run view and window argument the claims table is computed on (as
+    :func:`series_input`), and a note when it is a sample: past
     :data:`~statscope.dashboards.limits.MAX_CLAIMS_NEURONS` neurons, an evenly spaced sample
     of each layer (the bootstrap over every neuron of an LLM takes minutes)."""
-    ds = catalog.view(run, rank)
-    n = ds.sizes[S.NEURON]
+    pos, note = claims_sample(catalog, run)
+    if pos is None:
+        return (*series_input(catalog, run, rank, window), "")
+    ds, aw = _subset_input(catalog, run, catalog.rank_key(run, rank), window, pos)
+    return ds, aw, note
+
+
+def claims_sample(catalog: RunCatalog, run: str) -> tuple[np.ndarray | None, str]:
+    """The neurons the claims of a wide run are bootstrapped over, and the page's note about
+    it; ``(None, "")`` for a run of at most
+    :data:`~statscope.dashboards.limits.MAX_CLAIMS_NEURONS` neurons (all of them)."""
+    n = catalog.dataset(run).sizes[S.NEURON]
     if n <= MAX_CLAIMS_NEURONS:
-        return ds, ""
+        return None, ""
     layers = catalog.layer_map(run)
     pos = sample_positions(layers, max(2, MAX_CLAIMS_NEURONS // max(1, len(layers))))
-    return (ds.isel({S.NEURON: pos}),
-            f"claims over {pos.size:,} of {n:,} neurons (evenly spaced in each layer); "
-            "statscope report evaluates every neuron")
+    return pos, (f"claims over {pos.size:,} of {n:,} neurons (evenly spaced in each layer); "
+                 "statscope report evaluates every neuron")
 
 
 def fluct(catalog: RunCatalog, run: str, rank, window: Window, scale_free: bool) -> Fluct:
@@ -113,12 +156,26 @@ def fluct(catalog: RunCatalog, run: str, rank, window: Window, scale_free: bool)
             values.attrs = _attrs(window, scale_free, src)
             return Fluct(values, summarize(values), src,
                          channel_finder(w, _wlayers(catalog, run, key, w)))
-        sub = ds.isel({S.NEURON: src.positions})
-        values = metrics.analysis("fluctuation")(sub, metrics.to_analyses_window(window),
-                                                 scale_free=scale_free)
+        sub, aw = _subset_input(catalog, run, key, window, src.positions)
+        values = metrics.analysis("fluctuation")(sub, aw, scale_free=scale_free)
         return Fluct(values, summarize(values), src, index_finder(values))
 
     return catalog.memo(run, ("fluct", window.spec(), scale_free, key), compute)
+
+
+def _subset_input(catalog: RunCatalog, run: str, key, window: Window, positions):
+    """:func:`series_input` of some neurons only (a sample, or the chosen ones)."""
+    aw = metrics.to_analyses_window(window)
+    if key != MERGED:
+        return catalog.view(run, key).isel({S.NEURON: list(positions)}), aw
+    from statscope.analyses import describe_window
+    from statscope.ranks import merge_ranks
+
+    rows = window.rows(catalog.steps(run))
+    part = catalog.dataset(run).isel({S.STEP: rows, S.NEURON: list(positions)}).load()
+    merged = merge_ranks(part)
+    merged.attrs["window"] = describe_window(aw)
+    return merged, "all"
 
 
 def _attrs(window: Window, scale_free: bool, src: Source) -> dict:
@@ -167,9 +224,8 @@ def neuron_fluct(catalog: RunCatalog, run: str, rank, window: Window, scale_free
                   if p is not None})
 
     def compute():
-        sub = catalog.view(run, key).isel({S.NEURON: pos})
-        return metrics.analysis("fluctuation")(sub, metrics.to_analyses_window(window),
-                                               scale_free=scale_free)
+        sub, aw = _subset_input(catalog, run, key, window, pos)
+        return metrics.analysis("fluctuation")(sub, aw, scale_free=scale_free)
 
     values = catalog.memo(run, ("fluct-neurons", window.spec(), scale_free, key, tuple(pos)),
                           compute)
@@ -228,7 +284,14 @@ class RankComparison:
 def rank_comparison(catalog: RunCatalog, run: str, window: Window, scale_free: bool, by: str,
                     neurons: Sequence[tuple[str, int]]) -> RankComparison:
     """Each rank's fluctuation, the merged one and the gap, per chosen neuron or per layer
-    (medians over the layer's neurons)."""
+    (medians over the layer's neurons); cached until the run changes."""
+    key = ("ranks", window.spec(), scale_free, by, tuple(neurons) if by != "layer" else ())
+    return catalog.memo(run, key, lambda: _rank_comparison(catalog, run, window, scale_free,
+                                                           by, neurons))
+
+
+def _rank_comparison(catalog: RunCatalog, run: str, window: Window, scale_free: bool, by: str,
+                     neurons: Sequence[tuple[str, int]]) -> RankComparison:
     from .style import neuron_label
 
     ranks = catalog.ranks(run)

@@ -215,3 +215,28 @@ def test_no_label_overlaps_another_and_negative_ticks_keep_their_sign(served, pa
             # the run without fc3[1] says so in its panels instead of leaving them blank
             notes = [b["text"] for b in boxes if b["text"].startswith("no fc3[1]")]
             assert notes == ["no fc3[1] in tiny"] * 2
+
+
+def test_a_distributed_run_by_rank(served, page):
+    """The rank selector appears for a distributed run; each rank is drawn beside the merged
+    statistics, and choosing one rank writes it into the URL and redraws."""
+    from dashboard_fixtures import distributed_run
+
+    url, root, app = served
+    distributed_run(root / "ddp", n_steps=600, batches=(3, 5))
+    app.catalog.refresh()
+    page.goto(url + "/?run=ddp&neuron=fc1:0&scalar=-&rank=each")
+    _wait(page, "evolution-graph", "traces.length === 3 * 4")  # 2 ranks and merged, 4 stats
+    ranks = {str(t["meta"]["rank"]) for t in _traces(page, "evolution-graph")}
+    assert ranks == {"0", "1", "merged"}
+    page.locator("#rank").get_by_text("rank 1").click()
+    page.wait_for_url("**rank=1**", timeout=15000)
+    _wait(page, "evolution-graph", "traces.length === 4 && traces.every(t => t.meta.rank === 1)")
+    page.goto(url + "/?tab=fluctuation&run=ddp&rank=each&scale=raw&neuron=fc1:0&neuron=fc2:1")
+    _wait(page, "fluctuation-graph", "traces.some(t => t.name === 'each rank')")
+    traces = _traces(page, "fluctuation-graph")
+    bars = [t for t in traces if t["meta"].get("rank") == "merged"]
+    dots = [t for t in traces if t["name"] == "each rank"]
+    assert len(bars) == 4 and len(dots) == 8 and all(t["n"] == 2 for t in bars + dots)
+    boxes = _boxes(page, "fluctuation-graph")
+    assert not _overlaps([b for b in boxes if "legend" in b["kind"] or "title" in b["kind"]])
