@@ -62,10 +62,11 @@ def batchnorm_entry(stats, per_channel: int) -> tuple | None:
     if x.dtype == torch.float32 and x.ndim > 2 and x.is_contiguous() \
             and x.numel() > x.shape[0] * x.shape[1]:
         return entry
-    rows = x.movedim(1, -1)
+    rows = x.detach().movedim(1, -1)
     if per_channel > CPU_BATCHNORM_MAX or not rows.is_contiguous():
         return None
-    total = rows.reshape(-1, x.shape[1]).sum(0, dtype=torch.float32).detach()
+    rows = rows.view(-1, x.shape[1])
+    total = rows.sum(0) if x.dtype == torch.float32 else rows.sum(0, dtype=torch.float32)
     return ("suminv", total, stats.invstd, stats.eps, per_channel)
 
 
