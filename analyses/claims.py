@@ -39,7 +39,8 @@ from .multiplicity import adjust_p
 from .intervals import bootstrap_statistic
 from .resampling import Moments
 from .seeds import MODEL_KEYS, between_seeds, config_labels
-from .window import run_windows, split_runs
+from ._compute import run_tasks
+from .window import RunWindow, run_windows, split_runs
 
 __all__ = ["Claims", "ClaimRow", "PooledClaims", "PooledRow", "claims", "HOLDS",
            "DOES_NOT_HOLD", "INCONCLUSIVE", "CLAIMS"]
@@ -247,7 +248,8 @@ class Claims:
 
 
 def claims(ds, window=200, *, confidence: float = 0.95, n_boot: int = 1000,
-           block: int | None = None, seed: int = 0, adjust: str = "holm") -> Claims:
+           block: int | None = None, seed: int = 0, adjust: str = "holm",
+           scheduler=None) -> Claims:
     """Evaluate the paper's four §4.6 observations per layer (and per run).
 
     Args:
@@ -260,6 +262,8 @@ def claims(ds, window=200, *, confidence: float = 0.95, n_boot: int = 1000,
             effect from the data).
         seed: random seed.
         adjust: "holm" (family-wise), "bh" (false discovery rate) or "none", over all rows.
+        scheduler: None to compute here; a dask scheduler (e.g. a ``distributed.Client``) to
+            bootstrap each run as a task of one graph on it (same numbers).
 
     Returns:
         Claims; ``.rows``, ``.to_dataframe()``, ``.pooled()``.
@@ -274,15 +278,14 @@ def claims(ds, window=200, *, confidence: float = 0.95, n_boot: int = 1000,
     parts = split_runs(ds)
     for _, one, _ in parts:
         require(one, [*FLUCT_STATS, S.COUNT], "claims")
-    windows = run_windows(ds, window)
+    windows = run_windows(ds, window, load=scheduler is None)
     configs = config_labels([w.meta for w in windows])
     small = _smallest_batch(windows)
-    raw: list[ClaimRow] = []
-    blocks: set[int] = set()
-    for w, config in zip(windows, configs):
-        rows = _run_rows(w, config, w.name in small, confidence, n_boot, block, seed)
-        blocks |= {r.block for r in rows if r.block}
-        raw += rows
+    per_run = run_tasks([(_rows_of, (w.name, w.data, w.meta, config, w.name in small,
+                                     confidence, n_boot, block, seed))
+                         for w, config in zip(windows, configs)], scheduler)
+    raw: list[ClaimRow] = [r for rows in per_run for r in rows]
+    blocks = {r.block for r in raw if r.block}
     rows = _judge(raw, adjust, confidence)
     order = {c: k for k, c in enumerate(CLAIMS)}
     rows.sort(key=lambda r: order[r.claim])
@@ -318,6 +321,11 @@ def _smallest_batch(windows) -> set[str]:
 
 def _hashable(v):
     return v if isinstance(v, (str, int, float, type(None))) else repr(v)
+
+
+def _rows_of(name, data, meta, config, small, confidence, n_boot, block, seed):
+    """:func:`_run_rows` of one run given as its parts (a dask task reads ``data`` itself)."""
+    return _run_rows(RunWindow(name, data, meta), config, small, confidence, n_boot, block, seed)
 
 
 def _run_rows(w, config: str, small: bool, confidence, n_boot, block, seed) -> list[ClaimRow]:

@@ -20,8 +20,10 @@ from .multiplicity import ADJUSTMENTS
 from .resampling import BLOCK_FACTOR, MIN_EFFECTIVE
 from .scaling import batch_size_scaling
 from .seeds import MODEL_KEYS, config_labels
-from .tables import COLUMNS, fluctuation_table, pooled_fluctuation_table, summary_matrix
-from .window import run_windows
+from ._compute import run_tasks
+from .tables import (COLUMNS, fluctuation_table, pooled_fluctuation_table, rank_gap_table,
+                     summary_matrix)
+from .window import GLOBAL, run_windows, split_runs
 
 __all__ = ["Report", "RunEntry", "ScalingGroup", "build_report", "render_markdown",
            "markdown_report", "cell_text", "methods", "fmt", "scaling_frame"]
@@ -60,7 +62,9 @@ class Report:
         adjust: settings. runs: the runs. windows: run name -> its window (step, neuron),
         for the figures. claims: per run; pooled: per configuration over seeds.
         fluctuation, fluctuation_pooled: the Figure-6 tables (pandas). scaling: one entry per
-        series of runs. notes: caveats collected on the way.
+        series of runs. notes: caveats collected on the way. rank_gap: the rank-gap table of
+        the distributed runs (:func:`statscope.analyses.tables.rank_gap_table`; empty when
+        none).
     """
 
     source: str
@@ -76,24 +80,32 @@ class Report:
     fluctuation_pooled: Any
     scaling: tuple[ScalingGroup, ...]
     notes: tuple[str, ...]
+    rank_gap: Any = None
 
 
 def build_report(runs, window=200, *, source: str = "", n_boot: int = 1000, seed: int = 0,
-                 confidence: float = 0.95, adjust: str = "holm") -> Report:
+                 confidence: float = 0.95, adjust: str = "holm", scheduler=None) -> Report:
     """Run every analysis the report shows, reading each run's window once.
 
     Args:
-        runs: a run, stacked runs, or a mapping name -> run (runs may differ in layers).
+        runs: a run, stacked runs, or a mapping name -> run (runs may differ in layers). A
+            distributed run is reported per rank and global (``NAME/rank0``, ``NAME/global``),
+            with its rank gap.
         window: see :func:`statscope.analyses.select_window` (each run's own window).
         source: where the runs came from (printed).
         n_boot, seed, confidence, adjust: settings of the claims and scaling intervals.
+        scheduler: None to compute here, run after run; a dask scheduler (a
+            ``distributed.Client``) to compute the per-run work (claims, Figure-6 tables, rank
+            gaps) and each scaling series as tasks of dask graphs on it: every task reads its
+            own run's window on its worker, and the numbers are the same.
 
     Returns:
         Report.
     """
     if adjust not in ADJUSTMENTS:
         raise StatscopeError(f"adjust={adjust!r}: expected one of {', '.join(ADJUSTMENTS)}")
-    parts = run_windows(runs, window)
+    whole = split_runs(runs, ranks=False)
+    parts = run_windows(runs, window, load=scheduler is None)
     windows = {}
     for p in parts:
         data = p.data.copy(deep=False)
@@ -105,35 +117,59 @@ def build_report(runs, window=200, *, source: str = "", n_boot: int = 1000, seed
                              int(p.data.attrs.get(S.ATTR_N_STEPS, 0) or 0),
                              Layers.of(p.data).names)
                     for p, label in zip(parts, labels))
-    cl = claims(windows, "all", confidence=confidence, n_boot=n_boot, seed=seed, adjust=adjust)
-    table = fluctuation_table(windows, "all")
+    cl = claims(windows, "all", confidence=confidence, n_boot=n_boot, seed=seed, adjust=adjust,
+                scheduler=scheduler)
+    table = fluctuation_table(windows, "all", scheduler=scheduler)
+    ranked_runs = {name: ds for name, ds, _ in whole if S.RANK in ds.dims}
+    gaps = rank_gap_table(ranked_runs, window, scheduler=scheduler)
     return Report(source, parts[0].data.attrs["window"], confidence, n_boot, adjust, entries,
                   windows, cl, cl.pooled(), table, pooled_fluctuation_table(table, confidence),
-                  _scaling(parts, windows, n_boot, seed, confidence),
-                  tuple(table.attrs[NOTES]))
+                  _scaling(parts, windows, n_boot, seed, confidence, scheduler),
+                  tuple(table.attrs[NOTES]) + tuple(gaps.attrs[NOTES]), gaps)
 
 
-def _scaling(parts, windows, n_boot, seed, confidence) -> tuple[ScalingGroup, ...]:
+def _series_scaling(windows, n_boot, seed, confidence):
+    """The batch-size scaling of one series, or the reason there is none (a dask task)."""
+    try:
+        return batch_size_scaling(windows, "all", n_boot=n_boot, seed=seed,
+                                  confidence=confidence), ""
+    except StatscopeError as err:
+        return None, str(err)
+
+
+def _scaling(parts, windows, n_boot, seed, confidence, scheduler=None
+             ) -> tuple[ScalingGroup, ...]:
     groups: dict[tuple, list] = {}
     for p in parts:
         key = (Layers.of(p.data).names, *(repr(p.meta.get(k)) for k in MODEL_KEYS))
         groups.setdefault(key, []).append(p)
-    out = []
+    out: list = []
+    calls = []
     for key, members in groups.items():
         names = tuple(p.name for p in members)
-        label = (f"layers {', '.join(key[0])}" if len(groups) > 1 else "all runs")
+        label = _series_label(key, members, len({k[0] for k in groups}))
         sizes = {p.meta.get(S.META_BATCH_SIZE) for p in members}
         if len(sizes - {None}) < 2:
             out.append(ScalingGroup(label, names, None, f"runs at {len(sizes - {None})} batch "
                                                          f"size(s); a slope needs two"))
             continue
-        try:
-            res = batch_size_scaling({n: windows[n] for n in names}, "all", n_boot=n_boot,
-                                     seed=seed, confidence=confidence)
-            out.append(ScalingGroup(label, names, res))
-        except StatscopeError as err:
-            out.append(ScalingGroup(label, names, None, str(err)))
-    return tuple(out)
+        out.append((label, names))
+        calls.append((_series_scaling, ({n: windows[n] for n in names}, n_boot, seed,
+                                        confidence)))
+    results = iter(run_tasks(calls, scheduler))
+    return tuple(g if isinstance(g, ScalingGroup) else ScalingGroup(*g, *next(results))
+                 for g in out)
+
+
+def _series_label(key, members, n_layouts: int) -> str:
+    """A scaling series' name: its layers when runs of several models are reported, and its
+    rank view (a rank, or global) for distributed runs."""
+    rank = members[0].meta.get(S.ATTR_RANK)
+    where = "" if rank is None else (f"rank {rank}" if rank != GLOBAL else "global")
+    layers = f"layers {', '.join(key[0])}" if n_layouts > 1 else ""
+    if where and layers:
+        return f"{layers}, {where}"
+    return where or layers or "all runs"
 
 
 def fmt(v, spec: str = "+.2f") -> str:
@@ -250,6 +286,14 @@ def render_markdown(report: Report) -> str:
     out += _md_columns(report.fluctuation.columns)
     if report.notes:
         out += ["Notes:", ""] + [f"- {n}" for n in report.notes] + [""]
+    if report.rank_gap is not None and len(report.rank_gap):
+        out += ["## Ranks: per-rank and global fluctuation", "",
+                "Each rank normalizes with its own batch; the global statistics are those over "
+                "every rank's batch (SyncBatchNorm's), merged exactly from the ranks' moments. "
+                "removed: the fraction of a rank's fluctuation the global statistics do not "
+                "have; expected: that fraction if batch sampling were the only source.", "",
+                _md_table(report.rank_gap)]
+        out += _md_columns(report.rank_gap.columns)
     out += ["## Batch-size scaling", ""]
     for g in report.scaling:
         if g.result is None:

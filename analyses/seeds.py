@@ -47,10 +47,13 @@ def config_labels(metas: Sequence[Mapping]) -> list[str]:
         ['batch size 4', 'batch size 4', 'batch size 128']
         >>> config_labels([{"model": "a"}, {"model": "b"}])
         ['a', 'b']
+        >>> config_labels([{"batch_size": 8, "rank": 0}, {"batch_size": 16, "rank": "global"},
+        ...                {"batch_size": 16}])
+        ['batch size 8 · rank 0', 'batch size 16 · rank global', 'batch size 16']
     """
     keys: list[str] = []
     for k in SEED_FREE_KEYS:
-        if k == S.META_BATCH_SIZE and any(m.get(k) is not None for m in metas):
+        if k in (S.META_BATCH_SIZE, S.ATTR_RANK) and any(m.get(k) is not None for m in metas):
             keys.append(k)
             continue
         before = len({tuple(_text(m.get(j)) for j in keys) for m in metas})
@@ -60,7 +63,7 @@ def config_labels(metas: Sequence[Mapping]) -> list[str]:
     out = []
     for m in metas:
         parts = [(f"{_NAMES[k]} {_text(m.get(k))}" if _NAMES[k] else _text(m.get(k))).strip()
-                 for k in keys]
+                 for k in keys if not (k == S.ATTR_RANK and m.get(k) is None)]
         out.append(" · ".join(parts) or "all runs")
     return out
 

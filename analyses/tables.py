@@ -9,16 +9,17 @@ import xarray as xr
 from statscope import schema as S
 from statscope.errors import StatscopeError
 
-from ._data import FLUCT_STATS, layer_order, run_name
-from ._names import NOTES
+from ._compute import run_tasks
+from ._data import FLUCT_STATS, layer_order, ranked, run_name, size_notes
+from ._names import NOTES, QUANTITY, STATISTIC
 from .baseline import excess_fluctuation
 from .fluctuation import fluctuation
 from .seeds import between_seeds, config_labels
 from .summary import layer_summary
-from .window import run_windows
+from .window import RunWindow, run_windows
 
-__all__ = ["fluctuation_table", "pooled_fluctuation_table", "select_layers", "COLUMNS",
-           "summary_matrix"]
+__all__ = ["fluctuation_table", "pooled_fluctuation_table", "rank_gap_table", "select_layers",
+           "COLUMNS", "summary_matrix"]
 
 COLUMNS = {
     "run": "the run (its folder name, or its path where names repeat)",
@@ -55,6 +56,16 @@ COLUMNS = {
              "size); sampling theory predicts −0.5 for BN statistics",
     "lower": "lower bound of the slope's interval",
     "upper": "upper bound of the slope's interval",
+    "ranks": "ranks of the distributed run (processes, each normalizing with its own batch)",
+    "rank_median": "median over the layer's neurons of the fluctuation one rank sees (root mean "
+                   "square over ranks of each rank's own fluctuation)",
+    "global_median": "median over the layer's neurons of the fluctuation of the global "
+                     "statistics, merged over every rank's batch (what SyncBatchNorm uses)",
+    "removed": "median over neurons of 1 − global / per-rank fluctuation: the fraction that "
+               "normalizing over all ranks' batches (a larger effective batch) removes",
+    "expected": "what batch sampling alone predicts for removed: 1 − √(mean 1/N_global ÷ mean "
+                "1/n_rank), 1 − 1/√ranks for equal batches; removed below it means fluctuation "
+                "shared by the ranks (drift of the weights)",
 }
 """Every column the tables use, explained (the report prints these where the columns appear)."""
 
@@ -76,14 +87,20 @@ def select_layers(ds: xr.Dataset, layers) -> xr.Dataset:
 
 
 def fluctuation_table(ds, window=200, *, scale_free: bool = False, detrend: bool = False,
-                      name: str | None = None):
+                      name: str | None = None, windows=None, scheduler=None):
     """The Figure-6 table: one row per (run, layer, statistic).
 
     Args:
-        ds: a run, stacked runs, or a mapping name -> run (runs may differ in layers).
+        ds: a run, stacked runs, or a mapping name -> run (runs may differ in layers); a
+            distributed run gives rows per rank and global (``NAME/rank0``, ``NAME/global``).
         window: see :func:`statscope.analyses.select_window` (each run's own window).
         scale_free, detrend: as in :func:`statscope.analyses.fluctuation`.
         name: the run's name in the table when ``ds`` is one run.
+        windows: one run's window summaries (``statscope.store.open_windows``): the
+            fluctuation of every channel comes from them (``source="windows"`` of
+            :func:`statscope.analyses.fluctuation`); ``ds`` must be that run.
+        scheduler: None to compute here; a dask scheduler (a ``distributed.Client``) to
+            compute each run as a task on it (same numbers).
 
     Returns:
         pandas.DataFrame with columns run, config, batch_size, layer, statistic, median, q25,
@@ -97,40 +114,122 @@ def fluctuation_table(ds, window=200, *, scale_free: bool = False, detrend: bool
     """
     import pandas as pd
 
-    windows = run_windows(ds, window)
     single = isinstance(ds, xr.Dataset) and S.RUN not in ds.dims
+    if windows is not None:
+        if not single or ranked(ds):
+            raise StatscopeError("windows=: window summaries belong to one run (or one rank's "
+                                 "store); pass that run as ds")
+        parts = [RunWindow(name or run_name(ds), ds, dict(ds.attrs.get(S.ATTR_META) or {}))]
+    else:
+        parts = run_windows(ds, window, load=scheduler is None)
     base = run_name(ds) if single else ""
-    configs = config_labels([w.meta for w in windows])
-    rows, notes = [], []
-    for w, config in zip(windows, configs):
+    configs = config_labels([w.meta for w in parts])
+    calls = []
+    for w, config in zip(parts, configs):
         run = w.name
         if single and name:  # a distributed run's entries keep their /rank{r}, /global suffix
             run = name + w.name[len(base):] if w.name.startswith(base) else name
-        summ = layer_summary(fluctuation(w.data, "all", scale_free=scale_free, detrend=detrend))
-        found = list(summ.attrs[NOTES])
+        bs = w.meta.get(S.META_BATCH_SIZE)
+        calls.append((_table_rows, (w.data, run, config, bs, window if windows is not None
+                                    else "all", scale_free, detrend, windows)))
+    results = run_tasks(calls, scheduler)
+    rows, notes, label = [], [], None
+    for (part_rows, found, text), (_, args) in zip(results, calls):
+        rows += part_rows
+        label = label or text
+        notes += [n if len(parts) == 1 else f"{args[1]}: {n}" for n in found]
+    df = pd.DataFrame(rows, columns=["run", "config", "batch_size", "layer", "statistic",
+                                     "median", "q25", "q75", "first", "excess"])
+    df.attrs = {"window": label, NOTES: notes, "scale_free": scale_free, "detrend": detrend}
+    return df
+
+
+def _table_rows(data, run, config, bs, window, scale_free, detrend, windows):
+    """One run's rows of :func:`fluctuation_table`, its notes and its window's text."""
+    fl = fluctuation(data, window, scale_free=scale_free, detrend=detrend, windows=windows)
+    summ = layer_summary(fl)
+    found = list(summ.attrs[NOTES])
+    if windows is not None:
+        ex = None
+        found.append("no sampling baseline from window summaries (it needs each step's "
+                     "element count and kurtosis); excess is left empty")
+    else:
         try:
-            ex = layer_summary(excess_fluctuation(w.data, "all", detrend=detrend))
+            ex = layer_summary(excess_fluctuation(data, "all", detrend=detrend))
             found += [n for n in ex.attrs[NOTES] if n not in found]
         except StatscopeError as err:
             ex = None
             found.append(f"no sampling baseline: {err}")
-        notes += [n if len(windows) == 1 else f"{run}: {n}" for n in found]
-        bs = w.meta.get(S.META_BATCH_SIZE)
-        for layer in summ[S.LAYER].values:
-            for stat in FLUCT_STATS:
-                q = summ[stat].sel({S.LAYER: layer}).values
-                excess = (float(ex[stat].sel({S.LAYER: layer, "quantity": "median"}))
-                          if ex is not None and stat in ex else np.nan)
-                rows.append({"run": run, "config": config,
-                             "batch_size": None if bs is None else float(bs),
-                             "layer": str(layer), "statistic": stat,
-                             **dict(zip(("median", "q25", "q75", "first"), map(float, q))),
-                             "excess": excess})
-    df = pd.DataFrame(rows, columns=["run", "config", "batch_size", "layer", "statistic",
-                                     "median", "q25", "q75", "first", "excess"])
-    df.attrs = {"window": windows[0].data.attrs["window"], NOTES: notes,
-                "scale_free": scale_free, "detrend": detrend}
+    found += [n for n in size_notes(data) if n not in found]
+    rows = []
+    for layer in summ[S.LAYER].values:
+        for stat in FLUCT_STATS:
+            q = summ[stat].sel({S.LAYER: layer}).values
+            excess = (float(ex[stat].sel({S.LAYER: layer, "quantity": "median"}))
+                      if ex is not None and stat in ex else np.nan)
+            rows.append({"run": run, "config": config,
+                         "batch_size": None if bs is None else float(bs),
+                         "layer": str(layer), "statistic": stat,
+                         **dict(zip(("median", "q25", "q75", "first"), map(float, q))),
+                         "excess": excess})
+    return rows, found, str(fl.attrs["window"])
+
+
+def rank_gap_table(ds, window=200, *, name: str | None = None, scale_free: bool = False,
+                   scheduler=None):
+    """The rank gap per layer of each distributed run: one row per (run, layer, statistic).
+
+    Args:
+        ds: a distributed run, or a mapping name -> run (runs without ranks are skipped).
+        window: see :func:`statscope.analyses.rank_gap`.
+        name: the run's name when ``ds`` is one run.
+        scale_free: as in :func:`statscope.analyses.rank_gap`.
+        scheduler: None, or a dask scheduler to compute each run as a task.
+
+    Returns:
+        pandas.DataFrame with columns run, layer, statistic, ranks, rank_median,
+        global_median, removed, expected (:data:`COLUMNS`; medians over the layer's neurons);
+        empty when no run has ranks. ``df.attrs``: window, notes.
+
+    Example:
+        >>> from statscope.analyses._demo import demo_ranks
+        >>> t = rank_gap_table(demo_ranks(n_ranks=4), 300, name="ddp")
+        >>> t.columns.tolist()[:4], round(float(t.removed.iloc[0]), 1)
+        (['run', 'layer', 'statistic', 'ranks'], 0.5)
+    """
+    import pandas as pd
+
+    runs = ([(name or run_name(ds), ds)] if isinstance(ds, xr.Dataset)
+            else [(str(k), v) for k, v in ds.items()])
+    calls = [(_gap_rows, (one, run, window, scale_free)) for run, one in runs if ranked(one)]
+    rows, notes, label = [], [], None
+    for part_rows, found, text in run_tasks(calls, scheduler):
+        rows += part_rows
+        notes += found
+        label = label or text
+    df = pd.DataFrame(rows, columns=["run", "layer", "statistic", "ranks", "rank_median",
+                                     "global_median", "removed", "expected"])
+    df.attrs = {"window": label, NOTES: notes}
     return df
+
+
+def _gap_rows(data, run, window, scale_free):
+    from .rank_gap import rank_gap
+
+    gap = rank_gap(data, window, scale_free=scale_free)
+    summ = layer_summary(gap.drop_vars("per_rank"))
+    rows = []
+    for layer in summ[S.LAYER].values:
+        for stat in FLUCT_STATS:
+            pick = {S.LAYER: layer, STATISTIC: stat, QUANTITY: "median"}
+            rows.append({"run": run, "layer": str(layer), "statistic": stat,
+                         "ranks": int(gap.attrs["n_ranks"]),
+                         "rank_median": float(summ["local"].sel(pick)),
+                         "global_median": float(summ["merged"].sel(pick)),
+                         "removed": float(summ["removed"].sel(pick)),
+                         "expected": float(summ["expected"].sel(
+                             {S.LAYER: layer, QUANTITY: "median"}))})
+    return rows, [f"{run}: {n}" for n in gap.attrs[NOTES]], str(gap.attrs["window"])
 
 
 def pooled_fluctuation_table(table, confidence: float = 0.95):

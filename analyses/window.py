@@ -281,27 +281,33 @@ def expand_ranks(ds: xr.Dataset, name: str, meta: Mapping[str, Any] | None = Non
     Args:
         ds: a run with a ``rank`` dimension.
         name: the run's name.
-        meta: the run's settings; ``batch_size`` is taken as each rank's batch.
+        meta: the run's settings; each rank's own ``meta`` (its store's) overrides them, and
+            its ``batch_size`` is taken as that rank's batch.
 
     Returns:
         ``(f"{name}/rank{r}", rank r's Dataset, {**meta, "rank": r})`` per rank, then
         ``(f"{name}/global", merge_ranks(ds), {**meta, "rank": "global", "batch_size": the sum
-        of the ranks' batch sizes})``. The merged statistics are what SyncBatchNorm computes
+        of the ranks' batch sizes (when every rank's is known)})``. The merged statistics are what SyncBatchNorm computes
         over all ranks' batches (:func:`statscope.ranks.merge_ranks`).
     """
     from statscope.ranks import merge_ranks
 
     meta = dict(meta or {})
-    out = []
+    own = ds.attrs.get("ranks") if isinstance(ds.attrs.get("ranks"), Mapping) else {}
+    out, sizes = [], []
     for i, r in enumerate(np.asarray(ds[S.RANK].values).tolist()):
         one = ds.isel({S.RANK: i}).drop_vars(S.RANK, errors="ignore")
-        out.append((f"{name}/rank{r}", one, {**meta, S.ATTR_RANK: int(r)}))
-    merged = merge_ranks(ds)
-    bs = meta.get(S.META_BATCH_SIZE)
+        attrs = own.get(str(r))
+        if isinstance(attrs, Mapping):  # the rank's own store attributes (its batch size)
+            one.attrs = {**dict(attrs), **{k: v for k, v in ds.attrs.items()
+                                            if k in ("window", S.NOTES)}}
+        rmeta = {**meta, **dict(one.attrs.get(S.ATTR_META) or {}), S.ATTR_RANK: int(r)}
+        sizes.append(rmeta.get(S.META_BATCH_SIZE))
+        out.append((f"{name}/rank{r}", one, rmeta))
     gmeta = {**meta, S.ATTR_RANK: GLOBAL}
-    if bs is not None:
-        gmeta[S.META_BATCH_SIZE] = type(bs)(bs * ds.sizes[S.RANK])
-    out.append((f"{name}/{GLOBAL}", merged, gmeta))
+    if sizes and all(b is not None for b in sizes):
+        gmeta[S.META_BATCH_SIZE] = sum(sizes)
+    out.append((f"{name}/{GLOBAL}", merge_ranks(ds), gmeta))
     return out
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["register", "run_analyze", "parse_window", "OpenedRun", "open_runs_at",
-           "check_output", "write_text", "warn"]
+           "check_output", "write_text", "warn", "add_cluster_arguments", "scheduler_of"]
 
 
 def register(subparsers) -> None:
@@ -26,10 +27,42 @@ def register(subparsers) -> None:
     p.add_argument("--layers", nargs="+", help="only these layers")
     p.add_argument("--scale-free", action="store_true", help="divide by the neuron's σ")
     p.add_argument("--detrend", action="store_true", help="remove a linear trend per neuron")
+    p.add_argument("--source", choices=("auto", "steps", "windows"), default="auto",
+                   help="per-step series (the kept channels), window summaries (every channel; "
+                        "whole stored windows, no --detrend), or auto (default): window "
+                        "summaries where a run keeps per-step columns for only some channels "
+                        "and the window is made of stored windows")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("-o", "--output", help="write here instead of stdout")
+    add_cluster_arguments(p)
     p.set_defaults(func=run_analyze)
     report.register(subparsers)
+
+
+def add_cluster_arguments(p) -> None:
+    """``--scheduler ADDRESS`` / ``--workers N``: run the analyses on a dask.distributed cluster."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run the analyses as dask tasks on this dask.distributed scheduler "
+                        "(e.g. tcp://10.0.0.5:8786); its workers must see the runs at the "
+                        "same paths")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="start a local dask.distributed cluster of N worker processes for the "
+                        "analyses")
+
+
+@contextmanager
+def scheduler_of(args):
+    """The dask scheduler the analyses run on: None (this process), or a ``distributed.Client``
+    of ``--scheduler`` or of a local cluster of ``--workers`` processes, closed on exit."""
+    address, workers = getattr(args, "scheduler", None), getattr(args, "workers", None)
+    if address is None and workers is None:
+        yield None
+        return
+    from statscope.experiments.cluster import connect
+
+    with connect(address, workers, quiet=True) as client:
+        yield client
 
 
 def parse_window(text: str):
@@ -58,32 +91,31 @@ def warn(message: str) -> None:
 
 @dataclass(frozen=True)
 class OpenedRun:
-    """A run ready to analyse: its path, the name to show, and its window (step, neuron)."""
+    """A run ready to analyse: its path, the name to show, its window (step, neuron; (rank,
+    step, neuron) for a distributed run), and the whole run (lazy)."""
 
     path: str
     name: str
     window: object
+    run: object = None
 
 
 def _candidates(path: str) -> list[str]:
-    """The runs at ``path`` (statscope.store.find_runs); folders that look like runs but are not
+    """The runs at ``path`` (statscope.store.scan_runs); folders that look like runs but are not
     readable are named in a warning."""
     from statscope.errors import StoreError
-    from statscope.store import find_runs, read_attrs
+    from statscope.store import scan_runs
 
-    found = find_runs(path)
-    base = Path(path)
-    if len(found) == 1 and Path(found[0]) == base:
-        return found
-    seen = {Path(p).resolve() for p in found}
-    for sub in sorted(base.iterdir()) if base.is_dir() else []:
-        if sub.is_dir() and (sub / "zarr.json").exists() and sub.resolve() not in seen:
-            try:
-                read_attrs(sub)
-                reason = "not readable by this statscope"
-            except StoreError as err:
-                reason = str(err)
-            warn(f"skipping {sub}: {reason}")
+    try:
+        scanned = scan_runs(path)
+    except StoreError:  # neither a run nor a folder: the caller says so
+        return []
+    found = []
+    for run, reason in scanned:
+        if reason is None:
+            found.append(run)
+        else:
+            warn(f"skipping {run}: {reason}")
     return found
 
 
@@ -92,7 +124,8 @@ def _short_names(paths: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else [p.rstrip("/") for p in paths]
 
 
-def open_runs_at(paths, window, *, by_path: bool = False, prepare=None) -> list[OpenedRun]:
+def open_runs_at(paths, window, *, by_path: bool = False, prepare=None,
+                 load: bool = True) -> list[OpenedRun]:
     """Find, open and window every run at ``paths``; warn about and skip any that fails.
 
     Args:
@@ -100,6 +133,8 @@ def open_runs_at(paths, window, *, by_path: bool = False, prepare=None) -> list[
         window: the analyses' window (see statscope.analyses.select_window).
         by_path: name runs by their path (else by folder name, paths where names repeat).
         prepare: optional Dataset -> Dataset applied before the window (e.g. a layer filter).
+        load: read small windows into memory here; False keeps them lazy, for dask workers to
+            read (``--scheduler``/``--workers``).
 
     Returns:
         The runs that opened and hold the window, in order.
@@ -108,7 +143,7 @@ def open_runs_at(paths, window, *, by_path: bool = False, prepare=None) -> list[
         StatscopeError: a path that is neither a run nor a folder, or no run left to analyse
             (the message lists why each was skipped).
     """
-    from statscope.analyses import load_window
+    from statscope.analyses import load_window, select_window
     from statscope.errors import StatscopeError
     from statscope.store import open_run
 
@@ -127,7 +162,8 @@ def open_runs_at(paths, window, *, by_path: bool = False, prepare=None) -> list[
             ds = open_run(path)
             if prepare is not None:
                 ds = prepare(ds)
-            out.append(OpenedRun(path, name, load_window(ds, window)))
+            pick = load_window if load else select_window
+            out.append(OpenedRun(path, name, pick(ds, window), ds))
         except StatscopeError as err:
             reasons.append(f"{name}: {err}")
             warn(f"skipping {name}: {err}")
@@ -181,33 +217,92 @@ def write_text(text: str, output: str | None) -> None:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    """Handler of ``statscope analyze``: one fluctuation table per run, stacked."""
+    """Handler of ``statscope analyze``: one fluctuation table per run, stacked; and the rank
+    gap of each distributed run."""
     import pandas as pd
 
-    from statscope.analyses.tables import fluctuation_table, select_layers
+    from statscope.analyses.tables import fluctuation_table, rank_gap_table, select_layers
 
     window = parse_window(args.window)
-    runs = open_runs_at(args.paths, window, by_path=True,
-                        prepare=lambda ds: select_layers(ds, args.layers))
-    if args.output:
-        check_output(args.output, runs)
-    frames, notes = [], []
-    for r in runs:
-        df = fluctuation_table(r.window, "all", scale_free=args.scale_free,
-                               detrend=args.detrend, name=r.name)
-        frames.append(df)
-        notes += [f"{r.name}: {n}" for n in df.attrs.get("notes", [])]
+    if args.source == "windows" and args.detrend:
+        from statscope.errors import StatscopeError
+
+        raise StatscopeError("--source windows --detrend: window summaries keep each window's "
+                             "mean and std, not the steps a trend is fitted to")
+    with scheduler_of(args) as scheduler:
+        runs = open_runs_at(args.paths, window, by_path=True, load=scheduler is None,
+                            prepare=lambda ds: select_layers(ds, args.layers))
+        if args.output:
+            check_output(args.output, runs)
+        frames, notes, gaps = [], [], []
+        for r in runs:
+            summaries = _summaries(r, window, args)
+            if summaries is not None:
+                df = fluctuation_table(r.run, window, scale_free=args.scale_free, name=r.name,
+                                       windows=select_layers(summaries, args.layers))
+            else:
+                df = fluctuation_table(r.window, "all", scale_free=args.scale_free,
+                                       detrend=args.detrend, name=r.name, scheduler=scheduler)
+            frames.append(df)
+            notes += [n if n.startswith(f"{r.name}/") else f"{r.name}: {n}"
+                      for n in df.attrs.get("notes", [])]
+        ranked = {r.name: r.window for r in runs if "rank" in r.window.dims}
+        if ranked:
+            gap = rank_gap_table(ranked, "all", scale_free=args.scale_free, scheduler=scheduler)
+            gaps.append(gap)
+            notes += gap.attrs.get("notes", [])
     table = pd.concat(frames, ignore_index=True)
     if args.format == "csv":
         text = table.to_csv(index=False)
+        if gaps:
+            text += "\n" + gaps[0].to_csv(index=False)
     elif args.format == "json":
-        text = table.to_json(orient="records", indent=1) + "\n"
+        if gaps:
+            text = (f'{{"fluctuation": {table.to_json(orient="records", indent=1)},\n'
+                    f'"rank_gap": {gaps[0].to_json(orient="records", indent=1)}}}\n')
+        else:
+            text = table.to_json(orient="records", indent=1) + "\n"
     else:
-        text = table.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="—") + "\n"
-        text += (f"window: {runs[0].window.attrs.get('window')}; median/q25/q75: over the "
+        fmt = (lambda v: f"{v:.4g}")
+        text = table.to_string(index=False, float_format=fmt, na_rep="—") + "\n"
+        text += (f"window: {frames[0].attrs.get('window')}; median/q25/q75: over the "
                  f"layer's neurons of each neuron's std over the window; first: unit 0; excess: "
                  f"observed / sampling-theory fluctuation (1 = batch sampling explains it)\n")
+        if gaps:
+            text += ("\nranks: per-rank and global fluctuation (layer medians); removed: the "
+                     "fraction of a rank's fluctuation that the global statistics (over every "
+                     "rank's batch) do not have; expected: that fraction from batch sampling "
+                     "alone\n")
+            text += gaps[0].to_string(index=False, float_format=fmt, na_rep="—") + "\n"
         text += "".join(f"note: {n}\n" for n in notes)
     write_text(text, args.output)
     return 0
 
+
+def _summaries(r: OpenedRun, window, args):
+    """The window summaries the run's Figure-6 table comes from, or None for its per-step series
+    (``--source``: ``windows`` always, ``auto`` when the run keeps per-step columns for only
+    some channels and the window is made of whole stored windows)."""
+    from statscope import schema as S
+    from statscope.analyses.summaries import summary_span
+    from statscope.errors import StatscopeError, StoreError
+    from statscope.store import open_windows
+
+    if args.source == "steps" or S.RANK in r.window.dims:
+        if args.source == "windows":
+            raise StatscopeError(f"--source windows: {r.name} is a distributed run; window "
+                                 f"summaries are per rank (open_windows of PATH/rank0, ...)")
+        return None
+    subset = any(p.get("units") is not None for p in r.window.attrs.get(S.ATTR_PROBES, []))
+    if args.source == "auto" and (not subset or args.detrend):
+        return None
+    try:
+        summaries = open_windows(r.path)
+        summary_span(summaries, window)
+    except (StatscopeError, StoreError) as err:
+        if args.source == "windows":
+            raise StatscopeError(f"--source windows: {r.name}: {err}") from None
+        warn(f"{r.name}: per-step columns keep only some channels, and the window summaries "
+             f"cannot be used ({err}); the table covers the kept channels")
+        return None
+    return summaries

@@ -11,8 +11,8 @@ import argparse
 import html
 from pathlib import Path
 
-from statscope.commands.analyze import (check_output, open_runs_at, parse_window, warn,
-                                        write_text)
+from statscope.commands.analyze import (add_cluster_arguments, check_output, open_runs_at,
+                                        parse_window, scheduler_of, warn, write_text)
 
 __all__ = ["register", "run_report", "render_html", "report_figures"]
 
@@ -35,6 +35,7 @@ def register(subparsers) -> None:
     r.add_argument("--adjust", choices=("holm", "bh", "none"), default="holm",
                    help="multiplicity adjustment over the claims table (default holm)")
     r.add_argument("-o", "--output", default="report.html", help="report.html or report.md")
+    add_cluster_arguments(r)
     r.set_defaults(func=run_report)
 
 
@@ -52,25 +53,34 @@ def run_report(args: argparse.Namespace) -> int:
     if fmt is None:
         raise StatscopeError(f"-o {args.output}: expected a .html or .md file name")
     window = parse_window(args.window)
-    runs = open_runs_at(args.paths, window)
-    check_output(args.output, runs)
-    report = build_report({r.name: r.window for r in runs}, "all",
-                          source=", ".join(map(str, args.paths)), n_boot=args.n_boot,
-                          seed=args.seed, confidence=args.confidence, adjust=args.adjust)
-    if fmt == "md":
-        text = render_markdown(report)
-    else:
-        from statscope.store import open_run
-
-        full = {}
-        for r in runs:
-            try:
-                full[r.name] = open_run(r.path)
-            except StatscopeError as err:
-                warn(f"{r.name}: no evolution figure: {err}")
-        text = render_html(report, report_figures(report, full, window))
+    with scheduler_of(args) as scheduler:
+        runs = open_runs_at(args.paths, window, load=scheduler is None)
+        check_output(args.output, runs)
+        report = build_report({r.name: r.window for r in runs}, "all",
+                              source=", ".join(map(str, args.paths)), n_boot=args.n_boot,
+                              seed=args.seed, confidence=args.confidence, adjust=args.adjust,
+                              scheduler=scheduler)
+        if fmt == "md":
+            text = render_markdown(report)
+        else:
+            text = render_html(report, report_figures(report, _full_runs(runs), window))
     write_text(text, args.output)
     return 0
+
+
+def _full_runs(runs) -> dict:
+    """Run name -> the whole run, for Figure 7's step axis; a distributed run's entries
+    (``NAME/rank0``, ``NAME/global``) each get their own view."""
+    from statscope import schema as S
+    from statscope.analyses.window import expand_ranks
+
+    full = {}
+    for r in runs:
+        if S.RANK in r.run.dims:
+            full.update({name: ds for name, ds, _ in expand_ranks(r.run, r.name)})
+        else:
+            full[r.name] = r.run
+    return full
 
 
 def report_figures(report, full_runs, window) -> list[tuple[str, str, object]]:
@@ -359,6 +369,15 @@ def render_html(report, figures) -> str:
     if report.notes:
         parts.append("<h3>Notes</h3><ul class='note'>"
                      + "".join(f"<li>{_e(n)}</li>" for n in report.notes) + "</ul>")
+    if report.rank_gap is not None and len(report.rank_gap):
+        parts.append("<h2>Ranks: per-rank and global fluctuation</h2><p class='note'>Each rank "
+                     "normalizes with its own batch; the global statistics are those over every "
+                     "rank's batch (SyncBatchNorm's), merged exactly from the ranks' moments and "
+                     "counts. <b>removed</b>: the fraction of a rank's fluctuation that the "
+                     "global statistics do not have — what a larger effective batch removes; "
+                     "<b>expected</b>: that fraction if batch sampling were the only source "
+                     "(less removed: fluctuation the ranks share, from the weights' drift).</p>")
+        parts.append(_table(report.rank_gap, "rank-gap"))
     parts.append("</section><section id='scaling'><h2>Batch-size scaling</h2>")
     for g in report.scaling:
         if g.result is None:

@@ -131,12 +131,20 @@ def stack(runs: dict[str, xr.Dataset]) -> xr.Dataset:
     return out
 
 
-def to_store(ds: xr.Dataset, path) -> str:
-    """Write an in-memory single run to a real store on disk with statscope.writer.write_run."""
+def to_store(ds: xr.Dataset, path, *, units=None, **attrs) -> str:
+    """Write an in-memory single run to a real store on disk with statscope.writer.write_run.
+
+    ``units``: layer -> the channels whose per-step columns are kept (window summaries keep
+    all); ``attrs``: more root attributes (``rank``, ``world_size``, ``every``, ...)."""
+    import dataclasses
+
     from statscope.store import ProbeInfo
     from statscope.writer import write_run
 
     probes = [ProbeInfo(**p) for p in ds.attrs[S.ATTR_PROBES]]
+    if units:
+        probes = [dataclasses.replace(p, units=tuple(units[p.name])) if p.name in units else p
+                  for p in probes]
     data = {}
     first_of_group = np.flatnonzero(
         np.r_[True, (np.diff(ds[S.GROUP].values) != 0)
@@ -148,4 +156,5 @@ def to_store(ds: xr.Dataset, path) -> str:
         data[s] = ds[s].values[:, first_of_group]
     first_of_probe = np.flatnonzero(np.r_[True, ds[S.LAYER].values[1:] != ds[S.LAYER].values[:-1]])
     return write_run(path, probes, data, steps=ds[S.STEP].values,
-                     count=ds[S.COUNT].values[:, first_of_probe], meta=ds.attrs[S.ATTR_META])
+                     count=ds[S.COUNT].values[:, first_of_probe], meta=ds.attrs[S.ATTR_META],
+                     **attrs)
