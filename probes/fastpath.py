@@ -21,12 +21,14 @@ before), tensor subclasses, ``SyncBatchNorm`` and other subclasses with a ``forw
 (timm's ``BatchNormAct2d``), ``mechanism="hooks"``, a probe whose ``channel_dim`` is not 1, and
 every probe when a recorded statistic needs the third or fourth moment (``bn_kurt``).
 
-The variance is recovered on the writer thread in float64 as ``1/invstd² − eps``: within about
-3e-7 of ``√(var + eps)``, so the stored ``bn_std`` is good to about 1e-6 of itself while
-``var ≥ 100·eps``; for channels whose variance is below ``eps`` the error stays within ~1e-6 of
-``√(var + eps)`` (absolute), which is coarse relative to the tiny ``bn_std`` itself. Where
-BatchNorm's own float32 variance overflowed (``|x| ≳ 1e19``; its output is then meaningless too),
-``invstd`` is 0 and ``bn_std`` is stored as inf.
+The variance is recovered on the writer thread in float64 as ``1/invstd² − eps``, which adds
+about 1e-7 of ``√(var + eps)`` to BatchNorm's own error: the stored ``bn_std`` is good to ~1e-6 of
+itself while ``var ≥ 100·eps``, and to ~3e-4·√eps (absolute) for nearly constant channels. Where
+torch's CPU kernel sums in float32 (channels_last, ``(N, C)`` and low-precision inputs), the mean
+comes from one extra sum of the input and large inputs are reduced generically
+(:func:`statscope.probes.reduce.batchnorm_entry`). Where BatchNorm's own float32 variance
+overflowed (``|x| ≳ 1e19``; its output is meaningless too), ``invstd`` is 0 and ``bn_std`` is
+stored as inf.
 """
 
 from __future__ import annotations
