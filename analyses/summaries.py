@@ -48,7 +48,7 @@ def summary_span(summaries: xr.Dataset, window=200) -> tuple[np.ndarray, int, in
     Args:
         summaries: from :func:`statscope.store.open_windows`.
         window: an int ``W`` (a multiple of the run's ``window_steps``: the last ``W /
-            window_steps`` complete windows), a ``(start, stop)`` pair of steps on window
+            window_steps`` complete windows — no recorded step of theirs still to come), a ``(start, stop)`` pair of steps on window
             boundaries, or ``"all"``/None (every stored window, the last one also when partial).
 
     Returns:
@@ -80,7 +80,8 @@ def summary_span(summaries: xr.Dataset, window=200) -> tuple[np.ndarray, int, in
             raise StatscopeError(f"window={window}: window summaries cover whole windows of "
                                  f"{length} steps; pass a multiple of {length} (or use the "
                                  f"per-step series)")
-        complete = np.flatnonzero(starts + length - 1 <= last)
+        every = max(1, int(summaries.attrs.get(S.ATTR_EVERY) or 1))
+        complete = np.flatnonzero(starts + length - every <= last)  # no recorded step to come
         k = int(window) // length
         if complete.size < k:
             raise StatscopeError(f"window={window}: the run has {complete.size} complete "
