@@ -55,13 +55,36 @@ def add_cluster_arguments(p) -> None:
 def scheduler_of(args):
     """The dask scheduler the analyses run on: None (this process), or a ``distributed.Client``
     of ``--scheduler`` or of a local cluster of ``--workers`` processes, closed on exit."""
+    import logging
+
+    from statscope.errors import StatscopeError
+
     address, workers = getattr(args, "scheduler", None), getattr(args, "workers", None)
     if address is None and workers is None:
         yield None
         return
-    from statscope.experiments.cluster import connect
-
-    with connect(address, workers, quiet=True) as client:
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as exc:
+        raise StatscopeError(f"--scheduler/--workers: need dask.distributed ({exc}); pip "
+                             f"install 'statscope[dask]'") from None
+    if address is not None:
+        try:
+            client = Client(address, set_as_default=False)
+        except ValueError as exc:  # an unknown scheme, a malformed address
+            raise StatscopeError(f"--scheduler {address}: {exc}") from None
+        except (OSError, TimeoutError) as exc:
+            raise StatscopeError(f"--scheduler {address}: cannot connect ({exc})") from None
+        with client:
+            yield client
+        return
+    if workers < 1:
+        raise StatscopeError(f"--workers {workers}: expected at least 1")
+    # The scheduler's HTTP server takes port 8787 unless told otherwise, and warns when that is
+    # taken (another cluster on the machine): a free port instead.
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
+            Client(cluster, set_as_default=False) as client:
         yield client
 
 
