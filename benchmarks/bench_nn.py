@@ -147,9 +147,10 @@ def main():
             if not applies(norm, kind):
                 continue
             image = kind == "conv"
-            reference = stepper(build(kind, lambda c: counterpart(norm, c, image)), kind, batch,
+            reference = stepper(build(kind, lambda c, n=norm, i=image: counterpart(n, c, i)), kind,
+                                batch,
                                 args.device, args.compile)
-            contender = stepper(build(kind, lambda c: make_norm(norm, c)), kind, batch,
+            contender = stepper(build(kind, lambda c, n=norm: make_norm(n, c)), kind, batch,
                                 args.device, args.compile)
             ratios, (ref, ours) = abba(reference, contender, args.rounds, args.device,
                                        args.budget)

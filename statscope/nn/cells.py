@@ -11,14 +11,15 @@ autograd graph holds a dozen full-size tensors; here the full-size work is four 
   on the ``(1, N·C, |S|)`` view), then ``dx = g·a + (x - μ)·2dσ²/|S| + dμ/|S|`` in two calls.
 
 Between them, the ``(N, C)`` algebra (set averages, centres, mixtures, γ) is the layer's own
-:meth:`_set_statistics`, and its backward is closed-form: every set statistic is an average over
+:func:`statscope.nn.algebra.statistics_from_cells`, and its backward is closed-form: every set statistic is an average over
 the cells of the set, a self-adjoint map, so the gradient reaching the cells is the set average
 of the gradient (``dm = -a Σg``, ``da = D + (μ - m) Σg`` to start from).
 """
 
 import torch
 
-from statscope.nn.channel import UNIT_EPS, recomputed_backward
+from statscope.nn.algebra import UNIT_EPS, statistics_from_cells
+from statscope.nn.channel import recomputed_backward
 from statscope.nn.moments import set_average
 
 __all__ = ["cell_norm"]
@@ -53,7 +54,7 @@ def _mix_backward(shares, grad, stats):
 
 
 def _statistics_backward(layer, parts, grad_mean, grad_var, needs_mean_weight, needs_var_weight):
-    """Closed-form backward of :meth:`_set_statistics` from ``(N, C)`` gradients of its outputs.
+    """Closed-form backward of :func:`statscope.nn.algebra.statistics_from_cells` from ``(N, C)`` gradients of its outputs.
 
     Every set statistic is an average over the cells of a set, a self-adjoint operator: the
     gradient reaching the cells is the set average of the gradient. Returns the gradients of the
@@ -95,7 +96,7 @@ class _CellNorm(torch.autograd.Function):
         n, c = x.shape[:2]
         mu, var = _cell_moments(x)
         parts = []
-        mean, v = layer._set_statistics(x.shape, (mu, var), mean_weight, var_weight, use_batch,
+        mean, v = statistics_from_cells(layer, x.shape, (mu, var), mean_weight, var_weight, use_batch,
                                         update, parts)
         r = torch.rsqrt(v + layer.eps).expand(n, c)
         scale = r if weight is None else r * weight

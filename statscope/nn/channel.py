@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ChannelPlan", "channel_norm", "recomputed_backward", "UNIT_EPS"]
+from statscope.nn.algebra import (UNIT_EPS, constants, plain_forward, update_channel,
+                                  update_extended)
 
-UNIT_EPS = 1e-30
-"""The eps of BatchNorm's kernels used as a plain affine map with a unit variance: positive, as
-some torch versions and devices demand, and too small to change ``1 + eps`` in any float type."""
+__all__ = ["ChannelPlan", "channel_norm", "recomputed_backward"]
+
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class _ChannelNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mean_weight, var_weight, layer, update):
         plan = layer._plan
-        known = layer._constants(x)
+        known = constants(layer, x)
         mu, var = _channel_moments(x)
         softmax_mean = None if mean_weight is None else torch.softmax(mean_weight, 0)
         softmax_var = None if var_weight is None else torch.softmax(var_weight, 0)
@@ -146,7 +146,7 @@ class _ChannelNorm(torch.autograd.Function):
         y = torch.batch_norm(x, weight, bias, _flat(m, ones), _flat(v, ones), False, 0.0,
                              max(layer.eps, UNIT_EPS), False)
         if update:
-            layer._update_channel(x.shape, means, variances, softmax_mean, known)
+            update_channel(layer, x.shape, means, variances, softmax_mean, known)
         ctx.save_for_backward(x, weight, bias, mean_weight, var_weight)
         ctx.layer = layer
         ctx.stats = (mu, means, m, variances, v, group_mean, softmax_mean, shares_mean,
@@ -240,7 +240,7 @@ class _ExtendedStdNorm(torch.autograd.Function):
         groups = layer._plan.groups
         extended_mean = layer._plan.mean_extended[0]
         subtracted = layer._plan.subtracted and not extended_mean
-        known = layer._constants(x)
+        known = constants(layer, x)
         eps, c_s, c_t, inv_k, bessel, ones = (known.eps, known.slope, known.offset, known.inv_k,
                                               known.bessel, known.ones)
         size = x.shape[1]
@@ -265,7 +265,7 @@ class _ExtendedStdNorm(torch.autograd.Function):
                       if extended_mean else mu)
         y = torch.batch_norm(x, a, bias, centre, ones, False, 0.0, UNIT_EPS, False)
         if update:
-            layer._update_extended(group_mean if extended_mean else mu, group_var, bessel)
+            update_extended(layer, group_mean if extended_mean else mu, group_var, bessel)
         ctx.save_for_backward(x, weight, bias)
         ctx.layer = layer
         ctx.stats = (r, a, centre, ones, group_mean if not (subtracted or extended_mean) else None,
@@ -360,7 +360,7 @@ def recomputed_backward(layer, grad, inputs, needs, use_batch=True):
     with torch.enable_grad():
         leaves = [t if t is None or t.requires_grad else t.detach().requires_grad_()
                   for t in inputs]
-        y = layer._plain(*leaves, use_batch=use_batch, update=False)
+        y = plain_forward(layer, *leaves, use_batch, False)
         targets = [t for t, want in zip(leaves, wanted) if want]
         grads = iter(torch.autograd.grad(y, targets, grad, create_graph=True,
                                          allow_unused=True))

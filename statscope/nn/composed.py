@@ -27,13 +27,10 @@ double backward included, is torch's own. Large inputs take the Function of
 
 import torch
 
-from statscope.nn.channel import UNIT_EPS
+from statscope.nn.algebra import CENTRING_SCALE, UNIT_EPS, constants, update_extended
 
-__all__ = ["extended_std_composed", "CENTRING_SCALE"]
+__all__ = ["extended_std_composed"]
 
-CENTRING_SCALE = 1e10
-"""The c of the centring call: c² is far above any per-channel variance of z (at most K), and c³
-and c⁻³, which BatchNorm's backward forms, stay inside float32's range."""
 
 
 def extended_std_composed(layer, x, update):
@@ -51,7 +48,7 @@ def extended_std_composed(layer, x, update):
     groups = plan.groups
     extended_mean = plan.mean_extended[0]
     subtracted = plan.subtracted and not extended_mean
-    known = layer._constants(x)
+    known = constants(layer, x)
     shape = x.shape
     source = x
     if subtracted:
@@ -80,5 +77,5 @@ def extended_std_composed(layer, x, update):
         else:
             mean = torch.addcdiv(group_mean.view(groups, 1), centre.view(groups, -1),
                                  r.view(groups, 1))
-        layer._update_extended(mean, known.scratch_var, known.rescale)
+        update_extended(layer, mean, known.scratch_var, known.rescale)
     return y

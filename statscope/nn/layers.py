@@ -11,18 +11,16 @@ any further one is ``running_mean_<set>`` / ``running_var_<set>``. Sets that are
 ("instance", "layer", "group") are computed at inference, as in the paper.
 """
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
 from statscope.errors import StatscopeError
+from statscope.nn.algebra import mix, plain_forward
 from statscope.nn.cells import cell_norm
-from statscope.nn.channel import UNIT_EPS, ChannelPlan, channel_norm
-from statscope.nn.composed import CENTRING_SCALE, extended_std_composed
-from statscope.nn.moments import (BATCH_SETS, GROUPED_SETS, STD_CENTERS, cell_moments,
-                                  check_groups, check_set, describe, deviation_fraction,
-                                  set_average, set_size)
+from statscope.nn.channel import ChannelPlan, channel_norm
+from statscope.nn.composed import extended_std_composed
+from statscope.nn.moments import (BATCH_SETS, GROUPED_SETS, STD_CENTERS, check_groups, check_set,
+                                  describe, set_average, set_size)
 
 try:
     from torch.compiler import is_compiling as compiling
@@ -41,84 +39,24 @@ _TORCH_NORMS = {"batch": "batch_norm", "instance": "instance_norm", "layer": "la
                 "group": "group_norm"}
 
 
-class _Constants(NamedTuple):
-    """Per-shape constants of the extended-std routes (0-d tensors unless said otherwise).
-
-    K is the number of channels of a group, M the number of pixels of a channel.
-    """
-
-    eps: torch.Tensor
-    slope: torch.Tensor
-    """-1/(K·M), the Function's factor of the variance's gradient."""
-    offset: torch.Tensor
-    """-1/M (HN) or -1/(K·M) (EN), the factor of the mean's gradient."""
-    inv_k: torch.Tensor
-    bessel: torch.Tensor
-    """Bessel's factor of the layer's running variance."""
-    scratch_mean: torch.Tensor
-    """``(G,)``, zeroed: written by the composed route's BatchNorm call."""
-    scratch_var: torch.Tensor
-    """``(G,)``, zeroed: receives the unbiased group variance."""
-    rescale: "torch.Tensor | None"
-    """Takes the scratch variance's Bessel factor (whole group) to the layer's, or None."""
-    zeros: torch.Tensor
-    """``(C,)`` zeros, the statistics of BatchNorm's inference op used as an affine map."""
-    ones: torch.Tensor
-    """``(C,)`` ones."""
-    centring: torch.Tensor
-    """``(C,)`` filled with :data:`CENTRING_SCALE`, the centring call's weight without γ."""
-    centring_scale: torch.Tensor
-    """:data:`CENTRING_SCALE`."""
-    inv_count: torch.Tensor
-    """1/M."""
-    two_over_count: torch.Tensor
-    """2/M."""
-    minus_half: torch.Tensor
-    """-1/2."""
-    fractions: tuple
-    """Per std set, 1 over the expected mean square deviation over the variance (Bessel's
-    factor, 0-d tensors), or () when it depends on the mixture weights of the mean."""
-
-    @classmethod
-    def build(cls, layer, x):
-        plan = layer._plan
-        per_group = layer.num_features // plan.groups
-        count = x.numel() // layer.num_features
-        pooled = per_group * count
-        extended_mean = plan.mean_extended[0]
-        cells = count if plan.subtracted and not extended_mean else pooled
-        kind = {"dtype": x.dtype, "device": x.device}
-
-        def scalar(value):
-            return torch.tensor(value, **kind)
-
-        return cls(scalar(layer.eps if layer.eps > 0 else UNIT_EPS), scalar(-1.0 / pooled),
-                   scalar(-1.0 / (pooled if extended_mean else count)), scalar(1.0 / per_group),
-                   scalar(1.0 / (1.0 - 1.0 / cells)), torch.zeros(plan.groups, **kind),
-                   torch.zeros(plan.groups, **kind),
-                   None if cells == pooled else
-                   scalar((1.0 - 1.0 / pooled) / (1.0 - 1.0 / cells)),
-                   torch.zeros(layer.num_features, **kind), torch.ones(layer.num_features, **kind),
-                   torch.full((layer.num_features,), CENTRING_SCALE, **kind),
-                   scalar(CENTRING_SCALE), scalar(1.0 / count), scalar(2.0 / count),
-                   scalar(-0.5),
-                   () if layer.mean_weight is not None and layer.std_center == "subtracted" else
-                   tuple(scalar(1.0 / f) for f in layer._fractions(x.shape, None)))
-
 
 class _PixelSetNorm(nn.Module):
     """Shared machinery: parameters, buffers, routes, running statistics, inference affine.
 
-    ``forward`` takes one of three routes, all giving the same values and gradients:
+    ``forward`` takes one route per input shape, dtype and mode (chosen once, then cached), all
+    giving the same values, gradients and running statistics (docs/nn.md, *Performance*):
 
     - a norm that is exactly one of torch's (BN, IN, LN, GN: one set, equal on both sides) calls
-      torch's own op, so it runs at torch's speed with torch's double backward and compile support;
-    - a norm whose statistics are all per channel (EN, HN, their _G forms, (BN, BN+EN)) runs as
-      one autograd Function on BatchNorm's kernels (:mod:`statscope.nn.channel`) in training, and
-      as BatchNorm's inference op in eval where a single buffer per side holds its statistics;
-    - anything else (per-example sets in a mixture or a heterologous pair, inputs of another
-      dtype than the layer's, the per-channel norms under ``torch.compile``) is written in plain
-      differentiable torch ops (:meth:`_plain`), which Inductor can fuse with its neighbours.
+      torch's own op;
+    - a norm whose statistics are all per channel (EN, HN, their _G forms, (BN, BN+EN)) runs in
+      training as two BatchNorm calls on small inputs (:mod:`statscope.nn.composed`) or as one
+      autograd Function (:mod:`statscope.nn.channel`), and in eval, where one buffer per side
+      holds its statistics, as BatchNorm's inference op;
+    - a norm with per-example statistics on feature maps runs as one autograd Function
+      (:mod:`statscope.nn.cells`);
+    - anything else (``(N, C)`` inputs to per-example sets, inputs of another dtype than the
+      layer's, every norm but torch's under ``torch.compile``) is written in plain
+      differentiable ops (:func:`statscope.nn.algebra.plain_forward`).
     """
 
     def __init__(self, num_features, mean_sets, std_sets, mean_groups, std_groups, eps, momentum,
@@ -255,92 +193,12 @@ class _PixelSetNorm(nn.Module):
                         f"{pixel_set!r} ({describe(pixel_set)}), which has 1 pixel per set for "
                         f"this shape; expected at least 2")
 
-    def _fractions(self, shape, shares_mean):
-        """Per std set, the expected mean square deviation over the variance (Bessel's factor).
 
-        Deviations around the set's own mean (``std_center="own"``, or a std set equal to the
-        mean set) lose one pixel's worth: ``1 - 1/n``. Around the mean actually subtracted they
-        lose what that mean's sets cost (:func:`deviation_fraction`): for HN's pooled variance
-        ``1 - 1/M``, M the pixels of one channel, not ``1 - 1/n`` of the whole extended set.
-        Cached per shape unless it depends on the mixture weights.
-        """
-        if shares_mean is None or self.std_center == "own":
-            key = ("fractions", shape)
-            known = self._shapes.get(key)
-            if known is None:
-                known = self._shapes[key] = self._fraction_values(shape, None)
-            return known
-        return self._fraction_values(shape, shares_mean)
 
-    def _fraction_values(self, shape, shares_mean):
-        if self.std_center == "own":
-            return tuple(1.0 - 1.0 / set_size(shape, s, self.std_groups) for s in self.std_sets)
-        fraction = deviation_fraction(shape, self.mean_sets, self.mean_groups,
-                                      None if shares_mean is None else shares_mean.detach())
-        return (fraction,) * len(self.std_sets)
 
-    def _factor(self):
-        """The running statistics' update weight: the momentum, or the count (a tensor) if None."""
-        return self.momentum if self.momentum is not None else self.num_batches_tracked
 
-    def _lerp(self, name, value, factor):
-        """``buffer ← buffer + factor·(value - buffer)`` for a ``(1, C)``, ``(1, 1)`` or ``(C,)``
-        value, outside autograd; a count tensor as ``factor`` means weight 1/count."""
-        buffer = self._buffers[name]
-        if isinstance(factor, torch.Tensor):
-            factor = factor.to(buffer.dtype).reciprocal()
-        buffer.view(1, -1).lerp_(value.detach().to(buffer.dtype), factor)
 
-    def _update_channel(self, shape, means, variances, shares_mean, known):
-        """Running statistics from the general Function's ``(G, K)`` / ``(G, 1)`` set statistics."""
-        factor = self.momentum
-        if factor is None:
-            factor = self.num_batches_tracked.to(known.eps.dtype).reciprocal()
-        inverse = known.fractions or tuple(1.0 / f for f in self._fractions(shape, shares_mean))
-        groups = self._plan.groups
-        for values, names, scales in ((means, self._mean_buffers, None),
-                                      (variances, self._var_buffers, inverse)):
-            for k, (value, name) in enumerate(zip(values, names)):
-                if name is None:
-                    continue
-                if scales is not None:
-                    value = value * scales[k]
-                # a (G, 1) value broadcasts over the channels of its group in place
-                getattr(self, name).view(groups, -1).lerp_(value, factor)
 
-    def _constants(self, x):
-        """The extended-std routes' constants for ``x``'s shape and kind, made once and cached."""
-        key = (x.shape, x.dtype, x.device, self.eps, torch.is_inference_mode_enabled())
-        known = self._shapes.get(key)
-        if known is None:
-            known = _Constants.build(self, x)
-            if len(self._shapes) > 64:
-                self._shapes.clear()
-            self._shapes[key] = known
-        return known
-
-    def _update_extended(self, mean, var, scale):
-        """Running statistics of the extended-std routes.
-
-        Args:
-            mean: the mean set's statistic, ``(C,)``, ``(G, K)`` or per group ``(G,)``.
-            var: the group variances ``(G,)``.
-            scale: Bessel's factor for ``var`` (a 0-d tensor), or None if already applied.
-        """
-        factor = self.momentum
-        if factor is None:
-            factor = self.num_batches_tracked.to(var.dtype).reciprocal()
-        if scale is not None:
-            var = var * scale
-        groups = self._plan.groups
-        if groups == 1:
-            self.running_var.lerp_(var, factor)
-        else:
-            self.running_var.view(groups, -1).lerp_(var.view(groups, 1), factor)
-        if mean.numel() == groups and groups > 1:
-            self.running_mean.view(groups, -1).lerp_(mean.view(groups, 1), factor)
-        else:
-            self.running_mean.lerp_(mean.view(-1), factor)
 
     def forward(self, x):
         """Normalize ``x``.
@@ -380,7 +238,11 @@ class _PixelSetNorm(nn.Module):
             route = self._torch_op
         elif native and self._plan is not None and use_batch:
             limit = _SMALL_EN if self._plan.mean_extended[0] else _SMALL
-            small = self._plan.extended_std and x.numel() <= limit and x.dtype != torch.float16
+            rows = x.shape[0] * self._plan.groups
+            # BatchNorm's kernel on the (N, G, K·|S|) view slows down with many short rows
+            short = rows > 512 and x.numel() // rows < 16
+            small = (self._plan.extended_std and x.numel() <= limit and not short
+                     and x.dtype != torch.float16)
             route = self._composed_route if small else self._function_route
         elif (native and self._plan is not None and self.mean_weight is None
               and self.var_weight is None):
@@ -426,7 +288,7 @@ class _PixelSetNorm(nn.Module):
                                 False, 0.0, self.eps, torch.backends.cudnn.enabled)
 
     def _plain_route(self, x, use_batch, update):
-        return self._plain(x, self.weight, self.bias, self.mean_weight, self.var_weight,
+        return plain_forward(self, x, self.weight, self.bias, self.mean_weight, self.var_weight,
                            use_batch, update)
 
     def _torch_op(self, x, use_batch, update):
@@ -449,93 +311,9 @@ class _PixelSetNorm(nn.Module):
         groups = {"group_norm": self.std_groups, "layer_norm": 1}.get(kind, self.num_features)
         return torch.group_norm(x, groups, self.weight, self.bias, self.eps, cudnn)
 
-    def _statistics(self, x, mean_weight, var_weight, use_batch, update):
-        """Mean and variance to normalize with, each broadcastable to ``(N, C)``, in plain ops."""
-        cells = None
-        if use_batch or self._per_example:
-            cells = cell_moments(x, self._per_example)
-        if update and self.num_batches_tracked is not None:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-        return self._set_statistics(x.shape, cells, mean_weight, var_weight, use_batch, update)
 
-    def _set_statistics(self, shape, cells, mean_weight, var_weight, use_batch, update,
-                        parts=None):
-        """Mean and variance from the cell moments ``(mean, var)``, ``(R, C)`` each, and buffers.
 
-        Differentiable in the cells and the mixture weights; updates the running statistics
-        (outside autograd) if ``update``. Returns tensors broadcastable to ``(N, C)``. With a
-        ``parts`` list, appends what a closed-form backward needs: the shares of each side
-        (softmax, or None), and per set its statistic, whether it came from the cells, and for
-        a std set the deviations of the cell means from its centre (None where they are 0 by
-        construction, False for running statistics).
-        """
-        factor = self._factor() if update else None
-        # the set whose cells are the cells themselves: its average is the identity
-        identity = "instance" if self._per_example else "batch"
-        means, from_cells = [], []
-        for pixel_set, name in zip(self.mean_sets, self._mean_buffers):
-            if name is not None and not use_batch:
-                means.append(getattr(self, name).unsqueeze(0))
-                from_cells.append(False)
-                continue
-            mean = set_average(cells[0], pixel_set, self.mean_groups)
-            if update and name is not None:
-                self._lerp(name, mean, factor)
-            means.append(mean)
-            from_cells.append(True)
-        shares_mean = None if mean_weight is None else torch.softmax(mean_weight, 0)
-        mean = self._mix(means, shares_mean)
-        fractions = self._fractions(shape, shares_mean) if update else None
-        variances, deviations = [], []
-        for k, (pixel_set, name) in enumerate(zip(self.std_sets, self._var_buffers)):
-            if name is not None and not use_batch:
-                variances.append(getattr(self, name).unsqueeze(0))
-                deviations.append(False)
-                continue
-            cell_mean, cell_var = cells
-            if pixel_set == identity and (self.std_center == "own" or mean is cell_mean):
-                var, deviation = cell_var, None
-            else:
-                center = (set_average(cell_mean, pixel_set, self.std_groups)
-                          if self.std_center == "own" else mean)
-                deviation = cell_mean - center
-                var = set_average(torch.addcmul(cell_var, deviation, deviation), pixel_set,
-                                  self.std_groups)
-            if update and name is not None:
-                self._lerp(name, var / fractions[k], factor)
-            variances.append(var)
-            deviations.append(deviation)
-        shares_var = None if var_weight is None else torch.softmax(var_weight, 0)
-        if parts is not None:
-            parts += [shares_mean, means, from_cells, shares_var, variances, deviations]
-        return mean, self._mix(variances, shares_var)
 
-    @staticmethod
-    def _mix(stats, shares):
-        if shares is None:
-            return stats[0]
-        parts = shares.unbind()
-        total = stats[0] * parts[0]
-        for stat, share in zip(stats[1:], parts[1:]):
-            total = torch.addcmul(total, stat, share)
-        return total
-
-    def _plain(self, x, weight, bias, mean_weight, var_weight, use_batch, update):
-        """The layer in plain differentiable ops: ``x·scale + shift`` with ``(R, C)`` statistics."""
-        mean, var = self._statistics(x, mean_weight, var_weight, use_batch, update)
-        scale = torch.rsqrt(var + self.eps)
-        if weight is not None:
-            scale = scale * weight
-        shift = -mean * scale
-        if bias is not None:
-            shift = shift + bias
-        trailing = (1,) * (x.dim() - 2)
-        scale = scale.expand(-1, self.num_features).reshape(scale.shape[0], self.num_features,
-                                                            *trailing)
-        shift = shift.expand(-1, self.num_features).reshape(shift.shape[0], self.num_features,
-                                                            *trailing)
-        return torch.addcmul(shift, x, scale)
 
     @property
     def fusable(self):
@@ -552,9 +330,9 @@ class _PixelSetNorm(nn.Module):
         """
         if not self.fusable:
             return None
-        mean = self._mix([getattr(self, n) for n in self._mean_buffers],
+        mean = mix([getattr(self, n) for n in self._mean_buffers],
                          None if self.mean_weight is None else torch.softmax(self.mean_weight, 0))
-        var = self._mix([getattr(self, n) for n in self._var_buffers],
+        var = mix([getattr(self, n) for n in self._var_buffers],
                         None if self.var_weight is None else torch.softmax(self.var_weight, 0))
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from statscope.errors import StatscopeError
 from statscope.nn import NORM_NAMES, PIXEL_SETS, HeteroNorm, SwitchableNorm, layers, make_norm
+from test_nn_support import one_thread  # noqa: F401 (a fixture)
 
 BATCH = {"batch", "extended"}
 
@@ -253,6 +254,7 @@ GRADCHECK_NAMES = [(n, c) for n in NORM_NAMES for c in ("own",)] + [
     ("hn", "subtracted"), ("sn", "subtracted"), ("bn+en", "subtracted")]
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name,center", GRADCHECK_NAMES + [("pairs", "own")])
 def test_gradcheck_float64(name, center):
     torch.manual_seed(4)
@@ -304,11 +306,19 @@ ROUTE_NORMS = [("bn", "own"), ("hn", "own"), ("hn", "subtracted"), ("hn_g2", "su
                ("bn+en", "subtracted"), ("sn", "own"), ("sn", "subtracted"), ("bn+in+ln", "own")]
 # per channel: the composed route (small) and the Function (forced), in train; eval. Per
 # example (sn, bn+in+ln) there is one route in each mode.
-ROUTE_CASES = [(name, center, mode, small) for name, center in ROUTE_NORMS
+# one case per route runs in CI, the others are marked slow
+CI_ROUTES = {("hn", "own", "train", True), ("hn", "own", "train", False),
+             ("hn", "own", "eval", True), ("bn+en", "subtracted", "train", True),
+             ("sn", "subtracted", "train", True)}
+ROUTE_CASES = [pytest.param(name, center, mode, small,
+                            marks=() if (name, center, mode, small) in CI_ROUTES
+                            else pytest.mark.slow)
+               for name, center in ROUTE_NORMS
                for mode, small in (("train", True), ("train", False), ("eval", True))
                if small or name not in ("sn", "bn+in+ln")]
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name,center,mode,small", ROUTE_CASES)
 def test_routes_gradcheck_and_double_backward(name, center, mode, small, monkeypatch):
     if not small:  # every input is "large": the Function's closed-form backward

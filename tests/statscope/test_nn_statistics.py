@@ -12,18 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from statscope.nn import HeteroNorm, SwitchableNorm, layers, make_norm
+from statscope.nn.algebra import plain_forward
+from test_nn_support import one_thread  # noqa: F401 (a fixture)
 
 WITHIN = 4.0  # variance of every channel around its own mean
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Thousands of tiny batches: on a loaded machine each OpenMP region can wait milliseconds for
-    a descheduled thread, and the numbers do not depend on the threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def channel_means(channels, seed=0):
@@ -143,7 +137,7 @@ def test_routes_give_the_same_outputs_gradients_and_running_statistics(name, cen
             x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 3).requires_grad_()
             g = torch.randn(shape, generator=gen, dtype=torch.float64)
             if route == "plain":
-                y = layer._plain(x, layer.weight, layer.bias, layer.mean_weight,
+                y = plain_forward(layer, x, layer.weight, layer.bias, layer.mean_weight,
                                  layer.var_weight, True, True)
             else:
                 limit = 10**9 if route == "composed" else 0
@@ -194,7 +188,7 @@ def test_per_example_function_matches_plain_ops(mean_sets, std_sets, center, sha
             g = torch.randn(shape, generator=gen, dtype=torch.float64)
             if route == "plain":
                 use_batch = layer.training or not layer.track_running_stats
-                y = layer._plain(x, layer.weight, layer.bias, layer.mean_weight,
+                y = plain_forward(layer, x, layer.weight, layer.bias, layer.mean_weight,
                                  layer.var_weight, use_batch, layer.training)
             else:
                 y = layer(x)
