@@ -25,6 +25,8 @@ as it is at a fixed batch size — else the result is refused.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import xarray as xr
 
@@ -188,7 +190,7 @@ def _merge(var: xr.DataArray, n: xr.DataArray):
     mean = (n * m).where(ran).sum(S.WINDOW_DIM) / total
     within = ((n - 1) * s ** 2).where(n > 1, 0.0).where(ran, 0.0)
     m2 = (within + n * (m - mean) ** 2).where(ran, 0.0).sum(S.WINDOW_DIM, skipna=False)
-    sd = np.sqrt(m2 / (total - 1)).where(total > 1)
+    sd = cast(xr.DataArray, np.sqrt(m2 / (total - 1))).where(total > 1)  # ufunc of a DataArray
     sd = sd.where(~bad.any(S.WINDOW_DIM))
     return mean, m2, sd, bad
 

@@ -293,7 +293,8 @@ def expand_ranks(ds: xr.Dataset, name: str, meta: Mapping[str, Any] | None = Non
     from statscope.ranks import merge_ranks
 
     meta = dict(meta or {})
-    own = ds.attrs.get("ranks") if isinstance(ds.attrs.get("ranks"), Mapping) else {}
+    raw = ds.attrs.get("ranks")
+    own: Mapping = raw if isinstance(raw, Mapping) else {}
     out, sizes = [], []
     for i, r in enumerate(np.asarray(ds[S.RANK].values).tolist()):
         one = ds.isel({S.RANK: i}).drop_vars(S.RANK, errors="ignore")

@@ -10,8 +10,15 @@
    (extracted with ``git archive``, nothing in the working tree changes) run interleaved with
    today's, A B B A, and the median ratio of wall and CPU time is printed.
 
+3. With ``--cluster``: ``statscope report`` on 20 synthetic runs of 20,000 steps x 1,024
+   neurons (issue 14) in one process, and on a 2-worker dask.distributed LocalCluster
+   (``--scheduler ADDRESS``; worker processes of one thread, the cluster started fresh for each
+   measurement and its start-up not counted), alternating A B B A: wall seconds, the command's
+   own peak RSS, and each worker's peak RSS (VmHWM read on the worker).
+
 Usage: python benchmarks/bench_analyses.py [--steps 300000] [--dir /tmp/statscope-bench]
-           [--sweep DIR] [--baseline REV] [--repeats 2] [--skip-large]
+           [--sweep DIR] [--baseline REV] [--repeats 2] [--skip-large] [--skip-sweep]
+           [--cluster] [--cluster-runs 20] [--cluster-steps 20000]
 Not a timed test: it prints seconds (wall and CPU), peak RSS and ratios; record them in
 docs/performance.md.
 """
@@ -78,6 +85,84 @@ def write(path: str, steps: int, batch: int = 4, layers: int = 4, width: int = 1
                  {S.BN_MEAN: x.mean(1), S.BN_STD: x.std(1), S.EN_MEAN: en.mean((1, 3)),
                   S.EN_STD: en.std((1, 3))})
     w.close()
+
+
+def write_synthetic(path: str, steps: int, batch: int, seed: int, layers: int = 4,
+                    width: int = 256) -> None:
+    """A run whose statistics are drawn directly (no batches): bn_mean ~ N(0, 1/batch), bn_std ~
+    1 + N(0, 1/(2 batch)) per step and channel, EN per layer likewise; fast to make at scale."""
+    from statscope import schema as S
+    from statscope.store import Layout, ProbeInfo
+    from statscope.writer import RunWriter
+
+    probes = tuple(ProbeInfo(name=f"bn{i + 1}", module=f"bn{i + 1}", type="BatchNorm1d",
+                             where="input", channel_dim=1, channels=width)
+                   for i in range(layers))
+    w = RunWriter(path, Layout(probes=probes, stats=S.DEFAULT_STATS), overwrite=True,
+                  flush_seconds=float("inf"),
+                  attrs={S.ATTR_META: {S.META_BATCH_SIZE: batch, S.META_SEED: seed}})
+    rng = np.random.default_rng(seed * 1000 + batch)
+    n = layers * width
+    for lo in range(0, steps, 5000):
+        k = min(5000, steps - lo)
+        sd = 1 / np.sqrt(batch)
+        w.append(np.arange(lo, lo + k), np.full((k, layers), batch),
+                 {S.BN_MEAN: (rng.standard_normal((k, n)) * sd).astype(np.float32),
+                  S.BN_STD: (1 + rng.standard_normal((k, n)) * sd / np.sqrt(2)).astype(
+                      np.float32),
+                  S.EN_MEAN: (rng.standard_normal((k, layers)) * sd / 16).astype(np.float32),
+                  S.EN_STD: (1 + rng.standard_normal((k, layers)) * sd / 23).astype(
+                      np.float32)})
+    w.close()
+
+
+def _worker_peaks(client) -> list[int]:
+    def peak() -> int:
+        return int([line.split()[1] for line in open("/proc/self/status")
+                    if line.startswith("VmHWM")][0]) // 1024
+
+    return sorted(client.run(peak).values())
+
+
+def bench_cluster(root: str, n_runs: int, steps: int, repeats: int, order: str = "ABBA"
+                  ) -> dict:
+    """report on ``n_runs`` synthetic runs: one process against a 2-worker LocalCluster, ABBA."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    runs = os.path.join(root, f"cluster-{n_runs}x{steps}")
+    sizes = (4, 16, 64, 256)
+    if not os.path.isdir(runs) or len([p for p in os.listdir(runs) if p.startswith("bs")]) \
+            < n_runs:
+        t = time.perf_counter()
+        for k in range(n_runs):
+            bs, seed = sizes[k % len(sizes)], k // len(sizes)
+            write_synthetic(os.path.join(runs, f"bs{bs}-s{seed}"), steps, bs, seed)
+        print(f"wrote {n_runs} runs in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    out = tempfile.mkdtemp(prefix="statscope-bench-cluster-")
+    argv = ["report", runs, "-o", os.path.join(out, "report.md")]
+    results = {"one process": [], "2-worker LocalCluster": []}
+    for _ in range(repeats):
+        for who in (("one process" if c == "A" else "2-worker LocalCluster") for c in order):
+            if who == "one process":
+                results[who].append(_cli(argv, None))
+                print(f"{who}: {json.dumps(results[who][-1])}", file=sys.stderr, flush=True)
+                continue
+            t = time.perf_counter()
+            with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                              dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
+                    Client(cluster) as client:
+                start = round(time.perf_counter() - t, 2)
+                entry = _cli([*argv, "--scheduler", cluster.scheduler_address], None)
+                entry["worker_peak_rss_mib"] = _worker_peaks(client)
+                entry["cluster_start_s"] = start
+            results[who].append(entry)
+            print(f"{who}: {json.dumps(entry)}", file=sys.stderr, flush=True)
+    a, b = results["2-worker LocalCluster"], results["one process"]
+    return {"runs": n_runs, "steps": steps, "neurons": 1024, "results": results,
+            "wall_ratio_cluster_over_one": round(statistics.median(
+                x["wall_s"] / y["wall_s"] for x, y in zip(a, b)), 3)}
 
 
 def measure(code: str, path: str) -> dict:
@@ -164,6 +249,13 @@ def main() -> None:
     ap.add_argument("--baseline", help="git revision to compare the sweep commands with")
     ap.add_argument("--repeats", type=int, default=2, help="ABBA rounds per sweep task")
     ap.add_argument("--skip-large", action="store_true", help="only the sweep tasks")
+    ap.add_argument("--skip-sweep", action="store_true", help="no 6-run sweep tasks")
+    ap.add_argument("--cluster", action="store_true",
+                    help="report on synthetic runs: one process vs a 2-worker LocalCluster")
+    ap.add_argument("--cluster-runs", type=int, default=20)
+    ap.add_argument("--cluster-steps", type=int, default=20_000)
+    ap.add_argument("--cluster-order", default="ABBA",
+                    help="A: one process, B: the cluster; AB when time is short")
     args = ap.parse_args()
     report = {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}
     if not args.skip_large:
@@ -174,10 +266,14 @@ def main() -> None:
             print(f"wrote {path} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         report.update({"steps": args.steps, "neurons": 512,
                        "results": {name: measure(code, path) for name, code in TASKS.items()}})
-    sweep = args.sweep or os.path.join(args.dir, "sweep-mnist-fc")
-    if not os.path.isdir(sweep) or len(os.listdir(sweep)) < 6:
-        make_sweep(sweep)
-    report["sweep"] = bench_sweep(sweep, args.baseline, args.repeats)
+    if not args.skip_sweep:
+        sweep = args.sweep or os.path.join(args.dir, "sweep-mnist-fc")
+        if not os.path.isdir(sweep) or len(os.listdir(sweep)) < 6:
+            make_sweep(sweep)
+        report["sweep"] = bench_sweep(sweep, args.baseline, args.repeats)
+    if args.cluster:
+        report["cluster"] = bench_cluster(args.dir, args.cluster_runs, args.cluster_steps,
+                                          max(1, args.repeats // 2), args.cluster_order)
     report["load_avg_after"] = os.getloadavg()
     print(json.dumps(report, indent=2))
 
