@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from statscope.probes.capture import Capture, Segment, segment_moments
+from statscope.probes.reduce import mean_needs_sum
 from statscope.probes.statistics import Moments, Statistic, finish
 
 __all__ = ["Block", "Rows", "block_rows"]
@@ -85,6 +86,9 @@ def block_rows(block: Block, captures: Sequence[Capture], statistics: Sequence[S
         moments.append(_moments(cap, count, [(seg, next(computed)) for seg in segs], n - skip,
                                 skip, order) if segs else None)
     stats = _finish_all(moments, names)
+    for cap, m, count in zip(captures, moments, counts):
+        if m is not None:
+            cap.sum_bn_mean = mean_needs_sum(m.mean, m.var, count)
     scalars = {name: _scalar_column(values, n)[skip:] for name, values in block.scalars.items()}
     steps = block.first_step + block.stride * np.arange(skip, n, dtype=np.int64)
     return Rows(steps, counts, stats, scalars)

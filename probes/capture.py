@@ -95,6 +95,10 @@ class Capture:
         self.count = [0] * block_steps
         self.segments: list[Segment] = []
         self.always_moments = False
+        # Set by the writer thread after each block it files, read here at each step: whether
+        # this probe's BatchNorm mean needs an extra sum on the CPU (reduce.batchnorm_entry).
+        # Advice only: either value records a correct mean while |mean|/std stays as it was.
+        self.sum_bn_mean = True
         self._shape = None
         self._start = 0
         self._mode = "raw"
@@ -124,7 +128,7 @@ class Capture:
                     if t.numel() == 0:
                         return
                     self._reshape(t, slot, refs=True)
-                entry = batchnorm_entry(x, self._per_channel)
+                entry = batchnorm_entry(x, self._per_channel, self.sum_bn_mean)
                 if entry is not None:
                     count[slot] = self._per_channel
                     self._rows[slot - self._start] = entry

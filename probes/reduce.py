@@ -30,7 +30,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["step_entry", "batchnorm_entry", "entry_moments", "SHIFT_SAMPLE", "CPU_BATCHNORM_MAX"]
+__all__ = ["step_entry", "batchnorm_entry", "mean_needs_sum", "entry_moments", "SHIFT_SAMPLE",
+           "CPU_BATCHNORM_MAX"]
 
 SHIFT_SAMPLE = 8
 """Elements per channel whose median is the shift of the ``sums`` entry."""
@@ -42,18 +43,20 @@ CPU_BATCHNORM_MAX = 1 << 18
 kernel where that kernel sums in float32 (see :func:`batchnorm_entry`)."""
 
 
-def batchnorm_entry(stats, per_channel: int) -> tuple | None:
+def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True) -> tuple | None:
     """The entry of a BatchNorm's own statistics (:class:`~statscope.probes.fastpath.BatchStats`),
     or None where they are not accurate enough and the input must be reduced generically.
 
     cuDNN and torch's CUDA kernels reduce with Welford or in parallel trees, and torch's CPU
     kernel sums in float64 for contiguous float32 inputs with spatial dims: their statistics are
     used as they are. For channels_last, ``(N, C)`` and low-precision inputs torch's CPU kernel
-    sums each channel sequentially in float32: the mean then drifts by up to ~1e-4·|mean| at
-    65k elements per channel (more than 1e-4 of the std once |mean| ≳ 10·std) and the variance by
-    ~1e-5 of itself, growing with the count. There the mean is taken from one cascade sum of the
-    input (one extra kernel), and beyond :data:`CPU_BATCHNORM_MAX` elements per channel the
-    input is reduced generically instead.
+    sums each channel sequentially in float32: its mean drifts by about 3e-8·√M·|mean| (M
+    elements per channel; more than 1e-4 of the std once |mean|/std ≳ 3000/√M) and its variance
+    by ~1e-5 of itself at M = 65k, growing with M. There, with ``sum_mean``, the mean is taken
+    from one cascade sum of the input (one extra pass, a third of BatchNorm's own cost on the
+    CPU), and beyond :data:`CPU_BATCHNORM_MAX` elements per channel the input is reduced
+    generically instead. The writer thread sets ``sum_mean`` per probe from the statistics it
+    files (:func:`mean_needs_sum`).
     """
     entry = ("invstd", stats.mean, stats.invstd, stats.eps)
     x = stats.input
@@ -62,12 +65,33 @@ def batchnorm_entry(stats, per_channel: int) -> tuple | None:
     if x.dtype == torch.float32 and x.ndim > 2 and x.is_contiguous() \
             and x.numel() > x.shape[0] * x.shape[1]:
         return entry
+    if per_channel > CPU_BATCHNORM_MAX:
+        return None
+    if not sum_mean:
+        return entry
     rows = x.detach().movedim(1, -1)
-    if per_channel > CPU_BATCHNORM_MAX or not rows.is_contiguous():
+    if not rows.is_contiguous():
         return None
     rows = rows.view(-1, x.shape[1])
     total = rows.sum(0) if x.dtype == torch.float32 else rows.sum(0, dtype=torch.float32)
     return ("suminv", total, stats.invstd, stats.eps, per_channel)
+
+
+def mean_needs_sum(mean: np.ndarray, var: np.ndarray, count: np.ndarray) -> bool:
+    """Whether a probe's BatchNorm mean, summed in float32 by torch's CPU kernel, could drift by
+    more than half the fast path's bound (1e-4 of √(var + eps)) at the |mean|/std and element
+    counts of these rows, taking the drift as 1e-7·√M·|mean|/std (three times the largest
+    measured; see :func:`batchnorm_entry`): a margin for the steps until the next block.
+
+    Args:
+        mean, var: (k, C) moments of recent steps.
+        count: (k,) elements per channel.
+    """
+    with np.errstate(all="ignore"):
+        ratio = np.abs(mean) / np.sqrt(var + 1e-5)
+    ratio = np.where(np.isfinite(ratio), ratio, 0.0)
+    m = float(np.max(count)) if len(count) else 0.0
+    return bool(ratio.size) and float(ratio.max()) * np.sqrt(m) * 1e-7 > 5e-5
 
 
 @torch.no_grad()

@@ -1,6 +1,8 @@
 """The BatchNorm fast path: the statistics BatchNorm computes itself, and a layer that trains
 bit for bit as it would unprobed."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -247,12 +249,13 @@ def test_large_offsets_stay_right_where_torchs_cpu_kernel_sums_in_float32(tmp_pa
     model = nn.Sequential(nn.BatchNorm2d(16) if len(shape) == 4 else nn.BatchNorm1d(16))
     gen = torch.Generator().manual_seed(0)
     xs = [(torch.randn(shape, generator=gen, dtype=torch.float64) + 300).float()
-          for _ in range(3)]
+          for _ in range(5)]
     if fmt is not None:
         xs = [x.contiguous(memory_format=fmt) for x in xs]
-    with statscope.record(model, tmp_path / "r"):
+    with statscope.record(model, tmp_path / "r", block_steps=2) as rec:
         for x in xs:
             model(x)
+    assert rec.captures[0].sum_bn_mean  # the writer's advice: keep the extra sum at 300 std
     ds = statscope.open_run(tmp_path / "r")
     assert ds.attrs["probes"][0]["path"] == "batchnorm"
     mean, var = reference([x.double() for x in xs])
@@ -288,3 +291,42 @@ def test_the_check_against_torch_holds_in_any_calling_context(context, monkeypat
             assert fastpath.mirror_is_exact()
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def wait_for(condition, seconds=30.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the writer thread did not get there in time"
+        time.sleep(0.01)
+
+
+def test_the_extra_cpu_sum_follows_the_offset_of_the_data(tmp_path):
+    # centred data: the writer switches the extra sum off; a jump to |mean| = 300 std switches it
+    # on again after the block that shows it (that block keeps BatchNorm's own mean)
+    model = nn.Sequential(nn.BatchNorm2d(8))
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(offset):
+        x = torch.randn(32, 8, 16, 16, generator=gen, dtype=torch.float64) + offset
+        return x.float().contiguous(memory_format=torch.channels_last)
+
+    xs = []
+    with statscope.record(model, tmp_path / "r", block_steps=2, step="manual") as rec:
+        cap = rec.captures[0]
+        for offset, n in ((0.0, 4), (300.0, 8)):
+            for _ in range(n):
+                xs.append(batch(offset))
+                model(xs[-1])
+                rec.step()
+            if offset == 0.0:
+                wait_for(lambda: not cap.sum_bn_mean)
+        wait_for(lambda: cap.sum_bn_mean)
+        for _ in range(4):
+            xs.append(batch(300.0))
+            model(xs[-1])
+            rec.step()
+    ds = statscope.open_run(tmp_path / "r")
+    mean, var = reference([x.double() for x in xs])
+    scale = np.sqrt(var + model[0].eps)
+    err = np.abs(ds.bn_mean.values - mean) / scale
+    assert np.all(err[:4] <= 1e-4) and np.all(err[-4:] <= 1e-4 + 2 * np.spacing(300.0) / scale[-4:])
