@@ -91,7 +91,7 @@ def mean_needs_sum(mean: np.ndarray, var: np.ndarray, count: np.ndarray) -> bool
         ratio = np.abs(mean) / np.sqrt(var + 1e-5)
     ratio = np.where(np.isfinite(ratio), ratio, 0.0)
     m = float(np.max(count)) if len(count) else 0.0
-    return bool(ratio.size) and float(ratio.max()) * np.sqrt(m) * 1e-7 > 5e-5
+    return bool(ratio.size and float(ratio.max()) * np.sqrt(m) * 1e-7 > 5e-5)
 
 
 @torch.no_grad()
