@@ -386,8 +386,9 @@ def open_windows(path: str | os.PathLike, *, damaged: str = "raise",
     if found and damaged == "raise":
         raise damage_error(path, found, None)
 
-    def read(name):
-        return lazy(path, f"{w}/{name}", arrays[f"{w}/{name}"], found, None, damaged)
+    def read(name):  # whole rows of every channel are the usual read: a task per shard
+        return lazy(path, f"{w}/{name}", arrays[f"{w}/{name}"], found, None, damaged,
+                    whole_shards=True)
 
     data: dict[str, tuple[tuple[str, ...], Any]] = {}
     for s in layout.stats:
