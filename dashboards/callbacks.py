@@ -533,6 +533,9 @@ def scatter(catalog: RunCatalog, search, version=None) -> dict:
     rank = v.state.rank
 
     def build():
+        return to_wire(_scatter_spec())
+
+    def _scatter_spec():
         per_run = max(1, MAX_SCATTER_POINTS // max(1, len(v.runs)))
         fl, totals, found = {}, {}, {}
         for r in v.runs:
@@ -548,7 +551,16 @@ def scatter(catalog: RunCatalog, search, version=None) -> dict:
                                                else rank),
                             scale_free=sf, notes=notes, totals=totals)
 
-    return _analysed(build)
+    if not v.runs:
+        return empty_spec("Choose at least one run.")
+    # 20,000 points take tens of ms to lay out: a repeated view comes from the cache
+    gens = catalog.version()
+    key = ("scatter", _view_key(v.state), v.state.scale, v.notes,
+           tuple(gens.get(n) for n in v.runs))
+    try:
+        return catalog.memo(v.runs[0], key, build)
+    except StatscopeError as exc:
+        return empty_spec(str(exc))
 
 
 def heatmap(catalog: RunCatalog, search, version=None, zoom=None) -> dict:
@@ -576,10 +588,7 @@ def heatmap(catalog: RunCatalog, search, version=None, zoom=None) -> dict:
                               key), build)
 
 
-def runs_tab(catalog: RunCatalog, search, version=None) -> list:
-    """The run cards of the page's runs, each with its paper-claims table (of a distributed
-    run: on the chosen rank, or the merged statistics)."""
-    v = view(catalog, search)
+def _runs_tab(catalog: RunCatalog, v: View) -> list:
     tables, notes = {}, list(v.notes[:1])
     for r in v.runs:
         if metrics.analysis("claims") is None:
@@ -597,6 +606,18 @@ def runs_tab(catalog: RunCatalog, search, version=None) -> list:
                                                           "statistics", sample) if x))
     summaries = [run_summary(r, catalog.dataset(r)) for r in v.runs]
     return run_panel(summaries, tables, v.state.window.label(), notes=notes)
+
+
+def runs_tab(catalog: RunCatalog, search, version=None) -> list:
+    """The run cards of the page's runs, each with its paper-claims table (of a distributed
+    run: on the chosen rank, or the merged statistics); a repeated view comes from the cache
+    (a wide run's table has hundreds of rows of components)."""
+    v = view(catalog, search)
+    if not v.runs:
+        return _runs_tab(catalog, v)
+    gens = catalog.version()
+    key = ("runs", _view_key(v.state), v.notes, tuple(gens.get(n) for n in v.runs))
+    return catalog.memo(v.runs[0], key, lambda: _runs_tab(catalog, v))
 
 CONTROLS = ("runs", "neurons", "layer", "stat", "win-kind", "win-n", "win-start", "win-stop",
             "scale", "by", "tab", "page", "scalars")

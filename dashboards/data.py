@@ -640,7 +640,10 @@ class RunCatalog:
         keys = [(name, run.generation, what, int(i)) for i in neurons]
         cols = {k: self.cache.get(k) for k in keys}
         missing = sorted({k[3] for k, v in cols.items() if v is None})
-        if missing and rows.stop - rows.start <= max(SLICE_ROWS, n // 16):
+        # a part of the run is read on its own; all of it is cached as whole columns, which
+        # any later zoom then slices
+        if missing and rows.stop - rows.start < n and \
+                rows.stop - rows.start <= max(SLICE_ROWS, n // 16):
             key = (name, run.generation, what, tuple(int(i) for i in neurons), rows.start,
                    rows.stop)
             part = self.cache.get(key)
@@ -676,7 +679,7 @@ class RunCatalog:
         cols = [self.cache.get(k) for k in keys]
         if all(c is not None for c in cols):
             return [c[rows] for c in cols]
-        whole = rows.stop - rows.start > max(SLICE_ROWS, n // 16)
+        whole = rows.stop - rows.start == n or rows.stop - rows.start > max(SLICE_ROWS, n // 16)
         span = slice(0, n) if whole else rows
         part_key = (name, run.generation, (var, MERGED), tuple(int(i) for i in neurons),
                     rows.start, rows.stop)

@@ -165,17 +165,19 @@ def fluct(catalog: RunCatalog, run: str, rank, window: Window, scale_free: bool)
 
 def _subset_input(catalog: RunCatalog, run: str, key, window: Window, positions):
     """:func:`series_input` of some neurons only (a sample, or the chosen ones)."""
-    aw = metrics.to_analyses_window(window)
-    if key != MERGED:
-        return catalog.view(run, key).isel({S.NEURON: list(positions)}), aw
     from statscope.analyses import describe_window
     from statscope.ranks import merge_ranks
 
+    # read into memory at once: lazily, each of the analyses' reductions would read the
+    # scattered columns again (claims over 2,048 of 655,360 neurons took 104 s)
+    aw = metrics.to_analyses_window(window)
     rows = window.rows(catalog.steps(run))
-    part = catalog.dataset(run).isel({S.STEP: rows, S.NEURON: list(positions)}).load()
-    merged = merge_ranks(part)
-    merged.attrs["window"] = describe_window(aw)
-    return merged, "all"
+    whole = catalog.dataset(run) if key == MERGED else catalog.view(run, key)
+    part = whole.isel({S.STEP: rows, S.NEURON: list(positions)}).load()
+    if key == MERGED:
+        part = merge_ranks(part)
+    part.attrs["window"] = describe_window(aw)
+    return part, "all"
 
 
 def _attrs(window: Window, scale_free: bool, src: Source) -> dict:

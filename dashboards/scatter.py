@@ -13,8 +13,7 @@ from statscope import schema as S
 from .data import layer_slices, neuron_key
 from .grid import Grid
 from .limits import MAX_SCATTER_POINTS, RUNS_PER_PAGE
-from .style import (TEMPLATE_JSON, empty_spec, header, header_height, layer_colors,
-                    neuron_label)
+from .style import TEMPLATE_JSON, empty_spec, header, header_height, layer_colors
 
 __all__ = ["scatter_figure", "scatter_spec", "scatter_subset"]
 
@@ -93,10 +92,11 @@ def scatter_spec(fluct: Mapping[str, xr.Dataset], *, layers: Sequence[str] | Non
                 "showlegend": layer not in shown, "legendrank": 1 + layers.index(layer),
                 "marker": {"color": colors[layer], "size": 7, "opacity": 0.8,
                            "line": {"width": 0.5, "color": "white"}},
+                # the key, read by the click callback, also names the point on hover (a label
+                # array beside it would double 20,000 points' JSON)
                 "customdata": [neuron_key(layer, v) for v in u],
-                "text": [neuron_label(layer, v) for v in u],
-                "hovertemplate": ("%{text}<br>BN_mean fluctuation %{x:.4g}<br>BN_std fluctuation "
-                                  f"%{{y:.4g}}<extra>{name}</extra>"),
+                "hovertemplate": ("%{customdata}<br>BN_mean fluctuation %{x:.4g}<br>BN_std "
+                                  f"fluctuation %{{y:.4g}}<extra>{name}</extra>"),
                 "meta": {"run": name, "layer": layer}, **refs})
             shown.add(layer)
         data.append({"type": "scatter", "x": [0, top], "y": [0, top], "mode": "lines",

@@ -192,16 +192,28 @@ def test_create_app_builds_a_layout_with_every_view(store_root):
         assert "root:" not in body
 
 
-def test_prewarm_computes_the_default_analyses_ahead(store_root):
+def test_prewarm_computes_the_default_analyses_ahead(store_root, monkeypatch):
+    from statscope.dashboards import metrics
+
     app = create_app(store_root, warm=False)
     cat = app.catalog
     before = len(cat.cache)
     cb.prewarm(cat)
     assert len(cat.cache) > before
-    n = len(cat.cache)
+    ran = []
+    real = metrics.analysis
+
+    def spy(name):
+        fn = real(name)
+        return None if fn is None else (lambda *a, **k: ran.append(name) or fn(*a, **k))
+
+    monkeypatch.setattr(metrics, "analysis", spy)
     cb.fluctuation(cat, "?run=bs4")  # served from what prewarm computed
     cb.runs_tab(cat, "?run=bs4")
-    assert len(cat.cache) == n
+    cb.scatter(cat, "?run=bs4")
+    assert ran == []
+    cb.fluctuation(cat, "?run=bs4&window=last:100")  # not prewarmed: computed now
+    assert "fluctuation" in ran
 
 
 def test_a_url_asking_for_256_neurons_of_a_long_run_stays_within_budget():
