@@ -146,8 +146,9 @@ def figure(spec):
 
 
 def distributed_run(path, n_steps: int = 400, layers=(("fc1", 4), ("fc2", 4)),
-                    batches=(3, 5), seed: int = 0, window_steps: int | None = 200) -> dict:
-    """A distributed run written as ``path/rank{r}`` stores, one per rank, from raw batches.
+                    batches=(3, 5), seed: int = 0) -> dict:
+    """A distributed run written as ``path/rank{r}`` stores by ``statscope.writer.write_run``
+    (as DDP ranks write them, with window summaries of 200 steps), from raw batches.
 
     Rank ``r`` sees ``batches[r]`` examples per step; its store holds the per-channel mean and
     population std of its own batch (EN: over all of a layer's channels), as DDP ranks record.
@@ -158,8 +159,7 @@ def distributed_run(path, n_steps: int = 400, layers=(("fc1", 4), ("fc2", 4)),
         over the concatenated batches).
     """
     from statscope.store import ProbeInfo
-    from statscope.writer import RunWriter
-    from statscope.store import Layout
+    from statscope.writer import write_run
 
     rng = np.random.default_rng(seed)
     n = sum(c for _, c in layers)
@@ -176,13 +176,10 @@ def distributed_run(path, n_steps: int = 400, layers=(("fc1", 4), ("fc2", 4)),
         stats = {S.BN_MEAN: x.mean(1).astype(np.float32), S.BN_STD: x.std(1).astype(np.float32),
                  S.EN_MEAN: np.stack([e.mean(1) for e in en], 1).astype(np.float32),
                  S.EN_STD: np.stack([e.std(1) for e in en], 1).astype(np.float32)}
-        writer = RunWriter(f"{path}/rank{r}", Layout(probes=probes), flush_seconds=float("inf"),
-                           window_steps=window_steps,
-                           attrs={S.ATTR_META: {S.META_BATCH_SIZE: int(batches[r])},
-                                  S.ATTR_RANK: r, S.ATTR_WORLD_SIZE: len(batches)})
-        writer.append(np.arange(n_steps), np.full((n_steps, len(layers)), batches[r]), stats,
-                      {"loss": np.full(n_steps, 1.0 + r)})
-        writer.close()
+        write_run(f"{path}/rank{r}", probes, stats,
+                  count=np.full((n_steps, len(layers)), batches[r]),
+                  scalars={"loss": np.full(n_steps, 1.0 + r)},
+                  meta={S.META_BATCH_SIZE: int(batches[r])}, rank=r, world_size=len(batches))
     return {"x": xs, "layers": layers, "batches": tuple(batches)}
 
 
