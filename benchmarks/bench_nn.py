@@ -6,8 +6,8 @@
 A step is forward, cross-entropy, backward and an SGD update (momentum 0.9) of one of two nets,
 each with the norm after every hidden layer:
 
-- ``fc``: the paper's §4.6 net, 784→128, 3×128→128 (Linear + norm + ReLU), 128→10, at batch size
-  4 and 128;
+- ``fc``: the paper's §4.6 net, 784→128, 3×128→128 (Linear + norm + ReLU), 128→10, at batch
+  size 4 and 128;
 - ``conv``: Conv 3→32, Conv 32→32 (3×3, padding 1, + norm + ReLU) on 16×16 images, average
   pooling, Linear 32→10, at batch size 4 and 64.
 

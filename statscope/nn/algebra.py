@@ -14,9 +14,9 @@ import torch
 
 from statscope.nn.moments import cell_moments, deviation_fraction, set_average, set_size
 
-__all__ = ["UNIT_EPS", "CENTRING_SCALE", "Constants", "constants", "fractions", "running_factor", "lerp_buffer",
-           "update_channel", "update_extended", "plain_statistics", "statistics_from_cells",
-           "mix", "plain_forward"]
+__all__ = ["UNIT_EPS", "CENTRING_SCALE", "Constants", "constants", "fractions", "running_factor",
+           "lerp_buffer", "update_channel", "update_extended", "plain_statistics",
+           "statistics_from_cells", "mix", "plain_forward"]
 
 UNIT_EPS = 1e-30
 """The eps of BatchNorm's kernels used as a plain affine map with a unit variance: positive, as

@@ -10,10 +10,11 @@ autograd graph holds a dozen full-size tensors; here the full-size work is four 
 - backward: ``Σ g`` and ``D = Σ g·(x - μ)`` per cell in one reduction (BatchNorm's backward kernel
   on the ``(1, N·C, |S|)`` view), then ``dx = g·a + (x - μ)·2dσ²/|S| + dμ/|S|`` in two calls.
 
-Between them, the ``(N, C)`` algebra (set averages, centres, mixtures, γ) is the layer's own
-:func:`statscope.nn.algebra.statistics_from_cells`, and its backward is closed-form: every set statistic is an average over
-the cells of the set, a self-adjoint map, so the gradient reaching the cells is the set average
-of the gradient (``dm = -a Σg``, ``da = D + (μ - m) Σg`` to start from).
+Between them, the ``(N, C)`` algebra (set averages, centres, mixtures, γ) is the layers' own
+:func:`statscope.nn.algebra.statistics_from_cells`, and its backward is closed-form: every set
+statistic is an average over the cells of the set, a self-adjoint map, so the gradient reaching
+the cells is the set average of the gradient (``dm = -a Σg``, ``da = D + (μ - m) Σg`` to start
+from).
 """
 
 import torch
@@ -54,7 +55,9 @@ def _mix_backward(shares, grad, stats):
 
 
 def _statistics_backward(layer, parts, grad_mean, grad_var, needs_mean_weight, needs_var_weight):
-    """Closed-form backward of :func:`statscope.nn.algebra.statistics_from_cells` from ``(N, C)`` gradients of its outputs.
+    """Closed-form backward of :func:`~statscope.nn.algebra.statistics_from_cells`.
+
+    ``grad_mean`` and ``grad_var`` are the ``(N, C)`` gradients of its two outputs.
 
     Every set statistic is an average over the cells of a set, a self-adjoint operator: the
     gradient reaching the cells is the set average of the gradient. Returns the gradients of the
@@ -96,8 +99,8 @@ class _CellNorm(torch.autograd.Function):
         n, c = x.shape[:2]
         mu, var = _cell_moments(x)
         parts = []
-        mean, v = statistics_from_cells(layer, x.shape, (mu, var), mean_weight, var_weight, use_batch,
-                                        update, parts)
+        mean, v = statistics_from_cells(layer, x.shape, (mu, var), mean_weight, var_weight,
+                                        use_batch, update, parts)
         r = torch.rsqrt(v + layer.eps).expand(n, c)
         scale = r if weight is None else r * weight
         mean = mean.expand(n, c)

@@ -1,4 +1,4 @@
-"""One autograd Function for the norms whose statistics are all per channel (EN, HN, their _G forms, (BN, BN+EN)).
+"""Norms whose statistics are all per channel (EN, HN, their _G forms, (BN, BN+EN)) as Functions.
 
 With every mean and std set pooling over the batch (``batch``, ``extended``), training-mode
 normalization is ``y = (x - m)·γ r + β`` with ``m`` and ``r = (v + eps)^-½`` of shape ``(C,)``,
@@ -6,9 +6,9 @@ functions of the channel moments ``μ``, ``σ²`` (over ``M = N·|S|`` pixels ea
 weights. The Function computes them with torch's own BatchNorm kernels and a handful of ``(C,)``
 operations, and differentiates in closed form:
 
-- forward: ``batch_norm_update_stats`` (μ and σ² in BatchNorm's two passes), the set statistics
-  on ``(G, K)`` views (G channel groups of K), then BatchNorm's inference kernel with ``m`` and
-  ``v`` as its statistics;
+- forward: the channel moments in two passes each (BatchNorm's statistics call on ``(N, C)``,
+  torch's reductions on feature maps), the set statistics on ``(G, K)`` views (G channel groups
+  of K), then BatchNorm's inference kernel with ``m`` and ``v`` as its statistics;
 - backward: ``Σ g`` and ``D = Σ g·(x - μ)`` per channel in one reduction (BatchNorm's backward
   kernel, input gradient off), the chain rule through the set statistics on ``(C,)`` tensors, and
   ``dx = g·γr + (x - μ)·k + o`` in two full-size calls, where ``o = dμ/M`` and ``k = 2 dσ²/M``
@@ -28,7 +28,6 @@ from statscope.nn.algebra import (UNIT_EPS, constants, plain_forward, update_cha
                                   update_extended)
 
 __all__ = ["ChannelPlan", "channel_norm", "recomputed_backward"]
-
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ def _mix(stats, shares):
 
 
 def _flat(t, ones):
-    """A ``(G, K)`` or ``(G, 1)`` statistic as a contiguous ``(C,)`` tensor (``ones``: ``(G, K)``)."""
+    """A ``(G, K)`` or ``(G, 1)`` statistic as a contiguous ``(C,)``; ``ones`` is ``(G, K)``."""
     if t.shape[1] == 1:
         t = ones * t
     return t.view(-1)
@@ -227,10 +226,11 @@ class _ExtendedStdNorm(torch.autograd.Function):
 
     The general Function above, specialised, with every ``(C,)`` step written in the fewest
     calls (constants are cached 0-d tensors). It serves inputs too large or too strided for
-    :mod:`statscope.nn.composed`: one statistics call, the group moments from the channel
-    moments, one transform call forward; one reduction and two full-size calls backward. With ``a = γ r`` per channel, ``r`` per group, the
-    mean ``m`` and the centre ``c`` of the variance (the group mean, or the channel mean for HN
-    with ``std_center="subtracted"``), ``E = Σ g·(x - m)``, ``s = -r³ Σ_group γE / (K M)``:
+    :mod:`statscope.nn.composed`: the channel moments, the group moments from them, one
+    transform call forward; one reduction and two full-size calls backward. With ``a = γ r`` per
+    channel, ``r`` per group, the mean ``m`` and the centre ``c`` of the variance (the group
+    mean, or the channel mean for HN with ``std_center="subtracted"``), ``E = Σ g·(x - m)`` and
+    ``s = -r³ Σ_group γE / (K M)``:
 
         dx = g·a + s·(x - c) - t,   t = a Σg / M (HN) or Σ_group a Σg / (K M) (EN)
     """
@@ -332,7 +332,7 @@ def _channel_moments(x):
 
 
 def _grad_sums(grad, x, centre, ones, centred=True):
-    """``(None, Σ g·(x - centre), Σ g)`` per channel, ``(C,)`` each (the first sum if ``centred``)."""
+    """``(None, Σ g·(x - centre), Σ g)`` per channel, ``(C,)`` each (the first if ``centred``)."""
     if x.device.type == "cpu":
         return torch.ops.aten.native_batch_norm_backward(
             grad, x, None, centre, ones, None, None, False, UNIT_EPS, [False, centred, True])

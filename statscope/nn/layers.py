@@ -292,7 +292,7 @@ class _PixelSetNorm(nn.Module):
                            use_batch, update)
 
     def _torch_op(self, x, use_batch, update):
-        """The norm as the torch op it is (BN, IN, LN or GN), with BatchNorm's running statistics."""
+        """The norm as the torch op it is (BN, IN, LN or GN), BatchNorm's running statistics too."""
         kind = self._torch_norm
         cudnn = torch.backends.cudnn.enabled
         if kind == "batch_norm":

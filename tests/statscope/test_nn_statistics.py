@@ -43,7 +43,7 @@ def tolerance(dof, batches):
 
 
 def spread(groups, channels):
-    """Mean square of the channel means around their group's mean, per group, repeated per channel."""
+    """Mean square of the channel means around their group's mean, repeated per channel."""
     mu = channel_means(channels).reshape(groups, -1)
     return np.repeat(((mu - mu.mean(1, keepdims=True)) ** 2).mean(1), channels // groups)
 
