@@ -86,8 +86,8 @@ def block_rows(block: Block, captures: Sequence[Capture], statistics: Sequence[S
         moments.append(_moments(cap, count, [(seg, next(computed)) for seg in segs], n - skip,
                                 skip, order) if segs else None)
     stats = _finish_all(moments, names)
-    for cap, m, count in zip(captures, moments, counts):
-        if m is not None:
+    for cap, m, count, (_, _, segs) in zip(captures, moments, counts, clipped):
+        if m is not None and _cpu_batchnorm(segs):
             cap.sum_bn_mean = mean_needs_sum(m.mean, m.var, count)
     scalars = {name: _scalar_column(values, n)[skip:] for name, values in block.scalars.items()}
     steps = block.first_step + block.stride * np.arange(skip, n, dtype=np.int64)
@@ -103,6 +103,15 @@ def _moments(cap: Capture, count: np.ndarray, segments, k: int, skip: int, order
         a[count == 0] = np.nan  # slots this probe did not run in hold stale buffer rows
     m3, m4 = (arrays[2], arrays[3]) if order >= 4 else (None, None)
     return Moments(arrays[0], arrays[1], m3, m4, cap.target.groups)
+
+
+def _cpu_batchnorm(segments) -> bool:
+    """Whether these rows hold a BatchNorm's own statistics computed on the CPU."""
+    for seg in segments:
+        for e in seg.refs or ():
+            if e is not None:
+                return e[0] in ("invstd", "suminv") and e[1].device.type == "cpu"
+    return False
 
 
 def _finish_all(moments: list[Moments | None], names: tuple[str, ...]

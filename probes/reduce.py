@@ -25,7 +25,7 @@ when the shift is within a few stds of the mean (the error grows with ((mean −
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -84,9 +84,10 @@ def mean_needs_sum(mean: np.ndarray, var: np.ndarray, count: np.ndarray) -> bool
     measured; see :func:`batchnorm_entry`): a margin for the steps until the next block.
 
     Args:
-        mean, var: (k, C) moments of recent steps.
+        mean, var: (k, C) moments of recent steps; the last eight rows are read.
         count: (k,) elements per channel.
     """
+    mean, var, count = mean[-8:], var[-8:], count[-8:]
     with np.errstate(all="ignore"):
         ratio = np.abs(mean) / np.sqrt(var + 1e-5)
     ratio = np.where(np.isfinite(ratio), ratio, 0.0)
@@ -159,10 +160,14 @@ def entries_moments(runs: Sequence[Sequence[tuple | None]], channels: Sequence[i
     per device, and turned into moments in one vectorized pass."""
     groups: dict[tuple, list] = {}  # (tag, length, C) -> [(run, rows)], rows of that run
     for i, entries in enumerate(runs):
-        mine: dict[tuple, list[int]] = {}
-        for r, e in enumerate(entries):
-            if e is not None:
-                mine.setdefault((e[0], len(e)), []).append(r)
+        kinds = {(e[0], len(e)) if e is not None else None for e in entries}
+        if len(kinds) == 1 and None not in kinds:  # the common case: one kind, every row
+            mine: dict[tuple, Any] = {kinds.pop(): range(len(entries))}
+        else:
+            mine = {}
+            for r, e in enumerate(entries):
+                if e is not None:
+                    mine.setdefault((e[0], len(e)), []).append(r)
         for (tag, length), rows in mine.items():
             groups.setdefault((tag, length, channels[i]), []).append((i, rows))
     jobs = []  # (tag, members, stacked tensors, per-row numbers)
