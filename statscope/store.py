@@ -148,7 +148,7 @@ def scan_runs(root: str | os.PathLike) -> list[tuple[str, str | None]]:
         return [(root, _reason(root))]
     if not base.is_dir():
         raise StoreError(f"path={root!r}: no such directory")
-    out = []
+    out: list[tuple[str, str | None]] = []
     for p in sorted(base.iterdir()):
         if not p.is_dir():
             continue
