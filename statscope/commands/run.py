@@ -111,8 +111,16 @@ def register(subparsers) -> None:
                     "runs are skipped; failed or interrupted ones are resumed.")
     _add_training_flags(p, sweep=True)
     p.add_argument("--out", default="runs", metavar="DIR", help="the sweep folder (default runs)")
-    p.add_argument("--jobs", "-j", type=_positive_int, default=1, metavar="N",
-                   help="runs in parallel processes (default 1)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--jobs", "-j", type=_positive_int, metavar="N",
+                       help="runs in parallel processes (default 1)")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="run each run as a task on the dask.distributed cluster whose "
+                            "scheduler is at ADDRESS (e.g. tcp://10.0.0.5:8786); its workers "
+                            "must see --out at the same path (needs statscope[dask])")
+    where.add_argument("--workers", type=_positive_int, metavar="N",
+                       help="start a local dask.distributed cluster of N one-thread worker "
+                            "processes and run the sweep on it (needs statscope[dask])")
     p.set_defaults(func=run_sweep)
 
     p = subparsers.add_parser("runs", help="list the runs in a folder",
@@ -260,10 +268,14 @@ def run_sweep(args) -> int:
     base = _config(args)
     items = plan_sweep(base, args.out, batch_sizes=args.bs, seeds=args.seeds, norms=args.norm)
     todo = sum(item.action != "skip" for item in items)
-    if not args.quiet:
-        print(f"sweep: {len(items)} runs in {args.out}, {len(items) - todo} completed already, "
-              f"{todo} to run with {args.jobs} job{'s' if args.jobs != 1 else ''}",
-              file=sys.stderr)
+    jobs = args.jobs or 1
+    on_cluster = todo and (args.scheduler is not None or args.workers is not None)
+
+    def header(how: str) -> None:
+        if not args.quiet:
+            print(f"sweep: {len(items)} runs in {args.out}, {len(items) - todo} completed "
+                  f"already, {todo} to run" + (f" {how}" if how else ""), file=sys.stderr)
+
     seen_warnings: set[str] = set()
     t0 = time.perf_counter()
 
@@ -281,11 +293,21 @@ def run_sweep(args) -> int:
             line = f"FAIL  {item.name}: {outcome.error}"
         else:
             line = f"done  {item.name}" + (" (resumed)" if item.action == "resume" else "")
+            if outcome.attempts > 1:
+                line += f" (attempt {outcome.attempts})"
             elapsed = time.perf_counter() - t0
             line += f": {_summary(item.config.experiment, outcome.result, elapsed)}"
         print(line, flush=True)
 
-    outcomes = sweep(items, jobs=args.jobs, on_done=report)
+    if on_cluster:
+        from statscope.experiments.cluster import connect, describe
+
+        with connect(args.scheduler, args.workers, quiet=args.quiet) as client:
+            header(f"on the dask cluster at {describe(client)}")
+            outcomes = sweep(items, on_done=report, client=client)
+    else:
+        header(f"with {jobs} job{'s' if jobs != 1 else ''}" if todo else "")
+        outcomes = sweep(items, jobs=jobs, on_done=report)
     held = sum(o.held for o in outcomes)
     failed = sum(o.error is not None for o in outcomes) - held
     if failed or held:

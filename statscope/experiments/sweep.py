@@ -7,7 +7,8 @@ recorded step, from their checkpoint, and ones that recorded nothing are started
 ``spawn`` processes (``jobs > 1``) or one after another in this process. Worker processes end
 with the sweep's process (:mod:`statscope.experiments.worker`), so no orphan goes on writing a
 run that a second sweep resumes; a run another process is writing (its lease is held) is
-reported as held and left alone.
+reported as held and left alone. With a ``dask.distributed`` client the runs go as tasks on its
+cluster instead (:mod:`statscope.experiments.cluster`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from statscope import schema as S
 from statscope.errors import StatscopeError, StoreError, StoreLockedError
 from statscope.experiments.base import RunConfig, RunResult, run_name
 
-__all__ = ["SweepItem", "SweepOutcome", "plan_sweep", "run_sweep"]
+__all__ = ["SweepItem", "SweepOutcome", "plan_sweep", "replan", "run_sweep"]
 
 @dataclass(frozen=True)
 class SweepItem:
@@ -54,6 +55,8 @@ class SweepOutcome:
         error: one line saying why it failed, None otherwise.
         warnings: the distinct warning messages the run raised.
         held: True when it failed because another process holds the run (is writing it).
+        attempts: how many times the run was started (more than 1 on a cluster when its worker
+            or its process died and the run was resumed elsewhere).
     """
 
     item: SweepItem
@@ -61,6 +64,7 @@ class SweepOutcome:
     error: str | None
     warnings: tuple[str, ...] = ()
     held: bool = False
+    attempts: int = 1
 
 
 def plan_sweep(base: RunConfig, out_dir: str | os.PathLike, *, batch_sizes: Iterable[int],
@@ -86,9 +90,6 @@ def plan_sweep(base: RunConfig, out_dir: str | os.PathLike, *, batch_sizes: Iter
         >>> [(i.name, i.action) for i in items]
         [('mnist-fc_bs4_seed0_bn', 'run'), ('mnist-fc_bs128_seed0_bn', 'run')]
     """
-    from statscope.store import read_attrs
-    from statscope.storage import exists as _exists
-
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise StatscopeError(f"out={out_dir!r}: not a folder")
@@ -100,29 +101,50 @@ def plan_sweep(base: RunConfig, out_dir: str | os.PathLike, *, batch_sizes: Iter
         if name in seen:
             continue
         seen.add(name)
-        path = os.path.join(out_dir, name)
-        status, action = None, "run"
-        if _exists(path):
-            try:
-                attrs = read_attrs(path)
-            except StoreError as exc:
-                raise StoreError(f"{exc}; move it out of the sweep folder") from None
-            status = attrs.get(S.ATTR_STATUS)
-            if status == S.STATUS_COMPLETED:
-                action = "skip"
-            elif attrs.get(S.ATTR_LAST_STEP) is None:
-                action = "overwrite"
-            else:
-                action = "resume"
-        config = dataclasses.replace(config, out=path, overwrite=action == "overwrite",
-                                     resume=action == "resume")
-        items.append(SweepItem(name, config, action, status))
+        items.append(_plan_one(name, config, os.path.join(out_dir, name)))
     return items
 
 
+def replan(item: SweepItem) -> SweepItem:
+    """``item`` as :func:`plan_sweep` would plan it now: its store may have changed since.
+
+    A run started again after its worker died finds its own store, which the first plan did
+    not see; this says whether to resume it, start it over or skip it.
+
+    Raises:
+        StoreError: a folder in the way that is not a run.
+    """
+    config = dataclasses.replace(item.config, overwrite=False, resume=False)
+    return _plan_one(item.name, config, config.out)
+
+
+def _plan_one(name: str, config: RunConfig, path: str) -> SweepItem:
+    """The item for the run ``config`` at ``path``, from its store's status."""
+    from statscope.store import read_attrs
+    from statscope.storage import exists as _exists
+
+    status, action = None, "run"
+    if _exists(path):
+        try:
+            attrs = read_attrs(path)
+        except StoreError as exc:
+            raise StoreError(f"{exc}; move it out of the sweep folder") from None
+        status = attrs.get(S.ATTR_STATUS)
+        if status == S.STATUS_COMPLETED:
+            action = "skip"
+        elif attrs.get(S.ATTR_LAST_STEP) is None:
+            action = "overwrite"
+        else:
+            action = "resume"
+    config = dataclasses.replace(config, out=path, overwrite=action == "overwrite",
+                                 resume=action == "resume")
+    return SweepItem(name, config, action, status)
+
+
 def run_sweep(items: Iterable[SweepItem], *, jobs: int = 1,
-              on_done: Callable[[SweepOutcome], None] | None = None) -> list[SweepOutcome]:
-    """Run the items that are not skipped, up to ``jobs`` at a time.
+              on_done: Callable[[SweepOutcome], None] | None = None, client=None,
+              retries: int = 2) -> list[SweepOutcome]:
+    """Run the items that are not skipped, up to ``jobs`` at a time, or on a dask cluster.
 
     A failing run does not stop the others; its outcome carries the error.
 
@@ -130,12 +152,24 @@ def run_sweep(items: Iterable[SweepItem], *, jobs: int = 1,
         items: from :func:`plan_sweep`.
         jobs: parallel processes; 1 runs everything in this process, one after another.
         on_done: called with each outcome as it comes (skipped ones first).
+        client: a ``distributed.Client``: run each item as one task on its cluster instead
+            (:func:`statscope.experiments.cluster.run_on_cluster`); ``jobs`` must stay 1.
+        retries: with ``client``, how many times a run whose process died is started again
+            (it resumes from its checkpoint); a run whose worker died is started again by the
+            scheduler anyway.
 
     Returns:
         The outcomes in the order of ``items``.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise StatscopeError(f"jobs={jobs!r}: expected a positive int")
+    if client is not None:
+        if jobs != 1:
+            raise StatscopeError(f"jobs={jobs!r} with a client: the cluster's workers run the "
+                                 "runs; leave jobs at 1")
+        from statscope.experiments.cluster import run_on_cluster
+
+        return run_on_cluster(client, items, on_done=on_done, retries=retries)
     items = list(items)
     outcomes: dict[int, SweepOutcome] = {}
 
@@ -172,8 +206,13 @@ def run_sweep(items: Iterable[SweepItem], *, jobs: int = 1,
     return [outcomes[i] for i in range(len(items))]
 
 
-def _run_one(config: RunConfig) -> tuple[RunResult | None, str | None, tuple[str, ...], bool]:
+def _run_one(config: RunConfig, progress: Callable | None = None
+             ) -> tuple[RunResult | None, str | None, tuple[str, ...], bool]:
     """Run one config; report errors and warnings instead of raising them.
+
+    Args:
+        config: the run.
+        progress: ``run_experiment``'s progress callback (called between two steps).
 
     Returns:
         (result or None, error or None, distinct warning messages, held by another process).
@@ -184,7 +223,7 @@ def _run_one(config: RunConfig) -> tuple[RunResult | None, str | None, tuple[str
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            result, error = run_experiment(config), None
+            result, error = run_experiment(config, progress=progress), None
         except StoreLockedError as exc:
             result, error, held = None, str(exc), True
         except StatscopeError as exc:
@@ -195,11 +234,12 @@ def _run_one(config: RunConfig) -> tuple[RunResult | None, str | None, tuple[str
 
 
 def _run_in_worker(config: RunConfig):
-    """:func:`_run_one` in a worker process that ends, once its run stopped, if its parent died."""
-    from statscope.experiments.worker import EXIT_STATUS, ParentGone, running
+    """:func:`_run_one` in a worker process that ends, once its run stopped, if its parent died
+    (the run stops between two steps, at most ``progress_seconds``, 0.2 s, after the signal)."""
+    from statscope.experiments.worker import EXIT_STATUS, ParentGone, running, stop_if_asked
 
     try:
-        with running():
-            return _run_one(config)
+        with running(defer=True):
+            return _run_one(config, progress=stop_if_asked)
     except ParentGone:
         os._exit(EXIT_STATUS)  # nobody is left to report to; the run is marked failed

@@ -1,0 +1,301 @@
+"""Sweeps on a ``dask.distributed`` cluster: one task per run, each run in a child process.
+
+:func:`run_on_cluster` submits one task per run that is not skipped; dask places the tasks on
+the cluster's workers, one per worker thread, and the results (status, steps, test accuracy, or
+the error) come back to the caller. Each task starts its run in a fresh Python process, a child
+of the worker, rather than in the worker process itself:
+
+- a run sets process-wide torch state (the number of threads, the global RNG seeded per run),
+  which two runs on two threads of one worker would share, and a training loop in a worker
+  thread holds the GIL for much of each small step, starving the worker's heartbeats;
+- a child gives its memory back when the run ends, whatever torch's allocator kept;
+- the child is a ``--jobs`` worker (:mod:`statscope.experiments.worker`): it gets ``SIGTERM``
+  when the worker process dies, and stops its run between two steps with a checkpoint; the task
+  sends it the same signal when the scheduler cancels the task (the sweep's client went away).
+
+Workers that die are dask's business: the scheduler gives a dead worker's task to another
+worker, and ``retries`` starts a task again whose run process died. Either way the new attempt
+plans its run again from the store (:func:`statscope.experiments.sweep.replan`): it resumes
+from the checkpoint, or starts over when nothing was recorded. The store's lease can still be
+held by the dead worker's child while it stops (at most
+:data:`statscope.experiments.worker.GRACE_SECONDS`), so a second attempt waits for the lease up
+to :data:`LEASE_WAIT_SECONDS`; a first attempt that finds it held reports the run held, as a
+sweep on one machine does. The attempt count lives in the scheduler's metadata of the task's
+key, which the scheduler drops with the task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+
+from statscope.errors import StatscopeError, StoreLockedError
+from statscope.experiments.sweep import SweepItem, SweepOutcome, replan
+from statscope.experiments.worker import GRACE_SECONDS
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+__all__ = ["ClusterError", "RunProcessDied", "LEASE_WAIT_SECONDS", "connect", "describe",
+           "run_on_cluster"]
+
+LEASE_WAIT_SECONDS = GRACE_SECONDS + 30.0
+"""How long a run's second or later attempt waits for the lease its dead predecessor held."""
+
+_POLL_SECONDS = 0.5
+_CHILD = "from statscope.experiments.cluster import _child_main; _child_main()"
+_METADATA = "statscope-attempts"
+
+
+class ClusterError(StatscopeError):
+    """The cluster cannot be reached or started (a failure at run time, not bad input)."""
+
+    exit_code = 1
+
+
+class RunProcessDied(RuntimeError):
+    """A run's process ended without a result (killed, out of memory); dask retries the task."""
+
+
+@contextlib.contextmanager
+def connect(scheduler: str | None = None, workers: int | None = None, *,
+            timeout: float | None = None, quiet: bool = False) -> Iterator["Client"]:
+    """A ``distributed.Client`` of the scheduler at ``scheduler``, or of a new local cluster.
+
+    Args:
+        scheduler: the scheduler's address, e.g. ``tcp://10.0.0.5:8786``.
+        workers: without ``scheduler``: start a ``LocalCluster`` of this many worker processes
+            of one thread each (one run at a time each), closed on exit.
+        timeout: seconds to wait for the scheduler; default dask's
+            ``distributed.comm.timeouts.connect`` (30 s).
+        quiet: show only the cluster's errors in the log, not its warnings.
+
+    Raises:
+        StatscopeError: no ``distributed``, a bad address or worker count (exit code 2);
+        ClusterError: nobody answers at ``scheduler`` in time, or the cluster fails to start.
+    """
+    try:
+        import dask
+        from distributed import Client, LocalCluster
+    except ImportError as exc:
+        raise StatscopeError(f"scheduler={scheduler!r}, workers={workers!r}: sweeps on a cluster "
+                             f"need dask.distributed ({exc}); pip install 'statscope[dask]'"
+                             ) from None
+    if (scheduler is None) == (workers is None):
+        raise StatscopeError(f"scheduler={scheduler!r}, workers={workers!r}: give one of them")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):
+        raise StatscopeError(f"workers={workers!r}: expected a positive int")
+    if scheduler is not None:
+        if timeout is None:
+            timeout = dask.utils.parse_timedelta(
+                dask.config.get("distributed.comm.timeouts.connect"), default="seconds")
+        try:
+            client = Client(scheduler, timeout=timeout, set_as_default=False)
+        except ValueError as exc:  # an unknown scheme, a malformed address
+            raise StatscopeError(f"scheduler={scheduler!r}: {exc}") from None
+        except (OSError, TimeoutError) as exc:
+            raise ClusterError(f"scheduler={scheduler!r}: cannot connect ({exc})") from None
+        with client:
+            yield client
+        return
+    try:
+        # No dashboard: its port may be taken, and whoever wants one starts their own scheduler.
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None,
+                               silence_logs=logging.ERROR if quiet else logging.WARNING)
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        raise ClusterError(f"workers={workers}: the local cluster failed to start ({exc})"
+                           ) from None
+    with cluster, Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+def describe(client: "Client") -> str:
+    """The cluster in a few words: ``tcp://127.0.0.1:8786: 2 workers, 2 threads``."""
+    workers = client.nthreads()
+    threads = sum(workers.values())
+    return (f"{client.scheduler.address}: {len(workers)} worker"
+            f"{'s' if len(workers) != 1 else ''}, {threads} thread{'s' if threads != 1 else ''}")
+
+
+def run_on_cluster(client: "Client", items: Iterable[SweepItem], *, retries: int = 2,
+                   on_done: Callable[[SweepOutcome], None] | None = None) -> list[SweepOutcome]:
+    """Run the items that are not skipped as tasks on ``client``'s cluster, one per run.
+
+    The workers must see the sweep's folder at the same path (a shared file system, or an
+    fsspec URL) and have statscope installed. Local paths are made absolute here.
+
+    Args:
+        client: a connected ``distributed.Client``.
+        items: from :func:`statscope.experiments.sweep.plan_sweep`.
+        retries: how many times dask starts a task again whose run process died.
+        on_done: called with each outcome as it comes (skipped ones first).
+
+    Returns:
+        The outcomes in the order of ``items``.
+    """
+    from distributed import as_completed
+
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise StatscopeError(f"retries={retries!r}: expected a non-negative int")
+    items = list(items)
+    outcomes: dict[int, SweepOutcome] = {}
+
+    def done(i: int, outcome: SweepOutcome) -> None:
+        outcomes[i] = outcome
+        if on_done is not None:
+            on_done(outcome)
+
+    token = uuid.uuid4().hex[:12]
+    futures = {}
+    try:
+        for i, item in enumerate(items):
+            if item.action == "skip":
+                done(i, SweepOutcome(item, None, None))
+                continue
+            item = dataclasses.replace(item, config=_absolute(item.config))
+            future = client.submit(_run_task, item, list(sys.argv), retries=retries, pure=False,
+                                   key=f"statscope-run-{item.name}-{token}")
+            futures[future] = i
+        for future in as_completed(list(futures), loop=client.loop):
+            i = futures[future]
+            try:
+                outcome = future.result()
+            except Exception as exc:  # retries spent, or every worker it ran on died
+                outcome = SweepOutcome(items[i], None, f"{type(exc).__name__}: {exc}",
+                                       attempts=retries + 1)
+            done(i, outcome)
+    finally:
+        pending = [f for f in futures if not f.done()]
+        if pending:  # interrupted: the tasks stop their runs (checkpoint, run marked failed)
+            client.cancel(pending)
+    return [outcomes[i] for i in range(len(items))]
+
+
+def _absolute(config):
+    """``config`` with its local paths absolute: a worker's working folder is not ours."""
+    from statscope.storage import is_url
+
+    out = config.out if is_url(config.out) else os.path.abspath(config.out)
+    data_dir = None if config.data_dir is None else os.path.abspath(config.data_dir)
+    return dataclasses.replace(config, out=out, data_dir=data_dir)
+
+
+def _run_task(item: SweepItem, argv: list[str]) -> SweepOutcome:
+    """One run of a sweep on a worker: plan it from its store, run it in a child process."""
+    from distributed import get_client, get_worker
+
+    worker = get_worker()
+    key = worker.get_current_task()
+    client = get_client()
+    attempt = int(client.get_metadata([key, _METADATA], 0)) + 1
+    client.set_metadata([key, _METADATA], attempt)
+    deadline = time.monotonic() + (LEASE_WAIT_SECONDS if attempt > 1 else 0.0)
+    while True:
+        if attempt > 1:  # the store is as the last attempt left it once it let the lease go
+            _wait_for_lease(item.config.out, deadline)
+        try:
+            item = replan(item)
+        except StatscopeError as exc:  # something not a run took its place
+            return SweepOutcome(item, None, str(exc), attempts=attempt)
+        if item.action == "skip":  # an earlier attempt finished it before its worker died
+            return SweepOutcome(item, None, None, attempts=attempt)
+        result, error, caught, held = _run_child(item.config, argv, worker, key)
+        if held and time.monotonic() < deadline:
+            time.sleep(_POLL_SECONDS)
+            continue
+        return SweepOutcome(item, result, error, caught, held, attempt)
+
+
+def _wait_for_lease(path: str, deadline: float) -> None:
+    """Return once nobody holds the run's lease, or at ``deadline``."""
+    from statscope.lease import Lease
+
+    while True:
+        try:
+            Lease.acquire(path).release()
+            return
+        except StoreLockedError:
+            if time.monotonic() >= deadline:
+                return  # the run's process reports it held
+            time.sleep(_POLL_SECONDS)
+
+
+def _run_child(config, argv: list[str], worker, key):
+    """Run ``config`` in a child process; its ``_run_one`` tuple.
+
+    Raises:
+        RunProcessDied: the child ended without a result.
+    """
+    fd, result_path = tempfile.mkstemp(prefix="statscope-run-", suffix=".pkl")
+    os.close(fd)
+    try:
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(os.getpid()), result_path],
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+            with proc:
+                proc.stdin.write(pickle.dumps((config, argv)))
+                proc.stdin.close()
+                code = _wait(proc, worker, key)
+                err.seek(0)
+                tail = [line for line in err.read().decode(errors="replace").splitlines()
+                        if line.strip()]
+        if code == 0 and os.path.getsize(result_path):
+            with open(result_path, "rb") as f:
+                return pickle.load(f)
+        how = (f"was killed by {signal.Signals(-code).name}" if code < 0
+               else f"exited with status {code}")
+        raise RunProcessDied(f"the run's process {proc.pid} on {worker.address} {how}"
+                             + (f": {tail[-1].strip()}" if tail else ""))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(result_path)
+
+
+def _wait(proc: subprocess.Popen, worker, key) -> int:
+    """Wait for the child; stop it (``SIGTERM``: checkpoint, run marked failed) when the task
+    is cancelled or the worker closes."""
+    while True:
+        try:
+            return proc.wait(timeout=_POLL_SECONDS)
+        except subprocess.TimeoutExpired:
+            if _abandoned(worker, key):
+                proc.terminate()
+                try:
+                    return proc.wait(timeout=GRACE_SECONDS + 10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    return proc.wait()
+
+
+def _abandoned(worker, key) -> bool:
+    """True when nobody wants this task's result any more (its client left, it was cancelled)
+    or its worker is closing."""
+    task = worker.state.tasks.get(key)
+    return task is None or task.state == "cancelled" or worker.status.name in (
+        "closing", "closed", "failed")
+
+
+def _child_main() -> None:
+    """The run's process: ``python -c _CHILD WORKER_PID RESULT_PATH``, the config on stdin."""
+    from statscope.experiments.sweep import _run_in_worker
+    from statscope.experiments.worker import init_worker
+
+    parent, result_path = int(sys.argv[1]), sys.argv[2]
+    init_worker(parent)
+    config, argv = pickle.load(sys.stdin.buffer)
+    sys.argv = argv  # the store's ``command`` attribute names the sweep, as with --jobs
+    outcome = _run_in_worker(config)
+    with open(result_path, "wb") as f:
+        pickle.dump(outcome, f)
