@@ -72,7 +72,7 @@ def time_steps(bs: int, steps: int, probed: bool, tmp: str,
 def _thread_cpu(rec) -> float:
     if rec is None:
         return 0.0
-    return time.clock_gettime(time.pthread_getcpuclockid(rec._worker.ident))
+    return time.clock_gettime(time.pthread_getcpuclockid(rec._worker._thread.ident))
 
 
 def writer_throughput(neurons: int, steps: int, tmp: str) -> float:

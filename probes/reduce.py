@@ -60,7 +60,7 @@ def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True) -> tuple | N
     """
     entry = ("invstd", stats.mean, stats.invstd, stats.eps)
     x = stats.input
-    if x.device.type != "cpu" or x.dtype == torch.float64:
+    if not x.is_cpu or x.dtype == torch.float64:
         return entry
     if x.dtype == torch.float32 and x.ndim > 2 and x.is_contiguous() \
             and x.numel() > x.shape[0] * x.shape[1]:
