@@ -14,7 +14,9 @@ things, chosen per probe and tensor shape:
   ``MAX_SHAPES_PER_BLOCK`` shapes in one block: dynamic padding), which then stay in this mode
   for the rest of the run.
 - ``refs``, the BatchNorm fast path: keep references to the mean and inverse std that a
-  training-mode BatchNorm computed itself (:mod:`statscope.probes.fastpath`); no kernel at all.
+  training-mode BatchNorm computed itself (:mod:`statscope.probes.fastpath`); no kernel (on the
+  CPU, one sum for the mean while the writer thread sees |mean|/std large enough to need it:
+  :func:`statscope.probes.reduce.batchnorm_entry`).
 
 None of them syncs with the device or loops over neurons. A change of shape closes the current
 raw segment of the block and opens another, so nothing is lost or mixed (entries carry what they
