@@ -54,9 +54,21 @@ class _Moments:
             self.m2 = np.concatenate([self.m2, np.zeros(extra)])
             self.bad = np.concatenate([self.bad, np.zeros(extra, bool)])
 
-    def add(self, x: np.ndarray, ran: np.ndarray) -> None:
-        """Merge rows ``x`` (k, cols); ``ran`` (k, cols) says which rows count."""
+    def add(self, x: np.ndarray, ran: np.ndarray | None) -> None:
+        """Merge rows ``x`` (k, cols); ``ran`` (k, cols) says which rows count (None: all)."""
         finite = np.isfinite(x)
+        if ran is None and finite.all():  # the common case: one pass each for mean and m2
+            nb = len(x)
+            mb = x.mean(0)
+            m2b = ((x - mb) ** 2).sum(0)
+            n = self.n + nb
+            delta = mb - self.mean
+            self.mean = self.mean + delta * (nb / n)
+            self.m2 = self.m2 + m2b + delta * delta * (self.n * nb / n)
+            self.n = n
+            return
+        if ran is None:
+            ran = np.ones(x.shape, bool)
         self.bad |= (ran & ~finite).any(0)
         use = ran & finite
         nb = use.sum(0)
@@ -131,8 +143,10 @@ class Windows:
             self.index = int(k)
             ran = count[rows] > 0
             self._ran += ran.sum(0)
+            everywhere = ran.all()
             for name, acc in self._acc.items():
-                acc.add(np.asarray(values[name][rows], np.float64), ran[:, probe_of[name]])
+                acc.add(np.asarray(values[name][rows], np.float64),
+                        None if everywhere else ran[:, probe_of[name]])
                 if lost is not None and name in lost:
                     acc.bad |= lost[name]
         return done
