@@ -288,24 +288,43 @@ def bench_llm(args, cb, create_app) -> None:
     for name, fn, fargs in [cases[i] for i in (4, 8, 10, 12, 15)]:
         print(f"{name:40} {encoded(fn, fresh, *fargs)[0]:9.1f}")
     if args.series:
-        sources_compare(cb, root)
+        sources_compare(root)
 
 
-def sources_compare(cb, root: Path) -> None:
-    """The LLM run's per-layer fluctuation, cold, from the window summaries and from the
-    per-step series of every neuron (the budget lifted), one call each: minutes."""
-    from statscope.dashboards import create_app, sources
+def sources_compare(root: Path, layers: int = 8, rounds: int = 2) -> None:
+    """The two sources of the fluctuation views on the same numbers: ``layers`` layers of the
+    LLM run (the analyses on every neuron of all 80 need over 22 GB: the benchmark's first try
+    was OOM-killed on this 24 GB machine), last 200 steps, from the per-step series
+    (``statscope.analyses.fluctuation``) and from the window summaries; interleaved ABBA,
+    each read from the store every time (the stores opened once, as the dashboard keeps them)."""
+    import statscope
+    from statscope import analyses as A
+    from statscope.dashboards.sources import windowed
+    from statscope.store import open_windows
 
-    q = "?run=llm&tab=fluctuation&by=layer&scale=raw"
-    a = encoded(cb.fluctuation, create_app(root, warm=False).catalog, q)[0]
-    saved = sources.MAX_SERIES_VALUES
-    sources.MAX_SERIES_VALUES = 10**12
-    try:
-        b = encoded(cb.fluctuation, create_app(root, warm=False).catalog, q)[0]
-    finally:
-        sources.MAX_SERIES_VALUES = saved
-    print(f"\nLLM per-layer fluctuation, cold: window summaries {a:,.0f} ms; per-step series of "
-          f"every neuron {b:,.0f} ms ({b / a:.1f}x)")
+    cols = slice(0, layers * LLM_CHANNELS)
+    ds = statscope.open_run(root / "llm").isel(neuron=cols)
+    w = open_windows(root / "llm").isel(neuron=cols)
+
+    def series():
+        return A.fluctuation(ds, 200)
+
+    def summaries():
+        return windowed(w, (w.sizes["window"] - 1, w.sizes["window"]))[0]
+
+    times = {"series": [], "windows": []}
+    out = {}
+    for order in [("series", "windows"), ("windows", "series")] * rounds:
+        for name in order:
+            t = time.perf_counter()
+            out[name] = (series if name == "series" else summaries)()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    diff = max(float(np.nanmax(np.abs(out["series"][s].values / out["windows"][s].values - 1)))
+               for s in (S.BN_MEAN, S.BN_STD))
+    a, b = statistics.median(times["series"]), statistics.median(times["windows"])
+    print(f"\nfluctuation of {layers} layers ({layers * LLM_CHANNELS:,} neurons), last 200 steps, "
+          f"median of {2 * rounds} interleaved: per-step series {a:,.0f} ms, window summaries "
+          f"{b:,.0f} ms ({a / b:.1f}x); largest relative difference {diff:.1e}")
 
 
 def bench_ranks(args, cb, create_app) -> None:
@@ -399,8 +418,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="fresh apps per table (cold calls)")
     p.add_argument("--only", default="long,llm,ranks", help="which of long, llm, ranks to run")
     p.add_argument("--series", action="store_true",
-                   help="also time the LLM run's per-layer fluctuation from the per-step series "
-                        "of every neuron (minutes)")
+                   help="also time the fluctuation of 8 of the LLM run's layers from the "
+                        "per-step series against the window summaries (a few GB of memory)")
     p.add_argument("--baseline", type=Path, help="folder holding an older dashboards package")
     args = p.parse_args()
     only = set(args.only.split(","))

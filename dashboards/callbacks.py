@@ -1,19 +1,16 @@
 """Thin callbacks: parse the view state from the URL, fetch through the catalog, call a builder.
 
 Each callback is a plain function of the :class:`~statscope.dashboards.data.RunCatalog` and the
-callback's inputs, so tests call it directly; :func:`register` wires them into a Dash app.
+callback's inputs, so tests call it directly; :func:`register` wires them into a Dash app. What
+a URL selects (and the selectors' sync) is :mod:`.selection`; its names are importable here too.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-from dash import Dash, Input, Output, State, ctx, no_update
+from dash import Dash, Input, Output, State, ctx
 from dash.exceptions import PreventUpdate
 
 from statscope import schema as S
@@ -21,20 +18,22 @@ from statscope.errors import StatscopeError
 
 from . import metrics
 from .bars import fluctuation_spec
-from .data import RunCatalog, natural_key, neuron_key, parse_neuron_key
+from .data import RunCatalog, natural_key, parse_neuron_key
 from .evolution import evolution_spec, run_title
 from .grid import to_wire
 from .heatmap import heatmap_spec
 from .layout import GRAPHS, run_panel, status_badges
-from .limits import MAX_NEURONS, MAX_OPTIONS, MAX_SCALARS, MAX_SCATTER_POINTS, RUNS_PER_PAGE
+from .limits import MAX_SCATTER_POINTS
 from .ranks import rank_keys, rank_label
 from .results import (N_BOOT, claims_sample, computed, fluct, neuron_fluct, rank_comparison,
                       scatter_values)
 from .runinfo import run_summary
 from .scatter import scatter_spec
+from .selection import (MAX_DEFAULT_RUNS, View, default_neurons, normalize, options,
+                        page_count, rank_options, sync_state, view, view_key)
 from .sources import SERIES
-from .state import EACH, MERGED, ViewState, Window, parse_rank
-from .style import empty_spec, neuron_label
+from .state import EACH, MERGED, ViewState, Window
+from .style import empty_spec
 
 __all__ = ["normalize", "view", "View", "default_neurons", "sync_state", "options",
            "rank_options", "poll",
@@ -42,245 +41,11 @@ __all__ = ["normalize", "view", "View", "default_neurons", "sync_state", "option
            "scatter", "heatmap", "runs_tab", "register", "page_count", "MAX_DEFAULT_RUNS",
            "N_BOOT", "POLL_MAX_AGE"]
 
-MAX_DEFAULT_RUNS = 4
-"""Runs shown when the URL names none."""
 POLL_MAX_AGE = 1.0
 """Seconds one rescan of the root serves the polls of every open page."""
 
 _RANGE_KEY = re.compile(r"^xaxis(\d*)\.range(\[0\])?$")
 _AUTORANGE_KEY = re.compile(r"^xaxis(\d*)\.autorange$")
-
-
-def page_count(n_runs: int) -> int:
-    """Pages of :data:`~statscope.dashboards.limits.RUNS_PER_PAGE` runs that ``n_runs`` fill."""
-    return max(1, math.ceil(n_runs / RUNS_PER_PAGE))
-
-
-def _page(state: ViewState) -> tuple[str, ...]:
-    return state.runs[state.page * RUNS_PER_PAGE:(state.page + 1) * RUNS_PER_PAGE]
-
-
-def _known(catalog: RunCatalog, runs: Sequence[str], key: str) -> bool:
-    try:
-        layer, unit = parse_neuron_key(key)
-    except StatscopeError:
-        return False
-    return any(catalog.neuron_index(r, layer, unit) is not None for r in runs)
-
-
-def default_neurons(catalog: RunCatalog, runs: Sequence[str]) -> tuple[str, ...]:
-    """The first neuron of each layer of each run (the paper's "i-1"), in order, no repeats.
-
-    Runs of different models each bring their own layers. Past
-    :data:`~statscope.dashboards.limits.MAX_NEURONS` the layers are taken evenly from first to
-    last, so a deep model shows its depth.
-    """
-    keys = list(dict.fromkeys(neuron_key(layer, catalog.first_unit(r, layer))
-                              for r in runs for layer in catalog.layers(r)))
-    if len(keys) > MAX_NEURONS:
-        keys = [keys[i] for i in np.unique(np.linspace(0, len(keys) - 1, MAX_NEURONS)
-                                           .round().astype(int))]
-    return tuple(keys)
-
-
-def normalize(catalog: RunCatalog, state: ViewState) -> ViewState:
-    """Fill defaults and drop whatever the catalog does not know (unknown runs, neurons, layers).
-
-    This is the one gate between the URL and the store: a run name that is not a run found
-    under the root is dropped here, so no request reaches a path outside it. A neuron is kept
-    when any chosen run has it; the default neurons and scalars are those of the page's runs.
-    Its cost grows with the runs and neurons chosen, never with a run's neuron count.
-    """
-    names = catalog.names()
-    runs = tuple(catalog.valid(state.runs)) or tuple(names[:MAX_DEFAULT_RUNS])
-    if not runs:
-        return state.replace(runs=(), neurons=(), layer=None, page=0)
-    page = min(max(0, state.page), page_count(len(runs)) - 1)
-    shown = runs[page * RUNS_PER_PAGE:(page + 1) * RUNS_PER_PAGE]
-    neurons = tuple(k for k in state.neurons if _known(catalog, runs, k))
-    layers = catalog.layers(shown[0])
-    if state.scalars is None:
-        scalars = tuple(dict.fromkeys(s for r in shown for s in catalog.scalar_names(r)))
-        scalars = scalars[:MAX_SCALARS]
-    else:
-        logged = {s for r in runs for s in catalog.scalar_names(r)}
-        scalars = tuple(s for s in state.scalars if s in logged)
-    rank = state.rank
-    if isinstance(rank, int) and not any(rank in catalog.ranks(r) for r in runs):
-        rank = MERGED
-    return state.replace(runs=runs, page=page, neurons=neurons or default_neurons(catalog, shown),
-                         layer=state.layer if state.layer in layers else layers[0],
-                         scalars=scalars, rank=rank)
-
-
-@dataclass(frozen=True)
-class View:
-    """What the figures of one URL draw.
-
-    Attributes:
-        state: the normalized view state.
-        runs: the runs of the current page, in panel order.
-        neurons: the neurons drawn, ``(layer, unit)``, at most
-            :data:`~statscope.dashboards.limits.MAX_NEURONS`.
-        notes: what the view leaves out (other pages, neurons past the cap), one line each.
-    """
-
-    state: ViewState
-    runs: tuple[str, ...]
-    neurons: tuple[tuple[str, int], ...]
-    notes: tuple[str, ...]
-
-
-def view(catalog: RunCatalog, search: str | None) -> View:
-    """Normalize the URL's state and work out the page, the neurons drawn and the notes."""
-    state = normalize(catalog, ViewState.from_query(search))
-    runs = _page(state)
-    notes = []
-    n_pages = page_count(len(state.runs))
-    if n_pages > 1:
-        first = state.page * RUNS_PER_PAGE + 1
-        notes.append(f"Runs {first}–{first + len(runs) - 1} of {len(state.runs)} (page "
-                     f"{state.page + 1} of {n_pages}; choose the page at the left)")
-    if len(state.neurons) > MAX_NEURONS:
-        notes.append(f"The first {MAX_NEURONS} of the {len(state.neurons)} chosen neurons "
-                     f"(at most {MAX_NEURONS} are drawn at once)")
-    neurons = tuple(parse_neuron_key(k) for k in state.neurons[:MAX_NEURONS])
-    return View(state, runs, neurons, tuple(notes))
-
-
-def _window_from_controls(kind, n, start, stop, fallback: Window) -> Window:
-    try:
-        if kind == "all":
-            return Window("all")
-        if kind == "range":
-            return Window("range", start=int(start), stop=int(stop))
-        return Window("last", n=int(n))
-    except (StatscopeError, TypeError, ValueError):
-        return fallback
-
-
-def _int(value, default: int) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return default
-
-
-def sync_state(catalog: RunCatalog, trigger: str | None, search: str | None, version, runs,
-               neurons, layer, stat, win_kind, win_n, win_start, win_stop, scale, by, tab, page,
-               scalars, click, search_value: str | None = None, rank=None) -> tuple:
-    """Keep the URL, the selectors and their choices in step.
-
-    On page load (or back/forward) the URL sets the selectors; a selector change rewrites the
-    URL (and corrects a selector whose value the catalog does not accept); a click on a scatter
-    point selects that neuron and opens its evolution; typing in the neuron selector searches
-    the chosen runs' neurons. The choices are sent with the values because a Dash 4 dropdown
-    drops a value that is not among its options.
-
-    Args:
-        catalog: the runs.
-        trigger: id of the component that fired (``None`` on page load; ``"neuron-search"``
-            for typing in the neuron selector).
-        search: the URL query string; the other arguments are the selectors' values, the
-            scatter's ``clickData``, the neuron selector's ``search_value`` and the rank
-            selector's value.
-
-    Returns:
-        ``(search, run options, neuron options, layer options, page options, scalar options,
-        runs, neurons, layer, stat, win_kind, win_n, win_start, win_stop, scale, by, tab,
-        page, scalars, rank options, rank)``, ``no_update`` where nothing changes.
-    """
-    n_out = 21
-    if trigger == "neuron-search":
-        if not search_value:
-            raise PreventUpdate
-        state = normalize(catalog, ViewState.from_query(search))
-        opts = _neuron_options(catalog, state, search_value)
-        return (no_update, no_update, opts) + (no_update,) * (n_out - 3)
-    current = ViewState.from_query(search)
-    if trigger in (None, "url"):
-        state = normalize(catalog, current)
-    else:
-        state = current.replace(
-            runs=tuple(runs or ()), neurons=tuple(neurons or ()), layer=layer,
-            stat=stat if stat in S.ALL_STATS else current.stat,
-            window=_window_from_controls(win_kind, win_n, win_start, win_stop, current.window),
-            scale=scale or current.scale, by=by or current.by, tab=tab or current.tab,
-            page=_int(page, current.page) if trigger != "runs" else 0,
-            scalars=tuple(scalars or ()), rank=parse_rank(rank) if rank is not None
-            else current.rank)
-        if trigger == "scatter-graph" and click and click.get("points"):
-            key = click["points"][0].get("customdata")
-            if isinstance(key, str):
-                state = state.replace(neurons=(key,), tab="evolution")
-        state = normalize(catalog, state)
-    query = state.to_query()
-    w = state.window
-    values = (list(state.runs), list(state.neurons), state.layer, state.stat, w.kind,
-              w.n, w.start, w.stop, state.scale, state.by, state.tab, state.page,
-              list(state.scalars or ()))
-    rank_value = str(state.rank)
-    if trigger not in (None, "url", "scatter-graph"):
-        given = (runs, neurons, layer, stat, win_kind, win_n, win_start, win_stop, scale, by,
-                 tab, page, scalars)
-        values = tuple(v if _differs(v, g) else no_update for v, g in zip(values, given))
-        rank_value = no_update if rank is None or rank_value == str(rank) else rank_value
-    fresh = trigger in (None, "url", "version", "runs", "page", "scatter-graph", "neurons")
-    opts = options(catalog, state) if fresh else (no_update,) * 5
-    return (query if query != (search or "") else no_update, *opts, *values,
-            rank_options(catalog, state) if fresh else no_update, rank_value)
-
-
-def _differs(new, given) -> bool:
-    if isinstance(new, list) or isinstance(given, (list, tuple)):
-        return list(new or []) != list(given or [])
-    return new != given
-
-
-def _neuron_options(catalog: RunCatalog, state: ViewState, text: str | None = None) -> list:
-    """The chosen neurons, the defaults, and the first matches of ``text`` (or of every layer),
-    at most :data:`~statscope.dashboards.limits.MAX_OPTIONS` beyond the chosen ones."""
-    keys = dict.fromkeys(state.neurons)
-    keys.update(dict.fromkeys(default_neurons(catalog, _page(state))))
-    keys.update(dict.fromkeys(neuron_key(l, u) for l, u in
-                              catalog.search_neurons(state.runs, text or "", MAX_OPTIONS)))
-    out = []
-    for k in keys:
-        layer, unit = parse_neuron_key(k)
-        out.append({"label": neuron_label(layer, unit), "value": k})
-    return out
-
-
-def rank_options(catalog: RunCatalog, state: ViewState) -> list:
-    """Choices of the rank selector: the merged statistics, each rank beside them, and every
-    rank of the chosen runs; empty when none of them is distributed."""
-    ranks = sorted({r for n in state.runs for r in catalog.ranks(n)})
-    if not ranks:
-        return []
-    return ([{"label": " merged (global)", "value": MERGED},
-             {"label": " each rank", "value": EACH}]
-            + [{"label": f" rank {r}", "value": str(r)} for r in ranks])
-
-
-def options(catalog: RunCatalog, state: ViewState) -> tuple[list, list, list, list, list]:
-    """Choices of the run, neuron, layer, page and scalar selectors for a normalized state.
-
-    Neurons: the chosen ones, the defaults and the first
-    :data:`~statscope.dashboards.limits.MAX_OPTIONS` of the chosen runs (typing searches them
-    all); layers: those of the first run on the page (the layer overview draws it).
-    """
-    names = catalog.names()
-    run_opts = [{"label": f"{run_title(n, catalog.dataset(n))} · {catalog.info(n).status}",
-                 "value": n} for n in names]
-    if not state.runs:
-        return run_opts, [], [], [], []
-    n_pages = page_count(len(state.runs))
-    page_opts = ([{"label": f" {i + 1}", "value": i} for i in range(n_pages)]
-                 if n_pages > 1 else [])
-    layer_opts = [{"label": l, "value": l} for l in catalog.layers(_page(state)[0])]
-    scalar_opts = [{"label": s, "value": s} for s in
-                   dict.fromkeys(s for r in state.runs for s in catalog.scalar_names(r))]
-    return run_opts, _neuron_options(catalog, state), layer_opts, page_opts, scalar_opts
 
 
 def poll(catalog: RunCatalog, n_intervals, version, *, warm: bool = False,
@@ -341,7 +106,7 @@ def zoom_store(relayout, search) -> dict:
     rng = zoom_range(relayout)
     if rng is False:
         raise PreventUpdate
-    return {"view": _view_key(ViewState.from_query(search)),
+    return {"view": view_key(ViewState.from_query(search)),
             "range": None if rng is None else list(rng), "axis": _zoomed_axis(relayout)}
 
 
@@ -354,13 +119,8 @@ def _zoomed_axis(relayout: dict[str, Any]) -> int:
     return 1
 
 
-def _view_key(state: ViewState) -> str:
-    return repr((state.runs, state.page, state.neurons, state.scalars, state.layer, state.stat,
-                 state.window.spec(), state.rank))
-
-
 def _zoom(zoom: dict | None, search: str | None) -> tuple[float, float] | None:
-    if zoom and zoom.get("range") and zoom.get("view") == _view_key(ViewState.from_query(search)):
+    if zoom and zoom.get("range") and zoom.get("view") == view_key(ViewState.from_query(search)):
         return tuple(zoom["range"])
     return None
 
@@ -389,7 +149,7 @@ def evolution(catalog: RunCatalog, search, version=None, zoom=None) -> dict:
     # Cached under the first run until it changes; the others' generations are in the key, so
     # a change to any of them makes a new entry (the old one ages out of the LRU).
     gens = catalog.version()
-    key = ("evolution", _view_key(v.state), v.notes, repr(xrange),
+    key = ("evolution", view_key(v.state), v.notes, repr(xrange),
            tuple(gens.get(n) for n in v.runs))
     return catalog.memo(v.runs[0], key, build)
 
@@ -555,7 +315,7 @@ def scatter(catalog: RunCatalog, search, version=None) -> dict:
         return empty_spec("Choose at least one run.")
     # 20,000 points take tens of ms to lay out: a repeated view comes from the cache
     gens = catalog.version()
-    key = ("scatter", _view_key(v.state), v.state.scale, v.notes,
+    key = ("scatter", view_key(v.state), v.state.scale, v.notes,
            tuple(gens.get(n) for n in v.runs))
     try:
         return catalog.memo(v.runs[0], key, build)
@@ -616,7 +376,7 @@ def runs_tab(catalog: RunCatalog, search, version=None) -> list:
     if not v.runs:
         return _runs_tab(catalog, v)
     gens = catalog.version()
-    key = ("runs", _view_key(v.state), v.notes, tuple(gens.get(n) for n in v.runs))
+    key = ("runs", view_key(v.state), v.notes, tuple(gens.get(n) for n in v.runs))
     return catalog.memo(v.runs[0], key, lambda: _runs_tab(catalog, v))
 
 CONTROLS = ("runs", "neurons", "layer", "stat", "win-kind", "win-n", "win-start", "win-stop",

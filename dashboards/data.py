@@ -3,17 +3,16 @@
 Every read the app makes goes through :class:`RunCatalog`. It knows the runs by name only; a
 name from a URL or a request that is not one of the runs found under the root is refused, so
 no request can make the app read a path outside the root. Runs are found by
-:func:`statscope.store.find_runs`; a run any of whose files or folders resolves outside the root
-(through a symbolic link) is not served, and the page says so.
+:func:`statscope.store.scan_runs`; a run any of whose files or folders resolves outside the root
+(through a symbolic link) is not served, and the page says so. The names of
+:mod:`.keys`, :mod:`.links` and :mod:`.cache` are importable from here too.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,114 +24,13 @@ import xarray as xr
 from statscope import schema as S
 from statscope.errors import StatscopeError, StoreError
 
+from .cache import ByteLRU
+from .keys import layer_slices, natural_key, neuron_key, parse_neuron_key
+from .links import outside_links
 from .state import EACH, MERGED
 
 __all__ = ["RunInfo", "RunCatalog", "ByteLRU", "neuron_key", "parse_neuron_key", "natural_key",
            "layer_slices", "outside_links"]
-
-
-def natural_key(name: str) -> tuple:
-    """Sort key that orders digits by value, so ``bs4`` comes before ``bs128``.
-
-    Example:
-        >>> sorted(["bs128", "bs4", "bs16"], key=natural_key)
-        ['bs4', 'bs16', 'bs128']
-    """
-    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t)
-                 for t in re.split(r"(\d+)", name) if t)
-
-
-def neuron_key(layer: str, unit: int) -> str:
-    """Return the URL-safe key of a neuron, ``"<layer>:<unit>"``.
-
-    Example:
-        >>> neuron_key("fc1", 0)
-        'fc1:0'
-    """
-    return f"{layer}:{int(unit)}"
-
-
-def parse_neuron_key(key: str) -> tuple[str, int]:
-    """Split a neuron key into ``(layer, unit)``; the layer may itself contain ``:``.
-
-    Raises:
-        StatscopeError: the key does not end in ``:<int>``.
-
-    Example:
-        >>> parse_neuron_key("block.0:in:3")
-        ('block.0:in', 3)
-    """
-    layer, sep, unit = str(key).rpartition(":")
-    if not sep or not layer or not unit.lstrip("-").isdigit():
-        raise StatscopeError(f"neuron={key!r}: expected '<layer>:<unit>', e.g. 'fc1:0'")
-    return layer, int(unit)
-
-
-def layer_slices(layers: np.ndarray) -> dict[str, np.ndarray]:
-    """Positions of each layer's neurons, in order of first appearance.
-
-    Layers are contiguous in store order, so one comparison of neighbours finds them all
-    (instead of one comparison of every neuron per layer).
-
-    Example:
-        >>> {k: v.tolist() for k, v in layer_slices(np.array(["a", "a", "b", "a"])).items()}
-        {'a': [0, 1, 3], 'b': [2]}
-    """
-    layers = np.asarray(layers)
-    if not layers.size:
-        return {}
-    starts = np.concatenate([[0], np.flatnonzero(layers[1:] != layers[:-1]) + 1, [layers.size]])
-    out: dict[str, list[np.ndarray]] = {}
-    for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
-        out.setdefault(str(layers[a]), []).append(np.arange(a, b))
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def outside_links(path: str | os.PathLike, root: str | os.PathLike, *, most: int = 3) -> list[str]:
-    """Entries of the run folder ``path`` that resolve outside ``root``, relative to ``path``.
-
-    The folder itself counts (``"."``); below it, every symbolic link, at any depth, is
-    resolved; folders reached through a link inside ``root`` are searched too (each once).
-    Hard links cannot be told from ordinary files and are not detected.
-
-    Args:
-        path: a run folder.
-        root: the folder nothing may resolve outside of (already resolved).
-        most: stop after this many findings.
-
-    Returns:
-        Up to ``most`` relative names, e.g. ``["bn_mean/c/0/0"]``; empty when every entry stays
-        inside ``root``.
-    """
-    root = Path(root)
-    base = Path(path)
-    if not base.resolve().is_relative_to(root):
-        return ["."]
-    found: list[str] = []
-    seen: set[str] = set()
-    stack = [base]
-    while stack and len(found) < most:
-        folder = stack.pop()
-        real_folder = os.path.realpath(folder)
-        if real_folder in seen:  # reached again through a link: searched once
-            continue
-        seen.add(real_folder)
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue
-        for e in entries:
-            if e.is_symlink():
-                real = os.path.realpath(e.path)
-                if not Path(real).is_relative_to(root):
-                    found.append(os.path.relpath(e.path, base))
-                    if len(found) >= most:
-                        break
-                elif os.path.isdir(real):
-                    stack.append(Path(e.path))
-            elif e.is_dir(follow_symlinks=False):
-                stack.append(Path(e.path))
-    return found
 
 
 @dataclass(frozen=True)
@@ -152,72 +50,6 @@ class RunInfo:
     n_steps: int
     last_step: int | None
     error: str | None = None
-
-
-class ByteLRU:
-    """A thread-safe least-recently-used cache bounded by the bytes of its numpy values.
-
-    Args:
-        max_bytes: evict the oldest entries once the values held exceed this many bytes.
-    """
-
-    def __init__(self, max_bytes: int = 512 * 2**20):
-        self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[Hashable, Any] = OrderedDict()
-        self._sizes: dict[Hashable, int] = {}
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held now."""
-        return self._bytes
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: Hashable, default: Any = None) -> Any:
-        """Return the value under ``key`` and mark it recently used, or ``default``."""
-        with self._lock:
-            if key not in self._items:
-                return default
-            self._items.move_to_end(key)
-            return self._items[key]
-
-    def put(self, key: Hashable, value: Any) -> None:
-        """Store ``value``; its size is the sum of ``nbytes`` of the arrays it holds."""
-        size = _nbytes(value)
-        with self._lock:
-            if key in self._items:
-                self._bytes -= self._sizes.pop(key)
-                del self._items[key]
-            self._items[key] = value
-            self._sizes[key] = size
-            self._bytes += size
-            while self._bytes > self.max_bytes and len(self._items) > 1:
-                old, _ = self._items.popitem(last=False)
-                self._bytes -= self._sizes.pop(old)
-
-    def drop(self, predicate: Callable[[Hashable], bool]) -> None:
-        """Remove every entry whose key satisfies ``predicate``."""
-        with self._lock:
-            for key in [k for k in self._items if predicate(k)]:
-                del self._items[key]
-                self._bytes -= self._sizes.pop(key)
-
-
-def _nbytes(value: Any) -> int:
-    if isinstance(value, np.ndarray):
-        return value.nbytes
-    if isinstance(value, (tuple, list)):
-        return sum(_nbytes(v) for v in value)
-    if isinstance(value, xr.Dataset):
-        return int(value.nbytes)
-    size = getattr(value, "nbytes", None)  # results that say what they hold
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        return int(size)
-    # Figures and tables: count a megabyte each, so that many of them still evict.
-    return 2**20
 
 
 _MERGED_FROM = {S.BN_MEAN: (S.BN_MEAN, S.BN_STD, S.COUNT), S.BN_STD: (S.BN_MEAN, S.BN_STD, S.COUNT),

@@ -50,7 +50,6 @@ def computed(catalog: RunCatalog, run: str, what: str, window: Window, scale_fre
         scale_free: for the fluctuation and its intervals.
         rank: for a distributed run, ``"merged"`` (default) or a rank number.
     """
-    aw = metrics.to_analyses_window(window)
     fn = metrics.analysis(what)
     key = catalog.rank_key(run, rank)
 

@@ -3,6 +3,7 @@ per-rank and global fluctuation and the gap, checked against numpy on the raw ba
 
 import numpy as np
 import pytest
+from dash import no_update
 from hypothesis import given, strategies as st
 
 from dashboard_fixtures import distributed_run, figure, merged_reference, synthetic_run, \
@@ -88,7 +89,7 @@ def test_page_load_offers_the_ranks_of_the_chosen_runs(cat):
     out = cb.sync_state(cat, "rank", "?run=ddp", None, ["ddp"], None, "fc1", S.BN_STD, "last",
                         200, None, None, "scale_free", "neuron", "evolution", 0, None, None,
                         None, "each")
-    assert ViewState.from_query(out[0]).rank == EACH and out[20] is cb.no_update
+    assert ViewState.from_query(out[0]).rank == EACH and out[20] is no_update
     out = cb.sync_state(cat, None, "?run=single", None, *[None] * 4, "last", 200, None, None,
                         "scale_free", "neuron", "evolution", 0, None, None)
     assert out[19] == []
