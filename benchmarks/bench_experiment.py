@@ -1,6 +1,7 @@
 """Speed of the built-in mnist-fc experiment, with and without the probes, measured in one run.
 
     python benchmarks/bench_experiment.py [--steps 3000] [--repeats 5] [--threads 1] [--e2e]
+    python benchmarks/bench_experiment.py --sweep [--sweep-steps 2000] [--repeats 3]
 
 For batch sizes 4 and 128 it runs the experiment's own training loop
 (:func:`statscope.experiments.run_experiment`) for ``--steps`` steps on the shipped MNIST subset,
@@ -12,6 +13,11 @@ of the steady-state wall time between the first and last progress report (withou
 costs), and of the training thread's CPU time for the whole call (setup included on both sides);
 then the recorder's own ``probe_overhead`` (probe time / other time of the training thread).
 ``--e2e`` also times ``statscope run mnist-fc --bs 4`` end to end as a subprocess (20 epochs).
+``--sweep`` instead times one sweep of 4 runs (``--bs 4 8 --seeds 0 1``, ``--sweep-steps``
+steps each) as a subprocess three ways, ABBA-ordered repeat after repeat: ``--jobs 2``
+(spawn workers), ``--workers 2`` (a dask LocalCluster of 2 one-thread workers started by the
+command, one run process per task) and ``--jobs 1`` (one process); median wall times, and the
+median over repeats of each one's ratio to ``--jobs 2`` in the same repeat.
 """
 
 from __future__ import annotations
@@ -70,6 +76,26 @@ def end_to_end(tmp: str, threads: int) -> tuple[float, str]:
     return time.perf_counter() - t0, proc.stdout.strip()
 
 
+SWEEP_MODES = {"jobs 2": ["--jobs", "2"], "workers 2": ["--workers", "2"],
+               "jobs 1": ["--jobs", "1"]}
+
+
+def sweep(steps: int, repeats: int, tmp: str) -> dict[str, list[float]]:
+    """Wall seconds of the same 4-run ``statscope sweep`` in each of :data:`SWEEP_MODES`, the
+    modes' order reversed every other repeat so drift hits them alike."""
+    times: dict[str, list[float]] = {mode: [] for mode in SWEEP_MODES}
+    for r in range(repeats):
+        for mode in (list(SWEEP_MODES) if r % 2 == 0 else list(SWEEP_MODES)[::-1]):
+            out = os.path.join(tmp, f"sweep-{mode.replace(' ', '')}-{r}")
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "statscope", "sweep", "mnist-fc", "--bs", "4",
+                            "8", "--seeds", "0", "1", "--dataset", "mnist-5k-subset",
+                            "--max-steps", str(steps), "--quiet", "--out", out,
+                            *SWEEP_MODES[mode]], capture_output=True, text=True, check=True)
+            times[mode].append(time.perf_counter() - t0)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3000, help="steps per timed run")
@@ -77,8 +103,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--e2e", action="store_true",
                         help="also time `statscope run mnist-fc --bs 4` end to end")
+    parser.add_argument("--sweep", action="store_true",
+                        help="only time a 4-run sweep: --jobs 2, --workers 2 (dask), --jobs 1")
+    parser.add_argument("--sweep-steps", type=int, default=2000, help="steps per sweep run")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
+    if args.sweep:
+        print(f"statscope sweep mnist-fc --bs 4 8 --seeds 0 1 --max-steps {args.sweep_steps} "
+              f"(4 runs, subprocess), {args.repeats} repeats, {os.cpu_count()} CPUs, load "
+              f"average {os.getloadavg()[0]:.1f}")
+        with tempfile.TemporaryDirectory() as tmp:
+            times = sweep(args.sweep_steps, args.repeats, tmp)
+        for mode, values in times.items():
+            ratio = statistics.median(v / b for v, b in zip(values, times["jobs 2"]))
+            print(f"  --{mode:<10} median {statistics.median(values):6.1f} s, median ratio to "
+                  f"--jobs 2 {ratio:.3f} (all: {', '.join(f'{v:.1f}' for v in values)})")
+        return
     print(f"mnist-fc on the shipped subset, {args.steps} steps x {args.repeats} repeats per side, "
           f"{args.threads} thread(s), {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}")

@@ -290,7 +290,8 @@ def run_sweep(args) -> int:
         elif outcome.held:
             line = f"held  {item.name}: another process is writing it ({outcome.error})"
         elif outcome.error is not None:
-            line = f"FAIL  {item.name}: {outcome.error}"
+            line = f"FAIL  {item.name}" + (f" (attempt {outcome.attempts})"
+                                           if outcome.attempts > 1 else "") + f": {outcome.error}"
         else:
             line = f"done  {item.name}" + (" (resumed)" if item.action == "resume" else "")
             if outcome.attempts > 1:
@@ -300,9 +301,10 @@ def run_sweep(args) -> int:
         print(line, flush=True)
 
     if on_cluster:
-        from statscope.experiments.cluster import connect, describe
+        from statscope.commands.analyze import scheduler_of
+        from statscope.experiments.cluster import describe
 
-        with connect(args.scheduler, args.workers, quiet=args.quiet) as client:
+        with scheduler_of(args) as client:
             header(f"on the dask cluster at {describe(client)}")
             outcomes = sweep(items, on_done=report, client=client)
     else:

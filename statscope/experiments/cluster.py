@@ -9,9 +9,10 @@ of the worker, rather than in the worker process itself:
   which two runs on two threads of one worker would share, and a training loop in a worker
   thread holds the GIL for much of each small step, starving the worker's heartbeats;
 - a child gives its memory back when the run ends, whatever torch's allocator kept;
-- the child is a ``--jobs`` worker (:mod:`statscope.experiments.worker`): it gets ``SIGTERM``
-  when the worker process dies, and stops its run between two steps with a checkpoint; the task
-  sends it the same signal when the scheduler cancels the task (the sweep's client went away).
+- the child is a ``--jobs`` worker (:mod:`statscope.experiments.worker`): it gets the
+  parent-death signal when the worker process dies, and stops its run between two steps with a
+  checkpoint; the task sends it ``SIGTERM``, which does the same, when the scheduler cancels the
+  task (the sweep's client went away) or the worker closes.
 
 Workers that die are dask's business: the scheduler gives a dead worker's task to another
 worker, and ``retries`` starts a task again whose run process died. Either way the new attempt
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import os
 import pickle
 import signal
@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from statscope.errors import StatscopeError, StoreLockedError
 from statscope.experiments.sweep import SweepItem, SweepOutcome, replan
@@ -46,8 +46,7 @@ from statscope.experiments.worker import GRACE_SECONDS
 if TYPE_CHECKING:
     from distributed import Client
 
-__all__ = ["ClusterError", "RunProcessDied", "LEASE_WAIT_SECONDS", "connect", "describe",
-           "run_on_cluster"]
+__all__ = ["RunProcessDied", "LEASE_WAIT_SECONDS", "describe", "run_on_cluster"]
 
 LEASE_WAIT_SECONDS = GRACE_SECONDS + 30.0
 """How long a run's second or later attempt waits for the lease its dead predecessor held."""
@@ -57,68 +56,8 @@ _CHILD = "from statscope.experiments.cluster import _child_main; _child_main()"
 _METADATA = "statscope-attempts"
 
 
-class ClusterError(StatscopeError):
-    """The cluster cannot be reached or started (a failure at run time, not bad input)."""
-
-    exit_code = 1
-
-
 class RunProcessDied(RuntimeError):
     """A run's process ended without a result (killed, out of memory); dask retries the task."""
-
-
-@contextlib.contextmanager
-def connect(scheduler: str | None = None, workers: int | None = None, *,
-            timeout: float | None = None, quiet: bool = False) -> Iterator["Client"]:
-    """A ``distributed.Client`` of the scheduler at ``scheduler``, or of a new local cluster.
-
-    Args:
-        scheduler: the scheduler's address, e.g. ``tcp://10.0.0.5:8786``.
-        workers: without ``scheduler``: start a ``LocalCluster`` of this many worker processes
-            of one thread each (one run at a time each), closed on exit.
-        timeout: seconds to wait for the scheduler; default dask's
-            ``distributed.comm.timeouts.connect`` (30 s).
-        quiet: show only the cluster's errors in the log, not its warnings.
-
-    Raises:
-        StatscopeError: no ``distributed``, a bad address or worker count (exit code 2);
-        ClusterError: nobody answers at ``scheduler`` in time, or the cluster fails to start.
-    """
-    try:
-        import dask
-        from distributed import Client, LocalCluster
-    except ImportError as exc:
-        raise StatscopeError(f"scheduler={scheduler!r}, workers={workers!r}: sweeps on a cluster "
-                             f"need dask.distributed ({exc}); pip install 'statscope[dask]'"
-                             ) from None
-    if (scheduler is None) == (workers is None):
-        raise StatscopeError(f"scheduler={scheduler!r}, workers={workers!r}: give one of them")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
-                                or workers < 1):
-        raise StatscopeError(f"workers={workers!r}: expected a positive int")
-    if scheduler is not None:
-        if timeout is None:
-            timeout = dask.utils.parse_timedelta(
-                dask.config.get("distributed.comm.timeouts.connect"), default="seconds")
-        try:
-            client = Client(scheduler, timeout=timeout, set_as_default=False)
-        except ValueError as exc:  # an unknown scheme, a malformed address
-            raise StatscopeError(f"scheduler={scheduler!r}: {exc}") from None
-        except (OSError, TimeoutError) as exc:
-            raise ClusterError(f"scheduler={scheduler!r}: cannot connect ({exc})") from None
-        with client:
-            yield client
-        return
-    try:
-        # No dashboard: its port may be taken, and whoever wants one starts their own scheduler.
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None,
-                               silence_logs=logging.ERROR if quiet else logging.WARNING)
-    except (OSError, RuntimeError, TimeoutError) as exc:
-        raise ClusterError(f"workers={workers}: the local cluster failed to start ({exc})"
-                           ) from None
-    with cluster, Client(cluster, set_as_default=False) as client:
-        yield client
 
 
 def describe(client: "Client") -> str:
@@ -173,8 +112,9 @@ def run_on_cluster(client: "Client", items: Iterable[SweepItem], *, retries: int
             try:
                 outcome = future.result()
             except Exception as exc:  # retries spent, or every worker it ran on died
+                attempts = client.get_metadata([future.key, _METADATA], 1)
                 outcome = SweepOutcome(items[i], None, f"{type(exc).__name__}: {exc}",
-                                       attempts=retries + 1)
+                                       attempts=int(attempts))
             done(i, outcome)
     finally:
         pending = [f for f in futures if not f.done()]

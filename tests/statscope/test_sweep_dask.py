@@ -194,6 +194,42 @@ def test_a_killed_run_process_is_retried_by_dask_and_resumes(tmp_path, cluster):
 
 
 @pytest.mark.slow
+def test_a_run_whose_process_dies_with_no_retries_left_is_reported_failed(tmp_path, cluster):
+    """``retries=0``: the run's process killed once fails the run, with why, and the other run
+    of the sweep goes on."""
+    import threading
+
+    from statscope.experiments import RunConfig
+    from statscope.experiments.sweep import plan_sweep, run_sweep
+
+    _, client = cluster
+    base = RunConfig("mnist-fc", dataset="mnist-5k-subset", max_steps=1000)
+    items = plan_sweep(base, tmp_path / "sw", batch_sizes=[8], seeds=[0, 1])
+    run = tmp_path / "sw" / items[0].name
+    killed = []
+
+    def kill_its_process():
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and not killed:
+            pid = _holder(run)
+            if pid is not None and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_its_process, daemon=True)
+    killer.start()
+    outcomes = run_sweep(items, client=client, retries=0)
+    killer.join(timeout=10)
+    assert killed, "the run's process was never seen"
+    first, second = outcomes
+    assert first.result is None and first.attempts == 1
+    assert first.error.startswith(f"RunProcessDied: the run's process {killed[0]} on tcp://")
+    assert first.error.endswith("was killed by SIGKILL"), first.error
+    assert second.error is None and second.result.steps == 1000
+
+
+@pytest.mark.slow
 def test_runs_stop_when_the_sweep_process_dies_and_a_rerun_finishes_them(tmp_path, cluster):
     """``kill -9`` of the sweep's own process: the scheduler drops its tasks, each task stops
     its run (checkpoint, run marked failed), and the same sweep run again completes them."""
@@ -300,9 +336,9 @@ def test_a_scheduler_nobody_listens_on_is_one_error_line(tmp_path):
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, **offline_env(tmp_path),
                                "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"})
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines()[-1] == (
-        f"statscope: error: scheduler={address!r}: cannot connect (Timed out trying to connect "
+        f"statscope: error: --scheduler {address}: cannot connect (Timed out trying to connect "
         f"to {address} after 2 s)"), proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert time.monotonic() - t0 < 60
@@ -313,7 +349,7 @@ def test_a_malformed_scheduler_address_is_bad_input(tmp_path, capsys):
     assert main(["sweep", "mnist-fc", "--bs", "8", "--out", str(tmp_path / "sw"),
                  "--scheduler", "nonsense://x"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("statscope: error: scheduler='nonsense://x': unknown address scheme")
+    assert err.startswith("statscope: error: --scheduler nonsense://x: unknown address scheme")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -334,16 +370,10 @@ def test_scheduler_workers_and_jobs_exclude_each_other(tmp_path, capsys, flags, 
 
 def test_api_checks_its_arguments():
     from statscope.errors import StatscopeError
-    from statscope.experiments.cluster import connect, run_on_cluster
+    from statscope.experiments.cluster import run_on_cluster
     from statscope.experiments.sweep import run_sweep
 
     with pytest.raises(StatscopeError, match=r"jobs=2 with a client"):
         run_sweep([], jobs=2, client=object())
     with pytest.raises(StatscopeError, match=r"retries=-1: expected a non-negative int"):
         run_on_cluster(object(), [], retries=-1)
-    with pytest.raises(StatscopeError, match=r"give one of them"):
-        with connect("tcp://127.0.0.1:1", 2):
-            pass
-    with pytest.raises(StatscopeError, match=r"workers=0: expected a positive int"):
-        with connect(workers=0):
-            pass
