@@ -91,7 +91,8 @@ def fluctuation(ds: xr.Dataset, window=200, *, scale_free: bool = False,
 
     Returns:
         Dataset, dims (neuron,), (run, neuron) or (rank, neuron), float64 vars ``bn_mean``,
-        ``bn_std``, ``en_mean``, ``en_std`` (units of the activation, or of σ when scale-free)
+        ``bn_std``, ``en_mean``, ``en_std`` (and the per-set statistics ``set_*`` when the run
+        recorded them) (units of the activation, or of σ when scale-free)
         and int ``n_valid`` (steps used for ``bn_mean``), with coords layer, unit, group (and
         the run coords). attrs: window, scale_free, detrend, ddof, method, notes.
 
@@ -124,7 +125,8 @@ def fluctuation(ds: xr.Dataset, window=200, *, scale_free: bool = False,
 
 def _fluctuation(w: xr.Dataset, scale_free: bool, detrend: bool) -> xr.Dataset:
     """:func:`fluctuation` of one run's window."""
-    series = {s: masked(w, s) for s in FLUCT_STATS}
+    names = (*FLUCT_STATS, *(s for s in S.SET_STATS if s in w))  # per-set ones when recorded
+    series = {s: masked(w, s) for s in names}
     out = {s: series_std(x, detrend=detrend) for s, x in series.items()}
     sigma = None
     if scale_free:
@@ -132,7 +134,7 @@ def _fluctuation(w: xr.Dataset, scale_free: bool, detrend: bool) -> xr.Dataset:
             sigma = sigma_bar(w)
         out = {s: v / sigma for s, v in out.items()}
     out[N_VALID] = series[S.BN_MEAN].notnull().sum(S.STEP)
-    excluded = {s: ((w[S.COUNT] > 0) & ~np.isfinite(w[s])).sum() for s in FLUCT_STATS}
+    excluded = {s: ((w[S.COUNT] > 0) & ~np.isfinite(w[s])).sum() for s in names}
     not_run = (w[S.COUNT] <= 0).sum()
     result = xr.Dataset(out)
     result, excluded, not_run = _compute(result, excluded, not_run)

@@ -63,7 +63,8 @@ class _ForwardHandle:
             self.module.forward = self.previous
 
 
-def attach(module: nn.Module, probe: Callable, where: str, mechanism: str = "forward"):
+def attach(module: nn.Module, probe: Callable, where: str, mechanism: str = "forward",
+           with_kwargs: bool = False):
     """Call ``probe(module, args)`` before, or ``probe(module, args, output)`` after, a forward.
 
     Args:
@@ -71,6 +72,7 @@ def attach(module: nn.Module, probe: Callable, where: str, mechanism: str = "for
         probe: the function to call.
         where: ``"input"`` or ``"output"``.
         mechanism: ``"forward"`` or ``"hooks"``.
+        with_kwargs: call ``probe(module, args, kwargs)`` before the forward (``where="input"``).
 
     Returns:
         A handle whose ``remove()`` undoes the attachment.
@@ -80,6 +82,8 @@ def attach(module: nn.Module, probe: Callable, where: str, mechanism: str = "for
     eager = _eager_only(probe)
     if mechanism == "hooks":
         if where == "input":
+            if with_kwargs:
+                return module.register_forward_pre_hook(eager, with_kwargs=True)
             return module.register_forward_pre_hook(eager)
         return module.register_forward_hook(eager)
     previous = module.__dict__.get("forward")
@@ -87,6 +91,10 @@ def attach(module: nn.Module, probe: Callable, where: str, mechanism: str = "for
 
     if where == "input" and getattr(probe, "batchnorm", False) and eligible(module):
         forward = batchnorm_forward(module, probe, eager, inner)
+    elif where == "input" and with_kwargs:
+        def forward(*args, **kwargs):
+            eager(module, args, kwargs)
+            return inner(*args, **kwargs)
     elif where == "input":
         def forward(*args, **kwargs):
             eager(module, args or tuple(kwargs.values()))

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from statscope import schema as S
 from statscope.probes.capture import Capture, Segment, segment_moments
 from statscope.probes.reduce import mean_needs_sum
 from statscope.probes.statistics import Moments, Statistic, finish
@@ -22,7 +23,8 @@ class Block:
     Attributes:
         first_step: the global step of row 0.
         n: rows in the block.
-        parts: per capture, in the recorder's capture order: its counts (n,) and segments.
+        parts: per capture, in the recorder's capture order: its counts (n,), segments, and
+            per-set entries (one per row, None where absent; None when not recorded).
         scalars: per logged name, ``(row, value)`` pairs; values are floats or 0-d tensors.
         ready: CUDA events, recorded after the copies into the buffers, to wait on before reading.
         owned: True when the buffers are handed over (the writer gives them back to the pool);
@@ -33,7 +35,7 @@ class Block:
 
     first_step: int
     n: int
-    parts: tuple[tuple[np.ndarray, list[Segment]], ...]
+    parts: tuple[tuple[np.ndarray, list[Segment], list | None], ...]
     scalars: dict[str, list[tuple[int, Any]]]
     ready: tuple = ()
     owned: bool = True
@@ -42,7 +44,7 @@ class Block:
     def buffers(self):
         """Every buffer the block holds, once."""
         seen = {}
-        for _, segments in self.parts:
+        for _, segments, _ in self.parts:
             for seg in segments:
                 for pair in seg.buffers():
                     seen[id(pair[0])] = pair
@@ -74,10 +76,11 @@ def block_rows(block: Block, captures: Sequence[Capture], statistics: Sequence[S
     n = block.n
     names = tuple(s.name for s in statistics)
     clipped = []
-    for cap, (count, segments) in zip(captures, block.parts):
+    for cap, (count, segments, _) in zip(captures, block.parts):
         ran = count[skip:].any()
         segs = [c for c in (seg.clip(skip, n) for seg in segments) if c is not None] if ran else []
-        clipped.append((cap, count[skip:], segs))
+        clipped.append((cap, count[skip:].copy(), segs))
+    _real_counts(clipped, skip)
     computed = iter(segment_moments([seg for _, _, segs in clipped for seg in segs], order,
                                     [cap.channels for cap, _, segs in clipped for _ in segs]))
     counts, moments = [], []
@@ -86,6 +89,9 @@ def block_rows(block: Block, captures: Sequence[Capture], statistics: Sequence[S
         moments.append(_moments(cap, count, [(seg, next(computed)) for seg in segs], n - skip,
                                 skip, order) if segs else None)
     stats = _finish_all(moments, names)
+    set_names = tuple(s.name for s in statistics if s.sets)
+    if set_names:
+        _add_sets(stats, [part[2] for part in block.parts], counts, skip, set_names)
     for cap, m, count, (_, _, segs) in zip(captures, moments, counts, clipped):
         if m is not None and _cpu_batchnorm(segs):
             cap.sum_bn_mean = mean_needs_sum(m.mean, m.var, count)
@@ -103,6 +109,40 @@ def _moments(cap: Capture, count: np.ndarray, segments, k: int, skip: int, order
         a[count == 0] = np.nan  # slots this probe did not run in hold stale buffer rows
     m3, m4 = (arrays[2], arrays[3]) if order >= 4 else (None, None)
     return Moments(arrays[0], arrays[1], m3, m4, cap.target.groups)
+
+
+def _real_counts(clipped, skip: int) -> None:
+    """Put the real element counts of masked rows (``wvar`` entries) into their count arrays:
+    one copy to the host for the whole block."""
+    where, tensors = [], []
+    for i, (_, count, segs) in enumerate(clipped):
+        for seg in segs:
+            for r in range(seg.start, seg.stop):
+                e = seg.refs[seg.offset + r - seg.start] if seg.refs is not None else None
+                if e is not None and e[0] == "wvar":
+                    where.append((i, r - skip))
+                    tensors.append(e[3][:1])
+    if tensors:
+        real = torch.cat([t.to("cpu", torch.float64) for t in tensors]).numpy()
+        for (i, row), n in zip(where, real):
+            clipped[i][1][row] = int(round(n))
+
+
+def _add_sets(stats, sets, counts, skip: int, names: tuple[str, ...]) -> None:
+    """The per-set statistics of each probe that ran: four (k, G) arrays from its entries."""
+    for i, entries in enumerate(sets):
+        if entries is None or stats[i] is None:
+            continue
+        rows = entries[skip:]
+        present = [r for r, e in enumerate(rows) if e is not None and counts[i][r] > 0]
+        width = next(e[0].shape[0] for e in rows if e is not None) if present else 0
+        arrays = [np.full((len(rows), width), np.nan) for _ in names]
+        if present:
+            host = torch.stack([torch.stack(rows[r]) for r in present]).to("cpu",
+                                                                           torch.float64)
+            for name, a in zip(names, arrays):  # entries hold the four in SET_STATS order
+                a[present] = host[:, S.SET_STATS.index(name)].numpy()
+        stats[i].update({name: a.astype(np.float32) for name, a in zip(names, arrays)})
 
 
 def _cpu_batchnorm(segments) -> bool:

@@ -36,6 +36,7 @@ from statscope.probes.fastpath import BatchStats
 from statscope.probes.pool import BufferPool, Pair
 from statscope.probes.reduce import batchnorm_entry, entries_moments, step_entry
 from statscope.probes.selection import Target
+from statscope.probes.sets import mask_weights, masked_entry, set_entry
 from statscope.probes.statistics import block_moments
 
 __all__ = ["Capture", "Segment", "segment_moments", "MAX_SHAPES_PER_BLOCK"]
@@ -84,10 +85,11 @@ class Capture:
         raw_bytes: the largest raw buffer (K × tensor) to hold; beyond it, reduce every step.
         order: the highest central moment the recorded statistics need (2 or 4).
         pool: where buffers come from and go back to.
+        sets: also keep the per-set statistics of each step (:mod:`statscope.probes.sets`).
     """
 
     def __init__(self, target: Target, block_steps: int, raw_bytes: int, order: int,
-                 pool: BufferPool):
+                 pool: BufferPool, sets: bool = False):
         self.target = target
         self.channels = target.channels
         self.block_steps = block_steps
@@ -96,6 +98,7 @@ class Capture:
         self.pool = pool
         self.count = [0] * block_steps
         self.segments: list[Segment] = []
+        self.sets: list | None = [None] * block_steps if sets else None
         self.always_moments = False
         # Set by the writer thread after each block it files, read here at each step: whether
         # this probe's BatchNorm mean needs an extra sum on the CPU (reduce.batchnorm_entry).
@@ -110,17 +113,33 @@ class Capture:
         self._per_channel = 0
         self._shapes_in_block = 0
 
-    def capture(self, x, slot: int) -> None:
+    def capture(self, x, slot: int, mask=None) -> None:
         """Record ``x`` as this probe's tensor at ``slot`` of the block (first call wins).
 
         Args:
             x: the probed tensor, or the :class:`~statscope.probes.fastpath.BatchStats` of a
                 BatchNorm that took the fast path.
             slot: the row of the block.
+            mask: the step's mask (:mod:`statscope.probes.sets`), or None.
         """
         count = self.count
         if count[slot]:
             return
+        if mask is not None or self.sets is not None:
+            t = x.input if type(x) is BatchStats else x
+            if t.numel() == 0:
+                return
+            w = mask_weights(t, self.target.channel_dim, mask)
+            if self.sets is not None:
+                self.sets[slot] = set_entry(t.detach(), self.target.channel_dim,
+                                            self.target.groups, w)
+            if w is not None:  # real elements only: one masked reduction, never buffered raw
+                if self._rows is None or self._mode != "refs" or t.shape != self._shape:
+                    self._reshape(t, slot, refs=True)
+                count[slot] = self._per_channel  # the writer takes the real count from the entry
+                self._rows[slot - self._start] = masked_entry(t.detach(),
+                                                              self.target.channel_dim, w)
+                return
         if type(x) is BatchStats:
             # A BatchNorm run in bf16/fp16 keeps its statistics in that precision: reduce the
             # input instead, as for the third and fourth moments, which BatchNorm cannot give.
@@ -213,22 +232,26 @@ class Capture:
     def _open_buffers(self) -> tuple[Pair, ...]:
         return (self._buf,) if self._mode == "raw" else ()
 
-    def take_block(self, n: int) -> tuple[np.ndarray, list[Segment]]:
-        """Hand over the first ``n`` slots (counts and segments) and start a new block.
+    def take_block(self, n: int) -> tuple[np.ndarray, list[Segment], list | None]:
+        """Hand over the first ``n`` slots (counts, segments, per-set entries) and start a new
+        block.
 
         The caller guarantees that no slot from ``n`` on holds data (no step is in progress).
         """
         self.close_segment(n)
         count, segments = np.array(self.count[:n], np.int64), self.segments
+        sets = None if self.sets is None else self.sets[:n]
         self.count = [0] * self.block_steps
         self.segments = []
+        if self.sets is not None:
+            self.sets = [None] * self.block_steps
         self._shapes_in_block = 0
         if segments and self._is_open(segments[-1]):
             self._rows = None  # the open buffer went with the block: take a new one when needed
         self._start = 0
-        return count, segments
+        return count, segments, sets
 
-    def peek(self, n: int) -> tuple[np.ndarray, list[Segment]]:
+    def peek(self, n: int) -> tuple[np.ndarray, list[Segment], list | None]:
         """Counts and segments of rows ``:n`` without handing the buffers over.
 
         For the writer thread's idle flush; the rows must be complete (steps that ended).
@@ -237,12 +260,15 @@ class Capture:
         if self._rows is not None and n > self._start:
             segments.append(self._open_segment(n))
         clipped = [c for c in (seg.clip(0, n) for seg in segments) if c is not None]
-        return np.array(self.count[:n], np.int64), clipped
+        return (np.array(self.count[:n], np.int64), clipped,
+                None if self.sets is None else self.sets[:n])
 
     def rewind(self, slot: int) -> None:
         """Forget what was captured at ``slot`` and after (micro-batches of one step)."""
         for i in range(slot, self.block_steps):
             self.count[i] = 0
+            if self.sets is not None:
+                self.sets[i] = None
         kept = []
         for seg in self.segments:
             if seg.start >= slot:

@@ -32,7 +32,7 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -97,7 +97,7 @@ class Recorder:
                  chunk_steps: int | None = None, mechanism: str = "forward",
                  on_error: str = "stop",
                  neurons: Any = None, window_steps: int | None = S.DEFAULT_WINDOW_STEPS,
-                 every: int = 1,
+                 every: int = 1, mask: Callable[..., Any] | None = None,
                  storage_options: Mapping[str, Any] | None = None):
         if not isinstance(model, nn.Module):
             raise StatscopeError(f"model={type(model).__name__}: expected a torch.nn.Module")
@@ -139,7 +139,14 @@ class Recorder:
         self.meta = dict(meta or {})
         self.pool = BufferPool(buffer_bytes)
         self.streams = StreamOrder()
-        self.captures = [Capture(t, self.block_steps, raw_bytes, self.order, self.pool)
+        if mask is not None and not callable(mask):
+            raise StatscopeError(f"mask={mask!r}: expected a function (args, kwargs) -> mask of "
+                                 "the model's forward, e.g. lambda a, kw: kw['attention_mask']; "
+                                 "or call rec.mask(tensor) at each step")
+        self._mask_of = mask
+        self._mask = None
+        sets = any(s.sets for s in self.statistics)
+        self.captures = [Capture(t, self.block_steps, raw_bytes, self.order, self.pool, sets)
                          for t in self.targets]
         self.every = _positive_int("every", every)
         if window_steps is not None:
@@ -229,7 +236,8 @@ class Recorder:
                 self._handles.append(attach(cap.target.module, self._make_hook(cap),
                                             cap.target.where, self.mechanism))
             if self._rule != "manual":
-                self._handles.append(attach(self.root, self._root_hook, "input", self.mechanism))
+                self._handles.append(attach(self.root, self._root_hook, "input", self.mechanism,
+                                            with_kwargs=self._mask_of is not None))
             if self._rule in ("undecided", "optimizer"):
                 self._params = {id(p) for p in self.root.parameters()}
                 self._handles.append(
@@ -336,7 +344,7 @@ class Recorder:
                 with rec._lock:
                     if rec._slot >= rec.block_steps:  # a forward that bypassed the root
                         rec._dispatch()
-                    cap.capture(x, rec._slot)
+                    cap.capture(x, rec._slot, rec._mask)
                     rec._dirty = True
                 if x.device.type == "cuda":
                     rec.streams.note(x.device)
@@ -346,12 +354,14 @@ class Recorder:
         hook.batchnorm = fast  # type: ignore[attr-defined]  # attach reads it with getattr
         return hook
 
-    def _root_hook(self, module, args):
+    def _root_hook(self, module, args, kwargs=None):
         if not self._on or not (module.training or self.record_eval) or _in_backward() != -1:
             return
         t0 = time.perf_counter()
         with self._lock:
             self._root_forward()
+            if self._mask_of is not None and self._forwards == 1:  # the step's first forward
+                self._mask = self._mask_of(args, kwargs or {})
         self.probe_seconds += time.perf_counter() - t0
         if self._say or self._writer.notices:
             self._emit()
@@ -380,6 +390,7 @@ class Recorder:
             self._slot += 1
         self._step_no += 1
         self._skip = self._step_no % self.every != 0
+        self._mask = None
         self._dirty = False
         self._pending_end = False
         self.streams.remember()
@@ -500,6 +511,21 @@ class Recorder:
             if self._say or self._writer.notices:
                 self._emit()
 
+    def mask(self, mask) -> None:
+        """Set the current step's mask: which positions of the probed tensors are real.
+
+        Args:
+            mask: a tensor shaped like a probed tensor without its channel dimension, e.g. the
+                ``(N, L)`` attention mask of ``(N, L, C)`` activations, true or 1 where real; or
+                None. Masked positions enter no statistic of a probe it fits (per-channel or
+                per-set) and ``count`` counts real elements; probes it does not fit are recorded
+                whole. It holds until the step ends. See :mod:`statscope.probes.sets`.
+        """
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise StatscopeError(f"mask({type(mask).__name__}): expected a tensor or None")
+        with self._lock:
+            self._mask = None if mask is None else mask.detach()
+
     def set_attrs(self, **attrs: Any) -> None:
         """Add or update root attributes of the run (e.g. final accuracy), written in order with
         the data by the writer thread; JSON-serialisable values."""
@@ -601,6 +627,9 @@ def record(model: nn.Module, path, **kwargs: Any) -> Recorder:
         neurons: which channels keep per-step columns, for all probes or per name/glob/type:
             ``"all"`` (default), k (the first k), ``("random", k)`` or ``("random", k, seed)``.
             Every channel still enters the EN statistics and the window summaries.
+        mask: a function of the model's forward arguments ``(args, kwargs)`` that returns the
+            step's mask, e.g. ``lambda args, kwargs: kwargs["attention_mask"]`` (or call
+            ``rec.mask(tensor)`` at each step); see :meth:`Recorder.mask`.
         every: record one step in ``every`` (steps whose number is a multiple of it); the
             ``step`` coordinate keeps the true step numbers, scalars of other steps are dropped.
         window_steps: W of the window summaries kept while recording (exact mean and std of

@@ -11,6 +11,8 @@ thread turns a block's entries into float64 moments with :func:`entry_moments`. 
 - ``("var", mean, var)``: on CUDA, ``torch.batch_norm_update_stats`` without running
   statistics: one kernel and one read of the tensor, Welford in float32 straight from
   bf16/fp16/fp32 in any layout (channels_last and ``(N, L, C)`` take its channels-last kernel).
+- ``("wvar", mean, var, n)``: a masked tensor's moments over its real elements, ``n`` of them
+  per channel (:func:`statscope.probes.sets.masked_entry`).
 - ``("sums", x0, s, S1, S2[, S3, S4], M)``: everywhere else (the CPU, and every device when a
   statistic needs the third and fourth moments): per-channel sums of ``u = (x − x0) / s``, where
   ``x0`` is the median of a few of the channel's first elements (a shift, so that large offsets
@@ -224,7 +226,7 @@ def _suminv(arrays, numbers, order):
 
 
 def _var(arrays, _numbers, order):
-    mean, var = arrays
+    mean, var = arrays[:2]
     return mean, np.maximum(var, 0.0), None, None
 
 
@@ -243,5 +245,7 @@ def _sums(arrays, numbers, order):
     return mean, var, m3, np.maximum(m4, 0.0)
 
 
-_MOMENTS = {"invstd": _invstd, "suminv": _suminv, "var": _var, "sums": _sums}
-_TENSORS = {"invstd": 2, "suminv": 2, "var": 2}  # "sums": all but the tag and M
+_MOMENTS = {"invstd": _invstd, "suminv": _suminv, "var": _var, "wvar": _var, "sums": _sums}
+# Tensors after the tag ("sums": all but the tag and M); "wvar" (statscope.probes.sets) also
+# carries the count of real elements per channel.
+_TENSORS = {"invstd": 2, "suminv": 2, "var": 2, "wvar": 3}

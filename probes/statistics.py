@@ -49,13 +49,20 @@ class Statistic:
         name: the variable name in the store.
         order: the highest central moment it needs (2 or 4).
         per_group: True for EN statistics (one value per EN group), False for one per channel.
-        compute: ``Moments -> (k, C)`` (or ``(k, groups)`` when per_group) float64.
+        compute: ``Moments -> (k, C)`` (or ``(k, groups)`` when per_group) float64; None for the
+            per-set statistics, which a probe computes from the tensor's sets, not from the
+            per-channel moments (:mod:`statscope.probes.sets`).
     """
 
     name: str
     order: int
     per_group: bool
-    compute: Callable[[Moments], np.ndarray]
+    compute: Callable[[Moments], np.ndarray] | None
+
+    @property
+    def sets(self) -> bool:
+        """True for the per-set statistics (:data:`statscope.schema.SET_STATS`)."""
+        return self.compute is None
 
 
 def _group_moments(m: Moments) -> tuple[np.ndarray, np.ndarray]:
@@ -78,6 +85,7 @@ STATISTICS: dict[str, Statistic] = {
     S.EN_MEAN: Statistic(S.EN_MEAN, 2, True, lambda m: _group_moments(m)[0]),
     S.EN_STD: Statistic(S.EN_STD, 2, True, lambda m: np.sqrt(_group_moments(m)[1])),
     S.BN_KURT: Statistic(S.BN_KURT, 4, False, _kurtosis),
+    **{name: Statistic(name, 2, True, None) for name in S.SET_STATS},
 }
 """The registry, by store variable name."""
 
@@ -155,5 +163,6 @@ def _block_moments(raw: torch.Tensor, order: int) -> tuple[torch.Tensor, ...]:
 
 
 def finish(moments: Moments, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Compute the named statistics from one probe's moments: ``{name: (k, C or groups)}``."""
-    return {n: STATISTICS[n].compute(moments) for n in names}
+    """Compute the named statistics from one probe's moments: ``{name: (k, C or groups)}``
+    (the per-set statistics, which the moments cannot give, are left out)."""
+    return {n: STATISTICS[n].compute(moments) for n in names if not STATISTICS[n].sets}

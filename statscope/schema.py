@@ -51,13 +51,19 @@ BN_KURT = "bn_kurt"
 EN_MEAN = "en_mean"
 EN_STD = "en_std"
 COUNT = "count"
+# How the pixel sets of LayerNorm/GroupNorm/InstanceNorm spread (statscope.probes.sets).
+SET_MEAN = "set_mean"  # mean over the sets of each set's mean
+SET_MEAN_SD = "set_mean_sd"  # their standard deviation over the sets
+SET_STD = "set_std"  # mean over the sets of each set's std
+SET_STD_SD = "set_std_sd"  # their standard deviation over the sets
+SET_STATS = (SET_MEAN, SET_MEAN_SD, SET_STD, SET_STD_SD)
 
 PER_NEURON_STATS = (BN_MEAN, BN_STD, BN_KURT)
 """Statistics stored with one column per neuron."""
-PER_GROUP_STATS = (EN_MEAN, EN_STD)
+PER_GROUP_STATS = (EN_MEAN, EN_STD, *SET_STATS)
 """Statistics stored with one column per EN group and expanded to neurons on read."""
 DEFAULT_STATS = (BN_MEAN, BN_STD, EN_MEAN, EN_STD)
-ALL_STATS = (BN_MEAN, BN_STD, EN_MEAN, EN_STD, BN_KURT)
+ALL_STATS = (BN_MEAN, BN_STD, EN_MEAN, EN_STD, BN_KURT, *SET_STATS)
 
 # Initial running statistics of probed norm layers, per neuron.
 RUNNING_MEAN0 = "running_mean0"

@@ -178,6 +178,14 @@ _DESCRIBE = {
                "and positions (population, ddof=0, no eps)"),
     S.BN_KURT: ("BN kurtosis", "1", "per-channel kurtosis m4/sigma^4 (3 for a Gaussian)"),
     S.COUNT: ("elements", "1", "elements each channel's statistics came from; 0: not run"),
+    S.SET_MEAN: ("set mean", "activation units", "mean over the layer's pixel sets (tokens, "
+                 "samples) of each set's mean, per EN group"),
+    S.SET_MEAN_SD: ("set mean spread", "activation units", "standard deviation over the pixel "
+                    "sets of each set's mean, per EN group"),
+    S.SET_STD: ("set std", "activation units", "mean over the pixel sets of each set's standard "
+                "deviation (population, no eps), per EN group"),
+    S.SET_STD_SD: ("set std spread", "activation units", "standard deviation over the pixel sets "
+                   "of each set's standard deviation, per EN group"),
 }
 
 
