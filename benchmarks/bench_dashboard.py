@@ -242,6 +242,39 @@ def bench_long(args, cb, create_app) -> list:
     return cases
 
 
+def read_layouts(args, cb, create_app, rounds: int = 2) -> None:
+    """Cold views of the long run under the store's two read layouts, interleaved ABBA, a
+    fresh app per call: a dask task per shard's rows and chunk's columns (now), and a task per
+    whole shard (before the store read a few neurons' chunks only; emulated by reading
+    per-step arrays with ``whole_shards=True``)."""
+    import functools
+
+    import statscope.store as store
+
+    one = "?run=bs4-long&layer=fc1&neuron=fc1:0&neuron=fc2:0&neuron=fc3:0&neuron=fc4:0"
+    views = [("evolution, last 200 steps", cb.evolution, one),
+             ("evolution, all 300k steps", cb.evolution, one + "&window=all"),
+             ("fluctuation bars, last 200", cb.fluctuation, one + "&scale=raw"),
+             ("layer heatmap, all 300k", cb.heatmap, one + "&window=all&tab=heatmap")]
+    real = store.lazy
+    layouts = {"chunk columns": real, "whole shards": functools.partial(real, whole_shards=True)}
+    print(f"\ncold views of the long run under two read layouts, median of {2 * rounds} "
+          "interleaved calls, each on a fresh app")
+    print(f"{'callback':40} {'chunk cols ms':>14} {'shards ms':>10} {'ratio':>7}")
+    try:
+        for name, fn, q in views:
+            times: dict[str, list[float]] = {k: [] for k in layouts}
+            for order in [list(layouts), list(layouts)[::-1]] * rounds:
+                for layout in order:
+                    store.lazy = layouts[layout]
+                    cat = create_app(args.store, warm=False).catalog
+                    times[layout].append(encoded(fn, cat, q)[0])
+            a, b = (statistics.median(times[k]) for k in layouts)
+            print(f"{name:40} {a:14.0f} {b:10.0f} {a / b:7.2f}", flush=True)
+    finally:
+        store.lazy = real
+
+
 def bench_llm(args, cb, create_app) -> None:
     """80 layers x 8,192 channels: every callback, cold and warm."""
     root = args.store.with_name(args.store.name + "-llm")
@@ -416,7 +449,9 @@ def main() -> None:
     p.add_argument("--neurons", type=int, default=512)
     p.add_argument("--llm-steps", type=int, default=2_000)
     p.add_argument("--rounds", type=int, default=3, help="fresh apps per table (cold calls)")
-    p.add_argument("--only", default="long,llm,ranks", help="which of long, llm, ranks to run")
+    p.add_argument("--only", default="long,layouts,llm,ranks",
+                   help="which of long, layouts (the long run's cold views under two store read "
+                        "layouts), llm, ranks to run")
     p.add_argument("--series", action="store_true",
                    help="also time the fluctuation of 8 of the LLM run's layers from the "
                         "per-step series against the window summaries (a few GB of memory)")
@@ -429,6 +464,8 @@ def main() -> None:
 
     print(f"cpu: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}")
     cases = bench_long(args, cb, create_app) if "long" in only else None
+    if "layouts" in only:
+        read_layouts(args, cb, create_app)
     if "llm" in only:
         bench_llm(args, cb, create_app)
     if "ranks" in only:

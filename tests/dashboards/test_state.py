@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from statscope import schema as S
-from statscope.dashboards.state import GROUPINGS, SCALES, TABS, ViewState, Window
+from statscope.dashboards.state import EACH, GROUPINGS, MERGED, SCALES, TABS, ViewState, Window
 from statscope.errors import StatscopeError
 
 names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1,
@@ -22,7 +22,8 @@ windows = st.one_of(
                      unique=True).map(tuple),
     stat=st.sampled_from(S.ALL_STATS), window=windows, scale=st.sampled_from(SCALES),
     by=st.sampled_from(GROUPINGS), page=st.integers(0, 50),
-    scalars=st.none() | st.lists(names.filter(lambda n: n != "-"), unique=True).map(tuple)))
+    scalars=st.none() | st.lists(names.filter(lambda n: n != "-"), unique=True).map(tuple),
+    rank=st.sampled_from([MERGED, EACH]) | st.integers(0, 10**6)))
 def test_url_round_trip(state):
     assert ViewState.from_query(state.to_query()) == state
 
