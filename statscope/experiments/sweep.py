@@ -113,6 +113,12 @@ def replan(item: SweepItem) -> SweepItem:
 
     Raises:
         StoreError: a folder in the way that is not a run.
+
+    Example:
+        >>> item = plan_sweep(RunConfig("mnist-fc"), "/tmp/no-such-sweep", batch_sizes=[4],
+        ...                   seeds=[0])[0]
+        >>> replan(item) == item  # no store appeared meanwhile
+        True
     """
     config = dataclasses.replace(item.config, overwrite=False, resume=False)
     return _plan_one(item.name, config, config.out)
