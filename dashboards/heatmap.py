@@ -48,7 +48,7 @@ def heatmap_spec(ds: xr.Dataset, layer: str, stat: str, window: Window, *, run: 
     z, width = bin_mean(z_units.T, min(n_bins, max(1, MAX_HEATMAP_CELLS // len(z_units))))
     xb = x[::width]
     yb = units[::unit_width]
-    diverging = stat in (S.BN_MEAN, S.EN_MEAN)
+    diverging = stat in (S.BN_MEAN, S.EN_MEAN, S.SET_MEAN)
     zmax = float(np.nanmax(np.abs(z))) if diverging and np.isfinite(z).any() else None
     name = STAT_LABELS[stat]
     who = f" · {label}" if label else ""

@@ -20,6 +20,10 @@ STAT_COLORS = {
     S.EN_MEAN: "#56B4E9",
     S.EN_STD: "#E69F00",
     S.BN_KURT: "#CC79A7",
+    S.SET_MEAN: "#009E73",
+    S.SET_MEAN_SD: "#66C2A5",
+    S.SET_STD: "#000000",
+    S.SET_STD_SD: "#8C8C8C",
 }
 """One colour per statistic; BN dark, its EN counterpart light, in the same hue family."""
 
@@ -28,12 +32,15 @@ STAT_DASH = {S.BN_MEAN: "solid", S.BN_STD: "solid", S.EN_MEAN: "dash", S.EN_STD:
 """Line style per statistic: BN solid, EN dashed, so pairs read apart without colour."""
 
 STAT_LABELS = {S.BN_MEAN: "BN_mean", S.BN_STD: "BN_std", S.EN_MEAN: "EN_mean",
-               S.EN_STD: "EN_std", S.BN_KURT: "BN_kurt"}
+               S.EN_STD: "EN_std", S.BN_KURT: "BN_kurt",
+               S.SET_MEAN: "set_mean", S.SET_MEAN_SD: "sd of set_mean",
+               S.SET_STD: "set_std", S.SET_STD_SD: "sd of set_std"}
 """Display names, as the paper writes them."""
 
 STAT_UNITS = {S.BN_MEAN: "activation units", S.BN_STD: "activation units",
               S.EN_MEAN: "activation units", S.EN_STD: "activation units",
-              S.BN_KURT: "excess kurtosis, dimensionless"}
+              S.BN_KURT: "excess kurtosis, dimensionless",
+              **{s: "activation units" for s in S.SET_STATS}}
 """Units of each statistic: those of the normalized layer's input, except kurtosis."""
 
 LAYER_PALETTE = ("#332288", "#117733", "#44AA99", "#88CCEE", "#DDCC77", "#CC6677", "#AA4499",

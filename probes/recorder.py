@@ -144,7 +144,7 @@ class Recorder:
                                  "the model's forward, e.g. lambda a, kw: kw['attention_mask']; "
                                  "or call rec.mask(tensor) at each step")
         self._mask_of = mask
-        self._mask = None
+        self._mask: torch.Tensor | None = None
         sets = any(s.sets for s in self.statistics)
         self.captures = [Capture(t, self.block_steps, raw_bytes, self.order, self.pool, sets)
                          for t in self.targets]

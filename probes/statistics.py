@@ -165,4 +165,9 @@ def _block_moments(raw: torch.Tensor, order: int) -> tuple[torch.Tensor, ...]:
 def finish(moments: Moments, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Compute the named statistics from one probe's moments: ``{name: (k, C or groups)}``
     (the per-set statistics, which the moments cannot give, are left out)."""
-    return {n: STATISTICS[n].compute(moments) for n in names if not STATISTICS[n].sets}
+    out = {}
+    for n in names:
+        compute = STATISTICS[n].compute
+        if compute is not None:
+            out[n] = compute(moments)
+    return out

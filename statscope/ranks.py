@@ -8,7 +8,11 @@ total variance), so it is merged at read time and recording needs no collective:
     N = Σ n_r,   M = Σ n_r m_r / N,   V = Σ n_r (v_r + (m_r − M)²) / N
 
 with n_r the rank's ``count``; ranks where the layer did not run (count 0) do not enter. EN
-statistics merge the same way (every channel of a group shares the rank's count). ``bn_kurt``
+statistics merge the same way (every channel of a group shares the rank's count), and so do the
+per-set statistics (``set_mean`` with ``set_mean_sd``, ``set_std`` with ``set_std_sd``: a mean
+over sets and its population spread), weighting each rank by its number of sets, which ``count``
+gives exactly for channels-last tensors (one set per real position) and, for channels-first
+ones, whenever the ranks' spatial sizes agree and no mask drops part of a sample. ``bn_kurt``
 needs third moments that are not stored, so it is not merged; logged scalars are averaged over
 ranks.
 """
@@ -34,8 +38,8 @@ def merge_ranks(ds, layers=None):
         layers: merge only these layers (names); None for every layer.
 
     Returns:
-        A Dataset without ``rank``: ``bn_mean``, ``bn_std``, ``en_mean``, ``en_std`` of the union
-        of the ranks' batches, ``count`` their total; logged scalars averaged over ranks;
+        A Dataset without ``rank``: ``bn_mean``, ``bn_std``, ``en_mean``, ``en_std`` (and the
+        per-set statistics, when recorded) of the union of the ranks' batches, ``count`` their total; logged scalars averaged over ranks;
         ``bn_kurt`` dropped. With ``layers``, the other neurons are left out.
 
     Raises:
@@ -65,7 +69,8 @@ def merge_ranks(ds, layers=None):
     n = count.where(count > 0)
     total = n.sum(S.RANK)
     out = ds.drop_dims(S.RANK, errors="ignore").copy()
-    for mean_name, std_name in ((S.BN_MEAN, S.BN_STD), (S.EN_MEAN, S.EN_STD)):
+    for mean_name, std_name in ((S.BN_MEAN, S.BN_STD), (S.EN_MEAN, S.EN_STD),
+                                (S.SET_MEAN, S.SET_MEAN_SD), (S.SET_STD, S.SET_STD_SD)):
         if mean_name not in ds or std_name not in ds:
             continue
         m = ds[mean_name].astype(np.float64)

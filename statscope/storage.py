@@ -18,6 +18,7 @@ from pathlib import Path
 from statscope.errors import StoreError
 
 __all__ = ["is_url", "local_path", "zarr_store", "exists", "list_keys", "remove_tree",
+           "remove_partials",
            "use_options", "filesystem"]
 
 _OPTIONS: dict[str, dict] = {}  # URL prefix -> fsspec storage options
@@ -116,6 +117,25 @@ def list_keys(path: str) -> dict[str, int]:
 
 def _raise(exc: OSError) -> None:
     raise exc
+
+
+def remove_partials(path: str) -> int:
+    """Delete the temporary ``*.partial`` files a killed write left below a local run (zarr's
+    local store writes each object to one and renames it into place); the caller holds the run's
+    lease, so no write is in progress. Left in place, zarr's own listing of the group warns about
+    each one. Object stores write whole objects and leave none. Returns how many were removed."""
+    if is_url(path):
+        return 0
+    removed = 0
+    for dirpath, _, files in os.walk(local_path(path)):
+        for f in files:
+            if f.endswith(".partial"):
+                try:
+                    os.unlink(os.path.join(dirpath, f))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
 
 
 def remove_tree(path: str) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 from statscope import schema as S
 from statscope.errors import StatscopeError, StoreError
 from statscope.lease import Lease
-from statscope.storage import exists, is_url, list_keys, remove_tree, zarr_store
+from statscope.storage import exists, is_url, list_keys, remove_partials, remove_tree, zarr_store
 from statscope.integrity import shard_shape
 from statscope.store import Layout, ProbeInfo, check_marker, read_attrs
 from statscope.windows import WindowArrays, Windows
@@ -109,6 +109,7 @@ class RunWriter:
         try:
             there = check_path(self.path, overwrite=overwrite, resume=resume)  # now under lease
             if resume and there:
+                remove_partials(self.path)
                 self._resume(layout, attrs or {}, running0 or {})
             else:
                 if there:

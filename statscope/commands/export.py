@@ -35,7 +35,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     from statscope.errors import StatscopeError
     from statscope.export import export_run
-    from statscope.store import find_runs, is_run
+    from statscope.store import find_runs, is_run, rank_paths
 
     kind, target = args.to
     if is_run(args.run):
@@ -46,6 +46,8 @@ def run_export(args: argparse.Namespace) -> int:
             raise StatscopeError(f"RUN={args.run!r}: a folder without statscope runs")
     else:
         raise StatscopeError(f"RUN={args.run!r}: not a statscope run or a folder of runs")
+    # a distributed run: each rank's store into its own folder (TensorBoard shows them as runs)
+    jobs = [job for run, folder in jobs for job in _per_rank(run, folder, rank_paths(run))]
     for run, folder in jobs:
         result = export_run(run, kind, folder, window=args.window, offset=args.step_offset)
         line = (f"{run}: {result.windows} windows of {args.window} steps, {result.scalars} "
@@ -56,3 +58,10 @@ def run_export(args: argparse.Namespace) -> int:
     if kind == "tensorboard":
         print(f"open with: tensorboard --logdir {os.path.abspath(target)}", file=sys.stderr)
     return 0
+
+
+def _per_rank(run: str, folder: str, ranks: list[str]) -> list[tuple[str, str]]:
+    """``(run, folder)``, or for a distributed run one ``(rank store, folder/rank{r})`` per rank."""
+    if not ranks:
+        return [(run, folder)]
+    return [(path, os.path.join(folder, os.path.basename(path))) for path in ranks]

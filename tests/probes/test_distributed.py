@@ -150,3 +150,28 @@ def test_synced_layers_show_their_merged_statistics_on_every_rank(tmp_path):
                                rtol=1e-5)
     with pytest.raises(statscope.StatscopeError, match="no 'rank' dimension"):
         merge_ranks(raw.isel(rank=0))
+
+
+def test_per_set_statistics_merge_over_ranks_as_over_all_their_sets(tmp_path):
+    """LayerNorm's sets are tokens: the merged spread of the sets' means and stds equals numpy's
+    over every rank's tokens together, with ranks holding different numbers of tokens."""
+    rng = np.random.default_rng(1)
+    probes = [ProbeInfo("norm", "norm", "LayerNorm", "input", -1, 6)]
+    tokens = [rng.normal(size=(3, 5 + 4 * r, 6)) * (r + 1) + r for r in range(2)]  # (step, P, C)
+
+    def sets(x):  # each token's mean and std over its channels, then mean and spread over tokens
+        m, s = x.mean(-1), x.std(-1)
+        return {"set_mean": m.mean(1), "set_mean_sd": m.std(1),
+                "set_std": s.mean(1), "set_std_sd": s.std(1)}
+
+    for r, x in enumerate(tokens):
+        data = {"bn_mean": x.mean(1), "bn_std": x.std(1), "en_mean": x.mean((1, 2))[:, None],
+                "en_std": x.std((1, 2))[:, None],
+                **{k: v[:, None] for k, v in sets(x).items()}}
+        write_run(tmp_path / "run" / f"rank{r}", probes,
+                  {k: v.astype(np.float32) for k, v in data.items()},
+                  count=np.full((3, 1), x.shape[1]), rank=r, world_size=2)
+    merged = merge_ranks(statscope.open_run(tmp_path / "run"))
+    want = sets(np.concatenate(tokens, axis=1))
+    for name, values in want.items():
+        np.testing.assert_allclose(merged[name].values[:, 0], values, rtol=1e-5, err_msg=name)

@@ -228,14 +228,16 @@ def _alive(pid: int) -> bool:
 
 def test_sweep_workers_die_with_their_killed_parent_and_a_rerun_finishes(tmp_path):
     """``kill -9`` of ``sweep --jobs 2``: its workers stop within seconds (their runs marked
-    failed, saying why), and the same sweep run again resumes both to completion."""
+    failed, saying why), and the same sweep run again resumes both to completion. The runs are
+    long enough (~10 s each on a quiet core) that neither ends before its first commit (~5 s)."""
+    STEPS = 8000
     out = tmp_path / "sw"
     argv = ["sweep", "mnist-fc", "--bs", "4", "8", "--dataset", "mnist-5k-subset", "--max-steps",
-            "2000", "--out", str(out), "--jobs", "2", "-q"]
+            str(STEPS), "--out", str(out), "--jobs", "2", "-q"]
     proc = subprocess.Popen([sys.executable, "-m", "statscope", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=_env(tmp_path))
-    names = ["mnist-fc_bs4_seed0_bn_max2000_mnist-5k-subset",
-             "mnist-fc_bs8_seed0_bn_max2000_mnist-5k-subset"]
+    names = [f"mnist-fc_bs4_seed0_bn_max{STEPS}_mnist-5k-subset",
+             f"mnist-fc_bs8_seed0_bn_max{STEPS}_mnist-5k-subset"]
     try:
         both = _wait_for(lambda: all(((_attrs(out / n) or {}).get(S.ATTR_N_STEPS) or 0) > 0
                                      for n in names), proc, limit=180)
@@ -263,7 +265,7 @@ def test_sweep_workers_die_with_their_killed_parent_and_a_rerun_finishes(tmp_pat
                for line in again.stdout.splitlines()), again.stdout
     for name in names:
         attrs = read_attrs(out / name)
-        assert (attrs[S.ATTR_STATUS], attrs[S.ATTR_N_STEPS]) == (S.STATUS_COMPLETED, 2000)
+        assert (attrs[S.ATTR_STATUS], attrs[S.ATTR_N_STEPS]) == (S.STATUS_COMPLETED, STEPS)
 
 
 def test_a_sweep_leaves_a_run_another_process_writes_and_reports_it_held(tmp_path, monkeypatch,

@@ -141,6 +141,26 @@ def test_resume_drops_columns_of_a_probe_added_after_the_last_commit(tmp_path):
     assert (ds["count"].values[:, 4:] == 0).all() and np.isnan(ds.bn_mean.values[:, 4:]).all()
 
 
+
+def test_resume_removes_the_partial_files_a_killed_write_left(tmp_path):
+    """zarr's local store writes each object to ``*.partial`` and renames it; a kill in between
+    leaves the temporary file, and zarr's own listing of the group warns about it (an error under
+    -W error). Resume, holding the lease, removes them."""
+    probes, data = synthetic(t=6)
+    write_run(tmp_path / "r", probes, data)
+    run = tmp_path / "r"
+    leftovers = [run / "zarr.0123abcd.partial", run / "bn_mean" / "c" / "zarr.4567.partial"]
+    for f in leftovers:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"half a write")
+    with pytest.warns(zarr.errors.ZarrUserWarning, match="not recognized"):
+        dict(zarr.open_group(run, mode="r").arrays())
+    RunWriter(run, Layout(tuple(probes)), resume=True).close()
+    assert not any(f.exists() for f in leftovers)
+    names = sorted(dict(zarr.open_group(run, mode="r").arrays()))  # -W error: no warning now
+    assert "bn_mean" in names
+    np.testing.assert_array_equal(statscope.open_run(run).bn_mean.values, data["bn_mean"])
+
 KILLED = textwrap.dedent("""
     import sys, time, torch, statscope
     torch.manual_seed(0)
