@@ -1,9 +1,12 @@
 """The recorder: probes on a model, blocks of steps, a background writer thread.
 
-Per training step the training thread only copies each probed tensor into a device buffer (see
-:mod:`statscope.probes.capture`). Every ``block_steps`` steps, or every ``flush_seconds``, it hands
-the block to the writer thread (:mod:`statscope.probes.worker`), which computes the moments in one
-batched pass, finishes the statistics in float64 and appends them to the run store. The training
+Per training step the training thread keeps, for each probe, what the writer thread needs and
+nothing more (see :mod:`statscope.probes.capture`): references to the (C,) mean and inverse std a
+training-mode BatchNorm computed itself (:mod:`statscope.probes.fastpath`), a copy of a small
+tensor into a device buffer, or one per-step reduction of a large one
+(:mod:`statscope.probes.reduce`). Every ``block_steps`` steps, or every ``flush_seconds``, it
+hands the block to the writer thread (:mod:`statscope.probes.worker`), which finishes the moments
+in one batched pass, the statistics in float64, and appends them to the run store. The training
 thread never waits on the device; it waits on the writer only when the writer is two blocks
 behind, and never on a writer that failed.
 
