@@ -21,7 +21,10 @@ core). Contenders:
   channels into a preallocated buffer, the issue's strawman;
 - ``nowriter``: ``statscope`` whose writer thread drops every block unread (nothing reaches the
   store): the difference to ``statscope`` is what the writer thread costs the training thread,
-  through the GIL and the shared cores.
+  through the GIL and the shared cores;
+- ``raw64``: ``statscope`` with ``raw_bytes=64 MiB`` (default 16 MiB): tensors up to 512 KiB
+  are copied into the block buffer each step and reduced by the writer thread per block instead
+  of per step on the training thread.
 
 For the statscope contenders the table also shows the time inside the probes on the training
 thread (``Recorder.probe_seconds``) and the writer thread's CPU time, in µs per step.
@@ -200,15 +203,19 @@ class Arm:
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.rec = self.hook = None
         self._generic = contextlib.nullcontext()
-        if name in ("statscope", "generic", "nowriter"):
+        if name in ("statscope", "generic", "nowriter", "raw64"):
             import statscope
 
             if name == "generic":
                 from statscope.probes import recorder
 
                 self._generic = _no_fast_path(recorder)
+            # raw64: buffer tensors up to 64 MiB per probe and block raw (default 16 MiB), so
+            # that more probes take one copy per step and leave the reduction to the writer
+            extra = {"raw_bytes": 64 << 20} if name == "raw64" else {}
             with self._generic:
-                self.rec = statscope.record(model, f"{tmp}/{name}", overwrite=True).start()
+                self.rec = statscope.record(model, f"{tmp}/{name}", overwrite=True,
+                                            **extra).start()
             if name == "nowriter":
                 self.rec._worker.filer.file = _dropper(self.rec._worker.filer)
         elif name == "prehook":
@@ -418,7 +425,7 @@ def main(argv=None) -> None:
     ap.add_argument("--block-seconds", type=float, default=0.6)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--contenders", nargs="+", default=["statscope", "generic"],
-                    choices=("statscope", "generic", "prehook", "nowriter"))
+                    choices=("statscope", "generic", "prehook", "nowriter", "raw64"))
     ap.add_argument("--candidates", action="store_true",
                     help="time the per-step reductions of one tensor instead of the models")
     args = ap.parse_args(argv)
