@@ -225,3 +225,17 @@ def test_heatmap_of_a_wide_layer_bins_units_and_steps_within_budget():
     ref = ds.bn_mean.values[:bw, :uw].mean()
     assert z[0, 0] == pytest.approx(ref, rel=1e-5)
     assert "mean of 4 neurons per row" in fig.layout.title.text
+
+
+def test_heatmap_of_a_per_set_statistic_is_labelled_and_centred_like_the_means():
+    ds = synthetic_run(n_steps=400, layers=(("fc1", 3), ("fc2", 5)))
+    ds[S.SET_MEAN] = ds[S.EN_MEAN] * 2 - 1  # expanded to neurons on read, as open_run gives it
+    ds[S.SET_STD_SD] = abs(ds[S.EN_STD]) / 3
+    fig = heatmap_figure(ds, "fc1", S.SET_MEAN, Window("all"), run="r", n_bins=40)
+    (hm,) = fig.data
+    ref = ds[S.SET_MEAN].values[:, :3].reshape(40, 10, 3).mean(axis=1).T
+    np.testing.assert_allclose(np.asarray(hm.z), ref, rtol=1e-5)
+    assert "set_mean" in hm.colorbar.title.text and "activation units" in hm.colorbar.title.text
+    assert hm.zmid == 0  # a mean: diverging around zero, like BN_mean and EN_mean
+    (sd,) = heatmap_figure(ds, "fc1", S.SET_STD_SD, Window("all"), run="r", n_bins=40).data
+    assert "sd of set_std" in sd.colorbar.title.text and sd.zmid is None
