@@ -40,7 +40,7 @@ import uuid
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from statscope.errors import StatscopeError, StoreLockedError
-from statscope.experiments.sweep import SweepItem, SweepOutcome, replan
+from statscope.experiments.sweep import Outcomes, SweepItem, SweepOutcome, replan
 from statscope.experiments.worker import GRACE_SECONDS
 
 if TYPE_CHECKING:
@@ -89,21 +89,13 @@ def run_on_cluster(client: "Client", items: Iterable[SweepItem], *, retries: int
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise StatscopeError(f"retries={retries!r}: expected a non-negative int")
     items = list(items)
-    outcomes: dict[int, SweepOutcome] = {}
-
-    def done(i: int, outcome: SweepOutcome) -> None:
-        outcomes[i] = outcome
-        if on_done is not None:
-            on_done(outcome)
-
+    outcomes = Outcomes(items, on_done)
+    done = outcomes.done
     token = uuid.uuid4().hex[:12]
     futures = {}
     try:
-        for i, item in enumerate(items):
-            if item.action == "skip":
-                done(i, SweepOutcome(item, None, None))
-                continue
-            item = dataclasses.replace(item, config=_absolute(item.config))
+        for i in outcomes.skip_planned():
+            item = dataclasses.replace(items[i], config=_absolute(items[i].config))
             future = client.submit(_run_task, item, list(sys.argv), retries=retries, pure=False,
                                    key=f"statscope-run-{item.name}-{token}")
             futures[future] = i
@@ -120,7 +112,7 @@ def run_on_cluster(client: "Client", items: Iterable[SweepItem], *, retries: int
         pending = [f for f in futures if not f.done()]
         if pending:  # interrupted: the tasks stop their runs (checkpoint, run marked failed)
             client.cancel(pending)
-    return [outcomes[i] for i in range(len(items))]
+    return outcomes.in_order()
 
 
 def _absolute(config):

@@ -67,6 +67,40 @@ class SweepOutcome:
     attempts: int = 1
 
 
+class Outcomes:
+    """The outcomes of a sweep's items as they come, each reported to ``on_done`` at once.
+
+    Args:
+        items: the planned runs.
+        on_done: called with each outcome as it comes.
+    """
+
+    def __init__(self, items: list[SweepItem],
+                 on_done: Callable[[SweepOutcome], None] | None = None):
+        self.items, self.on_done = items, on_done
+        self._by_index: dict[int, SweepOutcome] = {}
+
+    def done(self, i: int, outcome: SweepOutcome) -> None:
+        """Record the outcome of item ``i`` and report it."""
+        self._by_index[i] = outcome
+        if self.on_done is not None:
+            self.on_done(outcome)
+
+    def skip_planned(self) -> list[int]:
+        """Report every item planned as a skip; return the indices of the others, to run."""
+        todo = []
+        for i, item in enumerate(self.items):
+            if item.action == "skip":
+                self.done(i, SweepOutcome(item, None, None))
+            else:
+                todo.append(i)
+        return todo
+
+    def in_order(self) -> list[SweepOutcome]:
+        """Every outcome, in the order of the items."""
+        return [self._by_index[i] for i in range(len(self.items))]
+
+
 def plan_sweep(base: RunConfig, out_dir: str | os.PathLike, *, batch_sizes: Iterable[int],
                seeds: Iterable[int], norms: Iterable[str] = ("bn",)) -> list[SweepItem]:
     """The grid batch size × seed × norm of ``base``'s experiment, with what to do for each.
@@ -177,19 +211,9 @@ def run_sweep(items: Iterable[SweepItem], *, jobs: int = 1,
 
         return run_on_cluster(client, items, on_done=on_done, retries=retries)
     items = list(items)
-    outcomes: dict[int, SweepOutcome] = {}
-
-    def done(i: int, outcome: SweepOutcome) -> None:
-        outcomes[i] = outcome
-        if on_done is not None:
-            on_done(outcome)
-
-    todo = []
-    for i, item in enumerate(items):
-        if item.action == "skip":
-            done(i, SweepOutcome(item, None, None))
-        else:
-            todo.append(i)
+    outcomes = Outcomes(items, on_done)
+    done = outcomes.done
+    todo = outcomes.skip_planned()
     if jobs == 1 or len(todo) <= 1:
         for i in todo:
             done(i, SweepOutcome(items[i], *_run_one(items[i].config)))
@@ -209,7 +233,7 @@ def run_sweep(items: Iterable[SweepItem], *, jobs: int = 1,
                     done(i, SweepOutcome(items[i], *future.result()))
                 except Exception as exc:  # the worker process died
                     done(i, SweepOutcome(items[i], None, f"worker process failed: {exc!r}"))
-    return [outcomes[i] for i in range(len(items))]
+    return outcomes.in_order()
 
 
 def _run_one(config: RunConfig, progress: Callable | None = None

@@ -45,7 +45,7 @@ def cluster(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         offline_env(tmp, mp)  # the workers inherit it when they start
         with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
-                                      dashboard_address=None) as lc, \
+                                      dashboard_address=":0") as lc, \
                 distributed.Client(lc, set_as_default=False) as client:
             yield lc.scheduler_address, client
 
