@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from statscope.errors import StatscopeError
-from statscope.nn import NORM_NAMES, PIXEL_SETS, HeteroNorm, SwitchableNorm, layers, make_norm
-from test_nn_support import one_thread  # noqa: F401 (a fixture)
+from statscope.nn import NORM_NAMES, PIXEL_SETS, HeteroNorm, SwitchableNorm, make_norm
+from test_nn_support import force_route, one_thread  # noqa: F401 (a fixture)
 
 BATCH = {"batch", "extended"}
 
@@ -287,54 +287,54 @@ def _reparametrized(layer):
     return f
 
 
-def route_of(name, mode, small):
-    """The autograd node each route leaves on the output of ``name`` in ``mode``."""
+def route_of(name, route):
+    """The autograd node each route leaves on the output of ``name``."""
     base = name.split("_g")[0]
     if base in ("sn", "bn+in+ln"):
         return "CellNorm"  # per-example statistics: the cells Function
     if base == "bn":
         return "NativeBatchNorm"  # torch's own op
     if base == "bn+en":  # the general Function; in eval a differentiable mix of buffers
-        return "ChannelNorm" if mode == "train" else "Addcmul"
-    if mode == "eval" or small:  # BatchNorm's inference op; BatchNorm calls composed
+        return "Addcmul" if route == "eval" else "ChannelNorm"
+    if route == "kernel":
+        return "ExtendedStd"  # the C++ Function
+    if route in ("eval", "composed"):  # BatchNorm's inference op; BatchNorm calls composed
         return "NativeBatchNorm"
-    return "ExtendedStdNorm"  # the Function
+    return "ExtendedStdNorm"  # the Python Function
 
 
 ROUTE_NORMS = [("bn", "own"), ("hn", "own"), ("hn", "subtracted"), ("hn_g2", "subtracted"),
                ("hn_g2", "own"), ("en_g2", "own"), ("en", "subtracted"), ("bn+en", "own"),
                ("bn+en", "subtracted"), ("sn", "own"), ("sn", "subtracted"), ("bn+in+ln", "own")]
-# per channel: the composed route (small) and the Function (forced), in train; eval. Per
+# per channel in train: the C++ kernel, the composed route and the Python Function; eval. Per
 # example (sn, bn+in+ln) there is one route in each mode.
 # one case per route runs in CI, the others are marked slow
-CI_ROUTES = {("hn", "own", "train", True), ("hn", "own", "train", False),
-             ("hn", "own", "eval", True), ("bn+en", "subtracted", "train", True),
-             ("sn", "subtracted", "train", True)}
-ROUTE_CASES = [pytest.param(name, center, mode, small,
-                            marks=() if (name, center, mode, small) in CI_ROUTES
+CI_ROUTES = {("hn", "own", "kernel"), ("hn_g2", "subtracted", "kernel"),
+             ("hn", "own", "composed"), ("hn", "own", "function"), ("hn", "own", "eval"),
+             ("bn+en", "subtracted", "composed"), ("sn", "subtracted", "composed")}
+ROUTE_CASES = [pytest.param(name, center, route,
+                            marks=() if (name, center, route) in CI_ROUTES
                             else pytest.mark.slow)
                for name, center in ROUTE_NORMS
-               for mode, small in (("train", True), ("train", False), ("eval", True))
-               if small or name not in ("sn", "bn+in+ln")]
+               for route in ("kernel", "composed", "function", "eval")
+               if route in ("composed", "eval") or name.split("_g")[0] in ("hn", "en")]
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("name,center,mode,small", ROUTE_CASES)
-def test_routes_gradcheck_and_double_backward(name, center, mode, small, monkeypatch):
-    if not small:  # every input is "large": the Function's closed-form backward
-        monkeypatch.setattr(layers, "_SMALL", 0)
-        monkeypatch.setattr(layers, "_SMALL_EN", 0)
+@pytest.mark.parametrize("name,center,route", ROUTE_CASES)
+def test_routes_gradcheck_and_double_backward(name, center, route, monkeypatch):
+    force_route(monkeypatch, "composed" if route == "eval" else route)
     torch.manual_seed(5)
     layer = build(name, 4, std_center=center, dtype=torch.float64)
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(torch.randn_like(p) * 0.3)
         layer(torch.randn(6, 4, 3, 3, dtype=torch.float64) * 2 + 1)
-    getattr(layer, mode)()
-    route = route_of(name, mode, small)
-    for shape in ((3, 4, 2, 3),) if route == "CellNorm" else ((3, 4, 2, 3), (5, 4)):
+    layer.train(route != "eval")
+    node = route_of(name, route)
+    for shape in ((3, 4, 2, 3),) if node == "CellNorm" else ((3, 4, 2, 3), (5, 4)):
         x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-        assert route in layer(x).grad_fn.name(), f"expected the {route} route"
+        assert node in layer(x).grad_fn.name(), f"expected the {route} route"
         inputs = (x, *[p.detach().clone().requires_grad_() for p in layer.parameters()])
         assert torch.autograd.gradcheck(_reparametrized(layer), inputs, eps=1e-6, atol=1e-5)
         assert torch.autograd.gradgradcheck(_reparametrized(layer), inputs, eps=1e-6, atol=1e-5)

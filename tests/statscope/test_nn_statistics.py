@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from statscope.nn import HeteroNorm, SwitchableNorm, layers, make_norm
+from statscope.nn import HeteroNorm, SwitchableNorm, make_norm, native
 from statscope.nn.algebra import plain_forward
-from test_nn_support import one_thread  # noqa: F401 (a fixture)
+from test_nn_support import force_route, one_thread  # noqa: F401 (a fixture)
 
 WITHIN = 4.0  # variance of every channel around its own mean
 
@@ -48,15 +48,17 @@ def spread(groups, channels):
     return np.repeat(((mu - mu.mean(1, keepdims=True)) ** 2).mean(1), channels // groups)
 
 
-# (shape, channels_last): a small contiguous input takes the composed route, a channels_last
-# one the Function
-ROUTES = {"composed": ((4, 64), False), "function": ((4, 64, 2, 2), True)}
+# (shape, channels_last) per route: a channels_last input takes the Function on any route
+ROUTES = {"kernel": ((4, 64), False), "composed": ((4, 64), False),
+          "function": ((4, 64, 2, 2), True)}
 
 
 @pytest.mark.parametrize("route", sorted(ROUTES))
 @pytest.mark.parametrize("groups", [1, 8])
-def test_hn_subtracted_running_variance_is_the_pooled_within_channel_variance(route, groups):
+def test_hn_subtracted_running_variance_is_the_pooled_within_channel_variance(route, groups,
+                                                                            monkeypatch):
     # issue 12: with Bessel's factor of the whole extended set this converged to 3.01, not 4
+    force_route(monkeypatch, route)
     shape, channels_last = ROUTES[route]
     layer = HeteroNorm(64, "batch", "extended", groups, std_center="subtracted", momentum=None,
                        dtype=torch.float64)
@@ -70,9 +72,11 @@ def test_hn_subtracted_running_variance_is_the_pooled_within_channel_variance(ro
 
 @pytest.mark.parametrize("route", sorted(ROUTES))
 @pytest.mark.parametrize("name,groups", [("hn", 1), ("hn", 8), ("en", 1), ("en", 8)])
-def test_own_centre_running_variance_is_the_extended_sets_unbiased_variance(route, name, groups):
+def test_own_centre_running_variance_is_the_extended_sets_unbiased_variance(route, name, groups,
+                                                                           monkeypatch):
     # around the set's own mean: the within-channel variance plus the channels' spread, with
     # Bessel's factor n/(n-1) of the whole set (n pixels), as documented
+    force_route(monkeypatch, route)
     shape, channels_last = ROUTES[route]
     layer = make_norm(name, 64, groups=groups, momentum=None, dtype=torch.float64)
     feed(layer, shape, 400, channels_last=channels_last)
@@ -120,10 +124,13 @@ CHANNEL_NORMS = ["hn", "hn_g4", "en", "en_g4", "bn+en"]
        momentum=st.sampled_from([0.1, None]), affine=st.booleans(), seed=st.integers(0, 2**16))
 def test_routes_give_the_same_outputs_gradients_and_running_statistics(name, center, shape,
                                                                        momentum, affine, seed):
-    """The composed route, the Function and the plain ops agree on everything they compute."""
+    """The C++ kernel, the composed route, the Function and the plain ops agree on everything."""
     gen = torch.Generator().manual_seed(seed)
     results = []
-    for route in ("composed", "function", "plain"):
+    routes = ("composed", "function", "plain")
+    if native.kernels() is not None:
+        routes = ("kernel",) + routes
+    for route in routes:
         layer = make_norm(name, 8, std_center=center, momentum=momentum, affine=affine,
                           dtype=torch.float64)
         if shape[0] * np.prod(shape[2:]) < 2:
@@ -140,10 +147,8 @@ def test_routes_give_the_same_outputs_gradients_and_running_statistics(name, cen
                 y = plain_forward(layer, x, layer.weight, layer.bias, layer.mean_weight,
                                  layer.var_weight, True, True)
             else:
-                limit = 10**9 if route == "composed" else 0
                 with pytest.MonkeyPatch.context() as patch:
-                    patch.setattr(layers, "_SMALL", limit)
-                    patch.setattr(layers, "_SMALL_EN", limit)
+                    force_route(patch, route)
                     y = layer(x)
             y.backward(g)
             grads += [y.detach(), x.grad] + [p.grad.clone() for p in layer.parameters()]

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from statscope.nn import layers, native
+
 
 @pytest.fixture
 def one_thread():
@@ -13,3 +15,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def force_route(monkeypatch, route):
+    """Make every HN/EN input take ``route`` ("kernel", "composed" or "function") in training.
+
+    Skips the test where the route is the C++ kernel and it did not build.
+    """
+    if route == "kernel" and native.kernels() is None:
+        pytest.skip(f"statscope.nn's C++ kernels are unavailable: {native.status()}")
+    big = 10**9
+    monkeypatch.setattr(layers, "_KERNEL_LIMIT", big if route == "kernel" else -1)
+    monkeypatch.setattr(layers, "_SMALL", big if route == "composed" else 0)
+    monkeypatch.setattr(layers, "_SMALL_EN", big if route == "composed" else 0)

@@ -1,0 +1,88 @@
+"""statscope.nn's C++ kernels: built on first use with torch's extension builder, optional.
+
+HN, HN_G, EN and EN_G in training mode run as one C++ autograd Function
+(``csrc/extended_std.cpp``): the algebra of :mod:`statscope.nn.channel`, without the Python
+interpreter between torch's kernels on either side. On small inputs (the paper's FC net at batch
+size 4) that is most of a norm's cost. The source is compiled once per torch version and
+machine with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja are needed; the
+build takes about a minute and is cached under ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``), and is CPU-only code calling ATen, so it serves CUDA tensors too.
+
+Without a compiler the layers keep their Python routes: the same values, slower on small inputs.
+``STATSCOPE_NATIVE=0`` switches the kernels off, ``STATSCOPE_NATIVE=1`` makes a failed build an
+error instead of a warning. :func:`status` says which is in use.
+"""
+
+import os
+import pathlib
+import threading
+import warnings
+
+from statscope.errors import StatscopeError, StatscopeWarning
+
+__all__ = ["kernels", "status"]
+
+_SOURCE = pathlib.Path(__file__).with_name("csrc") / "extended_std.cpp"
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _mode():
+    value = os.environ.get("STATSCOPE_NATIVE", "auto").strip().lower()
+    if value not in ("0", "1", "auto"):
+        raise StatscopeError(f"STATSCOPE_NATIVE={value!r}: expected 0, 1 or auto")
+    return value
+
+
+def kernels():
+    """The compiled module, building it on the first call; None when off or unavailable.
+
+    Returns:
+        module | None: has ``extended_std_norm``; None if ``STATSCOPE_NATIVE=0`` or the build
+        failed (a :class:`StatscopeWarning` says why, once per process).
+
+    Raises:
+        StatscopeError: the build failed and ``STATSCOPE_NATIVE=1``.
+    """
+    if "module" in _state:
+        return _state["module"]
+    mode = _mode()
+    with _lock:
+        if "module" in _state:
+            return _state["module"]
+        module = None
+        reason = "switched off (STATSCOPE_NATIVE=0)"
+        if mode != "0":
+            try:
+                module = _build()
+                reason = "compiled"
+            except Exception as error:  # any build failure leaves the Python routes
+                reason = f"build failed: {type(error).__name__}: {error}"
+                if mode == "1":
+                    raise StatscopeError(
+                        f"STATSCOPE_NATIVE=1: statscope.nn's C++ kernels did not build ({reason})"
+                    ) from error
+                warnings.warn(f"statscope.nn runs without its C++ kernels, slower on small "
+                              f"inputs: {reason[:500]}", StatscopeWarning, stacklevel=3)
+        _state["reason"] = reason
+        _state["module"] = module
+        return module
+
+
+def _build():
+    import torch
+    from torch.utils import cpp_extension
+
+    # one build per torch version: its ABI is what the binary depends on
+    tag = torch.__version__.replace("+", "_").replace(".", "_")
+    return cpp_extension.load(name=f"statscope_nn_{tag}", sources=[str(_SOURCE)],
+                              extra_cflags=["-O3"], verbose=False)
+
+
+def status():
+    """Whether the C++ kernels are in use, and why not if they are not.
+
+    Returns:
+        str: ``"compiled"``, ``"not loaded yet"``, or the reason they are off.
+    """
+    return _state.get("reason", "not loaded yet")

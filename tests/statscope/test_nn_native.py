@@ -1,0 +1,151 @@
+"""statscope.nn's C++ kernel: values against NumPy float64, routes, and its loader's switches."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_nn_support import force_route, one_thread  # noqa: F401 (a fixture)
+
+from statscope.errors import StatscopeError, StatscopeWarning
+from statscope.nn import make_norm, native
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def reference(x, weight, bias, groups, extended_mean, subtracted, eps):
+    """HN/EN of ``x`` (N, C, *S) in float64 NumPy, brute force over the pixel sets."""
+    x = x.astype(np.float64)
+    n, c = x.shape[:2]
+    v = x.reshape(n, groups, c // groups, -1)
+    mu = v.mean(axis=(0, 3), keepdims=True)
+    group_mean = v.mean(axis=(0, 2, 3), keepdims=True)
+    centre = group_mean if extended_mean else mu
+    var = ((v - (mu if subtracted else group_mean)) ** 2).mean(axis=(0, 2, 3), keepdims=True)
+    y = ((v - centre) / np.sqrt(var + eps)).reshape(x.shape)
+    view = (1, -1) + (1,) * (x.ndim - 2)
+    return y * weight.reshape(view) + bias.reshape(view), np.sqrt(var + eps)
+
+
+NAMES = {"hn": (False, False), "hn-subtracted": (False, True), "en": (True, False)}
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(sorted(NAMES)), groups=st.sampled_from([1, 2, 8]),
+       shape=st.sampled_from([(2, 8), (4, 16), (3, 8, 5), (2, 16, 3, 3), (2, 8, 2, 1, 3)]),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+       offset=st.sampled_from([0.0, 100.0]), seed=st.integers(0, 2**16))
+def test_kernel_matches_numpy_float64(name, groups, shape, dtype, offset, seed):
+    if native.kernels() is None:
+        pytest.skip(native.status())
+    extended_mean, subtracted = NAMES[name]
+    base = "en" if extended_mean else "hn"
+    layer = make_norm(f"{base}_g{groups}" if groups > 1 else base, shape[1], dtype=dtype,
+                      std_center="subtracted" if subtracted else "own")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(shape[1], generator=gen) + 0.5)
+        layer.bias.copy_(torch.randn(shape[1], generator=gen))
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + offset).to(dtype)
+    with pytest.MonkeyPatch.context() as patch:
+        force_route(patch, "kernel")
+        y = layer(x)
+    assert "ExtendedStd" in y.grad_fn.name()
+    truth, std = reference(x.double().numpy(), layer.weight.detach().double().numpy(),
+                           layer.bias.detach().double().numpy(), groups, extended_mean,
+                           subtracted, layer.eps)
+    # the output's error in units of the input's resolution over the std normalized by
+    resolution = {torch.float32: 2e-7, torch.float64: 1e-15, torch.bfloat16: 1e-2}[dtype]
+    scale = (np.abs(x.double().numpy()).max() / std.min() + 1) * resolution * 4
+    np.testing.assert_allclose(y.detach().double().numpy(), truth, atol=scale, rtol=0)
+
+
+def test_noncontiguous_inputs_take_the_function_with_the_same_values(monkeypatch):
+    if native.kernels() is None:
+        pytest.skip(native.status())
+    torch.manual_seed(1)
+    layer = make_norm("hn_g2", 8, dtype=torch.float64)
+    x = torch.randn(4, 8, 3, 3, dtype=torch.float64)
+    force_route(monkeypatch, "kernel")
+    contiguous = layer(x)
+    channels_last = layer(x.to(memory_format=torch.channels_last))
+    assert "ExtendedStdNorm" in channels_last.grad_fn.name()
+    torch.testing.assert_close(channels_last, contiguous, rtol=1e-12, atol=1e-12)
+
+
+def test_routes_are_kernel_on_small_cpu_inputs_and_python_beyond():
+    if native.kernels() is None:
+        pytest.skip(native.status())
+    layer = make_norm("hn", 16)
+    assert "ExtendedStd" in layer(torch.randn(4, 16)).grad_fn.name()
+    big = torch.randn(64, 16, 16, 16)  # 262144 elements: torch's threads and vector units
+    assert "ExtendedStd>" not in layer(big).grad_fn.name()
+    assert "CppNode" not in make_norm("bn+en", 16)(torch.randn(4, 16)).grad_fn.name()
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """A loader that has not tried to build yet, with the build replaced by ``monkeypatch``."""
+    monkeypatch.setattr(native, "_state", {})
+    return monkeypatch
+
+
+def test_switched_off_by_the_environment(fresh):
+    fresh.setenv("STATSCOPE_NATIVE", "0")
+    fresh.setattr(native, "_build", lambda: pytest.fail("built although switched off"))
+    assert native.kernels() is None
+    assert "STATSCOPE_NATIVE=0" in native.status()
+
+
+def test_a_bad_switch_names_the_variable_and_value(fresh):
+    fresh.setenv("STATSCOPE_NATIVE", "yes")
+    with pytest.raises(StatscopeError, match="STATSCOPE_NATIVE='yes': expected 0, 1 or auto"):
+        native.kernels()
+
+
+def test_a_failed_build_warns_once_and_leaves_the_python_routes(fresh):
+    def broken():
+        raise OSError("no C++ compiler")
+
+    fresh.setenv("STATSCOPE_NATIVE", "auto")
+    fresh.setattr(native, "_build", broken)
+    with pytest.warns(StatscopeWarning, match="no C\\+\\+ compiler"):
+        assert native.kernels() is None
+    assert native.kernels() is None  # no second warning: pytest's -W error would raise
+    assert "build failed: OSError: no C++ compiler" in native.status()
+    layer = make_norm("hn", 8)
+    assert "CppNode" not in layer(torch.randn(4, 8)).grad_fn.name()
+
+
+def test_a_required_build_that_fails_is_an_error(fresh):
+    def broken():
+        raise OSError("no C++ compiler")
+
+    fresh.setenv("STATSCOPE_NATIVE", "1")
+    fresh.setattr(native, "_build", broken)
+    with pytest.raises(StatscopeError, match="STATSCOPE_NATIVE=1: .* no C\\+\\+ compiler"):
+        native.kernels()
+
+
+def test_threads_asking_at_once_share_one_build(fresh):
+    calls = []
+    release = threading.Event()
+
+    def slow_build():
+        calls.append(threading.get_ident())
+        assert release.wait(timeout=30)
+        return "module"
+
+    fresh.setenv("STATSCOPE_NATIVE", "auto")
+    fresh.setattr(native, "_build", slow_build)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(native.kernels())) for _ in range(6)]
+    for t in threads:
+        t.start()
+    release.set()
+    for t in threads:
+        t.join(timeout=30)
+        assert not t.is_alive()
+    assert got == ["module"] * 6 and len(calls) == 1
