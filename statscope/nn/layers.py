@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from statscope.errors import StatscopeError
-from statscope.nn.algebra import UNIT_EPS, mix, plain_forward
+from statscope.nn.algebra import UNIT_EPS, fractions, mix, plain_forward
 from statscope.nn.cells import cell_norm
 from statscope.nn.channel import ChannelPlan, channel_norm
 from statscope.nn.composed import extended_std_composed
@@ -34,7 +34,7 @@ __all__ = ["HeteroNorm", "SwitchableNorm", "is_norm_layer"]
 # the Function (fewer passes over the data): the crossovers measured on CPU, one thread
 _SMALL = 49152
 _SMALL_EN = 98304
-# HN (and EN) CPU inputs up to this many elements take the C++ kernel (statscope.nn.native): one
+# per-channel norms' CPU inputs up to this many elements take the C++ kernel (.native): one
 # thread, one fused pass each way, ahead of torch's kernels until their threads and vector units
 # pay (measured at one thread: 1.9-2.6x faster than the Python routes at 512-32768 elements, even
 # with them at 524288)
@@ -242,7 +242,7 @@ class _PixelSetNorm(nn.Module):
         native = self._native(x)
         if native and self._torch_norm is not None:
             route = self._torch_op
-        elif (native and self._plan is not None and use_batch and self._plan.extended_std
+        elif (native and self._plan is not None and use_batch and self.mean_weight is None
               and x.device.type == "cpu" and x.numel() <= _KERNEL_LIMIT
               and x.dtype != torch.float16 and kernels() is not None):
             route = self._kernel_route
@@ -281,20 +281,26 @@ class _PixelSetNorm(nn.Module):
         return extended_std_composed(self, x, update)
 
     def _kernel_route(self, x, use_batch, update):
-        """HN/EN on a small CPU input: the fused C++ kernel (:mod:`statscope.nn.native`)."""
+        """A per-channel norm on a small CPU input: the fused C++ kernel (:mod:`.native`)."""
         if not x.is_contiguous():
             return self._function_route(x, use_batch, update)
         plan = self._plan
         extended_mean = plan.mean_extended[0]
-        factor = 0.0
+        factor, mean_buffer, var_buffers = 0.0, None, [None] * len(plan.std_extended)
         if update:
             self.num_batches_tracked.add_(1)
             factor = (self.momentum if self.momentum is not None
                       else 1.0 / int(self.num_batches_tracked))
-        return kernels().extended_std_norm(
-            x, self.weight, self.bias, plan.groups, extended_mean,
-            plan.subtracted and not extended_mean, self.eps if self.eps > 0 else UNIT_EPS,
-            self.running_mean if update else None, self.running_var if update else None, factor)
+            mean_buffer = self._buffers[self._mean_buffers[0]]
+            var_buffers = [self._buffers[name] for name in self._var_buffers]
+        key = ("kernel", x.shape)
+        inverse = self._shapes.get(key)
+        if inverse is None:
+            inverse = self._shapes[key] = [1.0 / f for f in fractions(self, x.shape, None)]
+        return kernels().channel_norm(
+            x, self.weight, self.bias, self.var_weight, plan.groups, extended_mean,
+            list(plan.std_extended), plan.subtracted,
+            self.eps if self.eps > 0 else UNIT_EPS, mean_buffer, var_buffers, factor, inverse)
 
     def _function_route(self, x, use_batch, update):
         """Per-channel statistics: one autograd Function (:mod:`statscope.nn.channel`)."""

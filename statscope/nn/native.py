@@ -1,9 +1,10 @@
 """statscope.nn's C++ kernels: built on first use with torch's extension builder, optional.
 
-HN, HN_G, EN and EN_G in training mode run as one C++ autograd Function
-(``csrc/extended_std.cpp``): the algebra of :mod:`statscope.nn.channel`, without the Python
-interpreter between torch's kernels on either side. On small inputs (the paper's FC net at batch
-size 4) that is most of a norm's cost. The source is compiled once per torch version and
+HN, HN_G, EN, EN_G and the per-channel mixtures such as (BN, BN+EN) in training mode run as one
+C++ autograd Function (``csrc/channel_norm.cpp``): the algebra of :mod:`statscope.nn.channel`
+as one fused loop each way, without the Python interpreter and torch's per-op dispatch between
+a dozen small kernels. On small inputs (the paper's FC net at batch size 4) those were most of a
+norm's cost. The source is compiled once per torch version and
 machine with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja are needed; the
 build takes about a minute and is cached under ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``), and is CPU-only code calling ATen, so it serves CUDA tensors too.
@@ -22,7 +23,7 @@ from statscope.errors import StatscopeError, StatscopeWarning
 
 __all__ = ["kernels", "status"]
 
-_SOURCE = pathlib.Path(__file__).with_name("csrc") / "extended_std.cpp"
+_SOURCE = pathlib.Path(__file__).with_name("csrc") / "channel_norm.cpp"
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -38,7 +39,7 @@ def kernels():
     """The compiled module, building it on the first call; None when off or unavailable.
 
     Returns:
-        module | None: has ``extended_std_norm``; None if ``STATSCOPE_NATIVE=0`` or the build
+        module | None: has ``channel_norm``; None if ``STATSCOPE_NATIVE=0`` or the build
         failed (a :class:`StatscopeWarning` says why, once per process).
 
     Raises:

@@ -294,10 +294,10 @@ def route_of(name, route):
         return "CellNorm"  # per-example statistics: the cells Function
     if base == "bn":
         return "NativeBatchNorm"  # torch's own op
-    if base == "bn+en":  # the general Function; in eval a differentiable mix of buffers
-        return "Addcmul" if route == "eval" else "ChannelNorm"
     if route == "kernel":
-        return "ExtendedStd"  # the C++ Function
+        return "CppNode"  # the C++ Function
+    if base == "bn+en":  # the general Function; in eval a differentiable mix of buffers
+        return "Addcmul" if route == "eval" else "_ChannelNorm"
     if route in ("eval", "composed"):  # BatchNorm's inference op; BatchNorm calls composed
         return "NativeBatchNorm"
     return "ExtendedStdNorm"  # the Python Function
@@ -310,6 +310,7 @@ ROUTE_NORMS = [("bn", "own"), ("hn", "own"), ("hn", "subtracted"), ("hn_g2", "su
 # example (sn, bn+in+ln) there is one route in each mode.
 # one case per route runs in CI, the others are marked slow
 CI_ROUTES = {("hn", "own", "kernel"), ("hn_g2", "subtracted", "kernel"),
+             ("bn+en", "subtracted", "kernel"),
              ("hn", "own", "composed"), ("hn", "own", "function"), ("hn", "own", "eval"),
              ("bn+en", "subtracted", "composed"), ("sn", "subtracted", "composed")}
 ROUTE_CASES = [pytest.param(name, center, route,
@@ -317,7 +318,7 @@ ROUTE_CASES = [pytest.param(name, center, route,
                             else pytest.mark.slow)
                for name, center in ROUTE_NORMS
                for route in ("kernel", "composed", "function", "eval")
-               if route in ("composed", "eval") or name.split("_g")[0] in ("hn", "en")]
+               if route in ("composed", "eval") or name.split("_g")[0] in ("hn", "en", "bn+en")]
 
 
 @pytest.mark.usefixtures("one_thread")
