@@ -258,7 +258,9 @@ class _PixelSetNorm(nn.Module):
               and self.var_weight is None):
             route = self._running_route
         elif native and self._per_example and x.dim() > 2:
-            route = self._cell_route
+            kernel = (use_batch and x.device.type == "cpu" and x.numel() <= _KERNEL_LIMIT
+                      and x.dtype != torch.float16 and kernels() is not None)
+            route = self._cell_kernel_route if kernel else self._cell_route
         else:
             route = self._plain_route
         if len(self._routes) > 64:
@@ -285,22 +287,44 @@ class _PixelSetNorm(nn.Module):
         if not x.is_contiguous():
             return self._function_route(x, use_batch, update)
         plan = self._plan
-        extended_mean = plan.mean_extended[0]
-        factor, mean_buffer, var_buffers = 0.0, None, [None] * len(plan.std_extended)
-        if update:
+        factor, mean_buffers, var_buffers, inverse = self._kernel_update(x, update)
+        return kernels().channel_norm(
+            x, self.weight, self.bias, self.var_weight, plan.groups, plan.mean_extended[0],
+            list(plan.std_extended), plan.subtracted, self.eps if self.eps > 0 else UNIT_EPS,
+            mean_buffers[0], var_buffers, factor, inverse)
+
+    def _cell_kernel_route(self, x, use_batch, update):
+        """Per-example statistics on a small CPU input: the fused C++ kernel (:mod:`.native`)."""
+        if not x.is_contiguous():
+            return self._cell_route(x, use_batch, update)
+        factor, mean_buffers, var_buffers, inverse = self._kernel_update(x, update)
+        return kernels().cell_norm(
+            x, self.weight, self.bias, self.mean_weight, self.var_weight, list(self.mean_sets),
+            list(self.std_sets), self.mean_groups, self.std_groups,
+            self.std_center == "subtracted", self.eps, mean_buffers, var_buffers, factor,
+            inverse)
+
+    def _kernel_update(self, x, update):
+        """The C++ kernels' running-statistics arguments: weight, buffers per set, Bessel's."""
+        if not update:
+            return (0.0, [None] * len(self.mean_sets), [None] * len(self.std_sets),
+                    [1.0] * len(self.std_sets))
+        if self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-            factor = (self.momentum if self.momentum is not None
-                      else 1.0 / int(self.num_batches_tracked))
-            mean_buffer = self._buffers[self._mean_buffers[0]]
-            var_buffers = [self._buffers[name] for name in self._var_buffers]
+        factor = (self.momentum if self.momentum is not None
+                  else 1.0 / max(int(self.num_batches_tracked), 1))
+        means = [None if name is None else self._buffers[name] for name in self._mean_buffers]
+        variances = [None if name is None else self._buffers[name] for name in self._var_buffers]
+        if self.std_center == "subtracted" and self.mean_weight is not None:
+            # the deviations' Bessel factor depends on the mixture of means being learned
+            shares = torch.softmax(self.mean_weight.detach(), 0)
+            return factor, means, variances, [1.0 / float(f)
+                                              for f in fractions(self, x.shape, shares)]
         key = ("kernel", x.shape)
         inverse = self._shapes.get(key)
         if inverse is None:
             inverse = self._shapes[key] = [1.0 / f for f in fractions(self, x.shape, None)]
-        return kernels().channel_norm(
-            x, self.weight, self.bias, self.var_weight, plan.groups, extended_mean,
-            list(plan.std_extended), plan.subtracted,
-            self.eps if self.eps > 0 else UNIT_EPS, mean_buffer, var_buffers, factor, inverse)
+        return factor, means, variances, inverse
 
     def _function_route(self, x, use_batch, update):
         """Per-channel statistics: one autograd Function (:mod:`statscope.nn.channel`)."""

@@ -1,8 +1,9 @@
 """statscope.nn's C++ kernels: built on first use with torch's extension builder, optional.
 
-HN, HN_G, EN, EN_G and the per-channel mixtures such as (BN, BN+EN) in training mode run as one
-C++ autograd Function (``csrc/channel_norm.cpp``): the algebra of :mod:`statscope.nn.channel`
-as one fused loop each way, without the Python interpreter and torch's per-op dispatch between
+In training mode, HN, HN_G, EN, EN_G and the per-channel mixtures such as (BN, BN+EN) run as one
+C++ autograd Function (``csrc/channel_norm.cpp``), SN, (BN, BN+IN+LN) and the other norms with
+per-example sets as another (``csrc/cell_norm.cpp``): the algebra of
+:mod:`statscope.nn.channel` and :mod:`statscope.nn.cells` as one fused loop each way, without the Python interpreter and torch's per-op dispatch between
 a dozen small kernels. On small inputs (the paper's FC net at batch size 4) those were most of a
 norm's cost. The source is compiled once per torch version and
 machine with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja are needed; the
@@ -23,7 +24,7 @@ from statscope.errors import StatscopeError, StatscopeWarning
 
 __all__ = ["kernels", "status"]
 
-_SOURCE = pathlib.Path(__file__).with_name("csrc") / "channel_norm.cpp"
+_SOURCES = pathlib.Path(__file__).with_name("csrc")
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -39,7 +40,7 @@ def kernels():
     """The compiled module, building it on the first call; None when off or unavailable.
 
     Returns:
-        module | None: has ``channel_norm``; None if ``STATSCOPE_NATIVE=0`` or the build
+        module | None: has ``channel_norm`` and ``cell_norm``; None if ``STATSCOPE_NATIVE=0`` or the build
         failed (a :class:`StatscopeWarning` says why, once per process).
 
     Raises:
@@ -76,8 +77,11 @@ def _build():
 
     # one build per torch version: its ABI is what the binary depends on
     tag = torch.__version__.replace("+", "_").replace(".", "_")
-    return cpp_extension.load(name=f"statscope_nn_{tag}", sources=[str(_SOURCE)],
-                              extra_cflags=["-O3"], verbose=False)
+    sources = [str(_SOURCES / name) for name in ("module.cpp", "channel_norm.cpp",
+                                                 "cell_norm.cpp")]
+    return cpp_extension.load(name=f"statscope_nn_{tag}", sources=sources,
+                              extra_include_paths=[str(_SOURCES)], extra_cflags=["-O3"],
+                              verbose=False)
 
 
 def status():

@@ -290,12 +290,12 @@ def _reparametrized(layer):
 def route_of(name, route):
     """The autograd node each route leaves on the output of ``name``."""
     base = name.split("_g")[0]
-    if base in ("sn", "bn+in+ln"):
-        return "CellNorm"  # per-example statistics: the cells Function
     if base == "bn":
         return "NativeBatchNorm"  # torch's own op
     if route == "kernel":
-        return "CppNode"  # the C++ Function
+        return "CppNode"  # a C++ Function
+    if base in ("sn", "bn+in+ln"):
+        return "_CellNorm"  # per-example statistics: the cells Function
     if base == "bn+en":  # the general Function; in eval a differentiable mix of buffers
         return "Addcmul" if route == "eval" else "_ChannelNorm"
     if route in ("eval", "composed"):  # BatchNorm's inference op; BatchNorm calls composed
@@ -307,10 +307,10 @@ ROUTE_NORMS = [("bn", "own"), ("hn", "own"), ("hn", "subtracted"), ("hn_g2", "su
                ("hn_g2", "own"), ("en_g2", "own"), ("en", "subtracted"), ("bn+en", "own"),
                ("bn+en", "subtracted"), ("sn", "own"), ("sn", "subtracted"), ("bn+in+ln", "own")]
 # per channel in train: the C++ kernel, the composed route and the Python Function; eval. Per
-# example (sn, bn+in+ln) there is one route in each mode.
+# example (sn, bn+in+ln): the C++ kernel and the Python Function in train ("composed"); eval.
 # one case per route runs in CI, the others are marked slow
 CI_ROUTES = {("hn", "own", "kernel"), ("hn_g2", "subtracted", "kernel"),
-             ("bn+en", "subtracted", "kernel"),
+             ("bn+en", "subtracted", "kernel"), ("sn", "subtracted", "kernel"),
              ("hn", "own", "composed"), ("hn", "own", "function"), ("hn", "own", "eval"),
              ("bn+en", "subtracted", "composed"), ("sn", "subtracted", "composed")}
 ROUTE_CASES = [pytest.param(name, center, route,
@@ -318,7 +318,7 @@ ROUTE_CASES = [pytest.param(name, center, route,
                             else pytest.mark.slow)
                for name, center in ROUTE_NORMS
                for route in ("kernel", "composed", "function", "eval")
-               if route in ("composed", "eval") or name.split("_g")[0] in ("hn", "en", "bn+en")]
+               if route in ("composed", "eval", "kernel") or name.split("_g")[0] in ("hn", "en")]
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -333,7 +333,8 @@ def test_routes_gradcheck_and_double_backward(name, center, route, monkeypatch):
         layer(torch.randn(6, 4, 3, 3, dtype=torch.float64) * 2 + 1)
     layer.train(route != "eval")
     node = route_of(name, route)
-    for shape in ((3, 4, 2, 3),) if node == "CellNorm" else ((3, 4, 2, 3), (5, 4)):
+    per_example = name.split("_g")[0] in ("sn", "bn+in+ln")
+    for shape in ((3, 4, 2, 3),) if per_example else ((3, 4, 2, 3), (5, 4)):
         x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
         assert node in layer(x).grad_fn.name(), f"expected the {route} route"
         inputs = (x, *[p.detach().clone().requires_grad_() for p in layer.parameters()])

@@ -11,6 +11,7 @@ from test_nn_support import force_route, one_thread  # noqa: F401 (a fixture)
 
 from statscope.errors import StatscopeError, StatscopeWarning
 from statscope.nn import make_norm, native
+from statscope.nn.algebra import plain_forward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,12 +80,44 @@ def test_routes_are_kernel_on_small_cpu_inputs_and_python_beyond():
     if native.kernels() is None:
         pytest.skip(native.status())
     layer = make_norm("hn", 16)
-    assert "CppNode" in layer(torch.randn(4, 16)).grad_fn.name()
-    assert "CppNode" in make_norm("bn+en", 16)(torch.randn(4, 16)).grad_fn.name()
+    assert "ChannelNorm>" in layer(torch.randn(4, 16)).grad_fn.name()
+    assert "ChannelNorm>" in make_norm("bn+en", 16)(torch.randn(4, 16)).grad_fn.name()
+    sn = make_norm("sn", 16)
+    assert "CellNorm>" in sn(torch.randn(4, 16, 2, 2)).grad_fn.name()
     big = torch.randn(64, 16, 16, 16)  # 262144 elements: torch's threads and vector units
     assert "CppNode" not in layer(big).grad_fn.name()
-    # per-example statistics (SN) and a mixture of means are not per-channel plans it covers
-    assert "CppNode" not in make_norm("sn", 16)(torch.randn(4, 16, 2, 2)).grad_fn.name()
+    assert "CppNode" not in sn(big).grad_fn.name()
+    # in eval the running statistics take part: the Python routes
+    assert "CppNode" not in sn.eval()(torch.randn(4, 16, 2, 2)).grad_fn.name()
+
+
+@pytest.mark.parametrize("name", ["sn", "bn+in+ln", "hn_g4", "bn+en"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_kernels_match_float64(name, dtype):
+    """float32 and bfloat16 through the kernels against the float64 plain ops, same data."""
+    if native.kernels() is None:
+        pytest.skip(native.status())
+    torch.manual_seed(3)
+    reference = make_norm(name, 8, dtype=torch.float64)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    layer = make_norm(name, 8, dtype=dtype)
+    layer.load_state_dict(reference.state_dict())
+    x = (torch.randn(4, 8, 3, 3, dtype=torch.float64) * 2 + 5).to(dtype)
+    g = torch.randn(4, 8, 3, 3, dtype=torch.float64).to(dtype)
+    x64 = x.double().requires_grad_()
+    x.requires_grad_()
+    y, y64 = layer(x), plain_forward(reference, x64, reference.weight, reference.bias,
+                                     reference.mean_weight, reference.var_weight, True, False)
+    assert "CppNode" in y.grad_fn.name()
+    y.backward(g)
+    y64.backward(g.double())
+    resolution = {torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
+    for got, want in [(y, y64), (x.grad, x64.grad)]:
+        scale = want.abs().max().item() * resolution * 8
+        np.testing.assert_allclose(got.detach().double().numpy(), want.detach().numpy(),
+                                   atol=scale, rtol=0)
 
 
 @pytest.fixture

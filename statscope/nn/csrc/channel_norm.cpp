@@ -19,85 +19,10 @@
 // When the backward itself is differentiated (create_graph) it rebuilds the forward in plain
 // differentiable ATen ops and differentiates those, so double backward sees every path.
 
-#include <torch/extension.h>
+#include "common.h"
 
-#include <cmath>
-#include <vector>
-
+namespace statscope_nn {
 namespace {
-
-using torch::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-struct Shape {
-  int64_t n, c, s, groups;
-  int64_t k() const { return c / groups; }
-  int64_t pixels() const { return n * s; }  // M
-};
-
-Shape shape_of(const Tensor& x, int64_t groups) {
-  int64_t s = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) s *= x.size(d);
-  return {x.size(0), x.size(1), s, groups};
-}
-
-std::vector<int64_t> channel_view(const Tensor& x) {
-  std::vector<int64_t> shape(x.dim(), 1);
-  shape[1] = -1;
-  return shape;
-}
-
-template <typename T>
-const T* data_or_null(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
-// Per channel Σ over (n, s) of f(n·C·S + c·S + s, c), accumulated into out[c]. On (N, C) the
-// inner loop runs over channels (no reduction in it, so the compiler vectorizes it); on feature
-// maps over the pixels of one channel, in four independent partial sums.
-template <typename F>
-void channel_sums(const Shape& sh, std::vector<double>& out, F f) {
-  std::fill(out.begin(), out.end(), 0.0);
-  double* acc = out.data();
-  if (sh.s == 1) {
-    for (int64_t n = 0; n < sh.n; ++n) {
-      const int64_t base = n * sh.c;
-      for (int64_t c = 0; c < sh.c; ++c) acc[c] += f(base + c, c);
-    }
-    return;
-  }
-  for (int64_t n = 0; n < sh.n; ++n) {
-    for (int64_t c = 0; c < sh.c; ++c) {
-      const int64_t base = (n * sh.c + c) * sh.s;
-      double part[4] = {0.0, 0.0, 0.0, 0.0};
-      int64_t s = 0;
-      for (; s + 4 <= sh.s; s += 4) {
-        for (int j = 0; j < 4; ++j) part[j] += f(base + s + j, c);
-      }
-      for (; s < sh.s; ++s) part[0] += f(base + s, c);
-      acc[c] += (part[0] + part[1]) + (part[2] + part[3]);
-    }
-  }
-}
-
-// y[i] = h(i, c) over every element, channel by channel.
-template <typename H>
-void per_element(const Shape& sh, H h) {
-  if (sh.s == 1) {
-    for (int64_t n = 0; n < sh.n; ++n) {
-      const int64_t base = n * sh.c;
-      for (int64_t c = 0; c < sh.c; ++c) h(base + c, c);
-    }
-    return;
-  }
-  for (int64_t n = 0; n < sh.n; ++n) {
-    for (int64_t c = 0; c < sh.c; ++c) {
-      const int64_t base = (n * sh.c + c) * sh.s;
-      for (int64_t s = 0; s < sh.s; ++s) h(base + s, c);
-    }
-  }
-}
 
 // What the layer is: the mean set, the std sets, the centre of their deviations.
 struct Plan {
@@ -188,7 +113,7 @@ void forward_kernel(const Tensor& x, const Tensor& weight, const Tensor& bias, c
 }
 
 template <typename T>
-void update_kernel(const Update& up, const Stats& st, int64_t c) {
+void update_kernel(const Update& up, const Stats& st) {
   auto lerp = [&up](const Tensor& buffer, const double* value, double scale) {
     T* p = buffer.mutable_data_ptr<T>();
     for (int64_t i = 0; i < buffer.numel(); ++i) {
@@ -200,7 +125,6 @@ void update_kernel(const Update& up, const Stats& st, int64_t c) {
   for (size_t k = 0; k < up.vars.size(); ++k) {
     if (up.vars[k]) lerp(*up.vars[k], st.var(k), up.inverse_fraction[k]);
   }
-  (void)c;
 }
 
 template <typename T>
@@ -281,31 +205,6 @@ void backward_kernel(const Tensor& x, const Tensor& grad, const Tensor& weight, 
   });
 }
 
-// The layer in plain differentiable ops: what double backward differentiates.
-Tensor plain_forward(const Tensor& x, const Tensor& weight, const Tensor& bias,
-                     const Tensor& var_weight, const Plan& plan) {
-  const int64_t n = x.size(0), c = x.size(1);
-  const Tensor v = x.reshape({n, plan.groups, c / plan.groups, -1});
-  const Tensor mu = v.mean({0, 3}, true);
-  const Tensor group_mean = v.mean({0, 2, 3}, true);
-  const Tensor m = plan.extended_mean ? group_mean : mu;
-  const Tensor shares = var_weight.defined() ? at::softmax(var_weight, 0) : Tensor();
-  Tensor mix;
-  for (size_t k = 0; k < plan.std_extended.size(); ++k) {
-    const bool ext = plan.std_extended[k];
-    const Tensor dev = v - (plan.subtracted ? m : (ext ? group_mean : mu));
-    Tensor var = (dev * dev).mean(ext ? std::vector<int64_t>{0, 2, 3} : std::vector<int64_t>{0, 3},
-                                  true);
-    if (shares.defined()) var = var * shares[static_cast<int64_t>(k)];
-    mix = mix.defined() ? mix + var : var;
-  }
-  Tensor y = ((v - m) * (mix + plan.eps).rsqrt()).reshape(x.sizes());
-  auto view = channel_view(x);
-  if (weight.defined()) y = y * weight.view(view);
-  if (bias.defined()) y = y + bias.view(view);
-  return y;
-}
-
 constexpr size_t kInputs = 6;  // the arguments of ChannelNorm::forward after ctx
 
 class ChannelNorm : public torch::autograd::Function<ChannelNorm> {
@@ -331,7 +230,7 @@ class ChannelNorm : public torch::autograd::Function<ChannelNorm> {
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "norm_forward", [&] {
       forward_kernel<scalar_t>(x, weight, bias, sh, plan, st, y);
-      update_kernel<scalar_t>(update, st, sh.c);
+      update_kernel<scalar_t>(update, st);
     });
     ctx->save_for_backward({x, weight, bias, var_weight});
     ctx->saved_data["stats"] = stats;
@@ -351,16 +250,19 @@ class ChannelNorm : public torch::autograd::Function<ChannelNorm> {
     Plan plan{ctx->saved_data["groups"].toInt(), ctx->saved_data["extended_mean"].toBool(), {},
               ctx->saved_data["subtracted"].toBool(), ctx->saved_data["eps"].toDouble()};
     for (bool ext : ctx->saved_data["std_extended"].toBoolList()) plan.std_extended.push_back(ext);
-    // needs_input_grad counts the tensors given, not the arguments
-    std::vector<bool> needs;
-    size_t edge = 0;
-    for (const Tensor& t : {x, weight, bias, var_weight}) {
-      needs.push_back(t.defined() && ctx->needs_input_grad(edge++));
-    }
+    const std::vector<bool> needs = input_needs(ctx, {x, weight, bias, Tensor(), var_weight});
     const bool need_x = needs[0], need_weight = needs[1], need_bias = needs[2],
-               need_var_weight = needs[3];
+               need_var_weight = needs[4];
     if (torch::autograd::GradMode::is_enabled()) {
-      return recomputed({x, weight, bias, var_weight}, needs, grads[0], plan);
+      // the general sets' plain ops: "batch" or "extended" on each side, one group count
+      std::vector<std::string> std_sets;
+      for (bool ext : plan.std_extended) std_sets.push_back(ext ? "extended" : "batch");
+      variable_list out = recomputed({x, weight, bias, Tensor(), var_weight}, needs, grads[0],
+                                     kInputs + 1, {plan.extended_mean ? "extended" : "batch"},
+                                     std_sets, plan.groups, plan.groups, plan.subtracted,
+                                     plan.eps);
+      out.erase(out.begin() + 3);  // no mean_weight argument here
+      return out;
     }
     const Tensor g = grads[0].contiguous();
     Tensor grad_x = need_x ? at::empty_like(x, at::MemoryFormat::Contiguous) : Tensor();
@@ -377,27 +279,9 @@ class ChannelNorm : public torch::autograd::Function<ChannelNorm> {
     return {grad_x, grad_weight, grad_bias, grad_var_weight, Tensor(), Tensor()};
   }
 
- private:
-  static variable_list recomputed(const variable_list& inputs, const std::vector<bool>& needs,
-                                  const Tensor& g, const Plan& plan) {
-    variable_list leaves, targets;
-    for (const Tensor& t : inputs) {
-      leaves.push_back(!t.defined() || t.requires_grad() ? t : t.detach().requires_grad_());
-    }
-    for (size_t i = 0; i < leaves.size(); ++i) {
-      if (needs[i]) targets.push_back(leaves[i]);
-    }
-    variable_list out(kInputs);
-    if (targets.empty()) return out;
-    const Tensor y = plain_forward(leaves[0], leaves[1], leaves[2], leaves[3], plan);
-    auto found = torch::autograd::grad({y}, targets, {g}, true, true, true);
-    size_t k = 0;
-    for (size_t i = 0; i < needs.size(); ++i) {
-      if (needs[i]) out[i] = found[k++];
-    }
-    return out;
-  }
 };
+
+}  // namespace
 
 // Training-mode output of a per-channel norm on a contiguous CPU x (N, C, *S); parameters and
 // running buffers of x's dtype. `std_extended` says per std set whether it is "extended";
@@ -419,9 +303,5 @@ Tensor channel_norm(const Tensor& x, const std::optional<Tensor>& weight,
   return ChannelNorm::apply(x, weight, bias, var_weight, plan, update);
 }
 
-}  // namespace
+}  // namespace statscope_nn
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("channel_norm", &channel_norm,
-        "A per-channel norm in training mode on the CPU, one autograd node (statscope.nn.native)");
-}
