@@ -1,6 +1,10 @@
 """statscope.nn's C++ kernel: values against NumPy float64, routes, and its loader's switches."""
 
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -184,3 +188,35 @@ def test_threads_asking_at_once_share_one_build(fresh):
         t.join(timeout=30)
         assert not t.is_alive()
     assert got == ["module"] * 6 and len(calls) == 1
+
+
+BUILD = """
+import sys
+from statscope.nn import native
+module = native.kernels()
+print(native.status(), flush=True)
+sys.exit(0 if module is not None else 1)
+"""
+
+
+@pytest.mark.slow
+def test_a_build_killed_in_flight_blocks_no_later_build(tmp_path):
+    """kill -9 during the compile, then two processes build at once: both load, none hangs."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "STATSCOPE_NATIVE": "1"}
+    first = subprocess.Popen([sys.executable, "-c", BUILD], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    # torch's lock file appears when the compile starts
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("*/lock")) and time.monotonic() < deadline:
+        assert first.poll() is None, first.stdout.read()
+        time.sleep(0.05)
+    assert list(tmp_path.glob("*/lock")), "the first build never started"
+    first.kill()
+    first.wait(timeout=30)
+    first.stdout.close()
+    assert list(tmp_path.glob("*/lock")), "a killed build leaves torch's lock file behind"
+    later = [subprocess.Popen([sys.executable, "-c", BUILD], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    for proc in later:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0 and "compiled" in out, out
