@@ -17,9 +17,12 @@ thread turns a block's entries into float64 moments with :func:`entry_moments`. 
   statistic needs the third and fourth moments): per-channel sums of ``u = (x − x0) / s``, where
   ``x0`` is the median of a few of the channel's first elements (a shift, so that large offsets
   lose nothing to cancellation) and ``s = max(|x0|, 1)`` (a scale, so that squares of values
-  near 1e19 do not overflow float32). The sums run in float32 (float64 for float64 inputs),
-  with torch's cascade summation, from one float32 copy of the shifted tensor; the moments
-  follow on the writer thread in float64.
+  near 1e19 do not overflow float32). On the CPU, with statscope's C++ kernels
+  (:mod:`statscope.native`, built in the background at the first use), the sums run in float64
+  in one read of the tensor in its own dtype (channels-last rows or ``(N, C, *S)`` planes);
+  otherwise, and on CUDA, in float32 (float64 for float64 inputs) with torch's cascade
+  summation, from one float32 copy of the shifted tensor. The moments follow on the writer
+  thread in float64.
 
 Accuracy against float64: the mean to ~1e-7 of the channel's std; the std to ~1e-6 of itself
 when the shift is within a few stds of the mean (the error grows with ((mean − x0)/std)²).
@@ -32,6 +35,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from statscope.native import kernels
+
 __all__ = ["step_entry", "batchnorm_entry", "mean_needs_sum", "entry_moments", "SHIFT_SAMPLE",
            "CPU_BATCHNORM_MAX"]
 
@@ -39,6 +44,7 @@ SHIFT_SAMPLE = 8
 """Elements per channel whose median is the shift of the ``sums`` entry."""
 
 _CUDA_VAR_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_CPU_KERNEL_DTYPES = _CUDA_VAR_DTYPES
 
 CPU_BATCHNORM_MAX = 1 << 18
 """Elements per channel up to which the BatchNorm fast path trusts the variance of torch's CPU
@@ -119,6 +125,14 @@ def step_entry(x: torch.Tensor, channel_dim: int, order: int) -> tuple:
         mean, var = torch.batch_norm_update_stats(xb, None, None, 0.0)
         return ("var", mean, var)
     c = xm.shape[-1]
+    if x.device.type == "cpu" and x.dtype in _CPU_KERNEL_DTYPES:
+        native = kernels(wait=False)
+        if native is not None and (xm.is_contiguous() or (cd == 1 and x.is_contiguous())):
+            # one call, one read of x in its own dtype, sums in float64 (statscope/csrc)
+            rows = xm.is_contiguous()
+            flat = xm.reshape(-1, c) if rows else x.view(x.shape[0], c, -1)
+            out = native.shifted_sums(flat, 2 if order <= 2 else 4, rows, SHIFT_SAMPLE)
+            return ("sums", *out.unbind(0), x.numel() // c)
     if xm.is_contiguous():
         v, dims, bshape = xm.view(-1, c), (0,), (c,)
         sample = v[:SHIFT_SAMPLE]

@@ -21,7 +21,7 @@ from statscope.nn.channel import ChannelPlan, channel_norm
 from statscope.nn.composed import extended_std_composed
 from statscope.nn.moments import (BATCH_SETS, GROUPED_SETS, STD_CENTERS, check_groups, check_set,
                                   describe, set_average, set_size)
-from statscope.nn.native import kernels
+from statscope.native import kernels
 
 try:
     from torch.compiler import is_compiling as compiling

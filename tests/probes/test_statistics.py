@@ -8,7 +8,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import statscope
+from statscope import native
 from statscope.errors import StatscopeError
+from statscope.probes import reduce
 from statscope.probes.reduce import entry_moments, step_entry
 from statscope.probes.statistics import block_moments, register_statistic
 
@@ -122,9 +124,13 @@ STEP_LAYOUTS = [
 @given(layout=st.sampled_from(STEP_LAYOUTS), order=st.sampled_from([2, 4]),
        offset=st.sampled_from([0.0, 50.0, -1e3, 3e5]), scale=st.sampled_from([1e-3, 1.0, 30.0]),
        dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
-       outlier=st.booleans(), seed=st.integers(0, 2**16))
+       outlier=st.booleans(), path=st.sampled_from(["kernel", "torch"]),
+       seed=st.integers(0, 2**16))
 def test_per_step_reduction_matches_numpy_for_every_layout_and_dtype(layout, order, offset, scale,
-                                                                      dtype, outlier, seed):
+                                                                      dtype, outlier, path, seed):
+    """Both CPU paths: statscope's C++ kernel (one read) and torch's ops."""
+    if path == "kernel" and native.kernels() is None:
+        pytest.skip(native.status())
     shape, cdim, fmt = layout
     assume(dtype != torch.float16 or abs(offset) + 200 * scale < 6e4)  # float16's range
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -136,7 +142,12 @@ def test_per_step_reduction_matches_numpy_for_every_layout_and_dtype(layout, ord
         x = x.contiguous(memory_format=fmt)
     ref = reference(x.double().numpy(), cdim)
     c = x.shape[cdim]
-    got = entry_moments([step_entry(x, cdim, order)], c, order)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reduce, "kernels",
+                      native.kernels if path == "kernel" else lambda wait=True: None)
+        entry = step_entry(x, cdim, order)
+    assert entry[3].dtype == (torch.float64 if path == "kernel" else entry[1].dtype)
+    got = entry_moments([entry], c, order)
     sd = ref["bn_std"]
     rounding = 2 * np.spacing(np.float32(abs(offset) + 4 * scale + 100 * scale))
     assert np.all(np.abs(got[0][0] - ref["bn_mean"]) <= 1e-5 * sd + rounding)

@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from statscope.nn import HeteroNorm, SwitchableNorm, make_norm, native
+from statscope import native
+from statscope.nn import HeteroNorm, SwitchableNorm, make_norm
 from statscope.nn.algebra import plain_forward
 from test_nn_support import force_route, one_thread  # noqa: F401 (a fixture)
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from statscope.nn import layers, native
+from statscope import native
+from statscope.nn import layers
 
 
 @pytest.fixture

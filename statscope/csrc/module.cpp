@@ -1,4 +1,4 @@
-// The Python module of statscope.nn's C++ kernels (built by statscope/nn/native.py).
+// The Python module of statscope's C++ kernels (built by statscope/native.py).
 
 #include "common.h"
 
@@ -19,6 +19,8 @@ Tensor cell_norm(const Tensor& x, const std::optional<Tensor>& weight,
                  std::vector<std::optional<Tensor>> var_buffers, double factor,
                  std::vector<double> inverse_fraction);
 
+Tensor shifted_sums(const Tensor& x, int64_t order, bool rows, int64_t sample);
+
 }  // namespace statscope_nn
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -26,4 +28,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "A per-channel norm in training mode on the CPU, one autograd node");
   m.def("cell_norm", &statscope_nn::cell_norm,
         "A norm with per-example sets in training mode on the CPU, one autograd node");
+  m.def("shifted_sums", &statscope_nn::shifted_sums,
+        "Per-channel shifted power sums of a CPU tensor in one read (the probes' generic path)");
 }
