@@ -32,7 +32,8 @@ from statscope.errors import StatscopeError, StatscopeWarning
 __all__ = ["kernels", "status"]
 
 _SOURCES = pathlib.Path(__file__).with_name("csrc")
-_lock = threading.Lock()
+_lock = threading.Lock()  # held while building or loading
+_start_lock = threading.Lock()  # held while starting the background build
 _state: dict = {}
 
 
@@ -67,7 +68,8 @@ def kernels(wait: bool = True):
         return module
     mode = _mode()
     if not wait:
-        with _lock:
+        # never _lock here: the build holds it for a minute
+        with _start_lock:
             if "module" not in _state and "thread" not in _state:
                 _state["thread"] = threading.Thread(target=_load, args=(mode, True), daemon=True,
                                                     name="statscope-native-build")
