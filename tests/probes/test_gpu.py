@@ -1,5 +1,8 @@
 """Probes on a CUDA device: the same numbers as on the CPU, and no host sync in the hot path."""
 
+import contextlib
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +12,20 @@ import statscope
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+
+
+@contextlib.contextmanager
+def syncs_raise():
+    """Any synchronizing CUDA call raises inside (torch's sync debug mode "error")."""
+    with warnings.catch_warnings():
+        # torch 2.11 warns that the mode is a prototype each time it is switched on
+        warnings.filterwarnings("ignore", "Synchronization debug mode is a prototype",
+                                UserWarning)
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def conv_net():
@@ -40,16 +57,13 @@ def test_the_training_step_never_waits_on_the_device(tmp_path):
     rec = statscope.record(model, tmp_path / "r", block_steps=64, flush_seconds=1e9).start()
     xs = [torch.randn(4, 3, 6, 6, device="cuda") for _ in range(40)]
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call now raises
-    try:
+    with syncs_raise():
         for x in xs:  # fewer steps than a block: only the per-step hot path runs
             loss = model(x).square().mean()
             loss.backward()
             opt.step()
             opt.zero_grad()
             rec.log(loss=loss)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     rec.close()
     assert statscope.open_run(tmp_path / "r").sizes["step"] == 40
 
@@ -184,8 +198,7 @@ def test_neither_path_syncs_under_autocast_and_channels_last(tmp_path):
     xs = [torch.randn(4, 3, 6, 6, device="cuda").to(memory_format=torch.channels_last)
           for _ in range(40)]
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with syncs_raise():
         for x in xs:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(x).float().square().mean()
@@ -193,8 +206,6 @@ def test_neither_path_syncs_under_autocast_and_channels_last(tmp_path):
             opt.step()
             opt.zero_grad()
             rec.log(loss=loss)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     rec.close()
     ds = statscope.open_run(tmp_path / "r")
     assert ds.sizes["step"] == 40 and np.isfinite(ds.bn_std.values).all()
