@@ -114,6 +114,12 @@ def _build():
     import torch
     from torch.utils import cpp_extension
 
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    if (major, minor) < (2, 4):
+        # before 2.4 c10::optional is not std::optional, and an autograd Function would take
+        # the kernels' optional weight and bias for constants: no gradient, silently
+        raise RuntimeError(f"torch {torch.__version__}: the kernels need torch >= 2.4")
+
     # one build per Python and torch version: their ABIs are what the binary depends on
     tag = torch.__version__.replace("+", "_").replace(".", "_")
     name = f"statscope_native_py{sys.version_info[0]}{sys.version_info[1]}_torch_{tag}"

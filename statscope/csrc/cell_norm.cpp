@@ -10,7 +10,7 @@
 
 #include "common.h"
 
-namespace statscope_nn {
+namespace statscope_native {
 namespace {
 
 enum class Kind { instance, layer, group, batch, extended };
@@ -377,4 +377,4 @@ Tensor cell_norm(const Tensor& x, const std::optional<Tensor>& weight,
   return CellNorm::apply(x, weight, bias, mean_weight, var_weight, sets, update);
 }
 
-}  // namespace statscope_nn
+}  // namespace statscope_native

@@ -21,7 +21,7 @@
 
 #include "common.h"
 
-namespace statscope_nn {
+namespace statscope_native {
 namespace {
 
 // What the layer is: the mean set, the std sets, the centre of their deviations.
@@ -303,5 +303,5 @@ Tensor channel_norm(const Tensor& x, const std::optional<Tensor>& weight,
   return ChannelNorm::apply(x, weight, bias, var_weight, plan, update);
 }
 
-}  // namespace statscope_nn
+}  // namespace statscope_native
 

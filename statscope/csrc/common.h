@@ -6,7 +6,7 @@
 #include <cmath>
 #include <vector>
 
-namespace statscope_nn {
+namespace statscope_native {
 
 using torch::Tensor;
 using torch::autograd::AutogradContext;
@@ -169,4 +169,4 @@ inline std::vector<bool> input_needs(AutogradContext* ctx, const variable_list& 
   return needs;
 }
 
-}  // namespace statscope_nn
+}  // namespace statscope_native

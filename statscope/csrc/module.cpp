@@ -2,7 +2,7 @@
 
 #include "common.h"
 
-namespace statscope_nn {
+namespace statscope_native {
 
 Tensor channel_norm(const Tensor& x, const std::optional<Tensor>& weight,
                     const std::optional<Tensor>& bias, const std::optional<Tensor>& var_weight,
@@ -21,13 +21,13 @@ Tensor cell_norm(const Tensor& x, const std::optional<Tensor>& weight,
 
 Tensor shifted_sums(const Tensor& x, int64_t order, bool rows, int64_t sample);
 
-}  // namespace statscope_nn
+}  // namespace statscope_native
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("channel_norm", &statscope_nn::channel_norm,
+  m.def("channel_norm", &statscope_native::channel_norm,
         "A per-channel norm in training mode on the CPU, one autograd node");
-  m.def("cell_norm", &statscope_nn::cell_norm,
+  m.def("cell_norm", &statscope_native::cell_norm,
         "A norm with per-example sets in training mode on the CPU, one autograd node");
-  m.def("shifted_sums", &statscope_nn::shifted_sums,
+  m.def("shifted_sums", &statscope_native::shifted_sums,
         "Per-channel shifted power sums of a CPU tensor in one read (the probes' generic path)");
 }

@@ -16,7 +16,7 @@
 
 #include <algorithm>
 
-namespace statscope_nn {
+namespace statscope_native {
 namespace {
 
 // Adds u, u², u³, u⁴ (as many as `order` asks) to acc[k·C + c].
@@ -152,4 +152,4 @@ Tensor shifted_sums(const Tensor& x, int64_t order, bool rows, int64_t sample) {
   return out;
 }
 
-}  // namespace statscope_nn
+}  // namespace statscope_native

@@ -144,3 +144,10 @@ def test_a_background_build_that_fails_warns_the_first_caller_that_waits(fresh):
     with pytest.warns(StatscopeWarning, match="no C\\+\\+ compiler"):
         assert native.kernels() is None
     assert native.kernels() is None  # once
+
+
+def test_torch_before_2_4_is_refused(fresh):
+    # c10::optional was not std::optional then: weight and bias would get no gradient
+    fresh.setattr(torch, "__version__", "2.3.1+cpu")
+    with pytest.raises(RuntimeError, match="torch 2.3.1\\+cpu: the kernels need torch >= 2.4"):
+        native._build()
