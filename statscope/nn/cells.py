@@ -29,6 +29,8 @@ __all__ = ["cell_norm"]
 def _cell_moments(x):
     """Biased mean and variance of each example and channel, ``(N, C)`` each."""
     n, c = x.shape[:2]
+    if x.is_cuda:
+        x = x.contiguous()  # CUDA's GroupNorm kernel takes contiguous inputs only
     _, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, n, c, x.numel() // (n * c),
                                                      c, UNIT_EPS)
     return mean, rstd.pow(-2)

@@ -46,6 +46,17 @@ _TORCH_NORMS = {"batch": "batch_norm", "instance": "instance_norm", "layer": "la
 
 
 
+def _memory_format(x):
+    """The channels-last format ``x`` is laid out in, or None."""
+    for fmt in (torch.channels_last, torch.channels_last_3d):
+        try:
+            if x.is_contiguous(memory_format=fmt):
+                return fmt
+        except RuntimeError:  # the format does not apply to this many dims
+            continue
+    return None
+
+
 class _PixelSetNorm(nn.Module):
     """Shared machinery: parameters, buffers, routes, running statistics, inference affine.
 
@@ -251,8 +262,10 @@ class _PixelSetNorm(nn.Module):
             rows = x.shape[0] * self._plan.groups
             # BatchNorm's kernel on the (N, G, K·|S|) view slows down with many short rows
             short = rows > 512 and x.numel() // rows < 16
-            small = (self._plan.extended_std and x.numel() <= limit and not short
-                     and x.dtype != torch.float16)
+            # on CUDA a step of small layers waits for kernel launches, not for passes over
+            # the data: the composed route's two calls win at any size
+            small = (self._plan.extended_std and (x.numel() <= limit or x.is_cuda)
+                     and not short and x.dtype != torch.float16)
             route = self._composed_route if small else self._function_route
         elif (native and self._plan is not None and self.mean_weight is None
               and self.var_weight is None):
@@ -365,6 +378,12 @@ class _PixelSetNorm(nn.Module):
         # LN on (N, C, *S) is GroupNorm(1, C); IN is GroupNorm(C, C), which keeps channels_last
         # and runs 2-3x faster on CPU than torch.instance_norm (a BatchNorm of N·C channels)
         groups = {"group_norm": self.std_groups, "layer_norm": 1}.get(kind, self.num_features)
+        if x.is_cuda and not x.is_contiguous():
+            # CUDA's GroupNorm kernel takes contiguous inputs only (torch 2.11: "Expected
+            # X.is_contiguous(memory_format)"); the output keeps the input's format
+            fmt = _memory_format(x)
+            y = torch.group_norm(x.contiguous(), groups, self.weight, self.bias, self.eps, cudnn)
+            return y if fmt is None else y.contiguous(memory_format=fmt)
         return torch.group_norm(x, groups, self.weight, self.bias, self.eps, cudnn)
 
 
