@@ -108,10 +108,12 @@ class RunWriter:
         self.lease = Lease.acquire(self.path)
         try:
             there = check_path(self.path, overwrite=overwrite, resume=resume)  # now under lease
-            if resume and there:
+            if resume and there and _committed_steps(self.path):
                 remove_partials(self.path)
                 self._resume(layout, attrs or {}, running0 or {})
             else:
+                # a run killed before its first commit holds no row, and maybe not all of its
+                # arrays: it starts afresh
                 if there:
                     remove_tree(self.path)
                 self._create(layout, attrs or {}, running0 or {})
@@ -533,6 +535,11 @@ def _array_names(path: str) -> list[str]:
 
 def _group_probe(layout: Layout) -> np.ndarray:
     return np.repeat(np.arange(len(layout.probes)), [p.groups for p in layout.probes])
+
+
+def _committed_steps(path: str) -> int:
+    """The rows the run at ``path`` has committed (0 before its first commit)."""
+    return int(read_attrs(path).get(S.ATTR_N_STEPS) or 0)
 
 
 def check_path(path: str, *, overwrite: bool, resume: bool) -> bool:

@@ -122,6 +122,26 @@ def test_resume_before_the_first_commit_with_a_scalar_created_keeps_the_run(tmp_
     np.testing.assert_array_equal(ds.loss.values, [1.0, 1.0, 1.0])
 
 
+def test_resume_of_a_run_killed_while_its_arrays_were_made_starts_it_afresh(tmp_path):
+    # found by the slow kill test: kill -9 0.08 s after the store appeared left the window
+    # summaries' arrays unmade, and --resume failed on KeyError('en_std_mean')
+    model = fc()
+    with statscope.record(model, tmp_path / "probe-layout"):
+        model(torch.randn(5, 4))
+    lay = Layout.from_attrs(statscope.store.read_attrs(tmp_path / "probe-layout"))
+    writer = RunWriter(tmp_path / "r", lay)
+    writer.lease.release()  # the process dies here
+    shutil.rmtree(tmp_path / "r" / S.WINDOWS_GROUP / "en_std_mean")  # never made
+    assert statscope.store.read_attrs(tmp_path / "r")["n_steps"] == 0
+    with statscope.record(model, tmp_path / "r", resume=True, block_steps=2) as rec:
+        for _ in range(3):
+            model(torch.randn(5, 4))
+            rec.log(loss=1.0)
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.attrs["status"] == "completed" and ds.sizes["step"] == 3
+    assert not verify_run(tmp_path / "r")
+
+
 def test_resume_drops_columns_of_a_probe_added_after_the_last_commit(tmp_path):
     probes, data = synthetic(t=10)
     writer = RunWriter(tmp_path / "r", Layout(tuple(probes[:1])), flush_seconds=0)
