@@ -103,21 +103,31 @@ def fc():
     return nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
 
 
-def test_resume_before_the_first_commit_with_a_scalar_created_keeps_the_run(tmp_path):
+def fc_and_layout(tmp_path):
+    """The fc model and the store layout its recorder makes."""
     model = fc()
     with statscope.record(model, tmp_path / "probe-layout"):
         model(torch.randn(5, 4))
-    lay = Layout.from_attrs(statscope.store.read_attrs(tmp_path / "probe-layout"))
+    return model, Layout.from_attrs(statscope.store.read_attrs(tmp_path / "probe-layout"))
+
+
+def resume_three_steps(model, path):
+    """Resume the run at ``path`` and record three steps with a logged loss."""
+    with statscope.record(model, path, resume=True, block_steps=2) as rec:
+        for _ in range(3):
+            model(torch.randn(5, 4))
+            rec.log(loss=1.0)
+    return statscope.open_run(path)
+
+
+def test_resume_before_the_first_commit_with_a_scalar_created_keeps_the_run(tmp_path):
+    model, lay = fc_and_layout(tmp_path)
     writer = RunWriter(tmp_path / "r", lay)
     writer._ensure_scalar("loss")  # the array of a first logged scalar exists, no commit names it
     writer.lease.release()  # the process dies here
     attrs = statscope.store.read_attrs(tmp_path / "r")
     assert attrs["n_steps"] == 0 and attrs["scalars"] == [] and attrs["status"] == "running"
-    with statscope.record(model, tmp_path / "r", resume=True, block_steps=2) as rec:
-        for _ in range(3):
-            model(torch.randn(5, 4))
-            rec.log(loss=1.0)
-    ds = statscope.open_run(tmp_path / "r")
+    ds = resume_three_steps(model, tmp_path / "r")
     assert ds.attrs["status"] == "completed" and ds.sizes["step"] == 3
     np.testing.assert_array_equal(ds.loss.values, [1.0, 1.0, 1.0])
 
@@ -125,19 +135,12 @@ def test_resume_before_the_first_commit_with_a_scalar_created_keeps_the_run(tmp_
 def test_resume_of_a_run_killed_while_its_arrays_were_made_starts_it_afresh(tmp_path):
     # found by the slow kill test: kill -9 0.08 s after the store appeared left the window
     # summaries' arrays unmade, and --resume failed on KeyError('en_std_mean')
-    model = fc()
-    with statscope.record(model, tmp_path / "probe-layout"):
-        model(torch.randn(5, 4))
-    lay = Layout.from_attrs(statscope.store.read_attrs(tmp_path / "probe-layout"))
+    model, lay = fc_and_layout(tmp_path)
     writer = RunWriter(tmp_path / "r", lay)
     writer.lease.release()  # the process dies here
     shutil.rmtree(tmp_path / "r" / S.WINDOWS_GROUP / "en_std_mean")  # never made
     assert statscope.store.read_attrs(tmp_path / "r")["n_steps"] == 0
-    with statscope.record(model, tmp_path / "r", resume=True, block_steps=2) as rec:
-        for _ in range(3):
-            model(torch.randn(5, 4))
-            rec.log(loss=1.0)
-    ds = statscope.open_run(tmp_path / "r")
+    ds = resume_three_steps(model, tmp_path / "r")
     assert ds.attrs["status"] == "completed" and ds.sizes["step"] == 3
     assert not verify_run(tmp_path / "r")
 
