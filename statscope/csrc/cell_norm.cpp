@@ -9,6 +9,7 @@
 // the set average of the gradient) and dx = g·a + (x - μ)·2dσ²/S + dμ/S. Sums run in double.
 
 #include "common.h"
+#include "kernels.h"
 
 namespace statscope_native {
 namespace {
@@ -30,13 +31,6 @@ struct Sets {
   int64_t mean_groups, std_groups;
   bool subtracted;
   double eps;
-};
-
-// The running statistics to update: a buffer (or none) per set, Bessel's factor per std set.
-struct Update {
-  std::vector<std::optional<Tensor>> means, vars;
-  double factor;
-  std::vector<double> inverse_fraction;
 };
 
 // out = the average of in (N, C) over the cells of each set, repeated over those cells.
@@ -88,24 +82,15 @@ void softmax(const Tensor& weight, double* out, int64_t count) {
   std::copy_n(shares.const_data_ptr<double>(), count, out);
 }
 
-// Per cell: Σ over its S contiguous pixels of f(i), four independent partial sums.
+// Per cell: Σ over its S contiguous pixels of f(i, cell).
 template <typename F>
 void cell_sums(int64_t cells, int64_t s, double* out, F f) {
-  for (int64_t i = 0; i < cells; ++i) {
-    const int64_t base = i * s;
-    double part[4] = {0.0, 0.0, 0.0, 0.0};
-    int64_t j = 0;
-    for (; j + 4 <= s; j += 4) {
-      for (int u = 0; u < 4; ++u) part[u] += f(base + j + u, i);
-    }
-    for (; j < s; ++j) part[0] += f(base + j, i);
-    out[i] = (part[0] + part[1]) + (part[2] + part[3]);
-  }
+  for (int64_t i = 0; i < cells; ++i) out[i] = run_sum(i * s, s, i, f);
 }
 
 template <typename T>
 void forward_kernel(const Tensor& x, const Tensor& weight, const Tensor& bias, const Sets& sets,
-                    const Stats& st, const Update& up, Tensor& y) {
+                    const Stats& st, const RunningUpdate& up, Tensor& y) {
   const int64_t n = x.size(0), c = x.size(1), cells = n * c, s = x.numel() / cells;
   const T* px = x.const_data_ptr<T>();
   const T* pw = data_or_null<T>(weight);
@@ -164,19 +149,8 @@ void forward_kernel(const Tensor& x, const Tensor& weight, const Tensor& bias, c
     }
   }
   // running statistics from the first example's row: a batch set's value is the same in all
-  auto lerp = [&up](const Tensor& buffer, const double* value, double times) {
-    T* p = buffer.mutable_data_ptr<T>();
-    for (int64_t j = 0; j < buffer.numel(); ++j) {
-      const double b = static_cast<double>(p[j]);
-      p[j] = static_cast<T>(b + up.factor * (value[j] * times - b));
-    }
-  };
-  for (int64_t k = 0; k < st.pm; ++k) {
-    if (up.means[k]) lerp(*up.means[k], st.mean(k), 1.0);
-  }
-  for (int64_t k = 0; k < st.pv; ++k) {
-    if (up.vars[k]) lerp(*up.vars[k], st.var(k), up.inverse_fraction[k]);
-  }
+  update_running<T>(up, [&](size_t k) { return st.mean(static_cast<int64_t>(k)); },
+                    [&](size_t k) { return st.var(static_cast<int64_t>(k)); });
 }
 
 // Gradient of the mixture weights through the softmax, given Σ grad·stat_k per set.
@@ -278,7 +252,7 @@ class CellNorm : public torch::autograd::Function<CellNorm> {
                         const std::optional<Tensor>& bias_opt,
                         const std::optional<Tensor>& mean_weight_opt,
                         const std::optional<Tensor>& var_weight_opt, const Sets& sets,
-                        const Update& update) {
+                        const RunningUpdate& update) {
     // undefined tensors pass through apply() only as empty optionals
     const Tensor weight = weight_opt.value_or(Tensor()), bias = bias_opt.value_or(Tensor());
     const Tensor mean_weight = mean_weight_opt.value_or(Tensor());
@@ -372,8 +346,8 @@ Tensor cell_norm(const Tensor& x, const std::optional<Tensor>& weight,
   Sets sets{mean_sets, std_sets, {}, {}, mean_groups, std_groups, subtracted, eps};
   for (const auto& name : mean_sets) sets.mean.push_back(kind_of(name));
   for (const auto& name : std_sets) sets.std.push_back(kind_of(name));
-  const Update update{std::move(mean_buffers), std::move(var_buffers), factor,
-                      std::move(inverse_fraction)};
+  const RunningUpdate update{std::move(mean_buffers), std::move(var_buffers), factor,
+                             std::move(inverse_fraction)};
   return CellNorm::apply(x, weight, bias, mean_weight, var_weight, sets, update);
 }
 

@@ -20,6 +20,7 @@
 // differentiable ATen ops and differentiates those, so double backward sees every path.
 
 #include "common.h"
+#include "kernels.h"
 
 namespace statscope_native {
 namespace {
@@ -31,14 +32,6 @@ struct Plan {
   std::vector<bool> std_extended;
   bool subtracted;  // deviations around the mean subtracted, not each set's own mean
   double eps;
-};
-
-// The running statistics to update (none when `mean` is empty), Bessel's factor per std set.
-struct Update {
-  std::optional<Tensor> mean;
-  std::vector<std::optional<Tensor>> vars;
-  double factor;
-  std::vector<double> inverse_fraction;
 };
 
 // Layout of the double "stats" tensor saved for backward: per channel mu, m, r, then per std
@@ -110,21 +103,6 @@ void forward_kernel(const Tensor& x, const Tensor& weight, const Tensor& bias, c
   per_element(sh, [&](int64_t i, int64_t c) {
     py[i] = static_cast<T>((static_cast<double>(px[i]) - pm[c]) * pa[c] + ps[c]);
   });
-}
-
-template <typename T>
-void update_kernel(const Update& up, const Stats& st) {
-  auto lerp = [&up](const Tensor& buffer, const double* value, double scale) {
-    T* p = buffer.mutable_data_ptr<T>();
-    for (int64_t i = 0; i < buffer.numel(); ++i) {
-      const double b = static_cast<double>(p[i]);
-      p[i] = static_cast<T>(b + up.factor * (value[i] * scale - b));
-    }
-  };
-  if (up.mean) lerp(*up.mean, st.m(), 1.0);
-  for (size_t k = 0; k < up.vars.size(); ++k) {
-    if (up.vars[k]) lerp(*up.vars[k], st.var(k), up.inverse_fraction[k]);
-  }
 }
 
 template <typename T>
@@ -213,7 +191,7 @@ class ChannelNorm : public torch::autograd::Function<ChannelNorm> {
                         const std::optional<Tensor>& weight_opt,
                         const std::optional<Tensor>& bias_opt,
                         const std::optional<Tensor>& var_weight_opt, const Plan& plan,
-                        const Update& update) {
+                        const RunningUpdate& update) {
     // undefined tensors pass through apply() only as empty optionals
     const Tensor weight = weight_opt.value_or(Tensor()), bias = bias_opt.value_or(Tensor());
     const Tensor var_weight = var_weight_opt.value_or(Tensor());
@@ -230,7 +208,8 @@ class ChannelNorm : public torch::autograd::Function<ChannelNorm> {
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "norm_forward", [&] {
       forward_kernel<scalar_t>(x, weight, bias, sh, plan, st, y);
-      update_kernel<scalar_t>(update, st);
+      update_running<scalar_t>(update, [&](size_t) { return st.m(); },
+                               [&](size_t k) { return st.var(static_cast<int64_t>(k)); });
     });
     ctx->save_for_backward({x, weight, bias, var_weight});
     ctx->saved_data["stats"] = stats;
@@ -298,8 +277,8 @@ Tensor channel_norm(const Tensor& x, const std::optional<Tensor>& weight,
                   inverse_fraction.size() == std_extended.size(),
               "channel_norm: one var buffer and one Bessel factor per std set");
   const Plan plan{groups, extended_mean, std::move(std_extended), subtracted, eps};
-  const Update update{std::move(mean_buffer), std::move(var_buffers), factor,
-                      std::move(inverse_fraction)};
+  const RunningUpdate update{{std::move(mean_buffer)}, std::move(var_buffers), factor,
+                             std::move(inverse_fraction)};
   return ChannelNorm::apply(x, weight, bias, var_weight, plan, update);
 }
 

@@ -14,7 +14,6 @@ using torch::autograd::variable_list;
 
 struct Shape {
   int64_t n, c, s, groups;
-  int64_t k() const { return c / groups; }
   int64_t pixels() const { return n * s; }  // M
 };
 
@@ -35,9 +34,22 @@ const T* data_or_null(const Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
+// Σ over j < s of f(base + j, key), in four independent partial sums: one contiguous run (a
+// channel's pixels in one example), so the sum's dependency chain does not bound its speed.
+template <typename F>
+double run_sum(int64_t base, int64_t s, int64_t key, F f) {
+  double part[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t j = 0;
+  for (; j + 4 <= s; j += 4) {
+    for (int u = 0; u < 4; ++u) part[u] += f(base + j + u, key);
+  }
+  for (; j < s; ++j) part[0] += f(base + j, key);
+  return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
 // Per channel Σ over (n, s) of f(n·C·S + c·S + s, c), accumulated into out[c]. On (N, C) the
 // inner loop runs over channels (no reduction in it, so the compiler vectorizes it); on feature
-// maps over the pixels of one channel, in four independent partial sums.
+// maps over the pixels of one channel (run_sum).
 template <typename F>
 void channel_sums(const Shape& sh, std::vector<double>& out, F f) {
   std::fill(out.begin(), out.end(), 0.0);
@@ -50,16 +62,36 @@ void channel_sums(const Shape& sh, std::vector<double>& out, F f) {
     return;
   }
   for (int64_t n = 0; n < sh.n; ++n) {
-    for (int64_t c = 0; c < sh.c; ++c) {
-      const int64_t base = (n * sh.c + c) * sh.s;
-      double part[4] = {0.0, 0.0, 0.0, 0.0};
-      int64_t s = 0;
-      for (; s + 4 <= sh.s; s += 4) {
-        for (int j = 0; j < 4; ++j) part[j] += f(base + s + j, c);
-      }
-      for (; s < sh.s; ++s) part[0] += f(base + s, c);
-      acc[c] += (part[0] + part[1]) + (part[2] + part[3]);
-    }
+    for (int64_t c = 0; c < sh.c; ++c) acc[c] += run_sum((n * sh.c + c) * sh.s, sh.s, c, f);
+  }
+}
+
+// The running statistics a kernel updates: a buffer (or none) per mean set and per std set,
+// the update's weight (momentum or 1/count), Bessel's factor per std set.
+struct RunningUpdate {
+  std::vector<std::optional<Tensor>> means, vars;
+  double factor;
+  std::vector<double> inverse_fraction;
+};
+
+// buffer ← buffer + factor·(value·scale - buffer), element by element, outside autograd.
+template <typename T>
+void lerp_buffer(const Tensor& buffer, const double* value, double scale, double factor) {
+  T* p = buffer.mutable_data_ptr<T>();
+  for (int64_t i = 0; i < buffer.numel(); ++i) {
+    const double b = static_cast<double>(p[i]);
+    p[i] = static_cast<T>(b + factor * (value[i] * scale - b));
+  }
+}
+
+// Every buffer of `up` from the set statistics (each repeated per channel): mean(k), var(k).
+template <typename T, typename Mean, typename Var>
+void update_running(const RunningUpdate& up, Mean mean, Var var) {
+  for (size_t k = 0; k < up.means.size(); ++k) {
+    if (up.means[k]) lerp_buffer<T>(*up.means[k], mean(k), 1.0, up.factor);
+  }
+  for (size_t k = 0; k < up.vars.size(); ++k) {
+    if (up.vars[k]) lerp_buffer<T>(*up.vars[k], var(k), up.inverse_fraction[k], up.factor);
   }
 }
 

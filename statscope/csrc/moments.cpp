@@ -11,6 +11,7 @@
 // sequences, (N, C) features), and (N, C, S) with each channel's pixels contiguous (NCHW maps).
 
 #include "common.h"
+#include "kernels.h"
 
 #include <ATen/Parallel.h>
 
