@@ -26,3 +26,6 @@ def test_wheel_installs_and_imports_outside_the_source_tree(tmp_path):
     path, shape = out.stdout.split("\n")[:2]
     assert path.startswith(str(target)), path
     assert shape == "torch.Size([4000, 28, 28])"
+    # the C++ kernels are built from the installed sources on first use: every one must ship
+    sources = {p.name for p in (ROOT / "statscope" / "csrc").iterdir()}
+    assert {p.name for p in (target / "statscope" / "csrc").iterdir()} == sources
