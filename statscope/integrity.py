@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -124,6 +125,12 @@ def _region(name, idx, shape, extent, reason) -> Damage:
     return Damage(name, rows, cols, reason)
 
 
+_READ_TRIES = 3
+"""Reads of a region before it counts as damaged: zarr reads a shard's index and then its chunks
+with separate requests, so a reader following a live run can pair the index of one version of a
+shard with the bytes of the next (a checksum error); a read again sees one version."""
+
+
 class CheckedArray:
     """A zarr array seen through ``[:rows, :width]``, whose read errors name the array and steps.
 
@@ -175,7 +182,7 @@ class CheckedArray:
 
     def _read(self, bounds) -> np.ndarray:
         try:
-            out = np.asarray(self._arr[tuple(slice(a, b) for a, b in bounds)])
+            out = self._read_again_if_torn(bounds)
         except Exception as exc:  # any codec, store or OS error: the bytes are not what was written
             masks = [d for d in self.masked if _overlaps(d, bounds)]
             if not masks:
@@ -193,6 +200,15 @@ class CheckedArray:
                                      min(d.columns[1], bounds[1][1]) - bounds[1][0]))
                 out[tuple(sel)] = self.fill
         return out
+
+    def _read_again_if_torn(self, bounds) -> np.ndarray:
+        region = tuple(slice(a, b) for a, b in bounds)
+        for attempt in range(1, _READ_TRIES):
+            try:
+                return np.asarray(self._arr[region])
+            except Exception:  # noqa: BLE001 - whatever it is, the last try below says it
+                time.sleep(0.01 * attempt)  # let the writer's rename land
+        return np.asarray(self._arr[region])
 
 
 def _overlaps(d: Damage, bounds) -> bool:
