@@ -22,6 +22,9 @@ core). Contenders:
 - ``nowriter``: ``statscope`` whose writer thread drops every block unread (nothing reaches the
   store): the difference to ``statscope`` is what the writer thread costs the training thread,
   through the GIL and the shared cores;
+- ``thread``: ``statscope`` with ``writer="thread"``: the store is written by the writer
+  thread itself instead of a writer process (the default before 2026-11-28); the difference
+  to ``statscope`` is what the zarr work costs training through the GIL;
 - ``raw64``: ``statscope`` with ``raw_bytes=64 MiB`` (default 16 MiB): tensors up to 512 KiB
   are copied into the block buffer each step and reduced by the writer thread per block instead
   of per step on the training thread.
@@ -197,7 +200,7 @@ class Arm:
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.rec = self.hook = None
         self._generic = contextlib.nullcontext()
-        if name in ("statscope", "generic", "nowriter", "raw64"):
+        if name in ("statscope", "generic", "nowriter", "raw64", "thread"):
             import statscope
 
             if name == "generic":
@@ -207,6 +210,8 @@ class Arm:
             # raw64: buffer tensors up to 64 MiB per probe and block raw (default 16 MiB), so
             # that more probes take one copy per step and leave the reduction to the writer
             extra = {"raw_bytes": 64 << 20} if name == "raw64" else {}
+            if name == "thread":
+                extra = {"writer": "thread"}
             with self._generic:
                 self.rec = statscope.record(model, f"{tmp}/{name}", overwrite=True,
                                             **extra).start()
@@ -419,7 +424,7 @@ def main(argv=None) -> None:
     ap.add_argument("--block-seconds", type=float, default=0.6)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--contenders", nargs="+", default=["statscope", "generic"],
-                    choices=("statscope", "generic", "prehook", "nowriter", "raw64"))
+                    choices=("statscope", "generic", "prehook", "nowriter", "raw64", "thread"))
     ap.add_argument("--candidates", action="store_true",
                     help="time the per-step reductions of one tensor instead of the models")
     args = ap.parse_args(argv)

@@ -56,7 +56,8 @@ from statscope.probes.streams import StreamOrder
 from statscope.probes.worker import Attrs, Close, Filer, Notice, ProbeStatic, Worker
 from statscope.storage import use_options
 from statscope.store import Layout, ProbeInfo, read_attrs
-from statscope.writer import RunWriter, check_path, check_scalar_name
+from statscope.writer import check_path, check_scalar_name
+from statscope.writer_process import open_writer, resolve_mode
 
 __all__ = ["Recorder", "record", "STEP_MODES"]
 
@@ -101,7 +102,7 @@ class Recorder:
                  on_error: str = "stop",
                  neurons: Any = None, window_steps: int | None = S.DEFAULT_WINDOW_STEPS,
                  every: int = 1, mask: Callable[..., Any] | None = None,
-                 storage_options: Mapping[str, Any] | None = None):
+                 storage_options: Mapping[str, Any] | None = None, writer: str = "auto"):
         if not isinstance(model, nn.Module):
             raise StatscopeError(f"model={type(model).__name__}: expected a torch.nn.Module")
         if step not in STEP_MODES:
@@ -134,6 +135,7 @@ class Recorder:
         use_options(os.fspath(path), storage_options)
         # checked now although the writer opens the store at start()
         self.resume = check_path(self.path, overwrite=overwrite, resume=resume) and resume
+        self.writer_mode = resolve_mode(writer, self.path)
         self.overwrite = overwrite
         self.model = model
         self.root = unwrap(model)
@@ -221,13 +223,14 @@ class Recorder:
         if self.resume:
             self._check_resumable()
         known = [s for s, c in zip(self._static, self.captures) if c.channels is not None]
-        writer = RunWriter(
+        writer = open_writer(
             self.path, Layout(tuple(s.record(c.channels) for s, c in
                                     zip(self._static, self.captures) if c.channels is not None),
                               tuple(s.name for s in self.statistics)),
             attrs=self._start_attrs(), overwrite=self.overwrite, resume=self.resume,
             chunk_steps=self.chunk_steps, flush_seconds=self.flush_seconds,
-            running0=_running0(known, self.captures), window_steps=self.window_steps)
+            running0=_running0(known, self.captures), window_steps=self.window_steps,
+            mode=self.writer_mode)
         self._state = "started"
         try:
             self._begin_at(writer.next_step)
@@ -641,6 +644,11 @@ def record(model: nn.Module, path, **kwargs: Any) -> Recorder:
             fsspec's own sources (``AWS_*`` variables, ``~/.aws``, ``fsspec.config``).
         mechanism: ``"forward"`` (wrap the modules' ``forward``; fastest) or ``"hooks"`` (forward
             hooks, e.g. for TorchScript modules); see :mod:`statscope.probes.attach`.
+        writer: where the store is written: ``"process"`` (a child process, so that the
+            writing never takes the training's GIL; see :mod:`statscope.writer_process`),
+            ``"thread"`` (the writer thread itself), or ``"auto"`` (default: the
+            ``STATSCOPE_WRITER`` environment variable, else a process for every store but
+            ``memory://``).
         on_error: when the store cannot be written (a full disk): ``"stop"`` (default: recording
             stops with a warning, training goes on, ``close()`` raises ``RecordingError``) or
             ``"raise"`` (the next step raises ``RecordingError`` into training).

@@ -31,6 +31,7 @@ from statscope.probes.statistics import Statistic
 from statscope.probes.streams import StreamOrder
 from statscope.store import ProbeInfo
 from statscope.writer import RunWriter
+from statscope.writer_process import WriterProcess
 
 __all__ = ["Attrs", "Close", "Notice", "Worker", "Filer", "ProbeStatic"]
 
@@ -86,9 +87,9 @@ class Filer:
     Owned by the writer thread.
     """
 
-    def __init__(self, writer: RunWriter, captures: Sequence[Capture], static: Sequence[ProbeStatic],
-                 statistics: Sequence[Statistic], order: int, pool: BufferPool,
-                 streams: StreamOrder):
+    def __init__(self, writer: RunWriter | WriterProcess, captures: Sequence[Capture],
+                 static: Sequence[ProbeStatic], statistics: Sequence[Statistic], order: int,
+                 pool: BufferPool, streams: StreamOrder):
         self.writer, self.captures, self.static = writer, captures, static
         self.statistics, self.order, self.pool, self.streams = statistics, order, pool, streams
         names = {p.name: i for i, p in enumerate(writer.layout.probes)}

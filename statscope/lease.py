@@ -35,6 +35,10 @@ SUFFIX = ".lease"
 DEFAULT_TTL = 60.0
 
 _HELD_FDS: set[int] = set()
+WRITING_FOR: int | None = None
+"""In a writer process (:mod:`statscope.writer_process`), the pid of the training process it
+writes for; its leases name it as ``parent``."""
+_ENDING_WAIT = 10.0  # seconds to wait for a writer process whose training process died
 
 
 def _close_in_child() -> None:
@@ -62,6 +66,7 @@ class Holder:
         owner: a random id of this lease, unique per writer.
         heartbeat: UNIX time of the last renewal (object stores), else the time taken.
         ttl: seconds after the last heartbeat at which the lease is stale (object stores).
+        parent: for a writer process, the pid of the training process it writes for.
     """
 
     host: str
@@ -70,9 +75,19 @@ class Holder:
     owner: str
     heartbeat: float
     ttl: float
+    parent: int | None = None
 
     def describe(self) -> str:
+        if self.parent is not None:
+            return (f"pid {self.parent} on {self.host} (its writer process {self.pid}), since "
+                    f"{self.started}")
         return f"pid {self.pid} on {self.host}, since {self.started}"
+
+    def ending(self) -> bool:
+        """A writer process on this host whose training process is gone: it ends within the
+        write in progress (it learns it from its pipe)."""
+        return (self.parent is not None and self.host == socket.gethostname()
+                and _pid_alive(self.pid) and not _pid_alive(self.parent))
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -119,6 +134,16 @@ def read_holder(path: str) -> Holder | None:
         return None
 
 
+def _lock(fd: int) -> bool:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -155,15 +180,14 @@ class Lease:
             StoreError: the lease cannot be created (e.g. the folder is not writable).
         """
         holder = Holder(host=socket.gethostname(), pid=os.getpid(), started=_now_iso(),
-                        owner=uuid.uuid4().hex, heartbeat=time.time(), ttl=float(ttl))
+                        owner=uuid.uuid4().hex, heartbeat=time.time(), ttl=float(ttl),
+                        parent=WRITING_FOR)
         if _is_url(path):
             return cls._acquire_object(path, holder)
         return cls._acquire_file(path, holder)
 
     @classmethod
     def _acquire_file(cls, path: str, holder: Holder) -> "Lease":
-        import fcntl
-
         where = lease_path(path).removeprefix("file://")
         try:
             os.makedirs(os.path.dirname(os.path.abspath(where)), exist_ok=True)
@@ -171,9 +195,13 @@ class Lease:
         except OSError as exc:
             raise StoreError(f"path={path!r}: cannot create the run's lease {where!r}: "
                              f"{exc.strerror or exc}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not _lock(fd):
+            held = read_holder(path)
+            if held is not None and held.ending():
+                deadline = time.monotonic() + _ENDING_WAIT
+                while time.monotonic() < deadline and not _lock(fd):
+                    time.sleep(0.02)
+        if not _lock(fd):
             os.close(fd)
             held = read_holder(path)
             who = held.describe() if held else "another process"
@@ -191,6 +219,12 @@ class Lease:
         fs, key = filesystem(lease_path(path))
         fs.invalidate_cache(key)
         held = Holder.from_bytes(fs.cat_file(key)) if fs.exists(key) else None
+        if held is not None and held.ending():
+            deadline = time.monotonic() + _ENDING_WAIT
+            while time.monotonic() < deadline and _pid_alive(held.pid):
+                time.sleep(0.02)
+            fs.invalidate_cache(key)
+            held = Holder.from_bytes(fs.cat_file(key)) if fs.exists(key) else None
         if held is not None:
             stale, why = _stale(held)
             if not stale:

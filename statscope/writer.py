@@ -29,7 +29,7 @@ from statscope.integrity import shard_shape
 from statscope.store import Layout, ProbeInfo, check_marker, read_attrs
 from statscope.windows import WindowArrays, Windows
 
-__all__ = ["RunWriter", "write_run", "check_path", "check_scalar_name", "package_versions",
+__all__ = ["RunWriter", "count_nonfinite", "write_run", "check_path", "check_scalar_name", "package_versions",
            "now_iso"]
 
 _SHARD_BYTES = 64 << 20  # the largest shard, raw; bounds what one flush rewrites per array
@@ -382,26 +382,18 @@ class RunWriter:
             raise StatscopeError(f"steps={steps[0]}..{steps[-1]}: not increasing after step "
                                  f"{self.next_step - 1}")
         row: dict[str, np.ndarray] = {S.STEP: steps, S.COUNT: np.asarray(count, np.int64)}
-        if row[S.COUNT].shape != (k, len(self.layout.probes)):
-            raise StatscopeError(f"count: shape {row[S.COUNT].shape}, expected "
-                                 f"({k}, {len(self.layout.probes)})")
-        ran = row[S.COUNT] > 0
-        bad = 0
         lay = self.layout
+        nonfinite = count_nonfinite(lay, row[S.COUNT], stats)
+        for s, n in nonfinite.items():
+            self.nonfinite[s] = self.nonfinite.get(s, 0) + n
+        bad = sum(nonfinite.values())
         probe_of = self._probe_of(lay)
         kept = None if lay.n_neurons == lay.n_channels else self._kept_columns(lay)
         full = {}
         for s in lay.stats:
             a = np.asarray(stats[s], np.float32)
-            width = lay.n_groups if s in S.PER_GROUP_STATS else lay.n_channels
-            if a.shape != (k, width):
-                raise StatscopeError(f"stats[{s!r}]: shape {a.shape}, expected ({k}, {width})")
             full[s] = a
             row[s] = a if kept is None or s in S.PER_GROUP_STATS else a[:, kept]
-            n_bad = int(np.count_nonzero(~np.isfinite(a) & ran[:, probe_of[s]]))
-            if n_bad:
-                self.nonfinite[s] = self.nonfinite.get(s, 0) + n_bad
-                bad += n_bad
         if self.windows is not None:
             self._done_windows += self.windows.add(steps, row[S.COUNT], full, probe_of)
         for name, values in (scalars or {}).items():
@@ -505,6 +497,35 @@ class RunWriter:
     def _mark(self, status: str, error: str | None) -> None:
         self._group.update_attributes({S.ATTR_STATUS: status, S.ATTR_ENDED: now_iso(),
                                   S.ATTR_ERROR: error})
+
+
+def count_nonfinite(layout: Layout, count: np.ndarray,
+                    stats: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Per statistic, its non-finite values in rows where their probe ran (none: left out).
+
+    Args:
+        layout: the run's layout.
+        count: (k, n_probes) elements per channel, 0 where a probe did not run.
+        stats: per statistic of the layout, (k, n_channels), or (k, n_groups) for EN.
+
+    Raises:
+        StatscopeError: shapes that do not fit the layout.
+    """
+    k = len(count)
+    if count.shape != (k, len(layout.probes)):
+        raise StatscopeError(f"count: shape {count.shape}, expected ({k}, {len(layout.probes)})")
+    ran = count > 0
+    probe_of = RunWriter._probe_of(layout)
+    out = {}
+    for s in layout.stats:
+        a = np.asarray(stats[s])
+        width = layout.n_groups if s in S.PER_GROUP_STATS else layout.n_channels
+        if a.shape != (k, width):
+            raise StatscopeError(f"stats[{s!r}]: shape {a.shape}, expected ({k}, {width})")
+        n = int(np.count_nonzero(~np.isfinite(a) & ran[:, probe_of[s]]))
+        if n:
+            out[s] = n
+    return out
 
 
 def _auto_rows(layout: Layout) -> int:

@@ -392,6 +392,7 @@ def test_a_failed_recording_exits_1_and_names_it(tmp_path, mnist_dir, monkeypatc
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(RunWriter, "append", full)
+    monkeypatch.setenv("STATSCOPE_WRITER", "thread")  # the fault is patched into this process
     out = tmp_path / "r"
     assert main(["run", "mnist-fc", "--bs", "4", "--epochs", "1", "--data-dir", mnist_dir,
                  "--out", str(out)]) == 1

@@ -113,20 +113,27 @@ def _kill_run(tmp_path, out: Path, point: tuple) -> str:
         script.write_text(KILLER)
         cmd = [sys.executable, str(script)]
         env.update(KILL_AT=kind, KILL_NTH=str(arg))
+        if kind == "commit":  # inside RunWriter._commit, patched into the training process
+            env["STATSCOPE_WRITER"] = "thread"
     else:
         cmd = [sys.executable, "-m", "statscope"]
+    # "group": the whole process group at once (training and its writer process), as a batch
+    # scheduler or an OOM kill of the job does; the other kinds kill the training process only
+    group = kind == "group"
     proc = subprocess.Popen(cmd + [*RUN, "--out", str(out)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=env)
+                            stderr=subprocess.PIPE, env=env, start_new_session=group)
     try:
         if kind == "time":
             time.sleep(arg)
         elif kind == "created":  # the root zarr.json exists: before the first commit
             _wait_for(lambda: _attrs(out) is not None, proc)
             time.sleep(arg)
-        elif kind == "committed":  # the marker moved: after the first commit
+        elif kind in ("committed", "group"):  # the marker moved: after the first commit
             _wait_for(lambda: ((_attrs(out) or {}).get(S.ATTR_N_STEPS) or 0) > 0, proc)
             time.sleep(arg)
-        if kind not in ("commit", "checkpoint") and proc.poll() is None:
+        if group and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        elif kind not in ("commit", "checkpoint") and proc.poll() is None:
             proc.kill()
         _, err = proc.communicate(timeout=TIMEOUT)
     finally:
@@ -184,19 +191,23 @@ def _run_points(tmp_path, reference, points):
 
 def test_a_killed_run_resumes_to_the_uninterrupted_data(tmp_path, reference):
     """The CI-sized variant: killed inside the first flush (before the first commit), inside a
-    later flush, and in the middle of the second checkpoint's file."""
-    _run_points(tmp_path, reference, [("commit", 1), ("commit", 3), ("checkpoint", "2:100")])
+    later flush (the thread writer, where the kill can be placed inside the commit), in the
+    middle of the second checkpoint's file, and, with the writer process, training alone or
+    with its writer process just after the first commit."""
+    _run_points(tmp_path, reference, [("commit", 1), ("commit", 3), ("checkpoint", "2:100"),
+                                      ("committed", 0.05), ("group", 0.0)])
 
 
 @pytest.mark.slow
-def test_runs_killed_at_20_moments_resume_to_the_uninterrupted_data(tmp_path, reference):
-    """Issue 10's fault injection: SIGKILL at 20 moments (seeded), each resumed with --resume;
+def test_runs_killed_at_23_moments_resume_to_the_uninterrupted_data(tmp_path, reference):
+    """Issue 10's fault injection: SIGKILL at 23 moments (seeded), each resumed with --resume;
     every run must end completed with the arrays of the uninterrupted run."""
     _, wall = reference
     rng = random.Random(10)
     points = ([("time", round(rng.uniform(0.5, wall), 2)) for _ in range(6)]
               + [("created", round(rng.uniform(0, 0.5), 2)) for _ in range(3)]
               + [("committed", round(rng.uniform(0, 0.3), 2)) for _ in range(3)]
+              + [("group", round(rng.uniform(0, 0.3), 2)) for _ in range(3)]
               + [("commit", n) for n in (1, 2, 3, 4)]
               + [("checkpoint", km) for km in ("1:1", "1:150", "2:280", "3:100")])
     _run_points(tmp_path, reference, points)

@@ -64,9 +64,11 @@ def _attrs(run: Path) -> dict:
 
 
 def _holder(run: Path) -> int | None:
-    """The pid the run's lease file names (its last or current writer)."""
+    """The pid of the run process the lease file names (its last or current writer; the
+    training process of a writer process)."""
     try:
-        return json.loads(Path(f"{run}.lease").read_text())["pid"]
+        held = json.loads(Path(f"{run}.lease").read_text())
+        return held.get("parent") or held["pid"]
     except (OSError, ValueError, KeyError):
         return None
 

@@ -1,0 +1,366 @@
+"""A run writer in a process of its own, so that filing rows never takes the training's GIL.
+
+A launch-bound training loop releases Python's GIL at every torch op and must take it back
+before the next: any Python that another thread of the process runs meanwhile delays training by
+its own length. The writer's zarr work (staging, the codecs' Python, the event loop that writes
+the chunks, the window summaries) cost ~150 µs per step of the paper's FC net at batch size 4
+(~10 % of its step) when it ran on a thread (``benchmarks/bench_models.py``, contender
+``thread``). :class:`WriterProcess` runs a :class:`~statscope.writer.RunWriter` in a child
+process instead and stands in for it on the writer thread, which then only reduces the block to
+rows and sends them down a pipe.
+
+The child is forked from multiprocessing's fork server (started once per process, with
+:mod:`statscope.writer` preloaded; ``spawn`` where there is no fork server), never from the
+training process itself, which holds CUDA and thread pools. It takes the run's lease itself and
+renews it, flushes every ``flush_seconds`` and heartbeats on its own. Its life is bound to the
+training process: it ends when the pipe closes and, on Linux, is killed with its fork server
+(``PR_SET_PDEATHSIG``), so a ``kill -9`` of training ends all writing within milliseconds, as it
+did when the writer was a thread. Errors in the child (a full disk) come back as the same
+exception at the next call; a child that dies is a :class:`~statscope.errors.StoreError`.
+
+``memory://`` stores live in the memory of one process and keep the thread.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import warnings
+from multiprocessing.connection import Connection
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from statscope import schema as S
+from statscope.errors import StatscopeError, StoreError
+from statscope.store import Layout, ProbeInfo
+from statscope.writer import RunWriter, count_nonfinite
+
+__all__ = ["WriterProcess", "open_writer", "WRITER_MODES"]
+
+WRITER_MODES = ("auto", "process", "thread")
+_ENV = "STATSCOPE_WRITER"
+_POLL = 0.5  # seconds between checks that the child lives, while waiting for it
+_OUR_FDS: set[int] = set()
+
+
+def _close_in_child() -> None:
+    # A forked child (a DataLoader worker) must not keep a writer's pipe open: the writer
+    # process learns that training ended from the pipe closing.
+    for fd in list(_OUR_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _OUR_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
+def open_writer(path: str, layout: Layout, mode: str = "auto", **kwargs: Any):
+    """A :class:`RunWriter`, in this process (``"thread"``) or a child (``"process"``).
+
+    Args:
+        path, layout, kwargs: as for :class:`~statscope.writer.RunWriter`.
+        mode: ``"auto"`` (the ``STATSCOPE_WRITER`` environment variable if set, else a process
+            for every store but ``memory://``), ``"process"`` or ``"thread"``.
+    """
+    mode = resolve_mode(mode, path)
+    if mode == "thread":
+        return RunWriter(path, layout, **kwargs)
+    return WriterProcess(path, layout, **kwargs)
+
+
+def resolve_mode(mode: str, path: str) -> str:
+    """``"process"`` or ``"thread"`` for ``mode`` and the store at ``path``."""
+    if mode not in WRITER_MODES:
+        raise StatscopeError(f"writer={mode!r}: expected one of {WRITER_MODES}")
+    if mode == "auto":
+        env = os.environ.get(_ENV, "auto")
+        if env not in WRITER_MODES:
+            raise StatscopeError(f"{_ENV}={env!r}: expected one of {WRITER_MODES}")
+        mode = env
+    if mode == "auto":
+        mode = "thread" if str(path).startswith("memory://") else "process"
+    return mode
+
+
+class WriterProcess:
+    """Stands in for a :class:`~statscope.writer.RunWriter` that runs in a child process.
+
+    The same arguments and the methods the recorder's writer thread calls. ``append``,
+    ``set_attrs`` and ``flush`` return at once (the pipe applies back-pressure when the child
+    falls behind); ``add_probes`` and ``close`` wait for the child. Owned by one thread.
+
+    Raises:
+        StoreLockedError, StoreError, StatscopeError: as :class:`RunWriter` (from the child).
+    """
+
+    def __init__(self, path: str, layout: Layout, **kwargs: Any):
+        from statscope import storage
+
+        self.path = os.fspath(path)
+        self.closed = False
+        self._failure: BaseException | None = None
+        ours, theirs = socket.socketpair()
+        self._conn = Connection(ours.detach())
+        fd = theirs.detach()
+        _OUR_FDS.add(self._conn.fileno())
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", "import sys; from statscope.writer_process import "
+                 "_serve; _serve(int(sys.argv[1]))", str(fd)],
+                pass_fds=(fd,), env=env, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            self._conn.close()
+            raise StoreError(f"path={self.path!r}: cannot start the writer process "
+                             f"({exc}); pass writer='thread'") from exc
+        finally:
+            os.close(fd)
+        setup = {"parent": os.getpid(), "options": dict(storage._OPTIONS),
+                 "fsspec": _fsspec_config()}
+        try:
+            self._send(("open", setup, self.path, layout, kwargs))
+            _, self.layout, self.next_step, self.nonfinite = self._wait("ready")
+        except BaseException:
+            self._end()
+            raise
+
+    @property
+    def pid(self) -> int:
+        """The writer process's pid."""
+        return self._proc.pid
+
+    # -- what the writer thread calls ----------------------------------------------------------
+
+    def append(self, steps: np.ndarray, count: np.ndarray, stats: Mapping[str, np.ndarray],
+               scalars: Mapping[str, np.ndarray] | None = None) -> int:
+        """As :meth:`RunWriter.append`; the rows reach the store in the child."""
+        self._check()
+        if len(steps) == 0:
+            return 0
+        bad = count_nonfinite(self.layout, np.asarray(count), stats)
+        for s, n in bad.items():
+            self.nonfinite[s] = self.nonfinite.get(s, 0) + n
+        self._send(("append", steps, count, dict(stats), dict(scalars or {})))
+        self.next_step = int(steps[-1]) + 1
+        return sum(bad.values())
+
+    def add_probes(self, probes: Sequence[ProbeInfo], running0=None) -> None:
+        """As :meth:`RunWriter.add_probes`; waits for the child's new layout."""
+        self._check()
+        if probes:
+            self._send(("add", list(probes), running0))
+            _, self.layout = self._wait("added")
+
+    def set_attrs(self, **attrs: Any) -> None:
+        self._check()
+        self._send(("attrs", attrs))
+
+    def heartbeat(self) -> None:
+        """The child renews the lease itself; this reports an error it met meanwhile."""
+        self._check()
+
+    def flush_due(self) -> bool:
+        return False  # the child flushes on its own clock
+
+    def flush(self) -> None:
+        self._check()
+        self._send(("flush",))
+
+    def close(self, status: str = S.STATUS_COMPLETED, error: str | None = None) -> None:
+        """As :meth:`RunWriter.close`: the child writes what it holds, marks the run and ends."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._send(("close", status, error))
+            self._wait("closed")
+        finally:
+            self._end()
+
+    # -- the pipe ----------------------------------------------------------------------------
+
+    def _send(self, msg) -> None:
+        try:
+            self._conn.send(msg)
+        except (OSError, EOFError) as exc:
+            raise self._died() from exc
+
+    def _check(self) -> None:
+        """Raise the error the child reported, if any (without waiting)."""
+        if self._failure is not None:
+            raise self._failure
+        try:
+            while self._conn.poll():
+                self._take(self._conn.recv())
+        except (OSError, EOFError) as exc:
+            raise self._died() from exc
+
+    def _wait(self, kind: str):
+        """The child's next reply of ``kind``; raises what the child reports or its death."""
+        while True:
+            try:
+                if not self._conn.poll(_POLL):
+                    if self._proc.poll() is not None:
+                        raise self._died()
+                    continue
+                msg = self._conn.recv()
+            except (OSError, EOFError) as exc:
+                raise self._died() from exc
+            self._take(msg)
+            if msg[0] == kind:
+                return msg
+
+    def _take(self, msg) -> None:
+        if msg[0] == "warn":  # where a RunWriter on this thread would have warned
+            warnings.warn(msg[1], msg[2], stacklevel=2)
+        elif msg[0] == "error":
+            self._failure = _rebuild(msg[1])
+            raise self._failure
+
+    def _died(self) -> StoreError:
+        try:
+            code = self._proc.wait(timeout=_POLL)
+        except subprocess.TimeoutExpired:
+            code = None
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else \
+            f"ended (exit code {code})"
+        self._failure = StoreError(f"path={self.path!r}: the writer process (pid "
+                                   f"{self._proc.pid}) {how}; rows it had not written are lost")
+        return self._failure
+
+    def _end(self) -> None:
+        _OUR_FDS.discard(self._conn.fileno())
+        self._conn.close()
+        try:
+            self._proc.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def _fsspec_config() -> dict:
+    fsspec = sys.modules.get("fsspec")
+    return dict(fsspec.config.conf) if fsspec is not None else {}
+
+
+def _payload(exc: BaseException):
+    """``exc`` as it can cross the pipe: itself when it pickles, else its type name and text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - any unpicklable exception travels as text
+        return (type(exc).__name__, str(exc))
+
+
+def _rebuild(payload) -> BaseException:
+    if isinstance(payload, BaseException):
+        return payload
+    name, text = payload
+    return StoreError(f"{name}: {text}")
+
+
+def _serve(fd: int) -> None:
+    """The writer process: open the run, then write what comes down the pipe until ``close``.
+
+    It ends when the pipe closes without ``close`` (training ended or was killed), after the
+    write in progress: rows not yet written are dropped, as they would be with the thread.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for training, which closes us
+    conn = Connection(fd)
+    try:
+        _, setup, path, layout, kwargs = conn.recv()
+    except (EOFError, OSError):
+        return
+    from statscope import lease, storage
+
+    lease.WRITING_FOR = setup["parent"]
+    storage._OPTIONS.update(setup["options"])
+    if setup["fsspec"]:
+        import fsspec
+
+        fsspec.config.conf.update(setup["fsspec"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            writer = RunWriter(path, layout, **kwargs)
+        except BaseException as exc:
+            _report(conn, caught)
+            conn.send(("error", _payload(exc)))
+            return
+        try:
+            _report(conn, caught)
+            conn.send(("ready", writer.layout, writer.next_step, dict(writer.nonfinite)))
+            _loop(conn, writer, caught)
+        except (BrokenPipeError, ConnectionResetError):
+            return  # training is gone
+
+
+def _report(conn, caught: list) -> None:
+    """Send the warnings caught so far, for the writer thread to warn."""
+    for w in caught:
+        conn.send(("warn", str(w.message), w.category))
+    caught.clear()
+
+
+def _loop(conn, writer: RunWriter, caught: list) -> None:
+    failed: str | None = None  # the error that stopped writing
+    tick = min(1.0, max(0.01, writer.flush_seconds / 4))
+    with np.errstate(all="ignore"):
+        while True:
+            try:
+                msg = conn.recv() if conn.poll(tick) else None
+            except (EOFError, OSError):
+                return  # training ended without close (killed): write nothing more
+            try:
+                if msg is None:
+                    if failed is None:
+                        writer.heartbeat()
+                        if writer.flush_due():
+                            writer.flush()
+                elif msg[0] == "close":
+                    _close(conn, writer, msg[1], msg[2], failed, caught)
+                    return
+                elif failed is None:
+                    _handle(conn, writer, msg)
+            except BaseException as exc:
+                failed = f"writer: {exc!r}"
+                _report(conn, caught)
+                conn.send(("error", _payload(exc)))
+            _report(conn, caught)
+
+
+def _handle(conn, writer: RunWriter, msg) -> None:
+    kind = msg[0]
+    if kind == "append":
+        writer.append(*msg[1:])
+    elif kind == "add":
+        writer.add_probes(msg[1], msg[2])
+        conn.send(("added", writer.layout))
+    elif kind == "attrs":
+        writer.set_attrs(**msg[1])
+    elif kind == "flush":
+        writer.flush()
+    else:
+        raise StatscopeError(f"writer process: unknown message {kind!r}")
+
+
+def _close(conn, writer: RunWriter, status: str, error: str | None, failed: str | None,
+           caught: list) -> None:
+    if failed is not None:
+        status, error = S.STATUS_FAILED, error or failed
+    try:
+        writer.close(status, error)
+    except BaseException as exc:
+        _report(conn, caught)
+        conn.send(("error", _payload(exc)))
+        return
+    _report(conn, caught)
+    conn.send(("closed",))
