@@ -20,8 +20,9 @@ core). Contenders:
 - ``prehook``: a ten-line forward pre-hook that computes ``var_mean`` over every dim but the
   channels into a preallocated buffer, the issue's strawman;
 - ``nowriter``: ``statscope`` whose writer thread drops every block unread (nothing reaches the
-  store): the difference to ``statscope`` is what the writer thread costs the training thread,
-  through the GIL and the shared cores;
+  store; BatchNorm probes on the CPU skip the extra mean sum, as the writer decides for rows with
+  a small |mean|/std, as every row here has): the difference to ``statscope`` is what the writer
+  costs the training thread, through the GIL and the shared cores;
 - ``thread``: ``statscope`` with ``writer="thread"``: the store is written by the writer
   thread itself instead of a writer process (the default before 2026-11-28); the difference
   to ``statscope`` is what the zarr work costs training through the GIL;
@@ -217,6 +218,8 @@ class Arm:
                                             **extra).start()
             if name == "nowriter":
                 self.rec._worker.filer.file = _dropper(self.rec._worker.filer)
+                for cap in self.rec.captures:  # what a writer decides for these rows
+                    cap.sum_bn_mean = False
         elif name == "prehook":
             self.hook = PreHook(model)
 

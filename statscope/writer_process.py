@@ -18,7 +18,8 @@ training process: it ends when the pipe closes and, on Linux, is killed with its
 did when the writer was a thread. Errors in the child (a full disk) come back as the same
 exception at the next call; a child that dies is a :class:`~statscope.errors.StoreError`.
 
-``memory://`` stores live in the memory of one process and keep the thread.
+``memory://`` stores live in the memory of one process and keep the thread, as does Windows
+(``subprocess`` cannot hand a pipe to a child there).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def open_writer(path: str, layout: Layout, mode: str = "auto", **kwargs: Any):
     Args:
         path, layout, kwargs: as for :class:`~statscope.writer.RunWriter`.
         mode: ``"auto"`` (the ``STATSCOPE_WRITER`` environment variable if set, else a process
-            for every store but ``memory://``), ``"process"`` or ``"thread"``.
+            for every store but ``memory://``, and a thread on Windows), ``"process"`` or
+            ``"thread"``.
     """
     mode = resolve_mode(mode, path)
     if mode == "thread":
@@ -86,7 +88,8 @@ def resolve_mode(mode: str, path: str) -> str:
             raise StatscopeError(f"{_ENV}={env!r}: expected one of {WRITER_MODES}")
         mode = env
     if mode == "auto":
-        mode = "thread" if str(path).startswith("memory://") else "process"
+        # memory:// lives in one process's memory; Windows cannot pass the pipe to a child
+        mode = "thread" if str(path).startswith("memory://") or os.name == "nt" else "process"
     return mode
 
 
