@@ -34,12 +34,12 @@ import torch
 from statscope.errors import StatscopeError
 from statscope.probes.fastpath import BatchStats
 from statscope.probes.pool import BufferPool, Pair
-from statscope.probes.reduce import batchnorm_entry, entries_moments, step_entry
+from statscope.probes.reduce import batchnorm_entry, entries_gather, step_entry
 from statscope.probes.selection import Target
 from statscope.probes.sets import mask_weights, masked_entry, set_entry
 from statscope.probes.statistics import block_moments
 
-__all__ = ["Capture", "Segment", "segment_moments", "MAX_SHAPES_PER_BLOCK"]
+__all__ = ["Capture", "Segment", "gather_segments", "MAX_SHAPES_PER_BLOCK"]
 
 _BATCH_BYTES = 1 << 20
 _FULL = (torch.float32, torch.float64)
@@ -290,20 +290,18 @@ class Capture:
         return (*shape, c)
 
 
-def segment_moments(segments: list[Segment], order: int,
-                    channels: list[int] | None = None) -> list[tuple[np.ndarray, ...]]:
-    """Moments of each segment's rows as float64 numpy arrays (stop-start, C).
+def gather_segments(segments: list[Segment], order: int) -> tuple[list, list, list]:
+    """The torch half of the segments' moments: raw segments reduced, entries gathered.
 
     Small raw segments of the same shape (the probes of a network's equal-width layers) are
     reduced in one batched pass: at small batch sizes the writer thread's cost is per operation,
-    not per element. The entries of ``refs`` segments are stacked per segment and copied to the
-    host once per device.
+    not per element. The entries of ``refs`` segments are stacked per kind and copied to the
+    host once per device (:func:`statscope.probes.reduce.entries_gather`).
 
-    Args:
-        segments: the segments, of any probes.
-        order: 2 or 4.
-        channels: C of each segment (needed for ``refs`` segments whose rows are all None;
-            taken from the entries when omitted).
+    Returns:
+        ``(moments, jobs, refs)``: per segment its float64 moments (stop-start, C) as numpy
+        arrays, or None for a ``refs`` segment; the gathered entries; and ``(segment, rows)`` of
+        each ``refs`` segment (see :class:`statscope.rows.Gathered`).
     """
     out: list = [None] * len(segments)
     groups: dict[tuple, list[int]] = {}
@@ -316,13 +314,9 @@ def segment_moments(segments: list[Segment], order: int,
         # Batch small blocks only: big ones are bound by memory, and a copy would cost more.
         key = (buf.shape, buf.dtype, buf.device) if buf.nbytes <= _BATCH_BYTES else i
         groups.setdefault(key, []).append(i)
-    if refs:
-        runs = [segments[i].refs[segments[i].offset:segments[i].offset + segments[i].stop
-                                 - segments[i].start] for i in refs]
-        widths = [channels[i] if channels is not None else _width(run)
-                  for i, run in zip(refs, runs)]
-        for i, moments in zip(refs, entries_moments(runs, widths, order)):
-            out[i] = moments
+    runs = [segments[i].refs[segments[i].offset:segments[i].offset + segments[i].stop
+                             - segments[i].start] for i in refs]
+    jobs = entries_gather(runs) if refs else []
     for members in groups.values():
         blocks = []
         for i in members:
@@ -335,11 +329,4 @@ def segment_moments(segments: list[Segment], order: int,
         for i, block in zip(members, blocks):
             out[i] = tuple(m[first:first + len(block)] for m in moments)
             first += len(block)
-    return out
-
-
-def _width(run: list) -> int:
-    for e in run:
-        if e is not None:
-            return e[1].shape[-1]
-    return 0
+    return out, jobs, [(i, len(run)) for i, run in zip(refs, runs)]

@@ -36,8 +36,10 @@ import numpy as np
 import torch
 
 from statscope.native import kernels
+from statscope.rows import EntryJob, jobs_moments, mean_needs_sum
 
-__all__ = ["step_entry", "batchnorm_entry", "mean_needs_sum", "entry_moments", "SHIFT_SAMPLE",
+__all__ = ["step_entry", "batchnorm_entry", "mean_needs_sum", "entry_moments", "entries_gather",
+           "SHIFT_SAMPLE",
            "CPU_BATCHNORM_MAX"]
 
 SHIFT_SAMPLE = 8
@@ -83,24 +85,6 @@ def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True) -> tuple | N
     rows = rows.view(-1, x.shape[1])
     total = rows.sum(0) if x.dtype == torch.float32 else rows.sum(0, dtype=torch.float32)
     return ("suminv", total, stats.invstd, stats.eps, per_channel)
-
-
-def mean_needs_sum(mean: np.ndarray, var: np.ndarray, count: np.ndarray) -> bool:
-    """Whether a probe's BatchNorm mean, summed in float32 by torch's CPU kernel, could drift by
-    more than half the fast path's bound (1e-4 of √(var + eps)) at the |mean|/std and element
-    counts of these rows, taking the drift as 1e-7·√M·|mean|/std (three times the largest
-    measured; see :func:`batchnorm_entry`): a margin for the steps until the next block.
-
-    Args:
-        mean, var: (k, C) moments of recent steps; the last eight rows are read.
-        count: (k,) elements per channel.
-    """
-    mean, var, count = mean[-8:], var[-8:], count[-8:]
-    with np.errstate(all="ignore"):
-        ratio = np.abs(mean) / np.sqrt(var + 1e-5)
-    ratio = np.where(np.isfinite(ratio), ratio, 0.0)
-    m = float(np.max(count)) if len(count) else 0.0
-    return bool(ratio.size and float(ratio.max()) * np.sqrt(m) * 1e-7 > 5e-5)
 
 
 @torch.no_grad()
@@ -171,9 +155,14 @@ def entry_moments(entries: Sequence[tuple | None], channels: int, order: int
 
 def entries_moments(runs: Sequence[Sequence[tuple | None]], channels: Sequence[int], order: int
                     ) -> list[tuple[np.ndarray, ...]]:
-    """:func:`entry_moments` of several runs at once (the probes of a block): entries of one
-    kind and width are stacked together, whatever run they belong to, copied to the host once
-    per device, and turned into moments in one vectorized pass."""
+    """:func:`entry_moments` of several runs at once (the probes of a block)."""
+    return jobs_moments(entries_gather(runs), [len(r) for r in runs], channels, order)
+
+
+def entries_gather(runs: Sequence[Sequence[tuple | None]]) -> list[EntryJob]:
+    """The entries of several runs as host arrays: entries of one kind and width are stacked
+    together, whatever run they belong to, and copied to the host once per device (the torch
+    half of :func:`entries_moments`; :func:`statscope.rows.jobs_moments` is the numpy half)."""
     groups: dict[tuple, list] = {}  # (tag, length, C) -> [(run, rows)], rows of that run
     for i, entries in enumerate(runs):
         kinds = {(e[0], len(e)) if e is not None else None for e in entries}
@@ -185,7 +174,8 @@ def entries_moments(runs: Sequence[Sequence[tuple | None]], channels: Sequence[i
                 if e is not None:
                     mine.setdefault((e[0], len(e)), []).append(r)
         for (tag, length), rows in mine.items():
-            groups.setdefault((tag, length, channels[i]), []).append((i, rows))
+            width = runs[i][rows[0]][1].shape[-1]
+            groups.setdefault((tag, length, width), []).append((i, list(rows)))
     jobs = []  # (tag, members, stacked tensors, per-row numbers)
     for (tag, length, _), members in groups.items():
         picked = [runs[i][r] for i, rows in members for r in rows]
@@ -194,30 +184,25 @@ def entries_moments(runs: Sequence[Sequence[tuple | None]], channels: Sequence[i
         numbers = np.array([e[1 + n:] for e in picked], np.float64)
         jobs.append((tag, members, stacked, numbers))
     host = _to_host([t for job in jobs for t in job[2]])
-    out = [tuple(np.full((len(entries), channels[i]), np.nan) for _ in range(2 if order < 4 else 4))
-           for i, entries in enumerate(runs)]
-    pos = 0
+    out, pos = [], 0
     for tag, members, stacked, numbers in jobs:
-        arrays = host[pos:pos + len(stacked)]
+        out.append(EntryJob(tag, members, host[pos:pos + len(stacked)], numbers))
         pos += len(stacked)
-        moments = _MOMENTS[tag](arrays, numbers, order)
-        first = 0
-        for i, rows in members:
-            for dst, src in zip(out[i], moments):
-                if src is not None:
-                    dst[rows] = src[first:first + len(rows)]
-            first += len(rows)
     return out
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
-    """Float64 numpy copies of ``tensors``: one concatenation and one copy per device."""
+    """Numpy copies of ``tensors`` (float64 if any is, else float32): one concatenation and one
+    copy per device."""
     by_device: dict[torch.device, list[int]] = {}
     for j, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(j)
     out: list = [None] * len(tensors)
     for members in by_device.values():
-        flat = torch.cat([tensors[j].reshape(-1) for j in members]).cpu().double().numpy()
+        flat = torch.cat([tensors[j].reshape(-1) for j in members]).cpu()
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()  # bf16/fp16 entries: exact in float32
+        flat = flat.numpy()
         pos = 0
         for j in members:
             n = tensors[j].numel()
@@ -226,40 +211,6 @@ def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
     return out
 
 
-def _invstd(arrays, numbers, order):
-    mean, invstd = arrays
-    with np.errstate(divide="ignore"):
-        var = np.maximum(1.0 / (invstd * invstd) - numbers[:, :1], 0.0)
-    return mean, var, None, None
-
-
-def _suminv(arrays, numbers, order):
-    total, invstd = arrays
-    _, var, _, _ = _invstd((None, invstd), numbers, order)
-    return total / numbers[:, 1:2], var, None, None
-
-
-def _var(arrays, _numbers, order):
-    mean, var = arrays[:2]
-    return mean, np.maximum(var, 0.0), None, None
-
-
-def _sums(arrays, numbers, order):
-    x0, s, s1, s2 = arrays[:4]
-    m = numbers[:, :1]
-    a = s1 / m
-    mean = x0 + s * a
-    var = np.maximum(s2 / m - a * a, 0.0) * (s * s)
-    if order < 4 or len(arrays) < 6:
-        return mean, var, None, None
-    e3, e4 = arrays[4] / m, arrays[5] / m
-    e2 = s2 / m
-    m3 = (e3 - 3 * a * e2 + 2 * a ** 3) * s ** 3
-    m4 = (e4 - 4 * a * e3 + 6 * a * a * e2 - 3 * a ** 4) * s ** 4
-    return mean, var, m3, np.maximum(m4, 0.0)
-
-
-_MOMENTS = {"invstd": _invstd, "suminv": _suminv, "var": _var, "wvar": _var, "sums": _sums}
 # Tensors after the tag ("sums": all but the tag and M); "wvar" (statscope.probes.sets) also
 # carries the count of real elements per channel.
 _TENSORS = {"invstd": 2, "suminv": 2, "var": 2, "wvar": 3}

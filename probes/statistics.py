@@ -19,26 +19,10 @@ import torch
 
 from statscope import schema as S
 from statscope.errors import StatscopeError
+from statscope.rows import BUILTIN, Moments
 
 __all__ = ["Moments", "Statistic", "register_statistic", "get_statistic", "STATISTICS",
-           "block_moments", "finish"]
-
-
-@dataclass(frozen=True)
-class Moments:
-    """Per-channel moments of ``k`` steps of one probe, float64 on the host.
-
-    Attributes:
-        mean, var: (k, C) mean and population variance.
-        m3, m4: (k, C) third and fourth central moments, or None when no statistic needs them.
-        groups: EN groups of the probe.
-    """
-
-    mean: np.ndarray
-    var: np.ndarray
-    m3: np.ndarray | None
-    m4: np.ndarray | None
-    groups: int
+           "block_moments", "computes"]
 
 
 @dataclass(frozen=True)
@@ -65,26 +49,12 @@ class Statistic:
         return self.compute is None
 
 
-def _group_moments(m: Moments) -> tuple[np.ndarray, np.ndarray]:
-    k, c = m.mean.shape
-    mean = m.mean.reshape(k, m.groups, c // m.groups)
-    var = m.var.reshape(k, m.groups, c // m.groups)
-    g_mean = mean.mean(-1)
-    g_var = var.mean(-1) + ((mean - g_mean[..., None]) ** 2).mean(-1)
-    return g_mean, g_var
-
-
-def _kurtosis(m: Moments) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return m.m4 / (m.var * m.var)
-
-
 STATISTICS: dict[str, Statistic] = {
-    S.BN_MEAN: Statistic(S.BN_MEAN, 2, False, lambda m: m.mean),
-    S.BN_STD: Statistic(S.BN_STD, 2, False, lambda m: np.sqrt(m.var)),
-    S.EN_MEAN: Statistic(S.EN_MEAN, 2, True, lambda m: _group_moments(m)[0]),
-    S.EN_STD: Statistic(S.EN_STD, 2, True, lambda m: np.sqrt(_group_moments(m)[1])),
-    S.BN_KURT: Statistic(S.BN_KURT, 4, False, _kurtosis),
+    S.BN_MEAN: Statistic(S.BN_MEAN, 2, False, BUILTIN[S.BN_MEAN]),
+    S.BN_STD: Statistic(S.BN_STD, 2, False, BUILTIN[S.BN_STD]),
+    S.EN_MEAN: Statistic(S.EN_MEAN, 2, True, BUILTIN[S.EN_MEAN]),
+    S.EN_STD: Statistic(S.EN_STD, 2, True, BUILTIN[S.EN_STD]),
+    S.BN_KURT: Statistic(S.BN_KURT, 4, False, BUILTIN[S.BN_KURT]),
     **{name: Statistic(name, 2, True, None) for name in S.SET_STATS},
 }
 """The registry, by store variable name."""
@@ -162,12 +132,6 @@ def _block_moments(raw: torch.Tensor, order: int) -> tuple[torch.Tensor, ...]:
     return mean, var, (e2 * e).sum(-1) / m, e2.square_().sum(-1) / m
 
 
-def finish(moments: Moments, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Compute the named statistics from one probe's moments: ``{name: (k, C or groups)}``
-    (the per-set statistics, which the moments cannot give, are left out)."""
-    out = {}
-    for n in names:
-        compute = STATISTICS[n].compute
-        if compute is not None:
-            out[n] = compute(moments)
-    return out
+def computes(names) -> dict:
+    """``{name: compute}`` of the named per-channel statistics (the per-set ones have none)."""
+    return {n: STATISTICS[n].compute for n in names if STATISTICS[n].compute is not None}

@@ -23,11 +23,12 @@ import numpy as np
 
 from statscope import schema as S
 from statscope.errors import NonFiniteWarning
-from statscope.probes.block import Block, block_rows
+from statscope.probes.block import Block, gather_block
 from statscope.probes.capture import Capture
 from statscope.probes.neurons import choose_units
 from statscope.probes.pool import BufferPool
-from statscope.probes.statistics import Statistic
+from statscope.probes.statistics import Statistic, computes
+from statscope.rows import BUILTIN, Gathered, compute_rows, file_columns
 from statscope.probes.streams import StreamOrder
 from statscope.store import ProbeInfo
 from statscope.writer import RunWriter
@@ -95,6 +96,11 @@ class Filer:
         names = {p.name: i for i, p in enumerate(writer.layout.probes)}
         self.column = {i: names[s.info.name] for i, s in enumerate(static) if s.info.name in names}
         self.warned_nonfinite = False
+        self.bad = 0  # non-finite values filed
+        self._computes = computes(s.name for s in statistics)
+        # the writer process computes the rows itself when it knows every statistic (a user's
+        # register_statistic lives in this process only)
+        self.remote = isinstance(writer, WriterProcess) and set(self._computes) <= set(BUILTIN)
 
     def file(self, block: Block) -> list[Notice]:
         """Append ``block``'s rows that the store does not hold yet; return notices."""
@@ -105,40 +111,46 @@ class Filer:
             if skip < block.n:
                 self.streams.wait(block.ready)
                 with self.streams.writer_context():
-                    rows = block_rows(block, self.captures, self.statistics, self.order, skip)
-                self._append(rows, notices)
+                    gathered = gather_block(block, self.captures, self.statistics, self.order,
+                                            skip)
+                self._append(gathered)
         finally:
             if block.owned:
                 for pair in block.buffers():
                     self.pool.give(pair)
-        return notices
+        return self.settle(notices)
 
-    def _append(self, rows, notices: list[Notice]) -> None:
-        new = [i for i, st in enumerate(rows.stats) if st is not None and i not in self.column]
+    def _append(self, gathered: Gathered) -> None:
+        new = [i for i, part in enumerate(gathered.parts)
+               if part is not None and i not in self.column]
         if new:
             self._add(new)
-        lay = self.writer.layout
-        k = len(rows.steps)
-        by_probe = {j: i for i, j in self.column.items()}
-        count = np.zeros((k, len(lay.probes)), np.int64)
-        stats = {}
-        for s in self.statistics:
-            parts = []
-            for j, p in enumerate(lay.probes):
-                i = by_probe.get(j)
-                st = rows.stats[i] if i is not None else None
-                width = p.groups if s.per_group else p.channels
-                parts.append(st[s.name] if st is not None else np.full((k, width), np.nan,
-                                                                       np.float32))
-            stats[s.name] = np.concatenate(parts, axis=1) if parts else np.zeros((k, 0), np.float32)
-        for i, j in self.column.items():
-            count[:, j] = rows.counts[i]
-        bad = self.writer.append(rows.steps, count, stats, rows.scalars)
-        if bad and not self.warned_nonfinite:
+        if self.remote:  # the rows follow in the writer process
+            self.writer.append_gathered(gathered, dict(self.column))
+            return
+        rows = compute_rows(gathered, self._computes)
+        self._advise(rows.advice)
+        steps, count, stats = file_columns(rows, self.column, self.writer.layout)
+        self.bad += self.writer.append(steps, count, stats, rows.scalars)
+
+    def settle(self, notices: list[Notice] | None = None) -> list[Notice]:
+        """Take what the writer process reported of the blocks it filed (advice for the probes,
+        non-finite values) and turn it into notices; also at close, after the last block."""
+        notices = [] if notices is None else notices
+        if self.remote:
+            advice, bad = self.writer.take_filed()
+            self._advise(advice)
+            self.bad += bad
+        if self.bad and not self.warned_nonfinite:
             self.warned_nonfinite = True
             notices.append(Notice(
                 f"statscope: non-finite statistics recorded ({self.writer.nonfinite}); they are "
                 "stored as they are and counted in the run's attrs", NonFiniteWarning))
+        return notices
+
+    def _advise(self, advice: Mapping[int, bool]) -> None:
+        for i, needs_sum in advice.items():
+            self.captures[i].sum_bn_mean = needs_sum
 
     def _add(self, new: list[int]) -> None:
         probes, mean, var = [], [], []
@@ -245,6 +257,7 @@ class Worker:
                 self.notices.extend(self.filer.file(block))
         if writer.flush_due():
             writer.flush()
+        self.notices.extend(self.filer.settle())
 
     def _safely(self, fn) -> None:
         try:
@@ -266,5 +279,6 @@ class Worker:
             status, error = S.STATUS_FAILED, error or f"writer: {exc!r}"
         try:
             writer.close(status, error)
+            self.notices.extend(self.filer.settle())
         except BaseException as exc:
             self.failure = self.failure or exc

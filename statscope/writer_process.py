@@ -7,7 +7,8 @@ the chunks, the window summaries) cost ~150 µs per step of the paper's FC net a
 (~10 % of its step) when it ran on a thread (``benchmarks/bench_models.py``, contender
 ``thread``). :class:`WriterProcess` runs a :class:`~statscope.writer.RunWriter` in a child
 process instead and stands in for it on the writer thread, which then only reduces the block to
-rows and sends them down a pipe.
+(gathers) each block into host arrays — its torch work — and sends them down a pipe; the child
+computes the rows in numpy (:mod:`statscope.rows`) and writes them.
 
 The child is forked from multiprocessing's fork server (started once per process, with
 :mod:`statscope.writer` preloaded; ``spawn`` where there is no fork server), never from the
@@ -38,6 +39,7 @@ import numpy as np
 
 from statscope import schema as S
 from statscope.errors import StatscopeError, StoreError
+from statscope.rows import Gathered, compute_rows, file_columns
 from statscope.store import Layout, ProbeInfo
 from statscope.writer import RunWriter, count_nonfinite
 
@@ -110,6 +112,8 @@ class WriterProcess:
         self.path = os.fspath(path)
         self.closed = False
         self._failure: BaseException | None = None
+        self._advice: dict[int, bool] = {}
+        self._bad = 0
         ours, theirs = socket.socketpair()
         self._conn = Connection(ours.detach())
         fd = theirs.detach()
@@ -154,6 +158,29 @@ class WriterProcess:
         self._send(("append", steps, count, dict(stats), dict(scalars or {})))
         self.next_step = int(steps[-1]) + 1
         return sum(bad.values())
+
+    def append_gathered(self, gathered: Gathered, column: Mapping[int, int]) -> None:
+        """Have the child compute the rows of a gathered block and append them
+        (:func:`statscope.rows.compute_rows`, :func:`statscope.rows.file_columns`); what it
+        finds comes back through :meth:`take_filed`.
+
+        Args:
+            gathered: the block's host arrays.
+            column: recorder probe index -> the layout's probe index, for every probe that ran.
+        """
+        self._check()
+        if len(gathered.steps) == 0:
+            return
+        self._send(("gathered", gathered, column))
+        self.next_step = int(gathered.steps[-1]) + 1
+
+    def take_filed(self) -> tuple[dict[int, bool], int]:
+        """What the child reported of the gathered blocks it filed since the last call: advice
+        for the BatchNorm fast path per probe index, and the new non-finite values."""
+        self._check()
+        advice, bad = self._advice, self._bad
+        self._advice, self._bad = {}, 0
+        return advice, bad
 
     def add_probes(self, probes: Sequence[ProbeInfo], running0=None) -> None:
         """As :meth:`RunWriter.add_probes`; waits for the child's new layout."""
@@ -200,6 +227,8 @@ class WriterProcess:
         """Raise the error the child reported, if any (without waiting)."""
         if self._failure is not None:
             raise self._failure
+        if self.closed:
+            return  # close() read every reply
         try:
             while self._conn.poll():
                 self._take(self._conn.recv())
@@ -224,6 +253,10 @@ class WriterProcess:
     def _take(self, msg) -> None:
         if msg[0] == "warn":  # where a RunWriter on this thread would have warned
             warnings.warn(msg[1], msg[2], stacklevel=2)
+        elif msg[0] == "filed":
+            self._advice.update(msg[1])
+            self._bad += msg[2]
+            self.nonfinite = msg[3]
         elif msg[0] == "error":
             self._failure = _rebuild(msg[1])
             raise self._failure
@@ -342,7 +375,12 @@ def _loop(conn, writer: RunWriter, caught: list) -> None:
 
 def _handle(conn, writer: RunWriter, msg) -> None:
     kind = msg[0]
-    if kind == "append":
+    if kind == "gathered":
+        rows = compute_rows(msg[1])
+        steps, count, stats = file_columns(rows, msg[2], writer.layout)
+        bad = writer.append(steps, count, stats, rows.scalars)
+        conn.send(("filed", rows.advice, bad, dict(writer.nonfinite)))
+    elif kind == "append":
         writer.append(*msg[1:])
     elif kind == "add":
         writer.add_probes(msg[1], msg[2])

@@ -1,0 +1,353 @@
+"""Rows of a run from a block's host arrays: the numpy side of filing, without torch.
+
+The writer thread *gathers* a block (:func:`statscope.probes.block.gather_block`): torch work
+only — the raw buffers' moments, the per-step entries stacked and copied to the host once — into
+a :class:`Gathered`, which holds numpy arrays and pickles. Everything after that is here: moments
+from entries, NaN for the steps a probe missed, the statistics, the per-set statistics, the
+BatchNorm fast path's advice, and the columns of the store (:func:`file_columns`). It is pure
+numpy so that it can run in the writer process (:mod:`statscope.writer_process`): the writer
+thread's Python then holds the training's GIL only for the gathering (measured on the paper's FC
+net at batch size 4: a writer thread running the whole filing slowed training by 8–9 %, one
+running only the gathering by < 1 %; ``benchmarks/bench_models.py`` has the end-to-end figures).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from statscope import schema as S
+from statscope.layout import Layout
+
+__all__ = ["Moments", "Rows", "Gathered", "ProbePart", "EntryJob", "BUILTIN", "compute_rows",
+           "file_columns", "jobs_moments", "mean_needs_sum", "group_moments"]
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Per-channel moments of ``k`` steps of one probe, float64 on the host.
+
+    Attributes:
+        mean, var: (k, C) mean and population variance.
+        m3, m4: (k, C) third and fourth central moments, or None when no statistic needs them.
+        groups: EN groups of the probe.
+    """
+
+    mean: np.ndarray
+    var: np.ndarray
+    m3: np.ndarray | None
+    m4: np.ndarray | None
+    groups: int
+
+
+def group_moments(m: Moments) -> tuple[np.ndarray, np.ndarray]:
+    """(k, groups) mean and variance of each EN group, by the law of total variance."""
+    k, c = m.mean.shape
+    mean = m.mean.reshape(k, m.groups, c // m.groups)
+    var = m.var.reshape(k, m.groups, c // m.groups)
+    g_mean = mean.mean(-1)
+    g_var = var.mean(-1) + ((mean - g_mean[..., None]) ** 2).mean(-1)
+    return g_mean, g_var
+
+
+def _kurtosis(m: Moments) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return m.m4 / (m.var * m.var)
+
+
+BUILTIN: dict[str, Callable[[Moments], np.ndarray]] = {
+    S.BN_MEAN: lambda m: m.mean,
+    S.BN_STD: lambda m: np.sqrt(m.var),
+    S.EN_MEAN: lambda m: group_moments(m)[0],
+    S.EN_STD: lambda m: np.sqrt(group_moments(m)[1]),
+    S.BN_KURT: _kurtosis,
+}
+"""How statscope's own per-channel statistics follow from the moments (the per-set ones do not)."""
+
+
+def mean_needs_sum(mean: np.ndarray, var: np.ndarray, count: np.ndarray) -> bool:
+    """Whether a probe's BatchNorm mean, summed in float32 by torch's CPU kernel, could drift by
+    more than half the fast path's bound (1e-4 of √(var + eps)) at the |mean|/std and element
+    counts of these rows, taking the drift as 1e-7·√M·|mean|/std (three times the largest
+    measured; see :func:`statscope.probes.reduce.batchnorm_entry`): a margin for the steps until
+    the next block.
+
+    Args:
+        mean, var: (k, C) moments of recent steps; the last eight rows are read.
+        count: (k,) elements per channel.
+    """
+    mean, var, count = mean[-8:], var[-8:], count[-8:]
+    with np.errstate(all="ignore"):
+        ratio = np.abs(mean) / np.sqrt(var + 1e-5)
+    ratio = np.where(np.isfinite(ratio), ratio, 0.0)
+    m = float(np.max(count)) if len(count) else 0.0
+    return bool(ratio.size and float(ratio.max()) * np.sqrt(m) * 1e-7 > 5e-5)
+
+
+# -- entries (statscope.probes.reduce) to moments ----------------------------------------------
+
+def _invstd(arrays, numbers, order):
+    mean, invstd = arrays
+    with np.errstate(divide="ignore"):
+        var = np.maximum(1.0 / (invstd * invstd) - numbers[:, :1], 0.0)
+    return mean, var, None, None
+
+
+def _suminv(arrays, numbers, order):
+    total, invstd = arrays
+    _, var, _, _ = _invstd((None, invstd), numbers, order)
+    return total / numbers[:, 1:2], var, None, None
+
+
+def _var(arrays, _numbers, order):
+    mean, var = arrays[:2]
+    return mean, np.maximum(var, 0.0), None, None
+
+
+def _sums(arrays, numbers, order):
+    x0, s, s1, s2 = arrays[:4]
+    m = numbers[:, :1]
+    a = s1 / m
+    mean = x0 + s * a
+    var = np.maximum(s2 / m - a * a, 0.0) * (s * s)
+    if order < 4 or len(arrays) < 6:
+        return mean, var, None, None
+    e3, e4 = arrays[4] / m, arrays[5] / m
+    e2 = s2 / m
+    m3 = (e3 - 3 * a * e2 + 2 * a ** 3) * s ** 3
+    m4 = (e4 - 4 * a * e3 + 6 * a * a * e2 - 3 * a ** 4) * s ** 4
+    return mean, var, m3, np.maximum(m4, 0.0)
+
+
+ENTRY_MOMENTS = {"invstd": _invstd, "suminv": _suminv, "var": _var, "wvar": _var, "sums": _sums}
+
+
+@dataclass(frozen=True)
+class EntryJob:
+    """Entries of one kind and width, of several runs, stacked and on the host.
+
+    Attributes:
+        tag: the entries' kind (:mod:`statscope.probes.reduce`).
+        members: ``(run, rows)`` pairs: which rows of which run, in stacking order.
+        arrays: the entries' tensors, each (rows, C) on the host (float32 or float64).
+        numbers: (rows, n) float64, the numbers each entry carries after its tensors.
+    """
+
+    tag: str
+    members: list
+    arrays: list
+    numbers: np.ndarray
+
+
+def jobs_moments(jobs: Sequence[EntryJob], lengths: Sequence[int], channels: Sequence[int],
+                 order: int) -> list[tuple[np.ndarray, ...]]:
+    """The float64 moments of each run (``lengths[i]`` rows of ``channels[i]``) from its jobs;
+    NaN in rows without an entry and in m3/m4 of entries that cannot give them."""
+    out = [tuple(np.full((n, c), np.nan) for _ in range(2 if order < 4 else 4))
+           for n, c in zip(lengths, channels)]
+    for job in jobs:
+        arrays = [np.asarray(a, np.float64) for a in job.arrays]
+        moments = ENTRY_MOMENTS[job.tag](arrays, job.numbers, order)
+        first = 0
+        for i, rows in job.members:
+            for dst, src in zip(out[i], moments):
+                if src is not None:
+                    dst[rows] = src[first:first + len(rows)]
+            first += len(rows)
+    return out
+
+
+# -- a gathered block to rows -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ProbePart:
+    """One probe's share of a gathered block.
+
+    Attributes:
+        channels, groups: the probe's width and EN groups.
+        spans: ``(start, stop)`` block rows of each of its segments, in order.
+        cpu_batchnorm: its rows hold a BatchNorm's own statistics computed on the CPU (the
+            writer advises it whether the mean needs an extra sum).
+        sets: rows (relative to ``skip``) that have per-set entries, and their (rows, 4, G)
+            float64 values (:data:`statscope.schema.SET_STATS` order); None when not recorded.
+        set_width: G of ``sets``.
+    """
+
+    channels: int
+    groups: int
+    spans: tuple
+    cpu_batchnorm: bool = False
+    sets: tuple | None = None
+    set_width: int = 0
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """A block reduced to host arrays, rows ``skip:n``: what :func:`compute_rows` needs.
+
+    Attributes:
+        steps: (k,) global steps of the rows.
+        counts: per probe, (k,) int64 elements per channel (0 where it did not run).
+        parts: per probe, its :class:`ProbePart`, or None when it did not run in these rows.
+        segments: per segment of every part (in order), its float64 moments, or None for a
+            segment of entries, whose moments come from ``jobs``.
+        jobs: the stacked entries (:func:`jobs_moments`), of the runs ``refs`` lists.
+        refs: ``(segment index, rows)`` of each run of entries (its segment's rows).
+        scalars: ``{name: (k,)}`` float64, NaN where not logged.
+        skip, n: the rows of the block these are.
+        order: 2 or 4.
+        names: the statistics to compute; set_names: the per-set ones among them.
+    """
+
+    steps: np.ndarray
+    counts: list
+    parts: list
+    segments: list
+    jobs: list
+    refs: list
+    scalars: dict
+    skip: int
+    n: int
+    order: int
+    names: tuple
+    set_names: tuple = ()
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The statistics of rows ``skip:n`` of a block, per probe.
+
+    Attributes:
+        steps: (k,) global steps.
+        counts: per probe, (k,) int64 elements per channel (0 where it did not run).
+        stats: per probe that ran in these rows, ``{name: (k, C) or (k, groups)}`` float32; None
+            for the others (their channels may still be unknown).
+        scalars: ``{name: (k,)}`` float64, NaN where not logged.
+        advice: per probe index, whether its BatchNorm mean needs the extra sum on the CPU.
+    """
+
+    steps: np.ndarray
+    counts: list
+    stats: list
+    scalars: dict = field(default_factory=dict)
+    advice: dict = field(default_factory=dict)
+
+
+def compute_rows(g: Gathered, compute: Mapping[str, Callable[[Moments], np.ndarray]] = BUILTIN
+                 ) -> Rows:
+    """The statistics of a gathered block.
+
+    Args:
+        g: the gathered block.
+        compute: how each per-channel statistic follows from the moments (statscope's own by
+            default; the recorder passes its registry, which may hold the user's).
+    """
+    order, k = g.order, g.n - g.skip
+    segments = list(g.segments)
+    if g.refs:
+        lengths = [rows for _, rows in g.refs]
+        widths = [_width_of(g, j) for j, _ in g.refs]
+        for (j, _), moments in zip(g.refs, jobs_moments(g.jobs, lengths, widths, order)):
+            segments[j] = moments
+    computed = iter(segments)
+    moments: list = []
+    for part, count in zip(g.parts, g.counts):
+        if part is None:
+            moments.append(None)
+            continue
+        arrays = [np.full((k, part.channels), np.nan) for _ in range(2 if order < 4 else 4)]
+        for start, stop in part.spans:
+            for dst, src in zip(arrays, next(computed)):
+                dst[start - g.skip:stop - g.skip] = src
+        for a in arrays:
+            a[count == 0] = np.nan  # slots this probe did not run in hold stale buffer rows
+        m3, m4 = (arrays[2], arrays[3]) if order >= 4 else (None, None)
+        moments.append(Moments(arrays[0], arrays[1], m3, m4, part.groups))
+    stats = _finish_all(moments, g.names, compute)
+    if g.set_names:
+        _add_sets(stats, g.parts, g.set_names, k)
+    advice = {i: mean_needs_sum(m.mean, m.var, count)
+              for i, (m, part, count) in enumerate(zip(moments, g.parts, g.counts))
+              if m is not None and part.cpu_batchnorm}
+    return Rows(g.steps, g.counts, stats, g.scalars, advice)
+
+
+def _width_of(g: Gathered, segment: int) -> int:
+    """C of the probe that segment ``segment`` (in part order) belongs to."""
+    seen = 0
+    for part in g.parts:
+        if part is None:
+            continue
+        if segment < seen + len(part.spans):
+            return part.channels
+        seen += len(part.spans)
+    raise IndexError(segment)
+
+
+def _finish_all(moments: list, names: tuple, compute: Mapping[str, Callable]) -> list:
+    """The statistics per probe, in one pass for the probes of equal width and groups (the cost
+    at small batch sizes is per numpy call)."""
+    out: list = [None] * len(moments)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, m in enumerate(moments):
+        if m is not None:
+            groups.setdefault((m.mean.shape[1], m.groups), []).append(i)
+    for (_, g), members in groups.items():
+        parts = [moments[i] for i in members]
+        if len(parts) == 1:
+            joined = parts[0]
+        else:
+            cat = [None if getattr(parts[0], a) is None
+                   else np.concatenate([getattr(m, a) for m in parts])
+                   for a in ("mean", "var", "m3", "m4")]
+            joined = Moments(*cat, g)
+        with np.errstate(all="ignore"):  # NaN rows of steps a probe missed are expected
+            done = {n: compute[n](joined).astype(np.float32) for n in names if n in compute}
+        first = 0
+        for i, m in zip(members, parts):
+            k = len(m.mean)
+            out[i] = {name: v[first:first + k] for name, v in done.items()}
+            first += k
+    return out
+
+
+def _add_sets(stats: list, parts: list, names: tuple, k: int) -> None:
+    """The per-set statistics of each probe that ran: (k, G) arrays from its entries."""
+    for i, part in enumerate(parts):
+        if part is None or part.sets is None or stats[i] is None:
+            continue
+        present, host = part.sets
+        arrays = [np.full((k, part.set_width), np.nan) for _ in names]
+        if len(present):
+            for name, a in zip(names, arrays):  # entries hold the four in SET_STATS order
+                a[present] = host[:, S.SET_STATS.index(name)]
+        stats[i].update({name: a.astype(np.float32) for name, a in zip(names, arrays)})
+
+
+def file_columns(rows: Rows, column: Mapping[int, int], layout: Layout
+                 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The store's columns of ``rows``: ``(steps, count (k, n_probes), {stat: (k, width)})``.
+
+    Args:
+        rows: the rows, per probe of the recorder.
+        column: recorder probe index -> the layout's probe index (every probe that ran).
+        layout: the run's layout; its probes without rows get NaN and count 0.
+    """
+    by_probe = {j: i for i, j in column.items()}
+    k = len(rows.steps)
+    count = np.zeros((k, len(layout.probes)), np.int64)
+    stats = {}
+    for s in layout.stats:
+        per_group = s in S.PER_GROUP_STATS
+        parts = []
+        for j, p in enumerate(layout.probes):
+            i = by_probe.get(j)
+            st = rows.stats[i] if i is not None else None
+            width = p.groups if per_group else p.channels
+            parts.append(st[s] if st is not None else np.full((k, width), np.nan, np.float32))
+        stats[s] = np.concatenate(parts, axis=1) if parts else np.zeros((k, 0), np.float32)
+    for i, j in column.items():
+        count[:, j] = rows.counts[i]
+    return rows.steps, count, stats
