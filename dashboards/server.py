@@ -73,11 +73,19 @@ class Server:
         # Sockets are closed by the loop's own thread (the trigger runs a call there): closing
         # them from here would pull them from under its select(). An empty map ends the loop.
         pulls = [c for c in self._map.values() if isinstance(c, trigger)]
+        pulled = False
         if pulls and self._thread is not None and self._thread.is_alive():
-            pulls[0].pull_trigger(close_all)
+            try:
+                pulls[0].pull_trigger(close_all)
+                pulled = True
+            except OSError:  # the loop closed its trigger meanwhile (seen once in CI: EBADF)
+                pass
+        if pulled:
             self._thread.join(timeout)
         else:
             close_all()
+            if self._thread is not None:
+                self._thread.join(timeout)
         self._server.task_dispatcher.shutdown(timeout=timeout)
 
 
