@@ -135,7 +135,8 @@ class Recorder:
         use_options(os.fspath(path), storage_options)
         # checked now although the writer opens the store at start()
         self.resume = check_path(self.path, overwrite=overwrite, resume=resume) and resume
-        self.writer_mode = resolve_mode(writer, self.path)
+        resolve_mode(writer, self.path)  # checked now, resolved at start()
+        self._writer_mode = writer
         self.overwrite = overwrite
         self.model = model
         self.root = unwrap(model)
@@ -230,7 +231,7 @@ class Recorder:
             attrs=self._start_attrs(), overwrite=self.overwrite, resume=self.resume,
             chunk_steps=self.chunk_steps, flush_seconds=self.flush_seconds,
             running0=_running0(known, self.captures), window_steps=self.window_steps,
-            mode=self.writer_mode)
+            mode=self._writer_mode)
         self._state = "started"
         try:
             self._begin_at(writer.next_step)

@@ -38,12 +38,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from statscope import schema as S
-from statscope.errors import StatscopeError, StoreError
+from statscope.errors import StatscopeError, StatscopeWarning, StoreError
 from statscope.rows import Gathered, compute_rows, file_columns
 from statscope.store import Layout, ProbeInfo
 from statscope.writer import RunWriter, count_nonfinite
 
-__all__ = ["WriterProcess", "open_writer", "WRITER_MODES"]
+__all__ = ["WriterProcess", "WriterStartError", "open_writer", "resolve_mode", "WRITER_MODES"]
 
 WRITER_MODES = ("auto", "process", "thread")
 _ENV = "STATSCOPE_WRITER"
@@ -74,10 +74,22 @@ def open_writer(path: str, layout: Layout, mode: str = "auto", **kwargs: Any):
             for every store but ``memory://``, and a thread on Windows), ``"process"`` or
             ``"thread"``.
     """
-    mode = resolve_mode(mode, path)
-    if mode == "thread":
+    chosen = resolve_mode(mode, path)
+    if chosen == "thread":
         return RunWriter(path, layout, **kwargs)
-    return WriterProcess(path, layout, **kwargs)
+    try:
+        return WriterProcess(path, layout, **kwargs)
+    except WriterStartError as exc:
+        if mode != "auto" or os.environ.get(_ENV) == "process":
+            raise
+        warnings.warn(f"statscope: {exc}; the writer thread writes the store instead",
+                      StatscopeWarning, stacklevel=3)
+        return RunWriter(path, layout, **kwargs)
+
+
+class WriterStartError(StoreError):
+    """The writer process could not be started, or ended before it opened the run (with
+    ``writer="auto"`` the writer thread then writes the store, with a warning)."""
 
 
 def resolve_mode(mode: str, path: str) -> str:
@@ -112,6 +124,7 @@ class WriterProcess:
         self.path = os.fspath(path)
         self.closed = False
         self._failure: BaseException | None = None
+        self._opened = False  # the child opened the run
         self._advice: dict[int, bool] = {}
         self._bad = 0
         ours, theirs = socket.socketpair()
@@ -126,8 +139,8 @@ class WriterProcess:
                 pass_fds=(fd,), env=env, stdin=subprocess.DEVNULL)
         except OSError as exc:
             self._conn.close()
-            raise StoreError(f"path={self.path!r}: cannot start the writer process "
-                             f"({exc}); pass writer='thread'") from exc
+            raise WriterStartError(f"path={self.path!r}: cannot start the writer process "
+                                   f"({exc}); pass writer='thread'") from exc
         finally:
             os.close(fd)
         setup = {"parent": os.getpid(), "options": dict(storage._OPTIONS),
@@ -138,6 +151,7 @@ class WriterProcess:
         except BaseException:
             self._end()
             raise
+        self._opened = True
 
     @property
     def pid(self) -> int:
@@ -268,8 +282,13 @@ class WriterProcess:
             code = None
         how = f"was killed by signal {-code}" if code is not None and code < 0 else \
             f"ended (exit code {code})"
-        self._failure = StoreError(f"path={self.path!r}: the writer process (pid "
-                                   f"{self._proc.pid}) {how}; rows it had not written are lost")
+        if not self._opened:
+            self._failure = WriterStartError(f"path={self.path!r}: the writer process (pid "
+                                             f"{self._proc.pid}) {how} before it opened the run")
+        else:
+            self._failure = StoreError(f"path={self.path!r}: the writer process (pid "
+                                       f"{self._proc.pid}) {how}; rows it had not written are "
+                                       "lost")
         return self._failure
 
     def _end(self) -> None:
