@@ -41,18 +41,23 @@ writes for; its leases name it as ``parent``."""
 _ENDING_WAIT = 10.0  # seconds to wait for a writer process whose training process died
 
 
-def _close_in_child() -> None:
-    # A forked child (a DataLoader worker, say) shares the lock's open file description; closing
-    # its copies lets the lease end with the writer's process, not with its longest-lived child.
-    for fd in list(_HELD_FDS):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _HELD_FDS.clear()
+def close_at_fork(fds: set[int]) -> None:
+    """Close the descriptors in ``fds`` (as it is then) in every child this process forks (a
+    ``DataLoader`` worker, say), which must not keep them open."""
+    def close() -> None:
+        for fd in list(fds):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        fds.clear()
+
+    os.register_at_fork(after_in_child=close)
 
 
-os.register_at_fork(after_in_child=_close_in_child)
+# A forked child shares the lock's open file description; closing its copies lets the lease end
+# with the writer's process, not with its longest-lived child.
+close_at_fork(_HELD_FDS)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ import numpy as np
 
 from statscope import schema as S
 from statscope.errors import StatscopeError, StatscopeWarning, StoreError
+from statscope.lease import close_at_fork
 from statscope.rows import Gathered, compute_rows, file_columns
 from statscope.store import Layout, ProbeInfo
 from statscope.writer import RunWriter, count_nonfinite
@@ -49,20 +50,9 @@ WRITER_MODES = ("auto", "process", "thread")
 _ENV = "STATSCOPE_WRITER"
 _POLL = 0.5  # seconds between checks that the child lives, while waiting for it
 _OUR_FDS: set[int] = set()
-
-
-def _close_in_child() -> None:
-    # A forked child (a DataLoader worker) must not keep a writer's pipe open: the writer
-    # process learns that training ended from the pipe closing.
-    for fd in list(_OUR_FDS):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _OUR_FDS.clear()
-
-
-os.register_at_fork(after_in_child=_close_in_child)
+# A forked child (a DataLoader worker) must not keep a writer's pipe open: the writer process
+# learns that training ended from the pipe closing.
+close_at_fork(_OUR_FDS)
 
 
 def open_writer(path: str, layout: Layout, mode: str = "auto", **kwargs: Any):

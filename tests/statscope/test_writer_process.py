@@ -47,6 +47,15 @@ def _net():
                          nn.LayerNorm(4))
 
 
+def _train_until_recording_stops(model, rec):
+    """Train until the writer's failure reaches the training thread (it warns there)."""
+    deadline = time.monotonic() + TIMEOUT
+    while rec._on:
+        assert time.monotonic() < deadline, "the writer's failure never came back"
+        _train(model, rec, 2)
+        time.sleep(0.02)
+
+
 def _pid_gone(pid: int, timeout: float = TIMEOUT) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -153,11 +162,7 @@ def test_a_write_error_in_the_writer_process_stops_recording_not_training(tmp_pa
     array.rmdir()
     array.write_text("not a folder")
     with pytest.warns(statscope.StatscopeWarning, match="recording .*stopped"):
-        deadline = time.monotonic() + TIMEOUT
-        while rec._on:
-            assert time.monotonic() < deadline, "the error never came back"
-            _train(model, rec, 2)
-            time.sleep(0.02)
+        _train_until_recording_stops(model, rec)
     _train(model, rec, 3)  # training goes on
     with pytest.raises(RecordingError, match="writer"):
         rec.close()
@@ -172,11 +177,7 @@ def test_a_killed_writer_process_stops_recording_and_close_does_not_hang(tmp_pat
     _train(model, rec, 4)
     os.kill(rec._worker.filer.writer.pid, signal.SIGKILL)
     with pytest.warns(statscope.StatscopeWarning, match="killed by signal 9"):
-        deadline = time.monotonic() + TIMEOUT
-        while rec._on:
-            assert time.monotonic() < deadline, "the death was never noticed"
-            _train(model, rec, 2)
-            time.sleep(0.02)
+        _train_until_recording_stops(model, rec)
     done = threading.Event()
     caught = []
 
