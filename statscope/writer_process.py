@@ -6,18 +6,18 @@ its own length. The writer's zarr work (staging, the codecs' Python, the event l
 the chunks, the window summaries) cost ~150 µs per step of the paper's FC net at batch size 4
 (~10 % of its step) when it ran on a thread (``benchmarks/bench_models.py``, contender
 ``thread``). :class:`WriterProcess` runs a :class:`~statscope.writer.RunWriter` in a child
-process instead and stands in for it on the writer thread, which then only reduces the block to
-(gathers) each block into host arrays — its torch work — and sends them down a pipe; the child
-computes the rows in numpy (:mod:`statscope.rows`) and writes them.
+process instead and stands in for it on the writer thread, which then only gathers each block
+into host arrays — its torch work — and sends them down a pipe; the child computes the rows in
+numpy (:mod:`statscope.rows`) and writes them.
 
-The child is forked from multiprocessing's fork server (started once per process, with
-:mod:`statscope.writer` preloaded; ``spawn`` where there is no fork server), never from the
-training process itself, which holds CUDA and thread pools. It takes the run's lease itself and
-renews it, flushes every ``flush_seconds`` and heartbeats on its own. Its life is bound to the
-training process: it ends when the pipe closes and, on Linux, is killed with its fork server
-(``PR_SET_PDEATHSIG``), so a ``kill -9`` of training ends all writing within milliseconds, as it
-did when the writer was a thread. Errors in the child (a full disk) come back as the same
-exception at the next call; a child that dies is a :class:`~statscope.errors.StoreError`.
+The child is a fresh interpreter started with :mod:`subprocess` (multiprocessing's ``spawn`` and
+fork server would run an unguarded training script again), talking over a socket pair; it
+imports no torch. It takes the run's lease itself (naming the training process as ``parent``),
+flushes every ``flush_seconds`` and heartbeats on its own. It ends when the pipe closes: after a
+``kill -9`` of training it finishes the write in progress and writes nothing more, and a writer
+that finds its lease waits for it (:mod:`statscope.lease`). Errors in the child (a full disk)
+come back as the same exception at the next call; a child that dies is a
+:class:`~statscope.errors.StoreError`.
 
 ``memory://`` stores live in the memory of one process and keep the thread, as does Windows
 (``subprocess`` cannot hand a pipe to a child there).
@@ -101,7 +101,7 @@ class WriterProcess:
     """Stands in for a :class:`~statscope.writer.RunWriter` that runs in a child process.
 
     The same arguments and the methods the recorder's writer thread calls. ``append``,
-    ``set_attrs`` and ``flush`` return at once (the pipe applies back-pressure when the child
+    ``append_gathered`` and ``set_attrs`` return at once (the pipe applies back-pressure when the child
     falls behind); ``add_probes`` and ``close`` wait for the child. Owned by one thread.
 
     Raises:
@@ -202,11 +202,7 @@ class WriterProcess:
         self._check()
 
     def flush_due(self) -> bool:
-        return False  # the child flushes on its own clock
-
-    def flush(self) -> None:
-        self._check()
-        self._send(("flush",))
+        return False  # the child flushes on its own clock: the writer thread never asks it to
 
     def close(self, status: str = S.STATUS_COMPLETED, error: str | None = None) -> None:
         """As :meth:`RunWriter.close`: the child writes what it holds, marks the run and ends."""
@@ -396,8 +392,6 @@ def _handle(conn, writer: RunWriter, msg) -> None:
         conn.send(("added", writer.layout))
     elif kind == "attrs":
         writer.set_attrs(**msg[1])
-    elif kind == "flush":
-        writer.flush()
     else:
         raise StatscopeError(f"writer process: unknown message {kind!r}")
 

@@ -19,8 +19,7 @@ from torch import nn
 
 import statscope
 from statscope import schema as S
-from statscope.errors import (NonFiniteWarning, RecordingError, StatscopeError, StoreError,
-                              StoreLockedError)
+from statscope.errors import NonFiniteWarning, RecordingError, StatscopeError, StoreLockedError
 from statscope.lease import Holder, Lease, read_holder
 from statscope.store import Layout, ProbeInfo, open_windows, read_attrs
 from statscope.writer import RunWriter
