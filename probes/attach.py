@@ -8,10 +8,11 @@ FC-net step at batch size 4 before any statistic is computed. ``"hooks"`` uses
 ``register_forward_pre_hook``/``register_forward_hook``, for modules whose ``forward`` cannot be
 replaced (TorchScript) or when another library owns it.
 
-A probe that carries ``probe.batchnorm = True`` on the input of an eligible BatchNorm (see
+A probe that carries ``probe.batchnorm`` (a function) on the input of an eligible BatchNorm (see
 :mod:`statscope.probes.fastpath`) replaces the module's ``forward`` by the BatchNorm fast path,
-which computes the layer itself and hands the probe the statistics BatchNorm computed; it falls
-back to calling the probe before the module's own ``forward`` for every call it does not take.
+which computes the layer itself and hands ``probe.batchnorm`` the statistics BatchNorm computed;
+it falls back to calling the probe before the module's own ``forward`` for every call it does not
+take.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def _eager_only(probe: Callable) -> Callable:
             return disabled(*args)
         return probe(*args)
 
+    run.disabled = disabled  # type: ignore[attr-defined]
     return run
 
 
@@ -89,20 +91,26 @@ def attach(module: nn.Module, probe: Callable, where: str, mechanism: str = "for
     previous = module.__dict__.get("forward")
     inner = module.forward
 
-    if where == "input" and getattr(probe, "batchnorm", False) and eligible(module):
-        forward = batchnorm_forward(module, probe, eager, inner)
+    fast = getattr(probe, "batchnorm", None)
+    if where == "input" and fast is not None and eligible(module):
+        forward = batchnorm_forward(module, fast, eager, inner)
     elif where == "input" and with_kwargs:
         def forward(*args, **kwargs):
             eager(module, args, kwargs)
             return inner(*args, **kwargs)
     elif where == "input":
+        # the eager-mode check inline: one Python call less per forward
+        disabled, is_compiling = eager.disabled, torch.compiler.is_compiling
+
         def forward(*args, **kwargs):
-            eager(module, args or tuple(kwargs.values()))
+            (disabled if is_compiling() else probe)(module, args or tuple(kwargs.values()))
             return inner(*args, **kwargs)
     else:
+        disabled, is_compiling = eager.disabled, torch.compiler.is_compiling
+
         def forward(*args, **kwargs):
             output = inner(*args, **kwargs)
-            eager(module, args, output)
+            (disabled if is_compiling() else probe)(module, args, output)
             return output
 
     module.forward = forward

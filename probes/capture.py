@@ -34,7 +34,8 @@ import torch
 from statscope.errors import StatscopeError
 from statscope.probes.fastpath import BatchStats
 from statscope.probes.pool import BufferPool, Pair
-from statscope.probes.reduce import batchnorm_entry, entries_gather, step_entry
+from statscope.probes.reduce import (batchnorm_entry, batchnorm_kind, entries_gather,
+                                     step_entry)
 from statscope.probes.selection import Target
 from statscope.probes.sets import mask_weights, masked_entry, set_entry
 from statscope.probes.statistics import block_moments
@@ -112,6 +113,37 @@ class Capture:
         self._movedim = False
         self._per_channel = 0
         self._shapes_in_block = 0
+        # (row list, input key, batchnorm_kind) of the last BatchNorm input filed in refs mode
+        self._bn_memo: tuple | None = None
+
+    def capture_bn(self, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, eps: float,
+                   slot: int) -> bool:
+        """:meth:`capture` of a BatchNorm's own statistics for a step without a mask, on the
+        training thread's hot path: the checks that depend only on the kind of input (device,
+        dtype, layout, shape) were made by the last :meth:`capture` of the same kind.
+
+        Returns:
+            True when the step is captured (or its slot already was); False when the caller
+            must call :meth:`capture` with the :class:`BatchStats` (another kind of input, a new
+            segment, per-set statistics, or a generic reduction).
+        """
+        if self.count[slot]:
+            return True
+        memo = self._bn_memo
+        if memo is None or memo[0] is not self._rows or memo[1] != (
+                x.shape, x.stride(), x.dtype, x.get_device(), invstd.dtype):
+            return False
+        kind = memo[2]
+        if kind == "own" or not self.sum_bn_mean:
+            entry = ("invstd", mean, invstd, eps)
+        else:
+            entry = batchnorm_entry(BatchStats(x, mean, invstd, eps), self._per_channel,
+                                    True, kind)
+            if entry is None:
+                return False
+        self.count[slot] = self._per_channel
+        self._rows[slot - self._start] = entry
+        return True
 
     def capture(self, x, slot: int, mask=None) -> None:
         """Record ``x`` as this probe's tensor at ``slot`` of the block (first call wins).
@@ -149,7 +181,11 @@ class Capture:
                     if t.numel() == 0:
                         return
                     self._reshape(t, slot, refs=True)
-                entry = batchnorm_entry(x, self._per_channel, self.sum_bn_mean)
+                kind = batchnorm_kind(t, self._per_channel)
+                if self.sets is None:
+                    self._bn_memo = (self._rows, (t.shape, t.stride(), t.dtype, t.get_device(),
+                                                  x.invstd.dtype), kind)
+                entry = batchnorm_entry(x, self._per_channel, self.sum_bn_mean, kind)
                 if entry is not None:
                     count[slot] = self._per_channel
                     self._rows[slot - self._start] = entry

@@ -105,7 +105,8 @@ def batchnorm_forward(module: nn.Module, probe: Callable, generic: Callable,
 
     Args:
         module: an :func:`eligible` BatchNorm.
-        probe: called as ``probe(module, (BatchStats,))`` after a training-mode forward.
+        probe: called as ``probe(module, input, mean, invstd)`` after a training-mode forward
+            (the fields of :class:`BatchStats` but eps, which is ``module.eps``).
         generic: called as ``generic(module, args)`` before any other forward (the generic
             path's probe, safe under ``torch.compile``).
         inner: the module's forward, for the calls the fast path does not take.
@@ -122,7 +123,7 @@ def batchnorm_forward(module: nn.Module, probe: Callable, generic: Callable,
         if mean is None:  # a tensor subclass among the parameters: torch's own path
             generic(module, args)
             return inner(*args)
-        probe(module, (BatchStats(args[0], mean, invstd, module.eps),))
+        probe(module, args[0], mean, invstd)
         return out
 
     return forward

@@ -181,7 +181,8 @@ class Recorder:
         self._forwards = 0
         self._first_forwards: int | None = None
         self._rule = {"auto": "undecided", "manual": "manual"}.get(step, step)
-        self._holds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # id(optimizer) -> (weakref to it, whether it steps this model's parameters)
+        self._holds: dict[int, tuple[weakref.ref, bool]] = {}
         self._on = False
         self._last_dispatch = time.monotonic()
         self.probe_seconds = 0.0
@@ -357,9 +358,30 @@ class Recorder:
                     rec.streams.note(x.device)
             rec.probe_seconds += time.perf_counter() - t0
 
-        fast = probe_path(cap.target, self.order, self.mechanism) == "batchnorm"
-        hook.batchnorm = fast  # type: ignore[attr-defined]  # attach reads it with getattr
+        if probe_path(cap.target, self.order, self.mechanism) == "batchnorm":
+            hook.batchnorm = self._make_batchnorm_hook(cap, hook)  # type: ignore[attr-defined]
         return hook
+
+    def _make_batchnorm_hook(self, cap: Capture, hook):
+        """The probe that the BatchNorm fast path calls after a training-mode forward with the
+        statistics BatchNorm computed: ``hook`` with less Python, which is what this probe costs
+        a launch-bound training step (see :meth:`Capture.capture_bn`)."""
+        rec, lock, block_steps, perf_counter = self, self._lock, self.block_steps, time.perf_counter
+
+        def batchnorm_hook(module, x, mean, invstd):
+            if rec._skip or not rec._on or _in_backward() != -1:
+                return
+            t0 = perf_counter()
+            with lock:
+                if rec._slot >= block_steps:  # a forward that bypassed the root
+                    rec._dispatch()
+                if rec._mask is None and cap.capture_bn(x, mean, invstd, module.eps, rec._slot):
+                    rec._dirty = True
+                    rec.probe_seconds += perf_counter() - t0
+                    return
+            hook(module, (BatchStats(x, mean, invstd, module.eps),))  # times itself
+
+        return batchnorm_hook
 
     def _root_hook(self, module, args, kwargs=None):
         if not self._on or not (module.training or self.record_eval) or _in_backward() != -1:
@@ -370,7 +392,7 @@ class Recorder:
             if self._mask_of is not None and self._forwards == 1:  # the step's first forward
                 self._mask = self._mask_of(args, kwargs or {})
         self.probe_seconds += time.perf_counter() - t0
-        if self._say or self._writer.notices:
+        if self._say or self._worker.notices:
             self._emit()
 
     def _root_forward(self) -> None:
@@ -421,10 +443,11 @@ class Recorder:
                 self._pending_end = True
 
     def _holds_params(self, optimizer) -> bool:
-        held = self._holds.get(optimizer)
-        if held is None:
-            held = any(id(p) in self._params for g in optimizer.param_groups for p in g["params"])
-            self._holds[optimizer] = held
+        known = self._holds.get(id(optimizer))
+        if known is not None and known[0]() is optimizer:
+            return known[1]
+        held = any(id(p) in self._params for g in optimizer.param_groups for p in g["params"])
+        self._holds[id(optimizer)] = (weakref.ref(optimizer), held)
         return held
 
     def _decide(self, rule: str) -> None:

@@ -38,7 +38,7 @@ import torch
 from statscope.native import kernels
 from statscope.rows import EntryJob, jobs_moments, mean_needs_sum
 
-__all__ = ["step_entry", "batchnorm_entry", "mean_needs_sum", "entry_moments", "entries_gather",
+__all__ = ["step_entry", "batchnorm_entry", "batchnorm_kind", "mean_needs_sum", "entry_moments", "entries_gather",
            "SHIFT_SAMPLE",
            "CPU_BATCHNORM_MAX"]
 
@@ -53,7 +53,25 @@ CPU_BATCHNORM_MAX = 1 << 18
 kernel where that kernel sums in float32 (see :func:`batchnorm_entry`)."""
 
 
-def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True) -> tuple | None:
+def batchnorm_kind(x: torch.Tensor, per_channel: int) -> str:
+    """How :func:`batchnorm_entry` treats a BatchNorm input like ``x``: ``"own"`` (BatchNorm's
+    statistics as they are), ``"sum"`` (the mean from an extra sum while ``sum_mean``),
+    ``"unsummable"`` (BatchNorm's own while ``sum_mean`` is off, else the generic path: the
+    channels are not rows of the input's memory) or ``"generic"`` (reduce the input instead).
+    Depends only on the input's device, dtype, layout and shape, so a probe decides once per
+    kind of input."""
+    if not x.is_cpu or x.dtype == torch.float64:
+        return "own"
+    if x.dtype == torch.float32 and x.ndim > 2 and x.is_contiguous() \
+            and x.numel() > x.shape[0] * x.shape[1]:
+        return "own"
+    if per_channel > CPU_BATCHNORM_MAX:
+        return "generic"
+    return "sum" if x.movedim(1, -1).is_contiguous() else "unsummable"
+
+
+def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True,
+                    kind: str | None = None) -> tuple | None:
     """The entry of a BatchNorm's own statistics (:class:`~statscope.probes.fastpath.BatchStats`),
     or None where they are not accurate enough and the input must be reduced generically.
 
@@ -67,22 +85,22 @@ def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True) -> tuple | N
     CPU), and beyond :data:`CPU_BATCHNORM_MAX` elements per channel the input is reduced
     generically instead. The writer thread sets ``sum_mean`` per probe from the statistics it
     files (:func:`mean_needs_sum`).
+
+    Args:
+        stats: the BatchNorm's input, mean, inverse std and eps.
+        per_channel: elements per channel of the input.
+        sum_mean: take the mean from a sum of the input where BatchNorm's is not trusted.
+        kind: :func:`batchnorm_kind` of the input, when the caller knows it already.
     """
-    entry = ("invstd", stats.mean, stats.invstd, stats.eps)
     x = stats.input
-    if not x.is_cpu or x.dtype == torch.float64:
-        return entry
-    if x.dtype == torch.float32 and x.ndim > 2 and x.is_contiguous() \
-            and x.numel() > x.shape[0] * x.shape[1]:
-        return entry
-    if per_channel > CPU_BATCHNORM_MAX:
+    kind = batchnorm_kind(x, per_channel) if kind is None else kind
+    if kind == "generic":
         return None
-    if not sum_mean:
-        return entry
-    rows = x.detach().movedim(1, -1)
-    if not rows.is_contiguous():
+    if kind == "own" or not sum_mean:
+        return ("invstd", stats.mean, stats.invstd, stats.eps)
+    if kind == "unsummable":
         return None
-    rows = rows.view(-1, x.shape[1])
+    rows = x.detach().movedim(1, -1).reshape(-1, x.shape[1])
     total = rows.sum(0) if x.dtype == torch.float32 else rows.sum(0, dtype=torch.float32)
     return ("suminv", total, stats.invstd, stats.eps, per_channel)
 

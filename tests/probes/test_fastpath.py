@@ -330,3 +330,36 @@ def test_the_extra_cpu_sum_follows_the_offset_of_the_data(tmp_path):
     scale = np.sqrt(var + model[0].eps)
     err = np.abs(ds.bn_mean.values - mean) / scale
     assert np.all(err[:4] <= 1e-4) and np.all(err[-4:] <= 1e-4 + 2 * np.spacing(300.0) / scale[-4:])
+
+
+@pytest.mark.parametrize("layer, kinds", [
+    # (N, C) and (N, C, L) inputs of one BatchNorm1d, batch sizes changing
+    (lambda: nn.BatchNorm1d(6), [(16, 6), (9, 6), (4, 6, 5), (2, 6, 5), (2, 6, 5), (16, 6),
+                                 (16, 6), (2, 6, 7)]),
+    # contiguous and channels_last inputs of one BatchNorm2d, batch sizes changing (equal
+    # strides, other counts) within a block and across its end
+    (lambda: nn.BatchNorm2d(6), [(4, 6, 5, 3), (2, 6, 5, 3), (4, 6, 5, 3, "cl"),
+                                 (2, 6, 5, 3, "cl"), (2, 6, 5, 3), (4, 6, 5, 3),
+                                 (4, 6, 5, 3, "cl"), (4, 6, 5, 3)]),
+])
+def test_inputs_that_change_kind_from_step_to_step_are_each_filed_right(layer, kinds, tmp_path):
+    # the hot path remembers how to file the last kind of input (device, dtype, layout, shape):
+    # a change of any of them, within a block and across its end, must be seen
+    model = nn.Sequential(layer())
+    gen = torch.Generator().manual_seed(0)
+    xs = []
+    with statscope.record(model, tmp_path / "r", block_steps=3, step="manual") as rec:
+        for kind in kinds:
+            shape, fmt = (kind[:-1], torch.channels_last) if kind[-1] == "cl" else (kind, None)
+            x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 5
+            x = x.float()
+            xs.append(x.contiguous(memory_format=fmt) if fmt is not None else x)
+            model(xs[-1])
+            rec.step()
+    ds = statscope.open_run(tmp_path / "r")
+    assert [p["path"] for p in ds.attrs["probes"]] == ["batchnorm"]
+    mean, var = reference([x.double() for x in xs])
+    scale = np.sqrt(var + model[0].eps)
+    assert np.all(np.abs(ds.bn_mean.values - mean) <= 1e-4 * scale)
+    assert np.all(np.abs(ds.bn_std.values - np.sqrt(var)) <= 1e-4 * scale)
+    assert (ds["count"].values == np.array([x.numel() // 6 for x in xs])[:, None]).all()
