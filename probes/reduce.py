@@ -38,9 +38,8 @@ import torch
 from statscope.native import kernels
 from statscope.rows import EntryJob, jobs_moments, mean_needs_sum
 
-__all__ = ["step_entry", "batchnorm_entry", "batchnorm_kind", "mean_needs_sum", "entry_moments", "entries_gather",
-           "SHIFT_SAMPLE",
-           "CPU_BATCHNORM_MAX"]
+__all__ = ["step_entry", "batchnorm_entry", "batchnorm_kind", "mean_needs_sum", "entry_moments",
+           "entries_gather", "SHIFT_SAMPLE", "CPU_BATCHNORM_MAX"]
 
 SHIFT_SAMPLE = 8
 """Elements per channel whose median is the shift of the ``sums`` entry."""

@@ -363,3 +363,24 @@ def test_inputs_that_change_kind_from_step_to_step_are_each_filed_right(layer, k
     assert np.all(np.abs(ds.bn_mean.values - mean) <= 1e-4 * scale)
     assert np.all(np.abs(ds.bn_std.values - np.sqrt(var)) <= 1e-4 * scale)
     assert (ds["count"].values == np.array([x.numel() // 6 for x in xs])[:, None]).all()
+
+
+def test_steps_of_one_kind_of_input_take_the_hot_path(tmp_path, monkeypatch):
+    # Capture.capture_bn recognises an input of the kind it saw last (the key it compares is
+    # written out beside capture._input_key): only the first step of each block, which opens a
+    # new segment, goes through Capture.capture
+    from statscope.probes.capture import Capture
+
+    slow = []
+    general = Capture.capture
+    monkeypatch.setattr(Capture, "capture", lambda self, x, slot, mask=None: (
+        slow.append(slot), general(self, x, slot, mask))[1])
+    for shape, fmt in (((16, 6), None), ((4, 6, 5, 3), torch.channels_last)):
+        slow.clear()
+        model = nn.Sequential(nn.BatchNorm1d(6) if len(shape) == 2 else nn.BatchNorm2d(6))
+        with statscope.record(model, tmp_path / f"r{len(shape)}", block_steps=4,
+                              step="manual") as rec:
+            for x in inputs(shape, 12, fmt):
+                model(x)
+                rec.step()
+        assert slow == [0, 0, 0]  # one per block of 4 steps
