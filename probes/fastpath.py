@@ -52,6 +52,15 @@ PATHS = ("batchnorm", "generic")
 _BATCH_NORM_FORWARD = nn.modules.batchnorm._BatchNorm.forward
 _impl = torch._batch_norm_impl_index
 _verify_batch_size = F._verify_batch_size
+# what the fast path reads from the module's dicts: a class attribute of these names (a
+# property, say) would take precedence over them
+_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_cudnn_enabled = torch._C._get_cudnn_enabled  # what ``torch.backends.cudnn.enabled`` returns
+# the input dims torch's own ``_check_input_dim`` of each class accepts (it raises for others);
+# :func:`mirror_is_exact` checks this table against those functions
+_DIMS = {nn.BatchNorm1d._check_input_dim: (2, 3), nn.LazyBatchNorm1d._check_input_dim: (2, 3),
+         nn.BatchNorm2d._check_input_dim: (4,), nn.LazyBatchNorm2d._check_input_dim: (4,),
+         nn.BatchNorm3d._check_input_dim: (5,), nn.LazyBatchNorm3d._check_input_dim: (5,)}
 _check: dict[str, bool] = {}
 _check_lock = threading.Lock()
 
@@ -82,6 +91,7 @@ def eligible(module: nn.Module) -> bool:
             and not isinstance(module, nn.SyncBatchNorm)
             and type(module).forward is _BATCH_NORM_FORWARD
             and "forward" not in module.__dict__
+            and not any(name in vars(k) for k in type(module).__mro__ for name in _STATE)
             and mirror_is_exact())
 
 
@@ -133,30 +143,43 @@ def _train_forward(m, input):
     """``_BatchNorm.forward`` in training mode, with BatchNorm's saved statistics.
 
     Keep this a mirror of torch's code (torch/nn/modules/batchnorm.py, ``F.batch_norm``):
-    :func:`mirror_is_exact` compares the two bit for bit.
+    :func:`mirror_is_exact` compares the two bit for bit. It reads the parameters and buffers
+    from the module's own dicts, not through ``nn.Module.__getattr__`` (a Python call each: torch
+    makes six per forward), checks the input's dims against :data:`_DIMS` where the class's
+    check is torch's own, and calls ``_verify_batch_size`` only where it can raise: each Python
+    call costs a launch-bound step several times its ``timeit`` figure (docs/performance.md).
+    A name missing from the dicts (a parametrized weight, say) is read as torch reads it.
     """
-    running_mean = m.running_mean if m.track_running_stats else None
-    running_var = m.running_var if m.track_running_stats else None
-    if has_torch_function_variadic(input, running_mean, running_var, m.weight, m.bias):
-        return None, None, None
-    m._check_input_dim(input)
-    if m.momentum is None:
-        exponential_average_factor = 0.0
+    params, buffers = m._parameters, m._buffers
+    weight = params["weight"] if "weight" in params else m.weight
+    bias = params["bias"] if "bias" in params else m.bias
+    track = m.track_running_stats
+    if track:
+        running_mean = buffers["running_mean"] if "running_mean" in buffers else m.running_mean
+        running_var = buffers["running_var"] if "running_var" in buffers else m.running_var
     else:
-        exponential_average_factor = m.momentum
-    if m.track_running_stats:
-        if m.num_batches_tracked is not None:
-            m.num_batches_tracked.add_(1)
-            if m.momentum is None:  # cumulative moving average
-                exponential_average_factor = 1.0 / float(m.num_batches_tracked)
-            else:
-                exponential_average_factor = m.momentum
-    _verify_batch_size(input.size())
-    if m.eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {m.eps}")
-    out, mean, invstd, _, _ = _impl(input, m.weight, m.bias, running_mean, running_var, True,
-                                    exponential_average_factor, m.eps,
-                                    torch.backends.cudnn.enabled)
+        running_mean = running_var = None
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return None, None, None
+    dims = _DIMS.get(type(m)._check_input_dim)
+    if dims is None or input.dim() not in dims:
+        m._check_input_dim(input)
+    momentum = m.momentum
+    exponential_average_factor = 0.0 if momentum is None else momentum
+    if track:
+        tracked = buffers["num_batches_tracked"] if "num_batches_tracked" in buffers \
+            else m.num_batches_tracked
+        if tracked is not None:
+            tracked.add_(1)
+            if momentum is None:  # cumulative moving average
+                exponential_average_factor = 1.0 / float(tracked)
+    if input.dim() < 2 or input.numel() == input.shape[1]:  # else more than 1 value per channel
+        _verify_batch_size(input.size())
+    eps = m.eps
+    if eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    out, mean, invstd, _, _ = _impl(input, weight, bias, running_mean, running_var, True,
+                                    exponential_average_factor, eps, _cudnn_enabled())
     return out, mean, invstd
 
 
@@ -185,6 +208,18 @@ def _compare_with_torch() -> bool:
 
 
 def _compare() -> bool:
+    if _cudnn_enabled() != torch.backends.cudnn.enabled:
+        return False
+    for check, dims in _DIMS.items():
+        for ndim in range(7):
+            try:
+                check(None, torch.zeros((1,) * ndim))
+            except ValueError:
+                if ndim in dims:
+                    return False
+            else:
+                if ndim not in dims:
+                    return False
     gen = torch.Generator().manual_seed(0)
     kw = {"dtype": torch.float32, "device": "cpu"}
     xs = [torch.randn(5, 3, 2, generator=gen, **kw) * 2 + 1 for _ in range(3)]

@@ -1,6 +1,8 @@
 """The BatchNorm fast path: the statistics BatchNorm computes itself, and a layer that trains
 bit for bit as it would unprobed."""
 
+import copy
+import itertools
 import time
 
 import numpy as np
@@ -218,6 +220,80 @@ def test_batchnorm_errors_are_torchs_and_state_is_unchanged(tmp_path):
             with pytest.raises(ValueError, match="expected 2D or 3D input"):
                 m(torch.randn(2, 3, 4, 5))
         assert torch.equal(bn.num_batches_tracked, ref.num_batches_tracked)
+
+
+class StrictBatchNorm2d(nn.BatchNorm2d):
+    """A subclass with a check of its own: the fast path must call it."""
+
+    def _check_input_dim(self, input):
+        super()._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(f"strict: {input.shape[1]} channels")
+
+
+def _outcome(module, x):
+    try:
+        return module(x).detach()
+    except (ValueError, RuntimeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.parametrize("make", [lambda: nn.BatchNorm1d(3), lambda: nn.BatchNorm2d(3),
+                                  lambda: nn.BatchNorm3d(3), lambda: StrictBatchNorm2d(3),
+                                  lambda: nn.BatchNorm1d(3, momentum=None)])
+def test_the_shortcuts_of_torchs_checks_raise_where_torch_raises(make, tmp_path):
+    # every rank from 1 to 5 with batch and spatial sizes 1 or 2: the dims check and the
+    # "more than 1 value per channel" check, which the fast path calls only where they can fail
+    bn, ref = make(), make()
+    shapes = [(n, 3, *rest) for n in (1, 2) for k in range(0, 4)
+              for rest in itertools.product((1, 2), repeat=k)] + [(2,), (3,), (2, 4, 2, 2)]
+    gen = torch.Generator().manual_seed(0)
+    with statscope.record(nn.Sequential(bn), tmp_path / "r", layers=[bn.__class__]):
+        assert "forward" in bn.__dict__
+        for shape in shapes:
+            x = torch.randn(shape, generator=gen)
+            got, want = _outcome(bn, x), _outcome(ref, x)
+            assert type(got) is type(want), shape
+            assert got == want if isinstance(got, str) else torch.equal(got, want), shape
+            assert torch.equal(bn.num_batches_tracked, ref.num_batches_tracked), shape
+            assert torch.equal(bn.running_var, ref.running_var), shape
+
+
+def test_a_parametrization_added_while_recording_is_applied(tmp_path):
+    # the fast path reads the weight from the module's dict; parametrizing moves it elsewhere
+    from torch.nn.utils import parametrize
+
+    class Positive(nn.Module):
+        def forward(self, w):
+            return w.abs() + 0.5
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    probed = copy.deepcopy(plain)
+    with torch.no_grad():
+        for m in (plain, probed):
+            m[1].weight.copy_(torch.tensor([-2.0, 0.25, 1.5]))
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    with statscope.record(probed, tmp_path / "r", layers="1"):
+        assert "forward" in probed[1].__dict__
+        for m in (plain, probed):
+            parametrize.register_parametrization(m[1], "weight", Positive())
+        got, want = probed(x), plain(x)
+        assert torch.equal(got, want)
+        got.sum().backward()
+        want.sum().backward()
+        assert torch.equal(probed[0].weight.grad, plain[0].weight.grad)
+        assert torch.equal(probed[1].parametrizations.weight.original.grad,
+                           plain[1].parametrizations.weight.original.grad)
+
+
+def test_a_wrong_table_of_torchs_dims_checks_turns_the_fast_path_off(monkeypatch):
+    monkeypatch.setattr(fastpath, "_check", {})
+    monkeypatch.setitem(fastpath._DIMS, nn.BatchNorm2d._check_input_dim, (3, 4))
+    assert not fastpath.mirror_is_exact()
+    monkeypatch.undo()
+    monkeypatch.setattr(fastpath, "_check", {})
+    assert fastpath.mirror_is_exact()
 
 
 def test_near_constant_channels_keep_an_absolute_error_below_the_documented_bound(tmp_path):
