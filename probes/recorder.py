@@ -388,22 +388,24 @@ class Recorder:
             return
         t0 = time.perf_counter()
         with self._lock:
-            self._root_forward()
-            if self._mask_of is not None and self._forwards == 1:  # the step's first forward
-                self._mask = self._mask_of(args, kwargs or {})
+            # written out rather than split into calls: each Python call on this path costs
+            # several times its ``timeit`` figure inside a training step (docs/performance.md)
+            if self._dirty and self._rule == "optimizer" and not self._pending_end:
+                self._forwards += 1  # another micro-batch of the same optimizer step
+            else:
+                if self._dirty:
+                    self._end_step()
+                if self._rule == "undecided" or self._slot >= self.block_steps or (
+                        self._slot and time.monotonic() - self._last_dispatch
+                        >= self.flush_seconds):
+                    self._maybe_dispatch()
+                self._dirty = True
+                self._forwards = 1
+                if self._mask_of is not None:  # the step's first forward
+                    self._mask = self._mask_of(args, kwargs or {})
         self.probe_seconds += time.perf_counter() - t0
         if self._say or self._worker.notices:
             self._emit()
-
-    def _root_forward(self) -> None:
-        if self._dirty:
-            if self._rule == "optimizer" and not self._pending_end:
-                self._forwards += 1  # another micro-batch of the same optimizer step
-                return
-            self._end_step()
-        self._maybe_dispatch()
-        self._dirty = True
-        self._forwards = 1
 
     def _end_step(self) -> None:
         if self._rule == "optimizer":
@@ -422,7 +424,8 @@ class Recorder:
         self._mask = None
         self._dirty = False
         self._pending_end = False
-        self.streams.remember()
+        if self.streams.devices:
+            self.streams.remember()
 
     def _maybe_dispatch(self) -> None:
         if self._rule == "undecided":
