@@ -388,17 +388,14 @@ class Recorder:
             return
         t0 = time.perf_counter()
         with self._lock:
-            # written out rather than split into calls: each Python call on this path costs
-            # several times its ``timeit`` figure inside a training step (docs/performance.md)
+            # a step's first training forward ends the step before (under "optimizer" only
+            # once the optimizer stepped: the forwards between are micro-batches)
             if self._dirty and self._rule == "optimizer" and not self._pending_end:
                 self._forwards += 1  # another micro-batch of the same optimizer step
             else:
                 if self._dirty:
                     self._end_step()
-                if self._rule == "undecided" or self._slot >= self.block_steps or (
-                        self._slot and time.monotonic() - self._last_dispatch
-                        >= self.flush_seconds):
-                    self._maybe_dispatch()
+                self._maybe_dispatch()
                 self._dirty = True
                 self._forwards = 1
                 if self._mask_of is not None:  # the step's first forward
