@@ -287,6 +287,32 @@ def test_a_parametrization_added_while_recording_is_applied(tmp_path):
                            plain[1].parametrizations.weight.original.grad)
 
 
+def test_functional_call_substitutes_the_parameters_and_buffers_the_fast_path_reads(tmp_path):
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    probed = copy.deepcopy(plain)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+
+    def state():
+        return {"1.weight": torch.tensor([2.0, -1.0, 0.5]), "1.bias": torch.tensor([0.1, 0.2, 0.3]),
+                "1.running_mean": torch.full((3,), 5.0), "1.running_var": torch.ones(3),
+                "1.num_batches_tracked": torch.tensor(7)}
+
+    given = [state(), state()]
+    with statscope.record(probed, tmp_path / "r", layers="1"):
+        assert "forward" in probed[1].__dict__
+        want = functional_call(plain, given[0], (x,))
+        got = functional_call(probed, given[1], (x,))
+    assert torch.equal(got, want)
+    for a, b in zip(given[0].values(), given[1].values()):
+        assert torch.equal(a, b)  # the substituted buffers were updated alike
+    assert given[1]["1.num_batches_tracked"].item() == 8
+    for a, b in zip(plain.state_dict().values(), probed.state_dict().values()):
+        assert torch.equal(a, b)  # and the module's own left alone
+
+
 def test_a_wrong_table_of_torchs_dims_checks_turns_the_fast_path_off(monkeypatch):
     monkeypatch.setattr(fastpath, "_check", {})
     monkeypatch.setitem(fastpath._DIMS, nn.BatchNorm2d._check_input_dim, (3, 4))
