@@ -7,9 +7,11 @@ computed: the per-channel batch mean and inverse standard deviation ``1/√(var 
 kernels, the tensors backward uses). The probe then costs no pass over the activation and no
 kernel: it keeps references to the two (C,) tensors, which the writer thread stacks per block.
 
-The module's ``forward`` is replaced by :func:`batchnorm_forward`, a line-by-line mirror of
+The module's ``forward`` is replaced by :func:`batchnorm_forward`, a mirror of
 ``_BatchNorm.forward`` and ``F.batch_norm`` that calls ``torch._batch_norm_impl_index`` where
-``torch.batch_norm`` would (``torch.batch_norm`` is that call's first output), so outputs,
+``torch.batch_norm`` would (``torch.batch_norm`` is that call's first output) and makes four
+Python calls where torch's makes eleven (it reads parameters and buffers from the module's
+dicts and calls torch's input checks only where they can fail), so outputs,
 gradients, running statistics (momentum ``None`` included) and ``num_batches_tracked`` are
 bit-identical to an unprobed layer's. :func:`mirror_is_exact` checks this once per process against
 torch's own forward for every combination of ``momentum``, ``affine`` and
