@@ -9,13 +9,13 @@ kernel: it keeps references to the two (C,) tensors, which the writer thread sta
 
 The module's ``forward`` is replaced by :func:`batchnorm_forward`, a mirror of
 ``_BatchNorm.forward`` and ``F.batch_norm`` that calls ``torch._batch_norm_impl_index`` where
-``torch.batch_norm`` would (``torch.batch_norm`` is that call's first output) and makes four
-Python calls where torch's makes eleven (it reads parameters and buffers from the module's
-dicts and calls torch's input checks only where they can fail), so outputs,
-gradients, running statistics (momentum ``None`` included) and ``num_batches_tracked`` are
-bit-identical to an unprobed layer's. :func:`mirror_is_exact` checks this once per process against
-torch's own forward for every combination of ``momentum``, ``affine`` and
-``track_running_stats``; where it fails, no probe takes the fast path.
+``torch.batch_norm`` would (``torch.batch_norm`` is that call's first output) and makes six
+Python calls, its probe and ``torch.compile`` check included, where torch's makes eleven (it
+reads parameters and buffers from the module's dicts and calls torch's input checks only where
+they can fail), so outputs, gradients, running statistics (momentum ``None`` included) and
+``num_batches_tracked`` are bit-identical to an unprobed layer's. :func:`mirror_is_exact` checks
+this once per process against torch's own forward for every combination of ``momentum``,
+``affine`` and ``track_running_stats``; where it fails, no probe takes the fast path.
 
 Everything else takes the generic path (:mod:`statscope.probes.reduce`): eval-mode forwards
 (``record_eval=True``), forwards under ``torch.compile`` (the probe runs behind a graph break as
