@@ -163,8 +163,9 @@ def _train_forward(m, input):
         running_mean = running_var = None
     if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
         return None, None, None
+    ndim = input.dim()
     dims = _DIMS.get(type(m)._check_input_dim)
-    if dims is None or input.dim() not in dims:
+    if dims is None or ndim not in dims:
         m._check_input_dim(input)
     momentum = m.momentum
     exponential_average_factor = 0.0 if momentum is None else momentum
@@ -175,7 +176,7 @@ def _train_forward(m, input):
             tracked.add_(1)
             if momentum is None:  # cumulative moving average
                 exponential_average_factor = 1.0 / float(tracked)
-    if input.dim() < 2 or input.numel() == input.shape[1]:  # else more than 1 value per channel
+    if ndim < 2 or input.numel() == input.shape[1]:  # else more than 1 value per channel
         _verify_batch_size(input.size())
     eps = m.eps
     if eps <= 0.0:
