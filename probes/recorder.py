@@ -421,8 +421,7 @@ class Recorder:
         self._mask = None
         self._dirty = False
         self._pending_end = False
-        if self.streams.devices:
-            self.streams.remember()
+        self.streams.remember()
 
     def _maybe_dispatch(self) -> None:
         if self._rule == "undecided":
