@@ -18,6 +18,12 @@ things, chosen per probe and tensor shape:
   CPU, one sum for the mean while the writer thread sees |mean|/std large enough to need it:
   :func:`statscope.probes.reduce.batchnorm_entry`).
 
+When a block is handed over (:meth:`Capture.take_block`, on the training thread), a ``refs``
+segment whose rows all hold CPU entries of one kind is stacked into a few (rows, C) tensors
+(:class:`statscope.probes.reduce.StackedRun`): a handful of C calls there, where the writer
+thread's Python would hold the GIL for a loop over every row and free the rows' small tensors
+one by one while the training thread waits for it after each kernel.
+
 None of them syncs with the device or loops over neurons. A change of shape closes the current
 raw segment of the block and opens another, so nothing is lost or mixed (entries carry what they
 need, so a ``refs`` segment stays open). An empty tensor (a zero-size batch) is not recorded: the
@@ -34,8 +40,8 @@ import torch
 from statscope.errors import StatscopeError
 from statscope.probes.fastpath import BatchStats
 from statscope.probes.pool import BufferPool, Pair
-from statscope.probes.reduce import (batchnorm_entry, batchnorm_kind, entries_gather,
-                                     step_entry)
+from statscope.probes.reduce import (StackedRun, batchnorm_entry, batchnorm_kind,
+                                     entries_gather, stack_entries, step_entry)
 from statscope.probes.selection import Target
 from statscope.probes.sets import mask_weights, masked_entry, set_entry
 from statscope.probes.statistics import block_moments
@@ -57,12 +63,13 @@ def _input_key(x: torch.Tensor, invstd: torch.Tensor) -> tuple:
 @dataclass(frozen=True)
 class Segment:
     """Rows ``start:stop`` of a block, held from row ``offset`` of a ``raw`` buffer or of a
-    list of ``refs`` entries (one per row; None where the probe did not run)."""
+    list of ``refs`` entries (one per row; None where the probe did not run), or of a
+    :class:`~statscope.probes.reduce.StackedRun` of them."""
 
     start: int
     stop: int
     raw: Pair | None = None
-    refs: list | None = None
+    refs: "list | StackedRun | None" = None
     offset: int = 0
 
     @property
@@ -292,7 +299,7 @@ class Capture:
         if segments and self._is_open(segments[-1]):
             self._rows = None  # the open buffer went with the block: take a new one when needed
         self._start = 0
-        return count, segments, sets
+        return count, [_stacked(seg) for seg in segments], sets
 
     def peek(self, n: int) -> tuple[np.ndarray, list[Segment], list | None]:
         """Counts and segments of rows ``:n`` without handing the buffers over.
@@ -331,6 +338,15 @@ class Capture:
         shape = list(self._shape)
         c = shape.pop(self.target.channel_dim)
         return (*shape, c)
+
+
+def _stacked(seg: Segment) -> Segment:
+    """``seg`` with its entries stacked where :func:`statscope.probes.reduce.stack_entries`
+    allows (on the training thread, at the hand-over of a block)."""
+    if seg.refs is None or type(seg.refs) is StackedRun:
+        return seg
+    run = stack_entries(seg.refs[seg.offset:seg.offset + seg.stop - seg.start])
+    return seg if run is None else Segment(seg.start, seg.stop, refs=run)
 
 
 def gather_segments(segments: list[Segment], order: int) -> tuple[list, list, list]:

@@ -39,7 +39,7 @@ from statscope.native import kernels
 from statscope.rows import EntryJob, jobs_moments, mean_needs_sum
 
 __all__ = ["step_entry", "batchnorm_entry", "batchnorm_kind", "mean_needs_sum", "entry_moments",
-           "entries_gather", "SHIFT_SAMPLE", "CPU_BATCHNORM_MAX"]
+           "entries_gather", "StackedRun", "stack_entries", "SHIFT_SAMPLE", "CPU_BATCHNORM_MAX"]
 
 SHIFT_SAMPLE = 8
 """Elements per channel whose median is the shift of the ``sums`` entry."""
@@ -176,12 +176,69 @@ def entries_moments(runs: Sequence[Sequence[tuple | None]], channels: Sequence[i
     return jobs_moments(entries_gather(runs), [len(r) for r in runs], channels, order)
 
 
+class StackedRun:
+    """A run of entries of one kind, every row present, stacked: ``tensors`` holds each of the
+    entry's tensors as a (rows, C) tensor and ``numbers`` the numbers after them as a (rows, n)
+    float64 array. Slices like the list of entries it stands for (:func:`stack_entries`)."""
+
+    __slots__ = ("tag", "length", "tensors", "numbers")
+
+    def __init__(self, tag: str, length: int, tensors: list, numbers: np.ndarray):
+        self.tag, self.length, self.tensors, self.numbers = tag, length, tensors, numbers
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return StackedRun(self.tag, self.length, [t[index] for t in self.tensors],
+                              self.numbers[index])
+        return (self.tag, *(t[index] for t in self.tensors), *self.numbers[index].tolist())
+
+
+def stack_entries(entries: Sequence[tuple | None]) -> StackedRun | None:
+    """``entries`` as a :class:`StackedRun`, on the training thread when it hands a block over:
+    the writer thread then gathers a few tensors where it would gather a Python object per row
+    and step, and the training thread frees the rows' small tensors itself. Its Python holds the
+    GIL that the training thread needs after each kernel (docs/performance.md).
+
+    Returns None (the entries stay a list) unless every row has an entry, all of one kind and
+    length with CPU tensors, and not ``wvar`` (whose counts :func:`_real_counts` reads per row).
+    CUDA entries are never stacked here: the writer thread reads them on its own stream after
+    the block's events.
+    """
+    if not entries:
+        return None
+    first = entries[0]
+    if first is None or first[0] == "wvar" or not first[1].is_cpu:
+        return None
+    tag, length = first[0], len(first)
+    for e in entries:
+        if e is None or e[0] != tag or len(e) != length:
+            return None
+    try:
+        return StackedRun(tag, length, *_stack(entries, _TENSORS.get(tag, length - 2)))
+    except RuntimeError:  # mixed devices (a model moved within the block): as a list
+        return None
+
+
+def _stack(entries: Sequence[tuple], n: int) -> tuple[list, np.ndarray]:
+    """The first ``n`` tensors of entries of one kind stacked, and their numbers (rows, k)."""
+    tensors = [torch.stack([e[1 + j] for e in entries]) for j in range(n)]
+    return tensors, np.array([e[1 + n:] for e in entries], np.float64)
+
+
 def entries_gather(runs: Sequence[Sequence[tuple | None]]) -> list[EntryJob]:
     """The entries of several runs as host arrays: entries of one kind and width are stacked
     together, whatever run they belong to, and copied to the host once per device (the torch
-    half of :func:`entries_moments`; :func:`statscope.rows.jobs_moments` is the numpy half)."""
+    half of :func:`entries_moments`; :func:`statscope.rows.jobs_moments` is the numpy half).
+    A run is a list of entries (None where a row has none) or a :class:`StackedRun`."""
     groups: dict[tuple, list] = {}  # (tag, length, C) -> [(run, rows)], rows of that run
     for i, entries in enumerate(runs):
+        if type(entries) is StackedRun:
+            groups.setdefault((entries.tag, entries.length, entries.tensors[0].shape[-1]),
+                              []).append((i, list(range(len(entries)))))
+            continue
         kinds = {(e[0], len(e)) if e is not None else None for e in entries}
         if len(kinds) == 1 and None not in kinds:  # the common case: one kind, every row
             mine: dict[tuple, Any] = {kinds.pop(): range(len(entries))}
@@ -195,10 +252,14 @@ def entries_gather(runs: Sequence[Sequence[tuple | None]]) -> list[EntryJob]:
             groups.setdefault((tag, length, width), []).append((i, list(rows)))
     jobs = []  # (tag, members, stacked tensors, per-row numbers)
     for (tag, length, _), members in groups.items():
-        picked = [runs[i][r] for i, rows in members for r in rows]
         n = _TENSORS.get(tag, length - 2)  # the items after the tensors are numbers
-        stacked = [torch.stack([e[1 + j] for e in picked]) for j in range(n)]
-        numbers = np.array([e[1 + n:] for e in picked], np.float64)
+        if not any(type(runs[i]) is StackedRun for i, _ in members):
+            stacked, numbers = _stack([runs[i][r] for i, rows in members for r in rows], n)
+        else:  # one concatenation of the stacked runs and of the lists stacked
+            parts = [(runs[i].tensors, runs[i].numbers) if type(runs[i]) is StackedRun
+                     else _stack([runs[i][r] for r in rows], n) for i, rows in members]
+            stacked = [torch.cat([p[0][j] for p in parts]) for j in range(n)]
+            numbers = np.concatenate([p[1] for p in parts])
         jobs.append((tag, members, stacked, numbers))
     host = _to_host([t for job in jobs for t in job[2]])
     out, pos = [], 0
