@@ -4,7 +4,6 @@ same moments as the list of entries they stand for, and the recorder's rows stay
 import time
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,7 +11,7 @@ from torch import nn
 
 import statscope
 from statscope.probes.capture import Capture
-from statscope.probes.reduce import (StackedRun, entries_gather, stack_entries, step_entry)
+from statscope.probes.reduce import StackedRun, entries_gather, stack_entries, step_entry
 from statscope.rows import jobs_moments
 
 
@@ -59,11 +58,11 @@ def test_stacked_runs_gather_to_the_same_moments_as_their_lists(kinds, rows, wid
     runs = [_run(k, rows, widths[i], gen, holes[i]) for i, k in enumerate(kinds)]
     mixed = []
     for i, run in enumerate(runs):
-        stacked = stack_entries(run)
+        stacked = stack_entries(run)  # None where a row is missing
         assert (stacked is None) == holes[i] or rows == 1 and stacked is not None
         mixed.append(stacked if stack[i] and stacked is not None else run)
     order = 4 if "sums4" in kinds else 2
-    lengths, channels = [len(r) for r in runs], [widths[i] for i in range(len(runs))]
+    lengths, channels = [len(r) for r in runs], widths[:len(runs)]
     want = jobs_moments(entries_gather(runs), lengths, channels, order)
     got = jobs_moments(entries_gather(mixed), lengths, channels, order)
     for w, g in zip(want, got):
