@@ -18,7 +18,7 @@ from statscope.probes.reduce import StackedRun
 from statscope.probes.statistics import Statistic, computes
 from statscope.rows import Gathered, ProbePart, Rows, compute_rows
 
-__all__ = ["Block", "Rows", "block_rows", "gather_block", "host_scalars", "scalar_column"]
+__all__ = ["Block", "Rows", "block_rows", "gather_block"]
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,7 @@ class Block:
         n: rows in the block.
         parts: per capture, in the recorder's capture order: its counts (n,), segments, and
             per-set entries (one per row, None where absent; None when not recorded).
-        scalars: per logged name, ``(row, value)`` pairs (values are floats or 0-d tensors), or
-            their (n,) column made already (:func:`host_scalars`).
+        scalars: per logged name, ``(row, value)`` pairs; values are floats or 0-d tensors.
         ready: CUDA events, recorded after the copies into the buffers, to wait on before reading.
         owned: True when the buffers are handed over (the writer gives them back to the pool);
             False for an idle flush, which only reads rows of buffers the training thread keeps.
@@ -42,7 +41,7 @@ class Block:
     first_step: int
     n: int
     parts: tuple[tuple[np.ndarray, list[Segment], list | None], ...]
-    scalars: dict[str, Any]
+    scalars: dict[str, list[tuple[int, Any]]]
     ready: tuple = ()
     owned: bool = True
     stride: int = 1
@@ -91,8 +90,7 @@ def gather_block(block: Block, captures: Sequence[Capture], statistics: Sequence
         parts.append(ProbePart(cap.channels, cap.target.groups,
                                tuple((seg.start, seg.stop) for seg in segs), _cpu_batchnorm(segs),
                                sets, width))
-    scalars = {name: (values if isinstance(values, np.ndarray) else scalar_column(values, n))[skip:]
-               for name, values in block.scalars.items()}
+    scalars = {name: _scalar_column(values, n)[skip:] for name, values in block.scalars.items()}
     steps = block.first_step + block.stride * np.arange(skip, n, dtype=np.int64)
     return Gathered(steps, [c for _, c, _ in clipped], parts, moments, jobs, refs, scalars, skip,
                     n, order, tuple(s.name for s in statistics), set_names)
@@ -138,18 +136,7 @@ def _cpu_batchnorm(segments) -> bool:
     return False
 
 
-def host_scalars(scalars: dict[str, list[tuple[int, Any]]], n: int) -> dict[str, Any]:
-    """``scalars`` with the names whose values are all numbers or CPU tensors made into their
-    columns (:func:`scalar_column`), on the training thread when it hands a block over: one
-    stack there instead of a Python loop of the writer thread's holding the GIL. CUDA values stay
-    as they are (the writer thread copies them after the block's events)."""
-    return {name: scalar_column(values, n)
-            if all(not isinstance(v, torch.Tensor) or v.is_cpu for _, v in values) else values
-            for name, values in scalars.items()}
-
-
-def scalar_column(values: list[tuple[int, Any]], n: int) -> np.ndarray:
-    """The (n,) float64 column of ``(row, value)`` pairs; NaN in rows without a value."""
+def _scalar_column(values: list[tuple[int, Any]], n: int) -> np.ndarray:
     out = np.full(n, np.nan)
     for slot, v in values:
         if not isinstance(v, torch.Tensor):

@@ -45,7 +45,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from statscope import schema as S
 from statscope.errors import RecordingError, StatscopeError, StatscopeWarning, StoreError
 from statscope.probes.attach import MECHANISMS, attach
-from statscope.probes.block import Block, host_scalars
+from statscope.probes.block import Block
 from statscope.probes.capture import Capture
 from statscope.probes.fastpath import BatchStats, probe_path
 from statscope.probes.pool import BufferPool
@@ -464,7 +464,7 @@ class Recorder:
     def _take_block(self) -> Block:
         n = self._slot
         block = Block(self._block_start, n, tuple(cap.take_block(n) for cap in self.captures),
-                      host_scalars(self._scalars, n), self.streams.mark(), stride=self.every)
+                      self._scalars, self.streams.mark(), stride=self.every)
         self._scalars = {}
         self._block_start += n * self.every
         self._slot = 0

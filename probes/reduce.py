@@ -225,7 +225,10 @@ def stack_entries(entries: Sequence[tuple | None]) -> StackedRun | None:
 def _stack(entries: Sequence[tuple], n: int) -> tuple[list, np.ndarray]:
     """The first ``n`` tensors of entries of one kind stacked, and their numbers (rows, k)."""
     tensors = [torch.stack([e[1 + j] for e in entries]) for j in range(n)]
-    return tensors, np.array([e[1 + n:] for e in entries], np.float64)
+    numbers = range(1 + n, len(entries[0]))  # a list per column: no tuple per row
+    if not numbers:
+        return tensors, np.empty((len(entries), 0))
+    return tensors, np.array([[e[j] for e in entries] for j in numbers], np.float64).T
 
 
 def entries_gather(runs: Sequence[Sequence[tuple | None]]) -> list[EntryJob]:
