@@ -69,7 +69,7 @@ class Segment:
     start: int
     stop: int
     raw: Pair | None = None
-    refs: "list | StackedRun | None" = None
+    refs: list | StackedRun | None = None
     offset: int = 0
 
     @property

@@ -198,14 +198,15 @@ class StackedRun:
 
 def stack_entries(entries: Sequence[tuple | None]) -> StackedRun | None:
     """``entries`` as a :class:`StackedRun`, on the training thread when it hands a block over:
-    the writer thread then gathers a few tensors where it would gather a Python object per row
-    and step, and the training thread frees the rows' small tensors itself. Its Python holds the
-    GIL that the training thread needs after each kernel (docs/performance.md).
+    the writer thread then gathers a few tensors where it would loop over a Python object per
+    row, and the training thread frees the rows' small tensors itself. The writer thread's
+    Python holds the GIL that the training thread takes back after each kernel; a few C calls
+    here cost the training thread less than that wait (docs/performance.md).
 
     Returns None (the entries stay a list) unless every row has an entry, all of one kind and
-    length with CPU tensors, and not ``wvar`` (whose counts :func:`_real_counts` reads per row).
-    CUDA entries are never stacked here: the writer thread reads them on its own stream after
-    the block's events.
+    length with CPU tensors, and not ``wvar`` (the writer reads each such row's count of real
+    elements). CUDA entries are never stacked here: the writer thread reads them on its own
+    stream after the block's events.
     """
     if not entries:
         return None
