@@ -84,6 +84,22 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _stopped_after_commit(run: Path, pid: int, proc, rows: int, limit=180.0) -> bool:
+    """Stop the run's process (SIGSTOP) with at least ``rows`` rows committed to its store, so
+    that a kill lands mid-run however fast the machine trains: the store commits every few
+    seconds (a 4000-step run can end before its first commit), and while training is stopped its
+    writer process still commits the blocks it was sent. Where those are too few, training
+    goes on a little and is stopped again."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and proc.poll() is None:
+        os.kill(pid, signal.SIGSTOP)
+        if _wait_for(lambda: (_attrs(run).get(S.ATTR_N_STEPS) or 0) >= rows, proc, limit=8.0):
+            return _attrs(run).get(S.ATTR_STATUS) == S.STATUS_RUNNING
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.3)
+    return False
+
+
 def _wait_for(predicate, proc, limit=180.0) -> bool:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline and proc.poll() is None:
@@ -179,10 +195,12 @@ def test_a_killed_run_process_is_retried_by_dask_and_resumes(tmp_path, cluster):
     name = "mnist-fc_bs8_seed0_bn_max4000_mnist-5k-subset"
     proc = _sweep_cli(tmp_path, *LONGER, "--out", str(out), "--scheduler", address)
     try:
-        assert _wait_for(lambda: Path(f"{out / name}.checkpoint.pt").exists()
-                         and (_attrs(out / name).get(S.ATTR_N_STEPS) or 0) >= 500, proc), \
+        assert _wait_for(lambda: Path(f"{out / name}.checkpoint.pt").exists(), proc), \
+            "the run never saved a checkpoint"
+        pid = _holder(out / name)
+        assert _stopped_after_commit(out / name, pid, proc, 500), \
             "the run ended before its store caught up with its first checkpoint"
-        os.kill(_holder(out / name), signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=TIMEOUT)
     finally:
         if proc.poll() is None:
