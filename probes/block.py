@@ -128,8 +128,8 @@ def _real_counts(clipped, skip: int) -> None:
 def _cpu_batchnorm(segments) -> bool:
     """Whether these rows hold a BatchNorm's own statistics computed on the CPU."""
     for seg in segments:
-        if type(seg.refs) is StackedRun:
-            return seg.refs.tag in ("invstd", "suminv") and seg.refs.tensors[0].device.type == "cpu"
+        if type(seg.refs) is StackedRun:  # CPU entries only (stack_entries)
+            return seg.refs.tag in ("invstd", "suminv")
         for e in seg.refs or ():
             if e is not None:
                 return e[0] in ("invstd", "suminv") and e[1].device.type == "cpu"

@@ -343,7 +343,7 @@ class Capture:
 def _stacked(seg: Segment) -> Segment:
     """``seg`` with its entries stacked where :func:`statscope.probes.reduce.stack_entries`
     allows (on the training thread, at the hand-over of a block)."""
-    if seg.refs is None or type(seg.refs) is StackedRun:
+    if seg.refs is None:
         return seg
     run = stack_entries(seg.refs[seg.offset:seg.offset + seg.stop - seg.start])
     return seg if run is None else Segment(seg.start, seg.stop, refs=run)
