@@ -31,11 +31,24 @@ __all__ = ["attach", "MECHANISMS"]
 MECHANISMS = ("forward", "hooks")
 
 
+# torch's own warning when dynamo (or its fake tensors) reads ``.grad`` of a non-leaf tensor that
+# crosses a graph break, such as the one in front of every probe under torch.compile. Torch means
+# to hide it (``torch._logging.hide_warnings``), but hides it from ``showwarning`` only: under
+# warnings-as-errors (``python -W error``, pytest's ``-W error``) it raises inside dynamo and
+# compilation fails. Ignored for those two torch packages only; the same warning from user code
+# still shows.
+_DYNAMO_GRAD_WARNING = dict(action="ignore", message="The .grad attribute of a Tensor that is not "
+                            "a leaf Tensor is being accessed", category=UserWarning,
+                            module=r"torch\._(dynamo|subclasses)\.")
+
+
 def _eager_only(probe: Callable) -> Callable:
     """``probe`` as it is in eager mode; under ``torch.compile`` a graph break runs it eagerly.
 
     ``torch.compiler.disable`` alone would do, but its wrapper costs a few µs on every eager call.
+    Puts the filter of :data:`_DYNAMO_GRAD_WARNING` first in the warnings filters.
     """
+    warnings.filterwarnings(**_DYNAMO_GRAD_WARNING)
     disabled = torch.compiler.disable(probe)
     is_compiling = torch.compiler.is_compiling
 

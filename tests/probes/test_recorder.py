@@ -1,6 +1,9 @@
 """The recorder's behaviour: steps, selection, hooks, scalars, failures and bad input."""
 
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -146,13 +149,44 @@ def test_compiled_model_records_same_values_as_eager(tmp_path):
     with statscope.record(eager, tmp_path / "e"):
         for x in xs:
             eager(x)
-    rec = statscope.record(compiled, tmp_path / "c").start()
-    fast = torch.compile(compiled)
-    for x in xs:
-        fast(x)
-    rec.close()
+    with statscope.record(compiled, tmp_path / "c"):  # closed also when compiling fails
+        fast = torch.compile(compiled)
+        for x in xs:
+            fast(x)
     a, b = statscope.open_run(tmp_path / "e"), statscope.open_run(tmp_path / "c")
     np.testing.assert_allclose(a.bn_std.values, b.bn_std.values, rtol=1e-5)
+
+
+_COMPILED_UNDER_W_ERROR = """
+import sys, numpy as np, torch, statscope
+from torch import nn
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4),
+                      nn.LayerNorm(4))
+xs = [torch.randn(8, 5) for _ in range(3)]
+with statscope.record(model, sys.argv[1]):
+    fast = torch.compile(model, backend="eager")
+    for x in xs:
+        fast(x).sum().backward()
+ds = statscope.open_run(sys.argv[1])
+first = model[0](xs[0]).detach().double().numpy()  # weights unchanged: no optimizer
+np.testing.assert_allclose(ds.bn_mean.values[0, :6], first.mean(0), rtol=1e-5, atol=1e-6)
+np.testing.assert_allclose(ds.bn_std.values[0, :6], first.std(0), rtol=1e-5)
+leaf = torch.ones(2, requires_grad=True)
+try:
+    (leaf * 2).grad  # the same warning from user code still is an error
+except UserWarning:
+    print("OK")
+"""
+
+
+def test_compiled_model_records_under_warnings_as_errors(tmp_path):
+    # dynamo reads .grad of the tensors crossing the graph break in front of each probe, and
+    # torch's own warning about it would fail compilation under -W error (probes/attach.py)
+    out = subprocess.run([sys.executable, "-W", "error", "-c", _COMPILED_UNDER_W_ERROR,
+                          str(tmp_path / "r")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("OK")
 
 
 def test_smaller_last_batch_and_layers_that_skip_a_step(tmp_path):
