@@ -2,6 +2,7 @@
 
     python benchmarks/bench_models.py [--device cpu|cuda] [--rows NAME ...] [--rounds 7]
         [--block-seconds 0.6] [--threads 1] [--contenders statscope generic]
+        [--compile [BACKEND]]
     python benchmarks/bench_models.py --candidates [--device cpu|cuda]
 
 Each row builds one model, copies it once per contender (same weights), and trains every copy on
@@ -29,6 +30,10 @@ core). Contenders:
 - ``raw64``: ``statscope`` with ``raw_bytes=64 MiB`` (default 16 MiB): tensors up to 512 KiB
   are copied into the block buffer each step and reduced by the writer thread per block instead
   of per step on the training thread.
+
+With ``--compile``, every copy (the plain one too) trains through ``torch.compile`` of its model
+(inductor unless a backend is named), compiled after the probes are attached; the probes then
+run inside the compiled graph (:mod:`statscope.probes.compiled`).
 
 For the statscope contenders the table also shows the time inside the probes on the training
 thread (``Recorder.probe_seconds``) and the writer thread's CPU time, in µs per step.
@@ -196,7 +201,8 @@ class PreHook:
 class Arm:
     """One copy of the model, its optimizer and its instrumentation."""
 
-    def __init__(self, name: str, model: nn.Module, row: Row, device: str, tmp: str):
+    def __init__(self, name: str, model: nn.Module, row: Row, device: str, tmp: str,
+                 backend: str | None = None):
         self.name, self.model, self.row, self.device = name, model, row, device
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.rec = self.hook = None
@@ -222,6 +228,8 @@ class Arm:
                     cap.sum_bn_mean = False
         elif name == "prehook":
             self.hook = PreHook(model)
+        # compiled after the probes are attached, as statscope.record's docs ask
+        self.forward = torch.compile(model, backend=backend) if backend else model
 
     def steps(self, batches, n: int, first: int) -> None:
         loss_fn = nn.CrossEntropyLoss()
@@ -230,7 +238,7 @@ class Arm:
         for i in range(first, first + n):
             x, y = batches[i % len(batches)]
             with ac:
-                loss = loss_fn(self.model(x), y)
+                loss = loss_fn(self.forward(x), y)
             loss.backward()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
@@ -276,7 +284,7 @@ def _dropper(filer):
 
 
 def measure(row: Row, device: str, contenders: list[str], rounds: int, block_seconds: float,
-            tmp: str) -> dict:
+            tmp: str, backend: str | None = None) -> dict:
     torch.manual_seed(0)
     base = row.build()
     fmt = torch.channels_last if row.channels_last else torch.contiguous_format
@@ -291,11 +299,14 @@ def measure(row: Row, device: str, contenders: list[str], rounds: int, block_sec
     arms = []
     for name in ["plain", *contenders]:
         model = copy.deepcopy(base).to(device).to(memory_format=fmt).train()
-        arms.append(Arm(name, model, row, device, tmp))
+        arms.append(Arm(name, model, row, device, tmp, backend))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     try:
+        for arm in arms:  # warm-up: compilation, allocator, autotuning, the first block
+            arm.steps(batches, 3, 0)
+        sync()
         t0 = time.perf_counter()
-        for arm in arms:  # warm-up: allocator, autotuning, the recorder's first block
+        for arm in arms:
             arm.steps(batches, 3, 0)
         sync()
         per_step = (time.perf_counter() - t0) / (3 * len(arms))
@@ -428,6 +439,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--contenders", nargs="+", default=["statscope", "generic"],
                     choices=("statscope", "generic", "prehook", "nowriter", "raw64", "thread"))
+    ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                    help="time every arm's model under torch.compile (default backend inductor)")
     ap.add_argument("--candidates", action="store_true",
                     help="time the per-step reductions of one tensor instead of the models")
     args = ap.parse_args(argv)
@@ -439,7 +452,8 @@ def main(argv=None) -> None:
         or platform.machine()
     print(f"torch {torch.__version__}, Python {sys.version.split()[0]}, {where}, "
           f"{args.threads} torch thread(s), {args.rounds} rounds of blocks of ~"
-          f"{args.block_seconds} s")
+          f"{args.block_seconds} s" + (f", torch.compile({args.compile!r})" if args.compile
+                                         else ""))
     head = " | ".join(f"{c} wall (min–max) | train CPU | probes µs | writer µs"
                       for c in args.contenders)
     print(f"| row | plain ms/step | {head} |")
@@ -452,7 +466,7 @@ def main(argv=None) -> None:
                 continue
             try:
                 res = measure(row, args.device, args.contenders, args.rounds,
-                              args.block_seconds, tmp)
+                              args.block_seconds, tmp, args.compile)
             except ImportError as exc:
                 print(f"| {row.name} | skipped: {exc} |")
                 continue

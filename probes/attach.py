@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from statscope.errors import StatscopeError, StatscopeWarning
+from statscope.probes.compiled import forget, observer
 from statscope.probes.fastpath import batchnorm_forward, eligible
 
 __all__ = ["attach", "MECHANISMS"]
@@ -42,23 +43,41 @@ _DYNAMO_GRAD_WARNING = dict(action="ignore", message="The .grad attribute of a T
                             module=r"torch\._(dynamo|subclasses)\.")
 
 
-def _eager_only(probe: Callable) -> Callable:
-    """``probe`` as it is in eager mode; under ``torch.compile`` a graph break runs it eagerly.
+def _eager_only(probe: Callable, module: nn.Module, in_graph: bool) -> Callable:
+    """``probe`` as it is in eager mode; what runs under ``torch.compile`` is ``run.compiled``:
+    with ``in_graph`` an opaque operator in the graph that calls ``probe`` at run time
+    (:mod:`statscope.probes.compiled`), else a graph break that runs it eagerly.
 
-    ``torch.compiler.disable`` alone would do, but its wrapper costs a few µs on every eager call.
-    Puts the filter of :data:`_DYNAMO_GRAD_WARNING` first in the warnings filters.
+    ``torch.compiler.disable`` alone would do for the second, but its wrapper costs a few µs on
+    every eager call. Puts the filter of :data:`_DYNAMO_GRAD_WARNING` first in the warnings
+    filters. ``run.key`` is the operator's registration (None without ``in_graph``).
     """
     warnings.filterwarnings(**_DYNAMO_GRAD_WARNING)
-    disabled = torch.compiler.disable(probe)
+    compiled = disabled = torch.compiler.disable(probe)
+    key = None
+    if in_graph:
+        compiled, key = observer(probe, module, disabled)
     is_compiling = torch.compiler.is_compiling
 
     def run(*args):
         if is_compiling():
-            return disabled(*args)
+            return compiled(*args)
         return probe(*args)
 
-    run.disabled = disabled  # type: ignore[attr-defined]
+    run.compiled, run.key = compiled, key  # type: ignore[attr-defined]
     return run
+
+
+class _Handle:
+    """A handle that also unregisters the probe's operator key when removed."""
+
+    def __init__(self, inner, key: int | None):
+        self.inner, self.key = inner, key
+
+    def remove(self) -> None:
+        if self.key is not None:
+            forget(self.key)
+        self.inner.remove()
 
 
 class _ForwardHandle:
@@ -70,7 +89,7 @@ class _ForwardHandle:
         if current is not self.wrapper:
             warnings.warn(f"statscope: the forward of {type(self.module).__name__} was replaced "
                           "after statscope wrapped it; the (now inert) wrapper stays",
-                          StatscopeWarning, stacklevel=3)
+                          StatscopeWarning, stacklevel=4)
             return
         if self.previous is None:
             del self.module.__dict__["forward"]
@@ -79,7 +98,7 @@ class _ForwardHandle:
 
 
 def attach(module: nn.Module, probe: Callable, where: str, mechanism: str = "forward",
-           with_kwargs: bool = False):
+           with_kwargs: bool = False, in_graph: bool = True):
     """Call ``probe(module, args)`` before, or ``probe(module, args, output)`` after, a forward.
 
     Args:
@@ -88,13 +107,22 @@ def attach(module: nn.Module, probe: Callable, where: str, mechanism: str = "for
         where: ``"input"`` or ``"output"``.
         mechanism: ``"forward"`` or ``"hooks"``.
         with_kwargs: call ``probe(module, args, kwargs)`` before the forward (``where="input"``).
+        in_graph: under ``torch.compile``, call ``probe`` from inside the compiled graph with
+            the probed tensor alone (:mod:`statscope.probes.compiled`); False: behind a graph
+            break with all its arguments (the recorder's step boundary, which must run before
+            the graph and reads every argument).
 
     Returns:
         A handle whose ``remove()`` undoes the attachment.
     """
     if mechanism not in MECHANISMS:
         raise StatscopeError(f"mechanism={mechanism!r}: expected one of {MECHANISMS}")
-    eager = _eager_only(probe)
+    eager = _eager_only(probe, module, in_graph and not with_kwargs)
+    return _Handle(_attach(module, probe, eager, where, mechanism, with_kwargs), eager.key)
+
+
+def _attach(module: nn.Module, probe: Callable, eager: Callable, where: str, mechanism: str,
+            with_kwargs: bool):
     if mechanism == "hooks":
         if where == "input":
             if with_kwargs:
@@ -113,17 +141,17 @@ def attach(module: nn.Module, probe: Callable, where: str, mechanism: str = "for
             return inner(*args, **kwargs)
     elif where == "input":
         # the eager-mode check inline: one Python call less per forward
-        disabled, is_compiling = eager.disabled, torch.compiler.is_compiling
+        compiled, is_compiling = eager.compiled, torch.compiler.is_compiling
 
         def forward(*args, **kwargs):
-            (disabled if is_compiling() else probe)(module, args or tuple(kwargs.values()))
+            (compiled if is_compiling() else probe)(module, args or tuple(kwargs.values()))
             return inner(*args, **kwargs)
     else:
-        disabled, is_compiling = eager.disabled, torch.compiler.is_compiling
+        compiled, is_compiling = eager.compiled, torch.compiler.is_compiling
 
         def forward(*args, **kwargs):
             output = inner(*args, **kwargs)
-            (disabled if is_compiling() else probe)(module, args, output)
+            (compiled if is_compiling() else probe)(module, args, output)
             return output
 
     module.forward = forward

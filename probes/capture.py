@@ -160,6 +160,30 @@ class Capture:
         self._rows[slot - self._start] = entry
         return True
 
+    def capture_moments(self, x: torch.Tensor, packed: torch.Tensor, slot: int) -> bool:
+        """:meth:`capture` of ``x``'s per-channel moments computed already (in a compiled graph,
+        :mod:`statscope.probes.compiled`), for a step without a mask: ``packed`` is the mean,
+        the biased variance and a flag, (2C + 1,), on the CPU; ``x0``, the mean and the
+        variance of ``x − x0``, (3C,), on CUDA.
+
+        Returns:
+            True when the step is captured (or its slot already was); False when the caller
+            must call :meth:`capture` with ``x`` (per-set statistics, an empty tensor, a flag
+            that says a channel's offset is too large for float32 moments of ``x``).
+        """
+        if self.count[slot]:
+            return True
+        if self.sets is not None or x.numel() == 0:
+            return False
+        cpu = packed.numel() % 2 == 1
+        if cpu and packed.numpy()[-1]:  # a view of the CPU tensor: no op, no wait for the GIL
+            return False
+        if self._rows is None or self._mode != "refs" or x.shape != self._shape:
+            self._reshape(x, slot, refs=True)
+        self.count[slot] = self._per_channel
+        self._rows[slot - self._start] = ("mv" if cpu else "shifted", packed)
+        return True
+
     def capture(self, x, slot: int, mask=None) -> None:
         """Record ``x`` as this probe's tensor at ``slot`` of the block (first call wins).
 

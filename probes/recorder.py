@@ -151,6 +151,7 @@ class Recorder:
                                  "or call rec.mask(tensor) at each step")
         self._mask_of = mask
         self._mask: torch.Tensor | None = None
+        self._next_mask: torch.Tensor | None = None  # set by mask() for the next step
         sets = any(s.sets for s in self.statistics)
         self.captures = [Capture(t, self.block_steps, raw_bytes, self.order, self.pool, sets)
                          for t in self.targets]
@@ -245,7 +246,8 @@ class Recorder:
                                             cap.target.where, self.mechanism))
             if self._rule != "manual":
                 self._handles.append(attach(self.root, self._root_hook, "input", self.mechanism,
-                                            with_kwargs=self._mask_of is not None))
+                                            with_kwargs=self._mask_of is not None,
+                                            in_graph=False))
             if self._rule in ("undecided", "optimizer"):
                 self._params = {id(p) for p in self.root.parameters()}
                 self._handles.append(
@@ -360,6 +362,9 @@ class Recorder:
 
         if probe_path(cap.target, self.order, self.mechanism) == "batchnorm":
             hook.batchnorm = self._make_batchnorm_hook(cap, hook)  # type: ignore[attr-defined]
+        if self.order <= 2:  # under torch.compile: moments computed in the graph
+            hook.moments = self._make_moments_hook(cap, hook)  # type: ignore[attr-defined]
+            hook.channel_dim = cap.target.channel_dim  # type: ignore[attr-defined]
         return hook
 
     def _make_batchnorm_hook(self, cap: Capture, hook):
@@ -382,6 +387,28 @@ class Recorder:
             hook(module, (BatchStats(x, mean, invstd, module.eps),))  # times itself
 
         return batchnorm_hook
+
+    def _make_moments_hook(self, cap: Capture, hook):
+        """The probe that a compiled graph calls with the probed tensor's per-channel mean and
+        variance it computed (:mod:`statscope.probes.compiled`); ``hook`` where they cannot be
+        used (a mask, per-set statistics, another shape in a raw segment)."""
+        rec, lock, block_steps, perf_counter = self, self._lock, self.block_steps, time.perf_counter
+
+        def moments_hook(module, x, packed):
+            if not rec._on or rec._skip or not (module.training or rec.record_eval) \
+                    or _in_backward() != -1:
+                return
+            t0 = perf_counter()
+            with lock:
+                if rec._slot >= block_steps:  # a forward that bypassed the root
+                    rec._dispatch()
+                if rec._mask is None and cap.capture_moments(x, packed, rec._slot):
+                    rec._dirty = True
+                    rec.probe_seconds += perf_counter() - t0
+                    return
+            hook(module, (x,))  # times itself
+
+        return moments_hook
 
     def _root_hook(self, module, args, kwargs=None):
         if not self._on or not (module.training or self.record_eval) or _in_backward() != -1:
@@ -418,7 +445,7 @@ class Recorder:
             self._slot += 1
         self._step_no += 1
         self._skip = self._step_no % self.every != 0
-        self._mask = None
+        self._mask, self._next_mask = self._next_mask, None
         self._dirty = False
         self._pending_end = False
         self.streams.remember()
@@ -552,8 +579,15 @@ class Recorder:
         """
         if mask is not None and not isinstance(mask, torch.Tensor):
             raise StatscopeError(f"mask({type(mask).__name__}): expected a tensor or None")
+        mask = None if mask is None else mask.detach()
         with self._lock:
-            self._mask = None if mask is None else mask.detach()
+            # a step ends when the next one's first forward starts: a mask set after the last
+            # forward of a step that is over in all but name is the next step's
+            if self._dirty and self._rule != "manual" and (
+                    self._rule != "optimizer" or self._pending_end):
+                self._next_mask = mask
+            else:
+                self._mask = mask
 
     def set_attrs(self, **attrs: Any) -> None:
         """Add or update root attributes of the run (e.g. final accuracy), written in order with

@@ -11,6 +11,10 @@ thread turns a block's entries into float64 moments with :func:`entry_moments`. 
 - ``("var", mean, var)``: on CUDA, ``torch.batch_norm_update_stats`` without running
   statistics: one kernel and one read of the tensor, Welford in float32 straight from
   bf16/fp16/fp32 in any layout (channels_last and ``(N, L, C)`` take its channels-last kernel).
+- ``("mv", packed)`` and ``("shifted", packed)``: under ``torch.compile``, the moments the
+  compiled graph computed in float32, packed in one tensor (:mod:`statscope.probes.compiled`):
+  ``mean, var, flag`` (2C + 1,) on the CPU; ``x0, mean, var`` (3C,) on CUDA, the moments of
+  ``x − x0`` (a shift, so that a large offset loses nothing to float32); mean = x0 + mean.
 - ``("wvar", mean, var, n)``: a masked tensor's moments over its real elements, ``n`` of them
   per channel (:func:`statscope.probes.sets.masked_entry`).
 - ``("sums", x0, s, S1, S2[, S3, S4], M)``: everywhere else (the CPU, and every device when a
@@ -295,4 +299,4 @@ def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
 
 # Tensors after the tag ("sums": all but the tag and M); "wvar" (statscope.probes.sets) also
 # carries the count of real elements per channel.
-_TENSORS = {"invstd": 2, "suminv": 2, "var": 2, "wvar": 3}
+_TENSORS = {"invstd": 2, "suminv": 2, "var": 2, "wvar": 3, "mv": 1, "shifted": 1}

@@ -22,7 +22,7 @@ from statscope import schema as S
 from statscope.layout import Layout
 
 __all__ = ["Moments", "Rows", "Gathered", "ProbePart", "EntryJob", "BUILTIN", "compute_rows",
-           "file_columns", "jobs_moments", "mean_needs_sum", "group_moments"]
+           "file_columns", "jobs_moments", "mean_needs_sum", "group_moments", "FLOAT32_MEAN_RATIO"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,11 @@ BUILTIN: dict[str, Callable[[Moments], np.ndarray]] = {
 """How statscope's own per-channel statistics follow from the moments (the per-set ones do not)."""
 
 
+FLOAT32_MEAN_RATIO = 5e-5 / 1e-7
+"""|mean|/std·√M beyond which a float32 reduction of M elements per channel may drift the mean
+by more than 5e-5 of the std, taking the drift as 1e-7·√M·|mean| (:func:`mean_needs_sum`)."""
+
+
 def mean_needs_sum(mean: np.ndarray, var: np.ndarray, count: np.ndarray) -> bool:
     """Whether a probe's BatchNorm mean, summed in float32 by torch's CPU kernel, could drift by
     more than half the fast path's bound (1e-4 of √(var + eps)) at the |mean|/std and element
@@ -83,7 +88,7 @@ def mean_needs_sum(mean: np.ndarray, var: np.ndarray, count: np.ndarray) -> bool
         ratio = np.abs(mean) / np.sqrt(var + 1e-5)
     ratio = np.where(np.isfinite(ratio), ratio, 0.0)
     m = float(np.max(count)) if len(count) else 0.0
-    return bool(ratio.size and float(ratio.max()) * np.sqrt(m) * 1e-7 > 5e-5)
+    return bool(ratio.size and float(ratio.max()) * np.sqrt(m) > FLOAT32_MEAN_RATIO)
 
 
 # -- entries (statscope.probes.reduce) to moments ----------------------------------------------
@@ -106,6 +111,19 @@ def _var(arrays, _numbers, order):
     return mean, np.maximum(var, 0.0), None, None
 
 
+def _mv(arrays, _numbers, order):
+    packed = arrays[0]  # (rows, 2C + 1): mean, var, the compiled graph's flag
+    c = packed.shape[-1] // 2
+    return packed[:, :c], np.maximum(packed[:, c:2 * c], 0.0), None, None
+
+
+def _shifted(arrays, _numbers, order):
+    packed = arrays[0]  # (rows, 3C): x0, mean and var of x - x0
+    c = packed.shape[-1] // 3
+    x0 = packed[:, :c].astype(np.float64)
+    return x0 + packed[:, c:2 * c], np.maximum(packed[:, 2 * c:], 0.0), None, None
+
+
 def _sums(arrays, numbers, order):
     x0, s, s1, s2 = arrays[:4]
     m = numbers[:, :1]
@@ -121,7 +139,8 @@ def _sums(arrays, numbers, order):
     return mean, var, m3, np.maximum(m4, 0.0)
 
 
-ENTRY_MOMENTS = {"invstd": _invstd, "suminv": _suminv, "var": _var, "wvar": _var, "sums": _sums}
+ENTRY_MOMENTS = {"invstd": _invstd, "suminv": _suminv, "var": _var, "wvar": _var,
+                 "mv": _mv, "shifted": _shifted, "sums": _sums}
 
 
 @dataclass(frozen=True)

@@ -119,3 +119,24 @@ def test_per_set_statistics_are_analysed_like_the_others(tmp_path):
     f = ds.statscope.fluctuation(window=20)
     want = np.std([x.double().std(1, correction=0).mean().item() for x in xs[-20:]], ddof=1)
     np.testing.assert_allclose(f.set_std.values[0], want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("step", ["auto", "forward", "optimizer"])
+def test_a_mask_set_before_each_step_holds_for_that_step(tmp_path, step):
+    # a step ends when the next one's first forward starts: the mask set in between is the
+    # next step's (it was dropped with the old step's from the second step on)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5))
+    seen = []
+    model[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double().numpy()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(2)
+    masks = [torch.rand(3, 7, generator=gen) > 0.4 for _ in range(4)]
+    with statscope.record(model, tmp_path / "r", layers=["1"], step=step) as rec:
+        for m in masks:
+            rec.mask(m)
+            model(torch.randn(3, 7, 4, generator=gen)).sum().backward()
+            opt.step()
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds["count"].values[:, 0].tolist() == [int(m.sum()) for m in masks]
+    for k, (h, m) in enumerate(zip(seen, masks)):
+        np.testing.assert_allclose(ds.bn_std.values[k], h[m.numpy()].std(0), rtol=1e-5)

@@ -1,0 +1,134 @@
+"""The probes under ``torch.compile``: one opaque operator call in the graph, not a graph break.
+
+A probe is Python that reads the recorder's state at run time (the step's row, whether the
+recorder is on, the module's mode) and keeps references to tensors: dynamo cannot trace it.
+Run behind ``torch.compiler.disable``, every probed layer breaks the graph in two, in the forward
+and in the backward that AOTAutograd derives from it. On a small BatchNorm ResNet compiled with
+inductor that cost 2.0× the compiled plain model's step, mostly in the fusions the breaks split
+(docs/performance.md).
+
+Here the compiled graph instead calls the operator ``statscope::observe(sink, x, key)``, which
+dynamo, AOTAutograd and inductor treat as opaque: at run time it calls the probe registered
+under ``key`` with the real tensor ``x``, exactly as the eager forward would. The operator says
+it writes ``sink`` (a one-element tensor that nothing reads) so that no compiler drops a call
+whose result is unused, and carries the ``cudagraph_unsafe`` tag, so that a CUDA graph never
+captures a call whose Python must run at every replay.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from statscope.rows import FLOAT32_MEAN_RATIO
+
+__all__ = ["observer", "forget"]
+
+# key -> (probe, module); a probe is registered while it is attached (see attach.attach)
+_PROBES: dict[int, tuple[Callable, nn.Module]] = {}
+_KEYS = itertools.count()
+
+
+_LIBRARY = None  # torch.library.Library("statscope", "DEF"), kept while the process lives
+
+
+@functools.cache
+def _operator():
+    """``torch.ops.statscope.observe`` and its sink, defined on first use (never while dynamo
+    traces: an attached probe defines it when it is attached).
+
+    Defined with ``torch.library.Library`` rather than ``torch.library.custom_op``: a call of
+    the same operator through ``custom_op``'s Python layers measured 18 µs, this one 1.7 µs.
+    """
+    global _LIBRARY
+    _LIBRARY = lib = torch.library.Library("statscope", "DEF")
+    lib.define("observe(Tensor(a!) sink, Tensor x, Tensor? packed, int key) -> ()",
+               tags=(torch.Tag.cudagraph_unsafe,))
+
+    def observe(sink, x, packed, key):
+        found = _PROBES.get(key)
+        if found is None:
+            return
+        probe, module = found
+        if packed is None:
+            probe(module, (x,))
+        else:
+            # copied: the compiler owns its buffers and reuses them once the graph is done
+            # with them, while the block keeps its entries until the writer files them. One
+            # op: each torch op lets another thread take the GIL, and this thread waits for it
+            probe.moments(module, x, packed.clone())
+
+    lib.impl("observe", observe, "CompositeExplicitAutograd")
+    torch.library.register_fake("statscope::observe", lambda sink, x, packed, key: None,
+                                lib=lib)
+    return torch.ops.statscope.observe.default, torch.zeros(1)
+
+
+def observer(probe: Callable, module: nn.Module, fallback: Callable) -> tuple[Callable, int]:
+    """What runs in place of ``probe`` while dynamo traces ``module``'s forward.
+
+    A probe that carries ``probe.moments`` and ``probe.channel_dim`` gets the probed tensor's
+    per-channel moments computed in the graph, in float32 (float64 for float64 tensors), packed
+    in one tensor: ``probe.moments(module, x, packed)`` at run time (the entry kinds ``"mv"``
+    and ``"shifted"`` of :mod:`statscope.probes.reduce`). On the CPU, ``packed`` is the mean,
+    the biased variance and a flag, (2C + 1,): the reduction is the one a BatchNorm makes of its
+    input, which the compiler fuses with the layer's own, and the flag says where a channel's
+    offset could cost the float32 mean more than 5e-5 of its std
+    (:data:`statscope.rows.FLOAT32_MEAN_RATIO`): the probe then reduces ``x`` itself. On CUDA
+    it is ``x0``, the mean and the variance of ``x − x0``, (3C,), ``x0`` each channel's first
+    element: a shift, so that a large offset loses nothing to float32 (without it, an offset of
+    1000 σ cost inductor's mean 2e-3 σ and its std 5e-5 of itself). Any other probe gets
+    ``probe(module, (x,))``.
+
+    Args:
+        probe: the probe; ``x`` is the probed tensor, detached.
+        module: the probed module.
+        fallback: called with the probe's own arguments where they hold no tensor to observe
+            (a graph break, see :func:`statscope.probes.attach.attach`).
+
+    Returns:
+        ``(traced, key)``: ``traced(module, args[, output])`` picks the probed tensor (the output
+        where given, else the first argument) and calls the operator on it; ``key`` unregisters
+        the probe (:func:`forget`).
+    """
+    op, sink = _operator()
+    key = next(_KEYS)
+    _PROBES[key] = (probe, module)
+    Tensor, float64 = torch.Tensor, torch.float64
+    channel_dim = getattr(probe, "channel_dim", None) if hasattr(probe, "moments") else None
+
+    def traced(module, args, output=None):
+        x = output if output is not None else (args[0] if args else None)
+        if not isinstance(x, Tensor):
+            fallback(module, args) if output is None else fallback(module, args, output)
+            return
+        x = x.detach()
+        if channel_dim is None or x.ndim < 2 or not -x.ndim <= channel_dim < x.ndim:
+            op(sink, x, None, key)  # the probe reports a bad channel dim itself
+            return
+        cd = channel_dim % x.ndim
+        dims = [d for d in range(x.ndim) if d != cd]
+        u = x if x.dtype == float64 else x.float()
+        if not x.is_cuda:  # the same reduction as a BatchNorm's own, which the compiler fuses
+            var, mean = torch.var_mean(u, dims, correction=0)
+            far = mean.abs() * math.sqrt(x.numel() // x.shape[cd]) > FLOAT32_MEAN_RATIO * var.sqrt()
+            op(sink, x, torch.cat([mean, var, far.any().to(mean.dtype).view(1)]), key)
+            return
+        x0 = u
+        for d in reversed(dims):
+            x0 = x0.select(d, 0)
+        var, mean = torch.var_mean(u - x0.view([-1 if d == cd else 1 for d in range(x.ndim)]),
+                                   dims, correction=0)
+        op(sink, x, torch.cat([x0, mean, var]), key)
+
+    return traced, key
+
+
+def forget(key: int) -> None:
+    """Unregister the probe :func:`observer` registered under ``key``; its calls do nothing."""
+    _PROBES.pop(key, None)
