@@ -204,3 +204,24 @@ def test_moments_survive_the_compiler_reusing_its_buffers(tmp_path):
             np.testing.assert_allclose(ds.bn_std.values[k][sl], x.std((0, 2, 3)), rtol=1e-5)
             np.testing.assert_allclose(ds.bn_mean.values[k][sl], x.mean((0, 2, 3)),
                                        rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_probes_on_cuda_take_shifted_moments(tmp_path, backend):
+    # on CUDA the graph reduces x - x0 (no flag to read without a sync): a channel 1000 σ from
+    # zero keeps its mean and std
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = Net(offset=1000.0).cuda().to(memory_format=torch.channels_last)
+    seen = seen_inputs(model)
+    gen = torch.Generator().manual_seed(1)
+    with statscope.record(model, tmp_path / "r", layers=["bn", "ln"]):
+        fast = torch.compile(model, backend=backend)
+        for _ in range(3):
+            x = torch.randn(32, 3, 16, 16, generator=gen).cuda()
+            fast(x.contiguous(memory_format=torch.channels_last)).backward()
+    ds = statscope.open_run(tmp_path / "r")
+    check(ds, [t.cpu().numpy() for t in seen["bn"]], "bn", 0)
+    check(ds, [t.cpu().numpy() for t in seen["ln"]], "ln", 0)
