@@ -108,7 +108,8 @@ def observer(probe: Callable, module: nn.Module, fallback: Callable) -> tuple[Ca
             fallback(module, args) if output is None else fallback(module, args, output)
             return
         x = x.detach()
-        if channel_dim is None or x.ndim < 2 or not -x.ndim <= channel_dim < x.ndim:
+        if (channel_dim is None or x.ndim < 2 or not -x.ndim <= channel_dim < x.ndim
+                or x.numel() == 0):
             op(sink, x, None, key)  # the probe reports a bad channel dim itself
             return
         cd = channel_dim % x.ndim
@@ -116,8 +117,9 @@ def observer(probe: Callable, module: nn.Module, fallback: Callable) -> tuple[Ca
         u = x if x.dtype == float64 else x.float()
         if not x.is_cuda:  # the same reduction as a BatchNorm's own, which the compiler fuses
             var, mean = torch.var_mean(u, dims, correction=0)
-            far = mean.abs() * math.sqrt(x.numel() // x.shape[cd]) > FLOAT32_MEAN_RATIO * var.sqrt()
-            op(sink, x, torch.cat([mean, var, far.any().to(mean.dtype).view(1)]), key)
+            per_channel = x.numel() // x.shape[cd]
+            far = (mean.abs() * math.sqrt(per_channel) > FLOAT32_MEAN_RATIO * var.sqrt()).any()
+            op(sink, x, torch.cat([mean, var, far.to(mean.dtype).view(1)]), key)
             return
         x0 = u
         for d in reversed(dims):

@@ -21,8 +21,9 @@ this once per process against torch's own forward for every combination of ``mom
 Everything else takes the generic path (:mod:`statscope.probes.reduce`): eval-mode forwards
 (``record_eval=True``), forwards under ``torch.compile`` (moments computed in the graph:
 :mod:`statscope.probes.compiled`), tensor subclasses, ``SyncBatchNorm`` and other subclasses
-with a ``forward`` of their own (timm's ``BatchNormAct2d``), ``mechanism="hooks"``, a probe whose ``channel_dim`` is not 1, and
-every probe when a recorded statistic needs the third or fourth moment (``bn_kurt``).
+with a ``forward`` of their own (timm's ``BatchNormAct2d``), ``mechanism="hooks"``, a probe whose
+``channel_dim`` is not 1, and every probe when a recorded statistic needs the third or fourth
+moment (``bn_kurt``).
 
 The variance is recovered on the writer thread in float64 as ``1/invstd² − eps``, which adds
 about 1e-7 of ``√(var + eps)`` to BatchNorm's own error: the stored ``bn_std`` is good to ~1e-6 of
