@@ -32,27 +32,14 @@ __all__ = ["attach", "MECHANISMS"]
 MECHANISMS = ("forward", "hooks")
 
 
-# torch's own warning when dynamo (or its fake tensors) reads ``.grad`` of a non-leaf tensor that
-# crosses a graph break, such as the one in front of every probe under torch.compile. Torch means
-# to hide it (``torch._logging.hide_warnings``), but hides it from ``showwarning`` only: under
-# warnings-as-errors (``python -W error``, pytest's ``-W error``) it raises inside dynamo and
-# compilation fails. Ignored for those two torch packages only; the same warning from user code
-# still shows.
-_DYNAMO_GRAD_WARNING = dict(action="ignore", message="The .grad attribute of a Tensor that is not "
-                            "a leaf Tensor is being accessed", category=UserWarning,
-                            module=r"torch\._(dynamo|subclasses)\.")
-
-
 def _eager_only(probe: Callable, module: nn.Module, in_graph: bool) -> Callable:
     """``probe`` as it is in eager mode; what runs under ``torch.compile`` is ``run.compiled``:
     with ``in_graph`` an opaque operator in the graph that calls ``probe`` at run time
     (:mod:`statscope.probes.compiled`), else a graph break that runs it eagerly.
 
     ``torch.compiler.disable`` alone would do for the second, but its wrapper costs a few µs on
-    every eager call. Puts the filter of :data:`_DYNAMO_GRAD_WARNING` first in the warnings
-    filters. ``run.key`` is the operator's registration (None without ``in_graph``).
+    every eager call. ``run.key`` is the operator's registration (None without ``in_graph``).
     """
-    warnings.filterwarnings(**_DYNAMO_GRAD_WARNING)
     compiled = disabled = torch.compiler.disable(probe)
     key = None
     if in_graph:
@@ -98,7 +85,7 @@ class _ForwardHandle:
 
 
 def attach(module: nn.Module, probe: Callable, where: str, mechanism: str = "forward",
-           with_kwargs: bool = False, in_graph: bool = True):
+           with_kwargs: bool = False):
     """Call ``probe(module, args)`` before, or ``probe(module, args, output)`` after, a forward.
 
     Args:
@@ -107,17 +94,12 @@ def attach(module: nn.Module, probe: Callable, where: str, mechanism: str = "for
         where: ``"input"`` or ``"output"``.
         mechanism: ``"forward"`` or ``"hooks"``.
         with_kwargs: call ``probe(module, args, kwargs)`` before the forward (``where="input"``).
-        in_graph: under ``torch.compile``, call ``probe`` from inside the compiled graph with
-            the probed tensor alone (:mod:`statscope.probes.compiled`); False: behind a graph
-            break with all its arguments (the recorder's step boundary, which must run before
-            the graph and reads every argument).
-
     Returns:
         A handle whose ``remove()`` undoes the attachment.
     """
     if mechanism not in MECHANISMS:
         raise StatscopeError(f"mechanism={mechanism!r}: expected one of {MECHANISMS}")
-    eager = _eager_only(probe, module, in_graph and not with_kwargs)
+    eager = _eager_only(probe, module, in_graph=not with_kwargs)
     return _Handle(_attach(module, probe, eager, where, mechanism, with_kwargs), eager.key)
 
 

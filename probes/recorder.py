@@ -245,9 +245,11 @@ class Recorder:
                 self._handles.append(attach(cap.target.module, self._make_hook(cap),
                                             cap.target.where, self.mechanism))
             if self._rule != "manual":
+                # under torch.compile the step boundary is an operator at the top of the graph
+                # too (program order puts it before the probes'), unless a mask function must
+                # read every argument: then a graph break
                 self._handles.append(attach(self.root, self._root_hook, "input", self.mechanism,
-                                            with_kwargs=self._mask_of is not None,
-                                            in_graph=False))
+                                            with_kwargs=self._mask_of is not None))
             if self._rule in ("undecided", "optimizer"):
                 self._params = {id(p) for p in self.root.parameters()}
                 self._handles.append(

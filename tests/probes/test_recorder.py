@@ -181,8 +181,8 @@ except UserWarning:
 
 
 def test_compiled_model_records_under_warnings_as_errors(tmp_path):
-    # dynamo reads .grad of the tensors crossing the graph break in front of each probe, and
-    # torch's own warning about it would fail compilation under -W error (probes/attach.py)
+    # at a graph break dynamo reads .grad of the non-leaf tensors crossing it, and torch's own
+    # warning about that fails compilation under -W error: probes must not break the graph
     out = subprocess.run([sys.executable, "-W", "error", "-c", _COMPILED_UNDER_W_ERROR,
                           str(tmp_path / "r")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
