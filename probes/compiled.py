@@ -59,9 +59,12 @@ def _operator():
             probe(module, (x,))
         else:
             # copied: the compiler owns its buffers and reuses them once the graph is done
-            # with them, while the block keeps its entries until the writer files them. One
-            # op: each torch op lets another thread take the GIL, and this thread waits for it
-            probe.moments(module, x, packed.clone())
+            # with them, while the block keeps its entries until the writer files them. On the
+            # CPU through numpy, not a torch op: each torch op lets another thread take the
+            # GIL, and this thread waits for it back
+            own = (torch.from_numpy(packed.numpy().copy()) if packed.device.type == "cpu"
+                   else packed.clone())
+            probe.moments(module, x, own)
 
     lib.impl("observe", observe, "CompositeExplicitAutograd")
     torch.library.register_fake("statscope::observe", lambda sink, x, packed, key: None,
