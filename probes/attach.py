@@ -94,6 +94,12 @@ def attach(module: nn.Module, probe: Callable, where: str, mechanism: str = "for
         where: ``"input"`` or ``"output"``.
         mechanism: ``"forward"`` or ``"hooks"``.
         with_kwargs: call ``probe(module, args, kwargs)`` before the forward (``where="input"``).
+
+    Under ``torch.compile`` the probe is called as ``probe(module, (x,))`` from inside the
+    compiled graph, ``x`` the probed tensor (the first argument or the output;
+    :mod:`statscope.probes.compiled`); with ``with_kwargs``, or where the arguments hold no
+    tensor, behind a graph break with all its arguments.
+
     Returns:
         A handle whose ``remove()`` undoes the attachment.
     """

@@ -164,7 +164,7 @@ class Capture:
         """:meth:`capture` of ``x``'s per-channel moments computed already (in a compiled graph,
         :mod:`statscope.probes.compiled`), for a step without a mask: ``packed`` is the mean,
         the biased variance and a flag, (2C + 1,), on the CPU; ``x0``, the mean and the
-        variance of ``x − x0``, (3C,), on CUDA.
+        variance of ``x − x0``, (3C,), on other devices.
 
         Returns:
             True when the step is captured (or its slot already was); False when the caller
@@ -175,7 +175,7 @@ class Capture:
             return True
         if self.sets is not None or x.numel() == 0:
             return False
-        cpu = packed.numel() % 2 == 1
+        cpu = packed.is_cpu
         if cpu and packed.numpy()[-1]:  # a view of the CPU tensor: no op, no wait for the GIL
             return False
         if self._rows is None or self._mode != "refs" or x.shape != self._shape:

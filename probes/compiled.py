@@ -62,8 +62,7 @@ def _operator():
             # with them, while the block keeps its entries until the writer files them. On the
             # CPU through numpy, not a torch op: each torch op lets another thread take the
             # GIL, and this thread waits for it back
-            own = (torch.from_numpy(packed.numpy().copy()) if packed.device.type == "cpu"
-                   else packed.clone())
+            own = torch.from_numpy(packed.numpy().copy()) if packed.is_cpu else packed.clone()
             probe.moments(module, x, own)
 
     lib.impl("observe", observe, "CompositeExplicitAutograd")
@@ -82,7 +81,7 @@ def observer(probe: Callable, module: nn.Module, fallback: Callable) -> tuple[Ca
     the biased variance and a flag, (2C + 1,): the reduction is the one a BatchNorm makes of its
     input, which the compiler fuses with the layer's own, and the flag says where a channel's
     offset could cost the float32 mean more than 5e-5 of its std
-    (:data:`statscope.rows.FLOAT32_MEAN_RATIO`): the probe then reduces ``x`` itself. On CUDA
+    (:data:`statscope.rows.FLOAT32_MEAN_RATIO`): the probe then reduces ``x`` itself. On a GPU
     it is ``x0``, the mean and the variance of ``x − x0``, (3C,), ``x0`` each channel's first
     element: a shift, so that a large offset loses nothing to float32 (without it, an offset of
     1000 σ cost inductor's mean 2e-3 σ and its std 5e-5 of itself). Any other probe gets
@@ -118,7 +117,7 @@ def observer(probe: Callable, module: nn.Module, fallback: Callable) -> tuple[Ca
         cd = channel_dim % x.ndim
         dims = [d for d in range(x.ndim) if d != cd]
         u = x if x.dtype == float64 else x.float()
-        if not x.is_cuda:  # the same reduction as a BatchNorm's own, which the compiler fuses
+        if x.is_cpu:  # the same reduction as a BatchNorm's own, which the compiler fuses
             var, mean = torch.var_mean(u, dims, correction=0)
             per_channel = x.numel() // x.shape[cd]
             far = (mean.abs() * math.sqrt(per_channel) > FLOAT32_MEAN_RATIO * var.sqrt()).any()

@@ -393,7 +393,7 @@ class Recorder:
     def _make_moments_hook(self, cap: Capture, hook):
         """The probe that a compiled graph calls with the probed tensor's per-channel mean and
         variance it computed (:mod:`statscope.probes.compiled`); ``hook`` where they cannot be
-        used (a mask, per-set statistics, another shape in a raw segment)."""
+        used (a mask, per-set statistics, an empty tensor, an offset too large for them)."""
         rec, lock, block_steps, perf_counter = self, self._lock, self.block_steps, time.perf_counter
 
         def moments_hook(module, x, packed):
