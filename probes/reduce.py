@@ -13,7 +13,7 @@ thread turns a block's entries into float64 moments with :func:`entry_moments`. 
   bf16/fp16/fp32 in any layout (channels_last and ``(N, L, C)`` take its channels-last kernel).
 - ``("mv", packed)`` and ``("shifted", packed)``: under ``torch.compile``, the moments the
   compiled graph computed in float32, packed in one tensor (:mod:`statscope.probes.compiled`):
-  ``mean, var, flag`` (2C + 1,) on the CPU; ``x0, mean, var`` (3C,) on CUDA, the moments of
+  ``mean, var, flag`` (2C + 1,) on the CPU; ``x0, mean, var`` (3C,) elsewhere, the moments of
   ``x − x0`` (a shift, so that a large offset loses nothing to float32); mean = x0 + mean.
 - ``("wvar", mean, var, n)``: a masked tensor's moments over its real elements, ``n`` of them
   per channel (:func:`statscope.probes.sets.masked_entry`).

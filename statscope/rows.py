@@ -111,17 +111,17 @@ def _var(arrays, _numbers, order):
     return mean, np.maximum(var, 0.0), None, None
 
 
-def _mv(arrays, _numbers, order):
+def _mv(arrays, numbers, order):
     packed = arrays[0]  # (rows, 2C + 1): mean, var, the compiled graph's flag
     c = packed.shape[-1] // 2
-    return packed[:, :c], np.maximum(packed[:, c:2 * c], 0.0), None, None
+    return _var((packed[:, :c], packed[:, c:2 * c]), numbers, order)
 
 
-def _shifted(arrays, _numbers, order):
+def _shifted(arrays, numbers, order):
     packed = arrays[0]  # (rows, 3C): x0, mean and var of x - x0
     c = packed.shape[-1] // 3
-    x0 = packed[:, :c].astype(np.float64)
-    return x0 + packed[:, c:2 * c], np.maximum(packed[:, 2 * c:], 0.0), None, None
+    mean, var, _, _ = _var((packed[:, c:2 * c], packed[:, 2 * c:]), numbers, order)
+    return packed[:, :c].astype(np.float64) + mean, var, None, None
 
 
 def _sums(arrays, numbers, order):
