@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from statscope.probes.capture import Capture, Segment, gather_segments
-from statscope.probes.reduce import StackedRun
+from statscope.probes.reduce import MASKED_KINDS, StackedRun
 from statscope.probes.statistics import Statistic, computes
 from statscope.rows import Gathered, ProbePart, Rows, compute_rows
 
@@ -107,16 +107,16 @@ def _sets(rows: list, count: np.ndarray) -> tuple[list, np.ndarray | None, int]:
 
 
 def _real_counts(clipped, skip: int) -> None:
-    """Put the real element counts of masked rows (``wvar`` entries) into their count arrays:
+    """Put the real element counts of masked rows (:data:`MASKED_KINDS`) into their count arrays:
     one copy to the host for the whole block."""
     where, tensors = [], []
     for i, (_, count, segs) in enumerate(clipped):
         for seg in segs:
             if type(seg.refs) is StackedRun:
-                continue  # never wvar (stack_entries)
+                continue  # never masked (stack_entries)
             for r in range(seg.start, seg.stop):
                 e = seg.refs[seg.offset + r - seg.start] if seg.refs is not None else None
-                if e is not None and e[0] == "wvar":
+                if e is not None and e[0] in MASKED_KINDS:
                     where.append((i, r - skip))
                     tensors.append(e[3][:1])
     if tensors:

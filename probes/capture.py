@@ -208,8 +208,8 @@ class Capture:
                 if self._rows is None or self._mode != "refs" or t.shape != self._shape:
                     self._reshape(t, slot, refs=True)
                 count[slot] = self._per_channel  # the writer takes the real count from the entry
-                self._rows[slot - self._start] = masked_entry(t.detach(),
-                                                              self.target.channel_dim, w)
+                self._rows[slot - self._start] = masked_entry(
+                    t.detach(), self.target.channel_dim, w, self.order)
                 return
         if type(x) is BatchStats:
             # A BatchNorm run in bf16/fp16 keeps its statistics in that precision: reduce the

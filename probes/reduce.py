@@ -16,7 +16,8 @@ thread turns a block's entries into float64 moments with :func:`entry_moments`. 
   ``mean, var, flag`` (2C + 1,) on the CPU; ``x0, mean, var`` (3C,) elsewhere, the moments of
   ``x − x0`` (a shift, so that a large offset loses nothing to float32); mean = x0 + mean.
 - ``("wvar", mean, var, n)``: a masked tensor's moments over its real elements, ``n`` of them
-  per channel (:func:`statscope.probes.sets.masked_entry`).
+  per channel (:func:`statscope.probes.sets.masked_entry`); ``("wvar4", mean, var, n, m3,
+  m4)`` with the third and fourth central moments, where a statistic needs them.
 - ``("sums", x0, s, S1, S2[, S3, S4], M)``: everywhere else (the CPU, and every device when a
   statistic needs the third and fourth moments): per-channel sums of ``u = (x − x0) / s``, where
   ``x0`` is the median of a few of the channel's first elements (a shift, so that large offsets
@@ -43,7 +44,11 @@ from statscope.native import kernels
 from statscope.rows import EntryJob, jobs_moments, mean_needs_sum
 
 __all__ = ["step_entry", "batchnorm_entry", "batchnorm_kind", "mean_needs_sum", "entry_moments",
-           "entries_gather", "StackedRun", "stack_entries", "SHIFT_SAMPLE", "CPU_BATCHNORM_MAX"]
+           "entries_gather", "StackedRun", "stack_entries", "SHIFT_SAMPLE", "CPU_BATCHNORM_MAX",
+           "MASKED_KINDS"]
+
+MASKED_KINDS = ("wvar", "wvar4")
+"""Entry kinds of masked tensors: their third item is the count of real elements per channel."""
 
 SHIFT_SAMPLE = 8
 """Elements per channel whose median is the shift of the ``sums`` entry."""
@@ -208,14 +213,14 @@ def stack_entries(entries: Sequence[tuple | None]) -> StackedRun | None:
     here cost the training thread less than that wait (docs/performance.md).
 
     Returns None (the entries stay a list) unless every row has an entry, all of one kind and
-    length with CPU tensors, and not ``wvar`` (the writer reads each such row's count of real
-    elements). CUDA entries are never stacked here: the writer thread reads them on its own
+    length with CPU tensors, and not masked (:data:`MASKED_KINDS`: the writer reads each such
+    row's count of real elements). CUDA entries are never stacked here: the writer thread reads them on its own
     stream after the block's events.
     """
     if not entries:
         return None
     first = entries[0]
-    if first is None or first[0] == "wvar" or not first[1].is_cpu:
+    if first is None or first[0] in MASKED_KINDS or not first[1].is_cpu:
         return None
     tag, length = first[0], len(first)
     for e in entries:
@@ -297,6 +302,6 @@ def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
     return out
 
 
-# Tensors after the tag ("sums": all but the tag and M); "wvar" (statscope.probes.sets) also
-# carries the count of real elements per channel.
-_TENSORS = {"invstd": 2, "suminv": 2, "var": 2, "wvar": 3, "mv": 1, "shifted": 1}
+# Tensors after the tag ("sums": all but the tag and M); the masked kinds
+# (statscope.probes.sets) also carry the count of real elements per channel, third.
+_TENSORS = {"invstd": 2, "suminv": 2, "var": 2, "wvar": 3, "wvar4": 5, "mv": 1, "shifted": 1}

@@ -43,11 +43,13 @@ def mask_weights(x: torch.Tensor, channel_dim: int, mask) -> torch.Tensor | None
 
 
 @torch.no_grad()
-def masked_entry(x: torch.Tensor, channel_dim: int, w: torch.Tensor) -> tuple:
-    """Per-channel mean and variance over the real elements: ``("wvar", mean, var, n)``.
+def masked_entry(x: torch.Tensor, channel_dim: int, w: torch.Tensor, order: int = 2) -> tuple:
+    """Per-channel moments over the real elements: ``("wvar", mean, var, n)``, or with
+    ``order=4`` ``("wvar4", mean, var, n, m3, m4)``, m3 and m4 the third and fourth central
+    moments (for ``bn_kurt``).
 
     Two passes in float32 (float64 for float64 inputs): the weighted mean, then the weighted
-    squares of the centred values, so an offset does not cancel the variance. ``n`` is the
+    powers of the centred values, so an offset does not cancel the variance. ``n`` is the
     number of real elements per channel, a (C,) tensor.
     """
     cd = channel_dim % x.ndim
@@ -59,8 +61,11 @@ def masked_entry(x: torch.Tensor, channel_dim: int, w: torch.Tensor) -> tuple:
     shape = [1] * x.ndim
     shape[cd] = -1
     d = torch.where(real, xf - mean.view(shape), 0.0)
-    var = d.square_().sum(dims) / n
-    return ("wvar", mean, var, n)
+    d2 = d.square()
+    var = d2.sum(dims) / n
+    if order < 4:
+        return ("wvar", mean, var, n)
+    return ("wvar4", mean, var, n, (d2 * d).sum(dims) / n, d2.square_().sum(dims) / n)
 
 
 @torch.no_grad()

@@ -139,8 +139,13 @@ def _sums(arrays, numbers, order):
     return mean, var, m3, np.maximum(m4, 0.0)
 
 
+def _wvar4(arrays, _numbers, order):
+    mean, var, _, m3, m4 = arrays[:5]  # the third is the count of real elements
+    return mean, np.maximum(var, 0.0), m3, np.maximum(m4, 0.0)
+
+
 ENTRY_MOMENTS = {"invstd": _invstd, "suminv": _suminv, "var": _var, "wvar": _var,
-                 "mv": _mv, "shifted": _shifted, "sums": _sums}
+                 "wvar4": _wvar4, "mv": _mv, "shifted": _shifted, "sums": _sums}
 
 
 @dataclass(frozen=True)

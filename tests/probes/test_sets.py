@@ -140,3 +140,28 @@ def test_a_mask_set_before_each_step_holds_for_that_step(tmp_path, step):
     assert ds["count"].values[:, 0].tolist() == [int(m.sum()) for m in masks]
     for k, (h, m) in enumerate(zip(seen, masks)):
         np.testing.assert_allclose(ds.bn_std.values[k], h[m.numpy()].std(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bn_kurt_of_a_masked_tensor_is_over_the_real_elements(tmp_path, compiled):
+    # masked entries carried two moments only: bn_kurt came out NaN for every masked step
+    from scipy import stats as sps
+    torch.manual_seed(0)
+    model = Encoder(c=6)
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(4, 9, 4, generator=gen) * 3 + 1 for _ in range(3)]
+    masks = [torch.rand(4, 9, generator=gen) > 0.35 for _ in range(3)]
+    xs[1][~masks[1]] = 1e30  # padding far off: any leak shows in every moment
+    run = torch.compile(model, backend="aot_eager") if compiled else model
+    with statscope.record(model, tmp_path / "r", stats=[*S.DEFAULT_STATS, S.BN_KURT],
+                          mask=lambda args, kwargs: kwargs["attention_mask"], step="forward"):
+        for x, m in zip(xs, masks):
+            run(x, attention_mask=m)
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.sizes["step"] == 3
+    for k, (x, m) in enumerate(zip(xs, masks)):
+        with torch.no_grad():
+            real = model.proj(x).double().numpy()[m.numpy()]  # (tokens, C)
+        np.testing.assert_allclose(ds.bn_kurt.values[k], sps.kurtosis(real, axis=0, fisher=False),
+                                   rtol=1e-4)
+        np.testing.assert_allclose(ds.bn_std.values[k], real.std(0), rtol=1e-5)
