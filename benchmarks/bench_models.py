@@ -27,6 +27,10 @@ core). Contenders:
 - ``thread``: ``statscope`` with ``writer="thread"``: the store is written by the writer
   thread itself instead of a writer process (the default before 2026-11-28); the difference
   to ``statscope`` is what the zarr work costs training through the GIL;
+- ``neighbour``: no probes; while it trains, another process spins a pure-Python loop (on
+  another core where there is one): what any background work, the writer's included, can cost
+  the training thread on this machine through cores that share a physical core, caches or
+  memory bandwidth (on the 2-vCPU VM of docs/performance.md it cost the FC net 3–18 %);
 - ``raw64``: ``statscope`` with ``raw_bytes=64 MiB`` (default 16 MiB): tensors up to 512 KiB
   are copied into the block buffer each step and reduced by the writer thread per block instead
   of per step on the training thread.
@@ -198,6 +202,38 @@ class PreHook:
             h.remove()
 
 
+def _spin(go, stop) -> None:
+    while not stop.is_set():
+        if not go.wait(0.05):
+            continue
+        deadline = time.perf_counter() + 0.002
+        x = 0
+        while time.perf_counter() < deadline:
+            x = (x * 31 + 7) % 1000003
+
+
+class Neighbour:
+    """A process that spins a pure-Python loop while this context is entered."""
+
+    def __init__(self):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._go, self._stop = ctx.Event(), ctx.Event()
+        self._proc = ctx.Process(target=_spin, args=(self._go, self._stop), daemon=True)
+        self._proc.start()
+
+    def __enter__(self):
+        self._go.set()
+
+    def __exit__(self, *exc):
+        self._go.clear()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._proc.join(5)
+
+
 class Arm:
     """One copy of the model, its optimizer and its instrumentation."""
 
@@ -205,7 +241,7 @@ class Arm:
                  backend: str | None = None):
         self.name, self.model, self.row, self.device = name, model, row, device
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        self.rec = self.hook = None
+        self.rec = self.hook = self.neighbour = None
         self._generic = contextlib.nullcontext()
         if name in ("statscope", "generic", "nowriter", "raw64", "thread"):
             import statscope
@@ -228,10 +264,16 @@ class Arm:
                     cap.sum_bn_mean = False
         elif name == "prehook":
             self.hook = PreHook(model)
+        elif name == "neighbour":
+            self.neighbour = Neighbour()
         # compiled after the probes are attached, as statscope.record's docs ask
         self.forward = torch.compile(model, backend=backend) if backend else model
 
     def steps(self, batches, n: int, first: int) -> None:
+        with self.neighbour or contextlib.nullcontext():
+            self._steps(batches, n, first)
+
+    def _steps(self, batches, n: int, first: int) -> None:
         loss_fn = nn.CrossEntropyLoss()
         ac = (torch.autocast(self.device, dtype=self.row.autocast) if self.row.autocast
               else contextlib.nullcontext())
@@ -252,6 +294,8 @@ class Arm:
             self.rec.close()
         if self.hook is not None:
             self.hook.close()
+        if self.neighbour is not None:
+            self.neighbour.close()
 
 
     def probe_us(self) -> float:
@@ -438,7 +482,8 @@ def main(argv=None) -> None:
     ap.add_argument("--block-seconds", type=float, default=0.6)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--contenders", nargs="+", default=["statscope", "generic"],
-                    choices=("statscope", "generic", "prehook", "nowriter", "raw64", "thread"))
+                    choices=("statscope", "generic", "prehook", "nowriter", "raw64", "thread",
+                             "neighbour"))
     ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                     help="time every arm's model under torch.compile (default backend inductor)")
     ap.add_argument("--candidates", action="store_true",
