@@ -17,6 +17,7 @@ take.
 
 from __future__ import annotations
 
+import types
 import warnings
 from typing import Callable
 
@@ -111,36 +112,61 @@ def attach(module: nn.Module, probe: Callable, where: str, mechanism: str = "for
 
 def _attach(module: nn.Module, probe: Callable, eager: Callable, where: str, mechanism: str,
             with_kwargs: bool):
+    # A copy of the model (copy.deepcopy: an EMA or averaged model) takes the probes along; they
+    # run the copy's own forward and record nothing: only ``module`` itself is probed. An id,
+    # not the module: see below
+    owner = id(module)
     if mechanism == "hooks":
         if where == "input":
             if with_kwargs:
-                return module.register_forward_pre_hook(eager, with_kwargs=True)
-            return module.register_forward_pre_hook(eager)
-        return module.register_forward_hook(eager)
+                return module.register_forward_pre_hook(
+                    lambda m, a, k: eager(m, a, k) if id(m) == owner else None,
+                    with_kwargs=True)
+            return module.register_forward_pre_hook(
+                lambda m, a: eager(m, a) if id(m) == owner else None)
+        return module.register_forward_hook(
+            lambda m, a, o: eager(m, a, o) if id(m) == owner else None)
     previous = module.__dict__.get("forward")
-    inner = module.forward
+    # The wrappers take the module as ``self`` (bound with MethodType) and call the class's
+    # forward unbound, rather than closing over the module and its bound forward: a deep copy of
+    # the model then computes with its own parameters, and under torch.compile dynamo, which
+    # reaches an object held in a closure also through the model, needs no identity check of
+    # each such alias (evaluated in Python at every call of the compiled model)
+    inner = type(module).forward if previous is None else _unbound(previous)
 
     fast = getattr(probe, "batchnorm", None)
     if where == "input" and fast is not None and eligible(module):
-        forward = batchnorm_forward(module, fast, eager, inner)
+        forward = batchnorm_forward(fast, eager, inner, owner)
     elif where == "input" and with_kwargs:
-        def forward(*args, **kwargs):
-            eager(module, args, kwargs)
-            return inner(*args, **kwargs)
+        def forward(self, *args, **kwargs):
+            if id(self) == owner:
+                eager(self, args, kwargs)
+            return inner(self, *args, **kwargs)
     elif where == "input":
         # the eager-mode check inline: one Python call less per forward
         compiled, is_compiling = eager.compiled, torch.compiler.is_compiling
 
-        def forward(*args, **kwargs):
-            (compiled if is_compiling() else probe)(module, args or tuple(kwargs.values()))
-            return inner(*args, **kwargs)
+        def forward(self, *args, **kwargs):
+            if id(self) == owner:
+                (compiled if is_compiling() else probe)(self, args or tuple(kwargs.values()))
+            return inner(self, *args, **kwargs)
     else:
         compiled, is_compiling = eager.compiled, torch.compiler.is_compiling
 
-        def forward(*args, **kwargs):
-            output = inner(*args, **kwargs)
-            (compiled if is_compiling() else probe)(module, args, output)
+        def forward(self, *args, **kwargs):
+            output = inner(self, *args, **kwargs)
+            if id(self) == owner:
+                (compiled if is_compiling() else probe)(self, args, output)
             return output
 
-    module.forward = forward
-    return _ForwardHandle(module, forward, previous)
+    bound = types.MethodType(forward, module)
+    module.forward = bound
+    return _ForwardHandle(module, bound, previous)
+
+
+def _unbound(previous: Callable) -> Callable:
+    """A forward already in the instance (another wrapper), called as ``inner(self, ...)``."""
+    def inner(_self, *args, **kwargs):
+        return previous(*args, **kwargs)
+
+    return inner

@@ -35,10 +35,14 @@ _KEYS = itertools.count()
 
 
 _LIBRARY = None  # torch.library.Library("statscope", "DEF"), kept while the process lives
+# The operator and its sink, set by _operator(). Globals, not closure cells of each probe's
+# traced function: dynamo guards a global once per graph, while one object reached through the
+# closures of several probes gets an identity guard per probe, evaluated in Python at every call
+_OP = _SINK = None
 
 
 @functools.cache
-def _operator():
+def _operator() -> None:
     """``torch.ops.statscope.observe`` and its sink, defined on first use (never while dynamo
     traces: an attached probe defines it when it is attached).
 
@@ -68,7 +72,8 @@ def _operator():
     lib.impl("observe", observe, "CompositeExplicitAutograd")
     torch.library.register_fake("statscope::observe", lambda sink, x, packed, key: None,
                                 lib=lib)
-    return torch.ops.statscope.observe.default, torch.zeros(1)
+    global _OP, _SINK
+    _OP, _SINK = torch.ops.statscope.observe.default, torch.zeros(1)
 
 
 def observer(probe: Callable, module: nn.Module, fallback: Callable) -> tuple[Callable, int]:
@@ -98,37 +103,36 @@ def observer(probe: Callable, module: nn.Module, fallback: Callable) -> tuple[Ca
         where given, else the first argument) and calls the operator on it; ``key`` unregisters
         the probe (:func:`forget`).
     """
-    op, sink = _operator()
+    _operator()
     key = next(_KEYS)
     _PROBES[key] = (probe, module)
-    Tensor, float64 = torch.Tensor, torch.float64
     channel_dim = getattr(probe, "channel_dim", None) if hasattr(probe, "moments") else None
 
     def traced(module, args, output=None):
         x = output if output is not None else (args[0] if args else None)
-        if not isinstance(x, Tensor):
+        if not isinstance(x, torch.Tensor):
             fallback(module, args) if output is None else fallback(module, args, output)
             return
         x = x.detach()
         if (channel_dim is None or x.ndim < 2 or not -x.ndim <= channel_dim < x.ndim
                 or x.numel() == 0):
-            op(sink, x, None, key)  # the probe reports a bad channel dim itself
+            _OP(_SINK, x, None, key)  # the probe reports a bad channel dim itself
             return
         cd = channel_dim % x.ndim
         dims = [d for d in range(x.ndim) if d != cd]
-        u = x if x.dtype == float64 else x.float()
+        u = x if x.dtype == torch.float64 else x.float()
         if x.is_cpu:  # the same reduction as a BatchNorm's own, which the compiler fuses
             var, mean = torch.var_mean(u, dims, correction=0)
             per_channel = x.numel() // x.shape[cd]
             far = (mean.abs() * math.sqrt(per_channel) > FLOAT32_MEAN_RATIO * var.sqrt()).any()
-            op(sink, x, torch.cat([mean, var, far.to(mean.dtype).view(1)]), key)
+            _OP(_SINK, x, torch.cat([mean, var, far.to(mean.dtype).view(1)]), key)
             return
         x0 = u
         for d in reversed(dims):
             x0 = x0.select(d, 0)
         var, mean = torch.var_mean(u - x0.view([-1 if d == cd else 1 for d in range(x.ndim)]),
                                    dims, correction=0)
-        op(sink, x, torch.cat([x0, mean, var]), key)
+        _OP(_SINK, x, torch.cat([x0, mean, var]), key)
 
     return traced, key
 

@@ -113,31 +113,36 @@ def probe_path(target: Target, order: int, mechanism: str) -> str:
     return "generic"
 
 
-def batchnorm_forward(module: nn.Module, probe: Callable, generic: Callable,
-                      inner: Callable) -> Callable:
-    """A ``forward`` for ``module`` that hands BatchNorm's own statistics to ``probe``.
+def batchnorm_forward(probe: Callable, generic: Callable, inner: Callable,
+                      owner: int) -> Callable:
+    """A ``forward(self, *args, **kwargs)`` for an :func:`eligible` BatchNorm ``self`` (bind it
+    with ``types.MethodType``) that hands BatchNorm's own statistics to ``probe``.
 
     Args:
-        module: an :func:`eligible` BatchNorm.
-        probe: called as ``probe(module, input, mean, invstd)`` after a training-mode forward
-            (the fields of :class:`BatchStats` but eps, which is ``module.eps``).
-        generic: called as ``generic(module, args)`` before any other forward (the generic
+        probe: called as ``probe(self, input, mean, invstd)`` after a training-mode forward
+            (the fields of :class:`BatchStats` but eps, which is ``self.eps``).
+        generic: called as ``generic(self, args)`` before any other forward (the generic
             path's probe, safe under ``torch.compile``).
-        inner: the module's forward, for the calls the fast path does not take.
+        inner: the module's forward as ``inner(self, *args, **kwargs)``, for the calls the fast
+            path does not take.
+        owner: ``id`` of the probed module; any other ``self`` (a deep copy of it) runs
+            ``inner`` alone.
     """
     is_compiling = torch.compiler.is_compiling
     Tensor = torch.Tensor
 
-    def forward(*args, **kwargs):
-        if (len(args) != 1 or kwargs or not module.training or is_compiling()
+    def forward(self, *args, **kwargs):
+        if id(self) != owner:
+            return inner(self, *args, **kwargs)
+        if (len(args) != 1 or kwargs or not self.training or is_compiling()
                 or type(args[0]) is not Tensor):
-            generic(module, args or tuple(kwargs.values()))
-            return inner(*args, **kwargs)
-        out, mean, invstd = _train_forward(module, args[0])
+            generic(self, args or tuple(kwargs.values()))
+            return inner(self, *args, **kwargs)
+        out, mean, invstd = _train_forward(self, args[0])
         if mean is None:  # a tensor subclass among the parameters: torch's own path
-            generic(module, args)
-            return inner(*args)
-        probe(module, args[0], mean, invstd)
+            generic(self, args)
+            return inner(self, *args)
+        probe(self, args[0], mean, invstd)
         return out
 
     return forward

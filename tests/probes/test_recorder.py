@@ -311,3 +311,34 @@ def test_lazy_modules_learn_their_channels_at_the_first_forward(tmp_path):
         want = model[0](x).double().std(0, correction=0).numpy()
     np.testing.assert_allclose(ds.bn_std.values[1], want, rtol=1e-5)
     np.testing.assert_array_equal(ds.running_var0.values, np.ones(6, np.float32))
+
+
+@pytest.mark.parametrize("mechanism", ["forward", "hooks"])
+def test_a_deep_copy_of_the_model_computes_with_its_own_parameters_and_is_not_recorded(
+        tmp_path, mechanism):
+    # an EMA or averaged model (copy.deepcopy while recording): the wrapped forwards closed over
+    # the original module, so the copy's BatchNorm/LayerNorm layers computed with the original's
+    # parameters, and the copy's forwards fed the original's probes and step boundary
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 6),
+                          nn.LayerNorm(6))
+    xs = batches(3)
+    with statscope.record(model, tmp_path / "r", step="forward", mechanism=mechanism):
+        model(xs[0])
+        ema = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in ema.parameters():
+                p.mul_(2.0)
+        got = ema(xs[1])  # training mode, between two recorded steps
+        model(xs[2])
+    fresh = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 6),
+                          nn.LayerNorm(6))
+    fresh.load_state_dict(ema.state_dict())  # training mode: the batch's statistics
+    torch.testing.assert_close(got, fresh(xs[1]), rtol=0, atol=0)
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.sizes["step"] == 2
+    with torch.no_grad():
+        want = np.stack([model[0](x).double().mean(0).numpy() for x in (xs[0], xs[2])])
+    np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "1").values, want, atol=1e-6)
