@@ -342,3 +342,22 @@ def test_a_deep_copy_of_the_model_computes_with_its_own_parameters_and_is_not_re
     with torch.no_grad():
         want = np.stack([model[0](x).double().mean(0).numpy() for x in (xs[0], xs[2])])
     np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "1").values, want, atol=1e-6)
+
+
+def test_the_whole_model_can_be_saved_while_recording(tmp_path):
+    # torch.save(model) pickles the instance's forward: a closure failed to pickle, so saving
+    # a checkpoint of the whole model crashed training; the loaded copy carries no probe
+    import io
+
+    torch.manual_seed(0)
+    model = fc()
+    xs = batches(2)
+    with statscope.record(model, tmp_path / "r", step="forward"):
+        model(xs[0])
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        out = loaded(xs[1])
+    torch.testing.assert_close(out, model(xs[1]), rtol=0, atol=0)
+    assert statscope.open_run(tmp_path / "r").sizes["step"] == 1
