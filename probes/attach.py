@@ -117,15 +117,10 @@ def _attach(module: nn.Module, probe: Callable, eager: Callable, where: str, mec
     # not the module: see below
     owner = id(module)
     if mechanism == "hooks":
+        hook = _OwnedHook(eager, owner)
         if where == "input":
-            if with_kwargs:
-                return module.register_forward_pre_hook(
-                    lambda m, a, k: eager(m, a, k) if id(m) == owner else None,
-                    with_kwargs=True)
-            return module.register_forward_pre_hook(
-                lambda m, a: eager(m, a) if id(m) == owner else None)
-        return module.register_forward_hook(
-            lambda m, a, o: eager(m, a, o) if id(m) == owner else None)
+            return module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+        return module.register_forward_hook(hook)
     previous = module.__dict__.get("forward")
     # The wrappers take the module as ``self`` (bound with MethodType) and call the class's
     # forward unbound, rather than closing over the module and its bound forward: a deep copy of
@@ -162,6 +157,30 @@ def _attach(module: nn.Module, probe: Callable, eager: Callable, where: str, mec
     bound = types.MethodType(forward, module)
     module.forward = bound
     return _ForwardHandle(module, bound, previous)
+
+
+class _OwnedHook:
+    """A probe as a forward (pre-)hook of the module whose ``id`` is ``owner``. A copy of the
+    module (deep copy, pickle) gets an inert hook in its place."""
+
+    __slots__ = ("probe", "owner")
+
+    def __init__(self, probe: Callable, owner: int):
+        self.probe, self.owner = probe, owner
+
+    def __call__(self, module, *args):
+        if id(module) == self.owner:
+            self.probe(module, *args)
+
+    def __reduce__(self):
+        return (_InertHook, ())
+
+
+class _InertHook:
+    """What a copied model holds in place of a probe's hook."""
+
+    def __call__(self, *args):
+        return None
 
 
 def _unbound(previous: Callable) -> Callable:

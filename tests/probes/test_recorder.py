@@ -344,7 +344,8 @@ def test_a_deep_copy_of_the_model_computes_with_its_own_parameters_and_is_not_re
     np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "1").values, want, atol=1e-6)
 
 
-def test_the_whole_model_can_be_saved_while_recording(tmp_path):
+@pytest.mark.parametrize("mechanism", ["forward", "hooks"])
+def test_the_whole_model_can_be_saved_while_recording(tmp_path, mechanism):
     # torch.save(model) pickles the instance's forward: a closure failed to pickle, so saving
     # a checkpoint of the whole model crashed training; the loaded copy carries no probe
     import io
@@ -352,7 +353,7 @@ def test_the_whole_model_can_be_saved_while_recording(tmp_path):
     torch.manual_seed(0)
     model = fc()
     xs = batches(2)
-    with statscope.record(model, tmp_path / "r", step="forward"):
+    with statscope.record(model, tmp_path / "r", step="forward", mechanism=mechanism):
         model(xs[0])
         buf = io.BytesIO()
         torch.save(model, buf)
