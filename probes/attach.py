@@ -45,6 +45,7 @@ def _eager_only(probe: Callable, module: nn.Module, in_graph: bool) -> Callable:
     key = None
     if in_graph:
         compiled, key = observer(probe, module, disabled)
+    compiled = _not_exported(compiled)
     is_compiling = torch.compiler.is_compiling
 
     def run(*args):
@@ -54,6 +55,18 @@ def _eager_only(probe: Callable, module: nn.Module, in_graph: bool) -> Callable:
 
     run.compiled, run.key = compiled, key  # type: ignore[attr-defined]
     return run
+
+
+def _not_exported(compiled: Callable) -> Callable:
+    """``compiled``, except while ``torch.export`` traces: an exported program holds the model
+    alone (no statscope operator, which a program loaded elsewhere could not run)."""
+    is_exporting = torch.compiler.is_exporting
+
+    def traced(*args):
+        if not is_exporting():
+            compiled(*args)
+
+    return traced
 
 
 class _Handle:
@@ -114,8 +127,10 @@ def _attach(module: nn.Module, probe: Callable, eager: Callable, where: str, mec
             with_kwargs: bool):
     # A copy of the model (copy.deepcopy: an EMA or averaged model) takes the probes along; they
     # run the copy's own forward and record nothing: only ``module`` itself is probed. An id,
-    # not the module: see below
+    # not the module: see below. Nor is a forward that torch.jit.trace records probed (the trace
+    # would hold the probes' work)
     owner = id(module)
+    tracing = torch._C._get_tracing_state
     if mechanism == "hooks":
         hook = _OwnedHook(eager, owner)
         if where == "input":
@@ -134,7 +149,7 @@ def _attach(module: nn.Module, probe: Callable, eager: Callable, where: str, mec
         forward = batchnorm_forward(fast, eager, inner, owner)
     elif where == "input" and with_kwargs:
         def forward(self, *args, **kwargs):
-            if id(self) == owner:
+            if id(self) == owner and not tracing():
                 eager(self, args, kwargs)
             return inner(self, *args, **kwargs)
     elif where == "input":
@@ -142,7 +157,7 @@ def _attach(module: nn.Module, probe: Callable, eager: Callable, where: str, mec
         compiled, is_compiling = eager.compiled, torch.compiler.is_compiling
 
         def forward(self, *args, **kwargs):
-            if id(self) == owner:
+            if id(self) == owner and not tracing():
                 (compiled if is_compiling() else probe)(self, args or tuple(kwargs.values()))
             return inner(self, *args, **kwargs)
     else:
@@ -150,7 +165,7 @@ def _attach(module: nn.Module, probe: Callable, eager: Callable, where: str, mec
 
         def forward(self, *args, **kwargs):
             output = inner(self, *args, **kwargs)
-            if id(self) == owner:
+            if id(self) == owner and not tracing():
                 (compiled if is_compiling() else probe)(self, args, output)
             return output
 
@@ -169,7 +184,7 @@ class _OwnedHook:
         self.probe, self.owner = probe, owner
 
     def __call__(self, module, *args):
-        if id(module) == self.owner:
+        if id(module) == self.owner and not torch._C._get_tracing_state():
             self.probe(module, *args)
 
     def __reduce__(self):

@@ -126,13 +126,13 @@ def batchnorm_forward(probe: Callable, generic: Callable, inner: Callable,
         inner: the module's forward as ``inner(self, *args, **kwargs)``, for the calls the fast
             path does not take.
         owner: ``id`` of the probed module; any other ``self`` (a deep copy of it) runs
-            ``inner`` alone.
+            ``inner`` alone, as does a forward that ``torch.jit.trace`` records.
     """
-    is_compiling = torch.compiler.is_compiling
+    is_compiling, tracing = torch.compiler.is_compiling, torch._C._get_tracing_state
     Tensor = torch.Tensor
 
     def forward(self, *args, **kwargs):
-        if id(self) != owner:
+        if id(self) != owner or tracing():
             return inner(self, *args, **kwargs)
         if (len(args) != 1 or kwargs or not self.training or is_compiling()
                 or type(args[0]) is not Tensor):

@@ -362,3 +362,40 @@ def test_the_whole_model_can_be_saved_while_recording(tmp_path, mechanism):
         out = loaded(xs[1])
     torch.testing.assert_close(out, model(xs[1]), rtol=0, atol=0)
     assert statscope.open_run(tmp_path / "r").sizes["step"] == 1
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # torch's own, at F.batch_norm
+@pytest.mark.parametrize("mechanism", ["forward", "hooks"])
+def test_torch_jit_trace_while_recording_traces_the_model_alone(tmp_path, mechanism):
+    # the probes ran inside the traced forward: the BatchNorm fast path failed the tracer
+    # ('unsupported argument type long'), the generic one was recorded into the trace
+    model = fc()
+    xs = batches(3)
+    with statscope.record(model, tmp_path / "r", step="forward", mechanism=mechanism):
+        model(xs[0])
+        # (check_trace reruns the model eagerly: a real training forward, recorded)
+        traced = torch.jit.trace(model, xs[1], check_trace=False)
+        model(xs[2])
+        out = traced(xs[1])
+    torch.testing.assert_close(out, model(xs[1]), rtol=1e-6, atol=1e-6)
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.sizes["step"] == 2
+    with torch.no_grad():
+        want = np.stack([model[0](x).double().mean(0).numpy() for x in (xs[0], xs[2])])
+    np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "1").values, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("mechanism", ["forward", "hooks"])
+def test_torch_export_while_recording_exports_the_model_alone(tmp_path, mechanism):
+    # the exported program held a statscope::observe call per probe, which a program loaded
+    # without statscope cannot run
+    model = fc()
+    xs = batches(3)
+    with statscope.record(model, tmp_path / "r", step="forward", mechanism=mechanism):
+        model(xs[0])
+        program = torch.export.export(model, (xs[1],))
+        model(xs[2])
+    assert not [n for n in program.graph.nodes if "statscope" in str(n.target)]
+    torch.testing.assert_close(program.module()(xs[1]), model(xs[1]), rtol=1e-6, atol=1e-6)
+    assert statscope.open_run(tmp_path / "r").sizes["step"] == 2
