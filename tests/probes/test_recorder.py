@@ -313,6 +313,15 @@ def test_lazy_modules_learn_their_channels_at_the_first_forward(tmp_path):
     np.testing.assert_array_equal(ds.running_var0.values, np.ones(6, np.float32))
 
 
+def assert_recorded(path, model, xs):
+    """The run holds one step per input in ``xs``, each the mean of ``model[0]``'s output."""
+    ds = statscope.open_run(path)
+    assert ds.sizes["step"] == len(xs)
+    with torch.no_grad():
+        want = np.stack([model[0](x).double().mean(0).numpy() for x in xs])
+    np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "1").values, want, atol=1e-6)
+
+
 @pytest.mark.parametrize("mechanism", ["forward", "hooks"])
 def test_a_deep_copy_of_the_model_computes_with_its_own_parameters_and_is_not_recorded(
         tmp_path, mechanism):
@@ -337,11 +346,7 @@ def test_a_deep_copy_of_the_model_computes_with_its_own_parameters_and_is_not_re
                           nn.LayerNorm(6))
     fresh.load_state_dict(ema.state_dict())  # training mode: the batch's statistics
     torch.testing.assert_close(got, fresh(xs[1]), rtol=0, atol=0)
-    ds = statscope.open_run(tmp_path / "r")
-    assert ds.sizes["step"] == 2
-    with torch.no_grad():
-        want = np.stack([model[0](x).double().mean(0).numpy() for x in (xs[0], xs[2])])
-    np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "1").values, want, atol=1e-6)
+    assert_recorded(tmp_path / "r", model, (xs[0], xs[2]))
 
 
 @pytest.mark.parametrize("mechanism", ["forward", "hooks"])
@@ -366,36 +371,24 @@ def test_the_whole_model_can_be_saved_while_recording(tmp_path, mechanism):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # torch's own, at F.batch_norm
+@pytest.mark.parametrize("capture", ["export", "jit.trace"])
 @pytest.mark.parametrize("mechanism", ["forward", "hooks"])
-def test_torch_jit_trace_while_recording_traces_the_model_alone(tmp_path, mechanism):
-    # the probes ran inside the traced forward: the BatchNorm fast path failed the tracer
-    # ('unsupported argument type long'), the generic one was recorded into the trace
+def test_exporting_or_tracing_while_recording_captures_the_model_alone(tmp_path, mechanism,
+                                                                       capture):
+    # export: the program held a statscope::observe call per probe, which a program loaded
+    # without statscope cannot run; jit.trace: the BatchNorm fast path failed the tracer
+    # ('unsupported argument type long'), the generic probes were traced into the graph
     model = fc()
     xs = batches(3)
     with statscope.record(model, tmp_path / "r", step="forward", mechanism=mechanism):
         model(xs[0])
-        # (check_trace reruns the model eagerly: a real training forward, recorded)
-        traced = torch.jit.trace(model, xs[1], check_trace=False)
+        if capture == "export":
+            program = torch.export.export(model, (xs[1],))
+            assert not [n for n in program.graph.nodes if "statscope" in str(n.target)]
+            run = program.module()
+        else:  # check_trace would rerun the model eagerly: a real training forward, recorded
+            run = torch.jit.trace(model, xs[1], check_trace=False)
         model(xs[2])
-        out = traced(xs[1])
+        out = run(xs[1])
     torch.testing.assert_close(out, model(xs[1]), rtol=1e-6, atol=1e-6)
-    ds = statscope.open_run(tmp_path / "r")
-    assert ds.sizes["step"] == 2
-    with torch.no_grad():
-        want = np.stack([model[0](x).double().mean(0).numpy() for x in (xs[0], xs[2])])
-    np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "1").values, want, atol=1e-6)
-
-
-@pytest.mark.parametrize("mechanism", ["forward", "hooks"])
-def test_torch_export_while_recording_exports_the_model_alone(tmp_path, mechanism):
-    # the exported program held a statscope::observe call per probe, which a program loaded
-    # without statscope cannot run
-    model = fc()
-    xs = batches(3)
-    with statscope.record(model, tmp_path / "r", step="forward", mechanism=mechanism):
-        model(xs[0])
-        program = torch.export.export(model, (xs[1],))
-        model(xs[2])
-    assert not [n for n in program.graph.nodes if "statscope" in str(n.target)]
-    torch.testing.assert_close(program.module()(xs[1]), model(xs[1]), rtol=1e-6, atol=1e-6)
-    assert statscope.open_run(tmp_path / "r").sizes["step"] == 2
+    assert_recorded(tmp_path / "r", model, (xs[0], xs[2]))
