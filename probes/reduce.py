@@ -48,7 +48,8 @@ __all__ = ["step_entry", "batchnorm_entry", "batchnorm_kind", "mean_needs_sum", 
            "MASKED_KINDS"]
 
 MASKED_KINDS = ("wvar", "wvar4")
-"""Entry kinds of masked tensors: their third item is the count of real elements per channel."""
+"""Entry kinds of masked tensors: after the mean and the variance comes the count of real
+elements per channel."""
 
 SHIFT_SAMPLE = 8
 """Elements per channel whose median is the shift of the ``sums`` entry."""
@@ -214,8 +215,8 @@ def stack_entries(entries: Sequence[tuple | None]) -> StackedRun | None:
 
     Returns None (the entries stay a list) unless every row has an entry, all of one kind and
     length with CPU tensors, and not masked (:data:`MASKED_KINDS`: the writer reads each such
-    row's count of real elements). CUDA entries are never stacked here: the writer thread reads them on its own
-    stream after the block's events.
+    row's count of real elements). CUDA entries are never stacked here: the writer thread reads
+    them on its own stream after the block's events.
     """
     if not entries:
         return None
@@ -303,5 +304,5 @@ def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
 
 
 # Tensors after the tag ("sums": all but the tag and M); the masked kinds
-# (statscope.probes.sets) also carry the count of real elements per channel, third.
+# (statscope.probes.sets) also carry the count of real elements per channel, after the variance.
 _TENSORS = {"invstd": 2, "suminv": 2, "var": 2, "wvar": 3, "wvar4": 5, "mv": 1, "shifted": 1}
