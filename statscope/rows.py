@@ -139,9 +139,9 @@ def _sums(arrays, numbers, order):
     return mean, var, m3, np.maximum(m4, 0.0)
 
 
-def _wvar4(arrays, _numbers, order):
-    mean, var, _, m3, m4 = arrays[:5]  # the third is the count of real elements
-    return mean, np.maximum(var, 0.0), m3, np.maximum(m4, 0.0)
+def _wvar4(arrays, numbers, order):
+    mean, var, _, _ = _var(arrays, numbers, order)  # then the count of real elements, m3, m4
+    return mean, var, arrays[3], np.maximum(arrays[4], 0.0)
 
 
 ENTRY_MOMENTS = {"invstd": _invstd, "suminv": _suminv, "var": _var, "wvar": _var,
