@@ -17,6 +17,7 @@ take.
 
 from __future__ import annotations
 
+import sys
 import types
 import warnings
 from typing import Callable
@@ -99,7 +100,7 @@ class _ForwardHandle:
 
 
 def attach(module: nn.Module, probe: Callable, where: str, mechanism: str = "forward",
-           with_kwargs: bool = False):
+           with_kwargs: bool = False, on_error: Callable[[], None] | None = None):
     """Call ``probe(module, args)`` before, or ``probe(module, args, output)`` after, a forward.
 
     Args:
@@ -108,6 +109,8 @@ def attach(module: nn.Module, probe: Callable, where: str, mechanism: str = "for
         where: ``"input"`` or ``"output"``.
         mechanism: ``"forward"`` or ``"hooks"``.
         with_kwargs: call ``probe(module, args, kwargs)`` before the forward (``where="input"``).
+        on_error: called (no arguments) when an eager forward that ``probe`` saw raises
+            (``where="input"``); not under ``torch.compile``.
 
     Under ``torch.compile`` the probe is called as ``probe(module, (x,))`` from inside the
     compiled graph, ``x`` the probed tensor (the first argument or the output;
@@ -120,7 +123,49 @@ def attach(module: nn.Module, probe: Callable, where: str, mechanism: str = "for
     if mechanism not in MECHANISMS:
         raise StatscopeError(f"mechanism={mechanism!r}: expected one of {MECHANISMS}")
     eager = _eager_only(probe, module, in_graph=not with_kwargs)
+    if on_error is not None:
+        if where != "input":
+            raise StatscopeError(f"attach(where={where!r}, on_error=...): input probes only")
+        return _Handle(_attach_guarded(module, probe, eager, mechanism, with_kwargs, on_error),
+                       eager.key)
     return _Handle(_attach(module, probe, eager, where, mechanism, with_kwargs), eager.key)
+
+
+def _attach_guarded(module: nn.Module, probe: Callable, eager: Callable, mechanism: str,
+                    with_kwargs: bool, on_error: Callable[[], None]):
+    """An input probe that also hears of the module's eager forwards that raise."""
+    owner = id(module)
+    tracing = torch._C._get_tracing_state
+    if mechanism == "hooks":
+        pre = module.register_forward_pre_hook(_OwnedHook(eager, owner), with_kwargs=with_kwargs)
+        post = module.register_forward_hook(_RaisedHook(on_error, owner), always_call=True)
+        return _Handles(pre, post)
+    previous = module.__dict__.get("forward")
+    inner = type(module).forward if previous is None else _unbound(previous)
+    compiled, is_compiling = eager.compiled, torch.compiler.is_compiling
+
+    def forward(self, *args, **kwargs):
+        if id(self) == owner and not tracing():
+            if is_compiling():  # the try below is never traced
+                if with_kwargs:
+                    compiled(self, args, kwargs)
+                else:
+                    compiled(self, args or tuple(kwargs.values()))
+                return inner(self, *args, **kwargs)
+            if with_kwargs:
+                probe(self, args, kwargs)
+            else:
+                probe(self, args or tuple(kwargs.values()))
+            try:
+                return inner(self, *args, **kwargs)
+            except BaseException:
+                on_error()
+                raise
+        return inner(self, *args, **kwargs)
+
+    bound = types.MethodType(forward, module)
+    module.forward = bound
+    return _ForwardHandle(module, bound, previous)
 
 
 def _attach(module: nn.Module, probe: Callable, eager: Callable, where: str, mechanism: str,
@@ -189,6 +234,35 @@ class _OwnedHook:
 
     def __reduce__(self):
         return (_InertHook, ())
+
+
+class _RaisedHook:
+    """A forward hook (``always_call=True``) that calls ``on_error()`` when the forward of the
+    module whose ``id`` is ``owner`` raised: torch then calls it from its ``except`` block, with
+    no output."""
+
+    __slots__ = ("on_error", "owner")
+
+    def __init__(self, on_error: Callable[[], None], owner: int):
+        self.on_error, self.owner = on_error, owner
+
+    def __call__(self, module, args, output):
+        if torch.compiler.is_compiling():  # torch calls no hook on an exception there
+            return
+        if output is None and id(module) == self.owner and sys.exc_info()[1] is not None:
+            self.on_error()
+
+    def __reduce__(self):
+        return (_InertHook, ())
+
+
+class _Handles:
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 class _InertHook:

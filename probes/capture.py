@@ -337,6 +337,16 @@ class Capture:
         return (np.array(self.count[:n], np.int64), clipped,
                 None if self.sets is None else self.sets[:n])
 
+    def forget(self, slot: int) -> None:
+        """Forget what was captured at ``slot`` (the open segment's rows, a forward that raised)."""
+        if not self.count[slot]:
+            return
+        self.count[slot] = 0
+        if self.sets is not None:
+            self.sets[slot] = None
+        if self._mode == "refs" and self._rows is not None and slot >= self._start:
+            self._rows[slot - self._start] = None
+
     def rewind(self, slot: int) -> None:
         """Forget what was captured at ``slot`` and after (micro-batches of one step)."""
         for i in range(slot, self.block_steps):

@@ -181,6 +181,10 @@ class Recorder:
         self._pending_end = False
         self._forwards = 0
         self._first_forwards: int | None = None
+        # (slot, step, whether it began the step, which probes had the slot) of the training
+        # forward in progress and of one that raised, whose captures the next forward discards
+        self._open: tuple | None = None
+        self._failed: tuple | None = None
         self._rule = {"auto": "undecided", "manual": "manual"}.get(step, step)
         # id(optimizer) -> (weakref to it, whether it steps this model's parameters)
         self._holds: dict[int, tuple[weakref.ref, bool]] = {}
@@ -249,7 +253,8 @@ class Recorder:
                 # too (program order puts it before the probes'), unless a mask function must
                 # read every argument: then a graph break
                 self._handles.append(attach(self.root, self._root_hook, "input", self.mechanism,
-                                            with_kwargs=self._mask_of is not None))
+                                            with_kwargs=self._mask_of is not None,
+                                            on_error=self._forward_raised))
             if self._rule in ("undecided", "optimizer"):
                 self._params = {id(p) for p in self.root.parameters()}
                 self._handles.append(
@@ -414,24 +419,52 @@ class Recorder:
 
     def _root_hook(self, module, args, kwargs=None):
         if not self._on or not (module.training or self.record_eval) or _in_backward() != -1:
+            self._open = None
             return
         t0 = time.perf_counter()
         with self._lock:
+            if self._failed is not None:
+                self._discard(self._failed)
             # a step's first training forward ends the step before (under "optimizer" only
             # once the optimizer stepped: the forwards between are micro-batches)
             if self._dirty and self._rule == "optimizer" and not self._pending_end:
                 self._forwards += 1  # another micro-batch of the same optimizer step
+                slot = self._slot
+                self._open = (slot, self._step_no, False,
+                              [cap.count[slot] for cap in self.captures])
             else:
                 if self._dirty:
                     self._end_step()
                 self._maybe_dispatch()
                 self._dirty = True
                 self._forwards = 1
+                self._open = (self._slot, self._step_no, True, None)
                 if self._mask_of is not None:  # the step's first forward
                     self._mask = self._mask_of(args, kwargs or {})
         self.probe_seconds += time.perf_counter() - t0
         if self._say or self._worker.notices:
             self._emit()
+
+    def _forward_raised(self) -> None:
+        """The model's forward raised (an out-of-memory batch that the loop skips, a bad
+        sample): what its layers captured is not a step's. The next training forward discards
+        it, so a run that goes on records no layer from a batch that never finished; a run that
+        ends here keeps it (the batch it failed on)."""
+        with self._lock:
+            self._failed, self._open = self._open, None
+
+    def _discard(self, failed: tuple) -> None:
+        self._failed = None
+        slot, step_no, began, had = failed
+        if step_no != self._step_no or not self._dirty:
+            return  # the step ended since
+        for i, cap in enumerate(self.captures):
+            if had is None or not had[i]:
+                cap.forget(slot)
+        if began:
+            self._dirty, self._pending_end, self._forwards = False, False, 0
+        else:
+            self._forwards -= 1
 
     def _end_step(self) -> None:
         if self._rule == "optimizer":

@@ -3,6 +3,7 @@
 
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import statscope
-from statscope.errors import NonFiniteWarning, StatscopeError, StoreError
+from statscope.errors import NonFiniteWarning, StatscopeError, StatscopeWarning, StoreError
 
 
 def fc(c=6):
@@ -233,6 +234,101 @@ def test_an_error_in_training_marks_the_run_failed_and_removes_hooks(tmp_path):
     assert ds.attrs["status"] == "failed" and "boom" in ds.attrs["error"]
     assert ds.sizes["step"] == 1
     assert "forward" not in model[1].__dict__
+
+
+def raising_before(module):
+    """A switch that makes ``module``'s forward raise, as an out-of-memory batch would."""
+    def boom(m, args):
+        if boom.on:
+            raise RuntimeError("out of memory (injected)")
+    boom.on = False
+    module.register_forward_pre_hook(boom)
+    return boom
+
+
+@pytest.mark.parametrize("mechanism", ["forward", "hooks"])
+@pytest.mark.parametrize("rule", ["auto", "forward"])
+def test_a_forward_that_raises_is_not_filed_with_the_next_batch(tmp_path, mechanism, rule):
+    # a loop that skips a batch whose forward raised (OOM): the layers it reached were filed
+    # with the next batch's other layers in one step (and under the optimizer rule the skipped
+    # forward counted as a micro-batch, with a warning that forwards per step vary)
+    torch.manual_seed(0)
+    model = fc()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen1, h1 = inputs_of(model[1])
+    seen4, h4 = inputs_of(model[4])
+    boom = raising_before(model[3])
+    fail = {2, 5, 6}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with statscope.record(model, tmp_path / "r", step=rule, mechanism=mechanism,
+                              block_steps=3) as rec:
+            for i, x in enumerate(batches(9)):
+                boom.on = i in fail
+                try:
+                    model(x).sum().backward()
+                except RuntimeError:
+                    opt.zero_grad()
+                    continue
+                opt.step()
+                opt.zero_grad()
+                rec.log(batch=float(i))
+    h1.remove(), h4.remove()
+    ds = statscope.open_run(tmp_path / "r")
+    done = [i for i in range(9) if i not in fail]
+    assert ds.step.values.tolist() == list(range(6)) and ds.batch.values.tolist() == done
+    assert ds.attrs["step_rule"] == ("optimizer" if rule == "auto" else "forward")
+    for layer, seen in (("1", [seen1[i] for i in done]), ("4", seen4)):
+        want = np.stack([s.mean(0).numpy() for s in seen])
+        np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == layer).values, want,
+                                   atol=1e-6)
+
+
+def test_a_raising_micro_batch_leaves_the_step_its_other_micro_batches(tmp_path):
+    torch.manual_seed(0)
+    model = fc()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen4, h4 = inputs_of(model[4])
+    boom = raising_before(model[3])
+    xs = iter(batches(12))
+    # the steps finished 3, 2, 2 and 2 forwards
+    with pytest.warns(StatscopeWarning, match="forwards per optimizer step vary"), \
+            statscope.record(model, tmp_path / "r", step="optimizer", block_steps=2):
+        for step in range(4):
+            for micro in range(3):
+                boom.on = (step, micro) in {(1, 0), (2, 1), (3, 2)}
+                try:
+                    model(next(xs)).sum().backward()
+                except RuntimeError:
+                    pass
+            opt.step()
+            opt.zero_grad()
+    h4.remove()
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.sizes["step"] == 4
+    # the first forward that finished in each step: micro-batches 0, 1, 0, 0
+    first = [0, 3, 5, 7]
+    want = np.stack([seen4[i].mean(0).numpy() for i in first])
+    np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "4").values, want, atol=1e-6)
+    # layer 1 ran in the raising forwards too: at step 1 it was discarded with its batch
+    assert (ds["count"].sel(layer="1").values == 4).all()
+
+
+def test_a_run_that_ends_in_a_raising_forward_keeps_the_batch_it_failed_on(tmp_path):
+    model = fc()
+    boom = raising_before(model[3])
+    xs = batches(2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with statscope.record(model, tmp_path / "r"):
+            model(xs[0])
+            boom.on = True
+            model(xs[1])
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.attrs["status"] == "failed" and ds.sizes["step"] == 2
+    assert ds["count"].sel(layer="4").values[:, 0].tolist() == [4, 0]
+    with torch.no_grad():
+        want = model[0](xs[1]).double().mean(0).numpy()
+    np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "1").values[1], want, atol=1e-6)
 
 
 def test_bad_input(tmp_path):
