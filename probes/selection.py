@@ -56,6 +56,14 @@ class Target:
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's model inside DDP/DataParallel and ``torch.compile`` wrappers."""
     while True:
+        if isinstance(model, nn.DataParallel) and len(model.device_ids) > 1:
+            # its replicas are shallow copies made at every forward: they would share the
+            # wrapped forwards, bound to the original module (on device_ids[0])
+            raise StatscopeError(
+                f"model=DataParallel(device_ids={model.device_ids}): statscope cannot record a "
+                "model that DataParallel replicates over several devices at every forward; use "
+                "DistributedDataParallel (torchrun), where each rank records its own batch "
+                "statistics, or one device")
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):

@@ -331,6 +331,21 @@ def test_a_run_that_ends_in_a_raising_forward_keeps_the_batch_it_failed_on(tmp_p
     np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "1").values[1], want, atol=1e-6)
 
 
+def test_dataparallel_on_one_device_is_looked_through_and_on_several_refused(tmp_path):
+    model = fc()
+    dp = nn.DataParallel(model)  # no GPU: DataParallel calls the module itself
+    with statscope.record(dp, tmp_path / "one", step="forward"):
+        dp(batches(1)[0])
+    assert statscope.open_run(tmp_path / "one").attrs["layers"] == ["1", "4"]
+    # several devices: the replicas DataParallel makes at every forward are shallow copies of
+    # each module; they would share the wrapped forwards, bound to the original module
+    dp.device_ids = [0, 1]
+    with pytest.raises(StatscopeError, match=r"DataParallel\(device_ids=\[0, 1\]\).*"
+                                             "DistributedDataParallel"):
+        statscope.record(dp, tmp_path / "two")
+    assert "forward" not in model[1].__dict__
+
+
 def test_bad_input(tmp_path):
     model = fc()
     with statscope.record(model, tmp_path / "r"):
