@@ -418,7 +418,10 @@ class Recorder:
         return moments_hook
 
     def _root_hook(self, module, args, kwargs=None):
-        if not self._on or not (module.training or self.record_eval) or _in_backward() != -1:
+        # A training forward: the model's, or one of a probed layer (``model.eval()`` then
+        # ``model.head.train()``: fine-tuning with a frozen backbone)
+        if not self._on or not (module.training or self.record_eval or any(
+                t.module.training for t in self.targets)) or _in_backward() != -1:
             self._open = None
             return
         t0 = time.perf_counter()

@@ -105,6 +105,33 @@ def test_eval_forwards_are_skipped_unless_asked(tmp_path):
     assert statscope.open_run(tmp_path / "b").sizes["step"] == 1
 
 
+@pytest.mark.parametrize("mechanism", ["forward", "hooks"])
+def test_a_model_in_eval_mode_with_a_probed_layer_in_training_mode_counts_steps(tmp_path,
+                                                                               mechanism):
+    # fine-tuning with a frozen backbone: model.eval(), then model.head.train(); the step
+    # boundary looked at the model's own mode only, and every step merged into the first
+    model = fc()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen, handle = inputs_of(model[4])
+    model.eval()
+    model[4].train()
+    with statscope.record(model, tmp_path / "r", mechanism=mechanism, block_steps=2):
+        for x in batches(5):
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            model[4].eval()  # a validation forward, every layer in eval mode: no step
+            with torch.no_grad():
+                model(x)
+            model[4].train()
+    handle.remove()
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.sizes["step"] == 5
+    assert (ds["count"].sel(layer="1").values == 0).all()  # the frozen layer
+    want = np.stack([s.mean(0).numpy() for s in seen[::2]])  # the pre-hook saw both forwards
+    np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "4").values, want, atol=1e-6)
+
+
 def test_manual_steps_take_the_first_forward_of_each_step(tmp_path):
     model = fc()
     xs = batches(6)
