@@ -238,8 +238,7 @@ class Capture:
             self._rows[slot - self._start].copy_(
                 (x.movedim(self.target.channel_dim, -1) if self._movedim else x).detach())
         else:
-            self._rows[slot - self._start] = step_entry(x.detach(), self.target.channel_dim,
-                                                        self.order)
+            self._rows[slot - self._start] = step_entry(x, self.target.channel_dim, self.order)
 
     def _reshape(self, x: torch.Tensor, slot: int, refs: bool = False) -> None:
         t = self.target

@@ -27,7 +27,8 @@ thread turns a block's entries into float64 moments with :func:`entry_moments`. 
   in one read of the tensor in its own dtype (channels-last rows or ``(N, C, *S)`` planes);
   otherwise, and on CUDA, in float32 (float64 for float64 inputs) with torch's cascade
   summation, from one float32 copy of the shifted tensor. The moments follow on the writer
-  thread in float64.
+  thread in float64. ``("psums", packed, M)`` is the C++ kernel's form of the same: ``x0, s,
+  S1, S2[, S3, S4]`` as the rows of one (2 + order, C) float64 tensor.
 
 Accuracy against float64: the mean to ~1e-7 of the channel's std; the std to ~1e-6 of itself
 when the shift is within a few stds of the mean (the error grows with ((mean − x0)/std)²).
@@ -114,36 +115,65 @@ def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True,
     return ("suminv", total, stats.invstd, stats.eps, per_channel)
 
 
-@torch.no_grad()
 def step_entry(x: torch.Tensor, channel_dim: int, order: int) -> tuple:
     """Reduce one step's tensor to an entry of per-channel sums (see the module docstring).
 
+    On the CPU with the C++ kernels this is one call: each torch call more costs a training
+    step far more than its ``timeit`` figure, as the layer's own pass over the tensor has just
+    evicted the interpreter's and torch's dispatch state from the caches (~8 µs instead of ~1 µs
+    on the benchmark VM, docs/performance.md).
+
     Args:
-        x: the probed tensor, ≥ 2 dims, not empty.
+        x: the probed tensor, ≥ 2 dims, not empty (its autograd history is not followed).
         channel_dim: the dimension that holds the channels.
         order: the highest moment needed, 2 or 4.
 
     Returns:
         An entry tuple; its tensors are new (they do not keep ``x`` alive).
     """
-    cd = channel_dim % x.ndim
-    xm = x.movedim(cd, -1)
-    if order <= 2 and x.device.type == "cuda" and x.dtype in _CUDA_VAR_DTYPES:
+    ndim = x.ndim
+    cd = channel_dim % ndim
+    if x.is_cpu:
+        if x.dtype in _CPU_KERNEL_DTYPES:
+            native = kernels(wait=False)
+            if native is not None:
+                flat = _native_layout(x, cd)
+                if flat is not None:
+                    # one call, one read of x in its own dtype, sums in float64 (statscope/csrc)
+                    packed = native.shifted_sums(flat, 2 if order <= 2 else 4, flat.ndim == 2,
+                                                 SHIFT_SAMPLE)
+                    return ("psums", packed, x.numel() // x.shape[cd])
+    elif order <= 2 and x.is_cuda and x.dtype in _CUDA_VAR_DTYPES:
+        xm = x.detach().movedim(cd, -1)
         if xm.is_contiguous():
             xb = xm.view(-1, xm.shape[-1])  # (M, C): batch norm's channels-last kernel
         else:
-            xb = x.movedim(cd, 1)
+            xb = xm.movedim(-1, 1)
         mean, var = torch.batch_norm_update_stats(xb, None, None, 0.0)
         return ("var", mean, var)
+    with torch.no_grad():
+        return _torch_sums(x, cd, order)
+
+
+def _native_layout(x: torch.Tensor, cd: int) -> torch.Tensor | None:
+    """``x`` as the C++ kernel reads it: (M, C) rows with the channels contiguous or (N, C, S)
+    planes with each channel's elements contiguous; None for other layouts."""
+    if x.is_contiguous():
+        if cd == x.ndim - 1:
+            return x.view(-1, x.shape[cd])
+        if cd == 1:
+            return x.view(x.shape[0], x.shape[1], -1)
+    xm = x.movedim(cd, -1)
+    if xm.is_contiguous():  # channels_last
+        return xm.view(-1, xm.shape[-1])
+    return None
+
+
+def _torch_sums(x: torch.Tensor, cd: int, order: int) -> tuple:
+    """The ``sums`` entry with torch's ops: float32 (float64 for float64 inputs) from one
+    shifted copy of ``x``."""
+    xm = x.movedim(cd, -1)
     c = xm.shape[-1]
-    if x.device.type == "cpu" and x.dtype in _CPU_KERNEL_DTYPES:
-        native = kernels(wait=False)
-        if native is not None and (xm.is_contiguous() or (cd == 1 and x.is_contiguous())):
-            # one call, one read of x in its own dtype, sums in float64 (statscope/csrc)
-            rows = xm.is_contiguous()
-            flat = xm.reshape(-1, c) if rows else x.view(x.shape[0], c, -1)
-            out = native.shifted_sums(flat, 2 if order <= 2 else 4, rows, SHIFT_SAMPLE)
-            return ("sums", *out.unbind(0), x.numel() // c)
     if xm.is_contiguous():
         v, dims, bshape = xm.view(-1, c), (0,), (c,)
         sample = v[:SHIFT_SAMPLE]
@@ -247,10 +277,10 @@ def entries_gather(runs: Sequence[Sequence[tuple | None]]) -> list[EntryJob]:
     together, whatever run they belong to, and copied to the host once per device (the torch
     half of :func:`entries_moments`; :func:`statscope.rows.jobs_moments` is the numpy half).
     A run is a list of entries (None where a row has none) or a :class:`StackedRun`."""
-    groups: dict[tuple, list] = {}  # (tag, length, C) -> [(run, rows)], rows of that run
+    groups: dict[tuple, list] = {}  # (tag, length, row shape) -> [(run, rows)], rows of that run
     for i, entries in enumerate(runs):
         if type(entries) is StackedRun:
-            groups.setdefault((entries.tag, entries.length, entries.tensors[0].shape[-1]),
+            groups.setdefault((entries.tag, entries.length, entries.tensors[0].shape[1:]),
                               []).append((i, list(range(len(entries)))))
             continue
         kinds = {(e[0], len(e)) if e is not None else None for e in entries}
@@ -262,8 +292,8 @@ def entries_gather(runs: Sequence[Sequence[tuple | None]]) -> list[EntryJob]:
                 if e is not None:
                     mine.setdefault((e[0], len(e)), []).append(r)
         for (tag, length), rows in mine.items():
-            width = runs[i][rows[0]][1].shape[-1]
-            groups.setdefault((tag, length, width), []).append((i, list(rows)))
+            shape = runs[i][rows[0]][1].shape  # "psums": (2 + order, C)
+            groups.setdefault((tag, length, shape), []).append((i, list(rows)))
     jobs = []  # (tag, members, stacked tensors, per-row numbers)
     for (tag, length, _), members in groups.items():
         n = _TENSORS.get(tag, length - 2)  # the items after the tensors are numbers
@@ -305,4 +335,5 @@ def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
 
 # Tensors after the tag ("sums": all but the tag and M); the masked kinds
 # (statscope.probes.sets) also carry the count of real elements per channel, after the variance.
-_TENSORS = {"invstd": 2, "suminv": 2, "var": 2, "wvar": 3, "wvar4": 5, "mv": 1, "shifted": 1}
+_TENSORS = {"invstd": 2, "suminv": 2, "var": 2, "wvar": 3, "wvar4": 5, "mv": 1, "shifted": 1,
+            "psums": 1}

@@ -139,13 +139,19 @@ def _sums(arrays, numbers, order):
     return mean, var, m3, np.maximum(m4, 0.0)
 
 
+def _psums(arrays, numbers, order):
+    packed = arrays[0]  # (rows, 2 + order, C): x0, s, S1, S2[, S3, S4]
+    return _sums([packed[:, j] for j in range(packed.shape[1])], numbers, order)
+
+
 def _wvar4(arrays, numbers, order):
     mean, var, _, _ = _var(arrays, numbers, order)  # then the count of real elements, m3, m4
     return mean, var, arrays[3], np.maximum(arrays[4], 0.0)
 
 
 ENTRY_MOMENTS = {"invstd": _invstd, "suminv": _suminv, "var": _var, "wvar": _var,
-                 "wvar4": _wvar4, "mv": _mv, "shifted": _shifted, "sums": _sums}
+                 "wvar4": _wvar4, "mv": _mv, "shifted": _shifted, "sums": _sums,
+                 "psums": _psums}
 
 
 @dataclass(frozen=True)
