@@ -177,7 +177,8 @@ class Recorder:
         self._block_start = 0  # the step of row 0 of the block; row r is step start + r·every
         self._step_no = 0  # the step in progress, recorded or not
         self._skip = False  # this step is not recorded (every > 1)
-        self._dirty = False
+        self._dirty = False  # a training forward ran in the step in progress
+        self._logged = False  # a scalar was logged in it
         self._pending_end = False
         self._forwards = 0
         self._first_forwards: int | None = None
@@ -322,7 +323,7 @@ class Recorder:
             with self._lock:
                 if self._rule == "undecided":
                     self._decide("forward")
-                if self._dirty:
+                if self._dirty or self._logged:
                     self._end_step()
                 block = self._take_block() if self._slot else None
             if block is not None and not self._writer.put(block):
@@ -484,7 +485,7 @@ class Recorder:
         self._step_no += 1
         self._skip = self._step_no % self.every != 0
         self._mask, self._next_mask = self._next_mask, None
-        self._dirty = False
+        self._dirty = self._logged = False
         self._pending_end = False
         self.streams.remember()
 
@@ -665,7 +666,9 @@ class Recorder:
             with self._lock:
                 if not self._skip:  # a step that is not recorded keeps no scalars either
                     self._scalars.setdefault(name, []).append((self._slot, value))
-                self._dirty = True
+                # not _dirty: a value logged before the step's first forward (the run's first
+                # step, or a side thread) belongs to the step that forward then joins
+                self._logged = True
 
 
 def _probe_info(t: Target, path: str) -> ProbeInfo:

@@ -132,6 +132,32 @@ def test_a_model_in_eval_mode_with_a_probed_layer_in_training_mode_counts_steps(
     np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "4").values, want, atol=1e-6)
 
 
+@pytest.mark.parametrize("step", ["auto", "optimizer", "forward"])
+def test_a_value_logged_before_the_first_forward_joins_the_first_step(tmp_path, step):
+    # rec.log(lr=...) at the top of the loop, or from another thread: the first log made the
+    # first forward end an empty step 0, every batch filed one step late (and under "auto" a
+    # warning that forwards per step vary)
+    model = fc()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen, handle = inputs_of(model[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with statscope.record(model, tmp_path / "r", step=step, block_steps=4) as rec:
+            for i, x in enumerate(batches(6)):
+                rec.log(lr=float(i))
+                model(x).sum().backward()
+                opt.step()
+                opt.zero_grad()
+    handle.remove()
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.sizes["step"] == 6 and (ds["count"].values == 4).all()
+    want = np.stack([s.mean(0).numpy() for s in seen])
+    np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "1").values, want, atol=1e-6)
+    # a value logged after a step's forward and optimizer step belongs to that step (its
+    # next forward ends it): the loop's lr=i lands in step i - 1, the first in step 0
+    assert ds.lr.values[:5].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0] and np.isnan(ds.lr.values[5])
+
+
 def test_manual_steps_take_the_first_forward_of_each_step(tmp_path):
     model = fc()
     xs = batches(6)
