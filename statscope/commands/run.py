@@ -173,7 +173,9 @@ def _free_default_out(config):
 def run_run(args) -> int:
     """``statscope run EXPERIMENT ...``: train, record, print one summary line."""
     from statscope.experiments.train import run_experiment
+    from statscope.nn.factory import check_norm_name
 
+    check_norm_name(args.norm)  # before loading data
     config = _free_default_out(_config(
         args, batch_size=args.bs, seed=args.seed, norm=args.norm, out=args.out,
         overwrite=args.overwrite, resume=args.resume))
@@ -264,7 +266,10 @@ class _Bar:
 def run_sweep(args) -> int:
     """``statscope sweep EXPERIMENT --bs ... --seeds ...``: the grid into one folder."""
     from statscope.experiments.sweep import plan_sweep, run_sweep as sweep
+    from statscope.nn.factory import check_norm_name
 
+    for norm in args.norm:
+        check_norm_name(norm)  # before any run starts
     base = _config(args)
     items = plan_sweep(base, args.out, batch_sizes=args.bs, seeds=args.seeds, norms=args.norm)
     todo = sum(item.action != "skip" for item in items)

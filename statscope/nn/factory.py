@@ -30,6 +30,23 @@ def _known():
     return ", ".join(NORM_NAMES) + " (a _g<n> suffix sets the groups of gn, en, hn, bn+en)"
 
 
+def check_norm_name(name) -> None:
+    """Raise :class:`StatscopeError` unless :func:`make_norm` knows ``name`` (before a run
+    spends time loading its data)."""
+    _parse(name)
+
+
+def _parse(name):
+    key = name.strip().lower() if isinstance(name, str) else name
+    match = _NAME.match(key) if isinstance(key, str) else None
+    if match is None or match["base"] not in _FAMILY:
+        raise StatscopeError(f"norm={name!r}: unknown norm; known: {_known()}")
+    if match["groups"] is not None and _FAMILY[match["base"]][3] is None:
+        raise StatscopeError(f"norm={name!r}: {match['base']} has no channel groups; "
+                             f"known: {_known()}")
+    return key, match
+
+
 def make_norm(name, num_features, **kw):
     """Build the normalization layer called ``name``.
 
@@ -64,16 +81,10 @@ def make_norm(name, num_features, **kw):
         >>> make_norm("HN_G4", 16)
         HeteroNorm(16, mean=batch, std=extended, std_groups=4, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, std_center='own')
     """
-    key = name.strip().lower() if isinstance(name, str) else name
-    match = _NAME.match(key) if isinstance(key, str) else None
-    if match is None or match["base"] not in _FAMILY:
-        raise StatscopeError(f"norm={name!r}: unknown norm; known: {_known()}")
+    key, match = _parse(name)
     cls, mean_sets, std_sets, default_groups = _FAMILY[match["base"]]
     kw = dict(kw)
     if match["groups"] is not None:
-        if default_groups is None:
-            raise StatscopeError(f"norm={name!r}: {match['base']} has no channel groups; "
-                                 f"known: {_known()}")
         if "groups" in kw and kw["groups"] != int(match["groups"]):
             raise StatscopeError(f"groups={kw['groups']!r}: norm={name!r} already sets "
                                  f"{match['groups']} groups")

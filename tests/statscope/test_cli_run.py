@@ -110,6 +110,8 @@ def _bad_idx(kind):
      "norm='in' with batch_size=4: input shape (4, 128): norm in needs pixel set 'instance'",
      False),
     (["run", "mnist-fc", "--bs", "4", "--norm", "xn", "@data"], "norm='xn': unknown norm", False),
+    (["sweep", "mnist-fc", "--bs", "4", "--norm", "bn", "in_g4", "@out"],
+     "norm='in_g4': in has no channel groups", False),
     (["run", "mnist-fc", "--bs", "4", "@truncated"], "train-images-idx3-ubyte", False),
     (["run", "mnist-fc", "--bs", "4", "@magic"], "train-images-idx3-ubyte has magic 2049, "
                                                  "expected 2051", False),
@@ -152,6 +154,15 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, argv, message,
         assert err.startswith("usage: statscope")
     assert not (tmp_path / "out").exists()
     assert (snapshot(folder) if os.path.isdir(folder) else {}) == data_before
+
+
+def test_an_unknown_norm_is_refused_before_the_data_is_looked_for(tmp_path, capsys):
+    # it was refused after the dataset had been looked for (a download tried, the bundled
+    # subset warned about)
+    assert main(["run", "mnist-fc", "--norm", "xn", "--data-dir", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("statscope: error: norm='xn': unknown norm")
 
 
 class _no_exit:
