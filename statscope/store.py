@@ -337,8 +337,9 @@ def _check_stackable(paths, runs, what: str) -> None:
         if (ds.sizes[S.NEURON] != ref.sizes[S.NEURON]
                 or not np.array_equal(ds[S.LAYER].values, ref[S.LAYER].values)):
             raise StoreError(
-                f"{what}: run {p!r} has layers {_layer_list(ds)}, but {paths[0]!r} has "
-                f"{_layer_list(ref)}; only runs with the same layers can be stacked")
+                f"{what}: run {p!r} has layers {_layer_widths(ds)}, but {paths[0]!r} has "
+                f"{_layer_widths(ref)} (name: neurons); only runs with the same layers can be "
+                "stacked")
         if not np.array_equal(ds[S.GROUP].values, ref[S.GROUP].values):
             raise StoreError(
                 f"{what}: run {p!r} has EN groups {_groups(ds)} per layer, but "
@@ -488,6 +489,13 @@ def open_runs(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike], *,
     stacked.attrs = {S.ATTR_PROBES: ref.attrs[S.ATTR_PROBES], S.ATTR_LAYERS: ref.attrs[S.ATTR_LAYERS],
                      "runs": {n: dict(ds.attrs) for n, ds in zip(names, runs)}}
     return stacked
+
+
+def _layer_widths(ds) -> dict[str, int]:
+    """Each layer's number of neuron columns, in order."""
+    names, counts = np.unique(ds[S.LAYER].values, return_counts=True)
+    width = dict(zip(names.tolist(), counts.tolist()))
+    return {name: width[name] for name in _layer_list(ds)}
 
 
 def _layer_list(ds) -> list[str]:

@@ -69,6 +69,11 @@ def test_open_runs_stacks_with_meta_coords_and_pads_shorter_runs(tmp_path):
     write_run(tmp_path / "c", other, odata)
     with pytest.raises(StoreError, match="only runs with the same layers can be stacked"):
         statscope.open_runs([tmp_path / "runs" / "a", tmp_path / "c"])
+    wider, wdata = synthetic(t=5, sizes=(4, 8))  # the same names, another width
+    write_run(tmp_path / "w", wider, wdata)
+    with pytest.raises(StoreError, match=r"has layers \{'l0': 4, 'l1': 8\}, but .* has "
+                                         r"\{'l0': 4, 'l1': 6\}"):
+        statscope.open_runs([tmp_path / "runs" / "a", tmp_path / "w"])
     with pytest.raises(StoreError, match="no statscope runs found"):
         statscope.open_runs(tmp_path / "runs" / "junk")
 
