@@ -321,6 +321,10 @@ class Recorder:
         self._handles.clear()
         try:
             with self._lock:
+                if self._failed is not None and error is None:
+                    # a forward that raised and that the loop went on from, as a next forward
+                    # would (closed by the error instead: kept, the batch it failed on)
+                    self._discard(self._failed)
                 if self._rule == "undecided":
                     self._decide("forward")
                 if self._dirty or self._logged:
@@ -451,9 +455,10 @@ class Recorder:
 
     def _forward_raised(self) -> None:
         """The model's forward raised (an out-of-memory batch that the loop skips, a bad
-        sample): what its layers captured is not a step's. The next training forward discards
-        it, so a run that goes on records no layer from a batch that never finished; a run that
-        ends here keeps it (the batch it failed on)."""
+        sample): what its layers captured is not a step's. The next training forward, or
+        closing without an error, discards it, so a run that goes on records no layer from a
+        batch that never finished; a run that this error ends keeps it (the batch it failed
+        on)."""
         with self._lock:
             self._failed, self._open = self._open, None
 

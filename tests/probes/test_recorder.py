@@ -367,6 +367,22 @@ def test_a_raising_micro_batch_leaves_the_step_its_other_micro_batches(tmp_path)
     assert (ds["count"].sel(layer="1").values == 4).all()
 
 
+@pytest.mark.parametrize("mechanism", ["forward", "hooks"])
+def test_a_raising_last_forward_that_the_loop_survives_is_not_a_step(tmp_path, mechanism):
+    model = fc()
+    boom = raising_before(model[3])
+    xs = batches(3)
+    with statscope.record(model, tmp_path / "r", step="forward", mechanism=mechanism):
+        model(xs[0])
+        model(xs[1])
+        boom.on = True
+        with pytest.raises(RuntimeError, match="out of memory"):
+            model(xs[2])
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.attrs["status"] == "completed" and ds.sizes["step"] == 2
+    assert (ds["count"].values == 4).all()
+
+
 def test_a_run_that_ends_in_a_raising_forward_keeps_the_batch_it_failed_on(tmp_path):
     model = fc()
     boom = raising_before(model[3])
