@@ -230,6 +230,24 @@ def _analysed(build) -> dict:
         return empty_spec(str(exc))
 
 
+def _fitting(runs, analyse, notes: list[str]) -> list[str]:
+    """The runs that ``analyse(run)`` takes (the window fits them); a note for each other run,
+    so that one short run does not blank the others' figure. Raises the first run's error when
+    none fits."""
+    shown, first = [], None
+    for r in runs:
+        try:
+            analyse(r)
+        except StatscopeError as exc:
+            first = first or exc
+            notes.append(f"{r} left out: {exc}")
+            continue
+        shown.append(r)
+    if not shown and first is not None:
+        raise first
+    return shown
+
+
 def _key(catalog: RunCatalog, run: str, rank):
     """The rank key a single-set view reads: each rank beside the merged is drawn only by the
     evolution and fluctuation views; the others show the merged statistics."""
@@ -253,7 +271,9 @@ def fluctuation(catalog: RunCatalog, search, version=None) -> dict:
         fl, summary, finds, ci, baseline, ranks, found = {}, {}, {}, {}, {}, {}, {}
         notes = list(v.notes if v.state.by == "neuron" else v.notes[:1])
         notes += _rank_notes(catalog, v.runs, rank)
-        for r in v.runs:
+        shown = _fitting(v.runs, lambda r: fluct(catalog, r, _key(catalog, r, rank), w, sf),
+                         notes)
+        for r in shown:
             if rank == EACH and catalog.ranks(r):
                 ranks[r] = rank_comparison(catalog, r, w, sf, v.state.by, v.neurons)
                 notes += [f"{r}, {n}" for n in ranks[r].notes]
@@ -278,7 +298,7 @@ def fluctuation(catalog: RunCatalog, search, version=None) -> dict:
                          "the per-step series of every neuron")
         return fluctuation_spec(fl, by=v.state.by, neurons=v.neurons, summary=summary,
                                 ci=ci or None, baseline=baseline or None, scale_free=sf,
-                                notes=notes, titles=_titles(catalog, v.runs, rank),
+                                notes=notes, titles=_titles(catalog, shown, rank),
                                 locate=lambda run, l, u: finds[run](l, u), ranks=ranks or None)
 
     return _analysed(build)
@@ -296,18 +316,22 @@ def scatter(catalog: RunCatalog, search, version=None) -> dict:
         return to_wire(_scatter_spec())
 
     def _scatter_spec():
-        per_run = max(1, MAX_SCATTER_POINTS // max(1, len(v.runs)))
+        skipped: list[str] = []
+        shown = _fitting(v.runs, lambda r: fluct(catalog, r, _key(catalog, r, rank),
+                                                 v.state.window, sf), skipped)
+        per_run = max(1, MAX_SCATTER_POINTS // max(1, len(shown)))
         fl, totals, found = {}, {}, {}
-        for r in v.runs:
+        for r in shown:
             key = _key(catalog, r, rank)
             fl[r], totals[r] = scatter_values(catalog, r, key, v.state.window, sf, per_run)
             f = fluct(catalog, r, key, v.state.window, sf)
             found[r] = f.source.note or f"from the {f.source.kind}"
-        notes = [*v.notes[:1], *_rank_notes(catalog, v.runs, rank), *_source_notes(found)]
+        notes = [*v.notes[:1], *skipped, *_rank_notes(catalog, shown, rank),
+                 *_source_notes(found)]
         if rank == EACH and any(catalog.ranks(r) for r in v.runs):
             notes.append("each rank is drawn in the evolution and fluctuation views; here: the "
                          "merged statistics")
-        return scatter_spec(fl, titles=_titles(catalog, v.runs, MERGED if rank == EACH
+        return scatter_spec(fl, titles=_titles(catalog, shown, MERGED if rank == EACH
                                                else rank),
                             scale_free=sf, notes=notes, totals=totals)
 

@@ -152,6 +152,18 @@ def test_window_longer_than_the_run_says_so_instead_of_failing(catalog):
     assert "longer than run" in fig.layout.annotations[0].text
 
 
+def test_a_run_too_short_for_the_window_is_left_out_of_the_others_figure(two_runs):
+    # one short run among those chosen blanked the fluctuation and scatter figures of all
+    catalog = RunCatalog.from_datasets({**two_runs, "short": synthetic_run(n_steps=5, seed=3)})
+    for callback in (cb.fluctuation, cb.scatter):
+        fig = figure(callback(catalog, "?run=bs4&run=short&run=bs128&neuron=fc1:0"))
+        assert {t.meta["run"] for t in fig.data if t.meta and "run" in t.meta} == {"bs4", "bs128"}
+        text = " ".join([fig.layout.title.text or "", *(a.text for a in fig.layout.annotations)])
+        assert "short left out: window=200: longer than run" in text
+    fig = figure(cb.fluctuation(catalog, "?run=short"))
+    assert "longer than run" in fig.layout.annotations[0].text
+
+
 def test_poll_reports_new_and_grown_runs(tmp_path):
     from dashboard_fixtures import write_synthetic
 
