@@ -135,11 +135,11 @@ def _attach_guarded(module: nn.Module, probe: Callable, eager: Callable, mechani
                     with_kwargs: bool, on_error: Callable[[], None]):
     """An input probe that also hears of the module's eager forwards that raise."""
     owner = id(module)
-    tracing = torch._C._get_tracing_state
     if mechanism == "hooks":
-        pre = module.register_forward_pre_hook(_OwnedHook(eager, owner), with_kwargs=with_kwargs)
+        pre = _attach(module, probe, eager, "input", mechanism, with_kwargs)
         post = module.register_forward_hook(_RaisedHook(on_error, owner), always_call=True)
         return _Handles(pre, post)
+    tracing = torch._C._get_tracing_state
     previous = module.__dict__.get("forward")
     inner = type(module).forward if previous is None else _unbound(previous)
     compiled, is_compiling = eager.compiled, torch.compiler.is_compiling
