@@ -10,6 +10,7 @@ killed, shows a consistent prefix; missing or damaged data is a
 
 from __future__ import annotations
 
+import collections
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
@@ -493,9 +494,7 @@ def open_runs(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike], *,
 
 def _layer_widths(ds) -> dict[str, int]:
     """Each layer's number of neuron columns, in order."""
-    names, counts = np.unique(ds[S.LAYER].values, return_counts=True)
-    width = dict(zip(names.tolist(), counts.tolist()))
-    return {name: width[name] for name in _layer_list(ds)}
+    return dict(collections.Counter(ds[S.LAYER].values.tolist()))
 
 
 def _layer_list(ds) -> list[str]:
