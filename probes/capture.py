@@ -254,9 +254,12 @@ class Capture:
                                      "channels are not divisible by it")
             self.channels = channels
         elif channels != self.channels:
+            other = [d for d in range(1, x.ndim) if x.shape[d] == self.channels]
+            hint = (f"; its dim {other[0]} has {self.channels}: pass channel_dim="
+                    f"{{'{t.module_name}': {other[0]}}}" if other else "")
             raise StatscopeError(f"layers: the {t.where} of {t.module_name!r} has {channels} "
                                  f"channels along dim {t.channel_dim} (shape {tuple(x.shape)}), "
-                                 f"expected {self.channels}")
+                                 f"expected {self.channels}{hint}")
         self._shape = x.shape
         self._per_channel = x.numel() // channels
         if not refs:

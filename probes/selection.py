@@ -26,6 +26,7 @@ _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
 _CHANNEL_FIRST_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
                         nn.modules.instancenorm._InstanceNorm)
 _CHANNEL_LAST_NORMS = (nn.LayerNorm, nn.RMSNorm)
+_CHANNEL_LAST_FORWARDS = tuple(t.forward for t in _CHANNEL_LAST_NORMS)
 NORM_TYPES = _CHANNEL_FIRST_NORMS + _CHANNEL_LAST_NORMS
 _CONVS = (nn.modules.conv._ConvNd,)
 
@@ -81,9 +82,21 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, NORM_TYPES) or _is_statscope_norm(module)
 
 
+def _channels_first_layernorm(module: nn.Module) -> bool:
+    """A LayerNorm/RMSNorm subclass with a ``forward`` of its own named ``...2d``/``...3d``:
+    torchvision's and timm's ``LayerNorm2d`` (ConvNeXt) take ``(N, C, H, W)``, move the channels
+    last, normalize and move them back. Other subclasses keep the channels last (CLIP's
+    LayerNorm that computes in float32 overrides ``forward`` too)."""
+    cls = type(module)
+    if not isinstance(module, _CHANNEL_LAST_NORMS) or cls.forward in _CHANNEL_LAST_FORWARDS:
+        return False
+    return cls.__name__.lower().endswith(("2d", "3d"))
+
+
 def _default_channel_dim(module: nn.Module, where: str) -> int | None:
     if where == "input":
-        if isinstance(module, _CHANNEL_FIRST_NORMS) or _is_statscope_norm(module):
+        if isinstance(module, _CHANNEL_FIRST_NORMS) or _is_statscope_norm(module) \
+                or _channels_first_layernorm(module):
             return 1
         if isinstance(module, _CHANNEL_LAST_NORMS):
             return -1
@@ -93,7 +106,7 @@ def _default_channel_dim(module: nn.Module, where: str) -> int | None:
             return 1
         return None
     if isinstance(module, _CONVS) or isinstance(module, _CHANNEL_FIRST_NORMS) \
-            or _is_statscope_norm(module):
+            or _is_statscope_norm(module) or _channels_first_layernorm(module):
         return 1
     if isinstance(module, (nn.Linear, *_CHANNEL_LAST_NORMS)):
         return -1

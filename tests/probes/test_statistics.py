@@ -47,6 +47,20 @@ def record_tensors(tensors, module, tmp_path, **kw):
     return statscope.open_run(tmp_path / "run").load()
 
 
+class LayerNorm2d(torch.nn.LayerNorm):
+    """torchvision's and timm's ConvNeXt norm: LayerNorm over the channels of (N, C, H, W)."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class LayerNormFp32(torch.nn.LayerNorm):
+    """CLIP's LayerNorm: a forward of its own that keeps the channels last."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
 LAYOUTS = [
     # (module factory, shape, channel dim)
     (lambda c: torch.nn.BatchNorm1d(c), (5, 6), 1),
@@ -56,6 +70,8 @@ LAYOUTS = [
     (lambda c: torch.nn.GroupNorm(2, c), (2, 6, 4, 4), 1),
     (lambda c: torch.nn.BatchNorm3d(c), (2, 6, 2, 3, 2), 1),
     (lambda c: torch.nn.RMSNorm(c), (4, 6), -1),
+    (lambda c: LayerNorm2d(c), (2, 6, 3, 5), 1),
+    (lambda c: LayerNormFp32(c), (3, 5, 6), -1),
 ]
 
 
@@ -74,6 +90,16 @@ def test_layouts_match_numpy(tmp_path, make, shape, cdim, raw_bytes, grad):
         np.testing.assert_allclose(ds["bn_kurt"].values[i], ref["bn_kurt"], rtol=1e-4)
         assert (ds["count"].values[i] == x.numel() // 6).all()
     assert ds.group.values.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_a_channel_count_along_another_dim_is_refused_with_the_dim_that_fits(tmp_path):
+    class Permuting(torch.nn.LayerNorm):  # a name that does not say 2d: channels last assumed
+        def forward(self, x):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    with pytest.raises(StatscopeError, match=r"has 5 channels along dim -1 .*expected 6; its "
+                                             r"dim 1 has 6: pass channel_dim=\{'0': 1\}"):
+        record_tensors([torch.randn(2, 6, 3, 5)], Permuting(6), tmp_path)
 
 
 def test_channels_last_input(tmp_path):
