@@ -1,16 +1,21 @@
 """Which tensors of a model to probe, and where their channels are.
 
 By default the probes watch the **input of every normalization layer** (BatchNorm*, GroupNorm,
-LayerNorm, RMSNorm, InstanceNorm*, SyncBatchNorm and statscope.nn layers); a model without any is
-probed at the output of each Linear and Conv layer. The channel dimension follows the layer type:
+LayerNorm, RMSNorm, InstanceNorm*, SyncBatchNorm and statscope.nn layers, and the LayerNorms and
+RMSNorms of other libraries that do not subclass torch's, such as ``LlamaRMSNorm`` and
+``T5LayerNorm``); a model without any is probed at the output of each Linear and Conv layer. The channel dimension follows the layer type:
 dim 1 for the inputs of BatchNorm/GroupNorm/InstanceNorm and the outputs of Conv (channels-first,
 so BatchNorm1d's ``(N, C, L)`` is read right), the last dim for the inputs of LayerNorm/RMSNorm
-and the outputs of Linear (so ``(N, L, C)`` sequences are channels-last).
+and the outputs of Linear (so ``(N, L, C)`` sequences are channels-last). A LayerNorm of
+``(N, C, H, W)`` images — ``data_format="channels_first"`` (Hugging Face's ConvNeXt) or a class
+named ``...2d``/``...3d`` with a forward of its own (torchvision's and timm's ``LayerNorm2d``) —
+is read at dim 1.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -78,19 +83,39 @@ def _is_statscope_norm(module: nn.Module) -> bool:
 
 
 def is_norm(module: nn.Module) -> bool:
-    """True for torch's normalization layers and statscope's own."""
-    return isinstance(module, NORM_TYPES) or _is_statscope_norm(module)
+    """True for torch's normalization layers, statscope's own, and other libraries' LayerNorms
+    and RMSNorms (:func:`_named_norm`)."""
+    return isinstance(module, NORM_TYPES) or _is_statscope_norm(module) or _named_norm(module)
+
+
+_NAMED_NORM = re.compile(r"(rms|layer)_?norm([23]d)?$", re.IGNORECASE)
+
+
+def _named_norm(module: nn.Module) -> bool:
+    """A LayerNorm or RMSNorm of another library that does not subclass torch's
+    (``LlamaRMSNorm`` and its kin, ``T5LayerNorm``, timm's ``RmsNorm``, SAM's ``LayerNorm2d``):
+    told by its class name and a 1-D ``weight`` (its channels) or a ``normalized_shape``."""
+    if isinstance(module, NORM_TYPES) or not _NAMED_NORM.search(type(module).__name__):
+        return False
+    weight = getattr(module, "weight", None)
+    return (isinstance(weight, torch.Tensor) and weight.ndim == 1) \
+        or hasattr(module, "normalized_shape")
 
 
 def _channels_first_layernorm(module: nn.Module) -> bool:
-    """A LayerNorm/RMSNorm subclass with a ``forward`` of its own named ``...2d``/``...3d``:
-    torchvision's and timm's ``LayerNorm2d`` (ConvNeXt) take ``(N, C, H, W)``, move the channels
-    last, normalize and move them back. Other subclasses keep the channels last (CLIP's
-    LayerNorm that computes in float32 overrides ``forward`` too)."""
-    cls = type(module)
-    if not isinstance(module, _CHANNEL_LAST_NORMS) or cls.forward in _CHANNEL_LAST_FORWARDS:
+    """A LayerNorm/RMSNorm of ``(N, C, H, W)`` inputs: ``data_format="channels_first"`` (Hugging
+    Face's ConvNeXt), or a class named ``...2d``/``...3d`` with a ``forward`` of its own
+    (torchvision's and timm's ``LayerNorm2d`` move the channels last, normalize and move them
+    back). Other subclasses keep the channels last (CLIP's LayerNorm that computes in float32
+    overrides ``forward`` too)."""
+    if not (isinstance(module, _CHANNEL_LAST_NORMS) or _named_norm(module)):
         return False
-    return cls.__name__.lower().endswith(("2d", "3d"))
+    fmt = getattr(module, "data_format", None)
+    if isinstance(fmt, str):
+        return fmt.lower() == "channels_first"
+    if type(module).forward in _CHANNEL_LAST_FORWARDS:
+        return False
+    return type(module).__name__.lower().endswith(("2d", "3d"))
 
 
 def _default_channel_dim(module: nn.Module, where: str) -> int | None:
@@ -98,7 +123,7 @@ def _default_channel_dim(module: nn.Module, where: str) -> int | None:
         if isinstance(module, _CHANNEL_FIRST_NORMS) or _is_statscope_norm(module) \
                 or _channels_first_layernorm(module):
             return 1
-        if isinstance(module, _CHANNEL_LAST_NORMS):
+        if isinstance(module, _CHANNEL_LAST_NORMS) or _named_norm(module):
             return -1
         if isinstance(module, nn.Linear):
             return -1
@@ -108,7 +133,7 @@ def _default_channel_dim(module: nn.Module, where: str) -> int | None:
     if isinstance(module, _CONVS) or isinstance(module, _CHANNEL_FIRST_NORMS) \
             or _is_statscope_norm(module) or _channels_first_layernorm(module):
         return 1
-    if isinstance(module, (nn.Linear, *_CHANNEL_LAST_NORMS)):
+    if isinstance(module, (nn.Linear, *_CHANNEL_LAST_NORMS)) or _named_norm(module):
         return -1
     return None
 
@@ -128,6 +153,10 @@ def _declared_channels(module: nn.Module, where: str) -> int | None:
     if isinstance(module, _CHANNEL_LAST_NORMS):
         shape = module.normalized_shape
         return int(shape[-1]) if shape else None
+    if _named_norm(module):
+        weight = getattr(module, "weight", None)
+        return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.ndim == 1 \
+            else None
     return getattr(module, "num_features", None)
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import statscope
+from statscope.probes import select
 from statscope.errors import NonFiniteWarning, StatscopeError, StatscopeWarning, StoreError
 
 
@@ -88,6 +89,66 @@ def test_sequence_inputs_use_the_last_dim_for_layernorm(tmp_path):
     np.testing.assert_allclose(ds.bn_std.values[0], seen[0].reshape(-1, 6).std(0, correction=0).numpy(),
                                rtol=1e-5)
     assert ds["count"].values[0, 0] == 14
+
+
+class LlamaRMSNorm(nn.Module):
+    """The shape of Hugging Face's RMSNorms (Llama, Qwen, Mistral, Gemma): torch's is not used."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class PreLayerNorm(nn.Module):
+    """A block named like a norm that holds none of its own: not a norm layer."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm, self.fn = nn.LayerNorm(c), nn.Linear(c, c)
+
+    def forward(self, x):
+        return self.fn(self.norm(x))
+
+
+def test_other_libraries_layernorms_and_rmsnorms_are_norm_layers(tmp_path):
+    model = nn.Sequential(nn.Linear(5, 6), LlamaRMSNorm(6), PreLayerNorm(6))
+    targets = select(model)
+    assert [(t.name, t.channel_dim, t.channels) for t in targets] == [("1", -1, 6),
+                                                                      ("2.norm", -1, 6)]
+    x = torch.randn(2, 7, 5)
+    seen, handle = inputs_of(model[1])
+    with statscope.record(model, tmp_path / "r"):
+        model(x)
+    handle.remove()
+    ds = statscope.open_run(tmp_path / "r")
+    np.testing.assert_allclose(ds.bn_std.sel(neuron=ds.layer == "1").values[0],
+                               seen[0].reshape(-1, 6).std(0, correction=0).numpy(), rtol=1e-5)
+
+
+def test_hugging_face_models_are_probed_at_their_own_norm_layers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_key_value_heads=2))
+    assert {type(t.module).__name__ for t in select(llama)} == {"LlamaRMSNorm"}
+    convnext = transformers.ConvNextModel(transformers.ConvNextConfig(
+        num_stages=2, hidden_sizes=[4, 8], depths=[1, 1], image_size=32))
+    dims = {t.module_name: t.channel_dim for t in select(convnext)}
+    # channels_first in the stem and between stages, channels_last inside the blocks
+    assert dims["embeddings.layernorm"] == 1 and dims["encoder.stages.0.layers.0.layernorm"] == -1
+    x = torch.randn(2, 3, 32, 32)
+    stem = convnext.embeddings.layernorm
+    seen, handle = inputs_of(stem)
+    with statscope.record(convnext, tmp_path / "c"):
+        convnext(pixel_values=x)
+    handle.remove()
+    ds = statscope.open_run(tmp_path / "c")
+    want = seen[0].movedim(1, -1).reshape(-1, 4)
+    np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "embeddings.layernorm").values[0],
+                               want.mean(0).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_eval_forwards_are_skipped_unless_asked(tmp_path):
