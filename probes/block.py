@@ -89,7 +89,7 @@ def gather_block(block: Block, captures: Sequence[Capture], statistics: Sequence
             sets = (present, host)
         parts.append(ProbePart(cap.channels, cap.target.groups,
                                tuple((seg.start, seg.stop) for seg in segs), _cpu_batchnorm(segs),
-                               sets, width))
+                               sets, width, cap.bn_eps))
     scalars = {name: _scalar_column(values, n)[skip:] for name, values in block.scalars.items()}
     steps = block.first_step + block.stride * np.arange(skip, n, dtype=np.int64)
     return Gathered(steps, [c for _, c, _ in clipped], parts, moments, jobs, refs, scalars, skip,

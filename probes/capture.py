@@ -118,6 +118,12 @@ class Capture:
         # this probe's BatchNorm mean needs an extra sum on the CPU (reduce.batchnorm_entry).
         # Advice only: either value records a correct mean while |mean|/std stays as it was.
         self.sum_bn_mean = True
+        # Also advice, read at each step: whether this BatchNorm probe reduces its input itself
+        # instead of keeping BatchNorm's statistics, because a channel's variance came near the
+        # layer's eps, where 1/invstd² − eps loses the variance's digits. True until the writer
+        # has seen a block: the first rows are exact whatever the channels hold.
+        self.reduce_bn = True
+        self.bn_eps: float | None = None  # the eps of the BatchNorm whose statistics come here
         self._shape = None
         self._start = 0
         self._mode = "raw"
@@ -142,6 +148,8 @@ class Capture:
         """
         if self.count[slot]:
             return True
+        if self.reduce_bn:
+            return False
         memo = self._bn_memo
         # _input_key(x, invstd) written out: a call more per probe and step measured ~1 point
         # of the FC net's step at batch size 4 (tests check that the two agree)
@@ -212,9 +220,11 @@ class Capture:
                     t.detach(), self.target.channel_dim, w, self.order)
                 return
         if type(x) is BatchStats:
+            self.bn_eps = x.eps
             # A BatchNorm run in bf16/fp16 keeps its statistics in that precision: reduce the
-            # input instead, as for the third and fourth moments, which BatchNorm cannot give.
-            if self.order <= 2 and x.invstd.dtype in _FULL:
+            # input instead, as for the third and fourth moments, which BatchNorm cannot give,
+            # and for channels whose variance is near eps (reduce_bn).
+            if self.order <= 2 and x.invstd.dtype in _FULL and not self.reduce_bn:
                 t = x.input
                 if self._rows is None or self._mode != "refs" or t.shape != self._shape:
                     if t.numel() == 0:

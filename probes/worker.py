@@ -28,7 +28,7 @@ from statscope.probes.capture import Capture
 from statscope.probes.neurons import choose_units
 from statscope.probes.pool import BufferPool
 from statscope.probes.statistics import Statistic, computes
-from statscope.rows import BUILTIN, Gathered, compute_rows, file_columns
+from statscope.rows import BUILTIN, Advice, Gathered, compute_rows, file_columns
 from statscope.probes.streams import StreamOrder
 from statscope.store import ProbeInfo
 from statscope.writer import RunWriter
@@ -148,9 +148,10 @@ class Filer:
                 "stored as they are and counted in the run's attrs", NonFiniteWarning))
         return notices
 
-    def _advise(self, advice: Mapping[int, bool]) -> None:
-        for i, needs_sum in advice.items():
-            self.captures[i].sum_bn_mean = needs_sum
+    def _advise(self, advice: Mapping[int, Advice]) -> None:
+        for i, (sum_mean, reduce) in advice.items():
+            cap = self.captures[i]
+            cap.sum_bn_mean, cap.reduce_bn = sum_mean, reduce
 
     def _add(self, new: list[int]) -> None:
         probes, mean, var = [], [], []

@@ -14,7 +14,7 @@ running only the gathering by < 1 %; ``benchmarks/bench_models.py`` has the end-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -22,7 +22,8 @@ from statscope import schema as S
 from statscope.layout import Layout
 
 __all__ = ["Moments", "Rows", "Gathered", "ProbePart", "EntryJob", "BUILTIN", "compute_rows",
-           "file_columns", "jobs_moments", "mean_needs_sum", "group_moments", "FLOAT32_MEAN_RATIO"]
+           "file_columns", "jobs_moments", "mean_needs_sum", "near_eps", "Advice", "group_moments",
+           "FLOAT32_MEAN_RATIO", "NEAR_EPS"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,32 @@ def mean_needs_sum(mean: np.ndarray, var: np.ndarray, count: np.ndarray) -> bool
     ratio = np.where(np.isfinite(ratio), ratio, 0.0)
     m = float(np.max(count)) if len(count) else 0.0
     return bool(ratio.size and float(ratio.max()) * np.sqrt(m) > FLOAT32_MEAN_RATIO)
+
+
+NEAR_EPS = 100.0
+"""A channel whose batch variance is below ``NEAR_EPS·eps`` is reduced from the BatchNorm's input:
+``1/invstd² − eps`` from BatchNorm's float32 ``invstd`` is off by ~1.2e-7·(var + eps), which at
+var = 100·eps is 6e-10 of the std; at var ≪ eps it is larger than the std itself."""
+
+
+def near_eps(var: np.ndarray, eps: float) -> bool:
+    """Whether a BatchNorm probe's channels came near its eps in recent steps (the last eight
+    rows of ``var``, (k, C)), so that it should reduce its input itself (:data:`NEAR_EPS`)."""
+    recent = var[-8:]
+    recent = recent[np.isfinite(recent)]
+    return bool(recent.size) and float(recent.min()) < NEAR_EPS * eps
+
+
+class Advice(NamedTuple):
+    """What the writer tells a BatchNorm probe after filing its rows.
+
+    Attributes:
+        sum_mean: its mean needs one extra sum of the input (:func:`mean_needs_sum`).
+        reduce: it should reduce its input itself (:func:`near_eps`).
+    """
+
+    sum_mean: bool
+    reduce: bool
 
 
 # -- entries (statscope.probes.reduce) to moments ----------------------------------------------
@@ -200,6 +227,8 @@ class ProbePart:
         spans: ``(start, stop)`` block rows of each of its segments, in order.
         cpu_batchnorm: its rows hold a BatchNorm's own statistics computed on the CPU (the
             writer advises it whether the mean needs an extra sum).
+        bn_eps: the eps of the BatchNorm whose input it probes on the fast path (the writer
+            advises it whether to reduce the input itself: :func:`near_eps`); None for others.
         sets: rows (relative to ``skip``) that have per-set entries, and their (rows, 4, G)
             float64 values (:data:`statscope.schema.SET_STATS` order); None when not recorded.
         set_width: G of ``sets``.
@@ -211,6 +240,7 @@ class ProbePart:
     cpu_batchnorm: bool = False
     sets: tuple | None = None
     set_width: int = 0
+    bn_eps: float | None = None
 
 
 @dataclass(frozen=True)
@@ -255,7 +285,7 @@ class Rows:
         stats: per probe that ran in these rows, ``{name: (k, C) or (k, groups)}`` float32; None
             for the others (their channels may still be unknown).
         scalars: ``{name: (k,)}`` float64, NaN where not logged.
-        advice: per probe index, whether its BatchNorm mean needs the extra sum on the CPU.
+        advice: per probe index of a BatchNorm probe on the fast path, its :class:`Advice`.
     """
 
     steps: np.ndarray
@@ -298,9 +328,9 @@ def compute_rows(g: Gathered, compute: Mapping[str, Callable[[Moments], np.ndarr
     stats = _finish_all(moments, g.names, compute)
     if g.set_names:
         _add_sets(stats, g.parts, g.set_names, k)
-    advice = {i: mean_needs_sum(m.mean, m.var, count)
+    advice = {i: Advice(mean_needs_sum(m.mean, m.var, count), near_eps(m.var, part.bn_eps))
               for i, (m, part, count) in enumerate(zip(moments, g.parts, g.counts))
-              if m is not None and part.cpu_batchnorm}
+              if m is not None and part.bn_eps is not None}
     return Rows(g.steps, g.counts, stats, g.scalars, advice)
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from statscope import schema as S
 from statscope.errors import StatscopeError, StatscopeWarning, StoreError
 from statscope.lease import close_at_fork
-from statscope.rows import Gathered, compute_rows, file_columns
+from statscope.rows import Advice, Gathered, compute_rows, file_columns
 from statscope.store import Layout, ProbeInfo
 from statscope.writer import RunWriter, count_nonfinite
 
@@ -115,7 +115,7 @@ class WriterProcess:
         self.closed = False
         self._failure: BaseException | None = None
         self._opened = False  # the child opened the run
-        self._advice: dict[int, bool] = {}
+        self._advice: dict[int, Advice] = {}
         self._bad = 0
         ours, theirs = socket.socketpair()
         self._conn = Connection(ours.detach())
@@ -178,7 +178,7 @@ class WriterProcess:
         self._send(("gathered", gathered, column))
         self.next_step = int(gathered.steps[-1]) + 1
 
-    def take_filed(self) -> tuple[dict[int, bool], int]:
+    def take_filed(self) -> tuple[dict[int, Advice], int]:
         """What the child reported of the gathered blocks it filed since the last call: advice
         for the BatchNorm fast path per probe index, and the new non-finite values."""
         self._check()
