@@ -7,9 +7,9 @@ RMSNorms of other libraries that do not subclass torch's, such as ``LlamaRMSNorm
 dim 1 for the inputs of BatchNorm/GroupNorm/InstanceNorm and the outputs of Conv (channels-first,
 so BatchNorm1d's ``(N, C, L)`` is read right), the last dim for the inputs of LayerNorm/RMSNorm
 and the outputs of Linear (so ``(N, L, C)`` sequences are channels-last). A LayerNorm of
-``(N, C, H, W)`` images — ``data_format="channels_first"`` (Hugging Face's ConvNeXt) or a class
-named ``...2d``/``...3d`` with a forward of its own (torchvision's and timm's ``LayerNorm2d``) —
-is read at dim 1.
+``(N, C, H, W)`` images — ``data_format="channels_first"`` (Hugging Face's ConvNeXt), or a forward
+of its own in a class that says ``2d``/``3d`` (torchvision's and timm's ``LayerNorm2d``) — is read
+at dim 1.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def is_norm(module: nn.Module) -> bool:
 
 
 _NAMED_NORM = re.compile(r"(rms|layer)_?norm([23]d)?$", re.IGNORECASE)
+_IMAGE_NORM = re.compile(r"[a-z][23]d", re.IGNORECASE)  # LayerNorm2d, LayerNormExp2d, RmsNorm2d
 
 
 def _named_norm(module: nn.Module) -> bool:
@@ -104,9 +105,9 @@ def _named_norm(module: nn.Module) -> bool:
 
 def _channels_first_layernorm(module: nn.Module) -> bool:
     """A LayerNorm/RMSNorm of ``(N, C, H, W)`` inputs: ``data_format="channels_first"`` (Hugging
-    Face's ConvNeXt), or a class named ``...2d``/``...3d`` with a ``forward`` of its own
-    (torchvision's and timm's ``LayerNorm2d`` move the channels last, normalize and move them
-    back). Other subclasses keep the channels last (CLIP's LayerNorm that computes in float32
+    Face's ConvNeXt), or a ``forward`` of its own in a class whose name, or the name of a class
+    it derives from, says ``2d``/``3d`` (torchvision's and timm's ``LayerNorm2d`` move the
+    channels last, normalize and move them back). Other subclasses keep the channels last (CLIP's LayerNorm that computes in float32
     overrides ``forward`` too)."""
     if not (isinstance(module, _CHANNEL_LAST_NORMS) or _named_norm(module)):
         return False
@@ -115,7 +116,9 @@ def _channels_first_layernorm(module: nn.Module) -> bool:
         return fmt.lower() == "channels_first"
     if type(module).forward in _CHANNEL_LAST_FORWARDS:
         return False
-    return type(module).__name__.lower().endswith(("2d", "3d"))
+    # the class or one it derives from: timm's LayerNorm2dNoBias keeps LayerNorm2d's forward
+    return any(_IMAGE_NORM.search(c.__name__) for c in type(module).__mro__
+               if c not in _CHANNEL_LAST_NORMS)
 
 
 def _default_channel_dim(module: nn.Module, where: str) -> int | None:

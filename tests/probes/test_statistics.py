@@ -54,6 +54,10 @@ class LayerNorm2d(torch.nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+class LayerNorm2dNoBias(LayerNorm2d):
+    """timm's MetaFormer norm: LayerNorm2d's forward under a name that does not end in 2d."""
+
+
 class LayerNormFp32(torch.nn.LayerNorm):
     """CLIP's LayerNorm: a forward of its own that keeps the channels last."""
 
@@ -71,6 +75,7 @@ LAYOUTS = [
     (lambda c: torch.nn.BatchNorm3d(c), (2, 6, 2, 3, 2), 1),
     (lambda c: torch.nn.RMSNorm(c), (4, 6), -1),
     (lambda c: LayerNorm2d(c), (2, 6, 3, 5), 1),
+    (lambda c: LayerNorm2dNoBias(c), (2, 6, 3, 5), 1),
     (lambda c: LayerNormFp32(c), (3, 5, 6), -1),
 ]
 
