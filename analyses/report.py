@@ -22,7 +22,7 @@ from .scaling import batch_size_scaling
 from .seeds import MODEL_KEYS, config_labels
 from ._compute import run_tasks
 from .tables import (COLUMNS, fluctuation_table, pooled_fluctuation_table, rank_gap_table,
-                     summary_matrix)
+                     summary_matrix, summary_tally, VERDICTS)
 from .window import GLOBAL, run_windows, split_runs
 
 __all__ = ["Report", "RunEntry", "ScalingGroup", "build_report", "render_markdown",
@@ -250,6 +250,30 @@ def _md_columns(cols) -> list[str]:
             ""]
 
 
+MATRIX_LAYERS = 8
+"""Up to this many layers the markdown summary has a column per layer; beyond, it counts the
+layers per verdict and names those where a claim does not hold (the cells follow in "Claims per
+configuration")."""
+_NAMED = 8  # layers named per row of the tally, then "and N more"
+
+
+def _tally_lines(pooled) -> list[str]:
+    out = ["| claim | statistic | config | holds | does not hold | inconclusive | "
+           "where it does not hold |", "|" + "---|" * 7]
+    for (claim, stat, config), by in summary_tally(pooled):
+        n = sum(len(v) for v in by.values())
+        fails = by["does not hold"]
+        named = ", ".join(f"`{la}`" for la in fails[:_NAMED])
+        if len(fails) > _NAMED:
+            named += f" and {len(fails) - _NAMED} more"
+        out.append(f"| ({claim}) | {stat} | {config} | "
+                   + " | ".join(f"{len(by[v])} of {n}" for v in VERDICTS)
+                   + f" | {named} |")
+    return out + ["", "Layers per verdict across seeds; each layer's verdict, effect and interval "
+                      "are in the table of claims per configuration below. Claim (d) compares "
+                      "the first layer with the others and has one layer per row."]
+
+
 def render_markdown(report: Report) -> str:
     """The report as markdown: summary first, then the full tables, scaling, runs and methods."""
     out = ["# statscope report", ""]
@@ -259,17 +283,20 @@ def render_markdown(report: Report) -> str:
     out += ["## Summary: the paper's claims (§4.6), across seeds", ""]
     out += [f"- ({k}) {v}" for k, v in CLAIMS.items()]
     layers, rows = summary_matrix(report.pooled)
-    out += ["", "| claim | statistic | config | " + " | ".join(layers) + " |",
-            "|" + "---|" * (3 + len(layers))]
-    for (claim, stat, config), cells in rows:
-        out.append(f"| ({claim}) | {stat} | {config} | "
-                   + " | ".join(cell_text(cells[la]) if la in cells else "" for la in layers)
-                   + " |")
-    out += ["", "Each cell: verdict across seeds (how the seeds' own verdicts went) · effect, "
-                "the natural-log ratio in the claim's direction (mean over seeds) [interval: t "
-                "over seeds, or the run's own bootstrap interval with one seed]. Claim (d) "
-                "compares the first layer with the others and has one cell per row.",
-            "",
+    if len(layers) > MATRIX_LAYERS:
+        out += [""] + _tally_lines(report.pooled)
+    else:
+        out += ["", "| claim | statistic | config | " + " | ".join(layers) + " |",
+                "|" + "---|" * (3 + len(layers))]
+        for (claim, stat, config), cells in rows:
+            out.append(f"| ({claim}) | {stat} | {config} | "
+                       + " | ".join(cell_text(cells[la]) if la in cells else "" for la in layers)
+                       + " |")
+        out += ["", "Each cell: verdict across seeds (how the seeds' own verdicts went) · effect, "
+                    "the natural-log ratio in the claim's direction (mean over seeds) [interval: "
+                    "t over seeds, or the run's own bootstrap interval with one seed]. Claim (d) "
+                    "compares the first layer with the others and has one cell per row."]
+    out += ["",
             "Figures (Figure 6 bars, Figure 7 evolution, std versus mean, scaling slopes) are in "
             "the HTML report: `statscope report RUNS -o report.html`.", ""]
     pooled = report.pooled.to_dataframe().drop(columns=["description"])

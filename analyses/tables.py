@@ -19,7 +19,7 @@ from .summary import layer_summary
 from .window import RunWindow, run_windows
 
 __all__ = ["fluctuation_table", "pooled_fluctuation_table", "rank_gap_table", "select_layers",
-           "COLUMNS", "summary_matrix"]
+           "COLUMNS", "summary_matrix", "summary_tally", "VERDICTS"]
 
 COLUMNS = {
     "run": "the run (its folder name, or its path where names repeat)",
@@ -276,3 +276,22 @@ def summary_matrix(pooled) -> tuple[list[str], list[tuple[tuple[str, str, str], 
             layers.append(r.layer)
         rows.setdefault((r.claim, r.statistic, r.config), {})[r.layer] = r
     return layers, list(rows.items())
+
+
+VERDICTS = ("holds", "does not hold", "inconclusive")
+
+
+def summary_tally(pooled) -> list[tuple[tuple[str, str, str], dict[str, list[str]]]]:
+    """The summary of a model with many layers: per (claim, statistic, config), the layers by
+    verdict, each list in layer order.
+
+    Args:
+        pooled: :class:`statscope.analyses.PooledClaims`.
+
+    Returns:
+        ``[((claim, statistic, config), {verdict: [layer, ...]})]`` in :func:`summary_matrix`'s
+        row order, every verdict of :data:`VERDICTS` present.
+    """
+    layers, rows = summary_matrix(pooled)
+    return [(key, {v: [la for la in layers if la in cells and cells[la].verdict == v]
+                   for v in VERDICTS}) for key, cells in rows]

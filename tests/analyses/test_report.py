@@ -147,3 +147,32 @@ def test_report_opens_in_a_headless_browser_without_errors(report_html, tmp_path
             ctx.close()
             shutil.rmtree(profile, ignore_errors=True)
     assert not errors, errors
+
+
+def test_the_markdown_summary_of_a_model_with_many_layers_counts_layers_per_verdict(tmp_path):
+    from collections import Counter
+
+    from statscope.store import open_runs
+
+    layers = tuple(Layer(f"l{i}", spread_jitter=0.4 if i % 3 else 0.0) for i in range(9))
+    for bs in (4, 64):
+        to_store(make_run(layers, n_steps=200, batch_size=bs, seed=bs), tmp_path / f"bs{bs}")
+    report = build_report(open_runs(tmp_path), 100, n_boot=100)
+    text = render_markdown(report)
+    assert "| claim | statistic | config | holds | does not hold | inconclusive |" in text
+    want = Counter((r.claim, r.statistic, r.config, r.verdict) for r in report.pooled.rows)
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| (")]
+    seen = 0
+    for cells in rows[:len({k[:3] for k in want})]:  # the tally comes first
+        claim, stat, config = cells[0][3:-1], cells[1], cells[2]
+        n = sum(v for k, v in want.items() if k[:3] == (claim, stat, config))
+        for verdict, cell in zip(("holds", "does not hold", "inconclusive"), cells[3:6]):
+            assert cell == f"{want[(claim, stat, config, verdict)]} of {n}"
+        failing = [r.layer for r in report.pooled.rows if (r.claim, r.statistic, r.config,
+                                                           r.verdict) == (claim, stat, config,
+                                                                          "does not hold")]
+        named = ", ".join(f"`{la}`" for la in failing[:8])
+        assert cells[6].rstrip(" |") == named + (f" and {len(failing) - 8} more"
+                                                 if len(failing) > 8 else "")
+        seen += 1
+    assert seen == len({k[:3] for k in want})
