@@ -24,7 +24,7 @@ from .limits import MAX_READ_VALUES, RUNS_PER_PAGE, points_per_trace
 from .ranks import RankKey, rank_keys, rank_label, rank_view, ranks_of
 from .state import MERGED, Window
 from .style import (STAT_COLORS, STAT_DASH, STAT_LABELS, STAT_UNITS, TEMPLATE_JSON, empty_spec,
-                    header, header_height, neuron_label)
+                    header, header_height, layer_titles, neuron_label)
 
 __all__ = ["evolution_figure", "evolution_spec", "read_dataset", "locate_in", "run_title",
            "scalar_names", "Reader", "Locator", "ScalarReader", "PAIRS", "ROW_HEIGHT",
@@ -222,9 +222,10 @@ def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, 
                             shown.add(stat)
     unit = STAT_UNITS[S.BN_MEAN]
     y_titles = [_scalar_title(runs[names[0]], s) for s in scalars]
+    named = layer_titles([layer for layer, _ in neurons])
     for layer, u in neurons:
-        y_titles += [f"{neuron_label(layer, u)} {what}<br><span style='font-size:11px'>({unit})"
-                     "</span>" for what, _ in PAIRS]
+        y_titles += [f"{neuron_label(named[layer], u)} {what}<br><span style='font-size:11px'>"
+                     f"({unit})</span>" for what, _ in PAIRS]
     titles = []
     for n in names:
         keys, ranks = plan[n][5], plan[n][6]

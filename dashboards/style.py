@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 from statscope import schema as S
 
 __all__ = ["STAT_COLORS", "STAT_LABELS", "STAT_UNITS", "LAYER_PALETTE", "layer_colors",
-           "TEMPLATE", "TEMPLATE_JSON", "GRAPH_CONFIG", "neuron_label", "empty_figure",
+           "TEMPLATE", "TEMPLATE_JSON", "GRAPH_CONFIG", "neuron_label", "layer_titles", "empty_figure",
            "empty_spec", "header", "header_height"]
 
 # Okabe–Ito: distinguishable with the common colour-vision deficiencies and in greyscale print.
@@ -85,6 +85,44 @@ def layer_colors(layers: Sequence[str]) -> dict[str, str]:
 def neuron_label(layer: str, unit: int) -> str:
     """How a neuron is named on screen, e.g. ``fc1[0]``."""
     return f"{layer}[{int(unit)}]"
+
+
+TITLE_LINE = 18  # characters of a line of a rotated axis title beside one plot row
+
+
+def layer_titles(names, width: int = TITLE_LINE) -> dict[str, str]:
+    """Axis titles for layer names where a rotated title has a plot row's height: the dotted
+    parts that every name shares at the start left out (after "…"), and the rest broken at dots
+    into lines of about ``width`` characters (``<br>``), so that deep module paths
+    (``mobilevit.encoder.layer.1.layer.0.expand_1x1.normalization``) neither overlap the next
+    row nor lose the part that tells them apart.
+
+    Example:
+        >>> layer_titles(["vit.encoder.layer.0.norm", "vit.encoder.layer.11.norm"], 12)
+        {'vit.encoder.layer.0.norm': '…layer.0.<br>norm', 'vit.encoder.layer.11.norm': '…layer.11.<br>norm'}
+        >>> layer_titles(["fc1", "fc2"])
+        {'fc1': 'fc1', 'fc2': 'fc2'}
+    """
+    names = list(dict.fromkeys(names))
+    parts = [n.split(".") for n in names]
+    head = 0
+    while len(names) > 1 and all(len(p) > head + 1 for p in parts) \
+            and len({p[head] for p in parts}) == 1:
+        head += 1
+    if head and any(p[head].isdigit() for p in parts):
+        head -= 1  # "layer.0", not "0"
+    out = {}
+    for name, p in zip(names, parts):
+        rest = p[head:]
+        lines, line = [], "…" if head else ""
+        for i, part in enumerate(rest):
+            piece = part + ("." if i < len(rest) - 1 else "")
+            if line and line != "…" and len(line) + len(piece) > width:
+                lines.append(line)
+                line = ""
+            line += piece
+        out[name] = "<br>".join(lines + [line])
+    return out
 
 
 def empty_spec(message: str, *, height: int = 360) -> dict:

@@ -239,3 +239,23 @@ def test_heatmap_of_a_per_set_statistic_is_labelled_and_centred_like_the_means()
     assert hm.zmid == 0  # a mean: diverging around zero, like BN_mean and EN_mean
     (sd,) = heatmap_figure(ds, "fc1", S.SET_STD_SD, Window("all"), run="r", n_bins=40).data
     assert "sd of set_std" in sd.colorbar.title.text and sd.zmid is None
+
+
+def test_deep_layer_names_become_titles_of_short_lines_that_keep_what_tells_them_apart():
+    from statscope.dashboards.style import layer_titles
+
+    names = ["mobilevit.conv_stem.normalization",
+             "mobilevit.encoder.layer.0.layer.0.expand_1x1.normalization",
+             "mobilevit.encoder.layer.0.layer.1.expand_1x1.normalization",
+             "mobilevit.encoder.layer.2.transformer.layer.0.layernorm_before"]
+    titles = layer_titles(names, 18)
+    assert len(set(titles.values())) == len(names)
+    for name, title in titles.items():
+        lines = title.split("<br>")
+        # every line fits, unless it is one dotted part too long to break
+        assert all(len(line) <= 18 or line.strip("….").count(".") == 0 for line in lines)
+        assert "…" + name.removeprefix("mobilevit.") == "".join(lines)  # the shared head only
+    deep = ["vit.encoder.layer.0.norm", "vit.encoder.layer.11.norm"]
+    assert [t.replace("<br>", "") for t in layer_titles(deep, 12).values()] == \
+        ["…layer.0.norm", "…layer.11.norm"]  # an index keeps the part it indexes
+    assert layer_titles(["fc1", "fc2"]) == {"fc1": "fc1", "fc2": "fc2"}
