@@ -211,7 +211,7 @@ class Capture:
             w = mask_weights(t, self.target.channel_dim, mask)
             if self.sets is not None:
                 self.sets[slot] = set_entry(t.detach(), self.target.channel_dim,
-                                            self.target.groups, w)
+                                            self.target.groups, w, self.target.position_sets)
             if w is not None:  # real elements only: one masked reduction, never buffered raw
                 if self._rows is None or self._mode != "refs" or t.shape != self._shape:
                     self._reshape(t, slot, refs=True)

@@ -48,6 +48,9 @@ class Target:
         channel_dim: the dimension of the probed tensor that holds channels.
         channels: number of channels when the module says so, else None (read at first forward).
         groups: EN groups for this probe.
+        position_sets: the layer normalizes each position over its channels (LayerNorm and
+            RMSNorm, also of ``(N, C, H, W)`` images): its per-set statistics take a set per
+            position whatever the channel dimension (:mod:`statscope.probes.sets`).
     """
 
     name: str
@@ -57,6 +60,7 @@ class Target:
     channel_dim: int
     channels: int | None
     groups: int
+    position_sets: bool = False
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -245,7 +249,10 @@ def select(model: nn.Module, layers: Any = None, *, where: str | Iterable[str] =
             if channels is not None and (groups < 1 or channels % groups):
                 raise StatscopeError(f"en_groups={groups} for {name!r}: its {channels} channels "
                                      "are not divisible by it")
-            targets.append(Target(name + suffix, name, module, w, int(cdim), channels, groups))
+            per_position = w == "input" and (isinstance(module, _CHANNEL_LAST_NORMS)
+                                             or _named_norm(module))
+            targets.append(Target(name + suffix, name, module, w, int(cdim), channels, groups,
+                                  per_position))
     return targets
 
 

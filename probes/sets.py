@@ -12,7 +12,9 @@ layers statscope records, per step and EN group, how the statistics of those *se
 A set is, for a channels-last tensor (``(N, C)``, ``(N, L, C)``: the inputs of LayerNorm and
 RMSNorm), one position (sample or token) and EN group over the group's channels; for a
 channels-first tensor (``(N, C, *)``: GroupNorm, InstanceNorm), one sample and EN group over the
-group's channels and every position (``en_groups=C`` gives InstanceNorm's sets).
+group's channels and every position (``en_groups=C`` gives InstanceNorm's sets). The input of a
+LayerNorm or RMSNorm of channels-first images (ConvNeXt's ``LayerNorm2d``) has a set per
+position, as the layer normalizes it.
 
 A **mask** (``record(..., mask=...)`` or ``Recorder.mask``), e.g. an attention mask, says which
 positions are real: a tensor whose shape is the probed tensor's without its channel dimension
@@ -69,16 +71,18 @@ def masked_entry(x: torch.Tensor, channel_dim: int, w: torch.Tensor, order: int 
 
 
 @torch.no_grad()
-def set_entry(x: torch.Tensor, channel_dim: int, groups: int,
-              w: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+def set_entry(x: torch.Tensor, channel_dim: int, groups: int, w: torch.Tensor | None,
+              per_position: bool = False) -> tuple[torch.Tensor, ...]:
     """Mean and spread over the sets of the sets' means and stds, per EN group: four (G,)
-    tensors (see the module docstring for what a set is)."""
+    tensors (see the module docstring for what a set is; ``per_position``: a set per position
+    also for channels-first ``x``)."""
     cd = channel_dim % x.ndim
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     c = x.shape[cd]
-    if cd == x.ndim - 1:  # channels last: each position is a set (per group)
-        v = x.reshape(-1, groups, c // groups).to(acc)  # (P, G, E)
-        wp = None if w is None else w.reshape(-1, 1)  # (P, 1): a masked position is no set
+    if cd == x.ndim - 1 or per_position:  # each position is a set (per group)
+        v = x.movedim(cd, -1).reshape(-1, groups, c // groups).to(acc)  # (P, G, E)
+        # (P, 1): a masked position is no set
+        wp = None if w is None else w.movedim(cd, -1).reshape(-1, 1)
         ew = None
     else:  # channels first: each sample is a set (per group), over channels and positions
         v = x.movedim(cd, 1).reshape(x.shape[0], groups, -1).to(acc)  # (N, G, E)

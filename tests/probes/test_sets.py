@@ -83,6 +83,31 @@ def test_groupnorm_sets_are_samples_by_group(tmp_path):
             np.testing.assert_allclose(got, np.ravel(want), rtol=1e-5)
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """ConvNeXt's norm: each position of (N, C, H, W) over its channels."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_a_layernorm_of_channels_first_images_has_a_set_per_position(tmp_path):
+    model = nn.Sequential(LayerNorm2d(6))
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, 6, 3, 4, generator=gen) * (1 + i) + i for i in range(3)]
+    masks = [torch.rand(2, 3, 4, generator=gen) > 0.3 for _ in range(3)]
+    with statscope.record(model, tmp_path / "r", stats=[*S.DEFAULT_STATS, *SETS]) as rec:
+        for x, m in zip(xs, masks):
+            rec.mask(m)
+            model(x)
+    ds = statscope.open_run(tmp_path / "r")
+    for k, (x, m) in enumerate(zip(xs, masks)):
+        real = x.double().permute(0, 2, 3, 1).numpy()[m.numpy()]  # (positions, C)
+        np.testing.assert_allclose(ds.bn_mean.values[k], real.mean(0), atol=1e-6)
+        want = [*spread(real.mean(1, keepdims=True)), *spread(real.std(1, keepdims=True))]
+        got = [ds[name].values[k, 0] for name in SETS]
+        np.testing.assert_allclose(got, np.ravel(want), rtol=1e-5, atol=1e-7)
+
+
 def test_a_mask_that_does_not_fit_leaves_the_tensor_whole(tmp_path):
     model = nn.Sequential(nn.BatchNorm2d(3))
     x = torch.randn(2, 3, 4, 4)
