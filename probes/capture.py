@@ -120,9 +120,10 @@ class Capture:
         self.sum_bn_mean = True
         # Also advice, read at each step: whether this BatchNorm probe reduces its input itself
         # instead of keeping BatchNorm's statistics, because a channel's variance came near the
-        # layer's eps, where 1/invstd² − eps loses the variance's digits. True until the writer
-        # has seen a block: the first rows are exact whatever the channels hold.
-        self.reduce_bn = True
+        # layer's eps, where 1/invstd² − eps loses the variance's digits. False until the writer
+        # says otherwise, so that a run whose channels stay clear of eps records the same bits
+        # whenever the advice arrives (a resumed run equals the uninterrupted one).
+        self.reduce_bn = False
         self.bn_eps: float | None = None  # the eps of the BatchNorm whose statistics come here
         self._shape = None
         self._start = 0
