@@ -27,8 +27,9 @@ moment (``bn_kurt``).
 
 The variance is recovered on the writer thread in float64 as ``1/invstd² − eps``, which adds
 about 1e-7 of ``√(var + eps)`` to BatchNorm's own error: the stored ``bn_std`` is good to ~1e-6 of
-itself while ``var ≥ 100·eps``; below, the probe reduces its input itself once the writer has
-seen such a channel (``Capture.reduce_bn``, :func:`statscope.rows.near_eps`). Where
+itself while ``var ≥ 100·eps`` and to ~6e-5 of itself down to ``1e-3·eps``; below, the probe
+reduces its input itself once the writer has seen such a channel (``Capture.reduce_bn``,
+:func:`statscope.rows.near_eps`). Where
 torch's CPU kernel sums in float32 (channels_last, ``(N, C)`` and low-precision inputs), the mean
 comes from one extra sum of the input and large inputs are reduced generically
 (:func:`statscope.probes.reduce.batchnorm_entry`). Where BatchNorm's own float32 variance

@@ -92,10 +92,12 @@ def mean_needs_sum(mean: np.ndarray, var: np.ndarray, count: np.ndarray) -> bool
     return bool(ratio.size and float(ratio.max()) * np.sqrt(m) > FLOAT32_MEAN_RATIO)
 
 
-NEAR_EPS = 100.0
+NEAR_EPS = 1e-3
 """A channel whose batch variance is below ``NEAR_EPS·eps`` is reduced from the BatchNorm's input:
-``1/invstd² − eps`` from BatchNorm's float32 ``invstd`` is off by ~1.2e-7·(var + eps), which at
-var = 100·eps is 6e-10 of the std; at var ≪ eps it is larger than the std itself."""
+``1/invstd² − eps`` from BatchNorm's float32 ``invstd`` is off by ~1.2e-7·(var + eps), which is
+6e-5 of the std at var = 1e-3·eps and more than the std itself below ~1e-7·eps (a channel that
+is constant over the batch). Higher, the switch would fire on the ordinary small variances of
+batches of four, and make such runs' bits depend on when the advice arrives."""
 
 
 def near_eps(var: np.ndarray, eps: float) -> bool:

@@ -416,7 +416,7 @@ def test_the_extra_cpu_sum_follows_the_offset_of_the_data(tmp_path):
 def test_channels_near_eps_are_reduced_from_the_input_once_the_writer_sees_them(tmp_path):
     # var from 1e-14·eps to 1e4·eps in one layer: 1/invstd² − eps cannot give the smallest
     # (it reads ~1e-6·√eps for any var below ~1e-12), so once the writer has seen such a block
-    # the probe reduces the input itself, for as long as a channel stays below 100·eps.
+    # the probe reduces the input itself, for as long as a channel stays below 1e-3·eps.
     # Centred data goes back to BatchNorm's own statistics; the blocks that show near-eps
     # channels before the advice keep BatchNorm's, within 5e-4·√eps.
     model = nn.Sequential(nn.BatchNorm1d(10))
