@@ -10,8 +10,8 @@ import plotly.graph_objects as go
 from statscope import schema as S
 
 __all__ = ["STAT_COLORS", "STAT_LABELS", "STAT_UNITS", "LAYER_PALETTE", "layer_colors",
-           "TEMPLATE", "TEMPLATE_JSON", "GRAPH_CONFIG", "neuron_label", "layer_titles", "empty_figure",
-           "empty_spec", "header", "header_height"]
+           "TEMPLATE", "TEMPLATE_JSON", "GRAPH_CONFIG", "neuron_label", "layer_titles",
+           "empty_figure", "empty_spec", "header", "header_height"]
 
 # Okabe–Ito: distinguishable with the common colour-vision deficiencies and in greyscale print.
 STAT_COLORS = {
@@ -98,8 +98,9 @@ def layer_titles(names, width: int = TITLE_LINE) -> dict[str, str]:
     row nor lose the part that tells them apart.
 
     Example:
-        >>> layer_titles(["vit.encoder.layer.0.norm", "vit.encoder.layer.11.norm"], 12)
-        {'vit.encoder.layer.0.norm': '…layer.0.<br>norm', 'vit.encoder.layer.11.norm': '…layer.11.<br>norm'}
+        >>> titles = layer_titles(["vit.encoder.layer.0.norm", "vit.encoder.layer.11.norm"], 12)
+        >>> list(titles.values())
+        ['…layer.0.<br>norm', '…layer.11.<br>norm']
         >>> layer_titles(["fc1", "fc2"])
         {'fc1': 'fc1', 'fc2': 'fc2'}
     """

@@ -119,10 +119,10 @@ class Capture:
         # Advice only: either value records a correct mean while |mean|/std stays as it was.
         self.sum_bn_mean = True
         # Also advice, read at each step: whether this BatchNorm probe reduces its input itself
-        # instead of keeping BatchNorm's statistics, because a channel's variance fell far below
-        # the layer's eps, where 1/invstd² − eps loses the variance's digits. False until the writer
-        # says otherwise, so that a run whose channels stay clear of eps records the same bits
-        # whenever the advice arrives (a resumed run equals the uninterrupted one).
+        # instead of keeping BatchNorm's statistics, because a channel's variance fell far
+        # below the layer's eps, where 1/invstd² − eps loses the variance's digits. False until
+        # the writer says otherwise, so that a run whose channels stay clear of eps records the
+        # same bits whenever the advice arrives (a resumed run equals the uninterrupted one).
         self.reduce_bn = False
         self.bn_eps: float | None = None  # the eps of the BatchNorm whose statistics come here
         self._shape = None

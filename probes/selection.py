@@ -3,10 +3,11 @@
 By default the probes watch the **input of every normalization layer** (BatchNorm*, GroupNorm,
 LayerNorm, RMSNorm, InstanceNorm*, SyncBatchNorm and statscope.nn layers, and the LayerNorms and
 RMSNorms of other libraries that do not subclass torch's, such as ``LlamaRMSNorm`` and
-``T5LayerNorm``); a model without any is probed at the output of each Linear and Conv layer. The channel dimension follows the layer type:
-dim 1 for the inputs of BatchNorm/GroupNorm/InstanceNorm and the outputs of Conv (channels-first,
-so BatchNorm1d's ``(N, C, L)`` is read right), the last dim for the inputs of LayerNorm/RMSNorm
-and the outputs of Linear (so ``(N, L, C)`` sequences are channels-last). A LayerNorm of
+``T5LayerNorm``); a model without any is probed at the output of each Linear and Conv layer.
+The channel dimension follows the layer type: dim 1 for the inputs of
+BatchNorm/GroupNorm/InstanceNorm and the outputs of Conv (channels-first, so BatchNorm1d's
+``(N, C, L)`` is read right), the last dim for the inputs of LayerNorm/RMSNorm and the outputs
+of Linear (so ``(N, L, C)`` sequences are channels-last). A LayerNorm of
 ``(N, C, H, W)`` images — ``data_format="channels_first"`` (Hugging Face's ConvNeXt), or a forward
 of its own in a class that says ``2d``/``3d`` (torchvision's and timm's ``LayerNorm2d``) — is read
 at dim 1.
@@ -107,13 +108,19 @@ def _named_norm(module: nn.Module) -> bool:
         or hasattr(module, "normalized_shape")
 
 
+def _layer_norm_like(module: nn.Module) -> bool:
+    """torch's LayerNorm or RMSNorm, or another library's (:func:`_named_norm`): a layer that
+    normalizes each position over its channels."""
+    return isinstance(module, _CHANNEL_LAST_NORMS) or _named_norm(module)
+
+
 def _channels_first_layernorm(module: nn.Module) -> bool:
     """A LayerNorm/RMSNorm of ``(N, C, H, W)`` inputs: ``data_format="channels_first"`` (Hugging
     Face's ConvNeXt), or a ``forward`` of its own in a class whose name, or the name of a class
     it derives from, says ``2d``/``3d`` (torchvision's and timm's ``LayerNorm2d`` move the
-    channels last, normalize and move them back). Other subclasses keep the channels last (CLIP's LayerNorm that computes in float32
-    overrides ``forward`` too)."""
-    if not (isinstance(module, _CHANNEL_LAST_NORMS) or _named_norm(module)):
+    channels last, normalize and move them back). Other subclasses keep the channels last
+    (CLIP's LayerNorm that computes in float32 overrides ``forward`` too)."""
+    if not _layer_norm_like(module):
         return False
     fmt = getattr(module, "data_format", None)
     if isinstance(fmt, str):
@@ -130,7 +137,7 @@ def _default_channel_dim(module: nn.Module, where: str) -> int | None:
         if isinstance(module, _CHANNEL_FIRST_NORMS) or _is_statscope_norm(module) \
                 or _channels_first_layernorm(module):
             return 1
-        if isinstance(module, _CHANNEL_LAST_NORMS) or _named_norm(module):
+        if _layer_norm_like(module):
             return -1
         if isinstance(module, nn.Linear):
             return -1
@@ -140,7 +147,7 @@ def _default_channel_dim(module: nn.Module, where: str) -> int | None:
     if isinstance(module, _CONVS) or isinstance(module, _CHANNEL_FIRST_NORMS) \
             or _is_statscope_norm(module) or _channels_first_layernorm(module):
         return 1
-    if isinstance(module, (nn.Linear, *_CHANNEL_LAST_NORMS)) or _named_norm(module):
+    if isinstance(module, nn.Linear) or _layer_norm_like(module):
         return -1
     return None
 
@@ -249,10 +256,8 @@ def select(model: nn.Module, layers: Any = None, *, where: str | Iterable[str] =
             if channels is not None and (groups < 1 or channels % groups):
                 raise StatscopeError(f"en_groups={groups} for {name!r}: its {channels} channels "
                                      "are not divisible by it")
-            per_position = w == "input" and (isinstance(module, _CHANNEL_LAST_NORMS)
-                                             or _named_norm(module))
             targets.append(Target(name + suffix, name, module, w, int(cdim), channels, groups,
-                                  per_position))
+                                  w == "input" and _layer_norm_like(module)))
     return targets
 
 
