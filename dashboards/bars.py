@@ -19,7 +19,7 @@ from statscope.schema import BOUND, QUANTITY
 from .grid import Grid
 from .limits import RUNS_PER_PAGE
 from .style import (STAT_COLORS, STAT_LABELS, TEMPLATE_JSON, empty_spec, header, header_height,
-                    neuron_label)
+                    neuron_label, tick_texts)
 
 __all__ = ["fluctuation_figure", "fluctuation_spec", "FLUCT_STATS", "fluctuation_axis_title"]
 
@@ -119,7 +119,7 @@ def fluctuation_spec(fluct: Mapping[str, xr.Dataset], *, by: str = "neuron",
             data += _rank_traces(ranks[name], name, x0, refs, shown)
             n = grid.axis(p, 0)
             ticks[f"xaxis{'' if n == 1 else n}"] = {
-                "tickvals": x0.tolist(), "ticktext": labels,
+                "tickvals": x0.tolist(), "ticktext": tick_texts(labels),
                 "title": {"text": "layer" if by == "layer" else "neuron"}}
             continue
         f = fluct[name]
@@ -180,7 +180,7 @@ def fluctuation_spec(fluct: Mapping[str, xr.Dataset], *, by: str = "neuron",
                 shown.add("baseline")
         n = grid.axis(p, 0)
         ticks[f"xaxis{'' if n == 1 else n}"] = {
-            "tickvals": x0.tolist(), "ticktext": labels,
+            "tickvals": x0.tolist(), "ticktext": tick_texts(labels),
             "title": {"text": "layer" if by == "layer" else "neuron"}}
     window = (next(iter(fluct.values())).attrs.get("window", "") if fluct
               else next(iter(ranks.values())).window if ranks else "")

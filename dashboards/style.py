@@ -11,7 +11,7 @@ from statscope import schema as S
 
 __all__ = ["STAT_COLORS", "STAT_LABELS", "STAT_UNITS", "LAYER_PALETTE", "layer_colors",
            "TEMPLATE", "TEMPLATE_JSON", "GRAPH_CONFIG", "neuron_label", "layer_titles",
-           "empty_figure", "empty_spec", "header", "header_height"]
+           "tick_texts", "empty_figure", "empty_spec", "header", "header_height"]
 
 # Okabe–Ito: distinguishable with the common colour-vision deficiencies and in greyscale print.
 STAT_COLORS = {
@@ -106,12 +106,7 @@ def layer_titles(names, width: int = TITLE_LINE) -> dict[str, str]:
     """
     names = list(dict.fromkeys(names))
     parts = [n.split(".") for n in names]
-    head = 0
-    while len(names) > 1 and all(len(p) > head + 1 for p in parts) \
-            and len({p[head] for p in parts}) == 1:
-        head += 1
-    if head and any(p[head].isdigit() for p in parts):
-        head -= 1  # "layer.0", not "0"
+    head = _shared_head(parts)
     out = {}
     for name, p in zip(names, parts):
         rest = p[head:]
@@ -123,6 +118,43 @@ def layer_titles(names, width: int = TITLE_LINE) -> dict[str, str]:
                 line = ""
             line += piece
         out[name] = "<br>".join(lines + [line])
+    return out
+
+
+def _shared_head(parts: list[list[str]]) -> int:
+    """How many dotted parts every name (given split at dots) shares at the start and can leave
+    out: all but the last part of each, and never the part an index after it names."""
+    head = 0
+    while len(parts) > 1 and all(len(p) > head + 1 for p in parts) \
+            and len({p[head] for p in parts}) == 1:
+        head += 1
+    if head and any(p[head].isdigit() for p in parts):
+        head -= 1  # "layer.0", not "0"
+    return head
+
+
+TICK_TEXT = 28  # characters of a rotated tick label under a bar
+
+
+def tick_texts(labels, width: int = TICK_TEXT) -> list[str]:
+    """Tick labels for neuron or layer labels under bars: the dotted head they all share left
+    out, and of a label still longer than ``width`` its last ``width`` characters (where module
+    paths differ), after "…"; the whole label belongs in the hover text.
+
+    Example:
+        >>> tick_texts(["vit.encoder.layer.0.norm[0]", "vit.encoder.layer.11.norm[0]"])
+        ['…layer.0.norm[0]', '…layer.11.norm[0]']
+    """
+    labels = [str(la) for la in labels]
+    parts = [la.split(".") for la in labels]
+    head = _shared_head(parts)
+    out = []
+    for p in parts:
+        rest = ".".join(p[head:])
+        if len(rest) > width:
+            out.append("…" + rest[-width:])
+        else:
+            out.append(("…" if head else "") + rest)
     return out
 
 

@@ -259,3 +259,17 @@ def test_deep_layer_names_become_titles_of_short_lines_that_keep_what_tells_them
     assert [t.replace("<br>", "") for t in layer_titles(deep, 12).values()] == \
         ["…layer.0.norm", "…layer.11.norm"]  # an index keeps the part it indexes
     assert layer_titles(["fc1", "fc2"]) == {"fc1": "fc1", "fc2": "fc2"}
+
+
+def test_tick_labels_under_bars_leave_out_the_shared_head_and_keep_the_end_of_long_paths(
+        two_runs):
+    from statscope.dashboards.style import tick_texts
+
+    labels = ["mobilevit.conv_stem.normalization[0]",
+              "mobilevit.encoder.layer.1.layer.0.expand_1x1.normalization[0]"]
+    assert tick_texts(labels, 28) == ["…conv_stem.normalization[0]",
+                                      "…" + labels[1][-28:]]
+    assert tick_texts(["fc1[0]", "fc2[3]"]) == ["fc1[0]", "fc2[3]"]
+    fig = fluctuation_figure({r: A.fluctuation(ds) for r, ds in two_runs.items()},
+                             neurons=[("fc1", 0), ("fc2", 3)])
+    assert list(fig.layout.xaxis.ticktext) == ["fc1[0]", "fc2[3]"]
