@@ -261,7 +261,7 @@ class Arm:
             if name == "nowriter":
                 self.rec._worker.filer.file = _dropper(self.rec._worker.filer)
                 for cap in self.rec.captures:  # what a writer decides for these rows
-                    cap.sum_bn_mean = cap.reduce_bn = False
+                    cap.sum_bn_mean = False
         elif name == "prehook":
             self.hook = PreHook(model)
         elif name == "neighbour":

@@ -112,7 +112,8 @@ class Advice(NamedTuple):
     """What the writer tells a BatchNorm probe after filing its rows.
 
     Attributes:
-        sum_mean: its mean needs one extra sum of the input (:func:`mean_needs_sum`).
+        sum_mean: its mean needs one extra sum of the input (:func:`mean_needs_sum`; True
+            for rows that were not BatchNorm's own CPU statistics).
         reduce: it should reduce its input itself (:func:`near_eps`).
     """
 
@@ -330,7 +331,12 @@ def compute_rows(g: Gathered, compute: Mapping[str, Callable[[Moments], np.ndarr
     stats = _finish_all(moments, g.names, compute)
     if g.set_names:
         _add_sets(stats, g.parts, g.set_names, k)
-    advice = {i: Advice(mean_needs_sum(m.mean, m.var, count), near_eps(m.var, part.bn_eps))
+    # Rows that are not BatchNorm's own CPU statistics (a CUDA BatchNorm, a probe reducing its
+    # input itself) say nothing of the extra sum: keep it, so that a probe whose channels the
+    # extra sum cannot read (batchnorm_kind "unsummable") stays on the generic path, as it did
+    # when only CPU BatchNorm rows were advised.
+    advice = {i: Advice(not part.cpu_batchnorm or mean_needs_sum(m.mean, m.var, count),
+                        near_eps(m.var, part.bn_eps))
               for i, (m, part, count) in enumerate(zip(moments, g.parts, g.counts))
               if m is not None and part.bn_eps is not None}
     return Rows(g.steps, g.counts, stats, g.scalars, advice)
