@@ -90,7 +90,9 @@ def observer(probe: Callable, module: nn.Module, fallback: Callable) -> tuple[Ca
     it is ``x0``, the mean and the variance of ``x − x0``, (3C,), ``x0`` each channel's first
     element: a shift, so that a large offset loses nothing to float32 (without it, an offset of
     1000 σ cost inductor's mean 2e-3 σ and its std 5e-5 of itself). Any other probe gets
-    ``probe(module, (x,))``.
+    ``probe(module, (x,))``, or ``probe.by_grad_mode[mode](module, (x,))`` where it has that
+    dict, ``mode`` the grad mode dynamo traced in (a compiled graph runs without autograd, so
+    the probe cannot ask at run time).
 
     Args:
         probe: the probe; ``x`` is the probed tensor, detached.
@@ -105,7 +107,11 @@ def observer(probe: Callable, module: nn.Module, fallback: Callable) -> tuple[Ca
     """
     _operator()
     key = next(_KEYS)
-    _PROBES[key] = (probe, module)
+    by_grad_mode = getattr(probe, "by_grad_mode", None)
+    if by_grad_mode is None:
+        _PROBES[key] = (probe, module)
+    else:  # -key: the graph dynamo traced with grad off
+        _PROBES[key], _PROBES[-key] = (by_grad_mode[True], module), (by_grad_mode[False], module)
     channel_dim = getattr(probe, "channel_dim", None) if hasattr(probe, "moments") else None
 
     def traced(module, args, output=None):
@@ -116,7 +122,8 @@ def observer(probe: Callable, module: nn.Module, fallback: Callable) -> tuple[Ca
         x = x.detach()
         if (channel_dim is None or x.ndim < 2 or not -x.ndim <= channel_dim < x.ndim
                 or x.numel() == 0):
-            _OP(_SINK, x, None, key)  # the probe reports a bad channel dim itself
+            # the probe reports a bad channel dim itself
+            _OP(_SINK, x, None, key if by_grad_mode is None or torch.is_grad_enabled() else -key)
             return
         cd = channel_dim % x.ndim
         dims = [d for d in range(x.ndim) if d != cd]
@@ -140,3 +147,4 @@ def observer(probe: Callable, module: nn.Module, fallback: Callable) -> tuple[Ca
 def forget(key: int) -> None:
     """Unregister the probe :func:`observer` registered under ``key``; its calls do nothing."""
     _PROBES.pop(key, None)
+    _PROBES.pop(-key, None)

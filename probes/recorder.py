@@ -24,7 +24,9 @@ training forward of the model; ``"manual"`` — :meth:`Recorder.step` ends a ste
 training forwards, else ``"forward"`` (also when recording ends first). The rule that applied is in
 the run's attribute ``step_rule``. Under ``"optimizer"`` and ``"forward"`` a step ends when the
 next one begins (its first training forward), so what is logged after ``optimizer.step()``
-belongs to the step that just stepped.
+belongs to the step that just stepped. A training forward is one in training mode with autograd
+on: forwards of the model under ``torch.no_grad`` or ``torch.inference_mode`` are not recorded
+unless ``record_eval=True``.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from statscope.writer_process import open_writer, resolve_mode
 __all__ = ["Recorder", "record", "STEP_MODES"]
 
 _in_backward = torch._C._current_graph_task_id
+_grad_enabled = torch.is_grad_enabled
 STEP_MODES = ("auto", "optimizer", "forward", "manual")
 _RESERVED_ATTRS = {S.ATTR_FORMAT, S.ATTR_STATUS, S.ATTR_N_STEPS, S.ATTR_LAST_STEP, S.ATTR_PROBES,
                    S.ATTR_LAYERS, S.ATTR_STATS, S.ATTR_SCALARS, S.ATTR_STEP_RULE}
@@ -177,6 +180,9 @@ class Recorder:
         self._block_start = 0  # the step of row 0 of the block; row r is step start + r·every
         self._step_no = 0  # the step in progress, recorded or not
         self._skip = False  # this step is not recorded (every > 1)
+        # the model's last forward ran without autograd (validation in training mode, BatchNorm
+        # recalibration): not a training forward, so its layers record nothing while grad is off
+        self._quiet = False
         self._dirty = False  # a training forward ran in the step in progress
         self._logged = False  # a scalar was logged in it
         self._pending_end = False
@@ -249,13 +255,13 @@ class Recorder:
             for cap in self.captures:
                 self._handles.append(attach(cap.target.module, self._make_hook(cap),
                                             cap.target.where, self.mechanism))
-            if self._rule != "manual":
-                # under torch.compile the step boundary is an operator at the top of the graph
-                # too (program order puts it before the probes'), unless a mask function must
-                # read every argument: then a graph break
-                self._handles.append(attach(self.root, self._root_hook, "input", self.mechanism,
-                                            with_kwargs=self._mask_of is not None,
-                                            on_error=self._forward_raised))
+            # under torch.compile the step boundary is an operator at the top of the graph too
+            # (program order puts it before the probes'), unless a mask function must read
+            # every argument: then a graph break. Under step="manual" it only tells training
+            # forwards from others
+            self._handles.append(attach(self.root, self._make_root_hook(), "input",
+                                        self.mechanism, with_kwargs=self._mask_of is not None,
+                                        on_error=self._forward_raised))
             if self._rule in ("undecided", "optimizer"):
                 self._params = {id(p) for p in self.root.parameters()}
                 self._handles.append(
@@ -358,7 +364,7 @@ class Recorder:
 
         def hook(module, args, output=None):
             if not rec._on or rec._skip or not (module.training or rec.record_eval) \
-                    or _in_backward() != -1:
+                    or _in_backward() != -1 or (rec._quiet and not _grad_enabled()):
                 return
             t0 = time.perf_counter()
             x = args[0] if output is None else output
@@ -386,7 +392,8 @@ class Recorder:
         rec, lock, block_steps, perf_counter = self, self._lock, self.block_steps, time.perf_counter
 
         def batchnorm_hook(module, x, mean, invstd):
-            if rec._skip or not rec._on or _in_backward() != -1:
+            if rec._skip or not rec._on or _in_backward() != -1 or (
+                    rec._quiet and not _grad_enabled()):
                 return
             t0 = perf_counter()
             with lock:
@@ -408,7 +415,7 @@ class Recorder:
 
         def moments_hook(module, x, packed):
             if not rec._on or rec._skip or not (module.training or rec.record_eval) \
-                    or _in_backward() != -1:
+                    or _in_backward() != -1 or (rec._quiet and not _grad_enabled()):
                 return
             t0 = perf_counter()
             with lock:
@@ -422,11 +429,28 @@ class Recorder:
 
         return moments_hook
 
-    def _root_hook(self, module, args, kwargs=None):
+    def _make_root_hook(self):
+        """The probe at the top of the model's forward: :meth:`_root_hook` with the grad mode
+        the forward runs in. In a compiled graph, which runs without autograd whatever its
+        caller's mode, the mode is the one dynamo traced in (it guards on it): the operator
+        calls ``by_grad_mode[mode]`` (:func:`statscope.probes.compiled.observer`)."""
+        root = self._root_hook
+
+        def root_hook(module, args, kwargs=None):
+            root(module, args, kwargs, _grad_enabled())
+
+        root_hook.by_grad_mode = {  # type: ignore[attr-defined]
+            mode: lambda module, args, mode=mode: root(module, args, None, mode)
+            for mode in (True, False)}
+        return root_hook
+
+    def _root_hook(self, module, args, kwargs, grad: bool):
         # A training forward: the model's, or one of a probed layer (``model.eval()`` then
-        # ``model.head.train()``: fine-tuning with a frozen backbone)
-        if not self._on or not (module.training or self.record_eval or any(
-                t.module.training for t in self.targets)) or _in_backward() != -1:
+        # ``model.head.train()``: fine-tuning with a frozen backbone), with autograd on
+        self._quiet = not grad and not self.record_eval
+        if not self._on or self._quiet or self._rule == "manual" or not (
+                module.training or self.record_eval or any(
+                    t.module.training for t in self.targets)) or _in_backward() != -1:
             self._open = None
             return
         t0 = time.perf_counter()
@@ -726,7 +750,8 @@ def record(model: nn.Module, path, **kwargs: Any) -> Recorder:
         overwrite: replace an existing run; resume: continue one after its last committed step.
         step: what one recorded step is: ``"auto"`` (default), ``"optimizer"``, ``"forward"`` or
             ``"manual"`` (call ``rec.step()``); see :mod:`statscope.probes.recorder`.
-        record_eval: also record eval-mode forwards.
+        record_eval: also record eval-mode forwards and forwards of the model without autograd
+            (``torch.no_grad``, ``torch.inference_mode``).
         block_steps: steps buffered on the device before one hand-over to the writer thread.
         raw_bytes: the largest buffer of one probe; larger tensors are reduced every step.
         buffer_bytes: the most bytes of buffers held per device, over all probes.

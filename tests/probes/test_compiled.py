@@ -79,6 +79,35 @@ def test_compiled_probes_are_right_and_run_inside_the_graph(tmp_path, backend):
         dict(torch._dynamo.utils.counters["graph_break"])
 
 
+def test_a_compiled_forward_without_autograd_is_not_a_step(tmp_path):
+    # the compiled graph runs without autograd whatever the caller's mode: the step boundary
+    # takes the mode dynamo traced in
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = Net().to(memory_format=torch.channels_last)
+    seen = {"bn": [], "ln": []}
+    for name in seen:
+        getattr(model, name).register_forward_pre_hook(
+            lambda m, a, name=name: seen[name].append(a[0].detach().double())
+            if torch.is_grad_enabled() else None)
+    gen = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with statscope.record(model, tmp_path / "r", layers=["bn", "ln"]):
+        fast = torch.compile(model, backend="aot_eager")
+        for _ in range(3):
+            x = torch.randn(8, 3, 6, 6, generator=gen).contiguous(
+                memory_format=torch.channels_last)
+            fast(x).backward()
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                fast(x * 2 + 1)
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.sizes["step"] == 3 and len(seen["bn"]) == 3
+    check(ds, [t.movedim(1, -1).numpy() for t in seen["bn"]], "bn", 0)
+    check(ds, [t.numpy() for t in seen["ln"]], "ln", 0)
+
+
 def test_an_offset_too_large_for_float32_moments_is_reduced_from_the_tensor(tmp_path):
     # inductor's float32 reduction of a channel 1000 σ from zero is off by ~2e-3 σ in the mean:
     # the graph's flag sends that probe to the generic (shifted) reduction of the tensor

@@ -249,6 +249,76 @@ def test_checkpoint_recompute_is_not_recorded_twice(tmp_path):
     assert ds.sizes["step"] == 3 and (ds["count"].values == 4).all()
 
 
+@pytest.mark.parametrize("rule", ["auto", "forward", "manual"])
+@pytest.mark.parametrize("grad_off", [torch.no_grad, torch.inference_mode])
+def test_forwards_without_autograd_are_not_training_steps(tmp_path, rule, grad_off):
+    # validation in training mode (or BatchNorm recalibration) before or after a step's
+    # training forward: it filed its batch as the step's and, under the optimizer rule, made
+    # the next training batch an unrecorded micro-batch of it
+    torch.manual_seed(0)
+    model = fc()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train, val = batches(6, seed=1), batches(6, seed=2)
+    seen = []
+    handle = model[1].register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].detach().double()) if torch.is_grad_enabled() else None)
+    with statscope.record(model, tmp_path / "r", step=rule, block_steps=4) as rec:
+        for x, v in zip(train, val):
+            with grad_off():
+                model(v)
+            model(x).pow(2).mean().backward()
+            if rule != "forward":
+                opt.step()
+                opt.zero_grad()
+            with grad_off():
+                model(v)
+            rec.log(val=1.0)
+            if rule == "manual":
+                rec.step()
+    handle.remove()
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.sizes["step"] == 6 and len(seen) == 6
+    np.testing.assert_array_equal(ds.val.values, np.ones(6))  # logged after validation, kept
+    got = ds.bn_mean.sel(neuron=ds.layer == "1").values
+    want = np.stack([s.mean(0).numpy() for s in seen])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(ds.bn_std.sel(neuron=ds.layer == "1").values,
+                               np.stack([s.std(0, unbiased=False).numpy() for s in seen]),
+                               rtol=1e-5)
+
+
+def test_record_eval_records_forwards_without_autograd(tmp_path):
+    model = fc()
+    with statscope.record(model, tmp_path / "r", step="forward", record_eval=True):
+        with torch.no_grad():
+            for x in batches(3):
+                model(x)
+    assert statscope.open_run(tmp_path / "r").sizes["step"] == 3
+
+
+def test_reentrant_checkpoint_layers_are_recorded(tmp_path):
+    # a reentrant checkpoint runs its layers without autograd inside a training forward
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = fc()
+
+        def forward(self, x):
+            return checkpoint(self.body, x, use_reentrant=True)
+
+    model = Net()
+    xs = [x.requires_grad_() for x in batches(3)]
+    with statscope.record(model, tmp_path / "r", step="forward") as rec:
+        for x in xs:
+            model(x).sum().backward()
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.sizes["step"] == 3 and (ds["count"].values == 4).all()
+    with torch.no_grad():
+        want = np.stack([model.body[0](x).double().mean(0).numpy() for x in xs])
+    np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "body.1").values, want,
+                               atol=1e-5)
+
+
 def test_compiled_model_records_same_values_as_eager(tmp_path):
     xs = batches(4)
     torch.manual_seed(0)
