@@ -37,7 +37,7 @@ from ._names import SIGMA2
 from .bootstrap import window_series
 from .multiplicity import adjust_p
 from .intervals import bootstrap_statistic
-from .resampling import Moments
+from .resampling import MIN_EFFECTIVE, Moments
 from .seeds import MODEL_KEYS, between_seeds, config_labels
 from ._compute import run_tasks
 from .window import RunWindow, run_windows, split_runs
@@ -372,13 +372,22 @@ def _run_rows(w, config: str, small: bool, confidence, n_boot, block, seed) -> l
                              n_boot=n_boot, block=block, seed=seed, groups=layers.ordinal)
     rows = []
     run_seed = w.meta.get(S.META_SEED)
+    count = np.asarray(data[S.COUNT].values) > 0
+    steps = int(count.any(axis=1).sum())  # of the window, where any layer ran
+    layer_of = np.asarray(data[S.LAYER].values)
+    ran = {layer: _ran(int(count[:, layer_of == layer].any(axis=1).sum()), steps)
+           for layer in names}
     for k, (claim, layer, stat, caveat) in enumerate(specs):
         note = _why(claim, iv.notes[k], data, layer) if iv.notes[k] else ""
-        note = "; ".join(n for n in (caveat, note) if n)
-        rows.append(ClaimRow(claim, w.name, layer, stat, float(iv.estimate[k]),
-                             float(iv.lower[k]), float(iv.upper[k]), float(iv.p_value[k]),
-                             INCONCLUSIVE, note, config=config, seed=run_seed,
-                             block=int(iv.block[k]), n_eff=float(iv.n_eff[k])))
+        if ran[layer].startswith("not evaluable"):
+            note = ran[layer]
+        note = "; ".join(n for n in (caveat, ran[layer] if note != ran[layer] else "", note) if n)
+        values = [float(v[k]) for v in (iv.estimate, iv.lower, iv.upper, iv.p_value)]
+        if ran[layer].startswith("not evaluable"):
+            values = [np.nan] * 4
+        rows.append(ClaimRow(claim, w.name, layer, stat, *values, INCONCLUSIVE, note,
+                             config=config, seed=run_seed, block=int(iv.block[k]),
+                             n_eff=float(iv.n_eff[k])))
     if not small and bs is None:
         rows += [ClaimRow("c", w.name, layer, "bn_std vs bn_mean", np.nan, np.nan, np.nan, np.nan,
                           INCONCLUSIVE, "batch size unknown (no batch_size in meta)",
@@ -400,6 +409,14 @@ def _why(claim: str, note: str, data: xr.Dataset, layer: str) -> str:
         return ("BN and EN statistics are identical in this layer (EN groups of one channel): "
                 "there is nothing to compare")
     return note
+
+
+def _ran(ran: int, steps: int) -> str:
+    """A caveat for a layer that ran in ``ran`` of the window's ``steps`` (layer drop, a branch
+    that skips): the interval rests on fewer steps than the window has."""
+    if ran < MIN_EFFECTIVE:
+        return f"not evaluable: the layer ran in {ran} of the window's {steps} steps"
+    return f"the layer ran in {ran} of the window's {steps} steps" if ran < steps else ""
 
 
 def _judge(rows: list[ClaimRow], adjust: str, confidence: float) -> list[ClaimRow]:

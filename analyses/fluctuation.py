@@ -136,9 +136,11 @@ def _fluctuation(w: xr.Dataset, scale_free: bool, detrend: bool) -> xr.Dataset:
     out[N_VALID] = series[S.BN_MEAN].notnull().sum(S.STEP)
     excluded = {s: ((w[S.COUNT] > 0) & ~np.isfinite(w[s])).sum() for s in names}
     not_run = (w[S.COUNT] <= 0).sum()
+    steps = (w[S.COUNT] > 0).any(S.NEURON).sum()  # of the window, where any layer ran
     result = xr.Dataset(out)
-    result, excluded, not_run = _compute(result, excluded, not_run)
+    result, excluded, not_run, steps = _compute(result, excluded, not_run, steps)
     notes = _exclusion_notes(excluded, not_run)
+    notes += _sparse_layer_notes(result[N_VALID], steps, 3 if detrend else 2)
     if scale_free and not np.all(np.isfinite(result[S.BN_MEAN].values)):
         notes.append("scale-free fluctuation is NaN/Inf where a neuron's time-averaged bn_std is "
                      "0 or the window has too few valid steps")
@@ -152,11 +154,26 @@ def _fluctuation(w: xr.Dataset, scale_free: bool, detrend: bool) -> xr.Dataset:
     return result
 
 
-def _compute(result, excluded, not_run):
+def _compute(result, excluded, not_run, steps):
     import dask
 
-    result, excluded, not_run = dask.compute(result, excluded, not_run)
-    return result, {k: int(v) for k, v in excluded.items()}, int(not_run)
+    result, excluded, not_run, steps = dask.compute(result, excluded, not_run, steps)
+    return result, {k: int(v) for k, v in excluded.items()}, int(not_run), int(steps)
+
+
+def _sparse_layer_notes(n_valid: xr.DataArray, steps: int, least: int) -> list[str]:
+    """Which layers ran in fewer of the window's steps than it has (layer-drop, branches that
+    skip), and which in too few for a fluctuation (their rows are NaN)."""
+    if S.LAYER not in n_valid.coords:
+        return []
+    runs = n_valid.groupby(S.LAYER).max()
+    partial = [(str(name), int(n)) for name, n in zip(runs[S.LAYER].values, runs.values)
+               if n < steps]
+    if not partial:
+        return []
+    said = ", ".join(f"{name!r} in {n}" + (f" (too few for a fluctuation: NaN; {least} needed)"
+                                           if n < least else "") for name, n in partial)
+    return [f"layers with values in only some of the window's {steps} steps: {said}"]
 
 
 def _exclusion_notes(excluded: dict, not_run: int) -> list[str]:

@@ -166,3 +166,20 @@ def test_claim_c_ignores_a_learning_rate_scaled_with_the_batch_size():
     c = claims(runs, **KW)
     assert {r.run for r in c.rows if r.claim == "c"} == {"bs8"}
     assert {r.config for r in c.rows} == {"batch size 8", "batch size 64"}
+
+
+def test_a_layer_that_skips_steps_says_so_and_one_that_ran_too_rarely_is_not_evaluable():
+    ds = make_run((Layer("fc1"), Layer("fc2"), Layer("fc3")))
+    cols = {name: (ds[S.LAYER] == name).values for name in ("fc2", "fc3")}
+    for name, ran in (("fc2", np.arange(0, 300, 2)), ("fc3", np.arange(5))):
+        idle = np.setdiff1d(np.arange(300), ran)
+        for var in ds.data_vars:
+            ds[var].values[np.ix_(idle, cols[name])] = 0 if var == S.COUNT else np.nan
+    rows = claims(ds, **KW).rows
+    fc2 = [r for r in rows if r.layer == "fc2" and r.claim in "ab"]
+    assert fc2 and all("ran in 150 of the window's 300 steps" in r.note for r in fc2)
+    assert all(np.isfinite(r.effect) for r in fc2)
+    fc3 = [r for r in rows if r.layer == "fc3" and r.claim in "ab"]
+    assert fc3 and all(r.verdict == INCONCLUSIVE and np.isnan(r.effect) for r in fc3)
+    assert all(r.note == "not evaluable: the layer ran in 5 of the window's 300 steps"
+               for r in fc3)

@@ -119,3 +119,29 @@ def test_excluded_cells_note_counts_only_cells_inside_each_runs_window():
     assert f.attrs["notes"] == ["short: 16 (step, neuron) cells in the window had count 0 "
                                 "(layer did not run) and were excluded"]
     assert f[S.BN_MEAN].dims == (S.RUN, S.NEURON) and f["n_valid"].sel(run="short").max() == 50
+
+
+def _skip(ds, layer, ran):
+    """``layer`` runs only at the steps ``ran`` (a layer-drop branch): elsewhere its cells are
+    NaN with count 0, as the recorder stores them."""
+    ds = ds.copy(deep=True)
+    cols = (ds[S.LAYER] == layer).values
+    idle = np.setdiff1d(np.arange(ds.sizes[S.STEP]), ran)
+    for name in (*STATS, S.BN_KURT):
+        ds[name].values[np.ix_(idle, cols)] = np.nan
+    ds[S.COUNT].values[np.ix_(idle, cols)] = 0
+    return ds
+
+
+def test_layers_that_skip_steps_say_in_how_many_they_ran():
+    ds = _skip(make_run((Layer("fc1"), Layer("fc2"), Layer("fc3")), n_steps=60), "fc2",
+               np.arange(0, 60, 3))
+    ds = _skip(ds, "fc3", [7])
+    f = fluctuation(ds, "all")
+    fc2 = (ds[S.LAYER] == "fc2").values
+    want = np.nanstd(ds[S.BN_STD].values[:, fc2].astype(np.float64), 0, ddof=1)
+    np.testing.assert_allclose(f[S.BN_STD].values[fc2], want, rtol=1e-6)
+    assert np.isnan(f[S.BN_STD].values[(ds[S.LAYER] == "fc3").values]).all()
+    notes = " ".join(f.attrs["notes"])
+    assert "only some of the window's 60 steps: 'fc2' in 20, 'fc3' in 1 (too few" in notes
+    assert "'fc1'" not in notes
