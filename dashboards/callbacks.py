@@ -288,6 +288,9 @@ def fluctuation(catalog: RunCatalog, search, version=None) -> dict:
                 fl[r] = f.values
             if f.source.kind != SERIES:
                 continue
+            # what the analysis left out: cells of layers that did not run, layers that ran in
+            # only some steps (their bars are missing or rest on fewer steps)
+            notes += [f"{r}: {n}" for n in f.values.attrs.get(S.NOTES, ()) if n not in notes]
             if metrics.analysis("fluctuation_ci") is not None:
                 ci[r] = computed(catalog, r, "fluctuation_ci", w, sf, key)
             if metrics.analysis("sampling_baseline") is not None and not sf:

@@ -164,6 +164,18 @@ def test_a_run_too_short_for_the_window_is_left_out_of_the_others_figure(two_run
     assert "longer than run" in fig.layout.annotations[0].text
 
 
+def test_a_layer_that_skips_steps_is_named_over_the_bars(two_runs):
+    # layer drop: fc2 ran in 25 of the window's 200 steps; its bar rests on those
+    ds = two_runs["bs4"].copy(deep=True)
+    fc2 = (ds[S.LAYER] == "fc2").values
+    idle = np.setdiff1d(np.arange(ds.sizes[S.STEP]), np.arange(0, ds.sizes[S.STEP], 8))
+    for var in (S.BN_MEAN, S.BN_STD, S.EN_MEAN, S.EN_STD, S.COUNT):
+        ds[var].values[np.ix_(idle, fc2)] = 0 if var == S.COUNT else np.nan
+    fig = figure(cb.fluctuation(RunCatalog.from_datasets({"bs4": ds}), "?run=bs4"))
+    text = " ".join([fig.layout.title.text or "", *(a.text for a in fig.layout.annotations)])
+    assert "bs4: layers with values in only some of the window's 200 steps: 'fc2' in 25" in text
+
+
 def test_poll_reports_new_and_grown_runs(tmp_path):
     from dashboard_fixtures import write_synthetic
 
