@@ -89,7 +89,7 @@ def gather_block(block: Block, captures: Sequence[Capture], statistics: Sequence
             sets = (present, host)
         parts.append(ProbePart(cap.channels, cap.target.groups,
                                tuple((seg.start, seg.stop) for seg in segs), _cpu_batchnorm(segs),
-                               sets, width, cap.bn_eps))
+                               sets, width, cap.bn_eps, _device_type(segs) == "cpu"))
     scalars = {name: _scalar_column(values, n)[skip:] for name, values in block.scalars.items()}
     steps = block.first_step + block.stride * np.arange(skip, n, dtype=np.int64)
     return Gathered(steps, [c for _, c, _ in clipped], parts, moments, jobs, refs, scalars, skip,
@@ -123,6 +123,19 @@ def _real_counts(clipped, skip: int) -> None:
         real = torch.cat([t.to("cpu", torch.float64) for t in tensors]).numpy()
         for (i, row), n in zip(where, real):
             clipped[i][1][row] = int(round(n))
+
+
+def _device_type(segments) -> str | None:
+    """The device type of the tensors these rows come from (None: no row has any)."""
+    for seg in segments:
+        if seg.raw is not None:
+            return seg.raw[0].device.type
+        if type(seg.refs) is StackedRun:  # CPU entries only (stack_entries)
+            return "cpu"
+        for e in seg.refs or ():
+            if e is not None:
+                return e[1].device.type
+    return None
 
 
 def _cpu_batchnorm(segments) -> bool:

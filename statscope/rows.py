@@ -22,7 +22,7 @@ from statscope import schema as S
 from statscope.layout import Layout
 
 __all__ = ["Moments", "Rows", "Gathered", "ProbePart", "EntryJob", "BUILTIN", "compute_rows",
-           "file_columns", "jobs_moments", "mean_needs_sum", "near_eps", "Advice", "group_moments",
+           "file_columns", "jobs_moments", "mean_needs_sum", "near_eps", "far_mean", "Advice", "group_moments",
            "FLOAT32_MEAN_RATIO", "NEAR_EPS"]
 
 
@@ -100,6 +100,25 @@ is constant over the batch). Higher, the switch would fire on the ordinary small
 batches of four, and make such runs' bits depend on when the advice arrives."""
 
 
+FAR_MEAN = 300.0
+"""|mean|/√(var + eps) beyond which a float32 sum of a channel's M elements is off by more than
+~3e-5 of its std whatever M (the rounding of a float32 total, ~1e-7·|mean| relative to the
+std, where the stored float32 mean keeps 3e-8·|mean|): measured up to 1e-4 at 1000 for BatchNorm's
+own CPU mean and for the extra sum alike. Past it a CPU BatchNorm probe reduces its input itself
+(:func:`far_mean`)."""
+
+
+def far_mean(mean: np.ndarray, var: np.ndarray, eps: float) -> bool:
+    """Whether a CPU BatchNorm probe's channels had |mean|/√(var + eps) above :data:`FAR_MEAN`
+    in recent steps (the last eight rows of ``mean`` and ``var``, (k, C)), so that it should
+    reduce its input itself, summed in float64 from shifted values."""
+    mean, var = mean[-8:], var[-8:]
+    with np.errstate(all="ignore"):
+        ratio = np.abs(mean) / np.sqrt(var + eps)
+    ratio = ratio[np.isfinite(ratio)]
+    return bool(ratio.size) and float(ratio.max()) > FAR_MEAN
+
+
 def near_eps(var: np.ndarray, eps: float) -> bool:
     """Whether a BatchNorm probe's channels came near its eps in recent steps (the last eight
     rows of ``var``, (k, C)), so that it should reduce its input itself (:data:`NEAR_EPS`)."""
@@ -114,7 +133,8 @@ class Advice(NamedTuple):
     Attributes:
         sum_mean: its mean needs one extra sum of the input (:func:`mean_needs_sum`; True
             for rows that were not BatchNorm's own CPU statistics).
-        reduce: it should reduce its input itself (:func:`near_eps`).
+        reduce: it should reduce its input itself (:func:`near_eps`, or on the CPU
+            :func:`far_mean`).
     """
 
     sum_mean: bool
@@ -230,6 +250,7 @@ class ProbePart:
         spans: ``(start, stop)`` block rows of each of its segments, in order.
         cpu_batchnorm: its rows hold a BatchNorm's own statistics computed on the CPU (the
             writer advises it whether the mean needs an extra sum).
+        cpu: its rows come from tensors on the CPU.
         bn_eps: the eps of the BatchNorm whose input it probes on the fast path (the writer
             advises it whether to reduce the input itself: :func:`near_eps`); None for others.
         sets: rows (relative to ``skip``) that have per-set entries, and their (rows, 4, G)
@@ -244,6 +265,7 @@ class ProbePart:
     sets: tuple | None = None
     set_width: int = 0
     bn_eps: float | None = None
+    cpu: bool = False
 
 
 @dataclass(frozen=True)
@@ -336,7 +358,8 @@ def compute_rows(g: Gathered, compute: Mapping[str, Callable[[Moments], np.ndarr
     # extra sum cannot read (batchnorm_kind "unsummable") stays on the generic path, as it did
     # when only CPU BatchNorm rows were advised.
     advice = {i: Advice(not part.cpu_batchnorm or mean_needs_sum(m.mean, m.var, count),
-                        near_eps(m.var, part.bn_eps))
+                        near_eps(m.var, part.bn_eps)
+                        or part.cpu and far_mean(m.mean, m.var, part.bn_eps))
               for i, (m, part, count) in enumerate(zip(moments, g.parts, g.counts))
               if m is not None and part.bn_eps is not None}
     return Rows(g.steps, g.counts, stats, g.scalars, advice)

@@ -346,6 +346,48 @@ def test_large_offsets_stay_right_where_torchs_cpu_kernel_sums_in_float32(tmp_pa
     assert np.all(np.abs(ds.bn_std.values - np.sqrt(var)) <= 1e-4 * scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, layout", [((4, 7, 16), "transposed"),
+                                           ((16, 8, 8, 16), "channels_last")])
+def test_a_mean_far_from_zero_is_reduced_from_the_input_once_the_writer_sees_it(
+        tmp_path, dtype, shape, layout):
+    # |mean| = 1000 std: a float32 sum of the input, BatchNorm's own or the extra one, is off by
+    # up to ~2e-4 of the std there (3e-5 for the stored float32 mean). E.g. a speech model's
+    # BatchNorm1d over (N, L, C) features transposed to (N, C, L), 28 elements per channel
+    model = nn.Sequential(nn.BatchNorm1d(16) if len(shape) == 3 else nn.BatchNorm2d(16))
+    gen = torch.Generator().manual_seed(0)
+
+    def batch():
+        x = (torch.randn(shape, generator=gen, dtype=torch.float64) + 1000).to(dtype)
+        if layout == "transposed":
+            return x.transpose(1, 2)
+        return x.permute(0, 3, 1, 2)  # (N, H, W, C) memory: channels_last
+
+    xs = []
+    with statscope.record(model, tmp_path / "r", block_steps=2, step="manual") as rec:
+        cap = rec.captures[0]
+        for _ in range(4):
+            xs.append(batch())
+            model(xs[-1])
+            rec.step()
+        wait_for(lambda: cap.reduce_bn)
+        for _ in range(6):
+            xs.append(batch())
+            model(xs[-1])
+            rec.step()
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.attrs["probes"][0]["path"] == "batchnorm"
+    mean, var = reference([x.double() for x in xs])
+    scale = np.sqrt(var + model[0].eps)
+    stored = mean.astype(np.float32).astype(np.float64)
+    after = slice(-4, None)  # after the advice, whatever step it arrived at
+    err = np.abs(ds.bn_mean.values[after] - stored[after]) / scale[after]
+    assert err.max() <= 1e-5, err.max()
+    np.testing.assert_allclose(ds.bn_std.values[after], np.sqrt(var[after]), rtol=1e-5)
+    before = np.abs(ds.bn_mean.values[:4] - mean[:4]) / scale[:4]
+    assert before.max() <= 5e-4  # BatchNorm's own (or the extra sum) until the advice
+
+
 def test_beyond_the_trusted_count_torchs_float32_cpu_sums_are_not_used(tmp_path, monkeypatch):
     monkeypatch.setattr("statscope.probes.reduce.CPU_BATCHNORM_MAX", 1000)
     model = nn.Sequential(nn.BatchNorm1d(4))
