@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from statscope.errors import StatscopeError, StatscopeWarning
-from statscope.probes.compiled import forget, observer
+from statscope.probes.compiled import forget, observer, reserve
 from statscope.probes.fastpath import batchnorm_forward, eligible
 
 __all__ = ["attach", "MECHANISMS"]
@@ -74,12 +74,16 @@ class _Handle:
     """A handle that also unregisters the probe's operator key when removed."""
 
     def __init__(self, inner, key: int | None):
-        self.inner, self.key = inner, key
+        self.inner, self.key, self.removed = inner, key, False
+        reserve(1)
 
     def remove(self) -> None:
         if self.key is not None:
             forget(self.key)
         self.inner.remove()
+        if not self.removed:
+            self.removed = True
+            reserve(-1)
 
 
 class _ForwardHandle:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import threading
 from typing import Callable
 
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 
 from statscope.rows import FLOAT32_MEAN_RATIO
 
-__all__ = ["observer", "forget"]
+__all__ = ["observer", "forget", "reserve"]
 
 # key -> (probe, module); a probe is registered while it is attached (see attach.attach)
 _PROBES: dict[int, tuple[Callable, nn.Module]] = {}
@@ -142,6 +143,29 @@ def observer(probe: Callable, module: nn.Module, fallback: Callable) -> tuple[Ca
         _OP(_SINK, x, torch.cat([x0, mean, var]), key)
 
     return traced, key
+
+
+_RESERVED = [0]  # how far reserve() has raised dynamo's recompile limit
+_RESERVE_LOCK = threading.Lock()
+
+
+def reserve(delta: int) -> None:
+    """Raise (or lower, with a negative ``delta``) dynamo's per-frame recompile limit by the
+    number of attached probes.
+
+    Each probe's call in a graph names its module (the operator's key and the wrapper's
+    closure), so a frame that runs many probed modules of one class gets a graph per module
+    where the plain model shares one: a block's forward resumed after a graph break, say. Past
+    dynamo's limit (8 per frame) the rest would run uncompiled, with a warning. Changes the
+    user makes to the limit meanwhile are kept: only statscope's share moves.
+    """
+    import torch._dynamo.config as config
+
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    with _RESERVE_LOCK:
+        base = getattr(config, name) - _RESERVED[0]
+        _RESERVED[0] = max(_RESERVED[0] + delta, 0)
+        setattr(config, name, base + _RESERVED[0])
 
 
 def forget(key: int) -> None:

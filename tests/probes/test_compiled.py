@@ -108,6 +108,54 @@ def test_a_compiled_forward_without_autograd_is_not_a_step(tmp_path):
     check(ds, [t.numpy() for t in seen["ln"]], "ln", 0)
 
 
+class Breaking(nn.Module):
+    """Conv → graph break → BatchNorm → ReLU: dynamo compiles the block's resumed forward once
+    and shares it among the plain model's blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.conv(x)
+        torch._dynamo.graph_break()
+        return torch.relu(self.bn(x))
+
+
+# dynamo's own tracing after a graph break, with or without statscope
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_blocks_behind_a_graph_break_are_all_compiled(tmp_path):
+    # each probe names its module in the graph, so the shared frame needs a graph per block:
+    # past dynamo's limit of 8 the other blocks ran uncompiled, with a warning
+    import torch._dynamo.config as config
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    limit = config.recompile_limit
+    model = nn.Sequential(*[Breaking() for _ in range(12)])
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 4, 5, 5, generator=gen) for _ in range(2)]
+    with statscope.record(model, tmp_path / "r", step="forward"):
+        assert config.recompile_limit == limit + 13  # 12 probes and the step boundary
+        fast = torch.compile(model, backend="aot_eager")
+        for x in xs:
+            fast(x).sum().backward()
+    assert config.recompile_limit == limit
+    frames = torch._dynamo.utils.counters["frames"]
+    assert frames["ok"] == frames["total"], dict(frames)
+    # the layers' inputs again, eagerly (no optimizer step: the same weights)
+    seen = []
+    for block in model:
+        block.bn.register_forward_pre_hook(
+            lambda m, a: seen.append(a[0].detach().movedim(1, -1).double().numpy()))
+    for x in xs:
+        model(x)
+    ds = statscope.open_run(tmp_path / "r")
+    for k in range(12):
+        check(ds, seen[k::12], f"{k}.bn", 0)
+
+
 def test_an_offset_too_large_for_float32_moments_is_reduced_from_the_tensor(tmp_path):
     # inductor's float32 reduction of a channel 1000 σ from zero is off by ~2e-3 σ in the mean:
     # the graph's flag sends that probe to the generic (shifted) reduction of the tensor
