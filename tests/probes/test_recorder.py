@@ -287,6 +287,34 @@ def test_forwards_without_autograd_are_not_training_steps(tmp_path, rule, grad_o
                                rtol=1e-5)
 
 
+def test_a_gan_discriminator_records_its_own_batches_with_manual_steps(tmp_path):
+    # docs/guide.md: under the optimizer rule the discriminator's forward in the generator's
+    # update would open its next step; rec.step() at the end of each iteration keeps its own
+    torch.manual_seed(0)
+    gen, disc = nn.Sequential(nn.Linear(4, 5)), fc()
+    og = torch.optim.SGD(gen.parameters(), lr=0.1)
+    od = torch.optim.SGD(disc.parameters(), lr=0.1)
+    seen, handle = inputs_of(disc[1])
+    firsts = []
+    with statscope.record(disc, tmp_path / "d", step="manual") as rec:
+        for x in batches(5, bs=6, seed=3):
+            fake = gen(torch.randn(6, 4))
+            n = len(seen)
+            (disc(x).mean() - disc(fake.detach()).mean()).backward()
+            firsts.append(seen[n])  # the real batch's
+            od.step()
+            od.zero_grad()
+            disc(fake).mean().backward()
+            og.step()
+            og.zero_grad()
+            rec.step()
+    handle.remove()
+    ds = statscope.open_run(tmp_path / "d")
+    assert ds.sizes["step"] == 5
+    np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "1").values,
+                               np.stack([f.mean(0).numpy() for f in firsts]), atol=1e-6)
+
+
 def test_record_eval_records_forwards_without_autograd(tmp_path):
     model = fc()
     with statscope.record(model, tmp_path / "r", step="forward", record_eval=True):
