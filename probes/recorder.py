@@ -448,10 +448,14 @@ class Recorder:
         # A training forward: the model's, or one of a probed layer (``model.eval()`` then
         # ``model.head.train()``: fine-tuning with a frozen backbone), with autograd on
         self._quiet = not grad and not self.record_eval
-        if not self._on or self._quiet or self._rule == "manual" or not (
-                module.training or self.record_eval or any(
-                    t.module.training for t in self.targets)) or _in_backward() != -1:
+        if not self._on or self._quiet or not (module.training or self.record_eval or any(
+                t.module.training for t in self.targets)) or _in_backward() != -1:
             self._open = None
+            return
+        if self._rule == "manual":  # rec.step() ends steps
+            if self._mask_of is not None and not self._dirty:  # the step's first forward
+                with self._lock:
+                    self._mask = self._mask_of(args, kwargs or {})
             return
         t0 = time.perf_counter()
         with self._lock:

@@ -27,16 +27,20 @@ class Encoder(nn.Module):
         return self.norm(self.proj(x))
 
 
-def test_layernorm_sets_are_tokens_and_a_mask_keeps_padding_out_of_every_statistic(tmp_path):
+@pytest.mark.parametrize("rule", ["forward", "manual"])  # under "manual" it was not applied
+def test_layernorm_sets_are_tokens_and_a_mask_keeps_padding_out_of_every_statistic(tmp_path,
+                                                                                   rule):
     torch.manual_seed(0)
     model = Encoder()
     gen = torch.Generator().manual_seed(1)
     xs = [torch.randn(3, 5, 4, generator=gen) for _ in range(6)]
     masks = [torch.rand(3, 5, generator=gen) > 0.3 for _ in range(6)]
     with statscope.record(model, tmp_path / "r", stats=[*S.DEFAULT_STATS, *SETS],
-                          mask=lambda args, kwargs: kwargs["attention_mask"], step="forward"):
+                          mask=lambda args, kwargs: kwargs["attention_mask"], step=rule) as rec:
         for x, m in zip(xs, masks):
             model(x, attention_mask=m)
+            if rule == "manual":
+                rec.step()
     ds = statscope.open_run(tmp_path / "r")
     for k, (x, m) in enumerate(zip(xs, masks)):
         with torch.no_grad():
