@@ -382,10 +382,10 @@ def _run_rows(w, config: str, small: bool, confidence, n_boot, block, seed) -> l
         if ran[layer].startswith("not evaluable"):
             note = ran[layer]
         note = "; ".join(n for n in (caveat, ran[layer] if note != ran[layer] else "", note) if n)
-        values = [float(v[k]) for v in (iv.estimate, iv.lower, iv.upper, iv.p_value)]
+        est, lo, hi, p = (float(v[k]) for v in (iv.estimate, iv.lower, iv.upper, iv.p_value))
         if ran[layer].startswith("not evaluable"):
-            values = [np.nan] * 4
-        rows.append(ClaimRow(claim, w.name, layer, stat, *values, INCONCLUSIVE, note,
+            est = lo = hi = p = np.nan
+        rows.append(ClaimRow(claim, w.name, layer, stat, est, lo, hi, p, INCONCLUSIVE, note,
                              config=config, seed=run_seed, block=int(iv.block[k]),
                              n_eff=float(iv.n_eff[k])))
     if not small and bs is None:
