@@ -247,9 +247,9 @@ class Arm:
             import statscope
 
             if name == "generic":
-                from statscope.probes import recorder
+                from statscope.probes import hooks, recorder
 
-                self._generic = _no_fast_path(recorder)
+                self._generic = _no_fast_path(recorder, hooks)
             # raw64: buffer tensors up to 64 MiB per probe and block raw (default 16 MiB), so
             # that more probes take one copy per step and leave the reduction to the writer
             extra = {"raw_bytes": 64 << 20} if name == "raw64" else {}
@@ -308,13 +308,16 @@ class Arm:
 
 
 @contextlib.contextmanager
-def _no_fast_path(recorder):
-    saved = recorder.probe_path
-    recorder.probe_path = lambda *a, **k: "generic"
+def _no_fast_path(*modules):
+    # the path the run records (recorder) and the hook each probe gets (hooks)
+    saved = [m.probe_path for m in modules]
+    for m in modules:
+        m.probe_path = lambda *a, **k: "generic"
     try:
         yield
     finally:
-        recorder.probe_path = saved
+        for m, probe_path in zip(modules, saved):
+            m.probe_path = probe_path
 
 
 def _dropper(filer):

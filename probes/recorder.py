@@ -27,44 +27,45 @@ next one begins (its first training forward), so what is logged after ``optimize
 belongs to the step that just stepped. A training forward is one in training mode with autograd
 on: forwards of the model under ``torch.no_grad`` or ``torch.inference_mode`` are not recorded
 unless ``record_eval=True``.
+
+The recorder is one class in four modules: this one (arguments, the public per-step API),
+:mod:`statscope.probes.lifecycle` (start and close), :mod:`statscope.probes.hooks` (the probes)
+and :mod:`statscope.probes.steps` (the step boundary, blocks handed to the writer thread).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
-import warnings
 import weakref
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from statscope import schema as S
-from statscope.errors import RecordingError, StatscopeError, StatscopeWarning, StoreError
-from statscope.probes.attach import MECHANISMS, attach
-from statscope.probes.block import Block
+from statscope.errors import StatscopeError
+from statscope.probes.attach import MECHANISMS
 from statscope.probes.capture import Capture
-from statscope.probes.fastpath import BatchStats, probe_path
+from statscope.probes.fastpath import probe_path
+from statscope.probes.hooks import Hooks
+from statscope.probes.lifecycle import Lifecycle
 from statscope.probes.pool import BufferPool
 from statscope.probes.neurons import check_spec
 from statscope.probes.selection import Target, _per_layer, norm_info, select, unwrap
 from statscope.probes.statistics import STATISTICS, get_statistic
+from statscope.probes.steps import Steps
 from statscope.probes.streams import StreamOrder
-from statscope.probes.worker import Attrs, Close, Filer, Notice, ProbeStatic, Worker
+from statscope.probes.worker import Attrs, Notice, ProbeStatic, Worker
 from statscope.storage import use_options
-from statscope.store import Layout, ProbeInfo, read_attrs
+from statscope.store import ProbeInfo
 from statscope.writer import check_path, check_scalar_name
-from statscope.writer_process import open_writer, resolve_mode
+from statscope.writer_process import resolve_mode
 
 __all__ = ["Recorder", "record", "STEP_MODES"]
 
-_in_backward = torch._C._current_graph_task_id
-_grad_enabled = torch.is_grad_enabled
 STEP_MODES = ("auto", "optimizer", "forward", "manual")
 _RESERVED_ATTRS = {S.ATTR_FORMAT, S.ATTR_STATUS, S.ATTR_N_STEPS, S.ATTR_LAST_STEP, S.ATTR_PROBES,
                    S.ATTR_LAYERS, S.ATTR_STATS, S.ATTR_SCALARS, S.ATTR_STEP_RULE}
@@ -87,7 +88,7 @@ def _positive_int(name: str, value: Any, least: int = 1) -> int:
     return value
 
 
-class Recorder:
+class Recorder(Lifecycle, Hooks, Steps):
     """Records per-step normalization statistics of a model into a run store.
 
     Use it through :func:`record`, which documents the arguments. As a context manager it removes
@@ -200,425 +201,6 @@ class Recorder:
         self.probe_seconds = 0.0
         self._t_start = 0.0
 
-    # -- life cycle ---------------------------------------------------------------------------
-
-    def __enter__(self) -> "Recorder":
-        return self.start()
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is None:
-            self.close()
-            return
-        try:
-            self.close(f"{exc_type.__name__}: {exc}")
-        except BaseException as close_exc:  # never replace the training error
-            exc.add_note(f"statscope: closing the run at {self.path!r} failed too: {close_exc!r}")
-
-    @property
-    def closed(self) -> bool:
-        return self._state == "closed"
-
-    @property
-    def _writer(self) -> Worker:
-        """The writer thread, which exists from :meth:`start` on."""
-        assert self._worker is not None, "the recorder was not started"
-        return self._worker
-
-    def start(self) -> "Recorder":
-        """Open the store (taking its lease), start the writer thread and attach the probes.
-
-        Raises:
-            StatscopeError: the recorder was started before.
-            StoreError: the store cannot be written (see :class:`~statscope.writer.RunWriter`).
-        """
-        if self._state != "new":
-            raise StatscopeError(f"start(): this recorder is already {self._state}; a recorder "
-                                 "records once: create a new one with record(...)")
-        if self.resume:
-            self._check_resumable()
-        known = [s for s, c in zip(self._static, self.captures) if c.channels is not None]
-        writer = open_writer(
-            self.path, Layout(tuple(s.record(c.channels) for s, c in
-                                    zip(self._static, self.captures) if c.channels is not None),
-                              tuple(s.name for s in self.statistics)),
-            attrs=self._start_attrs(), overwrite=self.overwrite, resume=self.resume,
-            chunk_steps=self.chunk_steps, flush_seconds=self.flush_seconds,
-            running0=_running0(known, self.captures), window_steps=self.window_steps,
-            mode=self._writer_mode)
-        self._state = "started"
-        try:
-            self._begin_at(writer.next_step)
-            filer = Filer(writer, self.captures, self._static, self.statistics, self.order,
-                          self.pool, self.streams)
-            self._worker = Worker(filer, self._take_idle, self.flush_seconds)
-            self._worker.start()
-            for cap in self.captures:
-                self._handles.append(attach(cap.target.module, self._make_hook(cap),
-                                            cap.target.where, self.mechanism))
-            # under torch.compile the step boundary is an operator at the top of the graph too
-            # (program order puts it before the probes'), unless a mask function must read
-            # every argument: then a graph break. Under step="manual" it only tells training
-            # forwards from others
-            self._handles.append(attach(self.root, self._make_root_hook(), "input",
-                                        self.mechanism, with_kwargs=self._mask_of is not None,
-                                        on_error=self._forward_raised))
-            if self._rule in ("undecided", "optimizer"):
-                self._params = {id(p) for p in self.root.parameters()}
-                self._handles.append(
-                    register_optimizer_step_post_hook(self._optimizer_hook))
-        except BaseException as exc:
-            self.close(f"start: {exc!r}")
-            raise
-        self._t_start = time.perf_counter()
-        self._last_dispatch = time.monotonic()
-        self._on = True
-        return self
-
-    def _begin_at(self, step: int) -> None:
-        """Count steps from ``step``; the first recorded one is the next multiple of every."""
-        self._step_no = step
-        self._skip = step % self.every != 0
-        self._block_start = -(-step // self.every) * self.every
-
-    def _start_attrs(self) -> dict:
-        attrs = {S.ATTR_MODEL: f"{type(self.root).__module__}.{type(self.root).__qualname__}",
-                 S.ATTR_META: self.meta, S.ATTR_COMMAND: " ".join(sys.argv),
-                 S.ATTR_RANK: self.rank, S.ATTR_WORLD_SIZE: self.world_size,
-                 S.ATTR_EVERY: self.every, **self._pending_attrs}
-        if self._rule != "undecided":
-            attrs[S.ATTR_STEP_RULE] = self._rule
-        return attrs
-
-    def _check_resumable(self) -> None:
-        attrs = read_attrs(self.path)
-        if attrs.get(S.ATTR_EVERY, 1) != self.every:
-            raise StoreError(f"path={self.path!r}: resume=True with every={self.every} but the "
-                             f"run records every {attrs.get(S.ATTR_EVERY, 1)} steps")
-        stored = attrs.get(S.ATTR_LAYERS, [])
-        names = {t.name for t in self.targets}
-        foreign = [n for n in stored if n not in names]
-        if foreign:
-            raise StoreError(f"path={self.path!r}: resume=True but the store has layers "
-                             f"{foreign} that this model's probes {sorted(names)} lack")
-
-    def close(self, error: str | None = None) -> None:
-        """Detach the probes, write what is buffered, mark the run and stop the writer thread.
-
-        Args:
-            error: why training stopped, if it failed; the run is then marked ``failed``.
-
-        Raises:
-            RecordingError: recording failed (e.g. the disk filled) while ``error`` is None; the
-                run is marked ``failed`` and every step committed before stays readable.
-        """
-        if self._state == "closed":
-            return
-        if self._state == "new":
-            self._state = "closed"
-            return
-        self._state = "closed"
-        self._on = False
-        problems: list[BaseException] = []
-        for h in reversed(self._handles):
-            try:
-                h.remove()
-            except BaseException as exc:
-                problems.append(exc)
-        self._handles.clear()
-        try:
-            with self._lock:
-                if self._failed is not None and error is None:
-                    # a forward that raised and that the loop went on from, as a next forward
-                    # would (closed by the error instead: kept, the batch it failed on)
-                    self._discard(self._failed)
-                if self._rule == "undecided":
-                    self._decide("forward")
-                if self._dirty or self._logged:
-                    self._end_step()
-                block = self._take_block() if self._slot else None
-            if block is not None and not self._writer.put(block):
-                self._give_back(block)
-        except BaseException as exc:  # e.g. the device error that ended training
-            problems.append(exc)
-        wall = time.perf_counter() - self._t_start
-        busy = max(wall - self.probe_seconds, 1e-9)
-        status = S.STATUS_FAILED if error or problems else S.STATUS_COMPLETED
-        reason = error or (f"closing: {problems[0]!r}" if problems else None)
-        attrs = {S.ATTR_PROBE_SECONDS: self.probe_seconds,
-                 S.ATTR_PROBE_OVERHEAD: self.probe_seconds / busy}
-        self._writer.put(Close(status, reason, attrs), force=True)
-        while not self._writer.join(timeout=1.0):
-            if not self._writer.alive:
-                break
-        self._emit()
-        failure = self._writer.failure or (problems[0] if problems else None)
-        if failure is not None and error is None:
-            raise RecordingError(f"path={self.path!r}: recording failed ({failure!r}); the run is "
-                                 "marked failed and keeps every step committed before") \
-                from failure
-
-    # -- hot path -----------------------------------------------------------------------------
-
-    def _make_hook(self, cap: Capture):
-        rec = self
-
-        def hook(module, args, output=None):
-            if not rec._on or rec._skip or not (module.training or rec.record_eval) \
-                    or _in_backward() != -1 or (rec._quiet and not _grad_enabled()):
-                return
-            t0 = time.perf_counter()
-            x = args[0] if output is None else output
-            if isinstance(x, (torch.Tensor, BatchStats)):
-                with rec._lock:
-                    if rec._slot >= rec.block_steps:  # a forward that bypassed the root
-                        rec._dispatch()
-                    cap.capture(x, rec._slot, rec._mask)
-                    rec._dirty = True
-                if x.device.type == "cuda":
-                    rec.streams.note(x.device)
-            rec.probe_seconds += time.perf_counter() - t0
-
-        if probe_path(cap.target, self.order, self.mechanism) == "batchnorm":
-            hook.batchnorm = self._make_batchnorm_hook(cap, hook)  # type: ignore[attr-defined]
-        if self.order <= 2:  # under torch.compile: moments computed in the graph
-            hook.moments = self._make_moments_hook(cap, hook)  # type: ignore[attr-defined]
-            hook.channel_dim = cap.target.channel_dim  # type: ignore[attr-defined]
-        return hook
-
-    def _make_batchnorm_hook(self, cap: Capture, hook):
-        """The probe that the BatchNorm fast path calls after a training-mode forward with the
-        statistics BatchNorm computed: ``hook`` with less Python, which is what this probe costs
-        a launch-bound training step (see :meth:`Capture.capture_bn`)."""
-        rec, lock, block_steps, perf_counter = self, self._lock, self.block_steps, time.perf_counter
-
-        def batchnorm_hook(module, x, mean, invstd):
-            if rec._skip or not rec._on or _in_backward() != -1 or (
-                    rec._quiet and not _grad_enabled()):
-                return
-            t0 = perf_counter()
-            with lock:
-                if rec._slot >= block_steps:  # a forward that bypassed the root
-                    rec._dispatch()
-                if rec._mask is None and cap.capture_bn(x, mean, invstd, module.eps, rec._slot):
-                    rec._dirty = True
-                    rec.probe_seconds += perf_counter() - t0
-                    return
-            hook(module, (BatchStats(x, mean, invstd, module.eps),))  # times itself
-
-        return batchnorm_hook
-
-    def _make_moments_hook(self, cap: Capture, hook):
-        """The probe that a compiled graph calls with the probed tensor's per-channel mean and
-        variance it computed (:mod:`statscope.probes.compiled`); ``hook`` where they cannot be
-        used (a mask, per-set statistics, an empty tensor, an offset too large for them)."""
-        rec, lock, block_steps, perf_counter = self, self._lock, self.block_steps, time.perf_counter
-
-        def moments_hook(module, x, packed):
-            if not rec._on or rec._skip or not (module.training or rec.record_eval) \
-                    or _in_backward() != -1 or (rec._quiet and not _grad_enabled()):
-                return
-            t0 = perf_counter()
-            with lock:
-                if rec._slot >= block_steps:  # a forward that bypassed the root
-                    rec._dispatch()
-                if rec._mask is None and cap.capture_moments(x, packed, rec._slot):
-                    rec._dirty = True
-                    rec.probe_seconds += perf_counter() - t0
-                    return
-            hook(module, (x,))  # times itself
-
-        return moments_hook
-
-    def _make_root_hook(self):
-        """The probe at the top of the model's forward: :meth:`_root_hook` with the grad mode
-        the forward runs in. In a compiled graph, which runs without autograd whatever its
-        caller's mode, the mode is the one dynamo traced in (it guards on it): the operator
-        calls ``by_grad_mode[mode]`` (:func:`statscope.probes.compiled.observer`)."""
-        root = self._root_hook
-
-        def root_hook(module, args, kwargs=None):
-            root(module, args, kwargs, _grad_enabled())
-
-        root_hook.by_grad_mode = {  # type: ignore[attr-defined]
-            mode: lambda module, args, mode=mode: root(module, args, None, mode)
-            for mode in (True, False)}
-        return root_hook
-
-    def _root_hook(self, module, args, kwargs, grad: bool):
-        # A training forward: the model's, or one of a probed layer (``model.eval()`` then
-        # ``model.head.train()``: fine-tuning with a frozen backbone), with autograd on
-        self._quiet = not grad and not self.record_eval
-        if not self._on or self._quiet or not (module.training or self.record_eval or any(
-                t.module.training for t in self.targets)) or _in_backward() != -1:
-            self._open = None
-            return
-        if self._rule == "manual":  # rec.step() ends steps
-            if self._mask_of is not None and not self._dirty:  # the step's first forward
-                with self._lock:
-                    self._mask = self._mask_of(args, kwargs or {})
-            return
-        t0 = time.perf_counter()
-        with self._lock:
-            if self._failed is not None:
-                self._discard(self._failed)
-            # a step's first training forward ends the step before (under "optimizer" only
-            # once the optimizer stepped: the forwards between are micro-batches)
-            if self._dirty and self._rule == "optimizer" and not self._pending_end:
-                self._forwards += 1  # another micro-batch of the same optimizer step
-                slot = self._slot
-                self._open = (slot, self._step_no, False,
-                              [cap.count[slot] for cap in self.captures])
-            else:
-                if self._dirty:
-                    self._end_step()
-                self._maybe_dispatch()
-                self._dirty = True
-                self._forwards = 1
-                self._open = (self._slot, self._step_no, True, None)
-                if self._mask_of is not None:  # the step's first forward
-                    self._mask = self._mask_of(args, kwargs or {})
-        self.probe_seconds += time.perf_counter() - t0
-        if self._say or self._worker.notices:
-            self._emit()
-
-    def _forward_raised(self) -> None:
-        """The model's forward raised (an out-of-memory batch that the loop skips, a bad
-        sample): what its layers captured is not a step's. The next training forward, or
-        closing without an error, discards it, so a run that goes on records no layer from a
-        batch that never finished; a run that this error ends keeps it (the batch it failed
-        on)."""
-        with self._lock:
-            self._failed, self._open = self._open, None
-
-    def _discard(self, failed: tuple) -> None:
-        self._failed = None
-        slot, step_no, began, had = failed
-        if step_no != self._step_no or not self._dirty:
-            return  # the step ended since
-        for i, cap in enumerate(self.captures):
-            if had is None or not had[i]:
-                cap.forget(slot)
-        if began:
-            self._dirty, self._pending_end, self._forwards = False, False, 0
-        else:
-            self._forwards -= 1
-
-    def _end_step(self) -> None:
-        if self._rule == "optimizer":
-            if self._first_forwards is None:
-                self._first_forwards = self._forwards
-            elif self._forwards != self._first_forwards and self._first_forwards > 0:
-                self._say.append(Notice(
-                    f"statscope: forwards per optimizer step vary ({self._first_forwards} at the "
-                    f"first step, {self._forwards} at step {self.current_step}); the first "
-                    "forward of each step is recorded", StatscopeWarning))
-                self._first_forwards = 0  # warned once
-        if not self._skip:
-            self._slot += 1
-        self._step_no += 1
-        self._skip = self._step_no % self.every != 0
-        self._mask, self._next_mask = self._next_mask, None
-        self._dirty = self._logged = False
-        self._pending_end = False
-        self.streams.remember()
-
-    def _maybe_dispatch(self) -> None:
-        if self._rule == "undecided":
-            if self._slot < self.block_steps:
-                return  # a gradient-accumulation run may still show its first optimizer step
-            self._decide("forward")
-        if self._slot >= self.block_steps or (
-                self._slot and time.monotonic() - self._last_dispatch >= self.flush_seconds):
-            self._dispatch()
-
-    def _optimizer_hook(self, optimizer, args, kwargs) -> None:
-        if not self._on or not self._holds_params(optimizer):
-            return
-        with self._lock:
-            if self._rule == "undecided":
-                self._decide("optimizer")
-            if self._rule == "optimizer" and self._dirty:
-                self._pending_end = True
-
-    def _holds_params(self, optimizer) -> bool:
-        known = self._holds.get(id(optimizer))
-        if known is not None and known[0]() is optimizer:
-            return known[1]
-        held = any(id(p) in self._params for g in optimizer.param_groups for p in g["params"])
-        self._holds[id(optimizer)] = (weakref.ref(optimizer), held)
-        return held
-
-    def _decide(self, rule: str) -> None:
-        """Fix the step rule of ``step="auto"``; the forwards so far were one optimizer step's."""
-        if rule == "optimizer" and self._step_no > self._block_start:
-            forwards = self._step_no - self._block_start + (1 if self._dirty else 0)
-            for cap in self.captures:
-                cap.rewind(1)
-            self._scalars = {k: [(s, v) for s, v in vs if s == 0] for k, vs in self._scalars.items()}
-            self._begin_at(self._block_start)
-            self._slot, self._dirty, self._forwards = 0, True, forwards
-        self._rule = rule
-        self._put(Attrs({S.ATTR_STEP_RULE: rule}))
-
-    def _take_block(self) -> Block:
-        n = self._slot
-        block = Block(self._block_start, n, tuple(cap.take_block(n) for cap in self.captures),
-                      self._scalars, self.streams.mark(), stride=self.every)
-        self._scalars = {}
-        self._block_start += n * self.every
-        self._slot = 0
-        self._last_dispatch = time.monotonic()
-        return block
-
-    def _dispatch(self) -> None:
-        block = self._take_block()
-        if not self._put(block):
-            self._give_back(block)
-
-    def _put(self, msg) -> bool:
-        if self._writer.put(msg):
-            return True
-        self._say.append(Notice(f"statscope: recording into {self.path!r} stopped: the writer "
-                                f"failed ({self._writer.failure!r}); training goes on",
-                                StatscopeWarning))
-        if self.on_error == "raise":
-            raise RecordingError(f"path={self.path!r}: recording failed "
-                                 f"({self._writer.failure!r})") from self._writer.failure
-        self._on = False
-        return False
-
-    def _give_back(self, block: Block) -> None:
-        for pair in block.buffers():
-            self.pool.give(pair)
-
-    def _take_idle(self) -> Block | None:
-        """On the writer thread: the steps that ended since the last block, read in place."""
-        if not self._lock.acquire(timeout=0.05):
-            return None  # the training thread is busy: it is not idle
-        try:
-            if not self._on or self._rule == "undecided" or not self._slot \
-                    or not self._writer.queue.empty():
-                return None
-            n = self._slot
-            scalars = {k: [(s, v) for s, v in vs if s < n] for k, vs in self._scalars.items()}
-            self._scalars = {k: [(s, v) for s, v in vs if s >= n]
-                             for k, vs in self._scalars.items()}
-            return Block(self._block_start, n, tuple(cap.peek(n) for cap in self.captures),
-                         {k: v for k, v in scalars.items() if v},
-                         self.streams.mark(remembered=True), owned=False, stride=self.every)
-        finally:
-            self._lock.release()
-
-    def _emit(self) -> None:
-        """Emit, on this (the training) thread, the warnings both threads collected."""
-        notices = self._say
-        self._say = []
-        if self._worker is not None:
-            while self._worker.notices:
-                notices.append(self._worker.notices.popleft())
-        for n in notices:
-            warnings.warn(n.message, n.category, stacklevel=3)
-
     # -- public per-step API ------------------------------------------------------------------
 
     @property
@@ -720,18 +302,6 @@ def _running_buffers(t: Target):
         return "lazy"  # materialized at the first forward, as zeros and ones
     return (mean.detach().float().cpu().numpy().reshape(-1).copy(),
             var.detach().float().cpu().numpy().reshape(-1).copy())
-
-
-def _running0(static, captures) -> dict | None:
-    if not any(s.running0 is not None for s in static):
-        return None
-    mean, var = [], []
-    for s in static:
-        c = s.info.channels
-        r0 = s.running0 if isinstance(s.running0, tuple) and len(s.running0[0]) == c else None
-        mean.append(r0[0] if r0 else np.full(c, np.nan, np.float32))
-        var.append(r0[1] if r0 else np.full(c, np.nan, np.float32))
-    return {S.RUNNING_MEAN0: np.concatenate(mean), S.RUNNING_VAR0: np.concatenate(var)}
 
 
 def record(model: nn.Module, path, **kwargs: Any) -> Recorder:

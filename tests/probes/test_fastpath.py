@@ -69,7 +69,9 @@ def run(case, tmp_path, name, fast=True, monkeypatch=None, steps=6, **kw):
     seen = []
     model.bn.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double()))
     if not fast:
-        monkeypatch.setattr("statscope.probes.recorder.probe_path", lambda *a: "generic")
+        # the path the run records (recorder) and the hook the probe gets (hooks)
+        for module in ("recorder", "hooks"):
+            monkeypatch.setattr(f"statscope.probes.{module}.probe_path", lambda *a: "generic")
     with statscope.record(model, tmp_path / name, layers="bn", block_steps=4, **kw):
         for x in inputs(shape, steps, fmt, dtype):
             with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):

@@ -1,0 +1,185 @@
+"""The recorder's probes: the functions torch calls while the model trains.
+
+:class:`Hooks` is a part of :class:`~statscope.probes.recorder.Recorder` (a mixin; the state
+it reads and writes is set up in ``Recorder.__init__``). It makes the hook of each probed tensor
+(with the BatchNorm fast path's and the compiled graph's variants of it), the hook on the root
+module's forward that ends the step before when a step's first training forward begins, and the
+hook torch calls after every optimizer step. These are the hot path: each call is timed into
+``Recorder.probe_seconds``, does no host-device synchronisation and holds ``Recorder._lock`` for
+a few microseconds. What a step's end does is :mod:`statscope.probes.steps`.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import torch
+
+from statscope.probes.capture import Capture
+from statscope.probes.fastpath import BatchStats, probe_path
+
+__all__ = ["Hooks"]
+
+_in_backward = torch._C._current_graph_task_id
+_grad_enabled = torch.is_grad_enabled
+
+
+class Hooks:
+    """The probes of a :class:`~statscope.probes.recorder.Recorder` (a mixin)."""
+
+    # Set up in Recorder.__init__. Declared here for type checkers, which would otherwise infer
+    # them from this class's own assignments and find Recorder's at odds with those.
+    _dirty: bool
+    _pending_end: bool
+    _forwards: int
+
+    # -- hot path -----------------------------------------------------------------------------
+
+    def _make_hook(self, cap: Capture):
+        rec = self
+
+        def hook(module, args, output=None):
+            if not rec._on or rec._skip or not (module.training or rec.record_eval) \
+                    or _in_backward() != -1 or (rec._quiet and not _grad_enabled()):
+                return
+            t0 = time.perf_counter()
+            x = args[0] if output is None else output
+            if isinstance(x, (torch.Tensor, BatchStats)):
+                with rec._lock:
+                    if rec._slot >= rec.block_steps:  # a forward that bypassed the root
+                        rec._dispatch()
+                    cap.capture(x, rec._slot, rec._mask)
+                    rec._dirty = True
+                if x.device.type == "cuda":
+                    rec.streams.note(x.device)
+            rec.probe_seconds += time.perf_counter() - t0
+
+        if probe_path(cap.target, self.order, self.mechanism) == "batchnorm":
+            hook.batchnorm = self._make_batchnorm_hook(cap, hook)  # type: ignore[attr-defined]
+        if self.order <= 2:  # under torch.compile: moments computed in the graph
+            hook.moments = self._make_moments_hook(cap, hook)  # type: ignore[attr-defined]
+            hook.channel_dim = cap.target.channel_dim  # type: ignore[attr-defined]
+        return hook
+
+    def _make_batchnorm_hook(self, cap: Capture, hook):
+        """The probe that the BatchNorm fast path calls after a training-mode forward with the
+        statistics BatchNorm computed: ``hook`` with less Python, which is what this probe costs
+        a launch-bound training step (see :meth:`Capture.capture_bn`)."""
+        rec, lock, block_steps, perf_counter = self, self._lock, self.block_steps, time.perf_counter
+
+        def batchnorm_hook(module, x, mean, invstd):
+            if rec._skip or not rec._on or _in_backward() != -1 or (
+                    rec._quiet and not _grad_enabled()):
+                return
+            t0 = perf_counter()
+            with lock:
+                if rec._slot >= block_steps:  # a forward that bypassed the root
+                    rec._dispatch()
+                if rec._mask is None and cap.capture_bn(x, mean, invstd, module.eps, rec._slot):
+                    rec._dirty = True
+                    rec.probe_seconds += perf_counter() - t0
+                    return
+            hook(module, (BatchStats(x, mean, invstd, module.eps),))  # times itself
+
+        return batchnorm_hook
+
+    def _make_moments_hook(self, cap: Capture, hook):
+        """The probe that a compiled graph calls with the probed tensor's per-channel mean and
+        variance it computed (:mod:`statscope.probes.compiled`); ``hook`` where they cannot be
+        used (a mask, per-set statistics, an empty tensor, an offset too large for them)."""
+        rec, lock, block_steps, perf_counter = self, self._lock, self.block_steps, time.perf_counter
+
+        def moments_hook(module, x, packed):
+            if not rec._on or rec._skip or not (module.training or rec.record_eval) \
+                    or _in_backward() != -1 or (rec._quiet and not _grad_enabled()):
+                return
+            t0 = perf_counter()
+            with lock:
+                if rec._slot >= block_steps:  # a forward that bypassed the root
+                    rec._dispatch()
+                if rec._mask is None and cap.capture_moments(x, packed, rec._slot):
+                    rec._dirty = True
+                    rec.probe_seconds += perf_counter() - t0
+                    return
+            hook(module, (x,))  # times itself
+
+        return moments_hook
+
+    def _make_root_hook(self):
+        """The probe at the top of the model's forward: :meth:`_root_hook` with the grad mode
+        the forward runs in. In a compiled graph, which runs without autograd whatever its
+        caller's mode, the mode is the one dynamo traced in (it guards on it): the operator
+        calls ``by_grad_mode[mode]`` (:func:`statscope.probes.compiled.observer`)."""
+        root = self._root_hook
+
+        def root_hook(module, args, kwargs=None):
+            root(module, args, kwargs, _grad_enabled())
+
+        root_hook.by_grad_mode = {  # type: ignore[attr-defined]
+            mode: lambda module, args, mode=mode: root(module, args, None, mode)
+            for mode in (True, False)}
+        return root_hook
+
+    def _root_hook(self, module, args, kwargs, grad: bool):
+        # A training forward: the model's, or one of a probed layer (``model.eval()`` then
+        # ``model.head.train()``: fine-tuning with a frozen backbone), with autograd on
+        self._quiet = not grad and not self.record_eval
+        if not self._on or self._quiet or not (module.training or self.record_eval or any(
+                t.module.training for t in self.targets)) or _in_backward() != -1:
+            self._open = None
+            return
+        if self._rule == "manual":  # rec.step() ends steps
+            if self._mask_of is not None and not self._dirty:  # the step's first forward
+                with self._lock:
+                    self._mask = self._mask_of(args, kwargs or {})
+            return
+        t0 = time.perf_counter()
+        with self._lock:
+            if self._failed is not None:
+                self._discard(self._failed)
+            # a step's first training forward ends the step before (under "optimizer" only
+            # once the optimizer stepped: the forwards between are micro-batches)
+            if self._dirty and self._rule == "optimizer" and not self._pending_end:
+                self._forwards += 1  # another micro-batch of the same optimizer step
+                slot = self._slot
+                self._open = (slot, self._step_no, False,
+                              [cap.count[slot] for cap in self.captures])
+            else:
+                if self._dirty:
+                    self._end_step()
+                self._maybe_dispatch()
+                self._dirty = True
+                self._forwards = 1
+                self._open = (self._slot, self._step_no, True, None)
+                if self._mask_of is not None:  # the step's first forward
+                    self._mask = self._mask_of(args, kwargs or {})
+        self.probe_seconds += time.perf_counter() - t0
+        if self._say or self._worker.notices:
+            self._emit()
+
+    def _forward_raised(self) -> None:
+        """The model's forward raised (an out-of-memory batch that the loop skips, a bad
+        sample): what its layers captured is not a step's. The next training forward, or
+        closing without an error, discards it, so a run that goes on records no layer from a
+        batch that never finished; a run that this error ends keeps it (the batch it failed
+        on)."""
+        with self._lock:
+            self._failed, self._open = self._open, None
+
+    def _optimizer_hook(self, optimizer, args, kwargs) -> None:
+        if not self._on or not self._holds_params(optimizer):
+            return
+        with self._lock:
+            if self._rule == "undecided":
+                self._decide("optimizer")
+            if self._rule == "optimizer" and self._dirty:
+                self._pending_end = True
+
+    def _holds_params(self, optimizer) -> bool:
+        known = self._holds.get(id(optimizer))
+        if known is not None and known[0]() is optimizer:
+            return known[1]
+        held = any(id(p) in self._params for g in optimizer.param_groups for p in g["params"])
+        self._holds[id(optimizer)] = (weakref.ref(optimizer), held)
+        return held

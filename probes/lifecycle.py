@@ -1,0 +1,200 @@
+"""The recorder's life cycle: start (open the store, start the writer thread, attach the
+probes) and close (detach them, hand over the last block, mark the run).
+
+:class:`Lifecycle` is a part of :class:`~statscope.probes.recorder.Recorder` (a mixin; the state
+it reads and writes is set up in ``Recorder.__init__``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from statscope import schema as S
+from statscope.errors import RecordingError, StatscopeError, StoreError
+from statscope.probes.attach import attach
+from statscope.probes.worker import Close, Filer, Worker
+from statscope.store import Layout, read_attrs
+from statscope.writer_process import open_writer
+
+if TYPE_CHECKING:
+    from statscope.probes.recorder import Recorder
+
+__all__ = ["Lifecycle"]
+
+
+class Lifecycle:
+    """Starting and closing a :class:`~statscope.probes.recorder.Recorder` (a mixin)."""
+
+    # Set up in Recorder.__init__. Declared here for type checkers, which would otherwise infer
+    # them from this class's own assignments and find Recorder's at odds with those.
+    _on: bool
+    _last_dispatch: float
+    _worker: Worker | None
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> "Recorder":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close(f"{exc_type.__name__}: {exc}")
+        except BaseException as close_exc:  # never replace the training error
+            exc.add_note(f"statscope: closing the run at {self.path!r} failed too: {close_exc!r}")
+
+    @property
+    def closed(self) -> bool:
+        return self._state == "closed"
+
+    @property
+    def _writer(self) -> Worker:
+        """The writer thread, which exists from :meth:`start` on."""
+        assert self._worker is not None, "the recorder was not started"
+        return self._worker
+
+    def start(self) -> "Recorder":
+        """Open the store (taking its lease), start the writer thread and attach the probes.
+
+        Raises:
+            StatscopeError: the recorder was started before.
+            StoreError: the store cannot be written (see :class:`~statscope.writer.RunWriter`).
+        """
+        if self._state != "new":
+            raise StatscopeError(f"start(): this recorder is already {self._state}; a recorder "
+                                 "records once: create a new one with record(...)")
+        if self.resume:
+            self._check_resumable()
+        known = [s for s, c in zip(self._static, self.captures) if c.channels is not None]
+        writer = open_writer(
+            self.path, Layout(tuple(s.record(c.channels) for s, c in
+                                    zip(self._static, self.captures) if c.channels is not None),
+                              tuple(s.name for s in self.statistics)),
+            attrs=self._start_attrs(), overwrite=self.overwrite, resume=self.resume,
+            chunk_steps=self.chunk_steps, flush_seconds=self.flush_seconds,
+            running0=_running0(known, self.captures), window_steps=self.window_steps,
+            mode=self._writer_mode)
+        self._state = "started"
+        try:
+            self._begin_at(writer.next_step)
+            filer = Filer(writer, self.captures, self._static, self.statistics, self.order,
+                          self.pool, self.streams)
+            self._worker = Worker(filer, self._take_idle, self.flush_seconds)
+            self._worker.start()
+            for cap in self.captures:
+                self._handles.append(attach(cap.target.module, self._make_hook(cap),
+                                            cap.target.where, self.mechanism))
+            # under torch.compile the step boundary is an operator at the top of the graph too
+            # (program order puts it before the probes'), unless a mask function must read
+            # every argument: then a graph break. Under step="manual" it only tells training
+            # forwards from others
+            self._handles.append(attach(self.root, self._make_root_hook(), "input",
+                                        self.mechanism, with_kwargs=self._mask_of is not None,
+                                        on_error=self._forward_raised))
+            if self._rule in ("undecided", "optimizer"):
+                self._params = {id(p) for p in self.root.parameters()}
+                self._handles.append(
+                    register_optimizer_step_post_hook(self._optimizer_hook))
+        except BaseException as exc:
+            self.close(f"start: {exc!r}")
+            raise
+        self._t_start = time.perf_counter()
+        self._last_dispatch = time.monotonic()
+        self._on = True
+        return self
+
+    def _start_attrs(self) -> dict:
+        attrs = {S.ATTR_MODEL: f"{type(self.root).__module__}.{type(self.root).__qualname__}",
+                 S.ATTR_META: self.meta, S.ATTR_COMMAND: " ".join(sys.argv),
+                 S.ATTR_RANK: self.rank, S.ATTR_WORLD_SIZE: self.world_size,
+                 S.ATTR_EVERY: self.every, **self._pending_attrs}
+        if self._rule != "undecided":
+            attrs[S.ATTR_STEP_RULE] = self._rule
+        return attrs
+
+    def _check_resumable(self) -> None:
+        attrs = read_attrs(self.path)
+        if attrs.get(S.ATTR_EVERY, 1) != self.every:
+            raise StoreError(f"path={self.path!r}: resume=True with every={self.every} but the "
+                             f"run records every {attrs.get(S.ATTR_EVERY, 1)} steps")
+        stored = attrs.get(S.ATTR_LAYERS, [])
+        names = {t.name for t in self.targets}
+        foreign = [n for n in stored if n not in names]
+        if foreign:
+            raise StoreError(f"path={self.path!r}: resume=True but the store has layers "
+                             f"{foreign} that this model's probes {sorted(names)} lack")
+
+    def close(self, error: str | None = None) -> None:
+        """Detach the probes, write what is buffered, mark the run and stop the writer thread.
+
+        Args:
+            error: why training stopped, if it failed; the run is then marked ``failed``.
+
+        Raises:
+            RecordingError: recording failed (e.g. the disk filled) while ``error`` is None; the
+                run is marked ``failed`` and every step committed before stays readable.
+        """
+        if self._state == "closed":
+            return
+        if self._state == "new":
+            self._state = "closed"
+            return
+        self._state = "closed"
+        self._on = False
+        problems: list[BaseException] = []
+        for h in reversed(self._handles):
+            try:
+                h.remove()
+            except BaseException as exc:
+                problems.append(exc)
+        self._handles.clear()
+        try:
+            with self._lock:
+                if self._failed is not None and error is None:
+                    # a forward that raised and that the loop went on from, as a next forward
+                    # would (closed by the error instead: kept, the batch it failed on)
+                    self._discard(self._failed)
+                if self._rule == "undecided":
+                    self._decide("forward")
+                if self._dirty or self._logged:
+                    self._end_step()
+                block = self._take_block() if self._slot else None
+            if block is not None and not self._writer.put(block):
+                self._give_back(block)
+        except BaseException as exc:  # e.g. the device error that ended training
+            problems.append(exc)
+        wall = time.perf_counter() - self._t_start
+        busy = max(wall - self.probe_seconds, 1e-9)
+        status = S.STATUS_FAILED if error or problems else S.STATUS_COMPLETED
+        reason = error or (f"closing: {problems[0]!r}" if problems else None)
+        attrs = {S.ATTR_PROBE_SECONDS: self.probe_seconds,
+                 S.ATTR_PROBE_OVERHEAD: self.probe_seconds / busy}
+        self._writer.put(Close(status, reason, attrs), force=True)
+        while not self._writer.join(timeout=1.0):
+            if not self._writer.alive:
+                break
+        self._emit()
+        failure = self._writer.failure or (problems[0] if problems else None)
+        if failure is not None and error is None:
+            raise RecordingError(f"path={self.path!r}: recording failed ({failure!r}); the run is "
+                                 "marked failed and keeps every step committed before") \
+                from failure
+
+
+def _running0(static, captures) -> dict | None:
+    if not any(s.running0 is not None for s in static):
+        return None
+    mean, var = [], []
+    for s in static:
+        c = s.info.channels
+        r0 = s.running0 if isinstance(s.running0, tuple) and len(s.running0[0]) == c else None
+        mean.append(r0[0] if r0 else np.full(c, np.nan, np.float32))
+        var.append(r0[1] if r0 else np.full(c, np.nan, np.float32))
+    return {S.RUNNING_MEAN0: np.concatenate(mean), S.RUNNING_VAR0: np.concatenate(var)}

@@ -1,0 +1,161 @@
+"""The recorder's steps and blocks: where a step ends, and blocks handed to the writer thread.
+
+:class:`Steps` is a part of :class:`~statscope.probes.recorder.Recorder` (a mixin; the state it
+reads and writes is set up in ``Recorder.__init__``). The probes (:mod:`statscope.probes.hooks`)
+call it, holding ``Recorder._lock``: it ends a step (the next row of the block, or none when
+``every`` skips the step), fixes the step rule of ``step="auto"``, and hands a full block, or one
+whose first step has waited ``flush_seconds``, to the writer thread
+(:mod:`statscope.probes.worker`). The writer thread calls :meth:`Steps._take_idle` to read the
+steps that ended while training is idle.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import TYPE_CHECKING
+
+from statscope import schema as S
+from statscope.errors import RecordingError, StatscopeWarning
+from statscope.probes.block import Block
+from statscope.probes.worker import Attrs, Notice
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Steps"]
+
+
+class Steps:
+    """The step boundary and the block hand-over of a
+    :class:`~statscope.probes.recorder.Recorder` (a mixin)."""
+
+    # Set up in Recorder.__init__. Declared here for type checkers, which would otherwise infer
+    # them from this class's own assignments and find Recorder's at odds with those.
+    _on: bool
+    _dirty: bool
+    _pending_end: bool
+    _forwards: int
+    _first_forwards: int | None
+    _failed: tuple | None
+    _mask: torch.Tensor | None
+    _next_mask: torch.Tensor | None
+    _last_dispatch: float
+
+    def _begin_at(self, step: int) -> None:
+        """Count steps from ``step``; the first recorded one is the next multiple of every."""
+        self._step_no = step
+        self._skip = step % self.every != 0
+        self._block_start = -(-step // self.every) * self.every
+
+    def _discard(self, failed: tuple) -> None:
+        self._failed = None
+        slot, step_no, began, had = failed
+        if step_no != self._step_no or not self._dirty:
+            return  # the step ended since
+        for i, cap in enumerate(self.captures):
+            if had is None or not had[i]:
+                cap.forget(slot)
+        if began:
+            self._dirty, self._pending_end, self._forwards = False, False, 0
+        else:
+            self._forwards -= 1
+
+    def _end_step(self) -> None:
+        if self._rule == "optimizer":
+            if self._first_forwards is None:
+                self._first_forwards = self._forwards
+            elif self._forwards != self._first_forwards and self._first_forwards > 0:
+                self._say.append(Notice(
+                    f"statscope: forwards per optimizer step vary ({self._first_forwards} at the "
+                    f"first step, {self._forwards} at step {self.current_step}); the first "
+                    "forward of each step is recorded", StatscopeWarning))
+                self._first_forwards = 0  # warned once
+        if not self._skip:
+            self._slot += 1
+        self._step_no += 1
+        self._skip = self._step_no % self.every != 0
+        self._mask, self._next_mask = self._next_mask, None
+        self._dirty = self._logged = False
+        self._pending_end = False
+        self.streams.remember()
+
+    def _maybe_dispatch(self) -> None:
+        if self._rule == "undecided":
+            if self._slot < self.block_steps:
+                return  # a gradient-accumulation run may still show its first optimizer step
+            self._decide("forward")
+        if self._slot >= self.block_steps or (
+                self._slot and time.monotonic() - self._last_dispatch >= self.flush_seconds):
+            self._dispatch()
+
+    def _decide(self, rule: str) -> None:
+        """Fix the step rule of ``step="auto"``; the forwards so far were one optimizer step's."""
+        if rule == "optimizer" and self._step_no > self._block_start:
+            forwards = self._step_no - self._block_start + (1 if self._dirty else 0)
+            for cap in self.captures:
+                cap.rewind(1)
+            self._scalars = {k: [(s, v) for s, v in vs if s == 0] for k, vs in self._scalars.items()}
+            self._begin_at(self._block_start)
+            self._slot, self._dirty, self._forwards = 0, True, forwards
+        self._rule = rule
+        self._put(Attrs({S.ATTR_STEP_RULE: rule}))
+
+    def _take_block(self) -> Block:
+        n = self._slot
+        block = Block(self._block_start, n, tuple(cap.take_block(n) for cap in self.captures),
+                      self._scalars, self.streams.mark(), stride=self.every)
+        self._scalars = {}
+        self._block_start += n * self.every
+        self._slot = 0
+        self._last_dispatch = time.monotonic()
+        return block
+
+    def _dispatch(self) -> None:
+        block = self._take_block()
+        if not self._put(block):
+            self._give_back(block)
+
+    def _put(self, msg) -> bool:
+        if self._writer.put(msg):
+            return True
+        self._say.append(Notice(f"statscope: recording into {self.path!r} stopped: the writer "
+                                f"failed ({self._writer.failure!r}); training goes on",
+                                StatscopeWarning))
+        if self.on_error == "raise":
+            raise RecordingError(f"path={self.path!r}: recording failed "
+                                 f"({self._writer.failure!r})") from self._writer.failure
+        self._on = False
+        return False
+
+    def _give_back(self, block: Block) -> None:
+        for pair in block.buffers():
+            self.pool.give(pair)
+
+    def _take_idle(self) -> Block | None:
+        """On the writer thread: the steps that ended since the last block, read in place."""
+        if not self._lock.acquire(timeout=0.05):
+            return None  # the training thread is busy: it is not idle
+        try:
+            if not self._on or self._rule == "undecided" or not self._slot \
+                    or not self._writer.queue.empty():
+                return None
+            n = self._slot
+            scalars = {k: [(s, v) for s, v in vs if s < n] for k, vs in self._scalars.items()}
+            self._scalars = {k: [(s, v) for s, v in vs if s >= n]
+                             for k, vs in self._scalars.items()}
+            return Block(self._block_start, n, tuple(cap.peek(n) for cap in self.captures),
+                         {k: v for k, v in scalars.items() if v},
+                         self.streams.mark(remembered=True), owned=False, stride=self.every)
+        finally:
+            self._lock.release()
+
+    def _emit(self) -> None:
+        """Emit, on this (the training) thread, the warnings both threads collected."""
+        notices = self._say
+        self._say = []
+        if self._worker is not None:
+            while self._worker.notices:
+                notices.append(self._worker.notices.popleft())
+        for n in notices:
+            warnings.warn(n.message, n.category, stacklevel=3)
