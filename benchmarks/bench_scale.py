@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-import statscope.writer as W
+import statscope.writer_arrays as W
 from statscope.store import Layout, ProbeInfo
 from statscope.writer import RunWriter
 

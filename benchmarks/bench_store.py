@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import numpy as np
 
 import statscope
-import statscope.writer as W
+import statscope.writer_arrays as W
 from statscope.store import Layout, ProbeInfo
 from statscope.writer import RunWriter
 
@@ -34,7 +34,7 @@ from statscope.writer import RunWriter
 @contextmanager
 def configuration(name: str):
     """Patch the writer to store arrays as ``name`` says (benchmark only)."""
-    codecs, create = W._codecs, W.RunWriter._new_array
+    codecs, create = W._codecs, RunWriter._new_array
 
     def no_crc():
         from zarr.codecs import BloscCodec
@@ -53,10 +53,10 @@ def configuration(name: str):
         if name == "no crc32c":
             W._codecs = no_crc
         elif name == "format 1 layout":
-            W.RunWriter._new_array = unsharded
+            RunWriter._new_array = unsharded
         yield
     finally:
-        W._codecs, W.RunWriter._new_array = codecs, create
+        W._codecs, RunWriter._new_array = codecs, create
 
 
 def write(path: str, steps: int, neurons: int, rng) -> float:
