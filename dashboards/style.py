@@ -174,7 +174,7 @@ def empty_figure(message: str, *, height: int = 360) -> go.Figure:
 
 def header_height(notes: Sequence[str] = ()) -> int:
     """Pixels that :func:`header` needs above the panels: title, one line per note, legend."""
-    return 62 + 17 * len(notes)
+    return 68 + 17 * len(notes)
 
 
 def header(text: str, notes: Sequence[str] = (), *, height: int) -> dict:
@@ -189,8 +189,10 @@ def header(text: str, notes: Sequence[str] = (), *, height: int) -> dict:
     if notes:
         text += "".join(f"<br><span style='font-size:12px;color:#8a5a00'>{n}</span>"
                         for n in notes)
-    top = 8 + 22 + 17 * len(notes)
+    # the title's top 14 px down: plotly's top anchor leaves a 15 px title's ascenders ~5 px
+    # above the point, which at 8 px clipped them at the figure's edge
+    top = 14 + 22 + 17 * len(notes)
     return {"title": {"text": text, "font": {"size": 15}, "x": 0.01, "xanchor": "left",
-                      "y": 1 - 8 / height, "yanchor": "top", "yref": "container"},
+                      "y": 1 - 14 / height, "yanchor": "top", "yref": "container"},
             "legend": {"orientation": "h", "x": 0, "xanchor": "left", "y": 1 - top / height,
                        "yanchor": "top", "yref": "container", "bgcolor": "rgba(255,255,255,0)"}}
