@@ -375,15 +375,13 @@ def _run_rows(w, config: str, small: bool, confidence, n_boot, block, seed) -> l
     count = np.asarray(data[S.COUNT].values) > 0
     steps = int(count.any(axis=1).sum())  # of the window, where any layer ran
     layer_of = np.asarray(data[S.LAYER].values)
-    ran = {layer: _ran(int(count[:, layer_of == layer].any(axis=1).sum()), steps)
-           for layer in names}
+    ran = {layer: int(count[:, layer_of == layer].any(axis=1).sum()) for layer in names}
     for k, (claim, layer, stat, caveat) in enumerate(specs):
-        note = _why(claim, iv.notes[k], data, layer) if iv.notes[k] else ""
-        if ran[layer].startswith("not evaluable"):
-            note = ran[layer]
-        note = "; ".join(n for n in (caveat, ran[layer] if note != ran[layer] else "", note) if n)
+        evaluable = ran[layer] >= MIN_EFFECTIVE
+        why = _why(claim, iv.notes[k], data, layer) if iv.notes[k] and evaluable else ""
+        note = "; ".join(n for n in (caveat, _ran(ran[layer], steps), why) if n)
         est, lo, hi, p = (float(v[k]) for v in (iv.estimate, iv.lower, iv.upper, iv.p_value))
-        if ran[layer].startswith("not evaluable"):
+        if not evaluable:
             est = lo = hi = p = np.nan
         rows.append(ClaimRow(claim, w.name, layer, stat, est, lo, hi, p, INCONCLUSIVE, note,
                              config=config, seed=run_seed, block=int(iv.block[k]),

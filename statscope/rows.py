@@ -22,8 +22,8 @@ from statscope import schema as S
 from statscope.layout import Layout
 
 __all__ = ["Moments", "Rows", "Gathered", "ProbePart", "EntryJob", "BUILTIN", "compute_rows",
-           "file_columns", "jobs_moments", "mean_needs_sum", "near_eps", "far_mean", "Advice", "group_moments",
-           "FLOAT32_MEAN_RATIO", "NEAR_EPS"]
+           "file_columns", "jobs_moments", "mean_needs_sum", "near_eps", "far_mean", "Advice",
+           "group_moments", "FLOAT32_MEAN_RATIO", "NEAR_EPS", "FAR_MEAN"]
 
 
 @dataclass(frozen=True)
