@@ -17,12 +17,16 @@ import weakref
 import torch
 
 from statscope.probes.capture import Capture
+from statscope.errors import StatscopeWarning
+from statscope.probes import functorch
 from statscope.probes.fastpath import BatchStats, probe_path
+from statscope.probes.worker import Notice
 
 __all__ = ["Hooks"]
 
 _in_backward = torch._C._current_graph_task_id
 _grad_enabled = torch.is_grad_enabled
+_transform_level = functorch.level
 
 
 class Hooks:
@@ -33,6 +37,8 @@ class Hooks:
     _dirty: bool
     _pending_end: bool
     _forwards: int
+    _func: str | None
+    _said_transform: bool
 
     # -- hot path -----------------------------------------------------------------------------
 
@@ -42,6 +48,9 @@ class Hooks:
         def hook(module, args, output=None):
             if not rec._on or rec._skip or not (module.training or rec.record_eval) \
                     or _in_backward() != -1 or (rec._quiet and not _grad_enabled()):
+                return
+            if rec._func is not None:  # inside a torch.func transform
+                rec._under_transform(hook, module, args if output is None else (output,))
                 return
             t0 = time.perf_counter()
             x = args[0] if output is None else output
@@ -71,6 +80,9 @@ class Hooks:
         def batchnorm_hook(module, x, mean, invstd):
             if rec._skip or not rec._on or _in_backward() != -1 or (
                     rec._quiet and not _grad_enabled()):
+                return
+            if rec._func is not None:  # inside a torch.func transform
+                rec._under_transform(batchnorm_hook, module, (x, mean, invstd), spread=True)
                 return
             t0 = perf_counter()
             with lock:
@@ -125,6 +137,12 @@ class Hooks:
         # A training forward: the model's, or one of a probed layer (``model.eval()`` then
         # ``model.head.train()``: fine-tuning with a frozen backbone), with autograd on
         self._quiet = not grad and not self.record_eval
+        self._func = func = None if _transform_level() is None else functorch.kind()
+        if func is not None and func != "grad":
+            self._not_transformed(func)
+            if self._say:
+                self._emit()
+            return
         if not self._on or self._quiet or not (module.training or self.record_eval or any(
                 t.module.training for t in self.targets)) or _in_backward() != -1:
             self._open = None
@@ -132,7 +150,7 @@ class Hooks:
         if self._rule == "manual":  # rec.step() ends steps
             if self._mask_of is not None and not self._dirty:  # the step's first forward
                 with self._lock:
-                    self._mask = self._mask_of(args, kwargs or {})
+                    self._mask = self._mask_from(args, kwargs)
             return
         t0 = time.perf_counter()
         with self._lock:
@@ -153,10 +171,43 @@ class Hooks:
                 self._forwards = 1
                 self._open = (self._slot, self._step_no, True, None)
                 if self._mask_of is not None:  # the step's first forward
-                    self._mask = self._mask_of(args, kwargs or {})
+                    self._mask = self._mask_from(args, kwargs)
         self.probe_seconds += time.perf_counter() - t0
         if self._say or self._worker.notices:
             self._emit()
+
+    def _mask_from(self, args, kwargs):
+        mask = self._mask_of(args, kwargs or {})
+        return mask if self._func is None else functorch.unwrap(mask)
+
+    def _under_transform(self, probe, module, args, spread: bool = False) -> None:
+        """Call ``probe(module, args)`` (``probe(module, *args)`` with ``spread``) on the plain
+        tensors inside a ``torch.func`` transform's wrappers, with functorch's dispatch off
+        (:mod:`statscope.probes.functorch`); not under ``vmap``, whose forwards are not
+        recorded."""
+        func = self._func
+        if func != "grad":
+            return
+        plain = tuple(functorch.unwrap(a) for a in args)
+        if any(p is None for p in plain):
+            return
+        self._func = None
+        try:
+            with functorch.plain():
+                probe(module, *plain) if spread else probe(module, plain)
+        finally:
+            self._func = func
+
+    def _not_transformed(self, func: str) -> None:
+        """A forward under ``vmap`` (or ``functionalize``): not a step, and no probe records
+        it; said once."""
+        self._open = None
+        if not self._said_transform:
+            self._said_transform = True
+            self._say.append(Notice(
+                f"statscope: forwards of the model under torch.func's {func} are not recorded "
+                "(a probed tensor there holds several forwards, each normalized on its own); "
+                "forwards under grad, vjp and jvp are", StatscopeWarning))
 
     def _forward_raised(self) -> None:
         """The model's forward raised (an out-of-memory batch that the loop skips, a bad

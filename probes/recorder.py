@@ -184,6 +184,8 @@ class Recorder(Lifecycle, Hooks, Steps):
         # the model's last forward ran without autograd (validation in training mode, BatchNorm
         # recalibration): not a training forward, so its layers record nothing while grad is off
         self._quiet = False
+        self._func = None  # the torch.func transform of the current forward
+        self._said_transform = False
         self._dirty = False  # a training forward ran in the step in progress
         self._logged = False  # a scalar was logged in it
         self._pending_end = False
