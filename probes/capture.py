@@ -39,6 +39,7 @@ import torch
 
 from statscope.errors import StatscopeError
 from statscope.probes.fastpath import BatchStats
+from statscope.probes.nested import flat_nested
 from statscope.probes.pool import BufferPool, Pair
 from statscope.probes.reduce import (StackedRun, batchnorm_entry, batchnorm_kind,
                                      entries_gather, stack_entries, step_entry)
@@ -205,6 +206,8 @@ class Capture:
         count = self.count
         if count[slot]:
             return
+        if type(x) is not BatchStats and x.is_nested:  # its real elements, as a plain tensor
+            x = flat_nested(x, self.target.channel_dim, self.target.module_name)
         if mask is not None or self.sets is not None:
             t = x.input if type(x) is BatchStats else x
             if t.numel() == 0:
