@@ -53,6 +53,19 @@ def test_round_trip_expands_groups_and_keeps_attrs(tmp_path):
     np.testing.assert_allclose(ds.loss.values, np.linspace(1, 0, 50))
 
 
+def test_plain_xarray_reads_the_run_as_store_format_md_says(tmp_path):
+    import xarray as xr
+    probes, data = synthetic()
+    write_run(tmp_path / "r", probes, data, count=np.tile([4, 4], (50, 1)),
+              steps=np.arange(100, 150), scalars={"loss": np.linspace(1, 0, 50)})
+    ds = xr.open_zarr(tmp_path / "r", consolidated=False)  # warnings are errors here
+    assert ds.bn_std.dims == ("step", "neuron") and ds.en_std.dims == ("step", "en_group")
+    assert ds["count"].dims == ("step", "probe") and ds.step.values.tolist() == list(range(100, 150))
+    np.testing.assert_array_equal(ds.bn_std.values, data["bn_std"])
+    np.testing.assert_array_equal(ds.en_mean.values, data["en_mean"])
+    assert ds.attrs["statscope_format"] == S.FORMAT_VERSION and "layer" not in ds.coords
+
+
 def test_open_runs_stacks_with_meta_coords_and_pads_shorter_runs(tmp_path):
     probes, data = synthetic(t=30)
     write_run(tmp_path / "runs" / "a", probes, data, meta={"batch_size": 4, "seed": 0})
