@@ -34,6 +34,8 @@ from statscope.store import ProbeInfo
 from statscope.writer import RunWriter
 from statscope.writer_process import WriterProcess
 
+_ADVICE_POLL = 0.005  # seconds between the writer thread's looks for the writer process's advice
+
 __all__ = ["Attrs", "Close", "Notice", "Worker", "Filer", "ProbeStatic"]
 
 
@@ -133,6 +135,11 @@ class Filer:
         steps, count, stats = file_columns(rows, self.column, self.writer.layout)
         self.bad += self.writer.append(steps, count, stats, rows.scalars)
 
+    def awaiting_advice(self) -> bool:
+        """Whether the writer process is computing the rows of a block filed here, whose
+        advice for the BatchNorm fast path (:func:`statscope.rows.near_eps`) is to come."""
+        return self.remote and self.writer.awaiting_advice  # type: ignore[union-attr]
+
     def settle(self, notices: list[Notice] | None = None) -> list[Notice]:
         """Take what the writer process reported of the blocks it filed (advice for the probes,
         non-finite values) and turn it into notices; also at close, after the last block."""
@@ -193,7 +200,7 @@ class Worker:
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.notices: collections.deque[Notice] = collections.deque()
         self.failure: BaseException | None = None
-        self.last_block = time.monotonic()
+        self.last_block = self._last_idle = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="statscope-writer", daemon=True)
 
     def start(self) -> None:
@@ -223,10 +230,18 @@ class Worker:
     def _run(self) -> None:
         with np.errstate(all="ignore"):
             while True:
+                # While the writer process computes a block's rows, poll for their advice: a
+                # BatchNorm probe near eps then reduces its input from the next few steps on,
+                # not from the block after the next
+                awaiting = self.failure is None and self.filer.awaiting_advice()
                 try:
-                    msg = self.queue.get(timeout=self._tick)
+                    msg = self.queue.get(timeout=_ADVICE_POLL if awaiting else self._tick)
                 except queue.Empty:
-                    self._safely(self._on_idle)
+                    if not awaiting or time.monotonic() - self._last_idle >= self._tick:
+                        self._last_idle = time.monotonic()
+                        self._safely(self._on_idle)
+                    else:
+                        self._safely(lambda: self.notices.extend(self.filer.settle()))
                     continue
                 if isinstance(msg, Close):
                     self._close(msg)

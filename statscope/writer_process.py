@@ -116,6 +116,7 @@ class WriterProcess:
         self._failure: BaseException | None = None
         self._opened = False  # the child opened the run
         self._advice: dict[int, Advice] = {}
+        self._awaiting = 0  # gathered blocks sent whose advice has not come back
         self._bad = 0
         ours, theirs = socket.socketpair()
         self._conn = Connection(ours.detach())
@@ -176,7 +177,15 @@ class WriterProcess:
         if len(gathered.steps) == 0:
             return
         self._send(("gathered", gathered, column))
+        self._awaiting += 1
         self.next_step = int(gathered.steps[-1]) + 1
+
+    @property
+    def awaiting_advice(self) -> bool:
+        """Whether a gathered block's advice is still to come (the child reports it as soon as
+        it computed the rows, before writing them): the writer thread then polls for it
+        (:meth:`take_filed`) rather than waiting for the next block."""
+        return self._awaiting > 0 and self._failure is None and not self.closed
 
     def take_filed(self) -> tuple[dict[int, Advice], int]:
         """What the child reported of the gathered blocks it filed since the last call: advice
@@ -253,10 +262,12 @@ class WriterProcess:
     def _take(self, msg) -> None:
         if msg[0] == "warn":  # where a RunWriter on this thread would have warned
             warnings.warn(msg[1], msg[2], stacklevel=2)
-        elif msg[0] == "filed":
+        elif msg[0] == "advice":
             self._advice.update(msg[1])
-            self._bad += msg[2]
-            self.nonfinite = msg[3]
+            self._awaiting -= 1
+        elif msg[0] == "filed":
+            self._bad += msg[1]
+            self.nonfinite = msg[2]
         elif msg[0] == "error":
             self._failure = _rebuild(msg[1])
             raise self._failure
@@ -382,9 +393,10 @@ def _handle(conn, writer: RunWriter, msg) -> None:
     kind = msg[0]
     if kind == "gathered":
         rows = compute_rows(msg[1])
+        conn.send(("advice", rows.advice))  # before the write: the probes act on it sooner
         steps, count, stats = file_columns(rows, msg[2], writer.layout)
         bad = writer.append(steps, count, stats, rows.scalars)
-        conn.send(("filed", rows.advice, bad, dict(writer.nonfinite)))
+        conn.send(("filed", bad, dict(writer.nonfinite)))
     elif kind == "append":
         writer.append(*msg[1:])
     elif kind == "add":

@@ -494,6 +494,25 @@ def test_channels_near_eps_are_reduced_from_the_input_once_the_writer_sees_them(
     assert np.all(np.abs(got[6:8] - true[6:8]) <= 1e-4 * np.sqrt(true[6:8] ** 2 + eps))
 
 
+def test_near_eps_advice_reaches_the_probe_early_in_the_next_block(tmp_path):
+    # The writer process reports a block's advice as soon as it has the rows, and the writer
+    # thread polls for it: under steady training a probe on a constant channel (var 0, which
+    # 1/invstd² − eps cannot give) switches a few steps into the second block. It switched
+    # only at the third: the advice was read when the next block was filed.
+    model = nn.Sequential(nn.BatchNorm1d(4))
+    x = torch.ones(8, 4)
+    with statscope.record(model, tmp_path / "r", block_steps=32, step="manual",
+                          writer="process") as rec:
+        for _ in range(96):
+            model(x)
+            rec.step()
+            time.sleep(0.005)  # a training step's time
+    got = statscope.open_run(tmp_path / "r").bn_std.values
+    assert np.all(got[:32] > 0)  # BatchNorm's own: ~1e-6 for a true 0
+    approximate = np.nonzero((got != 0).any(1))[0]
+    assert approximate.max() < 32 + 16 and np.all(got[48:] == 0)
+
+
 @pytest.mark.parametrize("layer, kinds", [
     # (N, C) and (N, C, L) inputs of one BatchNorm1d, batch sizes changing
     (lambda: nn.BatchNorm1d(6), [(16, 6), (9, 6), (4, 6, 5), (2, 6, 5), (2, 6, 5), (16, 6),
