@@ -117,8 +117,25 @@ def excess_fluctuation(ds: xr.Dataset, window=200, *, detrend: bool = False) -> 
     if (base["n"] < 2).any():
         raise StatscopeError("excess_fluctuation: some neurons have fewer than 2 elements per "
                              "step (count < 2); the baseline is undefined there")
-    out = xr.Dataset({s: obs[s] / base[s] for s in (S.BN_MEAN, S.BN_STD)})
+    with quiet():
+        out = xr.Dataset({s: obs[s] / base[s] for s in (S.BN_MEAN, S.BN_STD)})
     out.attrs = {"window": obs.attrs["window"], "detrend": bool(detrend),
                  "kappa_source": base.attrs["kappa_source"],
-                 NOTES: [*obs.attrs[NOTES], *base.attrs[NOTES]]}
+                 NOTES: [*obs.attrs[NOTES], *base.attrs[NOTES], *_constant_notes(base)]}
     return out
+
+
+def _constant_notes(base: xr.Dataset) -> list[str]:
+    """Which layers have neurons whose baseline is 0: a batch std of 0 at every step of the
+    window (an input constant over each batch: a dead unit, a pruned channel), where the ratio
+    is undefined (NaN, or inf when the mean still moved)."""
+    zero = base["sigma"] == 0
+    if not bool(zero.any()):
+        return []
+    layers = np.broadcast_to(zero[S.LAYER].values, zero.shape)[zero.values] \
+        if S.LAYER in zero.coords else []
+    where = f" (layers {', '.join(repr(str(x)) for x in dict.fromkeys(layers))})" \
+        if len(layers) else ""
+    return [f"{int(zero.sum())} neurons{where} had bn_std 0 at every step of the window (an "
+            "input constant over each batch): no batch-sampling fluctuation to compare with, "
+            "their excess is undefined (NaN; inf where the batch mean still moved)"]

@@ -59,3 +59,16 @@ def test_detrended_excess_removes_drift():
     ds = make_run((Layer("fc1", channels=4, drift=5.0),), n_steps=1000, batch_size=64)
     assert (excess_fluctuation(ds, 1000)[S.BN_MEAN] > 5).all()
     np.testing.assert_allclose(excess_fluctuation(ds, 1000, detrend=True)[S.BN_MEAN], 1, atol=0.1)
+
+
+def test_a_constant_neuron_has_no_excess_and_a_note_says_why():
+    # a dead unit or a pruned channel: the same value across each batch, bn_std 0 at every step
+    with np.errstate(invalid="ignore"):  # the generator's kurtosis of that channel: 0/0
+        ds = make_run((Layer("fc1", channels=4, sigma=(0.0, 1, 1, 1)), Layer("fc2", channels=2)),
+                      n_steps=400, batch_size=64, kurt=False)
+    r = excess_fluctuation(ds, 400)
+    assert np.isnan(r[S.BN_STD].values[0]) and np.isnan(r[S.BN_MEAN].values[0])
+    assert np.isfinite(r[S.BN_STD].values[1:]).all()
+    said = [n for n in r.attrs["notes"] if "bn_std 0 at every step" in n]
+    assert len(said) == 1 and said[0].startswith("1 neurons (layers 'fc1')")
+    assert not any("bn_std 0" in n for n in excess_fluctuation(make_run(), 100).attrs["notes"])
