@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from statscope import schema as S
-from statscope.errors import NonFiniteWarning
+from statscope.errors import NonFiniteWarning, StatscopeWarning
 from statscope.probes.block import Block, gather_block
 from statscope.probes.capture import Capture
 from statscope.probes.neurons import choose_units
@@ -99,6 +99,8 @@ class Filer:
         self.column = {i: names[s.info.name] for i, s in enumerate(static) if s.info.name in names}
         self.warned_nonfinite = False
         self.bad = 0  # non-finite values filed
+        self.steps = 0  # steps filed
+        self.ran: set[int] = set()  # probes with a value in a filed step
         self._computes = computes(s.name for s in statistics)
         # the writer process computes the rows itself when it knows every statistic (a user's
         # register_statistic lives in this process only)
@@ -123,6 +125,8 @@ class Filer:
         return self.settle(notices)
 
     def _append(self, gathered: Gathered) -> None:
+        self.steps += len(gathered.steps)
+        self.ran.update(i for i, part in enumerate(gathered.parts) if part is not None)
         new = [i for i, part in enumerate(gathered.parts)
                if part is not None and i not in self.column]
         if new:
@@ -154,6 +158,25 @@ class Filer:
                 f"statscope: non-finite statistics recorded ({self.writer.nonfinite}); they are "
                 "stored as they are and counted in the run's attrs", NonFiniteWarning))
         return notices
+
+    def unrecorded(self) -> list[Notice]:
+        """At the end of a run: that it recorded no step, or which probes never ran (a model
+        left in eval mode, a layer the forward never calls), rather than NaN columns alone."""
+        if not self.steps:
+            return [Notice(
+                "statscope: no training step was recorded: the model ran no forward in training "
+                "mode with autograd on while recording (eval-mode forwards and forwards under "
+                "torch.no_grad() are not recorded; record_eval=True records them)",
+                StatscopeWarning)]
+        never = [s.info.name for i, s in enumerate(self.static) if i not in self.ran]
+        if not never:
+            return []
+        names = ", ".join(repr(n) for n in never[:8]) + (
+            f" and {len(never) - 8} more" if len(never) > 8 else "")
+        return [Notice(
+            f"statscope: {len(never)} of {len(self.static)} probed layers never ran in the "
+            f"{self.steps} recorded steps: {names}; their columns hold NaN with count 0 (a "
+            "module the forward does not call; layers= leaves it out)", StatscopeWarning)]
 
     def _advise(self, advice: Mapping[int, Advice]) -> None:
         for i, (sum_mean, reduce) in advice.items():
@@ -298,3 +321,5 @@ class Worker:
             self.notices.extend(self.filer.settle())
         except BaseException as exc:
             self.failure = self.failure or exc
+        if status == S.STATUS_COMPLETED and self.failure is None:
+            self.notices.extend(self.filer.unrecorded())

@@ -170,7 +170,9 @@ def test_a_model_in_eval_mode_with_a_probed_layer_in_training_mode_counts_steps(
     seen, handle = inputs_of(model[4])
     model.eval()
     model[4].train()
-    with statscope.record(model, tmp_path / "r", mechanism=mechanism, block_steps=2):
+    with pytest.warns(StatscopeWarning, match=r"1 of 2 probed layers never ran in the 5 recorded "
+                      r"steps: '1'"), \
+            statscope.record(model, tmp_path / "r", mechanism=mechanism, block_steps=2):
         for x in batches(5):
             model(x).sum().backward()
             opt.step()
@@ -313,6 +315,15 @@ def test_a_gan_discriminator_records_its_own_batches_with_manual_steps(tmp_path)
     assert ds.sizes["step"] == 5
     np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "1").values,
                                np.stack([f.mean(0).numpy() for f in firsts]), atol=1e-6)
+
+
+def test_a_model_left_in_eval_mode_records_nothing_and_says_so(tmp_path):
+    model = fc().eval()  # model.train() forgotten
+    with pytest.warns(StatscopeWarning, match="no training step was recorded.*record_eval=True"):
+        with statscope.record(model, tmp_path / "r"):
+            for x in batches(3):
+                model(x)
+    assert statscope.open_run(tmp_path / "r").sizes["step"] == 0
 
 
 def test_record_eval_records_forwards_without_autograd(tmp_path):
