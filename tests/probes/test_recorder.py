@@ -347,7 +347,7 @@ def test_reentrant_checkpoint_layers_are_recorded(tmp_path):
 
     model = Net()
     xs = [x.requires_grad_() for x in batches(3)]
-    with statscope.record(model, tmp_path / "r", step="forward") as rec:
+    with statscope.record(model, tmp_path / "r", step="forward"):
         for x in xs:
             model(x).sum().backward()
     ds = statscope.open_run(tmp_path / "r")
