@@ -39,6 +39,7 @@ class Hooks:
     _forwards: int
     _func: str | None
     _said_transform: bool
+    _root_ever: bool
 
     # -- hot path -----------------------------------------------------------------------------
 
@@ -51,6 +52,8 @@ class Hooks:
                 return
             if rec._func is not None:  # inside a torch.func transform
                 rec._under_transform(hook, module, args if output is None else (output,))
+                return
+            if rec._pending_end and not rec._rootless_begin():
                 return
             t0 = time.perf_counter()
             x = args[0] if output is None else output
@@ -84,6 +87,8 @@ class Hooks:
             if rec._func is not None:  # inside a torch.func transform
                 rec._under_transform(batchnorm_hook, module, (x, mean, invstd), spread=True)
                 return
+            if rec._pending_end and not rec._rootless_begin():
+                return
             t0 = perf_counter()
             with lock:
                 if rec._slot >= block_steps:  # a forward that bypassed the root
@@ -105,6 +110,8 @@ class Hooks:
         def moments_hook(module, x, packed):
             if not rec._on or rec._skip or not (module.training or rec.record_eval) \
                     or _in_backward() != -1 or (rec._quiet and not _grad_enabled()):
+                return
+            if rec._pending_end and not rec._rootless_begin():
                 return
             t0 = perf_counter()
             with lock:
@@ -172,6 +179,7 @@ class Hooks:
                 self._open = (self._slot, self._step_no, True, None)
                 if self._mask_of is not None:  # the step's first forward
                     self._mask = self._mask_from(args, kwargs)
+            self._root_ever = True
         self.probe_seconds += time.perf_counter() - t0
         if self._say or self._worker.notices:
             self._emit()

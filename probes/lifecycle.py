@@ -15,9 +15,9 @@ import numpy as np
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from statscope import schema as S
-from statscope.errors import RecordingError, StatscopeError, StoreError
+from statscope.errors import RecordingError, StatscopeError, StatscopeWarning, StoreError
 from statscope.probes.attach import attach
-from statscope.probes.worker import Close, Filer, Worker
+from statscope.probes.worker import Close, Filer, Notice, Worker
 from statscope.store import Layout, read_attrs
 from statscope.writer_process import open_writer
 
@@ -35,6 +35,7 @@ class Lifecycle:
     _on: bool
     _last_dispatch: float
     _worker: Worker | None
+    _root_ever: bool
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -163,6 +164,14 @@ class Lifecycle:
                     self._discard(self._failed)
                 if self._rule == "undecided":
                     self._decide("forward")
+                if self._rule == "forward" and self._dirty and not self._root_ever:
+                    self._say.append(Notice(
+                        "statscope: the probed layers ran but the recorded model's forward "
+                        "never did (they were called through another method, such as "
+                        "forward_features): with no optimizer step either, forwards could not "
+                        "be told apart and were filed as one step; record the module whose "
+                        "forward the loop calls, or pass step='manual' and call rec.step()",
+                        StatscopeWarning))
                 if self._dirty or self._logged:
                     self._end_step()
                 block = self._take_block() if self._slot else None

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import TYPE_CHECKING
+import torch
 
 from statscope import schema as S
 from statscope.errors import RecordingError, StatscopeWarning
 from statscope.probes.block import Block
 from statscope.probes.worker import Attrs, Notice
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["Steps"]
 
@@ -41,6 +38,8 @@ class Steps:
     _mask: torch.Tensor | None
     _next_mask: torch.Tensor | None
     _last_dispatch: float
+    _quiet: bool
+    record_eval: bool
 
     def _begin_at(self, step: int) -> None:
         """Count steps from ``step``; the first recorded one is the next multiple of every."""
@@ -79,6 +78,21 @@ class Steps:
         self._dirty = self._logged = False
         self._pending_end = False
         self.streams.remember()
+
+    def _rootless_begin(self) -> bool:
+        """A probe runs while the optimizer has stepped and no forward of the model began the
+        next step: the layers run without the model's forward (called through another method,
+        ``model.forward_features(x)``, or as submodules). The probe begins the next step, as
+        the model's forward would have. False for a forward without autograd (validation), which
+        is not recorded and begins no step."""
+        if not self.record_eval and not torch.is_grad_enabled():
+            return False
+        with self._lock:
+            if self._pending_end:
+                self._end_step()
+                self._maybe_dispatch()
+                self._quiet = not self.record_eval  # the model's forward would have said
+        return True
 
     def _maybe_dispatch(self) -> None:
         if self._rule == "undecided":

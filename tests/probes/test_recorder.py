@@ -326,6 +326,60 @@ def test_a_model_left_in_eval_mode_records_nothing_and_says_so(tmp_path):
     assert statscope.open_run(tmp_path / "r").sizes["step"] == 0
 
 
+class Backbone(nn.Module):
+    """A model trained through another method than forward (timm's forward_features, CLIP's
+    encode_image)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = fc()
+        self.head = nn.Linear(3, 2)
+
+    def forward_features(self, x):
+        return self.features(x)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+@pytest.mark.parametrize("rule", ["auto", "optimizer"])
+def test_layers_run_without_the_models_forward_still_end_a_step_per_optimizer_step(tmp_path,
+                                                                                 rule):
+    # the step ended only at the model's next forward, which never came: ten steps were
+    # filed as one (the first batch), without a word. Values logged after the optimizer step
+    # still belong to the step it ended, as with the model's forward
+    torch.manual_seed(0)
+    model, head = Backbone(), nn.Linear(3, 4)
+    opt = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.1)
+    seen, handle = inputs_of(model.features[1])
+    with statscope.record(model, tmp_path / "r", step=rule, block_steps=4) as rec:
+        for x in batches(10, bs=6):
+            for micro in x.split(3):  # gradient accumulation: the first is recorded
+                head(model.forward_features(micro)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():  # validation, also around the model's forward
+                model.forward_features(x)
+            rec.log(loss=float(len(seen)))
+    handle.remove()
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.sizes["step"] == 10 and ds.attrs["step_rule"] == "optimizer"
+    np.testing.assert_array_equal(ds.loss.values, 3 * np.arange(1, 11))
+    firsts = [s for s in seen if s.shape[0] == 3][::2]
+    np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "features.1").values,
+                               np.stack([f.mean(0).numpy() for f in firsts]), atol=1e-6)
+    assert (ds["count"].values == 3).all()
+
+
+def test_layers_run_without_the_models_forward_or_an_optimizer_are_said_to_merge(tmp_path):
+    model = Backbone()
+    with pytest.warns(StatscopeWarning, match="forwards could not be told apart"):
+        with statscope.record(model, tmp_path / "r"):
+            for x in batches(3):
+                model.forward_features(x).sum().backward()
+    assert statscope.open_run(tmp_path / "r").sizes["step"] == 1
+
+
 def test_record_eval_records_forwards_without_autograd(tmp_path):
     model = fc()
     with statscope.record(model, tmp_path / "r", step="forward", record_eval=True):
