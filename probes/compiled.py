@@ -28,10 +28,11 @@ from torch import nn
 
 from statscope.rows import FLOAT32_MEAN_RATIO
 
-__all__ = ["observer", "forget", "reserve"]
+__all__ = ["observer", "forget", "reserve", "in_graph"]
 
 # key -> (probe, module); a probe is registered while it is attached (see attach.attach)
 _PROBES: dict[int, tuple[Callable, nn.Module]] = {}
+_RUNNING = [0]  # probes the operator is running now (a compiled graph calls them)
 _KEYS = itertools.count()
 
 
@@ -60,21 +61,32 @@ def _operator() -> None:
         if found is None:
             return
         probe, module = found
-        if packed is None:
-            probe(module, (x,))
-        else:
-            # copied: the compiler owns its buffers and reuses them once the graph is done
-            # with them, while the block keeps its entries until the writer files them. On the
-            # CPU through numpy, not a torch op: each torch op lets another thread take the
-            # GIL, and this thread waits for it back
-            own = torch.from_numpy(packed.numpy().copy()) if packed.is_cpu else packed.clone()
-            probe.moments(module, x, own)
+        _RUNNING[0] += 1
+        try:
+            if packed is None:
+                probe(module, (x,))
+            else:
+                # copied: the compiler owns its buffers and reuses them once the graph is done
+                # with them, while the block keeps its entries until the writer files them. On
+                # the CPU through numpy, not a torch op: each torch op lets another thread take
+                # the GIL, and this thread waits for it back
+                own = torch.from_numpy(packed.numpy().copy()) if packed.is_cpu \
+                    else packed.clone()
+                probe.moments(module, x, own)
+        finally:
+            _RUNNING[0] -= 1
 
     lib.impl("observe", observe, "CompositeExplicitAutograd")
     torch.library.register_fake("statscope::observe", lambda sink, x, packed, key: None,
                                 lib=lib)
     global _OP, _SINK
     _OP, _SINK = torch.ops.statscope.observe.default, torch.zeros(1)
+
+
+def in_graph() -> bool:
+    """Whether a compiled graph runs the probe now (it runs without autograd, whatever the
+    mode it was traced in)."""
+    return _RUNNING[0] > 0
 
 
 def observer(probe: Callable, module: nn.Module, fallback: Callable) -> tuple[Callable, int]:

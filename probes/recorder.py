@@ -186,7 +186,7 @@ class Recorder(Lifecycle, Hooks, Steps):
         self._quiet = False
         # whether a training forward of the model ran: layers called through another method
         # (forward_features) run without it (Steps._rootless_begin)
-        self._root_ever = False
+        self._root_ever = self._said_rootless = False
         self._func = None  # the torch.func transform of the current forward
         self._said_transform = False
         self._dirty = False  # a training forward ran in the step in progress

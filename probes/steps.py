@@ -18,6 +18,7 @@ import torch
 from statscope import schema as S
 from statscope.errors import RecordingError, StatscopeWarning
 from statscope.probes.block import Block
+from statscope.probes.compiled import in_graph
 from statscope.probes.worker import Attrs, Notice
 
 __all__ = ["Steps"]
@@ -40,6 +41,7 @@ class Steps:
     _last_dispatch: float
     _quiet: bool
     record_eval: bool
+    _said_rootless: bool
 
     def _begin_at(self, step: int) -> None:
         """Count steps from ``step``; the first recorded one is the next multiple of every."""
@@ -85,13 +87,25 @@ class Steps:
         ``model.forward_features(x)``, or as submodules). The probe begins the next step, as
         the model's forward would have. False for a forward without autograd (validation), which
         is not recorded and begins no step."""
-        if not self.record_eval and not torch.is_grad_enabled():
+        graph = in_graph()
+        if not graph and not self.record_eval and not torch.is_grad_enabled():
             return False
         with self._lock:
             if self._pending_end:
                 self._end_step()
                 self._maybe_dispatch()
-                self._quiet = not self.record_eval  # the model's forward would have said
+                if not graph:  # a compiled graph runs without autograd: it cannot say
+                    self._quiet = not self.record_eval  # as the model's forward would have
+                elif not self._said_rootless:
+                    self._said_rootless = True
+                    self._say.append(Notice(
+                        "statscope: the probed layers run in a compiled function other than the "
+                        "recorded model's forward: a step begins at the first of them after an "
+                        "optimizer step, but a forward of it without autograd (validation) "
+                        "cannot be told apart from a training one there; compile the model "
+                        "itself, or pass step='manual' and call rec.step()", StatscopeWarning))
+        if self._say:
+            self._emit()
         return True
 
     def _maybe_dispatch(self) -> None:

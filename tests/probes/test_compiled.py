@@ -79,6 +79,33 @@ def test_compiled_probes_are_right_and_run_inside_the_graph(tmp_path, backend):
         dict(torch._dynamo.utils.counters["graph_break"])
 
 
+def test_a_compiled_function_other_than_the_models_forward_ends_steps_at_the_optimizer(
+        tmp_path):
+    # torch.compile(model.forward_features): the layers run without the model's forward, which
+    # marks a step's first forward; every step was filed as one. The compiled graph runs
+    # without autograd, so the recorder cannot tell validation from training there: it says so
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = Net().to(memory_format=torch.channels_last)
+    seen = seen_inputs(model)
+    gen = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(statscope.StatscopeWarning, match="compiled function other than"):
+        with statscope.record(model, tmp_path / "r", layers=["bn", "ln"], block_steps=2):
+            # the class's forward: the layers run, the recorded model's own forward does not
+            fast = torch.compile(lambda x: Net.forward(model, x), backend="aot_eager")
+            for _ in range(4):
+                x = torch.randn(8, 3, 6, 6, generator=gen).contiguous(
+                    memory_format=torch.channels_last)
+                fast(x).backward()
+                opt.step()
+                opt.zero_grad()
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.sizes["step"] == 4
+    check(ds, [t.numpy() for t in seen["bn"]], "bn", 0)
+    check(ds, [t.numpy() for t in seen["ln"]], "ln", 0)
+
+
 def test_a_compiled_forward_without_autograd_is_not_a_step(tmp_path):
     # the compiled graph runs without autograd whatever the caller's mode: the step boundary
     # takes the mode dynamo traced in
