@@ -16,9 +16,9 @@ import weakref
 
 import torch
 
-from statscope.probes.capture import Capture
 from statscope.errors import StatscopeWarning
 from statscope.probes import functorch
+from statscope.probes.capture import Capture
 from statscope.probes.fastpath import BatchStats, probe_path
 from statscope.probes.worker import Notice
 
@@ -145,14 +145,14 @@ class Hooks:
         # ``model.head.train()``: fine-tuning with a frozen backbone), with autograd on
         self._quiet = not grad and not self.record_eval
         self._func = func = None if _transform_level() is None else functorch.kind()
+        if not self._on or self._quiet or not (module.training or self.record_eval or any(
+                t.module.training for t in self.targets)) or _in_backward() != -1:
+            self._open = None
+            return
         if func is not None and func != "grad":
             self._not_transformed(func)
             if self._say:
                 self._emit()
-            return
-        if not self._on or self._quiet or not (module.training or self.record_eval or any(
-                t.module.training for t in self.targets)) or _in_backward() != -1:
-            self._open = None
             return
         if self._rule == "manual":  # rec.step() ends steps
             if self._mask_of is not None and not self._dirty:  # the step's first forward
