@@ -47,13 +47,16 @@ class Hooks:
         rec = self
 
         def hook(module, args, output=None):
-            if not rec._on or rec._skip or not (module.training or rec.record_eval) \
+            if not rec._on or not (module.training or rec.record_eval) \
                     or _in_backward() != -1 or (rec._quiet and not _grad_enabled()):
                 return
             if rec._func is not None:  # inside a torch.func transform
                 rec._under_transform(hook, module, args if output is None else (output,))
                 return
             if rec._pending_end and not rec._rootless_begin():
+                return
+            if rec._skip:  # a step that every= leaves out; an optimizer step still ends it
+                rec._dirty = True
                 return
             t0 = time.perf_counter()
             x = args[0] if output is None else output
@@ -81,13 +84,15 @@ class Hooks:
         rec, lock, block_steps, perf_counter = self, self._lock, self.block_steps, time.perf_counter
 
         def batchnorm_hook(module, x, mean, invstd):
-            if rec._skip or not rec._on or _in_backward() != -1 or (
-                    rec._quiet and not _grad_enabled()):
+            if not rec._on or _in_backward() != -1 or (rec._quiet and not _grad_enabled()):
                 return
             if rec._func is not None:  # inside a torch.func transform
                 rec._under_transform(batchnorm_hook, module, (x, mean, invstd), spread=True)
                 return
             if rec._pending_end and not rec._rootless_begin():
+                return
+            if rec._skip:  # a step that every= leaves out; an optimizer step still ends it
+                rec._dirty = True
                 return
             t0 = perf_counter()
             with lock:
@@ -108,10 +113,13 @@ class Hooks:
         rec, lock, block_steps, perf_counter = self, self._lock, self.block_steps, time.perf_counter
 
         def moments_hook(module, x, packed):
-            if not rec._on or rec._skip or not (module.training or rec.record_eval) \
+            if not rec._on or not (module.training or rec.record_eval) \
                     or _in_backward() != -1 or (rec._quiet and not _grad_enabled()):
                 return
             if rec._pending_end and not rec._rootless_begin():
+                return
+            if rec._skip:  # a step that every= leaves out; an optimizer step still ends it
+                rec._dirty = True
                 return
             t0 = perf_counter()
             with lock:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import warnings
+
 import torch
 
 from statscope import schema as S
@@ -94,6 +95,7 @@ class Steps:
             if self._pending_end:
                 self._end_step()
                 self._maybe_dispatch()
+                self._dirty = True  # as the model's forward marks a step it begins
                 if not graph:  # a compiled graph runs without autograd: it cannot say
                     self._quiet = not self.record_eval  # as the model's forward would have
                 elif not self._said_rootless:

@@ -371,6 +371,26 @@ def test_layers_run_without_the_models_forward_still_end_a_step_per_optimizer_st
     assert (ds["count"].values == 3).all()
 
 
+def test_layers_run_without_the_models_forward_keep_every(tmp_path):
+    # every=3: the probes of a step left out returned before they could end the step before,
+    # and the first left-out step never ended
+    torch.manual_seed(0)
+    model = Backbone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen, handle = inputs_of(model.features[1])
+    with statscope.record(model, tmp_path / "r", every=3, block_steps=2):
+        for x in batches(10):
+            model.forward_features(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    handle.remove()
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.step.values.tolist() == [0, 3, 6, 9]
+    np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "features.1").values,
+                               np.stack([seen[i].mean(0).numpy() for i in (0, 3, 6, 9)]),
+                               atol=1e-6)
+
+
 def test_layers_run_without_the_models_forward_or_an_optimizer_are_said_to_merge(tmp_path):
     model = Backbone()
     with pytest.warns(StatscopeWarning, match="forwards could not be told apart"):
