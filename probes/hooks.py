@@ -53,10 +53,7 @@ class Hooks:
             if rec._func is not None:  # inside a torch.func transform
                 rec._under_transform(hook, module, args if output is None else (output,))
                 return
-            if rec._pending_end and not rec._rootless_begin():
-                return
-            if rec._skip:  # a step that every= leaves out; an optimizer step still ends it
-                rec._dirty = True
+            if (rec._pending_end or rec._skip) and rec._held_back():
                 return
             t0 = time.perf_counter()
             x = args[0] if output is None else output
@@ -89,10 +86,7 @@ class Hooks:
             if rec._func is not None:  # inside a torch.func transform
                 rec._under_transform(batchnorm_hook, module, (x, mean, invstd), spread=True)
                 return
-            if rec._pending_end and not rec._rootless_begin():
-                return
-            if rec._skip:  # a step that every= leaves out; an optimizer step still ends it
-                rec._dirty = True
+            if (rec._pending_end or rec._skip) and rec._held_back():
                 return
             t0 = perf_counter()
             with lock:
@@ -116,10 +110,7 @@ class Hooks:
             if not rec._on or not (module.training or rec.record_eval) \
                     or _in_backward() != -1 or (rec._quiet and not _grad_enabled()):
                 return
-            if rec._pending_end and not rec._rootless_begin():
-                return
-            if rec._skip:  # a step that every= leaves out; an optimizer step still ends it
-                rec._dirty = True
+            if (rec._pending_end or rec._skip) and rec._held_back():
                 return
             t0 = perf_counter()
             with lock:

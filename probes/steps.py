@@ -43,6 +43,7 @@ class Steps:
     _quiet: bool
     record_eval: bool
     _said_rootless: bool
+    _skip: bool
 
     def _begin_at(self, step: int) -> None:
         """Count steps from ``step``; the first recorded one is the next multiple of every."""
@@ -81,6 +82,17 @@ class Steps:
         self._dirty = self._logged = False
         self._pending_end = False
         self.streams.remember()
+
+    def _held_back(self) -> bool:
+        """Whether a probe that runs now, while a step waits for its end or is one that
+        ``every=`` leaves out, records nothing. Where the optimizer stepped and no forward of
+        the model began the next step, the probe begins it (:meth:`_rootless_begin`)."""
+        if self._pending_end and not self._rootless_begin():
+            return True
+        if self._skip:  # a left-out step is still one that the optimizer step ends
+            self._dirty = True
+            return True
+        return False
 
     def _rootless_begin(self) -> bool:
         """A probe runs while the optimizer has stepped and no forward of the model began the
