@@ -1,4 +1,5 @@
-"""Run stores: locate, open and stack the zarr v3 stores that probes write.
+"""Run stores: open and stack the zarr v3 stores that probes write (found by
+:mod:`statscope.discovery`, whose functions are importable from here too).
 
 One run is one zarr v3 group, on disk or at any fsspec URL. :func:`open_run` turns it into the
 Dataset described in :mod:`statscope.schema`; :func:`open_runs` stacks several along ``run``.
@@ -20,9 +21,11 @@ import numpy as np
 from statscope import schema as S
 from statscope.errors import StatscopeError, StoreDamagedError, StoreError
 from statscope.arrays import check_chunks, damage_error, entries, expand, lazy, missing, verify
+from statscope.discovery import (find_runs, is_run, is_single_run, open_checked, rank_paths,
+                                 read_attrs, scan_runs)
 from statscope.integrity import CheckedArray, Damage, check_marker
 from statscope.layout import Layout, ProbeInfo
-from statscope.storage import filesystem, is_url, local_path, use_options, zarr_store
+from statscope.storage import use_options, zarr_store
 
 if TYPE_CHECKING:  # imported where used: xarray is heavy
     import xarray as xr
@@ -33,139 +36,6 @@ __all__ = ["ProbeInfo", "Layout", "open_run", "open_runs", "open_windows", "find
 
 # per array, what entries() opens: rows, columns (None: a single column), dtype, fill
 _Want = tuple[int, int | None, str, Any]
-
-
-def read_attrs(path: str | os.PathLike) -> dict:
-    """Return a run's root attributes, checking that it is a statscope run of a known format.
-
-    For a distributed run (a folder of ``rank{r}`` runs): rank 0's attributes, with ``status``
-    the worst of the ranks' (failed, running, completed), ``n_steps`` the largest, and every
-    rank's own under ``ranks``.
-
-    Raises:
-        StoreError: the path does not exist, is not a statscope run, or has an unknown format.
-        StoreDamagedError: its root metadata cannot be read.
-    """
-    try:
-        return _open_checked(path)[1]
-    except StoreError:
-        ranks = rank_paths(path)
-        if not ranks:
-            raise
-    per = [_open_checked(p)[1] for p in ranks]
-    return {**per[0], "ranks": {str(a.get(S.ATTR_RANK, r)): a for r, a in enumerate(per)},
-            S.ATTR_STATUS: _worst([a.get(S.ATTR_STATUS) for a in per]),
-            S.ATTR_N_STEPS: max(int(a.get(S.ATTR_N_STEPS) or 0) for a in per)}
-
-
-def _open_checked(path: str | os.PathLike):
-    """The run's root group (read only) and its attributes, checked as :func:`read_attrs` says."""
-    import zarr
-
-    path = os.fspath(path)
-    if not is_url(path):
-        p = local_path(path)
-        if not p.exists():
-            raise StoreError(f"path={path!r}: no such file or directory")
-        if not (p / "zarr.json").exists():
-            raise StoreError(f"path={path!r}: not a statscope run (no zarr.json)")
-    try:
-        group = zarr.open_group(zarr_store(path), mode="r", zarr_format=3)
-        attrs = dict(group.attrs)
-    except PermissionError as exc:
-        raise StoreError(f"path={path!r}: permission denied ({exc.filename or path})") from None
-    except StoreError:
-        raise
-    except Exception as exc:  # zarr raises several types for a non-store or damaged JSON
-        kind = StoreDamagedError if not is_url(path) else StoreError
-        raise kind(f"path={path!r}: not a readable statscope run (its root zarr.json: "
-                   f"{type(exc).__name__}: {exc})") from None
-    version = attrs.get(S.ATTR_FORMAT)
-    if version is None:
-        raise StoreError(f"path={path!r}: not a statscope run (no {S.ATTR_FORMAT!r} attribute)")
-    if isinstance(version, bool) or version not in S.READABLE_FORMATS:
-        raise StoreError(f"path={path!r}: store format version {version!r} is unknown; this "
-                         f"statscope reads versions {list(S.READABLE_FORMATS)}")
-    return group, attrs
-
-
-def rank_paths(path: str | os.PathLike) -> list[str]:
-    """The per-rank stores of a distributed run at ``path`` (``rank0``, ``rank1``, ...), in rank
-    order; empty when ``path`` is not one."""
-    path = os.fspath(path).rstrip("/")
-    try:
-        if is_url(path):
-            fs, p = filesystem(path)
-            fs.invalidate_cache(p)
-            names = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(p, detail=False)]
-        else:
-            base = local_path(path)
-            if not base.is_dir() or (base / "zarr.json").exists():
-                return []
-            names = [c.name for c in base.iterdir() if c.is_dir()]
-    except (OSError, ValueError):
-        return []
-    ranks = sorted(int(n[4:]) for n in names if n.startswith("rank") and n[4:].isdigit())
-    found = [f"{path}/rank{r}" for r in ranks]
-    return found if found and all(_is_single_run(f) for f in found) else []
-
-
-def _is_single_run(path: str) -> bool:
-    try:
-        _open_checked(path)
-    except StoreError:
-        return False
-    return True
-
-
-def is_run(path: str | os.PathLike) -> bool:
-    """True when ``path`` holds a statscope run (or a distributed run's per-rank runs) of a
-    format this version reads."""
-    return _is_single_run(os.fspath(path)) or bool(rank_paths(path))
-
-
-def find_runs(root: str | os.PathLike) -> list[str]:
-    """Return the runs at ``root``: the root itself if it is a run, else its run subfolders, sorted.
-
-    A distributed run (a folder of ``rank{r}`` runs) counts as one run. Only local folders are
-    searched; a URL must name a run. Folders that look like runs but cannot be read are left
-    out; :func:`scan_runs` names them with the reason.
-    """
-    return [path for path, error in scan_runs(root) if error is None]
-
-
-def scan_runs(root: str | os.PathLike) -> list[tuple[str, str | None]]:
-    """The runs at ``root`` as :func:`find_runs` finds them, and the folders holding a
-    ``zarr.json`` that are not readable runs: ``(path, None)`` or ``(path, reason)``, sorted.
-
-    Raises:
-        StoreError: ``root`` is neither a run nor a folder.
-    """
-    root = os.fspath(root)
-    if is_url(root) or is_run(root):
-        return [(root, None)]
-    base = local_path(root)
-    if (base / "zarr.json").exists():
-        return [(root, _reason(root))]
-    if not base.is_dir():
-        raise StoreError(f"path={root!r}: no such directory")
-    out: list[tuple[str, str | None]] = []
-    for p in sorted(base.iterdir()):
-        if not p.is_dir():
-            continue
-        if is_run(p):
-            out.append((str(p), None))
-        elif (p / "zarr.json").exists():
-            out.append((str(p), _reason(str(p))))
-    return out
-
-
-def _reason(path: str) -> str:
-    try:
-        _open_checked(path)
-    except StoreError as exc:
-        return str(exc)
-    return "not readable by this statscope"
 
 
 # Variables' attributes in the Dataset, following the CF conventions' long_name/units.
@@ -231,7 +101,7 @@ def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None
     check_chunks(chunks, (S.STEP, S.NEURON))
     path = os.fspath(path)
     use_options(path, storage_options)
-    ranks = [] if _is_single_run(path) else rank_paths(path)
+    ranks = [] if is_single_run(path) else rank_paths(path)
     if ranks:
         return _open_ranks(path, ranks, chunks, damaged, merge_synced)
     return _open_one(path, chunks, damaged)
@@ -240,7 +110,7 @@ def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None
 def _open_one(path: str, chunks, damaged: str):
     import xarray as xr
 
-    group, attrs = _open_checked(path)
+    group, attrs = open_checked(path)
     n = check_marker(path, attrs)
     layout = Layout.from_attrs(attrs)
     idx = layout.neuron_index()
@@ -325,13 +195,6 @@ def _open_ranks(path: str, ranks: list[str], chunks, damaged: str, merge: bool):
     return merge_synced(stacked) if merge else stacked
 
 
-def _worst(statuses: list[str]) -> str:
-    for s in (S.STATUS_FAILED, S.STATUS_RUNNING):
-        if s in statuses:
-            return s
-    return S.STATUS_COMPLETED
-
-
 def _check_stackable(paths, runs, what: str) -> None:
     ref = runs[0]
     for p, ds in zip(paths[1:], runs[1:]):
@@ -374,7 +237,7 @@ def open_windows(path: str | os.PathLike, *, damaged: str = "raise",
         raise StatscopeError(f"damaged={damaged!r}: expected 'raise' or 'mask'")
     path = os.fspath(path)
     use_options(path, storage_options)
-    group, attrs = _open_checked(path)
+    group, attrs = open_checked(path)
     check_marker(path, attrs)
     width = attrs.get(S.ATTR_WINDOW_STEPS)
     if not width:
@@ -433,7 +296,7 @@ def verify_run(path: str | os.PathLike) -> list[Damage]:
         StoreError, StoreDamagedError: the run's root or array metadata cannot be read.
     """
     path = os.fspath(path)
-    group, attrs = _open_checked(path)
+    group, attrs = open_checked(path)
     n = check_marker(path, attrs)
     layout = Layout.from_attrs(attrs)
     want: dict[str, _Want] = {S.STEP: (n, None, "int64", -1),

@@ -12,7 +12,8 @@ FOLDERS = {"statscope": ROOT / "statscope", "statscope.probes": ROOT / "probes",
            "statscope.analyses": ROOT / "analyses", "statscope.dashboards": ROOT / "dashboards"}
 KERNEL = {"statscope.errors", "statscope.schema", "statscope.store", "statscope.writer",
           "statscope.writer_arrays", "statscope.storage", "statscope.lease", "statscope.integrity",
-          "statscope.layout", "statscope.arrays", "statscope.windows", "statscope.ranks"}
+          "statscope.layout", "statscope.arrays", "statscope.windows", "statscope.ranks",
+          "statscope.discovery"}
 # Deliberate exceptions to RULES, each with its reason.
 EXCEPTIONS = {
     # ds.statscope must exist however open_run was imported (issue 9): the module that defines
