@@ -15,13 +15,11 @@ import torch
 from torch import nn
 
 from statscope.errors import StatscopeError
-from statscope.nn.algebra import UNIT_EPS, fractions, mix, plain_forward
-from statscope.nn.cells import cell_norm
-from statscope.nn.channel import ChannelPlan, channel_norm
-from statscope.nn.composed import extended_std_composed
+from statscope.nn.algebra import mix
+from statscope.nn.channel import ChannelPlan
 from statscope.nn.moments import (BATCH_SETS, GROUPED_SETS, STD_CENTERS, check_groups, check_set,
                                   describe, set_average, set_size)
-from statscope.native import kernels
+from statscope.nn.routes import Routes
 
 try:
     from torch.compiler import is_compiling as compiling
@@ -30,38 +28,17 @@ except ImportError:  # torch < 2.3
 
 __all__ = ["HeteroNorm", "SwitchableNorm", "is_norm_layer"]
 
-# HN (and EN) inputs up to this many elements take the composed route (fewer calls), larger ones
-# the Function (fewer passes over the data): the crossovers measured on CPU, one thread
-_SMALL = 49152
-_SMALL_EN = 98304
-# per-channel norms' CPU inputs up to this many elements take the C++ kernel (.native): one
-# thread, one fused pass each way, ahead of torch's kernels until their threads and vector units
-# pay (measured at one thread: 1.9-2.6x faster than the Python routes at 512-32768 elements, even
-# with them at 524288)
-_KERNEL_LIMIT = 65536
-
 # a lone pair of equal sets that is exactly one of torch's norms: (mean set, std set) -> op
 _TORCH_NORMS = {"batch": "batch_norm", "instance": "instance_norm", "layer": "layer_norm",
                 "group": "group_norm"}
 
 
-
-def _memory_format(x):
-    """The channels-last format ``x`` is laid out in, or None."""
-    for fmt in (torch.channels_last, torch.channels_last_3d):
-        try:
-            if x.is_contiguous(memory_format=fmt):
-                return fmt
-        except RuntimeError:  # the format does not apply to this many dims
-            continue
-    return None
-
-
-class _PixelSetNorm(nn.Module):
+class _PixelSetNorm(Routes, nn.Module):
     """Shared machinery: parameters, buffers, routes, running statistics, inference affine.
 
-    ``forward`` takes one route per input shape, dtype and mode (chosen once, then cached), all
-    giving the same values, gradients and running statistics (docs/nn.md, *Performance*):
+    ``forward`` takes one route (:class:`~statscope.nn.routes.Routes`) per input shape, dtype
+    and mode (chosen once, then cached), all giving the same values, gradients and running
+    statistics (docs/nn.md, *Performance*):
 
     - a norm that is exactly one of torch's (BN, IN, LN, GN: one set, equal on both sides) calls
       torch's own op;
@@ -210,13 +187,6 @@ class _PixelSetNorm(nn.Module):
                         f"{pixel_set!r} ({describe(pixel_set)}), which has 1 pixel per set for "
                         f"this shape; expected at least 2")
 
-
-
-
-
-
-
-
     def forward(self, x):
         """Normalize ``x``.
 
@@ -241,154 +211,11 @@ class _PixelSetNorm(nn.Module):
             route = self._choose_route(x, use_batch)
         return route(x, use_batch, update)
 
-    def _native(self, x):
-        """Whether ``x`` has the dtype of the layer's parameters and buffers (or there are none)."""
-        reference = self.weight if self.weight is not None else self.running_mean
-        return reference is None or reference.dtype == x.dtype
-
-    def _choose_route(self, x, use_batch):
-        """Check ``x`` and pick the route for its shape, dtype and mode; remember the choice."""
-        self._check_input(x)
-        self._check_sizes(x.shape, use_batch)
-        native = self._native(x)
-        if native and self._torch_norm is not None:
-            route = self._torch_op
-        elif (native and self._plan is not None and use_batch and self.mean_weight is None
-              and x.device.type == "cpu" and x.numel() <= _KERNEL_LIMIT
-              and x.dtype != torch.float16 and kernels() is not None):
-            route = self._kernel_route
-        elif native and self._plan is not None and use_batch:
-            limit = _SMALL_EN if self._plan.mean_extended[0] else _SMALL
-            rows = x.shape[0] * self._plan.groups
-            # BatchNorm's kernel on the (N, G, K·|S|) view slows down with many short rows
-            short = rows > 512 and x.numel() // rows < 16
-            # on CUDA a step of small layers waits for kernel launches, not for passes over
-            # the data: the composed route's two calls win at any size
-            small = (self._plan.extended_std and (x.numel() <= limit or x.is_cuda)
-                     and not short and x.dtype != torch.float16)
-            route = self._composed_route if small else self._function_route
-        elif (native and self._plan is not None and self.mean_weight is None
-              and self.var_weight is None):
-            route = self._running_route
-        elif native and self._per_example and x.dim() > 2:
-            kernel = (use_batch and x.device.type == "cpu" and x.numel() <= _KERNEL_LIMIT
-                      and x.dtype != torch.float16 and kernels() is not None)
-            route = self._cell_kernel_route if kernel else self._cell_route
-        else:
-            route = self._plain_route
-        if len(self._routes) > 64:
-            self._routes.clear()
-        self._routes[(x.shape, x.dtype, use_batch)] = route
-        return route
-
     def _apply(self, fn, *args, **kwargs):
         # routes and constants depend on the parameters' dtype and device
         self._routes.clear()
         self._shapes.clear()
         return super()._apply(fn, *args, **kwargs)
-
-    def _composed_route(self, x, use_batch, update):
-        """HN/EN on a small input: a few of BatchNorm's own calls (:mod:`statscope.nn.composed`)."""
-        if not x.is_contiguous():
-            return self._function_route(x, use_batch, update)
-        if update:
-            self.num_batches_tracked.add_(1)
-        return extended_std_composed(self, x, update)
-
-    def _kernel_route(self, x, use_batch, update):
-        """A per-channel norm on a small CPU input: the fused C++ kernel (:mod:`.native`)."""
-        if not x.is_contiguous():
-            return self._function_route(x, use_batch, update)
-        plan = self._plan
-        factor, mean_buffers, var_buffers, inverse = self._kernel_update(x, update)
-        return kernels().channel_norm(
-            x, self.weight, self.bias, self.var_weight, plan.groups, plan.mean_extended[0],
-            list(plan.std_extended), plan.subtracted, self.eps if self.eps > 0 else UNIT_EPS,
-            mean_buffers[0], var_buffers, factor, inverse)
-
-    def _cell_kernel_route(self, x, use_batch, update):
-        """Per-example statistics on a small CPU input: the fused C++ kernel (:mod:`.native`)."""
-        if not x.is_contiguous():
-            return self._cell_route(x, use_batch, update)
-        factor, mean_buffers, var_buffers, inverse = self._kernel_update(x, update)
-        return kernels().cell_norm(
-            x, self.weight, self.bias, self.mean_weight, self.var_weight, list(self.mean_sets),
-            list(self.std_sets), self.mean_groups, self.std_groups,
-            self.std_center == "subtracted", self.eps, mean_buffers, var_buffers, factor,
-            inverse)
-
-    def _kernel_update(self, x, update):
-        """The C++ kernels' running-statistics arguments: weight, buffers per set, Bessel's."""
-        if not update:
-            return (0.0, [None] * len(self.mean_sets), [None] * len(self.std_sets),
-                    [1.0] * len(self.std_sets))
-        if self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-        factor = (self.momentum if self.momentum is not None
-                  else 1.0 / max(int(self.num_batches_tracked), 1))
-        means = [None if name is None else self._buffers[name] for name in self._mean_buffers]
-        variances = [None if name is None else self._buffers[name] for name in self._var_buffers]
-        if self.std_center == "subtracted" and self.mean_weight is not None:
-            # the deviations' Bessel factor depends on the mixture of means being learned
-            shares = torch.softmax(self.mean_weight.detach(), 0)
-            return factor, means, variances, [1.0 / float(f)
-                                              for f in fractions(self, x.shape, shares)]
-        key = ("kernel", x.shape)
-        inverse = self._shapes.get(key)
-        if inverse is None:
-            inverse = self._shapes[key] = [1.0 / f for f in fractions(self, x.shape, None)]
-        return factor, means, variances, inverse
-
-    def _function_route(self, x, use_batch, update):
-        """Per-channel statistics: one autograd Function (:mod:`statscope.nn.channel`)."""
-        if update:
-            self.num_batches_tracked.add_(1)
-        return channel_norm(self, x, update)
-
-    def _cell_route(self, x, use_batch, update):
-        """Per-example statistics: one autograd Function (:mod:`statscope.nn.cells`)."""
-        if update and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-        return cell_norm(self, x, use_batch, update)
-
-    def _running_route(self, x, use_batch, update):
-        """Eval with one running buffer per side: BatchNorm's inference op."""
-        return torch.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                False, 0.0, self.eps, torch.backends.cudnn.enabled)
-
-    def _plain_route(self, x, use_batch, update):
-        return plain_forward(self, x, self.weight, self.bias, self.mean_weight, self.var_weight,
-                           use_batch, update)
-
-    def _torch_op(self, x, use_batch, update):
-        """The norm as the torch op it is (BN, IN, LN or GN), BatchNorm's running statistics too."""
-        kind = self._torch_norm
-        cudnn = torch.backends.cudnn.enabled
-        if kind == "batch_norm":
-            factor = 0.0
-            if update:
-                self.num_batches_tracked.add_(1)
-                factor = (self.momentum if self.momentum is not None
-                          else 1.0 / float(self.num_batches_tracked))
-            return torch.batch_norm(x, self.weight, self.bias, self.running_mean,
-                                    self.running_var, use_batch, factor, self.eps, cudnn)
-        if kind == "layer_norm" and x.dim() == 2:
-            return torch.layer_norm(x, (self.num_features,), self.weight, self.bias, self.eps,
-                                    cudnn)
-        # LN on (N, C, *S) is GroupNorm(1, C); IN is GroupNorm(C, C), which keeps channels_last
-        # and runs 2-3x faster on CPU than torch.instance_norm (a BatchNorm of N·C channels)
-        groups = {"group_norm": self.std_groups, "layer_norm": 1}.get(kind, self.num_features)
-        if x.is_cuda and not x.is_contiguous():
-            # CUDA's GroupNorm kernel takes contiguous inputs only (torch 2.11: "Expected
-            # X.is_contiguous(memory_format)"); the output keeps the input's format
-            fmt = _memory_format(x)
-            y = torch.group_norm(x.contiguous(), groups, self.weight, self.bias, self.eps, cudnn)
-            return y if fmt is None else y.contiguous(memory_format=fmt)
-        return torch.group_norm(x, groups, self.weight, self.bias, self.eps, cudnn)
-
-
-
-
 
     @property
     def fusable(self):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from statscope import native
-from statscope.nn import layers
+from statscope.nn import routes
 
 
 @pytest.fixture
@@ -26,6 +26,6 @@ def force_route(monkeypatch, route):
     if route == "kernel" and native.kernels() is None:
         pytest.skip(f"statscope.nn's C++ kernels are unavailable: {native.status()}")
     big = 10**9
-    monkeypatch.setattr(layers, "_KERNEL_LIMIT", big if route == "kernel" else -1)
-    monkeypatch.setattr(layers, "_SMALL", big if route == "composed" else 0)
-    monkeypatch.setattr(layers, "_SMALL_EN", big if route == "composed" else 0)
+    monkeypatch.setattr(routes, "_KERNEL_LIMIT", big if route == "kernel" else -1)
+    monkeypatch.setattr(routes, "_SMALL", big if route == "composed" else 0)
+    monkeypatch.setattr(routes, "_SMALL_EN", big if route == "composed" else 0)
