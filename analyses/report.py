@@ -29,7 +29,6 @@ __all__ = ["Report", "RunEntry", "ScalingGroup", "build_report", "render_markdow
            "markdown_report", "cell_text", "methods", "fmt", "scaling_frame"]
 
 
-
 @dataclass(frozen=True)
 class RunEntry:
     """One analysed run: name, configuration label, batch size, seed, status, steps, layers."""

@@ -32,7 +32,6 @@ from statscope.nn.algebra import CENTRING_SCALE, UNIT_EPS, constants, update_ext
 __all__ = ["extended_std_composed"]
 
 
-
 def extended_std_composed(layer, x, update):
     """Training-mode output of an HN/HN_G/EN/EN_G ``layer`` on a contiguous ``x``.
 

@@ -47,8 +47,6 @@ def synthetic_run(n_steps: int = 400, layers=(("fc1", 4), ("fc2", 4)), batch_siz
     )
 
 
-
-
 def _write_run():
     try:
         from statscope.store import write_run

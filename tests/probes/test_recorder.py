@@ -698,7 +698,6 @@ def test_resume_continues_after_the_last_step(tmp_path):
     assert statscope.open_run(tmp_path / "r").sizes["step"] == 8
 
 
-
 @pytest.mark.parametrize("mechanism", ["forward", "hooks"])
 def test_both_mechanisms_record_the_same_and_clean_up(tmp_path, mechanism):
     model = fc()

@@ -164,7 +164,6 @@ def test_resume_drops_columns_of_a_probe_added_after_the_last_commit(tmp_path):
     assert (ds["count"].values[:, 4:] == 0).all() and np.isnan(ds.bn_mean.values[:, 4:]).all()
 
 
-
 def test_resume_removes_the_partial_files_a_killed_write_left(tmp_path):
     """zarr's local store writes each object to ``*.partial`` and renames it; a kill in between
     leaves the temporary file, and zarr's own listing of the group warns about it (an error under
