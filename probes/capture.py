@@ -125,6 +125,9 @@ class Capture:
         # the writer says otherwise, so that a run whose channels stay clear of eps records the
         # same bits whenever the advice arrives (a resumed run equals the uninterrupted one).
         self.reduce_bn = False
+        # Whether the writer gave its advice yet; until then the probe tests for a mean far
+        # from zero itself (reduce.batchnorm_entry), where BatchNorm's float32 sums lose it.
+        self.advised = False
         self.bn_eps: float | None = None  # the eps of the BatchNorm whose statistics come here
         self._shape = None
         self._start = 0
@@ -163,7 +166,7 @@ class Capture:
             entry = ("invstd", mean, invstd, eps)
         else:
             entry = batchnorm_entry(BatchStats(x, mean, invstd, eps), self._per_channel,
-                                    True, kind)
+                                    True, kind, not self.advised)
             if entry is None:
                 return False
         self.count[slot] = self._per_channel
@@ -237,11 +240,14 @@ class Capture:
                 kind = batchnorm_kind(t, self._per_channel)
                 if self.sets is None:
                     self._bn_memo = (self._rows, _input_key(t, x.invstd), kind)
-                entry = batchnorm_entry(x, self._per_channel, self.sum_bn_mean, kind)
+                entry = batchnorm_entry(x, self._per_channel, self.sum_bn_mean, kind,
+                                        not self.advised)
                 if entry is not None:
                     count[slot] = self._per_channel
                     self._rows[slot - self._start] = entry
                     return
+                if kind == "sum" and self.sum_bn_mean:  # a far mean: until the writer's advice
+                    self.reduce_bn = True
             x = x.input
         if self._rows is None or x.shape != self._shape:
             if x.numel() == 0:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from statscope.native import kernels
-from statscope.rows import EntryJob, jobs_moments, mean_needs_sum
+from statscope.rows import FAR_MEAN, EntryJob, jobs_moments, mean_needs_sum
 
 __all__ = ["step_entry", "batchnorm_entry", "batchnorm_kind", "mean_needs_sum", "entry_moments",
            "entries_gather", "StackedRun", "stack_entries", "SHIFT_SAMPLE", "CPU_BATCHNORM_MAX",
@@ -84,7 +84,7 @@ def batchnorm_kind(x: torch.Tensor, per_channel: int) -> str:
 
 
 def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True,
-                    kind: str | None = None) -> tuple | None:
+                    kind: str | None = None, check_far: bool = False) -> tuple | None:
     """The entry of a BatchNorm's own statistics (:class:`~statscope.probes.fastpath.BatchStats`),
     or None where they are not accurate enough and the input must be reduced generically.
 
@@ -97,13 +97,18 @@ def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True,
     from one cascade sum of the input (one extra pass, a third of BatchNorm's own cost on the
     CPU), and beyond :data:`CPU_BATCHNORM_MAX` elements per channel the input is reduced
     generically instead. The writer thread sets ``sum_mean`` per probe from the statistics it
-    files (:func:`mean_needs_sum`).
+    files (:func:`mean_needs_sum`), and tells a probe whose |mean| is beyond
+    :data:`~statscope.rows.FAR_MEAN` × √(var + eps) to reduce its input instead, where a float32
+    sum loses the mean's digits; until its first advice, ``check_far`` makes that test here
+    (None for such a mean).
 
     Args:
         stats: the BatchNorm's input, mean, inverse std and eps.
         per_channel: elements per channel of the input.
         sum_mean: take the mean from a sum of the input where BatchNorm's is not trusted.
         kind: :func:`batchnorm_kind` of the input, when the caller knows it already.
+        check_far: return None where BatchNorm's mean of a channel is beyond
+            :data:`~statscope.rows.FAR_MEAN` of its √(var + eps) (read on the CPU: no sync).
     """
     x = stats.input
     kind = batchnorm_kind(x, per_channel) if kind is None else kind
@@ -111,13 +116,22 @@ def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True,
         return None
     if kind == "own" or not sum_mean:
         return ("invstd", stats.mean, stats.invstd, stats.eps)
-    if kind == "unsummable":
+    if kind == "unsummable" or (check_far and far_mean(stats.mean, stats.invstd)):
         return None
     # the sum over every dim but the channels': the same kernel and values as the sum over
     # the rows of the (M, C) view, in two torch calls rather than four (step_entry says why)
     x, dims = x.detach(), _BATCH_DIMS[x.ndim]
     total = x.sum(dims) if x.dtype == torch.float32 else x.sum(dims, dtype=torch.float32)
     return ("suminv", total, stats.invstd, stats.eps, per_channel)
+
+
+def far_mean(mean: torch.Tensor, invstd: torch.Tensor) -> bool:
+    """Whether a CPU BatchNorm's (C,) ``mean`` and ``invstd`` put some channel's |mean| beyond
+    :data:`~statscope.rows.FAR_MEAN` × √(var + eps) (non-finite ratios aside): the test the
+    writer makes from the rows it files (:func:`statscope.rows.far_mean`), from one step."""
+    with np.errstate(all="ignore"):
+        ratio = np.abs(mean.detach().numpy()) * invstd.detach().numpy()
+    return bool(np.any(np.isfinite(ratio) & (ratio > FAR_MEAN)))
 
 
 def step_entry(x: torch.Tensor, channel_dim: int, order: int) -> tuple:

@@ -182,6 +182,7 @@ class Filer:
         for i, (sum_mean, reduce) in advice.items():
             cap = self.captures[i]
             cap.sum_bn_mean, cap.reduce_bn = sum_mean, reduce
+            cap.advised = True
 
     def _add(self, new: list[int]) -> None:
         probes, mean, var = [], [], []
