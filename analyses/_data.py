@@ -40,7 +40,7 @@ def run_name(ds: xr.Dataset, i: int | None = None) -> str:
         return str(ds[S.RUN].values[i])
     if S.RUN in ds.coords and ds[S.RUN].ndim == 0:
         return str(ds[S.RUN].values)
-    return str(ds.attrs.get("name", ds.attrs.get(S.ATTR_MODEL, "run")))
+    return str(ds.attrs.get(S.ATTR_NAME, ds.attrs.get(S.ATTR_MODEL, "run")))
 
 
 def ranked(ds: xr.Dataset) -> bool:

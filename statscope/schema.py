@@ -116,6 +116,7 @@ ATTR_LEASE = "lease"  # the holder of the lease when the run was opened for writ
 ATTR_WINDOW_STEPS = "window_steps"  # W of the window summaries; null when none are kept
 ATTR_N_WINDOWS = "n_windows"  # committed rows of the window summaries
 ATTR_EVERY = "every"  # the stride between recorded steps
+ATTR_NAME = "name"  # not stored: open_run sets it to the run's folder name, for messages
 
 
 STEP_RULES = ("optimizer", "forward", "manual")

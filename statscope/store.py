@@ -84,7 +84,8 @@ def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None
         ``bn_mean``, ``bn_std``, ``en_mean``, ``en_std``, ``count`` (and ``bn_kurt`` when
         recorded), float32 except ``count`` (int64); scalars (step,); coords ``step``, ``layer``,
         ``unit``, ``group``, ``label``; the run's attrs. Every variable has ``long_name``,
-        ``units`` and ``description`` attributes.
+        ``units`` and ``description`` attributes; ``attrs["name"]`` is the run's folder name
+        (not stored), by which analyses name it.
 
     Raises:
         StoreError: not a run, or a format this version does not read.
@@ -102,9 +103,10 @@ def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None
     path = os.fspath(path)
     use_options(path, storage_options)
     ranks = [] if is_single_run(path) else rank_paths(path)
-    if ranks:
-        return _open_ranks(path, ranks, chunks, damaged, merge_synced)
-    return _open_one(path, chunks, damaged)
+    ds = (_open_ranks(path, ranks, chunks, damaged, merge_synced) if ranks
+          else _open_one(path, chunks, damaged))
+    ds.attrs.setdefault(S.ATTR_NAME, _run_names([path])[0])
+    return ds
 
 
 def _open_one(path: str, chunks, damaged: str):

@@ -33,6 +33,15 @@ def test_store_round_trip_gives_the_same_fluctuation(tmp_path):
     assert disk.statscope.fluctuation(window=200)[S.BN_MEAN].identical(b[S.BN_MEAN])
 
 
+def test_a_run_opened_from_disk_is_named_by_its_folder(runs_dir):
+    # messages named it by its model's class ("longer than run 'torch.nn...Sequential'"), which
+    # does not tell a folder of runs of one model apart
+    ds = statscope.open_run(runs_dir / "bs4")
+    assert ds.attrs[S.ATTR_NAME] == "bs4"
+    with pytest.raises(statscope.StatscopeError, match="longer than run 'bs4'"):
+        fluctuation(ds, 5000)
+
+
 def test_stacked_store_runs(runs_dir):
     ds = statscope.open_runs(runs_dir)
     c = claims(ds, n_boot=100)
