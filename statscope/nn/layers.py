@@ -21,10 +21,7 @@ from statscope.nn.moments import (BATCH_SETS, GROUPED_SETS, STD_CENTERS, check_g
                                   describe, set_average, set_size)
 from statscope.nn.routes import Routes
 
-try:
-    from torch.compiler import is_compiling as compiling
-except ImportError:  # torch < 2.3
-    from torch._dynamo import is_compiling as compiling
+from torch.compiler import is_compiling as compiling
 
 __all__ = ["HeteroNorm", "SwitchableNorm", "is_norm_layer"]
 
