@@ -125,8 +125,9 @@ class Capture:
         # the writer says otherwise, so that a run whose channels stay clear of eps records the
         # same bits whenever the advice arrives (a resumed run equals the uninterrupted one).
         self.reduce_bn = False
-        # Whether the writer gave its advice yet; until then the probe tests for a mean far
-        # from zero itself (reduce.batchnorm_entry), where BatchNorm's float32 sums lose it.
+        # Whether the writer gave its advice yet. Until then the first step of each kind of
+        # input (:meth:`capture`; not the hot path) tests for a mean far from zero itself
+        # (reduce.batchnorm_entry), where BatchNorm's float32 sums lose its digits.
         self.advised = False
         self.bn_eps: float | None = None  # the eps of the BatchNorm whose statistics come here
         self._shape = None
@@ -166,7 +167,7 @@ class Capture:
             entry = ("invstd", mean, invstd, eps)
         else:
             entry = batchnorm_entry(BatchStats(x, mean, invstd, eps), self._per_channel,
-                                    True, kind, not self.advised)
+                                    True, kind)
             if entry is None:
                 return False
         self.count[slot] = self._per_channel
@@ -246,7 +247,7 @@ class Capture:
                     count[slot] = self._per_channel
                     self._rows[slot - self._start] = entry
                     return
-                if kind == "sum" and self.sum_bn_mean:  # a far mean: until the writer's advice
+                if kind == "sum" and self.sum_bn_mean:  # a far mean, before the writer's advice
                     self.reduce_bn = True
             x = x.input
         if self._rows is None or x.shape != self._shape:

@@ -99,8 +99,8 @@ def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True,
     generically instead. The writer thread sets ``sum_mean`` per probe from the statistics it
     files (:func:`mean_needs_sum`), and tells a probe whose |mean| is beyond
     :data:`~statscope.rows.FAR_MEAN` × √(var + eps) to reduce its input instead, where a float32
-    sum loses the mean's digits; until its first advice, ``check_far`` makes that test here
-    (None for such a mean).
+    sum loses the mean's digits; before its first advice, ``check_far`` makes that test here at
+    a probe's first step (None for such a mean).
 
     Args:
         stats: the BatchNorm's input, mean, inverse std and eps.
