@@ -42,7 +42,8 @@ from statscope.probes.fastpath import BatchStats
 from statscope.probes.nested import flat_nested
 from statscope.probes.pool import BufferPool, Pair
 from statscope.probes.reduce import (StackedRun, batchnorm_entry, batchnorm_kind,
-                                     entries_gather, stack_entries, step_entry)
+                                     entries_gather, reduce_before_advice, stack_entries,
+                                     step_entry)
 from statscope.probes.selection import Target
 from statscope.probes.sets import mask_weights, masked_entry, set_entry
 from statscope.probes.statistics import block_moments
@@ -126,8 +127,9 @@ class Capture:
         # same bits whenever the advice arrives (a resumed run equals the uninterrupted one).
         self.reduce_bn = False
         # Whether the writer gave its advice yet. Until then the first step of each kind of
-        # input (:meth:`capture`; not the hot path) tests for a mean far from zero itself
-        # (reduce.batchnorm_entry), where BatchNorm's float32 sums lose its digits.
+        # input and block (:meth:`capture`; not the hot path) makes the writer's tests itself
+        # (reduce.reduce_before_advice), so that a layer far from zero or near eps from the
+        # start is right from its first step.
         self.advised = False
         self.bn_eps: float | None = None  # the eps of the BatchNorm whose statistics come here
         self._shape = None
@@ -241,14 +243,14 @@ class Capture:
                 kind = batchnorm_kind(t, self._per_channel)
                 if self.sets is None:
                     self._bn_memo = (self._rows, _input_key(t, x.invstd), kind)
-                entry = batchnorm_entry(x, self._per_channel, self.sum_bn_mean, kind,
-                                        not self.advised)
-                if entry is not None:
-                    count[slot] = self._per_channel
-                    self._rows[slot - self._start] = entry
-                    return
-                if kind == "sum" and self.sum_bn_mean:  # a far mean, before the writer's advice
-                    self.reduce_bn = True
+                if not self.advised and reduce_before_advice(x, kind, self.sum_bn_mean):
+                    self.reduce_bn = True  # the writer's advice, taken here before it comes
+                else:
+                    entry = batchnorm_entry(x, self._per_channel, self.sum_bn_mean, kind)
+                    if entry is not None:
+                        count[slot] = self._per_channel
+                        self._rows[slot - self._start] = entry
+                        return
             x = x.input
         if self._rows is None or x.shape != self._shape:
             if x.numel() == 0:

@@ -30,10 +30,10 @@ about 1e-7 of ``√(var + eps)`` to BatchNorm's own error: the stored ``bn_std``
 itself while ``var ≥ 100·eps`` and to ~6e-5 of itself down to ``1e-3·eps``; below, the probe
 reduces its input itself once the writer has seen such a channel (``Capture.reduce_bn``,
 :func:`statscope.rows.near_eps`), as it does on the CPU for a channel whose |mean| is more than
-300 × √(var + eps) (:func:`statscope.rows.far_mean`: a float32 sum loses the mean's digits;
-before the writer's first advice the probe makes that test itself at its first step, from
-BatchNorm's (C,) mean and inverse std, so that a layer whose offset is large from the start is
-right from the first step). Where
+300 × √(var + eps) (:func:`statscope.rows.far_mean`: a float32 sum loses the mean's digits).
+On the CPU, before the writer's first advice, the probe makes both tests itself at its first
+step from BatchNorm's (C,) statistics (:func:`statscope.probes.reduce.reduce_before_advice`), so
+that a layer near eps or far from zero from the start is right from the first step. Where
 torch's CPU kernel sums in float32 (channels_last, ``(N, C)`` and low-precision inputs), the mean
 comes from one extra sum of the input and large inputs are reduced generically
 (:func:`statscope.probes.reduce.batchnorm_entry`). Where BatchNorm's own float32 variance

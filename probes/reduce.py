@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from statscope.native import kernels
-from statscope.rows import FAR_MEAN, EntryJob, jobs_moments, mean_needs_sum
+from statscope.rows import FAR_MEAN, NEAR_EPS, EntryJob, jobs_moments, mean_needs_sum
 
 __all__ = ["step_entry", "batchnorm_entry", "batchnorm_kind", "mean_needs_sum", "entry_moments",
            "entries_gather", "StackedRun", "stack_entries", "SHIFT_SAMPLE", "CPU_BATCHNORM_MAX",
@@ -84,7 +84,7 @@ def batchnorm_kind(x: torch.Tensor, per_channel: int) -> str:
 
 
 def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True,
-                    kind: str | None = None, check_far: bool = False) -> tuple | None:
+                    kind: str | None = None) -> tuple | None:
     """The entry of a BatchNorm's own statistics (:class:`~statscope.probes.fastpath.BatchStats`),
     or None where they are not accurate enough and the input must be reduced generically.
 
@@ -99,16 +99,13 @@ def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True,
     generically instead. The writer thread sets ``sum_mean`` per probe from the statistics it
     files (:func:`mean_needs_sum`), and tells a probe whose |mean| is beyond
     :data:`~statscope.rows.FAR_MEAN` × √(var + eps) to reduce its input instead, where a float32
-    sum loses the mean's digits; before its first advice, ``check_far`` makes that test here at
-    a probe's first step (None for such a mean).
+    sum loses the mean's digits (before that advice: :func:`reduce_before_advice`).
 
     Args:
         stats: the BatchNorm's input, mean, inverse std and eps.
         per_channel: elements per channel of the input.
         sum_mean: take the mean from a sum of the input where BatchNorm's is not trusted.
         kind: :func:`batchnorm_kind` of the input, when the caller knows it already.
-        check_far: return None where BatchNorm's mean of a channel is beyond
-            :data:`~statscope.rows.FAR_MEAN` of its √(var + eps) (read on the CPU: no sync).
     """
     x = stats.input
     kind = batchnorm_kind(x, per_channel) if kind is None else kind
@@ -116,7 +113,7 @@ def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True,
         return None
     if kind == "own" or not sum_mean:
         return ("invstd", stats.mean, stats.invstd, stats.eps)
-    if kind == "unsummable" or (check_far and far_mean(stats.mean, stats.invstd)):
+    if kind == "unsummable":
         return None
     # the sum over every dim but the channels': the same kernel and values as the sum over
     # the rows of the (M, C) view, in two torch calls rather than four (step_entry says why)
@@ -125,12 +122,25 @@ def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True,
     return ("suminv", total, stats.invstd, stats.eps, per_channel)
 
 
-def far_mean(mean: torch.Tensor, invstd: torch.Tensor) -> bool:
-    """Whether a CPU BatchNorm's (C,) ``mean`` and ``invstd`` put some channel's |mean| beyond
-    :data:`~statscope.rows.FAR_MEAN` × √(var + eps) (non-finite ratios aside): the test the
-    writer makes from the rows it files (:func:`statscope.rows.far_mean`), from one step."""
+def reduce_before_advice(stats, kind: str, sum_mean: bool) -> bool:
+    """Whether a BatchNorm probe should reduce its input itself (``Capture.reduce_bn``) before
+    the writer's first advice: the writer's two tests (:func:`statscope.rows.near_eps` and
+    :func:`statscope.rows.far_mean`) made on one step's
+    :class:`~statscope.probes.fastpath.BatchStats`, on the CPU, where reading BatchNorm's (C,)
+    statistics waits for nothing (on other devices False: it would wait for the device). A
+    channel whose variance is below :data:`~statscope.rows.NEAR_EPS` × eps, where
+    ``1/invstd² − eps`` loses its digits; or, where the mean would come from a float32 sum
+    (``kind`` ``"sum"`` with ``sum_mean``), |mean| beyond :data:`~statscope.rows.FAR_MEAN` ×
+    √(var + eps). Non-finite values aside."""
+    if not stats.invstd.is_cpu:
+        return False
     with np.errstate(all="ignore"):
-        ratio = np.abs(mean.detach().numpy()) * invstd.detach().numpy()
+        invstd = stats.invstd.detach().numpy().astype(np.float64)
+        if np.any(np.isfinite(invstd) & (invstd * invstd * (stats.eps * (1 + NEAR_EPS)) > 1)):
+            return True
+        if kind != "sum" or not sum_mean:
+            return False
+        ratio = np.abs(stats.mean.detach().numpy()) * invstd
     return bool(np.any(np.isfinite(ratio) & (ratio > FAR_MEAN)))
 
 

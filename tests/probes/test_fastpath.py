@@ -527,23 +527,44 @@ def test_channels_near_eps_are_reduced_from_the_input_once_the_writer_sees_them(
 
 def test_near_eps_advice_reaches_the_probe_early_in_the_next_block(tmp_path):
     # The writer process reports a block's advice as soon as it has the rows, and the writer
-    # thread polls for it: under steady training a probe on a constant channel (var 0, which
-    # 1/invstd² − eps cannot give) switches a few steps into the second block. It switched
-    # only at the third: the advice was read when the next block was filed.
+    # thread polls for it: under steady training a probe on a channel that turns constant (var
+    # 0, which 1/invstd² − eps cannot give) in the second block switches a few steps into the
+    # third. It switched only at the fourth: the advice was read when the next block was filed.
     model = nn.Sequential(nn.BatchNorm1d(4))
-    # (N, C, L): BatchNorm's own statistics as they are (an (N, C) input of |mean| > 300·√eps
-    # is reduced from the first step: a far mean, which a constant 1 is to 1/√eps = 316)
-    x = torch.ones(8, 4, 2)
+    gen = torch.Generator().manual_seed(0)
+    # (N, C, L): BatchNorm's own statistics as they are (no extra sum of the mean)
+    xs = [torch.randn(8, 4, 2, generator=gen) for _ in range(32)] + [torch.ones(8, 4, 2)] * 96
     with statscope.record(model, tmp_path / "r", block_steps=32, step="manual",
                           writer="process") as rec:
-        for _ in range(96):
+        for x in xs:
             model(x)
             rec.step()
             time.sleep(0.005)  # a training step's time
     got = statscope.open_run(tmp_path / "r").bn_std.values
-    assert np.all(got[:32] > 0)  # BatchNorm's own: ~1e-6 for a true 0
-    approximate = np.nonzero((got != 0).any(1))[0]
-    assert approximate.max() < 32 + 16 and np.all(got[48:] == 0)
+    assert np.all(got[:32] > 0.1) and np.all(got[32:64] > 0)  # BatchNorm's own: ~1e-6 for 0
+    approximate = np.nonzero((got[32:] != 0).any(1))[0] + 32
+    assert approximate.max() < 64 + 16 and np.all(got[80:] == 0)
+
+
+@pytest.mark.parametrize("shape", [(8, 4), (8, 4, 5), (2, 4, 3, 3)])
+def test_a_constant_channel_is_exactly_constant_from_the_first_step_on_the_cpu(tmp_path, shape):
+    # a dead or pruned channel (constant over the batch from the start): BatchNorm's
+    # 1/invstd² − eps read ~1e-6 instead of 0 for the first block, until the writer's advice
+    model = nn.Sequential(nn.BatchNorm1d(4) if len(shape) < 4 else nn.BatchNorm2d(4))
+    gen = torch.Generator().manual_seed(0)
+    xs = []
+    for _ in range(5):
+        x = torch.randn(shape, generator=gen)
+        x[:, 2] = 0.5  # channel 2 constant
+        xs.append(x)
+    with statscope.record(model, tmp_path / "r", block_steps=64) as rec:
+        for x in xs:
+            model(x)
+        assert not rec.captures[0].advised
+    ds = statscope.open_run(tmp_path / "r")
+    assert np.all(ds.bn_std.values[:, 2] == 0)
+    mean, var = reference([x.double() for x in xs])
+    np.testing.assert_allclose(ds.bn_std.values, np.sqrt(var), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("layer, kinds", [
