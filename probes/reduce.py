@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from statscope.native import kernels
-from statscope.rows import FAR_MEAN, NEAR_EPS, EntryJob, jobs_moments, mean_needs_sum
+from statscope.rows import EntryJob, far_mean, jobs_moments, mean_needs_sum, near_eps
 
 __all__ = ["step_entry", "batchnorm_entry", "batchnorm_kind", "mean_needs_sum", "entry_moments",
            "entries_gather", "StackedRun", "stack_entries", "SHIFT_SAMPLE", "CPU_BATCHNORM_MAX",
@@ -125,23 +125,20 @@ def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True,
 def reduce_before_advice(stats, kind: str, sum_mean: bool) -> bool:
     """Whether a BatchNorm probe should reduce its input itself (``Capture.reduce_bn``) before
     the writer's first advice: the writer's two tests (:func:`statscope.rows.near_eps` and
-    :func:`statscope.rows.far_mean`) made on one step's
-    :class:`~statscope.probes.fastpath.BatchStats`, on the CPU, where reading BatchNorm's (C,)
-    statistics waits for nothing (on other devices False: it would wait for the device). A
-    channel whose variance is below :data:`~statscope.rows.NEAR_EPS` × eps, where
-    ``1/invstd² − eps`` loses its digits; or, where the mean would come from a float32 sum
-    (``kind`` ``"sum"`` with ``sum_mean``), |mean| beyond :data:`~statscope.rows.FAR_MEAN` ×
-    √(var + eps). Non-finite values aside."""
+    :func:`statscope.rows.far_mean`) on one step's
+    :class:`~statscope.probes.fastpath.BatchStats`, its variance recovered as the writer
+    recovers it, on the CPU, where reading BatchNorm's (C,) statistics waits for nothing (on
+    other devices False: it would wait for the device). The far-mean test only where the mean
+    would come from a float32 sum (``kind`` ``"sum"`` with ``sum_mean``)."""
     if not stats.invstd.is_cpu:
         return False
-    with np.errstate(all="ignore"):
-        invstd = stats.invstd.detach().numpy().astype(np.float64)
-        if np.any(np.isfinite(invstd) & (invstd * invstd * (stats.eps * (1 + NEAR_EPS)) > 1)):
-            return True
-        if kind != "sum" or not sum_mean:
-            return False
-        ratio = np.abs(stats.mean.detach().numpy()) * invstd
-    return bool(np.any(np.isfinite(ratio) & (ratio > FAR_MEAN)))
+    invstd = stats.invstd.detach().numpy().astype(np.float64)[None]
+    with np.errstate(divide="ignore"):
+        var = np.maximum(1.0 / (invstd * invstd) - stats.eps, 0.0)
+    if near_eps(var, stats.eps):
+        return True
+    return kind == "sum" and sum_mean and far_mean(stats.mean.detach().numpy()[None], var,
+                                                   stats.eps)
 
 
 def step_entry(x: torch.Tensor, channel_dim: int, order: int) -> tuple:
