@@ -7,9 +7,10 @@
 
 Each row builds one model, copies it once per contender (same weights), and trains every copy on
 the same in-memory batches with SGD (momentum 0.9). The copies take turns in blocks of steps,
-in the order A B C … C B A within a round (so drift within a round affects all alike); the
-ratio of a contender in a round is its two blocks' time over the plain copy's two blocks'. The
-table shows per row the plain ms/step and, per contender, the median ratio over rounds with its
+in the order A B C … C B A within a round (so drift within a round affects all alike; the
+contenders B, C, … turn places from round to round, the plain copy A stays first); the ratio
+of a contender in a round is its two blocks' time over the plain copy's two blocks'. The table
+shows per row the plain ms/step and, per contender, the median ratio over rounds with its
 spread (min–max), and the median ratio of the training thread's CPU time (``thread_time``), which
 load from other processes disturbs less (it leaves out the time the thread waits for the GIL or a
 core). Contenders:
@@ -369,10 +370,15 @@ def measure(row: Row, device: str, contenders: list[str], rounds: int, block_sec
         probe = {a.name: 0.0 for a in arms}
         writer = {a.name: 0.0 for a in arms}
         first = 3 + n
-        for _ in range(rounds):
+        for r in range(rounds):
             elapsed = {a.name: 0.0 for a in arms}
             used = {a.name: 0.0 for a in arms}
-            for arm in arms + arms[::-1]:
+            # the contenders' order turns each round, so that none always runs next to the plain
+            # copy or twice in a row: a contender's place in a round may change its time (on the
+            # FC net at bs 4 three identical contenders differed by up to 1.5 points in one run)
+            k = r % (len(arms) - 1)
+            order = arms[:1] + arms[1 + k:] + arms[1:1 + k]
+            for arm in order + order[::-1]:
                 t0, c0 = time.perf_counter(), time.thread_time()
                 p0, w0 = arm.probe_us(), arm.writer_us()
                 arm.steps(batches, n, first)

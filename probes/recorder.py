@@ -266,18 +266,17 @@ class Recorder(Lifecycle, Hooks, Steps):
         """Record per-step scalars (loss, lr, ...) for the current step, without a host sync.
 
         Args:
-            **scalars: Python numbers or one-element tensors (detached, moved to the host by the
-                writer thread).
+            **scalars: Python numbers or one-element tensors. A tensor is recorded as it is at
+                this call, not as a later in-place update leaves it (a running total): on the
+                CPU it is read at once (a read, not a sync); on other devices copied on the
+                current stream and moved to the host by the writer thread.
         """
         for name, value in scalars.items():
             if name not in self._scalar_names:
                 check_scalar_name(name, STATISTICS)
                 self._scalar_names.add(name)
             if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    raise StatscopeError(f"log({name}=...): a tensor of shape "
-                                         f"{tuple(value.shape)}; expected one element")
-                value = value.detach() if value.ndim == 0 else value.detach().reshape(())
+                value = _scalar_of(name, value)
             elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
                 value = float(value)
             else:
@@ -289,6 +288,22 @@ class Recorder(Lifecycle, Hooks, Steps):
                 # not _dirty: a value logged before the step's first forward (the run's first
                 # step, or a side thread) belongs to the step that forward then joins
                 self._logged = True
+
+
+def _scalar_of(name: str, value: torch.Tensor):
+    """What :meth:`Recorder.log` keeps of a one-element tensor: its value now, as a Python
+    number on the CPU (``item`` is a read there, and a float kept costs the training thread
+    less than a tensor the writer thread frees), else a detached 0-d copy on its device (one
+    kernel, stream-ordered before any later in-place update)."""
+    if value.numel() != 1:
+        raise StatscopeError(f"log({name}=...): a tensor of shape {tuple(value.shape)}; "
+                             "expected one element")
+    if value.is_complex():
+        raise StatscopeError(f"log({name}=...): a complex tensor ({value.dtype}); log its "
+                             "real part or its absolute value")
+    if value.is_cpu:
+        return float(value.item())
+    return value.detach().reshape(()).clone()
 
 
 def _probe_info(t: Target, path: str) -> ProbeInfo:

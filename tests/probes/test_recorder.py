@@ -215,6 +215,36 @@ def test_a_value_logged_before_the_first_forward_joins_the_first_step(tmp_path, 
     assert ds.lr.values[:5].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0] and np.isnan(ds.lr.values[5])
 
 
+def test_a_logged_tensor_is_recorded_as_it_was_when_logged(tmp_path):
+    # A running total kept in a tensor and updated in place (`total += loss.detach()`): the
+    # recorder kept a reference and read it when the block was filed, so every step of a block
+    # held the total of the block's last step. Also the dtypes a loop logs: float64, bf16, int.
+    model = fc()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    total = torch.zeros((), dtype=torch.float64)
+    want, halves = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with statscope.record(model, tmp_path / "r", block_steps=4) as rec:
+            for i, x in enumerate(batches(6)):
+                loss = model(x).square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                total += loss.detach().double()
+                half = loss.detach().to(torch.bfloat16).reshape(1)
+                rec.log(total=total, half=half, seen=torch.tensor(i + 1))
+                want.append(total.item())
+                halves.append(float(half))
+    ds = statscope.open_run(tmp_path / "r")
+    np.testing.assert_array_equal(ds.total.values, want)
+    np.testing.assert_array_equal(ds.half.values, halves)
+    np.testing.assert_array_equal(ds.seen.values, np.arange(1.0, 7.0))
+    with pytest.raises(StatscopeError, match="log\\(z=...\\): a complex"):
+        with statscope.record(model, tmp_path / "c") as rec:
+            rec.log(z=torch.tensor(1 + 2j))
+
+
 def test_manual_steps_take_the_first_forward_of_each_step(tmp_path):
     model = fc()
     xs = batches(6)
