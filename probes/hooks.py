@@ -125,63 +125,64 @@ class Hooks:
         return moments_hook
 
     def _make_root_hook(self):
-        """The probe at the top of the model's forward: :meth:`_root_hook` with the grad mode
-        the forward runs in. In a compiled graph, which runs without autograd whatever its
-        caller's mode, the mode is the one dynamo traced in (it guards on it): the operator
-        calls ``by_grad_mode[mode]`` (:func:`statscope.probes.compiled.observer`)."""
-        root = self._root_hook
+        """The probe at the top of the model's forward, called with the module and its arguments;
+        ``grad`` is the grad mode the forward runs in (read when not given). In a compiled graph,
+        which runs without autograd whatever its caller's mode, the mode is the one dynamo
+        traced in (it guards on it): the operator calls ``by_grad_mode[mode]``
+        (:func:`statscope.probes.compiled.observer`). One function, not a method behind a
+        wrapper: it runs once per training step."""
 
-        def root_hook(module, args, kwargs=None):
-            root(module, args, kwargs, _grad_enabled())
+        def root_hook(module, args, kwargs=None, grad=None):
+            if grad is None:
+                grad = _grad_enabled()
+            # A training forward: the model's, or one of a probed layer (``model.eval()`` then
+            # ``model.head.train()``: fine-tuning with a frozen backbone), with autograd on
+            self._quiet = not grad and not self.record_eval
+            self._func = func = None if _transform_level() is None else functorch.kind()
+            if not self._on or self._quiet or not (module.training or self.record_eval or any(
+                    t.module.training for t in self.targets)) or _in_backward() != -1:
+                self._open = None
+                return
+            if func is not None and func != "grad":
+                self._not_transformed(func)
+                if self._say:
+                    self._emit()
+                return
+            if self._rule == "manual":  # rec.step() ends steps
+                if self._mask_of is not None and not self._dirty:  # the step's first forward
+                    with self._lock:
+                        self._mask = self._mask_from(args, kwargs)
+                return
+            t0 = time.perf_counter()
+            with self._lock:
+                if self._failed is not None:
+                    self._discard(self._failed)
+                # a step's first training forward ends the step before (under "optimizer" only
+                # once the optimizer stepped: the forwards between are micro-batches)
+                if self._dirty and self._rule == "optimizer" and not self._pending_end:
+                    self._forwards += 1  # another micro-batch of the same optimizer step
+                    slot = self._slot
+                    self._open = (slot, self._step_no, False,
+                                  [cap.count[slot] for cap in self.captures])
+                else:
+                    if self._dirty:
+                        self._end_step()  # and hands the block over when it is due
+                    else:
+                        self._maybe_dispatch()
+                    self._dirty = True
+                    self._forwards = 1
+                    self._open = (self._slot, self._step_no, True, None)
+                    if self._mask_of is not None:  # the step's first forward
+                        self._mask = self._mask_from(args, kwargs)
+                self._root_ever = True
+            self.probe_seconds += time.perf_counter() - t0
+            if self._say or self._worker.notices:
+                self._emit()
 
         root_hook.by_grad_mode = {  # type: ignore[attr-defined]
-            mode: lambda module, args, mode=mode: root(module, args, None, mode)
+            mode: lambda module, args, mode=mode: root_hook(module, args, None, mode)
             for mode in (True, False)}
         return root_hook
-
-    def _root_hook(self, module, args, kwargs, grad: bool):
-        # A training forward: the model's, or one of a probed layer (``model.eval()`` then
-        # ``model.head.train()``: fine-tuning with a frozen backbone), with autograd on
-        self._quiet = not grad and not self.record_eval
-        self._func = func = None if _transform_level() is None else functorch.kind()
-        if not self._on or self._quiet or not (module.training or self.record_eval or any(
-                t.module.training for t in self.targets)) or _in_backward() != -1:
-            self._open = None
-            return
-        if func is not None and func != "grad":
-            self._not_transformed(func)
-            if self._say:
-                self._emit()
-            return
-        if self._rule == "manual":  # rec.step() ends steps
-            if self._mask_of is not None and not self._dirty:  # the step's first forward
-                with self._lock:
-                    self._mask = self._mask_from(args, kwargs)
-            return
-        t0 = time.perf_counter()
-        with self._lock:
-            if self._failed is not None:
-                self._discard(self._failed)
-            # a step's first training forward ends the step before (under "optimizer" only
-            # once the optimizer stepped: the forwards between are micro-batches)
-            if self._dirty and self._rule == "optimizer" and not self._pending_end:
-                self._forwards += 1  # another micro-batch of the same optimizer step
-                slot = self._slot
-                self._open = (slot, self._step_no, False,
-                              [cap.count[slot] for cap in self.captures])
-            else:
-                if self._dirty:
-                    self._end_step()
-                self._maybe_dispatch()
-                self._dirty = True
-                self._forwards = 1
-                self._open = (self._slot, self._step_no, True, None)
-                if self._mask_of is not None:  # the step's first forward
-                    self._mask = self._mask_from(args, kwargs)
-            self._root_ever = True
-        self.probe_seconds += time.perf_counter() - t0
-        if self._say or self._worker.notices:
-            self._emit()
 
     def _mask_from(self, args, kwargs):
         mask = self._mask_of(args, kwargs or {})

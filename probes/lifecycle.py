@@ -173,7 +173,7 @@ class Lifecycle:
                         "forward the loop calls, or pass step='manual' and call rec.step()",
                         StatscopeWarning))
                 if self._dirty or self._logged:
-                    self._end_step()
+                    self._end_step(dispatch=False)
                 block = self._take_block() if self._slot else None
             if block is not None and not self._writer.put(block):
                 self._give_back(block)

@@ -222,7 +222,6 @@ class Recorder(Lifecycle, Hooks, Steps):
         if self._on:
             with self._lock:
                 self._end_step()
-                self._maybe_dispatch()
             if self._say or self._writer.notices:
                 self._emit()
 

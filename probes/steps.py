@@ -64,7 +64,10 @@ class Steps:
         else:
             self._forwards -= 1
 
-    def _end_step(self) -> None:
+    def _end_step(self, dispatch: bool = True) -> None:
+        """End the current step; with ``dispatch``, then hand the block over if it is full or
+        its first step has waited ``flush_seconds`` (:meth:`_maybe_dispatch`, inline: this runs
+        once per training step)."""
         if self._rule == "optimizer":
             if self._first_forwards is None:
                 self._first_forwards = self._forwards
@@ -81,7 +84,11 @@ class Steps:
         self._mask, self._next_mask = self._next_mask, None
         self._dirty = self._logged = False
         self._pending_end = False
-        self.streams.remember()
+        if self.streams.devices:
+            self.streams.remember()
+        if dispatch and (self._rule == "undecided" or self._slot >= self.block_steps or (
+                self._slot and time.monotonic() - self._last_dispatch >= self.flush_seconds)):
+            self._maybe_dispatch()
 
     def _held_back(self) -> bool:
         """Whether a probe that runs now, while a step waits for its end or is one that
@@ -106,7 +113,6 @@ class Steps:
         with self._lock:
             if self._pending_end:
                 self._end_step()
-                self._maybe_dispatch()
                 self._dirty = True  # as the model's forward marks a step it begins
                 if not graph:  # a compiled graph runs without autograd: it cannot say
                     self._quiet = not self.record_eval  # as the model's forward would have
