@@ -98,6 +98,7 @@ class Filer:
         names = {p.name: i for i, p in enumerate(writer.layout.probes)}
         self.column = {i: names[s.info.name] for i, s in enumerate(static) if s.info.name in names}
         self.warned_nonfinite = False
+        self.said_nonfinite: set[str] = set()  # scalar names said to be logged non-finite
         self.bad = 0  # non-finite values filed
         self.steps = 0  # steps filed
         self.ran: set[int] = set()  # probes with a value in a filed step
@@ -117,12 +118,35 @@ class Filer:
                 with self.streams.writer_context():
                     gathered = gather_block(block, self.captures, self.statistics, self.order,
                                             skip)
+                notices.extend(self._nonfinite_scalars(block, gathered, skip))
                 self._append(gathered)
         finally:
             if block.owned:
                 for pair in block.buffers():
                     self.pool.give(pair)
         return self.settle(notices)
+
+    def _nonfinite_scalars(self, block: Block, gathered: Gathered, skip: int) -> list[Notice]:
+        """A notice, once per name, that a logged scalar was NaN or infinite (a diverged loss):
+        stored as it is, where NaN also marks the steps it was not logged at."""
+        notices = []
+        for name, values in block.scalars.items():
+            if name in self.said_nonfinite:
+                continue
+            rows = np.array(sorted({row - skip for row, _ in values if row >= skip}), np.int64)
+            if not len(rows):
+                continue
+            logged = gathered.scalars[name][rows]
+            bad = ~np.isfinite(logged)
+            if bad.any():
+                self.said_nonfinite.add(name)
+                first = int(np.argmax(bad))
+                notices.append(Notice(
+                    f"statscope: {name}={logged[first]} logged at step "
+                    f"{int(gathered.steps[rows[first]])} ({int(bad.sum())} non-finite of the "
+                    f"{len(rows)} logged in that block); stored as it is, but in the store NaN "
+                    f"also marks the steps where {name} was not logged", NonFiniteWarning))
+        return notices
 
     def _append(self, gathered: Gathered) -> None:
         self.steps += len(gathered.steps)

@@ -240,6 +240,23 @@ def test_a_logged_tensor_is_recorded_as_it_was_when_logged(tmp_path):
     np.testing.assert_array_equal(ds.total.values, want)
     np.testing.assert_array_equal(ds.half.values, halves)
     np.testing.assert_array_equal(ds.seen.values, np.arange(1.0, 7.0))
+    # a diverged loss is stored as it is and said once (NaN in the store also means "not
+    # logged at that step", which alone would hide it)
+    with pytest.warns(NonFiniteWarning) as said:
+        with statscope.record(model, tmp_path / "n", block_steps=4) as rec:
+            for i, x in enumerate(batches(10)):
+                model(x).sum().backward()
+                if i >= 5:
+                    rec.log(loss=[float("inf"), 1.0, torch.tensor(float("nan"))][min(i - 5, 2)])
+                if i == 7:
+                    rec.log(loss=torch.tensor(-float("inf")))  # twice in a step: the last
+    said = [str(w.message) for w in said if issubclass(w.category, NonFiniteWarning)]
+    assert len(said) == 1 and said[0].startswith(
+        "statscope: loss=inf logged at step 5 (2 non-finite of the 3 logged in that block)")
+    assert "NaN also marks the steps where loss was not logged" in said[0]
+    loss = statscope.open_run(tmp_path / "n").loss.values
+    assert np.isnan(loss[:5]).all() and loss[5] == np.inf and loss[6] == 1.0
+    assert loss[7] == -np.inf and np.isnan(loss[8:]).all()
     with pytest.raises(StatscopeError, match="log\\(z=...\\): a complex"):
         with statscope.record(model, tmp_path / "c") as rec:
             rec.log(z=torch.tensor(1 + 2j))
