@@ -227,7 +227,11 @@ class Hooks:
             self._failed, self._open = self._open, None
 
     def _optimizer_hook(self, optimizer, args, kwargs) -> None:
-        if not self._on or not self._holds_params(optimizer):
+        if not self._on:
+            return
+        known = self._holds.get(id(optimizer))
+        if not (known[1] if known is not None and known[0]() is optimizer
+                else self._holds_params(optimizer)):
             return
         with self._lock:
             if self._rule == "undecided":
@@ -236,9 +240,8 @@ class Hooks:
                 self._pending_end = True
 
     def _holds_params(self, optimizer) -> bool:
-        known = self._holds.get(id(optimizer))
-        if known is not None and known[0]() is optimizer:
-            return known[1]
+        """Whether ``optimizer`` steps a parameter of the model, remembered per optimizer (a
+        weak reference: an id may be reused once the optimizer is gone)."""
         held = any(id(p) in self._params for g in optimizer.param_groups for p in g["params"])
         self._holds[id(optimizer)] = (weakref.ref(optimizer), held)
         return held

@@ -291,18 +291,26 @@ class Recorder(Lifecycle, Hooks, Steps):
 
 def _scalar_of(name: str, value: torch.Tensor):
     """What :meth:`Recorder.log` keeps of a one-element tensor: its value now, as a Python
-    number on the CPU (``item`` is a read there, and a float kept costs the training thread
+    float on the CPU (``item`` is a read there, and a float kept costs the training thread
     less than a tensor the writer thread frees), else a detached 0-d copy on its device (one
-    kernel, stream-ordered before any later in-place update)."""
+    kernel, stream-ordered before any later in-place update). Once per step: the CPU path makes
+    one torch call where it can."""
+    if value.is_cpu:
+        try:
+            number = value.item()
+        except RuntimeError:  # not one element
+            number = None
+        if type(number) is float:
+            return number
+    elif value.numel() == 1 and not value.is_complex():
+        return value.detach().reshape(()).clone()
     if value.numel() != 1:
         raise StatscopeError(f"log({name}=...): a tensor of shape {tuple(value.shape)}; "
                              "expected one element")
     if value.is_complex():
         raise StatscopeError(f"log({name}=...): a complex tensor ({value.dtype}); log its "
                              "real part or its absolute value")
-    if value.is_cpu:
-        return float(value.item())
-    return value.detach().reshape(()).clone()
+    return float(value.item())  # an integer or boolean tensor on the CPU
 
 
 def _probe_info(t: Target, path: str) -> ProbeInfo:
