@@ -40,6 +40,8 @@ class Hooks:
     _func: str | None
     _said_transform: bool
     _root_ever: bool
+    _open: tuple | None
+    _failed: tuple | None
 
     # -- hot path -----------------------------------------------------------------------------
 

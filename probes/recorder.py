@@ -291,11 +291,12 @@ class Recorder(Lifecycle, Hooks, Steps):
 
 def _scalar_of(name: str, value: torch.Tensor):
     """What :meth:`Recorder.log` keeps of a one-element tensor: its value now, as a Python
-    float on the CPU (``item`` is a read there, and a float kept costs the training thread
-    less than a tensor the writer thread frees), else a detached 0-d copy on its device (one
-    kernel, stream-ordered before any later in-place update). Once per step: the CPU path makes
-    one torch call where it can."""
-    if value.is_cpu:
+    float on the CPU (``item`` is a read there, not a sync), else a detached 0-d copy on its
+    device (one
+    kernel, stream-ordered before any later in-place update; also for tensor subclasses, whose
+    ``item`` may communicate: a DTensor's). Once per step: the CPU path makes one torch call
+    where it can."""
+    if type(value) is torch.Tensor and value.is_cpu:
         try:
             number = value.item()
         except RuntimeError:  # not one element

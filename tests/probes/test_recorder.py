@@ -222,6 +222,7 @@ def test_a_logged_tensor_is_recorded_as_it_was_when_logged(tmp_path):
     model = fc()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     total = torch.zeros((), dtype=torch.float64)
+    scale = nn.Parameter(torch.ones(1))
     want, halves = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -233,13 +234,17 @@ def test_a_logged_tensor_is_recorded_as_it_was_when_logged(tmp_path):
                 opt.zero_grad()
                 total += loss.detach().double()
                 half = loss.detach().to(torch.bfloat16).reshape(1)
-                rec.log(total=total, half=half, seen=torch.tensor(i + 1))
+                # a Parameter (a tensor subclass) takes the path of GPU tensors: a copy
+                rec.log(total=total, half=half, seen=torch.tensor(i + 1), scale=scale)
                 want.append(total.item())
                 halves.append(float(half))
+                with torch.no_grad():
+                    scale.add_(1.0)
     ds = statscope.open_run(tmp_path / "r")
     np.testing.assert_array_equal(ds.total.values, want)
     np.testing.assert_array_equal(ds.half.values, halves)
     np.testing.assert_array_equal(ds.seen.values, np.arange(1.0, 7.0))
+    np.testing.assert_array_equal(ds.scale.values, np.arange(1.0, 7.0))
     # a diverged loss is stored as it is and said once (NaN in the store also means "not
     # logged at that step", which alone would hide it)
     with pytest.warns(NonFiniteWarning) as said:
