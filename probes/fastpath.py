@@ -37,8 +37,9 @@ that a layer near eps or far from zero from the start is right from the first st
 torch's CPU kernel sums in float32 (channels_last, ``(N, C)`` and low-precision inputs), the mean
 comes from one extra sum of the input and large inputs are reduced generically
 (:func:`statscope.probes.reduce.batchnorm_entry`). Where BatchNorm's own float32 variance
-overflowed (``|x| ≳ 1e19``; its output is meaningless too), ``invstd`` is 0 and ``bn_std`` is
-stored as inf.
+overflowed (deviations beyond ~1e19; its output is meaningless too), ``invstd`` is 0 and
+``bn_std`` reads inf until the writer's advice, after which the probe reduces its input itself,
+as for any variance above :data:`statscope.rows.OVERFLOW_VAR`.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from statscope.native import kernels
-from statscope.rows import EntryJob, far_mean, jobs_moments, mean_needs_sum, near_eps
+from statscope.rows import (EntryJob, far_mean, jobs_moments, mean_needs_sum, near_eps,
+                            var_overflows)
 
 __all__ = ["step_entry", "batchnorm_entry", "batchnorm_kind", "mean_needs_sum", "entry_moments",
            "entries_gather", "StackedRun", "stack_entries", "SHIFT_SAMPLE", "CPU_BATCHNORM_MAX",
@@ -124,8 +125,8 @@ def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True,
 
 def reduce_before_advice(stats, kind: str, sum_mean: bool) -> bool:
     """Whether a BatchNorm probe should reduce its input itself (``Capture.reduce_bn``) before
-    the writer's first advice: the writer's two tests (:func:`statscope.rows.near_eps` and
-    :func:`statscope.rows.far_mean`) on one step's
+    the writer's first advice: the writer's tests (:func:`statscope.rows.near_eps`,
+    :func:`statscope.rows.var_overflows` and :func:`statscope.rows.far_mean`) on one step's
     :class:`~statscope.probes.fastpath.BatchStats`, its variance recovered as the writer
     recovers it, on the CPU, where reading BatchNorm's (C,) statistics waits for nothing (on
     other devices False: it would wait for the device). The far-mean test only where the mean
@@ -135,7 +136,7 @@ def reduce_before_advice(stats, kind: str, sum_mean: bool) -> bool:
     invstd = stats.invstd.detach().numpy().astype(np.float64)[None]
     with np.errstate(divide="ignore"):
         var = np.maximum(1.0 / (invstd * invstd) - stats.eps, 0.0)
-    if near_eps(var, stats.eps):
+    if near_eps(var, stats.eps) or var_overflows(var):
         return True
     return kind == "sum" and sum_mean and far_mean(stats.mean.detach().numpy()[None], var,
                                                    stats.eps)

@@ -23,7 +23,8 @@ from statscope.layout import Layout
 
 __all__ = ["Moments", "Rows", "Gathered", "ProbePart", "EntryJob", "BUILTIN", "compute_rows",
            "file_columns", "jobs_moments", "mean_needs_sum", "near_eps", "far_mean", "Advice",
-           "group_moments", "FLOAT32_MEAN_RATIO", "NEAR_EPS", "FAR_MEAN"]
+           "var_overflows", "group_moments", "FLOAT32_MEAN_RATIO", "NEAR_EPS", "FAR_MEAN",
+           "OVERFLOW_VAR"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,22 @@ is constant over the batch). Higher, the switch would fire on the ordinary small
 batches of four, and make such runs' bits depend on when the advice arrives."""
 
 
+OVERFLOW_VAR = 1e30
+"""A BatchNorm probe one of whose channels has a batch variance above this, or whose BatchNorm's
+own variance overflowed (``invstd`` 0, a stored ``bn_std`` of inf), reduces its input itself:
+BatchNorm's CPU kernel sums squared deviations in float32, which overflows once N·var passes
+~3.4e38 (deviations beyond ~1e19 in one element), while the generic path scales its sums and
+keeps such variances. 1e30 leaves room for 1e8 elements per channel; beneath it both paths
+agree, so a probe whose variances hover there moves between two right answers."""
+
+
+def var_overflows(var: np.ndarray) -> bool:
+    """Whether a BatchNorm probe's channels had a variance above :data:`OVERFLOW_VAR` (inf
+    included) in recent steps (the last eight rows of ``var``, (k, C))."""
+    with np.errstate(invalid="ignore"):
+        return bool((var[-8:] > OVERFLOW_VAR).any())
+
+
 FAR_MEAN = 300.0
 """|mean|/√(var + eps) beyond which a float32 sum of a channel's M elements is off by more than
 ~3e-5 of its std whatever M (the rounding of a float32 total, ~1e-7·|mean| relative to the
@@ -133,8 +150,8 @@ class Advice(NamedTuple):
     Attributes:
         sum_mean: its mean needs one extra sum of the input (:func:`mean_needs_sum`; True
             for rows that were not BatchNorm's own CPU statistics).
-        reduce: it should reduce its input itself (:func:`near_eps`, or on the CPU
-            :func:`far_mean`).
+        reduce: it should reduce its input itself (:func:`near_eps`, :func:`var_overflows`,
+            or on the CPU :func:`far_mean`).
     """
 
     sum_mean: bool
@@ -358,7 +375,7 @@ def compute_rows(g: Gathered, compute: Mapping[str, Callable[[Moments], np.ndarr
     # extra sum cannot read (batchnorm_kind "unsummable") stays on the generic path, as it did
     # when only CPU BatchNorm rows were advised.
     advice = {i: Advice(not part.cpu_batchnorm or mean_needs_sum(m.mean, m.var, count),
-                        near_eps(m.var, part.bn_eps)
+                        near_eps(m.var, part.bn_eps) or var_overflows(m.var)
                         or part.cpu and far_mean(m.mean, m.var, part.bn_eps))
               for i, (m, part, count) in enumerate(zip(moments, g.parts, g.counts))
               if m is not None and part.bn_eps is not None}

@@ -4,6 +4,7 @@ bit for bit as it would unprobed."""
 import copy
 import itertools
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 import statscope
-from statscope.errors import StatscopeWarning
+from statscope.errors import NonFiniteWarning, StatscopeWarning
 from statscope.probes import fastpath
 
 CASES = {
@@ -567,6 +568,36 @@ def test_a_constant_channel_is_exactly_constant_from_the_first_step_on_the_cpu(t
     assert np.all(ds.bn_std.values[:, 2] == 0)
     mean, var = reference([x.double() for x in xs])
     np.testing.assert_allclose(ds.bn_std.values, np.sqrt(var), rtol=1e-5, atol=1e-7)
+
+
+def test_a_variance_that_overflows_batchnorm_is_reduced_from_the_input(tmp_path):
+    # A diverging net: a BatchNorm's input reaches 1e27 and BatchNorm's own float32 variance
+    # overflows (invstd 0), so bn_std read inf for the rest of the run while the generic path
+    # and float64 give the std (~1e27, which float32 stores). Now inf only for the steps
+    # before the writer's advice, and not at all for a layer that starts there (on the CPU the
+    # probe makes the test at its first step).
+    model = nn.Sequential(nn.BatchNorm1d(4))
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(8, 4, generator=gen) * (1e27 if i >= 6 else 1.0) for i in range(40)]
+    with pytest.warns(NonFiniteWarning, match="bn_std"):
+        with statscope.record(model, tmp_path / "r", block_steps=8, step="manual") as rec:
+            for i, x in enumerate(xs):
+                model(x)
+                rec.step()
+                if i == 7:
+                    wait_for(lambda: rec.captures[0].reduce_bn)
+    got = statscope.open_run(tmp_path / "r").bn_std.values
+    true = np.stack([x.double().std(0, correction=0).numpy() for x in xs])
+    assert np.isinf(got[6:8]).all()  # before the advice: BatchNorm's own
+    np.testing.assert_allclose(got[:6], true[:6], rtol=1e-5)
+    np.testing.assert_allclose(got[8:], true[8:], rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with statscope.record(model, tmp_path / "s", block_steps=8) as rec:
+            for x in xs[8:20]:
+                model(x)
+    got = statscope.open_run(tmp_path / "s").bn_std.values
+    np.testing.assert_allclose(got, true[8:20], rtol=1e-5)
 
 
 @pytest.mark.parametrize("layer, kinds", [
