@@ -11,11 +11,14 @@ steps that ended while training is idle.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import warnings
 
 import torch
 
+import statscope
 from statscope import schema as S
 from statscope.errors import RecordingError, StatscopeWarning
 from statscope.probes.block import Block
@@ -205,5 +208,20 @@ class Steps:
         if self._worker is not None:
             while self._worker.notices:
                 notices.append(self._worker.notices.popleft())
+        level = _caller_level()
         for n in notices:
-            warnings.warn(n.message, n.category, stacklevel=3)
+            warnings.warn(n.message, n.category, stacklevel=level)
+
+
+# torch's files, statscope's and its probes' (a folder of its own in a source checkout)
+_INSIDE = tuple(os.path.dirname(f) + os.sep for f in (torch.__file__, statscope.__file__, __file__))
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame, counted from :meth:`Steps._emit`'s caller, that is
+    neither statscope's nor torch's: the user's line that ran the model, stepped the optimizer
+    or closed the recorder, which a warning should point at (not statscope's forward wrapper)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2

@@ -255,8 +255,10 @@ def test_a_logged_tensor_is_recorded_as_it_was_when_logged(tmp_path):
                     rec.log(loss=[float("inf"), 1.0, torch.tensor(float("nan"))][min(i - 5, 2)])
                 if i == 7:
                     rec.log(loss=torch.tensor(-float("inf")))  # twice in a step: the last
-    said = [str(w.message) for w in said if issubclass(w.category, NonFiniteWarning)]
-    assert len(said) == 1 and said[0].startswith(
+    said = [w for w in said if issubclass(w.category, NonFiniteWarning)]
+    assert len(said) == 1 and said[0].filename == __file__  # the loop's line, not statscope's
+    said = [str(w.message) for w in said]
+    assert said[0].startswith(
         "statscope: loss=inf logged at step 5 (2 non-finite of the 3 logged in that block)")
     assert "NaN also marks the steps where loss was not logged" in said[0]
     loss = statscope.open_run(tmp_path / "n").loss.values
