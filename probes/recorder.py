@@ -291,27 +291,27 @@ class Recorder(Lifecycle, Hooks, Steps):
 
 def _scalar_of(name: str, value: torch.Tensor):
     """What :meth:`Recorder.log` keeps of a one-element tensor: its value now, as a Python
-    float on the CPU (``item`` is a read there, not a sync), else a detached 0-d copy on its
-    device (one
-    kernel, stream-ordered before any later in-place update; also for tensor subclasses, whose
-    ``item`` may communicate: a DTensor's). Once per step: the CPU path makes one torch call
-    where it can."""
-    if type(value) is torch.Tensor and value.is_cpu:
+    number on the CPU (``item`` is a read there, not a sync), else a detached 0-d copy on its
+    device (one kernel, stream-ordered before any later in-place update), as for tensor
+    subclasses too, whose ``item`` may communicate (a DTensor's). Once per step: the common case,
+    a float CPU tensor, makes one torch call."""
+    plain_cpu = type(value) is torch.Tensor and value.is_cpu
+    if plain_cpu:
         try:
             number = value.item()
-        except RuntimeError:  # not one element
+        except RuntimeError:  # not one element: said below
             number = None
         if type(number) is float:
             return number
-    elif value.numel() == 1 and not value.is_complex():
-        return value.detach().reshape(()).clone()
     if value.numel() != 1:
         raise StatscopeError(f"log({name}=...): a tensor of shape {tuple(value.shape)}; "
                              "expected one element")
     if value.is_complex():
         raise StatscopeError(f"log({name}=...): a complex tensor ({value.dtype}); log its "
                              "real part or its absolute value")
-    return float(value.item())  # an integer or boolean tensor on the CPU
+    if plain_cpu:
+        return float(value.item())  # an integer or boolean tensor
+    return value.detach().reshape(()).clone()
 
 
 def _probe_info(t: Target, path: str) -> ProbeInfo:
