@@ -43,7 +43,7 @@ import torch
 
 from statscope.native import kernels
 from statscope.rows import (EntryJob, far_mean, jobs_moments, mean_needs_sum, near_eps,
-                            var_overflows)
+                            var_from_invstd, var_overflows)
 
 __all__ = ["step_entry", "batchnorm_entry", "batchnorm_kind", "mean_needs_sum", "entry_moments",
            "entries_gather", "StackedRun", "stack_entries", "SHIFT_SAMPLE", "CPU_BATCHNORM_MAX",
@@ -133,9 +133,7 @@ def reduce_before_advice(stats, kind: str, sum_mean: bool) -> bool:
     would come from a float32 sum (``kind`` ``"sum"`` with ``sum_mean``)."""
     if not stats.invstd.is_cpu:
         return False
-    invstd = stats.invstd.detach().numpy().astype(np.float64)[None]
-    with np.errstate(divide="ignore"):
-        var = np.maximum(1.0 / (invstd * invstd) - stats.eps, 0.0)
+    var = var_from_invstd(stats.invstd.detach().numpy().astype(np.float64)[None], stats.eps)
     if near_eps(var, stats.eps) or var_overflows(var):
         return True
     return kind == "sum" and sum_mean and far_mean(stats.mean.detach().numpy()[None], var,

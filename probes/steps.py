@@ -69,8 +69,7 @@ class Steps:
 
     def _end_step(self, dispatch: bool = True) -> None:
         """End the current step; with ``dispatch``, then hand the block over if it is full or
-        its first step has waited ``flush_seconds`` (:meth:`_maybe_dispatch`, inline: this runs
-        once per training step)."""
+        its first step has waited ``flush_seconds`` (:meth:`_maybe_dispatch`)."""
         if self._rule == "optimizer":
             if self._first_forwards is None:
                 self._first_forwards = self._forwards
@@ -89,8 +88,7 @@ class Steps:
         self._pending_end = False
         if self.streams.devices:
             self.streams.remember()
-        if dispatch and (self._rule == "undecided" or self._slot >= self.block_steps or (
-                self._slot and time.monotonic() - self._last_dispatch >= self.flush_seconds)):
+        if dispatch:
             self._maybe_dispatch()
 
     def _held_back(self) -> bool:

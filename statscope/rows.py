@@ -23,8 +23,8 @@ from statscope.layout import Layout
 
 __all__ = ["Moments", "Rows", "Gathered", "ProbePart", "EntryJob", "BUILTIN", "compute_rows",
            "file_columns", "jobs_moments", "mean_needs_sum", "near_eps", "far_mean", "Advice",
-           "var_overflows", "group_moments", "FLOAT32_MEAN_RATIO", "NEAR_EPS", "FAR_MEAN",
-           "OVERFLOW_VAR"]
+           "var_overflows", "var_from_invstd", "group_moments", "FLOAT32_MEAN_RATIO", "NEAR_EPS",
+           "FAR_MEAN", "OVERFLOW_VAR"]
 
 
 @dataclass(frozen=True)
@@ -160,17 +160,21 @@ class Advice(NamedTuple):
 
 # -- entries (statscope.probes.reduce) to moments ----------------------------------------------
 
+def var_from_invstd(invstd: np.ndarray, eps) -> np.ndarray:
+    """BatchNorm's biased batch variance from its ``invstd = 1/√(var + eps)`` (float64; inf
+    where ``invstd`` is 0, BatchNorm's own variance overflowed)."""
+    with np.errstate(divide="ignore"):
+        return np.maximum(1.0 / (invstd * invstd) - eps, 0.0)
+
+
 def _invstd(arrays, numbers, order):
     mean, invstd = arrays
-    with np.errstate(divide="ignore"):
-        var = np.maximum(1.0 / (invstd * invstd) - numbers[:, :1], 0.0)
-    return mean, var, None, None
+    return mean, var_from_invstd(invstd, numbers[:, :1]), None, None
 
 
 def _suminv(arrays, numbers, order):
     total, invstd = arrays
-    _, var, _, _ = _invstd((None, invstd), numbers, order)
-    return total / numbers[:, 1:2], var, None, None
+    return total / numbers[:, 1:2], var_from_invstd(invstd, numbers[:, :1]), None, None
 
 
 def _var(arrays, _numbers, order):

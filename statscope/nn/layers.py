@@ -13,6 +13,7 @@ any further one is ``running_mean_<set>`` / ``running_var_<set>``. Sets that are
 
 import torch
 from torch import nn
+from torch.compiler import is_compiling as compiling
 
 from statscope.errors import StatscopeError
 from statscope.nn.algebra import mix
@@ -20,8 +21,6 @@ from statscope.nn.channel import ChannelPlan
 from statscope.nn.moments import (BATCH_SETS, GROUPED_SETS, STD_CENTERS, check_groups, check_set,
                                   describe, set_average, set_size)
 from statscope.nn.routes import Routes
-
-from torch.compiler import is_compiling as compiling
 
 __all__ = ["HeteroNorm", "SwitchableNorm", "is_norm_layer"]
 
