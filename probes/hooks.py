@@ -42,6 +42,10 @@ class Hooks:
     _root_ever: bool
     _open: tuple | None
     _failed: tuple | None
+    _backward_seen: bool
+    _group: tuple[int, int]
+    _group_merges: bool
+    _held: list
 
     # -- hot path -----------------------------------------------------------------------------
 
@@ -160,8 +164,19 @@ class Hooks:
                 if self._failed is not None:
                     self._discard(self._failed)
                 # a step's first training forward ends the step before (under "optimizer" only
-                # once the optimizer stepped: the forwards between are micro-batches)
-                if self._dirty and self._rule == "optimizer" and not self._pending_end:
+                # once the optimizer stepped or the gradients were discarded: the forwards
+                # between are micro-batches)
+                discarded = False
+                if self._dirty and not self._pending_end and self._rule != "forward":
+                    discarded = self._grads_discarded()
+                    if self._rule == "undecided":
+                        if not discarded:
+                            self._group_merges = True  # micro-batches, if an optimizer steps
+                        elif self._group_merges:  # micro-batches, then a step GradScaler skipped
+                            self._decide("optimizer")
+                self._backward_seen = False
+                if self._dirty and self._rule == "optimizer" and not self._pending_end \
+                        and not discarded:
                     self._forwards += 1  # another micro-batch of the same optimizer step
                     slot = self._slot
                     self._open = (slot, self._step_no, False,
@@ -173,6 +188,9 @@ class Hooks:
                         self._maybe_dispatch()
                     self._dirty = True
                     self._forwards = 1
+                    if discarded:  # the forwards of the run's first optimizer step begin here
+                        self._group, self._group_merges = (self._step_no, self._slot), False
+                        self._held.clear()  # logged in steps that ended, left out by every=
                     self._open = (self._slot, self._step_no, True, None)
                     if self._mask_of is not None:  # the step's first forward
                         self._mask = self._mask_from(args, kwargs)

@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 import numpy as np
+from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from statscope import schema as S
@@ -103,6 +104,10 @@ class Lifecycle:
                 self._params = {id(p) for p in self.root.parameters()}
                 self._handles.append(
                     register_optimizer_step_post_hook(self._optimizer_hook))
+                self._witness = _witness(self.targets, self.root)
+                if self._witness is not None:
+                    self._handles.append(
+                        self._witness.register_post_accumulate_grad_hook(self._on_witness_grad))
         except BaseException as exc:
             self.close(f"start: {exc!r}")
             raise
@@ -207,3 +212,15 @@ def _running0(static, captures) -> dict | None:
         mean.append(r0[0] if r0 else np.full(c, np.nan, np.float32))
         var.append(r0[1] if r0 else np.full(c, np.nan, np.float32))
     return {S.RUNNING_MEAN0: np.concatenate(mean), S.RUNNING_VAR0: np.concatenate(var)}
+
+
+def _witness(targets, root: nn.Module) -> nn.Parameter | None:
+    """The parameter whose gradient tells that a backward ran (Steps._grads_discarded): the
+    first trained parameter of a probed layer (it runs whenever a step is recorded), else of
+    the model; None where the model trains none (or only parameters of lazy modules not yet
+    initialized, whose tensors materializing replaces)."""
+    for params in [t.module.parameters(recurse=False) for t in targets] + [root.parameters()]:
+        for p in params:
+            if p.requires_grad and not isinstance(p, nn.parameter.UninitializedParameter):
+                return p
+    return None

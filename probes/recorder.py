@@ -194,6 +194,17 @@ class Recorder(Lifecycle, Hooks, Steps):
         self._pending_end = False
         self._forwards = 0
         self._first_forwards: int | None = None
+        # A parameter that the model trains, whose post-accumulate-grad hook says that a
+        # backward ran (Steps._grads_discarded), and where the run's first optimizer step
+        # begins: its first forward after the last step whose gradients were discarded
+        # (step, slot), and whether a forward since could be a micro-batch of it
+        self._witness: torch.nn.Parameter | None = None
+        self._backward_seen = False
+        self._group = (0, 0)
+        self._group_merges = False
+        # (step, name, value) logged while undecided in a step that every= leaves out: its own
+        # if the step stays one, the recorded step's whose micro-batch it turns out to be
+        self._held: list[tuple[int, str, Any]] = []
         # (slot, step, whether it began the step, which probes had the slot) of the training
         # forward in progress and of one that raised, whose captures the next forward discards
         self._open: tuple | None = None
@@ -284,6 +295,8 @@ class Recorder(Lifecycle, Hooks, Steps):
             with self._lock:
                 if not self._skip:  # a step that is not recorded keeps no scalars either
                     self._scalars.setdefault(name, []).append((self._slot, value))
+                elif self._rule == "undecided":  # unless it joins a recorded one (Steps._decide)
+                    self._held.append((self._step_no, name, value))
                 # not _dirty: a value logged before the step's first forward (the run's first
                 # step, or a side thread) belongs to the step that forward then joins
                 self._logged = True

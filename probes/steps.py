@@ -47,12 +47,15 @@ class Steps:
     record_eval: bool
     _said_rootless: bool
     _skip: bool
+    _held: list
 
     def _begin_at(self, step: int) -> None:
         """Count steps from ``step``; the first recorded one is the next multiple of every."""
         self._step_no = step
         self._skip = step % self.every != 0
         self._block_start = -(-step // self.every) * self.every
+        self._group = (step, 0)
+        self._group_merges = False
 
     def _discard(self, failed: tuple) -> None:
         self._failed = None
@@ -130,7 +133,9 @@ class Steps:
         return True
 
     def _maybe_dispatch(self) -> None:
-        if self._rule == "undecided":
+        # Undecided, the rules agree on the steps so far while every one of them ended with its
+        # gradients discarded (GradScaler skipping the first optimizer steps): they can go
+        if self._rule == "undecided" and self._group_merges:
             if self._slot < self.block_steps:
                 return  # a gradient-accumulation run may still show its first optimizer step
             self._decide("forward")
@@ -139,16 +144,47 @@ class Steps:
             self._dispatch()
 
     def _decide(self, rule: str) -> None:
-        """Fix the step rule of ``step="auto"``; the forwards so far were one optimizer step's."""
-        if rule == "optimizer" and self._step_no > self._block_start:
-            forwards = self._step_no - self._block_start + (1 if self._dirty else 0)
+        """Fix the step rule of ``step="auto"``. Under the optimizer rule the forwards since the
+        last step whose gradients were discarded (:meth:`_grads_discarded`; the run's first
+        forward where there is none) were one optimizer step's micro-batches: the step of the
+        first of them is the step in progress: only its captures are kept, and the values
+        logged since are its own."""
+        step, slot = self._group
+        if rule == "optimizer" and self._step_no > step:
+            forwards = self._step_no - step + (1 if self._dirty else 0)
+            skip = step % self.every != 0
+            keep = slot if skip else slot + 1  # a step that every= leaves out holds no row
             for cap in self.captures:
-                cap.rewind(1)
-            self._scalars = {k: [(s, v) for s, v in vs if s == 0] for k, vs in self._scalars.items()}
-            self._begin_at(self._block_start)
-            self._slot, self._dirty, self._forwards = 0, True, forwards
+                cap.rewind(keep)
+            # what was logged in those forwards' steps is the merged step's, in the order it
+            # was logged (or, where every= leaves that step out, no step's)
+            scalars = {k: [(s, v) for s, v in vs if s < slot] for k, vs in self._scalars.items()}
+            if not skip:
+                later = [(self._block_start + s * self.every, k, v)
+                         for k, vs in self._scalars.items() for s, v in vs if s >= slot]
+                later += [held for held in self._held if held[0] > step]
+                for _, k, v in sorted(later, key=lambda e: e[0]):  # stable: same step in order
+                    scalars.setdefault(k, []).append((slot, v))
+            self._scalars = scalars
+            self._step_no, self._skip = step, skip
+            self._slot, self._dirty, self._forwards = slot, True, forwards
+        self._held.clear()
         self._rule = rule
         self._put(Attrs({S.ATTR_STEP_RULE: rule}))
+
+    def _grads_discarded(self) -> bool:
+        """Whether, since the model's last training forward, a backward reached the
+        gradient witness (a parameter the model trains) and its gradient is gone again
+        without an optimizer step: ``zero_grad()`` after a step that ``GradScaler`` skipped
+        (inf or NaN gradients), or the loop discarded the batch. Such a forward begins a step
+        of its own, where one after a backward whose gradients are kept is a micro-batch of
+        gradient accumulation. ``zero_grad(set_to_none=False)`` leaves zeros: not told apart."""
+        witness = self._witness
+        return self._backward_seen and witness is not None and witness.grad is None
+
+    def _on_witness_grad(self, param) -> None:
+        """Called by autograd after a backward accumulated the gradient witness's gradient."""
+        self._backward_seen = True
 
     def _take_block(self) -> Block:
         n = self._slot
@@ -186,8 +222,8 @@ class Steps:
         if not self._lock.acquire(timeout=0.05):
             return None  # the training thread is busy: it is not idle
         try:
-            if not self._on or self._rule == "undecided" or not self._slot \
-                    or not self._writer.queue.empty():
+            if not self._on or not self._slot or not self._writer.queue.empty() \
+                    or (self._rule == "undecided" and self._group_merges):
                 return None
             n = self._slot
             scalars = {k: [(s, v) for s, v in vs if s < n] for k, vs in self._scalars.items()}

@@ -212,6 +212,94 @@ def test_optimizer_steps_are_the_steps_by_default(tmp_path):
     assert f.attrs["step_rule"] == "forward" and f.sizes["step"] == 3
 
 
+class TwoViews(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn = nn.Linear(3, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.lin(x))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_step_that_gradscaler_skips_is_a_step_of_its_own(tmp_path, seed):
+    # GradScaler skips optimizer.step where the scaled gradients are not finite (here: a loss
+    # times inf makes them so): no optimizer hook fires, but the gradients are discarded by
+    # zero_grad. Each iteration must be one step holding its first micro-batch's statistics
+    # and its own logged value, also when steps are skipped before the first optimizer step
+    # (while step="auto" is still undecided), under gradient accumulation and with two
+    # forwards per backward.
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model = TwoViews()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    micro = int(rng.integers(1, 4))
+    views = int(rng.integers(1, 3))  # forwards per backward
+    iterations = int(rng.integers(12, 30))
+    skipped = {0, 1, *rng.choice(iterations, 4, replace=False).tolist()}
+    every, zero_first = int(rng.choice([1, 2])), bool(rng.integers(2))
+    firsts = {}
+    step = {"now": 0}
+
+    def keep_first(module, args):
+        firsts.setdefault(step["now"], args[0].detach().double().clone())
+
+    model.bn.register_forward_pre_hook(keep_first)
+    scales = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", statscope.StatscopeWarning)
+        # step="auto" decides within the first block_steps forwards, which the first
+        # iteration's micro * views must leave room for
+        block_steps = int(rng.integers(2, 9)) + micro * views
+        with statscope.record(model, tmp_path / "r", block_steps=block_steps, every=every,
+                              step=str(rng.choice(["auto", "optimizer"]))) as rec:
+            for i in range(iterations):
+                step["now"] = i
+                if zero_first:
+                    opt.zero_grad()
+                for k in range(micro):
+                    loss = sum(model(torch.randn(5, 3)).pow(2).mean() for _ in range(views))
+                    if i in skipped and k == 0:
+                        loss = loss * float("inf")
+                    scaler.scale(loss).backward()
+                scaler.step(opt)
+                scales.append(scaler.get_scale())
+                scaler.update()
+                if not zero_first:
+                    opt.zero_grad()
+                rec.log(iteration=i)
+    # the scaler did skip exactly these iterations: it halves its scale after each
+    after = scales[1:] + [scaler.get_scale()]
+    assert {i for i in range(iterations) if after[i] < scales[i]} == skipped
+    ds = statscope.open_run(tmp_path / "r")
+    steps = list(range(0, iterations, every))
+    assert ds.attrs["step_rule"] == "optimizer" and ds.step.values.tolist() == steps
+    np.testing.assert_array_equal(ds.iteration.values, steps)
+    want = np.stack([firsts[i].mean(0).numpy() for i in steps])
+    np.testing.assert_allclose(ds.bn_mean.values, want, atol=1e-6)
+    np.testing.assert_array_equal(ds["count"].values[:, 0], 5)
+
+
+def test_a_skipped_step_whose_gradients_are_zeroed_in_place_merges_with_the_next(tmp_path):
+    # zero_grad(set_to_none=False) leaves zeros, as accumulation leaves sums: statscope cannot
+    # tell the two apart and files the skipped iteration with the next, as documented
+    model = TwoViews()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    with pytest.warns(statscope.StatscopeWarning, match="forwards per optimizer step vary"):
+        with statscope.record(model, tmp_path / "r") as rec:
+            for i in range(6):
+                loss = model(torch.randn(5, 3)).pow(2).mean() * (float("inf") if i == 3 else 1)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=False)
+                rec.log(iteration=i)
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.sizes["step"] == 5
+
+
 def test_varying_forwards_per_step_warn_once(tmp_path):
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
