@@ -200,6 +200,7 @@ class Recorder(Lifecycle, Hooks, Steps):
         # (step, slot), and whether a forward since could be a micro-batch of it
         self._witness: torch.nn.Parameter | None = None
         self._backward_seen = False
+        self._witness_version = -1  # its version counter when the last backward reached it
         self._group = (0, 0)
         self._group_merges = False
         # (step, name, value) logged while undecided in a step that every= leaves out: its own

@@ -48,6 +48,11 @@ class Steps:
     _said_rootless: bool
     _skip: bool
     _held: list
+    _witness: torch.nn.Parameter | None
+    _witness_version: int
+    _backward_seen: bool
+    _group: tuple[int, int]
+    _group_merges: bool
 
     def _begin_at(self, step: int) -> None:
         """Count steps from ``step``; the first recorded one is the next multiple of every."""
@@ -175,16 +180,20 @@ class Steps:
     def _grads_discarded(self) -> bool:
         """Whether, since the model's last training forward, a backward reached the
         gradient witness (a parameter the model trains) and its gradient is gone again
-        without an optimizer step: ``zero_grad()`` after a step that ``GradScaler`` skipped
-        (inf or NaN gradients), or the loop discarded the batch. Such a forward begins a step
-        of its own, where one after a backward whose gradients are kept is a micro-batch of
-        gradient accumulation. ``zero_grad(set_to_none=False)`` leaves zeros: not told apart."""
+        without an optimizer step, the parameter as that backward left it: ``zero_grad()``
+        after a step that ``GradScaler`` skipped (inf or NaN gradients), or the loop discarded
+        the batch. Such a forward begins a step of its own, where one after a backward whose
+        gradients are kept is a micro-batch of gradient accumulation, as is one on parameters
+        changed in place since (SAM's second forward, at the weights its first step moved to).
+        ``zero_grad(set_to_none=False)`` leaves zeros: not told apart."""
         witness = self._witness
-        return self._backward_seen and witness is not None and witness.grad is None
+        return (self._backward_seen and witness is not None and witness.grad is None
+                and witness._version == self._witness_version)
 
     def _on_witness_grad(self, param) -> None:
         """Called by autograd after a backward accumulated the gradient witness's gradient."""
         self._backward_seen = True
+        self._witness_version = param._version
 
     def _take_block(self) -> Block:
         n = self._slot

@@ -281,6 +281,43 @@ def test_a_step_that_gradscaler_skips_is_a_step_of_its_own(tmp_path, seed):
     np.testing.assert_array_equal(ds["count"].values[:, 0], 5)
 
 
+@pytest.mark.parametrize("step", ["auto", "optimizer"])
+def test_sams_second_forward_on_perturbed_weights_is_a_micro_batch(tmp_path, step):
+    # SAM (Foret et al.; davda54/sam's loop): forward and backward, move the weights up the
+    # gradient and zero it, forward and backward again there, restore the weights and let the
+    # base optimizer step. Its gradients are discarded between the forwards like a skipped
+    # step's, but the weights changed: one step per optimizer step, the first forward's
+    torch.manual_seed(0)
+    model = TwoViews()
+    base = torch.optim.SGD(model.parameters(), lr=0.01)
+    firsts = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", statscope.StatscopeWarning)
+        with statscope.record(model, tmp_path / "r", step=step, block_steps=4) as rec:
+            for i in range(10):
+                x = torch.randn(5, 3)
+                with torch.no_grad():
+                    firsts.append(model.lin(x).double())
+                model(x).pow(2).mean().backward()
+                with torch.no_grad():  # first_step(zero_grad=True)
+                    e = {p: 0.05 * p.grad / (p.grad.norm() + 1e-12) for p in model.parameters()}
+                    for p, d in e.items():
+                        p.add_(d)
+                base.zero_grad()
+                model(x).pow(2).mean().backward()
+                with torch.no_grad():  # second_step(zero_grad=True)
+                    for p, d in e.items():
+                        p.sub_(d)
+                base.step()
+                base.zero_grad()
+                rec.log(iteration=i)
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.attrs["step_rule"] == "optimizer" and ds.sizes["step"] == 10
+    np.testing.assert_array_equal(ds.iteration.values, np.arange(10))
+    np.testing.assert_allclose(ds.bn_mean.values,
+                               np.stack([f.mean(0).numpy() for f in firsts]), atol=1e-6)
+
+
 def test_a_skipped_step_whose_gradients_are_zeroed_in_place_merges_with_the_next(tmp_path):
     # zero_grad(set_to_none=False) leaves zeros, as accumulation leaves sums: statscope cannot
     # tell the two apart and files the skipped iteration with the next, as documented
