@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 import weakref
 from typing import Any, Callable, Iterable, Mapping
 
@@ -46,7 +47,7 @@ import torch
 from torch import nn
 
 from statscope import schema as S
-from statscope.errors import StatscopeError
+from statscope.errors import StatscopeError, StatscopeWarning
 from statscope.probes.attach import MECHANISMS
 from statscope.probes.capture import Capture
 from statscope.probes.fastpath import probe_path
@@ -56,7 +57,7 @@ from statscope.probes.pool import BufferPool
 from statscope.probes.neurons import check_spec
 from statscope.probes.selection import Target, _per_layer, norm_info, select, unwrap
 from statscope.probes.statistics import STATISTICS, get_statistic
-from statscope.probes.steps import Steps
+from statscope.probes.steps import Steps, _caller_level
 from statscope.probes.streams import StreamOrder
 from statscope.probes.worker import Attrs, Notice, ProbeStatic, Worker
 from statscope.storage import use_options
@@ -109,6 +110,12 @@ class Recorder(Lifecycle, Hooks, Steps):
                  storage_options: Mapping[str, Any] | None = None, writer: str = "auto"):
         if not isinstance(model, nn.Module):
             raise StatscopeError(f"model={type(model).__name__}: expected a torch.nn.Module")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise StatscopeError(
+                f"model={type(model).__name__}: a TorchScript module (torch.jit.script or "
+                "torch.jit.trace) runs without the Python hooks that probes use; record the "
+                "eager model instead")
+        _warn_scripted(model)
         if step not in STEP_MODES:
             raise StatscopeError(f"step={step!r}: expected one of {STEP_MODES}")
         self.block_steps = _positive_int("block_steps", block_steps)
@@ -301,6 +308,20 @@ class Recorder(Lifecycle, Hooks, Steps):
                 # not _dirty: a value logged before the step's first forward (the run's first
                 # step, or a side thread) belongs to the step that forward then joins
                 self._logged = True
+
+
+def _warn_scripted(model: nn.Module) -> None:
+    """Say which submodules are TorchScript modules: their layers run without Python hooks, so
+    none of them is recorded (nor offered to ``layers=``)."""
+    scripted = [name for name, m in model.named_modules()
+                if isinstance(m, torch.jit.ScriptModule)]
+    outer = [n for n in scripted if not any(n.startswith(o + ".") for o in scripted if o != n)]
+    if outer:
+        what = "is a TorchScript module" if len(outer) == 1 else "are TorchScript modules"
+        warnings.warn(f"statscope: {', '.join(repr(n) for n in outer)} {what} "
+                      "(torch.jit.script or trace): the layers inside run without Python hooks "
+                      "and are not recorded; record the eager module instead", StatscopeWarning,
+                      stacklevel=_caller_level())
 
 
 def _scalar_of(name: str, value: torch.Tensor):

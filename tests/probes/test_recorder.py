@@ -736,6 +736,25 @@ def test_bad_input(tmp_path):
     assert statscope.open_run(tmp_path / "w").sizes["step"] == 1
 
 
+def test_torchscript_modules_are_refused_or_said_to_go_unrecorded(tmp_path):
+    # TorchScript runs its forward in C++: no Python hook of a probe would ever run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates TorchScript; tracing warns
+        scripted, traced = torch.jit.script(fc()), torch.jit.trace(fc(), torch.randn(4, 5))
+        mixed = nn.Sequential(fc(), torch.jit.script(nn.Sequential(nn.Linear(3, 5), fc())))
+    with pytest.raises(StatscopeError, match="model=RecursiveScriptModule: a TorchScript "):
+        statscope.record(scripted, tmp_path / "s")
+    with pytest.raises(StatscopeError, match="model=TopLevelTracedModule: a TorchScript "):
+        statscope.record(traced, tmp_path / "t")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
+    with pytest.warns(StatscopeWarning, match="'1' is a TorchScript module .* not recorded") as w:
+        rec = statscope.record(mixed, tmp_path / "m", step="forward")
+    assert w[0].filename == __file__  # the user's line
+    with rec:
+        mixed(torch.randn(4, 5))
+    assert statscope.open_run(tmp_path / "m").attrs["layers"] == ["0.1", "0.4"]
+
+
 def test_resume_continues_after_the_last_step(tmp_path):
     model = fc()
     with statscope.record(model, tmp_path / "r"):
