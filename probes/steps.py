@@ -152,8 +152,8 @@ class Steps:
         """Fix the step rule of ``step="auto"``. Under the optimizer rule the forwards since the
         last step whose gradients were discarded (:meth:`_grads_discarded`; the run's first
         forward where there is none) were one optimizer step's micro-batches: the step of the
-        first of them is the step in progress: only its captures are kept, and the values
-        logged since are its own."""
+        first of them becomes the step in progress, with that forward's captures alone and
+        every value logged since."""
         step, slot = self._group
         if rule == "optimizer" and self._step_no > step:
             forwards = self._step_no - step + (1 if self._dirty else 0)
