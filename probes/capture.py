@@ -132,6 +132,8 @@ class Capture:
         # start is right from its first step.
         self.advised = False
         self.bn_eps: float | None = None  # the eps of the BatchNorm whose statistics come here
+        # whether the probe ran in eval mode within training (a frozen BatchNorm), unrecorded
+        self.ran_eval = False
         self._shape = None
         self._start = 0
         self._mode = "raw"

@@ -53,8 +53,10 @@ class Hooks:
         rec = self
 
         def hook(module, args, output=None):
-            if not rec._on or not (module.training or rec.record_eval) \
-                    or _in_backward() != -1 or (rec._quiet and not _grad_enabled()):
+            if not rec._on or _in_backward() != -1 or (rec._quiet and not _grad_enabled()):
+                return
+            if not (module.training or rec.record_eval):
+                cap.ran_eval = True  # a frozen BatchNorm, say: named if it never trains
                 return
             if rec._func is not None:  # inside a torch.func transform
                 rec._under_transform(hook, module, args if output is None else (output,))
@@ -113,8 +115,10 @@ class Hooks:
         rec, lock, block_steps, perf_counter = self, self._lock, self.block_steps, time.perf_counter
 
         def moments_hook(module, x, packed):
-            if not rec._on or not (module.training or rec.record_eval) \
-                    or _in_backward() != -1 or (rec._quiet and not _grad_enabled()):
+            if not rec._on or _in_backward() != -1 or (rec._quiet and not _grad_enabled()):
+                return
+            if not (module.training or rec.record_eval):
+                cap.ran_eval = True
                 return
             if (rec._pending_end or rec._skip) and rec._held_back():
                 return

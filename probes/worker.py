@@ -192,15 +192,29 @@ class Filer:
                 "mode with autograd on while recording (eval-mode forwards and forwards under "
                 "torch.no_grad() are not recorded; record_eval=True records them)",
                 StatscopeWarning)]
-        never = [s.info.name for i, s in enumerate(self.static) if i not in self.ran]
-        if not never:
-            return []
-        names = ", ".join(repr(n) for n in never[:8]) + (
-            f" and {len(never) - 8} more" if len(never) > 8 else "")
-        return [Notice(
-            f"statscope: {len(never)} of {len(self.static)} probed layers never ran in the "
-            f"{self.steps} recorded steps: {names}; their columns hold NaN with count 0 (a "
-            "module the forward does not call; layers= leaves it out)", StatscopeWarning)]
+        never = [i for i in range(len(self.static)) if i not in self.ran]
+        frozen = [i for i in never if self.captures[i].ran_eval]
+        called = [i for i in never if not self.captures[i].ran_eval]
+        notices = []
+        if frozen:
+            notices.append(Notice(
+                f"statscope: {len(frozen)} of {len(self.static)} probed layers ran only in "
+                f"eval mode in the {self.steps} recorded steps: {self._names(frozen)}; their "
+                "columns hold NaN with count 0 (a frozen layer normalizes with its running "
+                "statistics, not the batch's; record_eval=True records its input too)",
+                StatscopeWarning))
+        if called:
+            notices.append(Notice(
+                f"statscope: {len(called)} of {len(self.static)} probed layers never ran in the "
+                f"{self.steps} recorded steps: {self._names(called)}; their columns hold NaN "
+                "with count 0 (a module the forward does not call; layers= leaves it out)",
+                StatscopeWarning))
+        return notices
+
+    def _names(self, probes: list[int]) -> str:
+        names = [self.static[i].info.name for i in probes]
+        return ", ".join(repr(n) for n in names[:8]) + (
+            f" and {len(names) - 8} more" if len(names) > 8 else "")
 
     def _advise(self, advice: Mapping[int, Advice]) -> None:
         for i, (sum_mean, reduce) in advice.items():

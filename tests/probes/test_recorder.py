@@ -3,6 +3,7 @@
 
 import subprocess
 import sys
+import re
 import warnings
 
 import numpy as np
@@ -170,8 +171,9 @@ def test_a_model_in_eval_mode_with_a_probed_layer_in_training_mode_counts_steps(
     seen, handle = inputs_of(model[4])
     model.eval()
     model[4].train()
-    with pytest.warns(StatscopeWarning, match=r"1 of 2 probed layers never ran in the 5 recorded "
-                      r"steps: '1'"), \
+    # the frozen layer ran in every training forward, in eval mode: said so, not "never ran"
+    with pytest.warns(StatscopeWarning, match=r"1 of 2 probed layers ran only in eval mode in the "
+                      r"5 recorded steps: '1'.*record_eval=True"), \
             statscope.record(model, tmp_path / "r", mechanism=mechanism, block_steps=2):
         for x in batches(5):
             model(x).sum().backward()
@@ -187,6 +189,35 @@ def test_a_model_in_eval_mode_with_a_probed_layer_in_training_mode_counts_steps(
     assert (ds["count"].sel(layer="1").values == 0).all()  # the frozen layer
     want = np.stack([s.mean(0).numpy() for s in seen[::2]])  # the pre-hook saw both forwards
     np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "4").values, want, atol=1e-6)
+
+
+class Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net, self.spare = fc(), nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_layers_never_called_and_layers_only_in_eval_mode_are_named_apart(tmp_path):
+    model = Unused()
+    model.net[1].eval()  # frozen
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with statscope.record(model, tmp_path / "r", step="forward"):
+            for x in batches(3):
+                model(x)
+    said = [str(w.message) for w in caught if issubclass(w.category, StatscopeWarning)]
+    assert len(said) == 2, said
+    assert re.search(r"1 of 3 probed layers ran only in eval mode in the 3 recorded steps: "
+                     r"'net.1';.*frozen", said[0])
+    assert re.search(r"1 of 3 probed layers never ran in the 3 recorded steps: 'spare';.* does "
+                     r"not call", said[1])
+    ds = statscope.open_run(tmp_path / "r")
+    for never in ("net.1", "spare"):
+        assert (ds["count"].sel(layer=never).values == 0).all()
+    assert (ds["count"].sel(layer="net.4").values > 0).all()
 
 
 @pytest.mark.parametrize("step", ["auto", "optimizer", "forward"])
