@@ -25,6 +25,9 @@ from statscope.writer_process import open_writer
 if TYPE_CHECKING:
     from statscope.probes.recorder import Recorder
 
+OPEN: "list[Recorder]" = []
+"""The recorders of this process that started and are not closed yet (:func:`open_recorders`)."""
+
 __all__ = ["Lifecycle"]
 
 
@@ -84,6 +87,7 @@ class Lifecycle:
             running0=_running0(known, self.captures), window_steps=self.window_steps,
             mode=self._writer_mode)
         self._state = "started"
+        OPEN.append(self)
         try:
             self._begin_at(writer.next_step)
             filer = Filer(writer, self.captures, self._static, self.statistics, self.order,
@@ -154,6 +158,8 @@ class Lifecycle:
             return
         self._state = "closed"
         self._on = False
+        if self in OPEN:
+            OPEN.remove(self)
         problems: list[BaseException] = []
         for h in reversed(self._handles):
             try:

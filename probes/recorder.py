@@ -52,7 +52,7 @@ from statscope.probes.attach import MECHANISMS
 from statscope.probes.capture import Capture
 from statscope.probes.fastpath import probe_path
 from statscope.probes.hooks import Hooks
-from statscope.probes.lifecycle import Lifecycle
+from statscope.probes.lifecycle import OPEN, Lifecycle
 from statscope.probes.pool import BufferPool
 from statscope.probes.neurons import check_spec
 from statscope.probes.selection import Target, _per_layer, norm_info, select, unwrap
@@ -365,6 +365,18 @@ def _running_buffers(t: Target):
         return "lazy"  # materialized at the first forward, as zeros and ones
     return (mean.detach().float().cpu().numpy().reshape(-1).copy(),
             var.detach().float().cpu().numpy().reshape(-1).copy())
+
+
+def open_recorders() -> list[Recorder]:
+    """The recorders of this process that started and are not closed yet, oldest first: the
+    way back to one whose handle is lost (a notebook cell run again, which then finds its run
+    held: :class:`~statscope.StoreLockedError`).
+
+    Example:
+        >>> for rec in statscope.open_recorders():  # doctest: +SKIP
+        ...     rec.close()
+    """
+    return list(OPEN)
 
 
 def record(model: nn.Module, path, **kwargs: Any) -> Recorder:

@@ -10,17 +10,18 @@ from statscope.errors import (RecordingError, StatscopeError, StatscopeWarning, 
                               StoreError, StoreLockedError)
 
 if TYPE_CHECKING:  # visible to type checkers and IDEs; loaded by __getattr__ at run time
-    from statscope.probes import record
+    from statscope.probes import open_recorders, record
     from statscope.store import open_run, open_runs
 
 __all__ = ["StatscopeError", "StatscopeWarning", "StoreError", "StoreDamagedError",
-           "StoreLockedError", "RecordingError", "record", "open_run", "open_runs",
+           "StoreLockedError", "RecordingError", "record", "open_recorders", "open_run", "open_runs",
            "__version__"]
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "record": ("statscope.probes", "record"),
+    "open_recorders": ("statscope.probes", "open_recorders"),
     "open_run": ("statscope.store", "open_run"),
     "open_runs": ("statscope.store", "open_runs"),
 }

@@ -120,6 +120,16 @@ def _now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _what_to_do(held: Holder | None) -> str:
+    """What a StoreLockedError tells the user to do: wait for the other writer or stop it;
+    where that writer is this very process, close the recorder it left open."""
+    ours = WRITING_FOR if WRITING_FOR is not None else os.getpid()  # the training process
+    if held is not None and held.host == socket.gethostname() and ours in (held.pid, held.parent):
+        return ("it is this process: a recorder of this run is still open here (a notebook "
+                "cell run again?); close it first (statscope.open_recorders() lists them)")
+    return "wait for it to finish or stop it first"
+
+
 def read_holder(path: str) -> Holder | None:
     """The holder recorded in the lease of the run at ``path`` (None when there is none).
 
@@ -211,7 +221,7 @@ class Lease:
             held = read_holder(path)
             who = held.describe() if held else "another process"
             raise StoreLockedError(f"path={path!r}: another writer holds this run ({who}); "
-                                   "wait for it to finish or stop it first") from None
+                                   f"{_what_to_do(held)}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.to_bytes(), 0)
         _HELD_FDS.add(fd)
@@ -235,7 +245,7 @@ class Lease:
             if not stale:
                 raise StoreLockedError(f"path={path!r}: another writer holds this run "
                                        f"({held.describe()}, heartbeat {time.time() - held.heartbeat:.0f} s "
-                                       "ago); wait for it to finish or stop it first")
+                                       f"ago); {_what_to_do(held)}")
             warnings.warn(f"statscope: path={path!r}: taking over a stale lease of "
                           f"{held.describe()} ({why})", StatscopeWarning, stacklevel=4)
         fs.pipe_file(key, holder.to_bytes())

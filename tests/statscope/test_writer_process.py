@@ -118,6 +118,35 @@ def test_a_held_run_is_refused_at_start_naming_the_holder(tmp_path):
         holder.close()
 
 
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_a_recorder_left_open_in_this_process_is_named_and_found_again(tmp_path, writer):
+    # a notebook cell run twice: the first recorder still holds the run (its hooks keep it
+    # alive without a name); the error says so, and open_recorders() gives it back to close
+    model = _net()
+    statscope.record(model, tmp_path / "r", writer=writer).start()
+    _train_plain(model, 3)
+    with pytest.raises(StoreLockedError, match=r"it is this process: a recorder of this run is "
+                       r"still open here .*statscope.open_recorders\(\)"):
+        statscope.record(model, tmp_path / "r", overwrite=True, writer=writer).start()
+    (left,) = [r for r in statscope.open_recorders() if r.path == str(tmp_path / "r")]
+    left.close()
+    assert left not in statscope.open_recorders()
+    assert statscope.open_run(tmp_path / "r").sizes["step"] == 3
+    with statscope.record(model, tmp_path / "r", overwrite=True, writer=writer) as rec:
+        assert rec in statscope.open_recorders()
+        _train_plain(model, 2)
+    assert rec not in statscope.open_recorders()
+    assert statscope.open_run(tmp_path / "r").sizes["step"] == 2
+
+
+def _train_plain(model, steps):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        model(torch.randn(5, 6)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def test_the_lease_names_the_training_process_and_its_writer_process(tmp_path):
     model = _net()
     with statscope.record(model, tmp_path / "r", writer="process") as rec:
