@@ -7,8 +7,12 @@ it reads and writes is set up in ``Recorder.__init__``).
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
+import threading
 import time
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,6 +31,7 @@ if TYPE_CHECKING:
 
 OPEN: "list[Recorder]" = []
 """The recorders of this process that started and are not closed yet (:func:`open_recorders`)."""
+_closing_at_exit = False  # _close_at_exit is registered
 
 __all__ = ["Lifecycle"]
 
@@ -87,7 +92,9 @@ class Lifecycle:
             running0=_running0(known, self.captures), window_steps=self.window_steps,
             mode=self._writer_mode)
         self._state = "started"
+        self._pid, self._thread = os.getpid(), threading.current_thread()
         OPEN.append(self)
+        _close_at_exit_once()
         try:
             self._begin_at(writer.next_step)
             filer = Filer(writer, self.captures, self._static, self.statistics, self.order,
@@ -230,3 +237,52 @@ def _witness(targets, root: nn.Module) -> nn.Parameter | None:
             if p.requires_grad and not isinstance(p, nn.parameter.UninitializedParameter):
                 return p
     return None
+
+
+def _close_at_exit_once() -> None:
+    """Register :func:`_close_at_exit` at the first start, where ``concurrent.futures``
+    registers the shutdown of its thread pools (which zarr writes through): among the exit
+    handlers that run before the interpreter joins its threads, last-registered first, so that
+    the pools still take the last writes. (``threading._register_atexit`` is private to the
+    standard library; where it is missing, ``atexit``.)"""
+    global _closing_at_exit
+    if not _closing_at_exit:
+        _closing_at_exit = True
+        getattr(threading, "_register_atexit", atexit.register)(_close_at_exit)
+
+
+def _close_at_exit() -> None:
+    """At the interpreter's exit, close the recorders that the program left open, so that their
+    steps reach the store. Only this process's own recorders: a forked child that exits
+    through ``sys.exit`` runs the handlers it inherited, and must not write its parent's runs.
+    A recorder started on another thread that still runs (training in a thread the main one
+    left behind) is closed once that thread ends: the interpreter would wait for it right
+    after these handlers anyway."""
+    for rec in [r for r in OPEN if r._pid == os.getpid()]:
+        if rec._thread is not threading.current_thread() and not rec._thread.daemon:
+            rec._thread.join()
+        _close_left_open(rec)
+
+
+def _close_left_open(rec: "Recorder") -> None:
+    """Close ``rec`` at exit: ``completed``, or ``failed`` with the exception that ended a
+    script (``sys.last_value``; not in an interactive session, where it may be an old cell's).
+    Then say so. Nothing raises out of here: an exit handler that raises would cut the
+    interpreter's shutdown short (also under ``-W error``, where the warning itself raises)."""
+    if rec.closed:
+        return
+    interactive = hasattr(sys, "ps1") or "IPython" in sys.modules
+    exc = None if interactive else getattr(sys, "last_value", None)
+    try:
+        rec.close(None if exc is None else f"{type(exc).__name__}: {exc}")
+        said = ("completed" if exc is None else f"failed: {type(exc).__name__}")
+    except BaseException as close_exc:  # noqa: BLE001 - the exit goes on, said
+        said = f"which failed: {close_exc!r}"
+    try:
+        warnings.warn(f"statscope: the recorder of {rec.path!r} was still open when the "
+                      f"process exited; closed it then ({said}). Close it where training ends "
+                      "(with statscope.record(...) as rec:, or rec.close())", StatscopeWarning,
+                      stacklevel=2)
+    except BaseException:  # noqa: BLE001 - a warnings filter set to "error"
+        print(f"statscope: the recorder of {rec.path!r} was closed at exit ({said})",
+              file=sys.stderr)

@@ -422,3 +422,55 @@ def test_a_writer_process_that_cannot_start_falls_back_to_the_thread(tmp_path, m
     assert statscope.open_run(tmp_path / "r").sizes["step"] == 3
     with pytest.raises(WriterStartError, match="exit code 1"):
         statscope.record(_net(), tmp_path / "p", writer="process").start()
+
+
+UNCLOSED = """
+import os, sys, torch, statscope
+from torch import nn
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+def train():
+    rec = statscope.record(model, sys.argv[1], writer=sys.argv[2]).start()
+    for i in range(300):
+        model(torch.randn(4, 6)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if sys.argv[3] == "fork" and i == 150:  # a child that exits through sys.exit runs
+            pid = os.fork()                      # the exit handlers it inherited
+            if pid == 0:
+                sys.exit(0)
+            os.waitpid(pid, 0)
+        if sys.argv[3] == "thread" and i == 0:
+            started.set()  # the main thread ends now; this one trains on
+if sys.argv[3] == "thread":  # a non-daemon thread trains after the main thread is done
+    import threading
+    started = threading.Event()
+    threading.Thread(target=train).start()
+    started.wait()
+else:
+    train()
+if sys.argv[3] == "raise":
+    raise RuntimeError("boom after 300 steps")
+"""
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+@pytest.mark.parametrize("how", ["exit", pytest.param("raise", marks=pytest.mark.slow),
+                                 pytest.param("fork", marks=pytest.mark.slow),
+                                 pytest.param("thread", marks=pytest.mark.slow)])
+def test_a_recorder_never_closed_is_closed_at_exit_with_every_step(tmp_path, writer, how):
+    # a script that starts a recorder and ends without rec.close() lost every step (the writer
+    # wrote nothing after its pipe closed) and left the run 'running' for good
+    run = tmp_path / "r"
+    out = subprocess.run([sys.executable, "-c", UNCLOSED, str(run), writer, how],
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == (1 if how == "raise" else 0), out.stderr
+    assert out.stderr.count("was still open when the process exited") == 1, out.stderr
+    ds = statscope.open_run(run)
+    assert ds.sizes["step"] == 300 and (ds["count"].values == 4).all()
+    if how == "raise":
+        assert ds.attrs[S.ATTR_STATUS] == S.STATUS_FAILED
+        assert "RuntimeError: boom after 300 steps" in ds.attrs[S.ATTR_ERROR]
+    else:
+        assert ds.attrs[S.ATTR_STATUS] == S.STATUS_COMPLETED
