@@ -260,7 +260,10 @@ def _close_at_exit() -> None:
     after these handlers anyway."""
     for rec in [r for r in OPEN if r._pid == os.getpid()]:
         if rec._thread is not threading.current_thread() and not rec._thread.daemon:
-            rec._thread.join()
+            try:
+                rec._thread.join()
+            except BaseException:  # noqa: BLE001 - Ctrl-C while waiting: close it now
+                pass
         _close_left_open(rec)
 
 
@@ -275,7 +278,7 @@ def _close_left_open(rec: "Recorder") -> None:
     exc = None if interactive else getattr(sys, "last_value", None)
     try:
         rec.close(None if exc is None else f"{type(exc).__name__}: {exc}")
-        said = ("completed" if exc is None else f"failed: {type(exc).__name__}")
+        said = "completed" if exc is None else f"failed: {type(exc).__name__}"
     except BaseException as close_exc:  # noqa: BLE001 - the exit goes on, said
         said = f"which failed: {close_exc!r}"
     try:
