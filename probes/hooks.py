@@ -61,7 +61,7 @@ class Hooks:
             if rec._func is not None:  # inside a torch.func transform
                 rec._under_transform(hook, module, args if output is None else (output,))
                 return
-            if (rec._pending_end or rec._skip) and rec._held_back():
+            if (rec._pending_end or rec._skip or rec._backward_seen) and rec._held_back():
                 return
             t0 = time.perf_counter()
             x = args[0] if output is None else output
@@ -94,7 +94,7 @@ class Hooks:
             if rec._func is not None:  # inside a torch.func transform
                 rec._under_transform(batchnorm_hook, module, (x, mean, invstd), spread=True)
                 return
-            if (rec._pending_end or rec._skip) and rec._held_back():
+            if (rec._pending_end or rec._skip or rec._backward_seen) and rec._held_back():
                 return
             t0 = perf_counter()
             with lock:
@@ -120,7 +120,7 @@ class Hooks:
             if not (module.training or rec.record_eval):
                 cap.ran_eval = True
                 return
-            if (rec._pending_end or rec._skip) and rec._held_back():
+            if (rec._pending_end or rec._skip or rec._backward_seen) and rec._held_back():
                 return
             t0 = perf_counter()
             with lock:

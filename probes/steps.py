@@ -102,7 +102,16 @@ class Steps:
     def _held_back(self) -> bool:
         """Whether a probe that runs now, while a step waits for its end or is one that
         ``every=`` leaves out, records nothing. Where the optimizer stepped and no forward of
-        the model began the next step, the probe begins it (:meth:`_rootless_begin`)."""
+        the model began the next step, the probe begins it (:meth:`_rootless_begin`), as it
+        does where a backward ran since and its gradients were discarded (a step that
+        ``GradScaler`` skipped; the model's forward resets ``_backward_seen``, so this is the
+        first probe after a backward of layers run without it, under the optimizer rule)."""
+        if self._backward_seen:
+            with self._lock:
+                if self._rule == "optimizer" and self._dirty and not self._pending_end \
+                        and self._grads_discarded():
+                    self._pending_end = True
+                self._backward_seen = False
         if self._pending_end and not self._rootless_begin():
             return True
         if self._skip:  # a left-out step is still one that the optimizer step ends

@@ -456,6 +456,32 @@ def test_layers_run_without_the_models_forward_still_end_a_step_per_optimizer_st
     assert (ds["count"].values == 3).all()
 
 
+def test_layers_run_without_the_models_forward_keep_a_step_that_gradscaler_skipped(tmp_path):
+    # the step ends at the first probed layer after the optimizer step; a skipped optimizer
+    # step fires no hook, but its discarded gradients say where the next step begins
+    torch.manual_seed(0)
+    model, head = Backbone(), nn.Linear(3, 4)
+    opt = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    seen, handle = inputs_of(model.features[1])
+    with statscope.record(model, tmp_path / "r", step="optimizer", block_steps=4) as rec:
+        for i, x in enumerate(batches(10, bs=6)):
+            for k, micro in enumerate(x.split(3)):  # gradient accumulation
+                loss = head(model.forward_features(micro)).pow(2).mean()
+                scaler.scale(loss * (float("inf") if i in (0, 4, 5) and k == 0 else 1)).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            rec.log(iteration=i)
+    handle.remove()
+    assert scaler.get_scale() == 2.0 ** 13  # three skipped steps halved it three times
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.sizes["step"] == 10
+    np.testing.assert_array_equal(ds.iteration.values, np.arange(10))
+    np.testing.assert_allclose(ds.bn_mean.sel(neuron=ds.layer == "features.1").values,
+                               np.stack([f.mean(0).numpy() for f in seen[::2]]), atol=1e-6)
+
+
 def test_layers_run_without_the_models_forward_keep_every(tmp_path):
     # every=3: the probes of a step left out returned before they could end the step before,
     # and the first left-out step never ended
