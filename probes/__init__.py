@@ -10,5 +10,5 @@ from statscope.probes.recorder import Recorder, open_recorders, record
 from statscope.probes.selection import Target, select
 from statscope.probes.statistics import STATISTICS, Moments, Statistic, register_statistic
 
-__all__ = ["record", "open_recorders", "Recorder", "select", "Target", "register_statistic", "Statistic", "Moments",
-           "STATISTICS"]
+__all__ = ["record", "open_recorders", "Recorder", "select", "Target", "register_statistic",
+           "Statistic", "Moments", "STATISTICS"]

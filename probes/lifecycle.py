@@ -45,6 +45,10 @@ class Lifecycle:
     _last_dispatch: float
     _worker: Worker | None
     _root_ever: bool
+    # Set by start: the process and thread that started it (closed at exit by that process
+    # alone, once that thread is done: _close_at_exit)
+    _pid: int
+    _thread: threading.Thread
 
     # -- life cycle ---------------------------------------------------------------------------
 

@@ -178,9 +178,6 @@ class Recorder(Lifecycle, Hooks, Steps):
                         for t, spec in zip(self.targets, specs)]
         self._lock = threading.Lock()
         self._state = "new"
-        # the process and thread that started it (closed at exit by that process alone, once
-        # that thread is done: Lifecycle's _close_at_exit)
-        self._pid, self._thread = os.getpid(), threading.current_thread()
         self._handles: list = []
         self._worker: Worker | None = None
         self._pending_attrs: dict[str, Any] = {}

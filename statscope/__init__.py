@@ -14,8 +14,8 @@ if TYPE_CHECKING:  # visible to type checkers and IDEs; loaded by __getattr__ at
     from statscope.store import open_run, open_runs
 
 __all__ = ["StatscopeError", "StatscopeWarning", "StoreError", "StoreDamagedError",
-           "StoreLockedError", "RecordingError", "record", "open_recorders", "open_run", "open_runs",
-           "__version__"]
+           "StoreLockedError", "RecordingError", "record", "open_recorders", "open_run",
+           "open_runs", "__version__"]
 
 __version__ = "0.1.0"
 
