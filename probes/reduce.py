@@ -61,7 +61,8 @@ _CPU_KERNEL_DTYPES = _CUDA_VAR_DTYPES
 
 CPU_BATCHNORM_MAX = 1 << 18
 """Elements per channel up to which the BatchNorm fast path trusts the variance of torch's CPU
-kernel where that kernel sums in float32 (see :func:`batchnorm_entry`)."""
+kernel where that kernel sums a float32 input in float32 (see :func:`batchnorm_entry`): off by
+up to 3.5e-5 of itself at 2¹⁸, offsets of 0–250 std, on one thread (torch 2.13)."""
 
 
 _BATCH_DIMS = {n: (0, *range(2, n)) for n in range(2, 6)}  # a BatchNorm input's dims but C's
@@ -79,7 +80,7 @@ def batchnorm_kind(x: torch.Tensor, per_channel: int) -> str:
     if x.dtype == torch.float32 and x.ndim > 2 and x.is_contiguous() \
             and x.numel() > x.shape[0] * x.shape[1]:
         return "own"
-    if per_channel > CPU_BATCHNORM_MAX:
+    if x.dtype != torch.float32 or per_channel > CPU_BATCHNORM_MAX:
         return "generic"
     return "sum" if x.movedim(1, -1).is_contiguous() else "unsummable"
 
@@ -91,14 +92,18 @@ def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True,
 
     cuDNN and torch's CUDA kernels reduce with Welford or in parallel trees, and torch's CPU
     kernel sums in float64 for contiguous float32 inputs with spatial dims: their statistics are
-    used as they are. For channels_last, ``(N, C)`` and low-precision inputs torch's CPU kernel
-    sums each channel sequentially in float32: its mean drifts by about 3e-8·√M·|mean| (M
-    elements per channel; more than 1e-4 of the std once |mean|/std ≳ 3000/√M) and its variance
-    by ~1e-5 of itself at M = 65k, growing with M. There, with ``sum_mean``, the mean is taken
-    from one cascade sum of the input (one extra pass, a third of BatchNorm's own cost on the
-    CPU), and beyond :data:`CPU_BATCHNORM_MAX` elements per channel the input is reduced
-    generically instead. The writer thread sets ``sum_mean`` per probe from the statistics it
-    files (:func:`mean_needs_sum`), and tells a probe whose |mean| is beyond
+    used as they are. For channels_last and ``(N, C)`` float32 inputs torch's CPU kernel sums
+    each channel sequentially in float32: its mean drifts by about 3e-8·√M·|mean| (M elements
+    per channel; more than 1e-4 of the std once |mean|/std ≳ 3000/√M) and its variance by up to
+    ~6e-6 of itself at M = 65k and 3.5e-5 at 2¹⁸ (one thread; more threads split the sum).
+    There, with ``sum_mean``, the mean is taken from one cascade sum of the input (one extra
+    pass, a third of BatchNorm's own cost on the CPU), and beyond :data:`CPU_BATCHNORM_MAX`
+    elements per channel the input is reduced generically instead. So is every bf16 and fp16
+    input on the CPU: torch's variance of those was off by up to 2.4e-4 of itself at 65k
+    elements and 1e-2 at 2¹⁸ (offsets of 100–250 std), where the fast path promises 1e-4 of
+    √(var + eps). The writer thread sets
+    ``sum_mean`` per probe from the statistics it files (:func:`mean_needs_sum`: off while the
+    drift stays below 5e-5 of the std), and tells a probe whose |mean| is beyond
     :data:`~statscope.rows.FAR_MEAN` × √(var + eps) to reduce its input instead, where a float32
     sum loses the mean's digits (before that advice: :func:`reduce_before_advice`).
 
@@ -119,7 +124,7 @@ def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True,
     # the sum over every dim but the channels': the same kernel and values as the sum over
     # the rows of the (M, C) view, in two torch calls rather than four (step_entry says why)
     x, dims = x.detach(), _BATCH_DIMS[x.ndim]
-    total = x.sum(dims) if x.dtype == torch.float32 else x.sum(dims, dtype=torch.float32)
+    total = x.sum(dims)  # float32: batchnorm_kind sends other CPU dtypes to the generic path
     return ("suminv", total, stats.invstd, stats.eps, per_channel)
 
 

@@ -652,3 +652,28 @@ def test_steps_of_one_kind_of_input_take_the_hot_path(tmp_path, monkeypatch):
                 model(x)
                 rec.step()
         assert slow == [0, 0, 0]  # one per block of 4 steps
+
+
+@pytest.mark.parametrize("dtype, shape, offset, seed", [
+    (torch.bfloat16, (64, 2, 64, 64), 250, 0), (torch.bfloat16, (16, 4, 64, 64), 100, 5),
+    (torch.float16, (32, 2, 64, 64), 250, 3)])
+def test_low_precision_cpu_inputs_are_reduced_generically(tmp_path, dtype, shape, offset, seed):
+    # torch's CPU kernel sums a bf16/fp16 channels_last input in float32: on one thread its
+    # variance was off by 9.5e-3 (2^18 elements per channel, offset 250 std), 2.4e-4 (2^16,
+    # offset 100) and 1.1e-4 (2^17, fp16) of itself (torch 2.13), beyond the fast path's 1e-4
+    model = nn.Sequential(nn.BatchNorm2d(shape[1]))
+    gen = torch.Generator().manual_seed(seed)
+    xs = [(torch.randn(shape, generator=gen) + offset).to(dtype)
+          .to(memory_format=torch.channels_last) for _ in range(2)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one sequential sum per channel: more threads split it
+    try:
+        with statscope.record(model, tmp_path / "r"):
+            for x in xs:
+                model(x)
+    finally:
+        torch.set_num_threads(threads)
+    ds = statscope.open_run(tmp_path / "r")
+    want = np.stack([x.double().transpose(0, 1).reshape(shape[1], -1).std(1, correction=0)
+                     .numpy() for x in xs])
+    np.testing.assert_allclose(ds.bn_std.values, want, rtol=1e-5)
