@@ -23,9 +23,9 @@ from statscope import schema as S
 from statscope.layout import Layout
 
 __all__ = ["Moments", "Rows", "Gathered", "ProbePart", "EntryJob", "BUILTIN", "compute_rows",
-           "file_columns", "jobs_moments", "mean_needs_sum", "near_eps", "far_mean", "Advice",
-           "var_overflows", "var_from_invstd", "group_moments", "FLOAT32_MEAN_RATIO", "NEAR_EPS",
-           "FAR_MEAN", "OVERFLOW_VAR"]
+           "file_columns", "jobs_moments", "jobs_into", "mean_needs_sum", "near_eps", "far_mean",
+           "Advice", "var_overflows", "var_from_invstd", "group_moments", "FLOAT32_MEAN_RATIO",
+           "NEAR_EPS", "FAR_MEAN", "OVERFLOW_VAR"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,8 @@ class Moments:
         mean = self.mean.reshape(k, self.groups, c // self.groups)
         var = self.var.reshape(k, self.groups, c // self.groups)
         g_mean = mean.mean(-1)
-        g_var = var.mean(-1) + ((mean - g_mean[..., None]) ** 2).mean(-1)
+        dev = mean - g_mean[..., None]
+        g_var = var.mean(-1) + np.square(dev, out=dev).mean(-1)
         return g_mean, g_var
 
 
@@ -170,8 +171,11 @@ class Advice(NamedTuple):
 def var_from_invstd(invstd: np.ndarray, eps) -> np.ndarray:
     """BatchNorm's biased batch variance from its ``invstd = 1/√(var + eps)`` (float64; inf
     where ``invstd`` is 0, BatchNorm's own variance overflowed)."""
+    out = np.multiply(invstd, invstd, dtype=np.float64)  # one array, filled in place
     with np.errstate(divide="ignore"):
-        return np.maximum(1.0 / (invstd * invstd) - eps, 0.0)
+        np.divide(1.0, out, out=out)
+    np.subtract(out, eps, out=out)
+    return np.maximum(out, 0.0, out=out)
 
 
 def _invstd(arrays, numbers, order):
@@ -227,6 +231,10 @@ def _wvar4(arrays, numbers, order):
     return mean, var, arrays[3], np.maximum(arrays[4], 0.0)
 
 
+_EXACT_IN_ANY = ("invstd",)
+"""Entry kinds whose moments come out the same from float32 arrays as from their float64 copies
+(a float64 mean copied into float64 rows, and ``var_from_invstd`` computes in float64)."""
+
 ENTRY_MOMENTS = {"invstd": _invstd, "suminv": _suminv, "var": _var, "wvar": _var,
                  "wvar4": _wvar4, "mv": _mv, "shifted": _shifted, "sums": _sums,
                  "psums": _psums}
@@ -253,18 +261,36 @@ def jobs_moments(jobs: Sequence[EntryJob], lengths: Sequence[int], channels: Seq
                  order: int) -> list[tuple[np.ndarray, ...]]:
     """The float64 moments of each run (``lengths[i]`` rows of ``channels[i]``) from its jobs;
     NaN in rows without an entry and in m3/m4 of entries that cannot give them."""
-    out = [tuple(np.full((n, c), np.nan) for _ in range(2 if order < 4 else 4))
+    out = [tuple(np.empty((n, c)) for _ in range(2 if order < 4 else 4))
            for n, c in zip(lengths, channels)]
+    jobs_into(jobs, out, order)
+    return out
+
+
+def jobs_into(jobs: Sequence[EntryJob], targets: Sequence[Sequence[np.ndarray]],
+              order: int) -> None:
+    """:func:`jobs_moments` written into ``targets[i]``, the (rows, C) float64 moment arrays of
+    run ``i`` (views of a larger array, say), each row written once."""
+    covered = [0] * len(targets)
     for job in jobs:
-        arrays = [np.asarray(a, np.float64) for a in job.arrays]
+        for i, rows in job.members:
+            covered[i] += len(rows)
+    for i, dst in enumerate(targets):
+        if covered[i] < len(dst[0]):  # rows without an entry
+            for a in dst:
+                a.fill(np.nan)
+    for job in jobs:
+        arrays = job.arrays if job.tag in _EXACT_IN_ANY else [np.asarray(a, np.float64)
+                                                               for a in job.arrays]
         moments = ENTRY_MOMENTS[job.tag](arrays, job.numbers, order)
         first = 0
         for i, rows in job.members:
-            for dst, src in zip(out[i], moments):
-                if src is not None:
-                    dst[rows] = src[first:first + len(rows)]
-            first += len(rows)
-    return out
+            n = len(rows)
+            # a run's rows are distinct and in order: as many as the run has are all of them
+            where = slice(None) if n == len(targets[i][0]) else rows
+            for dst, src in zip(targets[i], moments):
+                dst[where] = np.nan if src is None else src[first:first + n]
+            first += n
 
 
 # -- a gathered block to rows -----------------------------------------------------------------
@@ -352,84 +378,68 @@ def compute_rows(g: Gathered, compute: Mapping[str, Callable[[Moments], np.ndarr
                  ) -> Rows:
     """The statistics of a gathered block.
 
+    The moments of the probes of equal width and groups are filled into one (probes·k, C)
+    array each, where every segment's rows are written once, and the statistics computed on it
+    in one pass: at small batch sizes the writer's cost is per numpy call and per pass over the
+    block, not per element (``benchmarks/bench_writer.py``).
+
     Args:
         g: the gathered block.
         compute: how each per-channel statistic follows from the moments (statscope's own by
             default; the recorder passes its registry, which may hold the user's).
     """
-    order, k = g.order, g.n - g.skip
-    segments = list(g.segments)
-    if g.refs:
-        lengths = [rows for _, rows in g.refs]
-        widths = [_width_of(g, j) for j, _ in g.refs]
-        for (j, _), moments in zip(g.refs, jobs_moments(g.jobs, lengths, widths, order)):
-            segments[j] = moments
-    computed = iter(segments)
-    moments: list = []
-    for part, count in zip(g.parts, g.counts):
+    order, k, skip = g.order, g.n - g.skip, g.skip
+    n_moments = 2 if order < 4 else 4
+    shapes: dict[tuple[int, int], list[int]] = {}
+    for i, part in enumerate(g.parts):
+        if part is not None:
+            shapes.setdefault((part.channels, part.groups), []).append(i)
+    joined: dict[tuple[int, int], list[np.ndarray]] = {}
+    views: dict[int, list[np.ndarray]] = {}  # per probe, its rows of the joined moments
+    for shape, members in shapes.items():
+        joined[shape] = [np.empty((len(members) * k, shape[0])) for _ in range(n_moments)]
+        for j, i in enumerate(members):
+            views[i] = [a[j * k:(j + 1) * k] for a in joined[shape]]
+    dests = []  # per segment, in part order: the rows it fills
+    for i, part in enumerate(g.parts):
         if part is None:
-            moments.append(None)
             continue
-        arrays = [np.full((k, part.channels), np.nan) for _ in range(2 if order < 4 else 4)]
-        for start, stop in part.spans:
-            for dst, src in zip(arrays, next(computed)):
-                dst[start - g.skip:stop - g.skip] = src
-        for a in arrays:
-            a[count == 0] = np.nan  # slots this probe did not run in hold stale buffer rows
-        m3, m4 = (arrays[2], arrays[3]) if order >= 4 else (None, None)
-        moments.append(Moments(arrays[0], arrays[1], m3, m4, part.groups))
-    stats = _finish_all(moments, g.names, compute)
+        if sum(stop - start for start, stop in part.spans) < k:
+            for a in views[i]:
+                a.fill(np.nan)  # rows of no segment
+        dests += [[a[start - skip:stop - skip] for a in views[i]] for start, stop in part.spans]
+    for dst, src in zip(dests, g.segments):
+        if src is not None:  # a raw segment's moments
+            for j, a in enumerate(dst):
+                a[...] = src[j] if j < len(src) and src[j] is not None else np.nan
+    if g.refs:
+        jobs_into(g.jobs, [dests[j] for j, _ in g.refs], order)
+    for i, count in enumerate(g.counts):
+        if i in views and not count.all():
+            for a in views[i]:
+                a[count == 0] = np.nan  # slots this probe did not run in hold stale buffer rows
+    stats: list = [None] * len(g.parts)
+    for shape, members in shapes.items():
+        m = joined[shape]
+        moments = Moments(m[0], m[1], *(m[2:] if n_moments == 4 else (None, None)), shape[1])
+        with np.errstate(all="ignore"):  # NaN rows of steps a probe missed are expected
+            done = {n: compute[n](moments).astype(np.float32) for n in g.names if n in compute}
+        for j, i in enumerate(members):
+            stats[i] = {name: v[j * k:(j + 1) * k] for name, v in done.items()}
     if g.set_names:
         _add_sets(stats, g.parts, g.set_names, k)
     # Rows that are not BatchNorm's own CPU statistics (a CUDA BatchNorm, a probe reducing its
     # input itself) say nothing of the extra sum: keep it, so that a probe whose channels the
     # extra sum cannot read (batchnorm_kind "unsummable") stays on the generic path, as it did
     # when only CPU BatchNorm rows were advised.
-    advice = {i: Advice(not part.cpu_batchnorm or mean_needs_sum(m.mean, m.var, count),
-                        near_eps(m.var, part.bn_eps) or var_overflows(m.var)
-                        or part.cpu and far_mean(m.mean, m.var, part.bn_eps))
-              for i, (m, part, count) in enumerate(zip(moments, g.parts, g.counts))
-              if m is not None and part.bn_eps is not None}
+    advice = {}
+    for i, (part, count) in enumerate(zip(g.parts, g.counts)):
+        if part is not None and part.bn_eps is not None:
+            mean, var = views[i][0], views[i][1]
+            advice[i] = Advice(not part.cpu_batchnorm or mean_needs_sum(mean, var, count),
+                               near_eps(var, part.bn_eps) or var_overflows(var)
+                               or part.cpu and far_mean(mean, var, part.bn_eps))
     return Rows(g.steps, g.counts, stats, g.scalars, advice)
-
-
-def _width_of(g: Gathered, segment: int) -> int:
-    """C of the probe that segment ``segment`` (in part order) belongs to."""
-    seen = 0
-    for part in g.parts:
-        if part is None:
-            continue
-        if segment < seen + len(part.spans):
-            return part.channels
-        seen += len(part.spans)
-    raise IndexError(segment)
-
-
-def _finish_all(moments: list, names: tuple, compute: Mapping[str, Callable]) -> list:
-    """The statistics per probe, in one pass for the probes of equal width and groups (the cost
-    at small batch sizes is per numpy call)."""
-    out: list = [None] * len(moments)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, m in enumerate(moments):
-        if m is not None:
-            groups.setdefault((m.mean.shape[1], m.groups), []).append(i)
-    for (_, g), members in groups.items():
-        parts = [moments[i] for i in members]
-        if len(parts) == 1:
-            joined = parts[0]
-        else:
-            cat = [None if getattr(parts[0], a) is None
-                   else np.concatenate([getattr(m, a) for m in parts])
-                   for a in ("mean", "var", "m3", "m4")]
-            joined = Moments(*cat, g)
-        with np.errstate(all="ignore"):  # NaN rows of steps a probe missed are expected
-            done = {n: compute[n](joined).astype(np.float32) for n in names if n in compute}
-        first = 0
-        for i, m in zip(members, parts):
-            k = len(m.mean)
-            out[i] = {name: v[first:first + k] for name, v in done.items()}
-            first += k
-    return out
 
 
 def _add_sets(stats: list, parts: list, names: tuple, k: int) -> None:

@@ -55,18 +55,22 @@ class _Moments:
             self.bad = np.concatenate([self.bad, np.zeros(extra, bool)])
 
     def add(self, x: np.ndarray, ran: np.ndarray | None) -> None:
-        """Merge rows ``x`` (k, cols); ``ran`` (k, cols) says which rows count (None: all)."""
+        """Merge rows ``x`` (k, cols), float32 or float64, in float64; ``ran`` (k, cols) says
+        which rows count (None: all)."""
+        if ran is None:  # the common case: a pass for the mean, two for m2, no float64 copy
+            mb = x.mean(0, dtype=np.float64)
+            if np.isfinite(mb).all():  # NaN and inf reach the column's mean
+                nb = len(x)
+                dev = np.subtract(x, mb)
+                m2b = np.square(dev, out=dev).sum(0)
+                n = self.n + nb
+                delta = mb - self.mean
+                self.mean = self.mean + delta * (nb / n)
+                self.m2 = self.m2 + m2b + delta * delta * (self.n * nb / n)
+                self.n = n
+                return
+        x = np.asarray(x, np.float64)
         finite = np.isfinite(x)
-        if ran is None and finite.all():  # the common case: one pass each for mean and m2
-            nb = len(x)
-            mb = x.mean(0)
-            m2b = ((x - mb) ** 2).sum(0)
-            n = self.n + nb
-            delta = mb - self.mean
-            self.mean = self.mean + delta * (nb / n)
-            self.m2 = self.m2 + m2b + delta * delta * (self.n * nb / n)
-            self.n = n
-            return
         if ran is None:
             ran = np.ones(x.shape, bool)
         self.bad |= (ran & ~finite).any(0)
@@ -138,6 +142,8 @@ class Windows:
         which = np.asarray(steps) // self.length
         for k in np.unique(which):
             rows = which == k
+            if rows.all():
+                rows = slice(None)  # the block lies in one window: views, not copies
             if self.index is not None and k != self.index:
                 done.append(self.finish())
             self.index = int(k)
@@ -145,8 +151,7 @@ class Windows:
             self._ran += ran.sum(0)
             everywhere = ran.all()
             for name, acc in self._acc.items():
-                acc.add(np.asarray(values[name][rows], np.float64),
-                        None if everywhere else ran[:, probe_of[name]])
+                acc.add(values[name][rows], None if everywhere else ran[:, probe_of[name]])
                 if lost is not None and name in lost:
                     acc.bad |= lost[name]
         return done

@@ -263,6 +263,8 @@ def count_nonfinite(layout: Layout, count: np.ndarray,
         width = layout.n_groups if s in S.PER_GROUP_STATS else layout.n_channels
         if a.shape != (k, width):
             raise StatscopeError(f"stats[{s!r}]: shape {a.shape}, expected ({k}, {width})")
+        if np.isfinite(a.sum(dtype=np.float64)):  # one pass: a float64 sum of float32 values
+            continue  # cannot overflow, so it is finite when every value is
         n = int(np.count_nonzero(~np.isfinite(a) & ran[:, probe_of[s]]))
         if n:
             out[s] = n
