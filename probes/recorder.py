@@ -62,7 +62,7 @@ from statscope.probes.streams import StreamOrder
 from statscope.probes.worker import Attrs, Notice, ProbeStatic, Worker
 from statscope.storage import use_options
 from statscope.store import ProbeInfo
-from statscope.writer import check_path, check_scalar_name
+from statscope.writer import check_path, check_scalar_name, resume_step
 from statscope.writer_process import resolve_mode
 
 __all__ = ["Recorder", "record", "STEP_MODES"]
@@ -145,7 +145,9 @@ class Recorder(Lifecycle, Hooks, Steps):
         self.path, self.rank, self.world_size = _rank_path(os.fspath(path))
         use_options(os.fspath(path), storage_options)
         # checked now although the writer opens the store at start()
-        self.resume = check_path(self.path, overwrite=overwrite, resume=resume) and resume
+        self._resume_at = resume_step(resume)  # the step a restarted loop continues at
+        self.resume = check_path(self.path, overwrite=overwrite,
+                                 resume=resume is not False) and resume is not False
         resolve_mode(writer, self.path)  # checked now, resolved at start()
         self._writer_mode = writer
         self.overwrite = overwrite
@@ -396,7 +398,9 @@ def record(model: nn.Module, path, **kwargs: Any) -> Recorder:
         en_groups: EN groups for all probes or per name/glob/type (default 1, the whole layer).
         stats: statistic names (default bn_mean, bn_std, en_mean, en_std; add ``"bn_kurt"``).
         meta: user metadata stored in attrs (``batch_size``, ``seed``, ...).
-        overwrite: replace an existing run; resume: continue one after its last committed step.
+        overwrite: replace an existing run; resume: continue one, ``True`` after its last
+            committed step, an int at that step (the loop restarted from its checkpoint there:
+            the run's rows from that step on are dropped; with no run yet, its steps start there).
         step: what one recorded step is: ``"auto"`` (default), ``"optimizer"``, ``"forward"`` or
             ``"manual"`` (call ``rec.step()``); see :mod:`statscope.probes.recorder`.
         record_eval: also record eval-mode forwards and forwards of the model without autograd

@@ -30,8 +30,8 @@ from statscope.store import Layout, ProbeInfo, read_attrs
 from statscope.windows import Windows
 from statscope.writer_arrays import WriterArrays, _jsonable, now_iso, package_versions
 
-__all__ = ["RunWriter", "count_nonfinite", "write_run", "check_path", "check_scalar_name", "package_versions",
-           "now_iso"]
+__all__ = ["RunWriter", "count_nonfinite", "write_run", "check_path", "check_scalar_name",
+           "package_versions", "resume_step", "now_iso"]
 
 _STAGE_BYTES = 256 << 20  # rows staged in memory before a flush, at most (wide models)
 
@@ -45,7 +45,10 @@ class RunWriter(WriterArrays):
             the store must agree with these; new ones get columns appended.
         attrs: root attributes to set (model, meta, command, ...).
         overwrite: replace an existing run at ``path``.
-        resume: continue an existing run after its last committed step.
+        resume: continue an existing run: ``True`` after its last committed step; an int, at
+            that step (a training loop restarted from its checkpoint there): committed rows of
+            that step and later are dropped first, and a step past the last leaves a gap. With
+            no run at ``path``, an int starts the new one's steps there.
         chunk_steps: rows per shard (one object per array and shard); None (default) chooses
             them so that a shard's rows over all kept columns hold about 64 MiB (8192 for narrow
             layouts, fewer for wide ones, at least 256), which bounds what one flush rewrites.
@@ -61,8 +64,8 @@ class RunWriter(WriterArrays):
     """
 
     def __init__(self, path, layout: Layout, *, attrs: Mapping[str, Any] | None = None,
-                 overwrite: bool = False, resume: bool = False, chunk_steps: int | None = None,
-                 neuron_chunk: int = 64, flush_seconds: float = 2.0,
+                 overwrite: bool = False, resume: bool | int = False,
+                 chunk_steps: int | None = None, neuron_chunk: int = 64, flush_seconds: float = 2.0,
                  running0: Mapping[str, np.ndarray] | None = None,
                  window_steps: int | None = S.DEFAULT_WINDOW_STEPS):
         self.path = os.fspath(path)
@@ -78,19 +81,22 @@ class RunWriter(WriterArrays):
         self._staged = 0
         self._staged_bytes = 0
         self._last_write = time.monotonic()
+        at = resume_step(resume)
+        resume = resume is not False
         check_path(self.path, overwrite=overwrite, resume=resume)
         self.lease = Lease.acquire(self.path)
         try:
             there = check_path(self.path, overwrite=overwrite, resume=resume)  # now under lease
             if resume and there and _committed_steps(self.path):
                 remove_partials(self.path)
-                self._resume(layout, attrs or {}, running0 or {})
+                self._resume(layout, attrs or {}, running0 or {}, at)
             else:
                 # a run killed before its first commit holds no row, and maybe not all of its
                 # arrays: it starts afresh
                 if there:
                     remove_tree(self.path)
                 self._create(layout, attrs or {}, running0 or {})
+                self.next_step = at or 0
         except BaseException:
             self.lease.release()
             raise
@@ -274,6 +280,21 @@ def count_nonfinite(layout: Layout, count: np.ndarray,
 def _committed_steps(path: str) -> int:
     """The rows the run at ``path`` has committed (0 before its first commit)."""
     return int(read_attrs(path).get(S.ATTR_N_STEPS) or 0)
+
+
+def resume_step(resume) -> int | None:
+    """The step that ``resume`` names (None for ``True`` and ``False``: after the last committed
+    one, or a new run).
+
+    Raises:
+        StatscopeError: neither a bool nor an int ≥ 0.
+    """
+    if isinstance(resume, (bool, np.bool_)):
+        return None
+    if isinstance(resume, (int, np.integer)) and resume >= 0:
+        return int(resume)
+    raise StatscopeError(f"resume={resume!r}: expected True, False or the step to continue at "
+                         "(an int >= 0)")
 
 
 def check_path(path: str, *, overwrite: bool, resume: bool) -> bool:

@@ -99,7 +99,8 @@ class WriterArrays:
         self.add_probes(layout.probes, running0)
         self._commit()
 
-    def _resume(self, layout: Layout, attrs: Mapping[str, Any], running0) -> None:
+    def _resume(self, layout: Layout, attrs: Mapping[str, Any], running0,
+                at: int | None = None) -> None:
         import zarr
 
         old = read_attrs(self.path)
@@ -127,6 +128,8 @@ class WriterArrays:
         self.next_step = 0 if last is None else int(last) + 1
         self.nonfinite = dict(old.get(S.ATTR_NONFINITE, {}))
         self._scalars = list(old.get(S.ATTR_SCALARS, []))
+        if at is not None:
+            last = self._cut_at(at, stored, old, last)
         self._truncate(stored, running0)
         self.window_steps = old.get(S.ATTR_WINDOW_STEPS)
         if self.window_steps:
@@ -144,7 +147,7 @@ class WriterArrays:
         self._warrays = WindowArrays(self._group, self._make)
         starts = self._group[f"{S.WINDOWS_GROUP}/{S.STEP}"][:int(old.get(S.ATTR_N_WINDOWS, 0))]
         current = None if last is None else int(last) // W
-        keep = int(np.count_nonzero(starts < current * W)) if current is not None else len(starts)
+        keep = int(np.count_nonzero(starts < current * W)) if current is not None else 0
         self._warrays.open(keep, self.layout.stats)
         self.n_windows = keep
         self.windows = Windows(W, self._window_widths(self.layout), len(self.layout.probes))
@@ -169,6 +172,47 @@ class WriterArrays:
             lost[s] = np.ones(self.layout.n_channels, bool)
             lost[s][cols] = False
         self.windows.add(steps[rows], count, values, self._probe_of(self.layout), lost)
+
+    def _cut_at(self, at: int, stored: Layout, old: dict, last) -> int | None:
+        """Resume at step ``at``: drop the committed rows of that step and later (the commit
+        marker first, so that a writer killed before the arrays are cut leaves them uncommitted),
+        take their non-finite values out of the counts, and return the new last step."""
+        self.next_step = at
+        steps = self._group[S.STEP][:self.n_steps]
+        keep = int(np.searchsorted(steps, at))
+        if keep == self.n_steps:
+            return last
+        self._uncount_nonfinite(stored, keep)
+        last = int(steps[keep - 1]) if keep else None
+        windows = 0
+        if self.window_steps and last is not None:
+            starts = self._group[f"{S.WINDOWS_GROUP}/{S.STEP}"][:int(old.get(S.ATTR_N_WINDOWS, 0))]
+            windows = int(np.count_nonzero(starts < last // self.window_steps * self.window_steps))
+        self.n_steps = keep
+        old[S.ATTR_N_WINDOWS] = windows
+        self._group.update_attributes(_jsonable({
+            S.ATTR_N_STEPS: keep, S.ATTR_LAST_STEP: last, S.ATTR_N_WINDOWS: windows,
+            S.ATTR_NONFINITE: dict(self.nonfinite)}))
+        return last
+
+    def _uncount_nonfinite(self, stored: Layout, keep: int) -> None:
+        """Take the non-finite values of rows ``keep:`` out of the run's counts (those of the
+        columns it keeps: with ``neurons=``, the others' were counted but not stored)."""
+        if not any(self.nonfinite.values()):
+            return
+        ran = self._group[S.COUNT][keep:self.n_steps] > 0
+        probe_of = self._probe_of(stored)
+        kept = None if stored.n_neurons == stored.n_channels else self._kept_columns(stored)
+        for s in list(self.nonfinite):
+            if s not in stored.stats:
+                continue
+            cols = probe_of[s] if kept is None or s in S.PER_GROUP_STATS else probe_of[s][kept]
+            values = self._group[s][keep:self.n_steps]
+            left = self.nonfinite[s] - int(np.count_nonzero(~np.isfinite(values) & ran[:, cols]))
+            if left > 0:
+                self.nonfinite[s] = left
+            else:
+                del self.nonfinite[s]
 
     def _truncate(self, stored: Layout, running0) -> None:
         """Cut every array back to what the commit marker covers; drop uncommitted arrays.

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 import statscope
 from statscope.probes import select
 from statscope.errors import NonFiniteWarning, StatscopeError, StatscopeWarning, StoreError
+from statscope.store import open_windows, verify_run
 
 
 def fc(c=6):
@@ -826,6 +827,90 @@ def test_resume_continues_after_the_last_step(tmp_path):
     with pytest.raises(StoreError, match="layers"):
         statscope.record(nn.Sequential(nn.BatchNorm1d(6)), tmp_path / "r", resume=True).start()
     assert statscope.open_run(tmp_path / "r").sizes["step"] == 8
+
+
+def _bn_means(xs, model):
+    """bn_mean of the first BatchNorm for batches ``xs``, from the Linear before it, in float64."""
+    with torch.no_grad():
+        return np.stack([model[0](x).double().mean(0).numpy() for x in xs])
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_resume_at_a_checkpoint_step_drops_the_later_rows(tmp_path, writer):
+    # a loop killed after its checkpoint at step 40, whose store had committed steps up to 59,
+    # restarts at 40: the store must hold its new batches from step 40, not from 60
+    model = fc()
+    first, again = batches(60), batches(25, seed=1)
+    first[50] = first[50] * float("inf")  # a non-finite statistic in a dropped row
+    kw = {"step": "forward", "window_steps": 16, "writer": writer}
+    with pytest.warns(NonFiniteWarning):
+        with statscope.record(model, tmp_path / "r", **kw):
+            for x in first:
+                model(x)
+    assert statscope.open_run(tmp_path / "r").attrs["nonfinite"]
+    with statscope.record(model, tmp_path / "r", resume=40, **kw) as rec:
+        assert rec.current_step == 40
+        for x in again:
+            model(x)
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.step.values.tolist() == list(range(65))
+    assert not ds.attrs["nonfinite"]  # the inf of step 50 went with its row
+    want = np.concatenate([_bn_means(first[:40], model), _bn_means(again, model)])
+    np.testing.assert_allclose(ds.bn_mean.values[:, :6], want, rtol=1e-5, atol=1e-6)
+    win = open_windows(tmp_path / "r")
+    assert win.step.values.tolist() == [0, 16, 32, 48, 64]
+    np.testing.assert_allclose(win.bn_mean.sel(summary="mean").values[2, :6],
+                               want[32:48].mean(0), rtol=1e-5, atol=1e-6)  # old rows and new
+    assert verify_run(tmp_path / "r") == []
+
+
+def test_a_writer_killed_while_cutting_back_leaves_the_kept_rows_committed(tmp_path,
+                                                                          monkeypatch):
+    # resuming at a step cuts the commit marker back first, then the arrays: a writer that dies
+    # between the two leaves longer arrays than the marker says, which readers do not see and
+    # the next resume cuts
+    from statscope.writer_arrays import WriterArrays
+
+    model = fc()
+    kw = {"step": "forward", "writer": "thread"}
+    with statscope.record(model, tmp_path / "r", **kw):
+        for x in batches(30):
+            model(x)
+
+    def die(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(WriterArrays, "_truncate", die)
+        with pytest.raises(KeyboardInterrupt):
+            statscope.record(model, tmp_path / "r", resume=12, **kw).start()
+    assert statscope.open_run(tmp_path / "r").step.values.tolist() == list(range(12))
+    with statscope.record(model, tmp_path / "r", resume=True, **kw) as rec:
+        assert rec.current_step == 12
+        model(batches(1, seed=1)[0])
+    assert statscope.open_run(tmp_path / "r").step.values.tolist() == list(range(13))
+    assert verify_run(tmp_path / "r") == []
+
+
+def test_resume_past_the_last_step_leaves_a_gap_and_starts_a_new_run_there(tmp_path):
+    model = fc()
+    with statscope.record(model, tmp_path / "r", step="forward"):
+        for x in batches(5):
+            model(x)
+    with statscope.record(model, tmp_path / "r", step="forward", resume=9):
+        for x in batches(2, seed=1):
+            model(x)
+    assert statscope.open_run(tmp_path / "r").step.values.tolist() == [0, 1, 2, 3, 4, 9, 10]
+    with statscope.record(model, tmp_path / "new", step="forward", resume=100) as rec:
+        assert rec.current_step == 100
+        model(batches(1)[0])
+    assert statscope.open_run(tmp_path / "new").step.values.tolist() == [100]
+    with statscope.record(model, tmp_path / "r", step="forward", resume=0):
+        model(batches(1)[0])
+    assert statscope.open_run(tmp_path / "r").step.values.tolist() == [0]
+    for bad in (-1, 2.5, "3", None):
+        with pytest.raises(StatscopeError, match=f"resume={bad!r}"):
+            statscope.record(model, tmp_path / "r", resume=bad)
 
 
 @pytest.mark.parametrize("mechanism", ["forward", "hooks"])
