@@ -7,10 +7,10 @@ the training process (``writer="thread"``), keeps each block as the writer proce
 it (a pickled :class:`statscope.rows.Gathered`), and then replays those blocks through the
 writer process's work, timing each part: unpickling, :func:`statscope.rows.compute_rows`,
 :func:`statscope.rows.file_columns` and :meth:`statscope.writer.RunWriter.append` (window
-summaries, the non-finite count, staging), and the CPU of all the process's threads until the
-store is closed (zarr's writes included). Printed per block and per training step, with the
-ratio of the writer's CPU to the plain training step's time measured in the same run: on a machine whose cores are hyperthreads of one (the project's VM), that share
-of a core runs beside the training thread.
+summaries, the non-finite count, staging), and the CPU of all the process's threads until the store
+is closed (zarr's writes included). Printed per block and per training step, with the ratio of the
+writer's CPU to the plain training step's time measured in the same run: on a machine whose cores
+are hyperthreads of one (the project's VM), that share of a core runs beside the training thread.
 """
 
 from __future__ import annotations
