@@ -145,9 +145,8 @@ class WriterArrays:
         from the stored rows (columns without per-step values are NaN in it)."""
         W = self.window_steps
         self._warrays = WindowArrays(self._group, self._make)
-        starts = self._group[f"{S.WINDOWS_GROUP}/{S.STEP}"][:int(old.get(S.ATTR_N_WINDOWS, 0))]
         current = None if last is None else int(last) // W
-        keep = int(np.count_nonzero(starts < current * W)) if current is not None else 0
+        keep = self._windows_before(old, last)
         self._warrays.open(keep, self.layout.stats)
         self.n_windows = keep
         self.windows = Windows(W, self._window_widths(self.layout), len(self.layout.probes))
@@ -184,16 +183,21 @@ class WriterArrays:
             return last
         self._uncount_nonfinite(stored, keep)
         last = int(steps[keep - 1]) if keep else None
-        windows = 0
-        if self.window_steps and last is not None:
-            starts = self._group[f"{S.WINDOWS_GROUP}/{S.STEP}"][:int(old.get(S.ATTR_N_WINDOWS, 0))]
-            windows = int(np.count_nonzero(starts < last // self.window_steps * self.window_steps))
+        windows = self._windows_before(old, last)
         self.n_steps = keep
-        old[S.ATTR_N_WINDOWS] = windows
         self._group.update_attributes(_jsonable({
             S.ATTR_N_STEPS: keep, S.ATTR_LAST_STEP: last, S.ATTR_N_WINDOWS: windows,
             S.ATTR_NONFINITE: dict(self.nonfinite)}))
         return last
+
+    def _windows_before(self, old: Mapping[str, Any], last) -> int:
+        """The committed windows that end before the window of step ``last`` (none for None),
+        by the run's own window length: what a resume at ``last + 1`` keeps."""
+        W = old.get(S.ATTR_WINDOW_STEPS)
+        if not W or last is None:
+            return 0
+        starts = self._group[f"{S.WINDOWS_GROUP}/{S.STEP}"][:int(old.get(S.ATTR_N_WINDOWS, 0))]
+        return int(np.count_nonzero(starts < int(last) // W * W))
 
     def _uncount_nonfinite(self, stored: Layout, keep: int) -> None:
         """Take the non-finite values of rows ``keep:`` out of the run's counts (those of the

@@ -864,6 +864,21 @@ def test_resume_at_a_checkpoint_step_drops_the_later_rows(tmp_path, writer):
     assert verify_run(tmp_path / "r") == []
 
 
+def test_resume_at_a_step_keeps_the_windows_by_the_runs_own_length(tmp_path):
+    # the window summaries are the run's: a resumed recorder asking for other windows (or none)
+    # neither drops nor miscounts the stored ones when it cuts the run back
+    model = fc()
+    with statscope.record(model, tmp_path / "r", step="forward", window_steps=16):
+        for x in batches(60):
+            model(x)
+    with statscope.record(model, tmp_path / "r", step="forward", window_steps=None, resume=40):
+        for x in batches(8, seed=1):
+            model(x)
+    win = open_windows(tmp_path / "r")
+    assert win.attrs["window_steps"] == 16 and win.step.values.tolist() == [0, 16, 32]
+    assert verify_run(tmp_path / "r") == []
+
+
 def test_a_writer_killed_while_cutting_back_leaves_the_kept_rows_committed(tmp_path,
                                                                           monkeypatch):
     # resuming at a step cuts the commit marker back first, then the arrays: a writer that dies
