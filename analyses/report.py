@@ -206,7 +206,8 @@ def methods(report: Report) -> list[str]:
         "bn_std²·n/(n−1)). Per layer: the median over neurons (and the first neuron, the "
         "paper's neuron i-1).",
         "Excess: observed / sampling-theory fluctuation, sd(μ̂) = σ/√N and sd(σ̂) ≈ "
-        "σ√((κ−1)/(4N)) (asymptotic; κ from bn_kurt when recorded, else 3).",
+        "σ√((N−1)κ−N+3)/(2N) (delta method; κ from bn_kurt, corrected for the batch size, "
+        "when recorded, else 3).",
         f"Intervals within a run: block bootstrap over steps ({report.n_boot} replicates). The "
         f"block length comes from each effect's own autocorrelation (Politis–White on its "
         f"jackknife influence series and on the levels whose spread it uses, ×{BLOCK_FACTOR:g}, "

@@ -34,7 +34,7 @@ COLUMNS = {
     "q75": "75th percentile over the layer's neurons of the fluctuation",
     "first": "the fluctuation of the layer's first neuron (unit 0, the paper's neuron i-1)",
     "excess": "observed fluctuation / what batch sampling alone predicts (σ/√N for the mean, "
-              "σ·√((κ−1)/4N) for the std); layer median; 1 = sampling noise explains it, "
+              "σ·√((N−1)κ−N+3)/(2N) for the std); layer median; 1 = sampling noise explains it, "
               "> 1 = something else adds noise, < 1 = less than sampling predicts; BN only",
     "n_runs": "how many runs (seeds) the row pools",
     "median_over_seeds": "the mean over seeds of the layer-median fluctuation",
