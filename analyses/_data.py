@@ -17,11 +17,17 @@ from statscope.errors import StatscopeError
 FLUCT_STATS = (S.BN_MEAN, S.BN_STD, S.EN_MEAN, S.EN_STD)
 
 
-def require(ds: xr.Dataset, names, what: str) -> None:
-    """Raise StatscopeError naming the variables of ``names`` that ``ds`` lacks."""
+def require(ds: xr.Dataset | Mapping[str, xr.Dataset], names, what: str) -> None:
+    """Raise StatscopeError naming the variables of ``names`` that ``ds`` (a run, stacked runs
+    or a mapping of runs) lacks."""
+    if isinstance(ds, Mapping) and ds and all(isinstance(v, xr.Dataset) for v in ds.values()):
+        for name, one in ds.items():
+            require(one, names, f"{what} (run {name!r})")
+        return
     if not isinstance(ds, xr.Dataset):
-        raise StatscopeError(f"{what}: expected an xarray Dataset from statscope.open_run, "
-                             f"got {type(ds).__name__}")
+        raise StatscopeError(f"{what}: expected an xarray Dataset from statscope.open_run or "
+                             f"open_runs, or a mapping of names to them; got "
+                             f"{type(ds).__name__}")
     missing = [n for n in names if n not in ds.variables]
     if missing:
         have = ", ".join(sorted(map(str, ds.data_vars))) or "none"

@@ -27,7 +27,7 @@ from ._names import NOTES, SIGMA2
 from .bootstrap import window_series
 from .intervals import bootstrap_statistic, contrast
 from .resampling import Moments, resample
-from .window import load_window, map_windows
+from .window import load_window, map_windows, split_runs
 
 __all__ = ["levene", "compare_statistics", "compare_runs"]
 
@@ -132,8 +132,9 @@ def compare_runs(ds: xr.Dataset, run_a, run_b, statistic: str = S.BN_STD, window
     """Per neuron, test whether ``statistic`` fluctuates differently in two independent runs.
 
     Args:
-        ds: stacked runs from ``open_runs``.
-        run_a, run_b: run names (values of the ``run`` coordinate), e.g. "bs4", "bs128".
+        ds: stacked runs from ``open_runs``, or a mapping of names to runs.
+        run_a, run_b: run names (values of the ``run`` coordinate, or keys of the mapping),
+            e.g. "bs4", "bs128".
         statistic: e.g. ``bn_std``.
         window: see :func:`statscope.analyses.select_window` (each run's own window).
         scale_free: divide each run's series by the neuron's σ̄ in that run,
@@ -148,17 +149,17 @@ def compare_runs(ds: xr.Dataset, run_a, run_b, statistic: str = S.BN_STD, window
         the bootstrap also ``lower``/``upper`` (interval of the ratio). attrs: window,
         compared, test, scale_free, notes.
     """
-    if not stacked(ds):
+    if isinstance(ds, xr.Dataset) and not stacked(ds):
         raise StatscopeError("compare_runs: expected stacked runs from open_runs, got one run")
     if method not in ("bootstrap", "brown-forsythe"):
         raise StatscopeError(f"method={method!r}: expected 'bootstrap' or 'brown-forsythe'")
-    names = [str(r) for r in ds[S.RUN].values]
-    for r in (run_a, run_b):
-        if str(r) not in names:
-            raise StatscopeError(f"compare_runs: run={r!r}: no such run; available: "
-                                 f"{', '.join(names)}")
     require(ds, [statistic, S.BN_STD, S.COUNT], "compare_runs")
-    windows = [load_window(ds.sel({S.RUN: r}), window) for r in (run_a, run_b)]
+    runs = {name: one for name, one, _ in split_runs(ds)}
+    for r in (run_a, run_b):
+        if str(r) not in runs:
+            raise StatscopeError(f"compare_runs: run={r!r}: no such run; available: "
+                                 f"{', '.join(runs)}")
+    windows = [load_window(runs[str(r)], window) for r in (run_a, run_b)]
     what = f"{statistic}: {run_a} vs {run_b}"
     if method == "brown-forsythe":
         series = []

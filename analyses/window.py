@@ -424,7 +424,10 @@ def map_windows(runs, window, fn: Callable[[xr.Dataset], xr.Dataset]) -> xr.Data
         if not np.array_equal(p.data[S.LAYER].values, first[S.LAYER].values):
             raise StatscopeError(f"runs {parts[0].name!r} and {p.name!r} have different layers; "
                                  f"analyse them separately")
-    clean = [r.drop_vars([c for c in r.coords if S.NEURON not in r[c].dims], errors="ignore")
+    # a run's own scalar coordinates (its name, settings) give way to the stacked ones; index
+    # coordinates (a summary's layer, quantity, bound) and the neuron's labels are kept
+    clean = [r.drop_vars([c for c in r.coords if c not in r.dims and S.NEURON not in r[c].dims],
+                         errors="ignore")
              for r in results]
     out = xr.concat(clean, dim=S.RUN, coords="minimal", compat="override",
                     combine_attrs="override")
