@@ -20,7 +20,7 @@ from ._data import FLUCT_STATS, Layers, masked, quiet, require, sigma2_series
 from ._names import BOUND, BOUNDS, NOTES, QUANTITY, SIGMA2
 from .blocklength import block_length
 from .intervals import bootstrap_statistic
-from .resampling import BLOCK_FACTOR, Moments, _Data, _replicates, snap_block
+from .resampling import BLOCK_FACTOR, Moments, _Data, _replicates, check_settings, snap_block
 from .window import map_windows
 
 __all__ = ["block_bootstrap", "fluctuation_ci", "BootstrapMoments", "window_series"]
@@ -72,6 +72,7 @@ def block_bootstrap(series: Mapping[str, np.ndarray], *, n_boot: int = 1000,
         >>> m.std_reps["x"].shape, bool(np.allclose(m.std["x"], x.std(0, ddof=1)))
         ((200, 3), True)
     """
+    check_settings(n_boot=n_boot, block=block, seed=seed)
     data = _Data(series)
     if block is None:
         with quiet():
@@ -149,6 +150,7 @@ def fluctuation_ci(ds: xr.Dataset, window=200, *, scale_free: bool = False,
         >>> bool(lo <= est <= hi)
         True
     """
+    check_settings(confidence=confidence, n_boot=n_boot, block=block, seed=seed)
     require(ds, [*FLUCT_STATS, S.COUNT], "fluctuation_ci")
     out = map_windows(ds, window, lambda w: _run_ci(w, scale_free, confidence, n_boot, block,
                                                      seed))

@@ -37,7 +37,7 @@ from ._names import SIGMA2
 from .bootstrap import window_series
 from .multiplicity import adjust_p
 from .intervals import bootstrap_statistic
-from .resampling import MIN_EFFECTIVE, Moments
+from .resampling import MIN_EFFECTIVE, Moments, check_settings
 from .seeds import MODEL_KEYS, between_seeds, config_labels
 from ._compute import run_tasks
 from .window import RunWindow, run_windows, split_runs
@@ -274,6 +274,7 @@ def claims(ds, window=200, *, confidence: float = 0.95, n_boot: int = 1000,
         >>> c.verdicts("a")
         ['holds', 'holds', 'holds', 'holds']
     """
+    check_settings(confidence=confidence, n_boot=n_boot, block=block, seed=seed)
     adjust_p([], adjust)
     parts = split_runs(ds)
     for _, one, _ in parts:

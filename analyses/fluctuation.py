@@ -120,6 +120,10 @@ def fluctuation(ds: xr.Dataset, window=200, *, scale_free: bool = False,
     if is_summaries(ds):
         raise StatscopeError("source='steps': ds holds window summaries; use source='windows'")
     require(ds, [*FLUCT_STATS, S.COUNT], "fluctuation")
+    if detrend and isinstance(window, (int, np.integer)) and not isinstance(window, bool) \
+            and 2 <= window < 3:
+        raise StatscopeError(f"window={window} with detrend=True: a line through 2 steps leaves "
+                             f"no spread; pass at least 3 steps")
     return map_windows(ds, window, lambda w: _fluctuation(w, scale_free, detrend))
 
 
@@ -164,6 +168,10 @@ def _compute(result, excluded, not_run, steps):
 def _sparse_layer_notes(n_valid: xr.DataArray, steps: int, least: int) -> list[str]:
     """Which layers ran in fewer of the window's steps than it has (layer-drop, branches that
     skip), and which in too few for a fluctuation (their rows are NaN)."""
+    if steps < least:
+        return [f"the window has {steps} steps with data; a fluctuation needs {least}"
+                f"{' (detrended: a line through 2 steps leaves no spread)' if least == 3 else ''}"
+                f": every value is NaN"]
     if S.LAYER not in n_valid.coords:
         return []
     runs = n_valid.groupby(S.LAYER).max()

@@ -16,7 +16,7 @@ import numpy as np
 from statscope.errors import StatscopeError
 
 from ._data import quiet, t_quantile, t_two_sided
-from .resampling import MIN_EFFECTIVE, Resampled, Statistic, resample
+from .resampling import MIN_EFFECTIVE, Resampled, Statistic, check_settings, resample
 
 __all__ = ["Interval", "interval", "contrast", "bootstrap_statistic"]
 
@@ -67,6 +67,7 @@ def interval(res: Resampled, confidence: float = 0.95, *, log: bool = False) -> 
         >>> bool(np.all((iv.lower < 1) & (1 < iv.upper)))
         True
     """
+    check_settings(confidence=confidence)
     iv = contrast([res], [1.0], confidence, log=log)
     if not log:
         return iv
@@ -176,5 +177,6 @@ def bootstrap_statistic(series: Mapping[str, np.ndarray],
         >>> bool(iv.lower[0] > 0), float(iv.p_value[0]) < 0.001
         (True, True)
     """
+    check_settings(confidence=confidence, n_boot=n_boot, block=block, seed=seed)
     return interval(resample(series, statistic, n_boot=n_boot, block=block, seed=seed,
                              groups=groups), confidence, log=log)

@@ -23,6 +23,10 @@ def _ranked(p):
     """p as float64, an all-NaN output of its shape, and the finite entries' indices in
     ascending order of p (the family is the finite entries)."""
     p = np.asarray(p, dtype=np.float64)
+    bad = p[np.isfinite(p) & ((p < 0) | (p > 1))] if p.size else p
+    if bad.size or np.isinf(p).any():
+        shown = bad[:3].tolist() if bad.size else [float(v) for v in p[np.isinf(p)][:3]]
+        raise StatscopeError(f"p={shown}: p-values must lie in [0, 1] (NaN for untested rows)")
     ok = np.flatnonzero(np.isfinite(p))
     return p, np.full(p.shape, np.nan), ok[np.argsort(p[ok], kind="stable")]
 

@@ -17,7 +17,7 @@ from ._data import Layers
 from ._names import NOTES
 from .claims import CLAIMS, Claims, PooledClaims, PooledRow, claims
 from .multiplicity import ADJUSTMENTS
-from .resampling import BLOCK_FACTOR, MIN_EFFECTIVE
+from .resampling import BLOCK_FACTOR, MIN_EFFECTIVE, check_settings
 from .scaling import batch_size_scaling
 from .seeds import MODEL_KEYS, config_labels
 from ._compute import run_tasks
@@ -101,6 +101,7 @@ def build_report(runs, window=200, *, source: str = "", n_boot: int = 1000, seed
     Returns:
         Report.
     """
+    check_settings(confidence=confidence, n_boot=n_boot, seed=seed)
     if adjust not in ADJUSTMENTS:
         raise StatscopeError(f"adjust={adjust!r}: expected one of {', '.join(ADJUSTMENTS)}")
     whole = split_runs(runs, ranks=False)

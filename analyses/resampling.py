@@ -44,7 +44,7 @@ from ._data import quiet
 from .blocklength import block_length
 
 __all__ = ["Moments", "Resampled", "moments", "resample", "snap_block", "snap_down",
-           "BLOCK_FACTOR", "MIN_BLOCKS", "MIN_EFFECTIVE", "MAX_N_BOOT"]
+           "BLOCK_FACTOR", "MIN_BLOCKS", "MIN_EFFECTIVE", "MAX_N_BOOT", "check_settings"]
 
 BLOCK_FACTOR = 2.0
 """Blocks are this multiple of the Politis–White length (see the module docstring, point 1)."""
@@ -362,6 +362,26 @@ def _combine(parts) -> Statistic:
     return whole
 
 
+def check_settings(*, confidence=None, n_boot=None, block=None, seed=None) -> None:
+    """Raise StatscopeError for a bootstrap setting that is given (not None) and malformed:
+    ``confidence`` a level in (0, 1), ``n_boot`` an integer from 1 to :data:`MAX_N_BOOT`,
+    ``block`` a positive integer, ``seed`` a non-negative integer. Every public function with
+    these arguments checks them here, before reading any data."""
+    def integer(v) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+    if confidence is not None and (isinstance(confidence, (bool, np.bool_)) or not isinstance(
+            confidence, (int, float, np.number)) or not 0.0 < float(confidence) < 1.0):
+        raise StatscopeError(f"confidence={confidence!r}: expected a level in (0, 1)")
+    if n_boot is not None and not (integer(n_boot) and 1 <= n_boot <= MAX_N_BOOT):
+        raise StatscopeError(f"n_boot={n_boot!r}: expected an integer from 1 to {MAX_N_BOOT:,}")
+    if block is not None and not (integer(block) and block >= 1):
+        raise StatscopeError(f"block={block!r}: expected a positive integer (steps) or None "
+                             f"(chosen from the data)")
+    if seed is not None and not (integer(seed) and seed >= 0):
+        raise StatscopeError(f"seed={seed!r}: expected a non-negative integer")
+
+
 def resample(series: Mapping[str, np.ndarray], statistic, *, n_boot: int = 1000,
              block: int | None = None, seed: int = 0, groups=None) -> Resampled:
     """Block-bootstrap a statistic of aligned per-step series (see the module docstring).
@@ -391,9 +411,7 @@ def resample(series: Mapping[str, np.ndarray], statistic, *, n_boot: int = 1000,
         >>> r.replicates.shape, bool(np.allclose(r.estimate, x.std(0, ddof=1)))
         ((200, 3), True)
     """
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or not \
-            1 <= n_boot <= MAX_N_BOOT:
-        raise StatscopeError(f"n_boot={n_boot!r}: expected an integer from 1 to {MAX_N_BOOT:,}")
+    check_settings(n_boot=n_boot, block=block, seed=seed)
     data = _Data(series)
     t = data.t
     if 3 * data.d[0].size * 8 * t > _MAX_BYTES:

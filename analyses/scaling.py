@@ -7,9 +7,9 @@ theory predicts −0.5 for BN statistics (sd ∝ 1/√N with N ∝ batch size fo
 layers) and a flatter slope for EN, which pools over channels.
 
 The interval treats **runs as the unit** when every batch size has at least two runs (seeds):
-runs are resampled within their batch size (deviations from the batch size's mean rescaled by
-√(n/(n−1)), so the bootstrap variance is unbiased), and the bias-corrected interval takes a t
-quantile with (runs − batch sizes) degrees of freedom. Seeds differ in initialisation and data
+the runs' spread about their batch size's mean, pooled over the batch sizes, gives the slope's
+standard error and a t quantile with (runs − batch sizes) degrees of freedom
+(:func:`runs_slope`). Seeds differ in initialisation and data
 order, which the steps within one run cannot show, so an interval from steps alone is far too
 narrow. With one run per batch size there is nothing else: the interval then combines each
 run's block bootstrap over steps (:func:`statscope.analyses.resampling.contrast`) and says so.
@@ -29,21 +29,31 @@ from ._data import FLUCT_STATS, Layers, quiet, require, stacked, t_quantile
 from ._names import NOTES, SIGMA2, STATISTIC
 from .bootstrap import window_series
 from .intervals import contrast
-from .resampling import Moments, moments, resample
+from .resampling import Moments, check_settings, moments, resample
 from .window import run_windows, split_runs
 
 __all__ = ["batch_size_scaling", "runs_slope"]
 
 
-def runs_slope(x, y, *, confidence: float = 0.95, n_boot: int = 1000,
-               seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Least-squares slope of y on x over runs, with runs resampled within each x.
+def runs_slope(x, y, *, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                            float]:
+    """Least-squares slope of y on x over runs, with a t interval from the runs' spread within
+    each x (pure error).
+
+    Runs sharing a value of x (seeds at one batch size) are replicates: their variance about
+    their own mean, pooled over the x values, estimates the run-to-run variance σ² with
+    R − strata degrees of freedom, independently of the strata means that the slope is made of;
+    the slope's standard error is σ̂/√Σ(x − x̄)². Under normal run effects of one variance the
+    interval is exact, whatever the weights of the strata (batch sizes 4, 32, 256 with 2 seeds
+    each, or 2 runs at 4 and 5 at 128: 95.0 % and 95.2 % for a nominal 95 %). A variance per
+    stratum, estimated from 2 or 3 seeds each, would be too noisy to use: resampling the runs
+    within each x, as this did before, covered 91.6 % in the first design.
 
     Args:
         x: (R,) the regressor per run (log batch size); runs sharing a value form a stratum,
             each with at least two runs.
         y: (R, K) the response per run, K slopes at once.
-        confidence, n_boot, seed: interval settings.
+        confidence: level of the two-sided interval.
 
     Returns:
         (slope, lower, upper) each (K,), and the degrees of freedom R − strata.
@@ -51,10 +61,11 @@ def runs_slope(x, y, *, confidence: float = 0.95, n_boot: int = 1000,
     Example:
         >>> x = np.log([4, 4, 4, 128, 128, 128])
         >>> y = -0.5 * x[:, None] + np.array([[0.1], [-0.1], [0.0], [0.05], [-0.05], [0.0]])
-        >>> s, lo, hi, df = runs_slope(x, y, n_boot=500)
+        >>> s, lo, hi, df = runs_slope(x, y)
         >>> round(float(s[0]), 3), bool(lo[0] < -0.5 < hi[0]), df
         (-0.5, True, 4)
     """
+    check_settings(confidence=confidence)
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     levels, stratum = np.unique(x, return_inverse=True)
@@ -65,21 +76,12 @@ def runs_slope(x, y, *, confidence: float = 0.95, n_boot: int = 1000,
     xc = x - x.mean()
     sxx = float(xc @ xc)
     slope = xc @ (y - y.mean(0)) / sxx
-    rng = np.random.default_rng(seed)
-    ys = np.empty((n_boot, *y.shape))
-    for h in range(levels.size):
-        idx = np.flatnonzero(stratum == h)
-        n = idx.size
-        mean = y[idx].mean(0)
-        draw = idx[rng.integers(0, n, size=(n_boot, n))]
-        ys[:, idx] = mean + math.sqrt(n / (n - 1)) * (y[draw] - mean)
-    with quiet():
-        reps = np.einsum("r,brk->bk", xc, ys - ys.mean(1, keepdims=True)) / sxx
-        se = np.nanstd(reps, axis=0, ddof=1)
-        center = slope - (np.nanmean(reps, axis=0) - slope)
+    means = np.stack([y[stratum == h].mean(0) for h in range(levels.size)])
     df = int(x.size - levels.size)
+    with quiet():
+        se = np.sqrt(((y - means[stratum]) ** 2).sum(0) / df / sxx)
     q = float(t_quantile(0.5 + confidence / 2.0, df))
-    return slope, center - q * se, center + q * se, df
+    return slope, slope - q * se, slope + q * se, df
 
 
 def batch_size_scaling(ds, window=200, *, scale_free: bool = True, confidence: float = 0.95,
@@ -107,6 +109,7 @@ def batch_size_scaling(ds, window=200, *, scale_free: bool = True, confidence: f
         >>> sc.attrs["method"], bool(abs(float(sc.slope.sel(layer="fc1", statistic="bn_mean")) + 0.5) < 0.1)
         ('runs', True)
     """
+    check_settings(confidence=confidence, n_boot=n_boot, block=block, seed=seed)
     if isinstance(ds, xr.Dataset) and not stacked(ds):
         raise StatscopeError("batch_size_scaling: expected stacked runs from open_runs, got one run")
     for _, one, _ in split_runs(ds):
@@ -141,10 +144,10 @@ def batch_size_scaling(ds, window=200, *, scale_free: bool = True, confidence: f
     if counts.min() >= 2:
         with quiet():
             y = np.log(np.stack([statistic(moments(window_series(w.data))) for w in windows]))
-        slope, lo, hi, df = runs_slope(x, y, confidence=confidence, n_boot=n_boot, seed=seed)
+        slope, lo, hi, df = runs_slope(x, y, confidence=confidence)
         method = "runs"
-        notes.append(f"interval over runs (seeds) resampled within each batch size, t with "
-                     f"{df} degrees of freedom")
+        notes.append(f"interval over runs (seeds): t with the runs' pooled spread within each "
+                     f"batch size, {df} degrees of freedom")
     else:
         parts = [resample(window_series(w.data), statistic, n_boot=n_boot, block=block,
                           seed=seed + i, groups=layers.ordinal) for i, w in enumerate(windows)]

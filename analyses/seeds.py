@@ -16,6 +16,7 @@ import numpy as np
 from statscope import schema as S
 
 from ._data import t_quantile, t_two_sided
+from .resampling import check_settings
 
 __all__ = ["config_labels", "between_seeds", "SEED_FREE_KEYS", "MODEL_KEYS"]
 
@@ -93,6 +94,7 @@ def between_seeds(effects, confidence: float = 0.95) -> tuple[float, float, floa
         >>> [round(v, 3) for v in between_seeds([1.0, 2.0, 3.0])]
         [2.0, -0.484, 4.484, 0.074]
     """
+    check_settings(confidence=confidence)
     x = np.asarray(effects, dtype=np.float64)
     x = x[np.isfinite(x)]
     if x.size == 0:

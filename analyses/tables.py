@@ -17,6 +17,7 @@ from .fluctuation import fluctuation
 from .seeds import between_seeds, config_labels
 from .summary import layer_summary
 from .window import RunWindow, run_windows
+from .resampling import check_settings
 
 __all__ = ["fluctuation_table", "pooled_fluctuation_table", "rank_gap_table", "select_layers",
            "COLUMNS", "summary_matrix", "summary_tally", "VERDICTS"]
@@ -244,6 +245,7 @@ def pooled_fluctuation_table(table, confidence: float = 0.95):
         of the layer median), ci_low, ci_high (t interval of that mean over seeds; NaN for one
         seed), excess (mean over seeds).
     """
+    check_settings(confidence=confidence)
     import pandas as pd
 
     rows = []

@@ -26,7 +26,7 @@ from ._data import Layers, masked, quiet, require, sigma_bar, stacked
 from ._names import NOTES, SIGMA2
 from .bootstrap import window_series
 from .intervals import bootstrap_statistic, contrast
-from .resampling import Moments, resample
+from .resampling import Moments, check_settings, resample
 from .window import load_window, map_windows, split_runs
 
 __all__ = ["levene", "compare_statistics", "compare_runs"]
@@ -94,6 +94,7 @@ def compare_statistics(ds: xr.Dataset, a: str = S.BN_MEAN, b: str = S.EN_MEAN, w
         >>> bool((r.p_value.sel(neuron=r.unit == 0) < 0.01).all())
         True
     """
+    check_settings(confidence=confidence, n_boot=n_boot, block=block, seed=seed)
     require(ds, [a, b, S.COUNT], "compare_statistics")
 
     def one(w: xr.Dataset) -> xr.Dataset:
@@ -149,6 +150,7 @@ def compare_runs(ds: xr.Dataset, run_a, run_b, statistic: str = S.BN_STD, window
         the bootstrap also ``lower``/``upper`` (interval of the ratio). attrs: window,
         compared, test, scale_free, notes.
     """
+    check_settings(confidence=confidence, n_boot=n_boot, block=block, seed=seed)
     if isinstance(ds, xr.Dataset) and not stacked(ds):
         raise StatscopeError("compare_runs: expected stacked runs from open_runs, got one run")
     if method not in ("bootstrap", "brown-forsythe"):

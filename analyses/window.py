@@ -131,6 +131,10 @@ def _positions(count: xr.DataArray, steps: np.ndarray, window, name: str,
         if not 0.0 < window <= 1.0:
             raise StatscopeError(f"window={window}: a fraction must lie in (0, 1]")
         k = max(1, math.ceil(window * (last - first + 1)))
+        if k < 2:
+            raise StatscopeError(f"window={window}: that fraction of the {last - first + 1} "
+                                 f"recorded rows of run {name!r} is {k} row; a window needs at "
+                                 f"least 2")
         return np.arange(last - k + 1, last + 1)
     if isinstance(window, (tuple, list)) and len(window) == 2:
         start, stop = (int(v) for v in window)

@@ -142,14 +142,15 @@ def test_brown_forsythe_is_wrong_for_paired_series():
 
 
 @pytest.mark.slow
-def test_scaling_slope_over_seeds_covers_the_truth():
+@pytest.mark.parametrize("design", [(4, 4, 4, 32, 32, 32, 128, 128, 128), (4, 4, 32, 32, 256, 256),
+                                    (4, 4, 128, 128, 128, 128, 128)])
+def test_scaling_slope_over_seeds_covers_the_truth(design):
     # Seeds add a run-level effect (sd 0.1 in log fluctuation) that no within-run bootstrap
-    # sees: the runs-as-unit interval must cover the true slope −0.5 about 95 % of the time.
-    x = np.log(np.repeat([4.0, 32.0, 128.0], 3))
-    hits = []
-    for rep in range(400):
-        rng = np.random.default_rng(rep)
-        y = (-0.5 * x + 0.1 * rng.standard_normal(x.size))[:, None]
-        _, lo, hi, _ = runs_slope(x, y, n_boot=400, seed=rep)
-        hits.append(lo[0] <= -0.5 <= hi[0])
-    assert 0.91 <= np.mean(hits) <= 0.985
+    # sees: the runs-as-unit interval must cover the true slope −0.5 about 95 % of the time,
+    # also where the batch sizes weigh unequally (the two last designs: resampling runs within
+    # each size covered 91.6 % and 91.3 % there). 2000 replicates: sd of the rate 0.5 points.
+    x = np.log(np.asarray(design, float))
+    rng = np.random.default_rng(len(design))
+    y = -0.5 * x[None, :] + 0.1 * rng.standard_normal((2000, x.size))
+    _, lo, hi, _ = runs_slope(x, y.T)
+    assert 0.935 <= np.mean((lo <= -0.5) & (-0.5 <= hi)) <= 0.965

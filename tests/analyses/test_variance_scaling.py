@@ -59,3 +59,24 @@ def test_scaling_needs_two_batch_sizes(run):
     ds = stack({"a": make_run(seed=1), "b": make_run(seed=2)})
     with pytest.raises(StatscopeError, match="one batch size"):
         batch_size_scaling(ds)
+
+
+def test_runs_slope_interval_matches_a_pure_error_regression_by_numpy():
+    # independent reference: the full model (one mean per batch size) by least squares gives
+    # the pure-error variance; np.polyfit the slope
+    from statscope.analyses.scaling import runs_slope
+
+    rng = np.random.default_rng(3)
+    x = np.log(np.array([4, 4, 16, 16, 16, 128, 128], float))
+    y = -0.5 * x + 0.2 * rng.standard_normal((3, x.size))
+    slope, lo, hi, df = runs_slope(x, y.T, confidence=0.9)
+    levels = np.unique(x)
+    design = (x[:, None] == levels[None, :]).astype(float)
+    for k in range(3):
+        sse = float(np.linalg.lstsq(design, y[k], rcond=None)[1][0])
+        se = np.sqrt(sse / (x.size - levels.size) / ((x - x.mean()) ** 2).sum())
+        ref = np.polyfit(x, y[k], 1)[0]
+        q = stats.t.ppf(0.95, x.size - levels.size)
+        np.testing.assert_allclose([slope[k], lo[k], hi[k]], [ref, ref - q * se, ref + q * se],
+                                   rtol=1e-10)
+    assert df == 4

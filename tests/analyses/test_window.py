@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from statscope import schema as S
-from statscope.analyses import select_window
+from statscope.analyses import fluctuation, select_window
+from statscope.analyses._names import N_VALID
 from statscope.errors import StatscopeError
 
 from analyses_synthetic import make_run, stack
@@ -59,3 +60,20 @@ def test_stacked_windows_are_per_run():
         assert np.isnan(one[S.BN_MEAN].where(one[S.COUNT] == 0)).all()
     with pytest.raises(StatscopeError, match="'short'"):
         select_window(ds, 200)
+
+
+def test_a_fraction_that_leaves_one_row_is_refused_like_a_one_step_window():
+    # it gave all-NaN fluctuations with no note (an outside check)
+    ds = make_run(n_steps=300)
+    with pytest.raises(StatscopeError, match=r"window=1e-09: .* 300 recorded rows .* is 1 row"):
+        fluctuation(ds, 1e-9)
+    assert int(fluctuation(ds, 0.005)[N_VALID].min()) == 2
+
+
+def test_detrending_needs_three_steps_and_says_so():
+    ds = make_run(n_steps=300)
+    with pytest.raises(StatscopeError, match=r"window=2 with detrend=True"):
+        fluctuation(ds, 2, detrend=True)
+    f = fluctuation(ds, 0.005, detrend=True)  # 2 rows by fraction: NaN, and a note says why
+    assert np.isnan(f[S.BN_MEAN].values).all()
+    assert any("needs 3" in n and "every value is NaN" in n for n in f.attrs["notes"])
