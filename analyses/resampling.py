@@ -32,7 +32,7 @@ Percentile intervals with b = ⌈T^(1/3)⌉ covered the std of AR(1) series of 2
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
