@@ -106,8 +106,12 @@ class Holder:
 
 
 def lease_path(path: str) -> str:
-    """Where the lease of the run at ``path`` lives: beside it, as ``<run>.lease``."""
-    return path.rstrip("/") + SUFFIX
+    """Where the lease of the run at ``path`` lives: beside it, as ``<run>.lease``. A local
+    path is resolved first, so that a run reached through a symlink (or ``..``) has the one
+    lease of the folder it names: two writers by two names would otherwise both get in."""
+    if _is_url(path):
+        return path.rstrip("/") + SUFFIX
+    return os.path.realpath(path.removeprefix("file://").rstrip("/") or "/") + SUFFIX
 
 
 def _is_url(path: str) -> bool:
@@ -203,7 +207,7 @@ class Lease:
 
     @classmethod
     def _acquire_file(cls, path: str, holder: Holder) -> "Lease":
-        where = lease_path(path).removeprefix("file://")
+        where = lease_path(path)
         try:
             os.makedirs(os.path.dirname(os.path.abspath(where)), exist_ok=True)
             fd = os.open(where, os.O_RDWR | os.O_CREAT, 0o644)

@@ -249,6 +249,23 @@ def test_a_second_writer_is_refused_while_the_first_lives_and_not_after(tmp_path
     assert statscope.open_run(run).attrs["status"] == "completed"
 
 
+def test_a_second_writer_through_a_symlink_to_the_run_is_refused(tmp_path):
+    # the lease sat beside the path as given: link.lease and run.lease, two writers let in,
+    # and the second one's overwrite emptied the live run (an outside check)
+    probes, data = synthetic(t=3)
+    (tmp_path / "link").symlink_to(tmp_path / "r")
+    first = RunWriter(tmp_path / "r", Layout(tuple(probes)))
+    try:
+        for kw in ({"overwrite": True}, {"resume": True}):
+            with pytest.raises(StoreLockedError, match=f"pid {os.getpid()}"):
+                RunWriter(tmp_path / "link", Layout(tuple(probes)), **kw)
+        assert lease_path(str(tmp_path / "link")) == lease_path(str(tmp_path / "r"))
+        assert lease_path(f"file://{tmp_path}/link/") == str(tmp_path / "r.lease")
+    finally:
+        first.close()
+    assert statscope.open_run(tmp_path / "link").attrs["status"] == "completed"
+
+
 def test_two_writers_in_one_process_and_the_lease_of_a_forked_child(tmp_path):
     probes, data = synthetic(t=3)
     first = RunWriter(tmp_path / "r", Layout(tuple(probes)))
