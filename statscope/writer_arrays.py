@@ -141,16 +141,20 @@ class WriterArrays:
         self.add_probes([p for p in layout.probes if p.name not in known], running0)
 
     def _resume_windows(self, old, last) -> None:
-        """Keep the windows before the one the last committed step is in; rebuild that one
-        from the stored rows (columns without per-step values are NaN in it)."""
+        """Keep the committed windows that the resumed run adds no step to; rebuild from the
+        stored rows the window of the last kept step where the run continues it or it was not
+        committed (columns without per-step values are NaN in it)."""
         W = self.window_steps
         self._warrays = WindowArrays(self._group, self._make)
-        current = None if last is None else int(last) // W
-        keep = self._windows_before(old, last)
+        keep = self._windows_kept(old, last, self.next_step)
         self._warrays.open(keep, self.layout.stats)
         self.n_windows = keep
         self.windows = Windows(W, self._window_widths(self.layout), len(self.layout.probes))
-        if current is None:
+        if last is None:
+            return
+        current = int(last) // W
+        starts = self._group[f"{S.WINDOWS_GROUP}/{S.STEP}"][:keep]
+        if current * W in starts:  # committed whole, and the run adds no step to it
             return
         steps = self._arrays[S.STEP][:self.n_steps]
         first = int(np.searchsorted(steps, current * W))
@@ -183,21 +187,35 @@ class WriterArrays:
             return last
         self._uncount_nonfinite(stored, keep)
         last = int(steps[keep - 1]) if keep else None
-        windows = self._windows_before(old, last)
+        windows = self._windows_kept(old, last, at)
         self.n_steps = keep
         self._group.update_attributes(_jsonable({
             S.ATTR_N_STEPS: keep, S.ATTR_LAST_STEP: last, S.ATTR_N_WINDOWS: windows,
             S.ATTR_NONFINITE: dict(self.nonfinite)}))
         return last
 
-    def _windows_before(self, old: Mapping[str, Any], last) -> int:
-        """The committed windows that end before the window of step ``last`` (none for None),
-        by the run's own window length: what a resume at ``last + 1`` keeps."""
+    @staticmethod
+    def _continues(old: Mapping[str, Any], last, next_step: int) -> bool:
+        """Whether the first step a run resumed at ``next_step`` records (the next multiple of
+        its ``every``) falls in the window of its last kept step ``last``, by the run's own
+        window length: then that window is rebuilt, else it is complete and kept."""
+        W, every = old.get(S.ATTR_WINDOW_STEPS), int(old.get(S.ATTR_EVERY) or 1)
+        if not W or last is None:
+            return False
+        return -(-int(next_step) // every) * every // W == int(last) // W
+
+    def _windows_kept(self, old: Mapping[str, Any], last, next_step: int) -> int:
+        """The committed windows that a run resumed at ``next_step``, its last kept step
+        ``last`` (None: none), keeps: those before the window of ``last``, and that one too
+        where the run adds no step to it (:meth:`_continues`). A window that holds every
+        channel's summaries of its steps is not rebuilt from the rows, which, with
+        ``neurons=``, hold only the kept channels."""
         W = old.get(S.ATTR_WINDOW_STEPS)
         if not W or last is None:
             return 0
         starts = self._group[f"{S.WINDOWS_GROUP}/{S.STEP}"][:int(old.get(S.ATTR_N_WINDOWS, 0))]
-        return int(np.count_nonzero(starts < int(last) // W * W))
+        end = int(last) // W + (0 if self._continues(old, last, next_step) else 1)
+        return int(np.count_nonzero(starts < end * W))
 
     def _uncount_nonfinite(self, stored: Layout, keep: int) -> None:
         """Take the non-finite values of rows ``keep:`` out of the run's counts (those of the

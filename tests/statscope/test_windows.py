@@ -128,11 +128,40 @@ def test_windows_after_a_resume_equal_those_of_an_uninterrupted_run(tmp_path):
             first = cut
 
     write(tmp_path / "once", [40])
-    write(tmp_path / "twice", [16, 40])
-    a, b = open_windows(tmp_path / "once"), open_windows(tmp_path / "twice")
-    assert a.sizes["window"] == b.sizes["window"] == 6
-    for name in ("bn_mean", "bn_std", "en_std", "count"):
-        np.testing.assert_array_equal(a[name].values, b[name].values)
+    a = open_windows(tmp_path / "once")
+    # killed inside a window, and right after one was full (14 = 2·7: not yet written)
+    for cuts in ([16, 40], [14, 40], [14, 21, 40]):
+        path = tmp_path / "-".join(map(str, cuts))
+        write(path, cuts)
+        b = open_windows(path)
+        assert a.sizes["window"] == b.sizes["window"] == 6
+        for name in ("bn_mean", "bn_std", "en_std", "count"):
+            np.testing.assert_array_equal(a[name].values, b[name].values)
+
+
+@pytest.mark.parametrize("resume", [True, 20, 18])
+def test_a_resume_keeps_the_complete_windows_of_channels_without_per_step_columns(tmp_path,
+                                                                                    resume):
+    # With neurons=2 the rows hold 2 of the 6 channels; the windows hold all 6. Resuming after
+    # a closed run of 4 whole windows dropped the fourth and rebuilt it from the rows: 4 of its
+    # channels NaN (an outside check). Resuming inside it (18) rebuilds it, as documented.
+    model, xs = model_and_inputs(steps=25)
+    kw = dict(neurons=2, window_steps=5, step="forward", writer="thread")
+    with statscope.record(model, tmp_path / "r", **kw):
+        for x in xs[:20]:
+            model(x)
+    before = open_windows(tmp_path / "r").bn_std.sel(summary="mean").values
+    assert before.shape == (4, 6) and np.isfinite(before).all()
+    start = 20 if resume is True else resume
+    with statscope.record(model, tmp_path / "r", resume=resume, **kw):
+        for x in xs[start:]:
+            model(x)
+    after = open_windows(tmp_path / "r").bn_std.sel(summary="mean").values
+    assert after.shape == (5, 6)
+    kept = 4 if start == 20 else 3
+    np.testing.assert_array_equal(after[:kept], before[:kept])
+    if start == 18:  # rebuilt from the rows: the channels without per-step columns are NaN
+        assert np.isfinite(after[3, :2]).all() and np.isnan(after[3, 2:]).all()
 
 
 def test_a_run_without_windows_says_so(tmp_path):
