@@ -86,14 +86,19 @@ def resolve_mode(mode: str, path: str) -> str:
     """``"process"`` or ``"thread"`` for ``mode`` and the store at ``path``."""
     if mode not in WRITER_MODES:
         raise StatscopeError(f"writer={mode!r}: expected one of {WRITER_MODES}")
+    # memory:// lives in one process's memory: a child would write into its own and lose it all
+    in_memory = str(path).startswith("memory://")
+    if mode == "process" and in_memory:
+        raise StatscopeError(f"writer='process' with path={str(path)!r}: a memory:// store "
+                             f"lives in this process's memory, which a writer process cannot "
+                             f"reach; use writer='thread' (or 'auto')")
     if mode == "auto":
         env = os.environ.get(_ENV, "auto")
         if env not in WRITER_MODES:
             raise StatscopeError(f"{_ENV}={env!r}: expected one of {WRITER_MODES}")
-        mode = env
+        mode = "auto" if in_memory else env  # the variable sets a default, not the impossible
     if mode == "auto":
-        # memory:// lives in one process's memory; Windows cannot pass the pipe to a child
-        mode = "thread" if str(path).startswith("memory://") or os.name == "nt" else "process"
+        mode = "thread" if in_memory or os.name == "nt" else "process"  # Windows: no pipe to pass
     return mode
 
 
@@ -282,11 +287,39 @@ class WriterProcess:
         if not self._opened:
             self._failure = WriterStartError(f"path={self.path!r}: the writer process (pid "
                                              f"{self._proc.pid}) {how} before it opened the run")
-        else:
+        elif self._failure is None:
             self._failure = StoreError(f"path={self.path!r}: the writer process (pid "
                                        f"{self._proc.pid}) {how}; rows it had not written are "
                                        "lost")
+            self._mark_failed(str(self._failure))
         return self._failure
+
+    def _mark_failed(self, error: str) -> None:
+        """Mark the run of a writer process that died while it held it failed, as the child
+        would have on its way out: its lease died with it (a local lock; an object store's
+        lease stays until its heartbeat is stale, and the run with it reads ``running`` until
+        a resume). Only a run still marked running, and nothing but the status attrs."""
+        from statscope.lease import Lease
+        from statscope.storage import zarr_store
+        from statscope.writer_arrays import now_iso
+
+        try:
+            lease = Lease.acquire(self.path)
+        except StatscopeError:
+            return  # held by someone (a live lease of the child on an object store): leave it
+        try:
+            import zarr
+
+            group = zarr.open_group(zarr_store(self.path, read_only=False), mode="r+",
+                                    zarr_format=3)
+            if group.attrs.get(S.ATTR_STATUS) == S.STATUS_RUNNING:
+                group.update_attributes({S.ATTR_STATUS: S.STATUS_FAILED,
+                                         S.ATTR_ENDED: now_iso(), S.ATTR_ERROR: error})
+        except Exception as exc:  # the store itself is gone or damaged: the error says enough
+            warnings.warn(f"statscope: path={self.path!r}: could not mark the run failed after "
+                          f"its writer process died: {exc!r}", StatscopeWarning, stacklevel=3)
+        finally:
+            lease.release()
 
     def _end(self) -> None:
         _OUR_FDS.discard(self._conn.fileno())

@@ -194,7 +194,8 @@ def test_a_write_error_in_the_writer_process_stops_recording_not_training(tmp_pa
     with pytest.warns(statscope.StatscopeWarning, match="recording .*stopped"):
         _train_until_recording_stops(model, rec)
     _train(model, rec, 3)  # training goes on
-    with pytest.raises(RecordingError, match="writer"):
+    # the child's own error (it reported it, marked the run and ended), or its end if it had not
+    with pytest.raises(RecordingError, match="FileExistsError|writer process"):
         rec.close()
     attrs = json.loads((path / "zarr.json").read_text())["attributes"]
     assert attrs[S.ATTR_STATUS] == S.STATUS_FAILED and attrs[S.ATTR_N_STEPS] >= 2
@@ -220,7 +221,10 @@ def test_a_killed_writer_process_stops_recording_and_close_does_not_hang(tmp_pat
 
     threading.Thread(target=close, daemon=True).start()
     assert done.wait(TIMEOUT), "close() hung on a dead writer process"
-    assert caught and "writer process" in str(caught[0])
+    assert caught and "writer process" in str(caught[0]) and "marked failed" in str(caught[0])
+    # as the error says (it read running, an outside check)
+    attrs = statscope.open_run(tmp_path / "r").attrs
+    assert attrs[S.ATTR_STATUS] == S.STATUS_FAILED and "killed by signal 9" in attrs["error"]
     # nothing holds the run: it can be resumed
     rec2 = statscope.record(model, tmp_path / "r", resume=True).start()
     with pytest.warns(statscope.StatscopeWarning, match="no training step was recorded"):
@@ -324,12 +328,24 @@ def test_writer_modes_and_bad_values(tmp_path, monkeypatch):
     w.close()
 
 
-def test_a_memory_store_keeps_the_thread(tmp_path):
+@pytest.mark.parametrize("env", [None, "process"])
+def test_a_memory_store_keeps_the_thread(tmp_path, monkeypatch, env):
+    # STATSCOPE_WRITER=process sent a memory:// run to a child's own memory: all of it lost
+    if env is None:
+        monkeypatch.delenv("STATSCOPE_WRITER", raising=False)
+    else:
+        monkeypatch.setenv("STATSCOPE_WRITER", env)
     model = _net()
     with statscope.record(model, "memory://statscope-wp/r", overwrite=True) as rec:
         assert isinstance(rec._worker.filer.writer, RunWriter)
         _train(model, rec, 3)
     assert statscope.open_run("memory://statscope-wp/r").sizes["step"] == 3
+
+
+def test_an_explicit_writer_process_for_a_memory_store_is_refused():
+    # it recorded and closed without a word, then open_run found no group (an outside check)
+    with pytest.raises(StatscopeError, match=r"writer='process' with path='memory://s/r'"):
+        statscope.record(_net(), "memory://s/r", writer="process")
 
 
 def test_a_probe_that_joins_late_gets_its_columns_from_the_writer_process(tmp_path):
