@@ -27,10 +27,11 @@ def check_spec(spec: Any, where: str = "neurons") -> None:
         return
     elif isinstance(spec, tuple) and len(spec) in (2, 3) and spec[0] == "random" \
             and isinstance(spec[1], int) and not isinstance(spec[1], bool) and spec[1] >= 1 \
-            and (len(spec) == 2 or isinstance(spec[2], int)):
+            and (len(spec) == 2 or (isinstance(spec[2], int) and not isinstance(spec[2], bool)
+                                    and spec[2] >= 0)):
         return
     raise StatscopeError(f"{where}={spec!r}: expected 'all', a positive int k (the first k "
-                         "channels), ('random', k) or ('random', k, seed)")
+                         "channels), ('random', k) or ('random', k, seed), seed ≥ 0")
 
 
 def choose_units(spec: Any, channels: int, name: str) -> tuple[int, ...] | None:

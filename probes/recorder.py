@@ -55,7 +55,8 @@ from statscope.probes.hooks import Hooks
 from statscope.probes.lifecycle import OPEN, Lifecycle
 from statscope.probes.pool import BufferPool
 from statscope.probes.neurons import check_spec
-from statscope.probes.selection import Target, _per_layer, norm_info, select, unwrap
+from statscope.probes.selection import (Target, _per_layer, check_per_layer, norm_info, select,
+                                        unwrap)
 from statscope.probes.statistics import STATISTICS, get_statistic
 from statscope.probes.steps import Steps, _caller_level
 from statscope.probes.streams import StreamOrder
@@ -116,6 +117,9 @@ class Recorder(Lifecycle, Hooks, Steps):
                 "torch.jit.trace) runs without the Python hooks that probes use; record the "
                 "eager model instead")
         _warn_scripted(model)
+        for name, flag in (("overwrite", overwrite), ("record_eval", record_eval)):
+            if not isinstance(flag, bool):  # overwrite="no" replaced the run
+                raise StatscopeError(f"{name}={flag!r}: expected True or False")
         if step not in STEP_MODES:
             raise StatscopeError(f"step={step!r}: expected one of {STEP_MODES}")
         self.block_steps = _positive_int("block_steps", block_steps)
@@ -155,6 +159,9 @@ class Recorder(Lifecycle, Hooks, Steps):
         self.root = unwrap(model)
         self.targets: list[Target] = select(model, layers, where=where, channel_dim=channel_dim,
                                             en_groups=en_groups)
+        if meta is not None and not isinstance(meta, Mapping):
+            raise StatscopeError(f"meta={meta!r}: expected a mapping of names to values, e.g. "
+                                 "{'lr': 0.1}")
         self.meta = dict(meta or {})
         self.pool = BufferPool(buffer_bytes)
         self.streams = StreamOrder()
@@ -172,6 +179,7 @@ class Recorder(Lifecycle, Hooks, Steps):
         if window_steps is not None:
             window_steps = _positive_int("window_steps", window_steps)
         self.window_steps = window_steps
+        check_per_layer(neurons, "neurons", [(t.module_name, t.module) for t in self.targets])
         specs = [_per_layer(neurons, t.module_name, t.module, None) for t in self.targets]
         for spec in specs:
             check_spec(spec)

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -180,6 +181,28 @@ def _match(name: str, module: nn.Module, spec: Any) -> bool:
     return name == spec or fnmatch.fnmatchcase(name, spec)
 
 
+def check_per_layer(value: Any, what: str, chosen) -> None:
+    """Raise StatscopeError for a per-layer ``value`` (a mapping of names, globs or types to
+    values) with a key that matches none of the ``chosen`` (name, module) pairs: a typo there
+    would silently leave the setting off, where ``layers=`` names a missing module."""
+    if not isinstance(value, Mapping):
+        return
+    for spec in value:
+        if not isinstance(spec, (str, type)):
+            raise StatscopeError(f"{what}={{{spec!r}: ...}}: expected module names, globs or "
+                                 f"types as keys")
+        if not any(_match(n, m, spec) for n, m in chosen):
+            names = ", ".join(dict.fromkeys(n for n, _ in chosen))
+            raise StatscopeError(f"{what}={{{spec!r}: ...}}: {spec!r} matches none of the "
+                                 f"probed layers: {names}")
+
+
+def _layer_int(value: Any, what: str, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise StatscopeError(f"{what}={value!r} for {name!r}: expected an integer")
+    return int(value)
+
+
 def _per_layer(value: Any, name: str, module: nn.Module, default: Any) -> Any:
     if isinstance(value, Mapping):
         for spec, v in value.items():
@@ -241,6 +264,8 @@ def select(model: nn.Module, layers: Any = None, *, where: str | Iterable[str] =
         chosen = [(n, m) for n, m in named if any(_match(n, m, s) for s in specs)]
     if not chosen:
         raise StatscopeError(f"layers={layers!r}: the model has no module to probe")
+    check_per_layer(channel_dim, "channel_dim", chosen)
+    check_per_layer(en_groups, "en_groups", chosen)
     targets = []
     for name, module in chosen:
         for w in wheres:
@@ -250,7 +275,8 @@ def select(model: nn.Module, layers: Any = None, *, where: str | Iterable[str] =
                 raise StatscopeError(
                     f"channel_dim: cannot tell the channel dimension of the {w} of {name!r} "
                     f"({type(module).__name__}); pass channel_dim={{'{name}': DIM}}")
-            groups = int(_per_layer(en_groups, name, module, 1))
+            cdim = _layer_int(cdim, "channel_dim", name)
+            groups = _layer_int(_per_layer(en_groups, name, module, 1), "en_groups", name)
             suffix = (S.INPUT_SUFFIX if w == "input" else S.OUTPUT_SUFFIX) if len(wheres) > 1 else ""
             channels = _known_channels(module, w) if cdim == default else None
             if channels is not None and (groups < 1 or channels % groups):

@@ -794,6 +794,30 @@ def test_bad_input(tmp_path):
     assert statscope.open_run(tmp_path / "w").sizes["step"] == 1
 
 
+@pytest.mark.parametrize(("kw", "said"), [
+    ({"overwrite": "no"}, "overwrite='no': expected True or False"),
+    ({"record_eval": 1}, "record_eval=1: expected True or False"),
+    ({"neurons": ("random", 3, -1)}, r"neurons=\('random', 3, -1\)"),
+    ({"channel_dim": "x"}, "channel_dim='x' for '1': expected an integer"),
+    ({"meta": [1, 2]}, r"meta=\[1, 2\]: expected a mapping"),
+    ({"neurons": {"typo.*": 2}}, r"neurons=\{'typo.\*': ...\}: 'typo.\*' matches none of the "
+                                 "probed layers: 1"),
+    ({"en_groups": {"typo": 3}}, "en_groups=.*'typo' matches none"),
+    ({"channel_dim": {"0": 1}}, "channel_dim=.*'0' matches none"),
+])
+def test_bad_arguments_are_refused_by_name_and_the_run_is_kept(tmp_path, kw, said):
+    # overwrite="no" replaced a 5-step run; the others raised Python's errors or, for a
+    # mistyped key, left the setting silently off (an outside check)
+    model = fc()
+    with statscope.record(model, tmp_path / "r", step="forward"):
+        for x in batches(5):
+            model(x)
+    with pytest.raises(StatscopeError, match=said):
+        statscope.record(model, tmp_path / "r", **{"resume": True, **kw})
+    assert statscope.open_run(tmp_path / "r").sizes["step"] == 5
+    statscope.record(model, tmp_path / "ok", neurons={"1": 2}, en_groups={nn.BatchNorm1d: 3})
+
+
 def test_torchscript_modules_are_refused_or_said_to_go_unrecorded(tmp_path):
     # TorchScript runs its forward in C++: no Python hook of a probe would ever run
     with warnings.catch_warnings():
