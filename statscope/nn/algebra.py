@@ -78,6 +78,10 @@ class Constants(NamedTuple):
         def scalar(value):
             return torch.tensor(value, **kind)
 
+        # float16 cannot hold c (nor takes the composed route, the only user of it): NaN there
+        centring = (CENTRING_SCALE if torch.finfo(x.dtype).max > CENTRING_SCALE ** 3
+                    else float("nan"))
+
         return cls(scalar(layer.eps if layer.eps > 0 else UNIT_EPS), scalar(-1.0 / pooled),
                    scalar(-1.0 / (pooled if extended_mean else count)), scalar(1.0 / per_group),
                    scalar(1.0 / (1.0 - 1.0 / cells)), torch.zeros(plan.groups, **kind),
@@ -85,8 +89,8 @@ class Constants(NamedTuple):
                    None if cells == pooled else
                    scalar((1.0 - 1.0 / pooled) / (1.0 - 1.0 / cells)),
                    torch.zeros(layer.num_features, **kind), torch.ones(layer.num_features, **kind),
-                   torch.full((layer.num_features,), CENTRING_SCALE, **kind),
-                   scalar(CENTRING_SCALE), scalar(1.0 / count), scalar(2.0 / count),
+                   torch.full((layer.num_features,), centring, **kind),
+                   scalar(centring), scalar(1.0 / count), scalar(2.0 / count),
                    scalar(-0.5),
                    () if layer.mean_weight is not None and layer.std_center == "subtracted" else
                    tuple(scalar(1.0 / f) for f in fractions(layer, x.shape, None)))

@@ -29,8 +29,11 @@ __all__ = ["cell_norm"]
 def _cell_moments(x):
     """Biased mean and variance of each example and channel, ``(N, C)`` each."""
     n, c = x.shape[:2]
-    if x.is_cuda:
-        x = x.contiguous()  # CUDA's GroupNorm kernel takes contiguous inputs only
+    # CUDA's GroupNorm kernel takes contiguous inputs only; the CPU's takes channels_last too
+    # but sums x and x² there in one pass, which loses the variance of channels far from 0
+    # (offset 1e4, std 1, float32: off by 1e3 of itself), and strided views not at all
+    if not x.is_contiguous():
+        x = x.contiguous()
     _, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, n, c, x.numel() // (n * c),
                                                      c, UNIT_EPS)
     return mean, rstd.pow(-2)

@@ -11,6 +11,8 @@ any further one is ``running_mean_<set>`` / ``running_var_<set>``. Sets that are
 ("instance", "layer", "group") are computed at inference, as in the paper.
 """
 
+import math
+
 import torch
 from torch import nn
 from torch.compiler import is_compiling as compiling
@@ -50,25 +52,31 @@ class _PixelSetNorm(Routes, nn.Module):
     """
 
     def __init__(self, num_features, mean_sets, std_sets, mean_groups, std_groups, eps, momentum,
-                 affine, track_running_stats, std_center, device, dtype):
+                 affine, track_running_stats, std_center, device, dtype,
+                 group_names=("mean_groups", "std_groups")):
         super().__init__()
+        mean_name, std_name = group_names
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise StatscopeError(f"num_features={num_features!r}: expected a positive int")
         if not mean_sets or not std_sets:
             raise StatscopeError(f"mean_sets={mean_sets!r}, std_sets={std_sets!r}: expected at "
                                  f"least one pixel set on each side")
+        for argument, sets in (("mean_sets", mean_sets), ("std_sets", std_sets)):
+            if isinstance(sets, str):  # a name's letters are no sets
+                raise StatscopeError(f"{argument}={sets!r}: expected a sequence of pixel sets, "
+                                     f"e.g. ({sets!r},)")
         self.mean_sets = tuple(check_set(s, "mean_set") for s in mean_sets)
         self.std_sets = tuple(check_set(s, "std_set") for s in std_sets)
         for argument, sets in (("mean_sets", self.mean_sets), ("std_sets", self.std_sets)):
             if len(set(sets)) != len(sets):
                 raise StatscopeError(f"{argument}={sets!r}: a pixel set is listed twice")
         # groups only matter (and are only checked) where a grouped set uses them
-        self.mean_groups = (check_groups(mean_groups, num_features, "groups")
+        self.mean_groups = (check_groups(mean_groups, num_features, mean_name)
                             if GROUPED_SETS.intersection(self.mean_sets) else mean_groups)
-        self.std_groups = (check_groups(std_groups, num_features, "groups")
+        self.std_groups = (check_groups(std_groups, num_features, std_name)
                            if GROUPED_SETS.intersection(self.std_sets) else std_groups)
-        if not isinstance(eps, (int, float)) or eps < 0:
-            raise StatscopeError(f"eps={eps!r}: expected a non-negative float")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+            raise StatscopeError(f"eps={eps!r}: expected a finite non-negative float")
         if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
             raise StatscopeError(f"momentum={momentum!r}: expected a float in [0, 1] or None "
                                  f"(cumulative average)")
@@ -167,6 +175,9 @@ class _PixelSetNorm(Routes, nn.Module):
         return self.norm_name or f"{type(self).__name__}{self.mean_sets}/{self.std_sets}"
 
     def _check_input(self, x):
+        if not x.is_floating_point():
+            raise StatscopeError(f"input dtype {x.dtype}: {self._label()} expected a "
+                                 f"floating-point tensor")
         if not 2 <= x.dim() <= 5 or x.shape[1] != self.num_features:
             raise StatscopeError(
                 f"input shape {tuple(x.shape)}: {self._label()} expected (N, C), (N, C, L), "
@@ -329,7 +340,8 @@ class HeteroNorm(_PixelSetNorm):
         super().__init__(num_features, (mean_set,), (std_set,),
                          groups if mean_groups is None else mean_groups,
                          groups if std_groups is None else std_groups,
-                         eps, momentum, affine, track_running_stats, std_center, device, dtype)
+                         eps, momentum, affine, track_running_stats, std_center, device, dtype,
+                         _group_names(mean_groups, std_groups))
 
     @property
     def mean_set(self):
@@ -384,10 +396,17 @@ class SwitchableNorm(_PixelSetNorm):
                  std_sets=("batch", "instance", "layer"), groups=1, *, mean_groups=None,
                  std_groups=None, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  std_center="own", device=None, dtype=None):
-        super().__init__(num_features, tuple(mean_sets), tuple(std_sets),
+        super().__init__(num_features, mean_sets, std_sets,
                          groups if mean_groups is None else mean_groups,
                          groups if std_groups is None else std_groups,
-                         eps, momentum, affine, track_running_stats, std_center, device, dtype)
+                         eps, momentum, affine, track_running_stats, std_center, device, dtype,
+                         _group_names(mean_groups, std_groups))
+
+
+def _group_names(mean_groups, std_groups) -> tuple[str, str]:
+    """The arguments that gave each side its groups, for an error message about them."""
+    return ("groups" if mean_groups is None else "mean_groups",
+            "groups" if std_groups is None else "std_groups")
 
 
 def is_norm_layer(module):

@@ -81,7 +81,10 @@ class Routes:
         self._check_input(x)
         self._check_sizes(x.shape, use_batch)
         native = self._native(x)
-        if native and self._torch_norm is not None:
+        reference = self.weight if self.weight is not None else self.running_mean
+        if not native and torch.promote_types(x.dtype, reference.dtype) == reference.dtype:
+            route = self._widened_route
+        elif native and self._torch_norm is not None:
             route = self._torch_op
         elif (native and self._plan is not None and use_batch and self.mean_weight is None
               and x.device.type == "cpu" and x.numel() <= _KERNEL_LIMIT
@@ -146,10 +149,12 @@ class Routes:
         if not update:
             return (0.0, [None] * len(self.mean_sets), [None] * len(self.std_sets),
                     [1.0] * len(self.std_sets))
-        if self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        tracked = self.num_batches_tracked
+        if tracked is not None:
+            tracked.add_(1)
+        # a layer of per-example sets only keeps no running statistics: no count, no factor
         factor = (self.momentum if self.momentum is not None
-                  else 1.0 / max(int(self.num_batches_tracked), 1))
+                  else 0.0 if tracked is None else 1.0 / max(int(tracked), 1))
         means = [None if name is None else self._buffers[name] for name in self._mean_buffers]
         variances = [None if name is None else self._buffers[name] for name in self._var_buffers]
         if self.std_center == "subtracted" and self.mean_weight is not None:
@@ -180,6 +185,17 @@ class Routes:
         return torch.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
                                 False, 0.0, self.eps, torch.backends.cudnn.enabled)
 
+    def _widened_route(self, x, use_batch, update):
+        """An input narrower than the layer (bfloat16 activations into a float32 layer under
+        autocast): widened to the layer's dtype first, so that its statistics are computed in
+        that dtype, not in the input's before type promotion (running variances off by 5e-3)."""
+        reference = self.weight if self.weight is not None else self.running_mean
+        wide = x.to(reference.dtype)
+        route = self._routes.get((wide.shape, wide.dtype, use_batch))
+        if route is None:
+            route = self._choose_route(wide, use_batch)
+        return route(wide, use_batch, update)
+
     def _plain_route(self, x, use_batch, update):
         return plain_forward(self, x, self.weight, self.bias, self.mean_weight, self.var_weight,
                            use_batch, update)
@@ -202,9 +218,12 @@ class Routes:
         # LN on (N, C, *S) is GroupNorm(1, C); IN is GroupNorm(C, C), which keeps channels_last
         # and runs 2-3x faster on CPU than torch.instance_norm (a BatchNorm of N·C channels)
         groups = {"group_norm": self.std_groups, "layer_norm": 1}.get(kind, self.num_features)
-        if x.is_cuda and not x.is_contiguous():
+        if not x.is_contiguous():
             # CUDA's GroupNorm kernel takes contiguous inputs only (torch 2.11: "Expected
-            # X.is_contiguous(memory_format)"); the output keeps the input's format
+            # X.is_contiguous(memory_format)"); the CPU's takes channels_last but sums x and x²
+            # there in one pass, which loses the variance of channels far from 0 (offset 1e4,
+            # std 1, float32: outputs off by 1e3; torch.nn.GroupNorm shares that, its
+            # InstanceNorm2d does not). The output keeps the input's format
             fmt = _memory_format(x)
             y = torch.group_norm(x.contiguous(), groups, self.weight, self.bias, self.eps, cudnn)
             return y if fmt is None else y.contiguous(memory_format=fmt)
