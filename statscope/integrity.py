@@ -20,7 +20,8 @@ import numpy as np
 from statscope import schema as S
 from statscope.errors import StoreDamagedError
 
-__all__ = ["Damage", "check_marker", "check_array", "missing_shards", "CheckedArray"]
+__all__ = ["Damage", "check_marker", "check_array", "step_damage", "missing_shards",
+           "CheckedArray"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,25 @@ def check_marker(path: str, attrs: Mapping[str, Any]) -> int:
         raise StoreDamagedError(f"path={path!r}: last_step={last!r} does not fit "
                                 f"n_steps={n}; the run's metadata is damaged")
     return n
+
+
+def step_damage(steps: np.ndarray, last: int | None) -> list[Damage]:
+    """What is wrong with the committed step array ``steps`` (one value per row) against the
+    marker's ``last_step``: rows whose steps do not increase (a row never written, read as the
+    fill value -1; a second writer's rows) or a last row that is not ``last_step``. Each such
+    row would be misfiled as another step's."""
+    out = []
+    bad = np.flatnonzero(np.diff(steps) <= 0)
+    if bad.size:
+        i = int(bad[0])
+        out.append(Damage(S.STEP, (i, int(bad[-1]) + 2), None,
+                          f"steps do not increase ({bad.size} places; rows {i}, {i + 1}: "
+                          f"{int(steps[i])}, {int(steps[i + 1])})"))
+    if steps.size and last is not None and int(steps[-1]) != int(last):
+        out.append(Damage(S.STEP, (steps.size - 1, steps.size), None,
+                          f"the last row's step {int(steps[-1])} is not the commit marker's "
+                          f"last_step={last}"))
+    return out
 
 
 def check_array(path: str, name: str, arr, *, rows: int, width: int | None, dtype: str) -> None:

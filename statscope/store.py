@@ -23,7 +23,7 @@ from statscope.errors import StatscopeError, StoreDamagedError, StoreError
 from statscope.arrays import check_chunks, damage_error, entries, expand, lazy, missing, verify
 from statscope.discovery import (find_runs, is_run, is_single_run, open_checked, rank_paths,
                                  read_attrs, scan_runs)
-from statscope.integrity import CheckedArray, Damage, check_marker
+from statscope.integrity import CheckedArray, Damage, check_marker, step_damage
 from statscope.layout import Layout, ProbeInfo
 from statscope.storage import use_options, zarr_store
 
@@ -125,7 +125,7 @@ def _open_one(path: str, chunks, damaged: str):
                 for s in (S.RUNNING_MEAN0, S.RUNNING_VAR0)}
     arrays = entries(path, group, want, optional)
     found = verify(path, attrs, arrays) if damaged == "mask" else missing(path, attrs, arrays)
-    step = _steps(path, arrays[S.STEP], found)
+    step = _steps(path, arrays[S.STEP], found, attrs.get(S.ATTR_LAST_STEP))
     if found and damaged == "raise":
         raise damage_error(path, found, step)
 
@@ -152,12 +152,19 @@ def _open_one(path: str, chunks, damaged: str):
     return ds
 
 
-def _steps(path: str, entry, found) -> np.ndarray:
-    if any(d.array == S.STEP for d in found):
+def _steps(path: str, entry, found, last) -> np.ndarray:
+    """The committed steps; the step array damaged (also in ``damaged="mask"``: the rows
+    cannot be placed without it) raises."""
+    bad = [d for d in found if d.array == S.STEP]
+    steps = None
+    if not bad:
+        steps = CheckedArray(path, S.STEP, entry.array, entry.rows, None, -1)[:]
+        bad = step_damage(steps, last)
+    if bad:
         raise StoreDamagedError(f"path={path!r}: the step array is damaged ("
-                                + "; ".join(d.describe() for d in found if d.array == S.STEP)
+                                + "; ".join(d.describe() for d in bad)
                                 + "): the rows cannot be placed")
-    return CheckedArray(path, S.STEP, entry.array, entry.rows, None, -1)[:]
+    return steps
 
 
 def _neuron_coords(layout: Layout, idx: Mapping[str, np.ndarray]) -> dict:
@@ -306,7 +313,13 @@ def verify_run(path: str | os.PathLike) -> list[Damage]:
     want.update({s: (n, layout.n_groups if s in S.PER_GROUP_STATS else layout.n_neurons,
                      "float32", np.nan) for s in layout.stats})
     want.update({s: (n, None, "float64", np.nan) for s in attrs.get(S.ATTR_SCALARS, [])})
-    return verify(path, attrs, entries(path, group, want))
+    arrays = entries(path, group, want)
+    found = verify(path, attrs, arrays)
+    if not any(d.array == S.STEP for d in found):
+        entry = arrays[S.STEP]
+        found += step_damage(CheckedArray(path, S.STEP, entry.array, entry.rows, None, -1)[:],
+                             attrs.get(S.ATTR_LAST_STEP))
+    return found
 
 
 def open_runs(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike], *,

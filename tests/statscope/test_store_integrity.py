@@ -358,6 +358,35 @@ def test_a_damaged_commit_marker_is_not_obeyed(tmp_path, edit, match):
         statscope.open_run(tmp_path / "r")
 
 
+def test_steps_that_do_not_increase_or_end_off_the_marker_are_damage(tmp_path):
+    # rows a second writer emptied read step -1 (fill value) and the run opened and verified
+    # clean; a last_step the step array does not end at passed too (an outside check)
+    import zarr
+
+    from statscope.storage import zarr_store
+
+    small_run(tmp_path / "r")
+    assert verify_run(tmp_path / "r") == []
+    meta = tmp_path / "r" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["last_step"] = 12
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StoreDamagedError, match="last row's step 39 is not the commit marker's "
+                                                "last_step=12"):
+        statscope.open_run(tmp_path / "r")
+    assert [d.array for d in verify_run(tmp_path / "r")] == ["step"]
+    doc["attributes"]["last_step"] = 39
+    meta.write_text(json.dumps(doc))
+    steps = zarr.open_array(zarr_store(tmp_path / "r" / "step", read_only=False), mode="r+")
+    steps[20:24] = -1
+    for damaged in ("raise", "mask"):
+        with pytest.raises(StoreDamagedError, match=r"steps do not increase \(4 places; rows "
+                                                    r"19, 20: 19, -1\)"):
+            statscope.open_run(tmp_path / "r", damaged=damaged)
+    (found,) = verify_run(tmp_path / "r")
+    assert found.array == "step" and found.rows == (19, 24)
+
+
 def test_bad_array_metadata_and_unreadable_files_are_clear_errors(tmp_path):
     small_run(tmp_path / "r")
     (tmp_path / "r" / "bn_std" / "zarr.json").write_text("{ not json")
