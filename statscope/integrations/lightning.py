@@ -70,7 +70,8 @@ class StatscopeCallback(Callback):
                               **check_record_kwargs(record_kwargs)}
         self.session: RecordingSession | None = None
         self._seen_step = 0
-        self._loss: torch.Tensor | None = None
+        self._loss: torch.Tensor | None = None  # the sum of the step's micro-batch losses
+        self._batches = 0  # and how many they are
         self._lr: Any = None
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -78,7 +79,7 @@ class StatscopeCallback(Callback):
                                         {**_meta(trainer, pl_module), **self.meta}, self.live,
                                         trainer_step=trainer.global_step)
         self._seen_step = trainer.global_step
-        self._loss, self._lr = None, None
+        self._loss, self._batches, self._lr = None, 0, None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self._lr is None:
@@ -89,15 +90,21 @@ class StatscopeCallback(Callback):
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            loss = loss.detach()
+            # automatic optimization hands over each micro-batch's loss divided by
+            # accumulate_grad_batches (what its backward uses), also in an epoch's last, shorter
+            # step; manual optimization hands it over as training_step returned it
+            scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+            loss = loss.detach() * scale
             self._loss = loss if self._loss is None else self._loss + loss
+            self._batches += 1
         if trainer.global_step == self._seen_step:
             return  # accumulating: the optimizer has not stepped yet
         self._seen_step = trainer.global_step
-        scalars = {"loss": self._loss, "lr": self._lr}
+        mean = None if self._loss is None else self._loss / self._batches
+        scalars = {"loss": mean, "lr": self._lr}
         self.session.log(**{k: v for k, v in scalars.items() if v is not None})
         self.session.end_step()
-        self._loss, self._lr = None, None
+        self._loss, self._batches, self._lr = None, 0, None
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.session is not None:

@@ -106,6 +106,25 @@ def _abandoned(recorder, sinks: list) -> None:
         sink.close()
 
 
+def _resume_at(path: str, trainer_step: int) -> int | bool:
+    """What ``resume=True`` means for a trainer resumed from its checkpoint at ``trainer_step``:
+    the store step it maps to by the run's ``trainer_step_offset`` (``resume=STEP``), so that a
+    store that ran past the checkpoint (a crash after it) has the steps the trainer replays
+    replaced, not appended as new ones; True where the store has no offset yet (or none)."""
+    from statscope.discovery import read_attrs
+    from statscope.errors import StoreError
+    from statscope.export.exporter import ATTR_STEP_OFFSET
+    from statscope.probes.recorder import _rank_path
+
+    try:
+        offset = read_attrs(_rank_path(path)[0]).get(ATTR_STEP_OFFSET)
+    except StoreError:
+        return True  # no run yet: resume starts one
+    if isinstance(offset, bool) or not isinstance(offset, int) or trainer_step < offset:
+        return True
+    return trainer_step - offset
+
+
 class RecordingSession:
     """A recorder on ``model`` for one training run, with an optional live export.
 
@@ -124,6 +143,9 @@ class RecordingSession:
                  live: LiveExport | None, trainer_step: int):
         import statscope
 
+        if record_kwargs.get("resume") is True:
+            record_kwargs = {**record_kwargs,
+                             "resume": _resume_at(os.fspath(path), int(trainer_step))}
         self.recorder = statscope.record(model, path, step="manual", meta=dict(meta),
                                          **record_kwargs)
         self.live = live

@@ -64,6 +64,79 @@ def test_one_recorded_step_per_optimizer_step_with_values_losses_and_lrs(tmp_pat
     assert meta["trainer"]["accumulate_grad_batches"] == 2
 
 
+def test_the_loss_is_the_mean_of_the_steps_micro_batches_also_when_fewer(tmp_path):
+    # 16 micro-batches by 3: the last step has 1. Lightning divides each micro-batch's loss by
+    # accumulate_grad_batches also there, and the callback summed them: that step read a third
+    # of its loss (an outside check found it)
+    trainer, model, _, _ = fit(tmp_path, StatscopeCallback(tmp_path / "run"), accumulate=3,
+                               val=False)
+    ds = statscope.open_run(tmp_path / "run")
+    groups = [model.losses[i:i + 3] for i in range(0, 16, 3)]
+    assert trainer.global_step == 6 and [len(g) for g in groups] == [3, 3, 3, 3, 3, 1]
+    np.testing.assert_allclose(ds.loss.values, [np.mean(g) for g in groups], rtol=1e-6)
+
+
+class HandAccumulated(TinyNet):
+    """Manual optimization, an optimizer step every second batch (no normalization by
+    Lightning: the loss reaches the callback as training_step returns it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)
+        if batch_idx % 2 == 1:
+            opt.step()
+            opt.zero_grad()
+        return loss
+
+
+def test_the_loss_under_manual_optimization_is_the_mean_not_the_sum(tmp_path):
+    torch.manual_seed(0)
+    model = HandAccumulated()
+    trainer = lightning_trainer([StatscopeCallback(tmp_path / "run")], limit_val_batches=0)
+    loader = regression_loader()
+    trainer.fit(model, loader, loader)
+    ds = statscope.open_run(tmp_path / "run")
+    assert trainer.global_step == 8 and ds.sizes["step"] == 8
+    np.testing.assert_allclose(ds.loss.values, np.mean(np.reshape(model.losses, (8, 2)), 1),
+                               rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty:UserWarning")
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch")
+def test_resuming_from_an_earlier_checkpoint_replaces_the_steps_replayed(tmp_path):
+    # A crash after the last checkpoint: the store holds steps past it. resume=True appended the
+    # steps the trainer replays as new rows (7-11 for trainer steps 4-8, offset -3: an outside
+    # check); the callback now resumes the store at the checkpoint's step
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    lightning_trainer([StatscopeCallback(tmp_path / "run"), saver], max_steps=7,
+                      limit_val_batches=0, enable_checkpointing=True).fit(
+        model, regression_loader(), regression_loader())
+    assert statscope.open_run(tmp_path / "run").sizes["step"] == 7
+    (ckpt,) = [p for p in (tmp_path / "ckpt").iterdir() if "step=4" in p.name]
+    model = TinyNet()
+    box = []
+    firsts, _ = hook_first_inputs(model.bn, box)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    trainer = lightning_trainer([StatscopeCallback(tmp_path / "run", resume=True), saver],
+                                max_steps=10, limit_val_batches=0, enable_checkpointing=True)
+    box.append(trainer)
+    trainer.fit(model, regression_loader(), regression_loader(), ckpt_path=ckpt)
+    ds = statscope.open_run(tmp_path / "run")
+    assert ds.step.values.tolist() == list(range(10))
+    assert ds.attrs["trainer_step_offset"] == 0
+    check_step_values(ds.isel(step=slice(4, None)), "bn", [firsts[k] for k in sorted(firsts)],
+                      channel_dim=1)
+
+
 def test_forwards_inside_an_lbfgs_closure_record_the_first_of_each_step(tmp_path):
     trainer, _, firsts, forwards = fit(tmp_path, StatscopeCallback(tmp_path / "run"),
                                        accumulate=1, val=False, optimizer="lbfgs", lr=0.05)
