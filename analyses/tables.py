@@ -120,7 +120,8 @@ def fluctuation_table(ds, window=200, *, scale_free: bool = False, detrend: bool
         if not single or ranked(ds):
             raise StatscopeError("windows=: window summaries belong to one run (or one rank's "
                                  "store); pass that run as ds")
-        parts = [RunWindow(name or run_name(ds), ds, dict(ds.attrs.get(S.ATTR_META) or {}))]
+        # the run's own name: ``name`` replaces it below, as for the steps
+        parts = [RunWindow(run_name(ds), ds, dict(ds.attrs.get(S.ATTR_META) or {}))]
     else:
         parts = run_windows(ds, window, load=scheduler is None)
     base = run_name(ds) if single else ""

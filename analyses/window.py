@@ -187,7 +187,9 @@ def select_window(ds: xr.Dataset, window=200) -> xr.Dataset:
             keep = np.zeros(out.sizes[S.STEP], bool)
             keep[pos - pos[0]] = True
             out = _mask_steps(out, xr.DataArray(keep, dims=[S.STEP]))
-        out.attrs["window"] = _label(ds, window, every, pos.size)
+        # a new dict: isel shares the run's attrs, and the run (a dashboard's cached one) would
+        # keep this window's text for every later "all"
+        out.attrs = {**out.attrs, "window": _label(ds, window, every, pos.size)}
         return out
     per_run = [_positions(ds[S.COUNT].isel({S.RUN: i}), steps, window, run_name(ds, i),
                           every_of(ds, run_name(ds, i)))
@@ -200,7 +202,7 @@ def select_window(ds: xr.Dataset, window=200) -> xr.Dataset:
     out = ds.isel({S.STEP: slice(lo, hi)})
     if not keep.all():
         out = _mask_steps(out, xr.DataArray(keep, dims=[S.RUN, S.STEP]))
-    out.attrs["window"] = _label(ds, window)
+    out.attrs = {**out.attrs, "window": _label(ds, window)}
     return out
 
 

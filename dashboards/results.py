@@ -94,7 +94,7 @@ def series_input(catalog: RunCatalog, run: str, rank, window: Window):
     if part.sizes[S.NEURON] * part.sizes[S.STEP] * len(catalog.ranks(run)) <= MAX_SERIES_VALUES:
         part = part.load()
     merged = merge_ranks(part)
-    merged.attrs["window"] = describe_window(aw)
+    merged.attrs = {**merged.attrs, "window": describe_window(aw)}
     return merged, "all"
 
 
@@ -175,7 +175,7 @@ def _subset_input(catalog: RunCatalog, run: str, key, window: Window, positions)
     part = whole.isel({S.STEP: rows, S.NEURON: list(positions)}).load()
     if key == MERGED:
         part = merge_ranks(part)
-    part.attrs["window"] = describe_window(aw)
+    part.attrs = {**part.attrs, "window": describe_window(aw)}  # not the cached run's dict
     return part, "all"
 
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import statscope
 from statscope import schema as S
-from statscope.analyses import claims, fluctuation, running_stats
+from statscope.analyses import claims, fluctuation, fluctuation_table, running_stats
 from statscope.analyses.summaries import summary_fluctuation
 from statscope.errors import StatscopeError
 from statscope.store import open_windows
@@ -187,9 +187,20 @@ def test_analyze_takes_every_channel_from_the_summaries(kept, capsys):
     assert row["median"] == pytest.approx(float(np.median(_sd(mem.bn_mean.values[-200:, 6:]))),
                                           rel=1e-5)
     assert main(["analyze", path, "--format", "json", "--source", "steps"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    steps_rows = json.loads(capsys.readouterr().out)
+    rows = steps_rows
     row = next(r for r in rows if r["layer"] == "fc2" and r["statistic"] == "bn_mean")
     assert row["median"] == pytest.approx(
         float(np.median(_sd(mem.bn_mean.values[-200:, [6, 8, 11]]))), rel=1e-5)
     assert main(["analyze", path, "--source", "windows", "--window", "300"]) == 2
     assert "--source windows: " in capsys.readouterr().err
+
+
+def test_the_summaries_table_names_the_run_as_the_steps_table_does(kept):
+    # a name beginning with the run's own ("run" of "runs/run", as `analyze runs/run` gives)
+    # got the tail added again: "runs/run" + "s/run" (an outside check)
+    _, path = kept
+    ds = statscope.open_run(path)
+    by_steps = fluctuation_table(ds, 200, name="runs/run")
+    by_windows = fluctuation_table(ds, 200, name="runs/run", windows=open_windows(path))
+    assert set(by_steps["run"]) == set(by_windows["run"]) == {"runs/run"}

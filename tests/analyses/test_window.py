@@ -77,3 +77,15 @@ def test_detrending_needs_three_steps_and_says_so():
     f = fluctuation(ds, 0.005, detrend=True)  # 2 rows by fraction: NaN, and a note says why
     assert np.isnan(f[S.BN_MEAN].values).all()
     assert any("needs 3" in n and "every value is NaN" in n for n in f.attrs["notes"])
+
+
+def test_a_window_leaves_the_runs_attrs_alone():
+    # isel shares the attrs dict: the window's text went into the run itself, and every later
+    # window="all" of it (a dashboard's cached run) was titled with that earlier window
+    ds = make_run(n_steps=300)
+    assert fluctuation(ds, 100).attrs["window"] == "last 100 steps"
+    assert "window" not in ds.attrs
+    assert fluctuation(ds, "all").attrs["window"] == "all steps"
+    runs = stack({"a": make_run(n_steps=300), "b": make_run(n_steps=200, seed=1)})
+    fluctuation(runs, (10, 60))
+    assert "window" not in runs.attrs
