@@ -366,7 +366,7 @@ def heatmap(catalog: RunCatalog, search, version=None, zoom=None) -> dict:
 
     def build():
         # the run's own Dataset gives the steps and units; the columns come merged or per rank
-        return to_wire(heatmap_spec(
+        return _analysed(lambda: heatmap_spec(
             catalog.dataset(run), state.layer, state.stat, state.window, run=run,
             xrange=xrange, read=lambda n, s, p, rows: catalog.columns(n, s, p, rows, key),
             positions=catalog.layer_positions(run, state.layer), label=label))
@@ -446,7 +446,10 @@ def register(app: Dash, catalog: RunCatalog) -> None:
         def _figure(search, version, *zoom):
             if ViewState.from_query(search).tab != tab:
                 raise PreventUpdate
-            return fn(catalog, search, version, *zoom)
+            try:
+                return fn(catalog, search, version, *zoom)
+            except StatscopeError as exc:  # said on the page, not an HTTP 500 and a blank figure
+                return empty_spec(str(exc))
 
     figure("evolution", evolution, True)
     figure("fluctuation", fluctuation, False)

@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 import xarray as xr
 
 from statscope import schema as S
+from statscope.errors import StatscopeError
 
 from .downsample import DEFAULT_POINTS, envelope
 from .grid import Grid
@@ -135,6 +136,11 @@ def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, 
         pos = [locate(name, layer, unit) for layer, unit in neurons]
         present = list(dict.fromkeys(p for p in pos if p is not None))
         stats = [s for _, pair in PAIRS for s in pair if s in ds.data_vars]
+        bad = sum(int(v) for k, v in (ds.attrs.get(S.ATTR_NONFINITE) or {}).items()
+                  if k in stats)
+        if bad:  # the envelope drops them: say so, or the line joining across them hides them
+            notes.append(f"{name}: {bad:,} non-finite values (NaN/inf where a layer ran) are "
+                         f"not drawn; lines join across them")
         plan[name] = (steps, rows, pos, present, stats, keys, ranks)
         n_traces += (len(present) * len(stats) + len(scalars)) * len(keys)
         # a merged column reads each rank's column and count
@@ -161,11 +167,20 @@ def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, 
     for p, name in enumerate(names):
         steps, rows, pos, present, stats, keys, ranks = plan[name]
         x_all = steps[rows]
-        cols = ({(s, k): read(name, s, present, rows, k) for s in stats for k in keys}
-                if present else {})
+        try:
+            cols = ({(s, k): read(name, s, present, rows, k) for s in stats for k in keys}
+                    if present else {})
+            logged = {(scalar, k): read_scalar(name, scalar, k) for scalar in scalars
+                      for k in keys}
+        except StatscopeError as exc:  # a damaged run: its panel says so, the others draw
+            annotations.append(grid.note(p, 0, f"{name} cannot be read: {exc}"))
+            for c in range(len(scalars) + 2 * len(neurons)):
+                data.append(_placeholder(grid, p, c))
+                empty.add((p, c))
+            continue
         for i, scalar in enumerate(scalars):
             for k in keys:
-                y = read_scalar(name, scalar, k)
+                y = logged[(scalar, k)]
                 if y is None:
                     annotations.append(grid.note(p, i, f"no {scalar} logged in {name}"))
                     data.append(_placeholder(grid, p, i))

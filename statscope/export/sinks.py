@@ -14,7 +14,10 @@ from typing import Iterable
 from statscope.errors import StatscopeError
 from statscope.export.summaries import Histogram, Scalar, custom_layout
 
-__all__ = ["TensorBoardSink", "SINKS", "open_sink"]
+__all__ = ["TensorBoardSink", "SINKS", "SUFFIX", "open_sink"]
+
+SUFFIX = ".statscope"
+"""The end of the name of the event files statscope's exports write."""
 
 
 class TensorBoardSink:
@@ -23,6 +26,11 @@ class TensorBoardSink:
     Scalars become scalar summaries, histograms histogram summaries, and :meth:`layout` adds a
     custom-scalars layout (BN beside EN, mean beside std, per layer). Needs the ``tensorboard``
     package (``pip install 'statscope[tensorboard]'``).
+
+    Its event files end in :data:`SUFFIX`, and opening it removes those of an earlier export
+    into the same folder: every export writes the run from its first window, and TensorBoard
+    shows the points of every event file in a folder, so a second export (after the run grew)
+    drew each window twice. Other event files there (the trainer's own) are left alone.
 
     Args:
         log_dir: folder for the event files (created if missing); point ``tensorboard --logdir``
@@ -39,7 +47,11 @@ class TensorBoardSink:
             raise StatscopeError(f"--to tensorboard {os.fspath(log_dir)!r}: needs the tensorboard "
                                  f"package ({exc}); pip install 'statscope[tensorboard]'") from None
         self.log_dir = os.fspath(log_dir)
-        self._writer = SummaryWriter(log_dir=self.log_dir)
+        if os.path.isdir(self.log_dir):
+            for name in os.listdir(self.log_dir):
+                if name.startswith("events.out.tfevents.") and name.endswith(SUFFIX):
+                    os.remove(os.path.join(self.log_dir, name))
+        self._writer = SummaryWriter(log_dir=self.log_dir, filename_suffix=SUFFIX)
 
     def write(self, items: Iterable[Scalar | Histogram]) -> None:
         """Write scalars and histograms (in the order given)."""

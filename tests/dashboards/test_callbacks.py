@@ -164,6 +164,39 @@ def test_a_run_too_short_for_the_window_is_left_out_of_the_others_figure(two_run
     assert "longer than run" in fig.layout.annotations[0].text
 
 
+def test_a_damaged_run_says_so_in_its_panel_and_the_others_draw(tmp_path):
+    # one flipped byte of a chunk: Evolution and the layer overview answered HTTP 500, for
+    # every run of the page (an outside check)
+    from dashboard_fixtures import write_synthetic
+
+    for name in ("good", "damaged"):
+        write_synthetic(tmp_path / name, synthetic_run(n_steps=60))
+    shard = sorted((tmp_path / "damaged" / S.BN_MEAN / "c").rglob("*"))
+    shard = next(p for p in shard if p.is_file())
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(data)
+    cat = RunCatalog(tmp_path)
+    fig = figure(cb.evolution(cat, "?run=damaged&run=good&neuron=fc1:0&window=all"))
+    assert {t.meta["run"] for t in fig.data if t.meta and "stat" in t.meta} == {"good"}
+    assert any("damaged cannot be read" in a.text and "bn_mean" in a.text
+               for a in fig.layout.annotations)
+    fig = figure(cb.heatmap(cat, "?tab=heatmap&run=damaged&stat=bn_mean&layer=fc1"))
+    assert "bn_mean" in fig.layout.annotations[0].text and not fig.data
+
+
+def test_non_finite_values_the_curves_skip_are_said(two_runs):
+    # the envelope drops NaN and the line joined straight across them, with no word of it
+    ds = two_runs["bs4"].copy(deep=True)
+    ds[S.BN_MEAN].values[99:105, 0] = np.nan
+    ds.attrs = {**ds.attrs, S.ATTR_NONFINITE: {S.BN_MEAN: 6}}
+    fig = figure(cb.evolution(RunCatalog.from_datasets({"bs4": ds}), "?run=bs4&neuron=fc1:0"))
+    text = " ".join([fig.layout.title.text or "", *(a.text for a in fig.layout.annotations)])
+    assert "bs4: 6 non-finite values" in text
+    clean = figure(cb.evolution(RunCatalog.from_datasets(two_runs), "?run=bs4&neuron=fc1:0"))
+    assert "non-finite" not in (clean.layout.title.text or "")
+
+
 def test_a_layer_that_skips_steps_is_named_over_the_bars(two_runs):
     # layer drop: fc2 ran in 25 of the window's 200 steps; its bar rests on those
     ds = two_runs["bs4"].copy(deep=True)

@@ -98,6 +98,26 @@ def test_offset_shifts_every_step_and_the_partial_window_is_left_out(tmp_path):
     assert min(tb_scalars["scalars/loss"]) == 1
 
 
+def test_exporting_again_replaces_the_earlier_export_and_keeps_other_event_files(tmp_path):
+    # a second export into the folder added a second event file with the same steps: every
+    # window twice in TensorBoard (an outside check)
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(tmp_path / "tb") as theirs:  # the trainer's own events, same folder
+        theirs.add_scalar("train/loss", 1.5, 3)
+    data, count, scalars = synthetic(n_steps=30)
+    write_run(tmp_path / "run", LAYERS, data, count=count, scalars=scalars)
+    E.export_run(tmp_path / "run", "tensorboard", tmp_path / "tb", window=10)
+    data, count, scalars = synthetic(n_steps=50)  # the run grew
+    write_run(tmp_path / "run", LAYERS, data, count=count, scalars=scalars, overwrite=True)
+    E.export_run(tmp_path / "run", "tensorboard", tmp_path / "tb", window=10)
+    _, _, acc = read_events(tmp_path / "tb")
+    steps = [e.step for e in acc.Scalars("fluctuation/fc1/bn_mean")]
+    assert steps == [9, 19, 29, 39, 49]
+    assert [e.value for e in acc.Scalars("train/loss")] == [1.5]
+    assert check_against_numpy(tmp_path / "tb", data, count, scalars, window=10) == 5
+
+
 def test_custom_scalars_layout_pairs_bn_with_en_per_layer(tmp_path):
     from tensorboard.plugins.custom_scalar import layout_pb2
 
