@@ -47,6 +47,7 @@ def open_checked(path: str | os.PathLike):
     Returns: (``zarr.Group``, dict).
     """
     import zarr
+    from zarr.errors import ContainsArrayError
 
     path = os.fspath(path)
     if not is_url(path):
@@ -62,6 +63,9 @@ def open_checked(path: str | os.PathLike):
         raise StoreError(f"path={path!r}: permission denied ({exc.filename or path})") from None
     except StoreError:
         raise
+    except ContainsArrayError:  # an array's folder, e.g. one inside a run
+        raise StoreError(f"path={path!r}: a zarr array (one of a run's arrays?), not a "
+                         f"statscope run") from None
     except Exception as exc:  # zarr raises several types for a non-store or damaged JSON
         kind = StoreDamagedError if not is_url(path) else StoreError
         raise kind(f"path={path!r}: not a readable statscope run (its root zarr.json: "

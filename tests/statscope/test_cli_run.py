@@ -199,6 +199,13 @@ def test_existing_out_is_never_overwritten_without_a_flag(tmp_path, mnist_dir, c
     assert main(argv[:-3] + ["--out", str(other), "--overwrite", "-q"]) == 2
     assert "not a statscope run" in capsys.readouterr().err
     assert (other / "notes.txt").read_text() == "keep me"
+    # an array inside a run: a usage error too, not zarr's ContainsArrayError and exit 1
+    inner = out / "bn_mean"
+    for extra in ([], ["--overwrite"]):
+        assert main(argv[:-3] + ["--out", str(inner), "-q", *extra]) == 2
+        assert "a zarr array (one of a run's arrays?), not a statscope run" in \
+            capsys.readouterr().err
+    assert statscope.open_run(out).sizes["step"] == 3
 
 
 def test_sweep_runs_the_grid_and_is_restartable(tmp_path, mnist_dir, capsys):
