@@ -98,6 +98,10 @@ def summary_span(summaries: xr.Dataset, window=200) -> tuple[np.ndarray, int, in
                                    f"[{start}, {stop})")
     if isinstance(window, (tuple, list)) and len(window) == 2:
         start, stop = (int(v) for v in window)
+        if stop <= start:
+            raise StatscopeError(f"window={tuple(window)}: stop must exceed start")
+        if start < starts[0] or stop > stops[-1]:  # as the per-step path refuses it
+            raise StatscopeError(f"window={tuple(window)}: outside the run, which has {have}")
         rows = np.flatnonzero((starts >= start) & (starts < stop))
         ends = stop == int(stops[-1]) and rows.size and rows[-1] == starts.size - 1
         if (start % length or (stop % length and not ends) or rows.size == 0
@@ -105,7 +109,7 @@ def summary_span(summaries: xr.Dataset, window=200) -> tuple[np.ndarray, int, in
             raise StatscopeError(f"window={tuple(window)}: not made of whole stored windows; "
                                  f"the run has {have} (ranges start and stop on multiples of "
                                  f"{length})")
-        return rows, start, min(stop, last + 1), f"steps [{start}, {min(stop, last + 1)})"
+        return rows, start, stop, f"steps [{start}, {stop})"
     raise StatscopeError(f"window={window!r}: expected an int, a (start, stop) tuple or 'all'")
 
 

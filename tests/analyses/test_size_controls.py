@@ -204,3 +204,15 @@ def test_the_summaries_table_names_the_run_as_the_steps_table_does(kept):
     by_steps = fluctuation_table(ds, 200, name="runs/run")
     by_windows = fluctuation_table(ds, 200, name="runs/run", windows=open_windows(path))
     assert set(by_steps["run"]) == set(by_windows["run"]) == {"runs/run"}
+
+
+def test_a_range_past_the_run_is_refused_from_the_summaries_as_from_the_steps(kept):
+    # the summaries clipped (800, 1200) of a 1000-step run to [800, 1000) without a word
+    _, path = kept
+    ds, summ = statscope.open_run(path), open_windows(path)
+    for window in ((800, 1200), (0, 1400), (1000, 1200)):
+        for source in (ds, summ):
+            with pytest.raises(StatscopeError, match=rf"window=\({window[0]}, {window[1]}\): "
+                                                     "outside"):
+                fluctuation(source, window)
+    assert fluctuation(summ, (800, 1000)).attrs["window"].startswith("steps [800, 1000)")
