@@ -21,7 +21,7 @@ def require(ds: xr.Dataset | Mapping[str, xr.Dataset], names, what: str) -> None
     """Raise StatscopeError naming the variables of ``names`` that ``ds`` (a run, stacked runs
     or a mapping of runs) lacks."""
     if isinstance(ds, Mapping) and ds and all(isinstance(v, xr.Dataset) for v in ds.values()):
-        for name, one in ds.items():
+        for name, one in cast(Mapping[str, xr.Dataset], ds).items():
             require(one, names, f"{what} (run {name!r})")
         return
     if not isinstance(ds, xr.Dataset):

@@ -156,9 +156,9 @@ def _steps(path: str, entry, found, last) -> np.ndarray:
     """The committed steps; the step array damaged (also in ``damaged="mask"``: the rows
     cannot be placed without it) raises."""
     bad = [d for d in found if d.array == S.STEP]
-    steps = None
+    steps = np.zeros(0, np.int64)
     if not bad:
-        steps = CheckedArray(path, S.STEP, entry.array, entry.rows, None, -1)[:]
+        steps = np.asarray(CheckedArray(path, S.STEP, entry.array, entry.rows, None, -1)[:])
         bad = step_damage(steps, last)
     if bad:
         raise StoreDamagedError(f"path={path!r}: the step array is damaged ("
