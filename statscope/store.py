@@ -152,13 +152,18 @@ def _open_one(path: str, chunks, damaged: str):
     return ds
 
 
+def _read_steps(path: str, entry) -> np.ndarray:
+    """The committed rows of the step array (each chunk's checksum checked)."""
+    return np.asarray(CheckedArray(path, S.STEP, entry.array, entry.rows, None, -1)[:])
+
+
 def _steps(path: str, entry, found, last) -> np.ndarray:
     """The committed steps; the step array damaged (also in ``damaged="mask"``: the rows
     cannot be placed without it) raises."""
     bad = [d for d in found if d.array == S.STEP]
     steps = np.zeros(0, np.int64)
     if not bad:
-        steps = np.asarray(CheckedArray(path, S.STEP, entry.array, entry.rows, None, -1)[:])
+        steps = _read_steps(path, entry)
         bad = step_damage(steps, last)
     if bad:
         raise StoreDamagedError(f"path={path!r}: the step array is damaged ("
@@ -316,9 +321,7 @@ def verify_run(path: str | os.PathLike) -> list[Damage]:
     arrays = entries(path, group, want)
     found = verify(path, attrs, arrays)
     if not any(d.array == S.STEP for d in found):
-        entry = arrays[S.STEP]
-        found += step_damage(CheckedArray(path, S.STEP, entry.array, entry.rows, None, -1)[:],
-                             attrs.get(S.ATTR_LAST_STEP))
+        found += step_damage(_read_steps(path, arrays[S.STEP]), attrs.get(S.ATTR_LAST_STEP))
     return found
 
 

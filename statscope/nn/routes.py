@@ -71,18 +71,22 @@ class Routes:
     _check_input: Callable
     _check_sizes: Callable
 
+    def _dtype(self):
+        """The dtype of the layer's parameters and buffers, or None when it has none."""
+        reference = self.weight if self.weight is not None else self.running_mean
+        return None if reference is None else reference.dtype
+
     def _native(self, x):
         """Whether ``x`` has the dtype of the layer's parameters and buffers (or there are none)."""
-        reference = self.weight if self.weight is not None else self.running_mean
-        return reference is None or reference.dtype == x.dtype
+        dtype = self._dtype()
+        return dtype is None or dtype == x.dtype
 
     def _choose_route(self, x, use_batch):
         """Check ``x`` and pick the route for its shape, dtype and mode; remember the choice."""
         self._check_input(x)
         self._check_sizes(x.shape, use_batch)
         native = self._native(x)
-        reference = self.weight if self.weight is not None else self.running_mean
-        if not native and torch.promote_types(x.dtype, reference.dtype) == reference.dtype:
+        if not native and torch.promote_types(x.dtype, self._dtype()) == self._dtype():
             route = self._widened_route
         elif native and self._torch_norm is not None:
             route = self._torch_op
@@ -189,8 +193,7 @@ class Routes:
         """An input narrower than the layer (bfloat16 activations into a float32 layer under
         autocast): widened to the layer's dtype first, so that its statistics are computed in
         that dtype, not in the input's before type promotion (running variances off by 5e-3)."""
-        reference = self.weight if self.weight is not None else self.running_mean
-        wide = x.to(reference.dtype)
+        wide = x.to(self._dtype())
         route = self._routes.get((wide.shape, wide.dtype, use_batch))
         if route is None:
             route = self._choose_route(wide, use_batch)
