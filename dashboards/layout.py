@@ -154,9 +154,11 @@ def run_panel(summaries: Sequence[RunSummary], claims: dict[str, object],
         c = claims.get(s.name)
         body.append(html.H4(f"Paper claims (§4.6), {window_label}"))
         if hasattr(c, "itertuples"):
-            rows = [(r.claim, r.description, r.layer, r.statistic, f"{r.effect:+.3f}",
-                     f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]", f"{r.p_value:.3g}", r.verdict,
-                     r.note) for r in c.itertuples()]
+            from statscope.analyses.report import fmt  # "—" where no interval (as the report)
+
+            rows = [(r.claim, r.description, r.layer, r.statistic, fmt(r.effect, "+.3f"),
+                     f"[{fmt(r.ci_low, '+.3f')}, {fmt(r.ci_high, '+.3f')}]",
+                     fmt(r.p_value, ".3g"), r.verdict, r.note) for r in c.itertuples()]
             body.append(_table(("", "claim", "layer", "statistic", "effect (log ratio)",
                                 "95% CI", "p", "verdict", "note"), rows, "claims"))
         else:

@@ -363,3 +363,19 @@ def test_scalars_follow_the_url_and_can_be_turned_off(catalog):
     assert not [t for t in fig.data if "scalar" in t.meta]
     out = _sync(catalog, "scalars", "?run=bs4", runs=["bs4"], scalars=[])
     assert "scalar=-" in out[0]
+
+
+def test_the_run_card_shows_a_dash_where_a_claim_has_no_interval():
+    # "+nan, [+nan, +nan], p nan" where the report shows "—" (an outside check)
+    import pandas as pd
+
+    from statscope.dashboards.layout import run_panel
+    from statscope.dashboards.runinfo import RunSummary
+
+    claims = pd.DataFrame([{"claim": "a", "description": "BN > EN", "layer": "fc1",
+                            "statistic": "mean", "effect": 1.5, "ci_low": float("nan"),
+                            "ci_high": float("nan"), "p_value": float("nan"),
+                            "verdict": "inconclusive", "note": "too short"}])
+    card = run_panel([RunSummary("r", "completed", 10, 9, [], None)], {"r": claims}, "all")
+    text = str(card)
+    assert "+1.500" in text and "[—, —]" in text and "nan" not in text
