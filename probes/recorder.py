@@ -61,6 +61,7 @@ from statscope.probes.statistics import STATISTICS, get_statistic
 from statscope.probes.steps import Steps, _caller_level
 from statscope.probes.streams import StreamOrder
 from statscope.probes.worker import Attrs, Notice, ProbeStatic, Worker
+from statscope.ranks import rank_path
 from statscope.storage import use_options
 from statscope.store import ProbeInfo
 from statscope.writer import check_path, check_scalar_name, resume_step
@@ -71,17 +72,6 @@ __all__ = ["Recorder", "record", "STEP_MODES"]
 STEP_MODES = ("auto", "optimizer", "forward", "manual")
 _RESERVED_ATTRS = {S.ATTR_FORMAT, S.ATTR_STATUS, S.ATTR_N_STEPS, S.ATTR_LAST_STEP, S.ATTR_PROBES,
                    S.ATTR_LAYERS, S.ATTR_STATS, S.ATTR_SCALARS, S.ATTR_STEP_RULE}
-
-
-def _rank_path(path: str) -> tuple[str, int, int]:
-    rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if "{rank}" in path:
-        return path.format(rank=rank), rank, world
-    if world > 1:
-        return os.path.join(path, f"rank{rank}"), rank, world
-    return path, rank, world
 
 
 def _positive_int(name: str, value: Any, least: int = 1) -> int:
@@ -146,7 +136,7 @@ class Recorder(Lifecycle, Hooks, Steps):
         self.mechanism, self.on_error, self.step_mode = mechanism, on_error, step
         self.flush_seconds = float(flush_seconds)
         self.record_eval = record_eval
-        self.path, self.rank, self.world_size = _rank_path(os.fspath(path))
+        self.path, self.rank, self.world_size = rank_path(os.fspath(path))
         use_options(os.fspath(path), storage_options)
         # checked now although the writer opens the store at start()
         self._resume_at = resume_step(resume)  # the step a restarted loop continues at

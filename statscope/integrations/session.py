@@ -114,10 +114,10 @@ def _resume_at(path: str, trainer_step: int) -> int | bool:
     from statscope.discovery import read_attrs
     from statscope.errors import StoreError
     from statscope.export.exporter import ATTR_STEP_OFFSET
-    from statscope.probes.recorder import _rank_path
+    from statscope.ranks import rank_path
 
     try:
-        offset = read_attrs(_rank_path(path)[0]).get(ATTR_STEP_OFFSET)
+        offset = read_attrs(rank_path(path)[0]).get(ATTR_STEP_OFFSET)
     except StoreError:
         return True  # no run yet: resume starts one
     if isinstance(offset, bool) or not isinstance(offset, int) or trainer_step < offset:
