@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from statscope.errors import StatscopeError
 from statscope.nn.factory import make_norm
 
 __all__ = ["convert"]
@@ -19,7 +20,8 @@ def convert(model, name, **kw):
     processes.
 
     Args:
-        model: any ``nn.Module``; children are replaced in place.
+        model: any ``nn.Module``; children are replaced in place, all or none (a layer
+            that cannot be converted raises :class:`StatscopeError` and changes nothing).
         name: a name of :data:`statscope.nn.NORM_NAMES`.
         **kw: passed to :func:`statscope.nn.make_norm` (e.g. ``groups=32``).
 
@@ -32,22 +34,41 @@ def convert(model, name, **kw):
         ('HeteroNorm', 'extended')
     """
     if isinstance(model, nn.modules.batchnorm._BatchNorm):
-        return _replace(model, name, kw)
-    for child_name, child in model.named_children():
-        replaced = convert(child, name, **kw)
-        if replaced is not child:
-            setattr(model, child_name, replaced)
+        return _replace(model, name, kw, "")
+    # every new layer is made before any is set: a layer that cannot be converted (eps = 0,
+    # channels that groups do not divide) leaves the model as it was
+    replacements = [(parent, child_name, _replace(child, name, kw, qualified))
+                    for parent, child_name, child, qualified in _batchnorms(model, "")]
+    for parent, child_name, layer in replacements:
+        setattr(parent, child_name, layer)
     return model
 
 
-def _replace(bn, name, kw):
+def _batchnorms(module, prefix):
+    """(parent, name, BatchNorm, qualified name) of each BatchNorm below ``module``, not looking
+    inside a BatchNorm."""
+    for child_name, child in module.named_children():
+        qualified = f"{prefix}.{child_name}" if prefix else child_name
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            yield module, child_name, child, qualified
+        else:
+            yield from _batchnorms(child, qualified)
+
+
+def _replace(bn, name, kw, qualified):
     reference = bn.weight if bn.weight is not None else bn.running_mean
     options = {"eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
                "track_running_stats": bn.track_running_stats}
     if reference is not None:
         options.update(device=reference.device, dtype=reference.dtype)
     options.update(kw)
-    layer = make_norm(name, bn.num_features, **options)
+    try:
+        layer = make_norm(name, bn.num_features, **options)
+    except StatscopeError as error:
+        where = f"layer {qualified!r} " if qualified else ""
+        raise StatscopeError(f"convert({name!r}): {where}({type(bn).__name__}({bn.num_features}, "
+                             f"eps={bn.eps})): {error}; nothing was replaced (pass the "
+                             f"argument to convert to override what the layer has)") from None
     with torch.no_grad():
         if bn.affine and layer.affine:
             layer.weight.copy_(bn.weight)

@@ -75,8 +75,12 @@ class _PixelSetNorm(Routes, nn.Module):
                             if GROUPED_SETS.intersection(self.mean_sets) else mean_groups)
         self.std_groups = (check_groups(std_groups, num_features, std_name)
                            if GROUPED_SETS.intersection(self.std_sets) else std_groups)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
-            raise StatscopeError(f"eps={eps!r}: expected a finite non-negative float")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            # with eps = 0 a pixel set whose values are all equal divides 0 by 0: torch's own
+            # norms answer NaN (LayerNorm, GroupNorm) or 0 (BatchNorm) there, so the routes
+            # would disagree; torch's BatchNorm refuses eps <= 0 in training as well
+            raise StatscopeError(f"eps={eps!r}: expected a positive finite float (with eps = 0 "
+                                 f"a pixel set whose values are all equal divides 0 by 0)")
         if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
             raise StatscopeError(f"momentum={momentum!r}: expected a float in [0, 1] or None "
                                  f"(cumulative average)")

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from statscope.errors import StatscopeError
-from statscope.nn import NORM_NAMES, PIXEL_SETS, HeteroNorm, SwitchableNorm, make_norm
+from statscope.nn import NORM_NAMES, PIXEL_SETS, HeteroNorm, SwitchableNorm, convert, make_norm
 from test_nn_support import force_route, one_thread  # noqa: F401 (a fixture)
 
 BATCH = {"batch", "extended"}
@@ -459,7 +459,11 @@ def test_float16_layers_with_an_extended_set_train(name):
     (lambda: HeteroNorm(16, "extended", "extended", mean_groups=5), "mean_groups=5: "),
     (lambda: HeteroNorm(16, groups=5), "groups=5: num_features=16"),
     (lambda: SwitchableNorm(16, mean_sets="batch"), r"mean_sets='batch': expected a sequence"),
-    (lambda: HeteroNorm(16, eps=float("nan")), "eps=nan: expected a finite"),
+    (lambda: HeteroNorm(16, eps=float("nan")), "eps=nan: expected a positive finite"),
+    # 0/0 for a constant pixel set: torch's BatchNorm says 0, its LayerNorm NaN; refused
+    (lambda: make_norm("in", 16, eps=0.0), r"eps=0.0: expected a positive finite float"),
+    (lambda: convert(torch.nn.Sequential(torch.nn.BatchNorm1d(16, eps=0.0)), "hn"),
+     r"eps=0.0: expected a positive"),
     (lambda: HeteroNorm(16)(torch.ones(4, 16, dtype=torch.long)), r"input dtype torch.int64"),
 ])
 def test_bad_arguments_name_the_argument_given(make, said):

@@ -81,8 +81,9 @@ def test_impossible_sets_for_a_shape_name_the_norm_and_the_shape():
 def test_std_centering_worked_example():
     # two channels with means 0 and 10, each taking the values mean ± 1 (variance 1)
     x = torch.tensor([[-1.0, 9.0], [1.0, 11.0]], dtype=torch.float64)
-    own = HeteroNorm(2, "batch", "extended", eps=0.0, dtype=torch.float64)(x)
-    subtracted = HeteroNorm(2, "batch", "extended", eps=0.0, std_center="subtracted",
+    # eps = 1e-300 vanishes beside these variances in float64 (eps = 0 is refused)
+    own = HeteroNorm(2, "batch", "extended", eps=1e-300, dtype=torch.float64)(x)
+    subtracted = HeteroNorm(2, "batch", "extended", eps=1e-300, std_center="subtracted",
                             dtype=torch.float64)(x)
     # own: variance of all four pixels around 5 = 1 + 25 = 26; subtracted: around 0 and 10 = 1
     torch.testing.assert_close(own, torch.tensor([[-1.0, -1.0], [1.0, 1.0]],
@@ -192,6 +193,21 @@ def test_convert_keeps_affine_and_maps_running_statistics(name):
 def test_convert_root_batchnorm():
     layer = convert(nn.BatchNorm1d(6), "hn", std_center="subtracted")
     assert isinstance(layer, HeteroNorm) and layer.std_center == "subtracted"
+
+
+@pytest.mark.parametrize(("late", "kw", "said"), [
+    (nn.BatchNorm2d(16, eps=0.0), {}, r"layer '2.1' \(BatchNorm2d\(16, eps=0.0\)\): eps=0.0"),
+    (nn.BatchNorm2d(12), {"groups": 8}, r"layer '2.1' .*groups=8: num_features=12"),
+])
+def test_convert_changes_nothing_when_a_layer_cannot_be_converted(late, kw, said):
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16),
+                          nn.Sequential(nn.Conv2d(16, 16, 3), late))
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(StatscopeError, match=said):
+        convert(model, "gn" if kw else "hn", **kw)
+    assert [type(m) for m in model.modules()] == before  # the first BatchNorm was not replaced
+    fixed = convert(model, "gn" if kw else "hn", **{**kw, "groups": 4} if kw else {"eps": 1e-5})
+    assert sum(isinstance(m, HeteroNorm) for m in fixed.modules()) == 2
 
 
 @pytest.mark.slow
