@@ -13,7 +13,9 @@ def convert(model, name, **kw):
     """Replace every ``BatchNorm{1,2,3}d`` and ``SyncBatchNorm`` in ``model`` by ``make_norm(name)``.
 
     The new layer inherits ``eps``, ``momentum``, ``affine`` and ``track_running_stats`` (``kw``
-    overrides them), γ and β, and the running statistics where they map: a batch set takes the
+    overrides them), γ and β (the same Parameters, as ``convert_sync_batchnorm`` keeps them: an
+    optimizer made before and ``requires_grad`` still apply; copies where ``kw`` asks for another
+    dtype or device), and the running statistics where they map: a batch set takes the
     BatchNorm running mean or variance as it is; an extended set takes their group averages, its
     variance by the law of total variance (see :meth:`HeteroNorm.load_batchnorm_stats`).
     Per-example sets have no running statistics. The new layers do not synchronise across
@@ -56,6 +58,11 @@ def _batchnorms(module, prefix):
 
 
 def _replace(bn, name, kw, qualified):
+    if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
+        where = f"layer {qualified!r} " if qualified else "the layer "
+        raise StatscopeError(f"convert({name!r}): {where}is a {type(bn).__name__} that has not "
+                             f"seen an input yet, so its number of channels is unknown; run one "
+                             f"forward of the model before convert (nothing was replaced)")
     reference = bn.weight if bn.weight is not None else bn.running_mean
     options = {"eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
                "track_running_stats": bn.track_running_stats}
@@ -69,10 +76,19 @@ def _replace(bn, name, kw, qualified):
         raise StatscopeError(f"convert({name!r}): {where}({type(bn).__name__}({bn.num_features}, "
                              f"eps={bn.eps})): {error}; nothing was replaced (pass the "
                              f"argument to convert to override what the layer has)") from None
+    if bn.affine and layer.affine:
+        for name_ in ("weight", "bias"):
+            theirs, ours = getattr(bn, name_), getattr(layer, name_)
+            if (type(theirs) is nn.Parameter and theirs.shape == ours.shape
+                    and theirs.dtype == ours.dtype and theirs.device == ours.device):
+                # the same Parameter, as convert_sync_batchnorm keeps it: an optimizer made
+                # before convert still updates it, and a frozen one stays frozen
+                setattr(layer, name_, theirs)
+            else:  # another dtype or device asked for: a copy, frozen as the original was
+                with torch.no_grad():
+                    ours.copy_(theirs)
+                ours.requires_grad_(theirs.requires_grad)
     with torch.no_grad():
-        if bn.affine and layer.affine:
-            layer.weight.copy_(bn.weight)
-            layer.bias.copy_(bn.bias)
         if bn.running_mean is not None and bn.running_var is not None:
             layer.load_batchnorm_stats(bn.running_mean, bn.running_var, bn.num_batches_tracked)
     layer.train(bn.training)

@@ -4,6 +4,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from statscope.nn.layers import is_norm_layer
 
@@ -20,7 +21,10 @@ def fuse(model):
     BN, EN, HN, HN_G and (BN, BN+EN) with tracked running statistics, and torch's own
     ``BatchNorm{1,2,3}d``. The folded norm becomes ``nn.Identity``. IN, LN, GN, SN and
     (BN, BN+IN+LN) compute statistics per example at inference and stay. Layers wired together
-    in a ``forward`` method rather than a Sequential are not seen (no tracing is done).
+    in a ``forward`` method rather than a Sequential are not seen (no tracing is done). A layer
+    whose weight is computed at each forward (``weight_norm``, ``spectral_norm``, a subclass
+    with a ``forward`` of its own, forward hooks) keeps its norm: scaling a weight it recomputes
+    would be undone.
 
     Args:
         model: any ``nn.Module``; it is not modified.
@@ -65,13 +69,29 @@ def _fuse_in_place(module):
     names = list(module._modules)
     for before, after in zip(names, names[1:]):
         layer, norm = module._modules[before], module._modules[after]
-        if not isinstance(layer, _FOLDABLE):
+        if not _foldable(layer):
             continue
         affine = _inference_affine(norm)
         if affine is None or affine[0].numel() != layer.weight.shape[0]:
             continue
         _fold(layer, *affine)
         module._modules[after] = nn.Identity()
+
+
+def _foldable(layer):
+    """Whether ``layer`` computes with its stored ``weight`` and ``bias`` as torch's own
+    Linear/Conv does, so that scaling them folds a norm: not a weight computed at each forward
+    (a parametrization such as ``weight_norm`` or ``spectral_norm``, or the older hooks, which
+    recompute it from other parameters), nor a subclass whose forward transforms it (a
+    weight-standardized conv), nor a layer with forward hooks."""
+    base = next((b for b in _FOLDABLE if isinstance(layer, b)), None)
+    if base is None or type(layer).forward is not base.forward:
+        return False
+    if base is not nn.Linear and type(layer)._conv_forward is not base._conv_forward:
+        return False
+    return (type(layer._parameters.get("weight")) is nn.Parameter
+            and not parametrize.is_parametrized(layer)
+            and not layer._forward_pre_hooks and not layer._forward_hooks)
 
 
 @torch.no_grad()

@@ -143,6 +143,41 @@ def test_fuse_removes_fusable_norms_and_keeps_outputs():
     torch.testing.assert_close(fused(x), model.eval()(x), rtol=1e-5, atol=1e-5)
 
 
+class _StandardizedConv(nn.Conv2d):
+    """A weight-standardized conv (as timm's StdConv2d): its forward rescales the weight."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / w.std((1, 2, 3), keepdim=True)
+        return self._conv_forward(x, w, self.bias)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 8, 3)),
+    lambda: nn.utils.parametrizations.spectral_norm(nn.Conv2d(3, 8, 3)),
+    lambda: nn.utils.spectral_norm(nn.Conv2d(3, 8, 3)),
+    lambda: _StandardizedConv(3, 8, 3),
+    lambda: nn.Conv2d(3, 8, 3),  # the control: folded
+])
+def test_fuse_keeps_the_norm_of_a_layer_that_computes_its_weight(make):
+    torch.manual_seed(3)
+    model = nn.Sequential(make(), make_norm("hn", 8), nn.ReLU(), nn.Conv2d(8, 8, 1),
+                          nn.BatchNorm2d(8))
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(4, 3, 8, 8) * 2 + 1)
+    model.eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        want, got = model(x), fuse(model)(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    kinds = [type(m).__name__ for m in fuse(model)]
+    plain = type(model[0]) is nn.Conv2d and not nn.utils.parametrize.is_parametrized(model[0]) \
+        and not model[0]._forward_pre_hooks
+    assert kinds[1] == ("Identity" if plain else "HeteroNorm")
+    assert kinds[4] == "Identity"  # the plain conv's BatchNorm beside it is folded
+
+
 def test_fuse_leaves_per_example_norms():
     model = nn.Sequential(nn.Linear(4, 8), make_norm("ln", 8), nn.Linear(8, 8),
                           make_norm("bn+in+ln", 8))
@@ -193,6 +228,39 @@ def test_convert_keeps_affine_and_maps_running_statistics(name):
 def test_convert_root_batchnorm():
     layer = convert(nn.BatchNorm1d(6), "hn", std_center="subtracted")
     assert isinstance(layer, HeteroNorm) and layer.std_center == "subtracted"
+
+
+def test_convert_keeps_the_batchnorms_parameters():
+    # as convert_sync_batchnorm: an optimizer made before convert still trains γ and β, and a
+    # frozen BatchNorm stays frozen
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 8), nn.BatchNorm1d(8))
+    model[3].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gamma = model[1].weight
+    convert(model, "hn")
+    assert model[1].weight is gamma and not model[3].weight.requires_grad
+    before = gamma.detach().clone()
+    frozen = model[3].weight.detach().clone()
+    model(torch.randn(6, 4)).square().sum().backward()
+    opt.step()
+    assert not torch.equal(model[1].weight, before)  # trained through the old optimizer
+    assert torch.equal(model[3].weight, frozen) and model[3].weight.grad is None
+    # another dtype asked for: copies, still frozen where the original was
+    model = nn.Sequential(nn.BatchNorm1d(8), nn.BatchNorm1d(8))
+    model[1].requires_grad_(False)
+    convert(model, "hn", dtype=torch.float64)
+    assert model[0].weight.dtype == torch.float64 and model[0].weight.requires_grad
+    assert not model[1].weight.requires_grad and not model[1].bias.requires_grad
+
+
+def test_convert_of_a_lazy_batchnorm_before_its_first_forward_says_so():
+    model = nn.Sequential(nn.Linear(4, 8), nn.LazyBatchNorm1d())
+    with pytest.raises(StatscopeError, match=r"layer '1' is a LazyBatchNorm1d that has not seen "
+                                             r"an input yet.*run one forward"):
+        convert(model, "hn")
+    model(torch.randn(3, 4))
+    assert isinstance(convert(model, "hn")[1], HeteroNorm)
 
 
 @pytest.mark.parametrize(("late", "kw", "said"), [
