@@ -203,12 +203,15 @@ class _PixelSetNorm(Routes, nn.Module):
 
         Args:
             x: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` (any memory format) or
-                ``(N, C, D, H, W)``, floating point.
+                ``(N, C, D, H, W)``, floating point. An empty ``x`` (N = 0) gives an empty
+                output and changes no running statistic.
 
         Returns:
             Tensor: same shape, dtype and memory format as ``x`` (a dtype other than the
             layer's is promoted with it, as ``addcmul`` promotes).
         """
+        if x.numel() == 0:
+            return self._empty(x)
         use_batch = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
         if compiling():
@@ -221,6 +224,16 @@ class _PixelSetNorm(Routes, nn.Module):
         if route is None:
             route = self._choose_route(x, use_batch)
         return route(x, use_batch, update)
+
+    def _empty(self, x):
+        """An empty batch (N = 0 or a spatial size 0: a detection head without boxes, a short
+        shard): an empty output that keeps the graph, running statistics and
+        ``num_batches_tracked`` left as they are (torch's BatchNorm counts such a batch)."""
+        self._check_input(x)
+        out = x * 0
+        if self.weight is not None:  # the dtype an affine layer's output promotes to
+            out = out.to(torch.result_type(out, self.weight))
+        return out
 
     def _apply(self, fn, *args, **kwargs):
         # routes and constants depend on the parameters' dtype and device

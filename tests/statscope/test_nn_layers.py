@@ -469,3 +469,20 @@ def test_float16_layers_with_an_extended_set_train(name):
 def test_bad_arguments_name_the_argument_given(make, said):
     with pytest.raises(StatscopeError, match=said):
         make()
+
+
+@pytest.mark.parametrize("name", NORM_NAMES)
+@pytest.mark.parametrize("shape", [(0, 32, 4, 4), (0, 32), (3, 32, 0, 4)])
+def test_an_empty_batch_gives_an_empty_output_and_changes_no_statistic(name, shape):
+    # a detection head without boxes, a short shard: torch's BatchNorm returns an empty output
+    layer = make_norm(name, 32).train()
+    layer(torch.randn(4, 32, 4, 4))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(shape, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert layer.eval()(x).shape == x.shape
