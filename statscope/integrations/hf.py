@@ -33,7 +33,9 @@ class StatscopeTrainerCallback(TrainerCallback):
     One recorded step per optimizer step, whatever ``gradient_accumulation_steps`` (the first
     micro-batch's forward of each step is recorded); evaluation and prediction run in eval mode
     and are not recorded. What the Trainer logs (``loss``, ``learning_rate``, ``grad_norm``,
-    ``eval_loss``, ...; every ``logging_steps``) goes into the run at the step it describes. The
+    ``eval_loss``, ...; every ``logging_steps``) goes into the run at the step it describes; what it
+    logs before the first optimizer step (``eval_on_start``) goes into the run's attrs under
+    ``scalars_before_training``, beside the Trainer's ``global_step`` it was logged at. The
     run's meta holds ``batch_size`` (per device), ``lr``, ``epochs``, ``seed``, the model type and
     the sanitized ``TrainingArguments``; ``meta`` adds to them.
 
@@ -102,7 +104,13 @@ class StatscopeTrainerCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and self._open():
-            self.session.log(**loggable(logs))
+            scalars = loggable(logs)
+            if state.global_step < self.session.offset:
+                # before this training's first optimizer step (eval_on_start): no store step
+                # describes it, and store step 0 is the Trainer's first step
+                self.session.log_before_training(state.global_step, scalars)
+            else:
+                self.session.log(**scalars)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.session is not None:

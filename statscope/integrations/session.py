@@ -19,7 +19,8 @@ from statscope.errors import StatscopeError
 if TYPE_CHECKING:  # loaded with the live export only
     from statscope.export import Exporter
 
-__all__ = ["LiveExport", "RecordingSession", "check_record_kwargs", "loggable"]
+__all__ = ["ATTR_BEFORE_TRAINING", "LiveExport", "RecordingSession", "check_record_kwargs",
+           "loggable"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,10 @@ def check_record_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
         raise StatscopeError(f"step={kwargs['step']!r}: the callbacks end a step after each "
                              "optimizer step themselves (step='manual'); leave step out")
     return dict(kwargs)
+
+
+ATTR_BEFORE_TRAINING = "scalars_before_training"
+"""The run attribute that holds what a trainer logged before its first optimizer step."""
 
 
 def loggable(values: Mapping[str, Any]) -> dict[str, float]:
@@ -151,6 +156,7 @@ class RecordingSession:
         self.live = live
         self.steps = 0
         self._sinks: list = []
+        self._before: dict[str, Any] = {}  # what the trainer logged before its first step
         self._exporter: Exporter | None = None
         self.recorder.start()
         self._finalizer = weakref.finalize(self, _abandoned, self.recorder, self._sinks)
@@ -183,6 +189,14 @@ class RecordingSession:
     def log(self, **scalars: Any) -> None:
         """Log scalars (numbers or one-element tensors, no host sync) into the current step."""
         self.recorder.log(**scalars)
+
+    def log_before_training(self, trainer_step: int, scalars: Mapping[str, float]) -> None:
+        """Keep scalars logged before the first optimizer step of this training (an evaluation
+        at its start), which no store step describes, in the run's attrs:
+        ``scalars_before_training = {"trainer_step": S, name: value, ...}`` (a name logged
+        twice keeps the last value)."""
+        self._before.update(scalars, trainer_step=trainer_step)
+        self.recorder.set_attrs(**{ATTR_BEFORE_TRAINING: dict(self._before)})
 
     def end_step(self) -> None:
         """End the current optimizer step; export live every ``live.every`` steps."""

@@ -57,6 +57,25 @@ def test_one_recorded_step_per_optimizer_step_with_values_and_logs(tmp_path):
     assert ds.attrs["trainer_step_offset"] == 1  # exports write store step k at k + 1
 
 
+def test_an_evaluation_before_the_first_step_goes_to_the_attrs_not_into_step_0(tmp_path):
+    # eval_on_start logs at global_step 0, before the first optimizer step (store step 0 is
+    # global_step 1); with eval_steps=1 step 1's evaluation would have overwritten it
+    cb = StatscopeTrainerCallback(tmp_path / "run")
+    args = hf_arguments(tmp_path / "out", max_steps=3, eval_strategy="steps", eval_steps=1,
+                        eval_on_start=True, per_device_eval_batch_size=4)
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=TokenData(16),
+                      eval_dataset=TokenData(8, seed=1), callbacks=[cb])
+    with cb:
+        trainer.train()
+    evals = [(h["step"], h["eval_loss"]) for h in trainer.state.log_history if "eval_loss" in h]
+    assert [g for g, _ in evals] == [0, 1, 2, 3]
+    ds = statscope.open_run(tmp_path / "run")
+    np.testing.assert_allclose(ds.eval_loss.values, [v for _, v in evals[1:]], rtol=1e-6)
+    before = ds.attrs["scalars_before_training"]
+    assert before["trainer_step"] == 0
+    np.testing.assert_allclose(before["eval_loss"], evals[0][1], rtol=1e-6)
+
+
 class Boom(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 3:
