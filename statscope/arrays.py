@@ -52,6 +52,12 @@ def entries(path: str, group, want: Mapping[str, tuple[int, int | None, str, Any
         except KeyError:
             if name in optional:
                 continue
+            if spec[0] == 0:
+                # nothing committed yet, and a writer makes its arrays after the run's root
+                # attributes: a run read during its first moments, or killed before its first
+                # commit, is an empty run, not a damaged one
+                out[name] = Entry(_empty_array(*spec), 0, spec[1], spec[3])
+                continue
             raise StoreDamagedError(f"path={path!r}: array {name!r} is named by the run's "
                                     "attributes but missing") from None
         except Exception as exc:  # damaged zarr.json of the array
@@ -61,6 +67,16 @@ def entries(path: str, group, want: Mapping[str, tuple[int, int | None, str, Any
         check_array(path, name, arr, rows=rows, width=width, dtype=dtype)
         out[name] = Entry(arr, rows, width, fill)
     return out
+
+
+def _empty_array(rows: int, width: int | None, dtype: str, fill: Any):
+    """An in-memory zarr array of no rows, standing in for one a writer has not made yet."""
+    import zarr
+
+    shape = (0,) if width is None else (0, width)
+    chunks = (1,) if width is None else (1, max(width, 1))
+    return zarr.create_array(store=zarr.storage.MemoryStore(), shape=shape, chunks=chunks,
+                             dtype=dtype, fill_value=fill)
 
 
 def missing(path: str, attrs: Mapping[str, Any], arrays: Mapping[str, Entry]) -> list[Damage]:

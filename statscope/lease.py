@@ -27,7 +27,7 @@ import uuid
 import warnings
 from dataclasses import asdict, dataclass
 
-from statscope.errors import StatscopeWarning, StoreError, StoreLockedError
+from statscope.errors import StatscopeError, StatscopeWarning, StoreError, StoreLockedError
 
 __all__ = ["Holder", "Lease", "lease_path", "read_holder"]
 
@@ -110,8 +110,17 @@ def lease_path(path: str) -> str:
     path is resolved first, so that a run reached through a symlink (or ``..``) has the one
     lease of the folder it names: two writers by two names would otherwise both get in."""
     if _is_url(path):
-        return path.rstrip("/") + SUFFIX
+        run = path.rstrip("/")
+        scheme, rest = run.split("://", 1)
+        if scheme.lower() in _BUCKETED and "/" not in rest.strip("/"):
+            raise StatscopeError(f"path={path!r}: a run needs a folder of its own below the "
+                                 f"bucket (its lease lives beside it), e.g. {run}/run")
+        return run + SUFFIX
     return os.path.realpath(path.removeprefix("file://").rstrip("/") or "/") + SUFFIX
+
+
+_BUCKETED = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
+"""URL schemes whose first path element is a bucket (a run cannot be a bucket itself)."""
 
 
 def _is_url(path: str) -> bool:

@@ -44,8 +44,11 @@ def use_options(path, storage_options) -> None:
 
 
 def _options(path: str) -> dict:
-    best = max((p for p in _OPTIONS if path == p or path.startswith(p + "/")), key=len,
-               default=None)
+    # a run's options also serve its lease, which lives beside it as ``<run>.lease``
+    from statscope.lease import SUFFIX
+
+    best = max((p for p in _OPTIONS if path in (p, p + SUFFIX) or path.startswith(p + "/")),
+               key=len, default=None)
     return _OPTIONS[best] if best is not None else {}
 
 

@@ -307,6 +307,9 @@ def check_path(path: str, *, overwrite: bool, resume: bool) -> bool:
     """
     if overwrite and resume:
         raise StatscopeError("overwrite=True, resume=True: choose one")
+    from statscope.lease import lease_path
+
+    lease_path(path)  # refuses a path no run can have (a bucket's root)
     there = exists(path)
     if there and not (overwrite or resume):
         raise StoreError(f"path={path!r}: already exists; pass overwrite=True to replace it or "

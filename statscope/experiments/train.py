@@ -6,8 +6,10 @@ incomplete batch of an epoch is dropped, so every recorded step has the same bat
 randomness comes from ``torch.manual_seed(seed)`` (weights) and two generators seeded from
 ``seed`` (shuffling, augmentation), so on the CPU two runs with one seed record the same bytes.
 
-At the end of every epoch, at the end of the run and when it is interrupted between two steps,
-the loop saves a :class:`~statscope.experiments.checkpoint.Checkpoint` beside the store.
+A Ctrl-C (SIGINT, where the loop runs on the main thread with Python's own handler) stops the
+loop at the end of the step it lands in, so that the run's last row holds that step's ``loss``
+and ``lr`` and a checkpoint is saved at it; a second Ctrl-C stops at once. At the end of every
+epoch, at the end of the run and when it is interrupted between two steps, the loop saves a :class:`~statscope.experiments.checkpoint.Checkpoint` beside the store.
 ``resume=True`` continues a store after its last recorded step: from the newest checkpoint at or
 before that step, training the steps between the checkpoint and the store's end again without
 recording them, then recording on; without a usable checkpoint, from step 0 (identical on the CPU,
@@ -21,6 +23,9 @@ import contextlib
 import copy
 import dataclasses
 import math
+import signal
+import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,6 +39,32 @@ from statscope.experiments.preflight import RESUMABLE, check_out, check_recorded
 __all__ = ["Progress", "run_experiment"]
 
 _EVAL_BATCH = 1000
+
+
+@contextlib.contextmanager
+def _sigint_at_step_end():
+    """Inside, a first SIGINT only asks the loop to stop (the list yielded becomes non-empty;
+    the loop raises ``KeyboardInterrupt`` at the end of its step), a second one raises at once.
+    Only on the main thread, and only where SIGINT has Python's own handler (not a handler the
+    caller installed)."""
+    asked: list[bool] = []
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield asked
+        return
+
+    def ask(signum, frame):
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(True)
+        print("statscope: stopping at the end of this step (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, ask)
+    try:
+        yield asked
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass(frozen=True)
@@ -209,6 +240,7 @@ class _Loop:
         last_report = time.monotonic()
         t0 = time.perf_counter()
         with contextlib.ExitStack() as stack:
+            stop = stack.enter_context(_sigint_at_step_end())
             try:
                 for epoch in range(self.epoch, cfg.epochs):
                     if step == self.total:
@@ -241,6 +273,8 @@ class _Loop:
                             replayed += 1
                         step += 1
                         self._at = (step, epoch, epoch_shuffle)
+                        if stop:
+                            raise KeyboardInterrupt  # the Ctrl-C that came during the step
                         if self.progress is not None and time.monotonic() - last_report \
                                 >= self.progress_seconds:
                             last_report = time.monotonic()

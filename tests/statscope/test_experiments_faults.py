@@ -131,20 +131,33 @@ def _kill_run(tmp_path, out: Path, point: tuple) -> str:
         elif kind in ("committed", "group"):  # the marker moved: after the first commit
             _wait_for(lambda: ((_attrs(out) or {}).get(S.ATTR_N_STEPS) or 0) > 0, proc)
             time.sleep(arg)
+        elif kind == "sigint":  # Ctrl-C while training: the loop stops after its step
+            _wait_for(lambda: _attrs(out) is not None, proc)
+            time.sleep(arg)
+            proc.send_signal(signal.SIGINT)
         if group and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        elif kind not in ("commit", "checkpoint") and proc.poll() is None:
+        elif kind not in ("commit", "checkpoint", "sigint") and proc.poll() is None:
             proc.kill()
         _, err = proc.communicate(timeout=TIMEOUT)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    if proc.returncode not in (0, -signal.SIGKILL):
+    if proc.returncode not in (0, -signal.SIGKILL, 130 if kind == "sigint" else 0):
         pytest.fail(f"{point}: the run failed by itself (exit {proc.returncode}): {err[-2000:]}")
     # Every run makes a first commit and 3 checkpoints; later commits depend on the speed.
     if proc.returncode == 0 and (kind == "checkpoint" or point == ("commit", 1)):
         pytest.fail(f"{point}: the kill point was never reached")
+    if kind == "sigint" and proc.returncode == 130:
+        # the row of the step the Ctrl-C landed in is whole, and a checkpoint was saved at it
+        import statscope
+
+        ds = statscope.open_run(out)
+        assert ds.attrs["status"] == "failed" and "KeyboardInterrupt" in ds.attrs["error"]
+        assert all(bool(ds[name].notnull().all()) for name in ("loss", "lr")), \
+            "an interrupted step lost its loss or lr"
+        return "interrupted"
     return "completed before the kill" if proc.returncode == 0 else "killed"
 
 
@@ -196,6 +209,15 @@ def test_a_killed_run_resumes_to_the_uninterrupted_data(tmp_path, reference):
     with its writer process just after the first commit."""
     _run_points(tmp_path, reference, [("commit", 1), ("commit", 3), ("checkpoint", "2:100"),
                                       ("committed", 0.05), ("group", 0.0)])
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_ctrl_c_keeps_whole_steps_and_resumes_to_the_same_data(tmp_path,
+                                                                               reference):
+    """Ctrl-C lands inside a step (after the probes, before the loop logs loss and lr): the
+    loop stops at the end of that step, saves a checkpoint there, and --resume ends with the
+    arrays of the uninterrupted run."""
+    _run_points(tmp_path, reference, [("sigint", t) for t in (0.0, 0.4, 1.1)])
 
 
 @pytest.mark.slow

@@ -167,3 +167,28 @@ def test_analyze_reads_a_run_on_s3(s3, capsys):
     write_run("s3://runs/written", {"a": 4}, data, meta={"batch_size": 4})
     assert main(["analyze", "s3://runs/written"]) == 0
     assert "a" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_storage_options_alone_reach_the_runs_lease(s3, monkeypatch, writer):
+    # endpoint and credentials only in storage_options: the lease beside the run (<run>.lease)
+    # must use them too, or it goes to AWS without credentials
+    endpoint, env = s3
+    for name in env:
+        monkeypatch.delenv(name)
+    opts = {"endpoint_url": endpoint, "key": "test", "secret": "test",
+            "client_kwargs": {"region_name": "us-east-1"}}
+    path = f"s3://runs/options-only-{writer}"
+    model = fc()
+    with statscope.record(model, path, storage_options=opts, writer=writer,
+                          step="manual") as rec:
+        for _ in range(3):
+            model(torch.randn(8, 4)).sum().backward()
+            rec.step()
+    ds = statscope.open_run(path, storage_options=opts)
+    assert ds.sizes["step"] == 3 and ds.attrs["status"] == "completed"
+
+
+def test_a_run_at_a_bucket_root_is_refused_by_name(s3):
+    with pytest.raises(statscope.StatscopeError, match=r"path='s3://runs': a run needs a folder"):
+        statscope.record(fc(), "s3://runs")

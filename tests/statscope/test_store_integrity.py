@@ -510,3 +510,30 @@ def test_a_torn_read_of_a_live_run_is_read_again_and_lasting_damage_still_raises
     with pytest.raises(StoreDamagedError, match="'bn_std' rows 0..1 cannot be read"):
         CheckedArray("r", "bn_std", broken, 2, 3, np.nan)[:]
     assert broken.reads == _READ_TRIES
+
+
+def _root_only(path: Path, n_steps: int) -> None:
+    """Leave ``path`` as a writer leaves a run between writing its root attributes and making
+    its arrays (a run read in its first moments, or killed there): no array on disk."""
+    root = json.loads((path / "zarr.json").read_text())
+    for entry in path.iterdir():
+        if entry.is_dir():
+            shutil.rmtree(entry)
+    root["attributes"].update({S.ATTR_N_STEPS: n_steps, S.ATTR_STATUS: "running"})
+    root["attributes"].pop(S.ATTR_LAST_STEP, None)
+    (path / "zarr.json").write_text(json.dumps(root))
+
+
+def test_a_run_whose_arrays_are_not_made_yet_reads_as_empty_not_damaged(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+    with statscope.record(model, tmp_path / "run", step="manual", writer="thread") as rec:
+        model(torch.randn(8, 4)).sum().backward()
+        rec.log(loss=1.0)
+        rec.step()
+    _root_only(tmp_path / "run", 0)
+    ds = statscope.open_run(tmp_path / "run")
+    assert ds.sizes == {"step": 0, "neuron": 6} and ds.loss.shape == (0,)
+    assert ds.bn_std.dtype == np.float32 and verify_run(tmp_path / "run") == []
+    _root_only(tmp_path / "run", 1)  # a committed row whose arrays are gone: damage
+    with pytest.raises(StoreDamagedError):
+        statscope.open_run(tmp_path / "run")
