@@ -89,7 +89,9 @@ def download(filename: str, md5: str, mirrors: Sequence[str], dest_dir: str | os
         mirrors: base URLs tried in order (``http://``, ``https://`` or ``file://``).
         dest_dir: the folder the file lands in; created if missing.
         quiet: no progress bar (otherwise tqdm on stderr).
-        timeout: seconds to wait for a connection or a read before trying the next mirror.
+        timeout: seconds to wait for a connection or a read before trying the next mirror. A
+            transfer that receives less than 1 KiB in 30 s, or fewer bytes than the server
+            announced, also counts as that mirror failing.
 
     Returns:
         Path of the verified file, ``dest_dir / filename``.
@@ -126,24 +128,54 @@ def download(filename: str, md5: str, mirrors: Sequence[str], dest_dir: str | os
     raise UnreachableError(f"{filename}: could not be downloaded; tried {tried}", unreachable)
 
 
+class _Stalled(OSError):
+    """A mirror that delivers less than :data:`LOW_SPEED_BYTES` in :data:`LOW_SPEED_SECONDS`, or
+    fewer bytes than its ``Content-Length``: a failed mirror (the next one is tried)."""
+
+
+LOW_SPEED_BYTES = 1024
+LOW_SPEED_SECONDS = 30.0
+"""A transfer that receives fewer than ``LOW_SPEED_BYTES`` over any ``LOW_SPEED_SECONDS`` is
+abandoned, as curl's ``--speed-limit``/``--speed-time`` would: a mirror that trickles bytes never
+lets a per-read timeout fire."""
+
+
 def _fetch(url: str, dest_dir: Path, filename: str, md5: str, quiet: bool,
            timeout: float) -> str | None:
     """Download ``url`` to ``dest_dir/filename``; ``None`` on success, else the md5 received."""
     from tqdm.auto import tqdm
 
+    _sweep_parts(dest_dir, filename)
     try:
-        fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{filename}.", suffix=".part")
+        # the pid in the name lets a later download remove what a killed one left
+        fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{filename}.{os.getpid()}.",
+                                   suffix=_PART)
     except OSError as exc:
         raise StatscopeError(f"dest_dir={str(dest_dir)!r}: cannot write ({exc.strerror})") from exc
     try:
         digest = hashlib.md5(usedforsecurity=False)
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            with tqdm(total=resp.length, unit="B", unit_scale=True, desc=filename,
+            length = _content_length(resp)
+            received = 0
+            window_start, window_bytes = time.monotonic(), 0
+            with tqdm(total=length, unit="B", unit_scale=True, desc=filename,
                       disable=quiet, leave=False) as bar:
-                for chunk in iter(lambda: resp.read(_CHUNK), b""):
+                # read1: whatever has arrived (up to a chunk), so that a slow mirror is seen
+                read = getattr(resp, "read1", resp.read)
+                for chunk in iter(lambda: read(_CHUNK), b""):
                     digest.update(chunk)
                     _write(out, chunk, dest_dir)
                     bar.update(len(chunk))
+                    received += len(chunk)
+                    window_bytes += len(chunk)
+                    now = time.monotonic()
+                    if now - window_start >= LOW_SPEED_SECONDS:
+                        if window_bytes < LOW_SPEED_BYTES:
+                            raise _Stalled(f"stalled: {window_bytes} bytes in the last "
+                                           f"{now - window_start:.0f} s")
+                        window_start, window_bytes = now, 0
+            if length is not None and received != length:
+                raise _Stalled(f"the transfer ended after {received} of {length} bytes")
         if digest.hexdigest() != md5:
             return digest.hexdigest()
         os.replace(tmp, dest_dir / filename)
@@ -151,6 +183,49 @@ def _fetch(url: str, dest_dir: Path, filename: str, md5: str, quiet: bool,
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+_PART = ".part"
+
+
+def _content_length(resp) -> int | None:
+    """The length the server announced (``file://`` answers have no ``length`` attribute)."""
+    value = resp.headers.get("Content-Length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _sweep_parts(dest_dir: Path, filename: str) -> None:
+    """Remove the temporary files of ``filename`` that a download killed outright (``kill -9``,
+    where no ``finally`` runs) left: those whose process is gone, or, from another machine on a
+    shared folder (or an older statscope without a pid in the name), a day old."""
+    try:
+        parts = list(dest_dir.glob(f".{filename}.*{_PART}"))
+    except OSError:
+        return
+    for part in parts:
+        pid_text = part.name[len(filename) + 2:].split(".", 1)[0]
+        try:
+            stale = (not _alive(int(pid_text)) if pid_text.isdigit()
+                     else time.time() - part.stat().st_mtime > 86400)
+            if stale:
+                part.unlink()
+        except OSError:
+            continue  # gone already, or not ours to remove
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # no signal 0 there: the day-old rule only
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 def _write(out, chunk: bytes, dest_dir: Path) -> None:

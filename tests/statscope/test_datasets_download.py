@@ -305,3 +305,105 @@ def test_cifar_archive_in_a_data_root_is_read_in_place_and_checked(tmp_path, mon
                                              r"is not a readable CIFAR-10 archive"):
         load_dataset("cifar10", download=False)
     assert archive.read_bytes() == data[: len(data) // 2]
+
+
+class FaultServer:
+    """A server on 127.0.0.1 whose every answer announces ``length`` bytes of ``body`` and then
+    sends ``sent`` of them, ``per_write`` at a time, ``pause`` seconds apart."""
+
+    def __init__(self, body: bytes, sent: int, per_write: int = 1 << 16, pause: float = 0.0):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                import time
+
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    for i in range(0, sent, per_write):
+                        self.wfile.write(body[i:min(i + per_write, sent)])
+                        self.wfile.flush()
+                        if pause:
+                            time.sleep(pause)
+                except OSError:  # the client gave up
+                    pass
+                self.close_connection = True
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}/"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,),
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def test_a_file_url_mirror_downloads(served, tmp_path):
+    folder, _ = served
+    (folder / "x.bin").write_bytes(b"statscope" * 1000)
+    md5 = hashlib.md5(b"statscope" * 1000).hexdigest()
+    got = download("x.bin", md5, [folder.as_uri()], tmp_path / "dest", quiet=True)
+    assert got.read_bytes() == b"statscope" * 1000
+
+
+def test_a_transfer_cut_short_is_a_failed_mirror_and_the_next_one_is_tried(served, tmp_path):
+    folder, server = served
+    body = bytes(range(256)) * 400
+    (folder / "x.bin").write_bytes(body)
+    cut = FaultServer(body, sent=len(body) // 2)
+    try:
+        got = download("x.bin", hashlib.md5(body).hexdigest(), [cut.url, server.url],
+                       tmp_path / "dest", quiet=True)
+        assert got.read_bytes() == body
+        with pytest.raises(UnreachableError, match=r"the transfer ended after 51200 of 102400"):
+            download("x.bin", hashlib.md5(body).hexdigest(), [cut.url], tmp_path / "d2",
+                     quiet=True)
+    finally:
+        cut.stop()
+    assert [p.name for p in (tmp_path / "dest").iterdir()] == ["x.bin"]
+
+
+def test_a_mirror_that_trickles_is_abandoned(served, tmp_path, monkeypatch):
+    # one byte every 0.1 s never lets a per-read timeout fire; the low-speed rule does
+    from statscope.experiments import download as D
+
+    monkeypatch.setattr(D, "LOW_SPEED_SECONDS", 1.0)
+    folder, server = served
+    body = b"slow" * 2000
+    (folder / "x.bin").write_bytes(body)
+    slow = FaultServer(body, sent=len(body), per_write=1, pause=0.1)
+    try:
+        got = download("x.bin", hashlib.md5(body).hexdigest(), [slow.url, server.url],
+                       tmp_path / "dest", quiet=True, timeout=30)
+    finally:
+        slow.stop()
+    assert got.read_bytes() == body
+
+
+def test_temporary_files_a_killed_download_left_are_removed(served, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    folder, server = served
+    (folder / "x.bin").write_bytes(b"data")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = dest / f".x.bin.{int(gone.stdout)}.k2j3.part"  # a download killed with kill -9
+    live = dest / f".x.bin.{os.getpid()}.zz.part"  # one in progress (this process)
+    old = dest / ".x.bin.abc123.part"  # an older name without a pid, two days old
+    other = dest / ".y.bin.1.q.part"  # another file's: not this download's business
+    for part in (dead, live, old, other):
+        part.write_bytes(b"partial")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    download("x.bin", hashlib.md5(b"data").hexdigest(), [server.url], dest, quiet=True)
+    assert sorted(p.name for p in dest.iterdir()) == sorted([live.name, other.name, "x.bin"])
