@@ -39,9 +39,10 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from statscope.errors import StatscopeError, StatscopeWarning
-from statscope.experiments.download import (FAILED_MARKER, UnreachableError,
-                                            download as _download, forget_failure,
-                                            recent_failure, remember_failure, retry_seconds)
+from statscope.experiments.download import (FAILED_MARKER, CacheNotWritableError,
+                                            UnreachableError, download as _download,
+                                            forget_failure, recent_failure, remember_failure,
+                                            retry_seconds)
 from statscope.experiments.idx import IMAGES_MAGIC, LABELS_MAGIC, parse_idx, read_bytes
 
 if TYPE_CHECKING:
@@ -234,6 +235,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, downlo
                 _download_missing(spec, cache, urls, checksums, quiet)
                 forget_failure(cache)
                 return _load_folder(spec, cache, "cache", cache)
+            except CacheNotWritableError as exc:
+                # nothing can be downloaded into it (a read-only cache): as offline
+                reason = f"it could not be downloaded: the cache {exc}"
             except UnreachableError as exc:
                 url, why = exc.tried[0] if exc.tried else ("", str(exc))
                 remember_failure(cache, urls, f"{url}: {why}")
@@ -314,6 +318,8 @@ def _read_mnist_like(name: str, paths: list[Path], arg: str, root: Path) -> Data
         if labels.shape != images.shape[:1]:
             raise _bad(arg, root, paths[i + 1], f"has {labels.shape[0]} labels for "
                        f"{images.shape[0]} images in {paths[i].name}")
+        if images.shape[0] == 0:
+            raise _bad(arg, root, paths[i], "holds no images")
         if labels.size and labels.max() > 9:
             raise _bad(arg, root, paths[i + 1], f"has label {labels.max()}, expected 0..9")
     source = str(paths[0].parent)

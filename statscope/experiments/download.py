@@ -27,7 +27,7 @@ from pathlib import Path
 
 from statscope.errors import StatscopeError
 
-__all__ = ["ChecksumError", "UnreachableError", "FailedDownload", "download", "md5sum",
+__all__ = ["CacheNotWritableError", "ChecksumError", "UnreachableError", "FailedDownload", "download", "md5sum",
            "recent_failure", "remember_failure", "forget_failure", "retry_seconds",
            "FAILED_MARKER", "RETRY_ENV", "RETRY_SECONDS"]
 
@@ -53,6 +53,10 @@ class UnreachableError(StatscopeError):
 
     def __reduce__(self):  # keep ``tried`` across processes (sweep workers)
         return type(self), (str(self), self.tried)
+
+
+class CacheNotWritableError(StatscopeError):
+    """The folder a download was for cannot be created or written (a read-only cache)."""
 
 
 class ChecksumError(StatscopeError):
@@ -99,13 +103,14 @@ def download(filename: str, md5: str, mirrors: Sequence[str], dest_dir: str | os
     Raises:
         ChecksumError: some mirror answered but no answer matched ``md5``.
         UnreachableError: no mirror answered; the message lists the URLs and reasons.
-        StatscopeError: ``dest_dir`` cannot be created or written.
+        CacheNotWritableError: ``dest_dir`` cannot be created or written.
     """
     dest_dir = Path(dest_dir)
     try:
         dest_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise StatscopeError(f"dest_dir={str(dest_dir)!r}: cannot create ({exc.strerror})") from exc
+        raise CacheNotWritableError(f"dest_dir={str(dest_dir)!r}: cannot create "
+                                    f"({exc.strerror})") from exc
     unreachable, mismatched = [], []
     for base in mirrors:
         url = f"{base.rstrip('/')}/{filename}"
@@ -151,7 +156,8 @@ def _fetch(url: str, dest_dir: Path, filename: str, md5: str, quiet: bool,
         fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{filename}.{os.getpid()}.",
                                    suffix=_PART)
     except OSError as exc:
-        raise StatscopeError(f"dest_dir={str(dest_dir)!r}: cannot write ({exc.strerror})") from exc
+        raise CacheNotWritableError(f"dest_dir={str(dest_dir)!r}: cannot write "
+                                    f"({exc.strerror})") from exc
     try:
         digest = hashlib.md5(usedforsecurity=False)
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -233,7 +239,8 @@ def _write(out, chunk: bytes, dest_dir: Path) -> None:
     try:
         out.write(chunk)
     except OSError as exc:
-        raise StatscopeError(f"dest_dir={str(dest_dir)!r}: cannot write ({exc.strerror})") from exc
+        raise CacheNotWritableError(f"dest_dir={str(dest_dir)!r}: cannot write "
+                                    f"({exc.strerror})") from exc
 
 
 @dataclass(frozen=True)

@@ -407,3 +407,29 @@ def test_temporary_files_a_killed_download_left_are_removed(served, tmp_path):
     os.utime(old, (time.time() - 2 * 86400,) * 2)
     download("x.bin", hashlib.md5(b"data").hexdigest(), [server.url], dest, quiet=True)
     assert sorted(p.name for p in dest.iterdir()) == sorted([live.name, other.name, "x.bin"])
+
+
+def test_a_cache_that_cannot_be_written_falls_back_to_the_subset_for_mnist(tmp_path,
+                                                                          monkeypatch):
+    # a read-only cache, offline: as unreachable, not an error before any mirror is tried
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache's folder would be")
+    monkeypatch.setenv("STATSCOPE_CACHE", str(blocker))
+    with pytest.warns(StatscopeWarning, match=r"could not be downloaded: the cache "
+                                              r"dest_dir=.*cannot create.*using the bundled"):
+        ds = load_dataset("mnist", mirrors=[dead_url()], quiet=True)
+    assert ds.name == "mnist-5k-subset"
+    with pytest.raises(StatscopeError, match=r"could not be downloaded: the cache"):
+        load_dataset("fashion-mnist", mirrors=[dead_url()], quiet=True)
+
+
+def test_an_empty_split_is_refused_naming_the_file(tmp_path):
+    files, _ = mnist_files()
+    empty_images = idx_gz(np.zeros((0, 28, 28), np.uint8))
+    empty_labels = idx_gz(np.zeros(0, np.uint8))
+    files.update({"t10k-images-idx3-ubyte.gz": empty_images,
+                  "t10k-labels-idx1-ubyte.gz": empty_labels})
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(StatscopeError, match=r"t10k-images-idx3-ubyte.gz.*holds no images"):
+        load_dataset("mnist", tmp_path, download=False)
