@@ -23,6 +23,7 @@ from statscope import schema as S
 from statscope.errors import RecordingError, StatscopeError, StatscopeWarning, StoreError
 from statscope.probes.attach import attach
 from statscope.probes.worker import Close, Filer, Notice, Worker
+from statscope.storage import store_errors
 from statscope.store import Layout, read_attrs
 from statscope.writer_process import open_writer
 
@@ -88,15 +89,17 @@ class Lifecycle:
         if self.resume:
             self._check_resumable()
         known = [s for s, c in zip(self._static, self.captures) if c.channels is not None]
-        writer = open_writer(
-            self.path, Layout(tuple(s.record(c.channels) for s, c in
-                                    zip(self._static, self.captures) if c.channels is not None),
-                              tuple(s.name for s in self.statistics)),
-            attrs=self._start_attrs(), overwrite=self.overwrite,
-            resume=self.resume if self._resume_at is None else self._resume_at,
-            chunk_steps=self.chunk_steps, flush_seconds=self.flush_seconds,
-            running0=_running0(known, self.captures), window_steps=self.window_steps,
-            mode=self._writer_mode)
+        with store_errors(self.path):  # a bucket, credentials or endpoint the store lacks
+            writer = open_writer(
+                self.path, Layout(tuple(s.record(c.channels) for s, c in
+                                        zip(self._static, self.captures)
+                                        if c.channels is not None),
+                                  tuple(s.name for s in self.statistics)),
+                attrs=self._start_attrs(), overwrite=self.overwrite,
+                resume=self.resume if self._resume_at is None else self._resume_at,
+                chunk_steps=self.chunk_steps, flush_seconds=self.flush_seconds,
+                running0=_running0(known, self.captures), window_steps=self.window_steps,
+                mode=self._writer_mode)
         self._state = "started"
         self._pid, self._thread = os.getpid(), threading.current_thread()
         OPEN.append(self)

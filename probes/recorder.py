@@ -449,4 +449,7 @@ def record(model: nn.Module, path, **kwargs: Any) -> Recorder:
         >>> statscope.open_run("/tmp/statscope-doctest").sizes["step"]
         3
     """
-    return Recorder(model, path, **kwargs)
+    from statscope.storage import store_errors
+
+    with store_errors(path):
+        return Recorder(model, path, **kwargs)

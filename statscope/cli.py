@@ -76,6 +76,16 @@ def _run(argv: Sequence[str] | None) -> int:
         return _error(str(exc), exc.exit_code)
     except OSError as exc:  # the machine, not the input: a full disk, a permission, a lost file
         return _error(describe_os_error(exc), 1)
+    except Exception as exc:
+        from statscope.errors import StoreError
+        from statscope.storage import _from_client
+
+        if not _from_client(exc):  # statscope's own bug: the traceback is the report
+            raise
+        # an object store's client (no credentials, an endpoint nobody answers at)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return _error(f"the object store cannot be used ({type(exc).__name__}: {first}); check "
+                      f"the credentials and endpoint in the environment", StoreError.exit_code)
     except KeyboardInterrupt:
         _print_err("statscope: interrupted")
         return 130

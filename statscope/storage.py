@@ -11,15 +11,15 @@ for the URL's prefix and applies to every later access under it in this process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
 
-from statscope.errors import StoreError
+from statscope.errors import StatscopeError, StoreError
 
 __all__ = ["is_url", "local_path", "zarr_store", "exists", "list_keys", "remove_tree",
-           "remove_partials",
-           "use_options", "filesystem"]
+           "remove_partials", "use_options", "filesystem", "store_errors"]
 
 _OPTIONS: dict[str, dict] = {}  # URL prefix -> fsspec storage options
 
@@ -32,6 +32,43 @@ def is_url(path: str) -> bool:
 def local_path(path: str) -> Path:
     """A local path or ``file://`` URL as a Path."""
     return Path(path.removeprefix("file://"))
+
+
+# packages whose exceptions say that an object store cannot be used as asked (credentials,
+# endpoint, bucket, network): they leave the store's client, never statscope's own code
+_CLIENT_PACKAGES = {"botocore", "aiobotocore", "boto3", "s3fs", "aiohttp", "gcsfs", "google",
+                    "adlfs", "azure", "fsspec", "urllib3", "requests"}
+
+
+@contextlib.contextmanager
+def store_errors(path):
+    """Inside, what an object store's client raises for the URL ``path`` (no credentials, a
+    missing bucket, an endpoint nobody answers at, a misspelt storage option) becomes a
+    :class:`StoreError` that names ``path`` and what to check; local paths are left alone."""
+    path = os.fspath(path)
+    if not is_url(path):
+        yield
+        return
+    try:
+        yield
+    except StatscopeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - sorted below by where it came from
+        if not _from_client(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise StoreError(f"path={path!r}: the object store cannot be used ({type(exc).__name__}:"
+                         f" {first}); check storage_options (endpoint_url, key, secret, ...), "
+                         f"the credentials in the environment and that the bucket exists"
+                         ) from exc
+
+
+def _from_client(exc: BaseException) -> bool:
+    if isinstance(exc, (OSError, TimeoutError)):
+        return True  # a missing bucket, a permission, a connection: the store's answer
+    if isinstance(exc, TypeError) and "unexpected keyword argument" in str(exc):
+        return True  # a misspelt storage option reaches the client's constructor
+    return any(k.__module__.split(".")[0] in _CLIENT_PACKAGES for k in type(exc).__mro__)
 
 
 def use_options(path, storage_options) -> None:

@@ -25,7 +25,7 @@ from statscope.discovery import (find_runs, is_run, is_single_run, open_checked,
                                  read_attrs, scan_runs)
 from statscope.integrity import CheckedArray, Damage, check_marker, step_damage
 from statscope.layout import Layout, ProbeInfo
-from statscope.storage import use_options, zarr_store
+from statscope.storage import store_errors, use_options, zarr_store
 
 if TYPE_CHECKING:  # imported where used: xarray is heavy
     import xarray as xr
@@ -102,9 +102,10 @@ def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None
     check_chunks(chunks, (S.STEP, S.NEURON))
     path = os.fspath(path)
     use_options(path, storage_options)
-    ranks = [] if is_single_run(path) else rank_paths(path)
-    ds = (_open_ranks(path, ranks, chunks, damaged, merge_synced) if ranks
-          else _open_one(path, chunks, damaged))
+    with store_errors(path):  # credentials, an endpoint, a bucket the store lacks
+        ranks = [] if is_single_run(path) else rank_paths(path)
+        ds = (_open_ranks(path, ranks, chunks, damaged, merge_synced) if ranks
+              else _open_one(path, chunks, damaged))
     ds.attrs.setdefault(S.ATTR_NAME, _run_names([path])[0])
     return ds
 
@@ -310,6 +311,11 @@ def verify_run(path: str | os.PathLike) -> list[Damage]:
         StoreError, StoreDamagedError: the run's root or array metadata cannot be read.
     """
     path = os.fspath(path)
+    with store_errors(path):
+        return _verify_one(path)
+
+
+def _verify_one(path: str) -> list[Damage]:
     group, attrs = open_checked(path)
     n = check_marker(path, attrs)
     layout = Layout.from_attrs(attrs)

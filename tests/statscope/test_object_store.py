@@ -192,3 +192,22 @@ def test_storage_options_alone_reach_the_runs_lease(s3, monkeypatch, writer):
 def test_a_run_at_a_bucket_root_is_refused_by_name(s3):
     with pytest.raises(statscope.StatscopeError, match=r"path='s3://runs': a run needs a folder"):
         statscope.record(fc(), "s3://runs")
+
+
+def test_what_the_store_client_raises_is_a_store_error_naming_the_path(s3, monkeypatch):
+    endpoint, env = s3
+    with pytest.raises(statscope.StoreError, match=r"path='s3://no-such-bucket/run': the object "
+                                                   r"store cannot be used \(FileNotFoundError"):
+        statscope.record(fc(), "s3://no-such-bucket/run").start()
+    with pytest.raises(statscope.StoreError, match=r"path='s3://runs/typo': .*unexpected "
+                                                   r"keyword argument 'endpont_url'"):
+        statscope.open_run("s3://runs/typo", storage_options={"endpont_url": endpoint})
+    for name in env:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)  # an endpoint, but no credentials
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    proc = subprocess.run([sys.executable, "-m", "statscope", "info", "s3://runs/nocreds"],
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("statscope: error: ") and "NoCredentialsError" in lines[0]
