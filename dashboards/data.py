@@ -102,9 +102,15 @@ class RunCatalog(ColumnReads):
     """
 
     def __init__(self, root: str | os.PathLike, *, cache_bytes: int = 512 * 2**20):
-        self.root = Path(root).resolve()
-        if not self.root.exists():
-            raise StoreError(f"path={os.fspath(root)!r}: no such file or directory")
+        from statscope.storage import is_url
+
+        self._url = is_url(os.fspath(root))
+        if self._url:  # an object store: runs are listed, not stat'ed; no links to follow
+            self.root: Any = os.fspath(root).rstrip("/")
+        else:
+            self.root = Path(root).resolve()
+            if not self.root.exists():
+                raise StoreError(f"path={os.fspath(root)!r}: no such file or directory")
         self.cache = ByteLRU(cache_bytes)
         self._runs: dict[str, _Run] = {}
         self._lock = threading.RLock()
@@ -126,6 +132,7 @@ class RunCatalog(ColumnReads):
         """
         self = cls.__new__(cls)
         self.root = None
+        self._url = False
         self.cache = ByteLRU(cache_bytes)
         self._lock = threading.RLock()
         self._static = True
@@ -161,6 +168,15 @@ class RunCatalog(ColumnReads):
     def _scan_signature(self) -> tuple:
         """The root's and its sub-folders' modification times: a new run, or a run's first
         file, changes it; a run writing its chunks does not."""
+        if self._url:  # the names below the URL: a new run's first object adds one
+            from statscope.storage import filesystem
+
+            fs, base = filesystem(self.root)
+            try:
+                fs.invalidate_cache(base)
+                return tuple(sorted(fs.ls(base, detail=False)))
+            except OSError:
+                return ()
         try:
             entries = sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(self.root)
                              if e.is_dir())
@@ -177,7 +193,8 @@ class RunCatalog(ColumnReads):
         signature = self._scan_signature()
         if signature == self._signature:
             return self._found, False
-        found = {Path(p).name: str(p) for p, _ in scan_runs(self.root)}
+        found = {str(p).rstrip("/").rsplit("/", 1)[-1] if self._url else Path(p).name: str(p)
+                 for p, _ in scan_runs(self.root)}
         self._signature, self._found = signature, found
         return found, True
 
@@ -212,7 +229,7 @@ class RunCatalog(ColumnReads):
                         or run.ds is not None
                         and run.ds.attrs.get(S.ATTR_STATUS) != S.STATUS_RUNNING):
                     continue  # finished, or refused for its links: it does not change
-                links = outside_links(path, self.root)
+                links = [] if self._url else outside_links(path, self.root)
                 if links:
                     if run is None or run.ds is not None:
                         self._replace(name, _Run(path, None, -1, error=(

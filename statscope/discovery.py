@@ -119,9 +119,9 @@ def is_run(path: str | os.PathLike) -> bool:
 def find_runs(root: str | os.PathLike) -> list[str]:
     """Return the runs at ``root``: the root itself if it is a run, else its run subfolders, sorted.
 
-    A distributed run (a folder of ``rank{r}`` runs) counts as one run. Only local folders are
-    searched; a URL must name a run. Folders that look like runs but cannot be read are left
-    out; :func:`scan_runs` names them with the reason.
+    A distributed run (a folder of ``rank{r}`` runs) counts as one run; a folder at a URL is
+    searched as a local one is. Folders that look like runs but cannot be read are left out;
+    :func:`scan_runs` names them with the reason.
     """
     return [path for path, error in scan_runs(root) if error is None]
 
@@ -134,8 +134,10 @@ def scan_runs(root: str | os.PathLike) -> list[tuple[str, str | None]]:
         StoreError: ``root`` is neither a run nor a folder.
     """
     root = os.fspath(root)
-    if is_url(root) or is_run(root):
+    if is_run(root):
         return [(root, None)]
+    if is_url(root):
+        return _scan_url(root)
     base = local_path(root)
     if (base / "zarr.json").exists():
         return [(root, _reason(root))]
@@ -149,6 +151,29 @@ def scan_runs(root: str | os.PathLike) -> list[tuple[str, str | None]]:
             out.append((str(p), None))
         elif (p / "zarr.json").exists():
             out.append((str(p), _reason(str(p))))
+    return out
+
+
+def _scan_url(root: str) -> list[tuple[str, str | None]]:
+    """:func:`scan_runs` below a URL (a sweep's folder on S3): its immediate subfolders."""
+    fs, base = filesystem(root)
+    root = root.rstrip("/")
+    try:
+        fs.invalidate_cache(base)
+        if fs.exists(f"{base.rstrip('/')}/zarr.json"):
+            return [(root, _reason(root))]
+        entries = fs.ls(base, detail=True)
+    except FileNotFoundError:
+        raise StoreError(f"path={root!r}: no such folder or run") from None
+    out: list[tuple[str, str | None]] = []
+    for entry in sorted(entries, key=lambda e: e["name"]):
+        if entry.get("type") != "directory":
+            continue
+        child = f"{root}/{entry['name'].rstrip('/').rsplit('/', 1)[-1]}"
+        if is_run(child):
+            out.append((child, None))
+        elif fs.exists(f"{entry['name'].rstrip('/')}/zarr.json"):
+            out.append((child, _reason(child)))
     return out
 
 

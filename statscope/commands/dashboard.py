@@ -45,11 +45,13 @@ def run_dashboard(args: argparse.Namespace) -> int:
             invalid (exit code 2).
         ServeError: the port is in use or not permitted (exit code 1).
     """
-    path = Path(args.path)
-    if not path.exists():
+    from statscope.storage import is_url
+
+    path = args.path if is_url(args.path) else Path(args.path)  # a URL: s3://bucket/sweep
+    if not isinstance(path, str) and not path.exists():
         raise StatscopeError(f"PATH={args.path!r}: no such file or directory; expected a run "
                              "folder or a folder of runs")
-    if not path.is_dir():
+    if not isinstance(path, str) and not path.is_dir():
         raise StatscopeError(f"PATH={args.path!r}: not a folder; expected a run folder or a "
                              "folder of runs")
     if not 0 <= args.port <= 65535:

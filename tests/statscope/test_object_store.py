@@ -211,3 +211,32 @@ def test_what_the_store_client_raises_is_a_store_error_naming_the_path(s3, monke
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("statscope: error: ") and "NoCredentialsError" in lines[0]
+
+
+def test_a_folder_of_runs_at_a_url_is_searched_as_a_local_one(s3):
+    from statscope.dashboards.data import RunCatalog
+    from statscope.discovery import find_runs, scan_runs
+
+    for name, steps in (("a", 2), ("b", 3)):
+        model = fc()
+        with statscope.record(model, f"s3://runs/sweep/{name}", step="manual") as rec:
+            for _ in range(steps):
+                model(torch.randn(8, 4)).sum().backward()
+                rec.step()
+    assert find_runs("s3://runs/sweep") == ["s3://runs/sweep/a", "s3://runs/sweep/b"]
+    assert find_runs("s3://runs/sweep/a") == ["s3://runs/sweep/a"]
+    assert scan_runs("s3://runs/sweep/") == [("s3://runs/sweep/a", None),
+                                             ("s3://runs/sweep/b", None)]
+    both = statscope.open_runs("s3://runs/sweep")
+    assert both.sizes["run"] == 2 and both.sizes["step"] == 3
+    proc = subprocess.run([sys.executable, "-m", "statscope", "runs", "s3://runs/sweep"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "corrupt" not in proc.stdout, proc.stdout + proc.stderr
+    assert "sweep/a" in proc.stdout and "sweep/b" in proc.stdout
+    catalog = RunCatalog("s3://runs/sweep")
+    try:
+        assert catalog.names() == ["a", "b"] and not catalog.errors()
+    finally:
+        catalog.close()
+    with pytest.raises(statscope.StoreError, match="no such folder or run"):
+        find_runs("s3://runs/nothing-here")
