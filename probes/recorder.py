@@ -61,17 +61,36 @@ from statscope.probes.statistics import STATISTICS, get_statistic
 from statscope.probes.steps import Steps, _caller_level
 from statscope.probes.streams import StreamOrder
 from statscope.probes.worker import Attrs, Notice, ProbeStatic, Worker
-from statscope.ranks import rank_path
 from statscope.storage import use_options
 from statscope.store import ProbeInfo
 from statscope.writer import check_path, check_scalar_name, resume_step
 from statscope.writer_process import resolve_mode
 
-__all__ = ["Recorder", "record", "STEP_MODES"]
+__all__ = ["Recorder", "record", "rank_path", "STEP_MODES"]
 
 STEP_MODES = ("auto", "optimizer", "forward", "manual")
 _RESERVED_ATTRS = {S.ATTR_FORMAT, S.ATTR_STATUS, S.ATTR_N_STEPS, S.ATTR_LAST_STEP, S.ATTR_PROBES,
                    S.ATTR_LAYERS, S.ATTR_STATS, S.ATTR_SCALARS, S.ATTR_STEP_RULE}
+
+
+def rank_path(path: str) -> tuple[str, int, int]:
+    """Where this process's rank records a run given ``path``, with its rank and world size.
+
+    Outside ``torch.distributed`` (or with one process) that is ``path`` itself; with several,
+    ``path`` with ``{rank}`` filled in where it holds that field, else ``path/rank{R}``.
+
+    Returns:
+        ``(path, rank, world_size)``.
+    """
+    dist = torch.distributed
+    rank, world = 0, 1
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if "{rank}" in path:
+        return path.format(rank=rank), rank, world
+    if world > 1:
+        return os.path.join(path, f"rank{rank}"), rank, world
+    return path, rank, world
 
 
 def _positive_int(name: str, value: Any, least: int = 1) -> int:

@@ -19,38 +19,15 @@ ranks.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from statscope import schema as S
 from statscope.errors import StatscopeError
 
-__all__ = ["merge_ranks", "merge_synced", "rank_path", "SYNCED_TYPES"]
+__all__ = ["merge_ranks", "merge_synced", "SYNCED_TYPES"]
 
 SYNCED_TYPES = ("SyncBatchNorm",)
 """Probe types whose layer normalizes with statistics over all ranks."""
-
-
-def rank_path(path: str) -> tuple[str, int, int]:
-    """Where this process's rank records a run given ``path``, with its rank and world size.
-
-    Outside ``torch.distributed`` (or with one process) that is ``path`` itself; with several,
-    ``path`` with ``{rank}`` filled in where it holds that field, else ``path/rank{R}``.
-
-    Returns:
-        ``(path, rank, world_size)``.
-    """
-    import torch.distributed as dist
-
-    rank, world = 0, 1
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    if "{rank}" in path:
-        return path.format(rank=rank), rank, world
-    if world > 1:
-        return os.path.join(path, f"rank{rank}"), rank, world
-    return path, rank, world
 
 
 def merge_ranks(ds, layers=None):

@@ -119,7 +119,7 @@ def _resume_at(path: str, trainer_step: int) -> int | bool:
     from statscope.discovery import read_attrs
     from statscope.errors import StoreError
     from statscope.export.exporter import ATTR_STEP_OFFSET
-    from statscope.ranks import rank_path
+    from statscope.probes.recorder import rank_path
 
     try:
         offset = read_attrs(rank_path(path)[0]).get(ATTR_STEP_OFFSET)

@@ -9,7 +9,8 @@ import statscope.dashboards
 
 PKG = Path(statscope.dashboards.__file__).parent
 ALLOWED = {"dash", "plotly", "numpy", "xarray", "tsdownsample", "waitress", "statscope.errors",
-           "statscope.schema", "statscope.store", "statscope.ranks", "statscope.analyses"}
+           "statscope.schema", "statscope.store", "statscope.storage", "statscope.ranks",
+           "statscope.analyses"}
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 PURE = ("bars", "downsample", "evolution", "heatmap", "runinfo", "scatter", "state", "style",
         "data", "metrics", "grid", "limits")
