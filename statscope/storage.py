@@ -71,13 +71,28 @@ def _from_client(exc: BaseException) -> bool:
     return any(k.__module__.split(".")[0] in _CLIENT_PACKAGES for k in type(exc).__mro__)
 
 
-def use_options(path, storage_options) -> None:
-    """Use ``storage_options`` (fsspec keyword arguments) for every URL under ``path``."""
+def use_options(path, storage_options):
+    """Use ``storage_options`` (fsspec keyword arguments) for every URL under ``path``.
+
+    Returns:
+        A function that puts back what was registered for ``path`` before: the caller's call
+        when the store could not be used with these options (a misspelt one must not stay).
+    """
+    key = str(path).rstrip("/")
+    before = _OPTIONS.get(key)
     if storage_options:
         if not isinstance(storage_options, dict):
             raise StoreError(f"storage_options={storage_options!r}: expected a dict of fsspec "
                              "options, e.g. {'endpoint_url': 'http://127.0.0.1:9000'}")
-        _OPTIONS[str(path).rstrip("/")] = dict(storage_options)
+        _OPTIONS[key] = dict(storage_options)
+
+    def restore() -> None:
+        if before is None:
+            _OPTIONS.pop(key, None)
+        else:
+            _OPTIONS[key] = before
+
+    return restore
 
 
 def _options(path: str) -> dict:

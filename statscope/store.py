@@ -101,11 +101,15 @@ def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None
         raise StatscopeError(f"damaged={damaged!r}: expected 'raise' or 'mask'")
     check_chunks(chunks, (S.STEP, S.NEURON))
     path = os.fspath(path)
-    use_options(path, storage_options)
-    with store_errors(path):  # credentials, an endpoint, a bucket the store lacks
-        ranks = [] if is_single_run(path) else rank_paths(path)
-        ds = (_open_ranks(path, ranks, chunks, damaged, merge_synced) if ranks
-              else _open_one(path, chunks, damaged))
+    restore = use_options(path, storage_options)
+    try:
+        with store_errors(path):  # credentials, an endpoint, a bucket the store lacks
+            ranks = [] if is_single_run(path) else rank_paths(path)
+            ds = (_open_ranks(path, ranks, chunks, damaged, merge_synced) if ranks
+                  else _open_one(path, chunks, damaged))
+    except BaseException:
+        restore()  # options that did not open it are not kept for later calls
+        raise
     ds.attrs.setdefault(S.ATTR_NAME, _run_names([path])[0])
     return ds
 

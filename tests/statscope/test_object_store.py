@@ -202,6 +202,14 @@ def test_what_the_store_client_raises_is_a_store_error_naming_the_path(s3, monke
     with pytest.raises(statscope.StoreError, match=r"path='s3://runs/typo': .*unexpected "
                                                    r"keyword argument 'endpont_url'"):
         statscope.open_run("s3://runs/typo", storage_options={"endpont_url": endpoint})
+    # options that failed are not kept: the next call without them uses the environment's
+    model = fc()
+    with statscope.record(model, "s3://runs/typo", step="manual") as rec:
+        model(torch.randn(8, 4)).sum().backward()
+        rec.step()
+    with pytest.raises(statscope.StoreError, match="endpont_url"):
+        statscope.open_run("s3://runs/typo", storage_options={"endpont_url": endpoint})
+    assert statscope.open_run("s3://runs/typo").sizes["step"] == 1
     for name in env:
         monkeypatch.delenv(name)
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)  # an endpoint, but no credentials
