@@ -81,7 +81,8 @@ def _baseline(w: xr.Dataset) -> xr.Dataset:
         sigma2 = (std * std * n / (n - 1)).where(n > 1).mean(S.STEP)
         inv_n = (1.0 / n).where(std.notnull()).mean(S.STEP)
         n_mean = n.where(std.notnull()).mean(S.STEP)
-        if S.BN_KURT in w.data_vars:
+        # a run stacked with runs that recorded bn_kurt (open_runs) gets an all-NaN one
+        if S.BN_KURT in w.data_vars and bool(w[S.BN_KURT].notnull().any()):
             kappa, said = _kappa(n, std * std, masked(w, S.BN_KURT))
             source = S.BN_KURT
             notes += [_KAPPA, *said]

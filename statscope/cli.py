@@ -77,9 +77,16 @@ def _run(argv: Sequence[str] | None) -> int:
     except OSError as exc:  # the machine, not the input: a full disk, a permission, a lost file
         return _error(describe_os_error(exc), 1)
     except Exception as exc:
+        import concurrent.futures
+
         from statscope.errors import StoreError
         from statscope.storage import _from_client
 
+        if (type(exc).__module__.split(".")[0] == "distributed"
+                or isinstance(exc, concurrent.futures.CancelledError)):
+            # the dask cluster went away mid-command (its scheduler lost, a task cancelled)
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            return _error(f"the dask cluster failed ({type(exc).__name__}: {first})", 1)
         if not _from_client(exc):  # statscope's own bug: the traceback is the report
             raise
         # an object store's client (no credentials, an endpoint nobody answers at)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["register", "run_analyze", "parse_window", "OpenedRun", "open_runs_at",
-           "check_output", "write_text", "warn", "add_cluster_arguments", "scheduler_of"]
+           "check_output", "write_text", "warn", "add_cluster_arguments", "scheduler_of",
+           "skipping_unreadable"]
 
 
 def register(subparsers) -> None:
@@ -69,14 +70,18 @@ def scheduler_of(args):
         raise StatscopeError(f"--scheduler/--workers: need dask.distributed ({exc}); pip "
                              f"install 'statscope[dask]'") from None
     if address is not None:
+        # dask logs a lost scheduler as tracebacks at ERROR; the command says it in one line
+        loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                   if name == "distributed" or name.startswith("distributed.")]
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
         try:
-            client = Client(address, set_as_default=False)
-        except ValueError as exc:  # an unknown scheme, a malformed address
-            raise StatscopeError(f"--scheduler {address}: {exc}") from None
-        except (OSError, TimeoutError) as exc:
-            raise StatscopeError(f"--scheduler {address}: cannot connect ({exc})") from None
-        with client:
-            yield client
+            with _connect(Client, address) as client:
+                yield client
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
         return
     if workers < 1:
         raise StatscopeError(f"--workers {workers}: expected at least 1")
@@ -86,6 +91,58 @@ def scheduler_of(args):
                       dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
             Client(cluster, set_as_default=False) as client:
         yield client
+
+
+def _connect(Client, address: str):
+    """A ``Client`` of the scheduler at ``address``, or a :class:`StatscopeError` within dask's
+    connect timeout (``distributed.comm.timeouts.connect``) plus a grace.
+
+    The address is checked before any client is made (a half-made one waits out the timeout
+    again in its ``__del__``), and the connection is made on a daemon thread with a deadline:
+    a port where something else listens (the cluster's dashboard, a web server) never completes
+    dask's handshake, and ``Client``'s own timeout does not end that wait.
+    """
+    import threading
+
+    import dask
+    from dask.utils import parse_timedelta
+    from distributed.comm import resolve_address
+
+    from statscope.errors import StatscopeError
+
+    try:
+        resolve_address(address)
+    except ValueError as exc:  # an unknown scheme, a malformed address, no port
+        raise StatscopeError(f"--scheduler {address}: {exc}") from None
+    timeout = float(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s"))
+    box: dict = {}
+
+    def connect() -> None:
+        try:
+            box["client"] = Client(address, set_as_default=False, timeout=timeout)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=connect, daemon=True, name="statscope-connect")
+    thread.start()
+    thread.join(timeout + _CONNECT_GRACE)
+    if thread.is_alive():
+        raise StatscopeError(f"--scheduler {address}: no dask scheduler answered within "
+                             f"{timeout + _CONNECT_GRACE:.0f} s (something listens there, but "
+                             f"not a scheduler: its dashboard's port?)")
+    error = box.get("error")
+    if isinstance(error, ValueError):
+        raise StatscopeError(f"--scheduler {address}: {error}") from None
+    if isinstance(error, (OSError, TimeoutError)):
+        raise StatscopeError(f"--scheduler {address}: cannot connect ({error})") from None
+    if error is not None:
+        raise StatscopeError(f"--scheduler {address}: cannot connect ({type(error).__name__}: "
+                             f"{str(error)[:200]})") from None
+    return box["client"]
+
+
+_CONNECT_GRACE = 10.0
+"""Seconds beyond dask's connect timeout that a connection may take (its handshake)."""
 
 
 def parse_window(text: str):
@@ -201,6 +258,65 @@ def open_runs_at(paths, window, *, by_path: bool = False, prepare=None,
     return out
 
 
+def skipping_unreadable(runs: list[OpenedRun], scheduler, work):
+    """``(work(runs), runs)``; on a cluster, without the runs whose data cannot be read.
+
+    In this process a run's window is read when it opens (:func:`open_runs_at`), where a damaged
+    chunk skips the run with a warning. On a cluster the workers read it, inside ``work``'s
+    graph, where one such chunk fails the whole command: then one read task per run finds the
+    runs that cannot be read, they are skipped with the same warning, and ``work`` runs again
+    on the others.
+
+    Raises:
+        StatscopeError: no run is left.
+    """
+    from statscope.errors import StatscopeError
+
+    if scheduler is None:
+        return work(runs), runs
+    try:
+        return work(runs), runs
+    except (StatscopeError, OSError, KeyError, ValueError, TypeError):
+        bad = _unreadable(runs, scheduler)
+        if not bad:
+            raise
+    for r, why in bad:
+        warn(f"skipping {r.name}: {why}")
+    left = [r for r in runs if all(r is not b for b, _ in bad)]
+    if not left:
+        raise StatscopeError("no run to analyse: " + "; ".join(f"{r.name}: {why}"
+                                                             for r, why in bad))
+    return work(left), left
+
+
+def _unreadable(runs: list[OpenedRun], scheduler) -> list[tuple[OpenedRun, str]]:
+    """The runs whose window cannot be read on the cluster, with why (one task per run)."""
+    import dask
+
+    from statscope.errors import StatscopeError
+
+    def read(held):
+        try:  # on the worker, by this task itself (not dask's dependencies): errors stay here
+            held[0].load(scheduler="synchronous")
+        except StatscopeError as err:
+            return str(err)
+        except (OSError, KeyError, ValueError, TypeError) as err:  # zarr on damaged data
+            return f"unreadable ({type(err).__name__}: {err})"
+        return None
+
+    # a list holding the window is no dask collection: dask hands it over unread
+    reasons = dask.compute(*[dask.delayed(read, pure=False)(_Held(r.window)) for r in runs],
+                           scheduler=scheduler)
+    return [(r, why) for r, why in zip(runs, reasons) if why is not None]
+
+
+class _Held(list):
+    """A window wrapped so that dask does not compute it as a task's dependency."""
+
+    def __init__(self, window):
+        super().__init__([window])
+
+
 def check_output(output: str, runs) -> Path:
     """Refuse an output path inside a run (it would overwrite the run's own files) or in a
     missing folder; return it resolved.
@@ -257,23 +373,31 @@ def run_analyze(args: argparse.Namespace) -> int:
                             prepare=lambda ds: select_layers(ds, args.layers))
         if args.output:
             check_output(args.output, runs)
-        frames, notes, gaps = [], [], []
-        for r in runs:
-            summaries = _summaries(r, window, args)
-            if summaries is not None:
-                df = fluctuation_table(r.run, window, scale_free=args.scale_free, name=r.name,
-                                       windows=select_layers(summaries, args.layers))
-            else:
-                df = fluctuation_table(r.window, "all", scale_free=args.scale_free,
-                                       detrend=args.detrend, name=r.name, scheduler=scheduler)
-            frames.append(df)
-            notes += [n if n.startswith(f"{r.name}/") else f"{r.name}: {n}"
-                      for n in df.attrs.get("notes", [])]
-        ranked = {r.name: r.window for r in runs if "rank" in r.window.dims}
-        if ranked:
-            gap = rank_gap_table(ranked, "all", scale_free=args.scale_free, scheduler=scheduler)
-            gaps.append(gap)
-            notes += gap.attrs.get("notes", [])
+
+        def work(runs):
+            frames, notes, gaps = [], [], []
+            for r in runs:
+                summaries = _summaries(r, window, args)
+                if summaries is not None:
+                    df = fluctuation_table(r.run, window, scale_free=args.scale_free,
+                                           name=r.name,
+                                           windows=select_layers(summaries, args.layers))
+                else:
+                    df = fluctuation_table(r.window, "all", scale_free=args.scale_free,
+                                           detrend=args.detrend, name=r.name,
+                                           scheduler=scheduler)
+                frames.append(df)
+                notes += [n if n.startswith(f"{r.name}/") else f"{r.name}: {n}"
+                          for n in df.attrs.get("notes", [])]
+            ranked = {r.name: r.window for r in runs if "rank" in r.window.dims}
+            if ranked:
+                gap = rank_gap_table(ranked, "all", scale_free=args.scale_free,
+                                     scheduler=scheduler)
+                gaps.append(gap)
+                notes += gap.attrs.get("notes", [])
+            return frames, notes, gaps
+
+        (frames, notes, gaps), runs = skipping_unreadable(runs, scheduler, work)
     table = pd.concat(frames, ignore_index=True)
     if args.format == "csv":
         text = table.to_csv(index=False)

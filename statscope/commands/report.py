@@ -12,7 +12,8 @@ import html
 from pathlib import Path
 
 from statscope.commands.analyze import (add_cluster_arguments, check_output, open_runs_at,
-                                        parse_window, scheduler_of, warn, write_text)
+                                        parse_window, scheduler_of, skipping_unreadable, warn,
+                                        write_text)
 
 __all__ = ["register", "run_report", "render_html", "report_figures"]
 
@@ -56,10 +57,10 @@ def run_report(args: argparse.Namespace) -> int:
     with scheduler_of(args) as scheduler:
         runs = open_runs_at(args.paths, window, load=scheduler is None)
         check_output(args.output, runs)
-        report = build_report({r.name: r.window for r in runs}, "all",
-                              source=", ".join(map(str, args.paths)), n_boot=args.n_boot,
-                              seed=args.seed, confidence=args.confidence, adjust=args.adjust,
-                              scheduler=scheduler)
+        report, runs = skipping_unreadable(runs, scheduler, lambda runs: build_report(
+            {r.name: r.window for r in runs}, "all", source=", ".join(map(str, args.paths)),
+            n_boot=args.n_boot, seed=args.seed, confidence=args.confidence, adjust=args.adjust,
+            scheduler=scheduler))
         if fmt == "md":
             text = render_markdown(report)
         else:

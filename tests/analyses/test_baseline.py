@@ -67,6 +67,25 @@ def test_missing_kurtosis_assumes_three_with_a_note():
     assert any("κ = 3" in n for n in b.attrs["notes"])
 
 
+def test_a_run_without_kurtosis_stacked_with_one_that_has_it_assumes_three(tmp_path):
+    # open_runs gives the run without bn_kurt an all-NaN one: the same κ and notes as alone
+    import statscope
+
+    from analyses_synthetic import to_store
+
+    with_kurt = make_run(batch_size=8, seed=1)
+    without = make_run(batch_size=8, seed=2, kurt=False)
+    to_store(with_kurt, tmp_path / "a")
+    to_store(without, tmp_path / "b")
+    stacked = statscope.open_runs([tmp_path / "a", tmp_path / "b"])
+    alone = sampling_baseline(statscope.open_run(tmp_path / "b"), 100)
+    b = sampling_baseline(stacked, 100)
+    assert (b["kappa"].sel(run="b") == 3).all() and not (b["kappa"].sel(run="a") == 3).all()
+    np.testing.assert_allclose(b[S.BN_STD].sel(run="b").values, alone[S.BN_STD].values)
+    assert [n[3:] for n in b.attrs["notes"] if n.startswith("b: ")] == alone.attrs["notes"]
+    assert any(n.startswith("a: κ from the recorded bn_kurt") for n in b.attrs["notes"])
+
+
 @pytest.mark.parametrize("dist", ["normal", "laplace"])
 def test_excess_is_one_for_pure_sampling_noise_at_large_n(dist):
     # With N = 512 the asymptotic std formula is accurate and bn_kurt is nearly unbiased; the
