@@ -374,6 +374,38 @@ class Capture:
         if self._mode == "refs" and self._rows is not None and slot >= self._start:
             self._rows[slot - self._start] = None
 
+    def take_first(self, slot: int, stop: int) -> None:
+        """Make ``slot`` hold this probe's first capture among slots ``slot..stop-1`` (the
+        forwards that turn out to be micro-batches of one optimizer step, merged into ``slot``
+        by :meth:`rewind`): a layer that first ran in a later micro-batch keeps that capture,
+        as under the optimizer rule from the start. Only within the open segment (the rows
+        from ``slot`` on are rewound next); where a later capture lies in a closed segment
+        (the input's shape changed between the micro-batches) it is left out."""
+        if self.count[slot] or self._rows is None:
+            return
+        first = next((s for s in range(slot + 1, min(stop, self.block_steps)) if self.count[s]),
+                     None)
+        if first is None or first < self._start:
+            return
+        row = first - self._start
+        if self._start > slot:  # the segment opened at ``first``: it now begins at ``slot``
+            if any(seg.stop > slot for seg in self.segments):
+                return
+            if self._mode == "raw":
+                self._rows[0].copy_(self._rows[row])
+            else:
+                rows = [None] * self.block_steps
+                rows[0] = self._rows[row]
+                self._rows = rows
+            self._start = slot
+        elif self._mode == "raw":
+            self._rows[slot - self._start].copy_(self._rows[row])
+        else:
+            self._rows[slot - self._start] = self._rows[row]
+        self.count[slot] = self.count[first]
+        if self.sets is not None:
+            self.sets[slot] = self.sets[first]
+
     def rewind(self, slot: int) -> None:
         """Forget what was captured at ``slot`` and after (micro-batches of one step)."""
         for i in range(slot, self.block_steps):

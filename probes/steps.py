@@ -169,6 +169,8 @@ class Steps:
             skip = step % self.every != 0
             keep = slot if skip else slot + 1  # a step that every= leaves out holds no row
             for cap in self.captures:
+                if not skip:  # a layer first run in a later micro-batch: that capture
+                    cap.take_first(slot, self._slot + 1)
                 cap.rewind(keep)
             # what was logged in those forwards' steps is the merged step's, in the order it
             # was logged (or, where every= leaves that step out, no step's)

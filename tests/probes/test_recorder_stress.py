@@ -489,3 +489,62 @@ def test_every_records_one_step_in_k_with_true_step_numbers(tmp_path):
     assert statscope.open_run(tmp_path / "r").step.values.tolist() == [0, 3, 6, 9, 12]  # 10..14
     with pytest.raises(statscope.StoreError, match="every=2"):
         statscope.record(model, tmp_path / "r", every=2, resume=True).start()
+
+
+class SometimesBranch(nn.Module):
+    """A BatchNorm on the main path, and one on a branch the caller switches on and off."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(4, 6), nn.BatchNorm1d(6)
+        self.branch = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 6))
+        self.out = nn.Linear(6, 1)
+        self.use_branch = False
+
+    def forward(self, x):
+        h = self.bn(self.fc(x))
+        if self.use_branch:
+            h = h + self.branch(h)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_layer_first_run_in_a_later_micro_batch_keeps_that_capture_under_auto(tmp_path,
+                                                                                 seed):
+    # "the micro-batches of one step are one step, and the first forward of each layer is
+    # recorded": step="auto" learns that forwards were micro-batches only at the first
+    # optimizer step, and must then keep a layer's first capture among them, as "optimizer"
+    rng = np.random.default_rng(seed)
+    micro, iterations = int(rng.integers(2, 4)), int(rng.integers(3, 7))
+    runs = {}
+    for rule in ("auto", "optimizer"):
+        torch.manual_seed(seed)
+        model = SometimesBranch()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        gen = torch.Generator().manual_seed(seed)
+        firsts: dict[int, torch.Tensor] = {}
+        step = {"now": 0}
+
+        def keep_first(module, args):
+            firsts.setdefault(step["now"], args[0].detach().double().clone())
+
+        model.branch[1].register_forward_pre_hook(keep_first)
+        on = rng.random((iterations, micro)) < 0.5
+        on[0] = [False] * (micro - 1) + [True]  # the first step's branch: its last micro-batch
+        with statscope.record(model, tmp_path / rule, step=rule, block_steps=16) as rec:
+            for i in range(iterations):
+                step["now"] = i
+                for k in range(micro):
+                    model.use_branch = bool(on[i, k])
+                    model(torch.randn(8, 4, generator=gen)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+        ds = statscope.open_run(tmp_path / rule)
+        branch = ds.sel(neuron=ds.layer == "branch.1")
+        want = np.stack([firsts[i].mean(0).numpy() if i in firsts else np.full(5, np.nan)
+                         for i in range(iterations)])
+        np.testing.assert_allclose(branch.bn_mean.values, want, atol=1e-6, err_msg=rule)
+        np.testing.assert_array_equal(branch["count"].values[:, 0],
+                                      [8 if i in firsts else 0 for i in range(iterations)])
+        runs[rule] = ds
+    assert runs["auto"].attrs["step_rule"] == "optimizer"
