@@ -47,6 +47,7 @@ from statscope.probes.reduce import (StackedRun, batchnorm_entry, batchnorm_kind
 from statscope.probes.selection import Target
 from statscope.probes.sets import mask_weights, masked_entry, set_entry
 from statscope.probes.statistics import block_moments
+from statscope.rows import ENTRY_MOMENTS, mean_needs_sum
 
 __all__ = ["Capture", "Segment", "gather_segments", "MAX_SHAPES_PER_BLOCK"]
 
@@ -120,6 +121,10 @@ class Capture:
         # this probe's BatchNorm mean needs an extra sum on the CPU (reduce.batchnorm_entry).
         # Advice only: either value records a correct mean while |mean|/std stays as it was.
         self.sum_bn_mean = True
+        # Whether this probe decides sum_bn_mean itself at each hand-over (CPU BatchNorm
+        # probes, from the block's stacked statistics: _advise_mean), so that the writer's
+        # advice, which arrives at whatever step, leaves it alone
+        self.own_mean_advice = False
         # Also advice, read at each step: whether this BatchNorm probe reduces its input itself
         # instead of keeping BatchNorm's statistics, because a channel's variance fell far
         # below the layer's eps, where 1/invstd² − eps loses the variance's digits. False until
@@ -350,7 +355,30 @@ class Capture:
         if segments and self._is_open(segments[-1]):
             self._rows = None  # the open buffer went with the block: take a new one when needed
         self._start = 0
-        return count, [_stacked(seg) for seg in segments], sets
+        stacked = [_stacked(seg) for seg in segments]
+        if self.bn_eps is not None and stacked:
+            self._advise_mean(stacked[-1], count)
+        return count, stacked, sets
+
+    def _advise_mean(self, seg: Segment, count: np.ndarray) -> None:
+        """Decide :attr:`sum_bn_mean` for the next block from this block's last rows, here at
+        the hand-over rather than when the writer's advice arrives: on the CPU the extra sum
+        and BatchNorm's own mean differ in their last bits, and a switch at whatever step the
+        advice reached the training thread would make two runs of one seed differ there. The
+        test is the writer's (:func:`statscope.rows.mean_needs_sum`); rows that are not
+        BatchNorm's own CPU statistics keep the sum, as the writer's advice does."""
+        run = seg.refs
+        if type(run) is not StackedRun:
+            return  # raw rows, or entries of several kinds: the writer's advice decides
+        self.own_mean_advice = True
+        if run.tag not in ("invstd", "suminv"):
+            self.sum_bn_mean = True
+            return
+        rows = min(len(run), 8)
+        arrays = [t[-rows:].detach().numpy() for t in run.tensors]
+        with np.errstate(all="ignore"):
+            mean, var = ENTRY_MOMENTS[run.tag](arrays, run.numbers[-rows:], 2)[:2]
+        self.sum_bn_mean = mean_needs_sum(mean, var, count[seg.stop - rows:seg.stop])
 
     def peek(self, n: int) -> tuple[np.ndarray, list[Segment], list | None]:
         """Counts and segments of rows ``:n`` without handing the buffers over.

@@ -101,9 +101,11 @@ def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True,
     elements per channel the input is reduced generically instead. So is every bf16 and fp16
     input on the CPU: torch's variance of those was off by up to 2.4e-4 of itself at 65k
     elements and 1e-2 at 2¹⁸ (offsets of 100–250 std), where the fast path promises 1e-4 of
-    √(var + eps). The writer thread sets
-    ``sum_mean`` per probe from the statistics it files (:func:`mean_needs_sum`: off while the
-    drift stays below 5e-5 of the std), and tells a probe whose |mean| is beyond
+    √(var + eps). The probe sets
+    ``sum_mean`` itself at each block's hand-over from that block's statistics
+    (:func:`~statscope.rows.mean_needs_sum`: off while the drift stays below 5e-5 of the std;
+    ``Capture._advise_mean``), so that the step where it switches does not depend on the
+    writer's timing, and the writer tells a probe whose |mean| is beyond
     :data:`~statscope.rows.FAR_MEAN` × √(var + eps) to reduce its input instead, where a float32
     sum loses the mean's digits (before that advice: :func:`reduce_before_advice`).
 

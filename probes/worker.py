@@ -219,7 +219,9 @@ class Filer:
     def _advise(self, advice: Mapping[int, Advice]) -> None:
         for i, (sum_mean, reduce) in advice.items():
             cap = self.captures[i]
-            cap.sum_bn_mean, cap.reduce_bn = sum_mean, reduce
+            if not cap.own_mean_advice:  # else decided at each hand-over (Capture._advise_mean)
+                cap.sum_bn_mean = sum_mean
+            cap.reduce_bn = reduce
             cap.advised = True
 
     def _add(self, new: list[int]) -> None:

@@ -489,6 +489,38 @@ def test_the_extra_cpu_sum_follows_the_offset_of_the_data(tmp_path):
     assert np.all(err[:4] <= 1e-4) and np.all(err[-4:] <= 1e-4 + 2 * np.spacing(300.0) / scale[-4:])
 
 
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_the_extra_sum_switches_at_the_same_step_whenever_the_writer_answers(tmp_path,
+                                                                             monkeypatch,
+                                                                             writer):
+    # The extra CPU sum and BatchNorm's own float32 mean differ in their last bits: where the
+    # probe switches from one to the other must not depend on when the writer's advice reaches
+    # the training thread, or two runs of one seed differ (here: never at all, against a run
+    # whose writer answers as usual)
+    from statscope.probes import worker
+
+    def run(name):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                              nn.Linear(32, 32), nn.BatchNorm1d(32))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        gen = torch.Generator().manual_seed(1)
+        with statscope.record(model, tmp_path / name, block_steps=8, writer=writer) as rec:
+            for _ in range(64):
+                model(torch.randn(128, 16, generator=gen) + 3).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+            sums = [c.sum_bn_mean for c in rec.captures]
+        return statscope.open_run(tmp_path / name), sums
+
+    answered, sums = run("answered")
+    assert sums == [False, False]  # the extra sum was switched off along the way
+    monkeypatch.setattr(worker.Filer, "_advise", lambda self, advice: None)
+    silent, _ = run("silent")
+    for name in ("bn_mean", "bn_std", "en_mean", "en_std"):
+        np.testing.assert_array_equal(silent[name].values, answered[name].values, err_msg=name)
+
+
 def test_channels_near_eps_are_reduced_from_the_input_once_the_writer_sees_them(tmp_path):
     # var from 1e-14·eps to 1e4·eps in one layer: 1/invstd² − eps cannot give the smallest
     # (it reads ~1e-6·√eps for any var below ~1e-12), so once the writer has seen such a block
