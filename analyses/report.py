@@ -226,9 +226,10 @@ def methods(report: Report) -> list[str]:
         "summary's verdict holds when every seed holds and the t interval of the mean effect "
         "over seeds lies above 0 (one seed: that run's verdict and interval).",
         "Batch-size scaling: least-squares slope of log(layer-median scale-free fluctuation) on "
-        "log(batch size); with two or more seeds per batch size the interval resamples runs "
-        "within batch sizes (seeds are the replicates), else it combines each run's bootstrap "
-        "over steps.",
+        "log(batch size); with two or more seeds at every batch size the seeds are the "
+        "replicates: the interval is t with (runs − batch sizes) degrees of freedom on the "
+        "runs' spread about their batch size's mean, pooled over the batch sizes (the "
+        "regression's pure error); else it combines each run's bootstrap over steps.",
     ]
 
 

@@ -20,20 +20,28 @@ from .resampling import check_settings
 
 __all__ = ["config_labels", "between_seeds", "SEED_FREE_KEYS", "MODEL_KEYS"]
 
-SEED_FREE_KEYS = (S.META_BATCH_SIZE, S.META_NORM, S.ATTR_MODEL, S.META_DATASET, S.META_LR,
-                  S.META_EPOCHS, S.ATTR_RANK)
-"""The settings that define a configuration (the seed is not one of them), in label order. The
-rank of a distributed run's entry (a rank, or "global" for the merged statistics) is one: rank
-0 of two seeds are replicates, rank 0 and rank 1 of one run are not."""
+# what the built-in experiments (statscope run) and the integrations store beside the seed
+_TRAINING_KEYS = ("experiment", "model_type", "momentum", "weight_decay", "en_groups",
+                  "gradient_accumulation_steps")
 
-MODEL_KEYS = (S.ATTR_MODEL, S.META_DATASET, S.META_NORM, S.META_EPOCHS, S.ATTR_RANK)
+SEED_FREE_KEYS = (S.META_BATCH_SIZE, S.META_NORM, S.ATTR_MODEL, S.META_DATASET, S.META_LR,
+                  S.META_EPOCHS, *_TRAINING_KEYS, "max_steps", S.ATTR_RANK)
+"""The settings that define a configuration (the seed is not one of them), in label order: a run
+differing in any of them from another is not its replicate. The rank of a distributed run's
+entry (a rank, or "global" for the merged statistics) is one: rank 0 of two seeds are
+replicates, rank 0 and rank 1 of one run are not."""
+
+MODEL_KEYS = (S.ATTR_MODEL, S.META_DATASET, S.META_NORM, S.META_EPOCHS, *_TRAINING_KEYS,
+              S.ATTR_RANK)
 """The settings that make runs one model trained alike, whatever their batch size (and a
 learning rate scaled with it): the series of a batch-size comparison (per rank, or global, for
 distributed runs)."""
 
 _NAMES = {S.ATTR_MODEL: "", S.META_DATASET: "data", S.META_NORM: "norm",
           S.META_BATCH_SIZE: "batch size", S.META_LR: "lr", S.META_EPOCHS: "epochs",
-          S.ATTR_RANK: "rank"}
+          S.ATTR_RANK: "rank", "experiment": "", "model_type": "", "momentum": "momentum",
+          "weight_decay": "weight decay", "en_groups": "EN groups",
+          "gradient_accumulation_steps": "accumulation", "max_steps": "max steps"}
 
 
 def config_labels(metas: Sequence[Mapping]) -> list[str]:

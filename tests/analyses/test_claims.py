@@ -122,6 +122,27 @@ def test_pooled_over_seeds_counts_seeds_and_gives_a_between_seed_interval():
     assert {r.claim for r in c.pooled().rows if r.config == "batch size 64"} == {"a", "b", "d"}
 
 
+@pytest.mark.parametrize(("key", "values", "label"), [
+    ("en_groups", (1, 8), "EN groups"), ("weight_decay", (0.0, 5e-4), "weight decay"),
+    ("momentum", (0.9, 0.0), "momentum"), ("max_steps", (None, 500), "max steps"),
+    ("experiment", ("mnist-fc", "cifar-resnet18"), ""),
+])
+def test_runs_differing_in_a_training_setting_are_not_seeds_of_one_config(key, values, label):
+    # statscope run stores these beside the seed; runs that differ in one are not replicates
+    from statscope.analyses.seeds import config_labels
+
+    metas = [{"batch_size": 4, "lr": 0.01, "seed": s, key: v} for v in values for s in (0, 1)]
+    labels = config_labels(metas)
+    assert labels[0] == labels[1] and labels[2] == labels[3] and labels[0] != labels[2]
+    assert all(label in lab for lab in labels)
+    runs = {}
+    for i, m in enumerate(metas):
+        runs[f"r{i}"] = make_run(batch_size=4, seed=i)
+        runs[f"r{i}"].attrs["meta"] = m
+    pooled = claims(runs, **KW).pooled().rows
+    assert {r.n_runs for r in pooled} == {2}
+
+
 def test_pooled_verdict_needs_every_seed():
     from statscope.analyses.claims import ClaimRow, Claims
 
