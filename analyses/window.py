@@ -126,6 +126,9 @@ def _positions(count: xr.DataArray, steps: np.ndarray, window, name: str,
                                  f"data; pass a smaller window or window='all'") from None
     first, last = _extent(count, name)
     if window is None or (isinstance(window, str) and window == "all"):
+        if last == first:  # one step: no fluctuation to measure, as for any other window
+            raise StatscopeError(f"window={window!r}: run {name!r} has 1 recorded row with "
+                                 f"data (step {first}); a window needs at least 2")
         return np.arange(first, last + 1)
     if isinstance(window, (float, np.floating)):
         if not 0.0 < window <= 1.0:

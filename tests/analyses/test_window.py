@@ -70,6 +70,14 @@ def test_a_fraction_that_leaves_one_row_is_refused_like_a_one_step_window():
     assert int(fluctuation(ds, 0.005)[N_VALID].min()) == 2
 
 
+@pytest.mark.parametrize("window", ["all", None, 1.0])
+def test_a_one_step_run_is_refused_for_every_window(window):
+    # "all" gave a table of NaN and a report of inconclusive verdicts (an outside check)
+    one = make_run(n_steps=1)
+    with pytest.raises(StatscopeError, match=r"1 recorded row|is 1 row"):
+        fluctuation(one, window)
+
+
 def test_detrending_needs_three_steps_and_says_so():
     ds = make_run(n_steps=300)
     with pytest.raises(StatscopeError, match=r"window=2 with detrend=True"):
