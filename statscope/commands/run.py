@@ -212,9 +212,22 @@ def _print_next(path: str) -> None:
           f"      statscope report {where} -o report.md", file=sys.stderr)
 
 
+def _epochs(result) -> str:
+    """How far training went, in epochs: "3 epochs", or "1.001 epochs" where it stopped inside
+    one (``--max-steps``), whose accuracy is measured there too."""
+    per = result.steps_per_epoch
+    if not per:
+        n = len(result.test_accuracy)
+        return f"{n} epoch{'s' if n != 1 else ''}"
+    epochs = result.steps / per
+    if result.steps % per == 0:
+        n = result.steps // per
+        return f"{n} epoch{'s' if n != 1 else ''}"
+    return f"{epochs:.4g} epochs"
+
+
 def _summary(experiment: str, result, total: float) -> str:
-    acc = (f"test accuracy {result.test_accuracy[-1]:.4f} after {len(result.test_accuracy)} "
-           f"epoch{'s' if len(result.test_accuracy) != 1 else ''}"
+    acc = (f"test accuracy {result.test_accuracy[-1]:.4f} after {_epochs(result)}"
            if result.test_accuracy else "no test accuracy")
     trained = result.steps - (result.checkpoint_step or 0)
     rate = trained / result.wall_seconds if result.wall_seconds > 0 else float("nan")

@@ -262,6 +262,7 @@ class RunResult:
             + 1); None for a new run.
         checkpoint_step: the step of the checkpoint the run continued from; None when it
             started from step 0.
+        steps_per_epoch: the optimizer steps of one epoch (its last incomplete batch dropped).
         replayed_steps: steps trained again without recording (between the checkpoint, or step
             0, and ``resumed_at``).
     """
@@ -275,3 +276,4 @@ class RunResult:
     resumed_at: int | None = None
     checkpoint_step: int | None = None
     replayed_steps: int = 0
+    steps_per_epoch: int | None = None

@@ -313,7 +313,8 @@ class _Loop:
                          test_accuracy=tuple(self.accuracy), steps=step, wall_seconds=wall,
                          probe_overhead=overhead, resumed_at=start_step if resumed else None,
                          checkpoint_step=self.checkpoint_step,
-                         replayed_steps=replayed if start_step is not None else 0)
+                         replayed_steps=replayed if start_step is not None else 0,
+                         steps_per_epoch=per_epoch)
 
     def _evaluate(self, test_x, test_y, rec) -> None:
         self.accuracy.append(_accuracy(self.model, test_x, test_y))

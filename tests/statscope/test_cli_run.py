@@ -53,6 +53,17 @@ def test_run_records_and_prints_a_summary(tmp_path, mnist_dir, capsys):
         (4, "hn", 1, "cpu")
 
 
+@pytest.mark.parametrize(("max_steps", "said"), [(17, "after 1.062 epochs"),
+                                                  (1, "after 0.0625 epochs"),
+                                                  (16, "after 1 epoch (")])
+def test_the_summary_counts_the_epochs_trained_not_the_evaluations(tmp_path, mnist_dir, capsys,
+                                                                   max_steps, said):
+    # 16 steps per epoch here; a run stopped inside an epoch is evaluated there as well
+    assert main(["run", "mnist-fc", "--bs", "4", "--epochs", "2", "--data-dir", mnist_dir,
+                 "--out", str(tmp_path / "run"), "--max-steps", str(max_steps), "-q"]) == 0
+    assert said in capsys.readouterr().out
+
+
 def test_quiet_run_prints_only_the_summary(tmp_path, mnist_dir, capsys):
     assert main(["run", "mnist-fc", "--bs", "8", "--max-steps", "3", "--data-dir", mnist_dir,
                  "--out", str(tmp_path / "r"), "--quiet"]) == 0
