@@ -375,7 +375,10 @@ class Capture:
             self.sum_bn_mean = True
             return
         rows = min(len(run), 8)
-        arrays = [t[-rows:].detach().numpy() for t in run.tensors]
+        try:
+            arrays = [t[-rows:].detach().numpy() for t in run.tensors]
+        except RuntimeError:  # a torch.func transform's tensors, with no storage of their own
+            return
         with np.errstate(all="ignore"):
             mean, var = ENTRY_MOMENTS[run.tag](arrays, run.numbers[-rows:], 2)[:2]
         self.sum_bn_mean = mean_needs_sum(mean, var, count[seg.stop - rows:seg.stop])

@@ -124,10 +124,11 @@ class Lifecycle:
                 self._params = {id(p) for p in self.root.parameters()}
                 self._handles.append(
                     register_optimizer_step_post_hook(self._optimizer_hook))
-                self._witness = _witness(self.targets, self.root)
-                if self._witness is not None:
+                # each witness costs a Python call per backward that reaches it: two, the
+                # first probed layer's and the model's head's (see _witnesses)
+                for witness in _witnesses(self.targets, self.root):
                     self._handles.append(
-                        self._witness.register_post_accumulate_grad_hook(self._on_witness_grad))
+                        witness.register_post_accumulate_grad_hook(self._on_witness_grad))
         except BaseException as exc:
             self.close(f"start: {exc!r}")
             raise
@@ -236,16 +237,25 @@ def _running0(static, captures) -> dict | None:
     return {S.RUNNING_MEAN0: np.concatenate(mean), S.RUNNING_VAR0: np.concatenate(var)}
 
 
-def _witness(targets, root: nn.Module) -> nn.Parameter | None:
-    """The parameter whose gradient tells that a backward ran (Steps._grads_discarded): the
-    first trained parameter of a probed layer (it runs whenever a step is recorded), else of
-    the model; None where the model trains none (or only parameters of lazy modules not yet
-    initialized, whose tensors materializing replaces)."""
+def _witnesses(targets, root: nn.Module) -> list[nn.Parameter]:
+    """The parameters whose gradient tells that a backward ran (Steps._grads_discarded): the
+    first trained parameter of a probed layer (else of the model), which a backward of layers
+    run without the model's forward reaches (``model.forward_features(x)`` with a head of
+    their own), and the model's last trained one, its head's as a rule, which a backward
+    reaches where the first probed layer skipped the step (stochastic depth, an expert). Empty
+    where the model trains none (or only parameters of lazy modules not yet initialized, whose
+    tensors materializing replaces)."""
+    def trained(params) -> list[nn.Parameter]:
+        return [p for p in params
+                if p.requires_grad and not isinstance(p, nn.parameter.UninitializedParameter)]
+
+    first: list[nn.Parameter] = []
     for params in [t.module.parameters(recurse=False) for t in targets] + [root.parameters()]:
-        for p in params:
-            if p.requires_grad and not isinstance(p, nn.parameter.UninitializedParameter):
-                return p
-    return None
+        first = trained(params)[:1]
+        if first:
+            break
+    last = trained(root.parameters())[-1:]
+    return first + [p for p in last if all(p is not q for q in first)]
 
 
 def _close_at_exit_once() -> None:

@@ -189,8 +189,8 @@ class Steps:
         self._put(Attrs({S.ATTR_STEP_RULE: rule}))
 
     def _grads_discarded(self) -> bool:
-        """Whether, since the model's last training forward, a backward reached the
-        gradient witness (a parameter the model trains) and its gradient is gone again
+        """Whether, since the model's last training forward, a backward reached a
+        gradient witness (a parameter the model trains; the last one it reached) and its gradient is gone again
         without an optimizer step, the parameter as that backward left it: ``zero_grad()``
         after a step that ``GradScaler`` skipped (inf or NaN gradients), or the loop discarded
         the batch. Such a forward begins a step of its own, where one after a backward whose
@@ -202,9 +202,10 @@ class Steps:
                 and witness._version == self._witness_version)
 
     def _on_witness_grad(self, param) -> None:
-        """Called by autograd after a backward accumulated the gradient witness's gradient."""
+        """Called by autograd after a backward accumulated a gradient witness's gradient: that
+        one is the witness of this backward."""
         self._backward_seen = True
-        self._witness_version = param._version
+        self._witness, self._witness_version = param, param._version
 
     def _take_block(self) -> Block:
         n = self._slot

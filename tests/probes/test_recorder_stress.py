@@ -548,3 +548,59 @@ def test_a_layer_first_run_in_a_later_micro_batch_keeps_that_capture_under_auto(
                                       [8 if i in firsts else 0 for i in range(iterations)])
         runs[rule] = ds
     assert runs["auto"].attrs["step_rule"] == "optimizer"
+
+
+class DroppedBlocks(nn.Module):
+    """Two residual blocks with a BatchNorm each (the first probed layer is in block 0), either
+    of which the caller can drop for an iteration (stochastic depth), and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, 6)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6))
+                                    for _ in range(2))
+        self.head = nn.Linear(6, 1)
+        self.drop = set()
+
+    def forward(self, x):
+        h = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            if i not in self.drop:
+                h = h + block(h)
+        return self.head(h)
+
+
+def test_a_step_gradscaler_skips_while_the_first_probed_layer_is_dropped_is_its_own(tmp_path):
+    # the backward of such a step never reaches the first probed layer's parameters: the
+    # skipped step must still be one of its own, never merged with the next iteration's
+    # forwards (which would mix layers of two batches in one step)
+    torch.manual_seed(0)
+    model = DroppedBlocks()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    firsts: dict[tuple[int, str], torch.Tensor] = {}
+    now = {"i": 0}
+    for name in ("blocks.0.1", "blocks.1.1"):
+        def keep(module, args, name=name):
+            firsts.setdefault((now["i"], name), args[0].detach().double().clone())
+
+        model.get_submodule(name).register_forward_pre_hook(keep)
+    plan = {3: ({0}, True), 5: ({0}, True), 6: (set(), True), 8: ({0}, False)}  # drop, inf
+    with statscope.record(model, tmp_path / "r", block_steps=4) as rec:
+        for i in range(10):
+            now["i"] = i
+            model.drop, inf = plan.get(i, (set(), False))
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            scaler.scale(loss * float("inf") if inf else loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            rec.log(iteration=i)
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.step.values.tolist() == list(range(10))
+    np.testing.assert_array_equal(ds.iteration.values, np.arange(10))
+    for name in ("blocks.0.1", "blocks.1.1"):
+        layer = ds.sel(neuron=ds.layer == name)
+        want = np.stack([firsts[(i, name)].mean(0).numpy() if (i, name) in firsts
+                         else np.full(6, np.nan) for i in range(10)])
+        np.testing.assert_allclose(layer.bn_mean.values, want, atol=1e-6, err_msg=name)
