@@ -531,7 +531,7 @@ def test_a_layer_first_run_in_a_later_micro_batch_keeps_that_capture_under_auto(
         model.branch[1].register_forward_pre_hook(keep_first)
         on = rng.random((iterations, micro)) < 0.5
         on[0] = [False] * (micro - 1) + [True]  # the first step's branch: its last micro-batch
-        with statscope.record(model, tmp_path / rule, step=rule, block_steps=16) as rec:
+        with statscope.record(model, tmp_path / rule, step=rule, block_steps=16):
             for i in range(iterations):
                 step["now"] = i
                 for k in range(micro):
