@@ -80,22 +80,17 @@ def _run(argv: Sequence[str] | None) -> int:
         import concurrent.futures
 
         from statscope.errors import StoreError
-        from statscope.storage import _from_client
+        from statscope.storage import client_error, first_line
 
         if (type(exc).__module__.split(".")[0] == "distributed"
                 or isinstance(exc, concurrent.futures.CancelledError)):
             # the dask cluster went away mid-command (its scheduler lost, a task cancelled)
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            return _error(f"the dask cluster failed ({type(exc).__name__}: {first})", 1)
-        if not _from_client(exc):  # statscope's own bug: the traceback is the report
+            return _error(f"the dask cluster failed ({first_line(exc)})", 1)
+        if not client_error(exc):  # statscope's own bug: the traceback is the report
             raise
         # an object store's client (no credentials, an endpoint nobody answers at)
-        first = (str(exc).strip().splitlines() or [""])[0]
-        return _error(f"the object store cannot be used ({type(exc).__name__}: {first}); check "
-                      f"the credentials and endpoint in the environment", StoreError.exit_code)
-    except KeyboardInterrupt:
-        _print_err("statscope: interrupted")
-        return 130
+        return _error(f"the object store cannot be used ({first_line(exc)}); check the "
+                      f"credentials and endpoint in the environment", StoreError.exit_code)
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -19,7 +19,8 @@ from pathlib import Path
 from statscope.errors import StatscopeError, StoreError
 
 __all__ = ["is_url", "local_path", "zarr_store", "exists", "list_keys", "remove_tree",
-           "remove_partials", "use_options", "filesystem", "store_errors"]
+           "remove_partials", "use_options", "filesystem", "store_errors", "client_error",
+           "first_line"]
 
 _OPTIONS: dict[str, dict] = {}  # URL prefix -> fsspec storage options
 
@@ -54,16 +55,23 @@ def store_errors(path):
     except StatscopeError:
         raise
     except Exception as exc:  # noqa: BLE001 - sorted below by where it came from
-        if not _from_client(exc):
+        if not client_error(exc):
             raise
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise StoreError(f"path={path!r}: the object store cannot be used ({type(exc).__name__}:"
-                         f" {first}); check storage_options (endpoint_url, key, secret, ...), "
+        raise StoreError(f"path={path!r}: the object store cannot be used ({first_line(exc)}); "
+                         f"check storage_options (endpoint_url, key, secret, ...), "
                          f"the credentials in the environment and that the bucket exists"
                          ) from exc
 
 
-def _from_client(exc: BaseException) -> bool:
+def first_line(exc: BaseException) -> str:
+    """``TypeName: the message's first line`` (300 characters at most), for one-line errors."""
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {first}"
+
+
+def client_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is an object store client's answer (a connection, a permission, a
+    missing bucket, a misspelt storage option) rather than a fault of statscope's own."""
     if isinstance(exc, (OSError, TimeoutError)):
         return True  # a missing bucket, a permission, a connection: the store's answer
     if isinstance(exc, TypeError) and "unexpected keyword argument" in str(exc):
