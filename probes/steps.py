@@ -189,9 +189,9 @@ class Steps:
         self._put(Attrs({S.ATTR_STEP_RULE: rule}))
 
     def _grads_discarded(self) -> bool:
-        """Whether, since the model's last training forward, a backward reached a
-        gradient witness (a parameter the model trains; the last one it reached) and its gradient is gone again
-        without an optimizer step, the parameter as that backward left it: ``zero_grad()``
+        """Whether, since the model's last training forward, a backward reached a gradient
+        witness (a parameter the model trains; the last one it reached) and its gradient is
+        gone again without an optimizer step, the parameter as that backward left it: ``zero_grad()``
         after a step that ``GradScaler`` skipped (inf or NaN gradients), or the loop discarded
         the batch. Such a forward begins a step of its own, where one after a backward whose
         gradients are kept is a micro-batch of gradient accumulation, as is one on parameters

@@ -109,6 +109,7 @@ def _connect(Client, address: str):
     from distributed.comm import resolve_address
 
     from statscope.errors import StatscopeError
+    from statscope.storage import first_line
 
     try:
         resolve_address(address)
@@ -136,8 +137,8 @@ def _connect(Client, address: str):
     if isinstance(error, (OSError, TimeoutError)):
         raise StatscopeError(f"--scheduler {address}: cannot connect ({error})") from None
     if error is not None:
-        raise StatscopeError(f"--scheduler {address}: cannot connect ({type(error).__name__}: "
-                             f"{str(error)[:200]})") from None
+        raise StatscopeError(f"--scheduler {address}: cannot connect "
+                             f"({first_line(error)})") from None
     return box["client"]
 
 
@@ -272,12 +273,10 @@ def skipping_unreadable(runs: list[OpenedRun], scheduler, work):
     """
     from statscope.errors import StatscopeError
 
-    if scheduler is None:
-        return work(runs), runs
     try:
         return work(runs), runs
     except (StatscopeError, OSError, KeyError, ValueError, TypeError):
-        bad = _unreadable(runs, scheduler)
+        bad = _unreadable(runs, scheduler) if scheduler is not None else []
         if not bad:
             raise
     for r, why in bad:
