@@ -6,8 +6,9 @@ thread turns a block's entries into float64 moments with :func:`entry_moments`. 
 
 - ``("invstd", mean, invstd, eps)``: what a training-mode BatchNorm computed itself
   (:mod:`statscope.probes.fastpath`); var = 1/invstd² − eps.
-- ``("suminv", S1, invstd, eps, M)``: the same with the mean from a cascade sum of the input,
-  where torch's CPU kernel sums in float32 (:func:`batchnorm_entry`).
+- ``("suminv", S1, invstd, mean, eps, M)``: the same with the mean from a cascade sum of the
+  input, where torch's CPU kernel sums in float32 (:func:`batchnorm_entry`), and the variance
+  1/invstd² − eps − (mean − S1/M)²: BatchNorm's variance about its own drifted mean.
 - ``("var", mean, var)``: on CUDA, ``torch.batch_norm_update_stats`` without running
   statistics: one kernel and one read of the tensor, Welford in float32 straight from
   bf16/fp16/fp32 in any layout (channels_last and ``(N, L, C)`` take its channels-last kernel).
@@ -94,10 +95,14 @@ def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True,
     kernel sums in float64 for contiguous float32 inputs with spatial dims: their statistics are
     used as they are. For channels_last and ``(N, C)`` float32 inputs torch's CPU kernel sums
     each channel sequentially in float32: its mean drifts by about 3e-8·√M·|mean| (M elements
-    per channel; more than 1e-4 of the std once |mean|/std ≳ 3000/√M) and its variance by up to
-    ~6e-6 of itself at M = 65k and 3.5e-5 at 2¹⁸ (one thread; more threads split the sum).
-    There, with ``sum_mean``, the mean is taken from one cascade sum of the input (one extra
-    pass, a third of BatchNorm's own cost on the CPU), and beyond :data:`CPU_BATCHNORM_MAX`
+    per channel; more than 1e-4 of the std once |mean|/std ≳ 3000/√M), and once the running
+    total's float32 spacing nears the elements themselves by far more (0.27 std at M = 2¹⁸ and
+    |mean|/std = 250, one thread). Its variance is the mean square about that drifted mean: the
+    true variance plus the drift's square (+7 % there), plus the float32 sum of squares' own
+    error, up to ~6e-6 of itself at M = 65k and 3.5e-5 at 2¹⁸. There, with ``sum_mean``, the
+    mean is taken from one cascade sum of the input (one extra pass, a third of BatchNorm's own
+    cost on the CPU), and the variance is BatchNorm's less the square of its mean's distance
+    from that sum (the entry keeps BatchNorm's mean for it); beyond :data:`CPU_BATCHNORM_MAX`
     elements per channel the input is reduced generically instead. So is every bf16 and fp16
     input on the CPU: torch's variance of those was off by up to 2.4e-4 of itself at 65k
     elements and 1e-2 at 2¹⁸ (offsets of 100–250 std), where the fast path promises 1e-4 of
@@ -127,7 +132,7 @@ def batchnorm_entry(stats, per_channel: int, sum_mean: bool = True,
     # the rows of the (M, C) view, in two torch calls rather than four (step_entry says why)
     x, dims = x.detach(), _BATCH_DIMS[x.ndim]
     total = x.sum(dims)  # float32: batchnorm_kind sends other CPU dtypes to the generic path
-    return ("suminv", total, stats.invstd, stats.eps, per_channel)
+    return ("suminv", total, stats.invstd, stats.mean, stats.eps, per_channel)
 
 
 def reduce_before_advice(stats, kind: str, sum_mean: bool) -> bool:
@@ -367,5 +372,5 @@ def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
 
 # Tensors after the tag ("sums": all but the tag and M); the masked kinds
 # (statscope.probes.sets) also carry the count of real elements per channel, after the variance.
-_TENSORS = {"invstd": 2, "suminv": 2, "var": 2, "wvar": 3, "wvar4": 5, "mv": 1, "shifted": 1,
+_TENSORS = {"invstd": 2, "suminv": 3, "var": 2, "wvar": 3, "wvar4": 5, "mv": 1, "shifted": 1,
             "psums": 1}

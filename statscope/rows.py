@@ -184,8 +184,13 @@ def _invstd(arrays, numbers, order):
 
 
 def _suminv(arrays, numbers, order):
-    total, invstd = arrays
-    return total / numbers[:, 1:2], var_from_invstd(invstd, numbers[:, :1]), None, None
+    # BatchNorm's variance is its mean square about its own mean, which drifted from the sum's
+    # (statscope.probes.reduce.batchnorm_entry): the true variance plus the drift's square
+    total, invstd, bn_mean = arrays
+    mean = total / numbers[:, 1:2]
+    drift = np.subtract(bn_mean, mean, dtype=np.float64)
+    var = var_from_invstd(invstd, numbers[:, :1]) - drift * drift
+    return mean, np.maximum(var, 0.0, out=var), None, None
 
 
 def _var(arrays, _numbers, order):

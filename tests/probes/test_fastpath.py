@@ -422,6 +422,39 @@ def test_a_far_mean_is_right_from_the_first_step(tmp_path, shape):
     np.testing.assert_allclose(ds.bn_std.values, np.sqrt(var), rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["NC", "channels_last"])
+def test_a_drifted_float32_mean_does_not_inflate_the_variance(tmp_path, layout):
+    # 2^18 elements per channel at |mean| = 250 std (under FAR_MEAN, within CPU_BATCHNORM_MAX),
+    # one thread: torch's CPU kernel sums the channel in float32 and its mean drifts by ~0.27
+    # std; its variance, about that mean, was 7 % high (torch 2.13). The zero-mean channel
+    # beside it is summed right.
+    model = nn.Sequential(nn.BatchNorm1d(2) if layout == "NC" else nn.BatchNorm2d(2))
+    gen = torch.Generator().manual_seed(0)
+
+    def batch():
+        x = torch.randn(1 << 18, 2, generator=gen, dtype=torch.float64) * 0.7
+        x[:, 0] += 250 * 0.7
+        x = x.float()
+        if layout == "NC":
+            return x
+        return x.reshape(64, 64, 64, 2).permute(0, 3, 1, 2)  # channels_last (N, C, H, W)
+
+    xs = [batch() for _ in range(2)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one sequential sum per channel: more threads split it
+    try:
+        with statscope.record(model, tmp_path / "r"):
+            for x in xs:
+                model(x)
+    finally:
+        torch.set_num_threads(threads)
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.attrs["probes"][0]["path"] == "batchnorm"
+    mean, var = reference([x.double() for x in xs])
+    scale = np.sqrt(var + model[0].eps)
+    assert (np.abs(ds.bn_std.values - np.sqrt(var)) / scale).max() <= 5e-5
+    assert (np.abs(ds.bn_mean.values - mean) / scale).max() <= 5e-5
+
 def test_beyond_the_trusted_count_torchs_float32_cpu_sums_are_not_used(tmp_path, monkeypatch):
     monkeypatch.setattr("statscope.probes.reduce.CPU_BATCHNORM_MAX", 1000)
     model = nn.Sequential(nn.BatchNorm1d(4))

@@ -24,9 +24,9 @@ def _bn_entry(x: torch.Tensor, eps: float = 1e-5) -> tuple:
 
 
 def _suminv_entry(x: torch.Tensor, eps: float = 1e-3) -> tuple:
-    _, _, invstd, _, _ = torch._batch_norm_impl_index(x, None, None, None, None, True, 0.0,
-                                                      eps, False)
-    return ("suminv", x.sum(0), invstd, eps, x.shape[0])
+    _, mean, invstd, _, _ = torch._batch_norm_impl_index(x, None, None, None, None, True, 0.0,
+                                                         eps, False)
+    return ("suminv", x.sum(0), invstd, mean, eps, x.shape[0])
 
 
 def _var_entry(x: torch.Tensor) -> tuple:
@@ -80,9 +80,9 @@ def test_a_stacked_run_slices_and_indexes_like_its_list():
     for r in range(3):
         e, s = run[2 + r], part[r]
         assert s[0] == e[0] and len(s) == len(e)
-        for a, b in zip(e[1:3], s[1:3]):
+        for a, b in zip(e[1:4], s[1:4]):
             assert torch.equal(a, b)
-        assert s[3:] == (e[3], float(e[4]))
+        assert s[4:] == (e[4], float(e[5]))
     lengths = [3]
     np.testing.assert_array_equal(
         jobs_moments(entries_gather([part]), lengths, [4], 2)[0][1],
