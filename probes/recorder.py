@@ -36,6 +36,7 @@ and :mod:`statscope.probes.steps` (the step boundary, blocks handed to the write
 from __future__ import annotations
 
 import os
+import string
 import threading
 import time
 import warnings
@@ -47,7 +48,7 @@ import torch
 from torch import nn
 
 from statscope import schema as S
-from statscope.errors import StatscopeError, StatscopeWarning
+from statscope.errors import StatscopeError, StatscopeWarning, StoreError
 from statscope.probes.attach import MECHANISMS
 from statscope.probes.capture import Capture
 from statscope.probes.fastpath import probe_path
@@ -77,20 +78,54 @@ def rank_path(path: str) -> tuple[str, int, int]:
     """Where this process's rank records a run given ``path``, with its rank and world size.
 
     Outside ``torch.distributed`` (or with one process) that is ``path`` itself; with several,
-    ``path`` with ``{rank}`` filled in where it holds that field, else ``path/rank{R}``.
+    ``path`` with its ``{rank}`` field filled in where it holds one (a format spec such as
+    ``{rank:02d}`` included), else ``path/rank{R}``. Other braces are kept as they are unless
+    the path also holds a ``{rank}`` field.
 
     Returns:
         ``(path, rank, world_size)``.
+
+    Raises:
+        StatscopeError: a path with a ``{rank}`` field and another one.
     """
     dist = torch.distributed
     rank, world = 0, 1
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-    if "{rank}" in path:
+    fields = _fields(path)
+    if "rank" in fields:
+        if fields != {"rank"}:
+            raise StatscopeError(
+                f"path={path!r}: only the field {{rank}} is filled in (e.g. "
+                "'runs/exp-rank{rank}'); double other braces ({{ and }}) to keep them")
         return path.format(rank=rank), rank, world
     if world > 1:
         return os.path.join(path, f"rank{rank}"), rank, world
     return path, rank, world
+
+
+def _fields(path: str) -> set[str]:
+    """The names of ``path``'s ``str.format`` fields (none where it does not parse as one)."""
+    try:
+        return {name.split(".")[0].split("[")[0]
+                for _, name, _, _ in string.Formatter().parse(path) if name is not None}
+    except ValueError:  # an unmatched brace: a literal path
+        return set()
+
+
+def _refuse_single_run(path: str, world: int) -> None:
+    """Refuse to record a rank of a distributed run at ``path`` inside a single-process run
+    (``run/rank{R}``, or a ``{rank}`` field below one): it would go into that store and stay
+    unseen, as readers find the run above it; also with ``overwrite``, as a rank that replaced
+    that run would delete the folders of the ranks recording beside it."""
+    from statscope.discovery import is_single_run
+
+    parent = os.path.dirname(path.rstrip("/"))
+    if parent and is_single_run(parent):
+        raise StoreError(
+            f"path={parent!r}: holds a single-process run; this distributed run's {world} ranks "
+            f"would record inside it ({path!r}), where readers do not see them, and no one rank "
+            "can replace it while the others record: remove it, or choose another path")
 
 
 def _positive_int(name: str, value: Any, least: int = 1) -> int:
@@ -157,6 +192,8 @@ class Recorder(Lifecycle, Hooks, Steps):
         self.record_eval = record_eval
         self.path, self.rank, self.world_size = rank_path(os.fspath(path))
         use_options(os.fspath(path), storage_options)
+        if self.world_size > 1:
+            _refuse_single_run(self.path, self.world_size)
         # checked now although the writer opens the store at start()
         self._resume_at = resume_step(resume)  # the step a restarted loop continues at
         self.resume = check_path(self.path, overwrite=overwrite,
