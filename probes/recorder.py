@@ -198,6 +198,12 @@ class Recorder(Lifecycle, Hooks, Steps):
         self._resume_at = resume_step(resume)  # the step a restarted loop continues at
         self.resume = check_path(self.path, overwrite=overwrite,
                                  resume=resume is not False) and resume is not False
+        if self.resume and resume is True and self.world_size > 1:
+            warnings.warn(
+                f"statscope: rank {self.rank} resumes {self.path!r} after its own last committed "
+                "step; ranks that stopped at different steps would then file one training step "
+                "under different step numbers: pass every rank the step its checkpoint continues "
+                "at (resume=step)", StatscopeWarning, stacklevel=_caller_level())
         resolve_mode(writer, self.path)  # checked now, resolved at start()
         self._writer_mode = writer
         self.overwrite = overwrite

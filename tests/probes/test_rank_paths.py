@@ -2,6 +2,7 @@
 ``{rank}`` field filled in (format specs included), never inside a single-process run."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -61,3 +62,16 @@ def test_ranks_do_not_record_inside_a_single_process_run(tmp_path, rank_of, over
         statscope.record(model, where, overwrite=overwrite)
     assert not any(n.startswith("rank") or n == "1" for n in os.listdir(tmp_path / "run"))
     assert statscope.open_run(tmp_path / "run").sizes["step"] == 3
+
+
+def test_a_rank_resuming_after_its_own_last_step_is_warned(tmp_path, rank_of):
+    rank_of(1, 2)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with statscope.record(model, tmp_path / "run"):
+        model(torch.randn(5, 3))
+    with pytest.warns(statscope.StatscopeWarning, match="rank 1 resumes.*resume=step"):
+        statscope.record(model, tmp_path / "run", resume=True).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", statscope.StatscopeWarning)
+        statscope.record(model, tmp_path / "run", resume=1).close()  # the checkpoint's step
+    assert statscope.open_run(tmp_path / "run" / "rank1").sizes["step"] == 1
