@@ -239,14 +239,18 @@ class Steps:
             self.pool.give(pair)
 
     def _take_idle(self) -> Block | None:
-        """On the writer thread: the steps that ended since the last block, read in place."""
+        """On the writer thread: the steps that ended since the last block, read in place, and
+        one whose ``optimizer.step()`` ran: its rows are complete, though it ends only at the next
+        step's first forward (what is logged until then is its own, filed by
+        :meth:`statscope.probes.worker.Filer._amend`), so that a crash while training is idle
+        (an evaluation, a checkpoint) does not lose it."""
         if not self._lock.acquire(timeout=0.05):
             return None  # the training thread is busy: it is not idle
         try:
-            if not self._on or not self._slot or not self._writer.queue.empty() \
+            n = self._slot + (1 if self._pending_end and not self._skip else 0)
+            if not self._on or not n or not self._writer.queue.empty() \
                     or (self._rule == "undecided" and self._group_merges):
                 return None
-            n = self._slot
             scalars = {k: [(s, v) for s, v in vs if s < n] for k, vs in self._scalars.items()}
             self._scalars = {k: [(s, v) for s, v in vs if s >= n]
                              for k, vs in self._scalars.items()}

@@ -113,6 +113,7 @@ class Filer:
         # Rows an idle flush wrote already; their scalars went with it (see Recorder._take_idle).
         skip = min(block.n, max(0, -(-(self.writer.next_step - block.first_step) // block.stride)))
         try:
+            self._amend(block, skip)
             if skip < block.n:
                 self.streams.wait(block.ready)
                 with self.streams.writer_context():
@@ -125,6 +126,21 @@ class Filer:
                 for pair in block.buffers():
                     self.pool.give(pair)
         return self.settle(notices)
+
+    def _amend(self, block: Block, skip: int) -> None:
+        """File the scalars logged for rows an idle flush filed already: under the optimizer
+        rule the last step is filed while training is idle after its ``optimizer.step()``, and
+        what is logged after that (an evaluation's accuracy) still belongs to it."""
+        late = {name: [(row, v) for row, v in values if row < skip]
+                for name, values in block.scalars.items()}
+        late = {name: pairs for name, pairs in late.items() if pairs}
+        if not late:
+            return
+        self.streams.wait(block.ready)
+        with self.streams.writer_context():
+            values = {name: [(block.first_step + block.stride * row, float(v)) for row, v in pairs]
+                      for name, pairs in late.items()}
+        self.writer.amend_scalars(values)
 
     def _nonfinite_scalars(self, block: Block, gathered: Gathered, skip: int) -> list[Notice]:
         """A notice, once per name, that a logged scalar was NaN or infinite (a diverged loss):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -80,6 +80,7 @@ class RunWriter(WriterArrays):
         self._stage: list[dict[str, np.ndarray]] = []
         self._staged = 0
         self._staged_bytes = 0
+        self._amended = False  # scalars written in place since the last commit
         self._last_write = time.monotonic()
         at = resume_step(resume)
         resume = resume is not False
@@ -156,6 +157,46 @@ class RunWriter(WriterArrays):
             self.flush()
         return bad
 
+    def amend_scalars(self, values: Mapping[str, Sequence[tuple[int, float]]]) -> None:
+        """Write scalars logged for steps appended already: ``{name: [(step, value), ...]}``.
+
+        Under the optimizer rule a step's rows are appended while training is idle after its
+        ``optimizer.step()``, and what is logged after that (an evaluation's accuracy) comes
+        later. Staged rows take the values in place; written ones in the store, committed with
+        the next flush. A step not appended (none such is expected) is left out.
+        """
+        for name, pairs in values.items():
+            self._ensure_scalar(name)
+            for step, value in pairs:
+                if not self._amend_staged(name, step, value):
+                    row = self._written_row(step)
+                    if row is not None:
+                        self._arrays[name][row] = value
+                        self._amended = True
+
+    def _amend_staged(self, name: str, step: int, value: float) -> bool:
+        for row in self._stage:
+            steps = row[S.STEP]
+            i = int(np.searchsorted(steps, step))
+            if i < len(steps) and steps[i] == step:
+                if name not in row:
+                    row[name] = np.full(len(steps), np.nan)
+                row[name][i] = value
+                return True
+        return False
+
+    def _written_row(self, step: int) -> int | None:
+        """The row of a step written to the store (looked up among the last rows first)."""
+        n = self.n_steps
+        for lo in (max(0, n - 64), 0):
+            steps = np.asarray(self._arrays[S.STEP][lo:n])
+            i = int(np.searchsorted(steps, step))
+            if i < len(steps) and steps[i] == step:
+                return lo + i
+            if lo == 0 or (len(steps) and steps[0] <= step):
+                return None
+        return None
+
     def _ensure_scalar(self, name: str) -> None:
         if name in self._scalars:
             return
@@ -169,14 +210,19 @@ class RunWriter(WriterArrays):
 
     def flush_due(self) -> bool:
         """True when staged rows have waited ``flush_seconds``."""
-        return bool(self._staged) and time.monotonic() - self._last_write >= self.flush_seconds
+        return (bool(self._staged) or self._amended) \
+            and time.monotonic() - self._last_write >= self.flush_seconds
 
     def flush(self) -> None:
         """Write every staged row, then advance the commit marker."""
         self.lease.renew()
         if not self._staged:
+            if self._amended:  # late scalars written in place: commit them (and new names)
+                self._amended = False
+                self._commit()
             self._last_write = time.monotonic()
             return
+        self._amended = False
         k = self._staged
         n0, n1 = self.n_steps, self.n_steps + k
         for name in (S.STEP, S.COUNT, *self.layout.stats, *self._scalars):

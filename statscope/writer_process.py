@@ -200,6 +200,11 @@ class WriterProcess:
         self._advice, self._bad = {}, 0
         return advice, bad
 
+    def amend_scalars(self, values) -> None:
+        """As :meth:`RunWriter.amend_scalars`, in the child."""
+        self._check()
+        self._send(("amend", values))
+
     def add_probes(self, probes: Sequence[ProbeInfo], running0=None) -> None:
         """As :meth:`RunWriter.add_probes`; waits for the child's new layout."""
         self._check()
@@ -432,6 +437,8 @@ def _handle(conn, writer: RunWriter, msg) -> None:
         conn.send(("filed", bad, dict(writer.nonfinite)))
     elif kind == "append":
         writer.append(*msg[1:])
+    elif kind == "amend":
+        writer.amend_scalars(msg[1])
     elif kind == "add":
         writer.add_probes(msg[1], msg[2])
         conn.send(("added", writer.layout))

@@ -15,6 +15,7 @@ from torch import nn
 
 import statscope
 from statscope.errors import NonFiniteWarning, RecordingError, StatscopeError
+from statscope.store import verify_run
 
 
 def no_writer_threads():
@@ -177,6 +178,57 @@ def test_steps_reach_the_store_within_flush_seconds_while_training_is_idle(tmp_p
     ds = statscope.open_run(tmp_path / "r")
     assert ds.step.values.tolist() == list(range(7)) and (ds["count"].values == 4).all()
 
+
+
+def _wait_until(what, seconds=15):
+    deadline = time.monotonic() + seconds
+    while not what() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return what()
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_an_optimizer_step_reaches_the_store_while_training_is_idle(tmp_path, writer):
+    """Under the optimizer rule the last step is committed while training is idle after its
+    optimizer.step() (a kill then loses nothing), and what is logged for it afterwards (an
+    evaluation's accuracy, in the store already or only staged) is filed into it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs = [torch.randn(5, 3) for _ in range(7)]
+    seen = []
+
+    def steps(xs_, first):
+        for i, x in enumerate(xs_):
+            with torch.no_grad():
+                seen.append(model[0](x).double())
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            rec.log(loss=float(first + i))
+
+    def scalar(name, step):
+        ds = statscope.open_run(tmp_path / "r")
+        return (ds.sizes["step"] > step and name in ds
+                and float(ds[name].values[step]) == float(step) * 10)
+
+    with statscope.record(model, tmp_path / "r", block_steps=4, flush_seconds=0.2,
+                          writer=writer) as rec:
+        steps(xs[:5], 0)  # a block of four handed over, step 4 waits for its end
+        assert _wait_until(lambda: statscope.open_run(tmp_path / "r").sizes["step"] == 5)
+        rec.log(acc=40.0)  # the evaluation after step 4: a new name, for a committed row
+        assert _wait_until(lambda: scalar("acc", 4))
+        steps(xs[5:6], 5)
+        assert _wait_until(lambda: statscope.open_run(tmp_path / "r").sizes["step"] == 6)
+        rec.log(acc=50.0)  # staged or written: filed into step 5 either way
+        steps(xs[6:], 6)
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.step.values.tolist() == list(range(7))
+    np.testing.assert_array_equal(ds.loss.values, np.arange(7.0))
+    np.testing.assert_array_equal(ds.acc.values, [np.nan] * 4 + [40.0, 50.0, np.nan])
+    want = np.stack([x.mean(0).numpy() for x in seen])
+    np.testing.assert_allclose(ds.bn_mean.values, want, atol=1e-6)
+    assert verify_run(tmp_path / "r") == []
 
 def test_optimizer_steps_are_the_steps_by_default(tmp_path):
     torch.manual_seed(0)
@@ -604,3 +656,34 @@ def test_a_step_gradscaler_skips_while_the_first_probed_layer_is_dropped_is_its_
         want = np.stack([firsts[(i, name)].mean(0).numpy() if (i, name) in firsts
                          else np.full(6, np.nan) for i in range(10)])
         np.testing.assert_allclose(layer.bn_mean.values, want, atol=1e-6, err_msg=name)
+
+
+KILLED_WHILE_IDLE = """
+import os, signal, sys, time
+import torch, statscope
+from torch import nn
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+rec = statscope.record(model, sys.argv[1], flush_seconds=0.2).start()
+for step in range(5):
+    model(torch.randn(16, 4)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    rec.log(loss=float(step))
+deadline = time.monotonic() + 20  # an evaluation, a checkpoint: the loop is idle
+while statscope.open_run(sys.argv[1]).attrs["n_steps"] < 5 and time.monotonic() < deadline:
+    time.sleep(0.05)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_killed_while_idle_after_an_optimizer_step_keeps_that_step(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", KILLED_WHILE_IDLE, str(tmp_path / "r")],
+                          timeout=120, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.attrs["status"] == "running" and ds.step.values.tolist() == list(range(5))
+    np.testing.assert_array_equal(ds.loss.values, np.arange(5.0))
+    assert verify_run(tmp_path / "r") == []
