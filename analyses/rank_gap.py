@@ -28,7 +28,7 @@ from statscope.errors import StatscopeError
 from ._data import FLUCT_STATS, quiet, ranked, require, size_notes
 from ._names import N_VALID, NOTES, STATISTIC
 from .fluctuation import _fluctuation
-from .window import load_window
+from .window import load_window, select_window
 
 __all__ = ["rank_gap"]
 
@@ -71,6 +71,19 @@ def rank_gap(ds: xr.Dataset, window=200, *, scale_free: bool = False,
         raise StatscopeError(f"rank_gap: ds has {n_ranks} rank; the gap needs at least two")
     from statscope.ranks import merge_ranks
 
+    notes = []
+    shared = select_window(ds, window)
+    ran = np.asarray((shared[S.COUNT] > 0).any([S.STEP, S.NEURON]))
+    if not ran.all():
+        gone = np.asarray(ds[S.RANK].values)[~ran].tolist()
+        if ran.sum() < 2:
+            raise StatscopeError(f"rank_gap: only {int(ran.sum())} of the {n_ranks} ranks has "
+                                 f"data in the window ({shared.attrs['window']}); the gap needs "
+                                 f"at least two (ranks {gone} have none)")
+        ds = ds.isel({S.RANK: np.flatnonzero(ran)})
+        notes.append(f"ranks {gone} have no data in the window ({shared.attrs['window']}) and "
+                     f"are left out")
+        n_ranks = ds.sizes[S.RANK]
     every = (ds[S.COUNT] > 0).all(S.RANK)
     common = ds.assign({S.COUNT: ds[S.COUNT].where(every, 0)})
     w = load_window(common, window)
@@ -87,11 +100,19 @@ def rank_gap(ds: xr.Dataset, window=200, *, scale_free: bool = False,
         local = np.sqrt((per_rank ** 2).mean(S.RANK))
         removed = 1.0 - glob / local
         expected = 1.0 - np.sqrt(_inverse_count(w, merged=True) / _inverse_count(w, merged=False))
+    synced = list(w.attrs.get(S.ATTR_MERGED_LAYERS) or [])
+    if synced:  # each rank normalized with the global statistics: there is no per-rank gap
+        own = xr.DataArray(~np.isin(w[S.LAYER].values, synced), dims=S.NEURON)
+        removed, expected = removed.where(own), expected.where(own)
     out = xr.Dataset({"per_rank": per_rank, "local": local, "merged": glob, "removed": removed,
                       "expected": expected, N_VALID: merged[N_VALID]})
     out = out.transpose(STATISTIC, S.RANK, S.NEURON, missing_dims="ignore")
     notes = [f"over the steps at which all {n_ranks} ranks ran each layer; the global "
-             f"statistics are merged exactly from the ranks' moments and counts"]
+             f"statistics are merged exactly from the ranks' moments and counts", *notes]
+    if synced:
+        notes.append(f"layers {synced} synchronize their statistics (SyncBatchNorm): every rank "
+                     f"normalizes with the global ones, so they have no per-rank gap (removed "
+                     f"and expected are NaN)")
     notes += [f"rank {r}: {n}" for r, p in zip(ranks, parts) for n in p.attrs[NOTES]]
     notes += [f"global: {n}" for n in merged.attrs[NOTES]]
     notes += size_notes(ds)

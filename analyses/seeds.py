@@ -18,21 +18,22 @@ from statscope import schema as S
 from ._data import t_quantile, t_two_sided
 from .resampling import check_settings
 
-__all__ = ["config_labels", "between_seeds", "SEED_FREE_KEYS", "MODEL_KEYS"]
+__all__ = ["config_labels", "config_meta", "between_seeds", "SEED_FREE_KEYS", "MODEL_KEYS"]
 
 # what the built-in experiments (statscope run) and the integrations store beside the seed
 _TRAINING_KEYS = ("experiment", "model_type", "momentum", "weight_decay", "en_groups",
                   "gradient_accumulation_steps")
 
 SEED_FREE_KEYS = (S.META_BATCH_SIZE, S.META_NORM, S.ATTR_MODEL, S.META_DATASET, S.META_LR,
-                  S.META_EPOCHS, *_TRAINING_KEYS, "max_steps", S.ATTR_RANK)
+                  S.META_EPOCHS, *_TRAINING_KEYS, "max_steps", S.ATTR_RANK, S.ATTR_WORLD_SIZE)
 """The settings that define a configuration (the seed is not one of them), in label order: a run
 differing in any of them from another is not its replicate. The rank of a distributed run's
-entry (a rank, or "global" for the merged statistics) is one: rank 0 of two seeds are
-replicates, rank 0 and rank 1 of one run are not."""
+entry (a rank, or "global" for the merged statistics) and the run's world size are among them:
+rank 0 of two seeds are replicates, rank 0 and rank 1 of one run are not, wherever the rank
+comes from (a folder of rank stores, or rank stores given one by one: :func:`config_meta`)."""
 
 MODEL_KEYS = (S.ATTR_MODEL, S.META_DATASET, S.META_NORM, S.META_EPOCHS, *_TRAINING_KEYS,
-              S.ATTR_RANK)
+              S.ATTR_RANK, S.ATTR_WORLD_SIZE)
 """The settings that make runs one model trained alike, whatever their batch size (and a
 learning rate scaled with it): the series of a batch-size comparison (per rank, or global, for
 distributed runs)."""
@@ -41,7 +42,31 @@ _NAMES = {S.ATTR_MODEL: "", S.META_DATASET: "data", S.META_NORM: "norm",
           S.META_BATCH_SIZE: "batch size", S.META_LR: "lr", S.META_EPOCHS: "epochs",
           S.ATTR_RANK: "rank", "experiment": "", "model_type": "", "momentum": "momentum",
           "weight_decay": "weight decay", "en_groups": "EN groups",
-          "gradient_accumulation_steps": "accumulation", "max_steps": "max steps"}
+          "gradient_accumulation_steps": "accumulation", "max_steps": "max steps",
+          S.ATTR_WORLD_SIZE: "world size"}
+
+
+def config_meta(attrs: Mapping) -> dict:
+    """A run's settings from its root attributes: its ``meta`` (batch_size, seed, ...), its
+    ``model``, and, for one rank's store of a distributed run (``world_size`` > 1), its ``rank``
+    and ``world_size`` (unless ``meta`` sets them): a rank store opened on its own
+    (``runs/ddp/rank1``, or a ``{rank}`` path template's ``runs/exp_rank1``) is that rank's
+    entry, not a seed of the other ranks.
+
+    Example:
+        >>> config_meta({"meta": {"batch_size": 8}, "model": "m", "rank": 1, "world_size": 2})
+        {'batch_size': 8, 'model': 'm', 'rank': 1, 'world_size': 2}
+        >>> config_meta({"meta": {"batch_size": 8}, "rank": 0, "world_size": 1})
+        {'batch_size': 8}
+    """
+    meta = dict(attrs.get(S.ATTR_META) or {})
+    if attrs.get(S.ATTR_MODEL) is not None:
+        meta.setdefault(S.ATTR_MODEL, attrs[S.ATTR_MODEL])
+    world = attrs.get(S.ATTR_WORLD_SIZE)
+    if isinstance(world, int) and not isinstance(world, bool) and world > 1:
+        meta.setdefault(S.ATTR_RANK, attrs.get(S.ATTR_RANK))
+        meta.setdefault(S.ATTR_WORLD_SIZE, world)
+    return meta
 
 
 def config_labels(metas: Sequence[Mapping]) -> list[str]:

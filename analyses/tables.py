@@ -14,7 +14,7 @@ from ._data import FLUCT_STATS, layer_order, ranked, run_name, size_notes
 from ._names import NOTES, QUANTITY, STATISTIC
 from .baseline import excess_fluctuation
 from .fluctuation import fluctuation
-from .seeds import between_seeds, config_labels
+from .seeds import between_seeds, config_labels, config_meta
 from .summary import layer_summary
 from .window import RunWindow, run_windows
 from .resampling import check_settings
@@ -116,12 +116,14 @@ def fluctuation_table(ds, window=200, *, scale_free: bool = False, detrend: bool
     import pandas as pd
 
     single = isinstance(ds, xr.Dataset) and S.RUN not in ds.dims
+    if single and name:  # warnings and errors on the run's entries name it as the rows do
+        ds = ds.assign_attrs({S.ATTR_NAME: name})
     if windows is not None:
         if not single or ranked(ds):
             raise StatscopeError("windows=: window summaries belong to one run (or one rank's "
                                  "store); pass that run as ds")
         # the run's own name: ``name`` replaces it below, as for the steps
-        parts = [RunWindow(run_name(ds), ds, dict(ds.attrs.get(S.ATTR_META) or {}))]
+        parts = [RunWindow(run_name(ds), ds, config_meta(ds.attrs))]
     else:
         parts = run_windows(ds, window, load=scheduler is None)
     base = run_name(ds) if single else ""
@@ -191,7 +193,8 @@ def rank_gap_table(ds, window=200, *, name: str | None = None, scale_free: bool 
     Returns:
         pandas.DataFrame with columns run, layer, statistic, ranks, rank_median,
         global_median, removed, expected (:data:`COLUMNS`; medians over the layer's neurons);
-        empty when no run has ranks. ``df.attrs``: window, notes.
+        empty when no run has ranks. ``df.attrs``: window, notes (a run with fewer than two
+        ranks with data in the window has no rows; a note says so).
 
     Example:
         >>> from statscope.analyses._demo import demo_ranks
@@ -218,7 +221,10 @@ def rank_gap_table(ds, window=200, *, name: str | None = None, scale_free: bool 
 def _gap_rows(data, run, window, scale_free):
     from .rank_gap import rank_gap
 
-    gap = rank_gap(data, window, scale_free=scale_free)
+    try:
+        gap = rank_gap(data, window, scale_free=scale_free)
+    except StatscopeError as err:  # fewer than two ranks with data in the window
+        return [], [f"{run}: no rank gap: {err}"], None
     summ = layer_summary(gap.drop_vars("per_rank"))
     rows = []
     for layer in summ[S.LAYER].values:

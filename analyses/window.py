@@ -20,6 +20,7 @@ reductions along ``step`` see exactly each run's window. The ranks of a distribu
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +29,10 @@ import numpy as np
 import xarray as xr
 
 from statscope import schema as S
-from statscope.errors import StatscopeError
+from statscope.errors import StatscopeError, StatscopeWarning
 
 from ._data import every_of, ranked, require, run_name, size_notes, stacked
+from .seeds import config_meta
 
 __all__ = ["select_window", "describe_window", "load_window", "RunWindow", "split_runs",
            "expand_ranks", "run_windows", "map_windows", "window_rows", "GLOBAL"]
@@ -311,13 +313,16 @@ def expand_ranks(ds: xr.Dataset, name: str, meta: Mapping[str, Any] | None = Non
         if isinstance(attrs, Mapping):  # the rank's own store attributes (its batch size)
             one.attrs = {**dict(attrs), **{k: v for k, v in ds.attrs.items()
                                             if k in ("window", S.NOTES)}}
+        one.attrs = {**one.attrs, S.ATTR_NAME: f"{name}/rank{r}"}  # what messages call it
         rmeta = {**meta, **dict(one.attrs.get(S.ATTR_META) or {}), S.ATTR_RANK: int(r)}
         sizes.append(rmeta.get(S.META_BATCH_SIZE))
         out.append((f"{name}/rank{r}", one, rmeta))
     gmeta = {**meta, S.ATTR_RANK: GLOBAL}
     if sizes and all(b is not None for b in sizes):
         gmeta[S.META_BATCH_SIZE] = sum(sizes)
-    out.append((f"{name}/{GLOBAL}", merge_ranks(ds), gmeta))
+    merged = merge_ranks(ds)
+    merged.attrs = {**merged.attrs, S.ATTR_NAME: f"{name}/{GLOBAL}"}
+    out.append((f"{name}/{GLOBAL}", merged, gmeta))
     return out
 
 
@@ -348,22 +353,16 @@ def _split_runs(runs) -> list[tuple[str, xr.Dataset, dict]]:
         name = run_name(runs, i)
         if isinstance(per_run_attrs.get(name), Mapping):
             one.attrs = dict(per_run_attrs[name])  # its own every, probes (kept units), status
-        meta = dict((per_run_attrs.get(name) or {}).get(S.ATTR_META) or {})
+        meta = config_meta(per_run_attrs.get(name) or {})
         for key in S.META_KEYS:
             if key in one.coords:
                 meta[key] = one[key].values.item()
-        model = (per_run_attrs.get(name) or {}).get(S.ATTR_MODEL)
-        if model is not None:
-            meta.setdefault(S.ATTR_MODEL, model)
         out.append((name, one, meta))
     return out
 
 
 def _meta(ds: xr.Dataset) -> dict:
-    meta = dict(ds.attrs.get(S.ATTR_META) or {})
-    if ds.attrs.get(S.ATTR_MODEL) is not None:
-        meta.setdefault(S.ATTR_MODEL, ds.attrs[S.ATTR_MODEL])
-    return meta
+    return config_meta(ds.attrs)
 
 
 def run_windows(runs, window=200, *, load: bool = True) -> list[RunWindow]:
@@ -377,10 +376,27 @@ def run_windows(runs, window=200, *, load: bool = True) -> list[RunWindow]:
             (dask), for a computation that reads them where it runs (a dask worker).
 
     Returns:
-        One :class:`RunWindow` per run, in order.
+        One :class:`RunWindow` per run, in order. A distributed run's ranks share one window
+        (:func:`select_window` of the run); a rank with fewer than two steps with data in it (it
+        stopped earlier than the others) is left out with a
+        :class:`~statscope.errors.StatscopeWarning`, the other ranks and the global entry kept.
     """
     pick = load_window if load else select_window
-    return [RunWindow(name, pick(ds, window), meta) for name, ds, meta in split_runs(runs)]
+    out = []
+    for name, ds, meta in split_runs(runs, ranks=False):
+        if not ranked(ds):
+            out.append(RunWindow(name, pick(ds, window), meta))
+            continue
+        shared = select_window(ds, window)
+        for entry, one, entry_meta in expand_ranks(shared, name, meta):
+            rows = int(_has_data(one[S.COUNT]).sum())
+            if rows < 2:
+                warnings.warn(f"{entry}: {rows} recorded row{'s' if rows != 1 else ''} with "
+                              f"data in the ranks' window ({shared.attrs['window']}): left out "
+                              f"(a window needs at least 2)", StatscopeWarning, stacklevel=2)
+                continue
+            out.append(RunWindow(entry, pick(one, "all"), entry_meta))
+    return out
 
 
 def _per_rank(w: xr.Dataset, fn: Callable[[xr.Dataset], xr.Dataset]) -> xr.Dataset:

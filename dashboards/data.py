@@ -427,9 +427,10 @@ class RunCatalog(ColumnReads):
             return None
         with self._lock:
             if ("windows", key) not in run.derived:
-                from statscope.store import open_windows, rank_paths
+                from statscope.store import open_windows, rank_stores
 
-                path = run.path if key is None else rank_paths(run.path)[run.ranks.index(key)]
+                path = (run.path if key is None
+                        else rank_stores(run.path).paths[run.ranks.index(key)])
                 try:
                     w = open_windows(path)
                 except StatscopeError:

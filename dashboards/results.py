@@ -328,5 +328,10 @@ def _rank_comparison(catalog: RunCatalog, run: str, window: Window, scale_free: 
     notes = tuple(dict.fromkeys(f"rank {k}: {f.source.note}" if k != MERGED
                                 else f"merged: {f.source.note}"
                                 for k, f in [*fl.items(), (MERGED, glob)] if f.source.note))
+    expected = expected_gap(counts)
+    synced = catalog.dataset(run).attrs.get(S.ATTR_MERGED_LAYERS) or []
+    if len(synced):  # every rank normalizes with the merged statistics: no gap to expect
+        layer_of = catalog.dataset(run)[S.LAYER].values
+        expected[[p is not None and layer_of[p] in synced for p in pos]] = np.nan
     return RankComparison(tuple(labels), pick, merged, rank_gap(pick, merged),
-                          expected_gap(counts), notes, str(glob.values.attrs.get("window", "")))
+                          expected, notes, str(glob.values.attrs.get("window", "")))

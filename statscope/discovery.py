@@ -8,14 +8,17 @@ is a folder of such groups named ``rank0``, ``rank1``, .... Only the root metada
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from statscope import schema as S
 from statscope.errors import StoreDamagedError, StoreError
 from statscope.storage import filesystem, is_url, local_path, zarr_store
 
-__all__ = ["read_attrs", "rank_paths", "is_run", "find_runs", "scan_runs", "open_checked",
-           "is_single_run"]
+__all__ = ["read_attrs", "rank_paths", "rank_stores", "RankStores", "is_run", "find_runs",
+           "scan_runs", "open_checked", "is_single_run"]
 
 
 def read_attrs(path: str | os.PathLike) -> dict:
@@ -23,7 +26,9 @@ def read_attrs(path: str | os.PathLike) -> dict:
 
     For a distributed run (a folder of ``rank{r}`` runs): rank 0's attributes, with ``status``
     the worst of the ranks' (failed, running, completed), ``n_steps`` the largest, and every
-    rank's own under ``ranks``.
+    rank's own under ``ranks``; of the stores that belong to the latest run only
+    (:func:`rank_stores`), with ``stale_ranks`` and ``missing_ranks`` where some were left out
+    or are missing.
 
     Raises:
         StoreError: the path does not exist, is not a statscope run, or has an unknown format.
@@ -32,13 +37,100 @@ def read_attrs(path: str | os.PathLike) -> dict:
     try:
         return open_checked(path)[1]
     except StoreError:
-        ranks = rank_paths(path)
-        if not ranks:
+        if not rank_paths(path):
             raise
-    per = [open_checked(p)[1] for p in ranks]
-    return {**per[0], "ranks": {str(a.get(S.ATTR_RANK, r)): a for r, a in enumerate(per)},
-            S.ATTR_STATUS: _worst([a.get(S.ATTR_STATUS) for a in per]),
-            S.ATTR_N_STEPS: max(int(a.get(S.ATTR_N_STEPS) or 0) for a in per)}
+    stores = rank_stores(path)
+    per = stores.attrs
+    out = {**per[0], "ranks": {str(a.get(S.ATTR_RANK, r)): a for r, a in zip(stores.ranks, per)},
+           S.ATTR_STATUS: _worst([a.get(S.ATTR_STATUS) for a in per]),
+           S.ATTR_N_STEPS: max(int(a.get(S.ATTR_N_STEPS) or 0) for a in per)}
+    if stores.stale:
+        out[S.ATTR_STALE_RANKS] = list(stores.stale)
+    if stores.missing:
+        out[S.ATTR_MISSING_RANKS] = list(stores.missing)
+    return out
+
+
+@dataclass(frozen=True)
+class RankStores:
+    """The per-rank stores of a distributed run's folder that belong to its latest run.
+
+    Attributes:
+        ranks: the rank numbers kept (from the folder names), ascending.
+        paths: their stores.
+        attrs: their root attributes.
+        world_size: the run's world size (None when no store records one: old stores).
+        stale: rank numbers left out: stores whose ``world_size`` differs (an earlier run with
+            more or other ranks, left behind by an overwrite), or whose rank lies outside
+            ``0..world_size-1``.
+        missing: ranks of ``0..world_size-1`` without a store.
+    """
+
+    ranks: tuple[int, ...]
+    paths: tuple[str, ...]
+    attrs: tuple[dict, ...]
+    world_size: int | None
+    stale: tuple[int, ...] = ()
+    missing: tuple[int, ...] = ()
+
+    def problems(self, path: str) -> list[str]:
+        """Sentences on what was left out or is missing, for a warning."""
+        out = []
+        if self.stale:
+            out.append(f"path={path!r}: rank stores {[f'rank{r}' for r in self.stale]} belong "
+                       f"to an earlier run (world_size other than {self.world_size}, that of "
+                       f"the store started last): left out")
+        if self.missing:
+            out.append(f"path={path!r}: ranks {list(self.missing)} of world_size "
+                       f"{self.world_size} have no store; the global statistics cover only "
+                       f"ranks {list(self.ranks)}")
+        return out
+
+
+def rank_stores(path: str | os.PathLike) -> RankStores:
+    """The rank stores of the distributed run at ``path`` that belong together.
+
+    The run's world size is the ``world_size`` of the store started last (``started``;
+    on a tie, or where none records it, the lowest rank's): an overwrite with fewer ranks
+    leaves the earlier run's higher ranks behind, and those are older. Stores recording another
+    world size, or a rank outside ``0..world_size-1``, are left out; stores recording none (old
+    ones) are kept.
+
+    Raises:
+        StoreError: ``path`` holds no rank stores.
+    """
+    paths = rank_paths(path)
+    if not paths:
+        raise StoreError(f"path={os.fspath(path)!r}: no rank stores (rank0, rank1, ...)")
+    ranks = [int(p.rsplit("/rank", 1)[1]) for p in paths]
+    attrs = [open_checked(p)[1] for p in paths]
+    sizes = [_world_size(a) for a in attrs]
+    known = [i for i, w in enumerate(sizes) if w is not None]
+    if not known:
+        return RankStores(tuple(ranks), tuple(paths), tuple(attrs), None)
+    latest = max(known, key=lambda i: (_started(attrs[i]), -ranks[i]))
+    world = sizes[latest]
+    keep = [i for i, w in enumerate(sizes) if w is None or (w == world and ranks[i] < world)]
+    stale = tuple(ranks[i] for i in range(len(paths)) if i not in keep)
+    missing = tuple(sorted(set(range(world)) - {ranks[i] for i in keep}))
+    return RankStores(tuple(ranks[i] for i in keep), tuple(paths[i] for i in keep),
+                      tuple(attrs[i] for i in keep), world, stale, missing)
+
+
+def _world_size(attrs: dict) -> int | None:
+    w = attrs.get(S.ATTR_WORLD_SIZE)
+    return w if isinstance(w, int) and not isinstance(w, bool) and w >= 1 else None
+
+
+def _started(attrs: dict) -> float:
+    """When the store's run started (POSIX seconds); -inf when not recorded or unreadable."""
+    try:
+        when = datetime.fromisoformat(str(attrs[S.ATTR_STARTED]))
+    except (KeyError, ValueError):
+        return -math.inf
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
 
 
 def open_checked(path: str | os.PathLike):

@@ -7,7 +7,8 @@ total variance), so it is merged at read time and recording needs no collective:
 
     N = Σ n_r,   M = Σ n_r m_r / N,   V = Σ n_r (v_r + (m_r − M)²) / N
 
-with n_r the rank's ``count``; ranks where the layer did not run (count 0) do not enter. EN
+with n_r the rank's ``count``; ranks where the layer did not run (count 0) do not enter, while a
+rank that ran with a NaN statistic makes the merged one NaN (nothing finite is made up). EN
 statistics merge the same way (every channel of a group shares the rank's count), and so do the
 per-set statistics (``set_mean`` with ``set_mean_sd``, ``set_std`` with ``set_std_sd``: a mean
 over sets and its population spread), weighting each rank by its number of sets, which ``count``
@@ -39,8 +40,12 @@ def merge_ranks(ds, layers=None):
 
     Returns:
         A Dataset without ``rank``: ``bn_mean``, ``bn_std``, ``en_mean``, ``en_std`` (and the
-        per-set statistics, when recorded) of the union of the ranks' batches, ``count`` their total; logged scalars averaged over ranks;
-        ``bn_kurt`` dropped. With ``layers``, the other neurons are left out.
+        per-set statistics, when recorded) of the union of the ranks' batches, ``count`` their
+        total (of the layers in ``attrs["merged_layers"]``, whose ranks hold the merged values
+        already, :func:`merge_synced`: that count once); logged scalars averaged over ranks;
+        ``bn_kurt`` dropped. With ``layers``, the other neurons are left out. Ranks with count
+        0 at a step do not enter; a rank that ran with a NaN (Inf) statistic makes the merged
+        one NaN (Inf, or NaN for the std), as for one batch holding such a value.
 
     Raises:
         StatscopeError: ``ds`` has no rank dimension, or a layer is unknown.
@@ -66,29 +71,36 @@ def merge_ranks(ds, layers=None):
             raise StatscopeError(f"layers={unknown}: no such layer; available: {sorted(known)}")
         ds = ds.isel({S.NEURON: np.isin(ds[S.LAYER].values, layers)})
     count = ds[S.COUNT]
-    n = count.where(count > 0)
+    ran = count > 0
+    # a rank that did not run (count 0) is left out by a weight of 0 and its values set to 0;
+    # a rank that ran with a NaN or Inf statistic is summed like any other, so the merged value
+    # is NaN (or Inf), as the moments of one batch holding such a value are
+    n = count.where(ran, 0).astype(np.float64)
     total = n.sum(S.RANK)
+    total = total.where(total > 0)
     out = ds.drop_dims(S.RANK, errors="ignore").copy()
     for mean_name, std_name in ((S.BN_MEAN, S.BN_STD), (S.EN_MEAN, S.EN_STD),
                                 (S.SET_MEAN, S.SET_MEAN_SD), (S.SET_STD, S.SET_STD_SD)):
         if mean_name not in ds or std_name not in ds:
             continue
-        m = ds[mean_name].astype(np.float64)
-        v = ds[std_name].astype(np.float64) ** 2
-        gm = (n * m).sum(S.RANK, min_count=1) / total
-        gv = (n * (v + (m - gm) ** 2)).sum(S.RANK, min_count=1) / total
+        m = ds[mean_name].astype(np.float64).where(ran, 0.0)
+        v = ds[std_name].astype(np.float64).where(ran, 0.0) ** 2
+        gm = (n * m).sum(S.RANK, skipna=False) / total
+        gv = (n * (v + (m - gm).where(ran, 0.0) ** 2)).sum(S.RANK, skipna=False) / total
         out[mean_name] = gm.astype(np.float32)
         out[std_name] = np.sqrt(gv).astype(np.float32)
         out[mean_name].attrs = dict(ds[mean_name].attrs)
         out[std_name].attrs = dict(ds[std_name].attrs)
-    out[S.COUNT] = count.sum(S.RANK)
+    out[S.COUNT] = _merged_count(ds)
     out[S.COUNT].attrs = dict(count.attrs)
     for name, var in ds.data_vars.items():
         if S.RANK in var.dims and name not in out and name != S.BN_KURT and S.NEURON not in var.dims:
             out[name] = var.mean(S.RANK, skipna=True)
             out[name].attrs = dict(var.attrs)
     notes = list(ds.attrs.get(S.NOTES, []))
+    missing = ds.attrs.get(S.ATTR_MISSING_RANKS)
     notes.append(f"merged over {ds.sizes[S.RANK]} ranks from per-rank moments and counts"
+                 + (f" (ranks {list(missing)} have no store: not covered)" if missing else "")
                  + ("; bn_kurt is not merged (it needs third moments)" if S.BN_KURT in ds else "")
                  + "; logged scalars are averaged over ranks")
     out.attrs = {**ds.attrs, S.NOTES: notes}
@@ -97,37 +109,49 @@ def merge_ranks(ds, layers=None):
 
 def merge_synced(ds):
     """Put the merged statistics on every rank for the layers that synchronize their statistics
-    (SyncBatchNorm): what such a layer normalized with at each step is the global moments.
+    (SyncBatchNorm): what such a layer normalized with at each step is the global moments, over
+    the global count of elements.
 
     Returns:
-        ``ds`` with those neurons' ``bn_*``/``en_*`` replaced on every rank by the merged values,
-        and their names in the attribute ``merged_layers``.
+        ``ds`` with those neurons' statistics (``bn_*``/``en_*`` and the per-set ones; not
+        ``bn_kurt``) and ``count`` replaced, on every rank and step at which the rank ran the
+        layer, by the merged values and the summed count; their names in the attribute
+        ``merged_layers``. :func:`merge_ranks` of the result counts those elements once.
     """
+    import xarray as xr
+
     synced = [p.get("name") for p in ds.attrs.get(S.ATTR_PROBES, [])
               if p.get("type") in SYNCED_TYPES]
-    if not synced or S.RANK not in ds.dims:
+    if not synced or S.RANK not in ds.dims or ds.attrs.get(S.ATTR_MERGED_LAYERS):
         return ds
     merged = merge_ranks(ds, synced)
-    cols = np.flatnonzero(np.isin(ds[S.LAYER].values, synced))
+    cols = xr.DataArray(np.isin(ds[S.LAYER].values, synced), dims=S.NEURON)
+    take = (ds[S.COUNT] > 0) & cols
     out = ds.copy()
-    for name in (S.BN_MEAN, S.BN_STD, S.EN_MEAN, S.EN_STD):
+    for name in (*_MERGED_STATS, S.COUNT):
         if name in ds:
-            whole = merged[name].broadcast_like(ds[name].isel({S.NEURON: cols}))
-            out[name] = ds[name].copy(data=_replace_columns(ds[name], cols, whole))
-    out.attrs = {**ds.attrs, "merged_layers": synced}
+            fill = 0 if name == S.COUNT else np.nan
+            whole = merged[name].reindex({S.NEURON: ds[S.NEURON]}, fill_value=fill)
+            out[name] = (xr.where(take, whole, ds[name]).transpose(*ds[name].dims)
+                         .astype(ds[name].dtype))
+            out[name].attrs = dict(ds[name].attrs)
+    out.attrs = {**ds.attrs, S.ATTR_MERGED_LAYERS: synced}
     return out
 
 
-def _replace_columns(var, cols, values):
-    import dask.array as da
+_MERGED_STATS = (S.BN_MEAN, S.BN_STD, S.EN_MEAN, S.EN_STD, S.SET_MEAN, S.SET_MEAN_SD, S.SET_STD,
+                 S.SET_STD_SD)
 
-    data = var.data
-    mask = np.zeros(var.sizes[S.NEURON], bool)
-    mask[cols] = True
-    full = values.reindex({S.NEURON: var[S.NEURON]}).transpose(*var.dims).data
-    axis = var.dims.index(S.NEURON)
-    shape = [1] * var.ndim
-    shape[axis] = -1
-    where = mask.reshape(shape)
-    lib = da if isinstance(data, da.Array) else np
-    return lib.where(where, full, data).astype(var.dtype)
+
+def _merged_count(ds):
+    """Per (step, neuron), the elements the merged statistics come from: the ranks' counts
+    summed, except for the layers :func:`merge_synced` merged already, whose every rank holds
+    the summed count."""
+    import xarray as xr
+
+    count = ds[S.COUNT]
+    synced = ds.attrs.get(S.ATTR_MERGED_LAYERS) or []
+    if not len(synced):
+        return count.sum(S.RANK)
+    cols = xr.DataArray(np.isin(ds[S.LAYER].values, list(synced)), dims=S.NEURON)
+    return xr.where(cols, count.max(S.RANK), count.sum(S.RANK))

@@ -117,6 +117,10 @@ ATTR_WINDOW_STEPS = "window_steps"  # W of the window summaries; null when none 
 ATTR_N_WINDOWS = "n_windows"  # committed rows of the window summaries
 ATTR_EVERY = "every"  # the stride between recorded steps
 ATTR_NAME = "name"  # not stored: open_run sets it to the run's folder name, for messages
+# not stored either: read_attrs/open_run of a distributed run's folder set them
+ATTR_MERGED_LAYERS = "merged_layers"  # layers showing the merged statistics on every rank
+ATTR_STALE_RANKS = "stale_ranks"  # rank stores of an earlier run (other world size), left out
+ATTR_MISSING_RANKS = "missing_ranks"  # ranks of 0..world_size-1 without a store
 
 
 STEP_RULES = ("optimizer", "forward", "manual")

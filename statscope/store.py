@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import collections
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from statscope import schema as S
-from statscope.errors import StatscopeError, StoreDamagedError, StoreError
+from statscope.errors import StatscopeError, StatscopeWarning, StoreDamagedError, StoreError
 from statscope.arrays import check_chunks, damage_error, entries, expand, lazy, missing, verify
 from statscope.discovery import (find_runs, is_run, is_single_run, open_checked, rank_paths,
-                                 read_attrs, scan_runs)
+                                 rank_stores, read_attrs, scan_runs)
 from statscope.integrity import CheckedArray, Damage, check_marker, step_damage
 from statscope.layout import Layout, ProbeInfo
 from statscope.storage import store_errors, use_options, zarr_store
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # imported where used: xarray is heavy
 
 __all__ = ["ProbeInfo", "Layout", "open_run", "open_runs", "open_windows", "find_runs",
            "scan_runs", "is_run",
-           "rank_paths", "read_attrs", "check_marker", "verify_run", "zarr_store"]
+           "rank_paths", "rank_stores", "read_attrs", "check_marker", "verify_run", "zarr_store"]
 
 # per array, what entries() opens: rows, columns (None: a single column), dtype, fill
 _Want = tuple[int, int | None, str, Any]
@@ -91,6 +92,12 @@ def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None
         StoreError: not a run, or a format this version does not read.
         StoreDamagedError: the commit marker, metadata or data below it is missing or damaged.
 
+    Warns:
+        StatscopeWarning: of a distributed run's folder, rank stores of an earlier run (another
+            ``world_size`` than the store started last records) are left out, or ranks of
+            ``0..world_size-1`` have no store (:func:`statscope.discovery.rank_stores`); the
+            attributes ``stale_ranks`` and ``missing_ranks`` list them.
+
     Example:
         >>> ds = open_run("runs/demo")  # doctest: +SKIP
         >>> ds.bn_std.sel(step=slice(0, 10))  # doctest: +SKIP
@@ -104,8 +111,8 @@ def open_run(path: str | os.PathLike, *, chunks: Mapping[str, int] | None = None
     restore = use_options(path, storage_options)
     try:
         with store_errors(path):  # credentials, an endpoint, a bucket the store lacks
-            ranks = [] if is_single_run(path) else rank_paths(path)
-            ds = (_open_ranks(path, ranks, chunks, damaged, merge_synced) if ranks
+            ranks = not is_single_run(path) and bool(rank_paths(path))
+            ds = (_open_ranks(path, chunks, damaged, merge_synced) if ranks
                   else _open_one(path, chunks, damaged))
     except BaseException:
         restore()  # options that did not open it are not kept for later calls
@@ -197,19 +204,25 @@ def _describe(ds, scalars) -> None:
                               description="scalar logged with Recorder.log; NaN where not logged")
 
 
-def _open_ranks(path: str, ranks: list[str], chunks, damaged: str, merge: bool):
-    """The per-rank runs of a distributed run stacked along ``rank`` (outer-aligned on step)."""
+def _open_ranks(path: str, chunks, damaged: str, merge: bool):
+    """The per-rank runs of a distributed run stacked along ``rank`` (outer-aligned on step):
+    those of its latest run (:func:`statscope.discovery.rank_stores`), with a warning for
+    stores left out and ranks missing."""
     import xarray as xr
 
     from statscope.ranks import merge_synced
 
+    stores = rank_stores(path)
+    for problem in stores.problems(path):
+        warnings.warn(problem, StatscopeWarning, stacklevel=3)
+    ranks = list(stores.paths)
     runs = [_open_one(p, chunks, damaged) for p in ranks]
     _check_stackable(ranks, runs, "path")
     stacked = xr.concat([ds.drop_attrs(deep=False) for ds in runs], dim=S.RANK, join="outer",
                         fill_value={S.COUNT: 0}, coords="minimal", compat="override",
                         combine_attrs="drop")
     stacked = stacked.assign_coords({S.RANK: [int(ds.attrs.get(S.ATTR_RANK, r))
-                                               for r, ds in enumerate(runs)]})
+                                               for r, ds in zip(stores.ranks, runs)]})
     stacked.attrs = read_attrs(path)
     return merge_synced(stacked) if merge else stacked
 
@@ -247,7 +260,8 @@ def open_windows(path: str | os.PathLike, *, damaged: str = "raise",
         Attribute ``window_steps``: W.
 
     Raises:
-        StoreError: the run keeps no window summaries (``window_steps=None``, or format 1).
+        StoreError: the run keeps no window summaries (``window_steps=None``, or format 1), or
+            ``path`` is a distributed run's folder (its ranks keep their own).
     """
     import dask.array as da
     import xarray as xr
@@ -256,6 +270,9 @@ def open_windows(path: str | os.PathLike, *, damaged: str = "raise",
         raise StatscopeError(f"damaged={damaged!r}: expected 'raise' or 'mask'")
     path = os.fspath(path)
     use_options(path, storage_options)
+    if not is_single_run(path) and rank_paths(path):
+        raise StoreError(f"path={path!r}: a distributed run; window summaries are per rank "
+                         f"(open_windows of {path.rstrip('/')}/rank0, ...)")
     group, attrs = open_checked(path)
     check_marker(path, attrs)
     width = attrs.get(S.ATTR_WINDOW_STEPS)

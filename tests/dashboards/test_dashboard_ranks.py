@@ -186,3 +186,29 @@ def test_scatter_heatmap_and_run_panel_of_a_distributed_run(cat, ddp_root):
     text = str(cb.runs_tab(cat, "?tab=run&run=ddp&rank=0"))
     assert "0: completed, 400 steps; 1: completed, 400 steps" in text
     assert "claims of the rank 0 statistics" in text
+
+
+def test_a_synced_layer_has_no_expected_gap(tmp_path):
+    """fc1 is a SyncBatchNorm: every rank shows the merged statistics over the summed count, so
+    the gap is 0 and batch sampling expects none; fc2 keeps the closed form."""
+    from statscope.dashboards.results import rank_comparison
+    from statscope.store import ProbeInfo
+    from statscope.writer import write_run
+
+    rng = np.random.default_rng(5)
+    probes = [ProbeInfo("fc1", "fc1", "SyncBatchNorm", "input", 1, 2),
+              ProbeInfo("fc2", "fc2", "BatchNorm1d", "input", 1, 2)]
+    for r, b in enumerate((3, 5)):
+        x = rng.normal(size=(60, b, 4))
+        write_run(tmp_path / "ddp" / f"rank{r}", probes,
+                  {S.BN_MEAN: x.mean(1).astype(np.float32), S.BN_STD: x.std(1).astype(np.float32),
+                   S.EN_MEAN: np.stack([x[..., :2].mean((1, 2)), x[..., 2:].mean((1, 2))], 1)
+                   .astype(np.float32),
+                   S.EN_STD: np.stack([x[..., :2].std((1, 2)), x[..., 2:].std((1, 2))], 1)
+                   .astype(np.float32)},
+                  count=np.full((60, 2), b), rank=r, world_size=2)
+    rc = rank_comparison(RunCatalog(tmp_path), "ddp", Window("all"), False, "layer", ())
+    assert rc.labels == ("fc1", "fc2")
+    assert np.isnan(rc.expected[0])
+    assert rc.expected[1] == pytest.approx(1 - np.sqrt((1 / 8) / np.mean([1 / 3, 1 / 5])))
+    assert abs(rc.gap[S.BN_MEAN]["gap"][0]) < 1e-6  # the ranks' entries are the merged ones
