@@ -14,7 +14,8 @@ import numpy as np
 
 from statscope import schema as S
 from statscope.errors import StatscopeError, StoreDamagedError, StoreError
-from statscope.integrity import CheckedArray, Damage, check_array, missing_shards, shard_shape
+from statscope.integrity import (CheckedArray, Damage, check_array, chunk_regions, missing_shards,
+                                 opener, shard_shape)
 from statscope.storage import list_keys
 
 __all__ = ["Entry", "entries", "missing", "verify", "lazy", "check_chunks", "expand"]
@@ -94,25 +95,45 @@ def missing(path: str, attrs: Mapping[str, Any], arrays: Mapping[str, Entry]) ->
 
 
 def verify(path: str, attrs: Mapping[str, Any], arrays: Mapping[str, Entry]) -> list[Damage]:
-    """:func:`missing`, then every other shard read once: what cannot be read is damaged."""
+    """:func:`missing`, then every other shard read once: what cannot be read is damaged, chunk
+    by chunk (each chunk carries its own checksum); a shard none of whose chunks can be read
+    (its index is damaged) is damaged as a whole."""
     found = missing(path, attrs, arrays)
     for name, e in arrays.items():
         shape = shard_shape(e.array)
         for r0 in range(0, e.rows, shape[0]):
             for c0 in range(0, e.width, shape[1]) if e.width is not None else (None,):
-                region = (slice(r0, min(r0 + shape[0], e.rows)),)
+                bounds = ((r0, min(r0 + shape[0], e.rows)),)
                 if c0 is not None:
-                    region += (slice(c0, min(c0 + shape[1], e.width)),)
+                    bounds += ((c0, min(c0 + shape[1], e.width)),)
                 if any(d.array == name and d.rows[0] == r0
                        and (c0 is None or d.columns[0] == c0) for d in found):
                     continue
                 try:
-                    e.array[region]
-                except Exception as exc:  # the codec's checksum or decompression failed
-                    found.append(Damage(name, (r0, region[0].stop),
-                                        None if c0 is None else (c0, region[1].stop),
-                                        f"unreadable ({type(exc).__name__}: {exc})"))
+                    e.array[_region(bounds)]
+                except Exception:  # noqa: BLE001 - the chunks below say which and why
+                    found += _damaged_chunks(name, e.array, bounds)
     return found
+
+
+def _damaged_chunks(name: str, arr, bounds) -> list[Damage]:
+    """The chunks of the shard ``bounds`` of ``arr`` that cannot be read, or the whole shard
+    when none can."""
+    bad = []
+    pieces = chunk_regions(tuple(arr.chunks), bounds)
+    for piece in pieces:
+        try:
+            arr[_region(piece)]
+        except Exception as exc:  # the codec's checksum or decompression failed
+            bad.append((piece, f"unreadable ({type(exc).__name__}: {exc})"))
+    if bad and len(bad) == len(pieces):
+        bad = [(bounds, bad[0][1])]
+    return [Damage(name, piece[0], piece[1] if len(piece) > 1 else None, reason)
+            for piece, reason in bad]
+
+
+def _region(bounds) -> tuple[slice, ...]:
+    return tuple(slice(a, b) for a, b in bounds)
 
 
 def lazy(path: str, name: str, e: Entry, found: list[Damage], chunks: Mapping[str, int] | None,
@@ -176,4 +197,5 @@ def damage_error(path: str, found: list[Damage], steps: np.ndarray | None) -> St
     """The error for regions that are damaged, naming up to five of them."""
     return StoreDamagedError(f"path={path!r}: " + "; ".join(d.describe(steps) for d in found[:5])
                              + (f"; and {len(found) - 5} more" if len(found) > 5 else "")
-                             + "; pass damaged='mask' to open_run to read the rest")
+                             + f"; pass damaged='mask' to {opener(d.array for d in found)} "
+                             "to read the rest")

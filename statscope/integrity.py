@@ -21,7 +21,7 @@ from statscope import schema as S
 from statscope.errors import StoreDamagedError
 
 __all__ = ["Damage", "check_marker", "check_array", "step_damage", "missing_shards",
-           "CheckedArray"]
+           "chunk_regions", "row_axis", "opener", "CheckedArray"]
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,12 @@ class Damage:
     reason: str
 
     def describe(self, steps: np.ndarray | None = None) -> str:
+        """The region in words: steps (by value, from ``steps``) of a per-step array, windows
+        of a window summary, neurons of a per-neuron array such as ``running_mean0``."""
         first, stop = self.rows
-        where = f"rows {first}..{stop - 1}"
-        if steps is not None and len(steps) >= stop > first:
+        axis = row_axis(self.array)
+        where = f"{axis} {first}..{stop - 1}"
+        if axis == "rows" and steps is not None and len(steps) >= stop > first:
             where = f"steps {int(steps[first])}..{int(steps[stop - 1])}"
         cols = f", columns {self.columns[0]}..{self.columns[1] - 1}" if self.columns else ""
         return f"{self.array!r} {where}{cols}: {self.reason}"
@@ -51,6 +54,23 @@ class Damage:
     def to_json(self) -> dict:
         return {"array": self.array, "rows": list(self.rows),
                 "columns": list(self.columns) if self.columns else None, "reason": self.reason}
+
+
+def row_axis(name: str) -> str:
+    """What the first axis of the array ``name`` counts, for messages: ``"neurons"`` (the
+    initial running buffers), ``"windows"`` (window summaries) or ``"rows"`` (steps)."""
+    if name in (S.RUNNING_MEAN0, S.RUNNING_VAR0):
+        return "neurons"
+    return "windows" if name.startswith(f"{S.WINDOWS_GROUP}/") else "rows"
+
+
+def opener(names) -> str:
+    """The function that reads the arrays ``names`` and takes ``damaged="mask"``:
+    ``open_windows`` for window summaries, else ``open_run``."""
+    names = list(names)
+    if names and all(n.startswith(f"{S.WINDOWS_GROUP}/") for n in names):
+        return "open_windows"
+    return "open_run"
 
 
 def check_marker(path: str, attrs: Mapping[str, Any]) -> int:
@@ -201,25 +221,44 @@ class CheckedArray:
         return out.squeeze(tuple(squeeze)) if squeeze else out
 
     def _read(self, bounds) -> np.ndarray:
+        masks = [d for d in self.masked if _overlaps(d, bounds)]
         try:
             out = self._read_again_if_torn(bounds)
         except Exception as exc:  # any codec, store or OS error: the bytes are not what was written
-            masks = [d for d in self.masked if _overlaps(d, bounds)]
             if not masks:
-                raise StoreDamagedError(
-                    f"path={self.path!r}: array {self.name!r} rows {bounds[0][0]}.."
-                    f"{bounds[0][1] - 1} cannot be read ({type(exc).__name__}: {exc}); pass "
-                    "damaged='mask' to open_run to read the rest") from None
-            return np.full(tuple(b - a for a, b in bounds), self.fill, self.dtype)
-        for d in self.masked:
-            if _overlaps(d, bounds):
-                sel = [slice(max(d.rows[0], bounds[0][0]) - bounds[0][0],
-                             min(d.rows[1], bounds[0][1]) - bounds[0][0])]
-                if self.ndim > 1 and d.columns:
-                    sel.append(slice(max(d.columns[0], bounds[1][0]) - bounds[1][0],
-                                     min(d.columns[1], bounds[1][1]) - bounds[1][0]))
-                out[tuple(sel)] = self.fill
+                raise self._error(bounds, exc) from None
+            out = self._read_around(bounds, masks)
+        for d in masks:
+            sel = [slice(max(d.rows[0], bounds[0][0]) - bounds[0][0],
+                         min(d.rows[1], bounds[0][1]) - bounds[0][0])]
+            if self.ndim > 1 and d.columns:
+                sel.append(slice(max(d.columns[0], bounds[1][0]) - bounds[1][0],
+                                 min(d.columns[1], bounds[1][1]) - bounds[1][0]))
+            out[tuple(sel)] = self.fill
         return out
+
+    def _read_around(self, bounds, masks: list[Damage]) -> np.ndarray:
+        """``bounds`` read chunk by chunk, the chunks inside ``masks`` left as fill: a damaged
+        chunk masks itself, not the rest of its shard."""
+        out = np.full(tuple(b - a for a, b in bounds), self.fill, self.dtype)
+        chunks = getattr(self._arr, "chunks", None)
+        if chunks is None:  # no chunk grid to go by
+            return out
+        for piece in chunk_regions(tuple(chunks[:self.ndim]), bounds):
+            if any(_covers(d, piece) for d in masks):
+                continue
+            try:
+                block = self._read_again_if_torn(piece)
+            except Exception as exc:  # noqa: BLE001 - a damaged chunk that is not masked
+                raise self._error(piece, exc) from None
+            out[tuple(slice(a - b[0], z - b[0]) for (a, z), b in zip(piece, bounds))] = block
+        return out
+
+    def _error(self, bounds, exc: Exception) -> StoreDamagedError:
+        return StoreDamagedError(
+            f"path={self.path!r}: array {self.name!r} {row_axis(self.name)} {bounds[0][0]}.."
+            f"{bounds[0][1] - 1} cannot be read ({type(exc).__name__}: {exc}); pass "
+            f"damaged='mask' to {opener([self.name])} to read the rest")
 
     def _read_again_if_torn(self, bounds) -> np.ndarray:
         region = tuple(slice(a, b) for a, b in bounds)
@@ -229,6 +268,22 @@ class CheckedArray:
             except Exception:  # noqa: BLE001 - whatever it is, the last try below says it
                 time.sleep(0.01 * attempt)  # let the writer's rename land
         return np.asarray(self._arr[region])
+
+
+def chunk_regions(chunks: tuple[int, ...], bounds) -> list[tuple[tuple[int, int], ...]]:
+    """The parts of ``bounds`` ((start, stop) per axis) that each lie in one chunk of the grid
+    ``chunks``, in row-major order."""
+    axes = [[(max(lo, c), min(hi, c + size)) for c in range(lo - lo % size, hi, size)]
+            for (lo, hi), size in zip(bounds, chunks)]
+    return list(itertools.product(*axes))
+
+
+def _covers(d: Damage, bounds) -> bool:
+    if d.rows[0] > bounds[0][0] or d.rows[1] < bounds[0][1]:
+        return False
+    if d.columns and len(bounds) > 1:
+        return d.columns[0] <= bounds[1][0] and d.columns[1] >= bounds[1][1]
+    return True
 
 
 def _overlaps(d: Damage, bounds) -> bool:

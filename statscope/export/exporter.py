@@ -132,10 +132,12 @@ def export_run(run: str | os.PathLike, to: str, target: str | os.PathLike, *, wi
         window: steps per window; offset: added to every step (see :class:`Exporter`).
 
     Returns:
-        What was written.
+        What was written. The export appears in ``target`` only once complete: an export that
+        fails (a damaged run) leaves ``target`` as it was, an earlier export there included.
 
     Raises:
-        StatscopeError: ``run`` is not a run, or a bad format, window or offset.
+        StatscopeError: ``run`` is not a run, or a bad format, window or offset;
+            StoreDamagedError: the run cannot be read.
 
     Example:
         >>> export_run("runs/demo", "tensorboard", "tb/demo")  # doctest: +SKIP
@@ -146,11 +148,14 @@ def export_run(run: str | os.PathLike, to: str, target: str | os.PathLike, *, wi
 
     _check(window, offset)
     read_attrs(run)  # a clear StoreError for anything that is not a run
-    sink = open_sink(to, target)
+    sink = open_sink(to, target, staged=True)
     try:
-        return Exporter(run, sink, window=window, offset=offset).update()
-    finally:
-        sink.close()
+        result = Exporter(run, sink, window=window, offset=offset).update()
+    except BaseException:
+        sink.discard()
+        raise
+    sink.close()
+    return result
 
 
 def _check(window, offset) -> None:

@@ -10,6 +10,9 @@ A run is cut into consecutive windows of ``W`` steps aligned at multiples of ``W
 
 Each window's summaries sit at the window's last step, so the curves line up with the training
 curves of the same steps. The logged scalars (loss, lr, ...) are passed through at their steps.
+NaN means "no value" (a scalar not logged at that step, a layer that did not run) and is left
+out; ±inf is a value (a diverged loss) and is written as a scalar, which TensorBoard stores and
+draws. Histograms hold the finite values only: an infinite value has no bucket.
 This module needs no torch; the writers live in :mod:`statscope.export.sinks`.
 """
 
@@ -68,9 +71,10 @@ def window_summaries(window: xr.Dataset, step: int) -> list[Scalar | Histogram]:
         step: the step to write them at (the window's last step, plus any offset).
 
     Returns:
-        Scalars ``fluctuation[_scale_free]/<layer>/<statistic>`` (layer medians) and histograms
-        ``neurons[_scale_free]/<layer>/<statistic>`` (per neuron), NaN values left out; an empty
-        list when the window holds no step with data.
+        Scalars ``fluctuation[_scale_free]/<layer>/<statistic>`` (layer medians; a NaN median
+        left out, ±inf kept: a scale-free fluctuation is infinite where a neuron's σ̄ is 0) and
+        histograms ``neurons[_scale_free]/<layer>/<statistic>`` (per neuron, finite values
+        only); an empty list when the window holds no step with data.
 
     Example:
         >>> from statscope.analyses._demo import demo_run
@@ -94,7 +98,7 @@ def window_summaries(window: xr.Dataset, step: int) -> list[Scalar | Histogram]:
             layer = str(layer)
             for stat in STATISTICS:
                 value = float(medians[stat].sel({S.LAYER: layer, S.QUANTITY: "median"}))
-                if np.isfinite(value):
+                if not np.isnan(value):
                     out.append(Scalar(f"{scalar_tag}/{layer}/{stat}", int(step), value))
                 values = np.asarray(per_neuron[stat].values, np.float64)[layers == layer]
                 values = values[np.isfinite(values)]
@@ -104,7 +108,8 @@ def window_summaries(window: xr.Dataset, step: int) -> list[Scalar | Histogram]:
 
 
 def scalar_summaries(ds: xr.Dataset, start: int, stop: int, offset: int = 0) -> list[Scalar]:
-    """The logged scalars of a run at steps ``start <= step < stop`` (finite values only).
+    """The logged scalars of a run at steps ``start <= step < stop``: NaN (not logged at that
+    step) left out, ±inf (a diverged loss) kept.
 
     Args:
         ds: one run from :func:`statscope.open_run`.
@@ -122,7 +127,7 @@ def scalar_summaries(ds: xr.Dataset, start: int, stop: int, offset: int = 0) -> 
     out = []
     for name in names:
         values = np.asarray(part[name].values, np.float64)
-        ok = np.isfinite(values)
+        ok = ~np.isnan(values)
         out += [Scalar(f"{SCALARS}/{name}", int(s) + offset, float(v))
                 for s, v in zip(steps[ok], values[ok])]
     return out

@@ -17,7 +17,8 @@ def reference_window(data, count, layers, steps, lo, hi):
         steps: (T,) global steps.
 
     Returns:
-        {(scale_free, stat): (n_neurons,) float64}; NaN where fewer than 2 valid steps.
+        {(scale_free, stat): (n_neurons,) float64}; NaN where fewer than 2 valid steps; the
+        scale-free one ±inf (or NaN) where σ̄ is 0.
     """
     rows = (steps >= lo) & (steps < hi)
     n = count[rows].astype(np.float64)
@@ -37,7 +38,8 @@ def reference_window(data, count, layers, steps, lo, hi):
             if v.size >= 2:
                 sd[j] = np.std(v, ddof=1)
         out[(False, stat)] = sd
-        out[(True, stat)] = sd / sigma
+        with np.errstate(divide="ignore", invalid="ignore"):  # σ̄ 0: inf or NaN, as intended
+            out[(True, stat)] = sd / sigma
     return out
 
 

@@ -77,3 +77,28 @@ def test_export_as_a_subprocess(tmp_path):
     assert "2 windows of 20 steps" in proc.stdout
     scalars, _, _ = read_events(tmp_path / "tb")
     assert sorted(scalars["fluctuation_scale_free/fc1/bn_std"]) == [19, 39]
+
+
+def garble(run):
+    chunk = run / "bn_mean" / "c" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 3] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+
+
+def test_a_damaged_run_in_a_folder_is_skipped_and_the_rest_exported(tmp_path, capsys):
+    runs, tb = tmp_path / "runs", tmp_path / "tb"
+    small_run(runs / "a_bad")
+    small_run(runs / "b_good", seed=1)
+    garble(runs / "a_bad")
+    assert main(["export", str(runs), "--to", "tensorboard", str(tb), "--window", "10"]) == 0
+    out, err = capsys.readouterr()
+    assert f"statscope: warning: skipping {runs / 'a_bad'}: " in err and "'bn_mean'" in err
+    assert out.splitlines() == [line for line in out.splitlines() if "b_good" in line] != []
+    assert not (tb / "a_bad").exists() or not list((tb / "a_bad").iterdir())
+    scalars, _, _ = read_events(tb / "b_good")
+    assert sorted(scalars["scalars/loss"]) == list(range(40))
+    garble(runs / "b_good")  # nothing left to export: an error naming each run
+    assert main(["export", str(runs), "--to", "tensorboard", str(tb), "--window", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "no run could be exported" in err and "a_bad" in err and "b_good" in err

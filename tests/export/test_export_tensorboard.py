@@ -11,11 +11,11 @@ pytest.importorskip("tensorboard")
 
 import statscope
 import statscope.export as E
-from statscope.errors import StatscopeError
+from statscope.errors import StatscopeError, StoreDamagedError
 from statscope.store import ProbeInfo, read_attrs
 from statscope.writer import RunWriter, write_run
 
-from export_reference import STATS, read_events, reference_window
+from export_reference import read_events, reference_window
 
 LAYERS = {"fc1": 3, "fc2:in": 2}
 
@@ -61,13 +61,17 @@ def check_against_numpy(log_dir, data, count, scalars, window, offset=0, steps=N
                     assert at not in tb_scalars.get(tag, {})
                     continue
                 assert tb_scalars[tag][at] == pytest.approx(np.nanmedian(values), rel=1e-5)
-                h = tb_hists[f"neurons{suffix}/{layer}/{stat}"][at]
                 finite = values[np.isfinite(values)]
+                hist_tag = f"neurons{suffix}/{layer}/{stat}"
+                if finite.size == 0:  # an infinite value has no bucket
+                    assert at not in tb_hists.get(hist_tag, {})
+                    continue
+                h = tb_hists[hist_tag][at]
                 assert h.num == finite.size
                 assert h.sum == pytest.approx(finite.sum(), rel=1e-6)
                 assert (h.min, h.max) == pytest.approx((finite.min(), finite.max()), rel=1e-6)
     for name, values in scalars.items():
-        ok = np.isfinite(values)
+        ok = ~np.isnan(values)  # NaN: not logged; ±inf: a value
         expect = {int(s) + offset: v for s, v in zip(steps[ok], values[ok])}
         got = tb_scalars[f"scalars/{name}"]
         assert got.keys() == expect.keys()
@@ -85,6 +89,22 @@ def test_export_matches_numpy_per_window_and_neuron(tmp_path):
     assert check_against_numpy(tmp_path / "tb", data, count, scalars, window=10) == 5
     # 5 windows x 2 layers x 4 statistics x (raw, scale-free), plus 47 finite losses
     assert (result.scalars, result.histograms) == (80 + 47, 80)
+
+
+def test_infinite_scalars_are_exported_and_nan_is_left_out(tmp_path):
+    # a diverged loss (inf) was left out of the export like a step without a value (NaN)
+    data, count, scalars = synthetic(n_steps=30, gaps=[3, 22])
+    scalars["loss"][[5, 17]] = [np.inf, -np.inf]
+    scalars["lr"] = np.where(np.arange(30) % 7 == 0, np.inf, 0.1)
+    write_run(tmp_path / "run", LAYERS, data, count=count, scalars=scalars)
+    result = E.export_run(tmp_path / "run", "tensorboard", tmp_path / "tb", window=10)
+    assert check_against_numpy(tmp_path / "tb", data, count, scalars, window=10) == 3
+    tb_scalars, _, _ = read_events(tmp_path / "tb")
+    loss = tb_scalars["scalars/loss"]
+    assert sorted(loss) == [s for s in range(30) if s not in (3, 22)]
+    assert (loss[5], loss[17]) == (np.inf, -np.inf)
+    assert [s for s, v in tb_scalars["scalars/lr"].items() if v == np.inf] == [0, 7, 14, 21, 28]
+    assert result.scalars == sum(len(points) for points in tb_scalars.values())
 
 
 def test_offset_shifts_every_step_and_the_partial_window_is_left_out(tmp_path):
@@ -116,6 +136,42 @@ def test_exporting_again_replaces_the_earlier_export_and_keeps_other_event_files
     assert steps == [9, 19, 29, 39, 49]
     assert [e.value for e in acc.Scalars("train/loss")] == [1.5]
     assert check_against_numpy(tmp_path / "tb", data, count, scalars, window=10) == 5
+
+
+def event_files(folder):
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_a_failed_export_leaves_the_folder_as_it_was(tmp_path):
+    # an export of a damaged run stopped at the first unreadable window and left an event file
+    # holding only the scalars; a second export had already removed the earlier, good one
+    data, count, scalars = synthetic(n_steps=30)
+    write_run(tmp_path / "run", LAYERS, data, count=count, scalars=scalars)
+    E.export_run(tmp_path / "run", "tensorboard", tmp_path / "tb", window=10)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "tb").iterdir()}
+    chunk = tmp_path / "run" / "bn_mean" / "c" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 3] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    for target in ("tb", "fresh"):
+        with pytest.raises(StoreDamagedError, match="'bn_mean'"):
+            E.export_run(tmp_path / "run", "tensorboard", tmp_path / target, window=10)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "tb").iterdir()} == before
+    assert check_against_numpy(tmp_path / "tb", data, count, scalars, window=10) == 3
+    assert event_files(tmp_path / "fresh") == []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_a_staged_sink_shows_nothing_until_closed(tmp_path):
+    sink = E.open_sink("tensorboard", tmp_path / "tb", staged=True)
+    sink.write([E.Scalar("scalars/loss", 3, 1.5)])
+    sink.flush()
+    assert event_files(tmp_path / "tb") == []
+    sink.close()
+    [name] = event_files(tmp_path / "tb")
+    assert name.startswith("events.out.tfevents.") and name.endswith(".statscope")
+    assert read_events(tmp_path / "tb")[0] == {"scalars/loss": {3: 1.5}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tb"]
 
 
 def test_custom_scalars_layout_pairs_bn_with_en_per_layer(tmp_path):
