@@ -18,9 +18,11 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from typing import Sequence
 
 from statscope import __version__
+from statscope.commands import show_warning
 from statscope.errors import StatscopeError
 
 __all__ = ["main", "build_parser", "entry"]
@@ -67,7 +69,9 @@ def _run(argv: Sequence[str] | None) -> int:
         parser.print_help()
         return 2
     try:
-        code = int(args.func(args) or 0)
+        with warnings.catch_warnings():  # the filters as they are (-W error stays an error)
+            warnings.showwarning = show_warning  # one line each, as the commands' own
+            code = int(args.func(args) or 0)
         sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's exit
         return code
     except BrokenPipeError:

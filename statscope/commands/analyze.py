@@ -373,19 +373,18 @@ def run_analyze(args: argparse.Namespace) -> int:
         if args.output:
             check_output(args.output, runs)
 
+        def one_table(r):
+            summaries = _summaries(r, window, args)
+            if summaries is not None:
+                return fluctuation_table(r.run, window, scale_free=args.scale_free, name=r.name,
+                                         windows=select_layers(summaries, args.layers))
+            return fluctuation_table(r.window, "all", scale_free=args.scale_free,
+                                     detrend=args.detrend, name=r.name, scheduler=scheduler)
+
         def work(runs):
             frames, notes, gaps = [], [], []
-            for r in runs:
-                summaries = _summaries(r, window, args)
-                if summaries is not None:
-                    df = fluctuation_table(r.run, window, scale_free=args.scale_free,
-                                           name=r.name,
-                                           windows=select_layers(summaries, args.layers))
-                else:
-                    df = fluctuation_table(r.window, "all", scale_free=args.scale_free,
-                                           detrend=args.detrend, name=r.name,
-                                           scheduler=scheduler)
-                frames.append(df)
+            runs = _tabled(runs, one_table, frames, scheduler)
+            for r, df in zip(runs, frames):
                 notes += [n if n.startswith(f"{r.name}/") else f"{r.name}: {n}"
                           for n in df.attrs.get("notes", [])]
             ranked = {r.name: r.window for r in runs if "rank" in r.window.dims}
@@ -423,6 +422,33 @@ def run_analyze(args: argparse.Namespace) -> int:
         text += "".join(f"note: {n}\n" for n in notes)
     write_text(text, args.output)
     return 0
+
+
+def _tabled(runs: list[OpenedRun], table, frames: list, scheduler) -> list[OpenedRun]:
+    """Append ``table(r)`` of each run to ``frames``; return the runs tabled. In this process a
+    run whose table cannot be made (window summaries that are damaged, missing or do not fit
+    the window, read only here) is skipped with a warning, as one that cannot be opened is
+    (:func:`open_runs_at`); on a cluster :func:`skipping_unreadable` finds such runs.
+
+    Raises:
+        StatscopeError: no run is left.
+    """
+    from statscope.errors import StatscopeError
+
+    done, reasons = [], []
+    for r in runs:
+        try:
+            frames.append(table(r))
+        except (StatscopeError, OSError, KeyError, ValueError) as err:
+            if scheduler is not None:
+                raise
+            reasons.append(f"{r.name}: {err}")
+            warn(f"skipping {r.name}: {err}")
+            continue
+        done.append(r)
+    if not done:
+        raise StatscopeError("no run to analyse: " + "; ".join(reasons))
+    return done
 
 
 def _summaries(r: OpenedRun, window, args):

@@ -33,7 +33,8 @@ def run_export(args: argparse.Namespace) -> int:
     """Handler of ``statscope export``: one line per run exported, a hint to open TensorBoard."""
     from pathlib import Path
 
-    from statscope.errors import StatscopeError
+    from statscope.commands.analyze import warn
+    from statscope.errors import StatscopeError, StoreError
     from statscope.export import export_run
     from statscope.store import find_runs, is_run, rank_paths
 
@@ -48,13 +49,24 @@ def run_export(args: argparse.Namespace) -> int:
         raise StatscopeError(f"RUN={args.run!r}: not a statscope run or a folder of runs")
     # a distributed run: each rank's store into its own folder (TensorBoard shows them as runs)
     jobs = [job for run, folder in jobs for job in _per_rank(run, folder, rank_paths(run))]
+    skipped = []
     for run, folder in jobs:
-        result = export_run(run, kind, folder, window=args.window, offset=args.step_offset)
+        try:
+            result = export_run(run, kind, folder, window=args.window, offset=args.step_offset)
+        except (StoreError, OSError, KeyError, ValueError, TypeError) as err:
+            if len(jobs) == 1 or (isinstance(err, StatscopeError)
+                                  and not isinstance(err, StoreError)):
+                raise  # one run asked for, or a bad argument (the same for every run)
+            skipped.append(f"{run}: {err}")
+            warn(f"skipping {run}: {err}")
+            continue
         line = (f"{run}: {result.windows} windows of {args.window} steps, {result.scalars} "
                 f"scalar points, {result.histograms} histograms -> {os.path.abspath(folder)}")
         if result.windows == 0:
             line += f" (no complete window up to step {result.last_step}; try a smaller --window)"
         print(line)
+    if len(skipped) == len(jobs):
+        raise StatscopeError(f"RUN={args.run!r}: no run could be exported: " + "; ".join(skipped))
     if kind == "tensorboard":
         print(f"open with: tensorboard --logdir {os.path.abspath(target)}", file=sys.stderr)
     return 0

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from statscope import schema as S
+from statscope.commands import show_warning, warning_line
 from statscope.errors import StatscopeError, StoreError
 
 __all__ = ["register", "run_run", "run_sweep", "run_runs", "run_info"]
@@ -146,16 +147,6 @@ def _config(args, **override):
     return RunConfig(**values)
 
 
-def _warning_line(message) -> str:
-    """A warning as one line: its first (a worker's traceback stays out of the terminal)."""
-    first = next((line for line in str(message).splitlines() if line.strip()), "")
-    return f"statscope: warning: {first.removeprefix('statscope: ')}"
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(_warning_line(message), file=sys.stderr)
-
-
 def _free_default_out(config):
     """``runs/<name>``, or ``runs/<name>-2``... when taken: a default ``--out`` is a new folder."""
     import dataclasses
@@ -181,7 +172,7 @@ def run_run(args) -> int:
         overwrite=args.overwrite, resume=args.resume))
     with warnings.catch_warnings():
         warnings.simplefilter("default")  # shown once each, as lines, whatever the filters were
-        warnings.showwarning = _show_warning
+        warnings.showwarning = show_warning
         bar = None if args.quiet else _Bar()
         try:
             t0 = time.perf_counter()
@@ -302,7 +293,7 @@ def run_sweep(args) -> int:
         for w in outcome.warnings:
             if w not in seen_warnings:
                 seen_warnings.add(w)
-                print(_warning_line(w), file=sys.stderr)
+                print(warning_line(w), file=sys.stderr)
         if item.action == "skip":
             line = f"skip  {item.name} (completed)"
         elif outcome.held:

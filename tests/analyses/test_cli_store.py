@@ -97,6 +97,25 @@ def test_analyze_and_report_skip_unreadable_and_empty_runs(runs_dir, tmp_path, c
     assert "garbage" in capsys.readouterr().err and "`bs64`" in dest.read_text()
 
 
+
+def test_analyze_from_window_summaries_skips_a_run_whose_summaries_are_damaged(runs_dir,
+                                                                               capsys):
+    # the summaries are read only when the table is made: a damaged one failed the command
+    shard = next(p for p in sorted((runs_dir / "bs4" / "windows" / "bn_mean_mean").rglob("*"))
+                 if p.is_file() and p.name != "zarr.json")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    args = ["analyze", str(runs_dir), "--source", "windows", "--window", "200", "--format",
+            "csv"]
+    assert _main(args) == 0
+    captured = capsys.readouterr()
+    assert "statscope: warning: skipping" in captured.err and "bs4" in captured.err
+    rows = captured.out.splitlines()[1:]
+    assert rows and all(r.startswith(str(runs_dir / "bs64") + ",") for r in rows)
+    assert _main(["analyze", str(runs_dir / "bs4"), *args[2:]]) == 2
+    assert "no run to analyse" in capsys.readouterr().err
+
 @pytest.mark.parametrize("argv, match", [
     (["--window", "5000"], "longer than run"),
     (["--layers", "fc9"], "no such layer fc9; available: fc1, fc2"),
