@@ -103,7 +103,7 @@ def rank_gap(ds: xr.Dataset, window=200, *, scale_free: bool = False,
     synced = list(w.attrs.get(S.ATTR_MERGED_LAYERS) or [])
     if synced:  # each rank normalized with the global statistics: there is no per-rank gap
         own = xr.DataArray(~np.isin(w[S.LAYER].values, synced), dims=S.NEURON)
-        removed, expected = removed.where(own), expected.where(own)
+        removed, expected = xr.where(own, removed, np.nan), xr.where(own, expected, np.nan)
     out = xr.Dataset({"per_rank": per_rank, "local": local, "merged": glob, "removed": removed,
                       "expected": expected, N_VALID: merged[N_VALID]})
     out = out.transpose(STATISTIC, S.RANK, S.NEURON, missing_dims="ignore")

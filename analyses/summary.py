@@ -14,6 +14,26 @@ from ._names import N_VALID, QUANTITIES, QUANTITY
 __all__ = ["layer_summary"]
 
 
+def nanquantiles(values: np.ndarray, qs) -> np.ndarray:
+    """``np.nanquantile(values, qs, axis=-1)`` (linear interpolation, NaN skipped) that keeps
+    infinite values: numpy interpolates as ``a + (b − a)·t``, which is NaN next to an inf even at
+    ``t = 0`` (the median of [1, 2, inf] read NaN; it is 2, the 75th percentile inf, and the
+    median of [−inf, 3] −inf).
+
+    Returns:
+        (len(qs), ...) quantiles; NaN where a row is all NaN.
+    """
+    qs = np.asarray(qs, np.float64)
+    with quiet():
+        lo = np.nanquantile(values, qs, axis=-1, method="lower")
+        hi = np.nanquantile(values, qs, axis=-1, method="higher")
+        n = np.sum(~np.isnan(values), axis=-1)
+        pos = np.multiply.outer(qs, np.maximum(n - 1, 0))
+        t = pos - np.floor(pos)
+        # (1 − t)·a + t·b: finite beside an inf, and -inf or inf when one of the two is
+        return np.where((lo == hi) | (t == 0), lo, (1 - t) * lo + t * hi)
+
+
 def layer_summary(result: xr.Dataset) -> xr.Dataset:
     """Summarise per-neuron values (e.g. :func:`fluctuation`) per layer.
 
@@ -53,7 +73,7 @@ def layer_summary(result: xr.Dataset) -> xr.Dataset:
             sel = np.flatnonzero(lay == layer)
             sub = arr[..., sel]
             with quiet():
-                res[..., j, :3] = np.moveaxis(np.nanquantile(sub, [0.5, 0.25, 0.75], axis=-1), 0, -1)
+                res[..., j, :3] = np.moveaxis(nanquantiles(sub, [0.5, 0.25, 0.75]), 0, -1)
             res[..., j, 3] = sub[..., int(np.argmin(units[sel]))]
         dims = [*other, S.LAYER, QUANTITY]
         da = xr.DataArray(res, dims=dims)

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -145,3 +147,24 @@ def test_layers_that_skip_steps_say_in_how_many_they_ran():
     notes = " ".join(f.attrs["notes"])
     assert "only some of the window's 60 steps: 'fc2' in 20, 'fc3' in 1 (too few" in notes
     assert "'fc1'" not in notes
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.floats(-1e6, 1e6), st.just(np.nan)), min_size=1, max_size=9))
+def test_layer_quantiles_equal_numpys_on_finite_values(values):
+    from statscope.analyses.summary import nanquantiles
+
+    a = np.array(values)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows
+        want = np.nanquantile(a, [0.5, 0.25, 0.75])
+    np.testing.assert_allclose(nanquantiles(a, [0.5, 0.25, 0.75]), want, rtol=1e-12, atol=1e-9)
+
+
+def test_an_infinite_neuron_leaves_the_layers_median_finite():
+    # numpy's linear interpolation a + (b - a)·t is NaN beside an inf even at t = 0: the median
+    # of [1, 2, inf] read NaN (a layer with one neuron's scale-free fluctuation infinite)
+    from statscope.analyses.summary import nanquantiles
+
+    got = nanquantiles(np.array([[1.0, 2.0, np.inf], [np.nan, -np.inf, 3.0]]), [0.5, 0.25, 0.75])
+    np.testing.assert_array_equal(got, [[2.0, -np.inf], [1.5, -np.inf], [np.inf, -np.inf]])
