@@ -279,17 +279,11 @@ def open_windows(path: str | os.PathLike, *, damaged: str = "raise",
     if not width:
         raise StoreError(f"path={path!r}: this run keeps no window summaries (window_steps="
                          f"{width!r})")
-    n = attrs.get(S.ATTR_N_WINDOWS)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise StoreDamagedError(f"path={path!r}: n_windows={n!r} is not a non-negative integer")
     layout = Layout.from_attrs(attrs)
     idx = layout.neuron_index(all_channels=True)
     w = S.WINDOWS_GROUP
-    want: dict[str, _Want] = {f"{w}/{S.STEP}": (n, None, "int64", -1),
-                              f"{w}/{S.COUNT}": (n, len(layout.probes), "int64", 0)}
-    for s in layout.stats:
-        cols = layout.n_groups if s in S.PER_GROUP_STATS else layout.n_channels
-        want.update({f"{w}/{s}_{part}": (n, cols, "float32", np.nan) for part in S.SUMMARIES})
+    want = _windows_want(path, attrs, layout)
+    n = want[f"{w}/{S.STEP}"][0]
     arrays = entries(path, group, want)
     found = verify(path, attrs, arrays) if damaged == "mask" else missing(path, attrs, arrays)
     if found and damaged == "raise":
@@ -336,6 +330,20 @@ def verify_run(path: str | os.PathLike) -> list[Damage]:
         return _verify_one(path)
 
 
+def _windows_want(path: str, attrs: Mapping, layout: Layout) -> dict[str, _Want]:
+    """What :func:`entries` opens of a run's window summaries (``windows/...``)."""
+    n = attrs.get(S.ATTR_N_WINDOWS)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise StoreDamagedError(f"path={path!r}: n_windows={n!r} is not a non-negative integer")
+    w = S.WINDOWS_GROUP
+    want: dict[str, _Want] = {f"{w}/{S.STEP}": (n, None, "int64", -1),
+                              f"{w}/{S.COUNT}": (n, len(layout.probes), "int64", 0)}
+    for s in layout.stats:
+        cols = layout.n_groups if s in S.PER_GROUP_STATS else layout.n_channels
+        want.update({f"{w}/{s}_{part}": (n, cols, "float32", np.nan) for part in S.SUMMARIES})
+    return want
+
+
 def _verify_one(path: str) -> list[Damage]:
     group, attrs = open_checked(path)
     n = check_marker(path, attrs)
@@ -345,7 +353,12 @@ def _verify_one(path: str) -> list[Damage]:
     want.update({s: (n, layout.n_groups if s in S.PER_GROUP_STATS else layout.n_neurons,
                      "float32", np.nan) for s in layout.stats})
     want.update({s: (n, None, "float64", np.nan) for s in attrs.get(S.ATTR_SCALARS, [])})
-    arrays = entries(path, group, want)
+    if n and attrs.get(S.ATTR_WINDOW_STEPS) and attrs.get(S.ATTR_N_WINDOWS):  # open_windows reads
+        want.update(_windows_want(path, attrs, layout))
+    # what open_run reads beside the per-step arrays, where the run has it
+    optional = {s: (layout.n_neurons, None, "float32", np.nan)
+                for s in (S.RUNNING_MEAN0, S.RUNNING_VAR0)}
+    arrays = entries(path, group, want, optional)
     found = verify(path, attrs, arrays)
     if not any(d.array == S.STEP for d in found):
         found += step_damage(_read_steps(path, arrays[S.STEP]), attrs.get(S.ATTR_LAST_STEP))

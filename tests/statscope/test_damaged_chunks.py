@@ -174,3 +174,29 @@ def test_a_missing_running_mean0_is_named_by_its_neurons(tmp_path):
         statscope.open_run(tmp_path / "run")
     assert f"'running_mean0' neurons 0..{n - 1}: missing" in str(err.value)
     assert "steps" not in str(err.value)
+
+
+def test_verify_run_lists_what_open_run_and_open_windows_refuse(run, tmp_path):
+    # it checked only the per-step arrays and the scalars: damaged window summaries or running
+    # statistics at the start were "intact" while the readers refused them
+    path, _ = run
+    assert verify_run(path) == []
+    arr = garble_chunk(path, f"{S.WINDOWS_GROUP}/bn_std_mean", (0, 1))
+    [d] = verify_run(path)
+    assert d.array == "windows/bn_std_mean" and unreadable_chunks(arr, N_WINDOWS) == [(0, 64)]
+    with pytest.raises(StoreDamagedError):
+        open_windows(path).compute()
+    n = sum(WIDTHS.values())
+    probes = [ProbeInfo(k, k, "BatchNorm1d", "input", 1, c) for k, c in WIDTHS.items()]
+    stats = {s: np.ones((4, 2 if s.startswith("en") else n), "f4")
+             for s in ("bn_mean", "bn_std", "en_mean", "en_std")}
+    writer = RunWriter(tmp_path / "r0", Layout(tuple(probes), tuple(stats)),
+                       running0={S.RUNNING_MEAN0: np.zeros(n, "f4"),
+                                 S.RUNNING_VAR0: np.ones(n, "f4")})
+    writer.append(np.arange(4), np.ones((4, 2), np.int64), stats)
+    writer.close()
+    assert verify_run(tmp_path / "r0") == []
+    garble(tmp_path / "r0" / S.RUNNING_MEAN0 / "c" / "0", 40)
+    with pytest.raises(StoreDamagedError):
+        statscope.open_run(tmp_path / "r0").compute()
+    assert [d.array for d in verify_run(tmp_path / "r0")] == [S.RUNNING_MEAN0]
