@@ -76,6 +76,9 @@ def _run(argv: Sequence[str] | None) -> int:
         return code
     except BrokenPipeError:
         raise
+    except KeyboardInterrupt:  # Ctrl-C: what was recorded is closed already (the run failed)
+        print("statscope: interrupted", file=sys.stderr)
+        return 130
     except StatscopeError as exc:
         return _error(str(exc), exc.exit_code)
     except OSError as exc:  # the machine, not the input: a full disk, a permission, a lost file
