@@ -407,6 +407,7 @@ def run_info(args) -> int:
     if versions:
         lines.append("versions  " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print("\n".join(lines))
+    _print_ranks(attrs)
     try:
         layout = Layout.from_attrs(attrs)
     except (KeyError, TypeError) as exc:
@@ -418,6 +419,24 @@ def run_info(args) -> int:
     if accuracy:
         print("test accuracy by epoch: " + ", ".join(f"{a:.4f}" for a in accuracy))
     return 0
+
+
+def _print_ranks(attrs: dict) -> None:
+    """A distributed run's ranks (``read_attrs`` puts each rank's attributes under ``ranks``):
+    the lines above are rank 0's, with the worst status and the largest step count."""
+    ranks = attrs.get("ranks")
+    if not ranks:
+        return
+    world = attrs.get(S.ATTR_WORLD_SIZE)
+    print(f"ranks     {len(ranks)}" + (f" of world size {world}" if world else "")
+          + " (the lines above: rank 0's, with the worst status and the most steps)")
+    for key, what in ((S.ATTR_MISSING_RANKS, "missing"), (S.ATTR_STALE_RANKS, "left out")):
+        if attrs.get(key):
+            print(f"  {what}: ranks {attrs[key]}")
+    print(_table(["RANK", "STATUS", "STEPS", "LAST", "STARTED"],
+                 [[r, str(a.get(S.ATTR_STATUS)), str(a.get(S.ATTR_N_STEPS)),
+                   str(a.get(S.ATTR_LAST_STEP, "—")), str(a.get(S.ATTR_STARTED, "—"))]
+                  for r, a in ranks.items()]))
 
 
 def _test_accuracy(path: str, attrs: dict) -> list[float]:

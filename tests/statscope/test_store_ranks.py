@@ -108,3 +108,21 @@ def test_open_windows_of_a_distributed_run_names_its_rank_stores(tmp_path):
     with pytest.raises(StoreError, match=r"a distributed run; window summaries are per rank "
                                          r"\(open_windows of .*/run/rank0, \.\.\.\)"):
         open_windows(tmp_path / "run")
+
+
+def test_info_of_a_distributed_run_lists_its_ranks(tmp_path, capsys):
+    from statscope.cli import main
+
+    rng = np.random.default_rng(3)
+    for r, steps in enumerate((6, 4, 6)):  # rank 1 stopped early
+        _write(tmp_path / "run" / f"rank{r}", rng.normal(size=(steps, 5, 3)), rank=r,
+               world_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StatscopeWarning)  # rank 3 is missing
+        assert main(["info", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "ranks     3 of world size 4" in out and "missing: ranks [3]" in out
+    rows = [line.split()[:4] for line in out.splitlines()
+            if line.split() and line.split()[0] in ("0", "1", "2")]
+    assert rows == [["0", "completed", "6", "5"], ["1", "completed", "4", "3"],
+                    ["2", "completed", "6", "5"]]
