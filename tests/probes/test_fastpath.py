@@ -440,20 +440,27 @@ def test_a_drifted_float32_mean_does_not_inflate_the_variance(tmp_path, layout):
         return x.reshape(64, 64, 64, 2).permute(0, 3, 1, 2)  # channels_last (N, C, H, W)
 
     xs = [batch() for _ in range(2)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one sequential sum per channel: more threads split it
-    try:
-        with statscope.record(model, tmp_path / "r"):
-            for x in xs:
-                model(x)
-    finally:
-        torch.set_num_threads(threads)
-    ds = statscope.open_run(tmp_path / "r")
+    ds = _record_on_one_thread(model, xs, tmp_path / "r")
     assert ds.attrs["probes"][0]["path"] == "batchnorm"
     mean, var = reference([x.double() for x in xs])
     scale = np.sqrt(var + model[0].eps)
     assert (np.abs(ds.bn_std.values - np.sqrt(var)) / scale).max() <= 5e-5
     assert (np.abs(ds.bn_mean.values - mean) / scale).max() <= 5e-5
+
+
+def _record_on_one_thread(model, xs, path):
+    """The run of ``model`` over ``xs`` recorded at ``path`` with one torch thread: torch's CPU
+    kernel then sums each channel sequentially (more threads split the sum)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with statscope.record(model, path):
+            for x in xs:
+                model(x)
+    finally:
+        torch.set_num_threads(threads)
+    return statscope.open_run(path)
+
 
 def test_beyond_the_trusted_count_torchs_float32_cpu_sums_are_not_used(tmp_path, monkeypatch):
     monkeypatch.setattr("statscope.probes.reduce.CPU_BATCHNORM_MAX", 1000)
@@ -730,15 +737,7 @@ def test_low_precision_cpu_inputs_are_reduced_generically(tmp_path, dtype, shape
     gen = torch.Generator().manual_seed(seed)
     xs = [(torch.randn(shape, generator=gen) + offset).to(dtype)
           .to(memory_format=torch.channels_last) for _ in range(2)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one sequential sum per channel: more threads split it
-    try:
-        with statscope.record(model, tmp_path / "r"):
-            for x in xs:
-                model(x)
-    finally:
-        torch.set_num_threads(threads)
-    ds = statscope.open_run(tmp_path / "r")
+    ds = _record_on_one_thread(model, xs, tmp_path / "r")
     want = np.stack([x.double().transpose(0, 1).reshape(shape[1], -1).std(1, correction=0)
                      .numpy() for x in xs])
     np.testing.assert_allclose(ds.bn_std.values, want, rtol=1e-5)
