@@ -209,7 +209,8 @@ class RunWriter(WriterArrays):
         self._scalars.append(name)
 
     def flush_due(self) -> bool:
-        """True when staged rows have waited ``flush_seconds``."""
+        """True when staged rows, or scalars written into rows in place, have waited
+        ``flush_seconds``."""
         return (bool(self._staged) or self._amended) \
             and time.monotonic() - self._last_write >= self.flush_seconds
 
