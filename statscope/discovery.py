@@ -147,7 +147,8 @@ def open_checked(path: str | os.PathLike):
         if not p.exists():
             raise StoreError(f"path={path!r}: no such file or directory")
         if not (p / "zarr.json").exists():
-            raise StoreError(f"path={path!r}: not a statscope run (no zarr.json)")
+            raise StoreError(f"path={path!r}: not a statscope run (no zarr.json)"
+                             + _being_created(path))
     try:
         group = zarr.open_group(zarr_store(path), mode="r", zarr_format=3)
         attrs = dict(group.attrs)
@@ -164,11 +165,30 @@ def open_checked(path: str | os.PathLike):
                    f"{type(exc).__name__}: {exc})") from None
     version = attrs.get(S.ATTR_FORMAT)
     if version is None:
-        raise StoreError(f"path={path!r}: not a statscope run (no {S.ATTR_FORMAT!r} attribute)")
-    if isinstance(version, bool) or version not in S.READABLE_FORMATS:
+        raise StoreError(f"path={path!r}: not a statscope run (no {S.ATTR_FORMAT!r} attribute)"
+                         + _being_created(path))
+    if isinstance(version, bool) or not isinstance(version, int) \
+            or version not in S.READABLE_FORMATS:
         raise StoreError(f"path={path!r}: store format version {version!r} is unknown; this "
                          f"statscope reads versions {list(S.READABLE_FORMATS)}")
     return group, attrs
+
+
+def _being_created(path: str) -> str:
+    """What to add to "not a statscope run" for a local folder whose writer holds the lease
+    beside it: a run in its first moments, before its root attributes are written."""
+    from statscope.lease import lease_path
+
+    if is_url(path):
+        return ""
+    try:
+        lease = lease_path(path)
+    except StoreError:
+        return ""
+    if not os.path.exists(lease):
+        return ""
+    return (f"; {lease!r} is beside it: a writer may be creating the run this moment, so read "
+            "it again shortly")
 
 
 def rank_paths(path: str | os.PathLike) -> list[str]:

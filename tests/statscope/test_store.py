@@ -156,7 +156,11 @@ def test_bad_paths_and_formats(tmp_path):
     with pytest.raises(StoreError, match="no such file or directory"):
         statscope.open_run(tmp_path / "missing")
     (tmp_path / "plain").mkdir()
-    with pytest.raises(StoreError, match="not a statscope run"):
+    with pytest.raises(StoreError, match=r"not a statscope run \(no zarr.json\)$"):
+        statscope.open_run(tmp_path / "plain")
+    # a writer's first moments: the folder and its lease, no root document yet
+    (tmp_path / "plain.lease").write_text("{}")
+    with pytest.raises(StoreError, match="a writer may be creating the run this moment"):
         statscope.open_run(tmp_path / "plain")
     probes, data = synthetic(t=3)
     write_run(tmp_path / "r", probes, data)
@@ -165,6 +169,10 @@ def test_bad_paths_and_formats(tmp_path):
     doc["attributes"]["statscope_format"] = 99
     meta.write_text(json.dumps(doc))
     with pytest.raises(StoreError, match="format version 99 is unknown"):
+        statscope.open_run(tmp_path / "r")
+    doc["attributes"]["statscope_format"] = 2.0  # equal to 2, but no writer writes a float
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match="format version 2.0 is unknown"):
         statscope.open_run(tmp_path / "r")
     with pytest.raises(StoreError, match="already exists"):
         write_run(tmp_path / "r", probes, data)
