@@ -14,8 +14,8 @@ import numpy as np
 
 from statscope import schema as S
 from statscope.errors import StatscopeError, StoreDamagedError, StoreError
-from statscope.integrity import (CheckedArray, Damage, check_array, chunk_regions, missing_shards,
-                                 opener, shard_shape)
+from statscope.integrity import (CheckedArray, Damage, bounds_region, check_array,
+                                 chunk_regions, missing_shards, opener, shard_shape)
 from statscope.storage import list_keys
 
 __all__ = ["Entry", "entries", "missing", "verify", "lazy", "check_chunks", "expand"]
@@ -110,7 +110,7 @@ def verify(path: str, attrs: Mapping[str, Any], arrays: Mapping[str, Entry]) -> 
                        and (c0 is None or d.columns[0] == c0) for d in found):
                     continue
                 try:
-                    e.array[_region(bounds)]
+                    e.array[bounds_region(bounds)]
                 except Exception:  # noqa: BLE001 - the chunks below say which and why
                     found += _damaged_chunks(name, e.array, bounds)
     return found
@@ -123,17 +123,13 @@ def _damaged_chunks(name: str, arr, bounds) -> list[Damage]:
     pieces = chunk_regions(tuple(arr.chunks), bounds)
     for piece in pieces:
         try:
-            arr[_region(piece)]
+            arr[bounds_region(piece)]
         except Exception as exc:  # the codec's checksum or decompression failed
             bad.append((piece, f"unreadable ({type(exc).__name__}: {exc})"))
     if bad and len(bad) == len(pieces):
         bad = [(bounds, bad[0][1])]
     return [Damage(name, piece[0], piece[1] if len(piece) > 1 else None, reason)
             for piece, reason in bad]
-
-
-def _region(bounds) -> tuple[slice, ...]:
-    return tuple(slice(a, b) for a, b in bounds)
 
 
 def lazy(path: str, name: str, e: Entry, found: list[Damage], chunks: Mapping[str, int] | None,

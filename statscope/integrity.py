@@ -21,7 +21,7 @@ from statscope import schema as S
 from statscope.errors import StoreDamagedError
 
 __all__ = ["Damage", "check_marker", "check_array", "step_damage", "missing_shards",
-           "chunk_regions", "row_axis", "opener", "CheckedArray"]
+           "bounds_region", "chunk_regions", "row_axis", "opener", "CheckedArray"]
 
 
 @dataclass(frozen=True)
@@ -261,13 +261,18 @@ class CheckedArray:
             f"damaged='mask' to {opener([self.name])} to read the rest")
 
     def _read_again_if_torn(self, bounds) -> np.ndarray:
-        region = tuple(slice(a, b) for a, b in bounds)
+        region = bounds_region(bounds)
         for attempt in range(1, _READ_TRIES):
             try:
                 return np.asarray(self._arr[region])
             except Exception:  # noqa: BLE001 - whatever it is, the last try below says it
                 time.sleep(0.01 * attempt)  # let the writer's rename land
         return np.asarray(self._arr[region])
+
+
+def bounds_region(bounds) -> tuple[slice, ...]:
+    """``bounds`` ((start, stop) per axis) as the slices that index them."""
+    return tuple(slice(a, b) for a, b in bounds)
 
 
 def chunk_regions(chunks: tuple[int, ...], bounds) -> list[tuple[tuple[int, int], ...]]:
