@@ -61,7 +61,7 @@ from statscope.probes.selection import (Target, _per_layer, check_per_layer, nor
 from statscope.probes.statistics import STATISTICS, get_statistic
 from statscope.probes.steps import Steps, _caller_level
 from statscope.probes.streams import StreamOrder
-from statscope.probes.worker import Attrs, Notice, ProbeStatic, Worker
+from statscope.probes.worker import Attrs, Flush, Notice, ProbeStatic, Worker
 from statscope.storage import use_options
 from statscope.store import ProbeInfo
 from statscope.writer import check_path, check_scalar_name, resume_step
@@ -370,6 +370,51 @@ class Recorder(Lifecycle, Hooks, Steps):
                 # not _dirty: a value logged before the step's first forward (the run's first
                 # step, or a side thread) belongs to the step that forward then joins
                 self._logged = True
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Commit every step that ended to the store now, and return once it is committed.
+
+        Call it before saving a checkpoint: a checkpoint of step s is then never ahead of the
+        store (``resume=True`` continues from the newest checkpoint at or before the store's
+        last step), and a store that shares a disk with the checkpoint writes before it does.
+        Under the optimizer rule the step whose ``optimizer.step()`` ran is committed too;
+        what is logged after this call (an evaluation's accuracy) still joins it.
+
+        Args:
+            timeout: the longest wait in seconds; recording goes on after it either way.
+
+        Returns:
+            True when the store holds every step that ended; False when the writer failed (as
+            at any put, a warning, or :class:`RecordingError` with ``on_error="raise"``) or
+            did not finish within ``timeout`` (a warning).
+        """
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or not timeout > 0:
+            raise StatscopeError(f"flush(timeout={timeout!r}): expected a positive number of "
+                                 "seconds")
+        if self._state == "new":
+            raise StatscopeError("flush(): the recorder is not started; use it as a context "
+                                 "manager or call start()")
+        if self._state == "closed":
+            return True  # close() committed everything
+        if not self._on:
+            return False
+        done = threading.Event()
+        committed = self._put(Flush(done))
+        deadline = time.monotonic() + timeout
+        while committed and not done.wait(0.05):
+            if not self._writer.alive:
+                committed = False
+            elif time.monotonic() >= deadline:
+                committed = False
+                self._say.append(Notice(
+                    f"statscope: flush(timeout={timeout}): the store {self.path!r} did not "
+                    "commit within the timeout; recording goes on", StatscopeWarning))
+        if committed and self._writer.failure is not None:
+            committed = self._stopped()
+        if self._say or self._writer.notices:
+            self._emit()
+        return committed
 
 
 def _warn_scripted(model: nn.Module) -> None:

@@ -225,12 +225,16 @@ class Steps:
     def _put(self, msg) -> bool:
         if self._writer.put(msg):
             return True
-        self._say.append(Notice(f"statscope: recording into {self.path!r} stopped: the writer "
-                                f"failed ({self._writer.failure!r}); training goes on",
-                                StatscopeWarning))
+        return self._stopped()
+
+    def _stopped(self) -> bool:
+        """The writer failed: say so (or raise, ``on_error="raise"``), stop recording; False."""
         if self.on_error == "raise":
             raise RecordingError(f"path={self.path!r}: recording failed "
                                  f"({self._writer.failure!r})") from self._writer.failure
+        self._say.append(Notice(f"statscope: recording into {self.path!r} stopped: the writer "
+                                f"failed ({self._writer.failure!r}); training goes on",
+                                StatscopeWarning))
         self._on = False
         return False
 

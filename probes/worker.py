@@ -36,7 +36,7 @@ from statscope.writer_process import WriterProcess
 
 _ADVICE_POLL = 0.005  # seconds between the writer thread's looks for the writer process's advice
 
-__all__ = ["Attrs", "Close", "Notice", "Worker", "Filer", "ProbeStatic"]
+__all__ = ["Attrs", "Close", "Flush", "Notice", "Worker", "Filer", "ProbeStatic"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,14 @@ class Attrs:
     """Root attributes to set, in order with the data."""
 
     attrs: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Flush:
+    """File the steps that ended (and one whose ``optimizer.step()`` ran), commit the store, then
+    set ``done``: set also when the writer failed, before or during it."""
+
+    done: threading.Event
 
 
 @dataclass(frozen=True)
@@ -326,6 +334,11 @@ class Worker:
                 if isinstance(msg, Close):
                     self._close(msg)
                     return
+                if isinstance(msg, Flush):
+                    if self.failure is None:
+                        self._safely(self._flush)
+                    msg.done.set()
+                    continue
                 if self.failure is not None:
                     if isinstance(msg, Block) and msg.owned:
                         for pair in msg.buffers():
@@ -353,6 +366,14 @@ class Worker:
                 self.notices.extend(self.filer.file(block))
         if writer.flush_due():
             writer.flush()
+        self.notices.extend(self.filer.settle())
+
+    def _flush(self) -> None:
+        block = self._idle_take()
+        if block is not None:
+            self.last_block = time.monotonic()
+            self.notices.extend(self.filer.file(block))
+        self.filer.writer.flush()
         self.notices.extend(self.filer.settle())
 
     def _safely(self, fn) -> None:

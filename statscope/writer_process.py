@@ -223,6 +223,12 @@ class WriterProcess:
     def flush_due(self) -> bool:
         return False  # the child flushes on its own clock: the writer thread never asks it to
 
+    def flush(self) -> None:
+        """As :meth:`RunWriter.flush`: returns once the child committed every row it was sent."""
+        self._check()
+        self._send(("flush",))
+        self._wait("flushed")
+
     def close(self, status: str = S.STATUS_COMPLETED, error: str | None = None) -> None:
         """As :meth:`RunWriter.close`: the child writes what it holds, marks the run and ends."""
         if self.closed:
@@ -444,6 +450,9 @@ def _handle(conn, writer: RunWriter, msg) -> None:
         conn.send(("added", writer.layout))
     elif kind == "attrs":
         writer.set_attrs(**msg[1])
+    elif kind == "flush":
+        writer.flush()
+        conn.send(("flushed",))
     else:
         raise StatscopeError(f"writer process: unknown message {kind!r}")
 

@@ -285,15 +285,15 @@ class _Loop:
                         break  # max_steps stops inside this epoch
                     self._evaluate(test_x, test_y, rec)
                     self._at = (step, epoch + 1, self.shuffle.get_state())
-                    self._save(*self._at)
+                    self._save(*self._at, rec=rec)
                 if step % per_epoch and len(self.accuracy) == step // per_epoch:
                     self._evaluate(test_x, test_y, rec)
                 if self._at[0] > self._saved:
-                    self._save(*self._at)
+                    self._save(*self._at, rec=rec)
             except BaseException:
                 if self._at is not None and self._at[0] > self._saved:
                     with contextlib.suppress(Exception):  # never hide why the run stopped
-                        self._save(*self._at)
+                        self._save(*self._at, rec=rec)
                 raise
             if self.progress is not None:
                 self._report(min(epoch, cfg.epochs - 1), step, loss, rec is not None)
@@ -327,13 +327,15 @@ class _Loop:
         config = {k: v for k, v in self.cfg.meta().items() if k not in RESUMABLE}
         return {**config, "device": self.cfg.device, "steps_per_epoch": self.steps_per_epoch}
 
-    def _save(self, step: int, epoch: int, shuffle_state) -> None:
+    def _save(self, step: int, epoch: int, shuffle_state, rec=None) -> None:
         import torch
 
         from statscope.experiments.checkpoint import Checkpoint
 
         if not self.checkpoints:
             return
+        if rec is not None:
+            rec.flush()  # the store first: a checkpoint is never ahead of it, nor fills its disk
         cuda = self.cfg.device == "cuda"
         Checkpoint(step=step, epoch=epoch,
                    lr=self.cfg.spec.lr_at(epoch, self.cfg.epochs, self.cfg.lr),

@@ -112,6 +112,13 @@ class StatscopeTrainerCallback(TrainerCallback):
             else:
                 self.session.log(**scalars)
 
+    def on_save(self, args, state, control, **kwargs):
+        # Commit the steps before the checkpoint's. Its own step ends at the next step's
+        # begin (what the Trainer logs at an epoch's end may still come), reaching the store
+        # within flush_seconds: a run killed before that and resumed lacks that one step.
+        if self._open():
+            self.session.flush()
+
     def on_train_end(self, args, state, control, **kwargs):
         if self.session is not None:
             self.session.close()

@@ -106,6 +106,11 @@ class StatscopeCallback(Callback):
         self.session.end_step()
         self._loss, self._batches, self._lr = None, 0, None
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        # Lightning runs checkpoint callbacks after the others: the step ended here already
+        if self.session is not None and not self.session.closed:
+            self.session.flush()
+
     def on_train_end(self, trainer, pl_module) -> None:
         if self.session is not None:
             self.session.close()

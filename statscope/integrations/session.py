@@ -198,6 +198,11 @@ class RecordingSession:
         self._before.update(scalars, trainer_step=trainer_step)
         self.recorder.set_attrs(**{ATTR_BEFORE_TRAINING: dict(self._before)})
 
+    def flush(self) -> bool:
+        """Commit every step that ended (:meth:`statscope.Recorder.flush`): before the trainer
+        saves a checkpoint, so that a run resumed from it finds the steps before it stored."""
+        return self.recorder.flush()
+
     def end_step(self) -> None:
         """End the current optimizer step; export live every ``live.every`` steps."""
         self.recorder.step()

@@ -105,3 +105,25 @@ def test_a_failure_without_the_context_is_marked_when_the_callback_goes(tmp_path
     ds = statscope.open_run(tmp_path / "run")
     assert ds.attrs["status"] == "failed"
     assert "without reporting its end" in ds.attrs["error"]
+
+
+def test_each_checkpoint_is_saved_once_the_store_committed_its_steps(tmp_path):
+    """on_save commits the store up to the checkpoint's step, which ends (and reaches the store
+    within flush_seconds) at the next step's begin, so that logs at an epoch's end join it."""
+    from statscope.store import read_attrs
+
+    seen = []
+
+    class Spy(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            seen.append((state.global_step, read_attrs(tmp_path / "run").get("n_steps", 0)))
+
+    cb = StatscopeTrainerCallback(tmp_path / "run")
+    args = hf_arguments(tmp_path / "out", save_strategy="steps", save_steps=2)
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=TokenData(64),
+                      callbacks=[cb, Spy()])
+    with cb:
+        trainer.train()
+    assert seen == [(2, 1), (4, 3), (6, 5)]  # store step k is the Trainer's step k + 1
+    ds = statscope.open_run(tmp_path / "run")
+    assert ds.sizes["step"] == 6 and np.isfinite(ds.loss.values).all()

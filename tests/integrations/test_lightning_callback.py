@@ -225,3 +225,26 @@ def test_two_ddp_ranks_write_one_store_each(tmp_path):
         assert ds.attrs["status"] == "completed"
         assert ds.sizes["step"] == 4  # 32 samples per rank, batch 4, 2 micro-batches per step
     assert not np.allclose(runs[0].bn_mean.values, runs[1].bn_mean.values)  # own shards
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty:UserWarning")
+def test_each_checkpoint_is_saved_once_the_store_committed_its_steps(tmp_path):
+    """on_save_checkpoint commits the store: a checkpoint is never ahead of it (a resume from it
+    then finds every step before it stored)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from statscope.store import read_attrs
+
+    seen = []
+
+    class Saver(ModelCheckpoint):
+        def _save_checkpoint(self, trainer, filepath):
+            super()._save_checkpoint(trainer, filepath)
+            seen.append((trainer.global_step, read_attrs(tmp_path / "run").get("n_steps", 0)))
+
+    torch.manual_seed(0)
+    saver = Saver(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    lightning_trainer([StatscopeCallback(tmp_path / "run"), saver], max_steps=7,
+                      limit_val_batches=0, enable_checkpointing=True).fit(
+        TinyNet(), regression_loader(), regression_loader())
+    assert seen[:2] == [(3, 3), (6, 6)]

@@ -474,6 +474,25 @@ def test_a_full_disk_while_saving_a_checkpoint_stops_the_run_cleanly(tmp_path, m
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in b)
 
 
+def test_each_checkpoint_is_saved_once_the_store_committed_its_step(tmp_path, mnist_dir,
+                                                                   monkeypatch):
+    """The store is flushed before a checkpoint: a checkpoint is never ahead of the committed
+    store (a kill then resumes from it), and a store sharing its disk writes first."""
+    from statscope.experiments import checkpoint
+
+    real, seen = checkpoint.Checkpoint.save, []
+
+    def save(self, out):
+        seen.append((self.step, statscope.store.read_attrs(out).get(S.ATTR_N_STEPS)))
+        return real(self, out)
+
+    monkeypatch.setattr(checkpoint.Checkpoint, "save", save)
+    out = tmp_path / "r"
+    assert main(["run", "mnist-fc", "--bs", "4", "--epochs", "2", "--data-dir", mnist_dir,
+                 "-q", "--out", str(out)]) == 0
+    assert seen == [(16, 16), (32, 32)]
+
+
 @pytest.mark.slow
 def test_a_real_full_disk_while_saving_a_checkpoint(tmp_path, mnist_dir):
     """The same on a tmpfs (in a private mount namespace) sized so that the store of 16 steps
