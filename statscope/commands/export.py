@@ -49,6 +49,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise StatscopeError(f"RUN={args.run!r}: not a statscope run or a folder of runs")
     # a distributed run: each rank's store into its own folder (TensorBoard shows them as runs)
     jobs = [job for run, folder in jobs for job in _per_rank(run, folder, rank_paths(run))]
+    _check_target(kind, target, [run for run, _ in jobs])
     skipped = []
     for run, folder in jobs:
         try:
@@ -70,6 +71,31 @@ def run_export(args: argparse.Namespace) -> int:
     if kind == "tensorboard":
         print(f"open with: tensorboard --logdir {os.path.abspath(target)}", file=sys.stderr)
     return 0
+
+
+def _check_target(kind: str, target: str, runs: list[str]) -> None:
+    """Refuse a target folder inside a run (its event files would sit among the run's arrays)
+    or one that is a file.
+
+    Raises:
+        StatscopeError: naming the target and why.
+    """
+    from pathlib import Path
+
+    from statscope.errors import StatscopeError
+    from statscope.store import is_run
+
+    if "://" in target:
+        return
+    path = Path(target).expanduser().resolve()
+    inside = {Path(r).resolve() for r in runs if "://" not in r}
+    for parent in (path, *path.parents):
+        if parent in inside or (parent.is_dir() and (parent / "zarr.json").exists()
+                                and is_run(parent)):
+            raise StatscopeError(f"--to {kind} {target}: inside the run {parent}; write it "
+                                 "elsewhere (its files would sit among the run's arrays)")
+    if path.exists() and not path.is_dir():
+        raise StatscopeError(f"--to {kind} {target}: is a file; name a folder")
 
 
 def _per_rank(run: str, folder: str, ranks: list[str]) -> list[tuple[str, str]]:

@@ -62,6 +62,25 @@ def test_bad_arguments_are_one_error_line(tmp_path, capsys, argv, message):
     assert not (tmp_path / "tb").exists()
 
 
+@pytest.mark.parametrize("where", ["the run", "another run", "a file"])
+def test_a_target_inside_a_run_or_a_file_is_refused(tmp_path, capsys, where):
+    run = small_run(tmp_path / "run")
+    small_run(tmp_path / "other", seed=1)
+    (tmp_path / "file").write_text("x")
+    target = {"the run": tmp_path / "run", "another run": tmp_path / "other" / "tb",
+              "a file": tmp_path / "file"}[where]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(["export", run, "--to", "tensorboard", str(target)]) == 2
+    err = capsys.readouterr().err
+    if where == "a file":
+        assert err == f"statscope: error: --to tensorboard {target}: is a file; name a folder\n"
+    else:
+        inside = tmp_path / ("run" if where == "the run" else "other")
+        assert err.startswith(f"statscope: error: --to tensorboard {target}: inside the run "
+                              f"{inside}; ") and err.count("\n") == 1, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 def test_not_a_run(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nothing"), "--to", "tensorboard",
                  str(tmp_path / "tb")]) == 2
