@@ -78,15 +78,18 @@ class _Moments:
         nb = use.sum(0)
         if not nb.any():
             return
+        # the same operations as above, in the same order: a column that ran at every row gets
+        # the same bits from either branch (a resumed run's rebuilt window takes this one)
         with np.errstate(invalid="ignore", divide="ignore"):
             xs = np.where(use, x, 0.0)
             mb = xs.sum(0) / np.maximum(nb, 1)
             m2b = (np.where(use, x - mb, 0.0) ** 2).sum(0)
             n = self.n + nb
             delta = mb - self.mean
-            frac = np.where(n > 0, nb / np.maximum(n, 1), 0.0)
-            self.mean = np.where(nb > 0, self.mean + delta * frac, self.mean)
-            self.m2 = np.where(nb > 0, self.m2 + m2b + delta * delta * self.n * frac, self.m2)
+            m = np.maximum(n, 1)
+            self.mean = np.where(nb > 0, self.mean + delta * (nb / m), self.mean)
+            self.m2 = np.where(nb > 0, self.m2 + m2b + delta * delta * (self.n * nb / m),
+                               self.m2)
         self.n = n
 
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
@@ -97,8 +100,17 @@ class _Moments:
         return mean, std
 
 
+_PART = 32  # steps of a window merged at once (aligned at the window's start)
+
+
 class Windows:
     """Accumulates rows into windows of ``length`` steps and hands back each finished window.
+
+    Rows are merged in parts of ``_PART`` steps aligned at the window's start, whatever blocks
+    they come in: a part is merged once a later step arrives (or the window is finished), so
+    the summaries do not depend on how the rows were handed over (blocks, idle flushes, a
+    resumed run's rebuilt window) and a resumed run's are byte-identical to an uninterrupted
+    one's.
 
     Args:
         length: W, steps per window.
@@ -111,14 +123,18 @@ class Windows:
         self.widths = dict(widths)
         self.n_probes = n_probes
         self.index: int | None = None
+        self._probe_of: dict[str, np.ndarray] = {}
         self._reset()
 
     def _reset(self) -> None:
         self._acc = {name: _Moments(w) for name, w in self.widths.items()}
         self._ran = np.zeros(self.n_probes, np.int64)
+        # the rows of the last part, not merged yet: (steps, count, values)
+        self._tail: tuple | None = None
 
     def widen(self, widths: dict[str, int], n_probes: int) -> None:
         """New probes joined: more columns, starting empty in the current window."""
+        self._merge_tail()
         self.widths = dict(widths)
         for name, acc in self._acc.items():
             acc.widen(widths[name])
@@ -136,28 +152,57 @@ class Windows:
             values: per statistic, (k, columns) values of every column.
             probe_of: per statistic, (columns,) the probe of each column.
             lost: per statistic, (columns,) columns whose values in these rows are unknown (set
-                when a resumed writer rebuilds its window from kept columns only): NaN there.
+                when a resumed writer rebuilds its window from kept columns only): NaN in the
+                rows' window (one window: the current one).
         """
         done = []
-        which = np.asarray(steps) // self.length
-        for k in np.unique(which):
-            rows = which == k
-            if rows.all():
-                rows = slice(None)  # the block lies in one window: views, not copies
+        steps = np.asarray(steps)
+        if self._tail is not None:  # the held part's rows go first
+            t_steps, t_count, t_values = self._tail
+            self._tail = None
+            steps = np.concatenate([t_steps, steps])
+            count = np.concatenate([t_count, count])
+            values = {n: np.concatenate([t_values[n], values[n]]) for n in t_values}
+        if not len(steps):
+            return done
+        which = steps // self.length
+        part = which * (self.length // _PART + 1) + (steps - which * self.length) // _PART
+        cuts = np.flatnonzero(np.diff(part)).tolist()
+        bounds = list(zip([0, *(c + 1 for c in cuts)], [*(c + 1 for c in cuts), len(steps)]))
+        self._probe_of = probe_of
+        for i, (a, b) in enumerate(bounds):
+            k = int(which[a])
             if self.index is not None and k != self.index:
                 done.append(self.finish())
-            self.index = int(k)
-            ran = count[rows] > 0
-            self._ran += ran.sum(0)
-            everywhere = ran.all()
+            self.index = k
+            rows = slice(a, b)
+            if i < len(bounds) - 1:
+                self._merge(count[rows], {n: v[rows] for n, v in values.items()})
+            else:  # the last part may go on in the next rows: held (copies) until it is whole
+                self._tail = (steps[rows].copy(), count[rows].copy(),
+                              {n: v[rows].copy() for n, v in values.items()})
+        if lost is not None:  # the rows' window, which is the current one
             for name, acc in self._acc.items():
-                acc.add(values[name][rows], None if everywhere else ran[:, probe_of[name]])
-                if lost is not None and name in lost:
+                if name in lost:
                     acc.bad |= lost[name]
         return done
 
+    def _merge(self, count: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        ran = count > 0
+        self._ran += ran.sum(0)
+        everywhere = ran.all()
+        for name, acc in self._acc.items():
+            acc.add(values[name], None if everywhere else ran[:, self._probe_of[name]])
+
+    def _merge_tail(self) -> None:
+        if self._tail is not None:
+            _, count, values = self._tail
+            self._tail = None
+            self._merge(count, values)
+
     def finish(self) -> WindowRow:
         """Close the current window (the last one, at the end of a run) and return it."""
+        self._merge_tail()
         mean, std = {}, {}
         for name, acc in self._acc.items():
             mean[name], std[name] = acc.finish()

@@ -46,7 +46,8 @@ def write_cifar(folder, per_batch=8, seed=0):
 
 
 def raw_arrays(path):
-    """Every array of a store as raw bytes, up to its commit marker, keyed by name."""
+    """Every array of a store as raw bytes, up to its commit marker, keyed by name (the window
+    summaries as ``windows/<name>``, up to ``n_windows``)."""
     group = zarr.open_group(path, mode="r")
     n = int(group.attrs[S.ATTR_N_STEPS])
     out = {}
@@ -57,6 +58,10 @@ def raw_arrays(path):
                                                               S.NEURON_GROUP):
             data = data[:n]
         out[name] = data.tobytes()
+    if S.WINDOWS_GROUP in group:  # the window summaries, up to their own marker
+        windows = int(group.attrs.get(S.ATTR_N_WINDOWS, 0))
+        for name, array in group[S.WINDOWS_GROUP].arrays():
+            out[f"{S.WINDOWS_GROUP}/{name}"] = array[:windows].tobytes()
     return out
 
 
