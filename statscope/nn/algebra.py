@@ -2,10 +2,10 @@
 
 Functions of a layer (:class:`statscope.nn.layers.HeteroNorm` or
 :class:`~statscope.nn.layers.SwitchableNorm`) shared by its routes: the plain-op forward
-(:func:`plain_forward`, also what ``torch.compile`` traces and what double backward
-differentiates), the set statistics from cell moments (:func:`statistics_from_cells`, also the
-per-example Function's), Bessel's factors, the running-statistics updates of the per-channel
-routes and their per-shape constants.
+(:func:`plain_forward`, also what ``torch.compile``, ``torch.jit.trace`` and torch.func's
+transforms see and what double backward differentiates), the set statistics from cell moments
+(:func:`statistics_from_cells`, also the per-example Function's), Bessel's factors, the
+running-statistics updates of the per-channel routes and their per-shape constants.
 """
 
 from typing import NamedTuple
@@ -103,8 +103,13 @@ def fractions(layer, shape, shares_mean):
     mean set) lose one pixel's worth: ``1 - 1/n``. Around the mean actually subtracted they
     lose what that mean's sets cost (:func:`deviation_fraction`): for HN's pooled variance
     ``1 - 1/M``, M the pixels of one channel, not ``1 - 1/n`` of the whole extended set.
-    Cached per shape unless it depends on the mixture weights.
+    Cached per shape unless it depends on the mixture weights, or under ``torch.compile`` (a
+    lookup keyed by the shape would specialise the graph on the batch size: a recompile per
+    size until dynamo gives up and runs the layer eagerly) or ``torch.jit.trace`` (whose sizes
+    are tensors, recorded).
     """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return _fraction_values(layer, shape, shares_mean)
     if shares_mean is None or layer.std_center == "own":
         key = ("fractions", shape)
         known = layer._shapes.get(key)

@@ -24,7 +24,9 @@ def fuse(model):
     in a ``forward`` method rather than a Sequential are not seen (no tracing is done). A layer
     whose weight is computed at each forward (``weight_norm``, ``spectral_norm``, a subclass
     with a ``forward`` of its own, forward hooks) keeps its norm: scaling a weight it recomputes
-    would be undone.
+    would be undone. So does a layer used in more than one place — registered under two names
+    (shared by two blocks, or called on its own as well) or tied to another layer's weight or
+    bias: scaling it would change its other uses too.
 
     Args:
         model: any ``nn.Module``; it is not modified.
@@ -42,8 +44,23 @@ def fuse(model):
         )
     """
     fused = copy.deepcopy(model).eval()
-    _fuse_in_place(fused)
+    _fuse_in_place(fused, _shared(fused))
     return fused
+
+
+def _shared(model):
+    """The ids of the modules and parameters that sit in more than one place of ``model``.
+
+    A place is a parent and a name in it; a parent reached twice (a block shared as a whole)
+    is one place for its children, whose every use is then followed by the same norm.
+    """
+    places = {}
+    for parent in model.modules():
+        for registry in (parent._modules, parent._parameters):
+            for name, item in registry.items():
+                if item is not None:
+                    places.setdefault(id(item), set()).add((id(parent), name))
+    return {key for key, where in places.items() if len(where) > 1}
 
 
 def _inference_affine(norm):
@@ -61,21 +78,27 @@ def _inference_affine(norm):
     return None
 
 
-def _fuse_in_place(module):
+def _fuse_in_place(module, shared):
     for child in module.children():
-        _fuse_in_place(child)
+        _fuse_in_place(child, shared)
     if not isinstance(module, nn.Sequential):
         return
     names = list(module._modules)
     for before, after in zip(names, names[1:]):
         layer, norm = module._modules[before], module._modules[after]
-        if not _foldable(layer):
+        if not _foldable(layer) or not _used_once(layer, shared):
             continue
         affine = _inference_affine(norm)
         if affine is None or affine[0].numel() != layer.weight.shape[0]:
             continue
         _fold(layer, *affine)
         module._modules[after] = nn.Identity()
+
+
+def _used_once(layer, shared):
+    """Whether ``layer``, its weight and its bias each sit in one place of the model only."""
+    return not any(id(item) in shared for item in (layer, layer.weight, layer.bias)
+                   if item is not None)
 
 
 def _foldable(layer):

@@ -21,7 +21,7 @@ from statscope.errors import StatscopeError
 from statscope.nn.algebra import mix
 from statscope.nn.channel import ChannelPlan
 from statscope.nn.moments import (BATCH_SETS, GROUPED_SETS, STD_CENTERS, check_groups, check_set,
-                                  describe, set_average, set_size)
+                                  describe, plain_number, set_average, set_size)
 from statscope.nn.routes import Routes
 
 __all__ = ["HeteroNorm", "SwitchableNorm", "is_norm_layer"]
@@ -46,9 +46,12 @@ class _PixelSetNorm(Routes, nn.Module):
       holds its statistics, as BatchNorm's inference op;
     - a norm with per-example statistics on feature maps runs as one autograd Function
       (:mod:`statscope.nn.cells`);
-    - anything else (``(N, C)`` inputs to per-example sets, inputs of another dtype than the
-      layer's, every norm but torch's under ``torch.compile``) is written in plain
-      differentiable ops (:func:`statscope.nn.algebra.plain_forward`).
+    - anything else (``(N, C)`` inputs to per-example sets, inputs wider than the layer's
+      dtype) is written in plain differentiable ops (:func:`statscope.nn.algebra.plain_forward`).
+
+    Under ``torch.compile``, ``torch.jit.trace`` and torch.func's transforms (``grad``,
+    ``vmap``, ``jacrev``, ...) every norm but torch's takes the plain ops, uncached
+    (:meth:`~statscope.nn.routes.Routes._traceable_route`).
     """
 
     def __init__(self, num_features, mean_sets, std_sets, mean_groups, std_groups, eps, momentum,
@@ -56,8 +59,12 @@ class _PixelSetNorm(Routes, nn.Module):
                  group_names=("mean_groups", "std_groups")):
         super().__init__()
         mean_name, std_name = group_names
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        # NumPy's scalars are numbers too (torch's BatchNorm takes them, and convert passes
+        # its sizes and eps on); they are kept as Python's
+        size = plain_number(num_features, integral=True)
+        if size is None or size < 1:
             raise StatscopeError(f"num_features={num_features!r}: expected a positive int")
+        num_features = size
         if not mean_sets or not std_sets:
             raise StatscopeError(f"mean_sets={mean_sets!r}, std_sets={std_sets!r}: expected at "
                                  f"least one pixel set on each side")
@@ -75,13 +82,15 @@ class _PixelSetNorm(Routes, nn.Module):
                             if GROUPED_SETS.intersection(self.mean_sets) else mean_groups)
         self.std_groups = (check_groups(std_groups, num_features, std_name)
                            if GROUPED_SETS.intersection(self.std_sets) else std_groups)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        eps_value = plain_number(eps)
+        if eps_value is None or not 0 < eps_value < math.inf:
             # with eps = 0 a pixel set whose values are all equal divides 0 by 0: torch's own
             # norms answer NaN (LayerNorm, GroupNorm) or 0 (BatchNorm) there, so the routes
             # would disagree; torch's BatchNorm refuses eps <= 0 in training as well
             raise StatscopeError(f"eps={eps!r}: expected a positive finite float (with eps = 0 "
                                  f"a pixel set whose values are all equal divides 0 by 0)")
-        if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
+        momentum_value = None if momentum is None else plain_number(momentum)
+        if momentum is not None and (momentum_value is None or not 0 <= momentum_value <= 1):
             raise StatscopeError(f"momentum={momentum!r}: expected a float in [0, 1] or None "
                                  f"(cumulative average)")
         if std_center not in STD_CENTERS:
@@ -89,8 +98,8 @@ class _PixelSetNorm(Routes, nn.Module):
                                  f"{', '.join(STD_CENTERS)}")
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
-        self.eps = float(eps)
-        self.momentum = momentum
+        self.eps = eps_value
+        self.momentum = momentum_value
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.std_center = std_center
@@ -178,13 +187,23 @@ class _PixelSetNorm(Routes, nn.Module):
     def _label(self):
         return self.norm_name or f"{type(self).__name__}{self.mean_sets}/{self.std_sets}"
 
-    def _check_input(self, x):
+    def _check_input(self, x, shape=None):
+        """Refuse what is not a floating-point ``(N, C, *S)`` tensor; ``shape`` is ``x.shape``
+        (static ints under ``torch.jit.trace``)."""
+        if not isinstance(x, torch.Tensor):
+            kind = type(x).__qualname__
+            if type(x).__module__ != "builtins":
+                kind = f"{type(x).__module__}.{kind}"
+            raise StatscopeError(f"input x of type {kind}: {self._label()} expected a "
+                                 f"floating-point torch.Tensor (N, C, *S); convert it with "
+                                 f"torch.as_tensor")
         if not x.is_floating_point():
             raise StatscopeError(f"input dtype {x.dtype}: {self._label()} expected a "
                                  f"floating-point tensor")
-        if not 2 <= x.dim() <= 5 or x.shape[1] != self.num_features:
+        shape = x.shape if shape is None else shape
+        if not 2 <= len(shape) <= 5 or shape[1] != self.num_features:
             raise StatscopeError(
-                f"input shape {tuple(x.shape)}: {self._label()} expected (N, C), (N, C, L), "
+                f"input shape {tuple(shape)}: {self._label()} expected (N, C), (N, C, L), "
                 f"(N, C, H, W) or (N, C, D, H, W) with C = num_features = {self.num_features}")
 
     def _check_sizes(self, shape, use_batch):
@@ -209,17 +228,24 @@ class _PixelSetNorm(Routes, nn.Module):
         Returns:
             Tensor: same shape, dtype and memory format as ``x`` (a dtype other than the
             layer's is promoted with it, as ``addcmul`` promotes).
+
+        Raises:
+            StatscopeError: ``x`` is not a floating-point tensor of one of these shapes, a
+                pixel set has one pixel for its shape, or running statistics would be updated
+                under a torch.func transform.
         """
-        if x.numel() == 0:
-            return self._empty(x)
+        if not isinstance(x, torch.Tensor):
+            self._check_input(x)  # raises, naming the type received
         use_batch = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
         if compiling():
+            return self._traceable_route(x, x.shape, use_batch, update)
+        # torch.func's grad, vmap, jacrev, ...; torch.jit.trace
+        if torch._C._are_functorch_transforms_active() or torch.jit.is_tracing():
+            return self._transformed_route(x, use_batch, update)
+        if x.numel() == 0:
             self._check_input(x)
-            self._check_sizes(x.shape, use_batch)
-            if self._torch_norm is not None and self._native(x):
-                return self._torch_op(x, use_batch, update)
-            return self._plain_route(x, use_batch, update)
+            return self._empty(x)
         route = self._routes.get((x.shape, x.dtype, use_batch))
         if route is None:
             route = self._choose_route(x, use_batch)
@@ -229,7 +255,6 @@ class _PixelSetNorm(Routes, nn.Module):
         """An empty batch (N = 0 or a spatial size 0: a detection head without boxes, a short
         shard): an empty output that keeps the graph, running statistics and
         ``num_batches_tracked`` left as they are (torch's BatchNorm counts such a batch)."""
-        self._check_input(x)
         out = x * 0
         if self.weight is not None:  # the dtype an affine layer's output promotes to
             out = out.to(torch.result_type(out, self.weight))

@@ -16,13 +16,15 @@ exactly torch's or whose statistics are all per channel take faster routes (``la
 """
 
 import math
+import numbers
 
 import torch
 
 from statscope.errors import StatscopeError
 
 __all__ = ["PIXEL_SETS", "BATCH_SETS", "GROUPED_SETS", "STD_CENTERS", "check_set", "check_groups",
-           "set_size", "describe", "cell_moments", "set_average", "deviation_fraction"]
+           "plain_number", "set_size", "describe", "cell_moments", "set_average",
+           "deviation_fraction"]
 
 PIXEL_SETS = ("batch", "instance", "layer", "group", "extended")
 """Known pixel sets: BN's, IN's, LN's, GN's and EN's (paper Table 1)."""
@@ -74,17 +76,36 @@ def check_groups(groups, num_features, argument="groups"):
         argument: the argument's name, for the error message.
 
     Returns:
-        int: ``groups``.
+        int: ``groups`` as a Python int.
 
     Raises:
-        StatscopeError: ``groups`` is not a positive int dividing ``num_features``.
+        StatscopeError: ``groups`` is not a positive int (NumPy's integers count) dividing
+            ``num_features``.
     """
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    value = plain_number(groups, integral=True)
+    if value is None or value < 1:
         raise StatscopeError(f"{argument}={groups!r}: expected a positive int")
-    if num_features % groups:
-        raise StatscopeError(f"{argument}={groups}: num_features={num_features} is not divisible "
+    if num_features % value:
+        raise StatscopeError(f"{argument}={value}: num_features={num_features} is not divisible "
                              f"by it")
-    return groups
+    return value
+
+
+def plain_number(value, integral=False):
+    """``value`` as a Python ``int`` (``integral``) or ``float``, or None if it is not one.
+
+    Any real number qualifies, NumPy's scalars too (sizes and eps read from a config or an
+    array), as torch's BatchNorm takes them; a bool does not, nor a float where ``integral``
+    asks for an int.
+
+    Example:
+        >>> plain_number(8.0, integral=True), plain_number(True), plain_number(3)
+        (None, None, 3.0)
+    """
+    kind = numbers.Integral if integral else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        return None
+    return int(value) if integral else float(value)
 
 
 def _extent(shape, pixel_set, groups):
@@ -140,17 +161,37 @@ def deviation_fraction(shape, mean_sets, groups, weights=None):
         >>> deviation_fraction((4, 64), ("batch",), 1)
         0.75
     """
-    extents = [_extent(shape, s, groups) for s in mean_sets]
-    sizes = [math.prod(e) for e in extents]
+    sizes = [set_size(shape, s, groups) for s in mean_sets]
     if weights is None:
         return 1.0 - 1.0 / sizes[0]
     total = 1.0
     for k, size in enumerate(sizes):
         total = total - 2.0 / size * weights[k]
         for j, other in enumerate(sizes):
-            overlap = math.prod(min(a, b) for a, b in zip(extents[k], extents[j]))
+            overlap = set_size(shape, _intersection(mean_sets[k], mean_sets[j]), groups)
             total = total + overlap / (size * other) * weights[k] * weights[j]
     return total
+
+
+def _intersection(first, second):
+    """The pixel set that two sets through one pixel share (with the same groups).
+
+    Named rather than measured (the smaller extent along each dim), so that no size is
+    compared: sizes are symbolic under ``torch.compile`` and tensors under ``torch.jit.trace``.
+    """
+    if first == second:
+        return first
+    over_batch = first in BATCH_SETS and second in BATCH_SETS
+    # extent over channels, narrowest first: one channel, a group of them, all of them
+    channels = min(_CHANNEL_EXTENT[first], _CHANNEL_EXTENT[second])
+    return _SET_OF[over_batch, channels]
+
+
+# the extent of a set over channels: 0 one channel, 1 a group, 2 all channels
+_CHANNEL_EXTENT = {"batch": 0, "instance": 0, "group": 1, "extended": 1, "layer": 2}
+# (pools over the batch, extent over channels) -> the set
+_SET_OF = {(True, 0): "batch", (True, 1): "extended", (False, 0): "instance",
+           (False, 1): "group", (False, 2): "layer"}
 
 
 def cell_moments(x, per_example):
@@ -193,7 +234,7 @@ def set_average(cells, pixel_set, groups):
         cells = cells.mean(0, keepdim=True)
     if pixel_set == "layer" or (pixel_set in GROUPED_SETS and groups == 1):
         return cells.mean(1, keepdim=True)
-    if pixel_set in GROUPED_SETS and groups < cells.shape[1]:
+    if pixel_set in GROUPED_SETS:  # groups == C (one channel each) too: its mean is the cell
         rows, channels = cells.shape
         grouped = cells.reshape(rows, groups, channels // groups).mean(2, keepdim=True)
         return grouped.expand(rows, groups, channels // groups).reshape(rows, channels)

@@ -2,15 +2,19 @@
 
 :class:`Routes` is a part of ``_PixelSetNorm`` (a mixin; the state it reads is set up in that
 class's ``__init__``). ``forward`` picks one route per input shape, dtype and mode
-(:meth:`Routes._choose_route`, remembered in ``_routes``); every route gives the same values,
-gradients and running statistics, and they differ only in speed (docs/nn.md, *Performance*).
+(:meth:`Routes._choose_route`, remembered in ``_routes``; under ``torch.compile``,
+``torch.jit.trace`` and torch.func's transforms :meth:`Routes._traceable_route`, each call); every
+route gives the same values, gradients and running statistics, and they differ only in speed
+(docs/nn.md, *Performance*).
 """
 
+import math
 from typing import Callable
 
 import torch
 from torch import nn
 
+from statscope.errors import StatscopeError
 from statscope.nn.algebra import UNIT_EPS, fractions, plain_forward
 from statscope.nn.cells import cell_norm
 from statscope.nn.channel import ChannelPlan, channel_norm
@@ -39,6 +43,18 @@ def _memory_format(x):
         except RuntimeError:  # the format does not apply to this many dims
             continue
     return None
+
+
+def _static_shape(x):
+    """``x.shape`` as ints under ``torch.jit.trace``, where the sizes are tensors the trace
+    records (so that it serves other batch sizes) and any comparison of one warns that the
+    trace takes its result for a constant: the layer's checks of a shape are such constants."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        return torch.Size(x.shape)
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 class Routes:
@@ -70,6 +86,8 @@ class Routes:
     _buffers: dict
     _check_input: Callable
     _check_sizes: Callable
+    _empty: Callable
+    _label: Callable
 
     def _dtype(self):
         """The dtype of the layer's parameters and buffers, or None when it has none."""
@@ -117,6 +135,46 @@ class Routes:
             self._routes.clear()
         self._routes[(x.shape, x.dtype, use_batch)] = route
         return route
+
+    def _transformed_route(self, x, use_batch, update):
+        """:meth:`_traceable_route` under a torch.func transform or ``torch.jit.trace``."""
+        if torch.jit.is_tracing():
+            return self._traceable_route(x, _static_shape(x), use_batch, update)
+        if update and self.num_batches_tracked is not None:
+            raise StatscopeError(
+                f"{self._label()} in training mode under a torch.func transform: its running "
+                f"statistics cannot be updated in place there (nor can BatchNorm's); build it "
+                f"with track_running_stats=False, as torch.func.replace_all_batch_norm_modules_ "
+                f"sets BatchNorm, or call .eval()")
+        return self._traceable_route(x, x.shape, use_batch, update)
+
+    def _traceable_route(self, x, shape, use_batch, update):
+        """The route under ``torch.compile``, ``torch.jit.trace`` and torch.func's transforms:
+        torch's own op (BN, IN, LN, GN) or the plain ops, never a Function or a C++ kernel.
+
+        Each of them sees only torch's ops: dynamo breaks its graph at a custom Function, the
+        tracer records a C++ kernel's output as an ``empty_like`` (uninitialised memory) and
+        cannot trace a Python Function at all, and functorch refuses C++ Functions and Python
+        ones without a vmap rule. No route is remembered per shape (nor, under compile and
+        trace, any per-shape constant), so that a compiled graph keeps the batch size dynamic
+        and a trace records the sizes it uses. ``shape`` is ``x.shape``, as ints under
+        ``torch.jit.trace``.
+        """
+        self._check_input(x, shape)
+        if math.prod(shape) == 0:
+            return self._empty(x)
+        self._check_sizes(shape, use_batch)
+        dtype = self._dtype()
+        if (dtype is not None and x.dtype != dtype
+                and torch.promote_types(x.dtype, dtype) == dtype):
+            x = x.to(dtype)  # as eager's _widened_route: the statistics in the layer's dtype
+        # a cumulative average's weight 1/count goes to BatchNorm's op as a float, which the
+        # trace would freeze and dynamo cannot take from a tensor in one graph: the plain ops
+        # keep it a tensor
+        frozen_weight = update and self.momentum is None and self._torch_norm == "batch_norm"
+        if self._torch_norm is not None and self._native(x) and not frozen_weight:
+            return self._torch_op(x, use_batch, update)
+        return self._plain_route(x, use_batch, update)
 
     def _composed_route(self, x, use_batch, update):
         """HN/EN on a small input: a few of BatchNorm's own calls (:mod:`statscope.nn.composed`)."""

@@ -471,6 +471,44 @@ def test_bad_arguments_name_the_argument_given(make, said):
         make()
 
 
+@pytest.mark.parametrize(("make", "said"), [
+    (lambda: make_norm("hn", 8, momentum=True), r"momentum=True: expected a float in \[0, 1\]"),
+    (lambda: make_norm("hn", 8, momentum=np.True_), r"momentum=(np\.)?True_?: expected a float"),
+    (lambda: make_norm("hn", 8.0), r"num_features=8.0: expected a positive int"),
+    (lambda: make_norm("hn", 8, groups=np.float64(2)),
+     r"groups=(np\.float64\()?2\.0\)?: expected a"),
+    (lambda: make_norm("hn", 2)([[1.0, 2.0], [3.0, 5.0]]),
+     r"input x of type list: hn expected a floating-point torch.Tensor"),
+    (lambda: make_norm("sn", 2).eval()(np.ones((2, 2, 3), np.float32)),
+     r"input x of type numpy.ndarray: sn expected a floating-point torch.Tensor"),
+])
+def test_bools_floats_and_arrays_where_numbers_and_tensors_go_are_refused(make, said):
+    with pytest.raises(StatscopeError, match=said):
+        make()
+
+
+def test_numpy_scalars_are_numbers_as_torch_batchnorm_takes_them():
+    # sizes and eps read from a config or an array; torch.nn.BatchNorm2d takes them all
+    layer = make_norm("hn", np.int64(8), groups=np.int64(2), eps=np.float32(1e-3),
+                      momentum=np.float32(0.5))
+    assert (layer.num_features, layer.std_groups) == (8, 2)
+    assert type(layer.num_features) is int and type(layer.std_groups) is int
+    assert type(layer.eps) is float and type(layer.momentum) is float
+    assert layer.eps == pytest.approx(1e-3) and layer.momentum == pytest.approx(0.5)
+    x = np.random.default_rng(2).normal(1.0, 2.0, size=(4, 8, 3, 3))
+    y = layer(torch.from_numpy(x).float()).detach().numpy()
+    expected = np_norm(x, ("batch",), ("extended",), 2, eps=float(np.float32(1e-3)),
+                       gamma=np.ones(8), beta=np.zeros(8))
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+    # the running mean moved half way (momentum 0.5) to the batch mean
+    np.testing.assert_allclose(layer.running_mean.numpy(), 0.5 * x.mean(axis=(0, 2, 3)),
+                               rtol=1e-5, atol=1e-6)
+    bn = torch.nn.BatchNorm2d(np.int64(8), eps=np.float32(1e-3), momentum=np.float32(0.2))
+    converted = convert(bn, "hn")
+    assert converted.num_features == 8 and converted.eps == pytest.approx(1e-3)
+    assert converted.momentum == pytest.approx(0.2)
+
+
 @pytest.mark.parametrize("name", NORM_NAMES)
 @pytest.mark.parametrize("shape", [(0, 32, 4, 4), (0, 32), (3, 32, 0, 4)])
 def test_an_empty_batch_gives_an_empty_output_and_changes_no_statistic(name, shape):

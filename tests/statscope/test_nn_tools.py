@@ -1,6 +1,7 @@
 """statscope.nn factory, convert, fuse, state_dict, torch.compile, errors and import hygiene."""
 
 import ast
+import copy
 import io
 import pathlib
 
@@ -186,6 +187,71 @@ def test_fuse_leaves_per_example_norms():
                                                  "SwitchableNorm"]
 
 
+class _SharedUse(nn.Module):
+    """A Linear that feeds a norm in a block and is also called on its own."""
+
+    def __init__(self, shared):
+        super().__init__()
+        self.block = nn.Sequential(shared, make_norm("hn", 4))
+        self.other = shared
+
+    def forward(self, x):
+        return self.block(x) + self.other(x)
+
+
+def _tied():
+    """Two Linears that share one weight (and one bias), each before a norm."""
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight, second.bias = first.weight, first.bias
+    return nn.Sequential(nn.Sequential(first, make_norm("hn", 4)),
+                         nn.Sequential(second, make_norm("bn", 4)))
+
+
+@pytest.mark.parametrize("make", [
+    # one Linear before two norms
+    lambda shared: nn.Sequential(nn.Sequential(shared, make_norm("hn", 4)),
+                                 nn.Sequential(shared, make_norm("bn+en", 4))),
+    _SharedUse,
+    lambda shared: _tied(),
+])
+def test_fuse_leaves_a_layer_used_in_more_than_one_place(make):
+    # folding a norm's scale into such a layer changed its other uses (off by 0.7)
+    torch.manual_seed(9)
+    model = make(nn.Linear(4, 4))
+    model.train()
+    with torch.no_grad():
+        for _ in range(5):
+            model(torch.randn(8, 4) * 3 + 1)
+    model.eval()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    reference = copy.deepcopy(model).double()  # unfused, in float64
+    fused = fuse(model)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.double()(x), reference(x), rtol=1e-5, atol=1e-5)
+    norms = [m for m in fused.modules() if is_norm_layer(m)]
+    assert len(norms) == sum(is_norm_layer(m) for m in model.modules())  # none folded
+
+
+def test_fuse_folds_a_block_shared_as_a_whole():
+    # every use of a shared Sequential passes through the same norm: folding stays exact
+    torch.manual_seed(10)
+    block = nn.Sequential(nn.Linear(4, 4), make_norm("hn", 4))
+    model = nn.Sequential(block, nn.ReLU(), block)
+    with torch.no_grad():
+        for _ in range(5):
+            model(torch.randn(8, 4) * 3 + 1)
+    model.eval()
+    x = torch.randn(8, 4)
+    fused = fuse(model)
+    assert isinstance(fused[0][1], nn.Identity) and fused[0] is fused[2]
+    scale, shift = model[0][1].inference_affine()
+    linear = model[0][0]
+    with torch.no_grad():
+        inner = torch.relu((x @ linear.weight.T + linear.bias) * scale + shift)
+        want = (inner @ linear.weight.T + linear.bias) * scale + shift
+        torch.testing.assert_close(fused(x), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["bn", "hn", "hn_g4", "en_g2", "bn+en"])
 def test_convert_keeps_affine_and_maps_running_statistics(name):
     torch.manual_seed(6)
@@ -306,7 +372,7 @@ def test_torch_compile_eager_backend_gives_same_outputs():
 def test_nn_imports_only_torch_and_the_kernel():
     # statscope.native builds the C++ kernels the layers train through on small CPU inputs
     allowed = {"torch", "statscope.errors", "statscope.native", "math", "re", "copy",
-               "dataclasses", "typing"}
+               "dataclasses", "typing", "numbers"}
     for path in pathlib.Path(snn.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
