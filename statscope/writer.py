@@ -98,6 +98,7 @@ class RunWriter(WriterArrays):
                     remove_tree(self.path)
                 self._create(layout, attrs or {}, running0 or {})
                 self.next_step = at or 0
+            self._identity = _folder_identity(self.path)
         except BaseException:
             self.lease.release()
             raise
@@ -171,6 +172,7 @@ class RunWriter(WriterArrays):
                 if not self._amend_staged(name, step, value):
                     row = self._written_row(step)
                     if row is not None:
+                        self._check_folder()
                         self._arrays[name][row] = value
                         self._amended = True
 
@@ -216,6 +218,7 @@ class RunWriter(WriterArrays):
 
     def flush(self) -> None:
         """Write every staged row, then advance the commit marker."""
+        self._check_folder()
         self.lease.renew()
         if not self._staged:
             if self._amended:  # late scalars written in place: commit them (and new names)
@@ -263,7 +266,21 @@ class RunWriter(WriterArrays):
 
     def set_attrs(self, **attrs: Any) -> None:
         """Update root attributes (e.g. the measured probe overhead)."""
+        self._check_folder()
         self._group.update_attributes(_jsonable(attrs))
+
+    def _check_folder(self) -> None:
+        """Refuse to write once the run's local folder was deleted, moved or replaced: a write
+        would make a new folder of stray files at the old path.
+
+        Raises:
+            StoreError: naming the path.
+        """
+        identity = getattr(self, "_identity", None)
+        if identity is not None and _folder_identity(self.path) != identity:
+            raise StoreError(f"path={self.path!r}: the run's folder was deleted, moved or "
+                             "replaced while recording; nothing more is written there (rows "
+                             "not written yet are lost)")
 
     def close(self, status: str = S.STATUS_COMPLETED, error: str | None = None) -> None:
         """Flush, mark the run ``completed`` or ``failed`` (with the error's text), release the
@@ -289,6 +306,9 @@ class RunWriter(WriterArrays):
             self.lease.release()
 
     def _mark(self, status: str, error: str | None) -> None:
+        identity = getattr(self, "_identity", None)
+        if identity is not None and _folder_identity(self.path) != identity:
+            return  # not the run's folder any more (see _check_folder)
         self._group.update_attributes({S.ATTR_STATUS: status, S.ATTR_ENDED: now_iso(),
                                   S.ATTR_ERROR: error})
 
@@ -322,6 +342,17 @@ def count_nonfinite(layout: Layout, count: np.ndarray,
         if n:
             out[s] = n
     return out
+
+
+def _folder_identity(path: str) -> tuple | None:
+    """A local folder's device and inode (None for a URL; ``()`` when it is gone)."""
+    if "://" in path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return (st.st_dev, st.st_ino)
 
 
 def _committed_steps(path: str) -> int:

@@ -157,3 +157,35 @@ def test_flush_after_the_writer_process_was_killed_returns_false_at_once(tmp_pat
     with pytest.raises(RecordingError, match="killed by signal 9"):
         rec.close()
     assert read_attrs(tmp_path / "r")[S.ATTR_STATUS] == S.STATUS_FAILED
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+@pytest.mark.parametrize("how", ["moved", "deleted"])
+def test_a_run_folder_moved_or_deleted_while_recording_stops_it_cleanly(tmp_path, writer, how):
+    """The writer wrote on into the old path, making a folder of stray files there, and the run
+    ended 'done' (the outside check): now recording stops, naming the path, nothing is written
+    at the old path, and a moved run keeps its committed steps."""
+    import shutil
+
+    model = _model()
+    out, moved = tmp_path / "r", tmp_path / "moved"
+    rec = statscope.record(model, out, step="manual", flush_seconds=3600, writer=writer).start()
+    for _ in range(3):
+        model(torch.randn(5, 3))
+        rec.step()
+    assert rec.flush() is True
+    if how == "moved":
+        os.rename(out, moved)
+    else:
+        shutil.rmtree(out)
+    for _ in range(2):
+        model(torch.randn(5, 3))
+        rec.step()
+    with pytest.warns(StatscopeWarning, match="the run's folder was deleted, moved or replaced"):
+        assert rec.flush() is False
+    with pytest.raises(RecordingError, match="deleted, moved or replaced"):
+        rec.close()
+    assert not out.exists()
+    if how == "moved":
+        ds = statscope.open_run(moved)
+        assert ds.sizes["step"] == 3 and (ds["count"].values == 5).all()
