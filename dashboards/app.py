@@ -49,7 +49,33 @@ def create_app(root: str | os.PathLike | None = None, *, catalog: RunCatalog | N
     app.server.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.layout = build_layout(str(catalog.root) if catalog.root is not None else "in memory")
     register(app, catalog)
+    _refuse_malformed_callbacks(app)
     app.catalog = catalog  # type: ignore[attr-defined]  # read by tests and benchmarks
     if warm:
         catalog.spawn(prewarm, catalog)
     return app
+
+
+def _refuse_malformed_callbacks(app: Dash) -> None:
+    """Answer a callback request that names no callback of the app, or does not carry its
+    inputs, with HTTP 400: Dash itself fails on it with an HTTP 500 and a traceback in the log.
+    (The values inside are the callbacks' to check: any client can post anything.)"""
+    from flask import abort, request
+
+    def shaped(items, n: int) -> bool:
+        return (isinstance(items, list) and len(items) == n
+                and all(isinstance(i, dict) and "id" in i and "property" in i for i in items))
+
+    @app.server.before_request
+    def check():
+        if request.method != "POST" or not request.path.endswith("/_dash-update-component"):
+            return None
+        body = request.get_json(silent=True)
+        output = body.get("output") if isinstance(body, dict) else None
+        spec = app.callback_map.get(output) if isinstance(output, str) else None
+        if (spec is None or not shaped(body.get("inputs"), len(spec["inputs"]))
+                or not shaped(body.get("state", []), len(spec["state"]))
+                or not isinstance(body.get("changedPropIds", []), list)):
+            abort(400, description="not a request for one of this dashboard's callbacks with "
+                                   "its inputs")
+        return None

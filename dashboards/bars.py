@@ -18,6 +18,7 @@ from statscope.schema import BOUND, QUANTITY
 
 from .grid import Grid
 from .limits import RUNS_PER_PAGE
+from .metrics import inclusive
 from .style import (STAT_COLORS, STAT_LABELS, TEMPLATE_JSON, empty_spec, header, header_height,
                     neuron_label, tick_texts)
 
@@ -182,8 +183,8 @@ def fluctuation_spec(fluct: Mapping[str, xr.Dataset], *, by: str = "neuron",
         ticks[f"xaxis{'' if n == 1 else n}"] = {
             "tickvals": x0.tolist(), "ticktext": tick_texts(labels),
             "title": {"text": "layer" if by == "layer" else "neuron"}}
-    window = (next(iter(fluct.values())).attrs.get("window", "") if fluct
-              else next(iter(ranks.values())).window if ranks else "")
+    window = inclusive(next(iter(fluct.values())).attrs.get("window", "") if fluct
+                       else next(iter(ranks.values())).window if ranks else "")
     what = "median over each layer's neurons" if by == "layer" else "per neuron"
     if has_ci:
         level = next(iter(ci.values())).attrs.get("confidence", 0.95)

@@ -7,6 +7,7 @@ a URL selects (and the selectors' sync) is :mod:`.selection`; its names are impo
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -24,6 +25,7 @@ from .grid import to_wire
 from .heatmap import heatmap_spec
 from .layout import GRAPHS, run_panel, status_badges
 from .limits import MAX_SCATTER_POINTS
+from .metrics import inclusive
 from .ranks import rank_keys, rank_label
 from .results import (N_BOOT, claims_sample, computed, fluct, neuron_fluct, rank_comparison,
                       scatter_values)
@@ -69,7 +71,9 @@ def poll(catalog: RunCatalog, n_intervals, version, *, warm: bool = False,
     badges = status_badges([catalog.info(n) for n in sorted(current, key=natural_key)])
     notice = [f"Could not open {n}: {e}" for n, e in catalog.errors().items()]
     if not catalog.names():
-        notice.insert(0, f"No statscope runs under {catalog.root}.")
+        gone = (" (the folder is gone: renamed or deleted? its runs come back when it does)"
+                if catalog.root_gone else "")
+        notice.insert(0, f"No statscope runs under {catalog.root}{gone}.")
     return current, badges, [_notice_line(m) for m in notice]
 
 
@@ -86,19 +90,31 @@ def zoom_range(relayout: dict[str, Any] | None) -> tuple[float, float] | None | 
         ``(x0, x1)`` for a zoom or pan along steps, ``None`` for an autoscale (back to the
         window), ``False`` when the event does not concern the step axis.
     """
-    if not relayout:
+    if not relayout or not isinstance(relayout, dict):
         return False
     for key, value in relayout.items():
         m = _RANGE_KEY.match(key)
         if m and m.group(2):
-            other = relayout.get(f"xaxis{m.group(1)}.range[1]")
-            if other is not None:
-                return float(min(value, other)), float(max(value, other))
-        elif m and isinstance(value, (list, tuple)) and len(value) == 2:
-            return float(min(value)), float(max(value))
+            ends = _numbers((value, relayout.get(f"xaxis{m.group(1)}.range[1]")))
+        elif m and isinstance(value, (list, tuple)):
+            ends = _numbers(value)
+        else:
+            continue
+        if ends is not None:
+            return min(ends), max(ends)
     if any(k.startswith("xaxis") and k.endswith(".autorange") for k in relayout):
         return None
     return False
+
+
+def _numbers(values) -> tuple[float, float] | None:
+    """Two finite numbers (a zoom's ends), or ``None``: a forged or partial event carries
+    strings, nulls or NaN, which are no zoom."""
+    if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                               for v in values):
+        return None
+    a, b = float(values[0]), float(values[1])
+    return (a, b) if math.isfinite(a) and math.isfinite(b) else None
 
 
 def zoom_store(relayout, search) -> dict:
@@ -120,9 +136,10 @@ def _zoomed_axis(relayout: dict[str, Any]) -> int:
 
 
 def _zoom(zoom: dict | None, search: str | None) -> tuple[float, float] | None:
-    if zoom and zoom.get("range") and zoom.get("view") == view_key(ViewState.from_query(search)):
-        return tuple(zoom["range"])
-    return None
+    if not isinstance(zoom, dict) or zoom.get("view") != view_key(ViewState.from_query(search)):
+        return None
+    rng = zoom.get("range")
+    return _numbers(rng) if isinstance(rng, (list, tuple)) else None
 
 
 def evolution(catalog: RunCatalog, search, version=None, zoom=None) -> dict:
@@ -134,7 +151,8 @@ def evolution(catalog: RunCatalog, search, version=None, zoom=None) -> dict:
     if rng is not None and v.runs:
         # every cell of a run's panel shares its step axis: the axis number names the panel
         cells = len(scalars) + 2 * len(v.neurons)
-        panel = (int(zoom.get("axis", 1)) - 1) // max(1, cells)
+        axis = zoom.get("axis", 1)
+        panel = (axis - 1 if isinstance(axis, int) and axis > 0 else 0) // max(1, cells)
         if panel < len(v.runs):
             xrange = {v.runs[panel]: rng}
     if not v.runs:
@@ -161,15 +179,15 @@ def prewarm(catalog: RunCatalog, names=None) -> None:
     each layer) are read into the cache, and the first visit to the fluctuation, scatter and run
     tabs finds the fluctuation (from the per-step series or the window summaries), bootstrap
     intervals and claims computed; of a distributed run, its merged statistics. Live runs are
-    skipped (they change on every poll); errors are left for the view to report. It stops at
-    its next step once the catalog is closing.
+    skipped (they change on every poll; a run whose writer is gone is not live); errors are
+    left for the view to report. It stops at its next step once the catalog is closing.
     """
     window = ViewState().window
     for run in list(names if names is not None else catalog.names()):
         if catalog.closing.is_set():
             return
         try:
-            if catalog.info(run).status == S.STATUS_RUNNING:
+            if catalog.info(run).live:
                 continue
             state = normalize(catalog, ViewState(runs=(run,)))
             pos = [catalog.neuron_index(run, *parse_neuron_key(k)) for k in state.neurons]
@@ -227,7 +245,7 @@ def _analysed(build) -> dict:
     try:
         return to_wire(build())
     except StatscopeError as exc:
-        return empty_spec(str(exc))
+        return empty_spec(inclusive(str(exc)))
 
 
 def _fitting(runs, analyse, notes: list[str]) -> list[str]:
@@ -240,7 +258,7 @@ def _fitting(runs, analyse, notes: list[str]) -> list[str]:
             analyse(r)
         except StatscopeError as exc:
             first = first or exc
-            notes.append(f"{r} left out: {exc}")
+            notes.append(f"{r} left out: {inclusive(str(exc))}")
             continue
         shown.append(r)
     if not shown and first is not None:
@@ -347,7 +365,7 @@ def scatter(catalog: RunCatalog, search, version=None) -> dict:
     try:
         return catalog.memo(v.runs[0], key, build)
     except StatscopeError as exc:
-        return empty_spec(str(exc))
+        return empty_spec(inclusive(str(exc)))
 
 
 def heatmap(catalog: RunCatalog, search, version=None, zoom=None) -> dict:
@@ -385,13 +403,14 @@ def _runs_tab(catalog: RunCatalog, v: View) -> list:
         try:
             tables[r] = computed(catalog, r, "claims", v.state.window, False, key)
         except StatscopeError as exc:
-            tables[r] = str(exc)
+            tables[r] = inclusive(str(exc))
         sample = claims_sample(catalog, r)[1]
         label = rank_label(key, catalog.ranks(r))
         if sample or label:
             notes.append(f"{r}: " + "; ".join(x for x in (label and f"claims of the {label} "
                                                           "statistics", sample) if x))
-    summaries = [run_summary(r, catalog.dataset(r)) for r in v.runs]
+    summaries = [run_summary(r, catalog.dataset(r), status=catalog.info(r).label)
+                 for r in v.runs]
     return run_panel(summaries, tables, v.state.window.label(), notes=notes)
 
 
@@ -419,6 +438,7 @@ def register(app: Dash, catalog: RunCatalog) -> None:
                   Output("page", "options"), Output("scalars", "options"),
                   *[Output(c, "value") for c in CONTROLS],
                   Output("rank", "options"), Output("rank", "value"),
+                  Output("view-notice", "children"),
                   Input("url", "search"), Input("version", "data"),
                   *[Input(c, "value") for c in CONTROLS], Input("scatter-graph", "clickData"),
                   Input("neurons", "search_value"), Input("rank", "value"))
@@ -449,7 +469,7 @@ def register(app: Dash, catalog: RunCatalog) -> None:
             try:
                 return fn(catalog, search, version, *zoom)
             except StatscopeError as exc:  # said on the page, not an HTTP 500 and a blank figure
-                return empty_spec(str(exc))
+                return empty_spec(inclusive(str(exc)))
 
     figure("evolution", evolution, True)
     figure("fluctuation", fluctuation, False)

@@ -17,7 +17,7 @@ from .cache import ByteLRU
 from .state import MERGED
 
 if TYPE_CHECKING:
-    from .data import _Run
+    from .following import _Run
 
 __all__ = ["ColumnReads", "SLICE_ROWS"]
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,17 @@ from statscope.errors import StatscopeError, StoreError
 
 from .cache import ByteLRU
 from .columns import ColumnReads
+from .following import RunFollowing, _Run, _run
 from .keys import layer_slices, natural_key, neuron_key, parse_neuron_key
 from .links import outside_links
 from .state import EACH, MERGED
 
 __all__ = ["RunInfo", "RunCatalog", "ByteLRU", "neuron_key", "parse_neuron_key", "natural_key",
-           "layer_slices", "outside_links"]
+           "layer_slices", "outside_links", "STOPPED"]
+
+STOPPED = "stopped (no writer)"
+"""What the page calls a run whose status says ``running`` but whose writer is gone (killed
+with ``kill -9``, or its machine went down): it will not grow."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ class RunInfo:
         n_steps: rows committed.
         last_step: the last training step recorded, or ``None``.
         error: why the store could not be opened, or ``None``.
+        writer: for a ``running`` run, whether a writer is behind it: ``"live"``, ``"dead"``
+            or ``"unknown"`` (:func:`statscope.lease.writer_state`); ``None`` otherwise.
     """
 
     name: str
@@ -51,43 +57,24 @@ class RunInfo:
     n_steps: int
     last_step: int | None
     error: str | None = None
+    writer: str | None = None
+
+    @property
+    def live(self) -> bool:
+        """Whether the run may still grow: it says ``running`` and its writer is not known
+        to be gone."""
+        return self.status == S.STATUS_RUNNING and self.writer != "dead"
+
+    @property
+    def label(self) -> str | None:
+        """The status as the page shows it: :data:`STOPPED` for a running run whose writer
+        is gone."""
+        if self.status == S.STATUS_RUNNING and self.writer == "dead":
+            return STOPPED
+        return self.status
 
 
-@dataclass
-class _Run:
-    path: str | None
-    ds: xr.Dataset | None
-    generation: int
-    error: str | None = None
-    index: dict[tuple[str, int], int] = field(default_factory=dict)
-    layers: dict[str, np.ndarray] = field(default_factory=dict)
-    scalars: tuple[str, ...] = ()
-    ranks: tuple[int, ...] = ()
-    # lazy Datasets derived from ds (a rank's, the merged ranks', window summaries), built on
-    # first use; not in the byte cache, whose size of a lazy Dataset would be the whole run's
-    derived: dict[Hashable, Any] = field(default_factory=dict)
-
-
-def _run(path: str | None, ds: xr.Dataset, generation: int, old: _Run | None = None) -> _Run:
-    """A run's record with the lookups every callback needs, built once per (re)open; a live
-    run reopened with the same probes keeps ``old``'s (they cost a pass over every neuron)."""
-    names = [n for n in ds.attrs.get(S.ATTR_SCALARS) or []
-             if n in ds.data_vars and S.STEP in ds[n].dims and S.NEURON not in ds[n].dims]
-    ranks = tuple(int(r) for r in ds[S.RANK].values) if S.RANK in ds.dims else ()
-    if (old is not None and old.ds is not None
-            and old.ds.attrs.get(S.ATTR_PROBES) == ds.attrs.get(S.ATTR_PROBES)
-            and old.ds.sizes.get(S.NEURON) == ds.sizes.get(S.NEURON)):
-        return _Run(path, ds, generation, index=old.index, layers=old.layers,
-                    scalars=tuple(names), ranks=ranks)
-    lay = ds[S.LAYER].values
-    units = ds[S.UNIT].values
-    return _Run(path, ds, generation,
-                index={(str(l), int(u)): i for i, (l, u) in enumerate(zip(lay.tolist(),
-                                                                          units.tolist()))},
-                layers=layer_slices(lay), scalars=tuple(names), ranks=ranks)
-
-
-class RunCatalog(ColumnReads):
+class RunCatalog(RunFollowing, ColumnReads):
     """The runs under a root folder, opened lazily, cached per column, and refreshed when live.
 
     Its column reads (:meth:`columns`, :meth:`column_list`, :meth:`scalar`, :meth:`memo`) are
@@ -116,7 +103,7 @@ class RunCatalog(ColumnReads):
         self._lock = threading.RLock()
         self._static = False
         self._signature: tuple | None = None
-        self._found: dict[str, str] = {}
+        self._found: dict[str, str] | None = None
         self._refreshed = float("-inf")
         self._init_workers()
         self.refresh()
@@ -163,116 +150,6 @@ class RunCatalog(ColumnReads):
         for thread in list(self._workers):
             thread.join(timeout)
 
-    # -- discovery -------------------------------------------------------------------------
-
-    def _scan_signature(self) -> tuple:
-        """The root's and its sub-folders' modification times: a new run, or a run's first
-        file, changes it; a run writing its chunks does not."""
-        if self._url:  # the names below the URL: a new run's first object adds one
-            from statscope.storage import filesystem
-
-            fs, base = filesystem(self.root)
-            try:
-                fs.invalidate_cache(base)
-                return tuple(sorted(fs.ls(base, detail=False)))
-            except OSError:
-                return ()
-        try:
-            entries = sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(self.root)
-                             if e.is_dir())
-        except OSError:
-            entries = []
-        return self.root.stat().st_mtime_ns, tuple(entries)
-
-    def _find(self) -> tuple[dict[str, str], bool]:
-        """Run name to path: the runs and the folders that look like runs but cannot be read
-        (named on the page with their reason), as :func:`~statscope.store.scan_runs` lists
-        them; and whether the root was scanned again (it is only when its folders changed)."""
-        from statscope.store import scan_runs
-
-        signature = self._scan_signature()
-        if signature == self._signature:
-            return self._found, False
-        found = {str(p).rstrip("/").rsplit("/", 1)[-1] if self._url else Path(p).name: str(p)
-                 for p, _ in scan_runs(self.root)}
-        self._signature, self._found = signature, found
-        return found, True
-
-    def refresh(self, *, max_age: float = 0.0) -> list[str]:
-        """Rescan the root and reopen every run whose committed steps or status changed.
-
-        Args:
-            max_age: do nothing when the last refresh is younger than this many seconds (the
-                page of every open browser tab polls; one rescan serves them all).
-
-        Returns:
-            The names of runs that appeared, changed or vanished.
-        """
-        if self._static:
-            return []
-        from statscope.store import read_attrs
-
-        changed = []
-        with self._lock:
-            now = time.monotonic()
-            if now - self._refreshed < max_age:
-                return []
-            self._refreshed = now
-            found, rescanned = self._find()
-            for name in [n for n in self._runs if n not in found]:
-                self._forget(name)
-                changed.append(name)
-            for name, path in found.items():
-                run = self._runs.get(name)
-                if run is not None and run.path == path and (
-                        run.ds is None and run.generation < 0 and not rescanned
-                        or run.ds is not None
-                        and run.ds.attrs.get(S.ATTR_STATUS) != S.STATUS_RUNNING):
-                    continue  # finished, or refused for its links: it does not change
-                links = [] if self._url else outside_links(path, self.root)
-                if links:
-                    if run is None or run.ds is not None:
-                        self._replace(name, _Run(path, None, -1, error=(
-                            f"not served: {', '.join(links)} resolves outside {self.root} "
-                            "(symbolic links must stay inside the dashboard's folder)")))
-                        changed.append(name)
-                    continue
-                try:
-                    attrs = read_attrs(path)
-                except StatscopeError as exc:
-                    if run is None or run.error != str(exc):
-                        self._replace(name, _Run(path, None, 0 if run is None else
-                                                 max(0, run.generation) + 1, error=str(exc)))
-                        changed.append(name)
-                    continue
-                if run is not None and run.ds is not None and _same(run.ds.attrs, attrs):
-                    continue
-                changed.append(name)
-                self._open(name, path, 0 if run is None else max(0, run.generation) + 1)
-        return changed
-
-    def _open(self, name: str, path: str, generation: int) -> None:
-        from statscope.store import open_run
-
-        try:
-            run = _run(path, open_run(path), generation, self._runs.get(name))
-        except Exception as exc:  # a corrupt store must not take the good runs down
-            run = _Run(path, None, generation, error=f"{type(exc).__name__}: {exc}")
-        self._replace(name, run)
-
-    def _replace(self, name: str, run: _Run) -> None:
-        """Swap in a run's new record in one step: a request served meanwhile (another page)
-        sees the old record or the new one, never none. Cache keys carry the generation, so
-        the old one's entries are dropped, and any a request still adds are never read."""
-        old = self._runs.get(name)
-        self._runs[name] = run
-        if old is not None:
-            self.cache.drop(lambda key: key[0] == name and key[1] != run.generation)
-
-    def _forget(self, name: str) -> None:
-        self._runs.pop(name, None)
-        self.cache.drop(lambda key: key[0] == name)
-
     # -- queries ---------------------------------------------------------------------------
 
     def names(self) -> list[str]:
@@ -286,7 +163,9 @@ class RunCatalog(ColumnReads):
     def valid(self, names: Sequence[str] | None) -> list[str]:
         """Keep the names that are runs of this catalog, in the given order; drop the rest."""
         known = set(self.names())
-        return [n for n in dict.fromkeys(names or []) if isinstance(n, str) and n in known]
+        if isinstance(names, str) or not isinstance(names, (list, tuple)):
+            return []
+        return [n for n in dict.fromkeys(n for n in names if isinstance(n, str)) if n in known]
 
     def dataset(self, name: str) -> xr.Dataset:
         """The lazy Dataset of run ``name``.
@@ -310,7 +189,7 @@ class RunCatalog(ColumnReads):
         if last is None and run.ds.sizes[S.STEP]:
             last = int(run.ds[S.STEP].values[-1])
         return RunInfo(name, attrs.get(S.ATTR_STATUS), int(run.ds.sizes[S.STEP]),
-                       None if last is None else int(last))
+                       None if last is None else int(last), writer=run.writer)
 
     def version(self) -> dict[str, int]:
         """Run name to its generation; changes whenever a run is reopened."""
@@ -349,7 +228,8 @@ class RunCatalog(ColumnReads):
         ``"fc2:1"`` the units of ``fc2`` that start with 1. The search stops at ``most``, so it
         costs the answer's length, not the runs' neuron count.
         """
-        text = (text or "").strip().lower().replace(":", "[").rstrip("]")
+        # a request may carry anything: what is not text searches for nothing in particular
+        text = (text if isinstance(text, str) else "").strip().lower().replace(":", "[").rstrip("]")
         want, _, digits = text.partition("[")
         out: dict[tuple[str, int], None] = {}
         for name in names:
@@ -439,5 +319,3 @@ class RunCatalog(ColumnReads):
             return run.derived[("windows", key)]
 
 
-def _same(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    return all(old.get(k) == new.get(k) for k in (S.ATTR_N_STEPS, S.ATTR_STATUS, S.ATTR_LAST_STEP))

@@ -146,6 +146,10 @@ def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, 
         # a merged column reads each rank's column and count
         reads = sum(2 * len(ranks) if k == MERGED else 1 for k in keys)
         n_values += (rows.stop - rows.start) * len(present) * len(stats) * reads
+    blank = {name: _no_steps(name, plan[name][0], window, zooms.get(name)) for name in names
+             if plan[name][1].stop <= plan[name][1].start}
+    if len(blank) == len(names):  # as the other views: say why instead of blank panels
+        return empty_spec("<br>".join(blank.values()))
     if n_values > MAX_READ_VALUES:
         return empty_spec(
             f"This view would read {n_values:,} values (the limit is {MAX_READ_VALUES:,}): "
@@ -167,6 +171,12 @@ def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, 
     for p, name in enumerate(names):
         steps, rows, pos, present, stats, keys, ranks = plan[name]
         x_all = steps[rows]
+        if name in blank:
+            annotations.append(grid.note(p, 0, blank[name]))
+            for c in range(len(scalars) + 2 * len(neurons)):
+                data.append(_placeholder(grid, p, c))
+                empty.add((p, c))
+            continue
         try:
             cols = ({(s, k): read(name, s, present, rows, k) for s in stats for k in keys}
                     if present else {})
@@ -179,25 +189,30 @@ def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, 
                 empty.add((p, c))
             continue
         for i, scalar in enumerate(scalars):
+            if any(logged[(scalar, k)] is None for k in keys):
+                annotations.append(grid.note(p, i, f"no {scalar} logged in {name}"))
+                data.append(_placeholder(grid, p, i))
+                empty.add((p, i))
+                continue
+            lines: list[dict] = []
             for k in keys:
                 y = logged[(scalar, k)]
-                if y is None:
-                    annotations.append(grid.note(p, i, f"no {scalar} logged in {name}"))
-                    data.append(_placeholder(grid, p, i))
-                    empty.add((p, i))
-                    break
                 x, v = envelope(x_all, np.asarray(y)[rows], per_trace)
+                if not len(x):
+                    continue
                 who = _who(name, k, ranks)
-                data.append({"type": "scatter", "x": x, "y": v,
-                             "mode": "lines" if len(x) > 60 else "lines+markers",
-                             "name": scalar, "showlegend": False,
-                             "line": {"color": SCALAR_COLOR, "width": _width(k, keys, 1.2)},
-                             "opacity": _opacity(k, keys),
-                             "marker": {"size": 4, "color": SCALAR_COLOR},
-                             "hovertemplate": f"step %{{x}}<br>{scalar} %{{y:.4g}}<extra>{who}"
-                                              "</extra>",
-                             "meta": {"run": name, "scalar": scalar, **_rank_meta(k)},
-                             **grid.refs(p, i)})
+                lines.append({"type": "scatter", "x": x, "y": v,
+                              "mode": "lines" if len(x) > 60 else "lines+markers",
+                              "name": scalar, "showlegend": False,
+                              "line": {"color": SCALAR_COLOR, "width": _width(k, keys, 1.2)},
+                              "opacity": _opacity(k, keys),
+                              "marker": {"size": 4, "color": SCALAR_COLOR},
+                              "hovertemplate": f"step %{{x}}<br>{scalar} %{{y:.4g}}<extra>{who}"
+                                               "</extra>",
+                              "meta": {"run": name, "scalar": scalar, **_rank_meta(k)},
+                              **grid.refs(p, i)})
+            _fill(grid, p, i, lines, f"no finite {scalar} in {name} in these steps", data,
+                  annotations, empty)
         for j_neuron, ((layer, unit), q) in enumerate(zip(neurons, pos)):
             cell = len(scalars) + 2 * j_neuron
             if q is None:
@@ -209,6 +224,7 @@ def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, 
                 continue
             j = present.index(q)
             for r, (_, pair) in enumerate(PAIRS):
+                drawn: list[dict] = []
                 for stat in pair:
                     for k in keys:
                         if (stat, k) not in cols:
@@ -216,11 +232,13 @@ def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, 
                         block = cols[(stat, k)]
                         col = block[j] if isinstance(block, (list, tuple)) else block[:, j]
                         x, y = envelope(x_all, col, per_trace)
+                        if not len(x):  # no finite value here: an empty line draws nothing
+                            continue
                         # reduced, unless the window was short or only NaN steps were dropped
                         down = len(col) > per_trace and len(x) < len(col)
                         legend = k in (None, MERGED) and stat not in shown
                         who = _who(name, k, ranks)
-                        data.append({
+                        drawn.append({
                             "type": "scatter", "x": x, "y": y, "mode": "lines",
                             "name": STAT_LABELS[stat], "legendgroup": stat,
                             "showlegend": legend,
@@ -235,6 +253,9 @@ def evolution_spec(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, 
                             **grid.refs(p, cell + r)})
                         if legend:
                             shown.add(stat)
+                if stats:
+                    _fill(grid, p, cell + r, drawn, f"no finite {neuron_label(layer, unit)} "
+                          f"{PAIRS[r][0]}s in {name} in these steps", data, annotations, empty)
     unit = STAT_UNITS[S.BN_MEAN]
     y_titles = [_scalar_title(runs[names[0]], s) for s in scalars]
     named = layer_titles([layer for layer, _ in neurons])
@@ -283,9 +304,33 @@ def _opacity(key, keys) -> float:
 
 
 def _placeholder(grid: Grid, panel: int, cell: int) -> dict:
-    """An empty trace, so that plotly draws the cell (and its note) although it holds no data."""
-    return {"type": "scatter", "x": [], "y": [], "mode": "lines", "showlegend": False,
+    """A trace of one missing point, so that plotly draws the cell (and its note) although it
+    holds no data. Not an empty trace: plotly.js draws an empty one's line from the axes it
+    had before (``Plotly.react`` from the page's first figure) and logs ``<path> attribute d:
+    Expected number, "MNaN,NaN..."`` in the browser's console."""
+    return {"type": "scatter", "x": [None], "y": [None], "mode": "lines", "showlegend": False,
             "hoverinfo": "skip", "meta": {"placeholder": True}, **grid.refs(panel, cell)}
+
+
+def _fill(grid: Grid, panel: int, cell: int, traces: list[dict], why: str, data: list,
+          annotations: list, empty: set) -> None:
+    """Add a cell's traces, or, when none has a point to draw, a note saying ``why``."""
+    if traces:
+        data.extend(traces)
+        return
+    annotations.append(grid.note(panel, cell, why))
+    data.append(_placeholder(grid, panel, cell))
+    empty.add((panel, cell))
+
+
+def _no_steps(name: str, steps: np.ndarray, window: Window,
+              zoom: tuple[float, float] | None) -> str:
+    """Why a run's panel is empty: it has no step yet, or none in the window (or zoom)."""
+    if not len(steps):
+        return f"{name} has no steps recorded yet"
+    span = window.label() if zoom is None else f"steps {zoom[0]:,.0f}–{zoom[1]:,.0f}"
+    return (f"No steps of {name} in {span}: it has steps {int(steps[0]):,}–"
+            f"{int(steps[-1]):,}")
 
 
 def evolution_figure(runs: Mapping[str, xr.Dataset], neurons: Sequence[tuple[str, int]],

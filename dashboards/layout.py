@@ -8,7 +8,7 @@ from dash import dcc, html
 
 from statscope import schema as S
 
-from .data import RunInfo
+from .data import STOPPED, RunInfo
 from .limits import MAX_NEURONS, RUNS_PER_PAGE
 from .runinfo import RunSummary
 from .state import DEFAULT_WINDOW, GROUPINGS, MERGED, SCALES, TABS
@@ -28,8 +28,11 @@ POLL_MS = 2000
 def _graph(tab: str) -> dcc.Graph:
     config = {**GRAPH_CONFIG, "toImageButtonOptions": {
         **GRAPH_CONFIG["toImageButtonOptions"], "filename": f"statscope-{tab}"}}
+    # a blank figure without axes until the first answer: plotly then draws that answer's axes
+    # afresh instead of morphing a default x/y pair into them
     return dcc.Graph(id=GRAPHS[tab], config=config, className="graph",
-                     figure={"layout": {"height": 400}})
+                     figure={"data": [], "layout": {"height": 400, "xaxis": {"visible": False},
+                                                    "yaxis": {"visible": False}}})
 
 
 def _field(label: str, control, hint: str | None = None) -> html.Div:
@@ -105,6 +108,7 @@ def build_layout(root: str) -> html.Div:
             html.Div(id="run-status", className="run-status"),
         ], className="header"),
         html.Div(id="notice", className="notice"),
+        html.Div(id="view-notice", className="notice"),
         html.Div([controls, html.Main(tabs, className="main")], className="body"),
     ], className="app")
 
@@ -118,10 +122,14 @@ def status_badges(infos: Sequence[RunInfo]) -> list:
                                  title=info.error))
             continue
         step = "no steps yet" if info.last_step is None else f"step {info.last_step:,}"
-        out.append(html.Span([html.Span(className=f"dot dot-{info.status}"),
-                              f"{info.name} · {info.status} · {step}"],
-                             className=f"badge badge-{info.status}",
-                             title=f"{info.n_steps:,} steps recorded"))
+        kind = "stopped" if info.label == STOPPED else info.status
+        title = f"{info.n_steps:,} steps recorded"
+        if kind == "stopped":
+            title += ("; its status says running, but no process writes it any more (killed, "
+                      "or its machine went down): it will not grow")
+        out.append(html.Span([html.Span(className=f"dot dot-{kind}"),
+                              f"{info.name} · {info.label} · {step}"],
+                             className=f"badge badge-{kind}", title=title))
     return out
 
 
@@ -144,7 +152,8 @@ def run_panel(summaries: Sequence[RunSummary], claims: dict[str, object],
     """
     cards = [html.P(n, className="view-note") for n in notes]
     for s in summaries:
-        head = html.H3([s.name, html.Span(s.status, className=f"badge badge-{s.status}")])
+        kind = "stopped" if s.status == STOPPED else s.status
+        head = html.H3([s.name, html.Span(s.status, className=f"badge badge-{kind}")])
         progress = html.P(f"{s.n_steps:,} steps recorded" +
                           ("" if s.last_step is None else f", last step {s.last_step:,}"),
                           className="progress")

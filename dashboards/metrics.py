@@ -7,11 +7,12 @@ not provide yet makes its view say so instead of failing the app.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 
 from .state import Window
 
-__all__ = ["analysis", "missing", "to_analyses_window"]
+__all__ = ["analysis", "missing", "to_analyses_window", "inclusive"]
 
 # Public name -> the analyses submodule that defines it (used if the package does not export it).
 _HOMES = {
@@ -57,3 +58,22 @@ def to_analyses_window(window: Window):
     if window.kind == "last":
         return window.n
     return (window.start, window.stop + 1)
+
+
+_WINDOW = re.compile(r"window=\((-?\d+), (-?\d+)\)")
+_STEPS = re.compile(r"steps \[(-?\d+), (-?\d+)\)")
+
+
+def inclusive(text: str) -> str:
+    """``text`` (an analyses' message or window description) with its half-open step ranges
+    written as the dashboard writes them: inclusive of the last step, as in the page's URL
+    (the inverse of :func:`to_analyses_window`).
+
+    Example:
+        >>> inclusive("window=(-50, -9): outside run 'a'")
+        "window=-50:-10: outside run 'a'"
+        >>> inclusive("steps [200, 600)"), inclusive("last 200 steps")
+        ('steps 200–599', 'last 200 steps')
+    """
+    text = _WINDOW.sub(lambda m: f"window={m[1]}:{int(m[2]) - 1}", text)
+    return _STEPS.sub(lambda m: f"steps {int(m[1]):,}–{int(m[2]) - 1:,}", text)

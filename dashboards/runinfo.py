@@ -44,12 +44,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def run_summary(name: str, ds: xr.Dataset) -> RunSummary:
+def run_summary(name: str, ds: xr.Dataset, status: str | None = None) -> RunSummary:
     """Collect a run's settings and status from its attributes (no statistics are read).
 
     Args:
         name: the run's name.
         ds: the run, from ``statscope.open_run``.
+        status: the status to show instead of the recorded one (the catalog's, e.g.
+            ``stopped (no writer)`` for a running run whose writer is gone).
 
     Returns:
         The :class:`RunSummary`; the probe overhead is shown as a percentage of step time.
@@ -85,6 +87,7 @@ def run_summary(name: str, ds: xr.Dataset) -> RunSummary:
     versions = a.get(S.ATTR_VERSIONS)
     if versions:
         rows.append(("versions", _fmt(versions)))
-    return RunSummary(name=name, status=str(a.get(S.ATTR_STATUS) or "unknown"), n_steps=n,
+    return RunSummary(name=name, status=str(status or a.get(S.ATTR_STATUS) or "unknown"),
+                      n_steps=n,
                       last_step=None if last is None else int(last), rows=tuple(rows),
                       error=a.get(S.ATTR_ERROR))

@@ -13,6 +13,7 @@ from statscope import schema as S
 from .data import layer_slices, neuron_key
 from .grid import Grid
 from .limits import MAX_SCATTER_POINTS, RUNS_PER_PAGE
+from .metrics import inclusive
 from .style import TEMPLATE_JSON, empty_spec, header, header_height, layer_colors
 
 __all__ = ["scatter_figure", "scatter_spec", "scatter_subset"]
@@ -109,7 +110,7 @@ def scatter_spec(fluct: Mapping[str, xr.Dataset], *, layers: Sequence[str] | Non
                          y_titles=["BN_std " + _short(scale_free)])
     layout["xaxis"]["range"] = [0, top]
     layout["yaxis"]["range"] = [0, top]
-    window = fluct[names[0]].attrs.get("window", "")
+    window = inclusive(fluct[names[0]].attrs.get("window", ""))
     layout.update(header(f"Std versus mean fluctuation per neuron, {window} "
                          "(click a point for its evolution)", notes, height=grid.height))
     layout["template"] = TEMPLATE_JSON

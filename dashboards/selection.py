@@ -9,8 +9,9 @@ the catalog does not know. :func:`view` works out what the figures of a URL draw
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from dash import no_update
@@ -22,7 +23,7 @@ from statscope.errors import StatscopeError
 from .data import RunCatalog, neuron_key, parse_neuron_key
 from .evolution import run_title
 from .limits import MAX_NEURONS, MAX_OPTIONS, MAX_SCALARS, RUNS_PER_PAGE
-from .state import EACH, MERGED, ViewState, Window, parse_rank
+from .state import EACH, GROUPINGS, MERGED, SCALES, TABS, ViewState, Window, parse_rank
 from .style import neuron_label
 
 __all__ = ["MAX_DEFAULT_RUNS", "page_count", "default_neurons", "normalize", "View", "view",
@@ -128,22 +129,103 @@ def view(catalog: RunCatalog, search: str | None) -> View:
     return View(state, runs, neurons, tuple(notes))
 
 
-def _window_from_controls(kind, n, start, stop, fallback: Window) -> Window:
+def _step(value) -> int | None:
+    """A step typed in a number box, or ``None`` when the box is empty or holds no number."""
+    if isinstance(value, bool):
+        return None
     try:
-        if kind == "all":
-            return Window("all")
-        if kind == "range":
-            return Window("range", start=int(start), stop=int(stop))
-        return Window("last", n=int(n))
-    except (StatscopeError, TypeError, ValueError):
-        return fallback
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _window_from_controls(kind, n, start, stop, current: Window,
+                          bounds: Callable[[], tuple[int, int] | None]) -> tuple[Window, bool]:
+    """The window the window controls choose, and whether they are mid-edit.
+
+    A range with both boxes empty (the user just chose "range") is the current window's
+    ``bounds()``. A range with one box empty, or its last step before its first, is being typed:
+    the current window stays, and the controls are left as they are (answering with the
+    current window would set the radio back and clear what was typed).
+
+    Returns:
+        ``(window, editing)``.
+    """
+    if kind == "all":
+        return Window("all"), False
+    if kind == "range":
+        a, b = _step(start), _step(stop)
+        if a is None and b is None:
+            a, b = bounds() or (None, None)
+        if a is None or b is None or b < a:
+            return current, True
+        return Window("range", start=a, stop=b), False
+    try:
+        return Window("last", n=int(n)), False
+    except (StatscopeError, TypeError, ValueError, OverflowError):
+        return current, False
+
+
+def _bounds(catalog: RunCatalog, state: ViewState) -> tuple[int, int] | None:
+    """First and last step the window of ``state`` covers in the first run of its page (the
+    range the "range" choice starts from), or ``None`` when it covers none."""
+    w = state.window
+    if w.kind == "range" and w.start is not None and w.stop is not None:
+        return w.start, w.stop
+    page = _page(state)
+    if not page:
+        return None
+    steps = catalog.steps(page[0])[state.window.rows(catalog.steps(page[0]))]
+    return (int(steps[0]), int(steps[-1])) if len(steps) else None
 
 
 def _int(value, default: int) -> int:
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return default
+
+
+def _strings(value) -> tuple[str, ...]:
+    """The names a multi-select sends: a list of strings; anything else in it is dropped (a
+    request may carry anything)."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple)):
+        return ()
+    return tuple(v for v in value if isinstance(v, str))
+
+
+def _one(value, choices, default):
+    """``value`` when it is one of ``choices`` (a str), else ``default``."""
+    return value if isinstance(value, str) and value in choices else default
+
+
+def _clicked(click) -> str | None:
+    """The neuron key of a scatter point's ``clickData``, or ``None``."""
+    points = click.get("points") if isinstance(click, dict) else None
+    first = points[0] if isinstance(points, list) and points else None
+    key = first.get("customdata") if isinstance(first, dict) else None
+    return key if isinstance(key, str) else None
+
+
+def _gone_notice(catalog: RunCatalog, asked, state: ViewState) -> list[str]:
+    """A line on the runs a page asked for that the catalog has not (any more): renamed,
+    deleted, or unreadable now; and which runs are shown instead."""
+    names = set(catalog.names())
+    gone = [r for r in dict.fromkeys(asked) if r not in names]
+    if not gone:
+        return []
+    errors = catalog.errors()
+    missing = [r for r in gone if r not in errors]
+    where = catalog.root if catalog.root is not None else "this dashboard"
+    parts = [f"Run {r} cannot be opened now ({errors[r]})" for r in gone if r in errors]
+    if missing:
+        many = len(missing) > 1
+        parts.insert(0, f"Run{'s' * many} {', '.join(missing)} {'are' if many else 'is'} not "
+                        f"under {where} (renamed or deleted?)")
+    shown = [r for r in state.runs if r not in gone]
+    return ["; ".join(parts) + (f"; showing {', '.join(shown)} instead." if shown else ".")]
 
 
 def sync_state(catalog: RunCatalog, trigger: str | None, search: str | None, version, runs,
@@ -165,35 +247,54 @@ def sync_state(catalog: RunCatalog, trigger: str | None, search: str | None, ver
             scatter's ``clickData``, the neuron selector's ``search_value`` and the rank
             selector's value.
 
+    Choosing "range" in the window controls fills its boxes with the steps the current window
+    covers (typing a step in a box chooses "range" too); while a range is being typed (a box
+    empty, or its last step before its first) the URL keeps the current window and the
+    controls are left alone.
+
+    A run the URL or the run selector names that the catalog has not (renamed or deleted while
+    shown, or a stale link) is replaced by the defaults, and a notice says so.
+
     Returns:
         ``(search, run options, neuron options, layer options, page options, scalar options,
         runs, neurons, layer, stat, win_kind, win_n, win_start, win_stop, scale, by, tab,
-        page, scalars, rank options, rank)``, ``no_update`` where nothing changes.
+        page, scalars, rank options, rank, notice)``, ``no_update`` where nothing changes;
+        ``notice`` is a list of lines for the page (empty to clear it).
     """
-    n_out = 21
+    n_out = 22
     if trigger == "neuron-search":
-        if not search_value:
+        if not search_value or not isinstance(search_value, str):
             raise PreventUpdate
         state = normalize(catalog, ViewState.from_query(search))
         opts = _neuron_options(catalog, state, search_value)
         return (no_update, no_update, opts) + (no_update,) * (n_out - 3)
     current = ViewState.from_query(search)
+    editing = False
     if trigger in (None, "url"):
         state = normalize(catalog, current)
+        asked = current.runs
     else:
+        asked = _strings(runs)
+        # typing a step chooses a range
+        kind = "range" if trigger in ("win-start", "win-stop") else win_kind
+        window, editing = _window_from_controls(kind, win_n, win_start, win_stop,
+                                                current.window,
+                                                lambda: _bounds(catalog, normalize(catalog,
+                                                                                   current)))
         state = current.replace(
-            runs=tuple(runs or ()), neurons=tuple(neurons or ()), layer=layer,
-            stat=stat if stat in S.ALL_STATS else current.stat,
-            window=_window_from_controls(win_kind, win_n, win_start, win_stop, current.window),
-            scale=scale or current.scale, by=by or current.by, tab=tab or current.tab,
+            runs=asked, neurons=_strings(neurons), layer=layer if isinstance(layer, str) else None,
+            stat=_one(stat, S.ALL_STATS, current.stat), window=window,
+            scale=_one(scale, SCALES, current.scale), by=_one(by, GROUPINGS, current.by),
+            tab=_one(tab, TABS, current.tab),
             page=_int(page, current.page) if trigger != "runs" else 0,
-            scalars=tuple(scalars or ()), rank=parse_rank(rank) if rank is not None
+            scalars=_strings(scalars), rank=parse_rank(rank) if rank is not None
             else current.rank)
-        if trigger == "scatter-graph" and click and click.get("points"):
-            key = click["points"][0].get("customdata")
-            if isinstance(key, str):
-                state = state.replace(neurons=(key,), tab="evolution")
+        key = _clicked(click) if trigger == "scatter-graph" else None
+        if key is not None:
+            state = state.replace(neurons=(key,), tab="evolution")
         state = normalize(catalog, state)
+        if trigger == "version":  # the URL's runs, too: the selector may have dropped one
+            asked = (*current.runs, *asked)
     query = state.to_query()
     w = state.window
     values = (list(state.runs), list(state.neurons), state.layer, state.stat, w.kind,
@@ -204,11 +305,17 @@ def sync_state(catalog: RunCatalog, trigger: str | None, search: str | None, ver
         given = (runs, neurons, layer, stat, win_kind, win_n, win_start, win_stop, scale, by,
                  tab, page, scalars)
         values = tuple(v if _differs(v, g) else no_update for v, g in zip(values, given))
+        if editing:  # leave the window controls as the user is setting them
+            values = values[:4] + ("range" if given[4] != "range" else no_update,
+                                   *(no_update,) * 3) + values[8:]
         rank_value = no_update if rank is None or rank_value == str(rank) else rank_value
     fresh = trigger in (None, "url", "version", "runs", "page", "scatter-graph", "neurons")
     opts = options(catalog, state) if fresh else (no_update,) * 5
+    notice: Any = _gone_notice(catalog, asked, state)
+    if not notice and trigger == "version":
+        notice = no_update  # a poll keeps what the page says until the user changes the view
     return (query if query != (search or "") else no_update, *opts, *values,
-            rank_options(catalog, state) if fresh else no_update, rank_value)
+            rank_options(catalog, state) if fresh else no_update, rank_value, notice)
 
 
 def _differs(new, given) -> bool:
@@ -250,7 +357,7 @@ def options(catalog: RunCatalog, state: ViewState) -> tuple[list, list, list, li
     all); layers: those of the first run on the page (the layer overview draws it).
     """
     names = catalog.names()
-    run_opts = [{"label": f"{run_title(n, catalog.dataset(n))} · {catalog.info(n).status}",
+    run_opts = [{"label": f"{run_title(n, catalog.dataset(n))} · {catalog.info(n).label}",
                  "value": n} for n in names]
     if not state.runs:
         return run_opts, [], [], [], []

@@ -183,8 +183,10 @@ class ViewState:
             >>> ViewState.from_query("?tab=scatter&run=bs4&run=bs128").runs
             ('bs4', 'bs128')
         """
+        if not isinstance(search, str):  # a forged request: a number, a list, an object
+            search = ""
         q = {k: list(dict.fromkeys(v))[:MAX_QUERY_ITEMS] for k, v in
-             parse_qs((search or "").lstrip("?"), keep_blank_values=False).items()}
+             parse_qs(search.lstrip("?"), keep_blank_values=False).items()}
         one = {k: v[-1] for k, v in q.items()}
         base = cls()
         try:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 from statscope.errors import StatscopeError, StatscopeWarning, StoreError, StoreLockedError
 
-__all__ = ["Holder", "Lease", "lease_path", "read_holder"]
+__all__ = ["Holder", "Lease", "lease_path", "read_holder", "writer_state"]
 
 SUFFIX = ".lease"
 DEFAULT_TTL = 60.0
@@ -160,6 +160,45 @@ def read_holder(path: str) -> Holder | None:
             return Holder.from_bytes(f.read())
     except FileNotFoundError:
         return None
+
+
+def writer_state(path: str) -> str:
+    """Whether a writer is behind the run at ``path`` now, without touching its lease.
+
+    A reader (the dashboard) asks this of a run whose status says ``running``: a writer killed
+    with ``kill -9`` never marks its run ``failed``. The lease is only read, never locked, so
+    a writer that starts at that moment is not refused.
+
+    Args:
+        path: the run folder or fsspec URL (one store: each rank of a distributed run has its
+            own lease).
+
+    Returns:
+        ``"live"``: a writer holds the lease (a local holder whose process runs; an
+        object-store lease whose heartbeat is fresh). ``"dead"``: the holder is gone (a local
+        holder on this host whose process has ended, or a writer process whose training
+        process has; an object-store lease that is stale, as :meth:`Lease.acquire` would take
+        it over). ``"unknown"``: it cannot be told: no lease (the run was copied here
+        without it, or no holder was recorded), a holder on another host (a run synced from
+        a cluster), or the lease cannot be read.
+
+    Example:
+        >>> writer_state("/no/such/run")
+        'unknown'
+    """
+    try:
+        held = read_holder(path)
+    except (OSError, StatscopeError):
+        return "unknown"
+    if held is None:
+        return "unknown"
+    if _is_url(path):
+        return "dead" if _stale(held)[0] else "live"
+    if held.host != socket.gethostname():
+        return "unknown"
+    # a writer process whose training process is gone writes nothing more (Holder.ending)
+    alive = _pid_alive(held.pid) and (held.parent is None or _pid_alive(held.parent))
+    return "live" if alive else "dead"
 
 
 def _lock(fd: int) -> bool:

@@ -55,8 +55,10 @@ def _write_run():
     return write_run
 
 
-def write_synthetic(path, ds: xr.Dataset, *, status: str | None = None) -> str:
-    """Write a :func:`synthetic_run` Dataset as a real store with the store's own writer."""
+def write_synthetic(path, ds: xr.Dataset, *, status: str | None = None,
+                    overwrite: bool = False) -> str:
+    """Write a :func:`synthetic_run` Dataset as a real store with the store's own writer
+    (``overwrite``: re-run into the folder of an earlier run, as ``--overwrite`` does)."""
     from statscope.store import ProbeInfo
 
     lay = ds[S.LAYER].values
@@ -76,7 +78,7 @@ def write_synthetic(path, ds: xr.Dataset, *, status: str | None = None) -> str:
              if k in (S.ATTR_MODEL, S.ATTR_PROBE_OVERHEAD)}
     return _write_run()(path, probes, data, steps=ds[S.STEP].values, count=count,
                         scalars={"loss": ds["loss"].values}, meta=ds.attrs[S.ATTR_META],
-                        status=status or ds.attrs[S.ATTR_STATUS], **attrs)
+                        status=status or ds.attrs[S.ATTR_STATUS], overwrite=overwrite, **attrs)
 
 
 class LiveRun:
@@ -191,3 +193,48 @@ def merged_reference(raw: dict) -> dict[str, np.ndarray]:
     en_s = np.concatenate([np.repeat(x[:, :, a:b].reshape(len(x), -1).std(1)[:, None], b - a, 1)
                            for a, b in zip(cuts[:-1], cuts[1:])], 1)
     return {S.BN_MEAN: x.mean(1), S.BN_STD: x.std(1), S.EN_MEAN: en_m, S.EN_STD: en_s}
+
+
+_WRITER = """
+import sys, time
+sys.path.insert(0, {here!r})
+from dashboard_fixtures import LiveRun
+live = LiveRun(sys.argv[1])
+if int(sys.argv[2]):
+    live.append(int(sys.argv[2]))
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def start_writer(path, steps: int):
+    """A process writing the run at ``path`` with the store's writer (``steps`` committed),
+    then idling as training does between commits; returned once the run is on disk.
+
+    Raises:
+        RuntimeError: the process did not get there within two minutes.
+    """
+    import select
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = str(Path(__file__).resolve().parent)
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER.format(here=here), str(path),
+                             str(steps)], stdout=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], 120)
+    if not ready or proc.stdout.readline().strip() != "ready":
+        kill_writer(proc)
+        raise RuntimeError("the writer process did not start")
+    return proc
+
+
+def kill_writer(proc) -> None:
+    """``kill -9`` a process from :func:`start_writer` and reap it (a zombie's pid would still
+    look alive)."""
+    import signal
+
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    if proc.stdout is not None:
+        proc.stdout.close()

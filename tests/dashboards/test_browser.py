@@ -6,6 +6,7 @@ import itertools
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from dashboard_fixtures import LiveRun, synthetic_run, write_synthetic
@@ -240,3 +241,150 @@ def test_a_distributed_run_by_rank(served, page):
     assert len(bars) == 4 and len(dots) == 8 and all(t["n"] == 2 for t in bars + dots)
     boxes = _boxes(page, "fluctuation-graph")
     assert not _overlaps([b for b in boxes if "legend" in b["kind"] or "title" in b["kind"]])
+
+
+def _console(page) -> list[str]:
+    """Collects the page's console errors and uncaught exceptions from now on."""
+    log: list[str] = []
+    page.on("console", lambda m: log.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: log.append(str(e)))
+    return log
+
+
+def test_an_empty_evolution_cell_logs_no_console_error(served, page):
+    """A run without the chosen neuron leaves its cells empty with a note; plotly.js drawing
+    that figure over the page's first one logged "<path> attribute d: Expected number,
+    "MNaN,NaN..." for them (on every load, depending on which arrived first)."""
+    url, root, app = served
+    write_synthetic(root / "other", synthetic_run(300, (("conv1", 4),), batch_size=8, seed=4))
+    app.catalog.refresh()
+    search = "?run=other&run=bs4&neuron=fc1:0&scalar=-"
+    log = _console(page)
+    page.goto(url + "/" + search)
+    _wait(page, "evolution-graph", "traces.some(t => t.meta && t.meta.run === 'bs4')")
+    page.wait_for_load_state("networkidle")
+    notes = page.evaluate("""() => document.querySelector('#evolution-graph .js-plotly-plot')
+                                   .layout.annotations.map(a => a.text)""")
+    assert notes.count("no fc1[0] in other") == 2
+    # the same drawing made deterministic: the graph's first figure, as the page's layout
+    # sends it, then the server's answer for this view drawn over it
+    drawn = page.evaluate("""async (search) => {
+        const find = (node) => {
+            if (!node || typeof node !== 'object') return null;
+            if (node.props && node.props.id === 'evolution-graph') return node.props;
+            for (const value of Object.values(node.props || node)) {
+                for (const child of (Array.isArray(value) ? value : [value])) {
+                    const hit = find(child);
+                    if (hit) return hit;
+                }
+            }
+            return null;
+        };
+        const first = find(await (await fetch('/_dash-layout')).json()).figure;
+        const body = {output: 'evolution-graph.figure',
+                      outputs: {id: 'evolution-graph', property: 'figure'},
+                      inputs: [{id: 'url', property: 'search', value: search},
+                               {id: 'version', property: 'data', value: null},
+                               {id: 'evolution-zoom', property: 'data', value: null}],
+                      changedPropIds: ['url.search'], state: []};
+        const answer = await (await fetch('/_dash-update-component', {method: 'POST',
+            headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body)})).json();
+        const figure = answer.response['evolution-graph'].figure;
+        const div = document.createElement('div');
+        document.body.appendChild(div);
+        await Plotly.newPlot(div, first.data || [], first.layout || {});
+        await Plotly.react(div, figure.data, figure.layout);
+        return figure.data.length;
+    }""", search)
+    page.wait_for_timeout(500)
+    assert drawn == 2 + 4  # a placeholder in each of other's two cells, bs4's four lines
+    assert log == []
+
+
+def _window_controls(page) -> tuple:
+    return (page.evaluate("""() => Array.from(document.querySelectorAll('#win-kind input'))
+                                   .filter(i => i.checked).map(i => i.value)"""),
+            page.locator("#win-start").input_value(), page.locator("#win-stop").input_value())
+
+
+def _bn_mean(page) -> dict:
+    """Steps and values of the evolution figure's BN_mean line, as plotly holds them."""
+    return page.evaluate("""() => {
+        const gd = document.querySelector('#evolution-graph .js-plotly-plot');
+        const t = gd._fullData.find(t => t.meta && t.meta.stat === 'bn_mean');
+        return {x: Array.from(t.x, Number), y: Array.from(t.y, Number)};
+    }""")
+
+
+def test_the_window_range_is_chosen_and_typed_in_the_controls(server, page):
+    """Choosing "range" keeps the radio on range with the current window's steps in its
+    boxes; a range being typed is left alone, and a complete one is drawn."""
+    from statscope.store import open_run
+
+    url, root = server
+    page.goto(url + "/?run=bs4&neuron=fc1:0&scalar=-")
+    _wait(page, "evolution-graph", "traces.length === 4")
+    page.wait_for_load_state("networkidle")
+    page.locator("#win-kind").get_by_text("range").click()
+    page.wait_for_url("**window=2800:2999**", timeout=15000)
+    assert _window_controls(page) == (["range"], "2800", "2999")
+    page.locator("#win-start").fill("1000")
+    page.locator("#win-start").press("Enter")
+    page.wait_for_url("**window=1000:2999**", timeout=15000)
+    # a last step before the first is being typed: nothing changes, nothing is reset
+    page.locator("#win-stop").fill("500")
+    page.locator("#win-stop").press("Enter")
+    page.wait_for_timeout(1500)
+    assert "window=1000:2999" in page.url
+    assert _window_controls(page) == (["range"], "1000", "500")
+    page.locator("#win-stop").fill("1100")
+    page.locator("#win-stop").press("Enter")
+    page.wait_for_url("**window=1000:1100**", timeout=15000)
+    _wait(page, "evolution-graph", "traces.every(t => t.x.length === 101)")
+    assert _window_controls(page) == (["range"], "1000", "1100")
+    line = _bn_mean(page)
+    stored = open_run(root / "bs4")
+    np.testing.assert_array_equal(line["x"], np.arange(1000, 1101))
+    np.testing.assert_allclose(line["y"], stored.bn_mean.values[1000:1101, 0], rtol=1e-6)
+
+
+def _badges(page) -> str:
+    return page.locator("#run-status").inner_text()
+
+
+@pytest.mark.slow
+def test_a_page_follows_a_rerun_a_killed_writer_and_a_run_that_goes_away(served, page):
+    """A run re-run into its folder is drawn afresh; a run whose writer was killed is called
+    stopped; a run renamed while shown is named in a notice."""
+    from dashboard_fixtures import kill_writer, start_writer
+    from statscope.store import open_run
+
+    url, root, app = served
+    write_synthetic(root / "c", synthetic_run(300, (("fc1", 4),), batch_size=4, seed=5))
+    app.catalog.refresh()
+    page.goto(url + "/?run=c&neuron=fc1:1&window=all&scalar=-")
+    _wait(page, "evolution-graph", "traces.every(t => Number(t.x[t.x.length - 1]) === 299)")
+    write_synthetic(root / "c", synthetic_run(700, (("fc1", 4),), batch_size=8, seed=6),
+                    overwrite=True)
+    _wait(page, "evolution-graph", "traces.every(t => Number(t.x[t.x.length - 1]) === 699)")
+    page.wait_for_function("() => document.querySelector('#run-status').innerText"
+                           ".includes('c · completed · step 699')", polling=200, timeout=15000)
+    line = _bn_mean(page)
+    stored = open_run(root / "c")
+    np.testing.assert_array_equal(line["x"], stored.step.values)
+    np.testing.assert_allclose(line["y"], stored.bn_mean.values[:, 1], rtol=1e-6)
+
+    writer = start_writer(root / "k", 30)
+    try:
+        page.wait_for_function("() => document.querySelector('#run-status').innerText"
+                               ".includes('k · running · step 29')", polling=200, timeout=15000)
+    finally:
+        kill_writer(writer)
+    page.wait_for_function("() => document.querySelector('#run-status').innerText"
+                           ".includes('k · stopped (no writer) · step 29')", polling=200,
+                           timeout=15000)
+
+    os.rename(root / "c", root / "c_renamed")
+    page.wait_for_function("() => document.querySelector('#view-notice').innerText"
+                           ".includes('Run c is not under')", polling=200, timeout=15000)
+    assert "run=c&" not in page.url + "&"

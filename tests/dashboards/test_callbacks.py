@@ -53,7 +53,8 @@ def test_a_selector_change_rewrites_the_url_only(catalog):
     assert state.window.spec() == "5:50"
     assert all(v is no_update for v in out[1:6])  # no option changes
     # only the selectors the catalog corrected are set: no scalars chosen stays none
-    assert all(v is no_update for v in out[6:])
+    assert all(v is no_update for v in out[6:21])
+    assert out[21] == []  # no run is gone: nothing to say (a notice of an earlier view clears)
 
 
 def test_a_url_with_foreign_paths_shows_only_runs_under_the_root(catalog):
@@ -379,3 +380,98 @@ def test_the_run_card_shows_a_dash_where_a_claim_has_no_interval():
     card = run_panel([RunSummary("r", "completed", 10, 9, [], None)], {"r": claims}, "all")
     text = str(card)
     assert "+1.500" in text and "[—, —]" in text and "nan" not in text
+
+
+def test_choosing_range_fills_its_boxes_and_a_range_being_typed_is_left_alone(catalog):
+    """The window's "range" choice can be reached from the controls: choosing it keeps the
+    radio on range with the boxes filled from the current window (bs4's last 200 steps are
+    200..399); a range with a box empty, or backwards, leaves the URL and the boxes alone."""
+    out = _sync(catalog, "win-kind", "?run=bs4", runs=["bs4"], win_kind="range")
+    assert ViewState.from_query(out[0]).window.spec() == "200:399"
+    assert out[10] is no_update and out[12:14] == (200, 399)  # the radio stays on range
+    search = out[0]
+    for start, stop in ((250, None), (None, 300), (390, 300)):
+        out = _sync(catalog, "win-start", search, runs=["bs4"], win_kind="range",
+                    win_start=start, win_stop=stop)
+        assert out[0] is no_update and out[10:14] == (no_update,) * 4, (start, stop)
+    out = _sync(catalog, "win-stop", search, runs=["bs4"], win_kind="range", win_start=250,
+                win_stop=300)
+    assert ViewState.from_query(out[0]).window.spec() == "250:300"
+    assert out[10:14] == (no_update,) * 4
+    # typing a first step while the radio says "last" chooses a range
+    out = _sync(catalog, "win-start", "?run=bs4", runs=["bs4"], win_start=250)
+    assert out[10] == "range" and out[12:14] == (no_update, no_update)
+
+
+def test_a_run_gone_while_shown_is_named_in_a_notice(tmp_path):
+    from dashboard_fixtures import write_synthetic
+
+    for name in ("a", "c"):
+        write_synthetic(tmp_path / name, synthetic_run(n_steps=50))
+    cat = RunCatalog(tmp_path)
+    out = _sync(cat, None, "?run=c")
+    assert ViewState.from_query(out[0]).runs == ("c",) and out[21] == []
+    (tmp_path / "c").rename(tmp_path / "c_renamed")
+    cat.refresh()
+    # the poll's new token fires the sync with the selectors as they are: still run c
+    out = _sync(cat, "version", "?run=c", runs=["c"])
+    assert ViewState.from_query(out[0]).runs == ("a", "c_renamed")  # the fallback
+    assert out[21] == [f"Run c is not under {tmp_path} (renamed or deleted?); showing a, "
+                       "c_renamed instead."]
+    search = out[0]
+    assert _sync(cat, "version", search, runs=["a", "c_renamed"])[21] is no_update  # it stays
+    assert _sync(cat, "tab", search, runs=["a", "c_renamed"], tab="scatter")[21] == []
+    # a stale link says so too
+    assert "Run c is not under" in _sync(cat, None, "?run=c&run=a")[21][0]
+
+
+def test_an_evolution_window_without_steps_says_why(tmp_path):
+    from dashboard_fixtures import LiveRun, write_synthetic
+
+    write_synthetic(tmp_path / "r", synthetic_run(n_steps=400))
+    LiveRun(tmp_path / "empty")  # started, no step committed yet
+    cat = RunCatalog(tmp_path)
+    for window, span in (("900000:900100", "900,000–900,100"), ("-50:-10", "-50–-10")):
+        fig = figure(cb.evolution(cat, f"?run=r&window={window}"))
+        assert not fig.data
+        assert [a.text for a in fig.layout.annotations] == [
+            f"No steps of r in steps {span}: it has steps 0–399"]
+    fig = figure(cb.evolution(cat, "?run=empty"))
+    assert [a.text for a in fig.layout.annotations] == ["empty has no steps recorded yet"]
+    # beside a run with steps, the empty run's panel says why and the other draws
+    fig = figure(cb.evolution(cat, "?run=r&run=empty&neuron=fc1:0&scalar=-"))
+    drawn = [t for t in fig.data if not t.meta.get("placeholder")]
+    assert {t.meta["run"] for t in drawn} == {"r"} and all(len(t.x) == 200 for t in drawn)
+    assert "empty has no steps recorded yet" in [a.text for a in fig.layout.annotations]
+
+
+def test_a_scalar_or_neuron_without_a_finite_value_in_the_window_is_noted():
+    ds = synthetic_run(n_steps=400)
+    ds["loss"].values[300:] = np.nan
+    ds[S.BN_MEAN].values[200:, 1] = np.nan
+    ds[S.EN_MEAN].values[200:, 1] = np.nan
+    cat = RunCatalog.from_datasets({"r": ds})
+    fig = figure(cb.evolution(cat, "?run=r&neuron=fc1:0&neuron=fc1:1&window=300:399"))
+    notes = [a.text for a in fig.layout.annotations if a.text.startswith("no ")]
+    assert notes == ["no finite loss in r in these steps",
+                     "no finite fc1[1] means in r in these steps"]
+    assert all(len(t.x) for t in fig.data)  # no line without a point
+    (std,) = [t for t in fig.data if t.meta.get("neuron") == ["fc1", 1]
+              and t.meta.get("stat") == S.BN_STD]
+    np.testing.assert_array_equal(std.y, ds[S.BN_STD].values[300:, 1])
+
+
+def test_ranges_are_written_inclusive_as_in_the_url(catalog):
+    """The URL's ranges include their last step; the analyses' are half-open. The page writes
+    them as the URL does, in every view and message."""
+    fig = figure(cb.fluctuation(catalog, "?tab=fluctuation&run=bs4&window=-50:-10"))
+    assert fig.layout.annotations[0].text.startswith("window=-50:-10: outside run")
+    fig = figure(cb.scatter(catalog, "?tab=scatter&run=bs4&window=3:3"))
+    assert fig.layout.annotations[0].text.startswith("window=3:3: fewer than 2 steps")
+    search = "?run=bs4&neuron=fc1:0&window=200:299"
+    for callback in (cb.evolution, cb.fluctuation, cb.scatter, cb.heatmap):
+        title = figure(callback(catalog, search)).layout.title.text
+        assert "steps 200–299" in title and "[200, 300)" not in title, (callback, title)
+    short = RunCatalog.from_datasets({"bs4": synthetic_run(400), "short": synthetic_run(100)})
+    fig = figure(cb.fluctuation(short, "?run=bs4&run=short&window=200:299"))
+    assert "short left out: window=200:299: outside run" in fig.layout.title.text

@@ -8,12 +8,16 @@ from pathlib import Path
 import statscope.dashboards
 
 PKG = Path(statscope.dashboards.__file__).parent
-ALLOWED = {"dash", "plotly", "numpy", "xarray", "tsdownsample", "waitress", "statscope.errors",
+# statscope.lease: the kernel's record of who writes a run (it imports only statscope.errors);
+# the dashboard reads it to tell a killed run from a running one. flask: dash's web server, whose
+# requests the app checks before dash handles them.
+ALLOWED = {"dash", "flask", "plotly", "numpy", "xarray", "tsdownsample", "waitress",
+           "statscope.errors",
            "statscope.schema", "statscope.store", "statscope.storage", "statscope.ranks",
-           "statscope.analyses"}
+           "statscope.lease", "statscope.analyses"}
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 PURE = ("bars", "downsample", "evolution", "heatmap", "runinfo", "scatter", "state", "style",
-        "data", "metrics", "grid", "limits")
+        "data", "metrics", "grid", "limits", "stamps")
 
 
 def _imports(path: Path) -> list[str]:
