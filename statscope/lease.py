@@ -197,8 +197,18 @@ def writer_state(path: str) -> str:
     if held.host != socket.gethostname():
         return "unknown"
     # a writer process whose training process is gone writes nothing more (Holder.ending)
-    alive = _pid_alive(held.pid) and (held.parent is None or _pid_alive(held.parent))
+    alive = _pid_alive(held.pid) and not _zombie(held.pid) \
+        and (held.parent is None or _pid_alive(held.parent))
     return "live" if alive else "dead"
+
+
+def _zombie(pid: int) -> bool:
+    """True for a process that ended and waits to be reaped (it holds no lock any more)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):  # no /proc (macOS), or gone meanwhile
+        return False
 
 
 def _lock(fd: int) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +55,9 @@ def add_cluster_arguments(p) -> None:
 @contextmanager
 def scheduler_of(args):
     """The dask scheduler the analyses run on: None (this process), or a ``distributed.Client``
-    of ``--scheduler`` or of a local cluster of ``--workers`` processes, closed on exit."""
+    of ``--scheduler`` or of a local cluster of ``--workers`` processes, closed on exit. The
+    local cluster's processes leave Ctrl-C to this one, whose ``KeyboardInterrupt`` closes them
+    without a traceback."""
     import logging
 
     from statscope.errors import StatscopeError
@@ -71,26 +73,70 @@ def scheduler_of(args):
                              f"install 'statscope[dask]'") from None
     if address is not None:
         # dask logs a lost scheduler as tracebacks at ERROR; the command says it in one line
-        loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
-                   if name == "distributed" or name.startswith("distributed.")]
-        levels = [lg.level for lg in loggers]
-        for lg in loggers:
-            lg.setLevel(logging.CRITICAL)
-        try:
-            with _connect(Client, address) as client:
-                yield client
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
+        with _dask_logs_at(logging.CRITICAL), _connect(Client, address) as client:
+            yield client
         return
     if workers < 1:
         raise StatscopeError(f"--workers {workers}: expected at least 1")
-    # The scheduler's HTTP server takes port 8787 unless told otherwise, and warns when that is
-    # taken (another cluster on the machine): a free port instead.
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
-            Client(cluster, set_as_default=False) as client:
-        yield client
+    quiet = ExitStack()
+    with quiet, ExitStack() as stack:
+        with _ctrl_c_held():
+            # The scheduler's HTTP server takes port 8787 unless told otherwise, and warns when
+            # that is taken (another cluster on the machine): a free port instead.
+            cluster = stack.enter_context(LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                silence_logs=logging.ERROR))
+            client = stack.enter_context(Client(cluster, set_as_default=False))
+        try:
+            yield client
+        except BaseException:
+            # Closed in the middle of its tasks (Ctrl-C), the scheduler can log at CRITICAL,
+            # with a traceback, a cancellation it could not tell the client that left first;
+            # the command says in one line why it stopped.
+            quiet.enter_context(_dask_logs_at(logging.CRITICAL + 1))
+            raise
+
+
+@contextmanager
+def _dask_logs_at(level: int):
+    """Inside, dask.distributed's loggers in this process log at ``level`` and above only."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name == "distributed" or name.startswith("distributed.")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@contextmanager
+def _ctrl_c_held():
+    """Inside, SIGINT is blocked in this thread, and so in every thread and process started
+    from it: a local cluster's event loop, its worker processes (also those it restarts) and
+    their children. The terminal sends Ctrl-C to its whole process group; this process's
+    ``KeyboardInterrupt`` closes the cluster, which stops the workers and their tasks, whereas
+    a worker process that took the Ctrl-C would die printing tracebacks. A Ctrl-C that came
+    inside is delivered here on exit, none is lost. (A mask rather than ``SIG_IGN``: that would
+    drop a Ctrl-C during the cluster's start.)"""
+    import signal
+    from multiprocessing import resource_tracker
+
+    if not hasattr(signal, "pthread_sigmask"):  # Windows has no signal masks
+        yield
+        return
+    # Started now if it is not yet: the first spawned process starts it, and it blocks SIGINT
+    # while it starts and then unblocks it, which in the cluster's event loop would undo ours.
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _connect(Client, address: str):

@@ -18,7 +18,7 @@ from statscope import schema as S
 from statscope.commands import show_warning, warning_line
 from statscope.errors import StatscopeError, StoreError
 
-__all__ = ["register", "run_run", "run_sweep", "run_runs", "run_info"]
+__all__ = ["register", "run_run", "run_sweep", "run_runs", "run_info", "writer_gone", "STOPPED"]
 
 
 def _number(kind: type, minimum: float, what: str, maximum: float = math.inf):
@@ -268,7 +268,12 @@ class _Bar:
 
 
 def run_sweep(args) -> int:
-    """``statscope sweep EXPERIMENT --bs ... --seeds ...``: the grid into one folder."""
+    """``statscope sweep EXPERIMENT --bs ... --seeds ...``: the grid into one folder.
+
+    Exit 0 when no run failed (runs held by another process are that process's to finish), 1
+    when a run failed at run time (the same sweep retries it), else 2 when a run was refused on
+    its settings or on what is in its way (the same sweep would fail it again).
+    """
     from statscope.experiments.sweep import plan_sweep, run_sweep as sweep
     from statscope.nn.factory import check_norm_name
 
@@ -279,21 +284,32 @@ def run_sweep(args) -> int:
     todo = sum(item.action != "skip" for item in items)
     jobs = args.jobs or 1
     on_cluster = todo and (args.scheduler is not None or args.workers is not None)
+    seen_warnings: set[str] = set()
+
+    def warn(messages) -> None:
+        for w in messages:
+            if w not in seen_warnings:
+                seen_warnings.add(w)
+                print(warning_line(w), file=sys.stderr)
+
+    if todo and not on_cluster:  # a cluster's workers have their own data and devices
+        from statscope.experiments.preflight import check_grid
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check_grid(base, args.bs, args.norm, quiet=args.quiet)
+        warn(dict.fromkeys(str(w.message) for w in caught))
 
     def header(how: str) -> None:
         if not args.quiet:
             print(f"sweep: {len(items)} runs in {args.out}, {len(items) - todo} completed "
                   f"already, {todo} to run" + (f" {how}" if how else ""), file=sys.stderr)
 
-    seen_warnings: set[str] = set()
     t0 = time.perf_counter()
 
     def report(outcome) -> None:
         item = outcome.item
-        for w in outcome.warnings:
-            if w not in seen_warnings:
-                seen_warnings.add(w)
-                print(warning_line(w), file=sys.stderr)
+        warn(outcome.warnings)
         if item.action == "skip":
             line = f"skip  {item.name} (completed)"
         elif outcome.held:
@@ -319,14 +335,28 @@ def run_sweep(args) -> int:
     else:
         header(f"with {jobs} job{'s' if jobs != 1 else ''}" if todo else "")
         outcomes = sweep(items, jobs=jobs, on_done=report)
+    return _sweep_end(args, outcomes)
+
+
+def _sweep_end(args, outcomes) -> int:
+    """The sweep's last lines on stderr, and its exit code."""
+    n = len(outcomes)
     held = sum(o.held for o in outcomes)
-    failed = sum(o.error is not None for o in outcomes) - held
-    if failed or held:
-        what = [f"{failed} of {len(items)} runs failed"] if failed else []
-        what += [f"{held} of {len(items)} runs are held by another process"] if held else []
-        print(f"statscope: {'; '.join(what)}; run the same sweep again to retry them"
-              + (" once that process is done" if held else ""), file=sys.stderr)
+    refused = sum(o.error is not None and o.bad_input and not o.held for o in outcomes)
+    failed = sum(o.error is not None for o in outcomes) - held - refused
+    if held:
+        print(f"statscope: {held} of {n} runs are held by another process, which is writing "
+              "them or wrote them meanwhile; run the same sweep again once it is done to see "
+              "them completed", file=sys.stderr)
+    if refused:
+        print(f"statscope: {refused} of {n} runs cannot run as set (bad input: see their FAIL "
+              "lines); the same sweep would fail them again", file=sys.stderr)
+    if failed:
+        print(f"statscope: {failed} of {n} runs failed; run the same sweep again to retry them",
+              file=sys.stderr)
         return 1
+    if refused:
+        return 2
     if not args.quiet:
         _print_next(args.out)
     return 0
@@ -361,20 +391,82 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+STOPPED = "stopped"
+"""The status ``runs`` and ``info`` show for a run marked ``running`` whose writer is gone."""
+
+
+def writer_gone(path: str, attrs: dict) -> str | None:
+    """Why the run at ``path``, marked ``running``, has no writer any more; None when it is not
+    marked running, when its writer lives, or when that cannot be told from this machine.
+
+    A local run's writer holds the lease beside it while it lives (the kernel drops the lock
+    when its process ends, ``kill -9`` included), and the lease file names it; so does an object
+    store's lease, with a heartbeat. This reads the record without taking the lease (taking it,
+    even for an instant, could refuse a writer starting then): the writer is gone when the
+    process it names no longer runs on this host (or its training process has ended), or when an
+    object store's lease is stale (:func:`statscope.lease.writer_state`, as the dashboard tells
+    it). A writer on another host of a shared folder, or a run without its lease file (a copy),
+    cannot be told from here: shown as marked.
+
+    Args:
+        path: the run.
+        attrs: its root attributes (:func:`statscope.store.read_attrs`).
+
+    Returns:
+        e.g. ``"its writer, pid 4242 on host, since 2026-05-01T10:00:00+00:00, has ended"``.
+
+    Example:
+        >>> writer_gone("runs/r", {"status": "completed"}) is None  # not marked running
+        True
+    """
+    ranks = attrs.get("ranks")
+    if ranks:  # a distributed run: gone when every rank still marked running has no writer
+        running = [r for r, a in ranks.items() if a.get(S.ATTR_STATUS) == S.STATUS_RUNNING]
+        why = [_writer_gone(f"{path.rstrip('/')}/rank{r}") for r in running]
+        if not running or any(w is None for w in why):
+            return None
+        return "; ".join(f"rank {r}: {w}" for r, w in zip(running, why))
+    if attrs.get(S.ATTR_STATUS) != S.STATUS_RUNNING:
+        return None
+    return _writer_gone(path)
+
+
+def _writer_gone(path: str) -> str | None:
+    from statscope.lease import read_holder, writer_state
+    from statscope.storage import is_url
+
+    if writer_state(path) != "dead":  # live, or not to be told from here (as the dashboard)
+        return None
+    held = read_holder(path)
+    if held is None:
+        return None
+    if is_url(path):
+        return f"its writer's lease, {held.describe()}, is stale"
+    return f"its writer, {held.describe()}, has ended"
+
+
 def run_runs(args) -> int:
-    """``statscope runs DIR``: one line per run with its status and settings."""
+    """``statscope runs DIR``: one line per run with its status and settings; a run marked
+    ``running`` whose writer is gone shows as ``stopped`` (the reason on stderr)."""
     found = _scan(args.dir)
     if not found:
         print(f"statscope: no runs in {args.dir}", file=sys.stderr)
         return 0
-    rows = []
+    rows, notes = [], []
     for path, attrs, error in found:
         if attrs is None:
             rows.append([Path(path).name, "corrupt", "", "", "", "", "", "", "", path])
             continue
         meta = attrs.get(S.ATTR_META) or {}
         last = attrs.get(S.ATTR_LAST_STEP)
-        rows.append([Path(path).name, str(attrs.get(S.ATTR_STATUS)),
+        status = str(attrs.get(S.ATTR_STATUS))
+        gone = writer_gone(path, attrs)
+        if gone is not None:
+            status = STOPPED
+            notes.append(f"statscope: note: {Path(path).name} is marked running, but {gone}: "
+                         "it stopped without closing its store; the same sweep, or run with "
+                         "--resume, continues it")
+        rows.append([Path(path).name, status,
                      str(attrs.get(S.ATTR_N_STEPS, 0)), "" if last is None else str(last),
                      *(str(meta.get(k, "")) for k in ("experiment", S.META_BATCH_SIZE,
                                                       S.META_SEED, S.META_DATASET, S.META_NORM)),
@@ -384,6 +476,8 @@ def run_runs(args) -> int:
     for path, _, error in found:
         if error is not None:
             print(f"statscope: warning: {error}", file=sys.stderr)
+    for note in notes:
+        print(note, file=sys.stderr)
     return 0
 
 
@@ -394,12 +488,15 @@ def run_info(args) -> int:
     attrs = read_attrs(args.run)
     meta = attrs.get(S.ATTR_META) or {}
     lines = [f"run       {args.run}"]
+    gone = writer_gone(args.run, attrs)
+    shown = attrs if gone is None else \
+        {**attrs, S.ATTR_STATUS: f"{STOPPED} (marked running, but {gone})"}
     for key in (S.ATTR_STATUS, S.ATTR_N_STEPS, S.ATTR_LAST_STEP, S.ATTR_STARTED, S.ATTR_ENDED,
                 S.ATTR_ERROR, S.ATTR_MODEL, S.ATTR_COMMAND, S.ATTR_STATS, S.ATTR_SCALARS,
                 S.ATTR_PROBE_OVERHEAD, S.ATTR_PROBE_SECONDS, S.ATTR_NONFINITE,
                 S.ATTR_STD_DEFINITION, S.ATTR_FORMAT):
-        if attrs.get(key) not in (None, {}, []):
-            lines.append(f"{key:<9} {attrs[key]}")
+        if shown.get(key) not in (None, {}, []):
+            lines.append(f"{key:<9} {shown[key]}")
     if meta:
         lines.append("settings")
         lines += [f"  {k:<13} {v}" for k, v in meta.items()]

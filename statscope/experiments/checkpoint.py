@@ -14,8 +14,10 @@ file inside the store would not be invisible. The previous checkpoint is kept as
 ``<name>.checkpoint.prev.pt``: the store lags the training by a few seconds of buffered steps, so
 after a hard kill the newest checkpoint can be ahead of the store and only the previous one
 usable. A run that completes deletes them (it is never resumed), and a run started from step 0
-deletes stale ones. Both are written atomically (temporary file, ``fsync``, ``os.replace``) and
-read with ``torch.load(weights_only=True)``: only tensors and plain containers, no code. A
+deletes stale ones. Both are written atomically (the temporary file
+``<name>.checkpoint.pt.tmp-<pid>``, ``fsync``, ``os.replace``); a temporary file whose process is
+gone (killed while writing it) goes with the checkpoints, and when a run starts or resumes. They
+are read with ``torch.load(weights_only=True)``: only tensors and plain containers, no code. A
 checkpoint that cannot be written (a full disk, a permission) is a :class:`CheckpointWriteError`
 naming the file and the reason; the training loop then stops and the run is marked ``failed``
 with that reason, every step committed to the store before it kept.
@@ -30,10 +32,11 @@ from typing import Any
 from statscope.errors import StatscopeError, StoreError
 
 __all__ = ["Checkpoint", "CheckpointWriteError", "checkpoint_paths", "load_checkpoint",
-           "remove_checkpoints"]
+           "remove_checkpoints", "remove_stale_temps"]
 
 FORMAT = 1
 _SUFFIXES = (".checkpoint.pt", ".checkpoint.prev.pt")
+_TMP = ".tmp-"  # a checkpoint being written: <current>.tmp-<pid of the writer>
 
 
 def checkpoint_paths(out: str) -> tuple[str, ...]:
@@ -104,7 +107,7 @@ class Checkpoint:
         if not paths:
             return None
         current, previous = paths
-        tmp = f"{current}.tmp-{os.getpid()}"
+        tmp = f"{current}{_TMP}{os.getpid()}"
         payload = {"format": FORMAT, **{f: getattr(self, f) for f in self.__dataclass_fields__
                                         if f != "path"}}
         payload["test_accuracy"] = list(self.test_accuracy)
@@ -207,7 +210,58 @@ def load_checkpoint(out: str, config: dict[str, Any], max_step: int) -> tuple[Ch
 
 
 def remove_checkpoints(out: str) -> None:
-    """Delete the checkpoints of the store ``out`` (a run started again from step 0)."""
+    """Delete the checkpoints of the store ``out`` (a run started again from step 0, or
+    completed) and the temporary files of writers that are gone (see
+    :func:`remove_stale_temps`)."""
     for path in checkpoint_paths(out):
         if os.path.exists(path):
             os.remove(path)
+    remove_stale_temps(out)
+
+
+def remove_stale_temps(out: str) -> list[str]:
+    """Delete the half-written checkpoints beside the store ``out`` whose writer is gone.
+
+    A checkpoint is written to ``<name>.checkpoint.pt.tmp-<pid>`` and moved into place; a
+    process killed while writing (``kill -9``) leaves that file behind. It is stale when no
+    process with that pid lives on this machine; a live process's file is left alone (it may
+    be writing it now), as is every file where liveness cannot be told (Windows).
+
+    Returns:
+        The paths removed.
+
+    Example:
+        >>> import os, subprocess, sys, tempfile
+        >>> out = os.path.join(tempfile.mkdtemp(), "run")
+        >>> gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        >>> _ = gone.wait()  # its pid names no live process now
+        >>> for pid in (gone.pid, os.getpid()):
+        ...     open(f"{out}.checkpoint.pt.tmp-{pid}", "wb").close()
+        >>> [os.path.basename(p) for p in remove_stale_temps(out)] == [
+        ...     f"run.checkpoint.pt.tmp-{gone.pid}"]
+        True
+        >>> os.listdir(os.path.dirname(out)) == [f"run.checkpoint.pt.tmp-{os.getpid()}"]
+        True
+    """
+    from statscope.experiments.download import _alive
+
+    paths = checkpoint_paths(out)
+    if not paths:
+        return []
+    folder, prefix = os.path.split(paths[0] + _TMP)
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:  # no folder yet, or one we may not list: nothing of ours there
+        return []
+    removed = []
+    for name in names:
+        pid = name[len(prefix):]
+        if not (name.startswith(prefix) and pid.isdigit()) or _alive(int(pid)):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            continue  # another process removed it first
+        removed.append(path)
+    return removed

@@ -1,16 +1,20 @@
 """What a built-in run checks about its store: before training, that ``out`` may be written
-(and, resuming, continued), and after it, that the store ended ``completed`` with every step.
+(and, resuming, continued), and after it, that the store ended ``completed`` with every step;
+and what a sweep checks about its grid before any of its runs starts.
 
 Every check before training raises before anything is written, so a refused run changes nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Iterable
+
 from statscope import schema as S
-from statscope.errors import RecordingError, StoreError
+from statscope.errors import RecordingError, StatscopeError, StoreError
 from statscope.experiments.base import RunConfig
 
-__all__ = ["RESUMABLE", "check_out", "check_resume", "check_recorded"]
+__all__ = ["RESUMABLE", "check_out", "check_resume", "check_recorded", "check_grid"]
 
 RESUMABLE = ("device", "threads", "max_steps")
 """Settings a resumed run may change: they do not alter what is computed (max_steps only where
@@ -109,3 +113,51 @@ def check_recorded(out: str, attrs: dict, steps: int) -> None:
     raise RecordingError(f"out={out!r}: training finished but the recording failed: the store is "
                          f"{status!r} with {n} steps committed ({first}); "
                          "continue it with --resume")
+
+
+def check_grid(base: RunConfig, batch_sizes: Iterable[int], norms: Iterable[str], *,
+               quiet: bool = True) -> None:
+    """Refuse, before any run of a sweep starts, settings that some of its runs cannot run: what
+    each run would refuse after loading its data, here once for the whole grid.
+
+    Checks that CUDA is available when ``device`` asks for it, that no batch size is larger than
+    the training set (the dataset is loaded once, as the runs will load it) and that each norm
+    normalizes the model's shapes at the smallest batch size (one forward pass on the CPU of a
+    batch of the training set, as each run makes on its device).
+
+    Args:
+        base: the shared settings of the sweep's runs.
+        batch_sizes: the grid's batch sizes.
+        norms: the grid's norm names.
+        quiet: no download progress bar.
+
+    Raises:
+        StatscopeError: the first of those a run would refuse, in the run's words.
+
+    Example:
+        >>> check_grid(RunConfig("mnist-fc", dataset="mnist-5k-subset"), [4, 8], ["bn", "hn"])
+        >>> check_grid(RunConfig("mnist-fc", dataset="mnist-5k-subset"), [4, 99999], ["bn"])
+        Traceback (most recent call last):
+        ...
+        statscope.errors.StatscopeError: batch_size=99999: larger than the training set of mnist-5k-subset (4000 images)
+    """
+    import torch
+
+    from statscope.experiments.datasets import load_dataset
+    from statscope.experiments.train import _check_shapes, _device
+
+    cfg = base.resolved()
+    _device(cfg.device)
+    data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, quiet=quiet)
+    sizes = sorted(set(batch_sizes))
+    n_train = len(data.train_y)
+    if sizes[-1] > n_train:
+        raise StatscopeError(f"batch_size={sizes[-1]}: larger than the training set of "
+                             f"{data.name} ({n_train} images)")
+    exp, cpu = cfg.spec, torch.device("cpu")
+    train_x = exp.prepare(data.train_x[:sizes[0]], data.normalize, True)
+    with torch.random.fork_rng(devices=[]):  # the models' initialisation draws from it
+        for norm in dict.fromkeys(norms):
+            model = exp.build_model(norm, data.num_classes)
+            _check_shapes(dataclasses.replace(cfg, norm=norm, batch_size=sizes[0]), exp, model,
+                          train_x, data.normalize, cpu)

@@ -6,9 +6,21 @@ ones (status ``failed``, or ``running`` with no process behind it) are resumed a
 recorded step, from their checkpoint, and ones that recorded nothing are started again. Runs go in parallel in fresh
 ``spawn`` processes (``jobs > 1``) or one after another in this process. Worker processes end
 with the sweep's process (:mod:`statscope.experiments.worker`), so no orphan goes on writing a
-run that a second sweep resumes; a run another process is writing (its lease is held) is
-reported as held and left alone. With a ``dask.distributed`` client the runs go as tasks on its
+run that a second sweep resumes. With a ``dask.distributed`` client the runs go as tasks on its
 cluster instead (:mod:`statscope.experiments.cluster`).
+
+A run is planned when the sweep starts (for its header, and to refuse a folder in the way) and
+again at the moment it starts, while its process holds the run's lease (:func:`_claim`): another
+sweep into the same folder may have started, completed or left that run meanwhile. A run
+completed by then is skipped, one whose lease another process holds is reported held and left
+alone, and a store that recorded nothing is removed under the lease, so that the run itself
+never replaces a store (``overwrite`` stays off): a store that another process creates after
+the claim is refused by the run's writer, and the run is reported held, as the lease names that
+process.
+
+Ctrl-C, or any exception in the sweep's process (a closed stdout), starts no further run; the
+runs in progress stop at the end of their step (checkpoint saved, run marked ``failed``) and the
+sweep waits for them before the exception goes on.
 """
 
 from __future__ import annotations
@@ -16,8 +28,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import signal
+import socket
+import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -35,7 +49,8 @@ class SweepItem:
         name: the run's folder name.
         config: the run, with ``out`` in the sweep folder and ``resume``/``overwrite`` set.
         action: ``"run"`` (new), ``"skip"`` (completed), ``"resume"`` (failed or interrupted
-            after recording steps) or ``"overwrite"`` (failed before recording any).
+            after recording steps) or ``"overwrite"`` (failed before recording any; when the run
+            starts, its store is removed under the run's lease and ``overwrite`` turned off).
         status: the existing store's status, None when there is none.
     """
 
@@ -50,13 +65,16 @@ class SweepOutcome:
     """How one run of a sweep ended: ``result`` when it succeeded, else ``error``.
 
     Attributes:
-        item: the planned run.
+        item: the run as planned when it started.
         result: the run's result, None when skipped or failed.
         error: one line saying why it failed, None otherwise.
         warnings: the distinct warning messages the run raised.
-        held: True when it failed because another process holds the run (is writing it).
+        held: True when another process holds the run (is writing it, or took it over while
+            this one prepared it): that process's to finish, not a failure of this sweep.
         attempts: how many times the run was started (more than 1 on a cluster when its worker
             or its process died and the run was resumed elsewhere).
+        bad_input: True when it failed on its settings or on what is in its way (a
+            :class:`StatscopeError` of exit code 2): running it again fails it again.
     """
 
     item: SweepItem
@@ -65,6 +83,7 @@ class SweepOutcome:
     warnings: tuple[str, ...] = ()
     held: bool = False
     attempts: int = 1
+    bad_input: bool = False
 
 
 class Outcomes:
@@ -116,7 +135,8 @@ def plan_sweep(base: RunConfig, out_dir: str | os.PathLike, *, batch_sizes: Iter
         One item per grid point, in grid order (duplicates dropped).
 
     Raises:
-        StatscopeError: a bad setting; StoreError: a folder in the way that is not a run.
+        StatscopeError: a bad setting; ``out_dir`` empty, not a folder, a run or inside one.
+        StoreError: a folder in the way that is not a run.
 
     Example:
         >>> items = plan_sweep(RunConfig("mnist-fc"), "/tmp/no-such-sweep", batch_sizes=[4, 128],
@@ -125,8 +145,7 @@ def plan_sweep(base: RunConfig, out_dir: str | os.PathLike, *, batch_sizes: Iter
         [('mnist-fc_bs4_seed0_bn', 'run'), ('mnist-fc_bs128_seed0_bn', 'run')]
     """
     out_dir = os.fspath(out_dir)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise StatscopeError(f"out={out_dir!r}: not a folder")
+    _check_folder(out_dir)
     items, seen = [], set()
     for bs, seed, norm in itertools.product(batch_sizes, seeds, norms):
         config = dataclasses.replace(base, batch_size=bs, seed=seed, norm=norm, out=None,
@@ -137,6 +156,34 @@ def plan_sweep(base: RunConfig, out_dir: str | os.PathLike, *, batch_sizes: Iter
         seen.add(name)
         items.append(_plan_one(name, config, os.path.join(out_dir, name)))
     return items
+
+
+def _check_folder(out_dir: str) -> None:
+    """Refuse a sweep folder that is empty, not a folder, a run or inside one (its runs would
+    be written among that run's files)."""
+    from pathlib import Path
+
+    from statscope.discovery import is_run
+    from statscope.storage import is_url
+
+    if not out_dir:
+        raise StatscopeError("out='': expected a folder path or URL for the sweep's runs")
+    if is_url(out_dir):
+        if is_run(out_dir):
+            raise StatscopeError(f"out={out_dir!r}: is a run, not a folder of runs; give the "
+                                 "sweep a folder of its own")
+        return
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise StatscopeError(f"out={out_dir!r}: not a folder")
+    target = Path(out_dir.removeprefix("file://")).expanduser().resolve()
+    if target.is_dir() and is_run(target):
+        raise StatscopeError(f"out={out_dir!r}: is a run, not a folder of runs; give the sweep "
+                             "a folder of its own")
+    for parent in target.parents:
+        if (parent / "zarr.json").exists() and is_run(parent):
+            raise StatscopeError(f"out={out_dir!r}: inside the run {str(parent)!r}; give the "
+                                 "sweep a folder of its own (its runs would sit among the "
+                                 "run's files)")
 
 
 def replan(item: SweepItem) -> SweepItem:
@@ -159,7 +206,9 @@ def replan(item: SweepItem) -> SweepItem:
 
 
 def _plan_one(name: str, config: RunConfig, path: str) -> SweepItem:
-    """The item for the run ``config`` at ``path``, from its store's status."""
+    """The item for the run ``config`` at ``path``, from its store's status; a completed run's
+    leftover checkpoints go (a completed run is never resumed)."""
+    from statscope.experiments.checkpoint import remove_checkpoints
     from statscope.store import read_attrs
     from statscope.storage import exists as _exists
 
@@ -172,6 +221,7 @@ def _plan_one(name: str, config: RunConfig, path: str) -> SweepItem:
         status = attrs.get(S.ATTR_STATUS)
         if status == S.STATUS_COMPLETED:
             action = "skip"
+            remove_checkpoints(path)
         elif attrs.get(S.ATTR_LAST_STEP) is None:
             action = "overwrite"
         else:
@@ -186,7 +236,10 @@ def run_sweep(items: Iterable[SweepItem], *, jobs: int = 1,
               retries: int = 2) -> list[SweepOutcome]:
     """Run the items that are not skipped, up to ``jobs`` at a time, or on a dask cluster.
 
-    A failing run does not stop the others; its outcome carries the error.
+    Each run is planned again from its store as it starts (see the module's docstring). A
+    failing or held run does not stop the others; its outcome carries the error. An exception
+    here (``KeyboardInterrupt``, or one raised by ``on_done``) starts no further run, stops the
+    runs in progress between two steps, waits for them and is raised.
 
     Args:
         items: from :func:`plan_sweep`.
@@ -212,33 +265,185 @@ def run_sweep(items: Iterable[SweepItem], *, jobs: int = 1,
         return run_on_cluster(client, items, on_done=on_done, retries=retries)
     items = list(items)
     outcomes = Outcomes(items, on_done)
-    done = outcomes.done
     todo = outcomes.skip_planned()
     if jobs == 1 or len(todo) <= 1:
         for i in todo:
-            done(i, SweepOutcome(items[i], *_run_one(items[i].config)))
+            outcomes.done(i, _start(items[i]))
     else:
-        import multiprocessing
-
-        from statscope.experiments.worker import init_worker
-
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)),
-                                 mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=init_worker, initargs=(os.getpid(),),
-                                 max_tasks_per_child=1) as pool:
-            futures = {pool.submit(_run_in_worker, items[i].config): i for i in todo}
-            for future in as_completed(futures):
-                i = futures[future]
-                try:
-                    done(i, SweepOutcome(items[i], *future.result()))
-                except Exception as exc:  # the worker process died
-                    done(i, SweepOutcome(items[i], None, f"worker process failed: {exc!r}"))
+        _run_parallel(items, todo, min(jobs, len(todo)), outcomes.done)
     return outcomes.in_order()
+
+
+def _run_parallel(items: list[SweepItem], todo: list[int], workers: int,
+                  done: Callable[[int, SweepOutcome], None]) -> None:
+    """Run the items ``todo``, each in a fresh ``spawn`` process, ``workers`` at a time.
+
+    A process is started only when one is free, so an exception here leaves no queue behind:
+    the processes running are told to stop (``SIGTERM``: their run stops at the end of its
+    step) and waited for, and the exception goes on.
+    """
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = list(todo)
+    running: dict = {}  # the reading end of each process's pipe -> (item index, process)
+    try:
+        while queue or running:
+            while queue and len(running) < workers:
+                i = queue.pop(0)
+                reader, writer = ctx.Pipe(duplex=False)
+                process = ctx.Process(target=_worker_main, args=(os.getpid(), items[i], writer),
+                                      name=f"statscope-sweep-{items[i].name}")
+                process.start()
+                writer.close()  # the child's end: EOF here once the child is gone
+                running[reader] = (i, process)
+            for reader in wait(list(running)):
+                i, process = running.pop(reader)
+                done(i, _receive(reader, process, items[i]))
+    except BaseException:
+        _stop([process for _, process in running.values()])
+        raise
+
+
+def _receive(reader, process, item: SweepItem) -> SweepOutcome:
+    """The outcome a worker process sent, or the failure of one that died without sending it."""
+    try:
+        outcome = reader.recv()
+    except EOFError:
+        outcome = None
+    finally:
+        reader.close()
+    process.join()
+    if outcome is not None:
+        return outcome
+    code = process.exitcode
+    how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
+           else f"exited with status {code}")
+    return SweepOutcome(item, None, f"worker process failed: its process {process.pid} {how} "
+                                    "before reporting the run")
+
+
+def _stop(processes: list) -> None:
+    """Stop the runs of ``processes`` between two steps and wait for them (a process that is
+    not done after the workers' grace time is killed)."""
+    from statscope.experiments.worker import GRACE_SECONDS
+
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + GRACE_SECONDS + 5.0
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def _worker_main(parent: int, item: SweepItem, conn) -> None:
+    """A ``--jobs`` worker process: run ``item`` (:func:`_start`), send its outcome, end; it
+    ends, once its run stopped, if its parent died (the run stops between two steps, at most
+    ``progress_seconds``, 0.2 s, after the signal)."""
+    from statscope.experiments.worker import (EXIT_STATUS, ParentGone, init_worker, running,
+                                              stop_if_asked)
+
+    init_worker(parent)
+    try:
+        with running(defer=True):
+            outcome = _start(item, progress=stop_if_asked)
+    except ParentGone:
+        os._exit(EXIT_STATUS)  # nobody is left to report to; the run is marked failed
+    except KeyboardInterrupt:  # a Ctrl-C reached this process: its run stopped as run's does
+        outcome = SweepOutcome(item, None, "interrupted (KeyboardInterrupt)")
+    conn.send(outcome)
+    conn.close()
+
+
+def _start(item: SweepItem, progress: Callable | None = None) -> SweepOutcome:
+    """Plan ``item`` again under its lease (:func:`_claim`) and run it; report errors and
+    warnings instead of raising them.
+
+    Args:
+        item: the run as planned.
+        progress: ``run_experiment``'s progress callback (called between two steps).
+    """
+    from statscope.experiments.train import run_experiment
+
+    claimed = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            item = _claim(item)
+            claimed = True
+            if item.action == "skip":  # completed by another process since the sweep began
+                outcome = SweepOutcome(item, None, None)
+            else:
+                outcome = SweepOutcome(item, run_experiment(item.config, progress=progress),
+                                       None)
+        except StoreLockedError as exc:
+            outcome = SweepOutcome(item, None, str(exc), held=True)
+        except StatscopeError as exc:
+            outcome = SweepOutcome(item, None, str(exc), bad_input=exc.exit_code == 2)
+        except Exception as exc:  # one broken run must not stop the sweep
+            outcome = SweepOutcome(item, None, f"{type(exc).__name__}: {exc}")
+    if claimed and outcome.error is not None and not outcome.held:
+        other = _taken_by(item.config.out)
+        if other is not None:  # its writer refused the store another process made meanwhile
+            outcome = dataclasses.replace(
+                outcome, held=True, bad_input=False,
+                error=f"out={item.config.out!r}: {other} took the run while this sweep was "
+                      f"preparing it ({outcome.error})")
+    return dataclasses.replace(outcome,
+                               warnings=tuple(dict.fromkeys(str(w.message) for w in caught)))
+
+
+def _claim(item: SweepItem) -> SweepItem:
+    """``item`` planned again from its store while this process holds the run's lease; a store
+    that recorded nothing is removed then, so that the run starts without ``overwrite``.
+
+    Raises:
+        StoreLockedError: another process holds the lease.
+        StoreError: a folder in the way that is not a run.
+    """
+    from statscope.lease import Lease
+    from statscope.storage import remove_tree
+
+    lease = Lease.acquire(item.config.out)
+    try:
+        item = replan(item)
+        if item.action == "overwrite":  # nothing recorded: removing it loses nobody's work
+            remove_tree(item.config.out)
+            item = dataclasses.replace(item, config=dataclasses.replace(item.config,
+                                                                        overwrite=False))
+    finally:
+        lease.release()
+    return item
+
+
+def _taken_by(path: str) -> str | None:
+    """The process that took the run's lease after this one claimed it (named by its holder
+    record, which a local lease keeps after it is released); None when none did, or when that
+    cannot be told (an object store's lease is deleted on release)."""
+    from statscope.lease import read_holder
+
+    held = read_holder(path)
+    if held is None:
+        return None
+    me = os.getpid()
+    if held.host == socket.gethostname() and me in (held.pid, held.parent):
+        return None
+    return held.describe()
+
+
+def _item_of(config: RunConfig) -> SweepItem:
+    """The item of a run given as a config alone (a cluster's run process)."""
+    action = "overwrite" if config.overwrite else "resume" if config.resume else "run"
+    return SweepItem(config.out.rstrip("/").rsplit("/", 1)[-1], config, action, None)
 
 
 def _run_one(config: RunConfig, progress: Callable | None = None
              ) -> tuple[RunResult | None, str | None, tuple[str, ...], bool]:
-    """Run one config; report errors and warnings instead of raising them.
+    """:func:`_start` for one config; a run another process completed meanwhile counts as held.
 
     Args:
         config: the run.
@@ -247,20 +452,11 @@ def _run_one(config: RunConfig, progress: Callable | None = None
     Returns:
         (result or None, error or None, distinct warning messages, held by another process).
     """
-    from statscope.experiments.train import run_experiment
-
-    held = False
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            result, error = run_experiment(config, progress=progress), None
-        except StoreLockedError as exc:
-            result, error, held = None, str(exc), True
-        except StatscopeError as exc:
-            result, error = None, str(exc)
-        except Exception as exc:  # one broken run must not stop the sweep
-            result, error = None, f"{type(exc).__name__}: {exc}"
-    return result, error, tuple(dict.fromkeys(str(w.message) for w in caught)), held
+    outcome = _start(_item_of(config), progress)
+    if outcome.item.action == "skip":
+        return (None, f"out={config.out!r}: another process completed the run meanwhile",
+                outcome.warnings, True)
+    return outcome.result, outcome.error, outcome.warnings, outcome.held
 
 
 def _run_in_worker(config: RunConfig):

@@ -8,8 +8,12 @@ randomness comes from ``torch.manual_seed(seed)`` (weights) and two generators s
 
 A Ctrl-C (SIGINT, where the loop runs on the main thread with Python's own handler) stops the
 loop at the end of the step it lands in, so that the run's last row holds that step's ``loss``
-and ``lr`` and a checkpoint is saved at it; a second Ctrl-C stops at once. At the end of every
-epoch, at the end of the run and when it is interrupted between two steps, the loop saves a :class:`~statscope.experiments.checkpoint.Checkpoint` beside the store.
+and ``lr`` and a checkpoint is saved at it. One that lands after the last step lets the run close
+(completed, every step being recorded) and then raises ``KeyboardInterrupt`` all the same: the
+caller (a command, a sweep) stops. A second Ctrl-C stops at once; the row of the step it cut short
+is taken out of the store, so that ``--resume`` records that step whole. At the end of every
+epoch, at the end of the run and when it is interrupted between two steps, the loop saves a
+:class:`~statscope.experiments.checkpoint.Checkpoint` beside the store.
 ``resume=True`` continues a store after its last recorded step: from the newest checkpoint at or
 before that step, training the steps between the checkpoint and the store's end again without
 recording them, then recording on; without a usable checkpoint, from step 0 (identical on the CPU,
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from statscope import schema as S
-from statscope.errors import StatscopeError, StatscopeWarning, StoreError
+from statscope.errors import StatscopeError, StatscopeWarning, StoreError, StoreLockedError
 from statscope.experiments.base import RunConfig, RunResult
 from statscope.experiments.preflight import RESUMABLE, check_out, check_recorded, check_resume
 
@@ -41,28 +45,43 @@ __all__ = ["Progress", "run_experiment"]
 _EVAL_BATCH = 1000
 
 
+@dataclass
+class _CtrlC:
+    """What Ctrl-C asked of a run (see :func:`_sigint_at_step_end`).
+
+    Attributes:
+        asked: a first Ctrl-C came: the loop stops at the end of its step, or, once
+            ``closing``, when the run is closed.
+        closing: the last step is done; the run evaluates, saves and closes its store.
+    """
+
+    asked: bool = False
+    closing: bool = False
+
+
 @contextlib.contextmanager
 def _sigint_at_step_end():
-    """Inside, a first SIGINT only asks the loop to stop (the list yielded becomes non-empty;
-    the loop raises ``KeyboardInterrupt`` at the end of its step), a second one raises at once.
-    Only on the main thread, and only where SIGINT has Python's own handler (not a handler the
-    caller installed)."""
-    asked: list[bool] = []
+    """Inside, a first SIGINT only asks the run to stop (``asked`` of the :class:`_CtrlC`
+    yielded: the loop raises ``KeyboardInterrupt`` at the end of its step, or after closing
+    the run when its steps are done), a second one raises at once. Only on the main thread,
+    and only where SIGINT has Python's own handler (not a handler the caller installed)."""
+    state = _CtrlC()
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield asked
+        yield state
         return
 
     def ask(signum, frame):
-        if asked:
+        if state.asked:
             raise KeyboardInterrupt
-        asked.append(True)
-        print("statscope: stopping at the end of this step (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
+        state.asked = True
+        when = "once this run is closed" if state.closing else "at the end of this step"
+        print(f"statscope: stopping {when} (Ctrl-C again to stop at once)", file=sys.stderr,
+              flush=True)
 
     previous = signal.signal(signal.SIGINT, ask)
     try:
-        yield asked
+        yield state
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -116,7 +135,9 @@ def run_experiment(config: RunConfig, *, progress: Callable[[Progress], None] | 
             normalize the model's shapes, a batch larger than the training set, bad data files;
             StoreError: ``out`` exists and neither ``overwrite`` nor ``resume`` is set, or it
             holds something that is not a run, or a run with other settings, or a checkpoint
-            that cannot be read or belongs to other settings (the message names the file).
+            that cannot be read or belongs to other settings (the message names the file);
+            KeyboardInterrupt: Ctrl-C (see the module's docstring), also one that came after the
+            last step, once the run is closed.
 
     Example:
         >>> import tempfile
@@ -134,7 +155,7 @@ def run_experiment(config: RunConfig, *, progress: Callable[[Progress], None] | 
     cfg = config.resolved()
     exp = cfg.spec
     device = _device(cfg.device)
-    start_step = check_out(cfg) if record else None
+    start_step = _check_out(cfg) if record else None
     data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, quiet=progress is None)
     cfg = dataclasses.replace(cfg, dataset=data.name, device=device.type)
     n_train = len(data.train_y)
@@ -226,10 +247,16 @@ class _Loop:
         self.checkpoint_step = self._saved = ckpt.step
 
     def run(self, train_x, train_y, test_x, test_y, normalize, start_step) -> RunResult:
+        """Train from ``self.step`` to the end, recording from ``start_step`` on.
+
+        Raises:
+            KeyboardInterrupt: Ctrl-C, also one that came after the last step (the run is then
+                closed first: completed when every step was recorded).
+        """
         import torch
         import torch.nn.functional as F
 
-        from statscope.experiments.checkpoint import remove_checkpoints
+        from statscope.experiments.checkpoint import remove_checkpoints, remove_stale_temps
         from statscope.probes import record
 
         cfg, exp, model, opt = self.cfg, self.cfg.spec, self.model, self.optimizer
@@ -239,75 +266,89 @@ class _Loop:
         self._at = (step, epoch, self.shuffle.get_state())
         last_report = time.monotonic()
         t0 = time.perf_counter()
-        with contextlib.ExitStack() as stack:
-            stop = stack.enter_context(_sigint_at_step_end())
+        with _sigint_at_step_end() as ctrl_c:
             try:
-                for epoch in range(self.epoch, cfg.epochs):
-                    if step == self.total:
-                        break
-                    lr = exp.lr_at(epoch, cfg.epochs, cfg.lr)
-                    for group in opt.param_groups:
-                        group["lr"] = lr
-                    epoch_shuffle = self.shuffle.get_state()
-                    perm = torch.randperm(len(train_y), generator=self.shuffle).to(train_y.device)
-                    model.train()
-                    for i in range(step - epoch * per_epoch, per_epoch):
-                        if rec is None and step == start_step:
-                            rec = stack.enter_context(record(
-                                model, cfg.out, meta=cfg.meta(), overwrite=cfg.overwrite,
-                                resume=cfg.resume, en_groups=cfg.en_groups))
-                            if start_step == 0:
-                                # Only now that this run holds the store: the checkpoints of
-                                # a writer that still holds it are never touched.
-                                remove_checkpoints(cfg.out)
-                        self._at = None
-                        idx = perm[i * bs:(i + 1) * bs]
-                        xb = exp.batch(train_x.index_select(0, idx), normalize, self.augment)
-                        loss = F.cross_entropy(model(xb), train_y.index_select(0, idx))
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
-                        if rec is not None:
-                            rec.log(loss=loss.detach(), lr=lr)
-                        else:
-                            replayed += 1
-                        step += 1
-                        self._at = (step, epoch, epoch_shuffle)
-                        if stop:
-                            raise KeyboardInterrupt  # the Ctrl-C that came during the step
-                        if self.progress is not None and time.monotonic() - last_report \
-                                >= self.progress_seconds:
-                            last_report = time.monotonic()
-                            self._report(epoch, step, loss, rec is not None)
-                        if step == self.total:
-                            break
-                    if step < (epoch + 1) * per_epoch:
-                        break  # max_steps stops inside this epoch
-                    self._evaluate(test_x, test_y, rec)
-                    self._at = (step, epoch + 1, self.shuffle.get_state())
-                    self._save(*self._at, rec=rec)
-                if step % per_epoch and len(self.accuracy) == step // per_epoch:
-                    self._evaluate(test_x, test_y, rec)
-                if self._at[0] > self._saved:
-                    self._save(*self._at, rec=rec)
-            except BaseException:
-                if self._at is not None and self._at[0] > self._saved:
-                    with contextlib.suppress(Exception):  # never hide why the run stopped
-                        self._save(*self._at, rec=rec)
+                with contextlib.ExitStack() as stack:
+                    try:
+                        for epoch in range(self.epoch, cfg.epochs):
+                            if step == self.total:
+                                break
+                            lr = exp.lr_at(epoch, cfg.epochs, cfg.lr)
+                            for group in opt.param_groups:
+                                group["lr"] = lr
+                            epoch_shuffle = self.shuffle.get_state()
+                            perm = torch.randperm(len(train_y), generator=self.shuffle).to(
+                                train_y.device)
+                            model.train()
+                            for i in range(step - epoch * per_epoch, per_epoch):
+                                if rec is None and step == start_step:
+                                    rec = stack.enter_context(record(
+                                        model, cfg.out, meta=cfg.meta(),
+                                        overwrite=cfg.overwrite, resume=cfg.resume,
+                                        en_groups=cfg.en_groups))
+                                    # Only now that this run holds the store: the checkpoints
+                                    # of a writer that still holds it are never touched.
+                                    if start_step == 0:
+                                        remove_checkpoints(cfg.out)
+                                    else:
+                                        remove_stale_temps(cfg.out)
+                                self._at = None
+                                idx = perm[i * bs:(i + 1) * bs]
+                                xb = exp.batch(train_x.index_select(0, idx), normalize,
+                                               self.augment)
+                                loss = F.cross_entropy(model(xb), train_y.index_select(0, idx))
+                                opt.zero_grad(set_to_none=True)
+                                loss.backward()
+                                opt.step()
+                                if rec is not None:
+                                    rec.log(loss=loss.detach(), lr=lr)
+                                else:
+                                    replayed += 1
+                                step += 1
+                                self._at = (step, epoch, epoch_shuffle)
+                                if ctrl_c.asked:
+                                    raise KeyboardInterrupt  # the Ctrl-C that came in the step
+                                if self.progress is not None and time.monotonic() - last_report \
+                                        >= self.progress_seconds:
+                                    last_report = time.monotonic()
+                                    self._report(epoch, step, loss, rec is not None)
+                                if step == self.total:
+                                    ctrl_c.closing = True
+                                    break
+                            if step < (epoch + 1) * per_epoch:
+                                break  # max_steps stops inside this epoch
+                            self._evaluate(test_x, test_y, rec)
+                            self._at = (step, epoch + 1, self.shuffle.get_state())
+                            self._save(*self._at, rec=rec)
+                        ctrl_c.closing = True
+                        if step % per_epoch and len(self.accuracy) == step // per_epoch:
+                            self._evaluate(test_x, test_y, rec)
+                        if self._at[0] > self._saved:
+                            self._save(*self._at, rec=rec)
+                    except BaseException:
+                        if self._at is not None and self._at[0] > self._saved:
+                            with contextlib.suppress(Exception):  # never hide why it stopped
+                                self._save(*self._at, rec=rec)
+                        raise
+                    if self.progress is not None:
+                        self._report(min(epoch, cfg.epochs - 1), step, loss, rec is not None)
+            except BaseException as exc:
+                if rec is not None and self._at is None:
+                    self._drop_step(step, exc)
                 raise
-            if self.progress is not None:
-                self._report(min(epoch, cfg.epochs - 1), step, loss, rec is not None)
-        wall = time.perf_counter() - t0
-        from statscope.store import read_attrs
+            wall = time.perf_counter() - t0
+            from statscope.store import read_attrs
 
-        overhead = None
-        if start_step is not None:
-            if rec is None and step == start_step:
-                self._finish()
-            attrs = read_attrs(cfg.out)
-            overhead = attrs.get(S.ATTR_PROBE_OVERHEAD)
-            check_recorded(cfg.out, attrs, step)
-            remove_checkpoints(cfg.out)  # a completed run is never resumed
+            overhead = None
+            if start_step is not None:
+                if rec is None and step == start_step:
+                    self._finish()
+                attrs = read_attrs(cfg.out)
+                overhead = attrs.get(S.ATTR_PROBE_OVERHEAD)
+                check_recorded(cfg.out, attrs, step)
+                remove_checkpoints(cfg.out)  # a completed run is never resumed
+        if ctrl_c.asked:  # it came after the last step: the run is closed, and now stops
+            raise KeyboardInterrupt
         resumed = cfg.resume and bool(start_step)
         return RunResult(path=cfg.out if start_step is not None else None, dataset=cfg.dataset,
                          test_accuracy=tuple(self.accuracy), steps=step, wall_seconds=wall,
@@ -346,6 +387,27 @@ class _Loop:
                    cuda_rng=torch.cuda.get_rng_state() if cuda else None).save(self.cfg.out)
         self._saved = step
 
+    def _drop_step(self, step: int, exc: BaseException) -> None:
+        """Take out of the store the row of ``step``, in which ``exc`` stopped training (a
+        second Ctrl-C, an error): the recorder, closed by ``exc``, committed that step half
+        recorded (its ``loss`` and ``lr`` never logged, maybe part of its forward). No
+        checkpoint is at that step, so ``--resume`` continues from one before it, replays up
+        to it and records it whole. The run stays ``failed`` with the recorder's reason."""
+        from statscope.store import Layout, read_attrs
+        from statscope.writer import RunWriter
+
+        try:
+            attrs = read_attrs(self.cfg.out)
+            last = attrs.get(S.ATTR_LAST_STEP)
+            if last is None or int(last) < step:
+                return  # the step ended before its first forward: nothing of it was committed
+            writer = RunWriter(self.cfg.out, Layout.from_attrs(attrs), resume=step)
+            writer.close(S.STATUS_FAILED,
+                         attrs.get(S.ATTR_ERROR) or f"{type(exc).__name__}: {exc}")
+        except Exception as err:  # never hide why the run stopped
+            exc.add_note(f"statscope: the half-recorded step {step} of {self.cfg.out!r} stays "
+                         f"in the store ({err!r}): its loss and lr are NaN")
+
     def _finish(self) -> None:
         """Mark completed a store whose steps were all recorded by a run that died closing it."""
         from statscope.store import Layout, read_attrs
@@ -361,6 +423,25 @@ class _Loop:
                                loss=math.nan if loss is None else float(loss.detach()),
                                test_accuracy=self.accuracy[-1] if self.accuracy else None,
                                recording=recording))
+
+
+def _check_out(cfg: RunConfig) -> int:
+    """:func:`~statscope.experiments.preflight.check_out`; when it refuses to resume a completed
+    run, the checkpoints that run left beside it (killed between its completion and their
+    removal) go first: a completed run is never resumed."""
+    from statscope.experiments.checkpoint import remove_checkpoints
+    from statscope.store import read_attrs
+
+    try:
+        return check_out(cfg)
+    except StoreLockedError:
+        raise
+    except StoreError:
+        if cfg.resume:
+            with contextlib.suppress(StatscopeError, OSError):  # not a run: nothing of ours
+                if read_attrs(cfg.out).get(S.ATTR_STATUS) == S.STATUS_COMPLETED:
+                    remove_checkpoints(cfg.out)
+        raise
 
 
 def _sgd(model, cfg: RunConfig):
