@@ -21,7 +21,7 @@ import pytest
 from statscope.store import read_attrs
 from statscope import schema as S
 
-from test_experiments_support import offline_env, raw_arrays
+from test_experiments_support import alive, offline_env, raw_arrays
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads /proc and relies on POSIX signals")
@@ -256,14 +256,6 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_sweep_workers_die_with_their_killed_parent_and_a_rerun_finishes(tmp_path):
     """``kill -9`` of ``sweep --jobs 2``: its workers stop within seconds (their runs marked
     failed, saying why), and the same sweep run again resumes both to completion. The runs are
@@ -285,9 +277,9 @@ def test_sweep_workers_die_with_their_killed_parent_and_a_rerun_finishes(tmp_pat
         proc.kill()
         proc.communicate(timeout=60)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        while time.monotonic() < deadline and any(alive(p) for p in workers):
             time.sleep(0.1)
-        assert not [p for p in workers if _alive(p)], "orphaned workers live on"
+        assert not [p for p in workers if alive(p)], "orphaned workers live on"
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -6,6 +6,7 @@
 import os
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -77,3 +78,11 @@ def offline_env(tmp_path, monkeypatch=None):
         monkeypatch.delenv("STATSCOPE_DATA", raising=False)
     return env
 
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended and waiting to be reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -27,7 +27,7 @@ from statscope.errors import StoreError
 from statscope.experiments import RunConfig, checkpoint, run_experiment, train
 from statscope.store import read_attrs
 
-from test_experiments_support import offline_env, raw_arrays
+from test_experiments_support import alive, offline_env, raw_arrays
 
 pytestmark = [pytest.mark.usefixtures("offline"),
               pytest.mark.skipif(not sys.platform.startswith("linux"),
@@ -242,14 +242,6 @@ def test_resuming_a_completed_run_removes_the_checkpoints_it_left(tmp_path, mnis
 # -- Ctrl-C of a sweep on a local dask cluster -----------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_the_workers_of_a_local_cluster_leave_ctrl_c_to_the_command(tmp_path):
     """The terminal sends Ctrl-C to the whole process group; a worker process that took it
     would die printing tracebacks. The command's own process still gets it."""
@@ -262,7 +254,7 @@ def test_the_workers_of_a_local_cluster_leave_ctrl_c_to_the_command(tmp_path):
         (worker,) = client.run(os.getpid).values()
         os.kill(worker, signal.SIGINT)
         time.sleep(1.5)
-        assert _alive(worker), "the worker process died of the Ctrl-C"
+        assert alive(worker), "the worker process died of the Ctrl-C"
         assert list(client.run(os.getpid, nanny=False).values()) == [worker]
 
 
