@@ -360,21 +360,24 @@ class Worker:
         writer.heartbeat()
         now = time.monotonic()
         if now - self.last_block >= self.flush_seconds and self.queue.empty():
-            block = self._idle_take()
             self.last_block = now
-            if block is not None:
-                self.notices.extend(self.filer.file(block))
+            self._file_idle()
         if writer.flush_due():
             writer.flush()
         self.notices.extend(self.filer.settle())
 
     def _flush(self) -> None:
-        block = self._idle_take()
-        if block is not None:
+        if self._file_idle():
             self.last_block = time.monotonic()
-            self.notices.extend(self.filer.file(block))
         self.filer.writer.flush()
         self.notices.extend(self.filer.settle())
+
+    def _file_idle(self) -> bool:
+        """File the steps that ended since the last block, read in place; whether there were."""
+        block = self._idle_take()
+        if block is not None:
+            self.notices.extend(self.filer.file(block))
+        return block is not None
 
     def _safely(self, fn) -> None:
         try:

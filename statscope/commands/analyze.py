@@ -370,20 +370,30 @@ def check_output(output: str, runs) -> Path:
         StatscopeError: naming the path and why.
     """
     from statscope.errors import StatscopeError
-    from statscope.store import is_run
 
     target = Path(output).expanduser().resolve()
-    inside = [Path(r.path).resolve() for r in runs if "://" not in r.path]
-    for parent in (target, *target.parents):
-        if parent in inside or (parent.is_dir() and (parent / "zarr.json").exists()
-                                and is_run(parent)):
-            raise StatscopeError(f"-o {output}: inside the run {parent}; write it elsewhere "
-                                 f"(it would overwrite the run's own files)")
+    parent = run_around(target, [r.path for r in runs])
+    if parent is not None:
+        raise StatscopeError(f"-o {output}: inside the run {parent}; write it elsewhere "
+                             f"(it would overwrite the run's own files)")
     if not target.parent.is_dir():
         raise StatscopeError(f"-o {output}: the folder {target.parent} does not exist")
     if target.is_dir():
         raise StatscopeError(f"-o {output}: is a folder; name a file")
     return target
+
+
+def run_around(target: Path, runs) -> Path | None:
+    """The run that the resolved local path ``target`` is or lies inside: one of ``runs`` (their
+    paths) or any folder that is a run; None when there is none."""
+    from statscope.store import is_run
+
+    inside = [Path(r).resolve() for r in runs if "://" not in r]
+    for parent in (target, *target.parents):
+        if parent in inside or (parent.is_dir() and (parent / "zarr.json").exists()
+                                and is_run(parent)):
+            return parent
+    return None
 
 
 def write_text(text: str, output: str | None) -> None:

@@ -82,18 +82,16 @@ def _check_target(kind: str, target: str, runs: list[str]) -> None:
     """
     from pathlib import Path
 
+    from statscope.commands.analyze import run_around
     from statscope.errors import StatscopeError
-    from statscope.store import is_run
 
     if "://" in target:
         return
     path = Path(target).expanduser().resolve()
-    inside = {Path(r).resolve() for r in runs if "://" not in r}
-    for parent in (path, *path.parents):
-        if parent in inside or (parent.is_dir() and (parent / "zarr.json").exists()
-                                and is_run(parent)):
-            raise StatscopeError(f"--to {kind} {target}: inside the run {parent}; write it "
-                                 "elsewhere (its files would sit among the run's arrays)")
+    parent = run_around(path, runs)
+    if parent is not None:
+        raise StatscopeError(f"--to {kind} {target}: inside the run {parent}; write it "
+                             "elsewhere (its files would sit among the run's arrays)")
     if path.exists() and not path.is_dir():
         raise StatscopeError(f"--to {kind} {target}: is a file; name a folder")
 
