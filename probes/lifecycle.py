@@ -47,6 +47,7 @@ class Lifecycle:
     _worker: Worker | None
     _root_ever: bool
     _resume_at: int | None
+    resume_completed: bool
     # Set by start: the process and thread that started it (closed at exit by that process
     # alone, once that thread is done: _close_at_exit)
     _pid: int
@@ -97,7 +98,7 @@ class Lifecycle:
                                   tuple(s.name for s in self.statistics)),
                 attrs=self._start_attrs(), overwrite=self.overwrite,
                 resume=self.resume if self._resume_at is None else self._resume_at,
-                chunk_steps=self.chunk_steps, flush_seconds=self.flush_seconds,
+                resume_completed=self.resume_completed, chunk_steps=self.chunk_steps, flush_seconds=self.flush_seconds,
                 running0=_running0(known, self.captures), window_steps=self.window_steps,
                 mode=self._writer_mode)
         self._state = "started"

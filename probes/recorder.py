@@ -145,7 +145,8 @@ class Recorder(Lifecycle, Hooks, Steps):
                  where: str | Iterable[str] = "input", channel_dim: Any = None,
                  en_groups: int | Mapping[Any, int] = 1,
                  stats: Iterable[str] = S.DEFAULT_STATS, meta: Mapping[str, Any] | None = None,
-                 overwrite: bool = False, resume: bool = False, step: str = "auto",
+                 overwrite: bool = False, resume: bool = False, resume_completed: bool = True,
+                 step: str = "auto",
                  record_eval: bool = False, block_steps: int = 128, raw_bytes: int = 16 << 20,
                  buffer_bytes: int = 512 << 20, flush_seconds: float = 5.0,
                  chunk_steps: int | None = None, mechanism: str = "forward",
@@ -207,6 +208,7 @@ class Recorder(Lifecycle, Hooks, Steps):
         resolve_mode(writer, self.path)  # checked now, resolved at start()
         self._writer_mode = writer
         self.overwrite = overwrite
+        self.resume_completed = bool(resume_completed)
         self.model = model
         self.root = unwrap(model)
         self.targets: list[Target] = select(model, layers, where=where, channel_dim=channel_dim,
@@ -506,6 +508,9 @@ def record(model: nn.Module, path, **kwargs: Any) -> Recorder:
         overwrite: replace an existing run; resume: continue one, ``True`` after its last
             committed step, an int at that step (the loop restarted from its checkpoint there:
             the run's rows from that step on are dropped; with no run yet, its steps start there).
+        resume_completed: resuming, continue a run that is ``completed`` (default); False
+            refuses one (StoreError when the recorder starts and takes the run's lease, nothing
+            changed), as ``statscope run --resume`` does.
         step: what one recorded step is: ``"auto"`` (default), ``"optimizer"``, ``"forward"`` or
             ``"manual"`` (call ``rec.step()``); see :mod:`statscope.probes.recorder`.
         record_eval: also record eval-mode forwards and forwards of the model without autograd

@@ -6,15 +6,15 @@ is used.
 
 from typing import TYPE_CHECKING
 
-from statscope.errors import (RecordingError, StatscopeError, StatscopeWarning, StoreDamagedError,
-                              StoreError, StoreLockedError)
+from statscope.errors import (RecordingError, RunCompletedError, StatscopeError, StatscopeWarning,
+                              StoreDamagedError, StoreError, StoreLockedError)
 
 if TYPE_CHECKING:  # visible to type checkers and IDEs; loaded by __getattr__ at run time
     from statscope.probes import open_recorders, record
     from statscope.store import open_run, open_runs
 
 __all__ = ["StatscopeError", "StatscopeWarning", "StoreError", "StoreDamagedError",
-           "StoreLockedError", "RecordingError", "record", "open_recorders", "open_run",
+           "StoreLockedError", "RunCompletedError", "RecordingError", "record", "open_recorders", "open_run",
            "open_runs", "__version__"]
 
 __version__ = "0.1.0"

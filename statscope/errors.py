@@ -9,7 +9,7 @@ disk, another writer holding the run).
 """
 
 __all__ = ["StatscopeError", "StoreError", "StoreDamagedError", "StoreLockedError",
-           "RecordingError", "StatscopeWarning", "NonFiniteWarning"]
+           "RunCompletedError", "RecordingError", "StatscopeWarning", "NonFiniteWarning"]
 
 
 class StatscopeError(ValueError):
@@ -30,6 +30,13 @@ class StoreDamagedError(StoreError):
 
 class StoreLockedError(StoreError):
     """Another writer holds the run's lease; the message names the holder."""
+
+    exit_code = 1
+
+
+class RunCompletedError(StoreError):
+    """A writer was asked to resume a run that is completed and told not to
+    (``resume_completed=False``): another process finished the run since the caller planned."""
 
     exit_code = 1
 

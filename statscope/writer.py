@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from statscope import schema as S
-from statscope.errors import StatscopeError, StoreError
+from statscope.errors import RunCompletedError, StatscopeError, StoreError
 from statscope.lease import Lease
 from statscope.storage import exists, is_url, remove_partials, remove_tree
 from statscope.store import Layout, ProbeInfo, read_attrs
@@ -49,6 +49,10 @@ class RunWriter(WriterArrays):
             that step (a training loop restarted from its checkpoint there): committed rows of
             that step and later are dropped first, and a step past the last leaves a gap. With
             no run at ``path``, an int starts the new one's steps there.
+        resume_completed: resuming, continue a run that is ``completed`` (more training after
+            it ended). False refuses one, with nothing changed: what ``statscope run --resume``
+            passes, so that a run another process completed since the caller planned is left
+            as that process left it.
         chunk_steps: rows per shard (one object per array and shard); None (default) chooses
             them so that a shard's rows over all kept columns hold about 64 MiB (8192 for narrow
             layouts, fewer for wide ones, at least 256), which bounds what one flush rewrites.
@@ -65,7 +69,7 @@ class RunWriter(WriterArrays):
 
     def __init__(self, path, layout: Layout, *, attrs: Mapping[str, Any] | None = None,
                  overwrite: bool = False, resume: bool | int = False,
-                 chunk_steps: int | None = None, neuron_chunk: int = 64, flush_seconds: float = 2.0,
+                 resume_completed: bool = True, chunk_steps: int | None = None, neuron_chunk: int = 64, flush_seconds: float = 2.0,
                  running0: Mapping[str, np.ndarray] | None = None,
                  window_steps: int | None = S.DEFAULT_WINDOW_STEPS):
         self.path = os.fspath(path)
@@ -88,6 +92,8 @@ class RunWriter(WriterArrays):
         self.lease = Lease.acquire(self.path)
         try:
             there = check_path(self.path, overwrite=overwrite, resume=resume)  # now under lease
+            if resume and there and not resume_completed:
+                _refuse_completed(self.path)
             if resume and there and _committed_steps(self.path):
                 remove_partials(self.path)
                 self._resume(layout, attrs or {}, running0 or {}, at)
@@ -373,6 +379,16 @@ def resume_step(resume) -> int | None:
         return int(resume)
     raise StatscopeError(f"resume={resume!r}: expected True, False or the step to continue at "
                          "(an int >= 0)")
+
+
+def _refuse_completed(path: str) -> None:
+    """Raise :class:`RunCompletedError` if the run at ``path`` is completed
+    (``resume_completed=False``)."""
+    attrs = read_attrs(path)
+    if attrs.get(S.ATTR_STATUS) == S.STATUS_COMPLETED:
+        raise RunCompletedError(f"path={path!r}: the run is completed ({attrs.get(S.ATTR_N_STEPS)} "
+                         f"steps, ended {attrs.get(S.ATTR_ENDED)}); resume_completed=False leaves "
+                         "it as it is")
 
 
 def check_path(path: str, *, overwrite: bool, resume: bool) -> bool:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from statscope import schema as S
-from statscope.errors import StatscopeError, StoreError, StoreLockedError
+from statscope.errors import RunCompletedError, StatscopeError, StoreError, StoreLockedError
 from statscope.experiments.base import RunConfig, RunResult, run_name
 
 __all__ = ["SweepItem", "SweepOutcome", "plan_sweep", "replan", "run_sweep"]
@@ -382,6 +382,9 @@ def _start(item: SweepItem, progress: Callable | None = None) -> SweepOutcome:
                                        None)
         except StoreLockedError as exc:
             outcome = SweepOutcome(item, None, str(exc), held=True)
+        except RunCompletedError:  # another process completed it while this one prepared it
+            outcome = SweepOutcome(dataclasses.replace(item, action="skip",
+                                                       status=S.STATUS_COMPLETED), None, None)
         except StatscopeError as exc:
             outcome = SweepOutcome(item, None, str(exc), bad_input=exc.exit_code == 2)
         except Exception as exc:  # one broken run must not stop the sweep

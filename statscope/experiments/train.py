@@ -282,10 +282,14 @@ class _Loop:
                             model.train()
                             for i in range(step - epoch * per_epoch, per_epoch):
                                 if rec is None and step == start_step:
+                                    # Resuming: at the step this loop planned from the
+                                    # store (another process may have recorded more since),
+                                    # and never a run that process completed meanwhile.
                                     rec = stack.enter_context(record(
                                         model, cfg.out, meta=cfg.meta(),
-                                        overwrite=cfg.overwrite, resume=cfg.resume,
-                                        en_groups=cfg.en_groups))
+                                        overwrite=cfg.overwrite,
+                                        resume=cfg.resume and start_step,
+                                        resume_completed=False, en_groups=cfg.en_groups))
                                     # Only now that this run holds the store: the checkpoints
                                     # of a writer that still holds it are never touched.
                                     if start_step == 0:

@@ -853,6 +853,27 @@ def test_resume_continues_after_the_last_step(tmp_path):
     assert statscope.open_run(tmp_path / "r").sizes["step"] == 8
 
 
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_resume_completed_false_refuses_a_completed_run_and_changes_nothing(tmp_path, writer):
+    model = fc()
+    with statscope.record(model, tmp_path / "r", writer=writer):
+        for x in batches(5):
+            model(x)
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "r").rglob("*"))
+              if p.is_file() and p.name != "lease"}
+    rec = statscope.record(model, tmp_path / "r", resume=True, resume_completed=False,
+                           writer=writer)
+    with pytest.raises(statscope.RunCompletedError, match=r"the run is completed \(5 steps"):
+        rec.start()
+    after = {p: p.read_bytes() for p in sorted((tmp_path / "r").rglob("*"))
+             if p.is_file() and p.name != "lease"}
+    assert after == before
+    with statscope.record(model, tmp_path / "r", resume=True, writer=writer):  # the default
+        model(batches(1, seed=1)[0])
+    ds = statscope.open_run(tmp_path / "r")
+    assert ds.step.values.tolist() == list(range(6)) and ds.attrs["status"] == "completed"
+
+
 def _bn_means(xs, model):
     """bn_mean of the first BatchNorm for batches ``xs``, from the Linear before it, in float64."""
     with torch.no_grad():

@@ -153,3 +153,92 @@ def test_a_completed_run_loses_its_leftover_checkpoints_when_a_sweep_skips_it(tm
     [item] = plan_sweep(RunConfig("mnist-fc", batch_size=8), out, batch_sizes=[8], seeds=[0])
     assert item.action == "skip"
     assert [path.exists() for path in left] == [False, False]
+
+
+def test_a_failed_run_another_process_completes_while_this_sweep_prepares_it_stays_completed(
+        tmp_path, mnist_dir, monkeypatch):
+    # The claim found the run failed ("resume"); while this sweep loads its data, a `statscope
+    # run --resume` completes it. The late resume used to open the completed store and file
+    # its steps 3-5 again as steps 6-8 of a "completed" 9-step run; now its writer refuses a
+    # completed run, the sweep skips it, and the store stays as that process left it.
+    from statscope.experiments import datasets
+
+    out = tmp_path / "sw"
+    name = "mnist-fc_bs8_seed0_bn_max6"
+    base = RunConfig("mnist-fc", batch_size=8, max_steps=6, data_dir=mnist_dir)
+
+    def stop_at_step_3(p):
+        if p.step >= 3:
+            raise RuntimeError("stopped at step 3")
+
+    with pytest.raises(RuntimeError, match="stopped at step 3"):
+        run_experiment(dataclasses.replace(base, out=str(out / name)), progress=stop_at_step_3,
+                       progress_seconds=0)
+    assert read_attrs(out / name)[S.ATTR_STATUS] == S.STATUS_FAILED
+    real = datasets.load_dataset
+    other, made = [], []
+
+    def load(*args, **kwargs):
+        if not other:
+            other.append(_cli(tmp_path, "run", "mnist-fc", "--bs", "8", "--max-steps", "6",
+                              "--data-dir", mnist_dir, "--out", str(out / name), "--resume",
+                              "-q"))
+            made.append(_identity(out / name))
+        return real(*args, **kwargs)
+
+    [item] = plan_sweep(base, out, batch_sizes=[8], seeds=[0])
+    assert item.action == "resume"
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    [outcome] = run_sweep([item])
+    assert other[0][0] == 0, other[0][2]
+    attrs = read_attrs(out / name)
+    assert (attrs[S.ATTR_STATUS], attrs[S.ATTR_N_STEPS]) == (S.STATUS_COMPLETED, 6)
+    assert _identity(out / name) == made[0]
+    assert outcome.error is None and outcome.result is None, outcome
+    assert (outcome.item.action, outcome.item.status) == ("skip", S.STATUS_COMPLETED)
+
+
+def test_a_late_resume_continues_where_it_planned_when_another_process_recorded_more(
+        tmp_path, mnist_dir, monkeypatch):
+    # The run failed at step 3 and this sweep plans to resume it there; while it loads its
+    # data, another resume records steps 3-4 and fails again. The late resume used to continue
+    # after the store's new last step and file its replayed steps 3-5 as steps 5-7; now it
+    # resumes at the step it planned (the other's rows from there on are dropped), and the run
+    # holds the bytes of an uninterrupted one.
+    from statscope.experiments import datasets
+
+    out = tmp_path / "sw"
+    name = "mnist-fc_bs8_seed0_bn_max6"
+    base = RunConfig("mnist-fc", batch_size=8, max_steps=6, data_dir=mnist_dir)
+    run_experiment(dataclasses.replace(base, out=str(tmp_path / "ref")))
+
+    def stop_at(k):
+        def progress(p):
+            if p.step >= k:
+                raise RuntimeError(f"stopped at step {k}")
+        return progress
+
+    with pytest.raises(RuntimeError, match="stopped at step 3"):
+        run_experiment(dataclasses.replace(base, out=str(out / name)), progress=stop_at(3),
+                       progress_seconds=0)
+    [item] = plan_sweep(base, out, batch_sizes=[8], seeds=[0])
+    assert item.action == "resume"
+    real = datasets.load_dataset
+    other = []
+
+    def load(*args, **kwargs):
+        if not other:
+            other.append(read_attrs(out / name)[S.ATTR_LAST_STEP])
+            with pytest.raises(RuntimeError, match="stopped at step 5"):
+                run_experiment(dataclasses.replace(item.config), progress=stop_at(5),
+                               progress_seconds=0)
+            other.append(read_attrs(out / name)[S.ATTR_LAST_STEP])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    [outcome] = run_sweep([item])
+    assert other[0] < other[1]  # the other process did record more
+    assert outcome.error is None, outcome.error
+    attrs = read_attrs(out / name)
+    assert (attrs[S.ATTR_STATUS], attrs[S.ATTR_N_STEPS]) == (S.STATUS_COMPLETED, 6)
+    assert raw_arrays(str(out / name)) == raw_arrays(str(tmp_path / "ref"))
