@@ -243,7 +243,7 @@ def remove_stale_temps(out: str) -> list[str]:
         >>> os.listdir(os.path.dirname(out)) == [f"run.checkpoint.pt.tmp-{os.getpid()}"]
         True
     """
-    from statscope.experiments.download import _alive
+    from statscope.lease import pid_alive
 
     paths = checkpoint_paths(out)
     if not paths:
@@ -256,7 +256,7 @@ def remove_stale_temps(out: str) -> list[str]:
     removed = []
     for name in names:
         pid = name[len(prefix):]
-        if not (name.startswith(prefix) and pid.isdigit()) or _alive(int(pid)):
+        if not (name.startswith(prefix) and pid.isdigit()) or pid_alive(int(pid)):
             continue
         path = os.path.join(folder, name)
         try:

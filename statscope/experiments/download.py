@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from statscope.errors import StatscopeError
+from statscope.lease import pid_alive
 
 __all__ = ["CacheNotWritableError", "ChecksumError", "UnreachableError", "FailedDownload", "download", "md5sum",
            "recent_failure", "remember_failure", "forget_failure", "retry_seconds",
@@ -214,24 +215,12 @@ def _sweep_parts(dest_dir: Path, filename: str) -> None:
     for part in parts:
         pid_text = part.name[len(filename) + 2:].split(".", 1)[0]
         try:
-            stale = (not _alive(int(pid_text)) if pid_text.isdigit()
+            stale = (not pid_alive(int(pid_text)) if pid_text.isdigit()
                      else time.time() - part.stat().st_mtime > 86400)
             if stale:
                 part.unlink()
         except OSError:
             continue  # gone already, or not ours to remove
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid() or os.name == "nt":  # no signal 0 there: the day-old rule only
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True
 
 
 def _write(out, chunk: bytes, dest_dir: Path) -> None:
