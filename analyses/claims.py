@@ -28,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import xarray as xr
 
 from statscope import schema as S
 
@@ -42,7 +41,7 @@ from .seeds import MODEL_KEYS, between_seeds, config_labels
 from ._compute import run_tasks
 from .window import RunWindow, run_windows, split_runs
 
-__all__ = ["Claims", "ClaimRow", "PooledClaims", "PooledRow", "claims", "HOLDS",
+__all__ = ["Claims", "ClaimRow", "PooledClaims", "PooledRow", "claims", "run_configs", "HOLDS",
            "DOES_NOT_HOLD", "INCONCLUSIVE", "CLAIMS"]
 
 HOLDS = "holds"
@@ -280,7 +279,7 @@ def claims(ds, window=200, *, confidence: float = 0.95, n_boot: int = 1000,
     for _, one, _ in parts:
         require(one, [*FLUCT_STATS, S.COUNT], "claims")
     windows = run_windows(ds, window, load=scheduler is None)
-    configs = config_labels([w.meta for w in windows])
+    configs = run_configs(windows)
     small = _smallest_batch(windows)
     per_run = run_tasks([(_rows_of, (w.name, w.data, w.meta, config, w.name in small,
                                      confidence, n_boot, block, seed))
@@ -300,6 +299,39 @@ def claims(ds, window=200, *, confidence: float = 0.95, n_boot: int = 1000,
 
 _ADJUST_TEXT = {"holm": "Holm, family-wise error rate", "bh": "Benjamini-Hochberg, false "
                 "discovery rate", "none": "no adjustment"}
+
+
+def run_configs(windows) -> list[str]:
+    """The configuration label of each run's window (:func:`statscope.analyses.seeds.
+    config_labels`), told apart by the layers where runs with one label probe different ones:
+    runs of two models are not seeds of one configuration, whatever their settings say.
+
+    Args:
+        windows: RunWindows (name, data, meta), e.g. from :func:`run_windows`.
+
+    Returns:
+        One label per window, e.g. "batch size 8 · layers fc1, fc2".
+    """
+    labels = config_labels([w.meta for w in windows])
+    layouts = [Layers.of(w.data).names for w in windows]
+    per_label: dict[str, set] = {}
+    for label, names in zip(labels, layouts):
+        per_label.setdefault(label, set()).add(names)
+    out = []
+    for label, names in zip(labels, layouts):
+        if len(per_label[label]) < 2:
+            out.append(label)
+            continue
+        short = {_layers_text(n) for n in per_label[label]}
+        text = _layers_text(names) if len(short) == len(per_label[label]) else ", ".join(names)
+        out.append(f"{label} · layers {text}")
+    return out
+
+
+def _layers_text(names) -> str:
+    if len(names) <= 4:
+        return ", ".join(names)
+    return f"{names[0]} … {names[-1]} ({len(names)})"
 
 
 def _smallest_batch(windows) -> set[str]:
@@ -369,8 +401,9 @@ def _run_rows(w, config: str, small: bool, confidence, n_boot, block, seed) -> l
     if len(names) >= 2:
         statistic += [first(S.BN_MEAN), first(S.BN_STD)]
 
-    iv = bootstrap_statistic(window_series(data, _SERIES), statistic, confidence=confidence,
-                             n_boot=n_boot, block=block, seed=seed, groups=layers.ordinal)
+    series = window_series(data, _SERIES)
+    iv = bootstrap_statistic(series, statistic, confidence=confidence, n_boot=n_boot,
+                             block=block, seed=seed, groups=layers.ordinal)
     rows = []
     run_seed = w.meta.get(S.META_SEED)
     count = np.asarray(data[S.COUNT].values) > 0
@@ -379,7 +412,10 @@ def _run_rows(w, config: str, small: bool, confidence, n_boot, block, seed) -> l
     ran = {layer: int(count[:, layer_of == layer].any(axis=1).sum()) for layer in names}
     for k, (claim, layer, stat, caveat) in enumerate(specs):
         evaluable = ran[layer] >= MIN_EFFECTIVE
-        why = _why(claim, iv.notes[k], data, layer) if iv.notes[k] and evaluable else ""
+        why = _why(claim, stat, iv.notes[k], series, layers, layer) \
+            if iv.notes[k] and evaluable else ""
+        if claim == "d":
+            caveat = _compared_with(series[stat], layers, steps)
         note = "; ".join(n for n in (caveat, _ran(ran[layer], steps), why) if n)
         est, lo, hi, p = (float(v[k]) for v in (iv.estimate, iv.lower, iv.upper, iv.p_value))
         if not evaluable:
@@ -398,16 +434,63 @@ def _run_rows(w, config: str, small: bool, confidence, n_boot, block, seed) -> l
     return rows
 
 
-def _why(claim: str, note: str, data: xr.Dataset, layer: str) -> str:
-    """The interval's note, made specific where BN and EN coincide (EN groups of one channel)."""
-    sel = np.asarray(data[S.LAYER].values) == layer
-    same = all(np.array_equal(np.asarray(data[f"bn_{x}"].values)[:, sel],
-                              np.asarray(data[f"en_{x}"].values)[:, sel], equal_nan=True)
-               for x in ("mean", "std"))
+_USES: dict[str, dict[str, tuple[str, ...]]] = {
+    "a": {"mean": (S.BN_MEAN, S.EN_MEAN), "std": (S.BN_STD, S.EN_STD)},
+    "b": {"mean gap / std gap": FLUCT_STATS},
+    "c": {"bn_std vs bn_mean": (S.BN_STD, S.BN_MEAN)}}
+"""The statistics whose fluctuation each claim's effect divides (claim (d): its statistic)."""
+
+
+def _why(claim: str, stat: str, note: str, series: dict, layers: Layers, layer: str) -> str:
+    """The interval's note, made specific where a statistic does not move over the window (a
+    log ratio of zero fluctuations is undefined) or BN and EN coincide (EN groups of one
+    channel)."""
+    def still(s: str, la: str) -> bool:
+        return _constant(series[s][:, layers.index[layers.names.index(la)]])
+
+    if claim == "d":  # the first layer, or every layer it is compared with
+        rest = layers.names[1:]
+        flat = [f"{stat} in layer {layer}"] if still(stat, layer) else \
+            [f"{stat} in layer {la}" for la in rest] if all(still(stat, la) for la in rest) \
+            else []
+    else:
+        flat = [f"{s} in layer {layer}" for s in _USES[claim][stat] if still(s, layer)]
+    if flat:
+        return (f"constant over the window (zero fluctuation at every neuron): "
+                f"{', '.join(flat)}; a log ratio of fluctuations is undefined there")
+    sel = layers.index[layers.names.index(layer)]
+    same = all(np.array_equal(series[f"bn_{x}"][:, sel], series[f"en_{x}"][:, sel],
+                              equal_nan=True) for x in ("mean", "std"))
     if same and claim in ("a", "b"):
         return ("BN and EN statistics are identical in this layer (EN groups of one channel): "
                 "there is nothing to compare")
     return note
+
+
+def _constant(values: np.ndarray) -> bool:
+    """Whether every neuron's series (step, neuron) with data takes a single value."""
+    ok = np.isfinite(values)
+    if not ok.any():
+        return False
+    with quiet():
+        return bool(np.all(~ok.any(0) | (np.nanmax(values, 0) == np.nanmin(values, 0))))
+
+
+def _compared_with(values: np.ndarray, layers: Layers, steps: int) -> str:
+    """Claim (d)'s caveat: which other layers the first one was compared with, naming those
+    left out for want of data in the window (a fluctuation needs 2 steps)."""
+    valid = {la: int(np.isfinite(values[:, i]).any(axis=1).sum())
+             for la, i in zip(layers.names, layers.index)}
+    others = layers.names[1:]
+    out = [la for la in others if valid[la] < 2]
+    if not out:
+        return ""
+    used = [la for la in others if valid[la] >= 2]
+    said = ", ".join(f"{la} has values in {valid[la]} of the window's {steps} steps"
+                     for la in out)
+    if not used:
+        return f"no other layer to compare with: {said} (a fluctuation needs 2)"
+    return f"compared with {', '.join(used)} only: {said} (a fluctuation needs 2)"
 
 
 def _ran(ran: int, steps: int) -> str:
@@ -430,8 +513,8 @@ def _judge(rows: list[ClaimRow], adjust: str, confidence: float) -> list[ClaimRo
         elif np.isfinite(q) and (r.ci_low > 0 or r.ci_high < 0):
             note = "; ".join(n for n in (note, f"significant only before the {adjust} "
                                                f"adjustment") if n)
-        elif np.isfinite(q) and not note:
-            note = "the interval includes 0"
+        elif np.isfinite(q):
+            note = "; ".join(n for n in (note, "the interval includes 0") if n)
         out.append(ClaimRow(r.claim, r.run, r.layer, r.statistic, r.effect, r.ci_low, r.ci_high,
                             r.p_value, verdict, note, float(q), r.config, r.seed, r.block,
                             r.n_eff))

@@ -145,6 +145,7 @@ def _fluctuation(w: xr.Dataset, scale_free: bool, detrend: bool) -> xr.Dataset:
     result, excluded, not_run, steps = _compute(result, excluded, not_run, steps)
     notes = _exclusion_notes(excluded, not_run)
     notes += _sparse_layer_notes(result[N_VALID], steps, 3 if detrend else 2)
+    notes += _constant_notes(result, names, scale_free)
     if scale_free and not np.all(np.isfinite(result[S.BN_MEAN].values)):
         notes.append("scale-free fluctuation is NaN/Inf where a neuron's time-averaged bn_std is "
                      "0 or the window has too few valid steps")
@@ -182,6 +183,26 @@ def _sparse_layer_notes(n_valid: xr.DataArray, steps: int, least: int) -> list[s
     said = ", ".join(f"{name!r} in {n}" + (f" (too few for a fluctuation: NaN; {least} needed)"
                                            if n < least else "") for name, n in partial)
     return [f"layers with values in only some of the window's {steps} steps: {said}"]
+
+
+def _constant_notes(result: xr.Dataset, names, scale_free: bool) -> list[str]:
+    """Which layers have a statistic that did not move over the window at any of their
+    neurons: its fluctuation is 0, and every ratio of it (claims, excess) is undefined."""
+    if S.LAYER not in result.coords:
+        return []
+    lay = np.asarray(result[S.LAYER].values)
+    notes = []
+    for s in names:
+        values = result[s].values.reshape(-1, lay.size) if result[s].ndim > 1 \
+            else result[s].values[None]
+        flat = [str(la) for la in dict.fromkeys(lay)
+                if np.all(values[:, lay == la] == 0)]
+        if flat:
+            notes.append(f"{s} is constant over the window at every neuron of layer"
+                         f"{'s' if len(flat) > 1 else ''} {', '.join(map(repr, flat))}: its "
+                         f"fluctuation is 0{' (scale-free: 0 or NaN)' if scale_free else ''}, "
+                         f"and ratios of it are undefined")
+    return notes
 
 
 def _exclusion_notes(excluded: dict, not_run: int) -> list[str]:

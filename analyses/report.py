@@ -15,11 +15,11 @@ from statscope.errors import StatscopeError
 
 from ._data import Layers
 from ._names import NOTES
-from .claims import CLAIMS, Claims, PooledClaims, PooledRow, claims
+from .claims import CLAIMS, Claims, PooledClaims, PooledRow, claims, run_configs
 from .multiplicity import ADJUSTMENTS
 from .resampling import BLOCK_FACTOR, MIN_EFFECTIVE, check_settings
 from .scaling import batch_size_scaling
-from .seeds import MODEL_KEYS, config_labels
+from .seeds import MODEL_KEYS
 from ._compute import run_tasks
 from .tables import (COLUMNS, fluctuation_table, pooled_fluctuation_table, rank_gap_table,
                      summary_matrix, summary_tally, VERDICTS)
@@ -63,7 +63,7 @@ class Report:
         fluctuation, fluctuation_pooled: the Figure-6 tables (pandas). scaling: one entry per
         series of runs. notes: caveats collected on the way. rank_gap: the rank-gap table of
         the distributed runs (:func:`statscope.analyses.tables.rank_gap_table`; empty when
-        none).
+        none). seed: the bootstrap seed (the figures' intervals use it too).
     """
 
     source: str
@@ -80,6 +80,7 @@ class Report:
     scaling: tuple[ScalingGroup, ...]
     notes: tuple[str, ...]
     rank_gap: Any = None
+    seed: int = 0
 
 
 def build_report(runs, window=200, *, source: str = "", n_boot: int = 1000, seed: int = 0,
@@ -111,7 +112,7 @@ def build_report(runs, window=200, *, source: str = "", n_boot: int = 1000, seed
         data = p.data.copy(deep=False)
         data.attrs = {**p.data.attrs, S.ATTR_META: dict(p.meta)}
         windows[p.name] = data
-    labels = config_labels([p.meta for p in parts])
+    labels = run_configs(parts)
     entries = tuple(RunEntry(p.name, label, p.meta.get(S.META_BATCH_SIZE),
                              p.meta.get(S.META_SEED), str(p.data.attrs.get(S.ATTR_STATUS, "?")),
                              int(p.data.attrs.get(S.ATTR_N_STEPS, 0) or 0),
@@ -120,12 +121,33 @@ def build_report(runs, window=200, *, source: str = "", n_boot: int = 1000, seed
     cl = claims(windows, "all", confidence=confidence, n_boot=n_boot, seed=seed, adjust=adjust,
                 scheduler=scheduler)
     table = fluctuation_table(windows, "all", scheduler=scheduler)
+    # the claims' configurations, which tell runs of different layers apart, pool the table too
+    table["config"] = table["run"].map(dict(zip(windows, labels)))
     ranked_runs = {name: ds for name, ds, _ in whole if S.RANK in ds.dims}
     gaps = rank_gap_table(ranked_runs, window, scheduler=scheduler)
     return Report(source, parts[0].data.attrs["window"], confidence, n_boot, adjust, entries,
                   windows, cl, cl.pooled(), table, pooled_fluctuation_table(table, confidence),
                   _scaling(parts, windows, n_boot, seed, confidence, scheduler),
-                  tuple(table.attrs[NOTES]) + tuple(gaps.attrs[NOTES]), gaps)
+                  _status_notes(entries) + tuple(table.attrs[NOTES]) + tuple(gaps.attrs[NOTES]),
+                  gaps, seed)
+
+
+def _status_notes(entries) -> tuple[str, ...]:
+    """A sentence per run that did not complete: its window is its last recorded steps, not
+    the end of training, and its claims and figures speak for that much of a run."""
+    said = {
+        S.STATUS_FAILED: "failed before the end of training",
+        S.STATUS_RUNNING: "is still running, or stopped without closing its store",
+    }
+    out = []
+    for r in entries:
+        if r.status == S.STATUS_COMPLETED:
+            continue
+        what = said.get(r.status, f"has no completed status (status {r.status!r})")
+        out.append(f"{r.name}: the run {what} (status {r.status}, {r.n_steps:,} steps "
+                   f"recorded); its window is the last steps it recorded, not the end of "
+                   f"training")
+    return tuple(out)
 
 
 def _series_scaling(windows, n_boot, seed, confidence):

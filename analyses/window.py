@@ -35,7 +35,8 @@ from ._data import every_of, ranked, require, run_name, size_notes, stacked
 from .seeds import config_meta
 
 __all__ = ["select_window", "describe_window", "load_window", "RunWindow", "split_runs",
-           "expand_ranks", "run_windows", "map_windows", "window_rows", "GLOBAL"]
+           "expand_ranks", "run_windows", "map_windows", "window_rows", "window_problem",
+           "GLOBAL"]
 
 _SEARCH_BLOCK = 1024
 _LOAD_LIMIT = 256 * 2**20
@@ -104,15 +105,40 @@ def window_rows(window: int, every: int = 1) -> int:
     return -(-int(window) // max(1, int(every)))
 
 
+def window_problem(window) -> str | None:
+    """What is wrong with ``window`` whatever the run (None when nothing is): a bool, an int
+    below 2, a fraction outside (0, 1], a ``(start, stop)`` with stop ≤ start, another type.
+
+    >>> window_problem(200) is None, window_problem(1)
+    (True, 'expected at least 2 steps')
+    """
+    if isinstance(window, (bool, np.bool_)):
+        return "expected an int, a (start, stop) tuple, a float in (0, 1] or 'all'"
+    if isinstance(window, (int, np.integer)):
+        return "expected at least 2 steps" if window < 2 else None
+    if isinstance(window, (float, np.floating)):
+        return None if 0.0 < window <= 1.0 else "a fraction must lie in (0, 1]"
+    if isinstance(window, (tuple, list)) and len(window) == 2:
+        try:
+            start, stop = (int(v) for v in window)
+        except (TypeError, ValueError):
+            return "expected two int steps (start, stop)"
+        return "stop must exceed start" if stop <= start else None
+    if window is None or (isinstance(window, str) and window == "all"):
+        return None
+    return "expected an int, a (start, stop) tuple, a float in (0, 1] or 'all'"
+
+
 def _positions(count: xr.DataArray, steps: np.ndarray, window, name: str,
                every: int = 1) -> np.ndarray:
     """Positions along step that one run's window covers."""
-    if isinstance(window, (bool, np.bool_)):
-        raise StatscopeError(f"window={window!r}: expected an int, a (start, stop) tuple, a float "
-                             f"in (0, 1] or 'all'")
+    why = window_problem(window)
+    if why is not None:
+        shown = tuple(window) if isinstance(window, (tuple, list)) else \
+            window if isinstance(window, (int, float, np.number)) and \
+            not isinstance(window, (bool, np.bool_)) else repr(window)
+        raise StatscopeError(f"window={shown}: {why}")
     if isinstance(window, (int, np.integer)):
-        if window < 2:
-            raise StatscopeError(f"window={window}: expected at least 2 steps")
         rows = window_rows(int(window), every)
         if rows < 2:
             raise StatscopeError(f"window={window}: run {name!r} records one step in {every}, "
@@ -133,8 +159,6 @@ def _positions(count: xr.DataArray, steps: np.ndarray, window, name: str,
                                  f"data (step {first}); a window needs at least 2")
         return np.arange(first, last + 1)
     if isinstance(window, (float, np.floating)):
-        if not 0.0 < window <= 1.0:
-            raise StatscopeError(f"window={window}: a fraction must lie in (0, 1]")
         k = max(1, math.ceil(window * (last - first + 1)))
         if k < 2:
             raise StatscopeError(f"window={window}: that fraction of the {last - first + 1} "
@@ -143,8 +167,6 @@ def _positions(count: xr.DataArray, steps: np.ndarray, window, name: str,
         return np.arange(last - k + 1, last + 1)
     if isinstance(window, (tuple, list)) and len(window) == 2:
         start, stop = (int(v) for v in window)
-        if stop <= start:
-            raise StatscopeError(f"window={tuple(window)}: stop must exceed start")
         if start < steps[first] or stop > steps[last] + 1:
             raise StatscopeError(f"window={tuple(window)}: outside run {name!r}, which has data "
                                  f"at steps {steps[first]}..{steps[last]}")

@@ -193,22 +193,33 @@ _CONNECT_GRACE = 10.0
 
 
 def parse_window(text: str):
-    """``"200"`` → 200, ``"100:500"`` → (100, 500), ``"0.1"`` → 0.1, ``"all"`` → "all"."""
+    """``"200"`` → 200, ``"100:500"`` → (100, 500), ``"0.1"`` → 0.1, ``"all"`` → "all".
+
+    Raises:
+        StatscopeError: not one of these forms, or a value no run can take (an int below 2,
+            a fraction outside (0, 1], STOP ≤ START), before any run is opened.
+    """
+    from statscope.analyses.window import window_problem
     from statscope.errors import StatscopeError
 
+    expected = "expected an int of at least 2, START:STOP, a fraction in (0, 1] or 'all'"
     t = str(text).strip()
     try:
         if t == "all":
             return "all"
         if ":" in t:
             a, b = t.split(":")
-            return int(a), int(b)
-        if "." in t:
-            return float(t)
-        return int(t)
+            window = int(a), int(b)
+        elif "." in t:
+            window = float(t)
+        else:
+            window = int(t)
     except ValueError:
-        raise StatscopeError(f"--window={text!r}: expected an int, START:STOP, a fraction in "
-                             f"(0, 1] or 'all'") from None
+        raise StatscopeError(f"--window={text!r}: {expected}") from None
+    why = window_problem(window)
+    if why is not None:
+        raise StatscopeError(f"--window={text}: {why}")
+    return window
 
 
 def warn(message: str) -> None:

@@ -12,8 +12,7 @@ import html
 from pathlib import Path
 
 from statscope.commands.analyze import (add_cluster_arguments, check_output, open_runs_at,
-                                        parse_window, scheduler_of, skipping_unreadable, warn,
-                                        write_text)
+                                        parse_window, scheduler_of, skipping_unreadable, write_text)
 
 __all__ = ["register", "run_report", "render_html", "report_figures"]
 
@@ -193,7 +192,7 @@ def _pooled_bars(report):
                                                           "ci_high"]].iloc[0]
         if len(names) == 1:
             one = fluctuation_ci(report.windows[names[0]], "all", n_boot=report.n_boot,
-                                 confidence=report.confidence)
+                                 confidence=report.confidence, seed=report.seed)
             for i, s in enumerate(stats):
                 b = one[s].sel({S.QUANTITY: "median"}).reindex({S.LAYER: layers})
                 lo[i], hi[i] = b.sel({S.BOUND: "lower"}).values, b.sel({S.BOUND: "upper"}).values
@@ -274,7 +273,6 @@ def _table(df, table_id: str, spec: str = ".4g") -> str:
 
 def _summary(report) -> str:
     from statscope.analyses import CLAIMS
-    from statscope.analyses.report import cell_text
     from statscope.analyses.tables import summary_matrix
 
     layers, rows = summary_matrix(report.pooled)
