@@ -35,10 +35,20 @@ class StatscopeCallback(Callback):
     first optimizer that stepped, as the step used it). The run's meta holds the module's (and datamodule's)
     ``hparams`` and the trainer's settings; ``meta`` adds to them.
 
+    Under manual optimization a step is a batch in which at least one optimizer stepped:
+    several optimizers stepping in one batch (a GAN's) are one step, and batches in which none
+    stepped are micro-batches of the next step. A last step that no optimizer step ended (a
+    manual module's trailing batches, or a failure) stays in the run with its forwards and
+    loss, without ``lr``.
+
     Under DDP each rank records its own micro-batches into ``path/rank{r}``. The recorder starts
     at ``on_train_start`` and closes at ``on_train_end`` (run ``completed``) or on an exception
     (run ``failed``, with the error; Lightning re-raises it). Store step k is the trainer's
-    ``global_step`` k, the step Lightning's loggers write the (k+1)-th optimizer step at.
+    ``global_step`` k, the step Lightning's loggers write the (k+1)-th optimizer step at, where
+    each step is one optimizer step (with several optimizers per batch: the k-th batch that
+    stepped). Lightning checkpoints hold the store step training goes on at: ``resume=True``
+    with ``fit(ckpt_path=...)`` continues the run there, replacing steps recorded after the
+    checkpoint (a checkpoint without it: the step ``global_step`` maps to).
 
     Args:
         path: the run store (folder or fsspec URL).
@@ -73,17 +83,37 @@ class StatscopeCallback(Callback):
         self._loss: torch.Tensor | None = None  # the sum of the step's micro-batch losses
         self._batches = 0  # and how many they are
         self._lr: Any = None
+        self._restored_step: int | None = None  # the store step a loaded checkpoint is at
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._restored_step = None  # what a checkpoint loaded after this says is this run's
+
+    def state_dict(self) -> dict[str, Any]:
+        # the store step the training goes on at: global_step says it only when every step is
+        # one optimizer's (several optimizers of a manual module step in one store step)
+        if self.session is None:
+            return {}
+        return {"store_step": self.session.recorder.current_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        step = state_dict.get("store_step")
+        self._restored_step = step if isinstance(step, int) and not isinstance(step, bool) \
+            and step >= 0 else None
 
     def on_train_start(self, trainer, pl_module) -> None:
+        restored, self._restored_step = self._restored_step, None  # one fit's
         self.session = RecordingSession(pl_module, self.path, self.record_kwargs,
                                         {**_meta(trainer, pl_module), **self.meta}, self.live,
-                                        trainer_step=trainer.global_step)
+                                        trainer_step=trainer.global_step, store_step=restored)
         self._seen_step = trainer.global_step
         self._loss, self._batches, self._lr = None, 0, None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self._lr is None:
-            self._lr = optimizer.param_groups[0].get("lr")
+            lr = optimizer.param_groups[0].get("lr")
+            # a tensor lr is updated in place by its scheduler before the step ends: keep this
+            # step's (a copy on its device, no sync)
+            self._lr = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.session is None or self.session.closed:
@@ -100,10 +130,15 @@ class StatscopeCallback(Callback):
         if trainer.global_step == self._seen_step:
             return  # accumulating: the optimizer has not stepped yet
         self._seen_step = trainer.global_step
+        self._log_scalars()
+        self.session.end_step()
+
+    def _log_scalars(self) -> None:
+        """Log the step's loss and lr (those it has) and start the next step's."""
+        assert self.session is not None
         mean = None if self._loss is None else self._loss / self._batches
         scalars = {"loss": mean, "lr": self._lr}
         self.session.log(**{k: v for k, v in scalars.items() if v is not None})
-        self.session.end_step()
         self._loss, self._batches, self._lr = None, 0, None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
@@ -112,12 +147,19 @@ class StatscopeCallback(Callback):
             self.session.flush()
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.session is not None:
-            self.session.close()
+        self._close()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if self.session is not None:
-            self.session.close(f"{type(exception).__name__}: {exception}")
+        self._close(f"{type(exception).__name__}: {exception}")
+
+    def _close(self, error: str | None = None) -> None:
+        if self.session is None or self.session.closed:
+            return
+        # the step in progress (micro-batches no optimizer step ended: a manual module's last
+        # batches, or a failure) stays in the run with its forwards; so do their losses
+        if self._batches or self._lr is not None:
+            self._log_scalars()
+        self.session.close(error)
 
 
 def _meta(trainer, pl_module) -> dict[str, Any]:

@@ -111,11 +111,9 @@ def _abandoned(recorder, sinks: list) -> None:
         sink.close()
 
 
-def _resume_at(path: str, trainer_step: int) -> int | bool:
-    """What ``resume=True`` means for a trainer resumed from its checkpoint at ``trainer_step``:
-    the store step it maps to by the run's ``trainer_step_offset`` (``resume=STEP``), so that a
-    store that ran past the checkpoint (a crash after it) has the steps the trainer replays
-    replaced, not appended as new ones; True where the store has no offset yet (or none)."""
+def _stored_offset(path: str) -> int | None:
+    """The ``trainer_step_offset`` of the run at ``path`` (this rank's store), None where there
+    is no run or no offset yet."""
     from statscope.discovery import read_attrs
     from statscope.errors import StoreError
     from statscope.export.exporter import ATTR_STEP_OFFSET
@@ -124,8 +122,18 @@ def _resume_at(path: str, trainer_step: int) -> int | bool:
     try:
         offset = read_attrs(rank_path(path)[0]).get(ATTR_STEP_OFFSET)
     except StoreError:
-        return True  # no run yet: resume starts one
-    if isinstance(offset, bool) or not isinstance(offset, int) or trainer_step < offset:
+        return None
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        return None
+    return offset
+
+
+def _resume_at(offset: int | None, trainer_step: int) -> int | bool:
+    """What ``resume=True`` means for a trainer resumed from its checkpoint at ``trainer_step``:
+    the store step it maps to by the run's ``trainer_step_offset`` (``resume=STEP``), so that a
+    store that ran past the checkpoint (a crash after it) has the steps the trainer replays
+    replaced, not appended as new ones; True where the store has no offset yet (or none)."""
+    if offset is None or trainer_step < offset:
         return True
     return trainer_step - offset
 
@@ -142,15 +150,25 @@ class RecordingSession:
         trainer_step: the step at which the trainer's loggers write the step about to begin
             (Lightning: ``global_step``; Hugging Face: ``global_step + 1``). Stored as the run's
             ``trainer_step_offset`` so that exports line up with the trainer's curves.
+        store_step: the store step the trainer's checkpoint goes on at, as the callback saved
+            it there; None where the checkpoint has none (or training starts afresh). With
+            ``resume=True`` it says where a run written by a callback goes on, instead of
+            ``trainer_step`` by the run's offset (which maps steps only while each store step
+            is one trainer step).
     """
 
     def __init__(self, model, path, record_kwargs: Mapping[str, Any], meta: Mapping[str, Any],
-                 live: LiveExport | None, trainer_step: int):
+                 live: LiveExport | None, trainer_step: int, store_step: int | None = None):
         import statscope
 
+        # a run that goes on keeps its offset: where several optimizers step in one store step
+        # (a manual Lightning module's), trainer_step - store step is not it
+        stored = None if record_kwargs.get("resume", False) is False \
+            else _stored_offset(os.fspath(path))
         if record_kwargs.get("resume") is True:
-            record_kwargs = {**record_kwargs,
-                             "resume": _resume_at(os.fspath(path), int(trainer_step))}
+            at = _resume_at(stored, int(trainer_step)) if store_step is None or stored is None \
+                else int(store_step)
+            record_kwargs = {**record_kwargs, "resume": at}
         self.recorder = statscope.record(model, path, step="manual", meta=dict(meta),
                                          **record_kwargs)
         self.live = live
@@ -160,7 +178,8 @@ class RecordingSession:
         self._exporter: Exporter | None = None
         self.recorder.start()
         self._finalizer = weakref.finalize(self, _abandoned, self.recorder, self._sinks)
-        self.offset = int(trainer_step) - self.recorder.current_step  # a resumed store goes on
+        self.offset = int(trainer_step) - self.recorder.current_step if stored is None \
+            else stored
         if live is not None:
             try:
                 self._start_live(live)
