@@ -22,7 +22,8 @@ RANKS = "ranks"
 """The key under which ``statscope.store.read_attrs`` gives each rank's attributes of a
 distributed run."""
 
-_STATE = (S.ATTR_N_STEPS, S.ATTR_STATUS, S.ATTR_LAST_STEP, S.ATTR_STARTED, S.ATTR_LEASE)
+_STATE = (S.ATTR_N_STEPS, S.ATTR_STATUS, S.ATTR_LAST_STEP, S.ATTR_STARTED, S.ATTR_LEASE,
+          S.ATTR_WRITER_ID)
 """What tells one recorded state of a run from another: its commit (steps, status) and which
 run it is (when it started, who wrote it)."""
 

@@ -377,6 +377,3 @@ def _stale(held: Holder) -> tuple[bool, str]:
     if held.host == socket.gethostname() and not pid_alive(held.pid):
         return True, f"pid {held.pid} no longer runs on this host"
     return False, ""
-
-
-_pid_alive = pid_alive  # TEMPORARY: until the export worker's sinks.py moves to pid_alive

@@ -72,7 +72,7 @@ class WriterArrays:
             S.ATTR_VERSIONS: package_versions(), S.ATTR_STARTED: now_iso(), S.ATTR_ENDED: None,
             S.ATTR_ERROR: None, S.ATTR_NONFINITE: {}, S.ATTR_STD_DEFINITION: S.STD_DEFINITION,
             S.ATTR_PROBE_OVERHEAD: None, S.ATTR_LEASE: self.lease.holder.describe(),
-            S.ATTR_WINDOW_STEPS: self.window_steps, S.ATTR_N_WINDOWS: 0,
+            S.ATTR_WRITER_ID: self.lease.holder.owner, S.ATTR_WINDOW_STEPS: self.window_steps, S.ATTR_N_WINDOWS: 0,
         }
         root.update(attrs)
         try:
@@ -136,7 +136,8 @@ class WriterArrays:
             self._resume_windows(old, last)
         self._group.update_attributes(_jsonable({
             S.ATTR_STATUS: S.STATUS_RUNNING, S.ATTR_ENDED: None, S.ATTR_ERROR: None, **attrs,
-            S.ATTR_META: old.get(S.ATTR_META), S.ATTR_LEASE: self.lease.holder.describe()}))
+            S.ATTR_META: old.get(S.ATTR_META), S.ATTR_LEASE: self.lease.holder.describe(),
+            S.ATTR_WRITER_ID: self.lease.holder.owner}))
         known = {p.name for p in stored.probes}
         self.add_probes([p for p in layout.probes if p.name not in known], running0)
 

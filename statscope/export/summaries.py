@@ -139,14 +139,18 @@ def custom_layout(layers: list[str]) -> dict:
 
     Returns:
         ``{category: {chart title: ["Multiline", [tags]]}}``, as
-        ``SummaryWriter.add_custom_scalars`` takes it.
+        ``SummaryWriter.add_custom_scalars`` takes it. TensorBoard reads a chart's tags as
+        regular expressions it matches from a tag's start: each is the tag escaped and
+        anchored, so that a layer name such as ``blocks[0]`` or ``a.b`` draws its own tag only.
 
     Example:
-        >>> custom_layout(["fc1"])["statscope: BN vs EN"]["fc1 mean"]
-        ['Multiline', ['fluctuation_scale_free/fc1/bn_mean', 'fluctuation_scale_free/fc1/en_mean']]
+        >>> custom_layout(["fc1"])["statscope: BN vs EN"]["fc1 mean"][1]
+        ['^fluctuation_scale_free/fc1/bn_mean$', '^fluctuation_scale_free/fc1/en_mean$']
     """
+    import re
+
     def tag(layer, stat):
-        return f"{FLUCTUATION_SCALE_FREE}/{layer}/{stat}"
+        return "^" + re.escape(f"{FLUCTUATION_SCALE_FREE}/{layer}/{stat}") + "$"
 
     bn_en, mean_std = {}, {}
     for layer in layers:

@@ -10,11 +10,12 @@ the gradient accumulation: the first micro-batch's forward of each step is what 
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from statscope.errors import StatscopeError
+from statscope.errors import StatscopeError, StatscopeWarning
 
 if TYPE_CHECKING:  # loaded with the live export only
     from statscope.export import Exporter
@@ -233,7 +234,21 @@ class RecordingSession:
             self.recorder.set_attrs(**{ATTR_STEP_OFFSET: self.offset})
         if self._exporter is not None and self.live is not None \
                 and self.steps % self.live.every == 0:
+            self._update_live()
+
+    def _update_live(self) -> None:
+        """Bring the live export up to the store. A failure of the export (a full disk, a
+        target removed) never stops training or the recording: it is said once, as a warning
+        naming the target, and the live export stops there."""
+        assert self._exporter is not None and self.live is not None
+        try:
             self._exporter.update()
+        except Exception as exc:  # noqa: BLE001 - any failure of an optional side output
+            self._exporter = None
+            warnings.warn(f"statscope: LiveExport(to={self.live.to!r}, "
+                          f"target={self.live.target!r}): the live export stopped ({exc}); the "
+                          "run goes on recording, export it later with statscope export",
+                          StatscopeWarning, stacklevel=3)
 
     def close(self, error: str | None = None) -> None:
         """Close the recorder (run ``completed``, or ``failed`` with ``error``) and finish the
@@ -244,7 +259,7 @@ class RecordingSession:
         try:
             self.recorder.close(error)
             if self._exporter is not None:
-                self._exporter.update()
+                self._update_live()
         finally:
             for sink in self._sinks:
                 sink.close()

@@ -1,5 +1,8 @@
 """The Lightning callback on real ``Trainer.fit`` runs of a tiny model."""
 
+import re
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -179,6 +182,34 @@ def test_live_export_writes_what_an_export_of_the_store_writes(tmp_path):
         assert live_events[tag] == pytest.approx(points)
     assert {t: sorted(h) for t, h in live_hists.items()} == \
         {t: sorted(h) for t, h in after_hists.items()}
+
+
+def test_a_failing_live_export_warns_once_and_training_and_recording_go_on(tmp_path):
+    # an update that raised (a full disk, the target removed) used to leave end_step with the
+    # error: Lightning then failed the whole fit over an optional side output
+    from statscope.errors import StatscopeWarning
+    from statscope.export import Exporter
+
+    calls = []
+
+    def failing(self):
+        calls.append(1)
+        raise OSError(28, "No space left on device")
+
+    live = LiveExport(str(tmp_path / "live"), every=2, window=2)
+    cb = StatscopeCallback(tmp_path / "run", live=live)
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        mp.setattr(Exporter, "update", failing)
+        trainer, _, firsts, _ = fit(tmp_path, cb)
+    said = [str(x.message) for x in w if issubclass(x.category, StatscopeWarning)]
+    assert len(calls) == 1 and len(said) == 1, said
+    assert re.match(r"statscope: LiveExport\(to='tensorboard', target='.*live'\): the live "
+                    r"export stopped \(\[Errno 28\] No space left", said[0]), said
+    ds = statscope.open_run(tmp_path / "run")
+    assert trainer.global_step == 8 and ds.sizes["step"] == 8
+    assert ds.attrs["status"] == "completed"
+    check_step_values(ds, "bn", firsts, channel_dim=1)
 
 
 def test_exports_line_up_with_the_steps_lightning_logs_at(tmp_path):
