@@ -29,6 +29,7 @@ __all__ = ["main", "build_parser", "entry"]
 
 COMMANDS = (
     "statscope.commands.run",
+    "statscope.commands.runs",
     "statscope.commands.analyze",
     "statscope.commands.dashboard",
     "statscope.commands.export",

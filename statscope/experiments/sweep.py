@@ -3,10 +3,11 @@
 Each run's folder is named from its settings (:func:`statscope.experiments.run_name`), so running
 the same sweep again finds its earlier runs: completed ones are skipped, failed or interrupted
 ones (status ``failed``, or ``running`` with no process behind it) are resumed after their last
-recorded step, from their checkpoint, and ones that recorded nothing are started again. Runs go in parallel in fresh
-``spawn`` processes (``jobs > 1``) or one after another in this process. Worker processes end
-with the sweep's process (:mod:`statscope.experiments.worker`), so no orphan goes on writing a
-run that a second sweep resumes. With a ``dask.distributed`` client the runs go as tasks on its
+recorded step, from their checkpoint, and ones that recorded nothing are started again. Runs go
+in parallel in fresh ``spawn`` processes (``jobs > 1``: :mod:`statscope.experiments.pool`) or
+one after another in this process. Worker processes end with the sweep's process
+(:mod:`statscope.experiments.worker`), so no orphan goes on writing a run that a second sweep
+resumes. With a ``dask.distributed`` client the runs go as tasks on its
 cluster instead (:mod:`statscope.experiments.cluster`).
 
 A run is planned when the sweep starts (for its header, and to refuse a folder in the way) and
@@ -28,9 +29,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import signal
 import socket
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -270,93 +269,10 @@ def run_sweep(items: Iterable[SweepItem], *, jobs: int = 1,
         for i in todo:
             outcomes.done(i, _start(items[i]))
     else:
-        _run_parallel(items, todo, min(jobs, len(todo)), outcomes.done)
+        from statscope.experiments.pool import run_parallel
+
+        run_parallel(items, todo, min(jobs, len(todo)), outcomes.done)
     return outcomes.in_order()
-
-
-def _run_parallel(items: list[SweepItem], todo: list[int], workers: int,
-                  done: Callable[[int, SweepOutcome], None]) -> None:
-    """Run the items ``todo``, each in a fresh ``spawn`` process, ``workers`` at a time.
-
-    A process is started only when one is free, so an exception here leaves no queue behind:
-    the processes running are told to stop (``SIGTERM``: their run stops at the end of its
-    step) and waited for, and the exception goes on.
-    """
-    import multiprocessing
-    from multiprocessing.connection import wait
-
-    ctx = multiprocessing.get_context("spawn")
-    queue = list(todo)
-    running: dict = {}  # the reading end of each process's pipe -> (item index, process)
-    try:
-        while queue or running:
-            while queue and len(running) < workers:
-                i = queue.pop(0)
-                reader, writer = ctx.Pipe(duplex=False)
-                process = ctx.Process(target=_worker_main, args=(os.getpid(), items[i], writer),
-                                      name=f"statscope-sweep-{items[i].name}")
-                process.start()
-                writer.close()  # the child's end: EOF here once the child is gone
-                running[reader] = (i, process)
-            for reader in wait(list(running)):
-                i, process = running.pop(reader)
-                done(i, _receive(reader, process, items[i]))
-    except BaseException:
-        _stop([process for _, process in running.values()])
-        raise
-
-
-def _receive(reader, process, item: SweepItem) -> SweepOutcome:
-    """The outcome a worker process sent, or the failure of one that died without sending it."""
-    try:
-        outcome = reader.recv()
-    except EOFError:
-        outcome = None
-    finally:
-        reader.close()
-    process.join()
-    if outcome is not None:
-        return outcome
-    code = process.exitcode
-    how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
-           else f"exited with status {code}")
-    return SweepOutcome(item, None, f"worker process failed: its process {process.pid} {how} "
-                                    "before reporting the run")
-
-
-def _stop(processes: list) -> None:
-    """Stop the runs of ``processes`` between two steps and wait for them (a process that is
-    not done after the workers' grace time is killed)."""
-    from statscope.experiments.worker import GRACE_SECONDS
-
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    deadline = time.monotonic() + GRACE_SECONDS + 5.0
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-        if process.is_alive():
-            process.kill()
-            process.join()
-
-
-def _worker_main(parent: int, item: SweepItem, conn) -> None:
-    """A ``--jobs`` worker process: run ``item`` (:func:`_start`), send its outcome, end; it
-    ends, once its run stopped, if its parent died (the run stops between two steps, at most
-    ``progress_seconds``, 0.2 s, after the signal)."""
-    from statscope.experiments.worker import (EXIT_STATUS, ParentGone, init_worker, running,
-                                              stop_if_asked)
-
-    init_worker(parent)
-    try:
-        with running(defer=True):
-            outcome = _start(item, progress=stop_if_asked)
-    except ParentGone:
-        os._exit(EXIT_STATUS)  # nobody is left to report to; the run is marked failed
-    except KeyboardInterrupt:  # a Ctrl-C reached this process: its run stopped as run's does
-        outcome = SweepOutcome(item, None, "interrupted (KeyboardInterrupt)")
-    conn.send(outcome)
-    conn.close()
 
 
 def _start(item: SweepItem, progress: Callable | None = None) -> SweepOutcome:
