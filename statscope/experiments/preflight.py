@@ -1,27 +1,31 @@
 """What a built-in run checks about its store: before training, that ``out`` may be written
-(and, resuming, continued), and after it, that the store ended ``completed`` with every step;
-and what a sweep checks about its grid before any of its runs starts.
+(and, resuming, continued), the device and that the norm takes the batch's shapes, and after it,
+that the store ended ``completed`` with every step; and what a sweep checks about its grid
+before any of its runs starts.
 
 Every check before training raises before anything is written, so a refused run changes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 from typing import Iterable
 
 from statscope import schema as S
-from statscope.errors import RecordingError, StatscopeError, StoreError
+from statscope.errors import RecordingError, StatscopeError, StoreError, StoreLockedError
 from statscope.experiments.base import RunConfig
 
-__all__ = ["RESUMABLE", "check_out", "check_resume", "check_recorded", "check_grid"]
+__all__ = ["RESUMABLE", "check_out", "check_resume", "check_recorded", "check_grid",
+           "check_shapes", "resolve_device"]
 
 RESUMABLE = ("device", "threads", "max_steps")
 """Settings a resumed run may change: they do not alter what is computed (max_steps only where
 the run stops)."""
 
 
-def check_out(cfg: RunConfig) -> int:
+def _check_out(cfg: RunConfig) -> int:
     """The step recording starts at, once ``cfg.out`` is known not to be in the way.
 
     Args:
@@ -144,10 +148,9 @@ def check_grid(base: RunConfig, batch_sizes: Iterable[int], norms: Iterable[str]
     import torch
 
     from statscope.experiments.datasets import load_dataset
-    from statscope.experiments.train import _check_shapes, _device
 
     cfg = base.resolved()
-    _device(cfg.device)
+    resolve_device(cfg.device)
     data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, quiet=quiet)
     sizes = sorted(set(batch_sizes))
     n_train = len(data.train_y)
@@ -159,5 +162,53 @@ def check_grid(base: RunConfig, batch_sizes: Iterable[int], norms: Iterable[str]
     with torch.random.fork_rng(devices=[]):  # the models' initialisation draws from it
         for norm in dict.fromkeys(norms):
             model = exp.build_model(norm, data.num_classes)
-            _check_shapes(dataclasses.replace(cfg, norm=norm, batch_size=sizes[0]), exp, model,
-                          train_x, data.normalize, cpu)
+            check_shapes(dataclasses.replace(cfg, norm=norm, batch_size=sizes[0]), exp, model,
+                         train_x, data.normalize, cpu)
+
+
+def check_out(cfg: RunConfig) -> int:
+    """The step recording starts at (:func:`_check_out`); when it refuses to resume a
+    completed run, the checkpoints that run left beside it (killed between its completion and
+    their removal) go first: a completed run is never resumed."""
+    from statscope.experiments.checkpoint import remove_checkpoints
+    from statscope.store import read_attrs
+
+    try:
+        return _check_out(cfg)
+    except StoreLockedError:
+        raise
+    except StoreError:
+        if cfg.resume:
+            with contextlib.suppress(StatscopeError, OSError):  # not a run: nothing of ours
+                if read_attrs(cfg.out).get(S.ATTR_STATUS) == S.STATUS_COMPLETED:
+                    remove_checkpoints(cfg.out)
+        raise
+
+
+def resolve_device(name: str):
+    """The torch device of ``--device`` (``auto``: CUDA where available)."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StatscopeError(f"device='cuda': CUDA is not available to this torch "
+                             f"({torch.__version__}); use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def check_shapes(cfg: RunConfig, exp, model, train_x, normalize, device) -> None:
+    """One forward of a copy of the model on a training batch: a norm that cannot normalize the
+    shapes, or a batch too small for it, fails here, before the store exists."""
+    import torch
+
+    probe = copy.deepcopy(model).train()
+    xb = exp.batch(train_x[:cfg.batch_size], normalize, torch.Generator(device=device))
+    try:
+        with torch.no_grad():
+            probe(xb)
+    except StatscopeError as exc:
+        raise StatscopeError(f"norm={cfg.norm!r} with batch_size={cfg.batch_size}: {exc}") from None
+    except (ValueError, RuntimeError) as exc:
+        raise StatscopeError(f"norm={cfg.norm!r} with batch_size={cfg.batch_size}: "
+                             f"{str(exc).splitlines()[0]}") from None

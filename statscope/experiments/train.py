@@ -24,66 +24,23 @@ died while closing) is finished: marked completed, with the test accuracy of eve
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
-import signal
-import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 from statscope import schema as S
-from statscope.errors import StatscopeError, StatscopeWarning, StoreError, StoreLockedError
+from statscope.errors import StatscopeError, StatscopeWarning, StoreError
 from statscope.experiments.base import RunConfig, RunResult
-from statscope.experiments.preflight import RESUMABLE, check_out, check_recorded, check_resume
+from statscope.experiments.interrupts import sigint_at_step_end
+from statscope.experiments.preflight import (RESUMABLE, check_out, check_recorded, check_resume,
+                                             check_shapes, resolve_device)
 
 __all__ = ["Progress", "run_experiment"]
 
 _EVAL_BATCH = 1000
-
-
-@dataclass
-class _CtrlC:
-    """What Ctrl-C asked of a run (see :func:`_sigint_at_step_end`).
-
-    Attributes:
-        asked: a first Ctrl-C came: the loop stops at the end of its step, or, once
-            ``closing``, when the run is closed.
-        closing: the last step is done; the run evaluates, saves and closes its store.
-    """
-
-    asked: bool = False
-    closing: bool = False
-
-
-@contextlib.contextmanager
-def _sigint_at_step_end():
-    """Inside, a first SIGINT only asks the run to stop (``asked`` of the :class:`_CtrlC`
-    yielded: the loop raises ``KeyboardInterrupt`` at the end of its step, or after closing
-    the run when its steps are done), a second one raises at once. Only on the main thread,
-    and only where SIGINT has Python's own handler (not a handler the caller installed)."""
-    state = _CtrlC()
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield state
-        return
-
-    def ask(signum, frame):
-        if state.asked:
-            raise KeyboardInterrupt
-        state.asked = True
-        when = "once this run is closed" if state.closing else "at the end of this step"
-        print(f"statscope: stopping {when} (Ctrl-C again to stop at once)", file=sys.stderr,
-              flush=True)
-
-    previous = signal.signal(signal.SIGINT, ask)
-    try:
-        yield state
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass(frozen=True)
@@ -154,8 +111,8 @@ def run_experiment(config: RunConfig, *, progress: Callable[[Progress], None] | 
 
     cfg = config.resolved()
     exp = cfg.spec
-    device = _device(cfg.device)
-    start_step = _check_out(cfg) if record else None
+    device = resolve_device(cfg.device)
+    start_step = check_out(cfg) if record else None
     data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, quiet=progress is None)
     cfg = dataclasses.replace(cfg, dataset=data.name, device=device.type)
     n_train = len(data.train_y)
@@ -179,7 +136,7 @@ def run_experiment(config: RunConfig, *, progress: Callable[[Progress], None] | 
         train_y = data.train_y.to(device)
         test_x = exp.prepare(data.test_x.to(device), data.normalize, False)
         test_y = data.test_y.to(device)
-        _check_shapes(cfg, exp, model, train_x, data.normalize, device)
+        check_shapes(cfg, exp, model, train_x, data.normalize, device)
         shuffle = torch.Generator().manual_seed(cfg.seed)
         augment = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         optimizer = _sgd(model, cfg)
@@ -266,7 +223,7 @@ class _Loop:
         self._at = (step, epoch, self.shuffle.get_state())
         last_report = time.monotonic()
         t0 = time.perf_counter()
-        with _sigint_at_step_end() as ctrl_c:
+        with sigint_at_step_end() as ctrl_c:
             try:
                 with contextlib.ExitStack() as stack:
                     try:
@@ -429,25 +386,6 @@ class _Loop:
                                recording=recording))
 
 
-def _check_out(cfg: RunConfig) -> int:
-    """:func:`~statscope.experiments.preflight.check_out`; when it refuses to resume a completed
-    run, the checkpoints that run left beside it (killed between its completion and their
-    removal) go first: a completed run is never resumed."""
-    from statscope.experiments.checkpoint import remove_checkpoints
-    from statscope.store import read_attrs
-
-    try:
-        return check_out(cfg)
-    except StoreLockedError:
-        raise
-    except StoreError:
-        if cfg.resume:
-            with contextlib.suppress(StatscopeError, OSError):  # not a run: nothing of ours
-                if read_attrs(cfg.out).get(S.ATTR_STATUS) == S.STATUS_COMPLETED:
-                    remove_checkpoints(cfg.out)
-        raise
-
-
 def _sgd(model, cfg: RunConfig):
     """torch's SGD, fused where this torch and device have it (a fifth faster per step at batch
     size 4 on the CPU: one kernel instead of a Python loop over parameters)."""
@@ -471,31 +409,3 @@ def _accuracy(model, x, y) -> float:
             correct += (model(x[i:i + _EVAL_BATCH]).argmax(1) == y[i:i + _EVAL_BATCH]).sum()
     model.train()
     return int(correct) / len(y)
-
-
-def _device(name: str):
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise StatscopeError(f"device='cuda': CUDA is not available to this torch "
-                             f"({torch.__version__}); use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def _check_shapes(cfg: RunConfig, exp, model, train_x, normalize, device) -> None:
-    """One forward of a copy of the model on a training batch: a norm that cannot normalize the
-    shapes, or a batch too small for it, fails here, before the store exists."""
-    import torch
-
-    probe = copy.deepcopy(model).train()
-    xb = exp.batch(train_x[:cfg.batch_size], normalize, torch.Generator(device=device))
-    try:
-        with torch.no_grad():
-            probe(xb)
-    except StatscopeError as exc:
-        raise StatscopeError(f"norm={cfg.norm!r} with batch_size={cfg.batch_size}: {exc}") from None
-    except (ValueError, RuntimeError) as exc:
-        raise StatscopeError(f"norm={cfg.norm!r} with batch_size={cfg.batch_size}: "
-                             f"{str(exc).splitlines()[0]}") from None
