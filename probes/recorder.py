@@ -36,7 +36,6 @@ and :mod:`statscope.probes.steps` (the step boundary, blocks handed to the write
 from __future__ import annotations
 
 import os
-import string
 import threading
 import time
 import warnings
@@ -48,7 +47,7 @@ import torch
 from torch import nn
 
 from statscope import schema as S
-from statscope.errors import StatscopeError, StatscopeWarning, StoreError
+from statscope.errors import StatscopeError, StatscopeWarning
 from statscope.probes.attach import MECHANISMS
 from statscope.probes.capture import Capture
 from statscope.probes.fastpath import probe_path
@@ -58,6 +57,7 @@ from statscope.probes.pool import BufferPool
 from statscope.probes.neurons import check_spec
 from statscope.probes.selection import (Target, _per_layer, check_per_layer, norm_info, select,
                                         unwrap)
+from statscope.probes.placement import rank_path, refuse_single_run
 from statscope.probes.statistics import STATISTICS, get_statistic
 from statscope.probes.steps import Steps, _caller_level
 from statscope.probes.streams import StreamOrder
@@ -72,60 +72,6 @@ __all__ = ["Recorder", "record", "rank_path", "STEP_MODES"]
 STEP_MODES = ("auto", "optimizer", "forward", "manual")
 _RESERVED_ATTRS = {S.ATTR_FORMAT, S.ATTR_STATUS, S.ATTR_N_STEPS, S.ATTR_LAST_STEP, S.ATTR_PROBES,
                    S.ATTR_LAYERS, S.ATTR_STATS, S.ATTR_SCALARS, S.ATTR_STEP_RULE}
-
-
-def rank_path(path: str) -> tuple[str, int, int]:
-    """Where this process's rank records a run given ``path``, with its rank and world size.
-
-    Outside ``torch.distributed`` (or with one process) that is ``path`` itself; with several,
-    ``path`` with its ``{rank}`` field filled in where it holds one (a format spec such as
-    ``{rank:02d}`` included), else ``path/rank{R}``. Other braces are kept as they are unless
-    the path also holds a ``{rank}`` field.
-
-    Returns:
-        ``(path, rank, world_size)``.
-
-    Raises:
-        StatscopeError: a path with a ``{rank}`` field and another one.
-    """
-    dist = torch.distributed
-    rank, world = 0, 1
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    fields = _fields(path)
-    if "rank" in fields:
-        if fields != {"rank"}:
-            raise StatscopeError(
-                f"path={path!r}: only the field {{rank}} is filled in (e.g. "
-                "'runs/exp-rank{rank}'); double other braces ({{ and }}) to keep them")
-        return path.format(rank=rank), rank, world
-    if world > 1:
-        return os.path.join(path, f"rank{rank}"), rank, world
-    return path, rank, world
-
-
-def _fields(path: str) -> set[str]:
-    """The names of ``path``'s ``str.format`` fields (none where it does not parse as one)."""
-    try:
-        return {name.split(".")[0].split("[")[0]
-                for _, name, _, _ in string.Formatter().parse(path) if name is not None}
-    except ValueError:  # an unmatched brace: a literal path
-        return set()
-
-
-def _refuse_single_run(path: str, world: int) -> None:
-    """Refuse to record a rank of a distributed run at ``path`` inside a single-process run
-    (``run/rank{R}``, or a ``{rank}`` field below one): it would go into that store and stay
-    unseen, as readers find the run above it; also with ``overwrite``, as a rank that replaced
-    that run would delete the folders of the ranks recording beside it."""
-    from statscope.discovery import is_single_run
-
-    parent = os.path.dirname(path.rstrip("/"))
-    if parent and is_single_run(parent):
-        raise StoreError(
-            f"path={parent!r}: holds a single-process run; this distributed run's {world} ranks "
-            f"would record inside it ({path!r}), where readers do not see them, and no one rank "
-            "can replace it while the others record: remove it, or choose another path")
 
 
 def _positive_int(name: str, value: Any, least: int = 1) -> int:
@@ -194,7 +140,7 @@ class Recorder(Lifecycle, Hooks, Steps):
         self.path, self.rank, self.world_size = rank_path(os.fspath(path))
         use_options(os.fspath(path), storage_options)
         if self.world_size > 1:
-            _refuse_single_run(self.path, self.world_size)
+            refuse_single_run(self.path, self.world_size)
         # checked now although the writer opens the store at start()
         self._resume_at = resume_step(resume)  # the step a restarted loop continues at
         self.resume = check_path(self.path, overwrite=overwrite,

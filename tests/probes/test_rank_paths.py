@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import statscope
-from statscope.probes.recorder import rank_path
+from statscope.probes.placement import rank_path
 
 
 @pytest.fixture
