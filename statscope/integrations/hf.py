@@ -19,8 +19,8 @@ except ImportError as exc:
     raise ImportError("statscope.integrations.hf needs the transformers package: "
                       "pip install 'statscope[hf]'") from exc
 
-from statscope.integrations.session import (LiveExport, RecordingSession, check_record_kwargs,
-                                            loggable)
+from statscope.integrations.session import (LiveExport, RecordingSession, check_callback_args,
+                                            check_record_kwargs, loggable)
 
 __all__ = ["StatscopeTrainerCallback"]
 
@@ -34,8 +34,10 @@ class StatscopeTrainerCallback(TrainerCallback):
     micro-batch's forward of each step is recorded); evaluation and prediction run in eval mode
     and are not recorded. What the Trainer logs (``loss``, ``learning_rate``, ``grad_norm``,
     ``eval_loss``, ...; every ``logging_steps``) goes into the run at the step it describes; what it
-    logs before the first optimizer step (``eval_on_start``) goes into the run's attrs under
-    ``scalars_before_training``, beside the Trainer's ``global_step`` it was logged at. The
+    logs before a training's first optimizer step (``eval_on_start``, also when resumed from a
+    checkpoint) goes into the run's attrs under ``scalars_before_training``, beside the
+    Trainer's ``global_step`` it was logged at. Numbers are Python or numpy scalars and
+    one-element tensors; other values are left out. The
     run's meta holds ``batch_size`` (per device), ``lr``, ``epochs``, ``seed``, the model type and
     the sanitized ``TrainingArguments``; ``meta`` adds to them.
 
@@ -57,8 +59,10 @@ class StatscopeTrainerCallback(TrainerCallback):
         **record_kwargs: more arguments of :func:`statscope.record`, except ``step``.
 
     Raises:
-        StatscopeError: ``step`` among ``record_kwargs``; at ``on_train_begin``, what
-            :func:`statscope.record` raises for bad arguments or an existing store.
+        StatscopeError: ``path`` not a str or path, ``meta`` not a mapping, ``live`` not a
+            :class:`~statscope.integrations.LiveExport`, ``step`` among ``record_kwargs``; at
+            ``on_train_begin``, what :func:`statscope.record` raises for bad arguments or an
+            existing store.
 
     Example:
         >>> cb = StatscopeTrainerCallback("runs/bert", overwrite=True)  # doctest: +SKIP
@@ -69,13 +73,13 @@ class StatscopeTrainerCallback(TrainerCallback):
     def __init__(self, path: str | os.PathLike, *, layers: Any = None,
                  meta: Mapping[str, Any] | None = None, overwrite: bool = False,
                  live: LiveExport | None = None, **record_kwargs: Any):
-        self.path = os.fspath(path)
-        self.meta = dict(meta or {})
+        self.path, self.meta = check_callback_args(path, meta, live)
         self.live = live
         self.record_kwargs = {"layers": layers, "overwrite": overwrite,
                               **check_record_kwargs(record_kwargs)}
         self.session: RecordingSession | None = None
         self._pending = False
+        self._begin_step = 0  # the Trainer's global_step when this training began
 
     def __enter__(self) -> "StatscopeTrainerCallback":
         return self
@@ -91,6 +95,7 @@ class StatscopeTrainerCallback(TrainerCallback):
                                         {**_meta(args, model), **self.meta}, self.live,
                                         trainer_step=state.global_step + 1)
         self._pending = False
+        self._begin_step = state.global_step
 
     def on_step_begin(self, args, state, control, **kwargs):
         # The previous step ends only now, so that what the Trainer logs after it (loss,
@@ -105,9 +110,10 @@ class StatscopeTrainerCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and self._open():
             scalars = loggable(logs)
-            if state.global_step < self.session.offset:
-                # before this training's first optimizer step (eval_on_start): no store step
-                # describes it, and store step 0 is the Trainer's first step
+            if state.global_step <= self._begin_step:
+                # before this training's first optimizer step (eval_on_start): the store step
+                # in progress is that step, and the step the log describes is none (a new
+                # run) or one a resumed run has stored already (its checkpoint's)
                 self.session.log_before_training(state.global_step, scalars)
             else:
                 self.session.log(**scalars)

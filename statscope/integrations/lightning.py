@@ -19,7 +19,8 @@ except ImportError as exc:
 
 import torch
 
-from statscope.integrations.session import LiveExport, RecordingSession, check_record_kwargs
+from statscope.integrations.session import (LiveExport, RecordingSession, check_callback_args,
+                                            check_record_kwargs)
 
 __all__ = ["StatscopeCallback"]
 
@@ -61,7 +62,8 @@ class StatscopeCallback(Callback):
             ``channel_dim``, ...), except ``step``.
 
     Raises:
-        StatscopeError: ``step`` among ``record_kwargs``; at ``on_train_start``, what
+        StatscopeError: ``step`` among ``record_kwargs``, ``path``, ``meta`` or ``live`` of
+            the wrong kind (at construction); at ``on_train_start``, what
             :func:`statscope.record` raises for bad arguments or an existing store.
 
     Example:
@@ -73,8 +75,7 @@ class StatscopeCallback(Callback):
     def __init__(self, path: str | os.PathLike, *, layers: Any = None,
                  meta: Mapping[str, Any] | None = None, overwrite: bool = False,
                  live: LiveExport | None = None, **record_kwargs: Any):
-        self.path = os.fspath(path)
-        self.meta = dict(meta or {})
+        self.path, self.meta = check_callback_args(path, meta, live)
         self.live = live
         self.record_kwargs = {"layers": layers, "overwrite": overwrite,
                               **check_record_kwargs(record_kwargs)}

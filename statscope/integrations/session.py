@@ -20,8 +20,8 @@ from statscope.errors import StatscopeError, StatscopeWarning
 if TYPE_CHECKING:  # loaded with the live export only
     from statscope.export import Exporter
 
-__all__ = ["ATTR_BEFORE_TRAINING", "LiveExport", "RecordingSession", "check_record_kwargs",
-           "loggable"]
+__all__ = ["ATTR_BEFORE_TRAINING", "LiveExport", "RecordingSession", "check_callback_args",
+           "check_record_kwargs", "loggable"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,25 @@ def check_record_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return dict(kwargs)
 
 
+def check_callback_args(path: Any, meta: Any, live: Any) -> tuple[str, dict[str, Any]]:
+    """The ``path`` and ``meta`` a callback was given, as a str and a dict, checked now with
+    its ``live`` (not when training begins, inside the trainer).
+
+    Raises:
+        StatscopeError: ``path`` is not a str or path, ``meta`` not a mapping (or None),
+            ``live`` not a :class:`LiveExport` (or None).
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise StatscopeError(f"path={path!r}: expected a folder or URL (a str or os.PathLike)")
+    if meta is not None and not isinstance(meta, Mapping):
+        raise StatscopeError(f"meta={meta!r}: expected a mapping of names to values, e.g. "
+                             "{'seed': 0}, or None")
+    if live is not None and not isinstance(live, LiveExport):
+        raise StatscopeError(f"live={live!r}: expected a statscope.integrations.LiveExport, "
+                             "e.g. LiveExport('tb/statscope', every=500), or None")
+    return os.fspath(path), dict(meta or {})
+
+
 ATTR_BEFORE_TRAINING = "scalars_before_training"
 """The run attribute that holds what a trainer logged before its first optimizer step."""
 
@@ -80,27 +99,45 @@ ATTR_BEFORE_TRAINING = "scalars_before_training"
 def loggable(values: Mapping[str, Any]) -> dict[str, float]:
     """The numeric entries of a trainer's log dict under names a run can store.
 
-    Non-identifier characters become ``_``; names statscope reserves (``count``, ``step``, the
-    statistics) and non-numbers are left out.
+    Numbers are Python or numpy scalars and one-element tensors (read to the host: a trainer
+    logs at its logging steps only); booleans, strings and larger tensors are left out, as are
+    names statscope reserves (``count``, ``step``, the statistics). A character no identifier
+    may hold becomes ``_``, a leading digit gets a ``_`` before it.
 
     Example:
         >>> loggable({"loss": 0.5, "train/lr": 1e-3, "step": 3, "note": "x", "done": True})
         {'loss': 0.5, 'train_lr': 0.001}
     """
-    import re
-
     from statscope import schema as S
 
     out = {}
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        value = _number(value)
+        if value is None:
             continue
-        name = re.sub(r"\W", "_", str(name))
+        name = "".join(c if ("a" + c).isidentifier() else "_" for c in str(name))
         if name[:1].isdigit():
             name = "_" + name
         if name and name not in S.RESERVED_NAMES:
-            out[name] = float(value)
+            out[name] = value
     return out
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float where it is one number (not a boolean), else None."""
+    import numbers
+    import sys
+
+    import numpy as np
+
+    torch = sys.modules.get("torch")  # a tensor exists only where torch is loaded already
+    if torch is not None and isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            return None
+        return float(value.detach().reshape(()).item())
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
 
 
 def _abandoned(recorder, sinks: list) -> None:
@@ -118,7 +155,7 @@ def _stored_offset(path: str) -> int | None:
     from statscope.discovery import read_attrs
     from statscope.errors import StoreError
     from statscope.export.exporter import ATTR_STEP_OFFSET
-    from statscope.probes.recorder import rank_path
+    from statscope.probes.placement import rank_path
 
     try:
         offset = read_attrs(rank_path(path)[0]).get(ATTR_STEP_OFFSET)
@@ -228,13 +265,18 @@ class RecordingSession:
         self.recorder.step()
         self.steps += 1
         if self.steps == 1:
-            # not at start: the store may wait for lazy layers' first forward to know them
-            from statscope.export.exporter import ATTR_STEP_OFFSET
-
-            self.recorder.set_attrs(**{ATTR_STEP_OFFSET: self.offset})
+            self._mark_offset()
         if self._exporter is not None and self.live is not None \
                 and self.steps % self.live.every == 0:
             self._update_live()
+
+    def _mark_offset(self) -> None:
+        """Store ``trainer_step_offset`` in the run: after its first step, not at start (the
+        store may wait for lazy layers' first forward to know them), or at close where no step
+        ended (a run of one optimizer step, or one that failed in its first)."""
+        from statscope.export.exporter import ATTR_STEP_OFFSET
+
+        self.recorder.set_attrs(**{ATTR_STEP_OFFSET: self.offset})
 
     def _update_live(self) -> None:
         """Bring the live export up to the store. A failure of the export (a full disk, a
@@ -257,7 +299,11 @@ class RecordingSession:
             return
         self._finalizer.detach()
         try:
-            self.recorder.close(error)
+            try:
+                if self.steps == 0:
+                    self._mark_offset()
+            finally:
+                self.recorder.close(error)
             if self._exporter is not None:
                 self._update_live()
         finally:

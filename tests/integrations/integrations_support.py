@@ -74,3 +74,33 @@ def hf_arguments(out, **kwargs):
                     disable_tqdm=True, dataloader_num_workers=0, seed=0)
     settings.update(kwargs)
     return TrainingArguments(**settings)
+
+
+class NormNet(nn.Module):
+    """A regression net with a BatchNorm1d (``bn``) and a LayerNorm (``ln``) that returns the
+    Hugging Face Trainer's ``{"loss", "logits"}`` from ``forward(x, labels)``."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1, self.bn = nn.Linear(5, 8), nn.BatchNorm1d(8)
+        self.fc2, self.ln, self.out = nn.Linear(8, 6), nn.LayerNorm(6), nn.Linear(6, 1)
+
+    def forward(self, x, labels=None):
+        h = self.out(self.ln(self.fc2(torch.relu(self.bn(self.fc1(x))))))
+        loss = None if labels is None else (h.float() - labels).square().mean()
+        return {"loss": loss, "logits": h}
+
+
+class RegressionData(torch.utils.data.Dataset):
+    """``n`` items ``{"x": (5,), "labels": (1,)}``, standard normal, fixed by ``seed``."""
+
+    def __init__(self, n, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x, self.y = torch.randn(n, 5, generator=g), torch.randn(n, 1, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}

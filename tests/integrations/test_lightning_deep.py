@@ -19,7 +19,7 @@ pytest.importorskip("lightning")
 import lightning.pytorch as L
 
 import statscope
-from statscope.errors import StoreError
+from statscope.errors import StatscopeError, StoreError
 from statscope.integrations import StatscopeCallback
 
 from integrations_support import check_step_values, regression_loader
@@ -338,3 +338,14 @@ def test_a_tensor_lr_is_recorded_as_the_step_used_it(tmp_path):
     ds = statscope.open_run(tmp_path / "run")
     np.testing.assert_allclose(ds.lr.values, 0.1 * 0.5 ** np.arange(4), rtol=1e-6)
     np.testing.assert_allclose(ds.loss.values, model.losses, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"live": "tb"}, "live='tb'"), ({"meta": "x"}, "meta='x'"), ({"meta": [1, 2]}, "meta=[1, 2]")])
+def test_bad_arguments_are_refused_at_construction_naming_them(tmp_path, kwargs, named):
+    # live="tb" used to fail inside fit() with an AttributeError, meta="x" with a ValueError
+    with pytest.raises(StatscopeError) as info:
+        StatscopeCallback(tmp_path / "run", **kwargs)
+    assert named in str(info.value)
+    with pytest.raises(StatscopeError, match=r"path=3"):
+        StatscopeCallback(3)
