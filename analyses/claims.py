@@ -37,11 +37,12 @@ from .bootstrap import window_series
 from .multiplicity import adjust_p
 from .intervals import bootstrap_statistic
 from .resampling import MIN_EFFECTIVE, Moments, check_settings
-from .seeds import MODEL_KEYS, between_seeds, config_labels
+from .seeds import MODEL_KEYS, between_seeds, layer_set, run_configs
+from ._claim_notes import USES, compared_with, ran_note, steps_with_values, why
 from ._compute import run_tasks
 from .window import RunWindow, run_windows, split_runs
 
-__all__ = ["Claims", "ClaimRow", "PooledClaims", "PooledRow", "claims", "run_configs", "HOLDS",
+__all__ = ["Claims", "ClaimRow", "PooledClaims", "PooledRow", "claims", "HOLDS",
            "DOES_NOT_HOLD", "INCONCLUSIVE", "CLAIMS"]
 
 HOLDS = "holds"
@@ -301,39 +302,6 @@ _ADJUST_TEXT = {"holm": "Holm, family-wise error rate", "bh": "Benjamini-Hochber
                 "discovery rate", "none": "no adjustment"}
 
 
-def run_configs(windows) -> list[str]:
-    """The configuration label of each run's window (:func:`statscope.analyses.seeds.
-    config_labels`), told apart by the layers where runs with one label probe different ones:
-    runs of two models are not seeds of one configuration, whatever their settings say.
-
-    Args:
-        windows: RunWindows (name, data, meta), e.g. from :func:`run_windows`.
-
-    Returns:
-        One label per window, e.g. "batch size 8 · layers fc1, fc2".
-    """
-    labels = config_labels([w.meta for w in windows])
-    layouts = [Layers.of(w.data).names for w in windows]
-    per_label: dict[str, set] = {}
-    for label, names in zip(labels, layouts):
-        per_label.setdefault(label, set()).add(names)
-    out = []
-    for label, names in zip(labels, layouts):
-        if len(per_label[label]) < 2:
-            out.append(label)
-            continue
-        short = {_layers_text(n) for n in per_label[label]}
-        text = _layers_text(names) if len(short) == len(per_label[label]) else ", ".join(names)
-        out.append(f"{label} · layers {text}")
-    return out
-
-
-def _layers_text(names) -> str:
-    if len(names) <= 4:
-        return ", ".join(names)
-    return f"{names[0]} … {names[-1]} ({len(names)})"
-
-
 def _smallest_batch(windows) -> set[str]:
     """Names of the runs at the smallest batch size among runs of the same model and layers
     (a learning rate scaled with the batch size does not make another model)."""
@@ -342,7 +310,7 @@ def _smallest_batch(windows) -> set[str]:
         bs = w.meta.get(S.META_BATCH_SIZE)
         if bs is None:
             continue
-        key = (tuple(Layers.of(w.data).names),
+        key = (layer_set(w.data),
                *(_hashable(w.meta.get(k)) for k in MODEL_KEYS))
         groups.setdefault(key, []).append((float(bs), w.name))
     out = set()
@@ -408,15 +376,17 @@ def _run_rows(w, config: str, small: bool, confidence, n_boot, block, seed) -> l
     run_seed = w.meta.get(S.META_SEED)
     count = np.asarray(data[S.COUNT].values) > 0
     steps = int(count.any(axis=1).sum())  # of the window, where any layer ran
-    layer_of = np.asarray(data[S.LAYER].values)
-    ran = {layer: int(count[:, layer_of == layer].any(axis=1).sum()) for layer in names}
     for k, (claim, layer, stat, caveat) in enumerate(specs):
-        evaluable = ran[layer] >= MIN_EFFECTIVE
-        why = _why(claim, stat, iv.notes[k], series, layers, layer) \
+        cols = layers.index[names.index(layer)]
+        ran = int(count[:, cols].any(axis=1).sum())
+        # the steps the effect can use: the layer ran and its statistics are finite
+        finite = steps_with_values(series, USES[claim][stat] if claim != "d" else (stat,), cols)
+        evaluable = finite >= MIN_EFFECTIVE
+        why_not = why(claim, stat, iv.notes[k], series, layers, layer) \
             if iv.notes[k] and evaluable else ""
         if claim == "d":
-            caveat = _compared_with(series[stat], layers, steps)
-        note = "; ".join(n for n in (caveat, _ran(ran[layer], steps), why) if n)
+            caveat = compared_with(series[stat], layers, steps)
+        note = "; ".join(n for n in (caveat, ran_note(finite, ran, steps), why_not) if n)
         est, lo, hi, p = (float(v[k]) for v in (iv.estimate, iv.lower, iv.upper, iv.p_value))
         if not evaluable:
             est = lo = hi = p = np.nan
@@ -432,73 +402,6 @@ def _run_rows(w, config: str, small: bool, confidence, n_boot, block, seed) -> l
                           "needs at least two layers", config=config, seed=run_seed)
                  for x in (S.BN_MEAN, S.BN_STD)]
     return rows
-
-
-_USES: dict[str, dict[str, tuple[str, ...]]] = {
-    "a": {"mean": (S.BN_MEAN, S.EN_MEAN), "std": (S.BN_STD, S.EN_STD)},
-    "b": {"mean gap / std gap": FLUCT_STATS},
-    "c": {"bn_std vs bn_mean": (S.BN_STD, S.BN_MEAN)}}
-"""The statistics whose fluctuation each claim's effect divides (claim (d): its statistic)."""
-
-
-def _why(claim: str, stat: str, note: str, series: dict, layers: Layers, layer: str) -> str:
-    """The interval's note, made specific where a statistic does not move over the window (a
-    log ratio of zero fluctuations is undefined) or BN and EN coincide (EN groups of one
-    channel)."""
-    def still(s: str, la: str) -> bool:
-        return _constant(series[s][:, layers.index[layers.names.index(la)]])
-
-    if claim == "d":  # the first layer, or every layer it is compared with
-        rest = layers.names[1:]
-        flat = [f"{stat} in layer {layer}"] if still(stat, layer) else \
-            [f"{stat} in layer {la}" for la in rest] if all(still(stat, la) for la in rest) \
-            else []
-    else:
-        flat = [f"{s} in layer {layer}" for s in _USES[claim][stat] if still(s, layer)]
-    if flat:
-        return (f"constant over the window (zero fluctuation at every neuron): "
-                f"{', '.join(flat)}; a log ratio of fluctuations is undefined there")
-    sel = layers.index[layers.names.index(layer)]
-    same = all(np.array_equal(series[f"bn_{x}"][:, sel], series[f"en_{x}"][:, sel],
-                              equal_nan=True) for x in ("mean", "std"))
-    if same and claim in ("a", "b"):
-        return ("BN and EN statistics are identical in this layer (EN groups of one channel): "
-                "there is nothing to compare")
-    return note
-
-
-def _constant(values: np.ndarray) -> bool:
-    """Whether every neuron's series (step, neuron) with data takes a single value."""
-    ok = np.isfinite(values)
-    if not ok.any():
-        return False
-    with quiet():
-        return bool(np.all(~ok.any(0) | (np.nanmax(values, 0) == np.nanmin(values, 0))))
-
-
-def _compared_with(values: np.ndarray, layers: Layers, steps: int) -> str:
-    """Claim (d)'s caveat: which other layers the first one was compared with, naming those
-    left out for want of data in the window (a fluctuation needs 2 steps)."""
-    valid = {la: int(np.isfinite(values[:, i]).any(axis=1).sum())
-             for la, i in zip(layers.names, layers.index)}
-    others = layers.names[1:]
-    out = [la for la in others if valid[la] < 2]
-    if not out:
-        return ""
-    used = [la for la in others if valid[la] >= 2]
-    said = ", ".join(f"{la} has values in {valid[la]} of the window's {steps} steps"
-                     for la in out)
-    if not used:
-        return f"no other layer to compare with: {said} (a fluctuation needs 2)"
-    return f"compared with {', '.join(used)} only: {said} (a fluctuation needs 2)"
-
-
-def _ran(ran: int, steps: int) -> str:
-    """A caveat for a layer that ran in ``ran`` of the window's ``steps`` (layer drop, a branch
-    that skips): the interval rests on fewer steps than the window has."""
-    if ran < MIN_EFFECTIVE:
-        return f"not evaluable: the layer ran in {ran} of the window's {steps} steps"
-    return f"the layer ran in {ran} of the window's {steps} steps" if ran < steps else ""
 
 
 def _judge(rows: list[ClaimRow], adjust: str, confidence: float) -> list[ClaimRow]:

@@ -30,9 +30,10 @@ class Interval:
         lower, upper: (K,) interval bounds (NaN when no interval; see ``notes``).
         se: (K,) corrected bootstrap standard error (of log θ when ``log``).
         df: (K,) degrees of freedom of the t quantile, ⌊T/b⌋ − 1.
-        p_value: (K,) two-sided p-value for θ = 0 (NaN when ``log``).
+        p_value: (K,) two-sided p-value for θ = 0 (for log θ = 0, i.e. θ = 1, when ``log``).
         block: (K,) block length in steps (0 = too short).
-        n_eff: (K,) effective sample size T/τ of the effect.
+        n_eff: (K,) effective sample size of the effect: its steps with data over its
+            autocorrelation time τ (T/τ when it has data at every step).
         notes: K strings, empty or saying why there is no interval.
         confidence: the level.
     """
@@ -128,7 +129,7 @@ def contrast(parts, weights, confidence: float = 0.95, *, log: bool = False) -> 
     with quiet():
         block = np.max([r.block for r in parts], axis=0)
         block = np.where(np.min([r.block for r in parts], axis=0) == 0, 0, block)
-        n_eff = np.min([r.n_steps / r.tau for r in parts], axis=0)
+        n_eff = np.min([r.n_eff for r in parts], axis=0)
     return Interval(est, lo, hi, se_out, df_out, p_out, block, n_eff, tuple(notes), confidence)
 
 
@@ -141,7 +142,7 @@ def _piece(res: Resampled, k: int, log: bool):
     if log:
         finite = finite[finite > 0]
     if b == 0:
-        return _too_short(t, res.tau[k])
+        return _too_short(t, t if res.n_valid is None else int(res.n_valid[k]), res.tau[k])
     if not np.isfinite(est) or (log and est <= 0):
         return "not evaluable: the statistic is undefined on the window"
     if finite.size < max(10, reps.size // 2):
@@ -155,11 +156,14 @@ def _piece(res: Resampled, k: int, log: bool):
     return y, y - (float(np.mean(yr)) - y) - level, se, float(t // b - 1)
 
 
-def _too_short(t: int, tau: float) -> str:
+def _too_short(t: int, valid: int, tau: float) -> str:
+    """Why there is no interval: ``valid`` of the window's ``t`` steps with data, autocorrelation
+    time ``tau``."""
     if not np.isfinite(tau):
         return f"too short: {t} steps cannot carry a block-bootstrap interval"
-    return (f"too short for its autocorrelation: {t} steps with an autocorrelation time of "
-            f"≈{tau:.1f} steps are an effective sample of ≈{t / tau:.0f} (an interval needs "
+    steps = f"{valid} steps" if valid >= t else f"{valid} steps with data (of the window's {t}),"
+    return (f"too short for its autocorrelation: {steps} with an autocorrelation time of "
+            f"≈{tau:.1f} steps are an effective sample of ≈{valid / tau:.0f} (an interval needs "
             f"{MIN_EFFECTIVE}); a longer window would do")
 
 

@@ -15,11 +15,11 @@ from statscope.errors import StatscopeError
 
 from ._data import Layers
 from ._names import NOTES
-from .claims import CLAIMS, Claims, PooledClaims, PooledRow, claims, run_configs
+from .claims import CLAIMS, Claims, PooledClaims, PooledRow, claims
 from .multiplicity import ADJUSTMENTS
 from .resampling import BLOCK_FACTOR, MIN_EFFECTIVE, check_settings
 from .scaling import batch_size_scaling
-from .seeds import MODEL_KEYS
+from .seeds import MODEL_KEYS, layer_set, run_configs
 from ._compute import run_tasks
 from .tables import (COLUMNS, fluctuation_table, pooled_fluctuation_table, rank_gap_table,
                      summary_matrix, summary_tally, VERDICTS)
@@ -121,8 +121,6 @@ def build_report(runs, window=200, *, source: str = "", n_boot: int = 1000, seed
     cl = claims(windows, "all", confidence=confidence, n_boot=n_boot, seed=seed, adjust=adjust,
                 scheduler=scheduler)
     table = fluctuation_table(windows, "all", scheduler=scheduler)
-    # the claims' configurations, which tell runs of different layers apart, pool the table too
-    table["config"] = table["run"].map(dict(zip(windows, labels)))
     ranked_runs = {name: ds for name, ds, _ in whole if S.RANK in ds.dims}
     gaps = rank_gap_table(ranked_runs, window, scheduler=scheduler)
     return Report(source, parts[0].data.attrs["window"], confidence, n_boot, adjust, entries,
@@ -163,7 +161,7 @@ def _scaling(parts, windows, n_boot, seed, confidence, scheduler=None
              ) -> tuple[ScalingGroup, ...]:
     groups: dict[tuple, list] = {}
     for p in parts:
-        key = (Layers.of(p.data).names, *(repr(p.meta.get(k)) for k in MODEL_KEYS))
+        key = (layer_set(p.data), *(repr(p.meta.get(k)) for k in MODEL_KEYS))
         groups.setdefault(key, []).append(p)
     out: list = []
     calls = []

@@ -20,7 +20,8 @@ series — measured on AR(1) series (``tests/analyses/test_coverage.py``, docs/a
    low by (1 − b/T) from centring and by join/b at the joins); a Student t quantile with
    ⌊T/b⌋ − 1 degrees of freedom (the variance comes from about ⌊T/b⌋ independent blocks). The
    two-sided p-value for θ = 0 comes from the same t.
-4. **Too short → no interval.** Where the effective sample, T over the longest
+4. **Too short → no interval.** Where the effective sample, the effect's steps with data
+   (T, less the steps where its layers did not run or have no finite value) over the longest
    autocorrelation time involved, is below :data:`MIN_EFFECTIVE`, the interval is NaN and the
    note says why.
 
@@ -89,6 +90,8 @@ class Resampled:
         bias: (K,) the bias of the estimate that blocks of ``block`` steps cannot reproduce
             (from the autocorrelation of the levels whose std the effect uses; see
             :func:`resample`), subtracted from the interval's centre.
+        n_valid: (K,) the window's steps with data for each effect (a layer that ran in only
+            some steps has fewer than T); the effective sample is ``n_valid / tau``. None: T.
     """
 
     estimate: np.ndarray
@@ -98,6 +101,17 @@ class Resampled:
     join: np.ndarray
     n_steps: int
     bias: np.ndarray | None = None
+    n_valid: np.ndarray | None = None
+
+    @property
+    def n_eff(self) -> np.ndarray:
+        """(K,) effective sample of each effect: its steps with data over its autocorrelation
+        time (a layer's missing steps add no information, and the autocorrelation time of a
+        series with gaps is that of its steps with data)."""
+        valid = np.full(self.tau.shape, float(self.n_steps)) if self.n_valid is None \
+            else np.asarray(self.n_valid, float)
+        with quiet():
+            return valid / self.tau
 
 
 def snap_block(b: float) -> int:
@@ -259,6 +273,37 @@ def _levels(data: _Data, statistic: Statistic, est: np.ndarray, groups: np.ndarr
                                       *(float(np.nanmedian(v[cols]))
                                         for v in (lev.tau, lev.block, lev.join))))
     return out
+
+
+def _support(data: _Data, statistic: Statistic, est: np.ndarray, groups: np.ndarray
+             ) -> np.ndarray:
+    """(K,) the steps with data of each effect: those at which some column of a (series,
+    group) whose mean or std moves the effect when nudged has a valid value; T for an effect
+    that no nudge moves (a constant or undefined one)."""
+    base = data.moments(*data.totals())
+    mean = {k: np.asarray(base.mean[k]) for k in data.names}
+    std = {k: np.asarray(base.std[k]) for k in data.names}
+    used = np.zeros((data.t, est.size), bool)
+    found = np.zeros(est.size, bool)
+    for i, name in enumerate(data.names):
+        with quiet():
+            scale = np.abs(mean[name]) + np.where(np.isfinite(std[name]), std[name], 0.0)
+        delta = 1e-4 * np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+        for g in np.unique(groups):
+            cols = np.flatnonzero(groups == g)
+            moved = np.zeros(est.size, bool)
+            for which, values in (("mean", mean), ("std", std)):
+                nudged = dict(values)
+                nudged[name] = values[name].copy()
+                nudged[name][cols] += delta[cols]
+                probe_m = Moments(nudged, std) if which == "mean" else Moments(mean, nudged)
+                with quiet():
+                    probe = np.asarray(statistic(probe_m), np.float64).ravel()
+                moved |= ~np.isclose(probe, est, rtol=1e-9, atol=1e-12, equal_nan=True)
+            if moved.any():
+                used[:, moved] |= np.asarray(data.ok[:, i, cols].any(axis=1))[:, None]
+                found |= moved
+    return np.where(found, used.sum(axis=0), data.t)
 
 
 def _level_bias(levels, blocks: np.ndarray, t: int) -> np.ndarray:
@@ -431,10 +476,12 @@ def resample(series: Mapping[str, np.ndarray], statistic, *, n_boot: int = 1000,
         raise StatscopeError(f"groups: expected one group per neuron ({data.n}), got shape "
                              f"{groups.shape}")
     levels = []
+    n_valid = np.full(k_out, t)
     if t >= 8:
         infl = block_length(_influence(data, statistic, est))
         tau, join, auto = infl.tau, infl.join, infl.block
         levels = _levels(data, statistic, est, groups)
+        n_valid = _support(data, statistic, est, groups)
         for lev in levels:
             uses = lev.sensitivity != 0
             tau = np.where(uses, np.fmax(tau, lev.tau), tau)
@@ -449,8 +496,8 @@ def resample(series: Mapping[str, np.ndarray], statistic, *, n_boot: int = 1000,
         longest = longest if longest <= t // MIN_BLOCKS else snap_down(t // MIN_BLOCKS)
         blocks = np.array([min(snap_block(BLOCK_FACTOR * v), longest) if np.isfinite(v) else 0
                            for v in auto])
-        with quiet():
-            blocks = np.where(t / tau >= MIN_EFFECTIVE, blocks, 0)
+        with quiet():  # the effective sample counts the steps with data (a layer's gaps)
+            blocks = np.where(n_valid / tau >= MIN_EFFECTIVE, blocks, 0)
     reps = np.full((n_boot, k_out), np.nan)
     edges = np.cumsum([0, *sizes])
     for b in np.unique(blocks[blocks > 0]):
@@ -460,4 +507,4 @@ def resample(series: Mapping[str, np.ndarray], statistic, *, n_boot: int = 1000,
                 part = _replicates(data, f, int(b), hi - lo, n_boot, seed)
                 reps[:, lo:hi][:, use] = part[:, use]
     return Resampled(est, reps, blocks.astype(int), np.asarray(tau, float),
-                     np.asarray(join, float), t, _level_bias(levels, blocks, t))
+                     np.asarray(join, float), t, _level_bias(levels, blocks, t), n_valid)

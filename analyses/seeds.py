@@ -14,11 +14,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from statscope import schema as S
+from statscope.errors import StatscopeError
 
-from ._data import t_quantile, t_two_sided
+from ._data import Layers, t_quantile, t_two_sided
 from .resampling import check_settings
 
-__all__ = ["config_labels", "config_meta", "between_seeds", "SEED_FREE_KEYS", "MODEL_KEYS"]
+__all__ = ["config_labels", "config_meta", "run_configs", "layer_set", "between_seeds",
+           "SEED_FREE_KEYS", "MODEL_KEYS"]
 
 # what the built-in experiments (statscope run) and the integrations store beside the seed
 _TRAINING_KEYS = ("experiment", "model_type", "momentum", "weight_decay", "en_groups",
@@ -69,10 +71,20 @@ def config_meta(attrs: Mapping) -> dict:
     return meta
 
 
-def config_labels(metas: Sequence[Mapping]) -> list[str]:
+def config_labels(metas: Sequence[Mapping],
+                  layers: Sequence[Sequence[str]] | None = None) -> list[str]:
     """One label per run naming its configuration, without the seed: the batch size (when
     known) and each other setting that splits the runs further (a learning rate scaled with the
-    batch size does not).
+    batch size does not); then, where runs that share a label probe different layers, their
+    layers (runs of two models are not seeds of one configuration, whatever their settings say).
+
+    Args:
+        metas: each run's settings (:func:`config_meta`).
+        layers: each run's probed layers (:func:`layer_set`), or None to label by the settings
+            alone.
+
+    Returns:
+        One label per run, e.g. "batch size 4" or "batch size 8 · layers fc1, fc2".
 
     Example:
         >>> config_labels([{"batch_size": 4, "lr": 0.1, "seed": 0},
@@ -84,7 +96,13 @@ def config_labels(metas: Sequence[Mapping]) -> list[str]:
         >>> config_labels([{"batch_size": 8, "rank": 0}, {"batch_size": 16, "rank": "global"},
         ...                {"batch_size": 16}])
         ['batch size 8 · rank 0', 'batch size 16 · rank global', 'batch size 16']
+        >>> config_labels([{"batch_size": 8}, {"batch_size": 8}, {"batch_size": 16}],
+        ...               [("fc1", "fc2"), ("conv", "fc1", "fc2"), ("fc1",)])
+        ['batch size 8 · layers fc1, fc2', 'batch size 8 · layers conv, fc1, fc2', 'batch size 16']
     """
+    if layers is not None and len(layers) != len(metas):
+        raise StatscopeError(f"layers: expected one layer set per run ({len(metas)}), got "
+                             f"{len(layers)}")
     keys: list[str] = []
     for k in SEED_FREE_KEYS:
         if k in (S.META_BATCH_SIZE, S.ATTR_RANK) and any(m.get(k) is not None for m in metas):
@@ -99,7 +117,61 @@ def config_labels(metas: Sequence[Mapping]) -> list[str]:
         parts = [(f"{_NAMES[k]} {_text(m.get(k))}" if _NAMES[k] else _text(m.get(k))).strip()
                  for k in keys if not (k == S.ATTR_RANK and m.get(k) is None)]
         out.append(" · ".join(parts) or "all runs")
+    return out if layers is None else _by_layers(out, [tuple(map(str, n)) for n in layers])
+
+
+def _by_layers(labels: list[str], layers: list[tuple[str, ...]]) -> list[str]:
+    """``labels`` with the layers appended where runs sharing a label probe different ones."""
+    per_label: dict[str, set] = {}
+    for label, names in zip(labels, layers):
+        per_label.setdefault(label, set()).add(names)
+    out = []
+    for label, names in zip(labels, layers):
+        sets = per_label[label]
+        if len(sets) < 2:
+            out.append(label)
+            continue
+        short = {_layers_text(n) for n in sets}  # the short form, unless it would merge two
+        out.append(f"{label} · layers "
+                   f"{_layers_text(names) if len(short) == len(sets) else ', '.join(names)}")
     return out
+
+
+def _layers_text(names) -> str:
+    if len(names) <= 4:
+        return ", ".join(names)
+    return f"{names[0]} … {names[-1]} ({len(names)})"
+
+
+def layer_set(ds) -> tuple[str, ...]:
+    """The layers a run probes, which tell its model apart: those of its probe records
+    (``attrs["probes"]``, so that a run narrowed to some layers is still known by all of
+    them), else those of its ``layer`` coordinate, in store order.
+
+    Example:
+        >>> from statscope.analyses._demo import demo_run
+        >>> layer_set(demo_run())
+        ('fc1', 'fc2')
+    """
+    probes = ds.attrs.get(S.ATTR_PROBES) or []
+    names = [str(p["name"]) for p in probes if isinstance(p, Mapping) and "name" in p]
+    return tuple(dict.fromkeys(names)) if names else Layers.of(ds).names
+
+
+def run_configs(windows) -> list[str]:
+    """The configuration label of each run's window (:func:`config_labels` of their settings
+    and layer sets): the one labelling that the claims, the tables, the report and
+    ``statscope analyze`` share.
+
+    Args:
+        windows: RunWindows (name, data, meta), e.g. from
+            :func:`statscope.analyses.run_windows`.
+
+    Returns:
+        One label per window.
+    """
+    windows = list(windows)
+    return config_labels([w.meta for w in windows], [layer_set(w.data) for w in windows])
 
 
 def _text(v) -> str:

@@ -14,17 +14,18 @@ from ._data import FLUCT_STATS, layer_order, ranked, run_name, size_notes
 from ._names import NOTES, QUANTITY, STATISTIC
 from .baseline import excess_fluctuation
 from .fluctuation import fluctuation
-from .seeds import between_seeds, config_labels, config_meta
+from .seeds import between_seeds, config_labels, config_meta, layer_set, run_configs
 from .summary import layer_summary
-from .window import RunWindow, run_windows
+from .window import RunWindow, run_windows, split_runs
 from .resampling import check_settings
 
 __all__ = ["fluctuation_table", "pooled_fluctuation_table", "rank_gap_table", "select_layers",
-           "COLUMNS", "summary_matrix", "summary_tally", "VERDICTS"]
+           "entry_configs", "COLUMNS", "summary_matrix", "summary_tally", "VERDICTS"]
 
 COLUMNS = {
     "run": "the run (its folder name, or its path where names repeat)",
-    "config": "the run's configuration without its seed: runs with the same config are seeds",
+    "config": "the run's configuration without its seed: runs with the same config are seeds "
+              "(runs of different models, told apart by their layers, never share one)",
     "batch_size": "the run's batch size",
     "layer": "the probed layer (the input of its norm)",
     "statistic": "which per-step statistic: bn_mean/bn_std (per neuron, over the batch) or "
@@ -51,7 +52,8 @@ COLUMNS = {
     "seeds": "how the seeds' own verdicts went",
     "block": "bootstrap block length in steps, chosen from the effect's autocorrelation "
              "(0: the window is too short for an interval)",
-    "n_eff": "effective sample size: window steps / autocorrelation time of the effect",
+    "n_eff": "effective sample size: the window's steps with data for the effect / its "
+             "autocorrelation time",
     "note": "why a row is inconclusive, or a caveat",
     "slope": "least-squares slope of log(layer-median scale-free fluctuation) on log(batch "
              "size); sampling theory predicts −0.5 for BN statistics",
@@ -87,8 +89,31 @@ def select_layers(ds: xr.Dataset, layers) -> xr.Dataset:
     return ds.isel({S.NEURON: np.isin(ds[S.LAYER].values, list(layers))})
 
 
+def entry_configs(runs) -> dict[str, str]:
+    """The configuration label of every entry of ``runs`` (:func:`statscope.analyses.seeds.
+    config_labels` of their settings and layer sets), by entry name: for a table made of
+    several calls (``statscope analyze`` tables one run at a time), whose runs must be
+    labelled among all of them.
+
+    Args:
+        runs: see :func:`statscope.analyses.window.split_runs`; a distributed run gives its
+            ranks and global entry (``NAME/rank0``, ``NAME/global``).
+
+    Returns:
+        entry name -> label.
+
+    Example:
+        >>> from statscope.analyses._demo import demo_run
+        >>> entry_configs({"a": demo_run(), "b": demo_run(layers=(("fc1", 4),))})
+        {'a': 'batch size 16 · layers fc1, fc2', 'b': 'batch size 16 · layers fc1'}
+    """
+    entries = split_runs(runs)
+    labels = config_labels([m for _, _, m in entries], [layer_set(d) for _, d, _ in entries])
+    return {name: label for (name, _, _), label in zip(entries, labels)}
+
+
 def fluctuation_table(ds, window=200, *, scale_free: bool = False, detrend: bool = False,
-                      name: str | None = None, windows=None, scheduler=None):
+                      name: str | None = None, windows=None, scheduler=None, configs=None):
     """The Figure-6 table: one row per (run, layer, statistic).
 
     Args:
@@ -102,6 +127,9 @@ def fluctuation_table(ds, window=200, *, scale_free: bool = False, detrend: bool
             :func:`statscope.analyses.fluctuation`); ``ds`` must be that run.
         scheduler: None to compute here; a dask scheduler (a ``distributed.Client``) to
             compute each run as a task on it (same numbers).
+        configs: the configuration label of each row's run by its name in the table (from
+            :func:`entry_configs` over every run the table is part of); default: the runs of
+            ``ds`` labelled among themselves (:func:`statscope.analyses.seeds.run_configs`).
 
     Returns:
         pandas.DataFrame with columns run, config, batch_size, layer, statistic, median, q25,
@@ -127,12 +155,17 @@ def fluctuation_table(ds, window=200, *, scale_free: bool = False, detrend: bool
     else:
         parts = run_windows(ds, window, load=scheduler is None)
     base = run_name(ds) if single else ""
-    configs = config_labels([w.meta for w in parts])
+    labels = run_configs(parts)
     calls = []
-    for w, config in zip(parts, configs):
+    for w, config in zip(parts, labels):
         run = w.name
         if single and name:  # a distributed run's entries keep their /rank{r}, /global suffix
             run = name + w.name[len(base):] if w.name.startswith(base) else name
+        if configs is not None:
+            if run not in configs:
+                raise StatscopeError(f"configs: no label for run {run!r}; labelled: "
+                                     f"{', '.join(map(str, configs)) or 'none'}")
+            config = configs[run]
         bs = w.meta.get(S.META_BATCH_SIZE)
         calls.append((_table_rows, (w.data, run, config, bs, window if windows is not None
                                     else "all", scale_free, detrend, windows)))

@@ -426,7 +426,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     gap of each distributed run."""
     import pandas as pd
 
-    from statscope.analyses.tables import fluctuation_table, rank_gap_table, select_layers
+    from statscope.analyses.tables import (entry_configs, fluctuation_table, rank_gap_table,
+                                           select_layers)
 
     window = parse_window(args.window)
     if args.source == "windows" and args.detrend:
@@ -440,17 +441,22 @@ def run_analyze(args: argparse.Namespace) -> int:
         if args.output:
             check_output(args.output, runs)
 
-        def one_table(r):
+        def one_table(r, configs):
             summaries = _summaries(r, window, args)
             if summaries is not None:
                 return fluctuation_table(r.run, window, scale_free=args.scale_free, name=r.name,
-                                         windows=select_layers(summaries, args.layers))
+                                         windows=select_layers(summaries, args.layers),
+                                         configs=configs)
             return fluctuation_table(r.window, "all", scale_free=args.scale_free,
-                                     detrend=args.detrend, name=r.name, scheduler=scheduler)
+                                     detrend=args.detrend, name=r.name, scheduler=scheduler,
+                                     configs=configs)
 
         def work(runs):
             frames, notes, gaps = [], [], []
-            runs = _tabled(runs, one_table, frames, scheduler)
+            # each run is tabled on its own, but labelled among all of them: runs that differ
+            # in a setting, or are of different models, are not seeds of one configuration
+            configs = entry_configs({r.name: r.window for r in runs})
+            runs = _tabled(runs, lambda r: one_table(r, configs), frames, scheduler)
             for r, df in zip(runs, frames):
                 notes += [n if n.startswith(f"{r.name}/") else f"{r.name}: {n}"
                           for n in df.attrs.get("notes", [])]
