@@ -33,7 +33,7 @@ Percentile intervals with b = ⌈T^(1/3)⌉ covered the std of AR(1) series of 2
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -42,6 +42,8 @@ import numpy as np
 from statscope.errors import StatscopeError
 
 from ._data import quiet
+from ._moments import _BATCH_BYTES, Moments, Statistic, _Data, _Lazy, moments
+from ._sensitivity import _influence, _level_bias, _levels, _support
 from .blocklength import block_length
 
 __all__ = ["Moments", "Resampled", "moments", "resample", "snap_block", "snap_down",
@@ -57,24 +59,6 @@ MAX_N_BOOT = 100_000
 """The most replicates :func:`resample` accepts (memory grows with n_boot × effects)."""
 _MAX_BYTES = 1 << 30
 """Block sums larger than this (steps × series × neurons) are refused: choose a shorter window."""
-_BATCH_BYTES = 32 << 20
-
-Statistic = Callable[["Moments"], np.ndarray]
-"""``statistic(moments) -> (..., K)``: K effects from means and stds of shape (..., N)."""
-
-
-@dataclass(frozen=True)
-class Moments:
-    """Per-series mean and standard deviation (ddof=1) over steps, NaN steps skipped.
-
-    Attributes:
-        mean, std: series name -> array (..., N); the leading axes are replicates (or
-            jackknife deletions) and absent for the data themselves.
-    """
-
-    mean: Mapping[str, np.ndarray]
-    std: Mapping[str, np.ndarray]
-
 
 @dataclass(frozen=True)
 class Resampled:
@@ -139,195 +123,6 @@ def snap_down(b: float) -> int:
     while snap_block(out + 1) <= b:
         out = snap_block(out + 1)
     return out
-
-
-class _Lazy(Mapping):
-    """A read-only mapping that computes each value on first access."""
-
-    def __init__(self, keys, compute):
-        self._keys = list(keys)
-        self._compute = compute
-        self._done: dict = {}
-
-    def __getitem__(self, key):
-        if key not in self._done:
-            if key not in self._keys:
-                raise KeyError(key)
-            self._done[key] = self._compute(key)
-        return self._done[key]
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
-
-
-class _Data:
-    """Series centred per column, with their NaN mask, stacked column-wise for the engine."""
-
-    def __init__(self, series: Mapping[str, np.ndarray]):
-        if not series:
-            raise StatscopeError("series={}: expected at least one series")
-        arrays = {k: np.asarray(v, dtype=np.float64) for k, v in series.items()}
-        shapes = {v.shape for v in arrays.values()}
-        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-            raise StatscopeError(f"series: expected (T, N) arrays of one shape, got "
-                                 f"{sorted(shapes)}")
-        self.names = list(arrays)
-        self.t, self.n = next(iter(shapes))
-        x = np.stack([arrays[k] for k in self.names], axis=1)  # (T, S, N)
-        self.ok = np.isfinite(x)
-        with quiet():
-            self.center = np.nanmean(x, axis=0)  # (S, N)
-        c = np.where(np.isfinite(self.center), self.center, 0.0)
-        self.d = np.where(self.ok, x - c, 0.0)
-        self.okf = self.ok.astype(np.float64)
-
-    def moments(self, a0, a1, a2) -> Moments:
-        """Moments from sums of valid count, d and d² of shape (..., S, N), each series computed
-        when the statistic first reads it."""
-        index = {k: i for i, k in enumerate(self.names)}
-
-        def mean(name):
-            i = index[name]
-            with quiet():
-                return np.where(a0[..., i, :] > 0, a1[..., i, :] / a0[..., i, :]
-                                + self.center[i], np.nan)
-
-        def std(name):
-            i = index[name]
-            n = a0[..., i, :]
-            with quiet():
-                m = a1[..., i, :] / n
-                var = np.maximum(a2[..., i, :] - n * m * m, 0.0) / (n - 1.0)
-                return np.where(n > 1, np.sqrt(var), np.nan)
-
-        return Moments(_Lazy(self.names, mean), _Lazy(self.names, std))
-
-    def totals(self):
-        return self.okf.sum(0), self.d.sum(0), (self.d * self.d).sum(0)
-
-
-def moments(series: Mapping[str, np.ndarray]) -> Moments:
-    """Mean and std (ddof=1) over axis 0 of each (T, N) series, NaN steps skipped.
-
-    Example:
-        >>> x = np.array([[1.0], [2.0], [np.nan], [6.0]])
-        >>> m = moments({"x": x})
-        >>> float(m.mean["x"][0]), float(m.std["x"][0])
-        (3.0, 2.6457513110645907)
-    """
-    data = _Data(series)
-    return data.moments(*data.totals())
-
-
-def _influence(data: _Data, statistic: Statistic, est: np.ndarray) -> np.ndarray:
-    """Delete-one-step jackknife values of the statistic: (T, K), NaN replaced by the estimate."""
-    a0, a1, a2 = data.totals()
-    per = max(1, _BATCH_BYTES // max(1, 8 * 3 * data.d[0].size))
-    out = np.empty((data.t, est.size))
-    for lo in range(0, data.t, per):
-        sl = slice(lo, lo + per)
-        ok, d = data.okf[sl], data.d[sl]
-        vals = statistic(data.moments(a0 - ok, a1 - d, a2 - d * d))
-        out[sl] = np.asarray(vals, dtype=np.float64).reshape(-1, est.size)
-    return np.where(np.isfinite(out), out, np.where(np.isfinite(est), est, 0.0))
-
-
-@dataclass(frozen=True)
-class _Level:
-    """A (series, neuron group) whose std some effects read: d effect / d log std per effect,
-    the level columns, and their autocorrelation time, Politis–White block and join ratio
-    (medians over the group's neurons)."""
-
-    sensitivity: np.ndarray
-    columns: np.ndarray
-    tau: float
-    block: float
-    join: float
-
-
-def _levels(data: _Data, statistic: Statistic, est: np.ndarray, groups: np.ndarray):
-    """The (series, group) levels each effect's std-based terms depend on (see :func:`resample`)."""
-    base = data.moments(*data.totals())
-    x = np.where(data.ok, data.d, np.nan)
-    eps = 1e-6
-    out = []
-    for i, name in enumerate(data.names):
-        with quiet():
-            lev = block_length(x[:, i])
-        for g in np.unique(groups):
-            cols = np.flatnonzero(groups == g)
-            probe_std = dict(base.std)
-            probe_std[name] = base.std[name].copy()
-            probe_std[name][cols] *= 1.0 + eps
-            with quiet():
-                probe = np.asarray(statistic(Moments(base.mean, probe_std)), np.float64).ravel()
-                sens = (probe - est) / math.log1p(eps)
-            sens = np.where(np.isfinite(sens) & (np.abs(sens) > 1e-6 * (1 + np.abs(est))), sens,
-                            0.0)
-            if sens.any():
-                with quiet():
-                    out.append(_Level(sens, x[:, i, cols],
-                                      *(float(np.nanmedian(v[cols]))
-                                        for v in (lev.tau, lev.block, lev.join))))
-    return out
-
-
-def _support(data: _Data, statistic: Statistic, est: np.ndarray, groups: np.ndarray
-             ) -> np.ndarray:
-    """(K,) the steps with data of each effect: those at which some column of a (series,
-    group) whose mean or std moves the effect when nudged has a valid value; T for an effect
-    that no nudge moves (a constant or undefined one)."""
-    base = data.moments(*data.totals())
-    mean = {k: np.asarray(base.mean[k]) for k in data.names}
-    std = {k: np.asarray(base.std[k]) for k in data.names}
-    used = np.zeros((data.t, est.size), bool)
-    found = np.zeros(est.size, bool)
-    for i, name in enumerate(data.names):
-        with quiet():
-            scale = np.abs(mean[name]) + np.where(np.isfinite(std[name]), std[name], 0.0)
-        delta = 1e-4 * np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
-        for g in np.unique(groups):
-            cols = np.flatnonzero(groups == g)
-            moved = np.zeros(est.size, bool)
-            for which, values in (("mean", mean), ("std", std)):
-                nudged = dict(values)
-                nudged[name] = values[name].copy()
-                nudged[name][cols] += delta[cols]
-                probe_m = Moments(nudged, std) if which == "mean" else Moments(mean, nudged)
-                with quiet():
-                    probe = np.asarray(statistic(probe_m), np.float64).ravel()
-                moved |= ~np.isclose(probe, est, rtol=1e-9, atol=1e-12, equal_nan=True)
-            if moved.any():
-                used[:, moved] |= np.asarray(data.ok[:, i, cols].any(axis=1))[:, None]
-                found |= moved
-    return np.where(found, used.sum(axis=0), data.t)
-
-
-def _level_bias(levels, blocks: np.ndarray, t: int) -> np.ndarray:
-    """Per effect, the bias from the levels' autocorrelation that blocks of b do not reproduce.
-
-    A std over T steps is centred on the window mean, so E s² = σ² (T − τ)/(T − 1) for a level
-    of autocorrelation time τ; the bootstrap with blocks of b reproduces only the part τ_b
-    (:func:`~statscope.analyses.blocklength.captured_tau`), leaving ½ log((T − τ)/(T − τ_b)) in
-    log std, which enters each effect through d effect / d log std.
-    """
-    from .blocklength import captured_tau
-
-    bias = np.zeros(blocks.size)
-    for b in np.unique(blocks[blocks > 0]):
-        use = blocks == b
-        for lev in levels:
-            if not np.any(lev.sensitivity[use]):
-                continue
-            with quiet():
-                tau_b = float(np.nanmedian(captured_tau(lev.columns, int(b))))
-            missing = 0.5 * math.log((t - min(lev.tau, t / 2)) / (t - min(tau_b, t / 2))) \
-                if lev.tau > tau_b else 0.0
-            bias[use] += lev.sensitivity[use] * missing
-    return bias
 
 
 def _block_sums(a: np.ndarray, b: int) -> np.ndarray:
