@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 
 from statscope import schema as S
 from statscope.errors import StoreDamagedError, StoreError
-from statscope.storage import filesystem, is_url, local_path, zarr_store
+from statscope.storage import (client_error, filesystem, is_unusable, is_url, local_path,
+                               unusable, zarr_store)
 
 __all__ = ["read_attrs", "rank_paths", "rank_stores", "RankStores", "is_run", "find_runs",
            "scan_runs", "open_checked", "is_single_run"]
@@ -36,8 +37,8 @@ def read_attrs(path: str | os.PathLike) -> dict:
     """
     try:
         return open_checked(path)[1]
-    except StoreError:
-        if not rank_paths(path):
+    except StoreError as exc:
+        if is_unusable(exc) or not rank_paths(path):
             raise
     stores = rank_stores(path)
     per = stores.attrs
@@ -160,6 +161,9 @@ def open_checked(path: str | os.PathLike):
         raise StoreError(f"path={path!r}: a zarr array (one of a run's arrays?), not a "
                          f"statscope run") from None
     except Exception as exc:  # zarr raises several types for a non-store or damaged JSON
+        if is_url(path) and client_error(exc) and not isinstance(exc, FileNotFoundError):
+            # an endpoint, credentials: not the run (zarr's "no group" is a FileNotFoundError)
+            raise unusable(path, exc) from exc
         kind = StoreDamagedError if not is_url(path) else StoreError
         raise kind(f"path={path!r}: not a readable statscope run (its root zarr.json: "
                    f"{type(exc).__name__}: {exc})") from None
@@ -205,8 +209,12 @@ def rank_paths(path: str | os.PathLike) -> list[str]:
             if not base.is_dir() or (base / "zarr.json").exists():
                 return []
             names = [c.name for c in base.iterdir() if c.is_dir()]
-    except (OSError, ValueError):
-        return []
+    except Exception as exc:  # noqa: BLE001 - an object store's client raises its own types
+        if is_url(path) and client_error(exc) and not isinstance(exc, FileNotFoundError):
+            raise unusable(path, exc) from exc
+        if isinstance(exc, (OSError, ValueError)):
+            return []
+        raise
     ranks = sorted(int(n[4:]) for n in names if n.startswith("rank") and n[4:].isdigit())
     found = [f"{path}/rank{r}" for r in ranks]
     return found if found and all(is_single_run(f) for f in found) else []
@@ -217,7 +225,9 @@ def is_single_run(path: str) -> bool:
     reads."""
     try:
         open_checked(path)
-    except StoreError:
+    except StoreError as exc:
+        if is_unusable(exc):
+            raise
         return False
     return True
 
@@ -277,6 +287,10 @@ def _scan_url(root: str) -> list[tuple[str, str | None]]:
         entries = fs.ls(base, detail=True)
     except FileNotFoundError:
         raise StoreError(f"path={root!r}: no such folder or run") from None
+    except Exception as exc:  # noqa: BLE001 - an object store's client raises its own types
+        if client_error(exc):
+            raise unusable(root, exc) from exc
+        raise
     out: list[tuple[str, str | None]] = []
     for entry in sorted(entries, key=lambda e: e["name"]):
         if entry.get("type") != "directory":

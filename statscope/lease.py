@@ -110,12 +110,15 @@ def lease_path(path: str) -> str:
     path is resolved first, so that a run reached through a symlink (or ``..``) has the one
     lease of the folder it names: two writers by two names would otherwise both get in."""
     if _is_url(path):
-        run = path.rstrip("/")
-        scheme, rest = run.split("://", 1)
-        if scheme.lower() in _BUCKETED and "/" not in rest.strip("/"):
+        scheme, _, rest = path.partition("://")
+        rest = rest.rstrip("/")
+        if scheme.lower() in _BUCKETED and (rest.startswith("/") or "/" not in rest):
+            # rest.startswith("/"): no bucket at all (``s3:///run``)
+            bucket = rest.strip("/").split("/")[0] if not rest.startswith("/") else ""
+            example = f"{scheme}://{bucket or 'bucket'}/run"
             raise StatscopeError(f"path={path!r}: a run needs a folder of its own below the "
-                                 f"bucket (its lease lives beside it), e.g. {run}/run")
-        return run + SUFFIX
+                                 f"bucket (its lease lives beside it), e.g. {example}")
+        return f"{scheme}://{rest}{SUFFIX}"
     return os.path.realpath(path.removeprefix("file://").rstrip("/") or "/") + SUFFIX
 
 
@@ -313,8 +316,10 @@ class Lease:
             stale, why = _stale(held)
             if not stale:
                 raise StoreLockedError(f"path={path!r}: another writer holds this run "
-                                       f"({held.describe()}, heartbeat {time.time() - held.heartbeat:.0f} s "
-                                       f"ago); {_what_to_do(held)}")
+                                       f"({held.describe()}, heartbeat "
+                                       f"{time.time() - held.heartbeat:.0f} s ago; stale, and "
+                                       f"taken over, once it is {held.ttl:.0f} s old); "
+                                       f"{_what_to_do(held)}")
             warnings.warn(f"statscope: path={path!r}: taking over a stale lease of "
                           f"{held.describe()} ({why})", StatscopeWarning, stacklevel=4)
         fs.pipe_file(key, holder.to_bytes())

@@ -20,7 +20,7 @@ from statscope.errors import StatscopeError, StoreError
 
 __all__ = ["is_url", "local_path", "zarr_store", "exists", "list_keys", "remove_tree",
            "remove_partials", "use_options", "filesystem", "store_errors", "client_error",
-           "first_line"]
+           "first_line", "unusable", "is_unusable"]
 
 _OPTIONS: dict[str, dict] = {}  # URL prefix -> fsspec storage options
 
@@ -57,10 +57,22 @@ def store_errors(path):
     except Exception as exc:  # noqa: BLE001 - sorted below by where it came from
         if not client_error(exc):
             raise
-        raise StoreError(f"path={path!r}: the object store cannot be used ({first_line(exc)}); "
-                         f"check storage_options (endpoint_url, key, secret, ...), "
-                         f"the credentials in the environment and that the bucket exists"
-                         ) from exc
+        raise unusable(path, exc) from exc
+
+
+def unusable(path: str, exc: BaseException) -> StoreError:
+    """The :class:`StoreError` for a client error ``exc`` met at the URL ``path``; raise it
+    ``from exc`` (:func:`is_unusable` tells it by that)."""
+    return StoreError(f"path={path!r}: the object store cannot be used ({first_line(exc)}); "
+                      f"check storage_options (endpoint_url, key, secret, ...), "
+                      f"the credentials in the environment and that the bucket exists")
+
+
+def is_unusable(exc: BaseException) -> bool:
+    """Whether ``exc`` is a StoreError saying that the object store could not be reached or
+    used (:func:`store_errors`), rather than what is, or is not, in it."""
+    return isinstance(exc, StoreError) and exc.__cause__ is not None \
+        and client_error(exc.__cause__)
 
 
 def first_line(exc: BaseException) -> str:
@@ -109,7 +121,45 @@ def _options(path: str) -> dict:
 
     best = max((p for p in _OPTIONS if path in (p, p + SUFFIX) or path.startswith(p + "/")),
                key=len, default=None)
-    return _OPTIONS[best] if best is not None else {}
+    return _bounded(path, _OPTIONS[best] if best is not None else {})
+
+
+S3_TIMEOUTS = {"connect_timeout": 5, "read_timeout": 15}
+"""Seconds s3fs's client waits to connect and for each answer (s3fs's own defaults, made
+explicit); ``storage_options={"config_kwargs": {...}}`` overrides them."""
+S3_ATTEMPTS = 3
+"""Tries of one request by botocore (its ``standard`` retry mode: backoff with jitter, on
+throttling, 5xx answers, timeouts and lost connections), unless ``AWS_MAX_ATTEMPTS``,
+``AWS_RETRY_MODE`` or ``config_kwargs={"retries": ...}`` say otherwise."""
+S3FS_RETRIES = 1
+"""Tries of those tries by s3fs (1: botocore's retries are enough)."""
+
+
+def _bounded(path: str, options: dict) -> dict:
+    """``options`` for an ``s3://`` URL with a bound on how long one request may wait.
+
+    Left alone, botocore tries a request 5 times and s3fs tries that 5 times, each try
+    waiting up to ``read_timeout``: an endpoint that accepts connections and never answers held
+    ``statscope info`` for more than 6 minutes. Bounded, one request gives up after about
+    ``S3FS_RETRIES * S3_ATTEMPTS * read_timeout`` seconds (45 s), see :func:`_retries`."""
+    scheme = path.partition("://")[0].lower()
+    if scheme not in ("s3", "s3a"):
+        return options
+    from fsspec.config import conf  # ``fsspec.config`` and ``FSSPEC_S3_*``: ours would hide it
+
+    options = {**conf.get(scheme, {}), **options}
+    config = {**S3_TIMEOUTS, **(options.get("config_kwargs") or {})}
+    if not (os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")):
+        config.setdefault("retries", {"max_attempts": S3_ATTEMPTS, "mode": "standard"})
+    return {**options, "config_kwargs": config}
+
+
+def _retries(fs):
+    """``fs`` with s3fs's own retries bounded (a class attribute no keyword sets; the cached
+    instance carries :func:`_bounded`'s options, so it is statscope's own)."""
+    if type(fs).__module__.split(".")[0] == "s3fs" and getattr(fs, "retries", 0) > S3FS_RETRIES:
+        fs.retries = S3FS_RETRIES
+    return fs
 
 
 def filesystem(path: str):
@@ -117,7 +167,8 @@ def filesystem(path: str):
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(path, **_options(path))
+        fs, p = fsspec.core.url_to_fs(path, **_options(path))
+        return _retries(fs), p
     except (ValueError, ImportError) as exc:
         raise StoreError(f"path={path!r}: unknown URL scheme or missing package: {exc}") from None
 
@@ -132,8 +183,10 @@ def zarr_store(path: str | os.PathLike, *, read_only: bool = True):
     path = os.fspath(path)
     if is_url(path):
         try:
-            return FsspecStore.from_url(path, read_only=read_only,
-                                        storage_options=_options(path) or None)
+            store = FsspecStore.from_url(path, read_only=read_only,
+                                         storage_options=_options(path) or None)
+            _retries(store.fs)
+            return store
         except (ValueError, ImportError) as exc:
             raise StoreError(f"path={path!r}: cannot open this URL ({exc}); a known fsspec "
                              "protocol with its package installed is needed, e.g. s3:// with "
