@@ -148,6 +148,10 @@ class WriterArrays:
         W = self.window_steps
         self._warrays = WindowArrays(self._group, self._make)
         keep = self._windows_kept(old, last, self.next_step)
+        if keep < int(old.get(S.ATTR_N_WINDOWS) or 0):
+            # the marker first, as in _cut_at: a writer killed before its next commit leaves
+            # rows that no reader sees, not a marker naming rows the arrays no longer hold
+            self._group.update_attributes({S.ATTR_N_WINDOWS: keep})
         self._warrays.open(keep, self.layout.stats)
         self.n_windows = keep
         self.windows = Windows(W, self._window_widths(self.layout), len(self.layout.probes))
