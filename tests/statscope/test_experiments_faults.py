@@ -177,8 +177,16 @@ def _check_resume(tmp_path, out: Path, point: tuple, reference: dict) -> list[st
         problems.append(f"{point} ({how}): ended {final[S.ATTR_STATUS]!r} with "
                         f"{final[S.ATTR_N_STEPS]} steps")
     # a completed run is never resumed: no checkpoint, nor the temporary file of one being
-    # written when the process was killed, stays beside it
+    # written when the process was killed, stays beside it. A kill between the store's
+    # completion and their removal (the writer process's exit lies between the two) leaves
+    # them; the next command on the run (a --resume, refused, or a sweep) removes them.
     left = sorted(p.name for p in out.parent.glob(out.name + ".checkpoint*"))
+    if left and how == "killed" and attrs.get(S.ATTR_STATUS) == S.STATUS_COMPLETED:
+        proc = _cli(tmp_path, *RUN, "--out", str(out), "--resume")
+        if proc.returncode != 2 or "already completed" not in proc.stderr:
+            problems.append(f"{point} ({how}): --resume of the completed run exited "
+                            f"{proc.returncode}: {proc.stderr.strip()[-300:]}")
+        left = sorted(p.name for p in out.parent.glob(out.name + ".checkpoint*"))
     if left:
         problems.append(f"{point} ({how}): left beside the completed store: {left}")
     arrays = raw_arrays(str(out))
