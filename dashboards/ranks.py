@@ -10,8 +10,9 @@ The **gap** says how much of the fluctuation a larger effective batch would remo
 (or layer), ``1 − global / per-rank``, the per-rank fluctuation taken as the root mean square
 over ranks (variances average). Sampling theory alone predicts ``1 − sqrt((1/N) / mean(1/n_r))``
 from the ranks' element counts ``n_r`` and their total ``N`` — ``1 − 1/√R`` for R equal batches.
-``statscope.analyses`` has no function for it yet, so it is computed here from the analyses'
-per-rank and merged fluctuations.
+Both come from :func:`statscope.analyses.rank_gap` (called by
+:func:`statscope.dashboards.results.rank_comparison`); only the gap between the per-layer
+medians drawn is :func:`median_gap`'s.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from statscope import schema as S
 
 from .state import EACH, MERGED
 
-__all__ = ["RankKey", "rank_keys", "rank_label", "rank_view", "rank_gap", "expected_gap",
-           "GAP_STATS"]
+__all__ = ["RankKey", "rank_keys", "rank_label", "rank_view", "median_gap", "GAP_STATS"]
 
 RankKey = Union[str, int, None]
 """A rank key: ``None`` (single-process run), ``"merged"``, or a rank number."""
@@ -107,43 +107,26 @@ def rank_view(ds: xr.Dataset, key, cache: MutableMapping[Any, xr.Dataset] | None
     return merged
 
 
-def expected_gap(counts: Mapping[int, np.ndarray]) -> np.ndarray:
-    """The gap sampling theory predicts from the ranks' element counts.
+def median_gap(per_rank: Mapping[int, Mapping[str, np.ndarray]],
+               merged: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """The gap between the per-layer medians the fluctuation view draws: each rank's median
+    (circles) and the global one (bars).
+
+    Per neuron the gap is ``statscope.analyses.rank_gap``'s ``removed``; a layer's bar is
+    labelled with the change between what is drawn of it, ``1 − global median / RMS over ranks
+    of their medians``, which is not the median of the neurons' gaps.
 
     Args:
-        counts: rank to its mean element count (``count``) per neuron or layer over the
-            window, (k,) each.
+        per_rank: rank to its median fluctuation per statistic, (k,) each (k layers).
+        merged: the global median fluctuation per statistic, (k,) each.
 
     Returns:
-        (k,) float64 ``1 − sqrt((1/N) / mean_r(1/n_r))``, N = Σ n_r: the fraction of a per-rank
-        fluctuation that batches R times as large (merged) remove when the fluctuation is
-        batch sampling alone; NaN where a rank did not run.
+        Per statistic present in both, ``{"per_rank": RMS over ranks (NaN ranks skipped),
+        "merged": global, "gap": 1 − global / per_rank}``, (k,) float64 each.
 
     Example:
-        >>> round(float(expected_gap({0: np.array([4.0]), 1: np.array([4.0])})[0]), 4)
-        0.2929
-    """
-    n = np.stack([np.asarray(v, np.float64) for v in counts.values()])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = (1.0 / n.sum(0)) / np.mean(1.0 / n, axis=0)
-        return np.where((n > 0).all(0), 1.0 - np.sqrt(ratio), np.nan)
-
-
-def rank_gap(per_rank: Mapping[int, Mapping[str, np.ndarray]],
-             merged: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    """Per-rank fluctuation (RMS over ranks), the global one, and the gap between them.
-
-    Args:
-        per_rank: rank to its fluctuation per statistic, (k,) each (k neurons or layers).
-        merged: the merged run's fluctuation per statistic, (k,) each.
-
-    Returns:
-        Per statistic present in both, ``{"per_rank": RMS over ranks, "merged": global,
-        "gap": 1 − global / per_rank}``, (k,) float64 each; NaN where undefined.
-
-    Example:
-        >>> g = rank_gap({0: {"bn_mean": np.array([0.2])}, 1: {"bn_mean": np.array([0.2])}},
-        ...              {"bn_mean": np.array([0.15])})
+        >>> g = median_gap({0: {"bn_mean": np.array([0.2])}, 1: {"bn_mean": np.array([0.2])}},
+        ...                {"bn_mean": np.array([0.15])})
         >>> round(float(g["bn_mean"]["gap"][0]), 3)
         0.25
     """

@@ -16,14 +16,14 @@ import numpy as np
 import xarray as xr
 
 from statscope import schema as S
+from statscope.errors import StatscopeError
 
 from . import metrics
 from .data import RunCatalog
 from .limits import MAX_CLAIMS_NEURONS, MAX_SERIES_VALUES
-from .ranks import expected_gap, rank_gap
-from .sources import (SAMPLE, SERIES, WINDOWS, Fluct, Source, channel_finder, choose,
-                      index_finder, layer_of_channel, sample_positions, windowed,
-                      windows_layers)
+from .ranks import median_gap
+from .sources import (FLUCT_STATS, SAMPLE, SERIES, WINDOWS, Fluct, Source, channel_finder,
+                      choose, index_finder, sample_positions, windows_layers)
 from .state import MERGED, Window
 
 __all__ = ["N_BOOT", "computed", "fluct", "neuron_fluct", "series_input", "claims_input",
@@ -140,21 +140,20 @@ def fluct(catalog: RunCatalog, run: str, rank, window: Window, scale_free: bool)
         w = catalog.windows(run, key)
         src = choose(ds.sizes[S.NEURON], steps, rows, w, catalog.layer_map(run))
         summarize = metrics.analysis("layer_summary")
+        if src.kind == WINDOWS:
+            assert w is not None and src.windows is not None
+            values = _from_windows(catalog, run, key, w, src.windows, scale_free)
+            if values is not None:
+                values.attrs = _attrs(window, scale_free, src)
+                return Fluct(values, summarize(values), src,
+                             channel_finder(w, _wlayers(catalog, run, key, w)))
+            # scale-free, with an element count that varies over the windows: σ̄ needs the
+            # per-step series, as if the run kept no summaries
+            src = choose(ds.sizes[S.NEURON], steps, rows, None, catalog.layer_map(run))
         if src.kind == SERIES:
             values = computed(catalog, run, "fluctuation", window, scale_free, key)
             return Fluct(values, computed(catalog, run, "layer_summary", window, scale_free, key),
                          src, lambda layer, unit: catalog.neuron_index(run, layer, unit))
-        if src.kind == WINDOWS:
-            assert w is not None and src.windows is not None
-            raw, sigma = _windowed(catalog, run, key, w, src, rows)
-            values = raw.copy()
-            if scale_free:
-                for stat in values.data_vars:
-                    if stat != "n_valid":
-                        values[stat] = raw[stat] / sigma
-            values.attrs = _attrs(window, scale_free, src)
-            return Fluct(values, summarize(values), src,
-                         channel_finder(w, _wlayers(catalog, run, key, w)))
         sub, aw = _subset_input(catalog, run, key, window, src.positions)
         values = metrics.analysis("fluctuation")(sub, aw, scale_free=scale_free)
         return Fluct(values, summarize(values), src, index_finder(values))
@@ -171,12 +170,20 @@ def _subset_input(catalog: RunCatalog, run: str, key, window: Window, positions)
     # scattered columns again (claims over 2,048 of 655,360 neurons took 104 s)
     aw = metrics.to_analyses_window(window)
     rows = window.rows(catalog.steps(run))
-    whole = catalog.dataset(run) if key == MERGED else catalog.view(run, key)
-    part = whole.isel({S.STEP: rows, S.NEURON: list(positions)}).load()
     if key == MERGED:
-        part = merge_ranks(part)
+        part = merge_ranks(_ranked_cut(catalog, run, rows, positions))
+    else:
+        part = catalog.view(run, key).isel({S.STEP: rows, S.NEURON: list(positions)}).load()
     part.attrs = {**part.attrs, "window": describe_window(aw)}  # not the cached run's dict
     return part, "all"
+
+
+def _ranked_cut(catalog: RunCatalog, run: str, rows: slice, positions) -> xr.Dataset:
+    """Every rank's rows and neurons ``positions`` of a distributed run, in memory; cached, so
+    the merged view's sample and the per-rank comparison read the scattered columns once."""
+    pos = tuple(int(p) for p in positions)
+    return catalog.memo(run, ("ranked-cut", rows.start, rows.stop, pos), lambda: catalog.dataset(
+        run).isel({S.STEP: rows, S.NEURON: list(pos)}).load())
 
 
 def _attrs(window: Window, scale_free: bool, src: Source) -> dict:
@@ -191,26 +198,43 @@ def _wlayers(catalog: RunCatalog, run: str, key, w: xr.Dataset) -> dict[str, np.
     return catalog.memo(run, ("windows-layers", key), lambda: windows_layers(w))
 
 
-def _windowed(catalog: RunCatalog, run: str, key, w: xr.Dataset, src: Source, rows: slice):
-    """Raw fluctuation and σ̄ of every channel over the source's windows, read once for both
-    scales (the summaries of an LLM-sized run take seconds to read)."""
+def _from_windows(catalog: RunCatalog, run: str, key, w: xr.Dataset, span: tuple[int, int],
+                  scale_free: bool) -> xr.Dataset | None:
+    """``analyses.fluctuation(..., source="windows")`` of every channel over the summary rows
+    ``span``; ``None`` where the analyses refuse the scale-free version (a layer's element
+    count varies within the windows, so σ̄ needs each step's count with its bn_std).
 
-    def compute():
-        layers = _wlayers(catalog, run, key, w)
-        names, ordinal = layer_of_channel(layers, w.sizes[S.NEURON])
-        firsts = [int(catalog.layer_positions(run, name)[0])
-                  if catalog.layer_positions(run, name).size else -1 for name in names]
-        have = [p for p in firsts if p >= 0]
-        n = catalog.columns(run, S.COUNT, have, rows, key).astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per = np.where(n > 1, n / (n - 1), np.nan)
-            ok = np.isfinite(per)
-            mean = np.where(ok, per, 0.0).sum(0) / ok.sum(0)
-        factor = np.full(len(names), np.nan)
-        factor[[i for i, p in enumerate(firsts) if p >= 0]] = mean
-        return windowed(w, src.windows, factor[ordinal])
+    The rows are read once for both scales (the summaries of an LLM-sized run take seconds to
+    read), with the count of each layer's first per-step column over their steps, which is all
+    the analyses read of the per-step run (for σ̄)."""
+    from statscope.analyses import fluctuation
 
-    return catalog.memo(run, ("windowed", src.windows, key), compute)
+    summaries, counts = catalog.memo(run, ("windows-read", span, key),
+                                     lambda: _windows_input(catalog, run, key, w, span))
+    try:
+        return fluctuation(counts, "all", source="windows", windows=summaries,
+                           scale_free=scale_free)
+    except StatscopeError:
+        if not scale_free:
+            raise
+        return None
+
+
+def _windows_input(catalog: RunCatalog, run: str, key, w: xr.Dataset, span: tuple[int, int]):
+    """The summary rows ``span`` of the statistics the fluctuation uses, in memory, and a
+    per-step Dataset of each layer's element count over their steps."""
+    names = [s for s in FLUCT_STATS if s in w] + [S.COUNT]
+    summaries = w[names].isel({S.WINDOW_DIM: slice(*span)}).load()  # one compute for all
+    width = int(w.attrs[S.ATTR_WINDOW_STEPS])
+    starts = np.asarray(summaries[S.STEP].values, np.int64)
+    steps = catalog.steps(run)
+    rows = slice(int(np.searchsorted(steps, starts[0], "left")),
+                 int(np.searchsorted(steps, starts[-1] + width, "left")))
+    layers = {name: pos for name, pos in catalog.layer_map(run).items() if pos.size}
+    count = catalog.columns(run, S.COUNT, [int(p[0]) for p in layers.values()], rows, key)
+    counts = xr.Dataset({S.COUNT: ((S.STEP, S.NEURON), count)},
+                        coords={S.STEP: steps[rows], S.LAYER: (S.NEURON, list(layers))})
+    return summaries, counts
 
 
 def neuron_fluct(catalog: RunCatalog, run: str, rank, window: Window, scale_free: bool,
@@ -266,10 +290,11 @@ class RankComparison:
         labels: the categories (neuron or layer labels).
         per_rank: rank to its fluctuation per statistic, (k,) each.
         merged: the merged (global) fluctuation per statistic, (k,).
-        gap: per statistic, ``{"per_rank", "merged", "gap"}`` from
-            :func:`~statscope.dashboards.ranks.rank_gap`.
+        gap: per statistic, ``{"per_rank", "merged", "gap"}``: per neuron the analyses'
+            ``local``, ``merged`` and ``removed``; per layer, of the medians drawn
+            (:func:`~statscope.dashboards.ranks.median_gap`).
         expected: (k,) the gap sampling theory predicts from the ranks' element counts.
-        notes: which sources the numbers came from, when not every neuron's per-step series.
+        notes: what the numbers are over, when not every neuron of every rank.
         window: the window, as the analyses describe it.
     """
 
@@ -284,8 +309,9 @@ class RankComparison:
 
 def rank_comparison(catalog: RunCatalog, run: str, window: Window, scale_free: bool, by: str,
                     neurons: Sequence[tuple[str, int]]) -> RankComparison:
-    """Each rank's fluctuation, the merged one and the gap, per chosen neuron or per layer
-    (medians over the layer's neurons); cached until the run changes."""
+    """Each rank's fluctuation, the merged one and the gap (``statscope.analyses.rank_gap``),
+    per chosen neuron or per layer (medians over the layer's neurons); cached until the run
+    changes."""
     key = ("ranks", window.spec(), scale_free, by, tuple(neurons) if by != "layer" else ())
     return catalog.memo(run, key, lambda: _rank_comparison(catalog, run, window, scale_free,
                                                            by, neurons))
@@ -293,45 +319,88 @@ def rank_comparison(catalog: RunCatalog, run: str, window: Window, scale_free: b
 
 def _rank_comparison(catalog: RunCatalog, run: str, window: Window, scale_free: bool, by: str,
                      neurons: Sequence[tuple[str, int]]) -> RankComparison:
+    from statscope.analyses import describe_window
+
     from .style import neuron_label
 
     ranks = catalog.ranks(run)
-    fl = {r: fluct(catalog, run, r, window, scale_free) for r in ranks}
-    glob = fluct(catalog, run, MERGED, window, scale_free)
+    whole = catalog.dataset(run)
     rows = window.rows(catalog.steps(run))
-    stats = [s for s in (S.BN_MEAN, S.BN_STD, S.EN_MEAN, S.EN_STD) if s in glob.values]
+    notes = []
     if by == "layer":
-        labels = [str(v) for v in glob.summary[S.LAYER].values]
-        pick = {k: {s: f.summary[s].sel({"quantity": "median"}).reindex({S.LAYER: labels})
-                    .values for s in stats} for k, f in [*fl.items(), (MERGED, glob)]}
-        where = [catalog.layer_positions(run, name) for name in labels]
-        pos = [int(p[0]) if p.size else None for p in where]
+        labels = list(catalog.layer_map(run))
+        # the neurons of the merged view: all, or its evenly spaced sample of each layer
+        glob = fluct(catalog, run, MERGED, window, scale_free).source
+        pos = (glob.positions if glob.kind == SAMPLE and glob.positions is not None
+               else np.arange(whole.sizes[S.NEURON]))
+        per_step = (rows.stop - rows.start) * len(ranks)
+        if glob.kind != SAMPLE and pos.size * per_step > MAX_SERIES_VALUES:  # every rank's
+            # series of every neuron past the budget (the merged sample is read already)
+            layers = catalog.layer_map(run)
+            pos = sample_positions(layers, max(2, MAX_SERIES_VALUES // per_step // len(layers)))
+        if pos.size < whole.sizes[S.NEURON]:
+            notes.append(f"per-layer medians over {pos.size:,} of {whole.sizes[S.NEURON]:,} "
+                         f"neurons (evenly spaced in each layer)")
     else:
         labels = [neuron_label(l, u) for l, u in neurons]
-        pick = {}
-        for k in [*ranks, MERGED]:
-            values, find = neuron_fluct(catalog, run, k, window, scale_free, neurons)
-            at = [find(l, u) for l, u in neurons]
-            pick[k] = {s: np.array([np.nan if i is None else float(values[s].values[i])
-                                    for i in at]) for s in stats}
-        pos = [catalog.neuron_index(run, l, u) for l, u in neurons]
-    have = [p for p in pos if p is not None]
-    counts = {}
-    for r in ranks:
-        c = catalog.columns(run, S.COUNT, have, rows, r).astype(np.float64)
-        with np.errstate(invalid="ignore"):
-            mean = np.where(c > 0, c, 0).sum(0) / (c > 0).sum(0)
-        full = np.full(len(pos), np.nan)
-        full[[i for i, p in enumerate(pos) if p is not None]] = mean
-        counts[r] = full
-    merged = pick.pop(MERGED)
-    notes = tuple(dict.fromkeys(f"rank {k}: {f.source.note}" if k != MERGED
-                                else f"merged: {f.source.note}"
-                                for k, f in [*fl.items(), (MERGED, glob)] if f.source.note))
-    expected = expected_gap(counts)
-    synced = catalog.dataset(run).attrs.get(S.ATTR_MERGED_LAYERS) or []
-    if len(synced):  # every rank normalizes with the merged statistics: no gap to expect
-        layer_of = catalog.dataset(run)[S.LAYER].values
-        expected[[p is not None and layer_of[p] in synced for p in pos]] = np.nan
-    return RankComparison(tuple(labels), pick, merged, rank_gap(pick, merged),
-                          expected, notes, str(glob.values.attrs.get("window", "")))
+        at = [catalog.neuron_index(run, l, u) for l, u in neurons]
+        pos = np.array(sorted({p for p in at if p is not None}), np.int64)
+    names = [v for v in (*FLUCT_STATS, S.COUNT) if v in whole]
+    part = (_ranked_cut(catalog, run, rows, pos) if by == "layer"
+            else whole[names].isel({S.STEP: rows, S.NEURON: pos}).load())[names]
+    gap = _gap_of(part, scale_free, notes)
+    if by == "layer":
+        med = metrics.analysis("layer_summary")(gap).sel({"quantity": "median"}, drop=True)
+        med = med.reindex({S.LAYER: labels})
+        stats = [str(s) for s in med[S.STATISTIC].values]
+        per_rank = {r: {s: med["per_rank"].sel({S.STATISTIC: s, S.RANK: r}).values
+                        for s in stats} for r in ranks}
+        merged = {s: med["merged"].sel({S.STATISTIC: s}).values for s in stats}
+        gaps = median_gap(per_rank, merged)
+        expected = med["expected"].values
+    else:
+        index = {int(p): i for i, p in enumerate(pos)}
+        take = np.array([index.get(p, -1) if p is not None else -1 for p in at])
+
+        def pick(var: xr.DataArray) -> np.ndarray:
+            values = np.append(np.asarray(var.values, np.float64), np.nan)
+            return values[take]
+
+        stats = [str(s) for s in gap[S.STATISTIC].values]
+        per_rank = {r: {s: pick(gap["per_rank"].sel({S.STATISTIC: s, S.RANK: r})) for s in stats}
+                    for r in ranks}
+        merged = {s: pick(gap["merged"].sel({S.STATISTIC: s})) for s in stats}
+        gaps = {s: {"per_rank": pick(gap["local"].sel({S.STATISTIC: s})), "merged": merged[s],
+                    "gap": pick(gap["removed"].sel({S.STATISTIC: s}))} for s in stats}
+        expected = pick(gap["expected"])
+    return RankComparison(tuple(labels), per_rank, merged, gaps, np.asarray(expected, float),
+                          tuple(notes), describe_window(metrics.to_analyses_window(window)))
+
+
+def _gap_of(part: xr.Dataset, scale_free: bool, notes: list) -> xr.Dataset:
+    """``analyses.rank_gap`` over all of ``part`` (every rank's window cut); where it refuses
+    (fewer than two ranks ran in the window), each rank's and the merged fluctuation from
+    ``analyses.fluctuation``, with NaN gaps, and the reason in ``notes``."""
+    from statscope.analyses import fluctuation, rank_gap
+    from statscope.ranks import merge_ranks
+
+    ranks = part[S.RANK].values
+    try:  # a rank without data in the window is left out (NaN here) and noted
+        gap = rank_gap(part, "all", scale_free=scale_free)
+        notes += [n for n in gap.attrs.get(S.NOTES, []) if "left out" in n]
+        return gap.reindex({S.RANK: ranks})
+    except StatscopeError as err:
+        notes.append(f"no gap: {str(err).removeprefix('rank_gap: ')}")
+    stat = xr.DataArray(list(FLUCT_STATS), dims=S.STATISTIC)
+    ran = [i for i in range(ranks.size) if (part[S.COUNT].isel({S.RANK: i}) > 0).any()]
+    each = [fluctuation(part.isel({S.RANK: i}).drop_vars(S.RANK), "all", scale_free=scale_free)
+            if i in ran else None for i in range(ranks.size)]
+    glob = fluctuation(merge_ranks(part), "all", scale_free=scale_free)
+    nan = xr.full_like(glob[S.BN_MEAN], np.nan)
+    per_rank = xr.concat([xr.concat([(f[s] if f is not None else nan) for s in FLUCT_STATS],
+                                    dim=stat) for f in each], dim=S.RANK, coords="minimal",
+                         compat="override").assign_coords({S.RANK: ranks})
+    merged = xr.concat([glob[s] for s in FLUCT_STATS], dim=stat)
+    return xr.Dataset({"per_rank": per_rank, "local": xr.full_like(merged, np.nan),
+                       "merged": merged, "removed": xr.full_like(merged, np.nan),
+                       "expected": nan})

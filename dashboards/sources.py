@@ -22,17 +22,16 @@ Per run and rank choice, :func:`choose` picks, and the page says which:
    :data:`~statscope.dashboards.limits.MAX_SCATTER_POINTS`;
 5. otherwise the per-step series of every neuron (exact, slow).
 
-The window-summary arithmetic is the dashboard's: ``statscope.analyses`` has no reader of window
-summaries yet. Its scale-free version divides by σ̄ = sqrt(mean over steps of
-bn_std² · n/(n−1)), from the windows' mean and std of ``bn_std`` and the per-step element count
-``n`` (exact when ``n`` is constant within the window, as with a fixed batch size).
+The numbers from window summaries are ``statscope.analyses.fluctuation(..., source="windows")``
+(:func:`statscope.dashboards.results.fluct` calls it). Its scale-free version needs each layer's
+element count constant over the windows (as with a fixed batch size); where it is not, the
+analyses refuse and the view takes the per-step series (2, 4 or 5) instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -43,7 +42,7 @@ from .data import layer_slices
 from .limits import MAX_SCATTER_POINTS, MAX_SERIES_VALUES
 
 __all__ = ["SERIES", "WINDOWS", "SAMPLE", "Source", "Fluct", "choose", "whole_windows",
-           "windowed", "sample_positions", "FLUCT_STATS"]
+           "sample_positions", "FLUCT_STATS"]
 
 SERIES, WINDOWS, SAMPLE = "per-step series", "window summaries", "sample"
 FLUCT_STATS = (S.BN_MEAN, S.BN_STD, S.EN_MEAN, S.EN_STD)
@@ -191,72 +190,6 @@ def sample_positions(layers: dict[str, np.ndarray], per_layer: int) -> np.ndarra
     return np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)
 
 
-def windowed(w: xr.Dataset, span: tuple[int, int], factor: np.ndarray | None = None
-             ) -> tuple[xr.Dataset, np.ndarray | None]:
-    """The fluctuation of every channel over whole windows, from the window summaries.
-
-    Over windows ``k`` with steps ``c_k``, means ``m_k`` and stds ``s_k`` (ddof = 1): the
-    pooled ``N = Σ c_k``, ``M = Σ c_k m_k / N`` and ``std = sqrt(Σ [(c_k − 1) s_k² +
-    c_k (m_k − M)²] / (N − 1))`` — the sample std (ddof = 1) over all their steps, as
-    ``analyses.fluctuation`` computes it from the per-step series. A window in which a channel
-    held a non-finite value is NaN for it (the analyses skip such steps instead).
-
-    Args:
-        w: ``open_windows`` of the run.
-        span: summary rows ``(first, stop)``.
-        factor: per channel, the window mean of ``n/(n−1)`` (n: elements of a step's batch);
-            with it σ̄ is returned too.
-
-    Returns:
-        ``(fluct, sigma)``: fluct a Dataset (neuron,) like ``analyses.fluctuation``'s (float64
-        ``bn_mean``, ``bn_std``, ``en_mean``, ``en_std``, int ``n_valid``; coords ``layer``,
-        ``unit``, ``group``, ``label``); sigma (neuron,) σ̄ or ``None``.
-    """
-    sel = w.isel({S.WINDOW_DIM: slice(*span)})
-    one = span[1] - span[0] == 1
-    want: dict[str, Any] = {S.COUNT: sel[S.COUNT]}
-    for stat in FLUCT_STATS:
-        if stat not in sel:
-            continue
-        want[f"{stat}/std"] = sel[stat].sel({S.SUMMARY: "std"}, drop=True)
-        if not one:
-            want[f"{stat}/mean"] = sel[stat].sel({S.SUMMARY: "mean"}, drop=True)
-    if factor is not None and S.BN_STD in sel and one:
-        want[f"{S.BN_STD}/mean"] = sel[S.BN_STD].sel({S.SUMMARY: "mean"}, drop=True)
-    # one compute for all of them: the reads share the scheduler's threads
-    read = xr.Dataset(want).compute()
-    got = {k: read[k].values for k in want}
-    c = np.asarray(got[S.COUNT], np.float64)
-    n = c.sum(0)
-    out = {}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for stat in FLUCT_STATS:
-            if f"{stat}/std" not in got:
-                continue
-            sd = np.asarray(got[f"{stat}/std"], np.float64)
-            if one:
-                out[stat] = np.where(n > 1, sd[0], np.nan)
-                continue
-            m = np.asarray(got[f"{stat}/mean"], np.float64)
-            used = c > 0
-            grand = np.where(used, c * m, 0.0).sum(0) / n
-            ss = np.where(c > 1, (c - 1) * sd ** 2, 0.0) + np.where(used, c * (m - grand) ** 2, 0.0)
-            bad = (used & ~np.isfinite(m)) | ((c > 1) & ~np.isfinite(sd))
-            out[stat] = np.where((n > 1) & ~bad.any(0), np.sqrt(ss.sum(0) / (n - 1)), np.nan)
-        sigma = None
-        if factor is not None and f"{S.BN_STD}/mean" in got:
-            m = np.asarray(got[f"{S.BN_STD}/mean"], np.float64)
-            sd = np.asarray(got[f"{S.BN_STD}/std"], np.float64)
-            used = c > 0
-            sq = np.where(used, c * m ** 2, 0.0) + np.where(c > 1, (c - 1) * sd ** 2, 0.0)
-            sigma = np.sqrt(sq.sum(0) / n * factor)
-    coords = {k: (S.NEURON, np.asarray(sel[k].values)) for k in (S.LAYER, S.UNIT, S.GROUP, S.LABEL)
-              if k in sel.coords}
-    data = {k: (S.NEURON, v) for k, v in out.items()}
-    data["n_valid"] = (S.NEURON, n.astype(np.int64))
-    return xr.Dataset(data, coords=coords), sigma
-
-
 def channel_finder(w: xr.Dataset, layers: dict[str, np.ndarray]) -> Callable[[str, int], int | None]:
     """``find(layer, unit)`` over window summaries, which hold every channel of each layer in
     unit order: the layer's first position plus the unit."""
@@ -281,12 +214,3 @@ def index_finder(values: xr.Dataset) -> Callable[[str, int], int | None]:
 def windows_layers(w: xr.Dataset) -> dict[str, np.ndarray]:
     """Positions of each layer's channels in window summaries."""
     return layer_slices(np.asarray(w[S.LAYER].values))
-
-
-def layer_of_channel(layers: dict[str, np.ndarray], n: int) -> tuple[list[str], np.ndarray]:
-    """Layer names in order and, per channel, the index of its layer, (n,) int64."""
-    names = list(layers)
-    out = np.zeros(n, np.int64)
-    for i, pos in enumerate(layers.values()):
-        out[pos] = i
-    return names, out

@@ -12,8 +12,8 @@ from statscope import schema as S
 from statscope.dashboards import callbacks as cb
 from statscope.dashboards import sources
 from statscope.dashboards.data import RunCatalog
-from statscope.dashboards.sources import SAMPLE, SERIES, WINDOWS, choose, whole_windows, windowed
-from statscope.store import Layout, ProbeInfo, open_windows
+from statscope.dashboards.sources import SAMPLE, SERIES, WINDOWS, choose, whole_windows
+from statscope.store import Layout, ProbeInfo
 from statscope.writer import RunWriter
 
 
@@ -46,22 +46,6 @@ def store(tmp_path):
     ds = synthetic_run(n_steps=600, layers=(("fc1", 4), ("fc2", 4)), seed=5)
     write_synthetic(tmp_path / "r", ds)
     return tmp_path, ds
-
-
-def test_pooled_window_summaries_equal_the_std_over_their_steps(store):
-    root, ds = store
-    w = open_windows(root / "r")
-    assert w.attrs[S.ATTR_WINDOW_STEPS] == 200 and w.sizes[S.WINDOW_DIM] == 3
-    for span in [(0, 3), (1, 3), (2, 3), (0, 1)]:
-        fl, sigma = windowed(w, span, factor=np.full(8, 4 / 3))
-        rows = slice(200 * span[0], 200 * span[1])
-        for stat in sources.FLUCT_STATS:
-            ref = np.std(ds[stat].values[rows].astype(np.float64), axis=0, ddof=1)
-            np.testing.assert_allclose(fl[stat].values, ref, rtol=2e-5, err_msg=f"{stat} {span}")
-        # sigma-bar: sqrt of the window mean of bn_std^2 * n/(n-1), n = 4 here
-        ref = np.sqrt((ds.bn_std.values[rows].astype(np.float64) ** 2).mean(0) * 4 / 3)
-        np.testing.assert_allclose(sigma, ref, rtol=2e-5)
-        assert (fl.n_valid.values == rows.stop - rows.start).all()
 
 
 @pytest.mark.parametrize("scale", ["raw", "scale_free"])
