@@ -14,14 +14,14 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 import statscope
 from statscope.errors import StatscopeError, StoreError
 from statscope.integrations import LiveExport, StatscopeTrainerCallback
 from statscope.integrations.session import loggable
 
-from integrations_support import NormNet, RegressionData, check_step_values
+from integrations_support import NormNet, RegressionData, check_step_values, hf_arguments
 
 LAYERS = {"bn": 1, "ln": -1}  # layer: channel dim
 
@@ -52,11 +52,8 @@ class StepSpy(TrainerCallback):
 
 
 def arguments(out, **kwargs):
-    settings = dict(output_dir=str(out), per_device_train_batch_size=4, learning_rate=0.05,
-                    logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
-                    disable_tqdm=True, dataloader_num_workers=0, seed=0)
-    settings.update(kwargs)
-    return TrainingArguments(**settings)
+    """The shared test settings, at lr 0.05 and without a step limit unless given."""
+    return hf_arguments(out, **{"learning_rate": 0.05, "max_steps": -1, **kwargs})
 
 
 def check_values(ds, spy, rtol=2e-5, atol=2e-6):
