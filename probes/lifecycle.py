@@ -98,7 +98,8 @@ class Lifecycle:
                                   tuple(s.name for s in self.statistics)),
                 attrs=self._start_attrs(), overwrite=self.overwrite,
                 resume=self.resume if self._resume_at is None else self._resume_at,
-                resume_completed=self.resume_completed, chunk_steps=self.chunk_steps, flush_seconds=self.flush_seconds,
+                resume_completed=self.resume_completed, chunk_steps=self.chunk_steps,
+                flush_seconds=self.flush_seconds,
                 running0=_running0(known, self.captures), window_steps=self.window_steps,
                 mode=self._writer_mode)
         self._state = "started"
