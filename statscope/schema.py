@@ -114,6 +114,7 @@ ATTR_DAMAGED = "damaged"  # set by open_run(damaged="mask"): what was masked, by
 ATTR_STEP_RULE = "step_rule"  # what one recorded step is: see STEP_RULES
 ATTR_LEASE = "lease"  # the holder of the lease when the run was opened for writing
 ATTR_WRITER_ID = "writer_id"  # the random id of that lease: one per opening (resume included)
+ATTR_RESUMED_AT = "resumed_at"  # the step a resumed writer continues at (rows before it are kept)
 ATTR_WINDOW_STEPS = "window_steps"  # W of the window summaries; null when none are kept
 ATTR_N_WINDOWS = "n_windows"  # committed rows of the window summaries
 ATTR_EVERY = "every"  # the stride between recorded steps

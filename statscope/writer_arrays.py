@@ -72,7 +72,8 @@ class WriterArrays:
             S.ATTR_VERSIONS: package_versions(), S.ATTR_STARTED: now_iso(), S.ATTR_ENDED: None,
             S.ATTR_ERROR: None, S.ATTR_NONFINITE: {}, S.ATTR_STD_DEFINITION: S.STD_DEFINITION,
             S.ATTR_PROBE_OVERHEAD: None, S.ATTR_LEASE: self.lease.holder.describe(),
-            S.ATTR_WRITER_ID: self.lease.holder.owner, S.ATTR_WINDOW_STEPS: self.window_steps, S.ATTR_N_WINDOWS: 0,
+            S.ATTR_WRITER_ID: self.lease.holder.owner, S.ATTR_RESUMED_AT: None,
+            S.ATTR_WINDOW_STEPS: self.window_steps, S.ATTR_N_WINDOWS: 0,
         }
         root.update(attrs)
         try:
@@ -137,7 +138,7 @@ class WriterArrays:
         self._group.update_attributes(_jsonable({
             S.ATTR_STATUS: S.STATUS_RUNNING, S.ATTR_ENDED: None, S.ATTR_ERROR: None, **attrs,
             S.ATTR_META: old.get(S.ATTR_META), S.ATTR_LEASE: self.lease.holder.describe(),
-            S.ATTR_WRITER_ID: self.lease.holder.owner}))
+            S.ATTR_WRITER_ID: self.lease.holder.owner, S.ATTR_RESUMED_AT: self.next_step}))
         known = {p.name for p in stored.probes}
         self.add_probes([p for p in layout.probes if p.name not in known], running0)
 

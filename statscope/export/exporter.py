@@ -113,8 +113,9 @@ class Exporter:
         steps = np.asarray(ds[S.STEP].values)
         first, last = int(steps[0]), int(steps[-1])
         writer = str(ds.attrs.get(S.ATTR_WRITER_ID) or ds.attrs.get(S.ATTR_LEASE))
-        if self._writer is not None and (writer != self._writer[0] or last < self._writer[1]):
-            self.sink.restart()  # rows already written may have been replaced
+        if self._writer is not None and (last < self._writer[1] or (
+                writer != self._writer[0] and _replaced(ds.attrs, self._writer[1]))):
+            self.sink.restart()  # rows already written were replaced
             self._next_window = self._next_scalar_step = None
             self._layout_written = False
             self.offset = self._given_offset
@@ -229,3 +230,11 @@ def _check(window, offset) -> None:
         raise StatscopeError(f"window={window!r}: expected an int of at least 2 steps")
     if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int)):
         raise StatscopeError(f"offset={offset!r}: expected an int or None")
+
+
+def _replaced(attrs, seen: int) -> bool:
+    """Whether a run that another writer opened since the last update may have replaced rows up
+    to step ``seen``: a new run in its folder, or one resumed at or before ``seen`` (a resume
+    after it only appends)."""
+    resumed = attrs.get(S.ATTR_RESUMED_AT)
+    return resumed is None or int(resumed) <= seen
