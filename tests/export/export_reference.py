@@ -168,3 +168,20 @@ def assert_export_equals(log_dir, expect_scalars, expect_hists, rel=1e-5):
             assert h.num == values.size == sum(h.bucket), (tag, step)
             assert h.sum == pytest.approx(values.sum(), rel=1e-6)
             assert (h.min, h.max) == pytest.approx((values.min(), values.max()), rel=1e-6)
+
+
+def append_rows(path, data, count, scalars, start, stop, resume=True):
+    """Append rows ``start..stop-1`` of ``data`` to the run at ``path`` as a resumed writer would
+    (``resume=True``: after its last step; ``resume=start``: its rows from there on replaced)."""
+    from statscope.store import Layout, ProbeInfo, read_attrs
+    from statscope.writer import RunWriter
+
+    attrs = read_attrs(path)
+    probes = [ProbeInfo(**{k: p[k] for k in ("name", "module", "type", "where", "channel_dim",
+                                             "channels")}) for p in attrs["probes"]]
+    writer = RunWriter(path, Layout(tuple(probes), tuple(attrs["stats"])), resume=resume,
+                       flush_seconds=0.0)
+    writer.append(np.arange(start, stop), count[start:stop],
+                  {s: v[start:stop] for s, v in data.items()},
+                  {k: v[start:stop] for k, v in scalars.items()})
+    writer.close()

@@ -18,10 +18,11 @@ import statscope
 import statscope.export as E
 from statscope.cli import main
 from statscope.errors import NonFiniteWarning, StatscopeError
-from statscope.store import Layout, ProbeInfo, is_run, read_attrs
-from statscope.writer import RunWriter, write_run
+from statscope.store import is_run, read_attrs
+from statscope.writer import write_run
 
-from export_reference import assert_export_equals, read_events, read_records, reference_export
+from export_reference import (append_rows, assert_export_equals, read_events, read_records,
+                              reference_export)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -265,18 +266,6 @@ def test_a_format1_store_matches_its_raw_arrays(tmp_path):
 
 # -- a live reader while another writer resumes the run -----------------------------------------
 
-def resume_writer(path, at, data, count, scalars, stop):
-    """Continue the run at ``path`` at step ``at`` (rows from ``at`` on replaced)."""
-    attrs = read_attrs(path)
-    probes = [ProbeInfo(**{k: p[k] for k in ("name", "module", "type", "where", "channel_dim",
-                                             "channels")}) for p in attrs["probes"]]
-    writer = RunWriter(path, Layout(tuple(probes), tuple(attrs["stats"])), resume=at,
-                       flush_seconds=0.0)
-    writer.append(np.arange(at, stop), count[at:stop], {s: v[at:stop] for s, v in data.items()},
-                  {k: v[at:stop] for k, v in scalars.items()})
-    writer.close()
-
-
 def test_a_live_reader_rewrites_the_rows_a_resumed_run_replaced(tmp_path):
     # an Exporter following a run that another process resumed at an earlier checkpoint kept
     # the killed run's values of the replaced steps: points the store no longer holds
@@ -288,7 +277,8 @@ def test_a_live_reader_rewrites_the_rows_a_resumed_run_replaced(tmp_path):
     exporter = E.Exporter(tmp_path / "run", E.open_sink("tensorboard", tmp_path / "tb"),
                           window=10)
     assert exporter.update().last_step == 29
-    resume_writer(tmp_path / "run", 20, second, count, {"loss": 2000.0 + np.arange(40)}, 40)
+    append_rows(tmp_path / "run", second, count, {"loss": 2000.0 + np.arange(40)}, 20, 40,
+                resume=20)
     exporter.update()
     exporter.sink.close()
     assert_export_equals(tmp_path / "tb", *expected_from_store(tmp_path / "run", 10))

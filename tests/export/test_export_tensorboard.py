@@ -12,10 +12,9 @@ pytest.importorskip("tensorboard")
 import statscope
 import statscope.export as E
 from statscope.errors import StatscopeError, StoreDamagedError
-from statscope.store import ProbeInfo, read_attrs
-from statscope.writer import RunWriter, write_run
+from statscope.writer import write_run
 
-from export_reference import read_events, reference_window
+from export_reference import append_rows, read_events, reference_window
 
 LAYERS = {"fc1": 3, "fc2:in": 2}
 
@@ -192,21 +191,6 @@ def test_custom_scalars_layout_pairs_bn_with_en_per_layer(tmp_path):
                                 "^fluctuation_scale_free/fc1/bn_std$"]
 
 
-def grow(path, data, count, scalars, start, stop):
-    """Append rows start..stop-1 to the run at ``path`` as a resumed writer would."""
-    attrs = read_attrs(path)
-    probes = [ProbeInfo(**{k: p[k] for k in ("name", "module", "type", "where", "channel_dim",
-                                             "channels")}) for p in attrs["probes"]]
-    from statscope.store import Layout
-
-    writer = RunWriter(path, Layout(tuple(probes), tuple(attrs["stats"])), resume=True,
-                       flush_seconds=0.0)
-    writer.append(np.arange(start, stop), count[start:stop],
-                  {s: v[start:stop] for s, v in data.items()},
-                  {k: v[start:stop] for k, v in scalars.items()})
-    writer.close()
-
-
 def test_incremental_updates_write_each_window_and_scalar_once(tmp_path):
     data, count, scalars = synthetic(n_steps=60, idle=[25])
     run = tmp_path / "run"
@@ -217,7 +201,7 @@ def test_incremental_updates_write_each_window_and_scalar_once(tmp_path):
     first = exporter.update()
     assert (first.windows, first.last_step) == (2, 22)
     assert exporter.update().windows == 0  # nothing new
-    grow(run, data, count, scalars, 23, 60)
+    append_rows(run, data, count, scalars, 23, 60)
     second = exporter.update()
     exporter.sink.close()
     assert (second.windows, second.last_step) == (4, 59)
