@@ -13,8 +13,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from statscope.probes.capture import Capture, Segment, gather_segments
+from statscope.probes.capture import Capture
 from statscope.probes.reduce import MASKED_KINDS, StackedRun
+from statscope.probes.segments import Segment, gather_segments
 from statscope.probes.statistics import Statistic, computes
 from statscope.rows import Gathered, ProbePart, Rows, compute_rows
 

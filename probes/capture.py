@@ -32,8 +32,6 @@ step's count stays 0 for this probe.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -42,16 +40,14 @@ from statscope.probes.fastpath import BatchStats
 from statscope.probes.nested import flat_nested
 from statscope.probes.pool import BufferPool, Pair
 from statscope.probes.reduce import (StackedRun, batchnorm_entry, batchnorm_kind,
-                                     entries_gather, reduce_before_advice, stack_entries,
-                                     step_entry)
+                                     reduce_before_advice, step_entry)
+from statscope.probes.segments import Segment, stack_segment
 from statscope.probes.selection import Target
 from statscope.probes.sets import mask_weights, masked_entry, set_entry
-from statscope.probes.statistics import block_moments
 from statscope.rows import ENTRY_MOMENTS, mean_needs_sum
 
-__all__ = ["Capture", "Segment", "gather_segments", "MAX_SHAPES_PER_BLOCK"]
+__all__ = ["Capture", "MAX_SHAPES_PER_BLOCK"]
 
-_BATCH_BYTES = 1 << 20
 _FULL = (torch.float32, torch.float64)
 MAX_SHAPES_PER_BLOCK = 3
 """Shapes one probe may take within one block before it reduces every step at once for good."""
@@ -61,34 +57,6 @@ def _input_key(x: torch.Tensor, invstd: torch.Tensor) -> tuple:
     """What :func:`statscope.probes.reduce.batchnorm_kind` and the entry of a BatchNorm input
     depend on: its shape, strides, dtype and device, and the dtype of BatchNorm's statistics."""
     return x.shape, x.stride(), x.dtype, x.get_device(), invstd.dtype
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Rows ``start:stop`` of a block, held from row ``offset`` of a ``raw`` buffer or of a
-    list of ``refs`` entries (one per row; None where the probe did not run), or of a
-    :class:`~statscope.probes.reduce.StackedRun` of them."""
-
-    start: int
-    stop: int
-    raw: Pair | None = None
-    refs: list | StackedRun | None = None
-    offset: int = 0
-
-    @property
-    def kind(self) -> str:
-        return "raw" if self.raw is not None else "refs"
-
-    def buffers(self) -> tuple[Pair, ...]:
-        """Pool buffers this segment holds (entries hold none)."""
-        return (self.raw,) if self.raw is not None else ()
-
-    def clip(self, lo: int, hi: int) -> "Segment | None":
-        """The part of this segment within rows ``lo:hi``, or None when they do not meet."""
-        start, stop = max(self.start, lo), min(self.stop, hi)
-        if start >= stop:
-            return None
-        return Segment(start, stop, self.raw, self.refs, self.offset + start - self.start)
 
 
 class Capture:
@@ -355,7 +323,7 @@ class Capture:
         if segments and self._is_open(segments[-1]):
             self._rows = None  # the open buffer went with the block: take a new one when needed
         self._start = 0
-        stacked = [_stacked(seg) for seg in segments]
+        stacked = [stack_segment(seg) for seg in segments]
         if self.bn_eps is not None and stacked:
             self._advise_mean(stacked[-1], count)
         return count, stacked, sets
@@ -462,54 +430,3 @@ class Capture:
         shape = list(self._shape)
         c = shape.pop(self.target.channel_dim)
         return (*shape, c)
-
-
-def _stacked(seg: Segment) -> Segment:
-    """``seg`` with its entries stacked where :func:`statscope.probes.reduce.stack_entries`
-    allows (on the training thread, at the hand-over of a block)."""
-    if seg.refs is None:
-        return seg
-    run = stack_entries(seg.refs[seg.offset:seg.offset + seg.stop - seg.start])
-    return seg if run is None else Segment(seg.start, seg.stop, refs=run)
-
-
-def gather_segments(segments: list[Segment], order: int) -> tuple[list, list, list]:
-    """The torch half of the segments' moments: raw segments reduced, entries gathered.
-
-    Small raw segments of the same shape (the probes of a network's equal-width layers) are
-    reduced in one batched pass: at small batch sizes the writer thread's cost is per operation,
-    not per element. The entries of ``refs`` segments are stacked per kind and copied to the
-    host once per device (:func:`statscope.probes.reduce.entries_gather`).
-
-    Returns:
-        ``(moments, jobs, refs)``: per segment its float64 moments (stop-start, C) as numpy
-        arrays, or None for a ``refs`` segment; the gathered entries; and ``(segment, rows)`` of
-        each ``refs`` segment (see :class:`statscope.rows.Gathered`).
-    """
-    out: list = [None] * len(segments)
-    groups: dict[tuple, list[int]] = {}
-    refs = []
-    for i, seg in enumerate(segments):
-        if seg.raw is None:
-            refs.append(i)
-            continue
-        buf = seg.raw[0]
-        # Batch small blocks only: big ones are bound by memory, and a copy would cost more.
-        key = (buf.shape, buf.dtype, buf.device) if buf.nbytes <= _BATCH_BYTES else i
-        groups.setdefault(key, []).append(i)
-    runs = [segments[i].refs[segments[i].offset:segments[i].offset + segments[i].stop
-                             - segments[i].start] for i in refs]
-    jobs = entries_gather(runs) if refs else []
-    for members in groups.values():
-        blocks = []
-        for i in members:
-            seg = segments[i]
-            raw = seg.raw[0][seg.offset:seg.offset + seg.stop - seg.start]
-            blocks.append(raw.reshape(raw.shape[0], -1, raw.shape[-1]))
-        stacked = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-        moments = [m.cpu().numpy() for m in block_moments(stacked, order)]
-        first = 0
-        for i, block in zip(members, blocks):
-            out[i] = tuple(m[first:first + len(block)] for m in moments)
-            first += len(block)
-    return out, jobs, [(i, len(run)) for i, run in zip(refs, runs)]
