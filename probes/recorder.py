@@ -30,7 +30,8 @@ unless ``record_eval=True``.
 
 The recorder is one class in four modules: this one (arguments, the public per-step API),
 :mod:`statscope.probes.lifecycle` (start and close), :mod:`statscope.probes.hooks` (the probes)
-and :mod:`statscope.probes.steps` (the step boundary, blocks handed to the writer thread).
+and :mod:`statscope.probes.steps` (the step boundary, blocks handed to the writer thread); its
+arguments are checked in :mod:`statscope.probes.options`.
 """
 
 from __future__ import annotations
@@ -48,36 +49,28 @@ from torch import nn
 
 from statscope import schema as S
 from statscope.errors import StatscopeError, StatscopeWarning
-from statscope.probes.attach import MECHANISMS
 from statscope.probes.capture import Capture
 from statscope.probes.fastpath import probe_path
 from statscope.probes.hooks import Hooks
 from statscope.probes.lifecycle import OPEN, Lifecycle
 from statscope.probes.pool import BufferPool
 from statscope.probes.neurons import check_spec
-from statscope.probes.selection import (Target, _per_layer, check_per_layer, norm_info, select,
-                                        unwrap)
+from statscope.probes.options import (STEP_MODES, check_model, check_options, positive_int,
+                                     probe_info, running_buffers, scalar_of, stat_names)
+from statscope.probes.selection import Target, _per_layer, check_per_layer, select, unwrap
 from statscope.probes.placement import rank_path, refuse_single_run
 from statscope.probes.statistics import STATISTICS, get_statistic
 from statscope.probes.steps import Steps, _caller_level
 from statscope.probes.streams import StreamOrder
 from statscope.probes.worker import Attrs, Flush, Notice, ProbeStatic, Worker
 from statscope.storage import use_options
-from statscope.store import ProbeInfo
 from statscope.writer import check_path, check_scalar_name, resume_step
 from statscope.writer_process import resolve_mode
 
 __all__ = ["Recorder", "record", "rank_path", "STEP_MODES"]
 
-STEP_MODES = ("auto", "optimizer", "forward", "manual")
 _RESERVED_ATTRS = {S.ATTR_FORMAT, S.ATTR_STATUS, S.ATTR_N_STEPS, S.ATTR_LAST_STEP, S.ATTR_PROBES,
                    S.ATTR_LAYERS, S.ATTR_STATS, S.ATTR_SCALARS, S.ATTR_STEP_RULE}
-
-
-def _positive_int(name: str, value: Any, least: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise StatscopeError(f"{name}={value!r}: expected an int ≥ {least}")
-    return value
 
 
 class Recorder(Lifecycle, Hooks, Steps):
@@ -100,38 +93,16 @@ class Recorder(Lifecycle, Hooks, Steps):
                  neurons: Any = None, window_steps: int | None = S.DEFAULT_WINDOW_STEPS,
                  every: int = 1, mask: Callable[..., Any] | None = None,
                  storage_options: Mapping[str, Any] | None = None, writer: str = "auto"):
-        if not isinstance(model, nn.Module):
-            raise StatscopeError(f"model={type(model).__name__}: expected a torch.nn.Module")
-        if isinstance(model, torch.jit.ScriptModule):
-            raise StatscopeError(
-                f"model={type(model).__name__}: a TorchScript module (torch.jit.script or "
-                "torch.jit.trace) runs without the Python hooks that probes use; record the "
-                "eager model instead")
-        _warn_scripted(model)
-        for name, flag in (("overwrite", overwrite), ("record_eval", record_eval)):
-            if not isinstance(flag, bool):  # overwrite="no" replaced the run
-                raise StatscopeError(f"{name}={flag!r}: expected True or False")
-        if step not in STEP_MODES:
-            raise StatscopeError(f"step={step!r}: expected one of {STEP_MODES}")
-        self.block_steps = _positive_int("block_steps", block_steps)
-        self.chunk_steps = None if chunk_steps is None else _positive_int("chunk_steps",
-                                                                          chunk_steps)
-        raw_bytes = _positive_int("raw_bytes", raw_bytes, least=0)  # 0: reduce every step
-        buffer_bytes = _positive_int("buffer_bytes", buffer_bytes)
-        if isinstance(flush_seconds, bool) or not isinstance(flush_seconds, (int, float)) \
-                or not flush_seconds > 0:
-            raise StatscopeError(f"flush_seconds={flush_seconds!r}: expected a positive number")
-        if mechanism not in MECHANISMS:
-            raise StatscopeError(f"mechanism={mechanism!r}: expected one of {MECHANISMS}")
-        if on_error not in ("stop", "raise"):
-            raise StatscopeError(f"on_error={on_error!r}: expected 'stop' (recording stops, "
-                                 "training goes on) or 'raise' (the next probe raises)")
-        if isinstance(stats, str) or not isinstance(stats, Iterable):
-            raise StatscopeError(f"stats={stats!r}: expected a list of statistic names, e.g. "
-                                 f"{list(S.DEFAULT_STATS)}")
-        stats = tuple(dict.fromkeys(stats))
-        if not stats:
-            raise StatscopeError(f"stats=[]: expected at least one of {', '.join(STATISTICS)}")
+        check_model(model)
+        check_options(overwrite=overwrite, record_eval=record_eval, step=step,
+                      flush_seconds=flush_seconds, mechanism=mechanism, on_error=on_error,
+                      meta=meta, mask=mask)
+        self.block_steps = positive_int("block_steps", block_steps)
+        self.chunk_steps = None if chunk_steps is None else positive_int("chunk_steps",
+                                                                         chunk_steps)
+        raw_bytes = positive_int("raw_bytes", raw_bytes, least=0)  # 0: reduce every step
+        buffer_bytes = positive_int("buffer_bytes", buffer_bytes)
+        stats = stat_names(stats)
         self.statistics = [get_statistic(s) for s in stats]
         self.order = max(s.order for s in self.statistics)
         self.mechanism, self.on_error, self.step_mode = mechanism, on_error, step
@@ -159,32 +130,25 @@ class Recorder(Lifecycle, Hooks, Steps):
         self.root = unwrap(model)
         self.targets: list[Target] = select(model, layers, where=where, channel_dim=channel_dim,
                                             en_groups=en_groups)
-        if meta is not None and not isinstance(meta, Mapping):
-            raise StatscopeError(f"meta={meta!r}: expected a mapping of names to values, e.g. "
-                                 "{'lr': 0.1}")
         self.meta = dict(meta or {})
         self.pool = BufferPool(buffer_bytes)
         self.streams = StreamOrder()
-        if mask is not None and not callable(mask):
-            raise StatscopeError(f"mask={mask!r}: expected a function (args, kwargs) -> mask of "
-                                 "the model's forward, e.g. lambda a, kw: kw['attention_mask']; "
-                                 "or call rec.mask(tensor) at each step")
         self._mask_of = mask
         self._mask: torch.Tensor | None = None
         self._next_mask: torch.Tensor | None = None  # set by mask() for the next step
         sets = any(s.sets for s in self.statistics)
         self.captures = [Capture(t, self.block_steps, raw_bytes, self.order, self.pool, sets)
                          for t in self.targets]
-        self.every = _positive_int("every", every)
+        self.every = positive_int("every", every)
         if window_steps is not None:
-            window_steps = _positive_int("window_steps", window_steps)
+            window_steps = positive_int("window_steps", window_steps)
         self.window_steps = window_steps
         check_per_layer(neurons, "neurons", [(t.module_name, t.module) for t in self.targets])
         specs = [_per_layer(neurons, t.module_name, t.module, None) for t in self.targets]
         for spec in specs:
             check_spec(spec)
-        self._static = [ProbeStatic(_probe_info(t, probe_path(t, self.order, mechanism)),
-                                    _running_buffers(t), spec)
+        self._static = [ProbeStatic(probe_info(t, probe_path(t, self.order, mechanism)),
+                                    running_buffers(t), spec)
                         for t, spec in zip(self.targets, specs)]
         self._lock = threading.Lock()
         self._state = "new"
@@ -304,7 +268,7 @@ class Recorder(Lifecycle, Hooks, Steps):
                 check_scalar_name(name, STATISTICS)
                 self._scalar_names.add(name)
             if isinstance(value, torch.Tensor):
-                value = _scalar_of(name, value)
+                value = scalar_of(name, value)
             elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
                 value = float(value)
             else:
@@ -363,63 +327,6 @@ class Recorder(Lifecycle, Hooks, Steps):
         if self._say or self._writer.notices:
             self._emit()
         return committed
-
-
-def _warn_scripted(model: nn.Module) -> None:
-    """Say which submodules are TorchScript modules: their layers run without Python hooks, so
-    none of them is recorded (nor offered to ``layers=``)."""
-    scripted = [name for name, m in model.named_modules()
-                if isinstance(m, torch.jit.ScriptModule)]
-    outer = [n for n in scripted if not any(n.startswith(o + ".") for o in scripted if o != n)]
-    if outer:
-        what = "is a TorchScript module" if len(outer) == 1 else "are TorchScript modules"
-        warnings.warn(f"statscope: {', '.join(repr(n) for n in outer)} {what} "
-                      "(torch.jit.script or trace): the layers inside run without Python hooks "
-                      "and are not recorded; record the eager module instead", StatscopeWarning,
-                      stacklevel=_caller_level())
-
-
-def _scalar_of(name: str, value: torch.Tensor):
-    """What :meth:`Recorder.log` keeps of a one-element tensor: its value now, as a Python
-    number on the CPU (``item`` is a read there, not a sync), else a detached 0-d copy on its
-    device (one kernel, stream-ordered before any later in-place update), as for tensor
-    subclasses too, whose ``item`` may communicate (a DTensor's). Once per step: the common case,
-    a float CPU tensor, makes one torch call."""
-    plain_cpu = type(value) is torch.Tensor and value.is_cpu
-    if plain_cpu:
-        try:
-            number = value.item()
-        except RuntimeError:  # not one element: said below
-            number = None
-        if type(number) is float:
-            return number
-    if value.numel() != 1:
-        raise StatscopeError(f"log({name}=...): a tensor of shape {tuple(value.shape)}; "
-                             "expected one element")
-    if value.is_complex():
-        raise StatscopeError(f"log({name}=...): a complex tensor ({value.dtype}); log its "
-                             "real part or its absolute value")
-    if plain_cpu:
-        return float(value.item())  # an integer or boolean tensor
-    return value.detach().reshape(()).clone()
-
-
-def _probe_info(t: Target, path: str) -> ProbeInfo:
-    return ProbeInfo(name=t.name, module=t.module_name, type=type(t.module).__name__,
-                     where=t.where, channel_dim=t.channel_dim, channels=t.channels or 0,
-                     groups=t.groups, norm=norm_info(t.module) if t.where == "input" else None,
-                     path=path)
-
-
-def _running_buffers(t: Target):
-    mean, var = getattr(t.module, "running_mean", None), getattr(t.module, "running_var", None)
-    if t.where != "input" or not isinstance(mean, torch.Tensor) \
-            or not isinstance(var, torch.Tensor):
-        return None
-    if isinstance(mean, nn.parameter.UninitializedBuffer):
-        return "lazy"  # materialized at the first forward, as zeros and ones
-    return (mean.detach().float().cpu().numpy().reshape(-1).copy(),
-            var.detach().float().cpu().numpy().reshape(-1).copy())
 
 
 def open_recorders() -> list[Recorder]:
