@@ -40,7 +40,8 @@ from .resampling import MIN_EFFECTIVE, Moments, check_settings
 from .seeds import MODEL_KEYS, between_seeds, layer_set, run_configs
 from ._claim_notes import USES, compared_with, ran_note, steps_with_values, why
 from ._compute import run_tasks
-from .window import RunWindow, run_windows, split_runs
+from .runs import split_runs
+from .window import RunWindow, run_windows
 
 __all__ = ["Claims", "ClaimRow", "PooledClaims", "PooledRow", "claims", "HOLDS",
            "DOES_NOT_HOLD", "INCONCLUSIVE", "CLAIMS"]

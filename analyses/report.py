@@ -23,7 +23,8 @@ from .seeds import MODEL_KEYS, layer_set, run_configs
 from ._compute import run_tasks
 from .tables import (COLUMNS, fluctuation_table, pooled_fluctuation_table, rank_gap_table,
                      summary_matrix, summary_tally, VERDICTS)
-from .window import GLOBAL, run_windows, split_runs
+from .runs import GLOBAL, split_runs
+from .window import run_windows
 
 __all__ = ["Report", "RunEntry", "ScalingGroup", "build_report", "render_markdown",
            "markdown_report", "cell_text", "methods", "fmt", "scaling_frame"]

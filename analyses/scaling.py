@@ -30,7 +30,8 @@ from ._names import NOTES, SIGMA2, STATISTIC
 from .bootstrap import window_series
 from .intervals import contrast
 from .resampling import Moments, check_settings, moments, resample
-from .window import run_windows, split_runs
+from .runs import split_runs
+from .window import run_windows
 
 __all__ = ["batch_size_scaling", "runs_slope"]
 

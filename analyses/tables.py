@@ -16,7 +16,8 @@ from .baseline import excess_fluctuation
 from .fluctuation import fluctuation
 from .seeds import between_seeds, config_labels, config_meta, layer_set, run_configs
 from .summary import layer_summary
-from .window import RunWindow, run_windows, split_runs
+from .runs import split_runs
+from .window import RunWindow, run_windows
 from .resampling import check_settings
 
 __all__ = ["fluctuation_table", "pooled_fluctuation_table", "rank_gap_table", "select_layers",
@@ -96,7 +97,7 @@ def entry_configs(runs) -> dict[str, str]:
     labelled among all of them.
 
     Args:
-        runs: see :func:`statscope.analyses.window.split_runs`; a distributed run gives its
+        runs: see :func:`statscope.analyses.runs.split_runs`; a distributed run gives its
             ranks and global entry (``NAME/rank0``, ``NAME/global``).
 
     Returns:

@@ -27,7 +27,8 @@ from ._names import NOTES, SIGMA2
 from .bootstrap import window_series
 from .intervals import bootstrap_statistic, contrast
 from .resampling import Moments, check_settings, resample
-from .window import load_window, map_windows, split_runs
+from .runs import split_runs
+from .window import load_window, map_windows
 
 __all__ = ["levene", "compare_statistics", "compare_runs"]
 
