@@ -44,7 +44,8 @@ from statscope.probes.reduce import (StackedRun, batchnorm_entry, batchnorm_kind
 from statscope.probes.segments import Segment, stack_segment
 from statscope.probes.selection import Target
 from statscope.probes.sets import mask_weights, masked_entry, set_entry
-from statscope.rows import ENTRY_MOMENTS, mean_needs_sum
+from statscope.entries import ENTRY_MOMENTS
+from statscope.rows import mean_needs_sum
 
 __all__ = ["Capture", "MAX_SHAPES_PER_BLOCK"]
 

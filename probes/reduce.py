@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 from statscope.native import kernels
-from statscope.rows import (EntryJob, far_mean, jobs_moments, mean_needs_sum, near_eps,
-                            var_from_invstd, var_overflows)
+from statscope.entries import EntryJob, jobs_moments, var_from_invstd
+from statscope.rows import far_mean, mean_needs_sum, near_eps, var_overflows
 
 __all__ = ["step_entry", "batchnorm_entry", "batchnorm_kind", "mean_needs_sum", "entry_moments",
            "entries_gather", "StackedRun", "stack_entries", "SHIFT_SAMPLE", "CPU_BATCHNORM_MAX",
@@ -312,7 +312,7 @@ def _stack(entries: Sequence[tuple], n: int) -> tuple[list, np.ndarray]:
 def entries_gather(runs: Sequence[Sequence[tuple | None]]) -> list[EntryJob]:
     """The entries of several runs as host arrays: entries of one kind and width are stacked
     together, whatever run they belong to, and copied to the host once per device (the torch
-    half of :func:`entries_moments`; :func:`statscope.rows.jobs_moments` is the numpy half).
+    half of :func:`entries_moments`; :func:`statscope.entries.jobs_moments` is the numpy half).
     A run is a list of entries (None where a row has none) or a :class:`StackedRun`."""
     groups: dict[tuple, list] = {}  # (tag, length, row shape) -> [(run, rows)], rows of that run
     for i, entries in enumerate(runs):

@@ -12,7 +12,7 @@ from torch import nn
 import statscope
 from statscope.probes.capture import Capture
 from statscope.probes.reduce import StackedRun, entries_gather, stack_entries, step_entry
-from statscope.rows import jobs_moments
+from statscope.entries import jobs_moments
 
 
 def _bn_entry(x: torch.Tensor, eps: float = 1e-5) -> tuple:

@@ -4,7 +4,8 @@ covers, entries missing within a run, steps a probe did not run, probes of equal
 import numpy as np
 
 from statscope import schema as S
-from statscope.rows import Advice, EntryJob, Gathered, ProbePart, compute_rows
+from statscope.entries import EntryJob
+from statscope.rows import Advice, Gathered, ProbePart, compute_rows
 
 EPS = 1e-5
 NAMES = (S.BN_MEAN, S.BN_STD, S.EN_MEAN, S.EN_STD)
