@@ -64,7 +64,7 @@ from statscope.probes.steps import Steps, _caller_level
 from statscope.probes.streams import StreamOrder
 from statscope.probes.worker import Attrs, Flush, Notice, ProbeStatic, Worker
 from statscope.storage import use_options
-from statscope.writer import check_path, check_scalar_name, resume_step
+from statscope.destination import check_path, check_scalar_name, resume_step
 from statscope.writer_process import resolve_mode
 
 __all__ = ["Recorder", "record", "rank_path", "STEP_MODES"]

@@ -11,7 +11,8 @@ run began get columns appended (their earlier rows are written as NaN, count 0).
 time calls a writer.
 
 The writer is one class in two modules: this one (opening, appending, flushing, closing) and
-:mod:`statscope.writer_arrays` (creating, resuming and widening the run's arrays).
+:mod:`statscope.writer_arrays` (creating, resuming and widening the run's arrays); the checks
+before a run is created or resumed are in :mod:`statscope.destination`.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from statscope import schema as S
-from statscope.errors import RunCompletedError, StatscopeError, StoreError
+from statscope.errors import StatscopeError, StoreError
 from statscope.lease import Lease
-from statscope.storage import exists, is_url, remove_partials, remove_tree
-from statscope.store import Layout, ProbeInfo, read_attrs
+from statscope.storage import remove_partials, remove_tree
+from statscope.store import Layout, ProbeInfo
+from statscope.destination import (check_path, check_scalar_name, committed_steps,
+                                   folder_identity, refuse_completed, resume_step)
 from statscope.windows import Windows
 from statscope.writer_arrays import WriterArrays, _jsonable, now_iso, package_versions
 
@@ -93,8 +96,8 @@ class RunWriter(WriterArrays):
         try:
             there = check_path(self.path, overwrite=overwrite, resume=resume)  # now under lease
             if resume and there and not resume_completed:
-                _refuse_completed(self.path)
-            if resume and there and _committed_steps(self.path):
+                refuse_completed(self.path)
+            if resume and there and committed_steps(self.path):
                 remove_partials(self.path)
                 self._resume(layout, attrs or {}, running0 or {}, at)
             else:
@@ -104,7 +107,7 @@ class RunWriter(WriterArrays):
                     remove_tree(self.path)
                 self._create(layout, attrs or {}, running0 or {})
                 self.next_step = at or 0
-            self._identity = _folder_identity(self.path)
+            self._identity = folder_identity(self.path)
         except BaseException:
             self.lease.release()
             raise
@@ -283,7 +286,7 @@ class RunWriter(WriterArrays):
             StoreError: naming the path.
         """
         identity = getattr(self, "_identity", None)
-        if identity is not None and _folder_identity(self.path) != identity:
+        if identity is not None and folder_identity(self.path) != identity:
             raise StoreError(f"path={self.path!r}: the run's folder was deleted, moved or "
                              "replaced while recording; nothing more is written there (rows "
                              "not written yet are lost)")
@@ -313,7 +316,7 @@ class RunWriter(WriterArrays):
 
     def _mark(self, status: str, error: str | None) -> None:
         identity = getattr(self, "_identity", None)
-        if identity is not None and _folder_identity(self.path) != identity:
+        if identity is not None and folder_identity(self.path) != identity:
             return  # not the run's folder any more (see _check_folder)
         self._group.update_attributes({S.ATTR_STATUS: status, S.ATTR_ENDED: now_iso(),
                                   S.ATTR_ERROR: error})
@@ -348,96 +351,6 @@ def count_nonfinite(layout: Layout, count: np.ndarray,
         if n:
             out[s] = n
     return out
-
-
-def _folder_identity(path: str) -> tuple | None:
-    """A local folder's device and inode (None for a URL; ``()`` when it is gone)."""
-    if "://" in path:
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return ()
-    return (st.st_dev, st.st_ino)
-
-
-def _committed_steps(path: str) -> int:
-    """The rows the run at ``path`` has committed (0 before its first commit)."""
-    return int(read_attrs(path).get(S.ATTR_N_STEPS) or 0)
-
-
-def resume_step(resume) -> int | None:
-    """The step that ``resume`` names (None for ``True`` and ``False``: after the last committed
-    one, or a new run).
-
-    Raises:
-        StatscopeError: neither a bool nor an int ≥ 0.
-    """
-    if isinstance(resume, (bool, np.bool_)):
-        return None
-    if isinstance(resume, (int, np.integer)) and resume >= 0:
-        return int(resume)
-    raise StatscopeError(f"resume={resume!r}: expected True, False or the step to continue at "
-                         "(an int >= 0)")
-
-
-def _refuse_completed(path: str) -> None:
-    """Raise :class:`RunCompletedError` if the run at ``path`` is completed
-    (``resume_completed=False``)."""
-    attrs = read_attrs(path)
-    if attrs.get(S.ATTR_STATUS) == S.STATUS_COMPLETED:
-        raise RunCompletedError(f"path={path!r}: the run is completed ({attrs.get(S.ATTR_N_STEPS)} "
-                         f"steps, ended {attrs.get(S.ATTR_ENDED)}); resume_completed=False leaves "
-                         "it as it is")
-
-
-def check_path(path: str, *, overwrite: bool, resume: bool) -> bool:
-    """Check that a run may be written at ``path``; return whether something is there already.
-
-    Raises:
-        StatscopeError: both ``overwrite`` and ``resume``.
-        StoreError: ``path`` holds something and neither is set, or holds something that is not a
-            statscope run (which neither replaces nor continues).
-    """
-    if overwrite and resume:
-        raise StatscopeError("overwrite=True, resume=True: choose one")
-    from statscope.lease import lease_path
-
-    lease_path(path)  # refuses a path no run can have (a bucket's root)
-    there = exists(path)
-    if there and not (overwrite or resume):
-        raise StoreError(f"path={path!r}: already exists; pass overwrite=True to replace it or "
-                         "resume=True to continue it")
-    if there:
-        read_attrs(path)  # raises unless it is a run: never replace a user's folder
-    elif not is_url(path):
-        _check_creatable(path)
-    return there
-
-
-def _check_creatable(path: str) -> None:
-    """Refuse early, with a clear message, a local path where no folder can be made."""
-    from statscope.storage import local_path
-
-    p = local_path(path).absolute()
-    parent = p
-    while not parent.exists():
-        parent = parent.parent
-    if p.exists() and not p.is_dir():
-        raise StoreError(f"path={path!r}: is a file, not a run folder")
-    if not parent.is_dir():
-        raise StoreError(f"path={path!r}: {str(parent)!r} is a file, so no folder can be made "
-                         "below it")
-    if not os.access(parent, os.W_OK | os.X_OK) or str(parent).startswith("/proc"):
-        raise StoreError(f"path={path!r}: {str(parent)!r} is not writable")
-
-
-def check_scalar_name(name: str, taken=()) -> None:
-    """Raise StatscopeError unless ``name`` can be a logged scalar: an identifier that is neither
-    a schema name nor one of ``taken`` (the run's statistics)."""
-    if name in S.RESERVED_NAMES or name in taken or not name.isidentifier():
-        raise StatscopeError(f"log({name}=...): {name!r} is reserved or not an identifier; "
-                             f"reserved: {sorted(S.RESERVED_NAMES | set(taken))}")
 
 
 def write_run(path, probes, data: Mapping[str, np.ndarray], *, steps=None, count=None,
