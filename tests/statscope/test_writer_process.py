@@ -372,7 +372,7 @@ def test_a_probe_that_joins_late_gets_its_columns_from_the_writer_process(tmp_pa
 
 def test_warnings_of_the_writer_process_reach_this_process(tmp_path, monkeypatch):
     """The child sends the warnings it catches; they are warned here with their category."""
-    from statscope import writer_process as wp
+    from statscope import writer_child
 
     class Conn:
         sent = []
@@ -384,7 +384,7 @@ def test_warnings_of_the_writer_process_reach_this_process(tmp_path, monkeypatch
         warnings.simplefilter("always")
         warnings.warn("from the child", statscope.StatscopeWarning)
     conn = Conn()
-    wp._report(conn, caught)
+    writer_child._report(conn, caught)
     assert conn.sent == [("warn", "from the child", statscope.StatscopeWarning)] and not caught
     proxy = object.__new__(WriterProcess)
     with pytest.warns(statscope.StatscopeWarning, match="from the child"):
@@ -394,7 +394,8 @@ def test_warnings_of_the_writer_process_reach_this_process(tmp_path, monkeypatch
 def test_the_writer_process_side_needs_no_torch():
     """The child computes rows and writes zarr without importing torch (its start-up stays
     ~0.3 s and its memory small)."""
-    code = ("import sys, statscope.writer_process, statscope.rows, statscope.writer; "
+    code = ("import sys, statscope.writer_process, statscope.writer_child, statscope.rows, "
+            "statscope.writer; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=TIMEOUT)
