@@ -139,9 +139,17 @@ def lerp_buffer(layer, name, value, factor):
     1/count.
     """
     buffer = layer._buffers[name]
+    value = value.detach()
+    # a value wider than the buffer (float32 statistics of a float16 layer) is averaged in its
+    # own dtype: a float16 variance of 9e4 is inf, a tenth of it is not
+    wide = value.dtype if torch.promote_types(value.dtype, buffer.dtype) == value.dtype \
+        else buffer.dtype
     if isinstance(factor, torch.Tensor):
-        factor = factor.to(buffer.dtype).reciprocal()
-    buffer.view(1, -1).lerp_(value.detach().to(buffer.dtype), factor)
+        factor = factor.to(wide).reciprocal()
+    if wide == buffer.dtype:
+        buffer.view(1, -1).lerp_(value.to(wide), factor)
+    else:
+        buffer.view(1, -1).copy_(buffer.view(1, -1).to(wide).lerp(value, factor))
 
 
 def update_channel(layer, shape, means, variances, shares_mean, known):

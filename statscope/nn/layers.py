@@ -96,6 +96,12 @@ class _PixelSetNorm(Routes, nn.Module):
         if std_center not in STD_CENTERS:
             raise StatscopeError(f"std_center={std_center!r}: expected one of "
                                  f"{', '.join(STD_CENTERS)}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            # torch's own message ("Only Tensors of floating point and complex dtype can
+            # require gradients") names neither the argument nor the norm
+            raise StatscopeError(f"dtype={dtype!r}: expected a floating-point torch.dtype "
+                                 f"(torch.float32, torch.float64, torch.bfloat16, "
+                                 f"torch.float16) for the parameters and running statistics")
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps_value

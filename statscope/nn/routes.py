@@ -108,9 +108,15 @@ class Routes:
             route = self._widened_route
         elif native and self._torch_norm is not None:
             route = self._torch_op
+        elif (native and x.dtype == torch.float16
+              and not (self._plan is not None and not use_batch and self.mean_weight is None
+                       and self.var_weight is None)):
+            # float16 overflows the statistics of the routes below (and c² of the composed
+            # one): the plain ops in float32. The eval-mode BatchNorm op computes in float32
+            route = self._plain_route
         elif (native and self._plan is not None and use_batch and self.mean_weight is None
               and x.device.type == "cpu" and x.numel() <= _KERNEL_LIMIT
-              and x.dtype != torch.float16 and kernels() is not None):
+              and kernels() is not None):
             route = self._kernel_route
         elif native and self._plan is not None and use_batch:
             limit = _SMALL_EN if self._plan.mean_extended[0] else _SMALL
@@ -120,14 +126,14 @@ class Routes:
             # on CUDA a step of small layers waits for kernel launches, not for passes over
             # the data: the composed route's two calls win at any size
             small = (self._plan.extended_std and (x.numel() <= limit or x.is_cuda)
-                     and not short and x.dtype != torch.float16)
+                     and not short)
             route = self._composed_route if small else self._function_route
         elif (native and self._plan is not None and self.mean_weight is None
               and self.var_weight is None):
             route = self._running_route
         elif native and self._per_example and x.dim() > 2:
             kernel = (use_batch and x.device.type == "cpu" and x.numel() <= _KERNEL_LIMIT
-                      and x.dtype != torch.float16 and kernels() is not None)
+                      and kernels() is not None)
             route = self._cell_kernel_route if kernel else self._cell_route
         else:
             route = self._plain_route
@@ -258,8 +264,24 @@ class Routes:
         return route(wide, use_batch, update)
 
     def _plain_route(self, x, use_batch, update):
-        return plain_forward(self, x, self.weight, self.bias, self.mean_weight, self.var_weight,
-                           use_batch, update)
+        """The plain ops (:func:`~statscope.nn.algebra.plain_forward`); a float16 ``x`` in
+        float32, the output cast back to the dtype float16 arithmetic would give. Variances
+        and the per-channel sums of the backward overflow float16's 65504 where torch's norms,
+        which accumulate in float32, do not: a std of 300 (variance 9e4) normalized every
+        value to β and gave (BN, BN+EN) NaN, a std of 30 over 25600 pixels a channel an inf
+        gradient. Running statistics go to the buffers in their own dtype."""
+        if x.dtype != torch.float16:
+            return plain_forward(self, x, self.weight, self.bias, self.mean_weight,
+                                 self.var_weight, use_batch, update)
+        dtype = self._dtype()
+        out = x.dtype if dtype is None else torch.promote_types(x.dtype, dtype)
+
+        def wide(t):
+            return None if t is None else t.float()
+
+        y = plain_forward(self, x.float(), wide(self.weight), wide(self.bias),
+                          wide(self.mean_weight), wide(self.var_weight), use_batch, update)
+        return y.to(out)
 
     def _torch_op(self, x, use_batch, update):
         """The norm as the torch op it is (BN, IN, LN or GN), BatchNorm's running statistics too."""
