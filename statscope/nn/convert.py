@@ -1,9 +1,11 @@
 """Replace every BatchNorm of a model by a norm of this package, like ``convert_sync_batchnorm``."""
 
+import warnings
+
 import torch
 from torch import nn
 
-from statscope.errors import StatscopeError
+from statscope.errors import StatscopeError, StatscopeWarning
 from statscope.nn.factory import make_norm
 
 __all__ = ["convert"]
@@ -19,7 +21,8 @@ def convert(model, name, **kw):
     BatchNorm running mean or variance as it is; an extended set takes their group averages, its
     variance by the law of total variance (see :meth:`HeteroNorm.load_batchnorm_stats`).
     Per-example sets have no running statistics. The new layers do not synchronise across
-    processes.
+    processes: replacing a ``SyncBatchNorm`` warns (:class:`StatscopeWarning`) that its
+    replacement normalizes each process's own batch.
 
     Args:
         model: any ``nn.Module``; children are replaced in place, all or none (a layer
@@ -36,14 +39,28 @@ def convert(model, name, **kw):
         ('HeteroNorm', 'extended')
     """
     if isinstance(model, nn.modules.batchnorm._BatchNorm):
-        return _replace(model, name, kw, "")
+        layer = _replace(model, name, kw, "")
+        _warn_unsynced(name, ["the model"] if isinstance(model, nn.SyncBatchNorm) else [])
+        return layer
     # every new layer is made before any is set: a layer that cannot be converted (eps = 0,
     # channels that groups do not divide) leaves the model as it was
+    found = list(_batchnorms(model, ""))
     replacements = [(parent, child_name, _replace(child, name, kw, qualified))
-                    for parent, child_name, child, qualified in _batchnorms(model, "")]
+                    for parent, child_name, child, qualified in found]
     for parent, child_name, layer in replacements:
         setattr(parent, child_name, layer)
+    _warn_unsynced(name, [repr(q) for _, _, child, q in found
+                          if isinstance(child, nn.SyncBatchNorm)])
     return model
+
+
+def _warn_unsynced(name, layers):
+    """Say which SyncBatchNorm layers lost their cross-process statistics."""
+    if layers:
+        what = "is a SyncBatchNorm" if len(layers) == 1 else "are SyncBatchNorms"
+        warnings.warn(f"convert({name!r}): {', '.join(layers)} {what}; the replacement "
+                      "normalizes each process's own batch (statscope.nn layers do not "
+                      "synchronise statistics across processes)", StatscopeWarning, stacklevel=3)
 
 
 def _batchnorms(module, prefix):

@@ -4,13 +4,14 @@ import ast
 import copy
 import io
 import pathlib
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import statscope.nn as snn
-from statscope.errors import StatscopeError
+from statscope.errors import StatscopeError, StatscopeWarning
 from statscope.nn import (NORM_NAMES, HeteroNorm, SwitchableNorm, convert, fuse, is_norm_layer,
                           make_norm)
 
@@ -266,7 +267,9 @@ def test_convert_keeps_affine_and_maps_running_statistics(name):
         model[:2](torch.randn(4, 3, 6, 6))
     rm, rv = bn.running_mean.clone(), bn.running_var.clone()
     reference = {"eval": model[:2].eval()(x := torch.randn(2, 3, 6, 6))}
-    converted = convert(model, name)
+    with pytest.warns(StatscopeWarning, match=r"'2\.1' is a SyncBatchNorm; the replacement "
+                                              r"normalizes each process's own batch"):
+        converted = convert(model, name)
     layer = converted[1]
     assert is_norm_layer(layer) and is_norm_layer(converted[2][1])
     assert layer.momentum == 0.2 and not layer.training
@@ -289,6 +292,17 @@ def test_convert_keeps_affine_and_maps_running_statistics(name):
     if name.startswith("en"):
         torch.testing.assert_close(layer.running_mean,
                                    grouped_rm.expand(groups, 8 // groups).reshape(-1))
+
+
+def test_convert_warns_only_where_a_syncbatchnorm_loses_its_sync():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), "hn")  # nothing to say
+    with pytest.warns(StatscopeWarning, match=r"'0', '1\.0' are SyncBatchNorms"):
+        convert(nn.Sequential(nn.SyncBatchNorm(4), nn.Sequential(nn.SyncBatchNorm(4))), "bn")
+    with pytest.warns(StatscopeWarning, match="the model is a SyncBatchNorm"):
+        layer = convert(nn.SyncBatchNorm(4), "hn")
+    assert isinstance(layer, HeteroNorm)
 
 
 def test_convert_root_batchnorm():
