@@ -32,6 +32,8 @@ _SMALL_EN = 98304
 # pay (measured at one thread: 1.9-2.6x faster than the Python routes at 512-32768 elements, even
 # with them at 524288)
 _KERNEL_LIMIT = 65536
+# dtypes whose plain-route arithmetic runs in float32 (overflow in float16, offsets in both)
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _memory_format(x):
@@ -243,7 +245,12 @@ class Routes:
         return channel_norm(self, x, update)
 
     def _cell_route(self, x, use_batch, update):
-        """Per-example statistics: one autograd Function (:mod:`statscope.nn.cells`)."""
+        """Per-example statistics: one autograd Function (:mod:`statscope.nn.cells`); a bfloat16
+        ``x`` takes the plain ops in float32 instead: the Function's bfloat16 arithmetic lost
+        channels far from 0 (SN of an input with mean 100 and std 0.5: outputs off by 1.5, a
+        constant channel's by 4, where torch's BatchNorm in bfloat16 is off by 0.02)."""
+        if x.dtype == torch.bfloat16:
+            return self._plain_route(x, use_batch, update)
         if update and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         return cell_norm(self, x, use_batch, update)
@@ -264,13 +271,13 @@ class Routes:
         return route(wide, use_batch, update)
 
     def _plain_route(self, x, use_batch, update):
-        """The plain ops (:func:`~statscope.nn.algebra.plain_forward`); a float16 ``x`` in
-        float32, the output cast back to the dtype float16 arithmetic would give. Variances
+        """The plain ops (:func:`~statscope.nn.algebra.plain_forward`); a float16 or bfloat16
+        ``x`` in float32, the output cast back to the dtype their arithmetic would give. Variances
         and the per-channel sums of the backward overflow float16's 65504 where torch's norms,
         which accumulate in float32, do not: a std of 300 (variance 9e4) normalized every
         value to β and gave (BN, BN+EN) NaN, a std of 30 over 25600 pixels a channel an inf
         gradient. Running statistics go to the buffers in their own dtype."""
-        if x.dtype != torch.float16:
+        if x.dtype not in _HALF:
             return plain_forward(self, x, self.weight, self.bias, self.mean_weight,
                                  self.var_weight, use_batch, update)
         dtype = self._dtype()

@@ -201,6 +201,29 @@ def test_float16_gradients_stay_finite_over_many_pixels(name):
     assert (x.grad.float() - x32.grad).abs().max().item() < 2e-2 * scale
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("kind", ["offset", "constant"])
+@pytest.mark.parametrize("name", PER_EXAMPLE)
+def test_bfloat16_per_example_norms_keep_channels_far_from_zero(name, kind, layout):
+    """bfloat16 layers of the per-example norms on a large input (the autograd Function's
+    route): activations of mean 100 and std 0.5, or a constant channel (exactly β). Before the
+    fix the Function's bfloat16 arithmetic gave outputs off by 1.5 and 4; torch's BatchNorm2d in
+    bfloat16 is off by ~0.02 on the same offset input."""
+    layer = perturbed(name, dtype=torch.bfloat16)
+    params = arrays(layer)
+    gen = torch.Generator().manual_seed(5)
+    shape = (16, C, 24, 24)
+    x = (torch.randn(shape, generator=gen) * 0.5 + 100 if kind == "offset"
+         else torch.full(shape, 5.0)).bfloat16()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    expected, _ = reference(layer, x.double().numpy(), params)
+    # bfloat16 keeps 8 bits: outputs of a few units are good to ~2e-2
+    np.testing.assert_allclose(y.detach().double().numpy(), expected, atol=5e-2)
+
+
 @pytest.mark.parametrize("name", ("hn", "en_g4", "sn"))
 def test_float16_under_torch_func_matches_float64(name):
     """torch.func sees the plain ops; in float16 they overflowed there too."""
