@@ -242,11 +242,14 @@ def _candidates(path: str) -> list[str]:
     """The runs at ``path`` (statscope.store.scan_runs); folders that look like runs but are not
     readable are named in a warning."""
     from statscope.errors import StoreError
+    from statscope.storage import is_unusable
     from statscope.store import scan_runs
 
     try:
         scanned = scan_runs(path)
-    except StoreError:  # neither a run nor a folder: the caller says so
+    except StoreError as exc:  # neither a run nor a folder: the caller says so
+        if is_unusable(exc):  # an object store that cannot be reached: that is why
+            raise
         return []
     found = []
     for run, reason in scanned:
@@ -282,16 +285,19 @@ def open_runs_at(paths, window, *, by_path: bool = False, prepare=None,
             (the message lists why each was skipped).
     """
     from statscope.analyses import load_window, select_window
+    from statscope.commands import check_path_argument, missing_url
     from statscope.errors import StatscopeError
     from statscope.store import open_run
 
     found: list[str] = []
     for path in paths:
+        check_path_argument(path, "RUN_OR_DIR")
         if not Path(path).exists() and "://" not in str(path):
             raise StatscopeError(f"RUN_OR_DIR={path!r}: no such run or folder")
         hits = _candidates(str(path))
         if not hits and not Path(path).is_dir():
-            raise StatscopeError(f"RUN_OR_DIR={path!r}: not a statscope run or a folder of runs")
+            raise missing_url(str(path), "RUN_OR_DIR") or StatscopeError(
+                f"RUN_OR_DIR={path!r}: not a statscope run or a folder of runs")
         found += [h for h in hits if h not in found]
     names = found if by_path else _short_names(found)
     out, reasons = [], []
@@ -430,6 +436,11 @@ def run_analyze(args: argparse.Namespace) -> int:
                                            select_layers)
 
     window = parse_window(args.window)
+    if args.output is not None and not args.output.strip():
+        from statscope.errors import StatscopeError
+
+        raise StatscopeError(f"-o {args.output!r}: expected a file name (without -o the table "
+                             "goes to stdout)")
     if args.source == "windows" and args.detrend:
         from statscope.errors import StatscopeError
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from statscope.errors import StatscopeError
 
@@ -45,9 +44,12 @@ def run_dashboard(args: argparse.Namespace) -> int:
             invalid (exit code 2).
         ServeError: the port is in use or not permitted (exit code 1).
     """
-    from statscope.storage import is_url
+    from statscope.commands import check_path_argument, missing_url
+    from statscope.storage import is_url, local_path
 
-    path = args.path if is_url(args.path) else Path(args.path)  # a URL: s3://bucket/sweep
+    check_path_argument(args.path, "PATH")
+    # a URL: s3://bucket/sweep; a file:// URL is the local folder it names
+    path = args.path if is_url(args.path) else local_path(args.path)
     if not isinstance(path, str) and not path.exists():
         raise StatscopeError(f"PATH={args.path!r}: no such file or directory; expected a run "
                              "folder or a folder of runs")
@@ -66,6 +68,10 @@ def run_dashboard(args: argparse.Namespace) -> int:
     catalog = RunCatalog(path)
     errors = catalog.errors()
     if not catalog.names():
+        if isinstance(path, str) and not errors:
+            better = missing_url(path, "PATH")
+            if better is not None:
+                raise better
         detail = "".join(f"\n  {name}: {why}" for name, why in errors.items())
         raise StatscopeError(f"PATH={args.path!r}: no statscope runs found (a run is a folder "
                              f"written by statscope.record){detail}")

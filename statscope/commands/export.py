@@ -6,7 +6,11 @@ import argparse
 import os
 import sys
 
-__all__ = ["register", "run_export"]
+__all__ = ["register", "run_export", "MAX_STEP_OFFSET"]
+
+MAX_STEP_OFFSET = 2**62
+"""The largest ``--step-offset``: TensorBoard steps are signed 64-bit, and a run's own steps are
+added to it."""
 
 
 def register(subparsers) -> None:
@@ -24,8 +28,9 @@ def register(subparsers) -> None:
     p.add_argument("--window", type=int, default=200,
                    help="steps per window (default 200, the paper's window)")
     p.add_argument("--step-offset", type=int, default=None,
-                   help="added to every step written, to line up with the trainer's own curves "
-                        "(default: what the Lightning or Hugging Face callback stored, else 0)")
+                   help="added to every step written (0 or more), to line up with the "
+                        "trainer's own curves (default: what the Lightning or Hugging Face "
+                        "callback stored, else 0)")
     p.set_defaults(func=run_export)
 
 
@@ -33,11 +38,16 @@ def run_export(args: argparse.Namespace) -> int:
     """Handler of ``statscope export``: one line per run exported, a hint to open TensorBoard."""
     from pathlib import Path
 
+    from statscope.commands import check_path_argument, missing_url
     from statscope.commands.analyze import warn
     from statscope.errors import StatscopeError, StoreError
     from statscope.export import export_run
     from statscope.store import find_runs, is_run, rank_paths
 
+    check_path_argument(args.run, "RUN")
+    if args.step_offset is not None and not 0 <= args.step_offset <= MAX_STEP_OFFSET:
+        raise StatscopeError(f"--step-offset {args.step_offset}: expected an integer in "
+                             "0..2**62 (store step k is written at step k + offset)")
     kind, target = args.to
     if is_run(args.run):
         jobs = [(args.run, target)]
@@ -46,7 +56,8 @@ def run_export(args: argparse.Namespace) -> int:
         if not jobs:
             raise StatscopeError(f"RUN={args.run!r}: a folder without statscope runs")
     else:
-        raise StatscopeError(f"RUN={args.run!r}: not a statscope run or a folder of runs")
+        raise missing_url(args.run, "RUN") or StatscopeError(
+            f"RUN={args.run!r}: not a statscope run or a folder of runs")
     # a distributed run: each rank's store into its own folder (TensorBoard shows them as runs)
     jobs = [job for run, folder in jobs for job in _per_rank(run, folder, rank_paths(run))]
     _check_target(kind, target, [run for run, _ in jobs])

@@ -97,10 +97,13 @@ def register(subparsers) -> None:
     _add_training_flags(p, sweep=False)
     p.add_argument("--out", metavar="PATH",
                    help="the run store (default: runs/<name from the settings>, a new folder)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the store at --out after its last recorded step, from the "
-                        "checkpoint beside it (<out>.checkpoint.pt) when there is one")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true",
+                          help="replace an existing store at --out")
+    existing.add_argument("--resume", action="store_true",
+                          help="continue the store at --out after its last recorded step, "
+                               "from the checkpoint beside it (<out>.checkpoint.pt) when there "
+                               "is one")
     p.set_defaults(func=run_run)
 
     p = subparsers.add_parser(

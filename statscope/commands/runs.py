@@ -32,17 +32,21 @@ def _scan(folder: str) -> list[tuple[str, dict | None, str | None]]:
     """(path, attrs or None, error or None) for the run at ``folder`` or each store in it: the
     runs :func:`statscope.store.find_runs` finds, and the folders holding a ``zarr.json`` it left
     out because they are not readable runs (listed as damaged, with the reason)."""
+    from statscope.commands import check_path_argument, explaining_missing_url
     from statscope.storage import is_url, local_path
     from statscope.store import read_attrs, scan_runs
 
+    check_path_argument(folder, "dir")
     if not is_url(folder):
         root = local_path(folder)
         if not root.exists():
             raise StatscopeError(f"dir={folder!r}: no such file or directory")
         if not root.is_dir():
             raise StatscopeError(f"dir={folder!r}: not a folder of runs")
+    with explaining_missing_url(folder, "dir"):
+        scanned = scan_runs(folder)
     out = []
-    for path, error in scan_runs(folder):
+    for path, error in scanned:
         try:
             out.append((path, read_attrs(path), None) if error is None else (path, None, error))
         except StoreError as exc:
@@ -149,9 +153,12 @@ def run_runs(args) -> int:
 
 def run_info(args) -> int:
     """``statscope info RUN``: attributes, layers and test accuracy of one run."""
+    from statscope.commands import check_path_argument, explaining_missing_url
     from statscope.store import Layout, read_attrs
 
-    attrs = read_attrs(args.run)
+    check_path_argument(args.run, "RUN")
+    with explaining_missing_url(args.run, "RUN"):
+        attrs = read_attrs(args.run)
     meta = attrs.get(S.ATTR_META) or {}
     lines = [f"run       {args.run}"]
     gone = writer_gone(args.run, attrs)

@@ -100,6 +100,16 @@ def _non_negative(name: str, value: Any, *, positive: bool = False) -> None:
         raise StatscopeError(f"{name}={value!r}: expected a finite {kind} number")
 
 
+def _path(name: str, value: Any, expected: str) -> None:
+    """Refuse a path setting that is neither None nor a non-empty str or ``os.PathLike`` of str
+    (bytes paths, numbers, and ``""``, which would silently mean the current folder)."""
+    if value is None:
+        return
+    path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(path, str) or not path.strip():
+        raise StatscopeError(f"{name}={value!r}: expected {expected}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One run of a built-in experiment. ``None`` means the experiment's default.
@@ -167,8 +177,12 @@ class RunConfig:
                 or not 0 <= self.threads <= MAX_THREADS:
             raise StatscopeError(f"threads={self.threads!r}: expected an int in 0..{MAX_THREADS} "
                                  "(0: torch's default)")
-        if self.out is not None and not os.fspath(self.out):
-            raise StatscopeError("out='': expected a path or URL (None: runs/<run name>)")
+        _path("out", self.out, "a path or URL (None: runs/<run name>)")
+        _path("data_dir", self.data_dir, "a folder holding the dataset (None: the cache and "
+                                         "$STATSCOPE_DATA)")
+        for name in ("download", "overwrite", "resume"):
+            if not isinstance(getattr(self, name), bool):
+                raise StatscopeError(f"{name}={getattr(self, name)!r}: expected True or False")
         if self.device not in DEVICES:
             raise StatscopeError(f"device={self.device!r}: expected one of {', '.join(DEVICES)}")
         if not isinstance(self.norm, str):

@@ -144,6 +144,13 @@ def plan_sweep(base: RunConfig, out_dir: str | os.PathLike, *, batch_sizes: Iter
         [('mnist-fc_bs4_seed0_bn', 'run'), ('mnist-fc_bs128_seed0_bn', 'run')]
     """
     out_dir = os.fspath(out_dir)
+    grid = {"batch_sizes": batch_sizes, "seeds": seeds, "norms": norms}
+    for name, values in grid.items():
+        grid[name] = None if isinstance(values, (str, bytes)) else list(values)
+        if not grid[name]:
+            raise StatscopeError(f"{name}={values!r}: expected a non-empty list of values "
+                                 "(a str is not one; an empty grid runs nothing)")
+    batch_sizes, seeds, norms = grid.values()
     _check_folder(out_dir)
     items, seen = [], set()
     for bs, seed, norm in itertools.product(batch_sizes, seeds, norms):
@@ -163,6 +170,7 @@ def _check_folder(out_dir: str) -> None:
     from pathlib import Path
 
     from statscope.discovery import is_run
+    from statscope.experiments.preflight import enclosing_run
     from statscope.storage import is_url
 
     if not out_dir:
@@ -178,11 +186,10 @@ def _check_folder(out_dir: str) -> None:
     if target.is_dir() and is_run(target):
         raise StatscopeError(f"out={out_dir!r}: is a run, not a folder of runs; give the sweep "
                              "a folder of its own")
-    for parent in target.parents:
-        if (parent / "zarr.json").exists() and is_run(parent):
-            raise StatscopeError(f"out={out_dir!r}: inside the run {str(parent)!r}; give the "
-                                 "sweep a folder of its own (its runs would sit among the "
-                                 "run's files)")
+    parent = enclosing_run(out_dir)
+    if parent is not None:
+        raise StatscopeError(f"out={out_dir!r}: inside the run {parent!r}; give the sweep a "
+                             "folder of its own (its runs would sit among the run's files)")
 
 
 def replan(item: SweepItem) -> SweepItem:
