@@ -22,6 +22,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from statscope import schema as S
 from statscope.errors import RecordingError, StatscopeError, StatscopeWarning, StoreError
 from statscope.probes.attach import attach
+from statscope.probes.steps import _caller_level
 from statscope.probes.worker import Close, Filer, Notice, Worker
 from statscope.storage import store_errors
 from statscope.store import Layout, read_attrs
@@ -159,6 +160,16 @@ class Lifecycle:
         if foreign:
             raise StoreError(f"path={self.path!r}: resume=True but the store has layers "
                              f"{foreign} that this model's probes {sorted(names)} lack")
+        if S.ATTR_WINDOW_STEPS in attrs and attrs[S.ATTR_WINDOW_STEPS] != self.window_steps:
+            # the run's windows all have its own W (as its chunks have its chunk_steps): the
+            # resumed run goes on with it, and says so
+            stored = attrs[S.ATTR_WINDOW_STEPS]
+            keeps = "no window summaries" if stored is None else \
+                f"window summaries of window_steps={stored}"
+            warnings.warn(f"statscope: {self.path!r} keeps {keeps}; resumed with "
+                          f"window_steps={self.window_steps}, it goes on with the run's own "
+                          f"(pass window_steps={stored} to say so)", StatscopeWarning,
+                          stacklevel=_caller_level())
 
     def close(self, error: str | None = None) -> None:
         """Detach the probes, write what is buffered, mark the run and stop the writer thread.

@@ -373,7 +373,8 @@ def record(model: nn.Module, path, **kwargs: Any) -> Recorder:
         buffer_bytes: the most bytes of buffers held per device, over all probes.
         flush_seconds: the longest a step that ended waits before it reaches the store, also
             while training is idle.
-        chunk_steps: rows per shard in the store (default: chosen from the layout's width).
+        chunk_steps: rows per shard in the store (default: chosen from the layout's width; a
+            resumed run keeps its own).
         neurons: which channels keep per-step columns, for all probes or per name/glob/type:
             ``"all"`` (default), k (the first k), ``("random", k)`` or ``("random", k, seed)``.
             Every channel still enters the EN statistics and the window summaries.
@@ -384,6 +385,8 @@ def record(model: nn.Module, path, **kwargs: Any) -> Recorder:
             ``step`` coordinate keeps the true step numbers, scalars of other steps are dropped.
         window_steps: W of the window summaries kept while recording (exact mean and std of
             every statistic of every channel per W steps; see ``open_windows``); None for none.
+            A resumed run goes on with its own W (another one asked for warns), as with
+            ``chunk_steps``.
         storage_options: fsspec options for a URL ``path`` (endpoint, credentials); by default
             fsspec's own sources (``AWS_*`` variables, ``~/.aws``, ``fsspec.config``).
         mechanism: ``"forward"`` (wrap the modules' ``forward``; fastest) or ``"hooks"`` (forward

@@ -916,9 +916,12 @@ def test_resume_at_a_step_keeps_the_windows_by_the_runs_own_length(tmp_path):
     with statscope.record(model, tmp_path / "r", step="forward", window_steps=16):
         for x in batches(60):
             model(x)
-    with statscope.record(model, tmp_path / "r", step="forward", window_steps=None, resume=40):
-        for x in batches(8, seed=1):
-            model(x)
+    with pytest.warns(statscope.StatscopeWarning, match="window_steps=16; resumed with "
+                                                        "window_steps=None"):
+        with statscope.record(model, tmp_path / "r", step="forward", window_steps=None,
+                              resume=40):
+            for x in batches(8, seed=1):
+                model(x)
     win = open_windows(tmp_path / "r")
     assert win.attrs["window_steps"] == 16 and win.step.values.tolist() == [0, 16, 32]
     assert verify_run(tmp_path / "r") == []
