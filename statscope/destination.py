@@ -64,7 +64,7 @@ def check_path(path: str, *, overwrite: bool, resume: bool) -> bool:
     Raises:
         StatscopeError: both ``overwrite`` and ``resume``.
         StoreError: ``path`` holds something and neither is set, or holds something that is not a
-            statscope run (which neither replaces nor continues).
+            statscope run (which neither replaces nor continues), or lies inside a run.
     """
     if overwrite and resume:
         raise StatscopeError("overwrite=True, resume=True: choose one")
@@ -79,6 +79,13 @@ def check_path(path: str, *, overwrite: bool, resume: bool) -> bool:
         read_attrs(path)  # raises unless it is a run: never replace a user's folder
     elif not is_url(path):
         _check_creatable(path)
+        from statscope.discovery import enclosing_run
+
+        parent = enclosing_run(path)
+        if parent is not None:
+            raise StoreError(f"path={path!r}: inside the run {parent!r}; record elsewhere (the "
+                             "new run would sit among that run's files, unseen by readers, and "
+                             "go when that run is overwritten)")
     return there
 
 

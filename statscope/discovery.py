@@ -19,7 +19,7 @@ from statscope.storage import (client_error, filesystem, is_unusable, is_url, lo
                                unusable, zarr_store)
 
 __all__ = ["read_attrs", "rank_paths", "rank_stores", "RankStores", "is_run", "find_runs",
-           "scan_runs", "open_checked", "is_single_run"]
+           "scan_runs", "open_checked", "is_single_run", "enclosing_run"]
 
 
 def read_attrs(path: str | os.PathLike) -> dict:
@@ -236,6 +236,25 @@ def is_run(path: str | os.PathLike) -> bool:
     """True when ``path`` holds a statscope run (or a distributed run's per-rank runs) of a
     format this version reads."""
     return is_single_run(os.fspath(path)) or bool(rank_paths(path))
+
+
+def enclosing_run(path: str | os.PathLike) -> str | None:
+    """The run that the local path ``path`` lies inside (one of its parent folders is a run), or
+    None; None for a URL. A run made there would sit among that run's files, unseen by readers
+    (they find the run above it), and go when that run is overwritten.
+
+    Example:
+        >>> enclosing_run("/tmp/no-such-folder/run") is None
+        True
+    """
+    path = os.fspath(path)
+    if is_url(path):
+        return None
+    target = local_path(path).expanduser().resolve()
+    for parent in target.parents:
+        if (parent / "zarr.json").exists() and is_single_run(str(parent)):
+            return str(parent)
+    return None
 
 
 def find_runs(root: str | os.PathLike) -> list[str]:

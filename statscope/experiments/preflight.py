@@ -18,7 +18,7 @@ from statscope.errors import RecordingError, StatscopeError, StoreError, StoreLo
 from statscope.experiments.base import RunConfig
 
 __all__ = ["RESUMABLE", "check_out", "check_resume", "check_recorded", "check_grid",
-           "check_shapes", "resolve_device", "enclosing_run"]
+           "check_shapes", "resolve_device"]
 
 RESUMABLE = ("device", "threads", "max_steps")
 """Settings a resumed run may change: they do not alter what is computed (max_steps only where
@@ -42,15 +42,18 @@ def _check_out(cfg: RunConfig) -> int:
     """
     from statscope.lease import Lease
     from statscope.store import read_attrs
-    from statscope.writer import check_path
+    from statscope.destination import check_path
 
+    from statscope.discovery import enclosing_run
+    from statscope.storage import exists
+
+    parent = None if exists(cfg.out) else enclosing_run(cfg.out)  # else it says what it is
+    if parent is not None:
+        raise StoreError(f"out={cfg.out!r}: inside the run {parent!r}; write the run "
+                         "elsewhere (it would sit among that run's files, and go when "
+                         "that run is overwritten)")
     # overwrite=True asks only whether something is there, a run or a path a run can be made at
     if not check_path(cfg.out, overwrite=True, resume=False):
-        parent = enclosing_run(cfg.out)  # what is there already says what it is instead
-        if parent is not None:
-            raise StoreError(f"out={cfg.out!r}: inside the run {parent!r}; write the run "
-                             "elsewhere (it would sit among that run's files, and go when "
-                             "that run is overwritten)")
         return 0
     if not (cfg.overwrite or cfg.resume):
         raise StoreError(f"out={cfg.out!r}: already exists; pass --overwrite to replace it or "
@@ -73,28 +76,6 @@ def _check_out(cfg: RunConfig) -> int:
                          + "; ".join(differ) + ")")
     last = attrs.get(S.ATTR_LAST_STEP)
     return 0 if last is None else int(last) + 1
-
-
-def enclosing_run(path: str) -> str | None:
-    """The run that the local path ``path`` lies inside (one of its parent folders), or None;
-    None for a URL.
-
-    Example:
-        >>> enclosing_run("/tmp/no-such-folder/run") is None
-        True
-    """
-    from pathlib import Path
-
-    from statscope.discovery import is_run
-    from statscope.storage import is_url
-
-    if is_url(path):
-        return None
-    target = Path(path.removeprefix("file://")).expanduser().resolve()
-    for parent in target.parents:
-        if (parent / "zarr.json").exists() and is_run(parent):
-            return str(parent)
-    return None
 
 
 def check_resume(cfg: RunConfig, start_step: int, total: int) -> None:

@@ -170,7 +170,7 @@ def _check_folder(out_dir: str) -> None:
     from pathlib import Path
 
     from statscope.discovery import is_run
-    from statscope.experiments.preflight import enclosing_run
+    from statscope.discovery import enclosing_run
     from statscope.storage import is_url
 
     if not out_dir:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import statscope
+from statscope.discovery import find_runs
 from statscope.probes.placement import rank_path
 
 
@@ -62,6 +63,25 @@ def test_ranks_do_not_record_inside_a_single_process_run(tmp_path, rank_of, over
         statscope.record(model, where, overwrite=overwrite)
     assert not any(n.startswith("rank") or n == "1" for n in os.listdir(tmp_path / "run"))
     assert statscope.open_run(tmp_path / "run").sizes["step"] == 3
+
+
+@pytest.mark.parametrize("below", [("sub",), ("a", "b", "c")])
+def test_a_single_process_run_is_not_recorded_inside_another_run(tmp_path, below):
+    """Before, record(model, "RUN/sub") made a run among RUN's files: find_runs and the CLI
+    saw only RUN, and overwriting RUN deleted it."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with statscope.record(model, tmp_path / "run"):
+        for _ in range(3):
+            model(torch.randn(5, 3))
+    before = sorted(os.listdir(tmp_path / "run"))
+    inner = tmp_path.joinpath("run", *below)
+    with pytest.raises(statscope.StoreError, match=rf"inside the run {str(tmp_path / 'run')!r}"):
+        statscope.record(model, inner)
+    assert sorted(os.listdir(tmp_path / "run")) == before  # nothing made, nothing lost
+    assert statscope.open_run(tmp_path / "run").sizes["step"] == 3
+    with statscope.record(model, tmp_path / "beside" / "run"):  # a plain folder above is fine
+        model(torch.randn(5, 3))
+    assert find_runs(tmp_path / "beside") == [str(tmp_path / "beside" / "run")]
 
 
 def test_a_rank_resuming_after_its_own_last_step_is_warned(tmp_path, rank_of):
