@@ -8,7 +8,7 @@ import sys
 
 __all__ = ["register", "run_export", "MAX_STEP_OFFSET"]
 
-MAX_STEP_OFFSET = 2**62
+MAX_STEP_OFFSET = 2**62  # statscope.export.exporter's, here so the CLI imports no numpy
 """The largest ``--step-offset``: TensorBoard steps are signed 64-bit, and a run's own steps are
 added to it."""
 

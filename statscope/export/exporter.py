@@ -19,9 +19,12 @@ from statscope.errors import StatscopeError
 from statscope.export.summaries import (STATISTICS, Histogram, scalar_summaries,
                                         window_summaries)
 
-__all__ = ["Exporter", "ExportResult", "export_run", "ATTR_STEP_OFFSET"]
+__all__ = ["Exporter", "ExportResult", "export_run", "ATTR_STEP_OFFSET", "MAX_STEP_OFFSET"]
 
 ATTR_STEP_OFFSET = "trainer_step_offset"
+MAX_STEP_OFFSET = 2**62
+"""The largest step offset: store step k is written at step k + offset, an int64 in the event
+file."""
 """Root attribute the training callbacks set: the trainer's step number of store step 0 as its
 loggers write it (store step k is written at k + offset), the default offset of an export."""
 
@@ -70,7 +73,7 @@ class Exporter:
             callbacks set, else 0.
 
     Raises:
-        StatscopeError: ``window`` < 2 or ``offset`` neither an int nor None.
+        StatscopeError: ``window`` < 2, or ``offset`` neither None nor an int in 0..2**62.
     """
 
     def __init__(self, run: str | os.PathLike, sink, *, window: int = 200,
@@ -228,8 +231,10 @@ def _nonfinite(rows, stats: list[str]) -> tuple[int, int | None]:
 def _check(window, offset) -> None:
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
         raise StatscopeError(f"window={window!r}: expected an int of at least 2 steps")
-    if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int)):
-        raise StatscopeError(f"offset={offset!r}: expected an int or None")
+    if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int)
+                               or not 0 <= offset <= MAX_STEP_OFFSET):
+        raise StatscopeError(f"offset={offset!r}: expected an int in 0..2**62 (store step k is "
+                             "written at step k + offset) or None")
 
 
 def _replaced(attrs, seen: int) -> bool:

@@ -244,7 +244,21 @@ def test_bad_arguments_name_the_value(tmp_path):
         E.export_run(tmp_path / "run", "csv", tmp_path / "tb")
     with pytest.raises(StatscopeError, match="not a statscope run|no such"):
         E.export_run(tmp_path / "nothing", "tensorboard", tmp_path / "tb")
+    # TensorBoard steps are int64 and step k is written at k + offset: before, -5 wrote
+    # negative steps and 1 << 63 failed deep inside the event writer
+    for offset in (-5, 1 << 63, 2.0):
+        with pytest.raises(StatscopeError, match=rf"offset={offset!r}: expected an int in 0..2\*\*62"):
+            E.export_run(tmp_path / "run", "tensorboard", tmp_path / "tb", offset=offset)
+        with pytest.raises(StatscopeError, match=rf"offset={offset!r}"):
+            E.Exporter(tmp_path / "run", sink=None, offset=offset)  # refused before any use
     assert not (tmp_path / "tb").exists()
+
+
+def test_the_clis_step_offset_bound_is_the_exporters():
+    from statscope.commands.export import MAX_STEP_OFFSET as cli
+    from statscope.export.exporter import MAX_STEP_OFFSET
+
+    assert cli == MAX_STEP_OFFSET == 2**62
 
 
 @pytest.mark.parametrize("module", ["statscope.export", "statscope.export.summaries",
