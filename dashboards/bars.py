@@ -93,8 +93,10 @@ def fluctuation_spec(fluct: Mapping[str, xr.Dataset], *, by: str = "neuron",
                      titles: Mapping[str, str] | None = None, scale_free: bool = False,
                      max_cols: int = RUNS_PER_PAGE, notes: Sequence[str] = (),
                      locate: Callable[[str, str, int], int | None] | None = None,
-                     ranks: Mapping[str, Any] | None = None) -> dict:
-    """Figure 6 as a plotly figure dict (what :func:`fluctuation_figure` wraps); see there."""
+                     ranks: Mapping[str, Any] | None = None, window: str | None = None) -> dict:
+    """Figure 6 as a plotly figure dict (what :func:`fluctuation_figure` wraps); see there.
+    ``window`` is the window the title names (default: the first run's, as the analyses
+    describe it)."""
     if not fluct and not ranks:
         return empty_spec("Choose at least one run.")
     names = list(dict.fromkeys([*fluct, *(ranks or {})]))
@@ -183,8 +185,10 @@ def fluctuation_spec(fluct: Mapping[str, xr.Dataset], *, by: str = "neuron",
         ticks[f"xaxis{'' if n == 1 else n}"] = {
             "tickvals": x0.tolist(), "ticktext": tick_texts(labels),
             "title": {"text": "layer" if by == "layer" else "neuron"}}
-    window = inclusive(next(iter(fluct.values())).attrs.get("window", "") if fluct
-                       else next(iter(ranks.values())).window if ranks else "")
+    if window is None:
+        window = (next(iter(fluct.values())).attrs.get("window", "") if fluct
+                  else next(iter(ranks.values())).window if ranks else "")
+    window = inclusive(window)
     what = "median over each layer's neurons" if by == "layer" else "per neuron"
     if has_ci:
         level = next(iter(ci.values())).attrs.get("confidence", 0.95)

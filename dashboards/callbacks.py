@@ -248,12 +248,40 @@ def _analysed(build) -> dict:
         return empty_spec(inclusive(str(exc)))
 
 
-def _fitting(runs, analyse, notes: list[str]) -> list[str]:
+def _asked(window: Window) -> str:
+    """The window as the page's title names it: the one chosen, even where a run has only
+    part of it (:func:`_cut_notes`)."""
+    from statscope.analyses import describe_window
+
+    return describe_window(metrics.to_analyses_window(window))
+
+
+def _cut_notes(catalog: RunCatalog, runs, window: Window) -> list[str]:
+    """A line per run whose numbers cover only part of a chosen range: the steps it has in it
+    (a live run that has not reached the range's end yet)."""
+    from statscope.analyses import describe_window
+
+    whole = metrics.to_analyses_window(window)
+    out = []
+    for r in runs:
+        cut = metrics.to_analyses_window(window, catalog.steps(r))
+        if cut != whole:
+            out.append(f"{r}: {inclusive(describe_window(cut))}, the steps it has of "
+                       f"{inclusive(describe_window(whole))}"
+                       + (" so far" if catalog.info(r).live else ""))
+    return out
+
+
+def _fitting(catalog: RunCatalog, runs, analyse, notes: list[str]) -> list[str]:
     """The runs that ``analyse(run)`` takes (the window fits them); a note for each other run,
-    so that one short run does not blank the others' figure. Raises the first run's error when
-    none fits."""
+    so that one short run does not blank the others' figure. A run that has committed no step
+    yet says so, as in the evolution view. Raises the first run's error when none fits."""
     shown, first = [], None
     for r in runs:
+        if not len(catalog.steps(r)):
+            first = first or StatscopeError(f"{r} has no steps recorded yet")
+            notes.append(f"{r} has no steps recorded yet")
+            continue
         try:
             analyse(r)
         except StatscopeError as exc:
@@ -289,7 +317,8 @@ def fluctuation(catalog: RunCatalog, search, version=None) -> dict:
         fl, summary, finds, ci, baseline, ranks, found = {}, {}, {}, {}, {}, {}, {}
         notes = list(v.notes if v.state.by == "neuron" else v.notes[:1])
         notes += _rank_notes(catalog, v.runs, rank)
-        shown = _fitting(v.runs, lambda r: fluct(catalog, r, _key(catalog, r, rank), w, sf),
+        shown = _fitting(catalog, v.runs,
+                         lambda r: fluct(catalog, r, _key(catalog, r, rank), w, sf),
                          notes)
         for r in shown:
             if rank == EACH and catalog.ranks(r):
@@ -314,13 +343,15 @@ def fluctuation(catalog: RunCatalog, search, version=None) -> dict:
             if metrics.analysis("sampling_baseline") is not None and not sf:
                 baseline[r] = computed(catalog, r, "sampling_baseline", w, False, key)
         notes += _source_notes(found) if found else []
+        notes += _cut_notes(catalog, shown, w)
         if ci and len(ci) < len(fl):
             notes.append("no intervals or sampling baseline where the fluctuation is not from "
                          "the per-step series of every neuron")
         return fluctuation_spec(fl, by=v.state.by, neurons=v.neurons, summary=summary,
                                 ci=ci or None, baseline=baseline or None, scale_free=sf,
                                 notes=notes, titles=_titles(catalog, shown, rank),
-                                locate=lambda run, l, u: finds[run](l, u), ranks=ranks or None)
+                                locate=lambda run, l, u: finds[run](l, u), ranks=ranks or None,
+                                window=_asked(w))
 
     return _analysed(build)
 
@@ -338,8 +369,8 @@ def scatter(catalog: RunCatalog, search, version=None) -> dict:
 
     def _scatter_spec():
         skipped: list[str] = []
-        shown = _fitting(v.runs, lambda r: fluct(catalog, r, _key(catalog, r, rank),
-                                                 v.state.window, sf), skipped)
+        shown = _fitting(catalog, v.runs, lambda r: fluct(
+            catalog, r, _key(catalog, r, rank), v.state.window, sf), skipped)
         per_run = max(1, MAX_SCATTER_POINTS // max(1, len(shown)))
         fl, totals, found = {}, {}, {}
         for r in shown:
@@ -348,13 +379,14 @@ def scatter(catalog: RunCatalog, search, version=None) -> dict:
             f = fluct(catalog, r, key, v.state.window, sf)
             found[r] = f.source.note or f"from the {f.source.kind}"
         notes = [*v.notes[:1], *skipped, *_rank_notes(catalog, shown, rank),
-                 *_source_notes(found)]
+                 *_source_notes(found), *_cut_notes(catalog, shown, v.state.window)]
         if rank == EACH and any(catalog.ranks(r) for r in v.runs):
             notes.append("each rank is drawn in the evolution and fluctuation views; here: the "
                          "merged statistics")
         return scatter_spec(fl, titles=_titles(catalog, shown, MERGED if rank == EACH
                                                else rank),
-                            scale_free=sf, notes=notes, totals=totals)
+                            scale_free=sf, notes=notes, totals=totals,
+                            window=_asked(v.state.window))
 
     if not v.runs:
         return empty_spec("Choose at least one run.")
@@ -400,6 +432,9 @@ def _runs_tab(catalog: RunCatalog, v: View) -> list:
             tables[r] = "statscope.analyses lacks claims"
             continue
         key = _key(catalog, r, v.state.rank)
+        if not len(catalog.steps(r)):
+            tables[r] = f"{r} has no steps recorded yet"
+            continue
         try:
             tables[r] = computed(catalog, r, "claims", v.state.window, False, key)
         except StatscopeError as exc:
@@ -409,6 +444,7 @@ def _runs_tab(catalog: RunCatalog, v: View) -> list:
         if sample or label:
             notes.append(f"{r}: " + "; ".join(x for x in (label and f"claims of the {label} "
                                                           "statistics", sample) if x))
+    notes += _cut_notes(catalog, v.runs, v.state.window)
     summaries = [run_summary(r, catalog.dataset(r), status=catalog.info(r).label)
                  for r in v.runs]
     return run_panel(summaries, tables, v.state.window.label(), notes=notes)

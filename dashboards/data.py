@@ -186,8 +186,11 @@ class RunCatalog(RunFollowing, ColumnReads):
             return RunInfo(name, None, 0, None, run.error)
         attrs = run.ds.attrs
         last = attrs.get(S.ATTR_LAST_STEP)
-        if last is None and run.ds.sizes[S.STEP]:
+        if (last is None or S.RANK in run.ds.dims) and run.ds.sizes[S.STEP]:
+            # of a distributed run, the last step every running rank committed: what is drawn
             last = int(run.ds[S.STEP].values[-1])
+        elif S.RANK in run.ds.dims:
+            last = None
         return RunInfo(name, attrs.get(S.ATTR_STATUS), int(run.ds.sizes[S.STEP]),
                        None if last is None else int(last), writer=run.writer)
 

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,9 @@ from statscope.errors import StatscopeError, StoreError
 from .cache import ByteLRU
 from .keys import layer_slices
 from .links import outside_links
-from .stamps import run_state, stamp, writer_of
+from .stamps import RANKS, run_state, stamp, writer_of
 
-__all__ = ["RunFollowing", "RECHECK_SECONDS"]
+__all__ = ["RunFollowing", "RECHECK_SECONDS", "committed_by_every_rank"]
 
 RECHECK_SECONDS = 10.0
 """How often a finished run at a URL (an object store, where there is no cheap stamp) has its
@@ -74,6 +74,46 @@ def _run(path: str | None, ds: xr.Dataset, generation: int, old: _Run | None = N
                 index={(str(l), int(u)): i for i, (l, u) in enumerate(zip(lay.tolist(),
                                                                           units.tolist()))},
                 layers=layer_slices(lay), scalars=tuple(names), ranks=ranks)
+
+
+def committed_by_every_rank(ds: xr.Dataset) -> xr.Dataset:
+    """A distributed run cut to the steps every rank that is still running has committed.
+
+    Each rank's writer commits at its own pace, so while the run trains one rank's store may
+    hold steps another's does not yet: their global statistics do not exist yet, and merged
+    they would be those of the ranks that got there first (a smaller batch posing as the global
+    one). A rank that finished (or failed) does not hold the others back; nor does a
+    single-process run, which is returned as it is.
+
+    Args:
+        ds: ``open_run`` of a run; of a distributed run, with each rank's attributes under
+            ``attrs["ranks"]``.
+
+    Returns:
+        ``ds``, or its steps up to the smallest last step of the running ranks (none while a
+        running rank has committed no step).
+
+    Example:
+        >>> ds = xr.Dataset(coords={"rank": [0, 1], "step": [0, 1, 2]}, attrs={"ranks": {
+        ...     "0": {"status": "running", "last_step": 2},
+        ...     "1": {"status": "running", "last_step": 1}}})
+        >>> committed_by_every_rank(ds)["step"].values.tolist()
+        [0, 1]
+    """
+    ranks = ds.attrs.get(RANKS)
+    if S.RANK not in ds.dims or not isinstance(ranks, Mapping):
+        return ds
+    lasts = [a.get(S.ATTR_LAST_STEP) for a in ranks.values()
+             if isinstance(a, Mapping) and a.get(S.ATTR_STATUS) == S.STATUS_RUNNING]
+    steps = np.asarray(ds[S.STEP].values)
+    if not lasts or not steps.size:
+        return ds
+    if any(last is None for last in lasts):
+        return ds.isel({S.STEP: slice(0, 0)})
+    horizon = min(int(last) for last in lasts)
+    if steps[-1] <= horizon:
+        return ds
+    return ds.isel({S.STEP: slice(0, int(np.searchsorted(steps, horizon, "right")))})
 
 
 class RunFollowing:
@@ -222,7 +262,8 @@ class RunFollowing:
         from statscope.store import open_run
 
         try:
-            run = _run(path, open_run(path), generation, self._runs.get(name))
+            run = _run(path, committed_by_every_rank(open_run(path)), generation,
+                       self._runs.get(name))
         except Exception as exc:  # a corrupt store must not take the good runs down
             run = _Run(path, None, generation, error=f"{type(exc).__name__}: {exc}")
         run.stamp, run.writer, run.checked = mark, writer, now

@@ -34,6 +34,8 @@ def heatmap_spec(ds: xr.Dataset, layer: str, stat: str, window: Window, *, run: 
     steps = np.asarray(ds[S.STEP].values)
     rows = window.rows(steps, xrange)
     x = steps[rows]
+    if not len(steps):
+        return empty_spec(f"{run or 'the run'} has no steps recorded yet")
     if not len(x):
         return empty_spec("No steps in this range.")
     if len(x) * len(pos) > MAX_READ_VALUES:

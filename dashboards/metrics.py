@@ -10,6 +10,8 @@ import importlib
 import re
 from collections.abc import Callable
 
+import numpy as np
+
 from .state import Window
 
 __all__ = ["analysis", "missing", "to_analyses_window", "inclusive"]
@@ -43,20 +45,29 @@ def missing(*names: str) -> list[str]:
     return [n for n in names if analysis(n) is None]
 
 
-def to_analyses_window(window: Window):
+def to_analyses_window(window: Window, steps=None):
     """Translate a dashboard :class:`Window` into the ``window`` argument of the analyses.
 
     The dashboard's ranges are inclusive of their last step; the analyses' ``(start, stop)``
-    excludes ``stop``.
+    excludes ``stop``. Given a run's ``steps``, a range is cut to the steps of the run inside
+    it, as the other views draw it: a range chosen past a live run's last step (to follow it)
+    covers the steps it has so far, where the analyses would refuse it as outside the run. A
+    range that holds none of them is left as it is (the analyses say it is outside the run).
 
     Example:
         >>> to_analyses_window(Window("range", start=10, stop=20)), to_analyses_window(Window())
         ((10, 21), 200)
+        >>> to_analyses_window(Window("range", start=10, stop=999), np.arange(300))
+        (10, 300)
     """
     if window.kind == "all":
         return "all"
     if window.kind == "last":
         return window.n
+    if steps is not None:
+        rows = window.rows(np.asarray(steps))
+        if rows.stop > rows.start:
+            return (int(steps[rows.start]), int(steps[rows.stop - 1]) + 1)
     return (window.start, window.stop + 1)
 
 

@@ -81,7 +81,7 @@ def series_input(catalog: RunCatalog, run: str, rank, window: Window):
     0.2 s for 200 steps × 512 neurons × 2 ranks). The cut is the window's last rows; the
     analyses' own ``last N`` counts steps with data, the same unless the run's last steps have
     none."""
-    aw = metrics.to_analyses_window(window)
+    aw = metrics.to_analyses_window(window, catalog.steps(run))
     key = catalog.rank_key(run, rank)
     if key != MERGED:
         return catalog.view(run, key), aw
@@ -144,7 +144,7 @@ def fluct(catalog: RunCatalog, run: str, rank, window: Window, scale_free: bool)
             assert w is not None and src.windows is not None
             values = _from_windows(catalog, run, key, w, src.windows, scale_free)
             if values is not None:
-                values.attrs = _attrs(window, scale_free, src)
+                values.attrs = _attrs(window, scale_free, src, steps)
                 return Fluct(values, summarize(values), src,
                              channel_finder(w, _wlayers(catalog, run, key, w)))
             # scale-free, with an element count that varies over the windows: σ̄ needs the
@@ -168,7 +168,7 @@ def _subset_input(catalog: RunCatalog, run: str, key, window: Window, positions)
 
     # read into memory at once: lazily, each of the analyses' reductions would read the
     # scattered columns again (claims over 2,048 of 655,360 neurons took 104 s)
-    aw = metrics.to_analyses_window(window)
+    aw = metrics.to_analyses_window(window, catalog.steps(run))
     rows = window.rows(catalog.steps(run))
     if key == MERGED:
         part = merge_ranks(_ranked_cut(catalog, run, rows, positions))
@@ -186,10 +186,10 @@ def _ranked_cut(catalog: RunCatalog, run: str, rows: slice, positions) -> xr.Dat
         run).isel({S.STEP: rows, S.NEURON: list(pos)}).load())
 
 
-def _attrs(window: Window, scale_free: bool, src: Source) -> dict:
+def _attrs(window: Window, scale_free: bool, src: Source, steps: np.ndarray) -> dict:
     from statscope.analyses import describe_window
 
-    return {"window": describe_window(metrics.to_analyses_window(window)),
+    return {"window": describe_window(metrics.to_analyses_window(window, steps)),
             "scale_free": bool(scale_free), "ddof": 1, "method": "sample std over steps",
             S.NOTES: [src.note]}
 
@@ -374,7 +374,8 @@ def _rank_comparison(catalog: RunCatalog, run: str, window: Window, scale_free: 
                     "gap": pick(gap["removed"].sel({S.STATISTIC: s}))} for s in stats}
         expected = pick(gap["expected"])
     return RankComparison(tuple(labels), per_rank, merged, gaps, np.asarray(expected, float),
-                          tuple(notes), describe_window(metrics.to_analyses_window(window)))
+                          tuple(notes), describe_window(metrics.to_analyses_window(
+                              window, catalog.steps(run))))
 
 
 def _gap_of(part: xr.Dataset, scale_free: bool, notes: list) -> xr.Dataset:

@@ -49,8 +49,11 @@ def scatter_subset(layers: Mapping[str, np.ndarray], size: int, most: int) -> np
 def scatter_spec(fluct: Mapping[str, xr.Dataset], *, layers: Sequence[str] | None = None,
                  titles: Mapping[str, str] | None = None, scale_free: bool = True,
                  max_cols: int = RUNS_PER_PAGE, max_points: int = MAX_SCATTER_POINTS,
-                 notes: Sequence[str] = (), totals: Mapping[str, int] | None = None) -> dict:
-    """The std-versus-mean view as a plotly figure dict (what :func:`scatter_figure` wraps)."""
+                 notes: Sequence[str] = (), totals: Mapping[str, int] | None = None,
+                 window: str | None = None) -> dict:
+    """The std-versus-mean view as a plotly figure dict (what :func:`scatter_figure` wraps);
+    ``window`` is the window the title names (default: the first run's, as the analyses
+    describe it)."""
     if not fluct:
         return empty_spec("Choose at least one run.")
     names = list(fluct)
@@ -110,7 +113,8 @@ def scatter_spec(fluct: Mapping[str, xr.Dataset], *, layers: Sequence[str] | Non
                          y_titles=["BN_std " + _short(scale_free)])
     layout["xaxis"]["range"] = [0, top]
     layout["yaxis"]["range"] = [0, top]
-    window = inclusive(fluct[names[0]].attrs.get("window", ""))
+    window = inclusive(window if window is not None
+                       else fluct[names[0]].attrs.get("window", ""))
     layout.update(header(f"Std versus mean fluctuation per neuron, {window} "
                          "(click a point for its evolution)", notes, height=grid.height))
     layout["template"] = TEMPLATE_JSON

@@ -270,6 +270,7 @@ def sync_state(catalog: RunCatalog, trigger: str | None, search: str | None, ver
         return (no_update, no_update, opts) + (no_update,) * (n_out - 3)
     current = ViewState.from_query(search)
     editing = False
+    unseen = None  # a clicked scatter point whose neuron has no per-step series to draw
     if trigger in (None, "url"):
         state = normalize(catalog, current)
         asked = current.runs
@@ -291,7 +292,11 @@ def sync_state(catalog: RunCatalog, trigger: str | None, search: str | None, ver
             else current.rank)
         key = _clicked(click) if trigger == "scatter-graph" else None
         if key is not None:
-            state = state.replace(neurons=(key,), tab="evolution")
+            clicked = normalize(catalog, state.replace(neurons=(key,), tab="evolution"))
+            if key in clicked.neurons:
+                state = clicked
+            else:
+                unseen = key
         state = normalize(catalog, state)
         if trigger == "version":  # the URL's runs, too: the selector may have dropped one
             asked = (*current.runs, *asked)
@@ -312,10 +317,25 @@ def sync_state(catalog: RunCatalog, trigger: str | None, search: str | None, ver
     fresh = trigger in (None, "url", "version", "runs", "page", "scatter-graph", "neurons")
     opts = options(catalog, state) if fresh else (no_update,) * 5
     notice: Any = _gone_notice(catalog, asked, state)
+    if unseen is not None:
+        notice.append(_unseen_notice(unseen, state.runs))
     if not notice and trigger == "version":
         notice = no_update  # a poll keeps what the page says until the user changes the view
     return (query if query != (search or "") else no_update, *opts, *values,
             rank_options(catalog, state) if fresh else no_update, rank_value, notice)
+
+
+def _unseen_notice(key: str, runs: Sequence[str]) -> str:
+    """Why a clicked scatter point does not open its evolution: the std-vs-mean view draws
+    every channel from the window summaries, the evolution needs the per-step columns, which a
+    run recorded with ``neurons=`` keeps of some channels only."""
+    try:
+        label = neuron_label(*parse_neuron_key(key))
+    except (StatscopeError, ValueError):
+        label = key
+    return (f"{label} has no per-step series in {', '.join(runs)} (its per-step columns were "
+            "not kept when recording, neurons=): its point comes from the window summaries, "
+            "and there is no evolution to open.")
 
 
 def _differs(new, given) -> bool:
