@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import warnings
 from typing import Iterable
 
 from statscope import schema as S
-from statscope.errors import RecordingError, StatscopeError, StoreError, StoreLockedError
+from statscope.errors import (RecordingError, StatscopeError, StatscopeWarning, StoreError,
+                              StoreLockedError)
 from statscope.experiments.base import RunConfig
 
 __all__ = ["RESUMABLE", "check_out", "check_resume", "check_recorded", "check_grid",
@@ -40,12 +42,11 @@ def _check_out(cfg: RunConfig) -> int:
             completed or was recorded with other settings.
         StoreLockedError: another process is writing the run.
     """
-    from statscope.lease import Lease
-    from statscope.store import read_attrs
     from statscope.destination import check_path
-
     from statscope.discovery import enclosing_run
+    from statscope.lease import Lease
     from statscope.storage import exists
+    from statscope.store import read_attrs
 
     parent = None if exists(cfg.out) else enclosing_run(cfg.out)  # else it says what it is
     if parent is not None:
@@ -54,6 +55,9 @@ def _check_out(cfg: RunConfig) -> int:
                          "that run is overwritten)")
     # overwrite=True asks only whether something is there, a run or a path a run can be made at
     if not check_path(cfg.out, overwrite=True, resume=False):
+        if cfg.resume:  # a typo in --out, or a run removed: say that nothing was continued
+            warnings.warn(f"statscope: --resume: no run at out={cfg.out!r}; a new run starts "
+                          "there", StatscopeWarning, stacklevel=3)
         return 0
     if not (cfg.overwrite or cfg.resume):
         raise StoreError(f"out={cfg.out!r}: already exists; pass --overwrite to replace it or "

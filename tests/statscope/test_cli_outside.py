@@ -120,6 +120,16 @@ def test_run_refuses_an_out_inside_another_run_before_anything_is_written(tmp_pa
     assert statscope.open_run(parent).sizes["step"] == 6
 
 
+def test_run_resume_with_no_run_at_out_says_a_new_run_starts(tmp_path, capsys):
+    """Before, --resume with a mistyped --out silently recorded a new run from step 0."""
+    out = str(tmp_path / "typo")
+    assert main(["run", "mnist-fc", "--bs", "4", "--max-steps", "2", "--dataset",
+                 "mnist-5k-subset", "-q", "--out", out, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"statscope: warning: --resume: no run at out={out!r}; a new run starts" in err, err
+    assert statscope.open_run(out).sizes["step"] == 2
+
+
 def test_run_says_overwrite_and_resume_exclude_each_other_by_their_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["run", "mnist-fc", "--out", str(tmp_path / "r"), "--overwrite", "--resume"])
