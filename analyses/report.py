@@ -27,7 +27,7 @@ from .runs import GLOBAL, split_runs
 from .window import run_windows
 
 __all__ = ["Report", "RunEntry", "ScalingGroup", "build_report", "render_markdown",
-           "markdown_report", "cell_text", "methods", "fmt", "scaling_frame"]
+           "markdown_report", "cell_text", "methods", "fmt", "scaling_frame", "status_note"]
 
 
 @dataclass(frozen=True)
@@ -132,21 +132,31 @@ def build_report(runs, window=200, *, source: str = "", n_boot: int = 1000, seed
 
 
 def _status_notes(entries) -> tuple[str, ...]:
-    """A sentence per run that did not complete: its window is its last recorded steps, not
-    the end of training, and its claims and figures speak for that much of a run."""
-    said = {
-        S.STATUS_FAILED: "failed before the end of training",
-        S.STATUS_RUNNING: "is still running, or stopped without closing its store",
-    }
-    out = []
-    for r in entries:
-        if r.status == S.STATUS_COMPLETED:
-            continue
-        what = said.get(r.status, f"has no completed status (status {r.status!r})")
-        out.append(f"{r.name}: the run {what} (status {r.status}, {r.n_steps:,} steps "
-                   f"recorded); its window is the last steps it recorded, not the end of "
-                   f"training")
-    return tuple(out)
+    """A sentence per run that did not complete (:func:`status_note`)."""
+    notes = (status_note(r.name, r.status, r.n_steps) for r in entries)
+    return tuple(n for n in notes if n is not None)
+
+
+_SAID = {
+    S.STATUS_FAILED: "failed before the end of training",
+    S.STATUS_RUNNING: "is still running, or stopped without closing its store",
+}
+
+
+def status_note(name: str, status: str, n_steps: int) -> str | None:
+    """The sentence for a run that did not complete (None for a completed one): its window is
+    its last recorded steps, not the end of training, and what is said of it speaks for that
+    much of a run.
+
+    Example:
+        >>> status_note("r", "failed", 1200)
+        'r: the run failed before the end of training (status failed, 1,200 steps recorded); its window is the last steps it recorded, not the end of training'
+    """
+    if status == S.STATUS_COMPLETED:
+        return None
+    what = _SAID.get(status, f"has no completed status (status {status!r})")
+    return (f"{name}: the run {what} (status {status}, {n_steps:,} steps recorded); its window "
+            f"is the last steps it recorded, not the end of training")
 
 
 def _series_scaling(windows, n_boot, seed, confidence):

@@ -468,6 +468,7 @@ def run_analyze(args: argparse.Namespace) -> int:
             # in a setting, or are of different models, are not seeds of one configuration
             configs = entry_configs({r.name: r.window for r in runs})
             runs = _tabled(runs, lambda r: one_table(r, configs), frames, scheduler)
+            notes += [n for n in map(_status_note, runs) if n is not None]
             for r, df in zip(runs, frames):
                 notes += [n if n.startswith(f"{r.name}/") else f"{r.name}: {n}"
                           for n in df.attrs.get("notes", [])]
@@ -506,6 +507,18 @@ def run_analyze(args: argparse.Namespace) -> int:
         text += "".join(f"note: {n}\n" for n in notes)
     write_text(text, args.output)
     return 0
+
+
+def _status_note(r: OpenedRun) -> str | None:
+    """:func:`statscope.analyses.report.status_note` of a single-process run; a distributed
+    run's ranks keep their own status."""
+    from statscope import schema as S
+    from statscope.analyses.report import status_note
+
+    attrs = getattr(r.run if r.run is not None else r.window, "attrs", {})
+    if S.ATTR_STATUS not in attrs:
+        return None
+    return status_note(r.name, str(attrs[S.ATTR_STATUS]), int(attrs.get(S.ATTR_N_STEPS) or 0))
 
 
 def _tabled(runs: list[OpenedRun], table, frames: list, scheduler) -> list[OpenedRun]:

@@ -54,6 +54,23 @@ def _main(argv):
     return main(argv)
 
 
+@pytest.mark.parametrize("status, said", [
+    ("failed", "failed before the end of training"),
+    ("running", "is still running, or stopped without closing its store"),
+])
+def test_analyze_says_which_runs_did_not_complete_as_report_does(runs_dir, tmp_path, capsys,
+                                                                 status, said):
+    """Before, analyze tabled a killed or failed run's last steps as if they were the end of
+    its training; report said so, analyze did not."""
+    to_store(make_run((Layer("fc1"),), n_steps=300, batch_size=8, seed=1), tmp_path / "cut",
+             status=status)
+    assert _main(["analyze", str(tmp_path / "cut"), str(runs_dir / "bs4"), "--window", "100"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert f"note: {tmp_path / 'cut'}: the run {said} (status {status}, 300 steps recorded); " \
+           "its window is the last steps it recorded, not the end of training" in notes
+    assert not any("bs4: the run" in n for n in notes)  # completed: nothing said
+
+
 def test_analyze_formats(runs_dir, tmp_path, capsys):
     assert _main(["analyze", str(runs_dir / "bs4"), "--window", "100", "--format", "csv"]) == 0
     out = capsys.readouterr().out
