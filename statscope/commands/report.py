@@ -11,8 +11,9 @@ import argparse
 import html
 from pathlib import Path
 
-from statscope.commands.analyze import (add_cluster_arguments, check_output, open_runs_at,
-                                        parse_window, scheduler_of, skipping_unreadable, write_text)
+from statscope.commands.analyze import (check_output, open_runs_at, parse_window,
+                                        skipping_unreadable, write_text)
+from statscope.commands.cluster import add_cluster_arguments, scheduler_of
 
 __all__ = ["register", "run_report", "render_html", "report_figures"]
 

@@ -316,7 +316,7 @@ def run_sweep(args) -> int:
         print(line, flush=True)
 
     if on_cluster:
-        from statscope.commands.analyze import scheduler_of
+        from statscope.commands.cluster import scheduler_of
         from statscope.experiments.cluster import describe
 
         with scheduler_of(args) as client:

@@ -246,7 +246,7 @@ def test_the_workers_of_a_local_cluster_leave_ctrl_c_to_the_command(tmp_path):
     """The terminal sends Ctrl-C to the whole process group; a worker process that took it
     would die printing tracebacks. The command's own process still gets it."""
     pytest.importorskip("distributed")
-    from statscope.commands.analyze import scheduler_of
+    from statscope.commands.cluster import scheduler_of
 
     with scheduler_of(argparse.Namespace(scheduler=None, workers=1)) as client:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
@@ -260,7 +260,7 @@ def test_the_workers_of_a_local_cluster_leave_ctrl_c_to_the_command(tmp_path):
 
 def test_a_ctrl_c_while_the_local_cluster_starts_is_not_lost(monkeypatch, ctrl_c):
     distributed = pytest.importorskip("distributed")
-    from statscope.commands.analyze import scheduler_of
+    from statscope.commands.cluster import scheduler_of
 
     made = []
 
