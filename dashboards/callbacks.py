@@ -7,10 +7,6 @@ a URL selects (and the selectors' sync) is :mod:`.selection`; its names are impo
 
 from __future__ import annotations
 
-import math
-import re
-from typing import Any
-
 from dash import Dash, Input, Output, State, ctx
 from dash.exceptions import PreventUpdate
 
@@ -36,6 +32,7 @@ from .selection import (MAX_DEFAULT_RUNS, View, default_neurons, normalize, opti
 from .sources import SERIES
 from .state import EACH, MERGED, ViewState, Window
 from .style import empty_spec
+from .zoom import view_zoom, zoom_range, zoom_store
 
 __all__ = ["normalize", "view", "View", "default_neurons", "sync_state", "options",
            "rank_options", "poll",
@@ -46,8 +43,6 @@ __all__ = ["normalize", "view", "View", "default_neurons", "sync_state", "option
 POLL_MAX_AGE = 1.0
 """Seconds one rescan of the root serves the polls of every open page."""
 
-_RANGE_KEY = re.compile(r"^xaxis(\d*)\.range(\[0\])?$")
-_AUTORANGE_KEY = re.compile(r"^xaxis(\d*)\.autorange$")
 
 
 def poll(catalog: RunCatalog, n_intervals, version, *, warm: bool = False,
@@ -83,71 +78,12 @@ def _notice_line(message: str):
     return html.Div(message)
 
 
-def zoom_range(relayout: dict[str, Any] | None) -> tuple[float, float] | None | bool:
-    """The step range of a plotly ``relayoutData`` event.
-
-    Returns:
-        ``(x0, x1)`` for a zoom or pan along steps, ``None`` for an autoscale (back to the
-        window), ``False`` when the event does not concern the step axis.
-    """
-    if not relayout or not isinstance(relayout, dict):
-        return False
-    for key, value in relayout.items():
-        m = _RANGE_KEY.match(key)
-        if m and m.group(2):
-            ends = _numbers((value, relayout.get(f"xaxis{m.group(1)}.range[1]")))
-        elif m and isinstance(value, (list, tuple)):
-            ends = _numbers(value)
-        else:
-            continue
-        if ends is not None:
-            return min(ends), max(ends)
-    if any(k.startswith("xaxis") and k.endswith(".autorange") for k in relayout):
-        return None
-    return False
-
-
-def _numbers(values) -> tuple[float, float] | None:
-    """Two finite numbers (a zoom's ends), or ``None``: a forged or partial event carries
-    strings, nulls or NaN, which are no zoom."""
-    if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
-                               for v in values):
-        return None
-    a, b = float(values[0]), float(values[1])
-    return (a, b) if math.isfinite(a) and math.isfinite(b) else None
-
-
-def zoom_store(relayout, search) -> dict:
-    """Remember a zoom together with the view it belongs to; a new view forgets it."""
-    rng = zoom_range(relayout)
-    if rng is False:
-        raise PreventUpdate
-    return {"view": view_key(ViewState.from_query(search)),
-            "range": None if rng is None else list(rng), "axis": _zoomed_axis(relayout)}
-
-
-def _zoomed_axis(relayout: dict[str, Any]) -> int:
-    """Index of the x axis a relayout event names (``xaxis`` is 1, ``xaxis3`` is 3)."""
-    for key in relayout:
-        m = _RANGE_KEY.match(key) or _AUTORANGE_KEY.match(key)
-        if m:
-            return int(m.group(1) or 1)
-    return 1
-
-
-def _zoom(zoom: dict | None, search: str | None) -> tuple[float, float] | None:
-    if not isinstance(zoom, dict) or zoom.get("view") != view_key(ViewState.from_query(search)):
-        return None
-    rng = zoom.get("range")
-    return _numbers(rng) if isinstance(rng, (list, tuple)) else None
-
-
 def evolution(catalog: RunCatalog, search, version=None, zoom=None) -> dict:
     """Figure 7 (with the logged scalars above it) for the URL's page of runs, neurons, ranks
     and window, or the remembered zoom; a figure dict ready for the browser."""
     v = view(catalog, search)
     scalars = v.state.scalars or ()
-    rng, xrange = _zoom(zoom, search), None
+    rng, xrange = view_zoom(zoom, search), None
     if rng is not None and v.runs:
         # every cell of a run's panel shares its step axis: the axis number names the panel
         cells = len(scalars) + 2 * len(v.neurons)
@@ -407,7 +343,7 @@ def heatmap(catalog: RunCatalog, search, version=None, zoom=None) -> dict:
     if not v.runs:
         return empty_spec("Choose a run.")
     run, state = v.runs[0], v.state
-    xrange = _zoom(zoom, search)
+    xrange = view_zoom(zoom, search)
     key = _key(catalog, run, state.rank)
     label = rank_label(key, catalog.ranks(run))
     if key == MERGED and state.stat == S.BN_KURT:
