@@ -72,19 +72,25 @@ def to_analyses_window(window: Window, steps=None):
 
 
 _WINDOW = re.compile(r"window=\((-?\d+), (-?\d+)\)")
+_API_ADVICE = "pass a smaller window or window='all'"
+_PAGE_ADVICE = "choose fewer steps under 'last', or 'all'"
 _STEPS = re.compile(r"steps \[(-?\d+), (-?\d+)\)")
 
 
 def inclusive(text: str) -> str:
     """``text`` (an analyses' message or window description) with its half-open step ranges
     written as the dashboard writes them: inclusive of the last step, as in the page's URL
-    (the inverse of :func:`to_analyses_window`).
+    (the inverse of :func:`to_analyses_window`), and the advice the analyses give a Python
+    caller as the page's controls give it.
 
     Example:
         >>> inclusive("window=(-50, -9): outside run 'a'")
         "window=-50:-10: outside run 'a'"
         >>> inclusive("steps [200, 600)"), inclusive("last 200 steps")
         ('steps 200–599', 'last 200 steps')
+        >>> inclusive("window=200 is longer than run 'a'; pass a smaller window or window='all'")
+        "window=200 is longer than run 'a'; choose fewer steps under 'last', or 'all'"
     """
+    text = text.replace(_API_ADVICE, _PAGE_ADVICE)
     text = _WINDOW.sub(lambda m: f"window={m[1]}:{int(m[2]) - 1}", text)
     return _STEPS.sub(lambda m: f"steps {int(m[1]):,}–{int(m[2]) - 1:,}", text)

@@ -261,6 +261,33 @@ def _recorded_subset(path, steps: int = 60) -> None:
     writer.close()
 
 
+def test_a_run_shorter_than_the_last_n_steps_gets_the_pages_advice_not_pythons(tmp_path):
+    """Under "last 200" a live run at step 50 is left out with the analyses' reason; the advice
+    was a Python caller's ("pass a smaller window or window='all'"), now the page's controls."""
+    from statscope.dashboards import callbacks as cb
+    from statscope.dashboards.data import RunCatalog
+
+    root = tmp_path / "runs"
+    short = LiveRun(root / "short", LAYERS)
+    try:
+        short.append(50)
+        old = LiveRun(root / "old", LAYERS, seed=1)
+        written = old.append(300)
+        old.close()
+        fig = decode(cb.fluctuation(RunCatalog(root),
+                                    "?tab=fluctuation&run=short&run=old&scale=raw"))
+        texts = " ".join(a.get("text", "") for a in fig["layout"].get("annotations", []))
+        texts += fig["layout"].get("title", {}).get("text", "")
+        assert "short left out" in texts and "choose fewer steps under 'last', or 'all'" in texts
+        assert "window='all'" not in texts
+        for stat, y in _bars(fig).items():  # the other run draws its last 200 steps
+            ref = np.std(written[stat][100:300].astype(np.float64), 0, ddof=1)
+            np.testing.assert_allclose(y, ref[[0, 3]] if stat.startswith("bn") else ref,
+                                       rtol=1e-5)
+    finally:
+        short.close()
+
+
 def test_clicking_a_channel_kept_only_in_the_window_summaries_says_so(tmp_path):
     """The std-vs-mean view draws every channel from the window summaries; clicking one whose
     per-step columns were not kept cannot open its evolution. The page says why and stays,
