@@ -73,8 +73,13 @@ def _check_out(cfg: RunConfig) -> int:
                          f"({attrs.get(S.ATTR_N_STEPS)} steps); nothing to resume, pass "
                          "--overwrite to run it again")
     stored = attrs.get(S.ATTR_META) or {}
-    differ = [f"{k}: stored {stored.get(k)!r}, now {v!r}" for k, v in cfg.meta().items()
-              if k not in RESUMABLE and k != S.META_DATASET and stored.get(k) != v]
+    compared = {k: v for k, v in cfg.meta().items() if k not in RESUMABLE and k != S.META_DATASET}
+    if "experiment" not in stored:  # every run of statscope run stores which it is
+        raise StoreError(f"out={cfg.out!r}: not a run that statscope run recorded (no "
+                         "experiment among its stored settings: recorded through the Python "
+                         "API?); --resume continues only runs of statscope run")
+    differ = [f"{k}: stored {stored.get(k)!r}, now {v!r}" for k, v in compared.items()
+              if stored.get(k) != v]
     if differ:
         raise StoreError(f"out={cfg.out!r}: --resume with other settings than the stored run ("
                          + "; ".join(differ) + ")")

@@ -120,6 +120,23 @@ def test_run_refuses_an_out_inside_another_run_before_anything_is_written(tmp_pa
     assert statscope.open_run(parent).sizes["step"] == 6
 
 
+def test_run_resume_of_a_run_recorded_through_the_api_says_what_it_is(tmp_path, capsys):
+    """Before, every experiment setting was listed as "stored None, now ..."."""
+    from statscope.writer import write_run
+
+    rng = np.random.default_rng(0)
+    out = write_run(tmp_path / "api", {"fc": 4},
+                    {"bn_mean": rng.normal(size=(5, 4)), "bn_std": 1 + rng.random((5, 4)),
+                     "en_mean": rng.normal(size=(5, 1)), "en_std": 1 + rng.random((5, 1))},
+                    meta={"batch_size": 4}, status="failed")
+    before = files_under(out)
+    assert main(["run", "mnist-fc", "--bs", "4", "--max-steps", "2", "--dataset",
+                 "mnist-5k-subset", "-q", "--out", out, "--resume"]) != 0
+    line = error_line(capsys)
+    assert "not a run that statscope run recorded" in line and "stored None" not in line, line
+    assert files_under(out) == before
+
+
 def test_run_resume_with_no_run_at_out_says_a_new_run_starts(tmp_path, capsys):
     """Before, --resume with a mistyped --out silently recorded a new run from step 0."""
     out = str(tmp_path / "typo")
