@@ -271,9 +271,12 @@ def sync_state(catalog: RunCatalog, trigger: str | None, search: str | None, ver
     current = ViewState.from_query(search)
     editing = False
     unseen = None  # a clicked scatter point whose neuron has no per-step series to draw
+    dropped: list[str] = []  # neurons the URL names that the page's runs have no series of
     if trigger in (None, "url"):
         state = normalize(catalog, current)
         asked = current.runs
+        if state.runs:
+            dropped = [k for k in dict.fromkeys(current.neurons) if k not in state.neurons]
     else:
         asked = _strings(runs)
         # typing a step chooses a range
@@ -319,6 +322,8 @@ def sync_state(catalog: RunCatalog, trigger: str | None, search: str | None, ver
     notice: Any = _gone_notice(catalog, asked, state)
     if unseen is not None:
         notice.append(_unseen_notice(unseen, state.runs))
+    if dropped:
+        notice.append(_dropped_notice(dropped, state))
     if not notice and trigger == "version":
         notice = no_update  # a poll keeps what the page says until the user changes the view
     return (query if query != (search or "") else no_update, *opts, *values,
@@ -336,6 +341,22 @@ def _unseen_notice(key: str, runs: Sequence[str]) -> str:
     return (f"{label} has no per-step series in {', '.join(runs)} (its per-step columns were "
             "not kept when recording, neurons=): its point comes from the window summaries, "
             "and there is no evolution to open.")
+
+
+def _dropped_notice(keys: Sequence[str], state: ViewState) -> str:
+    """Why neurons the URL names are not drawn: none of the page's runs has a per-step series of
+    them (no such layer or channel, or its columns were not kept when recording, neurons=)."""
+    labels = []
+    for key in keys[:5]:
+        try:
+            labels.append(neuron_label(*parse_neuron_key(key)))
+        except (StatscopeError, ValueError):
+            labels.append(repr(key))
+    more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+    shown = ", ".join(neuron_label(*parse_neuron_key(k)) for k in state.neurons[:5])
+    return (f"{', '.join(labels)}{more}: no per-step series in {', '.join(state.runs)} (no such "
+            "channel, or its per-step columns were not kept when recording, neurons=); "
+            f"showing {shown}.")
 
 
 def _differs(new, given) -> bool:

@@ -330,6 +330,14 @@ def test_clicking_a_channel_kept_only_in_the_window_summaries_says_so(tmp_path):
     assert out[16] == "scatter"
     notice = " ".join(map(str, out[-1]))
     assert "1[5]" in notice and "window summaries" in notice, notice
+    # the same neuron typed into the URL: the defaults are drawn and the page says why
+    # (before, they replaced it silently)
+    typed = cb.sync_state(catalog, "url", "?tab=evolution&run=sub&neuron=1:5&neuron=1:1",
+                          None, None, None, None, None, None, None, None, None, None, None, None,
+                          None, None, None, None, None)
+    assert "neuron=1:1" in str(typed[0]) and "1:5" not in str(typed[0])
+    notice = " ".join(map(str, typed[-1]))
+    assert "1[5]: no per-step series in sub" in notice and "showing 1[1]" in notice, notice
 
 
 def test_a_range_reaching_past_a_live_runs_last_step_is_analysed_over_its_steps(tmp_path):
