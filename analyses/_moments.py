@@ -77,8 +77,12 @@ class _Data:
         with quiet():
             self.center = np.nanmean(x, axis=0)  # (S, N)
         c = np.where(np.isfinite(self.center), self.center, 0.0)
-        self.d = np.where(self.ok, x - c, 0.0)
-        self.okf = self.ok.astype(np.float64)
+        # In place: the stacked copy becomes d, so a window costs one (T, S, N) float array
+        # and its mask, not the three temporaries of ``np.where(ok, x - c, 0)``.
+        x -= c
+        x[~self.ok] = 0.0
+        self.d = x
+        self._totals = None
 
     def moments(self, a0, a1, a2) -> Moments:
         """Moments from sums of valid count, d and d² of shape (..., S, N), each series computed
@@ -102,7 +106,14 @@ class _Data:
         return Moments(_Lazy(self.names, mean), _Lazy(self.names, std))
 
     def totals(self):
-        return self.okf.sum(0), self.d.sum(0), (self.d * self.d).sum(0)
+        """Sums over all steps of valid count, d and d², each (S, N); computed once (every
+        jackknife, nudge and block length starts from them)."""
+        if self._totals is None:
+            self._totals = (self.ok.sum(0, dtype=np.float64), self.d.sum(0),
+                            (self.d * self.d).sum(0))
+            for a in self._totals:  # shared by every caller
+                a.setflags(write=False)
+        return self._totals
 
 
 def moments(series: Mapping[str, np.ndarray]) -> Moments:

@@ -21,7 +21,7 @@ def _influence(data: _Data, statistic: Statistic, est: np.ndarray) -> np.ndarray
     out = np.empty((data.t, est.size))
     for lo in range(0, data.t, per):
         sl = slice(lo, lo + per)
-        ok, d = data.okf[sl], data.d[sl]
+        ok, d = data.ok[sl], data.d[sl]
         vals = statistic(data.moments(a0 - ok, a1 - d, a2 - d * d))
         out[sl] = np.asarray(vals, dtype=np.float64).reshape(-1, est.size)
     return np.where(np.isfinite(out), out, np.where(np.isfinite(est), est, 0.0))
@@ -43,12 +43,12 @@ class _Level:
 def _levels(data: _Data, statistic: Statistic, est: np.ndarray, groups: np.ndarray):
     """The (series, group) levels each effect's std-based terms depend on (see :func:`resample`)."""
     base = data.moments(*data.totals())
-    x = np.where(data.ok, data.d, np.nan)
     eps = 1e-6
     out = []
     for i, name in enumerate(data.names):
+        x = np.where(data.ok[:, i], data.d[:, i], np.nan)  # one series at a time: (T, N)
         with quiet():
-            lev = block_length(x[:, i])
+            lev = block_length(x)
         for g in np.unique(groups):
             cols = np.flatnonzero(groups == g)
             probe_std = dict(base.std)
@@ -61,7 +61,7 @@ def _levels(data: _Data, statistic: Statistic, est: np.ndarray, groups: np.ndarr
                             0.0)
             if sens.any():
                 with quiet():
-                    out.append(_Level(sens, x[:, i, cols],
+                    out.append(_Level(sens, x[:, cols],
                                       *(float(np.nanmedian(v[cols]))
                                         for v in (lev.tau, lev.block, lev.join))))
     return out

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._data import quiet
+from ._moments import _BATCH_BYTES
 
 __all__ = ["BlockLength", "block_length", "captured_tau"]
 
@@ -79,6 +80,14 @@ def block_length(x: np.ndarray) -> BlockLength:
     t = x.shape[0]
     shape = x.shape[1:]
     flat = x.reshape(t, -1)
+    pieces = _pieces(t, flat.shape[1])
+    if pieces > 1:  # the FFTs of every column at once would take ~6 (2T × columns) arrays
+        parts = [block_length(c) for c in np.array_split(flat, pieces, axis=1)]
+
+        def joined(field: str) -> np.ndarray:
+            return np.concatenate([getattr(p, field) for p in parts]).reshape(shape)
+
+        return BlockLength(joined("block"), joined("tau"), joined("join"), t)
     with quiet():
         center = np.nanmean(flat, axis=0)
     flat = np.where(np.isfinite(flat), flat, np.where(np.isfinite(center), center, 0.0))
@@ -112,6 +121,16 @@ def block_length(x: np.ndarray) -> BlockLength:
     tau = np.where(good, np.maximum(tau, 1.0 / t), 1.0)
     join = np.where(good, np.maximum(join, 0.0), 0.0)
     return BlockLength(block.reshape(shape), tau.reshape(shape), join.reshape(shape), t)
+
+
+def _pieces(t: int, columns: int) -> int:
+    """How many column chunks keep :func:`block_length`'s FFT work within about
+    ``_BATCH_BYTES``. Each column's estimates depend on that column alone; chunks of at least
+    2 columns keep numpy's sums over steps and lags sequential, as for all columns at once (at
+    a few columns, other rounding may still move the last bit)."""
+    n_fft = 1 << int(math.ceil(math.log2(2 * t)))
+    per = max(4, _BATCH_BYTES // (8 * 6 * n_fft))
+    return max(1, -(-columns // per)) if columns > per else 1
 
 
 def captured_tau(x: np.ndarray, block: int) -> np.ndarray:

@@ -125,12 +125,6 @@ def snap_down(b: float) -> int:
     return out
 
 
-def _block_sums(a: np.ndarray, b: int) -> np.ndarray:
-    """Sums of every run of ``b`` consecutive rows: (T - b + 1, ...)."""
-    cs = np.concatenate([np.zeros((1,) + a.shape[1:]), np.cumsum(a, axis=0)])
-    return cs[b:] - cs[:-b]
-
-
 def _needs(data: _Data, statistic: Statistic) -> tuple[list[int], list[int]]:
     """Indices of the series whose mean (or std) and whose std the statistic reads."""
     m = data.moments(*data.totals())
@@ -143,53 +137,106 @@ def _needs(data: _Data, statistic: Statistic) -> tuple[list[int], list[int]]:
 
 
 def _replicates(data: _Data, statistic: Statistic, b: int, k_out: int, n_boot: int,
-                seed: int) -> np.ndarray:
+                seed: int, *, budget: int = _BATCH_BYTES) -> np.ndarray:
     """(n_boot, K) statistic on moving-block replicates of exactly T steps with blocks of b.
 
     Only the sums the statistic reads are resampled: x for every series it reads, x² for those
-    whose std it reads, and the valid count only where some step is missing.
+    whose std it reads, and the valid count only where some step is missing. Memory beyond
+    the data stays within a few ``budget`` bytes whatever T, N and n_boot: replicates go in
+    batches, and each batch builds the block sums one column chunk at a time, never all
+    (T, series, N) of them. Each column's block sums depend on that column alone and each
+    replicate adds its blocks in order, so the chunking does not change the numbers (with
+    short blocks, where a BLAS product adds them, the last bit may round differently).
     """
     t = data.t
     full, rest = divmod(t, b)
     rng = np.random.default_rng([seed, b])
     starts = rng.integers(0, t - b + 1, size=(n_boot, full))
+    part_starts = rng.integers(0, t - rest + 1, size=n_boot) if rest else None
     level, spread = _needs(data, statistic)
     gaps = [i for i in level if not data.ok[:, i].all()]
-    parts = [data.okf[:, gaps], data.d[:, level], data.d[:, spread] ** 2]
-    width = [len(gaps), len(level), len(spread)]
-    cols = np.concatenate(parts, axis=1).reshape(t, -1)
-    sums = _block_sums(cols, b)
-    part = None
-    if rest:
-        part_starts = rng.integers(0, t - rest + 1, size=n_boot)
-        part = _block_sums(cols, rest)
+    # the resampled columns, in the order of the sums: (kind, series) with kind 0 = valid
+    # count, 1 = d, 2 = d²
+    kinds = [(0, i) for i in gaps] + [(1, i) for i in level] + [(2, i) for i in spread]
+    s, n = data.d.shape[1], data.d.shape[2]
     n_pos = t - b + 1
     gemm = n_pos <= 8 * full  # BLAS on a count matrix beats gathering ⌊T/b⌋ rows per replicate
-    per_row = cols.shape[1] * 8 * (1 if gemm else full) + (n_pos * 8 if gemm else 0)
-    per = max(1, min(n_boot, _BATCH_BYTES // max(1, per_row)))
+    # A batch of replicates holds its moments' sums (3 S, N) (and with gemm its count matrix)
+    # while the block sums are built column chunk by column chunk, so the fewer batches the
+    # fewer times the block sums are rebuilt: up to 4 budgets of them. The statistic then
+    # reads them in slices of about one budget (its temporaries are a few such arrays).
+    per = max(1, min(n_boot, 4 * budget // (8 * (3 * s * n + (n_pos if gemm else 0)))))
+    per_stat = max(1, budget // (8 * 4 * s * n))
+    # column chunks for a column's series and its running sums, of at least 2 columns each
+    # (see _gather)
+    pieces = max(1, -(-n // max(4, budget // (8 * 4 * (t + 1)))))
+    bounds = [(int(c[0]), int(c[-1]) + 1) for c in np.array_split(np.arange(n), pieces)
+              if c.size]
     out = np.empty((n_boot, k_out))
-    s, n = data.d.shape[1], data.d.shape[2]
     for lo in range(0, n_boot, per):
         idx = starts[lo:lo + per]
         rows = idx.shape[0]
+        counts = None
         if gemm:
             flat = (np.arange(rows)[:, None] * n_pos + idx).ravel()
             counts = np.bincount(flat, minlength=rows * n_pos).reshape(rows, n_pos)
-            acc = counts.astype(np.float64) @ sums
-        else:
-            acc = sums[idx].sum(axis=1)
-        if part is not None:
-            acc = acc + part[part_starts[lo:lo + per]]
-        acc = acc.reshape(rows, sum(width), n)
+            counts = counts.astype(np.float64)
         a0 = np.full((rows, s, n), float(t))
         a1 = np.zeros((rows, s, n))
         a2 = np.zeros((rows, s, n))
-        a0[:, gaps] = acc[:, :width[0]]
-        a1[:, level] = acc[:, width[0]:width[0] + width[1]]
-        a2[:, spread] = acc[:, width[0] + width[1]:]
-        vals = statistic(data.moments(a0, a1, a2))
-        out[lo:lo + per] = np.asarray(vals, dtype=np.float64).reshape(rows, k_out)
+        for kind, i in kinds:
+            target = (a0, a1, a2)[kind]
+            for c0, c1 in bounds:
+                cols = slice(c0, c1)
+                x = data.ok[:, i, cols].astype(np.float64) if kind == 0 else data.d[:, i, cols]
+                cs = _running_sums(x * x if kind == 2 else x)
+                sums = cs[b:] - cs[:-b]
+                acc = counts @ sums if counts is not None else _gather(sums, idx, budget)
+                if part_starts is not None:
+                    acc += (cs[rest:] - cs[:-rest])[part_starts[lo:lo + per]]
+                target[:, i, cols] = acc
+        for r0 in range(0, rows, per_stat):
+            m = min(per_stat, rows - r0)
+            sl = slice(r0, r0 + m)
+            vals = statistic(data.moments(a0[sl], a1[sl], a2[sl]))
+            out[lo + r0:lo + r0 + m] = np.asarray(vals, dtype=np.float64).reshape(m, k_out)
     return out
+
+
+def _running_sums(a: np.ndarray) -> np.ndarray:
+    """(T + 1, C) sums of the first 0, 1, ..., T rows of ``a`` (T, C), as ``np.cumsum`` adds
+    them (row after row), but run along contiguous memory: several times faster on a column
+    chunk of a (T, S, N) array."""
+    t, c = a.shape
+    cs = np.empty((c, t + 1))
+    cs[:, 0] = 0.0
+    np.cumsum(a.T, axis=1, out=cs[:, 1:])
+    return np.ascontiguousarray(cs.T)
+
+
+def _gather(sums: np.ndarray, idx: np.ndarray, budget: int) -> np.ndarray:
+    """(R, C) sum over j of the blocks ``sums[idx[r, j]]``, gathered about ``budget`` bytes at a
+    time rather than as one (R, ⌊T/b⌋, C) array.
+
+    Each piece is reduced behind the running sum, so the blocks are added one after another in
+    order of j — numpy's order for such a reduction when C ≥ 2, and the order of the whole
+    gathered array. A single column (where numpy would sum pairwise) goes block by block.
+    """
+    rows, full = idx.shape
+    width = sums.shape[1]
+    step = full if width < 2 else max(1, min(full - 1, budget // (8 * rows * width)))
+    acc = sums[idx[:, 0]]
+    if width < 2:
+        for j in range(1, full):
+            acc += sums[idx[:, j]]
+        return acc
+    buf = np.empty((rows, step + 1, width))
+    for j in range(1, full, step):
+        k = min(step, full - j)
+        buf[:, 0] = acc
+        np.take(sums, idx[:, j:j + k], axis=0, out=buf[:, 1:k + 1], mode="clip")  # in range
+        acc = buf[:, :k + 1].sum(axis=1)
+    return acc
 
 
 def _combine(parts) -> Statistic:

@@ -16,9 +16,18 @@
    measurement and its start-up not counted), alternating A B B A: wall seconds, the command's
    own peak RSS, and each worker's peak RSS (VmHWM read on the worker).
 
+4. With ``--ci``: the dashboard's fluctuation view with window "all" — ``fluctuation_ci(ds,
+   "all", n_boot=200)``, plain and scale-free — on a synthetic run of 6,000 steps x 512 neurons
+   (4 layers of 128, AR(1) series with drift, written by ``statscope.writer.write_run``), in
+   fresh subprocesses: seconds and peak RSS. With ``--baseline REV`` or ``--baseline-overlay
+   DIR`` (a folder of files laid over today's tree at the same paths, e.g. the old
+   ``analyses/resampling.py``) the same call of that tree runs alternately, A B B A, and the
+   intervals of both are compared (the bootstrap must give the same numbers).
+
 Usage: python benchmarks/bench_analyses.py [--steps 300000] [--dir /tmp/statscope-bench]
            [--sweep DIR] [--baseline REV] [--repeats 2] [--skip-large] [--skip-sweep]
            [--cluster] [--cluster-runs 20] [--cluster-steps 20000]
+           [--ci] [--ci-steps 6000] [--baseline-overlay DIR]
 Not a timed test: it prints seconds (wall and CPU), peak RSS and ratios; record them in
 docs/performance.md.
 """
@@ -116,6 +125,90 @@ def write_synthetic(path: str, steps: int, batch: int, seed: int, layers: int = 
     w.close()
 
 
+def write_ar(path: str, steps: int, layers: int = 4, width: int = 128) -> None:
+    """A run of AR(1) statistics with a slow drift (autocorrelated like training series), so
+    the bootstrap picks blocks of tens to hundreds of steps."""
+    from statscope.writer import write_run
+
+    rng = np.random.default_rng(0)
+
+    def ar(shape, phi):
+        e = rng.standard_normal(shape)
+        x = np.empty(shape)
+        x[0] = e[0]
+        for t in range(1, shape[0]):
+            x[t] = phi * x[t - 1] + e[t]
+        return x
+
+    n = layers * width
+    drift = np.linspace(1.0, 0.5, steps)[:, None]
+    data = {"bn_mean": 0.2 + 0.05 * ar((steps, n), 0.5) + 0.01 * drift,
+            "bn_std": np.abs(1.0 + 0.1 * ar((steps, n), 0.7)) * drift,
+            "en_mean": 0.2 + 0.05 * ar((steps, layers), 0.3),
+            "en_std": np.abs(1.0 + 0.1 * ar((steps, layers), 0.3))}
+    write_run(path, {f"fc{i + 1}": width for i in range(layers)},
+              {k: v.astype(np.float32) for k, v in data.items()},
+              count=np.full((steps, layers), 4), meta={"batch_size": 4}, overwrite=True)
+
+
+CI_CODE = ("import numpy as np, statscope; "
+           "from statscope.analyses.bootstrap import fluctuation_ci; "
+           "ci = fluctuation_ci(statscope.open_run(PATH), 'all', scale_free={sf}, n_boot=200); "
+           "np.savez({out!r}, **{{s: ci[s].values for s in ci.data_vars}})")
+
+
+def overlay_tree(overlay: str) -> str:
+    """Today's statscope laid out as an importable package, with the files under ``overlay``
+    (paths as in the repository, e.g. ``analyses/resampling.py``) in place of today's."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = tempfile.mkdtemp(prefix="statscope-overlay-")
+    pkg = os.path.join(root, "statscope")
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(os.path.join(repo, "statscope"), pkg, ignore=ignore)
+    for sub in ("probes", "analyses", "dashboards"):
+        shutil.copytree(os.path.join(repo, sub), os.path.join(pkg, sub), ignore=ignore)
+    for here, _, files in os.walk(overlay):
+        rel = os.path.relpath(here, overlay)
+        top = rel.split(os.sep)[0]
+        if top not in ("statscope", "probes", "analyses", "dashboards"):
+            continue
+        dest = os.path.join(root, rel) if top == "statscope" else os.path.join(pkg, rel)
+        for f in files:
+            if f.endswith(".py"):
+                shutil.copy(os.path.join(here, f), os.path.join(dest, f))
+    return root
+
+
+def bench_ci(root: str, steps: int, baseline: str | None, repeats: int) -> dict:
+    """The dashboard's fluctuation_ci call with window "all": today vs ``baseline`` (a tree on
+    PYTHONPATH), A B B A, and the largest relative difference of their intervals."""
+    path = os.path.join(root, f"ar-{steps}x512")
+    if not os.path.exists(path):
+        write_ar(path, steps)
+    out = tempfile.mkdtemp(prefix="statscope-bench-ci-")
+    results = {}
+    for sf in (False, True):
+        runs = {"now": [], "baseline": []}
+        order = ("now", "baseline", "baseline", "now") if baseline else ("now",)
+        for _ in range(repeats):
+            for who in order:
+                code = CI_CODE.format(sf=sf, out=os.path.join(out, f"{who}-{sf}.npz"))
+                runs[who].append(measure(code, path, None if who == "now" else baseline))
+        entry = {"now": runs["now"]}
+        if baseline:
+            entry["baseline"] = runs["baseline"]
+            for key in ("seconds", "peak_rss_mib"):
+                entry[f"{key}_ratio_now_over_baseline"] = round(statistics.median(
+                    a[key] / b[key] for a, b in zip(runs["now"], runs["baseline"])), 3)
+            a, b = (np.load(os.path.join(out, f"{w}-{sf}.npz")) for w in ("now", "baseline"))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                entry["max_rel_diff_of_intervals"] = float(max(
+                    np.nanmax(np.abs(a[k] - b[k]) / np.abs(b[k]), initial=0.0)
+                    for k in a.files))
+        results[f"fluctuation_ci('all', n_boot=200, scale_free={sf})"] = entry
+    return {"steps": steps, "neurons": 512, "results": results}
+
+
 def _worker_peaks(client) -> list[int]:
     def peak() -> int:
         return int([line.split()[1] for line in open("/proc/self/status")
@@ -165,12 +258,15 @@ def bench_cluster(root: str, n_runs: int, steps: int, repeats: int, order: str =
                 x["wall_s"] / y["wall_s"] for x, y in zip(a, b)), 3)}
 
 
-def measure(code: str, path: str) -> dict:
+def measure(code: str, path: str, pythonpath: str | None = None) -> dict:
     script = (f"import os, time; PATH = {path!r}; t = time.perf_counter(); {code}; "
               "print(time.perf_counter() - t, int([l.split()[1] for l in open('/proc/self/status')"
               " if l.startswith('VmHWM')][0]) / 1024)")
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
-                         text=True, cwd=tempfile.gettempdir()).stdout.split()
+                         text=True, cwd=tempfile.gettempdir(), env=env).stdout.split()
     return {"seconds": round(float(out[-2]), 2), "peak_rss_mib": round(float(out[-1]))}
 
 
@@ -256,8 +352,18 @@ def main() -> None:
     ap.add_argument("--cluster-steps", type=int, default=20_000)
     ap.add_argument("--cluster-order", default="ABBA",
                     help="A: one process, B: the cluster; AB when time is short")
+    ap.add_argument("--ci", action="store_true",
+                    help="the dashboard's fluctuation_ci('all') on a 6,000-step run")
+    ap.add_argument("--ci-steps", type=int, default=6_000)
+    ap.add_argument("--baseline-overlay",
+                    help="folder of old files (repository paths) laid over today's tree: the "
+                         "baseline of --ci when --baseline is not given")
     args = ap.parse_args()
     report = {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}
+    if args.ci:
+        base = baseline_tree(args.baseline) if args.baseline else \
+            overlay_tree(args.baseline_overlay) if args.baseline_overlay else None
+        report["ci"] = bench_ci(args.dir, args.ci_steps, base, max(1, args.repeats // 2))
     if not args.skip_large:
         path = os.path.join(args.dir, f"bs4-{args.steps}")
         if not os.path.exists(path):
