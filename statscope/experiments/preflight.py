@@ -45,10 +45,11 @@ def _check_out(cfg: RunConfig) -> int:
     from statscope.destination import check_path
     from statscope.discovery import enclosing_run
     from statscope.lease import Lease
-    from statscope.storage import exists
+    from statscope.storage import exists, is_url
     from statscope.store import read_attrs
 
-    parent = None if exists(cfg.out) else enclosing_run(cfg.out)  # else it says what it is
+    # what is at out already says what it is; a URL's bucket is checked below (lease_path)
+    parent = None if is_url(cfg.out) or exists(cfg.out) else enclosing_run(cfg.out)
     if parent is not None:
         raise StoreError(f"out={cfg.out!r}: inside the run {parent!r}; write the run "
                          "elsewhere (it would sit among that run's files, and go when "
