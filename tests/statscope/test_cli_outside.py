@@ -3,10 +3,8 @@ paths, out-of-range numbers, wrong types, a run asked for inside another run, ob
 whose bucket is missing or whose store cannot be reached, ``file://`` URLs."""
 
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -211,12 +209,6 @@ def test_dashboard_reads_a_file_url_as_the_folder_it_names(tmp_path, capsys):
 
 # --- object-store URLs: a missing bucket, a store that cannot be reached ----------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cli(argv, env, cwd):
     """``statscope ARGV`` as a real process: its exit code and stderr."""
     proc = subprocess.run([sys.executable, "-m", "statscope", *argv], env=env, cwd=cwd,
@@ -239,31 +231,15 @@ def s3_server(tmp_path_factory):
     """An S3 API server (moto's server mode) on 127.0.0.1 with one bucket, ``runs``."""
     pytest.importorskip("s3fs")
     pytest.importorskip("moto")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                   "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    pytest.fail(f"the S3 server did not start: {log.read_text()[-2000:]}")
-                time.sleep(0.2)
+    from test_object_store import moto_server
+
+    with moto_server(tmp_path_factory.mktemp("moto")) as endpoint:
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test",
                      aws_secret_access_key="test", region_name="us-east-1"
                      ).create_bucket(Bucket="runs")
         yield endpoint
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 _COMMANDS = [["info"], ["runs"], ["analyze"], ["report", "-o", "r.md"],

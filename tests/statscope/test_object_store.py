@@ -1,5 +1,6 @@
 """Runs on S3-compatible storage: a real S3 API server (moto's server mode) on 127.0.0.1."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -27,42 +28,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """An S3 server in its own process; yields its endpoint and an env that points boto at it."""
+@contextlib.contextmanager
+def moto_server(folder):
+    """moto's S3 server in its own process on 127.0.0.1 (its log in ``folder``); yields its
+    endpoint, and stops it on exit."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "server.log"
+    log = folder / "server.log"
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
                                    "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail(f"the S3 server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket="runs")
     try:
-        yield endpoint, env
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    pytest.fail(f"the S3 server did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """An S3 server in its own process; yields its endpoint and an env that points boto at it."""
+    with moto_server(tmp_path_factory.mktemp("moto")) as endpoint:
+        env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="runs")
+        try:
+            yield endpoint, env
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def fc():
