@@ -19,6 +19,8 @@ core). Contenders:
   applies);
 - ``generic``: the same with the BatchNorm fast path switched off (every probe reduces the tensor
   itself), to show what the fast path buys;
+- ``pyprobe``: ``statscope`` with the BatchNorm fast path's probe in Python instead of its C++
+  probe (``statscope/csrc/bn_probe.cpp``), as without a compiler: what the C++ probe buys;
 - ``prehook``: a ten-line forward pre-hook that computes ``var_mean`` over every dim but the
   channels into a preallocated buffer, the issue's strawman;
 - ``nowriter``: ``statscope`` whose writer thread drops every block unread (nothing reaches the
@@ -245,13 +247,17 @@ class Arm:
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.rec = self.hook = self.neighbour = None
         self._generic = contextlib.nullcontext()
-        if name in ("statscope", "generic", "nowriter", "raw64", "thread"):
+        if name in ("statscope", "generic", "nowriter", "raw64", "thread", "pyprobe"):
             import statscope
 
             if name == "generic":
                 from statscope.probes import hooks, recorder
 
                 self._generic = _no_fast_path(recorder, hooks)
+            elif name == "pyprobe":
+                from statscope.probes import hooks
+
+                self._generic = _python_probe(hooks)
             # raw64: buffer tensors up to 64 MiB per probe and block raw (default 16 MiB), so
             # that more probes take one copy per step and leave the reduction to the writer
             extra = {"raw_bytes": 64 << 20} if name == "raw64" else {}
@@ -322,6 +328,21 @@ def _no_fast_path(*modules):
     finally:
         for m, probe_path in zip(modules, saved):
             m.probe_path = probe_path
+
+
+@contextlib.contextmanager
+def _python_probe(hooks):
+    # the recorder's BatchNorm probes keep their Python function, as where the kernels are off
+    saved = hooks._install_native
+
+    def python_only(rec, cap, cell, fallback, building):
+        building[0] = False
+
+    hooks._install_native = python_only
+    try:
+        yield
+    finally:
+        hooks._install_native = saved
 
 
 def _dropper(filer):
@@ -494,7 +515,7 @@ def main(argv=None) -> None:
     ap.add_argument("--block-seconds", type=float, default=0.6)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--contenders", nargs="+", default=["statscope", "generic"],
-                    choices=("statscope", "generic", "prehook", "nowriter", "raw64", "thread",
+                    choices=("statscope", "generic", "pyprobe", "prehook", "nowriter", "raw64", "thread",
                              "neighbour"))
     ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                     help="time every arm's model under torch.compile (default backend inductor)")

@@ -8,9 +8,10 @@ FC-net step at batch size 4 before any statistic is computed. ``"hooks"`` uses
 ``register_forward_pre_hook``/``register_forward_hook``, for modules whose ``forward`` cannot be
 replaced (TorchScript) or when another library owns it.
 
-A probe that carries ``probe.batchnorm`` (a function) on the input of an eligible BatchNorm (see
-:mod:`statscope.probes.fastpath`) replaces the module's ``forward`` by the BatchNorm fast path,
-which computes the layer itself and hands ``probe.batchnorm`` the statistics BatchNorm computed;
+A probe that carries ``probe.batchnorm`` (a one-element list of a function, which the recorder
+may swap) on the input of an eligible BatchNorm (see :mod:`statscope.probes.fastpath`) replaces
+the module's ``forward`` by the BatchNorm fast path, which computes the layer itself and hands
+the function in ``probe.batchnorm`` the statistics BatchNorm computed;
 it falls back to calling the probe before the module's own ``forward`` for every call it does not
 take.
 """

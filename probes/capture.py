@@ -41,7 +41,7 @@ from statscope.probes.nested import flat_nested
 from statscope.probes.pool import BufferPool, Pair
 from statscope.probes.reduce import (StackedRun, batchnorm_entry, batchnorm_kind,
                                      reduce_before_advice, step_entry)
-from statscope.probes.segments import Segment, stack_segment
+from statscope.probes.segments import BnRows, Segment, readable, stack_segment
 from statscope.probes.selection import Target
 from statscope.probes.sets import mask_weights, masked_entry, set_entry
 from statscope.entries import ENTRY_MOMENTS
@@ -106,6 +106,9 @@ class Capture:
         # start is right from its first step.
         self.advised = False
         self.bn_eps: float | None = None  # the eps of the BatchNorm whose statistics come here
+        # Whether the C++ probe files this BatchNorm probe's steps (statscope.probes.hooks):
+        # its CPU segments then hold their rows in a BnRows buffer
+        self.buffer_bn = False
         # whether the probe ran in eval mode within training (a frozen BatchNorm), unrecorded
         self.ran_eval = False
         self._shape = None
@@ -215,7 +218,12 @@ class Capture:
                 if self._rows is None or self._mode != "refs" or t.shape != self._shape:
                     if t.numel() == 0:
                         return
+                    rows = self._rows
                     self._reshape(t, slot, refs=True)
+                    if self._rows is not rows and self.buffer_bn and self.sets is None \
+                            and x.invstd.is_cpu:  # a new segment: for the C++ probe
+                        self._rows = BnRows(self.block_steps, self.channels, x.invstd.dtype,
+                                            x.eps)
                 kind = batchnorm_kind(t, self._per_channel)
                 if self.sets is None:
                     self._bn_memo = (self._rows, _input_key(t, x.invstd), kind)
@@ -360,7 +368,7 @@ class Capture:
         segments = list(self.segments)
         if self._rows is not None and n > self._start:
             segments.append(self._open_segment(n))
-        clipped = [c for c in (seg.clip(0, n) for seg in segments) if c is not None]
+        clipped = [readable(c) for c in (seg.clip(0, n) for seg in segments) if c is not None]
         return (np.array(self.count[:n], np.int64), clipped,
                 None if self.sets is None else self.sets[:n])
 

@@ -120,14 +120,16 @@ def probe_path(target: Target, order: int, mechanism: str) -> str:
     return "generic"
 
 
-def batchnorm_forward(probe: Callable, generic: Callable, inner: Callable,
+def batchnorm_forward(probe: list, generic: Callable, inner: Callable,
                       owner: int) -> Callable:
     """A ``forward(self, *args, **kwargs)`` for an :func:`eligible` BatchNorm ``self`` (bind it
-    with ``types.MethodType``) that hands BatchNorm's own statistics to ``probe``.
+    with ``types.MethodType``) that hands BatchNorm's own statistics to ``probe[0]``.
 
     Args:
-        probe: called as ``probe(self, input, mean, invstd)`` after a training-mode forward
-            (the fields of :class:`BatchStats` but eps, which is ``self.eps``).
+        probe: a one-element list of the function called as ``probe[0](self, input, mean,
+            invstd)`` after a training-mode forward (the fields of :class:`BatchStats` but eps,
+            which is ``self.eps``), read at each call: the recorder swaps in its C++ probe once
+            built.
         generic: called as ``generic(self, args)`` before any other forward (the generic
             path's probe, safe under ``torch.compile``).
         inner: the module's forward as ``inner(self, *args, **kwargs)``, for the calls the fast
@@ -149,7 +151,7 @@ def batchnorm_forward(probe: Callable, generic: Callable, inner: Callable,
         if mean is None:  # a tensor subclass among the parameters: torch's own path
             generic(self, args)
             return inner(self, *args)
-        probe(self, args[0], mean, invstd)
+        probe[0](self, args[0], mean, invstd)
         return out
 
     return forward

@@ -17,6 +17,8 @@ import weakref
 import torch
 
 from statscope.errors import StatscopeWarning
+from statscope.native import kernels
+from statscope.native import status as native_status
 from statscope.probes import functorch
 from statscope.probes.capture import Capture
 from statscope.probes.fastpath import BatchStats, probe_path
@@ -27,6 +29,19 @@ __all__ = ["Hooks"]
 _in_backward = torch._C._current_graph_task_id
 _grad_enabled = torch.is_grad_enabled
 _transform_level = functorch.level
+
+
+def _install_native(rec, cap: Capture, cell: list, fallback, building: list) -> None:
+    """Put the C++ BatchNorm probe into ``cell`` once the kernels are built (the build runs in
+    the background: :func:`statscope.native.kernels`); ``building[0]`` False once that is
+    decided either way. Not for probes under ``mechanism="hooks"`` (never the fast path)."""
+    native = kernels(wait=False)
+    if native is not None:
+        cap.buffer_bn = True
+        cell[0] = native.make_bn_probe(rec, cap, fallback)
+        building[0] = False
+    elif native_status() != "not loaded yet":  # switched off, or the build failed
+        building[0] = False
 
 
 class Hooks:
@@ -82,13 +97,20 @@ class Hooks:
             hook.channel_dim = cap.target.channel_dim  # type: ignore[attr-defined]
         return hook
 
-    def _make_batchnorm_hook(self, cap: Capture, hook):
+    def _make_batchnorm_hook(self, cap: Capture, hook) -> list:
         """The probe that the BatchNorm fast path calls after a training-mode forward with the
-        statistics BatchNorm computed: ``hook`` with less Python, which is what this probe costs
-        a launch-bound training step (see :meth:`Capture.capture_bn`)."""
+        statistics BatchNorm computed, in a one-element list that the fast path reads at each
+        call: ``hook`` with less Python (see :meth:`Capture.capture_bn`), replaced by the C++
+        probe (``statscope/csrc/bn_probe.cpp``) once :mod:`statscope.native` is built. That one
+        takes the common case in one C call and calls this one for every other: each Python
+        call is what this probe costs a launch-bound training step."""
         rec, lock, block_steps, perf_counter = self, self._lock, self.block_steps, time.perf_counter
+        cell: list = []
+        building = [True]
 
         def batchnorm_hook(module, x, mean, invstd):
+            if building[0]:
+                _install_native(rec, cap, cell, batchnorm_hook, building)
             if not rec._on or _in_backward() != -1 or (rec._quiet and not _grad_enabled()):
                 return
             if rec._func is not None:  # inside a torch.func transform
@@ -106,7 +128,9 @@ class Hooks:
                     return
             hook(module, (BatchStats(x, mean, invstd, module.eps),))  # times itself
 
-        return batchnorm_hook
+        cell.append(batchnorm_hook)
+        _install_native(rec, cap, cell, batchnorm_hook, building)
+        return cell
 
     def _make_moments_hook(self, cap: Capture, hook):
         """The probe that a compiled graph calls with the probed tensor's per-channel mean and

@@ -2,20 +2,23 @@
 reduction on the writer thread (:func:`gather_segments`).
 
 :class:`~statscope.probes.capture.Capture` fills them on the training thread; at the hand-over
-of a block a segment of CPU entries of one kind is stacked (:func:`stack_segment`).
+of a block a segment of CPU entries of one kind is stacked (:func:`stack_segment`). A CPU
+BatchNorm probe that the C++ probe files (:mod:`statscope.probes.hooks`) holds its rows in a
+:class:`BnRows` buffer, stacked already; the writer thread never sees one (:func:`readable`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from statscope.probes.pool import Pair
 from statscope.probes.reduce import StackedRun, entries_gather, stack_entries
 from statscope.probes.statistics import block_moments
 
-__all__ = ["Segment", "gather_segments", "stack_segment"]
+__all__ = ["BnRows", "Segment", "gather_segments", "readable", "stack_segment"]
 
 _BATCH_BYTES = 1 << 20
 
@@ -48,13 +51,97 @@ class Segment:
         return Segment(start, stop, self.raw, self.refs, self.offset + start - self.start)
 
 
+class BnRows:
+    """The rows of a CPU BatchNorm probe's open segment, as entries (a list's interface) held in
+    one buffer: row ``i``'s ``("invstd", mean, invstd, eps)`` entry is ``buffer[0, i]`` and
+    ``buffer[1, i]`` where ``present[i]``, and other entries (a step that took another route)
+    are kept as they are in ``overflow``.
+
+    The C++ probe (``statscope/csrc/bn_probe.cpp``) copies BatchNorm's (C,) statistics into the
+    buffer, so that the step's own tensors are freed with the step and the block is stacked
+    already when it is handed over (:meth:`run`). Written on the training thread under the
+    recorder's lock; the writer thread reads only rows of steps that ended.
+
+    Args:
+        rows: K, the block's steps.
+        channels: C.
+        dtype: BatchNorm's statistics' dtype (float32, or float64 for float64 inputs).
+        eps: the layer's eps, every buffered row's.
+    """
+
+    __slots__ = ("buffer", "present", "overflow", "eps")
+
+    def __init__(self, rows: int, channels: int, dtype: torch.dtype, eps: float):
+        self.buffer = torch.empty((2, rows, channels), dtype=dtype)
+        self.present = bytearray(rows)
+        self.overflow: dict[int, tuple] = {}
+        self.eps = float(eps)
+
+    def __len__(self) -> int:
+        return len(self.present)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = range(len(self))[index]
+        entry = self.overflow.get(index)
+        if entry is None and self.present[index]:
+            return ("invstd", self.buffer[0, index], self.buffer[1, index], self.eps)
+        return entry
+
+    def __setitem__(self, index: int, entry: tuple | None) -> None:
+        index = range(len(self))[index]
+        self.present[index] = 0
+        self.overflow.pop(index, None)
+        if entry is None:
+            return
+        if self._fits(entry):
+            with torch.no_grad():
+                self.buffer[0, index].copy_(entry[1])
+                self.buffer[1, index].copy_(entry[2])
+            self.present[index] = 1
+        else:
+            self.overflow[index] = entry
+
+    def _fits(self, entry: tuple) -> bool:
+        shape = self.buffer.shape[2:]
+        return (entry[0] == "invstd" and len(entry) == 4 and entry[3] == self.eps
+                and all(type(t) is torch.Tensor and t.is_cpu and t.dtype == self.buffer.dtype
+                        and t.shape == shape for t in entry[1:3]))
+
+    def run(self, start: int, stop: int) -> StackedRun | list:
+        """Rows ``start:stop`` as a :class:`~statscope.probes.reduce.StackedRun` of views of
+        the buffer when each is in it, else as a list of entries."""
+        if stop > start and all(self.present[start:stop]) \
+                and not any(start <= i < stop for i in self.overflow):
+            return StackedRun("invstd", 4, [self.buffer[0, start:stop], self.buffer[1, start:stop]],
+                              np.full((stop - start, 1), self.eps))
+        return self[start:stop]
+
+
 def stack_segment(seg: Segment) -> Segment:
     """``seg`` with its entries stacked where :func:`statscope.probes.reduce.stack_entries`
-    allows (on the training thread, at the hand-over of a block)."""
+    allows (on the training thread, at the hand-over of a block); never a :class:`BnRows`."""
     if seg.refs is None:
         return seg
+    if type(seg.refs) is BnRows:
+        seg = readable(seg)
+        if type(seg.refs) is StackedRun:
+            return seg
     run = stack_entries(seg.refs[seg.offset:seg.offset + seg.stop - seg.start])
     return seg if run is None else Segment(seg.start, seg.stop, refs=run)
+
+
+def readable(seg: Segment) -> Segment:
+    """``seg`` as the writer thread reads it: a :class:`BnRows` segment as a stacked run or a
+    list of its entries (views of the buffer, which the training thread goes on filling)."""
+    if type(seg.refs) is not BnRows:
+        return seg
+    return Segment(seg.start, seg.stop, refs=seg.refs.run(seg.offset,
+                                                         seg.offset + seg.stop - seg.start))
 
 
 def gather_segments(segments: list[Segment], order: int) -> tuple[list, list, list]:

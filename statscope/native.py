@@ -127,7 +127,7 @@ def _build():
     directory = pathlib.Path(root) / name
     directory.mkdir(parents=True, exist_ok=True)
     sources = [str(_SOURCES / f) for f in ("module.cpp", "channel_norm.cpp", "cell_norm.cpp",
-                                           "moments.cpp")]
+                                           "moments.cpp", "bn_probe.cpp")]
     with _exclusive(directory / "statscope.lock"):
         # torch's own lock file outlives a build killed in flight, and then every later build
         # waits on it forever; holding ours, no other statscope build is running, so it is stale

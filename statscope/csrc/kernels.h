@@ -28,4 +28,6 @@ Tensor cell_norm(const Tensor& x, const std::optional<Tensor>& weight,
 
 Tensor shifted_sums(const Tensor& x, int64_t order, bool rows, int64_t sample);
 
+py::object make_bn_probe(py::object recorder, py::object capture, py::object fallback);
+
 }  // namespace statscope_native

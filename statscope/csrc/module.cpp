@@ -9,4 +9,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "A norm with per-example sets in training mode on the CPU, one autograd node");
   m.def("shifted_sums", &statscope_native::shifted_sums,
         "Per-channel shifted power sums of a CPU tensor in one read (the probes' generic path)");
+  m.def("make_bn_probe", &statscope_native::make_bn_probe,
+        "The BatchNorm fast path's probe as one C call, bound to a recorder and a capture");
 }
