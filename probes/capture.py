@@ -92,8 +92,15 @@ class Capture:
         self.sum_bn_mean = True
         # Whether this probe decides sum_bn_mean itself at each hand-over (CPU BatchNorm
         # probes, from the block's stacked statistics: _advise_mean), so that the writer's
-        # advice, which arrives at whatever step, leaves it alone
+        # advice leaves it alone
         self.own_mean_advice = False
+        # The writer's advice for sum_bn_mean (set by the writer thread), taken at the next
+        # hand-over by a probe that does not decide itself: a switch at whatever step the
+        # advice arrived would make two runs of one seed differ there
+        self.mean_advice: bool | None = None
+        # (mean, var, count) of the last (up to eight) rows of BatchNorm's own CPU statistics
+        # handed over, for _advise_mean; None after rows of another kind
+        self._recent: tuple | None = None
         # Also advice, read at each step: whether this BatchNorm probe reduces its input itself
         # instead of keeping BatchNorm's statistics, because a channel's variance fell far
         # below the layer's eps, where 1/invstd² − eps loses the variance's digits. False until
@@ -315,11 +322,18 @@ class Capture:
     def _open_buffers(self) -> tuple[Pair, ...]:
         return (self._buf,) if self._mode == "raw" else ()
 
-    def take_block(self, n: int) -> tuple[np.ndarray, list[Segment], list | None]:
+    def take_block(self, n: int, aligned: bool = True
+                   ) -> tuple[np.ndarray, list[Segment], list | None]:
         """Hand over the first ``n`` slots (counts, segments, per-set entries) and start a new
         block.
 
         The caller guarantees that no slot from ``n`` on holds data (no step is in progress).
+
+        Args:
+            n: the rows to hand over.
+            aligned: whether the block ends at a multiple of ``block_steps`` recorded steps,
+                where a BatchNorm probe decides :attr:`sum_bn_mean` (:meth:`_advise_mean`);
+                a block handed over early (``flush_seconds``) ends elsewhere.
         """
         self.close_segment(n)
         count, segments = np.array(self.count[:n], np.int64), self.segments
@@ -334,31 +348,46 @@ class Capture:
         self._start = 0
         stacked = [stack_segment(seg) for seg in segments]
         if self.bn_eps is not None and stacked:
-            self._advise_mean(stacked[-1], count)
+            self._advise_mean(stacked, count, aligned)
+        if aligned and not self.own_mean_advice and self.mean_advice is not None:
+            self.sum_bn_mean = self.mean_advice
         return count, stacked, sets
 
-    def _advise_mean(self, seg: Segment, count: np.ndarray) -> None:
-        """Decide :attr:`sum_bn_mean` for the next block from this block's last rows, here at
-        the hand-over rather than when the writer's advice arrives: on the CPU the extra sum
-        and BatchNorm's own mean differ in their last bits, and a switch at whatever step the
-        advice reached the training thread would make two runs of one seed differ there. The
-        test is the writer's (:func:`statscope.rows.mean_needs_sum`); rows that are not
-        BatchNorm's own CPU statistics keep the sum, as the writer's advice does."""
-        run = seg.refs
-        if type(run) is not StackedRun:
+    def _advise_mean(self, stacked: list[Segment], count: np.ndarray, aligned: bool) -> None:
+        """Decide :attr:`sum_bn_mean` from the last rows before a multiple of ``block_steps``
+        recorded steps, at the hand-over of the block that ends there, rather than when the
+        writer's advice arrives or a block is handed over early: on the CPU the extra sum and
+        BatchNorm's own mean differ in their last bits, and a switch at a step that depends on
+        timing would make two runs of one seed differ there. The rows are the last eight of
+        BatchNorm's own statistics, kept across the blocks handed over early in between
+        (:attr:`_recent`). The test is the writer's (:func:`statscope.rows.mean_needs_sum`);
+        rows that are not BatchNorm's own CPU statistics keep the sum, as the writer's
+        advice does."""
+        for seg in stacked:
+            run = seg.refs
+            if type(run) is not StackedRun or run.tag not in ("invstd", "suminv"):
+                self._recent = None  # raw rows, or entries of another kind or of several
+                continue
+            rows = min(len(run), 8)
+            try:
+                arrays = [t[-rows:].detach().numpy() for t in run.tensors]
+            except RuntimeError:  # a torch.func transform's tensors, with no storage of their own
+                self._recent = None
+                continue
+            with np.errstate(all="ignore"):
+                mean, var = ENTRY_MOMENTS[run.tag](arrays, run.numbers[-rows:], 2)[:2]
+            recent = (mean, var, count[seg.stop - rows:seg.stop])
+            if self._recent is not None:
+                recent = tuple(np.concatenate([old, new])[-8:]
+                               for old, new in zip(self._recent, recent))
+            self._recent = recent
+        if not aligned:
+            return
+        last = stacked[-1].refs
+        if type(last) is not StackedRun:
             return  # raw rows, or entries of several kinds: the writer's advice decides
         self.own_mean_advice = True
-        if run.tag not in ("invstd", "suminv"):
-            self.sum_bn_mean = True
-            return
-        rows = min(len(run), 8)
-        try:
-            arrays = [t[-rows:].detach().numpy() for t in run.tensors]
-        except RuntimeError:  # a torch.func transform's tensors, with no storage of their own
-            return
-        with np.errstate(all="ignore"):
-            mean, var = ENTRY_MOMENTS[run.tag](arrays, run.numbers[-rows:], 2)[:2]
-        self.sum_bn_mean = mean_needs_sum(mean, var, count[seg.stop - rows:seg.stop])
+        self.sum_bn_mean = self._recent is None or mean_needs_sum(*self._recent)
 
     def peek(self, n: int) -> tuple[np.ndarray, list[Segment], list | None]:
         """Counts and segments of rows ``:n`` without handing the buffers over.

@@ -5,8 +5,12 @@ subclass that keeps ``_BatchNorm.forward``) in training mode records what BatchN
 computed: the per-channel batch mean and inverse standard deviation ``1/√(var + eps)`` that
 ``torch._batch_norm_impl_index`` returns beside the output (on CUDA from cuDNN or torch's own
 kernels, the tensors backward uses). The probe then costs no pass over the activation and no
-kernel: it keeps references to the two (C,) tensors, stacked per block when the block is handed
-over (on the CPU by the training thread: :func:`statscope.probes.reduce.stack_entries`).
+kernel: it keeps the two (C,) tensors, stacked per block when the block is handed over (on the
+CPU by the training thread: :func:`statscope.probes.reduce.stack_entries`). On the CPU the
+recorder's probe is one C++ call once :mod:`statscope.native` is built
+(``statscope/csrc/bn_probe.cpp``): it copies them into the block's buffer
+(:class:`statscope.probes.segments.BnRows`), stacked already, and leaves every case but the
+common one to the Python probe.
 
 The module's ``forward`` is replaced by :func:`batchnorm_forward`, a mirror of
 ``_BatchNorm.forward`` and ``F.batch_norm`` that calls ``torch._batch_norm_impl_index`` where

@@ -153,9 +153,16 @@ class Steps:
             if self._slot < self.block_steps:
                 return  # a gradient-accumulation run may still show its first optimizer step
             self._decide("forward")
-        if self._slot >= self.block_steps or (
+        if self._slot >= self._room() or (
                 self._slot and time.monotonic() - self._last_dispatch >= self.flush_seconds):
             self._dispatch()
+
+    def _room(self) -> int:
+        """The rows this block holds when full: blocks end at multiples of ``block_steps``
+        recorded steps, also after one handed over early (``flush_seconds``) or a resume, so
+        that what a probe decides at a block's end (``Capture.take_block``) falls at the same
+        steps whatever the timing."""
+        return self.block_steps - (self._block_start // self.every) % self.block_steps
 
     def _decide(self, rule: str) -> None:
         """Fix the step rule of ``step="auto"``. Under the optimizer rule the forwards since the
@@ -209,7 +216,9 @@ class Steps:
 
     def _take_block(self) -> Block:
         n = self._slot
-        block = Block(self._block_start, n, tuple(cap.take_block(n) for cap in self.captures),
+        aligned = n == self._room()
+        block = Block(self._block_start, n,
+                      tuple(cap.take_block(n, aligned) for cap in self.captures),
                       self._scalars, self.streams.mark(), stride=self.every)
         self._scalars = {}
         self._block_start += n * self.every

@@ -243,8 +243,10 @@ class Filer:
     def _advise(self, advice: Mapping[int, Advice]) -> None:
         for i, (sum_mean, reduce) in advice.items():
             cap = self.captures[i]
-            if not cap.own_mean_advice:  # else decided at each hand-over (Capture._advise_mean)
-                cap.sum_bn_mean = sum_mean
+            # taken at the next hand-over (Capture.take_block), not at whatever step this
+            # reaches the training thread: the extra sum and BatchNorm's own mean differ in
+            # their last bits, and two runs of one seed would differ where the switch fell
+            cap.mean_advice = sum_mean
             cap.reduce_bn = reduce
             cap.advised = True
 

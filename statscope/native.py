@@ -11,6 +11,9 @@
 - ``shifted_sums`` (``csrc/moments.cpp``): the probes' generic path on the CPU
   (:func:`statscope.probes.reduce.step_entry`), a tensor's per-channel shifted power sums in one
   read of it, in its own dtype, instead of a float copy and four passes.
+- ``make_bn_probe`` (``csrc/bn_probe.cpp``): the BatchNorm fast path's probe on the CPU as one
+  C call (:mod:`statscope.probes.hooks`), which copies BatchNorm's (C,) statistics into the
+  block's buffer and leaves every case but the common one to the Python probe.
 
 The sources are compiled once per Python and torch version with
 :func:`torch.utils.cpp_extension.load` (a C++ compiler is needed; the build takes about a
@@ -53,7 +56,8 @@ def kernels(wait: bool = True):
             never waits for a compiler).
 
     Returns:
-        module | None: has ``channel_norm``, ``cell_norm`` and ``shifted_sums``; None if
+        module | None: has ``channel_norm``, ``cell_norm``, ``shifted_sums`` and
+            ``make_bn_probe``; None if
         ``STATSCOPE_NATIVE=0``, the build failed (a :class:`StatscopeWarning` says why, once
         per process, to the first caller that waits) or, with ``wait=False``, it is not done.
 
@@ -103,8 +107,8 @@ def _load(mode, quiet):
 
 
 def _warn(reason):
-    warnings.warn(f"statscope runs without its C++ kernels (statscope.nn's norms and the probes' "
-                  f"generic path are slower on the CPU): {reason[:500]}", StatscopeWarning,
+    warnings.warn(f"statscope runs without its C++ kernels (statscope.nn's norms and the probes "
+                  f"are slower on the CPU): {reason[:500]}", StatscopeWarning,
                   stacklevel=4)
 
 

@@ -535,28 +535,33 @@ def test_the_extra_sum_switches_at_the_same_step_whenever_the_writer_answers(tmp
                                                                              writer):
     # The extra CPU sum and BatchNorm's own float32 mean differ in their last bits: where the
     # probe switches from one to the other must not depend on when the writer's advice reaches
-    # the training thread, or two runs of one seed differ (here: never at all, against a run
-    # whose writer answers as usual)
+    # the training thread, or on when a block was handed over early because flush_seconds
+    # passed (a slow step, a pause), or two runs of one seed differ. Here one run pauses
+    # mid-block past flush_seconds twice (early hand-overs, idle flushes and the writer's
+    # advice within the first block); the other's writer never answers and no block ends early
     from statscope.probes import worker
 
-    def run(name):
+    def run(name, pauses, flush_seconds):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(),
                               nn.Linear(32, 32), nn.BatchNorm1d(32))
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         gen = torch.Generator().manual_seed(1)
-        with statscope.record(model, tmp_path / name, block_steps=8, writer=writer) as rec:
-            for _ in range(64):
+        with statscope.record(model, tmp_path / name, block_steps=8, writer=writer,
+                              flush_seconds=flush_seconds) as rec:
+            for step in range(64):
                 model(torch.randn(128, 16, generator=gen) + 3).square().mean().backward()
                 opt.step()
                 opt.zero_grad()
+                if step in pauses:
+                    time.sleep(0.3)
             sums = [c.sum_bn_mean for c in rec.captures]
         return statscope.open_run(tmp_path / name), sums
 
-    answered, sums = run("answered")
+    answered, sums = run("answered", (3, 13), 0.1)
     assert sums == [False, False]  # the extra sum was switched off along the way
     monkeypatch.setattr(worker.Filer, "_advise", lambda self, advice: None)
-    silent, _ = run("silent")
+    silent, _ = run("silent", (), 1e6)
     for name in ("bn_mean", "bn_std", "en_mean", "en_std"):
         np.testing.assert_array_equal(silent[name].values, answered[name].values, err_msg=name)
 

@@ -189,3 +189,40 @@ def test_a_run_folder_moved_or_deleted_while_recording_stops_it_cleanly(tmp_path
     if how == "moved":
         ds = statscope.open_run(moved)
         assert ds.sizes["step"] == 3 and (ds["count"].values == 5).all()
+
+
+def test_blocks_end_at_multiples_of_block_steps_after_an_early_hand_over(tmp_path, monkeypatch):
+    # a block handed over early (flush_seconds passed: a pause) is followed by a shorter one, so
+    # that blocks end at multiples of block_steps again, where probes decide what depends on the
+    # block's end (Capture.take_block): the same steps whatever the timing; so after a resume
+    from statscope.probes.steps import Steps
+
+    ends = []
+    take = Steps._take_block
+
+    def logged(self):
+        block = take(self)
+        ends.append((block.first_step + block.n * block.stride, block.n))
+        return block
+
+    monkeypatch.setattr(Steps, "_take_block", logged)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    gen = torch.Generator().manual_seed(0)
+    with statscope.record(model, tmp_path / "r", block_steps=8, step="manual",
+                          flush_seconds=0.5) as rec:
+        for step in range(21):
+            model(torch.randn(5, 4, generator=gen))
+            rec.step()
+            if step == 2:
+                time.sleep(0.8)
+    # the pause at step 2 ended the first block after 4 steps, at the next step's end
+    assert ends[:4] == [(4, 4), (8, 4), (16, 8), (21, 5)]
+    ends.clear()
+    with statscope.record(model, tmp_path / "r", block_steps=8, step="manual",
+                          resume=True) as rec:
+        for step in range(10):
+            model(torch.randn(5, 4, generator=gen))
+            rec.step()
+    assert ends == [(24, 3), (31, 7)]  # steps 21-30: to 24, then the rest at close
+    ds = statscope.open_run(tmp_path / "r")
+    np.testing.assert_array_equal(ds.step.values, np.arange(31))

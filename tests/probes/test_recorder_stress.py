@@ -108,7 +108,7 @@ def test_a_failure_inside_close_stops_the_thread_marks_the_run_and_keeps_the_tra
     model = nn.Sequential(nn.BatchNorm1d(3))
     rec = statscope.record(model, tmp_path / "r", block_steps=64)
 
-    def oom(n):
+    def oom(n, aligned=True):
         raise RuntimeError("CUDA out of memory (simulated)")
 
     with pytest.raises(ValueError, match="training died") as info:

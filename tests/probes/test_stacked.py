@@ -109,8 +109,8 @@ def test_recorded_rows_match_numpy_with_stacked_blocks_and_an_idle_flush(tmp_pat
     handed = []
     take = Capture.take_block
 
-    def spy(self, n):
-        out = take(self, n)
+    def spy(self, n, aligned=True):
+        out = take(self, n, aligned)
         handed.extend(type(seg.refs) for seg in out[1])
         return out
 
