@@ -6,11 +6,12 @@ computed: the per-channel batch mean and inverse standard deviation ``1/√(var 
 ``torch._batch_norm_impl_index`` returns beside the output (on CUDA from cuDNN or torch's own
 kernels, the tensors backward uses). The probe then costs no pass over the activation and no
 kernel: it keeps the two (C,) tensors, stacked per block when the block is handed over (on the
-CPU by the training thread: :func:`statscope.probes.reduce.stack_entries`). On the CPU the
-recorder's probe is one C++ call once :mod:`statscope.native` is built
-(``statscope/csrc/bn_probe.cpp``): it copies them into the block's buffer
+CPU by the training thread: :func:`statscope.probes.reduce.stack_entries`). On the CPU, once
+:mod:`statscope.native` is built, the training forward and the probe are one C++ call
+(``statscope/csrc/bn_probe.cpp``: the twin of :func:`_train_forward`, checked against torch as
+it is, by :func:`native_forward_is_exact`), which copies the statistics into the block's buffer
 (:class:`statscope.probes.segments.BnRows`), stacked already, and leaves every case but the
-common one to the Python probe.
+common one to the Python mirror and probe.
 
 The module's ``forward`` is replaced by :func:`batchnorm_forward`, a mirror of
 ``_BatchNorm.forward`` and ``F.batch_norm`` that calls ``torch._batch_norm_impl_index`` where
@@ -76,6 +77,8 @@ _cudnn_enabled = torch._C._get_cudnn_enabled  # what ``torch.backends.cudnn.enab
 _DIMS = {nn.BatchNorm1d._check_input_dim: (2, 3), nn.LazyBatchNorm1d._check_input_dim: (2, 3),
          nn.BatchNorm2d._check_input_dim: (4,), nn.LazyBatchNorm2d._check_input_dim: (4,),
          nn.BatchNorm3d._check_input_dim: (5,), nn.LazyBatchNorm3d._check_input_dim: (5,)}
+# what the C++ training forward reads from the module's own __dict__
+_INSTANCE = ("_parameters", "_buffers", "track_running_stats", "momentum", "eps")
 _check: dict[str, bool] = {}
 _check_lock = threading.Lock()
 
@@ -124,16 +127,43 @@ def probe_path(target: Target, order: int, mechanism: str) -> str:
     return "generic"
 
 
+def native_dims(module: nn.Module) -> tuple[int, ...] | None:
+    """The input dims the C++ training forward (``native.make_bn_forward``) accepts for
+    ``module``'s class (torch's own ``_check_input_dim``: :data:`_DIMS`), or None where it reads
+    nothing of this module: a class that defines one of the attributes it reads from the
+    instance's dict (a property would take precedence over it)."""
+    cls = type(module)
+    dims = _DIMS.get(cls._check_input_dim)
+    if dims is None or any(name in vars(k) for k in cls.__mro__ for name in _INSTANCE):
+        return None
+    return dims
+
+
+def native_forward_is_exact(native) -> bool:
+    """Whether the C++ twin of :func:`_train_forward` (``native.batchnorm_train``) reproduces
+    this torch's ``_BatchNorm.forward`` bit for bit, checked once per process as
+    :func:`mirror_is_exact` checks the Python one."""
+    if "native" not in _check:
+        python_exact = mirror_is_exact()  # takes _check_lock itself
+        with _check_lock:
+            if "native" not in _check:
+                _check["native"] = python_exact and _compare_with_torch(
+                    lambda m, t: native.batchnorm_train(m, t, native_dims(m)))
+    return _check["native"]
+
+
 def batchnorm_forward(probe: list, generic: Callable, inner: Callable,
                       owner: int) -> Callable:
     """A ``forward(self, *args, **kwargs)`` for an :func:`eligible` BatchNorm ``self`` (bind it
     with ``types.MethodType``) that hands BatchNorm's own statistics to ``probe[0]``.
 
     Args:
-        probe: a one-element list of the function called as ``probe[0](self, input, mean,
-            invstd)`` after a training-mode forward (the fields of :class:`BatchStats` but eps,
-            which is ``self.eps``), read at each call: the recorder swaps in its C++ probe once
-            built.
+        probe: ``[function, forward]``, read at each call: the function is called as
+            ``probe[0](self, input, mean, invstd)`` after a training-mode forward (the fields of
+            :class:`BatchStats` but eps, which is ``self.eps``); ``forward``, None or
+            ``forward(self, input)``, does both in one C++ call (``native.make_bn_forward``:
+            the layer's output, or None, having done nothing, where this function's own
+            mirror must run). The recorder puts its C++ probe and forward there once built.
         generic: called as ``generic(self, args)`` before any other forward (the generic
             path's probe, safe under ``torch.compile``).
         inner: the module's forward as ``inner(self, *args, **kwargs)``, for the calls the fast
@@ -151,6 +181,11 @@ def batchnorm_forward(probe: list, generic: Callable, inner: Callable,
                 or type(args[0]) is not Tensor):
             generic(self, args or tuple(kwargs.values()))
             return inner(self, *args, **kwargs)
+        native = probe[1]
+        if native is not None:
+            out = native(self, args[0])
+            if out is not None:
+                return out
         out, mean, invstd = _train_forward(self, args[0])
         if mean is None:  # a tensor subclass among the parameters: torch's own path
             generic(self, args)
@@ -218,19 +253,19 @@ def mirror_is_exact() -> bool:
     return _check["ok"]
 
 
-def _compare_with_torch() -> bool:
+def _compare_with_torch(train: Callable | None = None) -> bool:
     # whatever the caller's context: grad mode, inference mode, autocast, torch function modes
     # such as ``with torch.device(...)`` (under which each forward takes torch's own path), and
     # default dtype and device (explicit below)
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False), \
             torch._C.DisableTorchFunction():
         try:
-            return _compare()
+            return _compare(train or _train_forward)
         except Exception:  # noqa: BLE001 - anything unexpected means "not provably identical"
             return False
 
 
-def _compare() -> bool:
+def _compare(train: Callable) -> bool:
     if _cudnn_enabled() != torch.backends.cudnn.enabled:
         return False
     for check, dims in _DIMS.items():
@@ -259,7 +294,7 @@ def _compare() -> bool:
                                       track_running_stats=track, **kw)
                 ours.load_state_dict(ref.state_dict())
                 for x in xs:
-                    got = _run(ours, x, lambda m, t: _train_forward(m, t)[0])
+                    got = _run(ours, x, lambda m, t: (train(m, t) or (None,))[0])
                     want = _run(ref, x, lambda m, t: m(t))
                     if got is None or not all(_same(a, b) for a, b in zip(got, want)):
                         return False

@@ -21,7 +21,8 @@ from statscope.native import kernels
 from statscope.native import status as native_status
 from statscope.probes import functorch
 from statscope.probes.capture import Capture
-from statscope.probes.fastpath import BatchStats, probe_path
+from statscope.probes.fastpath import (BatchStats, native_dims, native_forward_is_exact,
+                                       probe_path)
 from statscope.probes.worker import Notice
 
 __all__ = ["Hooks"]
@@ -31,16 +32,23 @@ _grad_enabled = torch.is_grad_enabled
 _transform_level = functorch.level
 
 
-def _install_native(rec, cap: Capture, cell: list, fallback, building: list) -> None:
-    """Put the C++ BatchNorm probe into ``cell`` once the kernels are built (the build runs in
-    the background: :func:`statscope.native.kernels`); ``building[0]`` False once that is
-    decided either way. Not for probes under ``mechanism="hooks"`` (never the fast path)."""
+def _install_native(rec, cap: Capture, cell: list, fallback, building: list,
+                    transformed: bool = False) -> None:
+    """Put the C++ BatchNorm probe into ``cell[0]``, and the C++ training forward with it into
+    ``cell[1]`` where it is exact (:func:`~statscope.probes.fastpath.native_forward_is_exact`),
+    once the kernels are built (the build runs in the background:
+    :func:`statscope.native.kernels`); ``building[0]`` False once that is decided either way.
+    Not under a ``torch.func`` transform (``transformed``): the check runs a forward and a
+    backward of its own."""
     native = kernels(wait=False)
-    if native is not None:
+    if native is not None and not transformed:
         cap.buffer_bn = True
         cell[0] = native.make_bn_probe(rec, cap, fallback)
+        dims = native_dims(cap.target.module)
+        if dims is not None and native_forward_is_exact(native):
+            cell[1] = native.make_bn_forward(rec, cap, fallback, dims)
         building[0] = False
-    elif native_status() != "not loaded yet":  # switched off, or the build failed
+    elif native is None and native_status() != "not loaded yet":  # off, or the build failed
         building[0] = False
 
 
@@ -99,18 +107,20 @@ class Hooks:
 
     def _make_batchnorm_hook(self, cap: Capture, hook) -> list:
         """The probe that the BatchNorm fast path calls after a training-mode forward with the
-        statistics BatchNorm computed, in a one-element list that the fast path reads at each
-        call: ``hook`` with less Python (see :meth:`Capture.capture_bn`), replaced by the C++
-        probe (``statscope/csrc/bn_probe.cpp``) once :mod:`statscope.native` is built. That one
-        takes the common case in one C call and calls this one for every other: each Python
-        call is what this probe costs a launch-bound training step."""
+        statistics BatchNorm computed, as ``[probe, forward]``, which the fast path reads at each
+        call (:func:`~statscope.probes.fastpath.batchnorm_forward`): ``hook`` with less Python
+        (see :meth:`Capture.capture_bn`), replaced by the C++ probe and joined by the C++
+        training forward (``statscope/csrc/bn_probe.cpp``) once :mod:`statscope.native` is
+        built. Those take the common case in one C call and call this one for every other:
+        each Python call is what this probe costs a launch-bound training step."""
         rec, lock, block_steps, perf_counter = self, self._lock, self.block_steps, time.perf_counter
         cell: list = []
         building = [True]
 
         def batchnorm_hook(module, x, mean, invstd):
             if building[0]:
-                _install_native(rec, cap, cell, batchnorm_hook, building)
+                _install_native(rec, cap, cell, batchnorm_hook, building,
+                                _transform_level() is not None)
             if not rec._on or _in_backward() != -1 or (rec._quiet and not _grad_enabled()):
                 return
             if rec._func is not None:  # inside a torch.func transform
@@ -128,7 +138,7 @@ class Hooks:
                     return
             hook(module, (BatchStats(x, mean, invstd, module.eps),))  # times itself
 
-        cell.append(batchnorm_hook)
+        cell.extend((batchnorm_hook, None))
         _install_native(rec, cap, cell, batchnorm_hook, building)
         return cell
 

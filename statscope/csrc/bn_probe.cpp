@@ -1,4 +1,11 @@
-// The BatchNorm fast path's probe as one C call (statscope.probes.hooks, _make_batchnorm_hook).
+// The BatchNorm fast path on the CPU as one C call: the layer's training forward and its probe
+// (statscope.probes.fastpath, statscope.probes.hooks._make_batchnorm_hook).
+//
+// bn_forward is the twin of fastpath._train_forward, a mirror of torch's _BatchNorm.forward that
+// calls the same ATen function (torch._batch_norm_impl_index) and keeps BatchNorm's statistics;
+// fastpath.native_forward_is_exact checks it against torch bit for bit once per process, as
+// mirror_is_exact checks the Python one. It takes only the plain case, deciding before it does
+// anything: otherwise it returns None and the Python mirror runs.
 //
 // After a training-mode BatchNorm's forward (statscope.probes.fastpath) the probe files the
 // (C,) mean and inverse std that BatchNorm computed into the probe's block. In Python that is
@@ -19,7 +26,9 @@
 
 #include "kernels.h"
 
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <torch/csrc/Dtype.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -138,10 +147,38 @@ bool same_key(PyObject* key, const at::Tensor& x, const at::Tensor& invstd) {
 
 enum class Filed { done, fallback, error };
 
+// BatchNorm's (C,) statistics, with their Python objects made only where needed (a list's
+// entry, the fallback's arguments).
+struct Stats {
+  at::Tensor mean, invstd;
+  PyObject* mean_obj = nullptr;  // borrowed when given, else owned once wrapped
+  PyObject* invstd_obj = nullptr;
+  bool owned = false;
+
+  Stats(at::Tensor m, at::Tensor i) : mean(std::move(m)), invstd(std::move(i)), owned(true) {}
+  Stats(PyObject* m, PyObject* i)
+      : mean(THPVariable_Unpack(m)), invstd(THPVariable_Unpack(i)), mean_obj(m), invstd_obj(i) {}
+  Stats(const Stats&) = delete;
+  Stats& operator=(const Stats&) = delete;
+  ~Stats() {
+    if (owned) {
+      Py_XDECREF(mean_obj);
+      Py_XDECREF(invstd_obj);
+    }
+  }
+  // Makes the Python objects; false with an error set if that failed.
+  bool wrap() {
+    if (mean_obj == nullptr) mean_obj = THPVariable_Wrap(mean);
+    if (invstd_obj == nullptr) invstd_obj = THPVariable_Wrap(invstd);
+    return mean_obj != nullptr && invstd_obj != nullptr;
+  }
+};
+
 // The probe's work under the recorder's lock (held by the caller): Filed::fallback leaves
 // everything as it found it.
-Filed file(PyObject* rec, PyObject* cap, PyObject* module, PyObject* x_obj, PyObject* mean_obj,
-           PyObject* invstd_obj, const at::Tensor& mean, const at::Tensor& invstd) {
+Filed file(PyObject* rec, PyObject* cap, PyObject* module, PyObject* x_obj, Stats& stats) {
+  const at::Tensor& mean = stats.mean;
+  const at::Tensor& invstd = stats.invstd;
   Names* n = names();
   const Py_ssize_t slot = integer(rec, n->slot);
   const Py_ssize_t block_steps = integer(cap, n->block_steps);
@@ -176,8 +213,9 @@ Filed file(PyObject* rec, PyObject* cap, PyObject* module, PyObject* x_obj, PyOb
       if (PyList_CheckExact(rows)) {
         if (row < PyList_GET_SIZE(rows)) {
           PyObject* eps = get(module, n->eps);
-          PyObject* entry = eps == nullptr ? nullptr
-                                           : PyTuple_Pack(4, n->invstd, mean_obj, invstd_obj, eps);
+          PyObject* entry = eps == nullptr || !stats.wrap()
+                                ? nullptr
+                                : PyTuple_Pack(4, n->invstd, stats.mean_obj, stats.invstd_obj, eps);
           Py_XDECREF(eps);
           if (entry == nullptr) {
             result = Filed::error;
@@ -244,34 +282,37 @@ bool plain_stats(const at::Tensor& mean, const at::Tensor& invstd) {
          !invstd.is_neg() && !invstd.is_conj();
 }
 
-// probe(module, x, mean, invstd), bound to (recorder, capture, fallback).
-PyObject* bn_probe(PyObject* state, PyObject* const* args, Py_ssize_t nargs) {
+// Calls the Python probe with (module, x, mean, invstd).
+PyObject* call_fallback(PyObject* fallback, PyObject* module, PyObject* x_obj, Stats& stats) {
+  if (!stats.wrap()) return nullptr;
+  PyObject* args[4] = {module, x_obj, stats.mean_obj, stats.invstd_obj};
+  return PyObject_Vectorcall(fallback, args, 4, nullptr);
+}
+
+// The probe of one training-mode forward; state is (recorder, capture, fallback, ...).
+PyObject* probe(PyObject* state, PyObject* module, PyObject* x_obj, Stats& stats) {
   PyObject* rec = PyTuple_GET_ITEM(state, 0);
   PyObject* cap = PyTuple_GET_ITEM(state, 1);
   PyObject* fallback = PyTuple_GET_ITEM(state, 2);
   Names* n = names();
-  if (nargs != 4 || !THPVariable_CheckExact(args[1]) || !THPVariable_CheckExact(args[2]) ||
-      !THPVariable_CheckExact(args[3]) || !is_true(rec, n->on) ||
-      torch::autograd::get_current_graph_task_id() != -1 || is_true(rec, n->quiet) ||
-      !is_none(rec, n->func) || is_true(rec, n->pending_end) || is_true(rec, n->skip) ||
-      is_true(rec, n->backward_seen) || !is_none(rec, n->mask)) {
-    return PyObject_Vectorcall(fallback, args, nargs, nullptr);
+  if (!is_true(rec, n->on) || torch::autograd::get_current_graph_task_id() != -1 ||
+      is_true(rec, n->quiet) || !is_none(rec, n->func) || is_true(rec, n->pending_end) ||
+      is_true(rec, n->skip) || is_true(rec, n->backward_seen) || !is_none(rec, n->mask) ||
+      !plain_stats(stats.mean, stats.invstd)) {
+    return call_fallback(fallback, module, x_obj, stats);
   }
-  const at::Tensor& mean = THPVariable_Unpack(args[2]);
-  const at::Tensor& invstd = THPVariable_Unpack(args[3]);
-  if (!plain_stats(mean, invstd)) return PyObject_Vectorcall(fallback, args, nargs, nullptr);
   const auto t0 = std::chrono::steady_clock::now();
   PyObject* lock = get(rec, n->lock);
-  if (lock == nullptr) return PyObject_Vectorcall(fallback, args, nargs, nullptr);
+  if (lock == nullptr) return call_fallback(fallback, module, x_obj, stats);
   PyObject* got = PyObject_CallMethodOneArg(lock, n->acquire, Py_False);
   if (got != Py_True) {  // held by the writer thread: the fallback waits for it
     Py_XDECREF(got);
     PyErr_Clear();
     Py_DECREF(lock);
-    return PyObject_Vectorcall(fallback, args, nargs, nullptr);
+    return call_fallback(fallback, module, x_obj, stats);
   }
   Py_DECREF(got);
-  Filed filed = file(rec, cap, args[0], args[1], args[2], args[3], mean, invstd);
+  Filed filed = file(rec, cap, module, x_obj, stats);
   if (filed == Filed::done) {
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -286,17 +327,147 @@ PyObject* bn_probe(PyObject* state, PyObject* const* args, Py_ssize_t nargs) {
     Py_XDECREF(total);
     Py_XDECREF(sum);
   }
+  // the error of a failed filing waits while the lock is released (no call with one set)
+  PyObject *type = nullptr, *value = nullptr, *traceback = nullptr;
+  if (filed == Filed::error) PyErr_Fetch(&type, &value, &traceback);
   PyObject* released = PyObject_CallMethodNoArgs(lock, n->release);
   Py_DECREF(lock);
+  if (filed == Filed::error) {
+    Py_XDECREF(released);
+    PyErr_Restore(type, value, traceback);
+    return nullptr;
+  }
   if (released == nullptr) return nullptr;
   Py_DECREF(released);
-  if (filed == Filed::error) return nullptr;
-  if (filed == Filed::fallback) return PyObject_Vectorcall(fallback, args, nargs, nullptr);
+  if (filed == Filed::fallback) return call_fallback(fallback, module, x_obj, stats);
   Py_RETURN_NONE;
+}
+
+// probe(module, x, mean, invstd), bound to (recorder, capture, fallback).
+PyObject* bn_probe(PyObject* state, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 4 || !THPVariable_CheckExact(args[1]) || !THPVariable_CheckExact(args[2]) ||
+      !THPVariable_CheckExact(args[3])) {
+    return PyObject_Vectorcall(PyTuple_GET_ITEM(state, 2), args, nargs, nullptr);
+  }
+  Stats stats(args[2], args[3]);
+  return probe(state, args[0], args[1], stats);
 }
 
 PyMethodDef bn_probe_def = {"bn_probe", reinterpret_cast<PyCFunction>(bn_probe), METH_FASTCALL,
                             "The BatchNorm fast path's probe (statscope.probes.hooks)."};
+
+// Inputs up to this many elements keep the GIL through BatchNorm's kernel: a few microseconds,
+// where handing the GIL to a waiting thread (the writer's) would stall the training thread for
+// that thread's whole turn. Larger ones release it, as torch's own bindings do.
+constexpr int64_t kHoldGil = 1 << 16;
+
+// A tensor or None from a module's dict; false where it is something else (a subclass, a
+// parametrization, a missing entry: the Python mirror reads those as torch does).
+bool optional_tensor(PyObject* dict, const char* key, std::optional<at::Tensor>& out,
+                     PyObject** object = nullptr) {
+  PyObject* value = PyDict_GetItemString(dict, key);  // borrowed
+  if (value == nullptr) return false;
+  if (object != nullptr) *object = value;
+  if (value == Py_None) {
+    out = std::nullopt;
+    return true;
+  }
+  if (!THPVariable_CheckExact(value)) return false;
+  out = THPVariable_Unpack(value);
+  return true;
+}
+
+// torch's _BatchNorm.forward in training mode, with BatchNorm's saved statistics: the C++ twin
+// of statscope.probes.fastpath._train_forward (mirror_is_exact checks both against torch).
+// Returns false, having done nothing, wherever the Python mirror must run instead: a module or
+// input of another kind, a torch function mode, a check of torch's that could raise.
+bool train(PyObject* module, PyObject* input_obj, PyObject* dims, at::Tensor& out,
+           at::Tensor& mean, at::Tensor& invstd) {
+  if (!THPVariable_CheckExact(input_obj) || at::impl::torch_function_mode_enabled()) return false;
+  const at::Tensor& input = THPVariable_Unpack(input_obj);
+  const int64_t ndim = input.dim();
+  bool allowed = false;
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(dims); ++i) {
+    allowed = allowed || PyLong_AsLongLong(PyTuple_GET_ITEM(dims, i)) == ndim;
+  }
+  // more than one value per channel, else torch's _verify_batch_size may raise
+  if (!allowed || ndim < 2 || input.numel() == input.size(1)) return false;
+  PyObject* dict = PyObject_GenericGetDict(module, nullptr);
+  if (dict == nullptr) {
+    PyErr_Clear();
+    return false;
+  }
+  PyObject* params = PyDict_GetItemString(dict, "_parameters");
+  PyObject* buffers = PyDict_GetItemString(dict, "_buffers");
+  PyObject* track_obj = PyDict_GetItemString(dict, "track_running_stats");
+  PyObject* momentum_obj = PyDict_GetItemString(dict, "momentum");
+  PyObject* eps_obj = PyDict_GetItemString(dict, "eps");
+  std::optional<at::Tensor> weight, bias, running_mean, running_var, tracked;
+  PyObject* tracked_obj = nullptr;
+  bool ok = params != nullptr && buffers != nullptr && PyDict_CheckExact(params) &&
+            PyDict_CheckExact(buffers) && (track_obj == Py_True || track_obj == Py_False) &&
+            momentum_obj != nullptr && (momentum_obj == Py_None || PyFloat_CheckExact(momentum_obj)) &&
+            eps_obj != nullptr && PyFloat_CheckExact(eps_obj) && PyFloat_AS_DOUBLE(eps_obj) > 0.0 &&
+            optional_tensor(params, "weight", weight) && optional_tensor(params, "bias", bias);
+  const bool track = track_obj == Py_True;
+  if (ok && track) {
+    ok = optional_tensor(buffers, "running_mean", running_mean) &&
+         optional_tensor(buffers, "running_var", running_var) &&
+         optional_tensor(buffers, "num_batches_tracked", tracked, &tracked_obj);
+  }
+  const double momentum = ok && momentum_obj != Py_None ? PyFloat_AS_DOUBLE(momentum_obj) : 0.0;
+  const double eps = ok ? PyFloat_AS_DOUBLE(eps_obj) : 0.0;
+  Py_DECREF(dict);
+  if (!ok) return false;
+  double factor = momentum;
+  if (tracked.has_value()) {
+    tracked->add_(1);
+    if (momentum_obj == Py_None) {  // cumulative moving average
+      factor = 1.0 / tracked->item().toDouble();
+    }
+  }
+  const bool cudnn = at::globalContext().userEnabledCuDNN();
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> result;
+  if (input.numel() <= kHoldGil) {
+    result = at::_batch_norm_impl_index(input, weight, bias, running_mean, running_var, true,
+                                        factor, eps, cudnn);
+  } else {
+    pybind11::gil_scoped_release no_gil;
+    result = at::_batch_norm_impl_index(input, weight, bias, running_mean, running_var, true,
+                                        factor, eps, cudnn);
+  }
+  out = std::move(std::get<0>(result));
+  mean = std::move(std::get<1>(result));
+  invstd = std::move(std::get<2>(result));
+  return true;
+}
+
+// forward(module, input), bound to (recorder, capture, fallback, dims): the layer's output, its
+// statistics filed; None, having done nothing, where the Python fast path must run instead.
+PyObject* bn_forward(PyObject* state, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 2) Py_RETURN_NONE;
+  at::Tensor out, mean, invstd;
+  if (!train(args[0], args[1], PyTuple_GET_ITEM(state, 3), out, mean, invstd)) {
+    if (PyErr_Occurred()) return nullptr;
+    Py_RETURN_NONE;
+  }
+  PyObject* output = THPVariable_Wrap(std::move(out));
+  if (output == nullptr) return nullptr;
+  Stats stats(std::move(mean), std::move(invstd));
+  PyObject* probed = probe(state, args[0], args[1], stats);
+  if (probed == nullptr) {
+    Py_DECREF(output);
+    return nullptr;
+  }
+  Py_DECREF(probed);
+  return output;
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef bn_forward_def = {"bn_forward", reinterpret_cast<PyCFunction>(bn_forward),
+                              METH_FASTCALL,
+                              "The BatchNorm fast path's training forward and probe."};
 
 }  // namespace
 
@@ -305,6 +476,23 @@ py::object make_bn_probe(py::object recorder, py::object capture, py::object fal
   PyObject* probe = PyCFunction_NewEx(&bn_probe_def, state.ptr(), nullptr);
   if (probe == nullptr) throw py::error_already_set();
   return py::reinterpret_steal<py::object>(probe);
+}
+
+py::object make_bn_forward(py::object recorder, py::object capture, py::object fallback,
+                           py::tuple dims) {
+  py::tuple state = py::make_tuple(recorder, capture, fallback, dims);
+  PyObject* forward = PyCFunction_NewEx(&bn_forward_def, state.ptr(), nullptr);
+  if (forward == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(forward);
+}
+
+py::object batchnorm_train(py::object module, py::object input, py::tuple dims) {
+  at::Tensor out, mean, invstd;
+  if (!train(module.ptr(), input.ptr(), dims.ptr(), out, mean, invstd)) {
+    if (PyErr_Occurred()) throw py::error_already_set();
+    return py::none();
+  }
+  return py::make_tuple(out, mean, invstd);
 }
 
 }  // namespace statscope_native

@@ -30,4 +30,9 @@ Tensor shifted_sums(const Tensor& x, int64_t order, bool rows, int64_t sample);
 
 py::object make_bn_probe(py::object recorder, py::object capture, py::object fallback);
 
+py::object make_bn_forward(py::object recorder, py::object capture, py::object fallback,
+                           py::tuple dims);
+
+py::object batchnorm_train(py::object module, py::object input, py::tuple dims);
+
 }  // namespace statscope_native

@@ -11,4 +11,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Per-channel shifted power sums of a CPU tensor in one read (the probes' generic path)");
   m.def("make_bn_probe", &statscope_native::make_bn_probe,
         "The BatchNorm fast path's probe as one C call, bound to a recorder and a capture");
+  m.def("make_bn_forward", &statscope_native::make_bn_forward,
+        "The BatchNorm fast path's training forward and probe as one C call");
+  m.def("batchnorm_train", &statscope_native::batchnorm_train,
+        "_BatchNorm.forward in training mode with its statistics (None: not this module)");
 }

@@ -18,37 +18,16 @@ from torch import nn
 import statscope
 from statscope import native
 from statscope.errors import StatscopeWarning
-from statscope.probes import hooks
+from statscope.probes import fastpath, hooks
 from statscope.probes.reduce import StackedRun
 from statscope.probes.segments import BnRows, Segment, readable, stack_segment
 
 VARIABLES = ("bn_mean", "bn_std", "en_mean", "en_std", "count")
 
 
-@pytest.fixture(params=["cpp", "python"])
-def probe(request, monkeypatch):
-    """Which BatchNorm probe the recorders of the test get, and a list of the Python probe's
-    calls (the C++ probe's fallbacks)."""
-    calls = []
-    install = hooks._install_native
-    if request.param == "cpp":
-        if native.kernels(wait=True) is None:
-            pytest.skip(f"statscope's C++ kernels: {native.status()}")
-
-        def counted(rec, cap, cell, fallback, building):
-            def python_probe(*args):
-                calls.append(args[0])
-                return fallback(*args)
-            install(rec, cap, cell, python_probe, building)
-            assert not building[0] and cap.buffer_bn
-
-        monkeypatch.setattr(hooks, "_install_native", counted)
-    else:
-        def python_only(rec, cap, cell, fallback, building):
-            building[0] = False
-
-        monkeypatch.setattr(hooks, "_install_native", python_only)
-    return request.param, calls
+@pytest.fixture
+def probe(bn_route):
+    return bn_route
 
 
 class Model(nn.Module):
@@ -153,7 +132,8 @@ def test_both_probes_record_the_same_bits(tmp_path, monkeypatch):
         pytest.skip(f"statscope's C++ kernels: {native.status()}")
     cpp = train(tmp_path / "cpp")
     monkeypatch.setattr(hooks, "_install_native",
-                        lambda rec, cap, cell, fallback, building: building.__setitem__(0, False))
+                        lambda rec, cap, cell, fallback, building, transformed=False:
+                        building.__setitem__(0, False))
     python = train(tmp_path / "python")
     for name in VARIABLES:
         np.testing.assert_array_equal(cpp[name].values, python[name].values, err_msg=name)
@@ -257,3 +237,60 @@ def test_bn_rows_behave_as_the_list_of_entries_they_stand_for(writes, lo, hi):
         assert type(out.refs) is not BnRows
         got = [out.refs[out.offset + i] for i in range(out.stop - out.start)]
         assert all(_same(a, b) for a, b in zip(got, ref[lo:hi]))
+
+
+def test_the_check_of_the_cpp_forward_against_torch_runs_once_and_returns(monkeypatch):
+    # it checks the Python mirror first, which takes the same lock: from a fresh process's
+    # state (neither checked yet) it must return, not wait for itself
+    kernels = native.kernels(wait=True)
+    if kernels is None:
+        pytest.skip(f"statscope's C++ kernels: {native.status()}")
+    monkeypatch.setattr(fastpath, "_check", {})
+    got = []
+    checker = threading.Thread(target=lambda: got.append(fastpath.native_forward_is_exact(kernels)),
+                               daemon=True)
+    checker.start()
+    checker.join(60)
+    assert not checker.is_alive(), "the check waited for its own lock"
+    assert got == [True] and fastpath._check == {"ok": True, "native": True}
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.BatchNorm1d(3), (4, 3)), (lambda: nn.BatchNorm1d(3, momentum=None), (4, 3, 5)),
+    (lambda: nn.BatchNorm2d(3, affine=False), (2, 3, 4, 4)),
+    (lambda: nn.BatchNorm3d(3, track_running_stats=False), (2, 3, 2, 2, 2)),
+    (lambda: nn.BatchNorm2d(3).double(), (2, 3, 4, 4))])
+def test_the_cpp_forward_is_torchs_forward_bit_for_bit(make, shape):
+    # the C++ twin of the fast path's mirror, called as the probe calls it, against torch's own
+    # forward: output, gradients, running statistics and the step count
+    kernels = native.kernels(wait=True)
+    if kernels is None:
+        pytest.skip(f"statscope's C++ kernels: {native.status()}")
+    torch.manual_seed(0)
+    ours, ref = make(), make()
+    ours.load_state_dict(ref.state_dict())
+    dims = fastpath.native_dims(ours)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in ref.state_dict().values()) \
+        else torch.float32
+    for step in range(3):
+        x = (torch.randn(shape, dtype=dtype) * 3 + step).requires_grad_(True)
+        got = kernels.batchnorm_train(ours, x, dims)
+        want = ref(x)
+        out, mean, invstd = got
+        grad = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+        (gx,) = torch.autograd.grad(out, x, grad)
+        (wx,) = torch.autograd.grad(want, x, grad)
+        assert torch.equal(out, want) and torch.equal(gx, wx)
+        per = x.detach().double().movedim(1, -1).reshape(-1, shape[1])
+        np.testing.assert_allclose(mean.double().numpy(), per.mean(0).numpy(), rtol=1e-6,
+                                   atol=1e-6)
+        for a, b in zip(ours.buffers(), ref.buffers()):
+            assert torch.equal(a, b)
+    # inputs it leaves to the Python mirror: nothing done
+    tracked = [b.clone() for b in ours.buffers()]
+    assert kernels.batchnorm_train(ours, torch.randn(1, 3, *shape[2:], dtype=dtype), dims) is None \
+        or shape[2:]  # one value per channel: torch's check, in Python
+    assert kernels.batchnorm_train(ours, torch.randn(2, 3, *shape[2:], 1, 1, 1, dtype=dtype),
+                                   dims) is None
+    if shape[2:] == ():
+        assert all(torch.equal(a, b) for a, b in zip(ours.buffers(), tracked))

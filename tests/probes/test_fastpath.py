@@ -106,7 +106,7 @@ def test_fast_path_equals_the_generic_path_and_float64(case, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_a_probed_batchnorm_trains_bit_for_bit_as_an_unprobed_one(case, tmp_path):
+def test_a_probed_batchnorm_trains_bit_for_bit_as_an_unprobed_one(case, tmp_path, bn_route):
     make, shape, fmt, autocast = CASES[case]
     dtype = torch.float64 if case == "float64" else torch.float32
 
@@ -215,7 +215,7 @@ def test_no_fast_path_where_the_mirror_of_torch_is_not_exact(tmp_path, monkeypat
     assert fastpath.mirror_is_exact()
 
 
-def test_batchnorm_errors_are_torchs_and_state_is_unchanged(tmp_path):
+def test_batchnorm_errors_are_torchs_and_state_is_unchanged(tmp_path, bn_route):
     bn, ref = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
     with pytest.warns(StatscopeWarning, match="no training step was recorded"), \
             statscope.record(nn.Sequential(bn), tmp_path / "r"):
@@ -246,7 +246,7 @@ def _outcome(module, x):
 @pytest.mark.parametrize("make", [lambda: nn.BatchNorm1d(3), lambda: nn.BatchNorm2d(3),
                                   lambda: nn.BatchNorm3d(3), lambda: StrictBatchNorm2d(3),
                                   lambda: nn.BatchNorm1d(3, momentum=None)])
-def test_the_shortcuts_of_torchs_checks_raise_where_torch_raises(make, tmp_path):
+def test_the_shortcuts_of_torchs_checks_raise_where_torch_raises(make, tmp_path, bn_route):
     # every rank from 1 to 5 with batch and spatial sizes 1 or 2: the dims check and the
     # "more than 1 value per channel" check, which the fast path calls only where they can fail
     bn, ref = make(), make()
@@ -266,7 +266,7 @@ def test_the_shortcuts_of_torchs_checks_raise_where_torch_raises(make, tmp_path)
             assert torch.equal(bn.running_var, ref.running_var), shape
 
 
-def test_a_parametrization_added_while_recording_is_applied(tmp_path):
+def test_a_parametrization_added_while_recording_is_applied(tmp_path, bn_route):
     # the fast path reads the weight from the module's dict; parametrizing moves it elsewhere
     from torch.nn.utils import parametrize
 
@@ -294,7 +294,8 @@ def test_a_parametrization_added_while_recording_is_applied(tmp_path):
                            plain[1].parametrizations.weight.original.grad)
 
 
-def test_functional_call_substitutes_the_parameters_and_buffers_the_fast_path_reads(tmp_path):
+def test_functional_call_substitutes_the_parameters_and_buffers_the_fast_path_reads(tmp_path,
+                                                                                     bn_route):
     from torch.func import functional_call
 
     torch.manual_seed(0)
@@ -687,7 +688,8 @@ def test_a_variance_that_overflows_batchnorm_is_reduced_from_the_input(tmp_path)
                                  (2, 6, 5, 3, "cl"), (2, 6, 5, 3), (4, 6, 5, 3),
                                  (4, 6, 5, 3, "cl"), (4, 6, 5, 3)]),
 ])
-def test_inputs_that_change_kind_from_step_to_step_are_each_filed_right(layer, kinds, tmp_path):
+def test_inputs_that_change_kind_from_step_to_step_are_each_filed_right(layer, kinds, tmp_path,
+                                                                        bn_route):
     # the hot path remembers how to file the last kind of input (device, dtype, layout, shape):
     # a change of any of them, within a block and across its end, must be seen
     model = nn.Sequential(layer())
