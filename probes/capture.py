@@ -40,7 +40,7 @@ from statscope.probes.fastpath import BatchStats
 from statscope.probes.nested import flat_nested
 from statscope.probes.pool import BufferPool, Pair
 from statscope.probes.reduce import (StackedRun, batchnorm_entry, batchnorm_kind,
-                                     reduce_before_advice, step_entry)
+                                     reduce_before_advice, stack_entries, step_entry)
 from statscope.probes.segments import BnRows, Segment, readable, stack_segment
 from statscope.probes.selection import Target
 from statscope.probes.sets import mask_weights, masked_entry, set_entry
@@ -363,8 +363,10 @@ class Capture:
         (:attr:`_recent`). The test is the writer's (:func:`statscope.rows.mean_needs_sum`);
         rows that are not BatchNorm's own CPU statistics keep the sum, as the writer's
         advice does."""
+        last = None
         for seg in stacked:
-            run = seg.refs
+            run, counts = _own_rows(seg, count)
+            last = run
             if type(run) is not StackedRun or run.tag not in ("invstd", "suminv"):
                 self._recent = None  # raw rows, or entries of another kind or of several
                 continue
@@ -376,14 +378,13 @@ class Capture:
                 continue
             with np.errstate(all="ignore"):
                 mean, var = ENTRY_MOMENTS[run.tag](arrays, run.numbers[-rows:], 2)[:2]
-            recent = (mean, var, count[seg.stop - rows:seg.stop])
+            recent = (mean, var, counts[-rows:])
             if self._recent is not None:
                 recent = tuple(np.concatenate([old, new])[-8:]
                                for old, new in zip(self._recent, recent))
             self._recent = recent
         if not aligned:
             return
-        last = stacked[-1].refs
         if type(last) is not StackedRun:
             return  # raw rows, or entries of several kinds: the writer's advice decides
         self.own_mean_advice = True
@@ -468,3 +469,21 @@ class Capture:
         shape = list(self._shape)
         c = shape.pop(self.target.channel_dim)
         return (*shape, c)
+
+
+def _own_rows(seg: Segment, count: np.ndarray) -> tuple:
+    """A handed-over segment's rows for :meth:`Capture._advise_mean` and their counts: its
+    stacked run, or, for a layer that skipped steps within it (rows without an entry, whose
+    count is 0), the run of the rows it has, so that such a layer decides at the same steps as
+    any other rather than by the writer's advice, whose arrival depends on timing."""
+    run = seg.refs
+    if type(run) is StackedRun or not isinstance(run, list):
+        return run, count[seg.start:seg.stop]
+    rows = run[seg.offset:seg.offset + seg.stop - seg.start]
+    kept = [i for i, e in enumerate(rows) if e is not None]
+    if not kept or len(rows) != seg.stop - seg.start:
+        return run, count[seg.start:seg.stop]
+    stacked = stack_entries([rows[i] for i in kept])
+    if stacked is None:
+        return run, count[seg.start:seg.stop]
+    return stacked, count[[seg.start + i for i in kept]]

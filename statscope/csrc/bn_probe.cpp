@@ -385,6 +385,9 @@ bool train(PyObject* module, PyObject* input_obj, PyObject* dims, at::Tensor& ou
            at::Tensor& mean, at::Tensor& invstd) {
   if (!THPVariable_CheckExact(input_obj) || at::impl::torch_function_mode_enabled()) return false;
   const at::Tensor& input = THPVariable_Unpack(input_obj);
+  // the CPU only: the check against torch runs there, and no GPU checked it (CUDA inputs keep
+  // the Python mirror, which the GPU tests cover)
+  if (!input.is_cpu()) return false;
   const int64_t ndim = input.dim();
   bool allowed = false;
   for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(dims); ++i) {
